@@ -1,0 +1,13 @@
+"""attnops: efficient attention kernels for PyTorch.
+
+Block-sparse, linear, block-routed, multi-query and low-rank-key attention on one block-sparse
+flash core, with C++ (CPU), Triton and CUDA kernels behind one dispatcher.
+"""
+
+from attnops import dispatch
+from attnops.masks import BlockMask
+from attnops.ops import AttentionOutput, attention, block_sparse_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["AttentionOutput", "BlockMask", "attention", "block_sparse_attention", "dispatch"]

@@ -1,0 +1,1 @@
+"""Kernel backends: ``reference`` (the oracle), ``cpu`` (C++), ``triton``, ``cuda``. Chosen by attnops.dispatch."""

@@ -1,0 +1,84 @@
+"""Plain PyTorch math for every attnops op: the oracle the kernels are tested against.
+
+Each function has the signature of the backend functions it checks (see ``attnops.dispatch``) and
+computes in the dtype of its inputs, so tests run it twice: in float64 (the truth) and in the
+kernel's dtype (the yardstick of the DESIGN.md accuracy rule). It may allocate N x N; it runs only
+in tests or when ``backend="reference"`` is asked for. Differentiable through autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from attnops.masks import BlockMask
+
+AVAILABLE = True
+UNAVAILABLE_REASON = ""
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def token_mask(
+    seq_len_q: int,
+    seq_len_k: int,
+    block_mask: Optional[BlockMask] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    device=None,
+) -> torch.Tensor:
+    """``(B, H, Sq, Sk)`` bool (B, H possibly 1): which (query, key) pairs may attend.
+
+    Causal and window predicates are aligned to the bottom-right corner: query ``i`` sits at key
+    position ``i + Sk - Sq`` and sees keys in ``[pos - left, pos + right]`` (``causal``: right = 0;
+    -1: unbounded).
+    """
+    left, right = window_size
+    if causal:
+        right = 0
+    pos = torch.arange(seq_len_q, device=device).unsqueeze(1) + (seq_len_k - seq_len_q)
+    key = torch.arange(seq_len_k, device=device).unsqueeze(0)
+    allowed = torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= key >= pos - left
+    if right >= 0:
+        allowed &= key <= pos + right
+    allowed = allowed.view(1, 1, seq_len_q, seq_len_k)
+    if block_mask is not None:
+        bq, bk = block_mask.block_size
+        blocks = block_mask.to_dense().to(device)
+        expanded = blocks.repeat_interleave(bq, dim=2)[:, :, :seq_len_q].repeat_interleave(bk, dim=3)[..., :seq_len_k]
+        allowed = allowed & expanded
+    return allowed
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: Optional[BlockMask],
+    *,
+    causal: bool,
+    window_size: Tuple[int, int],
+    softmax_scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention restricted to ``block_mask`` (None: all blocks) and the token
+    predicates. q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``,
+    lse ``(B, H, Sq)``. Rows with nothing to attend to give 0 and lse = -inf."""
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    group = H // Hkv
+    kk = k.repeat_interleave(group, dim=2)  # query head h reads kv head h // group
+    vv = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) * softmax_scale  # (B, H, Sq, Sk)
+    allowed = token_mask(Sq, Sk, block_mask, causal, window_size, device=q.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq); -inf for empty rows
+    # Empty rows hold only -inf scores, so subtracting 0 there gives exact zeros without the
+    # NaN of (-inf) - (-inf), which a torch.where afterwards would still leak into gradients.
+    probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vv)
+    return out, lse.to(_lse_dtype(q.dtype))

@@ -1,0 +1,6 @@
+"""Public functional API: one module per attention family."""
+
+from attnops.ops._result import AttentionOutput
+from attnops.ops.attention import attention, block_sparse_attention
+
+__all__ = ["AttentionOutput", "attention", "block_sparse_attention"]

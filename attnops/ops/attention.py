@@ -1,0 +1,102 @@
+"""Exact softmax attention: dense (full / causal / sliding window) and block-sparse.
+
+Both ops run on the block-sparse core: dense attention is the case without a block LUT, where
+the kernels walk the key range that the causal / window predicates leave each query tile.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from attnops import dispatch
+from attnops.masks import BlockMask, check_window_size
+from attnops.ops._checks import check_block_mask, check_qkv, resolve_softmax_scale
+from attnops.ops._result import AttentionOutput
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, AttentionOutput]:
+    r"""Exact softmax attention with flash_attn conventions.
+
+    Args:
+        q: ``(B, Sq, H, D)``.
+        k, v: ``(B, Sk, Hkv, D)`` with ``H % Hkv == 0``; query head ``h`` reads kv head
+            ``h // (H // Hkv)`` (grouped-query attention; ``Hkv = 1`` is multi-query).
+        causal: mask aligned to the bottom-right corner: query ``i`` sees keys
+            ``j <= i + Sk - Sq`` (the decode convention of flash_attn >= 2.1).
+        softmax_scale: defaults to ``D ** -0.5``.
+        window_size: ``(left, right)``: query ``i`` sees keys in
+            ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded.
+        return_lse: also return the log-sum-exp ``(B, H, Sq)``.
+        backend: force ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (else chosen by device,
+            or by the ``ATTNOPS_BACKEND`` environment variable).
+
+    Returns:
+        ``out (B, Sq, H, D)`` in q's dtype, or ``AttentionOutput(out, lse)``. A query with no key to
+        attend to gets zeros and ``lse = -inf``.
+
+    Example::
+
+        >>> q, k, v = (torch.randn(1, 128, 8, 64) for _ in range(3))
+        >>> attnops.attention(q, k, v, causal=True).shape
+        torch.Size([1, 128, 8, 64])
+    """
+    shape = check_qkv(q, k, v)
+    window = check_window_size(window_size)
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    impl = dispatch.resolve("block_sparse_attention", q.device, backend)
+    out, lse = impl(q, k, v, None, causal=bool(causal), window_size=window, softmax_scale=scale)
+    return AttentionOutput(out, lse) if return_lse else out
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, AttentionOutput]:
+    r"""Exact softmax attention restricted to the blocks of ``block_mask``.
+
+    Only the listed ``(query block, key block)`` tiles are computed; the mask's token-level
+    predicates (``causal``, ``window_size``) are applied inside boundary blocks. Memory is
+    O(S * D) plus the LUT: no Sq x Sk tensor is ever allocated.
+
+    Args:
+        q: ``(B, Sq, H, D)``; k, v: ``(B, Sk, Hkv, D)``, ``H % Hkv == 0``.
+        block_mask: an ``attnops.BlockMask`` built for ``(Sq, Sk)``, with batch and head dims equal
+            to q's or 1 (broadcast), on q's device.
+        softmax_scale: defaults to ``D ** -0.5``.
+        return_lse: also return the log-sum-exp ``(B, H, Sq)``.
+        backend: as in :func:`attention`.
+
+    Returns:
+        ``out`` or ``AttentionOutput(out, lse)``; rows whose mask keeps nothing give zeros, lse -inf.
+
+    Example::
+
+        >>> mask = attnops.BlockMask.sliding_window(4096, window=512)
+        >>> out = attnops.block_sparse_attention(q, k, v, mask)
+    """
+    shape = check_qkv(q, k, v)
+    check_block_mask(block_mask, shape, q.device)
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    impl = dispatch.resolve("block_sparse_attention", q.device, backend)
+    out, lse = impl(
+        q, k, v, block_mask, causal=block_mask.causal, window_size=block_mask.window_size, softmax_scale=scale
+    )
+    return AttentionOutput(out, lse) if return_lse else out

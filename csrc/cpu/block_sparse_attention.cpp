@@ -1,0 +1,637 @@
+// Block-sparse flash attention on the CPU: forward and backward.
+//
+// Forward: one task per (batch, head, query tile of <= 64 rows), run by run_tasks (dynamic,
+// costliest first). A task walks only the key ranges its LUT row keeps (consecutive blocks
+// merged into one range, cut into tiles of <= 256 keys), or the predicate range when there is no
+// LUT (dense / causal / window). Per tile: S = Q K^T with the GEMM micro-kernel, the per-row
+// predicate interval masked to -inf, an online softmax in base 2 (softmax_scale * log2(e) is
+// folded into Q when it is packed), and O += P V. Accumulation in float (double for float64).
+//
+// Backward (FlashAttention-2 style, from the saved lse and delta = rowsum(dO * O) - dlse). Per key
+// tile, over the query heads of its kv group and the query ranges of the transposed LUT:
+//   P^T, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dv += P^T dO, dk += dS^T Q
+// and dq in one of two deterministic ways (no two tasks ever write the same row, no atomics):
+//   fused:     one task per (batch, kv head) owns its group's dq rows and adds dS K as it goes;
+//   two-pass:  a dq pass per (batch, head, query tile) first, for when B * Hkv tasks are too few
+//              to keep the threads busy (MQA, small batches).
+// Memory: packed copies of q/k/v/dO (O(S * D)) and per-thread tiles; never Sq x Sk.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/gemm.h"
+#include "cpu/mask.h"
+#include "cpu/pack.h"
+#include "cpu/parallel.h"
+#include "ops.h"
+
+namespace attnops::cpu {
+namespace {
+
+constexpr int64_t kTileQ = 64;         // query rows per forward / dq task
+constexpr int64_t kTileK = 256;        // keys per S tile in the forward and dq pass
+constexpr int64_t kTileKBwd = 64;      // keys per dk/dv task
+constexpr int64_t kTileQBwd = 128;     // queries per S^T tile in the dk/dv pass
+constexpr int64_t kMaxHeadDim = 256;
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// Shapes and strides shared by the passes. Strides are in elements; the head dim is contiguous.
+struct Problem {
+  int64_t B, Sq, Sk, H, Hkv, D, Dp, group;
+  int64_t sq_b, sq_s, sq_h;  // q (and out, dout share the contiguous layout below)
+  int64_t sk_b, sk_s, sk_h;
+  int64_t sv_b, sv_s, sv_h;
+};
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t pad) {
+  Problem p;
+  p.B = q.size(0);
+  p.Sq = q.size(1);
+  p.H = q.size(2);
+  p.D = q.size(3);
+  p.Sk = k.size(1);
+  p.Hkv = k.size(2);
+  p.group = p.H / p.Hkv;
+  p.Dp = round_up(p.D, pad);
+  p.sq_b = q.stride(0), p.sq_s = q.stride(1), p.sq_h = q.stride(2);
+  p.sk_b = k.stride(0), p.sk_s = k.stride(1), p.sk_h = k.stride(2);
+  p.sv_b = v.stride(0), p.sv_s = v.stride(1), p.sv_h = v.stride(2);
+  return p;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, S, H, D)");
+  TORCH_CHECK(q.size(0) == k.size(0) && k.sizes() == v.sizes(), "q/k/v batch or k/v shapes differ");
+  TORCH_CHECK(q.size(3) == k.size(3), "q and k head dims differ");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(q.size(3) <= kMaxHeadDim, "head dim above ", kMaxHeadDim);
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "q/k/v dtypes differ");
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Query (or key) tiles: with a LUT a tile never straddles two LUT rows.
+int64_t tile_rows(const BlockLut& lut, int64_t preferred) {
+  return lut.present() ? std::min(preferred, lut.row_block) : preferred;
+}
+
+// Valid columns of one tile row, relative to the tile start t0: [v0, v1).
+struct RowSpan {
+  int64_t v0, v1;
+  bool empty() const { return v0 >= v1; }
+};
+
+// Masks a score row outside [v0, v1) to -inf over the tile's padded width n.
+template <typename T>
+inline void mask_row(T* s, RowSpan span, int64_t n) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < std::min(span.v0, n); ++j) s[j] = ninf;
+  for (int64_t j = std::max<int64_t>(span.v1, 0); j < n; ++j) s[j] = ninf;
+}
+
+template <typename T>
+inline void zero_row(T* s, int64_t n) {
+  std::fill(s, s + n, T(0));
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+
+template <typename T>
+struct FwdScratch {
+  std::vector<T> q, s, acc, m, l;
+  std::vector<RowSpan> spans;
+  FwdScratch(int64_t D, int64_t Dp)
+      : q(kTileQ * D), s(kTileQ * kTileK), acc(kTileQ * Dp), m(kTileQ), l(kTileQ), spans(kTileQ) {}
+};
+
+// One online-softmax step on a tile row: rescales the running state and turns s into P.
+template <typename T>
+inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T* acc, int64_t Dp) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  if (span.empty()) {
+    zero_row(s, n);
+    return;
+  }
+  mask_row(s, span, n);
+  V mx = vsplat<T>(-std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < n; j += W) {
+    mx = vmax_nan<T>(vload(s + j), mx);
+  }
+  const T m_tile = hmax<T>(mx);
+  const T m_new = m_tile != m_tile ? m_tile : std::max(m, m_tile);
+  if (m_new == -std::numeric_limits<T>::infinity()) {  // only reachable with -inf scores
+    zero_row(s, n);
+    return;
+  }
+  const T alpha = exp2_scalar(m - m_new);
+  const V mv = vsplat(m_new);
+  V sum{};
+  for (int64_t j = 0; j < n; j += W) {
+    const V p = exp2(vload(s + j) - mv);
+    vstore(s + j, p);
+    sum += p;
+  }
+  l = l * alpha + hsum<T>(sum);
+  if (alpha != T(1)) {
+    for (int64_t d = 0; d < Dp; d += W) vstore(acc + d, vload(acc + d) * alpha);
+  }
+  m = m_new;
+}
+
+template <typename S>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const BlockLut& lut,
+                    const Predicates& pred, double softmax_scale, at::Tensor& out, at::Tensor& lse) {
+  using T = compute_t<S>;
+  constexpr int64_t NR = kGemmN<T>;
+  const Problem p = make_problem(q, k, v, NR);
+  const int64_t Sk_pad = round_up(p.Sk, NR);
+  const T c = static_cast<T>(softmax_scale * kLog2e);
+
+  // Per (b, kv head): K^T (D x Sk_pad) and V (Sk x Dp) as GEMM panels (cpu/gemm.h).
+  auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor kt_buf = at::zeros({p.B * p.Hkv, Sk_pad * p.D}, opts);
+  at::Tensor v_buf = at::empty({p.B * p.Hkv, p.Dp * p.Sk}, opts);
+  T* kt = kt_buf.data_ptr<T>();
+  T* vb = v_buf.data_ptr<T>();
+  const S* qp = q.data_ptr<S>();
+  const S* kp = k.data_ptr<S>();
+  const S* vp = v.data_ptr<S>();
+  constexpr int64_t kPackRows = 256;
+  const int64_t pack_chunks = (p.Sk + kPackRows - 1) / kPackRows;
+  at::parallel_for(0, p.B * p.Hkv * pack_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / pack_chunks, r0 = (t % pack_chunks) * kPackRows;
+      const int64_t r1 = std::min(r0 + kPackRows, p.Sk);
+      const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
+      pack_transposed_panels<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, T(1), kt + bh * Sk_pad * p.D);
+      pack_row_panels<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, p.Dp, p.Sk, T(1), vb + bh * p.Dp * p.Sk);
+    }
+  });
+
+  const int64_t TQ = tile_rows(lut, kTileQ);
+  const int64_t q_tiles = (p.Sq + TQ - 1) / TQ;
+  S* op = out.data_ptr<S>();
+  auto* lp = lse.data_ptr<compute_t<S>>();
+  const int64_t so_b = out.stride(0), so_s = out.stride(1), so_h = out.stride(2);
+
+  auto task_rows = [&](int64_t t, int64_t& b, int64_t& h, int64_t& r0, int64_t& r1) {
+    b = t / (p.H * q_tiles);
+    h = (t / q_tiles) % p.H;
+    r0 = (t % q_tiles) * TQ;
+    r1 = std::min(r0 + TQ, p.Sq);
+  };
+  auto cost = [&](int64_t t) {
+    int64_t b, h, r0, r1;
+    task_rows(t, b, h, r0, r1);
+    int64_t keys = 0;
+    for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1),
+                     p.Sk, [&](int64_t a, int64_t e) { keys += e - a; });
+    return keys;
+  };
+
+  run_tasks(
+      p.B * p.H * q_tiles, cost, [&] { return FwdScratch<T>(p.D, p.Dp); },
+      [&](int64_t t, FwdScratch<T>& ws) {
+        int64_t b, h, r0, r1;
+        task_rows(t, b, h, r0, r1);
+        const int64_t rows = r1 - r0, hk = h / p.group;
+        const T* ktile = kt + (b * p.Hkv + hk) * Sk_pad * p.D;
+        const T* vtile = vb + (b * p.Hkv + hk) * p.Dp * p.Sk;
+        pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
+        std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
+        std::fill(ws.l.begin(), ws.l.end(), T(0));
+        std::fill(ws.acc.begin(), ws.acc.end(), T(0));
+
+        for_each_segment(
+            lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1), p.Sk,
+            [&](int64_t a, int64_t e) {
+              for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
+                t1 = std::min(t0 + kTileK, e);
+                const int64_t start = std::max(a, t0), n = round_up(t1 - t0, NR);
+                bool any = false;
+                for (int64_t r = 0; r < rows; ++r) {
+                  ws.spans[r] = {std::max(pred.key_lo(r0 + r), start) - t0, std::min(pred.key_hi(r0 + r), t1) - t0};
+                  any |= !ws.spans[r].empty();
+                }
+                if (!any) continue;
+                gemm<T>(rows, n, p.D, ws.q.data(), p.D, ktile + t0 * p.D, p.D * NR, ws.s.data(), kTileK, false);
+                for (int64_t r = 0; r < rows; ++r)
+                  softmax_row(ws.s.data() + r * kTileK, n, ws.spans[r], ws.m[r], ws.l[r], ws.acc.data() + r * p.Dp, p.Dp);
+                gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR, ws.acc.data(), p.Dp,
+                        true);
+              }
+            });
+
+        for (int64_t r = 0; r < rows; ++r) {
+          S* orow = op + b * so_b + (r0 + r) * so_s + h * so_h;
+          auto* lrow = lp + (b * p.H + h) * p.Sq + r0 + r;
+          const T l = ws.l[r];
+          if (l == T(0)) {  // nothing to attend to: zeros and lse = -inf, never NaN
+            std::fill(orow, orow + p.D, static_cast<S>(0.0f));
+            *lrow = -std::numeric_limits<T>::infinity();
+          } else {
+            store_row(ws.acc.data() + r * p.Dp, p.D, T(1) / l, orow);
+            *lrow = static_cast<T>((ws.m[r] + std::log2(l)) * kLn2);
+          }
+        }
+      });
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+
+// Operands of one backward call, packed once (GEMM panels, cpu/gemm.h), plus per-row lse in base 2
+// and delta = rowsum(dO * O) - dlse, both padded to Sq_pad.
+template <typename T>
+struct BwdOperands {
+  int64_t Sq_pad, Sk_pad;
+  T *qt, *dot, *dor, *qs;  // per (b, head): (c q)^T, dO^T (D x Sq_pad), dO, (scale q) (Sq x Dp)
+  T *kt, *vt, *kr;         // per (b, kv head), two-pass dq pass only: K^T, V^T (D x Sk_pad), K (Sk x Dp)
+  T *lse2, *delta;         // per (b, head): (Sq_pad)
+  std::vector<at::Tensor> storage;
+};
+
+// Gradients sum thousands of tile products (dv of an early key under causal GQA-8 attention at
+// Sq = 200 sums 1600 rows): one sequential float sum there was 4x less accurate than PyTorch's
+// blocked matmuls in float32. So each tile product goes into a fresh float partial, and partials are
+// summed across tiles and heads in double (a few thousand adds per tile of ~1M flops).
+using GradAcc = double;
+
+template <typename T>
+inline void add_into(GradAcc* acc, const T* partial, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += partial[i];
+}
+
+template <typename T>
+struct DqScratch {
+  std::vector<T> q, dout, s, dp, partial;
+  std::vector<GradAcc> acc;
+  std::vector<RowSpan> spans;
+  DqScratch(int64_t D, int64_t Dp)
+      : q(kTileQ * D), dout(kTileQ * D), s(kTileQ * kTileK), dp(kTileQ * kTileK), partial(kTileQ * Dp),
+        acc(kTileQ * Dp), spans(kTileQ) {}
+};
+
+template <typename T>
+struct KeyTileScratch {
+  std::vector<T> k, v, kpanel, s, dp, partial;
+  std::vector<GradAcc> dk, dv, dq;
+  std::vector<RowSpan> spans;
+  KeyTileScratch(int64_t D, int64_t Dp, int64_t dq_rows)
+      : k(kTileKBwd * D), v(kTileKBwd * D), kpanel(kTileKBwd * Dp), s(kTileKBwd * kTileQBwd),
+        dp(kTileKBwd * kTileQBwd), partial(std::max(kTileKBwd, kTileQBwd) * Dp), dk(kTileKBwd * Dp),
+        dv(kTileKBwd * Dp), dq(dq_rows * Dp), spans(kTileKBwd) {}
+};
+
+// dk, dv of the keys [c0, c1) of kv head hk, over the query heads of its group. With `fused`, also
+// adds dS K into ws.dq (the group's dq rows, (group, Sq, Dp)), which this task owns.
+template <typename S, typename T>
+void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockLut& tlut, const Predicates& pred,
+                       const S* kp, const S* vp, int64_t b, int64_t hk, int64_t c0, int64_t c1, bool fused,
+                       KeyTileScratch<T>& ws, S* dkp, S* dvp) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  constexpr int64_t NR = kGemmN<T>;
+  const int64_t keys = c1 - c0;
+  pack_rows(kp + b * p.sk_b + hk * p.sk_h + c0 * p.sk_s, p.sk_s, 0, keys, p.D, T(1), ws.k.data(), p.D);
+  pack_rows(vp + b * p.sv_b + hk * p.sv_h + c0 * p.sv_s, p.sv_s, 0, keys, p.D, T(1), ws.v.data(), p.D);
+  if (fused)
+    pack_row_panels<NR>(kp + b * p.sk_b + hk * p.sk_h + c0 * p.sk_s, p.sk_s, 0, keys, p.D, p.Dp, kTileKBwd, T(1),
+                        ws.kpanel.data());
+  std::fill(ws.dk.begin(), ws.dk.end(), GradAcc(0));
+  std::fill(ws.dv.begin(), ws.dv.end(), GradAcc(0));
+  const int64_t lut_row = tlut.present() ? c0 / tlut.row_block : 0;
+  for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+    const int64_t bh = b * p.H + h;
+    const T* l2 = ops.lse2 + bh * ops.Sq_pad;
+    const T* dl = ops.delta + bh * ops.Sq_pad;
+    GradAcc* dq_rows = fused ? ws.dq.data() + (h - hk * p.group) * p.Sq * p.Dp : nullptr;
+    for_each_segment(tlut, b, h, lut_row, pred.query_lo(c0), pred.query_hi(c1 - 1), p.Sq, [&](int64_t a, int64_t e) {
+      for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
+        t1 = std::min(t0 + kTileQBwd, e);
+        const int64_t start = std::max(a, t0), n = round_up(t1 - t0, NR);
+        bool any = false;
+        for (int64_t j = 0; j < keys; ++j) {
+          ws.spans[j] = {std::max(pred.query_lo(c0 + j), start) - t0, std::min(pred.query_hi(c0 + j), t1) - t0};
+          any |= !ws.spans[j].empty();
+        }
+        if (!any) continue;
+        const int64_t panel = bh * ops.Sq_pad * p.D + t0 * p.D;
+        gemm<T>(keys, n, p.D, ws.k.data(), p.D, ops.qt + panel, p.D * NR, ws.s.data(), kTileQBwd, false);
+        gemm<T>(keys, n, p.D, ws.v.data(), p.D, ops.dot + panel, p.D * NR, ws.dp.data(), kTileQBwd, false);
+        for (int64_t j = 0; j < keys; ++j) {
+          T* s = ws.s.data() + j * kTileQBwd;  // becomes P^T
+          T* ds = ws.dp.data() + j * kTileQBwd;  // becomes dS^T
+          if (ws.spans[j].empty()) {
+            zero_row(s, n);
+            zero_row(ds, n);
+            continue;
+          }
+          mask_row(s, ws.spans[j], n);
+          for (int64_t i = 0; i < n; i += W) {
+            const V pr = exp2(vload(s + i) - vload(l2 + t0 + i));
+            vstore(s + i, pr);
+            vstore(ds + i, pr * (vload(ds + i) - vload(dl + t0 + i)));
+          }
+        }
+        const int64_t rows_at = bh * p.Dp * p.Sq + t0 * NR;
+        T* partial = ws.partial.data();
+        gemm<T>(keys, p.Dp, t1 - t0, ws.s.data(), kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial, p.Dp, false);
+        add_into(ws.dv.data(), partial, keys * p.Dp);
+        gemm<T>(keys, p.Dp, t1 - t0, ws.dp.data(), kTileQBwd, ops.qs + rows_at, p.Sq * NR, partial, p.Dp, false);
+        add_into(ws.dk.data(), partial, keys * p.Dp);
+        if (fused) {  // dq[t0:t1] += dS K = (dS^T)^T K
+          gemm<T, true>(t1 - t0, p.Dp, keys, ws.dp.data(), kTileQBwd, ws.kpanel.data(), kTileKBwd * NR, partial,
+                        p.Dp, false);
+          add_into(dq_rows + t0 * p.Dp, partial, (t1 - t0) * p.Dp);
+        }
+      }
+    });
+  }
+  for (int64_t j = 0; j < keys; ++j) {
+    const int64_t row = (b * p.Sk + c0 + j) * p.Hkv + hk;
+    store_row(ws.dk.data() + j * p.Dp, p.D, T(1), dkp + row * p.D);
+    store_row(ws.dv.data() + j * p.Dp, p.D, T(1), dvp + row * p.D);
+  }
+}
+
+template <typename S>
+void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                     const BlockLut& lut, const BlockLut& tlut, const Predicates& pred, double softmax_scale,
+                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  using T = compute_t<S>;
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  constexpr int64_t NR = kGemmN<T>;
+  const Problem p = make_problem(q, k, v, NR);
+  const T scale = static_cast<T>(softmax_scale);
+  const T c = static_cast<T>(softmax_scale * kLog2e);
+  const T inf = std::numeric_limits<T>::infinity();
+
+  // Fused single pass: one task per (b, kv head) owns its group's dq rows, 5 block products per
+  // tile pair. Two passes (dq, then dk/dv): 7 products but B * Hkv * key-tiles tasks, for when
+  // B * Hkv cannot keep the threads busy (MQA / small batches). Both are deterministic.
+  const int64_t threads = at::get_num_threads();
+  const int mode = backward_mode();
+  const bool fused = mode == 1 || (mode == 0 && (p.B * p.Hkv >= 2 * threads || (p.B * p.Hkv) % threads == 0));
+
+  BwdOperands<T> ops;
+  ops.Sq_pad = round_up(p.Sq, NR);
+  ops.Sk_pad = round_up(p.Sk, NR);
+  auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
+  auto buffer = [&](int64_t n, bool zeroed) {
+    ops.storage.push_back(zeroed ? at::zeros({n}, opts) : at::empty({n}, opts));
+    return ops.storage.back().template data_ptr<T>();
+  };
+  ops.qt = buffer(p.B * p.H * ops.Sq_pad * p.D, true);
+  ops.dot = buffer(p.B * p.H * ops.Sq_pad * p.D, true);
+  ops.dor = buffer(p.B * p.H * p.Dp * p.Sq, false);
+  ops.qs = buffer(p.B * p.H * p.Dp * p.Sq, false);
+  ops.lse2 = buffer(p.B * p.H * ops.Sq_pad, false);
+  ops.delta = buffer(p.B * p.H * ops.Sq_pad, true);
+  std::fill(ops.lse2, ops.lse2 + p.B * p.H * ops.Sq_pad, inf);  // padding: P = exp2(s - inf) = 0
+  if (!fused) {
+    ops.kt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, true);
+    ops.vt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, true);
+    ops.kr = buffer(p.B * p.Hkv * p.Dp * p.Sk, false);
+  }
+
+  const S *qp = q.data_ptr<S>(), *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
+  const S *op = out.data_ptr<S>(), *dop = dout.data_ptr<S>();
+  const auto* lsep = lse.data_ptr<compute_t<S>>();
+  at::Tensor dlse_c;
+  if (dlse.has_value() && dlse->defined()) dlse_c = dlse->to(lse.scalar_type()).contiguous();
+  const auto* dlse_p = dlse_c.defined() ? dlse_c.data_ptr<compute_t<S>>() : nullptr;
+  const int64_t so_b = out.stride(0), so_s = out.stride(1), so_h = out.stride(2);
+  const int64_t sd_b = dout.stride(0), sd_s = dout.stride(1), sd_h = dout.stride(2);
+
+  constexpr int64_t kPackRows = 256;
+  const int64_t qchunks = (p.Sq + kPackRows - 1) / kPackRows;
+  at::parallel_for(0, p.B * p.H * qchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / qchunks, r0 = (t % qchunks) * kPackRows, r1 = std::min(r0 + kPackRows, p.Sq);
+      const int64_t b = bh / p.H, h = bh % p.H;
+      const S* qsrc = qp + b * p.sq_b + h * p.sq_h;
+      const S* dsrc = dop + b * sd_b + h * sd_h;
+      pack_transposed_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, c, ops.qt + bh * ops.Sq_pad * p.D);
+      pack_transposed_panels<NR>(dsrc, sd_s, r0, r1, p.D, T(1), ops.dot + bh * ops.Sq_pad * p.D);
+      pack_row_panels<NR>(dsrc, sd_s, r0, r1, p.D, p.Dp, p.Sq, T(1), ops.dor + bh * p.Dp * p.Sq);
+      pack_row_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, p.Dp, p.Sq, scale, ops.qs + bh * p.Dp * p.Sq);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T l = static_cast<T>(lsep[bh * p.Sq + r]);
+        // Rows that attend to nothing (lse = -inf) must give P = 0: exp2(s - inf).
+        ops.lse2[bh * ops.Sq_pad + r] = l == -inf ? inf : l * static_cast<T>(kLog2e);
+        const S* orow = op + b * so_b + r * so_s + h * so_h;
+        const S* drow = dsrc + r * sd_s;
+        T acc = 0;
+        for (int64_t d = 0; d < p.D; ++d) acc += static_cast<T>(orow[d]) * static_cast<T>(drow[d]);
+        if (dlse_p) acc -= static_cast<T>(dlse_p[bh * p.Sq + r]);
+        ops.delta[bh * ops.Sq_pad + r] = acc;
+      }
+    }
+  });
+
+  S* dqp = dq.data_ptr<S>();
+  S* dkp = dk.data_ptr<S>();
+  S* dvp = dv.data_ptr<S>();
+  const int64_t TK = tile_rows(tlut, kTileKBwd);
+  const int64_t k_tiles = (p.Sk + TK - 1) / TK;
+  auto tile_queries = [&](int64_t b, int64_t hk, int64_t c0, int64_t c1) {
+    int64_t queries = 0;
+    for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h)
+      for_each_segment(tlut, b, h, tlut.present() ? c0 / tlut.row_block : 0, pred.query_lo(c0),
+                       pred.query_hi(c1 - 1), p.Sq, [&](int64_t a, int64_t e) { queries += e - a; });
+    return queries;
+  };
+
+  if (fused) {
+    run_tasks(
+        p.B * p.Hkv,
+        [&](int64_t t) {
+          int64_t queries = 0;
+          for (int64_t kt = 0; kt < k_tiles; ++kt)
+            queries += tile_queries(t / p.Hkv, t % p.Hkv, kt * TK, std::min((kt + 1) * TK, p.Sk));
+          return queries;
+        },
+        [&] { return KeyTileScratch<T>(p.D, p.Dp, p.group * p.Sq); },
+        [&](int64_t t, KeyTileScratch<T>& ws) {
+          const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+          std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
+          for (int64_t kt = 0; kt < k_tiles; ++kt)
+            key_tile_backward(p, ops, tlut, pred, kp, vp, b, hk, kt * TK, std::min((kt + 1) * TK, p.Sk), true, ws,
+                              dkp, dvp);
+          for (int64_t g = 0; g < p.group; ++g)
+            for (int64_t r = 0; r < p.Sq; ++r)
+              store_row(ws.dq.data() + (g * p.Sq + r) * p.Dp, p.D, scale,
+                        dqp + ((b * p.Sq + r) * p.H + hk * p.group + g) * p.D);
+        });
+    return;
+  }
+
+  // ---- two passes, dq first ----
+  constexpr int64_t kPackKeys = 256;
+  const int64_t kchunks = (p.Sk + kPackKeys - 1) / kPackKeys;
+  at::parallel_for(0, p.B * p.Hkv * kchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / kchunks, r0 = (t % kchunks) * kPackKeys, r1 = std::min(r0 + kPackKeys, p.Sk);
+      const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
+      const S* ksrc = kp + b * p.sk_b + hk * p.sk_h;
+      pack_transposed_panels<NR>(ksrc, p.sk_s, r0, r1, p.D, T(1), ops.kt + bh * ops.Sk_pad * p.D);
+      pack_transposed_panels<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, T(1),
+                                 ops.vt + bh * ops.Sk_pad * p.D);
+      pack_row_panels<NR>(ksrc, p.sk_s, r0, r1, p.D, p.Dp, p.Sk, T(1), ops.kr + bh * p.Dp * p.Sk);
+    }
+  });
+
+  const int64_t TQ = tile_rows(lut, kTileQ);
+  const int64_t q_tiles = (p.Sq + TQ - 1) / TQ;
+  auto q_task = [&](int64_t t, int64_t& b, int64_t& h, int64_t& r0, int64_t& r1) {
+    b = t / (p.H * q_tiles);
+    h = (t / q_tiles) % p.H;
+    r0 = (t % q_tiles) * TQ;
+    r1 = std::min(r0 + TQ, p.Sq);
+  };
+  run_tasks(
+      p.B * p.H * q_tiles,
+      [&](int64_t t) {
+        int64_t b, h, r0, r1, keys = 0;
+        q_task(t, b, h, r0, r1);
+        for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1),
+                         p.Sk, [&](int64_t a, int64_t e) { keys += e - a; });
+        return keys;
+      },
+      [&] { return DqScratch<T>(p.D, p.Dp); },
+      [&](int64_t t, DqScratch<T>& ws) {
+        int64_t b, h, r0, r1;
+        q_task(t, b, h, r0, r1);
+        const int64_t rows = r1 - r0, hk = h / p.group, bh = b * p.H + h, bhk = b * p.Hkv + hk;
+        pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
+        pack_rows(dop + b * sd_b + h * sd_h + r0 * sd_s, sd_s, 0, rows, p.D, T(1), ws.dout.data(), p.D);
+        std::fill(ws.acc.begin(), ws.acc.end(), GradAcc(0));
+        const T* l2 = ops.lse2 + bh * ops.Sq_pad + r0;
+        const T* dl = ops.delta + bh * ops.Sq_pad + r0;
+        for_each_segment(
+            lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1), p.Sk,
+            [&](int64_t a, int64_t e) {
+              for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
+                t1 = std::min(t0 + kTileK, e);
+                const int64_t start = std::max(a, t0), n = round_up(t1 - t0, NR);
+                bool any = false;
+                for (int64_t r = 0; r < rows; ++r) {
+                  ws.spans[r] = {std::max(pred.key_lo(r0 + r), start) - t0, std::min(pred.key_hi(r0 + r), t1) - t0};
+                  any |= !ws.spans[r].empty();
+                }
+                if (!any) continue;
+                const int64_t panel = bhk * ops.Sk_pad * p.D + t0 * p.D;
+                gemm<T>(rows, n, p.D, ws.q.data(), p.D, ops.kt + panel, p.D * NR, ws.s.data(), kTileK, false);
+                gemm<T>(rows, n, p.D, ws.dout.data(), p.D, ops.vt + panel, p.D * NR, ws.dp.data(), kTileK, false);
+                for (int64_t r = 0; r < rows; ++r) {
+                  T* s = ws.s.data() + r * kTileK;  // becomes dS
+                  if (ws.spans[r].empty()) {
+                    zero_row(s, n);
+                    continue;
+                  }
+                  mask_row(s, ws.spans[r], n);
+                  const T* dpr = ws.dp.data() + r * kTileK;
+                  const V lv = vsplat(l2[r]), dlv = vsplat(dl[r]);
+                  for (int64_t j = 0; j < n; j += W) {
+                    const V pr = exp2(vload(s + j) - lv);
+                    vstore(s + j, pr * (vload(dpr + j) - dlv));
+                  }
+                }
+                gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, ops.kr + bhk * p.Dp * p.Sk + t0 * NR, p.Sk * NR,
+                        ws.partial.data(), p.Dp, false);
+                add_into(ws.acc.data(), ws.partial.data(), rows * p.Dp);
+              }
+            });
+        for (int64_t r = 0; r < rows; ++r)
+          store_row(ws.acc.data() + r * p.Dp, p.D, scale, dqp + ((b * p.Sq + r0 + r) * p.H + h) * p.D);
+      });
+
+  // ---- then dk/dv, one task per (b, kv head, key tile) ----
+  run_tasks(
+      p.B * p.Hkv * k_tiles,
+      [&](int64_t t) {
+        const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
+        return tile_queries(b, hk, c0, std::min(c0 + TK, p.Sk));
+      },
+      [&] { return KeyTileScratch<T>(p.D, p.Dp, 0); },
+      [&](int64_t t, KeyTileScratch<T>& ws) {
+        const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
+        key_tile_backward(p, ops, tlut, pred, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false, ws, dkp, dvp);
+      });
+}
+
+// ------------------------------------------------------------------------------------------
+// Operator entry points
+// ------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
+    const c10::optional<at::Tensor>& /*q_num_blocks*/, const c10::optional<at::Tensor>& /*q_indices*/, int64_t block_q,
+    int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right) {
+  check_inputs(q_in, k_in, v_in);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
+  const Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
+  const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = maybe_poison(at::empty(q.sizes(), q.options()));
+  at::Tensor lse = maybe_poison(at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_dtype)));
+  if (q.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd_cpu", [&] {
+    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
+    const at::Tensor& dout_in, const c10::optional<at::Tensor>& dlse, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
+    const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
+    int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right) {
+  check_inputs(q_in, k_in, v_in);
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), "dout/out must have q's shape");
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  // The gradient of .sum() arrives expanded with stride 0: make it (and out) dense.
+  const at::Tensor dout = last_dim_contiguous(dout_in.to(q.scalar_type()));
+  const at::Tensor out = last_dim_contiguous(out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
+  const BlockLut tlut(q_num_blocks, q_indices, block_k, block_q);
+  TORCH_CHECK(lut.present() == tlut.present(), "backward needs both the block LUT and its transpose");
+  const Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
+  at::Tensor dq = maybe_poison(at::empty(q.sizes(), q.options()));
+  at::Tensor dk = maybe_poison(at::empty(k.sizes(), k.options()));
+  at::Tensor dv = maybe_poison(at::empty(v.sizes(), v.options()));
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_bwd_cpu", [&] {
+    backward_kernel<scalar_t>(dout, dlse, q, k, v, out, lse, lut, tlut, pred, softmax_scale, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnops, CPU, m) {
+  m.impl("block_sparse_attn_fwd", &block_sparse_attn_fwd_cpu);
+  m.impl("block_sparse_attn_bwd", &block_sparse_attn_bwd_cpu);
+}
+
+}  // namespace attnops::cpu

@@ -1,0 +1,92 @@
+// What a CPU kernel needs to know about a mask: token-level predicates (causal, window, sequence
+// lengths) and, optionally, a compressed-row block LUT (attnops.BlockMask).
+//
+// Every predicate we support keeps, for a query row, one contiguous key interval (and for a
+// key, one contiguous query interval), so kernels mask a tile row by filling outside that
+// interval instead of evaluating a predicate per element; tiles strictly inside need nothing.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace attnops::cpu {
+
+struct Predicates {
+  int64_t Sq = 0, Sk = 0;
+  int64_t offset = 0;  // Sk - Sq: causal and windows align the bottom-right corner
+  int64_t left = -1, right = -1;  // window; -1 is unbounded. causal is right = 0.
+
+  Predicates(int64_t sq, int64_t sk, bool causal, int64_t window_left, int64_t window_right)
+      : Sq(sq), Sk(sk), offset(sk - sq), left(window_left < 0 ? -1 : window_left),
+        right(window_right < 0 ? -1 : window_right) {
+    if (causal) right = 0;
+  }
+  // Keys [key_lo(i), key_hi(i)) are visible to query i.
+  int64_t key_lo(int64_t i) const { return left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, Sk); }
+  int64_t key_hi(int64_t i) const { return right < 0 ? Sk : std::clamp<int64_t>(i + offset + right + 1, 0, Sk); }
+  // Queries [query_lo(j), query_hi(j)) see key j.
+  int64_t query_lo(int64_t j) const { return right < 0 ? 0 : std::clamp<int64_t>(j - right - offset, 0, Sq); }
+  int64_t query_hi(int64_t j) const { return left < 0 ? Sq : std::clamp<int64_t>(j + left - offset + 1, 0, Sq); }
+};
+
+// One orientation of a block mask: for every (b, h, row block), the sorted column blocks it keeps.
+// Forward/dq use the kv LUT (rows = query blocks, columns = key blocks); dk/dv use its transpose.
+// B and H of the LUT may be 1 (broadcast).
+struct BlockLut {
+  const int32_t* counts = nullptr;   // (B, H, rows)
+  const int32_t* indices = nullptr;  // (B, H, rows, width)
+  int64_t B = 1, H = 1, rows = 0, width = 0;
+  int64_t row_block = 0, col_block = 0;  // block sizes in tokens along rows / columns
+
+  BlockLut() = default;
+  BlockLut(const c10::optional<at::Tensor>& counts_t, const c10::optional<at::Tensor>& indices_t,
+           int64_t row_block_size, int64_t col_block_size) {
+    if (!counts_t.has_value() || !counts_t->defined()) return;
+    TORCH_CHECK(indices_t.has_value() && indices_t->defined(), "block LUT: counts without indices");
+    TORCH_CHECK(counts_t->scalar_type() == at::kInt && indices_t->scalar_type() == at::kInt,
+                "block LUT tensors must be int32");
+    TORCH_CHECK(counts_t->is_contiguous() && indices_t->is_contiguous(), "block LUT tensors must be contiguous");
+    TORCH_CHECK(counts_t->dim() == 3 && indices_t->dim() == 4, "block LUT: counts (B,H,N), indices (B,H,N,W)");
+    counts = counts_t->data_ptr<int32_t>();
+    indices = indices_t->data_ptr<int32_t>();
+    B = counts_t->size(0);
+    H = counts_t->size(1);
+    rows = counts_t->size(2);
+    width = indices_t->size(3);
+    row_block = row_block_size;
+    col_block = col_block_size;
+  }
+  bool present() const { return counts != nullptr; }
+  int64_t base(int64_t b, int64_t h, int64_t row) const {
+    return ((B == 1 ? 0 : b) * H + (H == 1 ? 0 : h)) * rows + row;
+  }
+  int64_t count(int64_t b, int64_t h, int64_t row) const { return counts[base(b, h, row)]; }
+};
+
+// Calls f(a, e) for every maximal run [a, e) of consecutive kept column blocks of one LUT row,
+// clipped to [lo, hi) and to `limit` (the sequence length). Without a LUT: f(lo, hi).
+template <typename F>
+inline void for_each_segment(const BlockLut& lut, int64_t b, int64_t h, int64_t row, int64_t lo, int64_t hi,
+                             int64_t limit, F f) {
+  hi = std::min(hi, limit);
+  if (lo >= hi) return;
+  if (!lut.present()) {
+    f(lo, hi);
+    return;
+  }
+  const int64_t base = lut.base(b, h, row);
+  const int64_t n = lut.counts[base];
+  const int32_t* idx = lut.indices + base * lut.width;
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i + 1;
+    while (j < n && idx[j] == idx[j - 1] + 1) ++j;
+    const int64_t a = std::max<int64_t>(lo, int64_t(idx[i]) * lut.col_block);
+    const int64_t e = std::min<int64_t>(hi, int64_t(idx[j - 1] + 1) * lut.col_block);
+    if (a < e) f(a, e);
+    i = j;
+  }
+}
+
+}  // namespace attnops::cpu

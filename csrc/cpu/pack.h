@@ -1,0 +1,83 @@
+// Converting and packing operands into the compute type (float, or double for float64 inputs).
+//
+// Kernels pack K/V (and Q/dO in the backward) once per call into zero-padded GEMM panels: that
+// converts half/bfloat16 once instead of once per tile and lets the micro-kernel stream its B
+// operand. Cost O(S * D) against the O(Sq * Sk * D) of the attention itself.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/vec.h"
+
+namespace attnops::cpu {
+
+template <typename S>
+struct compute_type {
+  using type = float;
+};
+template <>
+struct compute_type<double> {
+  using type = double;
+};
+template <typename S>
+using compute_t = typename compute_type<S>::type;
+
+// dst[0:n] = src[0:n] * scale, zero-filled up to dst[padded).
+template <typename S, typename T>
+inline void load_row(const S* src, int64_t n, T scale, T* dst, int64_t padded) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]) * scale;
+  for (int64_t i = n; i < padded; ++i) dst[i] = T(0);
+}
+
+template <typename S, typename A, typename T>
+inline void store_row(const A* src, int64_t n, T scale, S* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(static_cast<T>(src[i] * scale));
+}
+
+// Rows [r0, r1) of a (rows x D) matrix with row stride `stride` into row-major dst (rows x ld).
+// Used for A operands (read in place by the GEMM).
+template <typename S, typename T>
+inline void pack_rows(const S* src, int64_t stride, int64_t r0, int64_t r1, int64_t D, T scale, T* dst,
+                      int64_t ld) {
+  for (int64_t r = r0; r < r1; ++r) load_row(src + r * stride, D, scale, dst + r * ld, ld);
+}
+
+// B = src^T (D x rows) in GEMM panel layout (cpu/gemm.h), strip = D * NR: element (d, r) at
+// dst[(r / NR) * D * NR + d * NR + r % NR]. For K^T, V^T, (c Q)^T, dO^T. Rows [r0, r1) must start on
+// a panel boundary; callers zero the buffer once so that padding columns read as 0.
+template <int NR, typename S, typename T>
+inline void pack_transposed_panels(const S* src, int64_t stride, int64_t r0, int64_t r1, int64_t D, T scale,
+                                   T* dst) {
+  for (int64_t p0 = r0; p0 < r1; p0 += NR) {
+    T* panel = dst + (p0 / NR) * D * NR;
+    const int64_t n = std::min<int64_t>(NR, r1 - p0);
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < n; ++r) panel[d * NR + r] = static_cast<T>(src[(p0 + r) * stride + d]) * scale;
+  }
+}
+
+// B = src (rows x Dp) in GEMM panel layout, strip = rows * NR: element (r, d) at
+// dst[(d / NR) * rows * NR + r * NR + d % NR], columns D..Dp zero. For V, K, dO, (scale Q) as the
+// right-hand side of P V, dS K, P^T dO, dS^T Q.
+template <int NR, typename S, typename T>
+inline void pack_row_panels(const S* src, int64_t stride, int64_t r0, int64_t r1, int64_t D, int64_t Dp,
+                            int64_t rows, T scale, T* dst) {
+  const int64_t full = D / NR;  // strips without padding
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* row = src + r * stride;
+    for (int64_t s = 0; s < full; ++s) {
+      T* out = dst + s * rows * NR + r * NR;
+      for (int64_t i = 0; i < NR; ++i) out[i] = static_cast<T>(row[s * NR + i]) * scale;
+    }
+    if (full * NR < Dp) {
+      T* out = dst + full * rows * NR + r * NR;
+      for (int64_t i = 0; i < NR; ++i) out[i] = full * NR + i < D ? static_cast<T>(row[full * NR + i]) * scale : T(0);
+    }
+  }
+}
+
+}  // namespace attnops::cpu

@@ -1,0 +1,41 @@
+// Dynamic task scheduling on top of at::parallel_for.
+//
+// at::parallel_for splits a range statically, one contiguous chunk per thread. Attention tasks
+// have very unequal costs (causal: the last query tile reads every key, the first reads one
+// tile; block-sparse rows differ by their block counts), so a static split leaves threads idle.
+// Here each thread pulls tasks from a shared counter, costliest first (longest-processing-time
+// order), which keeps every thread busy until the end.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+namespace attnops::cpu {
+
+// Runs work(task, scratch) for every task in [0, num_tasks). `cost(task)` orders the queue
+// (heaviest first); make_scratch() builds one per-thread workspace.
+template <typename Cost, typename MakeScratch, typename Work>
+void run_tasks(int64_t num_tasks, Cost cost, MakeScratch make_scratch, Work work) {
+  if (num_tasks <= 0) return;
+  std::vector<int64_t> order(num_tasks);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::vector<int64_t> costs(num_tasks);
+  for (int64_t t = 0; t < num_tasks; ++t) costs[t] = cost(t);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return costs[a] > costs[b]; });
+
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      auto scratch = make_scratch();
+      for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) work(order[i], scratch);
+    }
+  });
+}
+
+}  // namespace attnops::cpu

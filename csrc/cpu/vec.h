@@ -1,0 +1,123 @@
+// Portable SIMD vectors (GCC/Clang vector extensions) and a vectorised exp2.
+//
+// Why not at::vec: its width is fixed per translation unit by CPU_CAPABILITY macros, and mixing
+// capabilities inside one .so risks ODR clashes of inline torch functions. Vector extensions
+// follow the compiler target instead: 8 floats with AVX (setup.py builds x86-64-v3), 4 with
+// SSE/NEON. On the Zen 4 dev machine AVX-512 has the same FMA throughput as AVX2, so 8 lanes
+// lose nothing there (measured: 4x16 micro-kernel 95 GFLOP/s with AVX2, 94 with AVX-512).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace attnops::cpu {
+
+#if defined(__AVX__)
+inline constexpr int kVectorBytes = 32;
+#else
+inline constexpr int kVectorBytes = 16;
+#endif
+
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(kVectorBytes)));
+  typedef int32_t itype __attribute__((vector_size(kVectorBytes)));
+  static constexpr int size = kVectorBytes / sizeof(float);
+};
+
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(kVectorBytes)));
+  typedef int64_t itype __attribute__((vector_size(kVectorBytes)));
+  static constexpr int size = kVectorBytes / sizeof(double);
+};
+
+template <typename T>
+using vec_t = typename Vec<T>::type;
+
+// memcpy compiles to one unaligned vector load/store.
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+inline vec_t<T> vsplat(T x) {
+  return vec_t<T>{} + x;
+}
+
+// NaN-propagating maximum: a NaN score must reach the softmax (NaN in, NaN out) instead of being
+// skipped by a comparison, which would turn a NaN row into an "empty" row of zeros.
+template <typename T>
+inline vec_t<T> vmax_nan(vec_t<T> a, vec_t<T> b) {
+  return (a > b) | (a != a) ? a : b;
+}
+
+template <typename T>
+inline T hmax(vec_t<T> v) {
+  T r = v[0];
+  for (int i = 1; i < Vec<T>::size; ++i) r = (v[i] > r || v[i] != v[i]) && r == r ? v[i] : r;
+  return r;
+}
+
+template <typename T>
+inline T hsum(vec_t<T> v) {
+  T r = v[0];
+  for (int i = 1; i < Vec<T>::size; ++i) r += v[i];
+  return r;
+}
+
+// 2^x for a vector of floats. Range reduction x = n + f with n = round(x), |f| <= 1/2, then a
+// degree-6 polynomial for 2^f (Cephes exp2f coefficients, relative error ~2e-7) and n added to
+// the exponent bits. Inputs below -126 give exactly 0 (so masked -inf entries contribute exact
+// zeros), inputs above 127 give +inf, NaN stays NaN.
+inline vec_t<float> exp2(vec_t<float> x) {
+  using V = vec_t<float>;
+  using I = Vec<float>::itype;
+  const V lo = vsplat(-126.0f), hi = vsplat(127.0f);
+  V xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
+  const V magic = vsplat(12582912.0f);
+  V t = xc + magic;
+  V f = xc - (t - magic);
+  V p = vsplat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  I n = (I)t - (I)magic;
+  V r = (V)((I)p + (n << 23));
+  r = x < lo ? vsplat(0.0f) : r;
+  r = x > hi ? vsplat(std::numeric_limits<float>::infinity()) : r;
+  return x == x ? r : x;
+}
+
+// The float64 path is the exact one (gradcheck, reference-grade CPU runs): libm per lane.
+inline vec_t<double> exp2(vec_t<double> x) {
+  for (int i = 0; i < Vec<double>::size; ++i) x[i] = std::exp2(x[i]);
+  return x;
+}
+
+inline float exp2_scalar(float x) {
+  vec_t<float> v = exp2(vsplat(x));
+  return v[0];
+}
+
+inline double exp2_scalar(double x) { return std::exp2(x); }
+
+}  // namespace attnops::cpu

@@ -1,0 +1,53 @@
+// Every attnops operator schema, in one place. Kernels register implementations per device with
+// TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda); fake (meta) implementations and autograd are
+// registered in Python (attnops/kernels/cpu.py), and backward passes are operators of their own.
+#include <torch/extension.h>
+
+#include <atomic>
+
+#include "ops.h"
+
+namespace attnops {
+
+namespace {
+std::atomic<bool> g_poison_outputs{false};
+std::atomic<int> g_backward_mode{0};
+}  // namespace
+
+bool poison_outputs() { return g_poison_outputs.load(std::memory_order_relaxed); }
+int backward_mode() { return g_backward_mode.load(std::memory_order_relaxed); }
+
+}  // namespace attnops
+
+TORCH_LIBRARY(attnops, m) {
+  // Block-sparse attention core (dense, causal and windowed attention are the LUT-less case).
+  // q (B, Sq, H, D), k/v (B, Sk, Hkv, D); kv_num_blocks (Bm, Hm, ceil(Sq/block_q)) and
+  // kv_indices (Bm, Hm, ceil(Sq/block_q), W) int32. Returns out (B, Sq, H, D) and
+  // lse (B, H, Sq) (float32; float64 for float64 inputs). The forward does not read the transposed
+  // LUT (q_num_blocks, q_indices); it takes it so that autograd can save it for the backward.
+  m.def(
+      "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? kv_num_blocks, Tensor? kv_indices, "
+      "Tensor? q_num_blocks, Tensor? q_indices, int block_q, int block_k, float softmax_scale, bool causal, int window_left, int window_right) "
+      "-> (Tensor, Tensor)");
+  // dlse: gradient flowing into lse when the caller used it (None otherwise).
+  m.def(
+      "block_sparse_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? q_num_blocks, Tensor? q_indices, "
+      "int block_q, int block_k, float softmax_scale, bool causal, int window_left, int window_right) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "attnops C++/CUDA kernels; the operators live in torch.ops.attnops";
+  m.def(
+      "_set_poison_outputs",
+      [](bool enable) { return attnops::g_poison_outputs.exchange(enable); },
+      "Fill kernel outputs with NaN at allocation (test aid); returns the previous setting.");
+  m.def(
+      "_set_backward_mode",
+      [](int mode) {
+        TORCH_CHECK(mode >= 0 && mode <= 2, "backward mode must be 0 (auto), 1 (fused) or 2 (two-pass)");
+        return attnops::g_backward_mode.exchange(mode);
+      },
+      "CPU attention backward: 0 auto, 1 fused single pass, 2 two passes (test aid); returns the previous mode.");
+}

@@ -1,0 +1,83 @@
+"""block_sparse_attention against the float64 reference for every mask constructor, odd lengths,
+GQA/MQA, per-head masks, both backward algorithms."""
+
+import pytest
+import torch
+
+import attnops
+from attnops import BlockMask
+from attnops.kernels import reference
+from helpers import DTYPE_IDS, make_qkv
+from test_attention import compare_with_reference
+
+MASKS = {
+    "full": lambda sl: BlockMask.full(sl, block_size=64),
+    "causal": lambda sl: BlockMask.causal(sl, block_size=(32, 64)),
+    "sliding_window": lambda sl: BlockMask.sliding_window(sl, 70, block_size=32),
+    "sliding_window_bidir": lambda sl: BlockMask.sliding_window(sl, 45, causal=False, block_size=(64, 16)),
+    "dilated": lambda sl: BlockMask.dilated(sl, num_blocks=3, dilation=2, block_size=32),
+    "strided": lambda sl: BlockMask.strided(sl, stride=3, block_size=(16, 32)),
+    "fixed": lambda sl: BlockMask.fixed(sl, stride=4, num_summary=1, block_size=32),
+    "sink_local": lambda sl: BlockMask.sink_local(sl, 1, 2, block_size=32),
+    "global_tokens": lambda sl: BlockMask.global_tokens(sl, global_blocks=1, num_local_blocks=1, block_size=64),
+    "random_per_head": lambda sl: BlockMask.random(sl, 0.35, seed=7, batch=2, num_heads=4, block_size=(32, 32)),
+    "random_causal": lambda sl: BlockMask.random(sl, 0.5, seed=1, num_heads=4, causal=True, block_size=(128, 32)),
+}
+# (B, Sq, Sk, H, Hkv, D)
+SHAPES = [(2, 300, 300, 4, 2, 64), (2, 200, 333, 4, 1, 40), (2, 271, 150, 4, 4, 96)]
+SHAPE_IDS = ["B{}-Sq{}-Sk{}-H{}-Hkv{}-D{}".format(*s) for s in SHAPES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_block_sparse_matches_reference(mask_name, shape, dtype, cpu_backward_mode):
+    B, Sq, Sk, H, Hkv, D = shape
+    mask = MASKS[mask_name]((Sq, Sk))
+    inputs = make_qkv(B, Sq, Sk, H, Hkv, D, dtype)
+
+    def kernel(q, k, v):
+        return attnops.block_sparse_attention(q, k, v, mask, return_lse=True)
+
+    def ref(q, k, v):
+        return reference.block_sparse_attention(q, k, v, mask, causal=mask.causal, window_size=mask.window_size,
+                                                softmax_scale=D ** -0.5)
+
+    compare_with_reference(kernel, ref, inputs, dtype, name=mask_name)
+
+
+def test_full_mask_equals_dense_attention():
+    q, k, v = make_qkv(1, 190, 190, 4, 2, 64, torch.float32)
+    for mask, causal in ((BlockMask.full(190), False), (BlockMask.causal(190), True)):
+        a = attnops.block_sparse_attention(q, k, v, mask, return_lse=True)
+        b = attnops.attention(q, k, v, causal=causal, return_lse=True)
+        torch.testing.assert_close(a.out, b.out, rtol=0, atol=2e-6)
+        torch.testing.assert_close(a.lse, b.lse, rtol=0, atol=2e-6)
+
+
+def test_empty_mask_rows_give_zeros_and_neg_inf_lse(cpu_backward_mode):
+    blocks = torch.zeros(4, 4, dtype=torch.bool)
+    blocks[1, 1] = blocks[3, 0] = True
+    mask = BlockMask.from_dense(blocks, 256, block_size=64)
+    q, k, v = make_qkv(1, 256, 256, 2, 2, 32, torch.float32, requires_grad=True)
+    out, lse = attnops.block_sparse_attention(q, k, v, mask, return_lse=True)
+    for qb in (0, 2):
+        assert torch.all(out[:, qb * 64:(qb + 1) * 64] == 0)
+        assert torch.all(torch.isneginf(lse[:, :, qb * 64:(qb + 1) * 64]))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_unlisted_blocks_are_never_read(cpu_backward_mode):
+    """NaN in the keys/values of blocks a row does not list must not reach that row: had the kernel
+    computed such a tile and masked it afterwards, 0 * NaN would still poison P V."""
+    mask = BlockMask.sliding_window(512, 64, block_size=64)  # row r lists key blocks r-1 and r
+    q, k, v = make_qkv(1, 512, 512, 2, 2, 32, torch.float32)
+    k[:, 0:64] = float("nan")  # key block 0: listed only by query blocks 0 and 1
+    v[:, 0:64] = float("nan")
+    q.requires_grad_(True)
+    out = attnops.block_sparse_attention(q, k, v, mask)
+    assert torch.isnan(out[:, :128]).all()
+    assert torch.isfinite(out[:, 128:]).all()
+    out[:, 128:].sum().backward()
+    assert torch.isfinite(q.grad[:, 128:]).all()
