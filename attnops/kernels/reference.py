@@ -29,8 +29,10 @@ def token_mask(
     causal: bool = False,
     window_size: Tuple[int, int] = (-1, -1),
     device=None,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``(B, H, Sq, Sk)`` bool (B, H possibly 1): which (query, key) pairs may attend.
+    """``(B, H, R, Sk)`` bool (B, H possibly 1): which (query, key) pairs may attend, for the query
+    rows ``rows`` (default: all ``Sq``).
 
     Causal and window predicates are aligned to the bottom-right corner: query ``i`` sits at key
     position ``i + Sk - Sq`` and sees keys in ``[pos - left, pos + right]`` (``causal``: right = 0;
@@ -39,19 +41,21 @@ def token_mask(
     left, right = window_size
     if causal:
         right = 0
-    pos = torch.arange(seq_len_q, device=device).unsqueeze(1) + (seq_len_k - seq_len_q)
+    if rows is None:
+        rows = torch.arange(seq_len_q, device=device)
+    rows = rows.to(device)
+    pos = rows.unsqueeze(1) + (seq_len_k - seq_len_q)
     key = torch.arange(seq_len_k, device=device).unsqueeze(0)
-    allowed = torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=device)
+    allowed = torch.ones(rows.numel(), seq_len_k, dtype=torch.bool, device=device)
     if left >= 0:
         allowed &= key >= pos - left
     if right >= 0:
         allowed &= key <= pos + right
-    allowed = allowed.view(1, 1, seq_len_q, seq_len_k)
+    allowed = allowed.view(1, 1, rows.numel(), seq_len_k)
     if block_mask is not None:
         bq, bk = block_mask.block_size
-        blocks = block_mask.to_dense().to(device)
-        expanded = blocks.repeat_interleave(bq, dim=2)[:, :, :seq_len_q].repeat_interleave(bk, dim=3)[..., :seq_len_k]
-        allowed = allowed & expanded
+        blocks = block_mask.to_dense().to(device)[:, :, rows // bq]  # (B, H, R, Nk)
+        allowed = allowed & blocks.repeat_interleave(bk, dim=3)[..., :seq_len_k]
     return allowed
 
 
@@ -68,13 +72,33 @@ def block_sparse_attention(
     """Exact softmax attention restricted to ``block_mask`` (None: all blocks) and the token
     predicates. q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``,
     lse ``(B, H, Sq)``. Rows with nothing to attend to give 0 and lse = -inf."""
+    return block_sparse_attention_rows(q, k, v, block_mask, None, causal=causal, window_size=window_size,
+                                       softmax_scale=softmax_scale)
+
+
+def block_sparse_attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: Optional[BlockMask],
+    rows: Optional[torch.Tensor],
+    *,
+    causal: bool,
+    window_size: Tuple[int, int],
+    softmax_scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_sparse_attention` for the query rows ``rows`` only (their true positions kept):
+    out ``(B, R, H, D)``, lse ``(B, H, R)``. Lets the benchmark harness check long sequences
+    without a full Sq x Sk matrix."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
+    if rows is not None:
+        q = q[:, rows.to(q.device)]
     kk = k.repeat_interleave(group, dim=2)  # query head h reads kv head h // group
     vv = v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) * softmax_scale  # (B, H, Sq, Sk)
-    allowed = token_mask(Sq, Sk, block_mask, causal, window_size, device=q.device)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) * softmax_scale  # (B, H, R, Sk)
+    allowed = token_mask(Sq, Sk, block_mask, causal, window_size, device=q.device, rows=rows)
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq); -inf for empty rows
     # Empty rows hold only -inf scores, so subtracting 0 there gives exact zeros without the

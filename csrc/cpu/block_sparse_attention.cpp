@@ -105,17 +105,20 @@ inline void zero_row(T* s, int64_t n) {
 
 template <typename T>
 struct FwdScratch {
-  std::vector<T> q, s, acc, m, l;
+  std::vector<T> q, s, acc, m, l, alpha;
   std::vector<RowSpan> spans;
   FwdScratch(int64_t D, int64_t Dp)
-      : q(kTileQ * D), s(kTileQ * kTileK), acc(kTileQ * Dp), m(kTileQ), l(kTileQ), spans(kTileQ) {}
+      : q(kTileQ * D), s(kTileQ * kTileK), acc(kTileQ * Dp), m(kTileQ), l(kTileQ), alpha(kTileQ), spans(kTileQ) {}
 };
 
-// One online-softmax step on a tile row: rescales the running state and turns s into P.
+// One online-softmax step on a tile row: updates the running max m and sum l, turns s into P and
+// returns in alpha the factor by which the row's output accumulator must be rescaled (the P V
+// GEMM applies it as it loads the accumulator).
 template <typename T>
-inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T* acc, int64_t Dp) {
+inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T& alpha) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
+  alpha = T(1);
   if (span.empty()) {
     zero_row(s, n);
     return;
@@ -131,7 +134,7 @@ inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T* acc, int64
     zero_row(s, n);
     return;
   }
-  const T alpha = exp2_scalar(m - m_new);
+  alpha = exp2_scalar(m - m_new);
   const V mv = vsplat(m_new);
   V sum{};
   for (int64_t j = 0; j < n; j += W) {
@@ -140,9 +143,6 @@ inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T* acc, int64
     sum += p;
   }
   l = l * alpha + hsum<T>(sum);
-  if (alpha != T(1)) {
-    for (int64_t d = 0; d < Dp; d += W) vstore(acc + d, vload(acc + d) * alpha);
-  }
   m = m_new;
 }
 
@@ -157,8 +157,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
   // Per (b, kv head): K^T (D x Sk_pad) and V (Sk x Dp) as GEMM panels (cpu/gemm.h).
   auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor kt_buf = at::zeros({p.B * p.Hkv, Sk_pad * p.D}, opts);
+  at::Tensor kt_buf = at::empty({p.B * p.Hkv, Sk_pad * p.D}, opts);
   at::Tensor v_buf = at::empty({p.B * p.Hkv, p.Dp * p.Sk}, opts);
+  zero_padding_panels<NR>(kt_buf.data_ptr<T>(), p.B * p.Hkv, p.Sk, p.D);
   T* kt = kt_buf.data_ptr<T>();
   T* vb = v_buf.data_ptr<T>();
   const S* qp = q.data_ptr<S>();
@@ -224,9 +225,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 if (!any) continue;
                 gemm<T>(rows, n, p.D, ws.q.data(), p.D, ktile + t0 * p.D, p.D * NR, ws.s.data(), kTileK, false);
                 for (int64_t r = 0; r < rows; ++r)
-                  softmax_row(ws.s.data() + r * kTileK, n, ws.spans[r], ws.m[r], ws.l[r], ws.acc.data() + r * p.Dp, p.Dp);
+                  softmax_row(ws.s.data() + r * kTileK, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
                 gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR, ws.acc.data(), p.Dp,
-                        true);
+                        true, ws.alpha.data());
               }
             });
 
@@ -393,16 +394,20 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
     ops.storage.push_back(zeroed ? at::zeros({n}, opts) : at::empty({n}, opts));
     return ops.storage.back().template data_ptr<T>();
   };
-  ops.qt = buffer(p.B * p.H * ops.Sq_pad * p.D, true);
-  ops.dot = buffer(p.B * p.H * ops.Sq_pad * p.D, true);
+  ops.qt = buffer(p.B * p.H * ops.Sq_pad * p.D, false);
+  ops.dot = buffer(p.B * p.H * ops.Sq_pad * p.D, false);
+  zero_padding_panels<NR>(ops.qt, p.B * p.H, p.Sq, p.D);
+  zero_padding_panels<NR>(ops.dot, p.B * p.H, p.Sq, p.D);
   ops.dor = buffer(p.B * p.H * p.Dp * p.Sq, false);
   ops.qs = buffer(p.B * p.H * p.Dp * p.Sq, false);
   ops.lse2 = buffer(p.B * p.H * ops.Sq_pad, false);
   ops.delta = buffer(p.B * p.H * ops.Sq_pad, true);
   std::fill(ops.lse2, ops.lse2 + p.B * p.H * ops.Sq_pad, inf);  // padding: P = exp2(s - inf) = 0
   if (!fused) {
-    ops.kt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, true);
-    ops.vt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, true);
+    ops.kt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, false);
+    ops.vt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, false);
+    zero_padding_panels<NR>(ops.kt, p.B * p.Hkv, p.Sk, p.D);
+    zero_padding_panels<NR>(ops.vt, p.B * p.Hkv, p.Sk, p.D);
     ops.kr = buffer(p.B * p.Hkv * p.Dp * p.Sk, false);
   }
 

@@ -60,6 +60,19 @@ inline void pack_transposed_panels(const S* src, int64_t stride, int64_t r0, int
   }
 }
 
+// Zeroes the padding columns of the last panel of `count` transposed-panel buffers of `rows` columns
+// (the only part pack_transposed_panels leaves unwritten), instead of zeroing whole buffers.
+template <int NR, typename T>
+inline void zero_padding_panels(T* dst, int64_t count, int64_t rows, int64_t D) {
+  if (rows % NR == 0) return;
+  const int64_t rows_pad = (rows + NR - 1) / NR * NR;
+  for (int64_t i = 0; i < count; ++i) {
+    T* panel = dst + i * rows_pad * D + (rows / NR) * D * NR;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = rows % NR; r < NR; ++r) panel[d * NR + r] = T(0);
+  }
+}
+
 // B = src (rows x Dp) in GEMM panel layout, strip = rows * NR: element (r, d) at
 // dst[(d / NR) * rows * NR + r * NR + d % NR], columns D..Dp zero. For V, K, dO, (scale Q) as the
 // right-hand side of P V, dS K, P^T dO, dS^T Q.

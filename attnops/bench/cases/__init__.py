@@ -1,0 +1,3 @@
+"""One module per op family; importing it registers the family's case builders."""
+
+from attnops.bench.cases import attention  # noqa: F401

@@ -1,0 +1,159 @@
+"""Benchmark cases of the block-sparse core: ``attention`` (family "dense": full, causal, window)
+and ``block_sparse_attention`` (family "sparse": any BlockMask constructor).
+
+Parameters (suite ``params`` or case keys):
+  attention:              causal (bool), window ([left, right], default [-1, -1])
+  block_sparse_attention: mask (a BlockMask constructor name), mask_args (dict), block_size (int)
+The baseline of a sparse case is *dense* non-causal FlashAttention / SDPA of the same shape: the
+speedup then reads against the density of the mask (the target of the core issue is >= 0.8 / d).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+import attnops
+from attnops import BlockMask
+from attnops.bench import baselines
+from attnops.bench.registry import DTYPES, CaseSpec, Prepared, Provider, register_op
+from attnops.kernels import reference
+
+# Float64 reference rows are computed in chunks of at most this many scores.
+_REF_CHUNK_SCORES = 1 << 23
+
+
+def qkv_inputs(spec: CaseSpec):
+    s, dtype = spec.shape, DTYPES[spec.dtype]
+    needs_grad = spec.mode == "fwd+bwd"
+
+    def make():
+        q = torch.randn(s["B"], s["Sq"], s["H"], s["D"], dtype=dtype, device=spec.device)
+        k = torch.randn(s["B"], s["Sk"], s["Hkv"], s["D"], dtype=dtype, device=spec.device)
+        v = torch.randn(s["B"], s["Sk"], s["Hkv"], s["D"], dtype=dtype, device=spec.device)
+        return tuple(t.requires_grad_(needs_grad) for t in (q, k, v))
+
+    return make
+
+
+def reference_rows(mask: Optional[BlockMask], causal: bool, window: Tuple[int, int], scale: float):
+    """fn(inputs, rows, dtype) -> reference output rows (B, R, H, D), in row chunks."""
+
+    def ref(inputs, rows, dtype):
+        q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
+        m = None if mask is None else mask.to("cpu")
+        B, _, H, _ = q.shape
+        chunk = max(1, _REF_CHUNK_SCORES // max(1, B * H * k.shape[1]))
+        outs = [reference.block_sparse_attention_rows(q, k, v, m, rows[i:i + chunk], causal=causal,
+                                                      window_size=window, softmax_scale=scale)[0]
+                for i in range(0, rows.numel(), chunk)]
+        return torch.cat(outs, dim=1)
+
+    return ref
+
+
+def _pairs_dense(Sq: int, Sk: int, causal: bool, window: Tuple[int, int]) -> float:
+    """Exact number of (query, key) pairs the predicates keep."""
+    left, right = window
+    if causal:
+        right = 0
+    pos = torch.arange(Sq, dtype=torch.float64) + (Sk - Sq)
+    lo = torch.zeros(Sq, dtype=torch.float64) if left < 0 else (pos - left).clamp(0, Sk)
+    hi = torch.full((Sq,), float(Sk), dtype=torch.float64) if right < 0 else (pos + right + 1).clamp(0, Sk)
+    return float((hi - lo).clamp(min=0).sum())
+
+
+def _pairs_blocks(mask: BlockMask) -> float:
+    """(query, key) pairs inside the listed blocks (what the kernel computes), summed over B and H."""
+    (sq, sk), (bq, bk) = mask.seq_lengths, mask.block_size
+    nq, nk = mask.num_blocks
+    rows = torch.clamp(sq - torch.arange(nq) * bq, max=bq).double()
+    cols = torch.clamp(sk - torch.arange(nk) * bk, max=bk).double()
+    return float((mask.to_dense().cpu().double() * rows[:, None] * cols[None, :]).sum())
+
+
+def _flops(spec: CaseSpec, pairs_per_head: float) -> Tuple[float, float]:
+    s = spec.shape
+    factor = 3.5 if spec.mode == "fwd+bwd" else 1.0  # bwd = 2.5 x fwd (flash_attn's convention)
+    per_pair = 4.0 * s["D"] * factor
+    return per_pair * s["B"] * s["H"] * s["Sq"] * s["Sk"], per_pair * pairs_per_head
+
+
+def _providers(spec: CaseSpec, op_run, mask, causal, window, baseline_causal, same_function):
+    needs_grad = spec.mode == "fwd+bwd"
+    wrap = baselines.with_backward if needs_grad else (lambda p: p)
+    op = wrap(Provider(name="attnops", run=op_run, grad_inputs=lambda st: st))
+    notes = []
+    baseline, note = baselines.flash_attn_provider(baseline_causal, (-1, -1), spec.device, needs_grad)
+    if baseline is None:
+        notes.append(note)
+        baseline, _ = baselines.sdpa_provider(baseline_causal, spec.device, needs_grad, same_function)
+    else:
+        baseline.same_function = same_function
+    extras = []
+    if spec.params.get("extras", True):
+        for factory in (
+            lambda: baselines.flex_provider(mask, causal, window, spec.shape, spec.device, needs_grad),
+            lambda: baselines.xformers_provider(causal, spec.device, needs_grad, spec.shape),
+        ):
+            p, note = factory()
+            if p is None:
+                notes.append(note)
+            else:
+                extras.append(wrap(p))
+    return op, wrap(baseline), extras, notes
+
+
+def build_attention(spec: CaseSpec) -> Prepared:
+    s = spec.shape
+    causal = bool(spec.params.get("causal", False))
+    window = tuple(spec.params.get("window", (-1, -1)))
+    scale = s["D"] ** -0.5
+    op_run = lambda st: attnops.attention(*st, causal=causal, window_size=window)  # noqa: E731
+    # SDPA/FA have no window here; a windowed case still compares with dense attention of the
+    # same causality. SDPA aligns causal top-left, so Sq != Sk is a different function there.
+    same = window == (-1, -1) and (not causal or s["Sq"] == s["Sk"])
+    op, base, extras, notes = _providers(spec, op_run, None, causal, window, causal, same)
+    dense, actual = _flops(spec, _pairs_dense(s["Sq"], s["Sk"], causal, window) * s["B"] * s["H"])
+    return Prepared(
+        make_inputs=qkv_inputs(spec), op=op, baseline=base, extras=extras,
+        reference=reference_rows(None, causal, window, scale),
+        select_rows=lambda out, rows: out[:, rows.to(out.device)],
+        num_rows=s["Sq"], flops_dense=dense, flops_actual=actual, notes=notes,
+    )
+
+
+def build_mask(spec: CaseSpec) -> BlockMask:
+    s = spec.shape
+    name = spec.params.get("mask", "causal")
+    args = dict(spec.params.get("mask_args", {}))
+    block = spec.params.get("block_size", 64)
+    ctor = getattr(BlockMask, name, None)
+    if ctor is None or name.startswith("_") or name in ("to", "from_dense", "to_dense"):
+        raise ValueError(f"unknown BlockMask constructor {name!r}")
+    if name == "random":
+        args.setdefault("num_heads", s["H"])
+        args.setdefault("batch", s["B"])
+    return ctor((s["Sq"], s["Sk"]), **args, block_size=block, device=spec.device)
+
+
+def build_block_sparse(spec: CaseSpec) -> Prepared:
+    s = spec.shape
+    mask = build_mask(spec)
+    if spec.mode == "fwd+bwd":
+        mask.q_num_blocks  # the transpose is part of building a mask, not of each call
+    scale = s["D"] ** -0.5
+    op_run = lambda st: attnops.block_sparse_attention(*st, mask)  # noqa: E731
+    op, base, extras, notes = _providers(spec, op_run, mask, mask.causal, mask.window_size, False, False)
+    dense, actual = _flops(spec, _pairs_blocks(mask) * (s["B"] // mask.shape[0]) * (s["H"] // mask.shape[1]))
+    return Prepared(
+        make_inputs=qkv_inputs(spec), op=op, baseline=base, extras=extras,
+        reference=reference_rows(mask, mask.causal, mask.window_size, scale),
+        select_rows=lambda out, rows: out[:, rows.to(out.device)],
+        num_rows=s["Sq"], flops_dense=dense, flops_actual=actual, density=mask.density, notes=notes,
+    )
+
+
+register_op("attention", "dense", build_attention, "exact attention: full, causal, sliding window; GQA/MQA")
+register_op("block_sparse_attention", "sparse", build_block_sparse, "exact attention on a BlockMask")

@@ -1,0 +1,131 @@
+"""The benchmark harness itself: registry, an end-to-end tiny suite, the accuracy gate, the CLI."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import attnops
+from attnops.bench import registry
+from attnops.bench.__main__ import main
+from attnops.bench.cases import attention as attention_cases
+from attnops.bench.registry import OPS, CaseSpec, Provider, expand_cases, load_suite
+from attnops.bench.runner import run_case
+
+PUBLIC_OPS = ["attention", "block_sparse_attention", "linear_attention", "moba_attention", "decode_attention",
+              "lowrank_key_attention"]
+
+TINY_SUITE = """
+description = "tiny end-to-end suite (tests)"
+device = "cpu"
+threads = 1
+repeats = 2
+warmup = 0
+
+[[cases]]
+op = "attention"
+B = 1
+H = 2
+Hkv = 1
+N = [64, 128]
+D = 32
+causal = [false, true]
+mode = ["fwd", "fwd+bwd"]
+extras = false
+
+[[cases]]
+op = "block_sparse_attention"
+B = 1
+H = 2
+N = 128
+D = 32
+params = { mask = "sliding_window", mask_args = { window = 40 }, block_size = 32 }
+"""
+
+
+def test_registry_lists_every_family_present():
+    registry.families()
+    for name in PUBLIC_OPS:
+        if hasattr(attnops, name):
+            assert name in OPS, f"attnops.{name} has no benchmark cases registered"
+    assert {"dense", "sparse"} <= set(registry.families())
+
+
+def test_every_shipped_suite_expands():
+    for name in registry.available_suites():
+        suite = load_suite(name)
+        cases = expand_cases(suite, device="cpu")
+        assert cases, f"suite {name} expands to no case"
+        assert all(c.op in OPS for c in cases)
+
+
+def test_tiny_suite_end_to_end(tmp_path):
+    suite = tmp_path / "tiny.toml"
+    suite.write_text(TINY_SUITE)
+    out = tmp_path / "out"
+    assert main(["--suite", str(suite), "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["environment"]["threads"] == 1 and data["environment"]["torch"] == torch.__version__
+    assert data["environment"]["git_commit"]
+    rows = data["results"]
+    assert len(rows) == 9 and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert r["ms"] > 0 and r["baseline"] == "sdpa" and r["speedup"] > 0
+        assert r["err_max"] <= r["tolerance"]
+        assert r["peak_mem_mb"] is not None
+    sparse = [r for r in rows if r["op"] == "block_sparse_attention"]
+    assert sparse[0]["density"] is not None and sparse[0]["flex_ms"] > 0
+    with open(out / "results.csv") as f:
+        lines = [line for line in f if not line.startswith("#")]
+    table = list(csv.DictReader(lines))
+    assert len(table) == 9 and {"case", "ms", "speedup", "err_max"} <= set(table[0])
+    for png in ("time_vs_seqlen.png", "speedup_vs_density.png"):
+        content = (out / png).read_bytes()
+        assert content[:8] == b"\x89PNG\r\n\x1a\n" and len(content) > 1000
+
+
+def test_accuracy_gate_marks_a_wrong_op_failed(monkeypatch):
+    def build_wrong(spec):
+        prepared = attention_cases.build_attention(spec)
+        good = prepared.op.run
+        prepared.op = Provider(name="attnops", run=lambda st: good(st) * 1.001)
+        return prepared
+
+    monkeypatch.setitem(OPS, "wrong_attention", registry.OpBench(family="dense", build=build_wrong))
+    spec = CaseSpec(op="wrong_attention", device="cpu", dtype="float32", mode="fwd",
+                    shape=dict(B=1, H=2, Hkv=2, Sq=64, Sk=64, D=32), params={"extras": False})
+    result = run_case(spec, threads=1, repeats=2)
+    assert result.status == "FAILED" and "accuracy" in result.message
+    assert result.speedup is None and result.timings == {} and result.tflops() is None
+    ok = run_case(CaseSpec(op="attention", device="cpu", dtype="float32", mode="fwd", shape=spec.shape,
+                           params={"extras": False}), threads=1, repeats=2)
+    assert ok.status == "ok" and ok.speedup is not None
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--suite", "no_such_suite"], "unknown suite"),
+        (["--suite", "quick", "--device", "cuda"], "CUDA is not available"),
+        (["--suite", "quick", "--device", "tpu"], "--device"),
+        (["--suite", "quick", "--seqlens", "1024,abc"], "integers"),
+        (["--suite", "quick", "--seqlens", "0"], "positive"),
+        (["--suite", "quick", "--ops", "nonexistent"], "unknown"),
+        (["--suite", "quick", "--dtype", "int8"], "invalid choice"),
+        (["--suite", "quick", "--threads", "-1"], "positive"),
+    ],
+)
+def test_cli_rejects_bad_arguments(argv, words, capsys):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_cli_list(capsys):
+    assert main(["--suite", "quick", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "attention" in out and "suite quick" in out
