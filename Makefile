@@ -36,12 +36,14 @@ $(EXT_STAMP): $(INSTALL_STAMP) $(EXT_SOURCES)
 build: $(EXT_STAMP)
 
 # pytest exits 5 when it collects no tests (e.g. a -k filter that matches nothing): not a failure.
+# -n auto: the Triton interpreter tests are single-threaded Python; one torch thread per worker.
 test: build
-	$(PY) -m pytest tests $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest tests -n auto $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: build
 	$(PY) -m attnops.bench --suite quick --device cpu $(BENCH_ARGS)
 
+# On a CUDA machine: the correctness suite on CUDA tensors (the triton-cuda cases), then the GPU suite.
 bench-gpu: build
 	$(PY) -m pytest tests -k cuda $(PYTEST_ARGS)
 	$(PY) -m attnops.bench --suite gpu --device cuda $(BENCH_ARGS)

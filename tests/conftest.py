@@ -1,19 +1,32 @@
 """Suite-wide test conventions (see DESIGN.md):
 
+- every kernel test runs per implementation (the `impl` fixture): the C++ kernels in both backward
+  algorithms, and the Triton kernels, on CUDA tensors when a GPU is present, else on CPU tensors
+  under TRITON_INTERPRET=1 (set here, before attnops is imported, on machines without a GPU);
 - every test is seeded;
 - every output a kernel allocates is poisoned with NaN first, so an element it forgets to write
   fails the comparison with the reference: C++ kernels through attnops._C's debug switch, Python
   launchers (Triton) by NaN-filling torch.empty* calls made from attnops code (as fla does);
-- the CPU attention backward runs in both of its algorithms (fused / two-pass) where a test asks
-  for the `cpu_backward_mode` fixture.
+- `impl` runs the C++ backward in both of its algorithms (fused / two-pass).
 """
 
+import os
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
 
-from attnops.kernels import cpu as cpu_backend
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # two workers on two cores: no oversubscription
+
+from attnops import dispatch  # noqa: E402
+from attnops.kernels import cpu as cpu_backend  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON = dispatch.is_available("triton")
 
 
 @pytest.fixture(autouse=True)
@@ -54,11 +67,40 @@ def _poison_outputs():
     cpu_backend.set_poison_outputs(previous)
 
 
-@pytest.fixture(params=["fused", "two_pass"])
-def cpu_backward_mode(request):
-    """Runs a test once per CPU attention backward algorithm."""
+class Impl(NamedTuple):
+    backend: str
+    device: str
+    cpu_backward: int = 0  # C++ backward algorithm: 1 fused, 2 two-pass (0: the size-based choice)
+
+    @property
+    def interpreted(self) -> bool:
+        return self.backend == "triton" and self.device == "cpu"
+
+
+_NO_TRITON = f"triton backend unavailable: {dispatch.backend_module('triton').UNAVAILABLE_REASON}" if not TRITON else ""
+_TRITON_IMPLS = [
+    pytest.param(Impl("triton", "cpu"), id="triton-interpret",
+                 marks=pytest.mark.skipif(not (TRITON and INTERPRET),
+                                          reason=_NO_TRITON or "a GPU is present: the kernels run compiled (triton-cuda)")),
+    pytest.param(Impl("triton", "cuda"), id="triton-cuda",
+                 marks=pytest.mark.skipif(not (TRITON and torch.cuda.is_available() and not INTERPRET),
+                                          reason="no CUDA device: the kernels run under the interpreter (triton-interpret)")),
+]
+
+
+@pytest.fixture(params=[pytest.param(Impl("cpu", "cpu", 1), id="cpu-fused"),
+                        pytest.param(Impl("cpu", "cpu", 2), id="cpu-two_pass"), *_TRITON_IMPLS])
+def impl(request):
+    """A kernel implementation to test, forward and backward: the C++ kernels with each backward
+    algorithm, the Triton kernels."""
     from attnops import _C
 
-    previous = _C._set_backward_mode({"fused": 1, "two_pass": 2}[request.param])
+    previous = _C._set_backward_mode(request.param.cpu_backward)
     yield request.param
     _C._set_backward_mode(previous)
+
+
+@pytest.fixture(params=[pytest.param(Impl("cpu", "cpu"), id="cpu"), *_TRITON_IMPLS])
+def fwd_impl(request):
+    """One entry per backend (for tests where the CPU backward algorithm does not matter)."""
+    return request.param

@@ -52,5 +52,5 @@ def run_with_grads(fn, inputs, dout):
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     res = fn(*inputs)
     out, lse = res
-    grads = torch.autograd.grad(out, inputs, dout.to(out.dtype))
+    grads = torch.autograd.grad(out, inputs, dout.to(out.device, out.dtype))
     return out.detach(), lse.detach(), grads

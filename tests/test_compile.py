@@ -1,6 +1,8 @@
 """Operator registration: opcheck, gradcheck in float64, meta tensors, torch.compile without graph
 breaks."""
 
+import functools
+
 import pytest
 import torch
 
@@ -16,22 +18,29 @@ def _fwd_args(q, k, v, mask=None, causal=False, window=(-1, -1)):
     return (q, k, v, *lut, bq, bk, q.shape[-1] ** -0.5, causal, window[0], window[1])
 
 
+OPS = {"cpu": ("block_sparse_attn_fwd", "block_sparse_attn_bwd"),
+       "triton": ("block_sparse_attn_fwd_triton", "block_sparse_attn_bwd_triton")}
+
+
 @pytest.mark.parametrize("masked", [False, True])
-def test_opcheck(masked, cpu_backward_mode):
-    q, k, v = make_qkv(2, 70, 90, 4, 2, 32, torch.float32, requires_grad=True)
-    mask = BlockMask.sliding_window((70, 90), 40, block_size=32) if masked else None
+def test_opcheck(masked, impl):
+    fwd, bwd = (getattr(torch.ops.attnops, name) for name in OPS[impl.backend])
+    q, k, v = make_qkv(2, 70, 90, 4, 2, 32, torch.float32, requires_grad=True, device=impl.device)
+    mask = BlockMask.sliding_window((70, 90), 40, block_size=32).to(impl.device) if masked else None
     causal = mask.causal if masked else True
     window = mask.window_size if masked else (-1, -1)
     args = _fwd_args(q, k, v, mask, causal, window)
-    torch.library.opcheck(torch.ops.attnops.block_sparse_attn_fwd, args)
-    out, lse = torch.ops.attnops.block_sparse_attn_fwd(*args)
+    torch.library.opcheck(fwd, args)
+    out, lse = fwd(*args)
     dout = torch.randn_like(out)
     bwd_args = (dout, None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), *args[3:])
-    torch.library.opcheck(torch.ops.attnops.block_sparse_attn_bwd, bwd_args)
+    torch.library.opcheck(bwd, bwd_args)
 
 
 @pytest.mark.parametrize("case", ["dense", "causal_gqa", "window", "sparse"])
-def test_gradcheck_float64(case, cpu_backward_mode):
+def test_gradcheck_float64(case, impl):
+    if impl.backend != "cpu":
+        pytest.skip("float64 runs on the C++ kernels only (triton rejects it with a clear error)")
     q, k, v = make_qkv(1, 21, 37, 4, 2, 8, torch.float64, requires_grad=True)
     mask = BlockMask.strided((21, 37), 2, block_size=16)
 
@@ -58,21 +67,22 @@ def test_meta_tensors():
     assert lse.shape == (2, 8, 100) and lse.dtype == torch.float32
 
 
-def _model_fn(q, k, v, mask):
-    a = attnops.attention(q, k, v, causal=True)
-    b = attnops.block_sparse_attention(q, k, v, mask)
+def _model_fn(q, k, v, mask, backend=None):
+    a = attnops.attention(q, k, v, causal=True, backend=backend)
+    b = attnops.block_sparse_attention(q, k, v, mask, backend=backend)
     return (a * b).sum(-1)
 
 
-def test_torch_compile_fullgraph_matches_eager(cpu_backward_mode):
-    q, k, v = make_qkv(2, 130, 130, 4, 2, 32, torch.float32, requires_grad=True)
-    mask = BlockMask.sliding_window(130, 50, block_size=32)
+def test_torch_compile_fullgraph_matches_eager(impl):
+    q, k, v = make_qkv(2, 130, 130, 4, 2, 32, torch.float32, requires_grad=True, device=impl.device)
+    mask = BlockMask.sliding_window(130, 50, block_size=32).to(impl.device)
     mask.q_num_blocks  # transposes built outside the graph (a mask is usually built once, reused)
-    explanation = torch._dynamo.explain(_model_fn)(q, k, v, mask)
+    fn = functools.partial(_model_fn, backend=impl.backend)
+    explanation = torch._dynamo.explain(fn)(q, k, v, mask)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(_model_fn, fullgraph=True)
+    compiled = torch.compile(fn, fullgraph=True)
     y = compiled(q, k, v, mask)
-    y_eager = _model_fn(q, k, v, mask)
+    y_eager = fn(q, k, v, mask)
     torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
     g = torch.autograd.grad(y.sum(), (q, k, v))
     g_eager = torch.autograd.grad(y_eager.sum(), (q, k, v))

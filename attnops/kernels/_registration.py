@@ -1,0 +1,83 @@
+"""torch.library glue shared by the backends of the block-sparse core (C++ and Triton): fake (meta)
+implementations, the autograd formula (the backward is an operator of its own), and the backend
+function the dispatcher calls. Both backends' operators take the same arguments:
+
+    fwd(q, k, v, kv_num_blocks?, kv_indices?, q_num_blocks?, q_indices?, block_q, block_k,
+        softmax_scale, causal, window_left, window_right) -> (out, lse)
+    bwd(dout, dlse?, q, k, v, out, lse, <the LUT and scalars above>) -> (dq, dk, dv)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from attnops.masks import BlockMask
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block_sparse_fwd_fake(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
+                          softmax_scale, causal, window_left, window_right):
+    B, Sq, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=lse_dtype(q.dtype))
+
+
+def block_sparse_bwd_fake(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+                          block_q, block_k, softmax_scale, causal, window_left, window_right):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def register_block_sparse_autograd(fwd_name: str, bwd_op: Callable, bwd_name: str) -> None:
+    """Autograd of ``fwd_name`` through ``bwd_op``; ``bwd_name`` refuses double backward."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices = inputs[:7]
+        ctx.params = inputs[7:]  # block_q, block_k, softmax_scale, causal, window_left, window_right
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices)
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices = ctx.saved_tensors
+        if kv_num_blocks is not None and q_num_blocks is None:
+            raise RuntimeError("attnops: the forward ran without the transposed block LUT; cannot differentiate")
+        dq, dk, dv = bwd_op(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+                            *ctx.params)
+        return (dq, dk, dv) + (None,) * 10
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+    def no_double_backward(ctx, *grads):
+        raise NotImplementedError("attnops: double backward through attention is not supported")
+
+    torch.library.register_autograd(bwd_name, no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def block_sparse_backend(fwd_op: Callable) -> Callable:
+    """The dispatcher-facing function of a backend whose forward operator is ``fwd_op``."""
+
+    def block_sparse_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_mask: Optional[BlockMask],
+        *,
+        causal: bool,
+        window_size: Tuple[int, int],
+        softmax_scale: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if block_mask is None:
+            lut = (None, None, None, None)
+            block_q = block_k = 0
+        else:
+            needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            transposed = (block_mask.q_num_blocks, block_mask.q_indices) if needs_grad else (None, None)
+            lut = (block_mask.kv_num_blocks, block_mask.kv_indices, *transposed)
+            block_q, block_k = block_mask.block_size
+        return fwd_op(q, k, v, *lut, block_q, block_k, float(softmax_scale), bool(causal), window_size[0],
+                      window_size[1])
+
+    return block_sparse_attention

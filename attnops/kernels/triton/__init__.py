@@ -1,0 +1,32 @@
+"""The Triton backend: GPU kernels, one file per kernel family, proven on CPU tensors under
+``TRITON_INTERPRET=1`` (that is how CI tests them).
+
+Importing this package imports triton; ``AVAILABLE`` says whether it can run here (a CUDA device,
+or the interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR = None
+except ImportError as e:  # triton is an optional dependency (`pip install attnops[triton]`)
+    _IMPORT_ERROR = e
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if _IMPORT_ERROR is not None:
+    AVAILABLE = False
+    UNAVAILABLE_REASON = f"triton is not importable ({_IMPORT_ERROR})"
+elif not (torch.cuda.is_available() or INTERPRET):
+    AVAILABLE = False
+    UNAVAILABLE_REASON = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+else:
+    AVAILABLE = True
+    UNAVAILABLE_REASON = ""
+    from attnops.kernels.triton.block_sparse_attention import block_sparse_attention  # noqa: F401
