@@ -5,9 +5,11 @@ flash core, with C++ (CPU), Triton and CUDA kernels behind one dispatcher.
 """
 
 from attnops import dispatch
+from attnops.kv_cache import KVCache
 from attnops.masks import BlockMask
-from attnops.ops import AttentionOutput, attention, block_sparse_attention
+from attnops.ops import AttentionOutput, attention, block_sparse_attention, decode_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionOutput", "BlockMask", "attention", "block_sparse_attention", "dispatch"]
+__all__ = ["AttentionOutput", "BlockMask", "KVCache", "attention", "block_sparse_attention", "decode_attention",
+           "dispatch"]

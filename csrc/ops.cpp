@@ -35,6 +35,13 @@ TORCH_LIBRARY(attnops, m) {
       "Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? q_num_blocks, Tensor? q_indices, "
       "int block_q, int block_k, float softmax_scale, bool causal, int window_left, int window_right) "
       "-> (Tensor, Tensor, Tensor)");
+  // Split-KV decoding: q (B, Sq_new, H, D) against caches (B, S_max, Hkv, D) holding
+  // cache_seqlens (B,) valid keys each; causal within the new tokens, aligned to each sequence's
+  // end; window_left (-1: none); block_keep: optional uint8 (Bm, Hm, Nq, Nk) kept key blocks;
+  // num_splits 0 = automatic. Forward only. Returns out (B, Sq_new, H, D), lse (B, H, Sq_new).
+  m.def(
+      "decode_attn_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_keep, "
+      "int block_q, int block_k, float softmax_scale, int window_left, int num_splits) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -18,4 +18,15 @@ inline at::Tensor maybe_poison(at::Tensor t) {
   return t;
 }
 
+// Shape checks of decode_attn_fwd shared by its CPU and CUDA implementations (the Python op has
+// already given the user-facing error; these guard direct calls of the registered op).
+inline void check_decode_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cache_seqlens) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k_cache, v_cache must be 4-d");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3),
+              "decode: q/cache shapes do not fit");
+  TORCH_CHECK(q.size(2) % k.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == q.size(0), "cache_seqlens must be (B,)");
+}
+
 }  // namespace attnops

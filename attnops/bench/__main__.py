@@ -92,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from attnops.bench.report import environment, render_table, write_results
-    from attnops.bench.runner import run_case
+    from attnops.bench.runner import attach_copy_bandwidth, run_case
 
     import shutil
 
@@ -108,7 +108,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for spec in cases:
             progress.update(task, case=spec.label)
             results.append(run_case(spec, threads=threads, repeats=repeats, warmup=warmup))
+            write_results(results, env, out_dir, plots=False)
             progress.advance(task)
+    copy = attach_copy_bandwidth(results, threads)
+    if copy:
+        env["copy_bandwidth_gbps"] = round(copy, 2)
     render_table(results, env, console)
     paths = write_results(results, env, out_dir)
     console.print(f"{len(results)} cases in {time.time() - start:.0f} s; files:")

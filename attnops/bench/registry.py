@@ -200,6 +200,8 @@ def _spec(op: str, row: dict, params: dict, device: Optional[str], dtype: Option
         row.setdefault("Sq", n)
         row.setdefault("Sk", n)
     row.setdefault("Hkv", row.get("H"))
+    if op == "decode_attention":  # new tokens default to one decoding step
+        row.setdefault("Sq", 1)
     missing = [k for k in SHAPE_KEYS if k not in row]
     if missing:
         raise ValueError(f"case for {op} lacks {missing} (give N or Sq/Sk, and B, H, D)")

@@ -75,7 +75,9 @@ def _device_name(device: str) -> str:
 
 # ---- files -----------------------------------------------------------------------------------------
 
-def write_results(results: List[CaseResult], env: dict, out_dir: Path) -> Dict[str, Path]:
+def write_results(results: List[CaseResult], env: dict, out_dir: Path, plots: bool = True) -> Dict[str, Path]:
+    """results.json and results.csv (and the plots unless ``plots=False``: the runner rewrites the
+    tables after every case, so a run cut short still leaves what it measured)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r.row() for r in results]
     paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv"}
@@ -90,7 +92,8 @@ def write_results(results: List[CaseResult], env: dict, out_dir: Path) -> Dict[s
         w.writeheader()
         for row in rows:
             w.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()})
-    paths.update(write_plots(results, env, out_dir))
+    if plots:
+        paths.update(write_plots(results, env, out_dir))
     return paths
 
 
@@ -187,7 +190,7 @@ def render_table(results: List[CaseResult], env: dict, console=None):
                         f"torch {env['torch']}, {env['threads']} threads", show_lines=False)
     extras = sorted({e for r in results for e in r.extras})
     for col in ["case", "status", "ms", "baseline", "base ms", "speedup", *[f"{e} ms" for e in extras],
-                "TF/s eq/act", "GB/s", "MiB", "max err", "err/base"]:
+                "TF/s eq/act", "GB/s (% copy)", "MiB", "max err", "err/base"]:
         table.add_column(col, justify="left" if col in ("case", "status", "baseline") else "right")
     for r in results:
         acc = r.accuracy
@@ -201,7 +204,7 @@ def render_table(results: List[CaseResult], env: dict, console=None):
             f"[bold]{r.speedup:.2f}x[/]" if r.speedup else "—",
             *[_fmt(r.ms(e)) if ok else "—" for e in extras],
             f"{_fmt(r.tflops('dense'), '.2f')}/{_fmt(r.tflops('actual'), '.2f')}" if ok else "—",
-            _fmt(r.gbps, ".1f"),
+            (f"{r.gbps:.1f} ({100 * r.bandwidth_fraction:.0f}%)" if r.bandwidth_fraction else _fmt(r.gbps, ".1f")),
             _fmt(r.memory_mb.get(OP), ".1f"),
             _fmt(acc.err_max if acc else None, ".1e"),
             _fmt(acc.ratio_to(r.baseline) if acc and r.baseline else None, ".2f"),

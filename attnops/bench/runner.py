@@ -56,6 +56,12 @@ class CaseResult:
         ms = self.ms(OP) if self.status == "ok" else None
         return self.bytes_moved / (ms * 1e-3) / 1e9 if ms and self.bytes_moved else None
 
+    copy_gbps: Optional[float] = None  # the run's copy bandwidth (set by run_cases for memory-bound cases)
+
+    @property
+    def bandwidth_fraction(self) -> Optional[float]:
+        return self.gbps / self.copy_gbps if self.gbps and self.copy_gbps else None
+
     def row(self) -> dict:
         s = self.spec
         acc = self.accuracy
@@ -66,7 +72,8 @@ class CaseResult:
             "ms_p80": _q(self.timings.get(OP), 0.8), "baseline": self.baseline,
             "baseline_ms": self.ms(self.baseline) if self.baseline else None, "speedup": self.speedup,
             "tflops_dense_equiv": self.tflops("dense"), "tflops_actual": self.tflops("actual"),
-            "gbps": self.gbps, "density": self.density,
+            "gbps": self.gbps, "copy_gbps": self.copy_gbps, "bandwidth_fraction": self.bandwidth_fraction,
+            "density": self.density,
             "peak_mem_mb": self.memory_mb.get(OP),
             "baseline_peak_mem_mb": self.memory_mb.get(self.baseline) if self.baseline else None,
             "err_max": acc.err_max if acc else None, "err_rel": acc.err_rel if acc else None,
@@ -100,7 +107,11 @@ def run_case(spec: CaseSpec, threads: int = 2, repeats: int = 7, warmup: int = 1
     result.flops_dense, result.flops_actual = prepared.flops_dense, prepared.flops_actual
     result.density, result.bytes_moved = prepared.density, prepared.bytes_moved
     result.notes = list(prepared.notes)
-    inputs = [prepared.make_inputs() for _ in range(buffers)]
+    inputs = [prepared.make_inputs()]
+    # Rotating buffers defeat caches; inputs far larger than any cache need no rotation (and three
+    # copies of a 4 GB KV cache would not fit).
+    if _nbytes(inputs[0]) < (256 << 20):
+        inputs += [prepared.make_inputs() for _ in range(buffers - 1)]
 
     providers: List[Provider] = [prepared.op] + ([prepared.baseline] if prepared.baseline else []) + prepared.extras
     states: Dict[str, list] = {}
@@ -140,6 +151,19 @@ def run_case(spec: CaseSpec, threads: int = 2, repeats: int = 7, warmup: int = 1
     return result
 
 
+def _nbytes(inputs) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
+
+
+def copy_bandwidth_gbps(device: str, mbytes: int = 512, repeats: int = 7) -> float:
+    """The memory bandwidth of a large tensor copy (read + write bytes per second, STREAM's
+    convention), the yardstick of memory-bound cases; median of repeats."""
+    x = torch.empty(mbytes << 18, dtype=torch.float32, device=device).normal_()
+    y = torch.empty_like(x)
+    timing = time_interleaved({"copy": lambda: y.copy_(x)}, device, torch.get_num_threads(), repeats, warmup=1)
+    return 2 * x.numel() * 4 / (timing["copy"].median * 1e-3) / 1e9
+
+
 def _failed(result: CaseResult, status: str, message: str) -> CaseResult:
     result.status, result.message = status, message
     return result
@@ -154,3 +178,15 @@ def run_cases(cases: List[CaseSpec], threads: int, repeats: int, warmup: int,
         if on_result:
             on_result(r)
     return results
+
+
+def attach_copy_bandwidth(results: List[CaseResult], threads: int) -> Optional[float]:
+    """Measures the copy bandwidth once per device that has memory-bound cases and attaches it."""
+    by_device = {}
+    for r in results:
+        if r.bytes_moved and r.status == "ok":
+            if r.spec.device not in by_device:
+                torch.set_num_threads(threads)
+                by_device[r.spec.device] = copy_bandwidth_gbps(r.spec.device)
+            r.copy_gbps = by_device[r.spec.device]
+    return next(iter(by_device.values()), None)

@@ -81,3 +81,41 @@ def block_sparse_backend(fwd_op: Callable) -> Callable:
                       window_size[1])
 
     return block_sparse_attention
+
+
+# ---- decode ---------------------------------------------------------------------------------------
+
+def decode_fwd_fake(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, softmax_scale, window_left,
+                    num_splits):
+    B, Sq, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=lse_dtype(q.dtype))
+
+
+def register_forward_only(op_name: str, public_name: str) -> None:
+    """Backward through a forward-only operator is a clear error, not silently wrong."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"attnops.{public_name} is forward-only (inference); "
+                                  "train with attnops.attention / block_sparse_attention")
+
+    torch.library.register_autograd(op_name, backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def block_keep(block_mask: Optional[BlockMask]) -> Tuple[Optional[torch.Tensor], int, int]:
+    """Decode kernels read a mask as a dense uint8 (B, H, Nq, Nk) bitmap of kept key blocks: with one
+    or two query blocks it is small, and a per-tile bitmap lookup beats a LUT search."""
+    if block_mask is None:
+        return None, 0, 0
+    return block_mask.to_dense().to(torch.uint8), *block_mask.block_size
+
+
+def decode_backend(fwd_op: Callable) -> Callable:
+    """The dispatcher-facing decode function of a backend whose operator is ``fwd_op``."""
+
+    def decode_attention(q, k_cache, v_cache, cache_seqlens, block_mask, *, window_size, softmax_scale,
+                         num_splits=0):
+        keep, block_q, block_k = block_keep(block_mask)
+        return fwd_op(q, k_cache, v_cache, cache_seqlens, keep, block_q, block_k, float(softmax_scale),
+                      window_size[0], int(num_splits))
+
+    return decode_attention

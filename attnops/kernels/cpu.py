@@ -33,3 +33,7 @@ if AVAILABLE:
     _reg.register_block_sparse_autograd("attnops::block_sparse_attn_fwd", torch.ops.attnops.block_sparse_attn_bwd,
                                         "attnops::block_sparse_attn_bwd")
     block_sparse_attention = _reg.block_sparse_backend(torch.ops.attnops.block_sparse_attn_fwd)
+
+    torch.library.register_fake("attnops::decode_attn_fwd")(_reg.decode_fwd_fake)
+    _reg.register_forward_only("attnops::decode_attn_fwd", "decode_attention")
+    decode_attention = _reg.decode_backend(torch.ops.attnops.decode_attn_fwd)

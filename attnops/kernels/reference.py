@@ -90,15 +90,21 @@ def block_sparse_attention_rows(
     """:func:`block_sparse_attention` for the query rows ``rows`` only (their true positions kept):
     out ``(B, R, H, D)``, lse ``(B, H, R)``. Lets the benchmark harness check long sequences
     without a full Sq x Sk matrix."""
-    B, Sq, H, D = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
-    group = H // Hkv
+    Sq, Sk = q.shape[1], k.shape[1]
     if rows is not None:
         q = q[:, rows.to(q.device)]
+    allowed = token_mask(Sq, Sk, block_mask, causal, window_size, device=q.device, rows=rows)
+    return masked_attention(q, k, v, allowed, softmax_scale)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                     softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention where ``allowed (B|1, H|1, Sq, Sk)`` says which pairs may attend; GQA by
+    contiguous head groups. Rows with nothing allowed give 0 and lse = -inf."""
+    group = q.shape[2] // k.shape[2]
     kk = k.repeat_interleave(group, dim=2)  # query head h reads kv head h // group
     vv = v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) * softmax_scale  # (B, H, R, Sk)
-    allowed = token_mask(Sq, Sk, block_mask, causal, window_size, device=q.device, rows=rows)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) * softmax_scale  # (B, H, Sq, Sk)
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq); -inf for empty rows
     # Empty rows hold only -inf scores, so subtracting 0 there gives exact zeros without the
@@ -106,3 +112,41 @@ def block_sparse_attention_rows(
     probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vv)
     return out, lse.to(_lse_dtype(q.dtype))
+
+
+def decode_token_mask(cache_seqlens: torch.Tensor, num_new: int, max_len: int, block_mask: Optional[BlockMask],
+                      window_size: Tuple[int, int], device=None) -> torch.Tensor:
+    """``(B, H|1, Sq_new, S_max)`` bool for decoding: new query i of sequence b sits at position
+    ``seqlen_b - Sq_new + i`` and sees the cache keys ``[pos - left, pos]`` below ``seqlen_b``."""
+    left = window_size[0]
+    lens = cache_seqlens.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)
+    i = torch.arange(num_new, device=device).view(1, 1, -1, 1)
+    j = torch.arange(max_len, device=device).view(1, 1, 1, -1)
+    pos = lens - num_new + i
+    allowed = (j < lens) & (j <= pos)
+    if left >= 0:
+        allowed &= j >= pos - left
+    if block_mask is not None:
+        bq, bk = block_mask.block_size
+        blocks = block_mask.to_dense().to(device)  # (B|1, H|1, Nq, Nk)
+        allowed = allowed & blocks.repeat_interleave(bq, dim=2)[:, :, :num_new].repeat_interleave(bk, dim=3)[
+            ..., :max_len]
+    return allowed
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_mask: Optional[BlockMask],
+    *,
+    window_size: Tuple[int, int],
+    softmax_scale: float,
+    num_splits: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q (B, Sq_new, H, D)`` against the first ``cache_seqlens[b]`` keys of
+    ``k_cache, v_cache (B, S_max, Hkv, D)``, causal within the new tokens (see
+    :func:`decode_token_mask`). ``num_splits`` is a kernel knob the reference ignores."""
+    allowed = decode_token_mask(cache_seqlens, q.shape[1], k_cache.shape[1], block_mask, window_size, q.device)
+    return masked_attention(q, k_cache, v_cache, allowed, softmax_scale)

@@ -2,5 +2,6 @@
 
 from attnops.ops._result import AttentionOutput
 from attnops.ops.attention import attention, block_sparse_attention
+from attnops.ops.decode import decode_attention
 
-__all__ = ["AttentionOutput", "attention", "block_sparse_attention"]
+__all__ = ["AttentionOutput", "attention", "block_sparse_attention", "decode_attention"]

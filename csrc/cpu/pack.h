@@ -8,8 +8,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/vec.h"
 
@@ -25,6 +30,28 @@ struct compute_type<double> {
 };
 template <typename S>
 using compute_t = typename compute_type<S>::type;
+
+// Vec<T>::size consecutive elements of src as a vector of the compute type: bfloat16 widens with a
+// shift, float16 with F16C where the target has it, anything else lane by lane.
+template <typename T, typename S>
+inline vec_t<T> load_vec(const S* src) {
+  if constexpr (std::is_same_v<S, T>) {
+    return vload(src);
+  } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
+    typedef uint16_t raw_t __attribute__((vector_size(kVectorBytes / 2)));
+    raw_t raw;
+    std::memcpy(&raw, src, sizeof(raw));
+    return (vec_t<float>)(__builtin_convertvector(raw, Vec<float>::itype) << 16);
+#if defined(__F16C__) && defined(__AVX__)
+  } else if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<T, float>) {
+    return (vec_t<float>)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+#endif
+  } else {
+    vec_t<T> v;
+    for (int i = 0; i < Vec<T>::size; ++i) v[i] = static_cast<T>(src[i]);
+    return v;
+  }
+}
 
 // dst[0:n] = src[0:n] * scale, zero-filled up to dst[padded).
 template <typename S, typename T>
@@ -84,7 +111,7 @@ inline void pack_row_panels(const S* src, int64_t stride, int64_t r0, int64_t r1
     const S* row = src + r * stride;
     for (int64_t s = 0; s < full; ++s) {
       T* out = dst + s * rows * NR + r * NR;
-      for (int64_t i = 0; i < NR; ++i) out[i] = static_cast<T>(row[s * NR + i]) * scale;
+      for (int64_t i = 0; i < NR; i += Vec<T>::size) vstore(out + i, load_vec<T>(row + s * NR + i) * scale);
     }
     if (full * NR < Dp) {
       T* out = dst + full * rows * NR + r * NR;

@@ -72,11 +72,27 @@ inline T hmax(vec_t<T> v) {
   return r;
 }
 
+// Horizontal sum by a shuffle tree (log2(W) shuffle + add pairs instead of W - 1 dependent
+// scalar adds: the row-dot decode path does one per key and query row).
 template <typename T>
 inline T hsum(vec_t<T> v) {
-  T r = v[0];
-  for (int i = 1; i < Vec<T>::size; ++i) r += v[i];
-  return r;
+  using I = typename Vec<T>::itype;
+  if constexpr (Vec<T>::size == 8) {
+    v += __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3});
+    v += __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5});
+    v += __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6});
+    return v[0];
+  } else if constexpr (Vec<T>::size == 4) {
+    v += __builtin_shuffle(v, I{2, 3, 0, 1});
+    v += __builtin_shuffle(v, I{1, 0, 3, 2});
+    return v[0];
+  } else if constexpr (Vec<T>::size == 2) {
+    return v[0] + v[1];
+  } else {
+    T r = v[0];
+    for (int i = 1; i < Vec<T>::size; ++i) r += v[i];
+    return r;
+  }
 }
 
 // 2^x for a vector of floats, x <= 127 (softmax feeds s - max <= 0). Range reduction x = n + f with

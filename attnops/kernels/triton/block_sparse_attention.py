@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from attnops.kernels import _registration as _reg
-from attnops.kernels.triton import INTERPRET
+from attnops.kernels.triton import AUTOTUNE, INTERPRET
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -382,10 +382,15 @@ _INTERPRET_BLOCK = 64
 
 
 def _launch(tuned, plain, grid_of, args, meta):
-    """Autotuned on a GPU; one fixed config under the interpreter."""
+    """Autotuned on a GPU; one fixed config under the interpreter or with autotuning off."""
     if INTERPRET:
         bm, bn = _fit(_INTERPRET_BLOCK, _INTERPRET_BLOCK, meta)
         plain[grid_of({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+    elif not AUTOTUNE:
+        config = _prune(tuned.configs[:1], {}, **meta)[0]
+        bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        plain[grid_of(config.kwargs)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=config.num_warps,
+                                      num_stages=config.num_stages)
     else:
         tuned[grid_of](*args, **meta)
 
@@ -398,10 +403,15 @@ def _strides3(t: torch.Tensor) -> List[int]:
     return [t.stride(0), t.stride(1), t.stride(2)]
 
 
+_DUMMY_LUT: dict = {}
+
+
 def _lut_args(counts: Optional[torch.Tensor], indices: Optional[torch.Tensor], device) -> Tuple:
     """Pointers and strides of a compressed-row LUT; broadcast (size-1) B/H dims get stride 0."""
     if counts is None:
-        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        dummy = _DUMMY_LUT.get(device)
+        if dummy is None:  # one per device: an allocation + fill per call is host time on small calls
+            dummy = _DUMMY_LUT[device] = torch.zeros(1, dtype=torch.int32, device=device)
         return dummy, dummy, [0, 0, 0, 0, 0]
     strides = [counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if counts.shape[1] > 1 else 0,
                indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1) if indices.shape[1] > 1 else 0,

@@ -1,0 +1,70 @@
+"""Benchmark cases of KV-cache decoding: ``decode_attention`` (family "mqa").
+
+Shape keys: B, H, Hkv, D, Sk (cache length; every sequence full), Sq (new tokens, default 1).
+Baseline: ``flash_attn.flash_attn_with_kvcache`` on a GPU when importable, else torch SDPA on the
+same cache (pre-transposed to SDPA's (B, H, S, D) layout outside the timed region). The harness
+reports the K/V bytes read per second and, for memory-bound cases, the fraction of the copy
+bandwidth it measures in the same run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import attnops
+from attnops import dispatch
+from attnops.bench import baselines
+from attnops.bench.registry import DTYPES, CaseSpec, Prepared, Provider, register_op
+from attnops.kernels import reference
+
+
+def build_decode(spec: CaseSpec) -> Prepared:
+    s, dtype = spec.shape, DTYPES[spec.dtype]
+    B, Sq, H, Hkv, S, D = s["B"], s["Sq"], s["H"], s["Hkv"], s["Sk"], s["D"]
+    splits = int(spec.params.get("num_splits", 0))
+
+    def make():
+        q = torch.randn(B, Sq, H, D, dtype=dtype, device=spec.device)
+        k = torch.randn(B, S, Hkv, D, dtype=dtype, device=spec.device)
+        v = torch.randn(B, S, Hkv, D, dtype=dtype, device=spec.device)
+        return q, k, v, torch.full((B,), S, dtype=torch.int32, device=spec.device)
+
+    op = Provider(name="attnops", run=lambda st: attnops.decode_attention(*st, num_splits=splits))
+    notes = []
+    baseline = None
+    if spec.device.startswith("cuda"):
+        try:
+            from flash_attn import flash_attn_with_kvcache
+
+            baseline = Provider(name="flash_attn", run=lambda st: flash_attn_with_kvcache(
+                st[0], st[1], st[2], cache_seqlens=st[3], causal=True))
+        except ImportError:
+            notes.append("flash_attn not importable")
+    if baseline is None:
+        sdpa, _ = baselines.sdpa_provider(False, spec.device, False, same_function=Sq == 1)
+        baseline = Provider(name=sdpa.name, run=sdpa.run, prepare=lambda st: sdpa.prepare(st[:3]),
+                            output=sdpa.output, same_function=Sq == 1)
+
+    def ref(inputs, rows, dtype_):
+        # one sequence at a time: a float64 copy of a B=8, 128K-token MHA cache would be ~70 GB
+        q, k, v, lens = inputs
+        outs = []
+        for b in range(B):
+            cast = [t[b:b + 1].detach().cpu().to(dtype_) for t in (q, k, v)]
+            outs.append(reference.decode_attention(*cast, lens[b:b + 1].cpu(), None, window_size=(-1, -1),
+                                                   softmax_scale=D ** -0.5)[0][:, rows])
+        return torch.cat(outs)
+
+    kv_bytes = 2.0 * B * S * Hkv * D * torch.tensor([], dtype=dtype).element_size()
+    flops = 4.0 * B * H * Sq * S * D
+    extras = []
+    if spec.device.startswith("cuda") and dispatch.is_available("cuda"):
+        # The GPU default is the Triton kernel; the hand-written CUDA kernel is the extra column.
+        extras.append(Provider(name="attnops-cuda", run=lambda st: attnops.decode_attention(
+            *st, num_splits=splits, backend="cuda")))
+    return Prepared(make_inputs=make, op=op, baseline=baseline, extras=extras, reference=ref,
+                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=Sq, flops_dense=flops,
+                    flops_actual=flops, bytes_moved=kv_bytes, notes=notes)
+
+
+register_op("decode_attention", "mqa", build_decode, "split-KV decoding against a KV cache (MQA/GQA)")

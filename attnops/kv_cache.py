@@ -1,0 +1,95 @@
+"""``KVCache``: preallocated key/value buffers for incremental decoding, one length per sequence."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+class KVCache:
+    """Keys and values of ``batch`` sequences, up to ``max_len`` tokens each.
+
+    ``k``, ``v``: ``(batch, max_len, num_kv_heads, head_dim)``; ``seqlens``: ``(batch,)`` int32 on the
+    cache's device (a CPU copy is kept so that appends never synchronise a GPU).
+
+    Example::
+
+        >>> cache = KVCache(batch=2, max_len=1024, num_kv_heads=1, head_dim=64)
+        >>> k, v, lens = cache.append(k_new, v_new)   # k_new, v_new: (2, T, 1, 64)
+        >>> out = attnops.decode_attention(q_new, k, v, lens)
+    """
+
+    def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None):
+        for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.batch, self.max_len, self.num_kv_heads, self.head_dim = batch, max_len, num_kv_heads, head_dim
+        self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self._lens = torch.zeros(batch, dtype=torch.int32)  # host copy
+        self.seqlens = self._lens.to(self.k.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def reset(self) -> None:
+        """Empties every sequence (the buffers are kept)."""
+        self._lens.zero_()
+        self.seqlens = self._lens.to(self.device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Appends ``T`` new tokens to every sequence, each at its own length.
+
+        Args:
+            k, v: ``(batch, T, num_kv_heads, head_dim)`` in the cache's dtype and on its device.
+
+        Returns:
+            ``(k_cache, v_cache, seqlens)``: views of the buffers up to the longest sequence and the
+            new lengths, the arguments of :func:`attnops.decode_attention`.
+
+        A bad append (wrong shape, dtype or device, or past ``max_len``) raises and leaves the cache
+        unchanged.
+        """
+        expected = (self.batch, None, self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.dim() != 4 or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+                raise ValueError(f"{name} must be (batch={self.batch}, T, num_kv_heads={self.num_kv_heads}, "
+                                 f"head_dim={self.head_dim}), got {tuple(t.shape)}")
+            if t.dtype != self.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype}, the cache holds {self.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, the cache is on {self.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+        T = k.shape[1]
+        new_lens = self._lens + T
+        if int(new_lens.max()) > self.max_len:
+            raise ValueError(f"KVCache overflow: appending {T} tokens to lengths up to {int(self._lens.max())} "
+                             f"exceeds max_len={self.max_len}")
+        if T:
+            rows = torch.arange(self.batch).unsqueeze(1)
+            cols = self._lens.long().unsqueeze(1) + torch.arange(T)  # (batch, T): each sequence's own slots
+            rows, cols = rows.to(self.device), cols.to(self.device)
+            self.k[rows, cols] = k
+            self.v[rows, cols] = v
+        self._lens = new_lens
+        self.seqlens = new_lens.to(self.device)
+        longest = int(new_lens.max())
+        return self.k[:, :longest], self.v[:, :longest], self.seqlens
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch={self.batch}, max_len={self.max_len}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device}, "
+                f"seqlens={self._lens.tolist()})")

@@ -1,0 +1,95 @@
+"""Incremental decoding against a KV cache: split-KV ("flash-decoding") attention.
+
+Multi-query / grouped-query attention pays off here (Shazeer 2019): the kernels read each K/V
+element once per kv head for all the query heads of its group, so one shared K/V head cuts the
+bytes read per generated token by H.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from attnops import dispatch
+from attnops.masks import BlockMask, check_window_size
+from attnops.ops._checks import QKVShape, check_block_mask, check_qkv, resolve_softmax_scale
+from attnops.ops._result import AttentionOutput
+
+MAX_NEW_TOKENS = 64
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    block_mask: Optional[BlockMask] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    *,
+    num_splits: int = 0,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, AttentionOutput]:
+    r"""Attention of a few new queries against a KV cache (forward only).
+
+    Args:
+        q: ``(B, Sq_new, H, D)``, ``1 <= Sq_new <= 64`` new tokens per sequence.
+        k_cache, v_cache: ``(B, S_max, Hkv, D)``, ``H % Hkv == 0``; the new tokens' keys/values are
+            already in the cache (``attnops.KVCache.append``).
+        cache_seqlens: ``(B,)`` integer, valid cache length of each sequence, new tokens included,
+            in ``[0, S_max]`` (ragged batches allowed).
+        softmax_scale: defaults to ``D ** -0.5``.
+        block_mask: optional ``BlockMask`` over the ``(Sq_new, S_max)`` plane: key blocks of the cache
+            each head may read (routed and low-rank decoding); batch/head dims 1 or B/H.
+        window_size: ``(left, right)``; decoding is causal, so ``right`` must be -1 or 0.
+        return_lse: also return lse ``(B, H, Sq_new)``.
+        num_splits: how many chunks the cache length is split into, processed in parallel and
+            merged by lse; 0 chooses from the problem size and the device.
+        backend: as in :func:`attnops.attention`.
+
+    Causality: new query ``i`` of sequence ``b`` sits at position ``cache_seqlens[b] - Sq_new + i``
+    and sees the keys at positions ``<= pos`` (and ``>= pos - left`` with a window). A query that
+    sees nothing (``cache_seqlens[b] == 0``) gets zeros and ``lse = -inf``.
+
+    Example::
+
+        >>> cache = attnops.KVCache(batch=1, max_len=4096, num_kv_heads=1, head_dim=64)
+        >>> k_view, v_view, lens = cache.append(k_new, v_new)      # (1, 1, 1, 64) each
+        >>> out = attnops.decode_attention(q_new, k_view, v_view, lens)   # q_new (1, 1, 8, 64)
+    """
+    shape = check_qkv(q, k_cache, v_cache)
+    if not 1 <= shape.seq_len_q <= MAX_NEW_TOKENS:
+        raise ValueError(f"decode_attention takes 1..{MAX_NEW_TOKENS} new tokens, got {shape.seq_len_q}; "
+                         "use attnops.attention for prefill")
+    _check_seqlens(cache_seqlens, shape, q.device)
+    left, right = check_window_size(window_size)
+    if right > 0:
+        raise ValueError(f"decode_attention is causal: window_size right must be -1 or 0, got {right}")
+    if block_mask is not None:
+        check_block_mask(block_mask, shape, q.device)
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    impl = dispatch.resolve("decode_attention", q.device, backend)
+    out, lse = impl(q, k_cache, v_cache, cache_seqlens, block_mask, window_size=(left, 0), softmax_scale=scale,
+                    num_splits=num_splits)
+    return AttentionOutput(out, lse) if return_lse else out
+
+
+def _check_seqlens(cache_seqlens, shape: QKVShape, device: torch.device) -> None:
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a tensor, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype.is_floating_point or cache_seqlens.dtype.is_complex or cache_seqlens.dtype == torch.bool:
+        raise TypeError(f"cache_seqlens must be an integer tensor, got {cache_seqlens.dtype}")
+    if cache_seqlens.shape != (shape.batch,):
+        raise ValueError(f"cache_seqlens must have shape ({shape.batch},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+    # Reading the values would synchronise a GPU stream on every step: they are checked on the CPU
+    # (and meta) only; the CUDA/Triton kernels clamp them to [0, S_max].
+    if device.type == "cpu" and cache_seqlens.numel():
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi > shape.seq_len_k:
+            raise ValueError(f"cache_seqlens must lie in [0, S_max={shape.seq_len_k}], got [{lo}, {hi}]")

@@ -1,0 +1,70 @@
+// Online softmax over score tiles, shared by the attention, decode and block-map kernels.
+//
+// A tile row holds scores in base 2 (softmax_scale * log2(e) folded into Q) for the columns
+// [t0, t0 + n) of one query; only [v0, v1) of them are valid (predicates and masks), the rest is
+// set to -inf here so that exp2 gives exact zeros.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/vec.h"
+
+namespace attnops::cpu {
+
+// Valid columns of one tile row, relative to the tile start t0: [v0, v1).
+struct RowSpan {
+  int64_t v0, v1;
+  bool empty() const { return v0 >= v1; }
+};
+
+// Masks a score row outside [v0, v1) to -inf over the tile's padded width n.
+template <typename T>
+inline void mask_row(T* s, RowSpan span, int64_t n) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < std::min(span.v0, n); ++j) s[j] = ninf;
+  for (int64_t j = std::max<int64_t>(span.v1, 0); j < n; ++j) s[j] = ninf;
+}
+
+template <typename T>
+inline void zero_row(T* s, int64_t n) {
+  std::fill(s, s + n, T(0));
+}
+
+// One online-softmax step on a tile row: updates the running max m and sum l, turns s into P and
+// returns in alpha the factor by which the row's output accumulator must be rescaled (the P V
+// GEMM applies it as it loads the accumulator).
+template <typename T>
+inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T& alpha) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  alpha = T(1);
+  if (span.empty()) {
+    zero_row(s, n);
+    return;
+  }
+  mask_row(s, span, n);
+  V mx = vsplat<T>(-std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < n; j += W) {
+    mx = vmax_nan<T>(vload(s + j), mx);
+  }
+  const T m_tile = hmax<T>(mx);
+  const T m_new = m_tile != m_tile ? m_tile : std::max(m, m_tile);
+  if (m_new == -std::numeric_limits<T>::infinity()) {  // only reachable with -inf scores
+    zero_row(s, n);
+    return;
+  }
+  alpha = exp2_scalar(m - m_new);
+  const V mv = vsplat(m_new);
+  V sum{};
+  for (int64_t j = 0; j < n; j += W) {
+    const V p = exp2(vload(s + j) - mv);
+    vstore(s + j, p);
+    sum += p;
+  }
+  l = l * alpha + hsum<T>(sum);
+  m = m_new;
+}
+
+}  // namespace attnops::cpu
