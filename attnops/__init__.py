@@ -8,8 +8,10 @@ from attnops import dispatch
 from attnops.kv_cache import KVCache
 from attnops.masks import BlockMask
 from attnops.ops import AttentionOutput, attention, block_sparse_attention, decode_attention
+from attnops import nn  # noqa: E402  (modules build on the ops above)
+from attnops.nn import swap, unswap  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["AttentionOutput", "BlockMask", "KVCache", "attention", "block_sparse_attention", "decode_attention",
-           "dispatch"]
+           "dispatch", "nn", "swap", "unswap"]

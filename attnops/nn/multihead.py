@@ -1,0 +1,223 @@
+"""Drop-in replacement for ``torch.nn.MultiheadAttention`` and ``swap`` / ``unswap`` of the ones
+inside a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnops.nn.specs import SPECS, AttentionSpec, Dense
+
+
+class MultiheadAttention(nn.Module):
+    """``torch.nn.MultiheadAttention`` with the attention computed by attnops.
+
+    Same constructor arguments, same parameters and ``state_dict`` keys (``in_proj_weight`` /
+    ``in_proj_bias``, or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ, and ``out_proj``), so
+    a torch module's weights load unchanged; ``attention=`` picks the family (default ``Dense()``).
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False)`` with ``query (L, B, E)`` (``(B, L, E)`` when
+    ``batch_first``, or unbatched ``(L, E)``), ``key``/``value`` ``(S, B, kdim/vdim)``; returns
+    ``(attn_output, None)``: attnops never materialises the L x S weight matrix, so the weights
+    slot is ``None`` whatever ``need_weights`` says.
+
+    Not supported, each a clear error rather than a silent difference: ``add_bias_kv``,
+    ``add_zero_attn``, attention dropout while training (``dropout > 0`` is accepted and is a no-op
+    in eval mode), a ``key_padding_mask`` that masks anything, and an ``attn_mask`` other than
+    the causal one (a causal ``attn_mask``, or ``is_causal=True``, runs the causal kernel).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None,
+                 attention: Optional[AttentionSpec] = None):
+        super().__init__()
+        if add_bias_kv or add_zero_attn:
+            raise NotImplementedError("attnops.nn.MultiheadAttention: add_bias_kv / add_zero_attn are not supported")
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must lie in [0, 1], got {dropout}")
+        attention = Dense() if attention is None else attention
+        if not isinstance(attention, SPECS):
+            raise TypeError(f"attention must be one of {[s.__name__ for s in SPECS]}, got {type(attention).__name__}")
+        kw = dict(device=device, dtype=dtype)
+        self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self.head_dim = embed_dim // num_heads
+        self.attention = attention
+        same = self.kdim == embed_dim and self.vdim == embed_dim
+        if same:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **kw))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **kw))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **kw))
+            self.register_parameter("in_proj_weight", None)
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw)) if bias else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        # nn.TransformerEncoderLayer takes a fused fast path (bypassing self_attn's forward) when this
+        # flag is set: reporting False keeps its forward going through this module.
+        self._qkv_same_embed_dim = False
+        self._same_dims = same
+        self._reset_parameters()
+
+    def _reset_parameters(self):  # torch's initialisation, so a fresh module trains the same way
+        for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            if w is not None:
+                nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def _project(self, query, key, value):
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:2 * E], b[2 * E:])
+        if self._same_dims:
+            wq, wk, wv = self.in_proj_weight[:E], self.in_proj_weight[E:2 * E], self.in_proj_weight[2 * E:]
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[torch.Tensor, None]:
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"query/key/value must all be 2-d (unbatched) or 3-d, got {query.dim()}/{key.dim()}/"
+                             f"{value.dim()}")
+        if self.training and self.dropout > 0:
+            raise NotImplementedError("attnops kernels have no attention dropout: build the module with dropout=0 "
+                                      "(or run it in eval mode)")
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        B, L, E = query.shape
+        S = key.shape[1]
+        if E != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(f"expected query/key/value widths {self.embed_dim}/{self.kdim}/{self.vdim}, got "
+                             f"{E}/{key.shape[-1]}/{value.shape[-1]}")
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != B:
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not fit query "
+                             f"{tuple(query.shape)}")
+        _check_key_padding_mask(key_padding_mask)
+        causal = is_causal or _is_causal_mask(attn_mask, L, S)
+        q, k, v = self._project(query, key, value)
+        H, D = self.num_heads, self.head_dim
+        out = self.attention.attend(q.view(B, L, H, D), k.view(B, S, H, D), v.view(B, S, H, D), causal=causal)
+        out = self.out_proj(out.reshape(B, L, E))
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+def _check_key_padding_mask(mask: Optional[torch.Tensor]) -> None:
+    if mask is None:
+        return
+    masks_something = mask.any() if mask.dtype == torch.bool else (mask != 0).any()
+    if bool(masks_something):
+        raise NotImplementedError("attnops.nn.MultiheadAttention: key_padding_mask is not supported (the kernels "
+                                  "take block masks and lengths, not per-token padding); trim or bucket sequences")
+
+
+def _is_causal_mask(mask: Optional[torch.Tensor], L: int, S: int) -> bool:
+    """True for the causal mask nn.Transformer builds (bool: True = masked; float: -inf above the
+    diagonal), False for None; any other mask is an error."""
+    if mask is None:
+        return False
+    if mask.dim() != 2 or tuple(mask.shape) != (L, S):
+        raise NotImplementedError(f"attnops.nn.MultiheadAttention: only a 2-d causal attn_mask ({L}, {S}) is "
+                                  f"supported, got shape {tuple(mask.shape)}")
+    # bottom-right aligned, as attnops' causal (identical to top-left when L == S)
+    above = torch.ones(L, S, dtype=torch.bool, device=mask.device).triu(S - L + 1)
+    blocked = mask if mask.dtype == torch.bool else torch.isinf(mask) & (mask < 0)
+    if mask.dtype != torch.bool and bool(((mask != 0) & ~blocked).any()):
+        raise NotImplementedError("attnops.nn.MultiheadAttention: additive attn_mask values other than 0 / -inf "
+                                  "are not supported")
+    if not bool((blocked == above).all()):
+        raise NotImplementedError("attnops.nn.MultiheadAttention: only the causal attn_mask is supported; express "
+                                  "other patterns as a BlockSparse spec")
+    return True
+
+
+# ---- swap / unswap ----------------------------------------------------------------------------------
+
+@dataclass
+class SwapReport:
+    """What ``swap`` / ``unswap`` replaced: the dotted names of the modules."""
+
+    swapped: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)  # rejected by ``filter``
+
+    def __len__(self) -> int:
+        return len(self.swapped)
+
+
+def _copy_weights(src: nn.Module, dst: nn.Module) -> None:
+    dst.load_state_dict(src.state_dict())
+
+
+def swap(model: nn.Module, spec: Optional[AttentionSpec] = None,
+         filter: Optional[Callable[[str, nn.Module], bool]] = None) -> SwapReport:
+    """Replace, in place, every ``torch.nn.MultiheadAttention`` in ``model`` (those inside
+    ``nn.TransformerEncoder/DecoderLayer`` included) with :class:`MultiheadAttention` carrying the
+    same weights, device and dtype, and ``attention=spec``. ``filter(name, module)`` chooses which.
+    Returns a :class:`SwapReport`; :func:`unswap` restores."""
+    report = SwapReport()
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.MultiheadAttention:
+            continue
+        if filter is not None and not filter(name, module):
+            report.skipped.append(name)
+            continue
+        p = module.out_proj.weight
+        new = MultiheadAttention(module.embed_dim, module.num_heads, dropout=module.dropout,
+                                 bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
+                                 add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
+                                 batch_first=module.batch_first, device=p.device, dtype=p.dtype, attention=spec)
+        _copy_weights(module, new)
+        new.train(module.training)
+        _set_submodule(model, name, new)
+        report.swapped.append(name)
+    return report
+
+
+def unswap(model: nn.Module) -> SwapReport:
+    """Replace every attnops :class:`MultiheadAttention` in ``model`` by a ``torch.nn.MultiheadAttention``
+    with the same weights (the inverse of :func:`swap`)."""
+    report = SwapReport()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, MultiheadAttention):
+            continue
+        p = module.out_proj.weight
+        new = nn.MultiheadAttention(module.embed_dim, module.num_heads, dropout=module.dropout,
+                                    bias=module.in_proj_bias is not None, kdim=module.kdim, vdim=module.vdim,
+                                    batch_first=module.batch_first, device=p.device, dtype=p.dtype)
+        _copy_weights(module, new)
+        new.train(module.training)
+        _set_submodule(model, name, new)
+        report.swapped.append(name)
+    return report
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("swap/unswap replace submodules; pass the model that contains the attention module")
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -1,0 +1,66 @@
+"""Attention specs: small frozen dataclasses that say which attnops family a module runs, validated
+on construction. A module turns its spec into one op call through ``spec.attend(q, k, v)``.
+
+Today: ``Dense`` and ``BlockSparse``; the routed, linear and low-rank families add theirs as they
+land (one class and its ``attend``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from attnops.masks import BlockMask
+from attnops.ops.attention import attention, block_sparse_attention
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Exact softmax attention: ``causal`` (bottom-right aligned), ``window = (left, right)`` as in
+    flash_attn (-1: unbounded)."""
+
+    causal: bool = False
+    window: Tuple[int, int] = (-1, -1)
+
+    def __post_init__(self):
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"Dense.causal must be a bool, got {self.causal!r}")
+        w = tuple(self.window)
+        if len(w) != 2 or not all(isinstance(x, int) and x >= -1 for x in w):
+            raise ValueError(f"Dense.window must be (left, right) ints >= -1, got {self.window!r}")
+        object.__setattr__(self, "window", w)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)`` -> ``(B, Sq, H, D)``; ``causal`` from the call
+        (``is_causal``) adds to the spec's."""
+        return attention(q, k, v, causal=self.causal or causal, window_size=self.window)
+
+
+@dataclass(frozen=True)
+class BlockSparse:
+    """Exact attention on a block mask: a fixed ``BlockMask``, or ``pattern(seq_len_q, seq_len_k)``
+    returning one (masks depend on the sequence lengths, so modules usually take a pattern, e.g.
+    ``lambda sq, sk: BlockMask.sliding_window(sq, window=512)``)."""
+
+    block_mask: Optional[BlockMask] = None
+    pattern: Optional[Callable[[int, int], BlockMask]] = None
+
+    def __post_init__(self):
+        if (self.block_mask is None) == (self.pattern is None):
+            raise ValueError("BlockSparse takes exactly one of block_mask= or pattern=")
+        if self.block_mask is not None and not isinstance(self.block_mask, BlockMask):
+            raise TypeError(f"BlockSparse.block_mask must be a BlockMask, got {type(self.block_mask).__name__}")
+        if self.pattern is not None and not callable(self.pattern):
+            raise TypeError("BlockSparse.pattern must be callable (seq_len_q, seq_len_k) -> BlockMask")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        if causal:
+            raise ValueError("BlockSparse: causality belongs to the block mask (e.g. BlockMask.causal or "
+                             "sliding_window(causal=True)); is_causal / a causal attn_mask cannot be added")
+        mask = self.block_mask if self.block_mask is not None else self.pattern(q.shape[1], k.shape[1])
+        return block_sparse_attention(q, k, v, mask)
+
+
+AttentionSpec = Union[Dense, BlockSparse]
+SPECS = (Dense, BlockSparse)

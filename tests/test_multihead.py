@@ -1,0 +1,153 @@
+"""attnops.nn.MultiheadAttention against torch.nn.MultiheadAttention (same weights, DESIGN.md rule,
+fwd and bwd), swap / unswap on nn.Transformer layers, specs and bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import attnops
+from attnops import BlockMask
+from attnops.nn import BlockSparse, Dense, MultiheadAttention
+from helpers import assert_accurate
+
+
+def _pair(E=48, H=4, batch_first=True, kdim=None, vdim=None, bias=True):
+    ref = nn.MultiheadAttention(E, H, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first).double()
+    ours = MultiheadAttention(E, H, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first)
+    ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})  # torch's keys, unchanged
+    return ref, ours
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("dims", [(None, None), (24, 40)], ids=["self", "kdim-vdim"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_torch_mha_fwd_bwd(batch_first, dims, causal):
+    kdim, vdim = dims
+    ref, ours = _pair(batch_first=batch_first, kdim=kdim, vdim=vdim)
+    B, L = 3, 37
+    S = L if causal else 53
+    shape = (lambda n, e: (B, n, e)) if batch_first else (lambda n, e: (n, B, e))
+    x = torch.randn(shape(L, 48), dtype=torch.float64)
+    kv = x if causal or kdim is None else None
+    key = kv if kv is not None else torch.randn(shape(S, kdim or 48), dtype=torch.float64)
+    val = kv if kv is not None else torch.randn(shape(S, vdim or 48), dtype=torch.float64)
+    if causal and kdim is not None:
+        key, val = torch.randn(shape(S, kdim), dtype=torch.float64), torch.randn(shape(S, vdim), dtype=torch.float64)
+    mask = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64) if causal else None
+
+    inputs64 = [t.clone().requires_grad_() for t in (x, key, val)]
+    out64, _ = ref(*inputs64, attn_mask=mask, need_weights=False)
+    inputs32 = [t.float().clone().requires_grad_() for t in (x, key, val)]
+    out32, w = ours(*inputs32, attn_mask=None if mask is None else mask.float(), is_causal=causal)
+    assert w is None
+    # the yardstick: torch's module in float32 on the same weights
+    ref32 = copy.deepcopy(ref).float()
+    inputs_lp = [t.float().clone().requires_grad_() for t in (x, key, val)]
+    outr, _ = ref32(*inputs_lp, attn_mask=None if mask is None else mask.float(), need_weights=False)
+    assert_accurate("out", out32.detach(), out64.detach(), outr.detach())
+
+    g = torch.randn_like(out64)
+    for o, grad in ((out64, g), (out32, g.float()), (outr, g.float())):
+        o.backward(grad)
+    for i, name in enumerate(("d_query", "d_key", "d_value")):
+        if inputs64[i].grad is not None:
+            assert_accurate(name, inputs32[i].grad, inputs64[i].grad, inputs_lp[i].grad)
+    for (n, p32), (_, p64), (_, plp) in zip(ours.named_parameters(), ref.named_parameters(),
+                                            ref32.named_parameters()):
+        assert_accurate(f"d_{n}", p32.grad, p64.grad, plp.grad)
+
+
+def test_unbatched_input():
+    ref, ours = _pair(batch_first=False)
+    x = torch.randn(21, 48, dtype=torch.float64)
+    out, _ = ours(x.float(), x.float(), x.float())
+    expect, _ = ref(x, x, x, need_weights=False)
+    assert out.shape == (21, 48)
+    assert torch.allclose(out.double(), expect, atol=1e-4)
+
+
+def _encoder(batch_first=True):
+    layer = nn.TransformerEncoderLayer(48, 4, dim_feedforward=64, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_swap_transformer_encoder_and_unswap(train):
+    model = _encoder().train(train)
+    x = torch.randn(2, 33, 48)
+    mask = nn.Transformer.generate_square_subsequent_mask(33)
+    with torch.no_grad():
+        expect = model(x, mask=mask, is_causal=True)
+    report = attnops.swap(model, Dense())
+    assert report.swapped == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert all(isinstance(l.self_attn, MultiheadAttention) for l in model.layers)
+    with torch.no_grad():
+        got = model(x, mask=mask, is_causal=True)
+    assert torch.allclose(got, expect, atol=2e-5), (got - expect).abs().max()
+    model(x, mask=mask, is_causal=True).sum().backward()  # trainable through the swapped modules
+    assert model.layers[0].self_attn.in_proj_weight.grad is not None
+    back = attnops.unswap(model)
+    assert len(back) == 2 and all(type(l.self_attn) is nn.MultiheadAttention for l in model.layers)
+    with torch.no_grad():
+        assert torch.allclose(model(x, mask=mask, is_causal=True), expect, atol=2e-5)
+
+
+def test_swap_filter_and_decoder():
+    model = nn.Transformer(48, 4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, dropout=0.0,
+                           batch_first=True)
+    report = attnops.swap(model, filter=lambda name, m: "decoder" in name)
+    assert report.swapped == ["decoder.layers.0.self_attn", "decoder.layers.0.multihead_attn"]
+    assert report.skipped == ["encoder.layers.0.self_attn"]
+    src, tgt = torch.randn(2, 30, 48), torch.randn(2, 17, 48)
+    out = model(src, tgt, tgt_mask=nn.Transformer.generate_square_subsequent_mask(17), tgt_is_causal=True)
+    assert out.shape == (2, 17, 48) and torch.isfinite(out).all()
+
+
+def test_block_sparse_spec_matches_block_sparse_op():
+    E, H, L = 64, 4, 70
+    mha = MultiheadAttention(E, H, batch_first=True,
+                             attention=BlockSparse(pattern=lambda sq, sk: BlockMask.sliding_window(sq, window=32,
+                                                                                                   block_size=16)))
+    x = torch.randn(2, L, E)
+    out, _ = mha(x, x, x)
+    q, k, v = (t.view(2, L, H, E // H) for t in mha._project(x, x, x))
+    expect = mha.out_proj(attnops.block_sparse_attention(q, k, v, BlockMask.sliding_window(L, window=32,
+                                                                                          block_size=16)).reshape(2, L, E))
+    assert torch.equal(out, expect)
+
+
+def test_specs_validate():
+    with pytest.raises(ValueError, match="window"):
+        Dense(window=(-2, 0))
+    with pytest.raises(TypeError, match="causal"):
+        Dense(causal=1)
+    with pytest.raises(ValueError, match="exactly one"):
+        BlockSparse()
+    with pytest.raises(TypeError, match="BlockMask"):
+        BlockSparse(block_mask="window")
+    with pytest.raises(TypeError, match="attention must be"):
+        MultiheadAttention(16, 2, attention="dense")
+
+
+def test_unsupported_inputs_are_clear_errors():
+    mha = MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 9, 16)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    mha(x, x, x, key_padding_mask=pad)  # masks nothing: accepted
+    pad[0, -1] = True
+    with pytest.raises(NotImplementedError, match="key_padding_mask"):
+        mha(x, x, x, key_padding_mask=pad)
+    with pytest.raises(NotImplementedError, match="causal attn_mask"):
+        mha(x, x, x, attn_mask=torch.zeros(9, 9, dtype=torch.bool).fill_diagonal_(True))
+    with pytest.raises(ValueError, match="widths"):
+        mha(x, x, torch.randn(2, 9, 8))
+    with pytest.raises(NotImplementedError, match="add_bias_kv"):
+        MultiheadAttention(16, 2, add_bias_kv=True)
+    with pytest.raises(ValueError, match="multiple"):
+        MultiheadAttention(15, 2)
+    drop = MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        drop(x, x, x)
+    drop.eval()(x, x, x)
