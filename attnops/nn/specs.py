@@ -31,10 +31,11 @@ class Dense:
             raise ValueError(f"Dense.window must be (left, right) ints >= -1, got {self.window!r}")
         object.__setattr__(self, "window", w)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None) -> torch.Tensor:
         """``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)`` -> ``(B, Sq, H, D)``; ``causal`` from the call
         (``is_causal``) adds to the spec's."""
-        return attention(q, k, v, causal=self.causal or causal, window_size=self.window)
+        return attention(q, k, v, causal=self.causal or causal, window_size=self.window, softmax_scale=softmax_scale)
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,16 @@ class BlockSparse:
         if self.pattern is not None and not callable(self.pattern):
             raise TypeError("BlockSparse.pattern must be callable (seq_len_q, seq_len_k) -> BlockMask")
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        if causal:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None) -> torch.Tensor:
+        if causal and self.block_mask is not None:
             raise ValueError("BlockSparse: causality belongs to the block mask (e.g. BlockMask.causal or "
                              "sliding_window(causal=True)); is_causal / a causal attn_mask cannot be added")
         mask = self.block_mask if self.block_mask is not None else self.pattern(q.shape[1], k.shape[1])
-        return block_sparse_attention(q, k, v, mask)
+        if causal and not getattr(mask, "causal", False):
+            raise ValueError("BlockSparse: the call is causal but the pattern's mask is not; build it causal "
+                             "(e.g. BlockMask.sliding_window(..., causal=True))")
+        return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale)
 
 
 AttentionSpec = Union[Dense, BlockSparse]

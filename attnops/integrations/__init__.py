@@ -1,0 +1,1 @@
+"""Adapters that plug attnops into other libraries (optional dependencies, imported on demand)."""

@@ -1,0 +1,69 @@
+"""Hugging Face transformers: attnops as an ``attn_implementation``.
+
+    import attnops.integrations.transformers as hf_attnops
+    hf_attnops.register()                                   # "attnops": exact dense attention
+    hf_attnops.register("attnops_sparse", attnops.nn.BlockSparse(pattern=...))
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnops")
+    model.set_attn_implementation("attnops")                # or switch an existing model
+
+Unmodified Llama / Qwen2 / GPT-2 style models then run their attention through attnops (prefill,
+training and cached decoding: the kernels align ``causal`` bottom-right, which is where the new
+queries of a cached step sit). The mask function registered beside it is transformers' own
+flash-attention one: no mask for unpadded batches, the 2-d padding mask otherwise, which this
+adapter refuses with a clear error (the kernels take lengths and block masks, not token padding).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from attnops.nn.specs import SPECS, AttentionSpec, Dense
+
+_SPECS: Dict[str, AttentionSpec] = {}
+
+
+def _attention_forward(spec: AttentionSpec):
+    def attnops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                  value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                                  scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+        """transformers' attention-function contract: ``query (B, H, Sq, D)``, ``key, value
+        (B, Hkv, Sk, D)`` -> ``(attn_output (B, Sq, H, D), None)``."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise NotImplementedError("attnops attention: padded batches (an attention_mask with zeros) are not "
+                                      "supported; run unpadded sequences or one sequence per batch")
+        if dropout and module.training:
+            raise NotImplementedError("attnops attention has no attention dropout; set the config's "
+                                      "attention_dropout to 0 for training")
+        if kwargs.get("softcap") is not None:
+            raise NotImplementedError("attnops attention does not support logit softcapping")
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash_attn layout, no copy
+        out = spec.attend(q, k, v, causal=bool(causal), softmax_scale=scaling)
+        return out, None
+
+    return attnops_attention_forward
+
+
+def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str:
+    """Register ``spec`` (default :class:`attnops.nn.Dense`) with transformers' ``AttentionInterface``
+    (and the matching mask function) under ``name``; returns the name to pass as
+    ``attn_implementation``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    spec = Dense() if spec is None else spec
+    if not isinstance(spec, SPECS):
+        raise TypeError(f"spec must be one of {[s.__name__ for s in SPECS]}, got {type(spec).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError("name must be a non-empty string")
+    AttentionInterface.register(name, _attention_forward(spec))
+    AttentionMaskInterface.register(name, flash_attention_mask)
+    _SPECS[name] = spec
+    return name
+
+
+def registered() -> Dict[str, AttentionSpec]:
+    """The names this process registered, with their specs."""
+    return dict(_SPECS)
