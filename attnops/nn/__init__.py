@@ -1,7 +1,10 @@
 """Drop-in modules built on the attnops ops, attention specs, and swap / unswap."""
 
+from attnops.nn.attention import Attention
 from attnops.nn.mqa import MultiQueryAttention
 from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
+from attnops.nn.rotary import Rotary
 from attnops.nn.specs import BlockSparse, Dense
 
-__all__ = ["BlockSparse", "Dense", "MultiQueryAttention", "MultiheadAttention", "SwapReport", "swap", "unswap"]
+__all__ = ["Attention", "BlockSparse", "Dense", "MultiQueryAttention", "MultiheadAttention", "Rotary", "SwapReport",
+           "swap", "unswap"]
