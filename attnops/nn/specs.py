@@ -6,8 +6,8 @@ land (one class and its ``attend``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -46,6 +46,12 @@ class BlockSparse:
 
     block_mask: Optional[BlockMask] = None
     pattern: Optional[Callable[[int, int], BlockMask]] = None
+    # masks built by ``pattern``, per (Sq, Sk, device): built once, not per layer and step. Building
+    # one reads tensor values (validation), which torch.compile cannot trace: run one eager step
+    # before compiling (as with FlexAttention's create_block_mask) and the compiled graph only
+    # looks the mask up.
+    _masks: Dict[Tuple[int, int, str], BlockMask] = field(default_factory=dict, init=False, compare=False,
+                                                          repr=False)
 
     def __post_init__(self):
         if (self.block_mask is None) == (self.pattern is None):
@@ -60,11 +66,22 @@ class BlockSparse:
         if causal and self.block_mask is not None:
             raise ValueError("BlockSparse: causality belongs to the block mask (e.g. BlockMask.causal or "
                              "sliding_window(causal=True)); is_causal / a causal attn_mask cannot be added")
-        mask = self.block_mask if self.block_mask is not None else self.pattern(q.shape[1], k.shape[1])
+        mask = self.block_mask if self.block_mask is not None else self._mask_for(q.shape[1], k.shape[1], q.device)
         if causal and not getattr(mask, "causal", False):
             raise ValueError("BlockSparse: the call is causal but the pattern's mask is not; build it causal "
                              "(e.g. BlockMask.sliding_window(..., causal=True))")
         return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale)
+
+
+    def _mask_for(self, seq_len_q: int, seq_len_k: int, device: torch.device) -> BlockMask:
+        key = (seq_len_q, seq_len_k, str(device))
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self.pattern(seq_len_q, seq_len_k)
+            if not isinstance(mask, BlockMask):
+                raise TypeError(f"BlockSparse.pattern must return a BlockMask, got {type(mask).__name__}")
+            mask = self._masks[key] = mask.to(device)
+        return mask
 
 
 AttentionSpec = Union[Dense, BlockSparse]
