@@ -113,8 +113,8 @@ def test_block_sparse_spec_matches_block_sparse_op():
     x = torch.randn(2, L, E)
     out, _ = mha(x, x, x)
     q, k, v = (t.view(2, L, H, E // H) for t in mha._project(x, x, x))
-    expect = mha.out_proj(attnops.block_sparse_attention(q, k, v, BlockMask.sliding_window(L, window=32,
-                                                                                          block_size=16)).reshape(2, L, E))
+    mask = BlockMask.sliding_window(L, window=32, block_size=16)
+    expect = mha.out_proj(attnops.block_sparse_attention(q, k, v, mask).reshape(2, L, E))
     assert torch.equal(out, expect)
 
 
