@@ -151,3 +151,24 @@ def test_unsupported_inputs_are_clear_errors():
     with pytest.raises(NotImplementedError, match="dropout"):
         drop(x, x, x)
     drop.eval()(x, x, x)
+
+
+def test_swap_with_sparse_spec_matches_the_reference_of_that_spec(monkeypatch):
+    import attnops.nn.specs as specs
+    from attnops.kernels import reference
+
+    model = _encoder().eval()
+    spec = BlockSparse(pattern=lambda sq, sk: BlockMask.sliding_window(sq, window=16, block_size=16))
+    attnops.swap(model, spec)
+    x = torch.randn(2, 40, 48)
+
+    def reference_op(q, k, v, mask, softmax_scale=None):  # the float64 oracle of the same spec
+        out, _ = reference.block_sparse_attention(q.double(), k.double(), v.double(), mask, causal=mask.causal,
+                                                  window_size=mask.window_size, softmax_scale=q.shape[-1] ** -0.5)
+        return out.to(q.dtype)
+
+    with torch.no_grad():
+        got = model(x)
+        monkeypatch.setattr(specs, "block_sparse_attention", reference_op)
+        expect = model(x)
+    assert torch.allclose(got, expect, atol=1e-5), (got - expect).abs().max()
