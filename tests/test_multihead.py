@@ -135,10 +135,16 @@ def test_unsupported_inputs_are_clear_errors():
     mha = MultiheadAttention(16, 2, batch_first=True)
     x = torch.randn(2, 9, 16)
     pad = torch.zeros(2, 9, dtype=torch.bool)
-    mha(x, x, x, key_padding_mask=pad)  # masks nothing: accepted
+    mha(x, x, x, key_padding_mask=pad, is_causal=True)  # masks nothing: accepted with causality too
     pad[0, -1] = True
-    with pytest.raises(NotImplementedError, match="key_padding_mask"):
-        mha(x, x, x, key_padding_mask=pad)
+    with pytest.raises(NotImplementedError, match="causal"):
+        mha(x, x, x, key_padding_mask=pad, is_causal=True)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        mha(x, x, x, key_padding_mask=pad[:, :5])
+    sparse = MultiheadAttention(16, 2, batch_first=True, attention=BlockSparse(
+        pattern=lambda sq, sk: BlockMask.sliding_window(sq, window=4, block_size=16)))
+    with pytest.raises(NotImplementedError, match="Dense spec"):
+        sparse(x, x, x, key_padding_mask=pad)
     with pytest.raises(NotImplementedError, match="causal attn_mask"):
         mha(x, x, x, attn_mask=torch.zeros(9, 9, dtype=torch.bool).fill_diagonal_(True))
     with pytest.raises(ValueError, match="widths"):
@@ -172,3 +178,29 @@ def test_swap_with_sparse_spec_matches_the_reference_of_that_spec(monkeypatch):
         monkeypatch.setattr(specs, "block_sparse_attention", reference_op)
         expect = model(x)
     assert torch.allclose(got, expect, atol=1e-5), (got - expect).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_key_padding_mask_matches_torch(kind):
+    ref, ours = _pair(batch_first=True)
+    B, L, S = 3, 11, 29
+    q = torch.randn(B, L, 48, dtype=torch.float64)
+    kv = torch.randn(B, S, 48, dtype=torch.float64)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[0, 20:] = True  # right padding
+    pad[2, ::3] = True  # scattered padding
+    mask = pad if kind == "bool" else torch.zeros(B, S, dtype=torch.float64).masked_fill(pad, float("-inf"))
+    inputs64 = [t.clone().requires_grad_() for t in (q, kv)]
+    expect, _ = ref(inputs64[0], inputs64[1], inputs64[1], key_padding_mask=mask, need_weights=False)
+    inputs32 = [t.float().clone().requires_grad_() for t in (q, kv)]
+    got, _ = ours(inputs32[0], inputs32[1], inputs32[1], key_padding_mask=mask if kind == "bool" else mask.float())
+    ref32 = copy.deepcopy(ref).float()
+    inputs_lp = [t.float().clone().requires_grad_() for t in (q, kv)]
+    low, _ = ref32(inputs_lp[0], inputs_lp[1], inputs_lp[1], key_padding_mask=mask if kind == "bool" else mask.float(),
+                   need_weights=False)
+    assert_accurate("out", got.detach(), expect.detach(), low.detach())
+    g = torch.randn_like(expect)
+    for o, grad in ((expect, g), (got, g.float()), (low, g.float())):
+        o.backward(grad)
+    assert_accurate("d_query", inputs32[0].grad, inputs64[0].grad, inputs_lp[0].grad)
+    assert_accurate("d_kv", inputs32[1].grad, inputs64[1].grad, inputs_lp[1].grad)

@@ -26,10 +26,15 @@ class MultiheadAttention(nn.Module):
     ``(attn_output, None)``: attnops never materialises the L x S weight matrix, so the weights
     slot is ``None`` whatever ``need_weights`` says.
 
+    ``key_padding_mask`` (bool or 0/-inf float, ``(B, S)``) works with the Dense spec without
+    causality: each sequence attends over its unpadded keys (one kernel call per sequence when any
+    key is padded); a query whose keys are all padded gets zeros (torch gives NaN there).
+
     Not supported, each a clear error rather than a silent difference: ``add_bias_kv``,
     ``add_zero_attn``, attention dropout while training (``dropout > 0`` is accepted and is a no-op
-    in eval mode), a ``key_padding_mask`` that masks anything, and an ``attn_mask`` other than
-    the causal one (a causal ``attn_mask``, or ``is_causal=True``, runs the causal kernel).
+    in eval mode), padding together with causality or a block-sparse spec, and an ``attn_mask``
+    other than the causal one (a causal ``attn_mask``, or ``is_causal=True``, runs the causal
+    kernel).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
@@ -114,11 +119,21 @@ class MultiheadAttention(nn.Module):
         if key.shape[:2] != value.shape[:2] or key.shape[0] != B:
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not fit query "
                              f"{tuple(query.shape)}")
-        _check_key_padding_mask(key_padding_mask)
         causal = is_causal or _is_causal_mask(attn_mask, L, S)
+        keep = _kept_keys(key_padding_mask, B, S, causal)
         q, k, v = self._project(query, key, value)
         H, D = self.num_heads, self.head_dim
-        out = self.attention.attend(q.view(B, L, H, D), k.view(B, S, H, D), v.view(B, S, H, D), causal=causal)
+        q, k, v = q.view(B, L, H, D), k.view(B, S, H, D), v.view(B, S, H, D)
+        if keep is None:
+            out = self.attention.attend(q, k, v, causal=causal)
+        else:
+            # Non-causal attention does not depend on the order of the keys, so a padded sequence is
+            # its unpadded keys gathered: one call per sequence, no token mask in the kernels.
+            if not isinstance(self.attention, Dense):
+                raise NotImplementedError("key_padding_mask: only the Dense spec (block masks index key "
+                                          "positions, which dropping padded keys would shift)")
+            out = torch.cat([self.attention.attend(q[b:b + 1], k[b:b + 1, keep[b]], v[b:b + 1, keep[b]])
+                             for b in range(B)])
         out = self.out_proj(out.reshape(B, L, E))
         if unbatched:
             out = out.squeeze(0)
@@ -127,13 +142,25 @@ class MultiheadAttention(nn.Module):
         return out, None
 
 
-def _check_key_padding_mask(mask: Optional[torch.Tensor]) -> None:
+def _kept_keys(mask: Optional[torch.Tensor], B: int, S: int, causal: bool) -> Optional[torch.Tensor]:
+    """``key_padding_mask (B, S)`` (bool: True = padding; float: -inf = padding, 0 = kept) -> the
+    (B, S) bool keep-mask, or None when it masks nothing."""
     if mask is None:
-        return
-    masks_something = mask.any() if mask.dtype == torch.bool else (mask != 0).any()
-    if bool(masks_something):
-        raise NotImplementedError("attnops.nn.MultiheadAttention: key_padding_mask is not supported (the kernels "
-                                  "take block masks and lengths, not per-token padding); trim or bucket sequences")
+        return None
+    if tuple(mask.shape) != (B, S):
+        raise ValueError(f"key_padding_mask must be (batch, source length) = ({B}, {S}), got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        padded = mask
+    else:
+        padded = torch.isinf(mask) & (mask < 0)
+        if bool(((mask != 0) & ~padded).any()):
+            raise NotImplementedError("key_padding_mask: additive values other than 0 / -inf are not supported")
+    if not bool(padded.any()):
+        return None
+    if causal:
+        raise NotImplementedError("key_padding_mask with a causal mask is not supported (dropping padded keys "
+                                  "would shift the causal diagonal); run unpadded sequences")
+    return ~padded
 
 
 def _is_causal_mask(mask: Optional[torch.Tensor], L: int, S: int) -> bool:
