@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 import torch
 
-from attnops.nn.specs import SPECS, AttentionSpec, Dense
+from attnops.nn.specs import AttentionSpec, Dense, resolve_spec
 
 _SPECS: Dict[str, AttentionSpec] = {}
 
@@ -53,9 +53,7 @@ def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    spec = Dense() if spec is None else spec
-    if not isinstance(spec, SPECS):
-        raise TypeError(f"spec must be one of {[s.__name__ for s in SPECS]}, got {type(spec).__name__}")
+    spec = resolve_spec(spec, Dense(), "spec")
     if not isinstance(name, str) or not name:
         raise ValueError("name must be a non-empty string")
     AttentionInterface.register(name, _attention_forward(spec))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from attnops.nn.rotary import Rotary
-from attnops.nn.specs import SPECS, AttentionSpec, Dense
+from attnops.nn.specs import AttentionSpec, Dense, resolve_spec
 
 
 class Attention(nn.Module):
@@ -34,12 +34,11 @@ class Attention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if dim <= 0 or num_heads <= 0 or dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
+            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads}), divisible into "
+                             "heads")
         if num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        attention = Dense(causal=True) if attention is None else attention
-        if not isinstance(attention, SPECS):
-            raise TypeError(f"attention must be one of {[s.__name__ for s in SPECS]}, got {type(attention).__name__}")
+        attention = resolve_spec(attention, Dense(causal=True))
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.attention = attention
@@ -61,6 +60,10 @@ class Attention(nn.Module):
             raise ValueError(f"rope head_dim {self.rope.head_dim} != attention head_dim {self.head_dim}")
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._output(self.attention.attend(*self._qkv(x, positions)))
+
+    def _qkv(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):
+        """``x (B, T, dim)`` -> q ``(B, T, H, D)``, k, v ``(B, T, Hkv, D)``, normalised and rotated."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, T, {self.dim}), got {tuple(x.shape)}")
         B, T, _ = x.shape
@@ -71,5 +74,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = self.rope(q, positions), self.rope(k, positions)
-        out = self.attention.attend(q, k, v)
+        return q, k, v
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output ``(B, T, H, D)`` -> ``(B, T, dim)``."""
+        B, T = out.shape[:2]
         return self.out_proj(out.reshape(B, T, self.num_heads * self.head_dim))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnops.nn.specs import SPECS, AttentionSpec, Dense
+from attnops.nn.specs import AttentionSpec, Dense, resolve_spec
 
 
 class MultiheadAttention(nn.Module):
@@ -48,9 +48,7 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must lie in [0, 1], got {dropout}")
-        attention = Dense() if attention is None else attention
-        if not isinstance(attention, SPECS):
-            raise TypeError(f"attention must be one of {[s.__name__ for s in SPECS]}, got {type(attention).__name__}")
+        attention = resolve_spec(attention, Dense())
         kw = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
         self.kdim = kdim if kdim is not None else embed_dim
@@ -142,6 +140,18 @@ class MultiheadAttention(nn.Module):
         return out, None
 
 
+def _blocked(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """torch's mask conventions -> bool, True where blocked: a bool mask as is; an additive float mask
+    of 0 (kept) and -inf (blocked), any other value being an error."""
+    if mask.dtype == torch.bool:
+        return mask
+    blocked = torch.isinf(mask) & (mask < 0)
+    if bool(((mask != 0) & ~blocked).any()):
+        raise NotImplementedError(f"attnops.nn.MultiheadAttention: additive {name} values other than 0 / -inf "
+                                  "are not supported")
+    return blocked
+
+
 def _kept_keys(mask: Optional[torch.Tensor], B: int, S: int, causal: bool) -> Optional[torch.Tensor]:
     """``key_padding_mask (B, S)`` (bool: True = padding; float: -inf = padding, 0 = kept) -> the
     (B, S) bool keep-mask, or None when it masks nothing."""
@@ -149,12 +159,7 @@ def _kept_keys(mask: Optional[torch.Tensor], B: int, S: int, causal: bool) -> Op
         return None
     if tuple(mask.shape) != (B, S):
         raise ValueError(f"key_padding_mask must be (batch, source length) = ({B}, {S}), got {tuple(mask.shape)}")
-    if mask.dtype == torch.bool:
-        padded = mask
-    else:
-        padded = torch.isinf(mask) & (mask < 0)
-        if bool(((mask != 0) & ~padded).any()):
-            raise NotImplementedError("key_padding_mask: additive values other than 0 / -inf are not supported")
+    padded = _blocked(mask, "key_padding_mask")
     if not bool(padded.any()):
         return None
     if causal:
@@ -173,11 +178,7 @@ def _is_causal_mask(mask: Optional[torch.Tensor], L: int, S: int) -> bool:
                                   f"supported, got shape {tuple(mask.shape)}")
     # bottom-right aligned, as attnops' causal (identical to top-left when L == S)
     above = torch.ones(L, S, dtype=torch.bool, device=mask.device).triu(S - L + 1)
-    blocked = mask if mask.dtype == torch.bool else torch.isinf(mask) & (mask < 0)
-    if mask.dtype != torch.bool and bool(((mask != 0) & ~blocked).any()):
-        raise NotImplementedError("attnops.nn.MultiheadAttention: additive attn_mask values other than 0 / -inf "
-                                  "are not supported")
-    if not bool((blocked == above).all()):
+    if not bool((_blocked(mask, "attn_mask") == above).all()):
         raise NotImplementedError("attnops.nn.MultiheadAttention: only the causal attn_mask is supported; express "
                                   "other patterns as a BlockSparse spec")
     return True
@@ -196,8 +197,34 @@ class SwapReport:
         return len(self.swapped)
 
 
-def _copy_weights(src: nn.Module, dst: nn.Module) -> None:
-    dst.load_state_dict(src.state_dict())
+def _constructor_args(module: nn.Module) -> dict:
+    """The arguments both MultiheadAttention classes share, read off an instance of either."""
+    p = module.out_proj.weight
+    return dict(embed_dim=module.embed_dim, num_heads=module.num_heads, dropout=module.dropout,
+                bias=module.in_proj_bias is not None, kdim=module.kdim, vdim=module.vdim,
+                batch_first=module.batch_first, device=p.device, dtype=p.dtype)
+
+
+def _replace(model: nn.Module, select: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module],
+             filter: Optional[Callable[[str, nn.Module], bool]] = None) -> SwapReport:
+    """Replace every submodule that ``select`` picks (and ``filter(name, module)`` accepts) by
+    ``make(module)``, with the same weights and training mode."""
+    report = SwapReport()
+    for name, module in list(model.named_modules()):
+        if not select(module):
+            continue
+        if filter is not None and not filter(name, module):
+            report.skipped.append(name)
+            continue
+        if not name:
+            raise ValueError("swap/unswap replace submodules; pass the model that contains the attention module")
+        new = make(module)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        report.swapped.append(name)
+    return report
 
 
 def swap(model: nn.Module, spec: Optional[AttentionSpec] = None,
@@ -206,45 +233,15 @@ def swap(model: nn.Module, spec: Optional[AttentionSpec] = None,
     ``nn.TransformerEncoder/DecoderLayer`` included) with :class:`MultiheadAttention` carrying the
     same weights, device and dtype, and ``attention=spec``. ``filter(name, module)`` chooses which.
     Returns a :class:`SwapReport`; :func:`unswap` restores."""
-    report = SwapReport()
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.MultiheadAttention:
-            continue
-        if filter is not None and not filter(name, module):
-            report.skipped.append(name)
-            continue
-        p = module.out_proj.weight
-        new = MultiheadAttention(module.embed_dim, module.num_heads, dropout=module.dropout,
-                                 bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
-                                 add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
-                                 batch_first=module.batch_first, device=p.device, dtype=p.dtype, attention=spec)
-        _copy_weights(module, new)
-        new.train(module.training)
-        _set_submodule(model, name, new)
-        report.swapped.append(name)
-    return report
+    def make(m):  # add_bias_kv / add_zero_attn passed on so that the constructor refuses them
+        return MultiheadAttention(**_constructor_args(m), add_bias_kv=m.bias_k is not None,
+                                  add_zero_attn=m.add_zero_attn, attention=spec)
+
+    return _replace(model, lambda m: type(m) is nn.MultiheadAttention, make, filter)
 
 
 def unswap(model: nn.Module) -> SwapReport:
     """Replace every attnops :class:`MultiheadAttention` in ``model`` by a ``torch.nn.MultiheadAttention``
     with the same weights (the inverse of :func:`swap`)."""
-    report = SwapReport()
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, MultiheadAttention):
-            continue
-        p = module.out_proj.weight
-        new = nn.MultiheadAttention(module.embed_dim, module.num_heads, dropout=module.dropout,
-                                    bias=module.in_proj_bias is not None, kdim=module.kdim, vdim=module.vdim,
-                                    batch_first=module.batch_first, device=p.device, dtype=p.dtype)
-        _copy_weights(module, new)
-        new.train(module.training)
-        _set_submodule(model, name, new)
-        report.swapped.append(name)
-    return report
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    if not name:
-        raise ValueError("swap/unswap replace submodules; pass the model that contains the attention module")
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return _replace(model, lambda m: isinstance(m, MultiheadAttention),
+                    lambda m: nn.MultiheadAttention(**_constructor_args(m)))

@@ -67,11 +67,10 @@ class BlockSparse:
             raise ValueError("BlockSparse: causality belongs to the block mask (e.g. BlockMask.causal or "
                              "sliding_window(causal=True)); is_causal / a causal attn_mask cannot be added")
         mask = self.block_mask if self.block_mask is not None else self._mask_for(q.shape[1], k.shape[1], q.device)
-        if causal and not getattr(mask, "causal", False):
+        if causal and not mask.causal:
             raise ValueError("BlockSparse: the call is causal but the pattern's mask is not; build it causal "
                              "(e.g. BlockMask.sliding_window(..., causal=True))")
         return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale)
-
 
     def _mask_for(self, seq_len_q: int, seq_len_k: int, device: torch.device) -> BlockMask:
         key = (seq_len_q, seq_len_k, str(device))
@@ -86,3 +85,12 @@ class BlockSparse:
 
 AttentionSpec = Union[Dense, BlockSparse]
 SPECS = (Dense, BlockSparse)
+
+
+def resolve_spec(spec: Optional[AttentionSpec], default: AttentionSpec, name: str = "attention") -> AttentionSpec:
+    """``spec``, or ``default`` when None; anything but a spec instance is a TypeError naming ``name``."""
+    if spec is None:
+        return default
+    if not isinstance(spec, SPECS):
+        raise TypeError(f"{name} must be one of {[s.__name__ for s in SPECS]}, got {type(spec).__name__}")
+    return spec
