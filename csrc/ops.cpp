@@ -25,10 +25,13 @@ TORCH_LIBRARY(attnops, m) {
   // kv_indices (Bm, Hm, ceil(Sq/block_q), W) int32. Returns out (B, Sq, H, D) and
   // lse (B, H, Sq) (float32; float64 for float64 inputs). The forward does not read the transposed
   // LUT (q_num_blocks, q_indices); it takes it so that autograd can save it for the backward.
+  // map_rows > 0 asks for the block attention map as partial sums (map_max: maxima) of the softmax
+  // probabilities over map_rows queries x map_cols keys: (B, H, ceil(Sq/map_rows), ceil(Sk/map_cols))
+  // in lse's dtype (attnops/kernels/block_map.py pools it); else the third output is empty.
   m.def(
       "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? kv_num_blocks, Tensor? kv_indices, "
-      "Tensor? q_num_blocks, Tensor? q_indices, int block_q, int block_k, float softmax_scale, bool causal, int window_left, int window_right) "
-      "-> (Tensor, Tensor)");
+      "Tensor? q_num_blocks, Tensor? q_indices, int block_q, int block_k, float softmax_scale, bool causal, int window_left, int window_right, "
+      "int map_rows=0, int map_cols=0, bool map_max=False) -> (Tensor, Tensor, Tensor)");
   // dlse: gradient flowing into lse when the caller used it (None otherwise).
   m.def(
       "block_sparse_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "

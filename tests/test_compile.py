@@ -31,7 +31,9 @@ def test_opcheck(masked, impl):
     window = mask.window_size if masked else (-1, -1)
     args = _fwd_args(q, k, v, mask, causal, window)
     torch.library.opcheck(fwd, args)
-    out, lse = fwd(*args)
+    torch.library.opcheck(fwd, (*args, 16, 32, masked))  # with the partial block map (sums / maxima)
+    out, lse, no_map = fwd(*args)
+    assert no_map.numel() == 0
     dout = torch.randn_like(out)
     bwd_args = (dout, None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), *args[3:])
     torch.library.opcheck(bwd, bwd_args)
@@ -65,12 +67,14 @@ def test_meta_tensors():
     out, lse = attnops.attention(q, k, v, causal=True, return_lse=True)
     assert out.device.type == "meta" and out.shape == q.shape and out.dtype == torch.float16
     assert lse.shape == (2, 8, 100) and lse.dtype == torch.float32
+    _, block_map = attnops.attention(q, k, v, causal=True, return_block_map=True, block_size=(32, 16))
+    assert block_map.device.type == "meta" and block_map.shape == (2, 8, 4, 8)
 
 
 def _model_fn(q, k, v, mask, backend=None):
     a = attnops.attention(q, k, v, causal=True, backend=backend)
-    b = attnops.block_sparse_attention(q, k, v, mask, backend=backend)
-    return (a * b).sum(-1)
+    b, block_map = attnops.block_sparse_attention(q, k, v, mask, backend=backend, return_block_map=True)
+    return (a * b).sum(-1) + block_map.sum()
 
 
 def test_torch_compile_fullgraph_matches_eager(impl):

@@ -19,6 +19,7 @@ from typing import Dict, Optional
 
 import torch
 
+from attnops.maps.capture import attend
 from attnops.nn.specs import AttentionSpec, Dense, resolve_spec
 
 _SPECS: Dict[str, AttentionSpec] = {}
@@ -40,7 +41,7 @@ def _attention_forward(spec: AttentionSpec):
             raise NotImplementedError("attnops attention does not support logit softcapping")
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash_attn layout, no copy
-        out = spec.attend(q, k, v, causal=bool(causal), softmax_scale=scaling)
+        out, _ = attend(module, spec, q, k, v, causal=bool(causal), softmax_scale=scaling)  # maps: attnops.maps
         return out, None
 
     return attnops_attention_forward

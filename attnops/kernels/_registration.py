@@ -3,7 +3,8 @@ implementations, the autograd formula (the backward is an operator of its own), 
 function the dispatcher calls. Both backends' operators take the same arguments:
 
     fwd(q, k, v, kv_num_blocks?, kv_indices?, q_num_blocks?, q_indices?, block_q, block_k,
-        softmax_scale, causal, window_left, window_right) -> (out, lse)
+        softmax_scale, causal, window_left, window_right, map_rows=0, map_cols=0, map_max=False)
+        -> (out, lse, partial block map or an empty tensor)
     bwd(dout, dlse?, q, k, v, out, lse, <the LUT and scalars above>) -> (dq, dk, dv)
 """
 
@@ -13,6 +14,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from attnops.kernels import block_map as _map
 from attnops.masks import BlockMask
 
 
@@ -21,9 +23,18 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def block_sparse_fwd_fake(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
-                          softmax_scale, causal, window_left, window_right):
+                          softmax_scale, causal, window_left, window_right, map_rows=0, map_cols=0, map_max=False):
     B, Sq, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=lse_dtype(q.dtype))
+    dtype = lse_dtype(q.dtype)
+    partial = q.new_empty(partial_map_shape(q, k, map_rows, map_cols), dtype=dtype)
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=dtype), partial
+
+
+def partial_map_shape(q: torch.Tensor, k: torch.Tensor, map_rows: int, map_cols: int) -> Tuple[int, ...]:
+    """The forward's third output: (B, H, ceil(Sq / map_rows), ceil(Sk / map_cols)), or (0,) without a map."""
+    if map_rows <= 0:
+        return (0,)
+    return (q.shape[0], q.shape[2], -(-q.shape[1] // map_rows), -(-k.shape[1] // map_cols))
 
 
 def block_sparse_bwd_fake(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
@@ -36,17 +47,18 @@ def register_block_sparse_autograd(fwd_name: str, bwd_op: Callable, bwd_name: st
 
     def setup_context(ctx, inputs, output):
         q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices = inputs[:7]
-        ctx.params = inputs[7:]  # block_q, block_k, softmax_scale, causal, window_left, window_right
-        out, lse = output
+        ctx.params = inputs[7:13]  # block_q, block_k, softmax_scale, causal, window_left, window_right
+        out, lse, partial_map = output
+        ctx.mark_non_differentiable(partial_map)  # a readout, like an argmax
         ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices)
 
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse, dmap):
         q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices = ctx.saved_tensors
         if kv_num_blocks is not None and q_num_blocks is None:
             raise RuntimeError("attnops: the forward ran without the transposed block LUT; cannot differentiate")
         dq, dk, dv = bwd_op(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
                             *ctx.params)
-        return (dq, dk, dv) + (None,) * 10
+        return (dq, dk, dv) + (None,) * 13
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
@@ -68,7 +80,9 @@ def block_sparse_backend(fwd_op: Callable) -> Callable:
         causal: bool,
         window_size: Tuple[int, int],
         softmax_scale: float,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        block_map: Optional[_map.MapRequest] = None,
+    ) -> Tuple[torch.Tensor, ...]:
+        """(out, lse), or (out, lse, map) when ``block_map`` asks for the block attention map."""
         if block_mask is None:
             lut = (None, None, None, None)
             block_q = block_k = 0
@@ -77,8 +91,14 @@ def block_sparse_backend(fwd_op: Callable) -> Callable:
             transposed = (block_mask.q_num_blocks, block_mask.q_indices) if needs_grad else (None, None)
             lut = (block_mask.kv_num_blocks, block_mask.kv_indices, *transposed)
             block_q, block_k = block_mask.block_size
-        return fwd_op(q, k, v, *lut, block_q, block_k, float(softmax_scale), bool(causal), window_size[0],
-                      window_size[1])
+        if block_map is None:
+            out, lse, _ = fwd_op(q, k, v, *lut, block_q, block_k, float(softmax_scale), bool(causal), window_size[0],
+                                 window_size[1])
+            return out, lse
+        rows = _map.partial_rows(block_map, block_q)
+        out, lse, partial = fwd_op(q, k, v, *lut, block_q, block_k, float(softmax_scale), bool(causal),
+                                   window_size[0], window_size[1], rows, block_map.block_k, block_map.reduce == "max")
+        return out, lse, _map.finish(partial, lse, rows, block_map)
 
     return block_sparse_attention
 

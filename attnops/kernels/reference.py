@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from attnops.kernels.block_map import MapRequest
 from attnops.masks import BlockMask
 
 AVAILABLE = True
@@ -68,12 +69,32 @@ def block_sparse_attention(
     causal: bool,
     window_size: Tuple[int, int],
     softmax_scale: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    block_map: Optional[MapRequest] = None,
+) -> Tuple[torch.Tensor, ...]:
     """Exact softmax attention restricted to ``block_mask`` (None: all blocks) and the token
     predicates. q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``,
-    lse ``(B, H, Sq)``. Rows with nothing to attend to give 0 and lse = -inf."""
-    return block_sparse_attention_rows(q, k, v, block_mask, None, causal=causal, window_size=window_size,
-                                       softmax_scale=softmax_scale)
+    lse ``(B, H, Sq)``, and with ``block_map`` the block attention map pooled from the full
+    probability matrix (:func:`pool_block_map`). Rows with nothing to attend to give 0 and lse = -inf."""
+    allowed = token_mask(q.shape[1], k.shape[1], block_mask, causal, window_size, device=q.device)
+    out, lse, probs = masked_attention(q, k, v, allowed, softmax_scale, return_probs=True)
+    if block_map is None:
+        return out, lse
+    return out, lse, pool_block_map(probs, lse, block_map)
+
+
+def pool_block_map(probs: torch.Tensor, lse: torch.Tensor, request: MapRequest) -> torch.Tensor:
+    """The block attention map from the full ``probs (B, H, Sq, Sk)``, by its definition
+    (attnops.kernels.block_map): per tile the summed (or max) probability; for the mean, the sum over
+    the tile divided by the number of the block's queries that attend to a key (lse > -inf)."""
+    B, H, Sq, Sk = probs.shape
+    bq, bk = request.block_q, request.block_k
+    nq, nk = -(-Sq // bq), -(-Sk // bk)
+    tiles = torch.nn.functional.pad(probs, (0, nk * bk - Sk, 0, nq * bq - Sq)).view(B, H, nq, bq, nk, bk)
+    if request.reduce == "max":
+        return tiles.amax(dim=(3, 5))
+    attends = torch.nn.functional.pad((~torch.isneginf(lse)).to(probs.dtype), (0, nq * bq - Sq))
+    count = attends.view(B, H, nq, bq).sum(-1).clamp(min=1)
+    return tiles.sum(dim=(3, 5)) / count.unsqueeze(-1)
 
 
 def block_sparse_attention_rows(
@@ -98,9 +119,10 @@ def block_sparse_attention_rows(
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-                     softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                     softmax_scale: float, return_probs: bool = False) -> Tuple[torch.Tensor, ...]:
     """Softmax attention where ``allowed (B|1, H|1, Sq, Sk)`` says which pairs may attend; GQA by
-    contiguous head groups. Rows with nothing allowed give 0 and lse = -inf."""
+    contiguous head groups. Rows with nothing allowed give 0 and lse = -inf. ``return_probs`` adds
+    the probability matrix ``(B, H, Sq, Sk)``."""
     group = q.shape[2] // k.shape[2]
     kk = k.repeat_interleave(group, dim=2)  # query head h reads kv head h // group
     vv = v.repeat_interleave(group, dim=2)
@@ -111,6 +133,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     # NaN of (-inf) - (-inf), which a torch.where afterwards would still leak into gradients.
     probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vv)
+    if return_probs:
+        return out, lse.to(_lse_dtype(q.dtype)), probs
     return out, lse.to(_lse_dtype(q.dtype))
 
 
@@ -144,9 +168,14 @@ def decode_attention(
     window_size: Tuple[int, int],
     softmax_scale: float,
     num_splits: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    block_map: Optional[MapRequest] = None,
+) -> Tuple[torch.Tensor, ...]:
     """Attention of ``q (B, Sq_new, H, D)`` against the first ``cache_seqlens[b]`` keys of
     ``k_cache, v_cache (B, S_max, Hkv, D)``, causal within the new tokens (see
-    :func:`decode_token_mask`). ``num_splits`` is a kernel knob the reference ignores."""
+    :func:`decode_token_mask`), and with ``block_map`` the pooled block map over the cache.
+    ``num_splits`` is a kernel knob the reference ignores."""
     allowed = decode_token_mask(cache_seqlens, q.shape[1], k_cache.shape[1], block_mask, window_size, q.device)
-    return masked_attention(q, k_cache, v_cache, allowed, softmax_scale)
+    out, lse, probs = masked_attention(q, k_cache, v_cache, allowed, softmax_scale, return_probs=True)
+    if block_map is None:
+        return out, lse
+    return out, lse, pool_block_map(probs, lse, block_map)

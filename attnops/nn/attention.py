@@ -8,6 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from attnops.maps.capture import attend
 from attnops.nn.rotary import Rotary
 from attnops.nn.specs import AttentionSpec, Dense, resolve_spec
 
@@ -60,7 +61,8 @@ class Attention(nn.Module):
             raise ValueError(f"rope head_dim {self.rope.head_dim} != attention head_dim {self.head_dim}")
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self._output(self.attention.attend(*self._qkv(x, positions)))
+        out, _ = attend(self, self.attention, *self._qkv(x, positions))
+        return self._output(out)
 
     def _qkv(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):
         """``x (B, T, dim)`` -> q ``(B, T, H, D)``, k, v ``(B, T, Hkv, D)``, normalised and rotated."""

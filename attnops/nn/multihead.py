@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnops.maps.capture import attend, capturing, map_options, record
+from attnops.ops.attention import DEFAULT_MAP_BLOCK
 from attnops.nn.specs import AttentionSpec, Dense, resolve_spec
 
 
@@ -23,12 +25,19 @@ class MultiheadAttention(nn.Module):
     ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
     average_attn_weights=True, is_causal=False)`` with ``query (L, B, E)`` (``(B, L, E)`` when
     ``batch_first``, or unbatched ``(L, E)``), ``key``/``value`` ``(S, B, kdim/vdim)``; returns
-    ``(attn_output, None)``: attnops never materialises the L x S weight matrix, so the weights
-    slot is ``None`` whatever ``need_weights`` says.
+    ``(attn_output, weights)``. attnops never materialises the L x S weight matrix: with
+    ``need_weights=True`` (torch's default) ``weights`` is the *block* attention map, computed by the
+    kernels with the forward (``attnops.attention(..., return_block_map=True)``, 64 x 64 blocks or
+    the block mask's): ``(B, ceil(L/64), ceil(S/64))`` averaged over heads, ``(B, H, ., .)`` with
+    ``average_attn_weights=False``, without the batch dim for unbatched input; a row holds the
+    mean probability mass that block's queries put on each key block. ``need_weights=False``
+    returns ``None`` and skips the map.
 
     ``key_padding_mask`` (bool or 0/-inf float, ``(B, S)``) works with the Dense spec without
     causality: each sequence attends over its unpadded keys (one kernel call per sequence when any
-    key is padded); a query whose keys are all padded gets zeros (torch gives NaN there).
+    key is padded); a query whose keys are all padded gets zeros (torch gives NaN there). Block maps
+    with padding need the padding at the end of each sequence (kept keys a prefix); with padding
+    elsewhere ``weights`` is ``None``.
 
     Not supported, each a clear error rather than a silent difference: ``add_bias_kv``,
     ``add_zero_attn``, attention dropout while training (``dropout > 0`` is accepted and is a no-op
@@ -97,7 +106,7 @@ class MultiheadAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> Tuple[torch.Tensor, None]:
+                is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(f"query/key/value must all be 2-d (unbatched) or 3-d, got {query.dim()}/{key.dim()}/"
                              f"{value.dim()}")
@@ -123,22 +132,58 @@ class MultiheadAttention(nn.Module):
         H, D = self.num_heads, self.head_dim
         q, k, v = q.view(B, L, H, D), k.view(B, S, H, D), v.view(B, S, H, D)
         if keep is None:
-            out = self.attention.attend(q, k, v, causal=causal)
+            out, weights = attend(self, self.attention, q, k, v, causal=causal, need_map=need_weights)
         else:
             # Non-causal attention does not depend on the order of the keys, so a padded sequence is
             # its unpadded keys gathered: one call per sequence, no token mask in the kernels.
             if not isinstance(self.attention, Dense):
                 raise NotImplementedError("key_padding_mask: only the Dense spec (block masks index key "
                                           "positions, which dropping padded keys would shift)")
-            out = torch.cat([self.attention.attend(q[b:b + 1], k[b:b + 1, keep[b]], v[b:b + 1, keep[b]])
-                             for b in range(B)])
+            out, weights = self._attend_unpadded(q, k, v, keep, need_weights)
         out = self.out_proj(out.reshape(B, L, E))
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:
             out = out.transpose(0, 1)
-        return out, None
+        if not need_weights or weights is None:
+            return out, None
+        if average_attn_weights:
+            weights = weights.mean(1)
+        return out, weights.squeeze(0) if unbatched else weights
 
+    def _attend_unpadded(self, q, k, v, keep: torch.Tensor, need_weights: bool):
+        """One call per sequence over its kept keys. Block maps (``need_weights`` or an open capture)
+        are the per-sequence maps zero-padded to the full key length, exact when the kept keys are a
+        prefix (right padding). With padding elsewhere the gathered keys no longer sit at their
+        positions: ``need_weights`` then gives ``None`` (torch's default must not break such calls)
+        and a capture, which asked for maps explicitly, raises."""
+        capturing_now = capturing()
+        prefix = all(bool(kept[:int(kept.sum())].all()) for kept in keep)
+        if capturing_now and not prefix:
+            raise NotImplementedError("attnops.maps.capture with key padding that is not at the end of the "
+                                      "sequence: block maps index key positions")
+        want_map = (need_weights or capturing_now) and prefix
+        options = map_options()
+        block_k = _pair(options.get("block_size") or DEFAULT_MAP_BLOCK)[1]
+        nk = -(-k.shape[1] // block_k)
+        outs, maps = [], []
+        for b in range(k.shape[0]):
+            kept = keep[b]
+            if not want_map:
+                outs.append(self.attention.attend(q[b:b + 1], k[b:b + 1, kept], v[b:b + 1, kept]))
+                continue
+            out, block_map = self.attention.attend(q[b:b + 1], k[b:b + 1, kept], v[b:b + 1, kept],
+                                                   return_block_map=True, **options)
+            outs.append(out)
+            maps.append(F.pad(block_map, (0, nk - block_map.shape[-1])))
+        if not want_map:
+            return torch.cat(outs), None
+        block_map = torch.cat(maps)
+        record(self, block_map)
+        return torch.cat(outs), block_map
+
+def _pair(block_size):
+    return (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
 
 def _blocked(mask: torch.Tensor, name: str) -> torch.Tensor:
     """torch's mask conventions -> bool, True where blocked: a bool mask as is; an additive float mask

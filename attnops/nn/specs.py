@@ -1,5 +1,6 @@
 """Attention specs: small frozen dataclasses that say which attnops family a module runs, validated
-on construction. A module turns its spec into one op call through ``spec.attend(q, k, v)``.
+on construction. A module turns its spec into one op call through ``spec.attend(q, k, v)``
+(through ``attnops.maps.attend``, which asks for the block map while a capture is open).
 
 Today: ``Dense`` and ``BlockSparse``; the routed, linear and low-rank families add theirs as they
 land (one class and its ``attend``)."""
@@ -32,10 +33,12 @@ class Dense:
         object.__setattr__(self, "window", w)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-               softmax_scale: Optional[float] = None) -> torch.Tensor:
+               softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
         """``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)`` -> ``(B, Sq, H, D)``; ``causal`` from the call
-        (``is_causal``) adds to the spec's."""
-        return attention(q, k, v, causal=self.causal or causal, window_size=self.window, softmax_scale=softmax_scale)
+        (``is_causal``) adds to the spec's. ``block_map``: the ops' ``return_block_map``, ``block_size``,
+        ``reduce``; with ``return_block_map=True`` the result is ``(out, block_map)``."""
+        return attention(q, k, v, causal=self.causal or causal, window_size=self.window, softmax_scale=softmax_scale,
+                         **block_map)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,8 @@ class BlockSparse:
             raise TypeError("BlockSparse.pattern must be callable (seq_len_q, seq_len_k) -> BlockMask")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-               softmax_scale: Optional[float] = None) -> torch.Tensor:
+               softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """As :meth:`Dense.attend`, on the fixed or pattern-built block mask."""
         if causal and self.block_mask is not None:
             raise ValueError("BlockSparse: causality belongs to the block mask (e.g. BlockMask.causal or "
                              "sliding_window(causal=True)); is_causal / a causal attn_mask cannot be added")
@@ -70,7 +74,7 @@ class BlockSparse:
         if causal and not mask.causal:
             raise ValueError("BlockSparse: the call is causal but the pattern's mask is not; build it causal "
                              "(e.g. BlockMask.sliding_window(..., causal=True))")
-        return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale)
+        return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale, **block_map)
 
     def _mask_for(self, seq_len_q: int, seq_len_k: int, device: torch.device) -> BlockMask:
         key = (seq_len_q, seq_len_k, str(device))

@@ -1,7 +1,8 @@
 """Public functional API: one module per attention family."""
 
-from attnops.ops._result import AttentionOutput
+from attnops.ops._result import AttentionLseMapOutput, AttentionMapOutput, AttentionOutput
 from attnops.ops.attention import attention, block_sparse_attention
 from attnops.ops.decode import decode_attention
 
-__all__ = ["AttentionOutput", "attention", "block_sparse_attention", "decode_attention"]
+__all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "attention", "block_sparse_attention",
+           "decode_attention"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -13,3 +13,40 @@ class AttentionOutput(NamedTuple):
 
     out: torch.Tensor
     lse: torch.Tensor
+
+
+class AttentionMapOutput(NamedTuple):
+    """``out`` and the block attention map ``(B, H, ceil(Sq / block_q), ceil(Sk / block_k))`` (float32;
+    float64 for float64 inputs; definition in ``attnops.kernels.block_map``)."""
+
+    out: torch.Tensor
+    block_map: torch.Tensor
+
+
+class AttentionLseMapOutput(NamedTuple):
+    """``out``, ``lse`` and ``block_map``, as in the two tuples above."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    block_map: torch.Tensor
+
+
+Result = Union[torch.Tensor, AttentionOutput, AttentionMapOutput, AttentionLseMapOutput]
+
+
+# The ops' shared docstring lines for the block-map arguments.
+MAP_ARGS_DOC = """return_block_map: also return the block attention map ``(B, H, ceil(Sq / block_q),
+            ceil(Sk / block_k))`` (float32): the mean, over the queries of a query block that attend
+            to something, of the probability they put on each key block (rows sum to 1; blocks
+            the mask drops are exactly 0). Computed exactly with the forward from its lse, never
+            as an Sq x Sk matrix.
+        block_size: the map's granularity, an int or ``(block_q, block_k)``, powers of two >= 16.
+        reduce: ``"mean"`` (above) or ``"max"``: the largest probability of any (query, key) pair
+            of the tile (SeerAttention's gate target)."""
+
+
+def pack(out: torch.Tensor, lse: torch.Tensor, block_map: Optional[torch.Tensor], return_lse: bool) -> Result:
+    """``out`` alone, or the named tuple of ``out`` and what was asked for (``block_map`` given = asked)."""
+    if block_map is not None:
+        return AttentionLseMapOutput(out, lse, block_map) if return_lse else AttentionMapOutput(out, block_map)
+    return AttentionOutput(out, lse) if return_lse else out

@@ -6,14 +6,18 @@ the kernels walk the key range that the causal / window predicates leave each qu
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 
 from attnops import dispatch
+from attnops.kernels.block_map import check_request
 from attnops.masks import BlockMask, check_window_size
 from attnops.ops._checks import check_block_mask, check_qkv, resolve_softmax_scale
-from attnops.ops._result import AttentionOutput
+from attnops.ops._result import MAP_ARGS_DOC, Result, pack
+
+# The map granularity of dense attention when none is asked for: the kernels' block (DESIGN.md).
+DEFAULT_MAP_BLOCK = (64, 64)
 
 
 def attention(
@@ -25,8 +29,11 @@ def attention(
     window_size: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     *,
+    return_block_map: bool = False,
+    block_size=None,
+    reduce: str = "mean",
     backend: Optional[str] = None,
-) -> Union[torch.Tensor, AttentionOutput]:
+) -> Result:
     r"""Exact softmax attention with flash_attn conventions.
 
     Args:
@@ -39,12 +46,15 @@ def attention(
         window_size: ``(left, right)``: query ``i`` sees keys in
             ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded.
         return_lse: also return the log-sum-exp ``(B, H, Sq)``.
+        {map_args} Default block 64.
         backend: force ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (else chosen by device,
             or by the ``ATTNOPS_BACKEND`` environment variable).
 
     Returns:
-        ``out (B, Sq, H, D)`` in q's dtype, or ``AttentionOutput(out, lse)``. A query with no key to
-        attend to gets zeros and ``lse = -inf``.
+        ``out (B, Sq, H, D)`` in q's dtype, or a named tuple of ``out`` and what was asked:
+        ``AttentionOutput(out, lse)``, ``AttentionMapOutput(out, block_map)`` or
+        ``AttentionLseMapOutput(out, lse, block_map)``. A query with no key to attend to gets zeros
+        and ``lse = -inf``.
 
     Example::
 
@@ -55,9 +65,11 @@ def attention(
     shape = check_qkv(q, k, v)
     window = check_window_size(window_size)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    request = check_request(block_size, reduce, DEFAULT_MAP_BLOCK) if return_block_map else None
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
-    out, lse = impl(q, k, v, None, causal=bool(causal), window_size=window, softmax_scale=scale)
-    return AttentionOutput(out, lse) if return_lse else out
+    out, lse, *block_map = impl(q, k, v, None, causal=bool(causal), window_size=window, softmax_scale=scale,
+                                block_map=request)
+    return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
 
 def block_sparse_attention(
@@ -68,8 +80,11 @@ def block_sparse_attention(
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
     *,
+    return_block_map: bool = False,
+    block_size=None,
+    reduce: str = "mean",
     backend: Optional[str] = None,
-) -> Union[torch.Tensor, AttentionOutput]:
+) -> Result:
     r"""Exact softmax attention restricted to the blocks of ``block_mask``.
 
     Only the listed ``(query block, key block)`` tiles are computed; the mask's token-level
@@ -82,10 +97,12 @@ def block_sparse_attention(
             to q's or 1 (broadcast), on q's device.
         softmax_scale: defaults to ``D ** -0.5``.
         return_lse: also return the log-sum-exp ``(B, H, Sq)``.
+        {map_args} Default: the mask's block size.
         backend: as in :func:`attention`.
 
     Returns:
-        ``out`` or ``AttentionOutput(out, lse)``; rows whose mask keeps nothing give zeros, lse -inf.
+        ``out`` or a named tuple as in :func:`attention`; rows whose mask keeps nothing give zeros,
+        lse -inf.
 
     Example::
 
@@ -95,8 +112,12 @@ def block_sparse_attention(
     shape = check_qkv(q, k, v)
     check_block_mask(block_mask, shape, q.device)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    request = check_request(block_size, reduce, block_mask.block_size) if return_block_map else None
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
-    out, lse = impl(
-        q, k, v, block_mask, causal=block_mask.causal, window_size=block_mask.window_size, softmax_scale=scale
-    )
-    return AttentionOutput(out, lse) if return_lse else out
+    out, lse, *block_map = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=block_mask.window_size,
+                                softmax_scale=scale, block_map=request)
+    return pack(out, lse, block_map[0] if block_map else None, return_lse)
+
+
+attention.__doc__ = attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
+block_sparse_attention.__doc__ = block_sparse_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)

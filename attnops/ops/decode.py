@@ -7,14 +7,15 @@ bytes read per generated token by H.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 
 from attnops import dispatch
+from attnops.kernels.block_map import check_request, decode_block_map
 from attnops.masks import BlockMask, check_window_size
 from attnops.ops._checks import QKVShape, check_block_mask, check_qkv, resolve_softmax_scale
-from attnops.ops._result import AttentionOutput
+from attnops.ops._result import MAP_ARGS_DOC, Result, pack
 
 MAX_NEW_TOKENS = 64
 
@@ -29,9 +30,12 @@ def decode_attention(
     window_size: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     *,
+    return_block_map: bool = False,
+    block_size=None,
+    reduce: str = "mean",
     num_splits: int = 0,
     backend: Optional[str] = None,
-) -> Union[torch.Tensor, AttentionOutput]:
+) -> Result:
     r"""Attention of a few new queries against a KV cache (forward only).
 
     Args:
@@ -45,6 +49,9 @@ def decode_attention(
             each head may read (routed and low-rank decoding); batch/head dims 1 or B/H.
         window_size: ``(left, right)``; decoding is causal, so ``right`` must be -1 or 0.
         return_lse: also return lse ``(B, H, Sq_new)``.
+        {map_args} The map covers the cache ``(Sq_new, S_max)`` plane; default block: the block mask's,
+            else 64. Computed from the decode kernel's lse by one chunked pass over K
+            (``attnops.kernels.block_map.decode_block_map``).
         num_splits: how many chunks the cache length is split into, processed in parallel and
             merged by lse; 0 chooses from the problem size and the device.
         backend: as in :func:`attnops.attention`.
@@ -72,10 +79,19 @@ def decode_attention(
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    request = None
+    if return_block_map:
+        request = check_request(block_size, reduce, block_mask.block_size if block_mask is not None else (64, 64))
     impl = dispatch.resolve("decode_attention", q.device, backend)
     out, lse = impl(q, k_cache, v_cache, cache_seqlens, block_mask, window_size=(left, 0), softmax_scale=scale,
                     num_splits=num_splits)
-    return AttentionOutput(out, lse) if return_lse else out
+    block_map = None
+    if request is not None:
+        block_map = decode_block_map(q, k_cache, cache_seqlens, lse, block_mask, left, request, scale)
+    return pack(out, lse, block_map, return_lse)
+
+
+decode_attention.__doc__ = decode_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
 
 
 def _check_seqlens(cache_seqlens, shape: QKVShape, device: torch.device) -> None:

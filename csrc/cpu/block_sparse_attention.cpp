@@ -15,6 +15,13 @@
 //   two-pass:  a dq pass per (batch, head, query tile) first, for when B * Hkv tasks are too few
 //              to keep the threads busy (MQA, small batches).
 // Memory: packed copies of q/k/v/dO (O(S * D)) and per-thread tiles; never Sq x Sk.
+//
+// Block attention map (return_block_map), fused into the forward: the softmax step leaves the tile's
+// P = exp2(s - m_r) in place, so summing (or taking the max of) each row's P over the keys of one map
+// block costs a pass over a tile already in L1. The lse is not known yet, so a row keeps per map
+// block the value and the running max m_r it is relative to, rescaling when a later tile adds to the
+// same block; at the end of the task p = value * exp2(m_r - lse2_r) is exact, and rows are pooled
+// into the partial map (map_rows queries x map_cols keys). No second Q K^T, no Sq x Sk.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -85,17 +92,92 @@ int64_t tile_rows(const BlockLut& lut, int64_t preferred) {
 // Forward
 // ------------------------------------------------------------------------------------------
 
+// What the caller asked of the block map: partial sums (or maxima) over map_rows queries x map_cols
+// keys; rows == 0 means no map. map_rows divides the forward's query tile (the op checks it).
+struct MapSpec {
+  int64_t rows = 0, cols = 0;
+  bool max = false;
+  bool on() const { return rows > 0; }
+};
+
 template <typename T>
 struct FwdScratch {
   std::vector<T> q, s, acc, m, l, alpha;
   std::vector<RowSpan> spans;
-  FwdScratch(int64_t D, int64_t Dp)
-      : q(kTileQ * D), s(kTileQ * kTileK), acc(kTileQ * Dp), m(kTileQ), l(kTileQ), alpha(kTileQ), spans(kTileQ) {}
+  // Block map, laid out (map key block, tile row): value and the running max it is relative to.
+  // Blocks [map_lo, map_hi) have been touched by this task; tiles arrive in ascending key order.
+  std::vector<T> map_val, map_ref;
+  int64_t map_lo = 0, map_hi = 0;
+  FwdScratch(int64_t D, int64_t Dp, int64_t map_blocks)
+      : q(kTileQ * D), s(kTileQ * kTileK), acc(kTileQ * Dp), m(kTileQ), l(kTileQ), alpha(kTileQ), spans(kTileQ),
+        map_val(map_blocks * kTileQ), map_ref(map_blocks * kTileQ) {}
 };
+
+template <typename T>
+inline T segment_reduce(const T* p, int64_t a, int64_t e, bool take_max) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  V acc{};
+  int64_t i = a;
+  for (; i + W <= e; i += W) acc = take_max ? vmax_nan<T>(vload(p + i), acc) : acc + vload(p + i);
+  T r = take_max ? hmax<T>(acc) : hsum<T>(acc);
+  for (; i < e; ++i) r = take_max ? (p[i] != p[i] ? p[i] : std::max(r, p[i])) : r + p[i];
+  return r;
+}
+
+// Adds one tile's P (rows x columns [t0, t0 + n), valid spans) into the task's per-row map values.
+template <typename T>
+void map_add_tile(FwdScratch<T>& ws, const MapSpec& map, int64_t rows, int64_t t0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const RowSpan span = ws.spans[r];
+    if (span.empty()) continue;
+    const T* p = ws.s.data() + r * kTileK;
+    const T m_now = ws.m[r];
+    const int64_t j_first = (t0 + span.v0) / map.cols, j_last = (t0 + span.v1 - 1) / map.cols;
+    // First touch of a block: nothing added yet. Tiles ascend, so the range mostly grows upwards.
+    auto clear = [&](int64_t j) {
+      std::fill_n(ws.map_val.begin() + j * kTileQ, kTileQ, T(0));
+      std::fill_n(ws.map_ref.begin() + j * kTileQ, kTileQ, -std::numeric_limits<T>::infinity());
+    };
+    if (ws.map_hi <= ws.map_lo) ws.map_lo = ws.map_hi = j_first;
+    while (ws.map_lo > j_first) clear(--ws.map_lo);
+    for (; ws.map_hi <= j_last; ++ws.map_hi) clear(ws.map_hi);
+    for (int64_t j = j_first; j <= j_last; ++j) {
+      const int64_t a = std::max(span.v0, j * map.cols - t0), e = std::min(span.v1, (j + 1) * map.cols - t0);
+      const T seg = segment_reduce(p, a, e, map.max);
+      T& val = ws.map_val[j * kTileQ + r];
+      T& ref = ws.map_ref[j * kTileQ + r];
+      // m_r only grows, so older values are rescaled down to the current max.
+      const T old = ref == -std::numeric_limits<T>::infinity() ? T(0) : val * exp2_scalar(ref - m_now);
+      val = map.max ? (seg != seg ? seg : std::max(old, seg)) : old + seg;
+      ref = m_now;
+    }
+  }
+}
+
+// Turns the task's values into probabilities with the final lse and pools its rows into the partial
+// map rows it owns (every column written: blocks no row touched are exactly 0).
+template <typename T, typename M>
+void map_store_task(FwdScratch<T>& ws, const MapSpec& map, int64_t rows, int64_t r0, int64_t nk, M* part_bh) {
+  for (int64_t pr = r0 / map.rows; pr * map.rows < r0 + rows; ++pr) std::fill_n(part_bh + pr * nk, nk, M(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    if (ws.l[r] == T(0)) continue;  // no key: contributes nothing (the mean divides by rows that have one)
+    const T lse2 = ws.m[r] + std::log2(ws.l[r]);
+    M* prow = part_bh + ((r0 + r) / map.rows) * nk;
+    for (int64_t j = ws.map_lo; j < ws.map_hi; ++j) {
+      const T ref = ws.map_ref[j * kTileQ + r];
+      if (ref == -std::numeric_limits<T>::infinity()) continue;
+      const M pj = static_cast<M>(ws.map_val[j * kTileQ + r] * exp2_scalar(ref - lse2));
+      prow[j] = map.max ? (pj != pj ? pj : std::max(prow[j], pj)) : prow[j] + pj;
+    }
+  }
+  ws.map_lo = ws.map_hi = 0;
+}
 
 template <typename S>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const BlockLut& lut,
-                    const Predicates& pred, double softmax_scale, at::Tensor& out, at::Tensor& lse) {
+                    const Predicates& pred, double softmax_scale, const MapSpec& map, at::Tensor& out,
+                    at::Tensor& lse, at::Tensor& map_part) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
   const Problem p = make_problem(q, k, v, NR);
@@ -145,8 +227,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     return keys;
   };
 
+  const int64_t map_nk = map.on() ? (p.Sk + map.cols - 1) / map.cols : 0;
+  const int64_t map_nq = map.on() ? (p.Sq + map.rows - 1) / map.rows : 0;
+  auto* mp = map.on() ? map_part.data_ptr<compute_t<S>>() : nullptr;
+
   run_tasks(
-      p.B * p.H * q_tiles, cost, [&] { return FwdScratch<T>(p.D, p.Dp); },
+      p.B * p.H * q_tiles, cost, [&] { return FwdScratch<T>(p.D, p.Dp, map_nk); },
       [&](int64_t t, FwdScratch<T>& ws) {
         int64_t b, h, r0, r1;
         task_rows(t, b, h, r0, r1);
@@ -173,6 +259,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 gemm<T>(rows, n, p.D, ws.q.data(), p.D, ktile + t0 * p.D, p.D * NR, ws.s.data(), kTileK, false);
                 for (int64_t r = 0; r < rows; ++r)
                   softmax_row(ws.s.data() + r * kTileK, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
+                if (map.on()) map_add_tile(ws, map, rows, t0);
                 gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR, ws.acc.data(), p.Dp,
                         true, ws.alpha.data());
               }
@@ -190,6 +277,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             *lrow = static_cast<T>((ws.m[r] + std::log2(l)) * kLn2);
           }
         }
+        if (map.on()) map_store_task(ws, map, rows, r0, map_nk, mp + (b * p.H + h) * map_nq * map_nk);
       });
 }
 
@@ -528,23 +616,33 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
 // Operator entry points
 // ------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
     const c10::optional<at::Tensor>& /*q_num_blocks*/, const c10::optional<at::Tensor>& /*q_indices*/, int64_t block_q,
-    int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right) {
+    int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, int64_t map_rows,
+    int64_t map_cols, bool map_max) {
   check_inputs(q_in, k_in, v_in);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
   const Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
+  const MapSpec map{map_rows, map_cols, map_max};
+  if (map.on()) {
+    TORCH_CHECK(map_cols > 0 && tile_rows(lut, kTileQ) % map_rows == 0,
+                "block map: map_rows must divide the query tile (", tile_rows(lut, kTileQ), ") and map_cols be > 0");
+  }
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = maybe_poison(at::empty(q.sizes(), q.options()));
   at::Tensor lse = maybe_poison(at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_dtype)));
-  if (q.numel() == 0) return {out, lse};
+  at::Tensor map_part = map.on() ? maybe_poison(at::empty({q.size(0), q.size(2), (q.size(1) + map_rows - 1) / map_rows,
+                                                           (k.size(1) + map_cols - 1) / map_cols},
+                                                          q.options().dtype(lse_dtype)))
+                                 : at::empty({0}, q.options().dtype(lse_dtype));
+  if (q.numel() == 0) return {out, lse, map_part};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd_cpu", [&] {
-    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, out, lse);
+    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, map, out, lse, map_part);
   });
-  return {out, lse};
+  return {out, lse, map_part};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(

@@ -4,6 +4,8 @@ and ``block_sparse_attention`` (family "sparse": any BlockMask constructor).
 Parameters (suite ``params`` or case keys):
   attention:              causal (bool), window ([left, right], default [-1, -1])
   block_sparse_attention: mask (a BlockMask constructor name), mask_args (dict), block_size (int)
+  both:                   block_map (bool): time the forward with its block map (return_block_map)
+                          against the same forward without it (the block-map issue's <= 1.6x target)
 The baseline of a sparse case is *dense* non-causal FlashAttention / SDPA of the same shape: the
 speedup then reads against the density of the mask (the target of the core issue is >= 0.8 / d).
 """
@@ -105,16 +107,28 @@ def _providers(spec: CaseSpec, op_run, mask, causal, window, baseline_causal, sa
     return op, wrap(baseline), extras, notes
 
 
+def _map_overhead(spec: CaseSpec, op_run):
+    """Providers of a block_map case: the op with its map, baseline the op without it."""
+    if spec.mode != "fwd":
+        raise ValueError("block_map cases time the forward (mode = 'fwd')")
+    with_map = Provider(name="attnops", run=lambda st: op_run(st, return_block_map=True),
+                        output=lambda st, result: result.out)
+    return with_map, Provider(name="no map", run=op_run), [], []
+
+
 def build_attention(spec: CaseSpec) -> Prepared:
     s = spec.shape
     causal = bool(spec.params.get("causal", False))
     window = tuple(spec.params.get("window", (-1, -1)))
     scale = s["D"] ** -0.5
-    op_run = lambda st: attnops.attention(*st, causal=causal, window_size=window)  # noqa: E731
+    op_run = lambda st, **kw: attnops.attention(*st, causal=causal, window_size=window, **kw)  # noqa: E731
     # SDPA/FA have no window here; a windowed case still compares with dense attention of the
     # same causality. SDPA aligns causal top-left, so Sq != Sk is a different function there.
     same = window == (-1, -1) and (not causal or s["Sq"] == s["Sk"])
-    op, base, extras, notes = _providers(spec, op_run, None, causal, window, causal, same)
+    if spec.params.get("block_map"):
+        op, base, extras, notes = _map_overhead(spec, op_run)
+    else:
+        op, base, extras, notes = _providers(spec, op_run, None, causal, window, causal, same)
     dense, actual = _flops(spec, _pairs_dense(s["Sq"], s["Sk"], causal, window) * s["B"] * s["H"])
     return Prepared(
         make_inputs=qkv_inputs(spec), op=op, baseline=base, extras=extras,
@@ -144,8 +158,11 @@ def build_block_sparse(spec: CaseSpec) -> Prepared:
     if spec.mode == "fwd+bwd":
         mask.q_num_blocks  # the transpose is part of building a mask, not of each call
     scale = s["D"] ** -0.5
-    op_run = lambda st: attnops.block_sparse_attention(*st, mask)  # noqa: E731
-    op, base, extras, notes = _providers(spec, op_run, mask, mask.causal, mask.window_size, False, False)
+    op_run = lambda st, **kw: attnops.block_sparse_attention(*st, mask, **kw)  # noqa: E731
+    if spec.params.get("block_map"):
+        op, base, extras, notes = _map_overhead(spec, op_run)
+    else:
+        op, base, extras, notes = _providers(spec, op_run, mask, mask.causal, mask.window_size, False, False)
     dense, actual = _flops(spec, _pairs_blocks(mask) * (s["B"] // mask.shape[0]) * (s["H"] // mask.shape[1]))
     return Prepared(
         make_inputs=qkv_inputs(spec), op=op, baseline=base, extras=extras,

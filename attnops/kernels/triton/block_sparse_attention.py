@@ -456,7 +456,8 @@ def _dense_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, softmax_scale, causal, window_left, window_right):
+def _fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, softmax_scale, causal, window_left, window_right,
+         map_rows=0, map_cols=0, map_max=False):
     _check(q)
     q, k, v = (_dense_last_dim(t) for t in (q, k, v))
     B, Sq, H, _ = q.shape
@@ -464,14 +465,20 @@ def _fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, softmax_scale, ca
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
-        return out, lse
+        return out, lse, q.new_zeros(_reg.partial_map_shape(q, k, map_rows, map_cols), dtype=torch.float32)
     left, right = _window(causal, window_left, window_right)
     counts, indices, lut = _lut_args(kv_num_blocks, kv_indices, q.device)
     meta = _common_meta(q, block_q, block_k, kv_num_blocks is not None, left, right)
     args = (q, k, v, out, lse, counts, indices, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *lut,
             Sq, Sk, H, H // Hkv, softmax_scale * LOG2E, Sk - Sq, left, right)
     _launch(_fwd_tuned, _fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args, meta)
-    return out, lse
+    if map_rows == 0:
+        return out, lse, q.new_empty((0,), dtype=torch.float32)
+    from attnops.kernels.triton.block_map import launch_block_map  # it imports this module's jit helpers
+
+    partial = launch_block_map(q, k, lse, counts, indices, lut, meta, map_rows, map_cols, map_max, softmax_scale, left,
+                               right)
+    return out, lse, partial
 
 
 def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
@@ -517,8 +524,10 @@ def block_sparse_attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  kv_num_blocks: Optional[torch.Tensor], kv_indices: Optional[torch.Tensor],
                                  q_num_blocks: Optional[torch.Tensor], q_indices: Optional[torch.Tensor],
                                  block_q: int, block_k: int, softmax_scale: float, causal: bool, window_left: int,
-                                 window_right: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, softmax_scale, causal, window_left, window_right)
+                                 window_right: int, map_rows: int = 0, map_cols: int = 0,
+                                 map_max: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, softmax_scale, causal, window_left, window_right,
+                map_rows, map_cols, map_max)
 
 
 @torch.library.custom_op("attnops::block_sparse_attn_bwd_triton", mutates_args=())

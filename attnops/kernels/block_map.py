@@ -1,0 +1,118 @@
+"""Block attention maps: the part every backend shares.
+
+``block_map[b, h, i, j]`` is the mean, over the queries of query block ``i`` that attend to at least
+one key, of the softmax probability they put on the keys of key block ``j`` (``reduce="max"``: the
+largest single probability in the tile, SeerAttention's target). A row of a mean map sums to 1, or
+is all 0 when no query of the block sees a key; blocks the mask drops are exactly 0.
+
+The attention kernels write a *partial* map: sums (or maxima) of the probabilities over ``rows``
+queries x ``block_k`` keys, with ``rows`` a divisor of the map's query block that fits the kernels'
+query tiles (:func:`partial_rows`). :func:`finish` pools the partial rows into map rows and divides
+by the number of queries that attend to something, read off the lse (``-inf`` = nothing).
+:func:`decode_block_map` is the decode path's map, computed from the decode kernels' lse.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Tuple
+
+import torch
+
+REDUCTIONS = ("mean", "max")
+# The kernels' query tile: C++ tasks and the Triton map kernel cover at most 64 queries per row
+# block, so partial rows never need more.
+_MAX_PARTIAL_ROWS = 64
+
+
+class MapRequest(NamedTuple):
+    """What a caller asks of a kernel: map block sizes (powers of two) and the reduction."""
+
+    block_q: int
+    block_k: int
+    reduce: str
+
+
+def partial_rows(request: MapRequest, lut_block_q: int = 0) -> int:
+    """Queries per partial-map row: a power of two dividing the map's query block and the kernels'
+    query tile (which never straddles two LUT rows)."""
+    rows = min(request.block_q, _MAX_PARTIAL_ROWS)
+    return min(rows, lut_block_q) if lut_block_q else rows
+
+
+def finish(partial: torch.Tensor, lse: torch.Tensor, rows: int, request: MapRequest) -> torch.Tensor:
+    """Pools ``partial (B, H, ceil(Sq/rows), Nk)`` into ``(B, H, ceil(Sq/block_q), Nk)`` float32 (float64
+    for float64 inputs): sum or max over ``block_q / rows`` partial rows, then, for the mean, a
+    division by the number of queries of the block with a finite (or NaN) lse."""
+    B, H, _, Nk = partial.shape
+    Sq = lse.shape[-1]
+    nq = -(-Sq // request.block_q)
+    factor = request.block_q // rows
+    if factor > 1:
+        pad = nq * factor - partial.shape[2]
+        partial = torch.nn.functional.pad(partial, (0, 0, 0, pad)).view(B, H, nq, factor, Nk)
+        partial = partial.amax(dim=3) if request.reduce == "max" else partial.sum(dim=3)
+    if request.reduce == "max":
+        return partial
+    attends = torch.nn.functional.pad((lse != float("-inf")).to(partial.dtype), (0, nq * request.block_q - Sq))
+    count = attends.view(B, H, nq, request.block_q).sum(-1, keepdim=True)
+    return partial / count.clamp(min=1)
+
+
+def check_request(block_size, reduce: str, default: Tuple[int, int]) -> MapRequest:
+    """Validates the ops' ``block_size`` / ``reduce`` arguments (raised before any kernel runs)."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    if block_size is None:
+        block_q, block_k = default
+    elif isinstance(block_size, int) and not isinstance(block_size, bool):
+        block_q = block_k = block_size
+    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+        block_q, block_k = block_size
+    else:
+        raise TypeError(f"block_size must be an int or a (block_q, block_k) pair, got {block_size!r}")
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(b, int) or isinstance(b, bool) or b < 16 or b & (b - 1):
+            raise ValueError(f"block map {name} must be a power of two >= 16, got {b!r}")
+    return MapRequest(block_q, block_k, reduce)
+
+
+def decode_block_map(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, lse: torch.Tensor,
+                     block_mask, window_left: int, request: MapRequest, softmax_scale: float,
+                     chunk: int = 4096) -> torch.Tensor:
+    """The block map of a decode step, from the decode kernel's ``lse (B, H, Sq_new)``.
+
+    Decoding has at most 64 query rows, so the map is a batched ``q K^T`` over the cache in chunks
+    of ``chunk`` keys: memory ``B * H * Sq_new * chunk``, never a square matrix, one extra read of K
+    and none of V. The keep predicate is the decode kernels' (``attnops.decode_attention``): query
+    ``i`` of sequence ``b`` sits at ``cache_seqlens[b] - Sq_new + i``, sees keys up to it (and back to
+    ``pos - window_left``), in the blocks ``block_mask`` keeps.
+    """
+    B, Sq, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(work).permute(0, 2, 1, 3).reshape(B, Hkv, (H // Hkv) * Sq, D) * softmax_scale  # one kv group per row set
+    lse_w = lse.to(work)
+    lse_rows = torch.where(torch.isneginf(lse_w), torch.inf, lse_w).view(B, Hkv, -1, 1)  # no key: p = 0
+    pos = cache_seqlens.to(device=q.device, dtype=torch.long).view(B, 1, 1, 1) - Sq + torch.arange(
+        Sq, device=q.device).view(1, 1, Sq, 1)
+    kept_blocks = None
+    if block_mask is not None:
+        kept_blocks = block_mask.to_dense().to(q.device)[:, :, torch.arange(Sq, device=q.device) // block_mask.block_size[0]]
+    nk = -(-S // request.block_k)
+    rows = torch.zeros(B, H, Sq, nk, dtype=work, device=q.device)
+    step = max(request.block_k, chunk // request.block_k * request.block_k)
+    for lo in range(0, S, step):
+        hi = min(lo + step, S)
+        j = torch.arange(lo, hi, device=q.device).view(1, 1, 1, -1)
+        keep = j <= pos  # pos < cache_seqlens, so this also drops the unused cache
+        if window_left >= 0:
+            keep = keep & (j >= pos - window_left)
+        if kept_blocks is not None:
+            keep = keep & kept_blocks[..., j.view(-1) // block_mask.block_size[1]]
+        kc = k_cache[:, lo:hi].to(work).permute(0, 2, 3, 1)  # (B, Hkv, D, n)
+        p = torch.exp(torch.matmul(qg, kc) - lse_rows).view(B, H, Sq, hi - lo).masked_fill(~keep, 0.0)
+        width = -(-(hi - lo) // request.block_k) * request.block_k
+        p = torch.nn.functional.pad(p, (0, width - (hi - lo))).view(B, H, Sq, -1, request.block_k)
+        first = lo // request.block_k
+        rows[..., first:first + p.shape[3]] = p.amax(-1) if request.reduce == "max" else p.sum(-1)
+    return finish(rows, lse, 1, request).to(lse.dtype)
