@@ -93,6 +93,10 @@ def test_dense_map_matches_reference(case, block_size, reduce, fwd_impl):
                                                 window_size=kwargs.get("window_size", (-1, -1)))
 
     check_map(case, res.block_map, request, ref, inputs, torch.float32)
+    # the same map whether or not the lse is also asked for
+    _, block_map = attnops.attention(*inputs, return_block_map=True, block_size=block_size, reduce=reduce,
+                                     backend=fwd_impl.backend, **kwargs)
+    assert torch.equal(block_map, res.block_map)
 
 
 def test_map_of_float64_is_exact():
