@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnops.kernels.block_map import check_request
 from attnops.maps.capture import attend, capturing, map_options, record
-from attnops.ops.attention import DEFAULT_MAP_BLOCK
 from attnops.nn.specs import AttentionSpec, Dense, resolve_spec
+from attnops.ops.attention import DEFAULT_MAP_BLOCK
 
 
 class MultiheadAttention(nn.Module):
@@ -158,32 +159,30 @@ class MultiheadAttention(nn.Module):
         positions: ``need_weights`` then gives ``None`` (torch's default must not break such calls)
         and a capture, which asked for maps explicitly, raises."""
         capturing_now = capturing()
-        prefix = all(bool(kept[:int(kept.sum())].all()) for kept in keep)
-        if capturing_now and not prefix:
-            raise NotImplementedError("attnops.maps.capture with key padding that is not at the end of the "
-                                      "sequence: block maps index key positions")
-        want_map = (need_weights or capturing_now) and prefix
+        want_map = need_weights or capturing_now
+        if want_map and not all(bool(kept[:int(kept.sum())].all()) for kept in keep):
+            if capturing_now:
+                raise NotImplementedError("attnops.maps.capture with key padding that is not at the end of the "
+                                          "sequence: block maps index key positions")
+            want_map = False
         options = map_options()
-        block_k = _pair(options.get("block_size") or DEFAULT_MAP_BLOCK)[1]
-        nk = -(-k.shape[1] // block_k)
+        nk = -(-k.shape[1] // check_request(options.get("block_size"), options.get("reduce", "mean"),
+                                            DEFAULT_MAP_BLOCK).block_k)
         outs, maps = [], []
         for b in range(k.shape[0]):
             kept = keep[b]
-            if not want_map:
-                outs.append(self.attention.attend(q[b:b + 1], k[b:b + 1, kept], v[b:b + 1, kept]))
-                continue
-            out, block_map = self.attention.attend(q[b:b + 1], k[b:b + 1, kept], v[b:b + 1, kept],
-                                                   return_block_map=True, **options)
-            outs.append(out)
-            maps.append(F.pad(block_map, (0, nk - block_map.shape[-1])))
+            res = self.attention.attend(q[b:b + 1], k[b:b + 1, kept], v[b:b + 1, kept], return_block_map=want_map,
+                                        **options)
+            if want_map:
+                res, block_map = res
+                maps.append(F.pad(block_map, (0, nk - block_map.shape[-1])))
+            outs.append(res)
         if not want_map:
             return torch.cat(outs), None
         block_map = torch.cat(maps)
         record(self, block_map)
         return torch.cat(outs), block_map
 
-def _pair(block_size):
-    return (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
 
 def _blocked(mask: torch.Tensor, name: str) -> torch.Tensor:
     """torch's mask conventions -> bool, True where blocked: a bool mask as is; an additive float mask
