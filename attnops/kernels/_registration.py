@@ -91,13 +91,12 @@ def block_sparse_backend(fwd_op: Callable) -> Callable:
             transposed = (block_mask.q_num_blocks, block_mask.q_indices) if needs_grad else (None, None)
             lut = (block_mask.kv_num_blocks, block_mask.kv_indices, *transposed)
             block_q, block_k = block_mask.block_size
+        args = (q, k, v, *lut, block_q, block_k, float(softmax_scale), bool(causal), window_size[0], window_size[1])
         if block_map is None:
-            out, lse, _ = fwd_op(q, k, v, *lut, block_q, block_k, float(softmax_scale), bool(causal), window_size[0],
-                                 window_size[1])
+            out, lse, _ = fwd_op(*args)
             return out, lse
         rows = _map.partial_rows(block_map, block_q)
-        out, lse, partial = fwd_op(q, k, v, *lut, block_q, block_k, float(softmax_scale), bool(causal),
-                                   window_size[0], window_size[1], rows, block_map.block_k, block_map.reduce == "max")
+        out, lse, partial = fwd_op(*args, rows, block_map.block_k, block_map.reduce == "max")
         return out, lse, _map.finish(partial, lse, rows, block_map)
 
     return block_sparse_attention

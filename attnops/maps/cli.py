@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from attnops.maps.capture import capture
+from attnops.masks import BlockMask
 from attnops.maps.plot import plot_grid, to_heatmap
 from attnops.maps.rollout import rollout
 from attnops.nn.attention import Attention
@@ -58,8 +59,6 @@ def _spec(name: str):
     if name.startswith("window:"):
         return Dense(causal=True, window=(int(name.split(":", 1)[1]), 0))
     if name.startswith("sink_local:"):
-        from attnops.masks import BlockMask
-
         sink, local = (int(x) for x in name.split(":", 1)[1].split(","))
         return BlockSparse(pattern=lambda sq, sk: BlockMask.sink_local((sq, sk), sink, local, block_size=64))
     raise argparse.ArgumentTypeError(f"unknown attention {name!r}: causal, window:LEFT, sink_local:SINK,LOCAL")
