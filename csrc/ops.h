@@ -18,6 +18,9 @@ inline at::Tensor maybe_poison(at::Tensor t) {
   return t;
 }
 
+// Kernels index the head dim with stride 1; any other layout is taken as strides (no copy).
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 // Shape checks of decode_attn_fwd shared by its CPU and CUDA implementations (the Python op has
 // already given the user-facing error; these guard direct calls of the registered op).
 inline void check_decode_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

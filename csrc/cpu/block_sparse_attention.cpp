@@ -81,8 +81,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "q/k/v dtypes differ");
 }
 
-at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 // Query (or key) tiles: with a LUT a tile never straddles two LUT rows.
 int64_t tile_rows(const BlockLut& lut, int64_t preferred) {
   return lut.present() ? std::min(preferred, lut.row_block) : preferred;

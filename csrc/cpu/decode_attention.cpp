@@ -355,8 +355,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attn_fwd_cpu(const at::Tensor& q_in, c
                                                        int64_t block_k, double softmax_scale, int64_t window_left,
                                                        int64_t num_splits) {
   check_decode_shapes(q_in, k_in, v_in, cache_seqlens);
-  auto dense = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
-  const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const at::Tensor lens = cache_seqlens.to(at::kInt).contiguous();
   BlockKeep keep;
   at::Tensor keep_t;

@@ -24,8 +24,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attn_fwd_cuda(const at::Tensor& q_in, 
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "the CUDA decode kernel takes float32, float16 or bfloat16");
   const c10::cuda::CUDAGuard guard(q_in.device());
-  auto dense = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
-  const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   // The kernel loads a key row as 32 lanes x D/32 elements of one head: heads must be dense rows.
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode: cache rows must be contiguous");
   const at::Tensor lens = cache_seqlens.to(at::kInt).contiguous();
