@@ -74,6 +74,8 @@ class BlockMask:
         window_size: token-level ``(left, right)`` window predicate.
 
     The constructor validates the LUT (shapes, ranges, ascending order) and raises ``ValueError``.
+    ``validate=False`` skips that for LUTs that attnops' own routers write (valid by construction,
+    tested): validation reads the LUT's values, a device synchronisation per call on a GPU.
     """
 
     def __init__(
@@ -84,6 +86,8 @@ class BlockMask:
         block_size: BlockSize = DEFAULT_BLOCK_SIZE,
         causal: bool = False,
         window_size: Tuple[int, int] = (-1, -1),
+        *,
+        validate: bool = True,
     ):
         self.seq_lengths = _check_seq_len(seq_len)
         self.block_size = _check_block_size(block_size)
@@ -97,7 +101,8 @@ class BlockMask:
         self.kv_num_blocks = kv_num_blocks.to(torch.int32).contiguous()
         self.kv_indices = kv_indices.to(torch.int32).contiguous()
         self._transpose: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._validate()
+        if validate:
+            self._validate()
 
     # ---- shape -------------------------------------------------------------------------------
 

@@ -45,6 +45,12 @@ TORCH_LIBRARY(attnops, m) {
   m.def(
       "decode_attn_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_keep, "
       "int block_q, int block_k, float softmax_scale, int window_left, int num_splits) -> (Tensor, Tensor)");
+  // MoBA router: q (B, S, H, D), k (B, S, Hkv, D); per query tile of route_block rows, the MoBA
+  // blocks (block_size keys, a multiple of route_block) whose mean key scores highest against the
+  // tile's mean query: its own block plus the top (topk - 1) others (causal: earlier ones only).
+  // Returns the block LUT at (route_block, route_block) granularity: kv_num_blocks (B, H, Nt) and
+  // kv_indices (B, H, Nt, W) int32, ascending, Nt = ceil(S / route_block).
+  m.def("moba_route(Tensor q, Tensor k, int block_size, int topk, bool causal, int route_block) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -13,8 +13,12 @@ bool poison_outputs();
 // fused single pass, 2 the two-pass one (tests run both).
 int backward_mode();
 
+// Integer outputs (block LUTs) get -1, which no valid LUT entry or count holds.
 inline at::Tensor maybe_poison(at::Tensor t) {
-  if (poison_outputs() && at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (poison_outputs()) {
+    if (at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
+    else if (at::isIntegralType(t.scalar_type(), /*includeBool=*/false)) t.fill_(-1);
+  }
   return t;
 }
 

@@ -46,12 +46,12 @@ def _poisoning(fn):
         out = fn(*args, **kwargs)
         if (
             isinstance(out, torch.Tensor)
-            and out.is_floating_point()
+            and (out.is_floating_point() or out.dtype in (torch.int32, torch.int64))
             and not isinstance(out, torch._subclasses.FakeTensor)
             and out.device.type != "meta"
             and _called_from_attnops()
         ):
-            out.fill_(float("nan"))
+            out.fill_(float("nan") if out.is_floating_point() else -1)  # -1: no valid LUT entry
         return out
 
     return wrapper

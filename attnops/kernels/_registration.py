@@ -6,6 +6,9 @@ function the dispatcher calls. Both backends' operators take the same arguments:
         softmax_scale, causal, window_left, window_right, map_rows=0, map_cols=0, map_max=False)
         -> (out, lse, partial block map or an empty tensor)
     bwd(dout, dlse?, q, k, v, out, lse, <the LUT and scalars above>) -> (dq, dk, dv)
+
+and the MoBA router ``moba_route(q, k, block_size, topk, causal, route_block) -> (kv_num_blocks,
+kv_indices)`` (forward only: routing is a hard choice, no gradient flows through it).
 """
 
 from __future__ import annotations
@@ -138,3 +141,29 @@ def decode_backend(fwd_op: Callable) -> Callable:
                       window_size[0], int(num_splits))
 
     return decode_attention
+
+
+# ---- MoBA router ----------------------------------------------------------------------------------
+
+def moba_lut_width(seq_len: int, block_size: int, topk: int, route_block: int) -> int:
+    """Entries per LUT row the router writes: ``topk`` MoBA blocks of ``block_size / route_block``
+    sub-blocks each, at most every sub-block, at least 1."""
+    tiles, blocks = -(-seq_len // route_block), -(-seq_len // block_size)
+    return max(1, min(min(topk, blocks) * (block_size // route_block), tiles))
+
+
+def moba_route_fake(q, k, block_size, topk, causal, route_block):
+    B, S, H, _ = q.shape
+    tiles = -(-S // route_block)
+    width = moba_lut_width(S, block_size, topk, route_block)
+    return q.new_empty((B, H, tiles), dtype=torch.int32), q.new_empty((B, H, tiles, width), dtype=torch.int32)
+
+
+def moba_route_backend(route_op: Callable) -> Callable:
+    """The dispatcher-facing router of a backend whose operator is ``route_op``."""
+
+    def moba_route(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, causal: bool,
+                   route_block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return route_op(q, k, int(block_size), int(topk), bool(causal), int(route_block))
+
+    return moba_route

@@ -1,10 +1,11 @@
 """Drop-in modules built on the attnops ops, attention specs, and swap / unswap."""
 
 from attnops.nn.attention import Attention
+from attnops.nn.block_gate import BlockGate
 from attnops.nn.mqa import MultiQueryAttention
 from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
 from attnops.nn.rotary import Rotary
-from attnops.nn.specs import BlockSparse, Dense
+from attnops.nn.specs import MoBA, BlockSparse, Dense
 
-__all__ = ["Attention", "BlockSparse", "Dense", "MultiQueryAttention", "MultiheadAttention", "Rotary", "SwapReport",
+__all__ = ["Attention", "BlockGate", "BlockSparse", "Dense", "MoBA", "MultiQueryAttention", "MultiheadAttention", "Rotary", "SwapReport",
            "swap", "unswap"]

@@ -2,7 +2,7 @@
 on construction. A module turns its spec into one op call through ``spec.attend(q, k, v)``
 (through ``attnops.maps.attend``, which asks for the block map while a capture is open).
 
-Today: ``Dense`` and ``BlockSparse``; the routed, linear and low-rank families add theirs as they
+Today: ``Dense``, ``BlockSparse`` and ``MoBA``; the linear and low-rank families add theirs as they
 land (one class and its ``attend``)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from attnops.masks import BlockMask
 from attnops.ops.attention import attention, block_sparse_attention
+from attnops.ops.routed import MOBA_KERNEL_BLOCK, moba_attention
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,40 @@ class BlockSparse:
         return mask
 
 
-AttentionSpec = Union[Dense, BlockSparse]
-SPECS = (Dense, BlockSparse)
+@dataclass(frozen=True)
+class MoBA:
+    """MoBA block-routed attention (:func:`attnops.moba_attention`): each query tile attends its own
+    ``block_size`` block and the ``topk - 1`` blocks whose mean key scores highest; ``causal`` adds to
+    the call's. Prefill and training route; a cached decoding step (fewer queries than keys) attends
+    to the whole cache exactly, as MoBA's own implementation does for decoding."""
+
+    block_size: int = 512
+    topk: int = 3
+    causal: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < MOBA_KERNEL_BLOCK \
+                or self.block_size % MOBA_KERNEL_BLOCK:
+            raise ValueError(f"MoBA.block_size must be a multiple of {MOBA_KERNEL_BLOCK}, got {self.block_size!r}")
+        if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1:
+            raise ValueError(f"MoBA.topk must be an int >= 1, got {self.topk!r}")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"MoBA.causal must be a bool, got {self.causal!r}")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """As :meth:`Dense.attend`; the map's ``block_size`` reaches the op as ``map_block_size``."""
+        causal = self.causal or causal
+        if q.shape[1] != k.shape[1]:
+            return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **block_map)
+        if "block_size" in block_map:
+            block_map["map_block_size"] = block_map.pop("block_size")
+        return moba_attention(q, k, v, self.block_size, self.topk, causal=causal, softmax_scale=softmax_scale,
+                              **block_map)
+
+
+AttentionSpec = Union[Dense, BlockSparse, MoBA]
+SPECS = (Dense, BlockSparse, MoBA)
 
 
 def resolve_spec(spec: Optional[AttentionSpec], default: AttentionSpec, name: str = "attention") -> AttentionSpec:

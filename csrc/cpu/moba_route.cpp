@@ -1,0 +1,134 @@
+// MoBA router on the CPU: pools the keys per MoBA block, scores every query tile against the pooled
+// blocks, keeps the top-k and writes the block LUT that the block-sparse core then runs.
+//
+// Routing is per query tile of `route_block` rows (the kernel's query block), not per token: a
+// LUT row is what the attention kernels read, and a token-granular choice would need a per-row mask
+// inside them. The tile's gate against block j is mean(q[tile]) . mean(k[block j]), which ranks
+// blocks as the sum of its tokens' gates does (attnops/ops/routed.py states the definition).
+// The tile's own MoBA block is always kept (attended causally when causal: its key sub-blocks end at
+// the tile's diagonal); under causal, later blocks are never candidates. Ties go to the lower block
+// index and a NaN gate ranks highest (torch.topk's order), so the choice is deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "ops.h"
+
+namespace attnops::cpu {
+namespace {
+
+template <typename T>
+void route(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t topk, bool causal,
+           int64_t route_block, at::Tensor& counts, at::Tensor& indices) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
+  const int64_t group = H / Hkv;
+  const int64_t num_moba = (S + block_size - 1) / block_size;
+  const int64_t num_tiles = (S + route_block - 1) / route_block;  // query tiles = key sub-blocks
+  const int64_t sub = block_size / route_block;                   // key sub-blocks per MoBA block
+  const int64_t width = indices.size(3);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const auto qs = q.strides();
+  const auto ks = k.strides();
+
+  // Pooled keys (B, num_moba, Hkv, D): the mean over the block's keys (a partial last block
+  // averages the keys it has).
+  std::vector<acc_t> pooled(B * num_moba * Hkv * D, acc_t(0));
+  at::parallel_for(0, B * num_moba * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t hk = task % Hkv, j = (task / Hkv) % num_moba, b = task / (Hkv * num_moba);
+      acc_t* out = pooled.data() + task * D;
+      const int64_t lo = j * block_size, hi = std::min(S, lo + block_size);
+      for (int64_t s = lo; s < hi; ++s) {
+        const T* row = kp + b * ks[0] + s * ks[1] + hk * ks[2];
+        for (int64_t d = 0; d < D; ++d) out[d] += static_cast<acc_t>(row[d]);
+      }
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(hi - lo);
+      for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+    }
+  });
+
+  int32_t* cnt = counts.data_ptr<int32_t>();
+  int32_t* idx = indices.data_ptr<int32_t>();
+  at::parallel_for(0, B * H * num_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qmean(D), score(num_moba);
+    std::vector<int64_t> cand, chosen;
+    cand.reserve(num_moba);
+    chosen.reserve(num_moba);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task % num_tiles, h = (task / num_tiles) % H, b = task / (num_tiles * H);
+      const int64_t r0 = t * route_block, r1 = std::min(S, r0 + route_block);
+      std::fill(qmean.begin(), qmean.end(), acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* row = qp + b * qs[0] + r * qs[1] + h * qs[2];
+        for (int64_t d = 0; d < D; ++d) qmean[d] += static_cast<acc_t>(row[d]);
+      }
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
+      for (int64_t d = 0; d < D; ++d) qmean[d] *= inv;
+
+      const int64_t own = r0 / block_size;
+      cand.clear();
+      for (int64_t j = 0; j < (causal ? own : num_moba); ++j) {
+        if (j == own) continue;
+        const acc_t* kb = pooled.data() + ((b * num_moba + j) * Hkv + h / group) * D;
+        acc_t s = 0;
+        for (int64_t d = 0; d < D; ++d) s += qmean[d] * kb[d];
+        score[j] = std::isnan(s) ? std::numeric_limits<acc_t>::infinity() : s;
+        cand.push_back(j);
+      }
+      const int64_t keep = std::min<int64_t>(topk - 1, static_cast<int64_t>(cand.size()));
+      const auto better = [&](int64_t a, int64_t c) { return score[a] > score[c] || (score[a] == score[c] && a < c); };
+      std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(), better);
+      chosen.assign(cand.begin(), cand.begin() + keep);
+      chosen.push_back(own);
+      std::sort(chosen.begin(), chosen.end());
+
+      int32_t* row_idx = idx + task * width;
+      int64_t n = 0;
+      for (int64_t j : chosen) {
+        int64_t last = std::min((j + 1) * sub, num_tiles) - 1;
+        if (causal && j == own) last = std::min(last, t);  // the diagonal sub-block of this tile
+        for (int64_t s = j * sub; s <= last; ++s) row_idx[n++] = static_cast<int32_t>(s);
+      }
+      for (int64_t s = n; s < width; ++s) row_idx[s] = 0;
+      cnt[task] = static_cast<int32_t>(n);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> moba_route_cpu(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_size,
+                                                  int64_t topk, bool causal, int64_t route_block) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, "moba_route: q and k must be 4-d");
+  TORCH_CHECK(q_in.size(0) == k_in.size(0) && q_in.size(1) == k_in.size(1) && q_in.size(3) == k_in.size(3),
+              "moba_route: q (B, S, H, D) and k (B, S, Hkv, D) do not fit");
+  TORCH_CHECK(k_in.size(2) > 0 && q_in.size(2) % k_in.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(route_block > 0 && block_size > 0 && block_size % route_block == 0 && topk >= 1,
+              "moba_route: block_size must be a positive multiple of route_block, topk >= 1");
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in.to(q_in.scalar_type()));
+  const int64_t S = q.size(1);
+  const int64_t num_tiles = (S + route_block - 1) / route_block;
+  const int64_t num_moba = (S + block_size - 1) / block_size;
+  const int64_t width = std::max<int64_t>(1, std::min(std::min(topk, num_moba) * (block_size / route_block), num_tiles));
+  auto opts = q.options().dtype(at::kInt);
+  at::Tensor counts = maybe_poison(at::empty({q.size(0), q.size(2), num_tiles}, opts));
+  at::Tensor indices = maybe_poison(at::empty({q.size(0), q.size(2), num_tiles, width}, opts));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "moba_route", [&] {
+    route<scalar_t>(q, k, block_size, topk, causal, route_block, counts, indices);
+  });
+  return {counts, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnops, CPU, m) { m.impl("moba_route", &moba_route_cpu); }
+
+}  // namespace attnops::cpu
