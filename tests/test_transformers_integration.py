@@ -111,3 +111,19 @@ def test_sparse_spec_registers_under_its_name():
         out = model(ids).logits
     assert torch.isfinite(out).all()
     assert hf_attnops.registered()[name] is spec
+
+
+@pytest.mark.parametrize("name", ["attnops_sparse", "attnops_moba"])
+def test_family_names_register_their_default_spec(name):
+    from transformers import AutoModelForCausalLM
+
+    assert hf_attnops.register(name) == name and hf_attnops.registered()[name] is hf_attnops.DEFAULTS[name]
+    cfg = _configs()["llama-gqa"]
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=hf_attnops.register()).eval()
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=name).eval()
+    model.load_state_dict(dense.state_dict())
+    ids = torch.randint(0, 97, (1, 60))
+    with torch.no_grad():  # 60 tokens: inside the default window / the first MoBA block, so dense
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=0, atol=1e-4)
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 63)

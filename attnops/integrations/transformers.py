@@ -2,7 +2,8 @@
 
     import attnops.integrations.transformers as hf_attnops
     hf_attnops.register()                                   # "attnops": exact dense attention
-    hf_attnops.register("attnops_sparse", attnops.nn.BlockSparse(pattern=...))
+    hf_attnops.register("attnops_moba")                     # a default spec per family name (DEFAULTS)
+    hf_attnops.register("attnops_sparse", attnops.nn.BlockSparse(pattern=...))  # or any spec
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnops")
     model.set_attn_implementation("attnops")                # or switch an existing model
 
@@ -20,9 +21,25 @@ from typing import Dict, Optional
 import torch
 
 from attnops.maps.capture import attend
-from attnops.nn.specs import AttentionSpec, Dense, resolve_spec
+from attnops.masks import BlockMask
+from attnops.nn.specs import AttentionSpec, BlockSparse, Dense, MoBA, resolve_spec
 
 _SPECS: Dict[str, AttentionSpec] = {}
+
+
+def streaming_pattern(seq_len_q: int, seq_len_k: int) -> BlockMask:
+    """The default of ``"attnops_sparse"``: StreamingLLM's attention sink + local window, causal: the
+    first 64 keys and the 1024 keys up to each query (bottom-right aligned, so cached decoding steps
+    see the same sink + window)."""
+    return BlockMask.sink_local((seq_len_q, seq_len_k), num_sink_blocks=1, num_local_blocks=16, causal=True)
+
+
+# The spec a family name gets when register() is called without one.
+DEFAULTS: Dict[str, AttentionSpec] = {
+    "attnops": Dense(),
+    "attnops_sparse": BlockSparse(pattern=streaming_pattern),
+    "attnops_moba": MoBA(block_size=512, topk=3),
+}
 
 
 def _attention_forward(spec: AttentionSpec):
@@ -48,13 +65,14 @@ def _attention_forward(spec: AttentionSpec):
 
 
 def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str:
-    """Register ``spec`` (default :class:`attnops.nn.Dense`) with transformers' ``AttentionInterface``
-    (and the matching mask function) under ``name``; returns the name to pass as
-    ``attn_implementation``."""
+    """Register ``spec`` with transformers' ``AttentionInterface`` (and the matching mask function)
+    under ``name``; returns the name to pass as ``attn_implementation``. Without a spec, a name of
+    :data:`DEFAULTS` gets its default (``"attnops"``: exact dense, ``"attnops_sparse"``: sink + local
+    window, ``"attnops_moba"``: MoBA, block 512, top-3) and any other name dense attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    spec = resolve_spec(spec, Dense(), "spec")
+    spec = resolve_spec(spec, DEFAULTS.get(name, Dense()), "spec")
     if not isinstance(name, str) or not name:
         raise ValueError("name must be a non-empty string")
     AttentionInterface.register(name, _attention_forward(spec))
