@@ -273,3 +273,14 @@ def test_moba_in_a_transformers_model_prefill_and_cached_generation():
     with torch.no_grad():
         generated = routed.generate(ids, max_new_tokens=5, do_sample=False)  # decode steps: exact, whole cache
     assert generated.shape == (1, 205)
+
+
+def test_no_sequence_squared_memory():
+    """Routing, mask and attention at S = 8192: an S x S float32 matrix alone would be 256 MiB."""
+    from attnops.bench.timer import peak_memory_mb
+
+    q, k, v = moba_inputs(1, 8192, 1, 1, 16, torch.float32, 512)
+    peak = peak_memory_mb(lambda: attnops.moba_attention(q, k, v, 512, topk=2), "cpu")
+    assert peak is not None and peak < 16, f"peak {peak:.1f} MiB"
+    peak = peak_memory_mb(lambda: attnops.predict_block_mask(q, k, 64, cdf_threshold=0.9, causal=True), "cpu")
+    assert peak is not None and peak < 16, f"peak {peak:.1f} MiB"
