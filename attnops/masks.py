@@ -235,7 +235,7 @@ class BlockMask:
     def causal(cls, seq_len: SeqLen, block_size: BlockSize = DEFAULT_BLOCK_SIZE, device=None) -> "BlockMask":
         """Causal attention (bottom-right aligned), exact at token level."""
         g = _Grid(seq_len, block_size, device)
-        return g.mask(g.kb <= g.diag, causal=True)
+        return g.mask(g.visible(causal=True), causal=True)
 
     @classmethod
     def sliding_window(
@@ -403,6 +403,10 @@ class _Grid:
         self.first_pos = self.qb * bq + offset
         self.last_pos = torch.clamp((self.qb + 1) * bq, max=sq) - 1 + offset
         self.diag = torch.div(self.last_pos, bk, rounding_mode="floor")
+
+    def visible(self, causal: bool) -> torch.Tensor:
+        """``(Nq, Nk)`` bool: the key blocks a query block may see at all (causal: up to its diagonal)."""
+        return self.kb <= self.diag if causal else torch.ones(self.nq, self.nk, dtype=torch.bool, device=self.device)
 
     def mask(self, keep: torch.Tensor, causal: bool = False, window_size=(-1, -1)) -> BlockMask:
         keep = keep.expand(*keep.shape[:-2], self.nq, self.nk)

@@ -30,14 +30,12 @@ def _pool(x: torch.Tensor, block: int, poolings: Sequence[str]) -> torch.Tensor:
     each block's rows (a partial last block pools the rows it has)."""
     B, S, Hx, D = x.shape
     n = -(-S // block)
-    pad = n * block - S
-    x = x.float().transpose(1, 2)  # (B, Hx, S, D)
     valid = (torch.arange(n * block, device=x.device) < S).view(1, 1, n, block, 1)
-    tiles = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, Hx, n, block, D)
+    tiles = torch.nn.functional.pad(x.float().transpose(1, 2), (0, 0, 0, n * block - S)).view(B, Hx, n, block, D)
     parts = []
     for p in poolings:
         if p == "avg":
-            parts.append(block_means(x.transpose(1, 2), block))
+            parts.append(block_means(x, block))
         elif p == "max":
             parts.append(tiles.masked_fill(~valid, float("-inf")).amax(3))
         else:
@@ -97,7 +95,7 @@ class BlockGate(nn.Module):
 
     def _allowed(self, seq_q: int, seq_k: int, causal: bool, device) -> Tuple[_Grid, torch.Tensor]:
         grid = _Grid((seq_q, seq_k), self.block_size, device)
-        return grid, (grid.kb <= grid.diag) if causal else torch.ones_like(grid.kb <= grid.diag)
+        return grid, grid.visible(causal)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, causal: bool = True) -> torch.Tensor:
         self._check(q, k)

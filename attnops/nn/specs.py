@@ -14,7 +14,7 @@ import torch
 
 from attnops.masks import BlockMask
 from attnops.ops.attention import attention, block_sparse_attention
-from attnops.ops.routed import MOBA_KERNEL_BLOCK, moba_attention
+from attnops.ops.routed import check_moba_args, moba_attention
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,7 @@ class MoBA:
     causal: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.block_size, int) or self.block_size < MOBA_KERNEL_BLOCK \
-                or self.block_size % MOBA_KERNEL_BLOCK:
-            raise ValueError(f"MoBA.block_size must be a multiple of {MOBA_KERNEL_BLOCK}, got {self.block_size!r}")
-        if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1:
-            raise ValueError(f"MoBA.topk must be an int >= 1, got {self.topk!r}")
+        check_moba_args(self.block_size, self.topk, prefix="MoBA.")
         if not isinstance(self.causal, bool):
             raise TypeError(f"MoBA.causal must be a bool, got {self.causal!r}")
 

@@ -28,15 +28,32 @@ from attnops.ops.attention import block_sparse_attention
 MOBA_KERNEL_BLOCK = 64
 
 
+def check_moba_args(block_size, topk, prefix: str = "") -> None:
+    """MoBA's block size (a multiple of the kernel block) and ``topk`` (>= 1); shared with the
+    ``attnops.nn.MoBA`` spec, whose ``prefix`` names it in the message."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < MOBA_KERNEL_BLOCK \
+            or block_size % MOBA_KERNEL_BLOCK:
+        raise ValueError(f"{prefix}block_size must be a multiple of the kernel block, i.e. a multiple of "
+                         f"{MOBA_KERNEL_BLOCK}, got {block_size!r}")
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"{prefix}topk must be an int >= 1 (it counts the query's own block), got {topk!r}")
+
+
 def _check_moba(shape: QKVShape, block_size, topk) -> None:
     if shape.seq_len_q != shape.seq_len_k:
         raise ValueError(f"moba_attention is self-attention over one sequence: q and k lengths differ "
                          f"({shape.seq_len_q} vs {shape.seq_len_k})")
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < MOBA_KERNEL_BLOCK \
-            or block_size % MOBA_KERNEL_BLOCK:
-        raise ValueError(f"block_size must be a multiple of the kernel block ({MOBA_KERNEL_BLOCK}), got {block_size!r}")
-    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
-        raise ValueError(f"topk must be an int >= 1 (it counts the query's own block), got {topk!r}")
+    check_moba_args(block_size, topk)
+
+
+def _routed_mask(q: torch.Tensor, k: torch.Tensor, seq_len: int, block_size: int, topk: int, causal: bool,
+                 backend: Optional[str]) -> BlockMask:
+    """The router's ``BlockMask`` for validated inputs."""
+    route = dispatch.resolve("moba_route", q.device, backend)
+    with torch.no_grad():
+        counts, indices = route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=bool(causal),
+                                route_block=MOBA_KERNEL_BLOCK)
+    return BlockMask(counts, indices, seq_len, MOBA_KERNEL_BLOCK, causal=bool(causal), validate=False)
 
 
 def moba_block_mask(q: torch.Tensor, k: torch.Tensor, block_size: int = 512, topk: int = 3, causal: bool = True, *,
@@ -45,11 +62,7 @@ def moba_block_mask(q: torch.Tensor, k: torch.Tensor, block_size: int = 512, top
     ``(B, H)`` rows at ``(64, 64)`` granularity (arguments as in :func:`moba_attention`)."""
     shape = check_qkv(q, k, k)
     _check_moba(shape, block_size, topk)
-    route = dispatch.resolve("moba_route", q.device, backend)
-    with torch.no_grad():
-        counts, indices = route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=bool(causal),
-                                route_block=MOBA_KERNEL_BLOCK)
-    return BlockMask(counts, indices, shape.seq_len_q, MOBA_KERNEL_BLOCK, causal=bool(causal), validate=False)
+    return _routed_mask(q, k, shape.seq_len_q, block_size, topk, causal, backend)
 
 
 def moba_attention(
@@ -101,8 +114,9 @@ def moba_attention(
     Returns:
         ``out (B, S, H, D)``, or a named tuple as in :func:`attnops.attention`.
     """
-    check_qkv(q, k, v)
-    mask = moba_block_mask(q, k, block_size, topk, causal, backend=backend)
+    shape = check_qkv(q, k, v)
+    _check_moba(shape, block_size, topk)
+    mask = _routed_mask(q, k, shape.seq_len_q, block_size, topk, causal, backend)
     return block_sparse_attention(q, k, v, mask, softmax_scale, return_lse, return_block_map=return_block_map,
                                   block_size=map_block_size, reduce=reduce, backend=backend)
 
@@ -113,14 +127,17 @@ moba_attention.__doc__ = moba_attention.__doc__.replace(
 
 def _self_similarity(x: torch.Tensor, block: int) -> torch.Tensor:
     """``x (B, S, Hx, D)`` -> ``(B, Hx, N)``: the mean pairwise cosine similarity of the tokens of each
-    block of ``block`` rows, ``(|sum u|^2 - n) / (n (n - 1))`` with ``u`` the unit rows (1 for n = 1)."""
-    B, S, Hx, D = x.shape
-    n = -(-S // block)
-    u = torch.nn.functional.normalize(x.float(), dim=-1)
-    sums = torch.nn.functional.pad(u, (0, 0, 0, 0, 0, n * block - S)).view(B, n, block, Hx, D).sum(2)
-    count = torch.clamp(S - torch.arange(n, device=x.device) * block, max=block).float().view(1, n, 1)
-    sim = (sums.pow(2).sum(-1) - count) / (count * (count - 1)).clamp(min=1)
-    return torch.where(count > 1, sim, torch.ones_like(sim)).transpose(1, 2)
+    block of ``n`` rows, ``(n |mean u|^2 - 1) / (n - 1)`` with ``u`` the unit rows (1 for n = 1)."""
+    mean_u = block_means(torch.nn.functional.normalize(x.float(), dim=-1), block)
+    count = _block_counts(x.shape[1], block, x.device).view(1, 1, -1)
+    sim = (count * mean_u.pow(2).sum(-1) - 1) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, sim, torch.ones_like(sim))
+
+
+def _block_counts(seq_len: int, block: int, device) -> torch.Tensor:
+    """``(ceil(seq_len / block),)`` float32: rows per block (the last may be partial)."""
+    n = -(-seq_len // block)
+    return torch.clamp(seq_len - torch.arange(n, device=device) * block, max=block).float()
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -128,8 +145,7 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     B, S, Hx, D = x.shape
     n = -(-S // block)
     sums = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, n * block - S)).view(B, n, block, Hx, D).sum(2)
-    count = torch.clamp(S - torch.arange(n, device=x.device) * block, max=block).float()
-    return (sums / count.view(1, n, 1, 1)).transpose(1, 2)
+    return (sums / _block_counts(S, block, x.device).view(1, n, 1, 1)).transpose(1, 2)
 
 
 def select_blocks(probs: torch.Tensor, allowed: torch.Tensor, *, topk: Optional[int] = None,
@@ -168,14 +184,16 @@ def pooled_block_map(q: torch.Tensor, k: torch.Tensor, block_size=64, causal: bo
     Exact when every block's queries and keys are each one repeated vector; the estimate
     :func:`predict_block_mask` selects from. q ``(B, Sq, H, D)``, k ``(B, Sk, Hkv, D)``."""
     shape = check_qkv(q, k, k)
-    bq, bk = _check_block_size(block_size)
-    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
-    grid = _Grid((shape.seq_len_q, shape.seq_len_k), (bq, bk), q.device)
-    kmean = block_means(k, bk).repeat_interleave(shape.num_heads // shape.num_kv_heads, dim=1)  # (B, H, Nk, D)
-    logits = scale * block_means(q, bq) @ kmean.transpose(-1, -2)  # (B, H, Nq, Nk)
-    logits = logits + torch.log(torch.clamp(shape.seq_len_k - grid.kb * bk, max=bk).float())
-    if causal:
-        logits = logits.masked_fill(grid.kb > grid.diag, float("-inf"))
+    grid = _Grid((shape.seq_len_q, shape.seq_len_k), _check_block_size(block_size), q.device)
+    return _pooled(q, k, grid, resolve_softmax_scale(softmax_scale, shape.head_dim), causal)
+
+
+def _pooled(q: torch.Tensor, k: torch.Tensor, grid: _Grid, scale: float, causal: bool) -> torch.Tensor:
+    """:func:`pooled_block_map` for validated inputs on ``grid``."""
+    kmean = block_means(k, grid.bk).repeat_interleave(q.shape[2] // k.shape[2], dim=1)  # (B, H, Nk, D)
+    logits = scale * block_means(q, grid.bq) @ kmean.transpose(-1, -2)  # (B, H, Nq, Nk)
+    logits = logits + torch.log(_block_counts(k.shape[1], grid.bk, q.device))
+    logits = logits.masked_fill(~grid.visible(causal), float("-inf"))
     no_key = torch.isneginf(logits).all(-1, keepdim=True)  # causal rows before the first key
     return torch.softmax(logits.masked_fill(no_key, 0.0), dim=-1).masked_fill(no_key, 0.0)
 
@@ -198,9 +216,9 @@ def predict_block_mask(
     The attention mass of query block ``i`` on key block ``j`` is estimated from the block means
     (:func:`pooled_block_map`): ``p[i, j] = softmax_j(scale * mean(q_i) . mean(k_j) + log n_j)`` over
     the key blocks block ``i`` may see (``n_j`` keys in block ``j``: a block of similar keys holds
-    ``n_j`` times one key's mass; ``causal``: up to the diagonal block). Per row, exactly one rule selects: the ``topk`` largest
-    blocks, the blocks with ``p >= threshold``, or the fewest largest blocks whose mass reaches
-    ``cdf_threshold``. The diagonal block and the first ``num_sink_blocks`` key blocks are always
+    ``n_j`` times one key's mass; ``causal``: up to the diagonal block). Per row, exactly one rule
+    selects: the ``topk`` largest blocks, the blocks with ``p >= threshold``, or the fewest largest
+    blocks whose mass reaches ``cdf_threshold``. The diagonal block and the first ``num_sink_blocks`` key blocks are always
     kept. ``sim_threshold``: pooled means only summarise blocks whose tokens agree, so query blocks
     whose mean pairwise cosine similarity is below it keep every key block, and key blocks below it
     are kept in every row (SpargeAttn's self-similarity check; off by default: random data has none,
@@ -221,11 +239,12 @@ def predict_block_mask(
         raise ValueError(f"sim_threshold must lie in [-1, 1], got {sim_threshold}")
     if not isinstance(num_sink_blocks, int) or num_sink_blocks < 0:
         raise ValueError(f"num_sink_blocks must be an int >= 0, got {num_sink_blocks!r}")
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     group = shape.num_heads // shape.num_kv_heads
     grid = _Grid((shape.seq_len_q, shape.seq_len_k), (bq, bk), q.device)
-    allowed = (grid.kb <= grid.diag) if causal else torch.ones_like(grid.kb <= grid.diag)
+    allowed = grid.visible(causal)
     with torch.no_grad():
-        probs = pooled_block_map(q, k, (bq, bk), causal=causal, softmax_scale=softmax_scale)
+        probs = _pooled(q, k, grid, scale, causal)
         keep = select_blocks(probs, allowed, topk=topk, threshold=threshold, cdf_threshold=cdf_threshold)
         keep = keep | (grid.kb == grid.diag) | (grid.kb < num_sink_blocks)
         if sim_threshold is not None:

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from attnops.kernels import _registration as _reg
+from attnops.kernels.triton.block_sparse_attention import _dense_last_dim
 
 # Gates live in one register vector per program; beyond this many MoBA blocks (4M tokens at
 # block_size 512) the router would need a two-level selection.
@@ -108,8 +109,7 @@ def _route(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, causal:
     indices = torch.empty((B, H, num_tiles, width), dtype=torch.int32, device=q.device)
     if num_tiles == 0:
         return counts, indices
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
+    q, k = _dense_last_dim(q), _dense_last_dim(k)
     block_d = triton.next_power_of_2(D)
     kmean = torch.empty((B, Hkv, nb, D), dtype=torch.float32, device=q.device)
     _pool_keys_kernel[(nb, B * Hkv)](k, kmean, S, nb, Hkv, D, block_size, k.stride(0), k.stride(1), k.stride(2),
