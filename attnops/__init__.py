@@ -7,15 +7,16 @@ flash core, with C++ (CPU), Triton and CUDA kernels behind one dispatcher.
 from attnops import dispatch
 from attnops.kv_cache import KVCache
 from attnops.masks import BlockMask
-from attnops.ops import (AttentionLseMapOutput, AttentionMapOutput, AttentionOutput, attention,
-                         block_sparse_attention, decode_attention, moba_attention, moba_block_mask,
-                         predict_block_mask)
+from attnops.ops import (AttentionLseMapOutput, AttentionMapOutput, AttentionOutput, LinearAttentionOutput,
+                         attention, block_sparse_attention, decode_attention, linear_attention, moba_attention,
+                         moba_block_mask, predict_block_mask)
 from attnops import maps  # noqa: E402  (block maps: capture, rollout, heatmaps)
 from attnops import nn  # noqa: E402  (modules build on the ops above)
 from attnops.nn import swap, unswap  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "BlockMask", "KVCache", "attention",
-           "block_sparse_attention", "decode_attention", "dispatch", "maps", "moba_attention", "moba_block_mask", "nn",
-           "predict_block_mask", "swap", "unswap"]
+__all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "BlockMask", "KVCache",
+           "LinearAttentionOutput", "attention", "block_sparse_attention", "decode_attention", "dispatch",
+           "linear_attention", "maps", "moba_attention", "moba_block_mask", "nn", "predict_block_mask", "swap",
+           "unswap"]

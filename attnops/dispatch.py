@@ -10,13 +10,16 @@ backend        module                                      runs
 ``triton``     ``attnops.kernels.triton``                  CUDA tensors (CPU tensors
                                                            under ``TRITON_INTERPRET=1``)
 ``cuda``       ``attnops.kernels.cuda`` (csrc/cuda)        CUDA tensors
+``composite``  ``attnops.kernels.composite`` (vectorised   anything; ops with no
+               PyTorch: linear attention's chunk form)     kernel of the device's own
 ``reference``  ``attnops.kernels.reference``               anything; builds N x N
 =============  ==========================================  ==========================
 
 Automatic choice: CPU tensors -> ``cpu``; CUDA tensors -> ``triton``, else ``cuda`` where the op
-has a CUDA kernel. ``backend=`` on an op, or the ``ATTNOPS_BACKEND`` environment variable, forces
-one. A backend that cannot run the call is a clear error, never a silent slow path: in
-particular the N x N reference runs only when asked for by name.
+has a CUDA kernel; then ``composite`` where the op has one there. ``backend=`` on an op, or the
+``ATTNOPS_BACKEND`` environment variable, forces one. A backend that cannot run the call is a
+clear error, never a silent slow path: in particular the N x N reference runs only when asked for
+by name.
 """
 
 from __future__ import annotations
@@ -28,18 +31,19 @@ from typing import Callable, Optional
 
 import torch
 
-BACKENDS = ("cpu", "triton", "cuda", "reference")
+BACKENDS = ("cpu", "triton", "cuda", "composite", "reference")
 
 _MODULES = {
     "cpu": "attnops.kernels.cpu",
     "triton": "attnops.kernels.triton",
     "cuda": "attnops.kernels.cuda",
+    "composite": "attnops.kernels.composite",
     "reference": "attnops.kernels.reference",
 }
 
 # Preference order per device type when no backend is forced. Meta tensors go to the registered
 # C++ operators, whose fake implementations infer output shapes (models built on "meta").
-_AUTO = {"cpu": ("cpu",), "cuda": ("triton", "cuda"), "meta": ("cpu",)}
+_AUTO = {"cpu": ("cpu", "composite"), "cuda": ("triton", "cuda", "composite"), "meta": ("cpu", "composite")}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -68,7 +72,7 @@ def is_available(name: str) -> bool:
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
-    if name == "reference":
+    if name in ("reference", "composite"):
         return True
     if name == "cpu":
         return device.type in ("cpu", "meta")
@@ -115,7 +119,7 @@ def _load(op: str, name: str, device: torch.device) -> Callable:
 
 
 def _preload() -> None:
-    names = ["cpu", "reference"]
+    names = ["cpu", "composite", "reference"]
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         names += ["triton", "cuda"]
     for name in names:

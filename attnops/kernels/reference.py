@@ -247,3 +247,28 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
     if causal:
         allowed = allowed & (rows.view(1, -1) <= rows.view(-1, 1))
     return masked_attention(q, k, v, allowed, softmax_scale)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: Optional[torch.Tensor],
+                     initial_state: Optional[torch.Tensor], *, causal: bool, softmax_scale: float,
+                     chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Linear attention token by token (the definition): ``S_t = exp(g_t) * S_{t-1} + k_t v_t^T``,
+    ``o_t = softmax_scale * q_t^T S_t``; non-causal: one state over the whole sequence. Shapes as
+    ``attnops.kernels.linear_chunk.linear_attention`` (feature maps applied, normalisation's ones
+    column in ``v``); computes in the inputs' dtype, state included. ``chunk_size`` is unused."""
+    B, S, H, Dk = q.shape
+    group = H // k.shape[2]
+    q = q * softmax_scale
+    k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
+    state = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
+    if not causal:
+        state = state + torch.einsum("bshk,bshv->bhkv", k, v)
+        return torch.einsum("bshk,bhkv->bshv", q, state), state
+    outs = []
+    for t in range(S):
+        if log_gate is not None:
+            state = torch.exp(log_gate[:, t].to(q.dtype)).unsqueeze(-1) * state  # (B, H, 1 | Dk, 1)
+        state = state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    out = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, v.shape[-1])
+    return out, state

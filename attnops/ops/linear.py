@@ -1,0 +1,283 @@
+"""Linear attention: kernelized attention ``phi(q) phi(k)^T`` computed as a recurrence over a
+``(Dk, Dv)`` state, with feature maps, fixed per-head decays (RetNet, Lightning) and data-dependent
+gates (Simple-GLA / Mamba2 per head, GLA per key channel). Cost and memory grow linearly with the
+sequence; the state carries a sequence across calls (decoding, split-and-resume).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from attnops import dispatch
+from attnops.ops._checks import MAX_HEAD_DIM, check_tensor, resolve_softmax_scale
+
+NORMALIZE_EPS = 1e-6
+FOCUSED_POWER = 3
+MIN_CHUNK, MAX_CHUNK = 16, 256
+
+State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+class LinearAttentionOutput(NamedTuple):
+    """``out (B, S, H, Dv)`` and ``final_state``: ``(B, H, Dk, Dv)`` float32 (float64 for float64
+    inputs), or the pair ``(S (B, H, Dk, Dv), z (B, H, Dk))`` when ``normalize=True``."""
+
+    out: torch.Tensor
+    final_state: State
+
+
+# ---- feature maps ---------------------------------------------------------------------------------
+
+def focused_feature_map(power: float = FOCUSED_POWER) -> Callable[[torch.Tensor], torch.Tensor]:
+    """FLatten's focused map (Han et al., ICCV 2023): ``r = relu(x) + 1e-6``,
+    ``phi(x) = ||r|| * r^p / ||r^p||``: the direction sharpens towards the largest channels, the norm
+    is kept. (FLatten's learned softplus scale belongs to the module, not the map.)"""
+    if not isinstance(power, (int, float)) or isinstance(power, bool) or not power > 0:
+        raise ValueError(f"the focused feature map's power must be a number > 0, got {power!r}")
+
+    def focused(x: torch.Tensor) -> torch.Tensor:
+        r = F.relu(x) + 1e-6
+        rp = r ** power
+        return rp * (torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+                     / torch.linalg.vector_norm(rp, dim=-1, keepdim=True))
+
+    focused.__name__ = f"focused_p{power:g}"
+    return focused
+
+
+FEATURE_MAPS = {
+    "identity": lambda x: x,
+    "elu": lambda x: F.elu(x).add_(1.0),  # Katharopoulos et al. 2020: positive, so the normaliser is > 0
+    "relu": F.relu,
+    "focused": focused_feature_map(),
+}
+
+
+def resolve_feature_map(feature_map) -> Callable[[torch.Tensor], torch.Tensor]:
+    if callable(feature_map):
+        return feature_map
+    if isinstance(feature_map, str) and feature_map in FEATURE_MAPS:
+        return FEATURE_MAPS[feature_map]
+    raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)} or a callable, got {feature_map!r}")
+
+
+# ---- decays ---------------------------------------------------------------------------------------
+
+def _alibi_slopes(n: int) -> list:
+    """ALiBi's head slopes (Press et al.), the decay rates of Lightning Attention / TransNormerLLM:
+    a geometric sequence from ``2^(-8/n)`` for a power-of-two ``n``, interleaved otherwise."""
+    def power_of_two(m: int) -> list:
+        start = 2.0 ** (-8.0 / m)
+        return [start ** (i + 1) for i in range(m)]
+
+    if n & (n - 1) == 0:
+        return power_of_two(n)
+    closest = 1 << (n.bit_length() - 1)
+    return power_of_two(closest) + _alibi_slopes(2 * closest)[0::2][: n - closest]
+
+
+def decay_preset(name: str, num_heads: int) -> torch.Tensor:
+    """Log-decays ``(H,)`` float64 of a named preset: ``"retnet"``: ``log(1 - 2^(-5-h))`` (RetNet's
+    gamma per head); ``"lightning"``: ``-slope_h`` with ALiBi's slopes (Lightning Attention's
+    ``lambda = exp(-s)``, without TransNormerLLM's per-layer factor: pass a tensor for that)."""
+    h = torch.arange(num_heads, dtype=torch.float64)
+    if name == "retnet":
+        return torch.log1p(-torch.exp2(-5.0 - h))
+    if name == "lightning":
+        return -torch.tensor(_alibi_slopes(num_heads), dtype=torch.float64)
+    raise ValueError(f"decay must be a (H,) tensor of log-decays or one of 'retnet', 'lightning'; got {name!r}")
+
+
+# ---- the op ---------------------------------------------------------------------------------------
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "elu",
+    causal: bool = True,
+    decay: Union[None, str, torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    normalize: bool = False,
+    softmax_scale: Optional[float] = None,
+    chunk_size: int = 64,
+    initial_state: Optional[State] = None,
+    output_final_state: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, LinearAttentionOutput]:
+    r"""Linear attention, causal (a recurrence) or not (one global state).
+
+    Args:
+        q: ``(B, S, H, D)``.
+        k: ``(B, S, Hkv, D)``, ``H % Hkv == 0`` (GQA/MQA: a query head reads its group's k and v).
+        v: ``(B, S, Hkv, Dv)``; ``Dv`` may differ from ``D``.
+        feature_map: ``"elu"`` (elu + 1), ``"identity"``, ``"relu"``, ``"focused"`` (FLatten, power 3;
+            :func:`focused_feature_map` for another power), or a callable applied to q and k
+            (``(..., D) -> (..., Dk)``, the same ``Dk`` for both; the state is then ``(Dk, Dv)``).
+        causal: the recurrence ``S_t = a_t * S_{t-1} + phi(k_t) v_t^T``,
+            ``o_t = softmax_scale * phi(q_t)^T S_t``; ``False``: ``o_t = softmax_scale * phi(q_t)^T S``
+            with ``S`` the sum over the whole sequence (no decay or gate then).
+        decay: a fixed per-head decay ``a = exp(decay[h])``: a ``(H,)`` tensor of log-decays (<= 0) or
+            a preset, ``"retnet"`` or ``"lightning"`` (:func:`decay_preset`).
+        gate: data-dependent log-gates (<= 0), ``(B, S, H)`` (one per head and step, Simple-GLA /
+            Mamba2) or ``(B, S, H, Dk)`` (one per key channel, GLA: ``S_t = diag(a_t) S_{t-1} + ...``).
+            With ``decay`` too, the log-gates add.
+        normalize: divide by ``softmax_scale * phi(q_t)^T z_t + 1e-6``, ``z_t = a_t * z_{t-1} + phi(k_t)``
+            (the Katharopoulos normaliser; the state is then the pair ``(S, z)``). Off by default, as
+            in fla and RetNet: models put a norm on the output instead.
+        softmax_scale: multiplies ``phi(q)``; defaults to ``Dk ** -0.5``.
+        chunk_size: rows per chunk of the chunkwise-parallel form, a power of two in [16, 256]; it
+            changes the rounding, not the result. Inputs shorter than a chunk run as one chunk of their
+            own length (one token: the recurrent step).
+        initial_state: the state to start from, as ``final_state`` returns it (``(B, H, Dk, Dv)``, or
+            ``(S, z)`` with ``normalize``): a sequence split in two and resumed gives one call's result.
+        output_final_state: also return the state after the last step.
+        backend: as in :func:`attnops.attention` (CPU: the chunk form in vectorised PyTorch,
+            ``composite``; ``reference`` runs the float64-grade token-by-token definition).
+
+    Returns:
+        ``out (B, S, H, Dv)`` in q's dtype, or ``LinearAttentionOutput(out, final_state)``.
+
+    Everything is differentiable (q, k, v, gate, decay tensor, initial_state); memory is
+    O(S * chunk_size) plus the chunk states, never S x S. NaN in gives NaN out from that step on.
+
+    Example::
+
+        >>> q, k, v = (torch.randn(1, 4096, 8, 64) for _ in range(3))
+        >>> out = attnops.linear_attention(q, k, v, decay="retnet")
+        >>> out1, state = attnops.linear_attention(q[:, :100], k[:, :100], v[:, :100], decay="retnet",
+        ...                                        output_final_state=True)
+        >>> out2 = attnops.linear_attention(q[:, 100:], k[:, 100:], v[:, 100:], decay="retnet",
+        ...                                 initial_state=state)   # == out[:, 100:]
+    """
+    shape = _check_qkv(q, k, v)
+    B, S, H, Hkv, D, Dv = shape
+    phi = resolve_feature_map(feature_map)
+    for name, flag in (("causal", causal), ("normalize", normalize), ("output_final_state", output_final_state)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not (
+            MIN_CHUNK <= chunk_size <= MAX_CHUNK and chunk_size & (chunk_size - 1) == 0):
+        raise ValueError(f"chunk_size must be a power of two in [{MIN_CHUNK}, {MAX_CHUNK}], got {chunk_size!r}")
+    if not causal and (decay is not None or gate is not None):
+        raise ValueError("decay and gate need causal=True: a decay orders the sequence")
+    fq, fk = phi(q), phi(k)
+    if not (isinstance(fq, torch.Tensor) and isinstance(fk, torch.Tensor)) or fq.shape[:-1] != q.shape[:-1] \
+            or fk.shape[:-1] != k.shape[:-1] or fq.shape[-1] != fk.shape[-1]:
+        raise ValueError(f"feature_map must map q {tuple(q.shape)} and k {tuple(k.shape)} to tensors that keep "
+                         "every dim but the last and share the last")
+    Dk = fq.shape[-1]
+    scale = resolve_softmax_scale(softmax_scale, Dk)
+    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    log_gate = _log_gate(decay, gate, shape, Dk, q.device, state_dtype)
+    state = _pack_state(initial_state, normalize, (B, H, Dk, Dv), q.device)
+    if normalize:
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # its output column: the denominator
+    impl = dispatch.resolve("linear_attention", q.device, backend)
+    out, final = impl(fq, fk, v, log_gate, state, causal=causal, softmax_scale=scale, chunk_size=chunk_size)
+    if normalize:
+        out = out[..., :Dv] / (out[..., Dv:] + NORMALIZE_EPS)
+        final = (final[..., :Dv], final[..., Dv])
+    out = out.to(q.dtype)
+    return LinearAttentionOutput(out, final) if output_final_state else out
+
+
+class _Shape(NamedTuple):
+    batch: int
+    seq_len: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    value_dim: int
+
+
+def _check_qkv(q, k, v) -> _Shape:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, S, H, D = q.shape
+    if k.shape[:2] != (B, S) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"linear attention is self-attention over one sequence: q (B, S, H, D), k (B, S, Hkv, D), "
+                         f"v (B, S, Hkv, Dv); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    Hkv, Dv = k.shape[2], v.shape[3]
+    if k.shape[3] != D:
+        raise ValueError(f"head dims differ: q has {D}, k has {k.shape[3]}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({Hkv})")
+    for name, d in (("head dim", D), ("value head dim", Dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} {d} is not supported (1 <= D <= {MAX_HEAD_DIM})")
+    return _Shape(B, S, H, Hkv, D, Dv)
+
+
+def _check_nonpositive(name: str, t: torch.Tensor) -> None:
+    # Reading values on a GPU would synchronise every call: checked on the CPU only (as cache_seqlens).
+    if t.device.type == "cpu" and t.numel() and bool((t > 0).any()):
+        raise ValueError(f"{name} holds log-decays, which must be <= 0 (a decay factor exp(x) <= 1); "
+                         f"got a maximum of {float(t.max()):.4g}")
+
+
+def _log_gate(decay, gate, shape: _Shape, Dk: int, device, dtype) -> Optional[torch.Tensor]:
+    """decay and gate merged into one log-gate ``(B, S, H, 1 | Dk)`` in ``dtype``, or None."""
+    B, S, H = shape.batch, shape.seq_len, shape.num_heads
+    total = None
+    if decay is not None:
+        if isinstance(decay, str):
+            decay = decay_preset(decay, H)
+        elif isinstance(decay, torch.Tensor):
+            if decay.shape != (H,) or not decay.is_floating_point():
+                raise ValueError(f"decay must be a float tensor of shape ({H},) (one log-decay per head), got "
+                                 f"{decay.dtype} {tuple(decay.shape)}")
+            if decay.device != device:
+                raise ValueError(f"decay is on {decay.device} but q is on {device}")
+            _check_nonpositive("decay", decay)
+        else:
+            raise TypeError(f"decay must be None, a preset name or a (H,) tensor, got {type(decay).__name__}")
+        total = decay.to(device, dtype).view(1, 1, H, 1)
+    if gate is not None:
+        if not isinstance(gate, torch.Tensor) or not gate.is_floating_point():
+            raise TypeError(f"gate must be a float tensor, got {type(gate).__name__}")
+        if gate.shape not in ((B, S, H), (B, S, H, Dk)):
+            raise ValueError(f"gate must have shape (B, S, H) = {(B, S, H)} (one log-gate per head) or "
+                             f"(B, S, H, Dk) = {(B, S, H, Dk)} (one per key channel), got {tuple(gate.shape)}")
+        if gate.device != device:
+            raise ValueError(f"gate is on {gate.device} but q is on {device}")
+        _check_nonpositive("gate", gate)
+        g = gate.to(dtype)
+        g = g.unsqueeze(-1) if g.dim() == 3 else g
+        total = g if total is None else g + total
+    if total is None:
+        return None
+    return total.expand(B, S, H, total.shape[-1])
+
+
+def _pack_state(initial_state, normalize: bool, state_shape, device) -> Optional[torch.Tensor]:
+    """The user's state as the kernels take it: ``(B, H, Dk, Dv)``, with ``z`` as one more value column
+    when normalised."""
+    if initial_state is None:
+        return None
+    B, H, Dk, Dv = state_shape
+    if normalize:
+        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+            raise TypeError("with normalize=True, initial_state is the pair (S (B, H, Dk, Dv), z (B, H, Dk)) that "
+                            "final_state returns")
+        parts = (("initial_state S", initial_state[0], (B, H, Dk, Dv)), ("initial_state z", initial_state[1], (B, H, Dk)))
+    else:
+        parts = (("initial_state", initial_state, (B, H, Dk, Dv)),)
+    for name, t, want in parts:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {type(t).__name__}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if normalize:
+        return torch.cat([initial_state[0], initial_state[1].unsqueeze(-1).to(initial_state[0].dtype)], dim=-1)
+    return initial_state
