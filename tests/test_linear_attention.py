@@ -63,13 +63,18 @@ def make_inputs(shape, cfg, with_state):
     return {name: t.double() for name, t in inputs.items()}
 
 
-def run(inputs, cfg, dtype, backend=None, chunk_size=16):
-    """(out, final_state S, grads by input name) with fixed upstream gradients on out and S."""
-    leaves = {n: t.detach().to(dtype if n in "qkv" else t.dtype).requires_grad_() for n, t in inputs.items()}
-    if dtype != torch.float64:  # gates, decays and states are float32 (float64 in the reference run)
-        for n in ("gate", "decay", "initial_state", "initial_z"):
-            if n in leaves:
-                leaves[n] = leaves[n].detach().float().requires_grad_()
+def backend_of(impl):
+    """The conftest implementation as a linear_attention backend: on CPU tensors the automatic choice
+    (the chunk form, ``composite``), else Triton (compiled on a GPU, interpreted on CPU tensors)."""
+    return None if impl.backend == "cpu" else impl.backend
+
+
+def run(inputs, cfg, dtype, backend=None, chunk_size=16, device="cpu"):
+    """(out, final_state S, grads by input name) with fixed upstream gradients on out and S, on the CPU."""
+    leaves = {}
+    for n, t in inputs.items():  # gates, decays and states are float32 (float64 in the reference run)
+        t = t.to(dtype if n in "qkv" or dtype == torch.float64 else torch.float32)
+        leaves[n] = t.to(device).requires_grad_()
     kw = {k: v for k, v in cfg.items() if k not in ("gate", "decay")}
     if "decay" in cfg:
         kw["decay"] = leaves["decay"] if cfg["decay"] == "tensor" else cfg["decay"]
@@ -83,19 +88,20 @@ def run(inputs, cfg, dtype, backend=None, chunk_size=16):
     out, state = res
     s_main = state[0] if cfg.get("normalize") else state
     gen = torch.Generator().manual_seed(1)
-    d_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
-    d_state = torch.randn(s_main.shape, generator=gen, dtype=torch.float64).to(s_main.dtype)
+    d_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    d_state = torch.randn(s_main.shape, generator=gen, dtype=torch.float64).to(s_main.device, s_main.dtype)
     loss = (out * d_out).sum() + (s_main * d_state).sum()
     if cfg.get("normalize"):
         loss = loss + (state[1] * 0.5).sum()
     names = list(leaves)
     grads = torch.autograd.grad(loss, [leaves[n] for n in names])
-    return out.detach(), s_main.detach(), dict(zip(names, grads))
+    return out.detach().cpu(), s_main.detach().cpu(), {n: g.cpu() for n, g in zip(names, grads)}
 
 
-def check_against_reference(shape, cfg, dtype, with_state=True, chunk_size=16):
+def check_against_reference(shape, cfg, dtype, with_state=True, chunk_size=16, impl=None):
     inputs = make_inputs(shape, cfg, with_state)
-    out, state, grads = run(inputs, cfg, dtype, chunk_size=chunk_size)
+    out, state, grads = run(inputs, cfg, dtype, chunk_size=chunk_size, backend=None if impl is None else backend_of(impl),
+                            device="cpu" if impl is None else impl.device)
     ref_out, ref_state, ref_grads = run(inputs, cfg, torch.float64, backend="reference")
     lp_out, lp_state, lp_grads = run(inputs, cfg, dtype, backend="reference")
     assert out.dtype == dtype and out.shape == shape[:3] + (shape[5],)
@@ -109,8 +115,8 @@ def check_against_reference(shape, cfg, dtype, with_state=True, chunk_size=16):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_S{}_H{}-{}_D{}-{}".format(*s))
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_matches_reference(config, shape, dtype):
-    check_against_reference(shape, CONFIGS[config], dtype)
+def test_matches_reference(config, shape, dtype, fwd_impl):
+    check_against_reference(shape, CONFIGS[config], dtype, impl=fwd_impl)
 
 
 @pytest.mark.parametrize("config", ["elu", "retnet", "gate-channel", "normalize"])
@@ -144,17 +150,21 @@ def test_float64_is_exact_and_chunk_size_free(config):
 @pytest.mark.parametrize("config", ["elu", "retnet", "gate-head", "gate-channel", "normalize",
                                     "normalize-gate-channel"])
 @pytest.mark.parametrize("split", [1, 37, 64, 99])
-def test_split_and_resume_equals_one_call(config, split):
-    """Two calls carrying the state give one call's output and state: the decoding API."""
+def test_split_and_resume_equals_one_call(config, split, fwd_impl):
+    """Two calls carrying the state give one call's output and state: the decoding API (a one-token
+    call runs the recurrent kernel on Triton)."""
     cfg = CONFIGS[config]
     B, S, H, Hkv, D, Dv = 2, 100, 4, 2, 16, 16
+    dev = fwd_impl.device
     q, k, v = torch.randn(B, S, H, D), torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, Dv)
+    q, k, v = q.to(dev), k.to(dev), v.to(dev)
     kw = {n: x for n, x in cfg.items() if n not in ("gate",)}
+    kw["backend"] = backend_of(fwd_impl)
     gate = None
     if cfg.get("gate") == "head":
-        gate = F.logsigmoid(torch.randn(B, S, H) + 2)
+        gate = F.logsigmoid(torch.randn(B, S, H) + 2).to(dev)
     elif cfg.get("gate") == "channel":
-        gate = F.logsigmoid(torch.randn(B, S, H, D) + 2)
+        gate = F.logsigmoid(torch.randn(B, S, H, D) + 2).to(dev)
 
     def call(a, b, state):
         g = None if gate is None else gate[:, a:b]
@@ -170,18 +180,23 @@ def test_split_and_resume_equals_one_call(config, split):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_token_by_token_decoding_equals_prefill():
-    """One token per call (the recurrent form) reproduces the chunked prefill."""
+@pytest.mark.parametrize("gate_shape", ["head", "channel"])
+def test_token_by_token_decoding_equals_prefill(gate_shape, fwd_impl):
+    """One token per call (the recurrent form) reproduces the chunked prefill, and the reference."""
     B, S, H, D = 1, 40, 4, 32
-    q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
-    gate = F.logsigmoid(torch.randn(B, S, H) + 2)
-    whole = attnops.linear_attention(q, k, v, gate=gate, decay="retnet")
+    q, k, v = (torch.randn(B, S, H, D, device=fwd_impl.device) for _ in range(3))
+    gate = F.logsigmoid(torch.randn(B, S, H, *((D,) if gate_shape == "channel" else ())) + 2).to(fwd_impl.device)
+    kw = dict(decay="retnet", backend=backend_of(fwd_impl))
+    whole = attnops.linear_attention(q, k, v, gate=gate, **kw)
     state, outs = None, []
     for t in range(S):
         out, state = attnops.linear_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], gate=gate[:, t:t + 1],
-                                              decay="retnet", initial_state=state, output_final_state=True)
+                                              initial_state=state, output_final_state=True, **kw)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, dim=1), whole, rtol=2e-5, atol=2e-5)
+    ref = attnops.linear_attention(*(t.cpu().double() for t in (q, k, v)), gate=gate.cpu().double(),
+                                   decay="retnet", backend="reference")
+    torch.testing.assert_close(whole.cpu().double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_decay_presets():
@@ -201,21 +216,23 @@ def test_decay_is_the_same_as_a_constant_gate():
     torch.testing.assert_close(attnops.linear_attention(q, k, v, gate=gate), by_decay)
 
 
-def test_nan_in_gives_nan_from_its_chunk_on():
+def test_nan_in_gives_nan_from_its_chunk_on(fwd_impl):
     """A NaN at step t reaches every later output of its head and channel; outputs of earlier
     chunks and of other heads stay finite. (Inside t's chunk the intra-chunk matmul multiplies the
     masked zeros by it, so the rows of that chunk before t are NaN too: documented.)"""
     B, S, H, D = 1, 150, 2, 16
     q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
     v[0, 70, 1, 3] = float("nan")
-    out = attnops.linear_attention(q, k, v, chunk_size=64)
+    q, k, v = (t.to(fwd_impl.device) for t in (q, k, v))
+    kw = dict(backend=backend_of(fwd_impl), chunk_size=64)
+    out = attnops.linear_attention(q, k, v, **kw).cpu()
     assert torch.isfinite(out[:, :64]).all() and torch.isfinite(out[:, :, 0]).all()
     assert torch.isnan(out[0, 70:, 1, 3]).all()
     gate = F.logsigmoid(torch.randn(B, S, H))
     gate[0, 100, 0] = float("nan")
-    out = attnops.linear_attention(q, k, v, gate=gate, chunk_size=64)
+    out = attnops.linear_attention(q, k, v, gate=gate.to(fwd_impl.device), **kw).cpu()
     assert torch.isfinite(out[:, :64, 0]).all() and torch.isnan(out[0, 100:, 0]).all()
-    out = attnops.linear_attention(q, k, v, causal=False)
+    out = attnops.linear_attention(q, k, v, causal=False, **kw).cpu()
     assert torch.isnan(out[0, :, 1, 3]).all() and torch.isfinite(out[:, :, 0]).all()
 
 
@@ -228,6 +245,21 @@ def test_zero_log_gate_resets_the_state():
     out = attnops.linear_attention(q, k, v, gate=gate)
     fresh = attnops.linear_attention(q[:, 30:], k[:, 30:], v[:, 30:])
     torch.testing.assert_close(out[:, 30:], fresh, rtol=1e-10, atol=1e-10)
+
+
+def test_triton_operators_opcheck():
+    from conftest import INTERPRET, TRITON
+
+    if not (TRITON and INTERPRET):
+        pytest.skip("opcheck of the Triton operators runs under the interpreter (CPU tensors)")
+
+    q, k, v = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 1, 16), torch.randn(1, 40, 1, 24)
+    for g in (None, F.logsigmoid(torch.randn(1, 40, 2, 1)), F.logsigmoid(torch.randn(1, 40, 2, 16))):
+        h0 = torch.randn(1, 2, 16, 24)
+        torch.library.opcheck(torch.ops.attnops.linear_attn_fwd_triton, (q, k, v, g, h0, 0.25, 16),
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.attnops.linear_attn_recurrent_triton, (q[:, :3], k[:, :3], v[:, :3],
+                                                                              None if g is None else g[:, :3], h0, 0.25))
 
 
 def test_meta_tensors():
