@@ -70,7 +70,7 @@ def linear_attention(
     dt = compute_dtype(q.dtype)
     state = initial_state.to(dt) if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=dt)
     if not causal:
-        kh, vh = (_chunks(t.to(dt), H, S, 0) for t in (k, v))
+        kh, vh = (_chunks(t.to(dt), H, t.shape[1], 0) for t in (k, v))
         state = state + kh.transpose(-1, -2) @ vh
         out = (_chunks(q.to(dt), H, S, 0) @ state) * softmax_scale
         return out.transpose(1, 2), state

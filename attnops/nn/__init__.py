@@ -2,10 +2,11 @@
 
 from attnops.nn.attention import Attention
 from attnops.nn.block_gate import BlockGate
+from attnops.nn.linear import LinearAttention
 from attnops.nn.mqa import MultiQueryAttention
 from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
 from attnops.nn.rotary import Rotary
-from attnops.nn.specs import MoBA, BlockSparse, Dense
+from attnops.nn.specs import BlockSparse, Dense, Linear, MoBA
 
-__all__ = ["Attention", "BlockGate", "BlockSparse", "Dense", "MoBA", "MultiQueryAttention", "MultiheadAttention", "Rotary", "SwapReport",
-           "swap", "unswap"]
+__all__ = ["Attention", "BlockGate", "BlockSparse", "Dense", "Linear", "LinearAttention", "MoBA", "MultiQueryAttention",
+           "MultiheadAttention", "Rotary", "SwapReport", "swap", "unswap"]

@@ -2,8 +2,8 @@
 on construction. A module turns its spec into one op call through ``spec.attend(q, k, v)``
 (through ``attnops.maps.attend``, which asks for the block map while a capture is open).
 
-Today: ``Dense``, ``BlockSparse`` and ``MoBA``; the linear and low-rank families add theirs as they
-land (one class and its ``attend``)."""
+Today: ``Dense``, ``BlockSparse``, ``MoBA`` and ``Linear``; the low-rank family adds its own as it
+lands (one class and its ``attend``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from attnops.masks import BlockMask
 from attnops.ops.attention import attention, block_sparse_attention
+from attnops.ops.linear import decay_preset, linear_attention, resolve_feature_map
 from attnops.ops.routed import check_moba_args, moba_attention
 
 
@@ -116,8 +117,52 @@ class MoBA:
                               **block_map)
 
 
-AttentionSpec = Union[Dense, BlockSparse, MoBA]
-SPECS = (Dense, BlockSparse, MoBA)
+@dataclass(frozen=True)
+class Linear:
+    """Linear attention (:func:`attnops.linear_attention`) in place of softmax attention, on the
+    module's own q/k/v: ``feature_map`` (a name or a callable), ``normalize`` (default on here: a
+    drop-in for softmax attention has no output norm to stabilise it), ``decay`` (None or a preset
+    name), ``causal`` added to the call's. A cached decoding step (fewer queries than keys) runs the
+    recurrence over the cached prefix, then the new queries: the same result as the prefill.
+    Non-causal calls may cross-attend (k/v of their own length)."""
+
+    feature_map: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "elu"
+    normalize: bool = True
+    decay: Optional[str] = None
+    causal: bool = False
+
+    def __post_init__(self):
+        resolve_feature_map(self.feature_map)
+        for name in ("normalize", "causal"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Linear.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.decay is not None:
+            decay_preset(self.decay, 1)  # validates the name
+        if self.decay is not None and not self.causal:
+            raise ValueError("Linear.decay needs causal=True: a decay orders the sequence")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """As :meth:`Dense.attend`. Block maps of linear attention are not computed yet: asking for one
+        (``need_weights=True``, an open ``attnops.maps.capture``) is an error, never an S x S matrix."""
+        if block_map.get("return_block_map"):
+            raise NotImplementedError("attnops.nn.Linear: block maps of linear attention are not computed yet; "
+                                      "call with need_weights=False / outside attnops.maps.capture")
+        causal = self.causal or causal
+        kw = dict(feature_map=self.feature_map, normalize=self.normalize, decay=self.decay, softmax_scale=softmax_scale)
+        prefix = k.shape[1] - q.shape[1]
+        if not causal or prefix == 0:
+            return linear_attention(q, k, v, causal=causal, **kw)
+        if prefix < 0:
+            raise ValueError(f"Linear: causal attention with more queries ({q.shape[1]}) than keys ({k.shape[1]})")
+        # the state after the cached prefix (its outputs are not needed), then the new tokens from it
+        _, state = linear_attention(k[:, :prefix].repeat_interleave(q.shape[2] // k.shape[2], dim=2), k[:, :prefix],
+                                    v[:, :prefix], causal=True, output_final_state=True, **kw)
+        return linear_attention(q, k[:, prefix:], v[:, prefix:], causal=True, initial_state=state, **kw)
+
+
+AttentionSpec = Union[Dense, BlockSparse, MoBA, Linear]
+SPECS = (Dense, BlockSparse, MoBA, Linear)
 
 
 def resolve_spec(spec: Optional[AttentionSpec], default: AttentionSpec, name: str = "attention") -> AttentionSpec:

@@ -113,8 +113,9 @@ def linear_attention(
 
     Args:
         q: ``(B, S, H, D)``.
-        k: ``(B, S, Hkv, D)``, ``H % Hkv == 0`` (GQA/MQA: a query head reads its group's k and v).
-        v: ``(B, S, Hkv, Dv)``; ``Dv`` may differ from ``D``.
+        k: ``(B, S, Hkv, D)``, ``H % Hkv == 0`` (GQA/MQA: a query head reads its group's k and v);
+            non-causal, ``(B, Sk, Hkv, D)`` with its own length (cross-attention).
+        v: ``(B, S, Hkv, Dv)`` like k; ``Dv`` may differ from ``D``.
         feature_map: ``"elu"`` (elu + 1), ``"identity"``, ``"relu"``, ``"focused"`` (FLatten, power 3;
             :func:`focused_feature_map` for another power), or a callable applied to q and k
             (``(..., D) -> (..., Dk)``, the same ``Dk`` for both; the state is then ``(Dk, Dv)``).
@@ -154,12 +155,12 @@ def linear_attention(
         >>> out2 = attnops.linear_attention(q[:, 100:], k[:, 100:], v[:, 100:], decay="retnet",
         ...                                 initial_state=state)   # == out[:, 100:]
     """
-    shape = _check_qkv(q, k, v)
-    B, S, H, Hkv, D, Dv = shape
-    phi = resolve_feature_map(feature_map)
     for name, flag in (("causal", causal), ("normalize", normalize), ("output_final_state", output_final_state)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
+    shape = _check_qkv(q, k, v, causal)
+    B, S, H, Hkv, D, Dv = shape
+    phi = resolve_feature_map(feature_map)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not (
             MIN_CHUNK <= chunk_size <= MAX_CHUNK and chunk_size & (chunk_size - 1) == 0):
         raise ValueError(f"chunk_size must be a power of two in [{MIN_CHUNK}, {MAX_CHUNK}], got {chunk_size!r}")
@@ -195,7 +196,7 @@ class _Shape(NamedTuple):
     value_dim: int
 
 
-def _check_qkv(q, k, v) -> _Shape:
+def _check_qkv(q, k, v, causal) -> _Shape:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4)
     if not (q.dtype == k.dtype == v.dtype):
@@ -203,9 +204,10 @@ def _check_qkv(q, k, v) -> _Shape:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, S, H, D = q.shape
-    if k.shape[:2] != (B, S) or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"linear attention is self-attention over one sequence: q (B, S, H, D), k (B, S, Hkv, D), "
-                         f"v (B, S, Hkv, Dv); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] != B or (causal and k.shape[1] != S) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"causal linear attention is self-attention over one sequence: q (B, S, H, D), k (B, S, Hkv, "
+                         f"D), v (B, S, Hkv, Dv) (non-causal: k and v may have their own length); got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     Hkv, Dv = k.shape[2], v.shape[3]
     if k.shape[3] != D:
         raise ValueError(f"head dims differ: q has {D}, k has {k.shape[3]}")
@@ -218,7 +220,10 @@ def _check_qkv(q, k, v) -> _Shape:
 
 
 def _check_nonpositive(name: str, t: torch.Tensor) -> None:
-    # Reading values on a GPU would synchronise every call: checked on the CPU only (as cache_seqlens).
+    # Reading values on a GPU would synchronise every call: checked on the CPU only (as cache_seqlens),
+    # and not inside a compiled graph (a data-dependent branch is a graph break).
+    if torch.compiler.is_compiling():
+        return
     if t.device.type == "cpu" and t.numel() and bool((t > 0).any()):
         raise ValueError(f"{name} holds log-decays, which must be <= 0 (a decay factor exp(x) <= 1); "
                          f"got a maximum of {float(t.max()):.4g}")
