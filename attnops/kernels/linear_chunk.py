@@ -25,7 +25,7 @@ Memory: O(S * C) for the intra-chunk scores and O(S * Dk * Dv / C) for the chunk
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,35 +55,38 @@ def linear_attention(
     log_gate: Optional[torch.Tensor],
     initial_state: Optional[torch.Tensor],
     *,
+    feature_map: Callable[[torch.Tensor], torch.Tensor],
     causal: bool,
     softmax_scale: float,
     chunk_size: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``q (B, S, H, Dk)``, ``k (B, S, Hkv, Dk)`` (feature maps applied), ``v (B, S, Hkv, Dv)``,
-    ``log_gate (B, S, H, 1 | Dk)`` or None, ``initial_state (B, H, Dk, Dv)`` or None ->
-    ``out (B, S, H, Dv)`` in the compute dtype, ``final_state (B, H, Dk, Dv)``.
+    """``q (B, S, H, D)``, ``k (B, S, Hkv, D)``, ``v (B, S, Hkv, Dv)``, ``log_gate (B, S, H, 1 | Dk)`` or
+    None, ``initial_state (B, H, Dk, Dv)`` or None -> ``out (B, S, H, Dv)`` in the compute dtype,
+    ``final_state (B, H, Dk, Dv)``; ``feature_map`` (``D -> Dk``, token by token) is applied per
+    segment, where its output is consumed.
 
     The normalised form reaches here with a column of ones appended to ``v`` (its output column is
     the denominator, its state column ``z``): one code path for both."""
-    B, S, H, Dk = q.shape
+    B, S, H, _ = q.shape
+    Dk = feature_map(q[:, :1]).shape[-1]
     Dv = v.shape[-1]
     dt = compute_dtype(q.dtype)
     state = initial_state.to(dt) if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=dt)
     if not causal:
-        kh, vh = (_chunks(t.to(dt), H, t.shape[1], 0) for t in (k, v))
+        kh, vh = (_chunks(t.to(dt), H, t.shape[1], 0) for t in (feature_map(k), v))
         state = state + kh.transpose(-1, -2) @ vh
-        out = (_chunks(q.to(dt), H, S, 0) @ state) * softmax_scale
+        out = (_chunks(feature_map(q).to(dt), H, S, 0) @ state) * softmax_scale
         return out.transpose(1, 2), state
     C = effective_chunk(S, chunk_size)
     # Segments of the sequence, carrying the state: each one's chunk tensors stay in cache, so time
     # grows linearly with S (one pass over 16K tokens at once ran 2.8x per doubling on the dev VM).
     seg = max(C, SEGMENT_ELEMENTS // (B * H * max(Dk, Dv)) // C * C)
+    # torch.split, not slicing: the backward of a slice is a zero-filled full-size gradient per
+    # segment (quadratic in S); split's is one concatenation.
+    parts = [t.split(seg, dim=1) if t is not None else [None] * (-(-S // seg)) for t in (q, k, v, log_gate)]
     outs = []
-    for s0 in range(0, S, seg):
-        s1 = min(S, s0 + seg)
-        part = (lambda t: t[:, s0:s1] if s0 or s1 < S else t)
-        out, state = _causal(part(q), part(k), part(v), None if log_gate is None else part(log_gate), state,
-                             softmax_scale, C, dt)
+    for q_s, k_s, v_s, g_s in zip(*parts):
+        out, state = _causal(feature_map(q_s), feature_map(k_s), v_s, g_s, state, softmax_scale, C, dt)
         outs.append(out)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), state
 

@@ -250,12 +250,13 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: Optional[torch.Tensor],
-                     initial_state: Optional[torch.Tensor], *, causal: bool, softmax_scale: float,
+                     initial_state: Optional[torch.Tensor], *, feature_map, causal: bool, softmax_scale: float,
                      chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Linear attention token by token (the definition): ``S_t = exp(g_t) * S_{t-1} + k_t v_t^T``,
-    ``o_t = softmax_scale * q_t^T S_t``; non-causal: one state over the whole sequence. Shapes as
-    ``attnops.kernels.linear_chunk.linear_attention`` (feature maps applied, normalisation's ones
-    column in ``v``); computes in the inputs' dtype, state included. ``chunk_size`` is unused."""
+    """Linear attention token by token (the definition): ``S_t = exp(g_t) * S_{t-1} + phi(k_t) v_t^T``,
+    ``o_t = softmax_scale * phi(q_t)^T S_t``; non-causal: one state over the whole sequence. Shapes as
+    ``attnops.kernels.linear_chunk.linear_attention`` (normalisation's ones column in ``v``);
+    computes in the inputs' dtype, state included. ``chunk_size`` is unused."""
+    q, k = feature_map(q), feature_map(k)
     B, S, H, Dk = q.shape
     group = H // k.shape[2]
     q = q * softmax_scale

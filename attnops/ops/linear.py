@@ -118,7 +118,8 @@ def linear_attention(
         v: ``(B, S, Hkv, Dv)`` like k; ``Dv`` may differ from ``D``.
         feature_map: ``"elu"`` (elu + 1), ``"identity"``, ``"relu"``, ``"focused"`` (FLatten, power 3;
             :func:`focused_feature_map` for another power), or a callable applied to q and k
-            (``(..., D) -> (..., Dk)``, the same ``Dk`` for both; the state is then ``(Dk, Dv)``).
+            (``(..., D) -> (..., Dk)``, token by token, the same ``Dk`` for both; the state is then
+            ``(Dk, Dv)``).
         causal: the recurrence ``S_t = a_t * S_{t-1} + phi(k_t) v_t^T``,
             ``o_t = softmax_scale * phi(q_t)^T S_t``; ``False``: ``o_t = softmax_scale * phi(q_t)^T S``
             with ``S`` the sum over the whole sequence (no decay or gate then).
@@ -166,9 +167,11 @@ def linear_attention(
         raise ValueError(f"chunk_size must be a power of two in [{MIN_CHUNK}, {MAX_CHUNK}], got {chunk_size!r}")
     if not causal and (decay is not None or gate is not None):
         raise ValueError("decay and gate need causal=True: a decay orders the sequence")
-    fq, fk = phi(q), phi(k)
-    if not (isinstance(fq, torch.Tensor) and isinstance(fk, torch.Tensor)) or fq.shape[:-1] != q.shape[:-1] \
-            or fk.shape[:-1] != k.shape[:-1] or fq.shape[-1] != fk.shape[-1]:
+    # The kernels apply the map where its output is consumed (the CPU chunk form: per segment, in
+    # cache); one token of each tells its width and catches a map that changes the other dims.
+    fq, fk = phi(q[:, :1]), phi(k[:, :1])
+    if not (isinstance(fq, torch.Tensor) and isinstance(fk, torch.Tensor)) or fq.shape[:-1] != q[:, :1].shape[:-1] \
+            or fk.shape[:-1] != k[:, :1].shape[:-1] or fq.shape[-1] != fk.shape[-1]:
         raise ValueError(f"feature_map must map q {tuple(q.shape)} and k {tuple(k.shape)} to tensors that keep "
                          "every dim but the last and share the last")
     Dk = fq.shape[-1]
@@ -179,7 +182,8 @@ def linear_attention(
     if normalize:
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # its output column: the denominator
     impl = dispatch.resolve("linear_attention", q.device, backend)
-    out, final = impl(fq, fk, v, log_gate, state, causal=causal, softmax_scale=scale, chunk_size=chunk_size)
+    out, final = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
+                      chunk_size=chunk_size)
     if normalize:
         out = out[..., :Dv] / (out[..., Dv:] + NORMALIZE_EPS)
         final = (final[..., :Dv], final[..., Dv])

@@ -24,7 +24,7 @@ Names follow fla: i_* program indices, o_* offsets, m_* masks, b_* blocks.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -469,13 +469,15 @@ torch.library.register_autograd("attnops::linear_attn_recurrent_triton", _forwar
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: Optional[torch.Tensor],
-                     initial_state: Optional[torch.Tensor], *, causal: bool, softmax_scale: float,
-                     chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                     initial_state: Optional[torch.Tensor], *, feature_map: Callable[[torch.Tensor], torch.Tensor],
+                     causal: bool, softmax_scale: float, chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The backend function (signature of ``reference.linear_attention``). Non-causal linear
-    attention is two GEMMs (``k^T v``, then ``q S``), which the composite form already is."""
+    attention is two GEMMs (``k^T v``, then ``q S``), which the composite form already is. The
+    feature map runs before the kernels (PyTorch ops: any callable)."""
     if not causal:
-        return _composite(q, k, v, log_gate, initial_state, causal=False, softmax_scale=softmax_scale,
-                          chunk_size=chunk_size)
+        return _composite(q, k, v, log_gate, initial_state, feature_map=feature_map, causal=False,
+                          softmax_scale=softmax_scale, chunk_size=chunk_size)
+    q, k = feature_map(q), feature_map(k)
     if q.dtype == torch.float64:
         raise TypeError("the Triton linear-attention kernels take float16, bfloat16 and float32; float64 runs on "
                         "the composite backend")
