@@ -129,3 +129,14 @@ def test_cli_list(capsys):
     assert main(["--suite", "quick", "--list"]) == 0
     out = capsys.readouterr().out
     assert "attention" in out and "suite quick" in out
+
+
+@pytest.mark.parametrize("params", [dict(), dict(gate="channel", normalize=True), dict(decay="retnet")],
+                         ids=["plain", "gla-normalize", "retnet"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_linear_case_passes_its_gate(params, mode):
+    spec = CaseSpec(op="linear_attention", device="cpu", dtype="float32", mode=mode,
+                    shape=dict(B=1, H=2, Hkv=1, Sq=150, Sk=150, D=32), params=params)
+    result = run_case(spec, threads=1, repeats=1, warmup=0)
+    assert result.status == "ok", result.message
+    assert result.baseline == "sdpa" and result.accuracy.passed and result.flops_actual > 0

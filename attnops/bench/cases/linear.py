@@ -2,11 +2,13 @@
 
 Parameters (suite ``params`` or case keys): feature_map (default "elu"), causal (default true),
 decay (None, "retnet", "lightning"), gate (None, "head", "channel"), normalize (default false),
-chunk_size (default 64). Shape keys as for attention, with Sq = Sk. The baseline is *dense softmax*
-attention of the same causality (FlashAttention on a GPU, else torch SDPA): the question these cases
-answer is where linear attention overtakes it (the crossover length) and how its time grows with N
-(time(2N) / time(N) <= 2.1 is the family's target on CPU). The accuracy gate checks the op against
-the float64 token-by-token recurrence on sampled rows.
+chunk_size (default 64), growth (default false). Shape keys as for attention, with Sq = Sk. The
+baseline is *dense softmax* attention of the same causality (FlashAttention on a GPU, else torch
+SDPA): where linear attention overtakes it is the crossover length. With ``growth = true`` the
+baseline is the same op on the first N/2 tokens instead, timed interleaved with the op at N, so
+time(N) / time(N/2) (= 1 / speedup; the family's CPU target is <= 2.1) is measured side by side, not
+across cases run minutes apart on a machine whose speed drifts. The accuracy gate checks the op
+against the float64 token-by-token recurrence on sampled rows.
 """
 
 from __future__ import annotations
@@ -47,14 +49,21 @@ def build_linear(spec: CaseSpec) -> Prepared:
     wrap = baselines.with_backward if needs_grad else (lambda prov: prov)
     op = wrap(Provider(name="attnops", run=run, grad_inputs=lambda st: st))
     notes = []
-    baseline, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
-    if baseline is None:
-        notes.append(note)
-        baseline, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)
-    baseline.same_function = False
-    inner = baseline
-    baseline = Provider(name=inner.name, run=inner.run, prepare=lambda st: inner.prepare(st[:3]),
-                        output=inner.output, same_function=False, grad_inputs=inner.grad_inputs)
+    if p.get("growth"):
+        half = s["Sq"] // 2
+
+        def first_half(st):
+            return tuple(t.detach()[:, :half].clone().requires_grad_(needs_grad) for t in st)
+
+        baseline = Provider(name="attnops N/2", run=run, prepare=first_half, grad_inputs=lambda st: st,
+                            same_function=False)
+    else:
+        inner, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
+        if inner is None:
+            notes.append(note)
+            inner, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)
+        baseline = Provider(name=inner.name, run=inner.run, prepare=lambda st: inner.prepare(st[:3]),
+                            output=inner.output, same_function=False, grad_inputs=inner.grad_inputs)
 
     def ref(inputs, rows, dtype):
         cast = [t.detach().cpu().to(dtype if i < 3 else torch.promote_types(dtype, torch.float32))
