@@ -324,3 +324,89 @@ def test_no_sequence_squared_memory():
     gate = F.logsigmoid(torch.randn(1, 16384, 1))
     peak = peak_memory_mb(lambda: attnops.linear_attention(q, k, v, gate=gate), "cpu")
     assert peak is not None and peak < 48, f"peak {peak:.1f} MiB"
+
+
+# ---- block maps ---------------------------------------------------------------------------------
+
+MAP_CONFIGS = ["elu", "elu-noncausal", "retnet", "gate-head", "gate-channel", "normalize", "normalize-gate-channel",
+               "normalize-noncausal", "callable"]
+
+
+@pytest.mark.parametrize("block_size", [16, 64, (128, 32), (32, 128)], ids=str)
+@pytest.mark.parametrize("config", MAP_CONFIGS)
+def test_block_map_matches_the_pooled_weight_matrix(config, block_size, fwd_impl):
+    """The map against the float64 reference that builds the full weight matrix and pools it."""
+    from attnops.kernels import reference
+    from attnops.kernels.block_map import check_request
+    from attnops.ops.linear import resolve_feature_map
+
+    if fwd_impl.backend == "triton" and block_size != 64:
+        pytest.skip("the map is computed alike on every backend (Triton gives the denominator): one block size")
+    cfg = CONFIGS[config]
+    shape = (2, 150, 4, 2, 16, 24)
+    inputs = make_inputs(shape, cfg, with_state=False)
+    if not cfg.get("causal", True):  # non-causal maps may cross-attend: keys of their own length
+        inputs["k"], inputs["v"] = inputs["k"][:, :97], inputs["v"][:, :97]
+    kw = {n: x for n, x in cfg.items() if n not in ("gate", "decay")}
+    if "decay" in cfg:
+        kw["decay"] = cfg["decay"]
+    request = check_request(block_size, "mean", (64, 64))
+    phi = resolve_feature_map(cfg.get("feature_map", "elu"))
+    log_gate = None
+    if "gate" in inputs:
+        log_gate = inputs["gate"] if inputs["gate"].dim() == 4 else inputs["gate"].unsqueeze(-1)
+    if cfg.get("decay") == "retnet":
+        log_gate = decay_preset("retnet", shape[2]).view(1, 1, -1, 1).expand(2, 150, -1, 1)
+
+    def ref(dtype):
+        cast = [inputs[n].to(dtype) for n in ("q", "k")]
+        return reference.linear_block_map(*cast, None if log_gate is None else log_gate.to(
+            torch.promote_types(dtype, torch.float32)), feature_map=phi, causal=cfg.get("causal", True),
+            normalize=cfg.get("normalize", False), softmax_scale=feature_dim(cfg, 16) ** -0.5, request=request)
+
+    dev = fwd_impl.device
+    gate = inputs["gate"].float().to(dev) if "gate" in inputs else None
+    out, block_map = attnops.linear_attention(*(inputs[n].float().to(dev) for n in "qkv"), gate=gate,
+                                              return_block_map=True, block_size=block_size,
+                                              backend=backend_of(fwd_impl), **kw)
+    assert block_map.dtype == torch.float32 and block_map.shape == (2, 4, -(-150 // request.block_q),
+                                                                    -(-inputs["k"].shape[1] // request.block_k))
+    assert_accurate("block_map", block_map.cpu(), ref(torch.float64), ref(torch.float32))
+    plain = attnops.linear_attention(*(inputs[n].float().to(dev) for n in "qkv"), gate=gate,
+                                     backend=backend_of(fwd_impl), **kw)
+    assert torch.equal(out, plain)  # the map is a readout: the output does not change
+    if cfg.get("normalize") and cfg.get("feature_map", "elu") == "elu":  # rows sum to den / (den + 1e-6)
+        torch.testing.assert_close(block_map.sum(-1).cpu(), torch.ones(block_map.shape[:3]), rtol=1e-4, atol=1e-4)
+    if cfg.get("causal", True) and request.block_q == request.block_k:
+        assert bool((block_map.triu(1) == 0).all())  # key blocks after the query block: exactly 0
+
+
+def test_block_map_with_the_final_state_and_bad_requests():
+    q, k, v = (torch.randn(1, 70, 2, 16) for _ in range(3))
+    out, state, block_map = attnops.linear_attention(q, k, v, output_final_state=True, return_block_map=True)
+    out2, block_map2 = attnops.linear_attention(q, k, v, return_block_map=True)
+    assert torch.equal(out, out2) and torch.equal(block_map, block_map2) and state.shape == (1, 2, 16, 16)
+    with pytest.raises(ValueError, match="mean"):
+        attnops.linear_attention(q, k, v, return_block_map=True, reduce="max")
+    with pytest.raises(ValueError, match="power of two"):
+        attnops.linear_attention(q, k, v, return_block_map=True, block_size=48)
+    with pytest.raises(ValueError, match="initial_state"):
+        attnops.linear_attention(q, k, v, return_block_map=True, initial_state=state)
+
+
+def test_block_map_memory_stays_far_below_s_squared():
+    """S = 16384, gated: an S x S float32 matrix alone would be 1 GiB."""
+    from attnops.bench.timer import peak_memory_mb
+
+    q, k, v = (torch.randn(1, 16384, 1, 32) for _ in range(3))
+    gate = F.logsigmoid(torch.randn(1, 16384, 1))
+    peak = peak_memory_mb(lambda: attnops.linear_attention(q, k, v, gate=gate, return_block_map=True), "cpu")
+    assert peak is not None and peak < 64, f"peak {peak:.1f} MiB"
+
+
+def test_empty_sequence_passes_the_state_through(fwd_impl):
+    q = torch.randn(1, 0, 2, 16, device=fwd_impl.device)
+    state = torch.randn(1, 2, 16, 16, device=fwd_impl.device)
+    out, final = attnops.linear_attention(q, q, q, initial_state=state, output_final_state=True,
+                                          backend=backend_of(fwd_impl))
+    assert out.shape == (1, 0, 2, 16) and torch.equal(final, state)

@@ -96,12 +96,23 @@ def test_linear_spec_swaps_into_a_transformer_encoder_and_cross_attends():
     assert out.shape == (1, 7, 2, 8)
 
 
-def test_linear_spec_refuses_block_maps():
-    mha = attnops.nn.MultiheadAttention(32, 4, batch_first=True, attention=Linear())
-    x = torch.randn(1, 10, 32)
-    with pytest.raises(NotImplementedError, match="block maps"):
-        mha(x, x, x)  # need_weights=True asks for a block map
+def test_linear_spec_block_maps_through_need_weights_and_capture():
+    torch.manual_seed(0)
+    mha = attnops.nn.MultiheadAttention(32, 4, batch_first=True, attention=Linear(normalize=True))
+    x = torch.randn(1, 100, 32)
+    out, weights = mha(x, x, x)  # need_weights=True: the block map, averaged over heads
+    assert weights.shape == (1, 2, 2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2), rtol=1e-5, atol=1e-5)  # normalised rows
     assert mha(x, x, x, need_weights=False)[1] is None
+    block = Attention(32, 4, attention=Linear(causal=True))
+    model = nn.Sequential(block, Attention(32, 4, attention=Linear(causal=True)))
+    with attnops.maps.capture(model, block_size=16) as cap:
+        model(torch.randn(2, 50, 32))
+    assert len(cap.maps) == 2 and all(m.shape == (2, 4, 4, 4) for m in cap.maps.values())
+    assert all(bool((m.triu(1) == 0).all()) for m in cap.maps.values())  # causal: nothing above the diagonal
+    q, k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8)
+    with pytest.raises(NotImplementedError, match="cached decoding step"):
+        Linear(causal=True).attend(q, k, v, return_block_map=True)
 
 
 def test_linear_spec_validates():

@@ -127,3 +127,22 @@ def test_family_names_register_their_default_spec(name):
     with torch.no_grad():  # 60 tokens: inside the default window / the first MoBA block, so dense
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=0, atol=1e-4)
         assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 63)
+
+
+def test_linear_family_generates_the_same_with_and_without_the_cache():
+    """"attnops_linear" in an unmodified Llama: a cached step runs the recurrence over the cached prefix,
+    so greedy generation with the cache equals recomputing the whole prefix at every step."""
+    from transformers import AutoModelForCausalLM
+
+    name = hf_attnops.register("attnops_linear")
+    assert isinstance(hf_attnops.registered()[name], attnops.nn.Linear)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()["llama-gqa"], attn_implementation=name).eval()
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        fresh = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert torch.equal(cached, fresh)
+        with attnops.maps.capture(model) as cap:
+            model(ids)
+    assert len(cap.maps) == model.config.num_hidden_layers

@@ -22,7 +22,7 @@ import torch
 
 from attnops.maps.capture import attend
 from attnops.masks import BlockMask
-from attnops.nn.specs import AttentionSpec, BlockSparse, Dense, MoBA, resolve_spec
+from attnops.nn.specs import AttentionSpec, BlockSparse, Dense, Linear, MoBA, resolve_spec
 
 _SPECS: Dict[str, AttentionSpec] = {}
 
@@ -39,6 +39,7 @@ DEFAULTS: Dict[str, AttentionSpec] = {
     "attnops": Dense(),
     "attnops_sparse": BlockSparse(pattern=streaming_pattern),
     "attnops_moba": MoBA(block_size=512, topk=3),
+    "attnops_linear": Linear(feature_map="elu", normalize=True),  # a drop-in without an output norm: normalised
 }
 
 
@@ -68,7 +69,8 @@ def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str
     """Register ``spec`` with transformers' ``AttentionInterface`` (and the matching mask function)
     under ``name``; returns the name to pass as ``attn_implementation``. Without a spec, a name of
     :data:`DEFAULTS` gets its default (``"attnops"``: exact dense, ``"attnops_sparse"``: sink + local
-    window, ``"attnops_moba"``: MoBA, block 512, top-3) and any other name dense attention."""
+    window, ``"attnops_moba"``: MoBA, block 512, top-3, ``"attnops_linear"``: normalised elu + 1 linear
+    attention) and any other name dense attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 

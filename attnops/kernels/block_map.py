@@ -116,3 +116,94 @@ def decode_block_map(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torc
         first = lo // request.block_k
         rows[..., first:first + p.shape[3]] = p.amax(-1) if request.reduce == "max" else p.sum(-1)
     return finish(rows, lse, 1, request).to(lse.dtype)
+
+
+def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *, causal: bool,
+                     softmax_scale: float, request: MapRequest) -> torch.Tensor:
+    """The block map of linear attention, exactly, without an S x S matrix.
+
+    ``q (B, S, H, Dk)``, ``k (B, Sk, Hkv, Dk)`` (feature maps applied), ``log_gate (B, S, H, 1 | Dk)`` or
+    None, ``denominator (B, S, H)`` or None (``normalize=False``). The weight of key s for query t is
+    ``p(t, s) = softmax_scale * q_t . (e^(Gamma_t - Gamma_s) * k_s)`` for ``s <= t`` (every s when not
+    causal; ``Gamma`` the cumulative log-gate), divided by the denominator when normalised (rows then
+    sum to 1, as softmax's do); ``block_map[b, h, i, j]`` is the mean over the queries of block i of
+    their total weight on the keys of block j. -> ``(B, H, ceil(S / block_q), ceil(Sk / block_k))``.
+
+    A key block entirely before query block i's first row factors around it: ``(sum_t q_t
+    e^(Gamma_t - Gamma_t0)) . e^(Gamma_t0 - Gamma_r) . (sum_s k_s e^(Gamma_r - Gamma_s))`` with r the key
+    block's last row (every exponent <= 0): O(S Dk + Nq Nk Dk). The band of key blocks that overlap
+    query block i (at most ``block_q + block_k`` keys) is summed pair by pair, in groups of query
+    blocks of bounded memory.
+    """
+    bq, bk = request.block_q, request.block_k
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, S, H, Dk = q.shape
+    Sk = k.shape[1]
+    nq, nk = -(-S // bq), -(-Sk // bk)
+    qh = (q.to(wide) * softmax_scale).transpose(1, 2)  # (B, H, S, Dk)
+    if denominator is not None:
+        qh = qh / (denominator.to(wide).transpose(1, 2).unsqueeze(-1) + 1e-6)
+    kh = k.to(wide).transpose(1, 2).repeat_interleave(H // k.shape[2], dim=1)  # (B, H, Sk, Dk)
+    rows_per_block = torch.clamp(S - torch.arange(nq, device=q.device) * bq, max=bq).to(wide)
+    if not causal:
+        q_blocks = _block_sums(qh, bq, nq)
+        k_blocks = _block_sums(kh, bk, nk)
+        return (q_blocks @ k_blocks.transpose(-1, -2)) / rows_per_block[:, None]
+    gamma = None
+    if log_gate is not None:  # global cumulative log-gates, float64 (differences of large sums)
+        gamma = log_gate.to(torch.float64).clamp(min=-80.0).cumsum(1).transpose(1, 2)  # (B, H, S, G)
+    t0 = torch.arange(nq, device=q.device) * bq
+    j_lo = (t0 + 1) // bk  # the first key block not entirely before row t0: the band starts there
+    # off-band: key block j < j_lo(i), factored around t0 (query side) and r_j (key side)
+    off_band = torch.arange(nk, device=q.device)[None, :] < j_lo[:, None]  # (Nq, Nk)
+    if gamma is None:
+        block_map = _block_sums(qh, bq, nq) @ _block_sums(kh, bk, nk).transpose(-1, -2)
+    else:
+        r = (torch.arange(nk, device=q.device) * bk + bk - 1).clamp(max=S - 1)  # each key block's last row
+        g_t0, g_r = gamma[:, :, t0], gamma[:, :, r]  # (B, H, Nq | Nk, G)
+        q_off = _block_sums(qh * _rel_exp(gamma, g_t0.repeat_interleave(bq, dim=2)[:, :, :S], wide), bq, nq)
+        k_off = _block_sums(kh * _rel_exp(g_r.repeat_interleave(bk, dim=2)[:, :, :Sk], gamma, wide), bk, nk)
+        gap = (g_t0.unsqueeze(3) - g_r.unsqueeze(2)).masked_fill(~off_band[:, :, None], float("-inf"))
+        between = torch.exp(gap.to(wide))  # (B, H, Nq, Nk, G): decay from the key block's end to t0
+        if between.shape[-1] == 1:
+            block_map = (q_off @ k_off.transpose(-1, -2)) * between[..., 0]
+        else:
+            block_map = torch.einsum("bhid,bhijd,bhjd->bhij", q_off, between, k_off)
+    block_map = block_map.masked_fill(~off_band, 0.0)
+    # the band, pair by pair: rows of query block i against keys [j_lo(i) * bk, j_lo(i) * bk + W)
+    W = -(-(bq + bk) // bk) * bk
+    rows = t0[:, None] + torch.arange(bq, device=q.device)  # (Nq, bq)
+    keys = (j_lo * bk)[:, None] + torch.arange(W, device=q.device)  # (Nq, W)
+    valid = (rows[:, :, None] < S) & (keys[:, None, :] <= rows[:, :, None])  # causal, in range
+    G = 1 if gamma is None else gamma.shape[-1]
+    group = max(1, (1 << 24) // max(1, B * H * bq * W * (G if G > 1 else 1)))
+    for i0 in range(0, nq, group):
+        i1 = min(nq, i0 + group)
+        rw, kw, vw = rows[i0:i1].clamp(max=S - 1), keys[i0:i1].clamp(max=Sk - 1), valid[i0:i1]
+        q_rows, k_keys = qh[:, :, rw], kh[:, :, kw]  # (B, H, n, bq, Dk), (B, H, n, W, Dk)
+        if gamma is None:
+            w = (q_rows @ k_keys.transpose(-1, -2)).masked_fill(~vw, 0.0)
+        else:
+            expo = gamma[:, :, rw].unsqueeze(-2) - gamma[:, :, kw].unsqueeze(-3)  # (B, H, n, bq, W, G)
+            decay = torch.exp(expo.masked_fill(~vw[..., None], float("-inf")).to(wide))
+            if G == 1:
+                w = (q_rows @ k_keys.transpose(-1, -2)) * decay[..., 0]
+            else:
+                w = (q_rows.unsqueeze(-2) * k_keys.unsqueeze(-3) * decay).sum(-1)
+            w = w.masked_fill(~vw, 0.0)
+        per_block = w.sum(3).view(B, H, i1 - i0, W // bk, bk).sum(-1)  # (B, H, n, W / bk)
+        cols = (j_lo[i0:i1, None] + torch.arange(W // bk, device=q.device)).clamp(max=nk)
+        padded = torch.nn.functional.pad(block_map[:, :, i0:i1], (0, W // bk))  # column nk collects overflow
+        block_map[:, :, i0:i1] = padded.scatter_add(3, cols.expand(B, H, -1, -1), per_block)[..., :nk]
+    return block_map / rows_per_block[:, None]
+
+
+def _block_sums(x: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """``(B, H, S, D)`` -> sums over consecutive blocks of ``block`` rows, ``(B, H, n, D)``."""
+    B, H, S, D = x.shape
+    return torch.nn.functional.pad(x, (0, 0, 0, n * block - S)).view(B, H, n, block, D).sum(3)
+
+
+def _rel_exp(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``exp(a - b)`` of float64 cumulative gates, the difference rounded to ``dtype`` first."""
+    return torch.exp((a - b).to(dtype))

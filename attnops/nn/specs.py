@@ -143,18 +143,19 @@ class Linear:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        """As :meth:`Dense.attend`. Block maps of linear attention are not computed yet: asking for one
-        (``need_weights=True``, an open ``attnops.maps.capture``) is an error, never an S x S matrix."""
-        if block_map.get("return_block_map"):
-            raise NotImplementedError("attnops.nn.Linear: block maps of linear attention are not computed yet; "
-                                      "call with need_weights=False / outside attnops.maps.capture")
+        """As :meth:`Dense.attend`; block maps (``return_block_map=True``, mean only) are those of
+        :func:`attnops.linear_attention`, for prefill and training calls (a cached step's map would
+        need the cached prefix's queries: refused)."""
         causal = self.causal or causal
         kw = dict(feature_map=self.feature_map, normalize=self.normalize, decay=self.decay, softmax_scale=softmax_scale)
         prefix = k.shape[1] - q.shape[1]
         if not causal or prefix == 0:
-            return linear_attention(q, k, v, causal=causal, **kw)
+            return linear_attention(q, k, v, causal=causal, **kw, **block_map)
         if prefix < 0:
             raise ValueError(f"Linear: causal attention with more queries ({q.shape[1]}) than keys ({k.shape[1]})")
+        if block_map.get("return_block_map"):
+            raise NotImplementedError("attnops.nn.Linear: no block map for a cached decoding step (the map of a "
+                                      "linear-attention prefill is computed; capture the prefill)")
         # the state after the cached prefix (its outputs are not needed), then the new tokens from it
         _, state = linear_attention(k[:, :prefix].repeat_interleave(q.shape[2] // k.shape[2], dim=2), k[:, :prefix],
                                     v[:, :prefix], causal=True, output_final_state=True, **kw)

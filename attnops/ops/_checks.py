@@ -31,14 +31,19 @@ def check_tensor(name: str, t, dim: int) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; attnops supports float16, bfloat16, float32 and float64")
 
 
-def check_qkv(q, k, v, max_head_dim: int = MAX_HEAD_DIM) -> QKVShape:
-    """Checks the flash_attn layout ``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)``, ``H % Hkv == 0``."""
+def check_qkv_tensors(q, k, v) -> None:
+    """q, k, v are 4-d tensors of one supported dtype on one device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def check_qkv(q, k, v, max_head_dim: int = MAX_HEAD_DIM) -> QKVShape:
+    """Checks the flash_attn layout ``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)``, ``H % Hkv == 0``."""
+    check_qkv_tensors(q, k, v)
     B, Sq, H, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")

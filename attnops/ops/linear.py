@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from attnops import dispatch
-from attnops.ops._checks import MAX_HEAD_DIM, check_tensor, resolve_softmax_scale
+from attnops.kernels.block_map import check_request, linear_block_map
+from attnops.ops._checks import MAX_HEAD_DIM, check_qkv_tensors, resolve_softmax_scale
+from attnops.ops._result import AttentionMapOutput
 
 NORMALIZE_EPS = 1e-6
 FOCUSED_POWER = 3
@@ -27,6 +29,14 @@ class LinearAttentionOutput(NamedTuple):
 
     out: torch.Tensor
     final_state: State
+
+
+class LinearAttentionMapOutput(NamedTuple):
+    """``out``, ``final_state`` as above, and the block map ``(B, H, ceil(S / block_q), ceil(Sk / block_k))``."""
+
+    out: torch.Tensor
+    final_state: State
+    block_map: torch.Tensor
 
 
 # ---- feature maps ---------------------------------------------------------------------------------
@@ -107,8 +117,11 @@ def linear_attention(
     initial_state: Optional[State] = None,
     output_final_state: bool = False,
     *,
+    return_block_map: bool = False,
+    block_size=None,
+    reduce: str = "mean",
     backend: Optional[str] = None,
-) -> Union[torch.Tensor, LinearAttentionOutput]:
+) -> Union[torch.Tensor, LinearAttentionOutput, AttentionMapOutput, LinearAttentionMapOutput]:
     r"""Linear attention, causal (a recurrence) or not (one global state).
 
     Args:
@@ -138,11 +151,21 @@ def linear_attention(
         initial_state: the state to start from, as ``final_state`` returns it (``(B, H, Dk, Dv)``, or
             ``(S, z)`` with ``normalize``): a sequence split in two and resumed gives one call's result.
         output_final_state: also return the state after the last step.
+        return_block_map: also return the block map ``(B, H, ceil(S / block_q), ceil(Sk / block_k))``
+            (float32): the mean, over the queries of a query block, of the weight they put on each key
+            block, the weight of key s for query t being ``softmax_scale * phi(q_t) . (a_{s+1..t} *
+            phi(k_s))`` (s <= t when causal), divided by the normaliser when ``normalize=True`` (rows
+            then sum to 1, like softmax attention's), un-normalised otherwise. Exact, from block sums
+            of ``phi(q)``/``phi(k)`` and the band of blocks around the diagonal: never S x S.
+        block_size: the map's granularity, an int or ``(block_q, block_k)``, powers of two >= 16
+            (default 64).
+        reduce: ``"mean"`` only (a max over a tile would need every (query, key) pair).
         backend: as in :func:`attnops.attention` (CPU: the chunk form in vectorised PyTorch,
             ``composite``; ``reference`` runs the float64-grade token-by-token definition).
 
     Returns:
-        ``out (B, S, H, Dv)`` in q's dtype, or ``LinearAttentionOutput(out, final_state)``.
+        ``out (B, S, H, Dv)`` in q's dtype, or ``LinearAttentionOutput(out, final_state)``,
+        ``AttentionMapOutput(out, block_map)`` or ``LinearAttentionMapOutput(out, final_state, block_map)``.
 
     Everything is differentiable (q, k, v, gate, decay tensor, initial_state); memory is
     O(S * chunk_size) plus the chunk states, never S x S. NaN in gives NaN out from that step on.
@@ -179,15 +202,31 @@ def linear_attention(
     state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     log_gate = _log_gate(decay, gate, shape, Dk, q.device, state_dtype)
     state = _pack_state(initial_state, normalize, (B, H, Dk, Dv), q.device)
+    request = None
+    if return_block_map:
+        request = check_request(block_size, reduce, (64, 64))
+        if request.reduce != "mean":
+            raise ValueError("linear attention's block map is the mean (reduce='mean'); a max over a tile would "
+                             "need every (query, key) pair")
+        if initial_state is not None:
+            raise ValueError("return_block_map covers the keys of this call; it cannot start from initial_state")
     if normalize:
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # its output column: the denominator
     impl = dispatch.resolve("linear_attention", q.device, backend)
     out, final = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
                       chunk_size=chunk_size)
+    denominator = out[..., Dv] if normalize else None
     if normalize:
         out = out[..., :Dv] / (out[..., Dv:] + NORMALIZE_EPS)
         final = (final[..., :Dv], final[..., Dv])
     out = out.to(q.dtype)
+    if request is not None:
+        with torch.no_grad():  # a readout, like the attention ops' maps
+            block_map = linear_block_map(phi(q), phi(k), log_gate, denominator, causal=causal, softmax_scale=scale,
+                                         request=request)
+        if output_final_state:
+            return LinearAttentionMapOutput(out, final, block_map)
+        return AttentionMapOutput(out, block_map)
     return LinearAttentionOutput(out, final) if output_final_state else out
 
 
@@ -201,12 +240,7 @@ class _Shape(NamedTuple):
 
 
 def _check_qkv(q, k, v, causal) -> _Shape:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_qkv_tensors(q, k, v)
     B, S, H, D = q.shape
     if k.shape[0] != B or (causal and k.shape[1] != S) or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"causal linear attention is self-attention over one sequence: q (B, S, H, D), k (B, S, Hkv, "

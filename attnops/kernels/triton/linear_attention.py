@@ -70,20 +70,29 @@ def _decay_state(b_h, b_last, GATE: tl.constexpr):
 
 
 @triton.jit
-def _state_fwd_kernel(K, V, Gm, GS, H0, Hs, HT, S, N, H, G, GW,
-                      C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      GATE: tl.constexpr, HAS_H0: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    i_v, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    Hkv = H // G
+def _state_block(Init, i_bh, i_k, i_v, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 HAS_INIT: tl.constexpr):
+    """The ``[BK, BV]`` state block of a program: key/value offsets and masks, its offsets inside one
+    ``(Dk, Dv)`` state, and its initial value (``Init`` of this b * h, else zeros)."""
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < DK, o_v < DV
     m_kv = m_k[:, None] & m_v[None, :]
     p_state = o_k[:, None] * DV + o_v[None, :]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        b_h = tl.load(H0 + i_bh * DK * DV + p_state, mask=m_kv, other=0.0)
+    if HAS_INIT:
+        b_h = tl.load(Init + i_bh * DK * DV + p_state, mask=m_kv, other=0.0)
+    return o_k, o_v, m_k, m_v, m_kv, p_state, b_h
+
+
+@triton.jit
+def _state_fwd_kernel(K, V, Gm, GS, H0, Hs, HT, S, N, H, G, GW,
+                      C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      GATE: tl.constexpr, HAS_H0: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    i_v, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    Hkv = H // G
+    o_k, o_v, m_k, m_v, m_kv, p_state, b_h = _state_block(H0, i_bh, i_k, i_v, DK, DV, BK, BV, HAS_H0)
     p_k = K + (i_b * S * Hkv + i_h // G) * DK
     p_v = V + (i_b * S * Hkv + i_h // G) * DV
     for n in range(N):
@@ -160,14 +169,7 @@ def _state_bwd_kernel(Q, Gm, GS, DO, DHT, DHs, DH0, S, N, H, GW, scale,
                       GATE: tl.constexpr, HAS_DHT: tl.constexpr, DOT_DTYPE: tl.constexpr):
     i_v, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < DK, o_v < DV
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_state = o_k[:, None] * DV + o_v[None, :]
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        b_dh = tl.load(DHT + i_bh * DK * DV + p_state, mask=m_kv, other=0.0)
+    o_k, o_v, m_k, m_v, m_kv, p_state, b_dh = _state_block(DHT, i_bh, i_k, i_v, DK, DV, BK, BV, HAS_DHT)
     for n_rev in range(N):
         n = N - 1 - n_rev
         tl.store(DHs + (i_bh * N + n) * DK * DV + p_state, b_dh, mask=m_kv)  # gradient of h_{n+1}
@@ -259,14 +261,7 @@ def _recurrent_fwd_kernel(Q, K, V, Gm, H0, O, HT, S, H, G, GW, scale,
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     Hkv = H // G
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < DK, o_v < DV
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_state = o_k[:, None] * DV + o_v[None, :]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        b_h = tl.load(H0 + i_bh * DK * DV + p_state, mask=m_kv, other=0.0)
+    o_k, o_v, m_k, m_v, m_kv, p_state, b_h = _state_block(H0, i_bh, 0, i_v, DK, DV, BK, BV, HAS_H0)
     for t in range(S):
         b_q = tl.load(Q + ((i_b * S + t) * H + i_h) * DK + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_k = tl.load(K + ((i_b * S + t) * Hkv + i_h // G) * DK + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -477,10 +472,13 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate
     if not causal:
         return _composite(q, k, v, log_gate, initial_state, feature_map=feature_map, causal=False,
                           softmax_scale=softmax_scale, chunk_size=chunk_size)
-    q, k = feature_map(q), feature_map(k)
     if q.dtype == torch.float64:
         raise TypeError("the Triton linear-attention kernels take float16, bfloat16 and float32; float64 runs on "
                         "the composite backend")
+    if q.shape[1] == 0:  # nothing to attend: the state passes through
+        return _composite(q, k, v, log_gate, initial_state, feature_map=feature_map, causal=True,
+                          softmax_scale=softmax_scale, chunk_size=chunk_size)
+    q, k = feature_map(q), feature_map(k)
     g = None if log_gate is None else log_gate.float().contiguous()
     h0 = None if initial_state is None else initial_state.float()
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, h0))
