@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple, Tuple
 
 import torch
+import torch.nn.functional as F
 
 REDUCTIONS = ("mean", "max")
 # The kernels' query tile: C++ tasks and the Triton map kernel cover at most 64 queries per row
@@ -129,81 +130,81 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
     sum to 1, as softmax's do); ``block_map[b, h, i, j]`` is the mean over the queries of block i of
     their total weight on the keys of block j. -> ``(B, H, ceil(S / block_q), ceil(Sk / block_k))``.
 
-    A key block entirely before query block i's first row factors around it: ``(sum_t q_t
+    A key block entirely before query block i's first row t0 factors around it: ``(sum_t q_t
     e^(Gamma_t - Gamma_t0)) . e^(Gamma_t0 - Gamma_r) . (sum_s k_s e^(Gamma_r - Gamma_s))`` with r the key
-    block's last row (every exponent <= 0): O(S Dk + Nq Nk Dk). The band of key blocks that overlap
-    query block i (at most ``block_q + block_k`` keys) is summed pair by pair, in groups of query
-    blocks of bounded memory.
+    block's last row (every exponent <= 0): O(S Dk + Nq Nk Dk). Block sizes are powers of two, so with
+    L = max(block_q, block_k) the key blocks that overlap query block i (its "band") lie inside i's
+    span of L rows; one masked (block_q x L) product per query block covers them, pair by pair.
     """
+    from attnops.kernels.linear_chunk import _chunks  # (B, S, h, D) -> contiguous (B, H, S + pad, D)
+
     bq, bk = request.block_q, request.block_k
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, S, H, Dk = q.shape
     Sk = k.shape[1]
     nq, nk = -(-S // bq), -(-Sk // bk)
-    qh = (q.to(wide) * softmax_scale).transpose(1, 2)  # (B, H, S, Dk)
-    if denominator is not None:
-        qh = qh / (denominator.to(wide).transpose(1, 2).unsqueeze(-1) + 1e-6)
-    kh = k.to(wide).transpose(1, 2).repeat_interleave(H // k.shape[2], dim=1)  # (B, H, Sk, Dk)
+    L = max(bq, bk)
+    n_sup = -(-max(S, Sk) // L)
+    factor = softmax_scale if denominator is None else (softmax_scale / (denominator.to(wide) + 1e-6)).unsqueeze(-1)
+    qh = _chunks(q.to(wide) * factor, H, S, n_sup * L - S)  # (B, H, n_sup * L, Dk), zero rows after S
+    kh = _chunks(k.to(wide), H, Sk, n_sup * L - Sk)
     rows_per_block = torch.clamp(S - torch.arange(nq, device=q.device) * bq, max=bq).to(wide)
+    q_blocks = qh.view(B, H, -1, bq, Dk).sum(3)[:, :, :nq]  # (B, H, Nq, Dk)
+    k_blocks = kh.view(B, H, -1, bk, Dk).sum(3)[:, :, :nk]
     if not causal:
-        q_blocks = _block_sums(qh, bq, nq)
-        k_blocks = _block_sums(kh, bk, nk)
         return (q_blocks @ k_blocks.transpose(-1, -2)) / rows_per_block[:, None]
     gamma = None
     if log_gate is not None:  # global cumulative log-gates, float64 (differences of large sums)
-        gamma = log_gate.to(torch.float64).clamp(min=-80.0).cumsum(1).transpose(1, 2)  # (B, H, S, G)
+        G = log_gate.shape[-1]
+        # padding rows repeat the last sum: their (zero) queries then meet no positive exponent
+        gamma = F.pad(log_gate.to(torch.float64).clamp(min=-80.0).cumsum(1).transpose(1, 2),
+                      (0, 0, 0, n_sup * L - S), mode="replicate")  # (B, H, n_sup * L, G)
     t0 = torch.arange(nq, device=q.device) * bq
-    j_lo = (t0 + 1) // bk  # the first key block not entirely before row t0: the band starts there
-    # off-band: key block j < j_lo(i), factored around t0 (query side) and r_j (key side)
-    off_band = torch.arange(nk, device=q.device)[None, :] < j_lo[:, None]  # (Nq, Nk)
+    off_band = torch.arange(nk, device=q.device)[None, :] < ((t0 + 1) // bk)[:, None]  # key block ends by t0
     if gamma is None:
-        block_map = _block_sums(qh, bq, nq) @ _block_sums(kh, bk, nk).transpose(-1, -2)
+        block_map = q_blocks @ k_blocks.transpose(-1, -2)
     else:
-        r = (torch.arange(nk, device=q.device) * bk + bk - 1).clamp(max=S - 1)  # each key block's last row
+        r = torch.arange(nk, device=q.device) * bk + bk - 1  # each key block's last row
         g_t0, g_r = gamma[:, :, t0], gamma[:, :, r]  # (B, H, Nq | Nk, G)
-        q_off = _block_sums(qh * _rel_exp(gamma, g_t0.repeat_interleave(bq, dim=2)[:, :, :S], wide), bq, nq)
-        k_off = _block_sums(kh * _rel_exp(g_r.repeat_interleave(bk, dim=2)[:, :, :Sk], gamma, wide), bk, nk)
+        rows = torch.arange(gamma.shape[2], device=q.device)  # every (padded) row: its block's t0 / r
+        q_off = qh * torch.exp((gamma - g_t0[:, :, (rows // bq).clamp(max=nq - 1)]).to(wide))
+        k_off = kh * torch.exp((g_r[:, :, (rows // bk).clamp(max=nk - 1)] - gamma).to(wide))
+        q_off = q_off.view(B, H, -1, bq, Dk).sum(3)[:, :, :nq]
+        k_off = k_off.view(B, H, -1, bk, Dk).sum(3)[:, :, :nk]
         gap = (g_t0.unsqueeze(3) - g_r.unsqueeze(2)).masked_fill(~off_band[:, :, None], float("-inf"))
         between = torch.exp(gap.to(wide))  # (B, H, Nq, Nk, G): decay from the key block's end to t0
-        if between.shape[-1] == 1:
+        if G == 1:
             block_map = (q_off @ k_off.transpose(-1, -2)) * between[..., 0]
         else:
             block_map = torch.einsum("bhid,bhijd,bhjd->bhij", q_off, between, k_off)
     block_map = block_map.masked_fill(~off_band, 0.0)
-    # the band, pair by pair: rows of query block i against keys [j_lo(i) * bk, j_lo(i) * bk + W)
-    W = -(-(bq + bk) // bk) * bk
-    rows = t0[:, None] + torch.arange(bq, device=q.device)  # (Nq, bq)
-    keys = (j_lo * bk)[:, None] + torch.arange(W, device=q.device)  # (Nq, W)
-    valid = (rows[:, :, None] < S) & (keys[:, None, :] <= rows[:, :, None])  # causal, in range
-    G = 1 if gamma is None else gamma.shape[-1]
-    group = max(1, (1 << 24) // max(1, B * H * bq * W * (G if G > 1 else 1)))
-    for i0 in range(0, nq, group):
-        i1 = min(nq, i0 + group)
-        rw, kw, vw = rows[i0:i1].clamp(max=S - 1), keys[i0:i1].clamp(max=Sk - 1), valid[i0:i1]
-        q_rows, k_keys = qh[:, :, rw], kh[:, :, kw]  # (B, H, n, bq, Dk), (B, H, n, W, Dk)
+    # the band, on views: query blocks (B, H, n_sup, L/bq, bq, Dk) against their span (.., 1, L, Dk)
+    qs = qh.view(B, H, n_sup, L // bq, bq, Dk)
+    ks = kh.view(B, H, n_sup, 1, L, Dk)
+    pos_t = torch.arange(L // bq, device=q.device)[:, None] * bq + torch.arange(bq, device=q.device)
+    causal_band = pos_t[:, :, None] >= torch.arange(L, device=q.device)  # (L/bq, bq, L): s <= t
+    if gamma is not None:  # relative to each span's start (float64), then rounded
+        g_span = gamma.view(B, H, n_sup, L, G)
+        start = torch.cat([torch.zeros_like(g_span[:, :, :1, 0]), g_span[:, :, :-1, -1]], dim=2)
+        g_rel = (g_span - start.unsqueeze(3)).to(wide)
+        g_rows, g_keys = g_rel.view(B, H, n_sup, L // bq, bq, 1, G), g_rel.view(B, H, n_sup, 1, 1, L, G)
+    budget = max(1, (1 << 24) // max(1, B * H * L * L * (Dk if gamma is not None and G > 1 else 1)))
+    band = []
+    for n0 in range(0, n_sup, budget):
+        n1 = min(n_sup, n0 + budget)
+        q_n, k_n = qs[:, :, n0:n1], ks[:, :, n0:n1]
         if gamma is None:
-            w = (q_rows @ k_keys.transpose(-1, -2)).masked_fill(~vw, 0.0)
+            w = q_n @ k_n.transpose(-1, -2)
         else:
-            expo = gamma[:, :, rw].unsqueeze(-2) - gamma[:, :, kw].unsqueeze(-3)  # (B, H, n, bq, W, G)
-            decay = torch.exp(expo.masked_fill(~vw[..., None], float("-inf")).to(wide))
+            expo = (g_rows[:, :, n0:n1] - g_keys[:, :, n0:n1]).masked_fill(~causal_band[..., None], float("-inf"))
             if G == 1:
-                w = (q_rows @ k_keys.transpose(-1, -2)) * decay[..., 0]
+                w = (q_n @ k_n.transpose(-1, -2)) * torch.exp(expo[..., 0])
             else:
-                w = (q_rows.unsqueeze(-2) * k_keys.unsqueeze(-3) * decay).sum(-1)
-            w = w.masked_fill(~vw, 0.0)
-        per_block = w.sum(3).view(B, H, i1 - i0, W // bk, bk).sum(-1)  # (B, H, n, W / bk)
-        cols = (j_lo[i0:i1, None] + torch.arange(W // bk, device=q.device)).clamp(max=nk)
-        padded = torch.nn.functional.pad(block_map[:, :, i0:i1], (0, W // bk))  # column nk collects overflow
-        block_map[:, :, i0:i1] = padded.scatter_add(3, cols.expand(B, H, -1, -1), per_block)[..., :nk]
-    return block_map / rows_per_block[:, None]
-
-
-def _block_sums(x: torch.Tensor, block: int, n: int) -> torch.Tensor:
-    """``(B, H, S, D)`` -> sums over consecutive blocks of ``block`` rows, ``(B, H, n, D)``."""
-    B, H, S, D = x.shape
-    return torch.nn.functional.pad(x, (0, 0, 0, n * block - S)).view(B, H, n, block, D).sum(3)
-
-
-def _rel_exp(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``exp(a - b)`` of float64 cumulative gates, the difference rounded to ``dtype`` first."""
-    return torch.exp((a - b).to(dtype))
+                w = (q_n.unsqueeze(-2) * k_n.unsqueeze(-3) * torch.exp(expo)).sum(-1)
+        w = w.masked_fill_(~causal_band, 0.0)  # (B, H, n, L/bq, bq, L)
+        band.append(w.sum(4).view(B, H, n1 - n0, L // bq, L // bk, bk).sum(-1))
+    band = torch.cat(band, dim=2) if len(band) > 1 else band[0]  # (B, H, n_sup, L/bq, L/bk)
+    full = F.pad(block_map, (0, n_sup * (L // bk) - nk, 0, n_sup * (L // bq) - nq))
+    diagonal = full.view(B, H, n_sup, L // bq, n_sup, L // bk).diagonal(dim1=2, dim2=4)  # (B, H, L/bq, L/bk, n_sup)
+    diagonal.add_(band.permute(0, 1, 3, 4, 2))
+    return full[:, :, :nq, :nk] / rows_per_block[:, None]

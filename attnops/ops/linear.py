@@ -58,8 +58,12 @@ def focused_feature_map(power: float = FOCUSED_POWER) -> Callable[[torch.Tensor]
     return focused
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 FEATURE_MAPS = {
-    "identity": lambda x: x,
+    "identity": _identity,
     "elu": lambda x: F.elu(x).add_(1.0),  # Katharopoulos et al. 2020: positive, so the normaliser is > 0
     "relu": F.relu,
     "focused": focused_feature_map(),
@@ -184,6 +188,7 @@ def linear_attention(
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     shape = _check_qkv(q, k, v, causal)
     B, S, H, Hkv, D, Dv = shape
+    dtype = q.dtype
     phi = resolve_feature_map(feature_map)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not (
             MIN_CHUNK <= chunk_size <= MAX_CHUNK and chunk_size & (chunk_size - 1) == 0):
@@ -213,16 +218,18 @@ def linear_attention(
     if normalize:
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # its output column: the denominator
     impl = dispatch.resolve("linear_attention", q.device, backend)
+    if request is not None:  # the map reads phi(q), phi(k) too: map them once
+        q, k, phi = phi(q), phi(k), _identity
     out, final = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
                       chunk_size=chunk_size)
     denominator = out[..., Dv] if normalize else None
     if normalize:
         out = out[..., :Dv] / (out[..., Dv:] + NORMALIZE_EPS)
         final = (final[..., :Dv], final[..., Dv])
-    out = out.to(q.dtype)
+    out = out.to(dtype)
     if request is not None:
         with torch.no_grad():  # a readout, like the attention ops' maps
-            block_map = linear_block_map(phi(q), phi(k), log_gate, denominator, causal=causal, softmax_scale=scale,
+            block_map = linear_block_map(q, k, log_gate, denominator, causal=causal, softmax_scale=scale,
                                          request=request)
         if output_final_state:
             return LinearAttentionMapOutput(out, final, block_map)
