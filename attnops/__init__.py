@@ -7,9 +7,9 @@ flash core, with C++ (CPU), Triton and CUDA kernels behind one dispatcher.
 from attnops import dispatch
 from attnops.kv_cache import KVCache
 from attnops.masks import BlockMask
-from attnops.ops import (AttentionLseMapOutput, AttentionMapOutput, AttentionOutput, LinearAttentionOutput,
-                         attention, block_sparse_attention, decode_attention, linear_attention, moba_attention,
-                         moba_block_mask, predict_block_mask)
+from attnops.ops import (AttentionLseMapOutput, AttentionMapOutput, AttentionOutput, LinearAttentionMapOutput,
+                         LinearAttentionOutput, attention, block_sparse_attention, decode_attention, linear_attention,
+                         moba_attention, moba_block_mask, predict_block_mask)
 from attnops import maps  # noqa: E402  (block maps: capture, rollout, heatmaps)
 from attnops import nn  # noqa: E402  (modules build on the ops above)
 from attnops.nn import swap, unswap  # noqa: E402
@@ -17,6 +17,6 @@ from attnops.nn import swap, unswap  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "BlockMask", "KVCache",
-           "LinearAttentionOutput", "attention", "block_sparse_attention", "decode_attention", "dispatch",
-           "linear_attention", "maps", "moba_attention", "moba_block_mask", "nn", "predict_block_mask", "swap",
-           "unswap"]
+           "LinearAttentionMapOutput", "LinearAttentionOutput", "attention", "block_sparse_attention",
+           "decode_attention", "dispatch", "linear_attention", "maps", "moba_attention", "moba_block_mask", "nn",
+           "predict_block_mask", "swap", "unswap"]

@@ -83,8 +83,8 @@ def run(inputs, cfg, dtype, backend=None, chunk_size=16, device="cpu"):
     if "initial_state" in leaves:
         kw["initial_state"] = ((leaves["initial_state"], leaves["initial_z"]) if cfg.get("normalize")
                                else leaves["initial_state"])
-    res = attnops.linear_attention(leaves["q"], leaves["k"], leaves["v"], output_final_state=True, chunk_size=chunk_size,
-                                   backend=backend, **kw)
+    res = attnops.linear_attention(leaves["q"], leaves["k"], leaves["v"], output_final_state=True,
+                                   chunk_size=chunk_size, backend=backend, **kw)
     out, state = res
     s_main = state[0] if cfg.get("normalize") else state
     gen = torch.Generator().manual_seed(1)
@@ -100,7 +100,8 @@ def run(inputs, cfg, dtype, backend=None, chunk_size=16, device="cpu"):
 
 def check_against_reference(shape, cfg, dtype, with_state=True, chunk_size=16, impl=None):
     inputs = make_inputs(shape, cfg, with_state)
-    out, state, grads = run(inputs, cfg, dtype, chunk_size=chunk_size, backend=None if impl is None else backend_of(impl),
+    out, state, grads = run(inputs, cfg, dtype, chunk_size=chunk_size,
+                            backend=None if impl is None else backend_of(impl),
                             device="cpu" if impl is None else impl.device)
     ref_out, ref_state, ref_grads = run(inputs, cfg, torch.float64, backend="reference")
     lp_out, lp_state, lp_grads = run(inputs, cfg, dtype, backend="reference")
@@ -258,8 +259,8 @@ def test_triton_operators_opcheck():
         h0 = torch.randn(1, 2, 16, 24)
         torch.library.opcheck(torch.ops.attnops.linear_attn_fwd_triton, (q, k, v, g, h0, 0.25, 16),
                               test_utils=("test_schema", "test_faketensor"))
-        torch.library.opcheck(torch.ops.attnops.linear_attn_recurrent_triton, (q[:, :3], k[:, :3], v[:, :3],
-                                                                              None if g is None else g[:, :3], h0, 0.25))
+        short = (q[:, :3], k[:, :3], v[:, :3], None if g is None else g[:, :3], h0, 0.25)
+        torch.library.opcheck(torch.ops.attnops.linear_attn_recurrent_triton, short)
 
 
 def test_meta_tensors():

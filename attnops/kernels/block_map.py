@@ -19,6 +19,8 @@ from typing import NamedTuple, Tuple
 import torch
 import torch.nn.functional as F
 
+from attnops.kernels.linear_chunk import heads_first
+
 REDUCTIONS = ("mean", "max")
 # The kernels' query tile: C++ tasks and the Triton map kernel cover at most 64 queries per row
 # block, so partial rows never need more.
@@ -136,8 +138,6 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
     L = max(block_q, block_k) the key blocks that overlap query block i (its "band") lie inside i's
     span of L rows; one masked (block_q x L) product per query block covers them, pair by pair.
     """
-    from attnops.kernels.linear_chunk import _chunks  # (B, S, h, D) -> contiguous (B, H, S + pad, D)
-
     bq, bk = request.block_q, request.block_k
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, S, H, Dk = q.shape
@@ -146,8 +146,8 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
     L = max(bq, bk)
     n_sup = -(-max(S, Sk) // L)
     factor = softmax_scale if denominator is None else (softmax_scale / (denominator.to(wide) + 1e-6)).unsqueeze(-1)
-    qh = _chunks(q.to(wide) * factor, H, S, n_sup * L - S)  # (B, H, n_sup * L, Dk), zero rows after S
-    kh = _chunks(k.to(wide), H, Sk, n_sup * L - Sk)
+    qh = heads_first(q.to(wide) * factor, H, S, n_sup * L - S)  # (B, H, n_sup * L, Dk), zero rows after S
+    kh = heads_first(k.to(wide), H, Sk, n_sup * L - Sk)
     rows_per_block = torch.clamp(S - torch.arange(nq, device=q.device) * bq, max=bq).to(wide)
     q_blocks = qh.view(B, H, -1, bq, Dk).sum(3)[:, :, :nq]  # (B, H, Nq, Dk)
     k_blocks = kh.view(B, H, -1, bk, Dk).sum(3)[:, :, :nk]

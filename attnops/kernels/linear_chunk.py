@@ -73,9 +73,9 @@ def linear_attention(
     dt = compute_dtype(q.dtype)
     state = initial_state.to(dt) if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=dt)
     if not causal:
-        kh, vh = (_chunks(t.to(dt), H, t.shape[1], 0) for t in (feature_map(k), v))
+        kh, vh = (heads_first(t.to(dt), H, t.shape[1], 0) for t in (feature_map(k), v))
         state = state + kh.transpose(-1, -2) @ vh
-        out = (_chunks(feature_map(q).to(dt), H, S, 0) @ state) * softmax_scale
+        out = (heads_first(feature_map(q).to(dt), H, S, 0) @ state) * softmax_scale
         return out.transpose(1, 2), state
     if S == 0:  # nothing to attend: the state passes through
         return q.new_zeros(B, 0, H, Dv, dtype=dt), state
@@ -100,7 +100,7 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
     pad = -S % C
     N = (S + pad) // C
     # (B * H * N, C, D) batches for bmm; the scale rides on the matmuls' alpha
-    qc, kc, vc = (_chunks(t.to(dt), H, S, pad).view(B * H * N, C, t.shape[-1]) for t in (q, k, v))
+    qc, kc, vc = (heads_first(t.to(dt), H, S, pad).view(B * H * N, C, t.shape[-1]) for t in (q, k, v))
     if log_gate is None or log_gate.shape[-1] == 1:
         no_input = qc.new_zeros(())  # baddbmm's ignored input (beta = 0)
         scores = torch.baddbmm(no_input, qc, kc.transpose(1, 2), beta=0, alpha=softmax_scale)
@@ -115,7 +115,7 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
         # the small differences that matter most (the weights near 1). Each difference is rounded
         # to the compute dtype before its exponential.
         g = log_gate.to(torch.float64).clamp(min=MIN_LOG_GATE)
-        gamma = _chunks(g, H, S, pad).view(B * H * N, C, g.shape[-1]).cumsum(1)  # padding: gate 0, no decay
+        gamma = heads_first(g, H, S, pad).view(B * H * N, C, g.shape[-1]).cumsum(1)  # padding: gate 0, no decay
         gamma_last = gamma[:, -1:]  # (B * H * N, 1, 1 | Dk)
         kv = _value_bmm((kc * _exp(gamma_last - gamma, dt)).transpose(1, 2), vc).view(B, H, N, Dk, Dv)
         chunk_decay = _exp(gamma_last, dt).transpose(1, 2).view(B, H, N, g.shape[-1], 1)
@@ -161,7 +161,7 @@ def _exp(log_weight: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return torch.exp(log_weight.to(dt))
 
 
-def _chunks(t: torch.Tensor, num_heads: int, seq_len: int, pad: int) -> torch.Tensor:
+def heads_first(t: torch.Tensor, num_heads: int, seq_len: int, pad: int) -> torch.Tensor:
     """``(B, S, Hkv, D)`` -> contiguous ``(B, H, S + pad, D)``, zero-padded at the end, each query
     head with its kv head (the state is per query head, since decays and gates are): one copy."""
     B, _, Hkv, D = t.shape
@@ -192,7 +192,10 @@ class _Scan(torch.autograd.Function):
             else:
                 torch.addcmul(kv[:, :, n], chunk_decay[:, :, n], entering[:, :, n], out=entering[:, :, n + 1])
         last = entering[:, :, N - 1]
-        final = last + kv[:, :, N - 1] if chunk_decay is None else torch.addcmul(kv[:, :, N - 1], chunk_decay[:, :, N - 1], last)
+        if chunk_decay is None:
+            final = last + kv[:, :, N - 1]
+        else:
+            final = torch.addcmul(kv[:, :, N - 1], chunk_decay[:, :, N - 1], last)
         ctx.save_for_backward(chunk_decay, entering if chunk_decay is not None else None)
         return entering, final
 

@@ -318,7 +318,8 @@ def _pack_state(initial_state, normalize: bool, state_shape, device) -> Optional
         if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
             raise TypeError("with normalize=True, initial_state is the pair (S (B, H, Dk, Dv), z (B, H, Dk)) that "
                             "final_state returns")
-        parts = (("initial_state S", initial_state[0], (B, H, Dk, Dv)), ("initial_state z", initial_state[1], (B, H, Dk)))
+        parts = (("initial_state S", initial_state[0], (B, H, Dk, Dv)),
+                 ("initial_state z", initial_state[1], (B, H, Dk)))
     else:
         parts = (("initial_state", initial_state, (B, H, Dk, Dv)),)
     for name, t, want in parts:

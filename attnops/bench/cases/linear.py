@@ -2,14 +2,15 @@
 
 Parameters (suite ``params`` or case keys): feature_map (default "elu"), causal (default true),
 decay (None, "retnet", "lightning"), gate (None, "head", "channel"), normalize (default false),
-chunk_size (default 64), growth (default false), block_map (default false). Shape keys as for attention, with Sq = Sk. The
-baseline is *dense softmax* attention of the same causality (FlashAttention on a GPU, else torch
-SDPA): where linear attention overtakes it is the crossover length. With ``growth = true`` the
-baseline is the same op on the first N/2 tokens instead, timed interleaved with the op at N, so
-time(N) / time(N/2) (= 1 / speedup; the family's CPU target is <= 2.1) is measured side by side, not
-across cases run minutes apart on a machine whose speed drifts. With ``block_map = true`` the op runs
-with ``return_block_map=True`` against itself without (the block-map issue's <= 1.6x target). The accuracy gate checks the op
-against the float64 token-by-token recurrence on sampled rows.
+chunk_size (default 64), growth (default false), block_map (default false). Shape keys as for
+attention, with Sq = Sk. The baseline is *dense softmax* attention of the same causality
+(FlashAttention on a GPU, else torch SDPA): where linear attention overtakes it is the crossover
+length. With ``growth = true`` the baseline is the same op on the first N/2 tokens instead, timed
+interleaved with the op at N, so time(N) / time(N/2) (= 1 / speedup; the family's CPU target is
+<= 2.1) is measured side by side, not across cases run minutes apart on a machine whose speed
+drifts. With ``block_map = true`` the op runs with ``return_block_map=True`` against itself without
+(the block-map issue's <= 1.6x target). The accuracy gate checks the op against the float64
+token-by-token recurrence on sampled rows.
 """
 
 from __future__ import annotations

@@ -199,7 +199,8 @@ def _qkv_bwd_kernel(Q, K, V, Gm, GS, Hs, DHs, DO, DQ, DK_, DV_, S, N, H, G, GW, 
     o_v = tl.arange(0, BV)
     m_t, m_k, m_v = o_t < S, o_k < DK, o_v < DV
     m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
-    b_q = tl.load(Q + (i_b * S * H + i_h) * DK + o_t[:, None] * H * DK + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_q = tl.load(Q + (i_b * S * H + i_h) * DK + o_t[:, None] * H * DK + o_k[None, :], mask=m_tk,
+                  other=0.0).to(tl.float32)
     b_k = tl.load(K + (i_b * S * Hkv + i_h // G) * DK + o_t[:, None] * Hkv * DK + o_k[None, :], mask=m_tk,
                   other=0.0).to(tl.float32)
     b_v = tl.load(V + (i_b * S * Hkv + i_h // G) * DV + o_t[:, None] * Hkv * DV + o_v[None, :], mask=m_tv,
@@ -239,7 +240,8 @@ def _qkv_bwd_kernel(Q, K, V, Gm, GS, Hs, DHs, DO, DQ, DK_, DV_, S, N, H, G, GW, 
             b_a = b_a * b_w
             b_dsw = b_da * b_w
             b_dq = b_dq_inter * tl.exp(b_g) + tl.dot(b_dsw.to(DOT_DTYPE), b_k.to(DOT_DTYPE))
-            b_dk = b_dk_inter * tl.exp((b_last - b_g) + (b_lastl - b_gl)) + tl.dot(tl.trans(b_dsw).to(DOT_DTYPE), b_q.to(DOT_DTYPE))
+            b_dk = (b_dk_inter * tl.exp((b_last - b_g) + (b_lastl - b_gl))
+                    + tl.dot(tl.trans(b_dsw).to(DOT_DTYPE), b_q.to(DOT_DTYPE)))
             b_kbar = b_k * tl.exp((b_last - b_g) + (b_lastl - b_gl))
         else:
             b_a = tl.where(causal, b_a, 0.0)
