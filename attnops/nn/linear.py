@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnops.ops.linear import State, decay_preset, linear_attention, resolve_feature_map
+from attnops.ops.linear import State, linear_attention, resolve_decay, resolve_feature_map
 
 GATES = (False, True, "head", "channel")
 
@@ -65,15 +65,9 @@ class LinearAttention(nn.Module):
         self.normalize = normalize
         self.gated = "head" if gated is True else gated
         self.gate_normalizer = float(gate_normalizer)
-        if isinstance(decay, str):
-            decay = decay_preset(decay, num_heads)
-        if decay is not None:
-            if not isinstance(decay, torch.Tensor) or decay.shape != (num_heads,):
-                raise ValueError(f"decay must be None, a preset or a ({num_heads},) tensor of log-decays")
-            if bool((decay > 0).any()):
-                raise ValueError("decay holds log-decays, which must be <= 0")
-            decay = decay.to(device=device, dtype=torch.float32)
-        self.register_buffer("decay", decay)
+        # the op's own check, on construction (on the CPU, so the values are read wherever the tensor is)
+        decay = resolve_decay(decay.cpu() if isinstance(decay, torch.Tensor) else decay, num_heads)
+        self.register_buffer("decay", None if decay is None else decay.to(device=device, dtype=torch.float32))
         kw = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, **kw)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)

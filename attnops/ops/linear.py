@@ -274,22 +274,30 @@ def _check_nonpositive(name: str, t: torch.Tensor) -> None:
                          f"got a maximum of {float(t.max()):.4g}")
 
 
+def resolve_decay(decay, num_heads: int, device=None) -> Optional[torch.Tensor]:
+    """``decay`` (None, a preset name or a ``(H,)`` tensor of log-decays <= 0) as a ``(H,)`` tensor or
+    None; a tensor on another device than ``device`` (when given) is an error."""
+    if decay is None:
+        return None
+    if isinstance(decay, str):
+        return decay_preset(decay, num_heads)
+    if not isinstance(decay, torch.Tensor):
+        raise TypeError(f"decay must be None, a preset name or a (H,) tensor, got {type(decay).__name__}")
+    if decay.shape != (num_heads,) or not decay.is_floating_point():
+        raise ValueError(f"decay must be a float tensor of shape ({num_heads},) (one log-decay per head), got "
+                         f"{decay.dtype} {tuple(decay.shape)}")
+    if device is not None and decay.device != device:
+        raise ValueError(f"decay is on {decay.device} but q is on {device}")
+    _check_nonpositive("decay", decay)
+    return decay
+
+
 def _log_gate(decay, gate, shape: _Shape, Dk: int, device, dtype) -> Optional[torch.Tensor]:
     """decay and gate merged into one log-gate ``(B, S, H, 1 | Dk)`` in ``dtype``, or None."""
     B, S, H = shape.batch, shape.seq_len, shape.num_heads
     total = None
+    decay = resolve_decay(decay, H, device)
     if decay is not None:
-        if isinstance(decay, str):
-            decay = decay_preset(decay, H)
-        elif isinstance(decay, torch.Tensor):
-            if decay.shape != (H,) or not decay.is_floating_point():
-                raise ValueError(f"decay must be a float tensor of shape ({H},) (one log-decay per head), got "
-                                 f"{decay.dtype} {tuple(decay.shape)}")
-            if decay.device != device:
-                raise ValueError(f"decay is on {decay.device} but q is on {device}")
-            _check_nonpositive("decay", decay)
-        else:
-            raise TypeError(f"decay must be None, a preset name or a (H,) tensor, got {type(decay).__name__}")
         total = decay.to(device, dtype).view(1, 1, H, 1)
     if gate is not None:
         if not isinstance(gate, torch.Tensor) or not gate.is_floating_point():
