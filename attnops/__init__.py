@@ -9,7 +9,9 @@ from attnops.kv_cache import KVCache
 from attnops.masks import BlockMask
 from attnops.ops import (AttentionLseMapOutput, AttentionMapOutput, AttentionOutput, LinearAttentionMapOutput,
                          LinearAttentionOutput, attention, block_sparse_attention, decode_attention, linear_attention,
+                         lowrank_key_attention,
                          moba_attention, moba_block_mask, predict_block_mask)
+from attnops import lowrank  # noqa: E402  (KeyProjection, calibrate)
 from attnops import maps  # noqa: E402  (block maps: capture, rollout, heatmaps)
 from attnops import nn  # noqa: E402  (modules build on the ops above)
 from attnops.nn import swap, unswap  # noqa: E402
@@ -18,5 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "BlockMask", "KVCache",
            "LinearAttentionMapOutput", "LinearAttentionOutput", "attention", "block_sparse_attention",
-           "decode_attention", "dispatch", "linear_attention", "maps", "moba_attention", "moba_block_mask", "nn",
+           "decode_attention", "dispatch", "linear_attention", "lowrank",
+           "lowrank_key_attention", "maps", "moba_attention", "moba_block_mask", "nn",
            "predict_block_mask", "swap", "unswap"]

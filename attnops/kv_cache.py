@@ -21,7 +21,8 @@ class KVCache:
     """
 
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, score_dim: int = 0,
+                 score_dtype: Optional[torch.dtype] = None):
         for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
             if not isinstance(value, int) or value < 1:
@@ -29,7 +30,18 @@ class KVCache:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.batch, self.max_len, self.num_kv_heads, self.head_dim = batch, max_len, num_kv_heads, head_dim
+        if not isinstance(score_dim, int) or not 0 <= score_dim <= head_dim:
+            raise ValueError(f"score_dim must be an int in [0, head_dim={head_dim}], got {score_dim!r}")
         self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
+        # low-rank-key decoding: a contiguous copy of the keys' first score_dim components (the
+        # kernels' scoring pass reads it; the same components read out of k are rows head_dim apart)
+        # (half-width planes halve the scoring pass's bytes; the scores only rank keys)
+        score_dtype = dtype if score_dtype is None else score_dtype
+        if score_dtype not in (dtype, torch.bfloat16, torch.float16):
+            raise TypeError(f"score_dtype must be the cache's dtype, bfloat16 or float16, got {score_dtype!r}")
+        self.score_dim = score_dim
+        self.k_score = torch.zeros(batch, max_len, num_kv_heads, score_dim, dtype=score_dtype, device=device) \
+            if score_dim else None
         self.v = torch.zeros_like(self.k)
         self._lens = torch.zeros(batch, dtype=torch.int32)  # host copy
         self.seqlens = self._lens.to(self.k.device)
@@ -41,6 +53,17 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.k.device
+
+    @property
+    def host_seqlens(self) -> torch.Tensor:
+        """``(batch,)`` int32 lengths on the CPU (reading them never synchronises a GPU)."""
+        return self._lens.clone()
+
+    def score_view(self) -> Optional[torch.Tensor]:
+        """The score plane up to the longest sequence (``decode_attention``'s ``k_score``), or None."""
+        if self.k_score is None:
+            return None
+        return self.k_score[:, :int(self._lens.max())]
 
     def reset(self) -> None:
         """Empties every sequence (the buffers are kept)."""
@@ -84,6 +107,8 @@ class KVCache:
             rows, cols = rows.to(self.device), cols.to(self.device)
             self.k[rows, cols] = k
             self.v[rows, cols] = v
+            if self.k_score is not None:
+                self.k_score[rows, cols] = k[..., :self.score_dim].to(self.k_score.dtype)
         self._lens = new_lens
         self.seqlens = new_lens.to(self.device)
         longest = int(new_lens.max())

@@ -50,6 +50,15 @@ TORCH_LIBRARY(attnops, m) {
   // tile's mean query: its own block plus the top (topk - 1) others (causal: earlier ones only).
   // Returns the block LUT at (route_block, route_block) granularity: kv_num_blocks (B, H, Nt) and
   // kv_indices (B, H, Nt, W) int32, ascending, Nt = ceil(S / route_block).
+  // Low-rank-key attention (Loki): q (B, Sq, H, D), k/v (B, Sk, Hkv, D); q_score (B, Sq, H, R) and
+  // k_score (B, Sk, Hkv, R) the first R components of the rotated queries and keys (views with
+  // strides are fine). Query i of sequence b sits at seqlens[b] - Sq + i (seqlens None: Sk each)
+  // and sees keys [0, seqlens[b]) (causal: up to its position); it attends exactly to the newest
+  // `local` of them plus the (topk - local) older ones of highest q_score . k_score (ties to the
+  // later key). Forward only. Returns out (B, Sq, H, D), lse (B, H, Sq) over the chosen keys.
+  m.def(
+      "lowrank_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor q_score, Tensor k_score, Tensor? seqlens, int topk, "
+      "int local, bool causal, float softmax_scale) -> (Tensor, Tensor)");
   m.def("moba_route(Tensor q, Tensor k, int block_size, int topk, bool causal, int route_block) -> (Tensor, Tensor)");
 }
 

@@ -140,3 +140,18 @@ def test_linear_case_passes_its_gate(params, mode):
     result = run_case(spec, threads=1, repeats=1, warmup=0)
     assert result.status == "ok", result.message
     assert result.baseline == "sdpa" and result.accuracy.passed and result.flops_actual > 0
+
+
+@pytest.mark.parametrize("shape", [dict(Sq=1, Sk=2048), dict(Sq=3, Sk=1000), dict(Sq=300, Sk=300)],
+                         ids=["decode", "decode-3", "prefill"])
+def test_lowrank_case_passes_its_gate_and_reports_the_error_vs_exact(shape):
+    base = dict(B=1, H=4, Hkv=2, D=64)
+    spec = CaseSpec(op="lowrank_key_attention", device="cpu", dtype="float32", mode="fwd",
+                    shape={**base, **shape}, params=dict(rank_div=4, local=4))
+    result = run_case(spec, threads=1, repeats=1, warmup=0)
+    assert result.status == "ok", result.message
+    assert result.accuracy.passed and result.baseline in ("dense decode", "attnops dense")
+    assert 0 < result.approx_err < 0.2  # peaked synthetic attention: top N/8 of the keys carry most of it
+    exact = CaseSpec(op="lowrank_key_attention", device="cpu", dtype="float32", mode="fwd",
+                     shape={**base, **shape}, params=dict(rank_div=1, topk_div=1))
+    assert run_case(exact, threads=1, repeats=1, warmup=0).approx_err < 1e-5  # every key: exact attention

@@ -137,9 +137,13 @@ def test_unsupported_inputs_are_clear_errors():
     x = torch.randn(2, 9, 16)
     pad = torch.zeros(2, 9, dtype=torch.bool)
     mha(x, x, x, key_padding_mask=pad, is_causal=True)  # masks nothing: accepted with causality too
-    pad[0, -1] = True
-    with pytest.raises(NotImplementedError, match="causal"):
+    pad[0, 4] = True  # a hole: the kept keys are not one range
+    with pytest.raises(NotImplementedError, match="contiguous"):
         mha(x, x, x, key_padding_mask=pad, is_causal=True)
+    pad[0, 4], pad[0, -1] = False, True
+    windowed = MultiheadAttention(16, 2, batch_first=True, attention=Dense(window=(3, 0)))
+    with pytest.raises(NotImplementedError, match="window"):
+        windowed(x, x, x, key_padding_mask=pad, is_causal=True)
     with pytest.raises(ValueError, match="key_padding_mask must be"):
         mha(x, x, x, key_padding_mask=pad[:, :5])
     sparse = MultiheadAttention(16, 2, batch_first=True, attention=BlockSparse(
@@ -205,3 +209,45 @@ def test_key_padding_mask_matches_torch(kind):
         o.backward(grad)
     assert_accurate("d_query", inputs32[0].grad, inputs64[0].grad, inputs_lp[0].grad)
     assert_accurate("d_kv", inputs32[1].grad, inputs64[1].grad, inputs_lp[1].grad)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_causal_key_padding_mask_matches_torch(kind):
+    """Left and right padding with causality: each sequence's kept keys are one range."""
+    ref, ours = _pair(batch_first=True)
+    B, L = 4, 23
+    x = torch.randn(B, L, 48, dtype=torch.float64)
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[0, 15:] = True   # right padding
+    pad[1, :6] = True    # left padding
+    pad[3, :3] = True    # both
+    pad[3, 20:] = True
+    mask = pad if kind == "bool" else torch.zeros(B, L, dtype=torch.float64).masked_fill(pad, float("-inf"))
+    causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+    sees = (~(torch.ones(L, L, dtype=torch.bool).triu(1).unsqueeze(0) | pad.unsqueeze(1))).any(-1)
+    x64 = x.clone().requires_grad_()
+    expect, _ = ref(x64, x64, x64, key_padding_mask=mask, attn_mask=causal, need_weights=False)
+    x32 = x.float().clone().requires_grad_()
+    m32 = mask if kind == "bool" else mask.float()
+    got, weights = ours(x32, x32, x32, key_padding_mask=m32, is_causal=True)
+    assert weights is None
+    xlp = x.float().clone().requires_grad_()
+    low, _ = copy.deepcopy(ref).float()(xlp, xlp, xlp, key_padding_mask=m32, attn_mask=causal.float(),
+                                        need_weights=False)
+    rows = sees.unsqueeze(-1).expand_as(expect)  # torch gives NaN where a query sees no key, attnops zeros
+    assert torch.all(got.detach()[~rows] == 0)
+    assert_accurate("out", got.detach()[rows], expect.detach()[rows], low.detach()[rows])
+    # gradients where every query sees a key (torch's NaN rows would poison its own gradients)
+    pad[1:] = False
+    pad[2, 18:] = True
+    mask = pad if kind == "bool" else torch.zeros(B, L, dtype=torch.float64).masked_fill(pad, float("-inf"))
+    m32 = mask if kind == "bool" else mask.float()
+    grads, g = [], torch.randn(B, L, 48, dtype=torch.float64)
+    for module, dtype, m, kw in ((ref, torch.float64, mask, dict(attn_mask=causal)), (ours, torch.float32, m32,
+                                 dict(is_causal=True)), (copy.deepcopy(ref).float(), torch.float32, m32,
+                                                         dict(attn_mask=causal.float()))):
+        xi = x.to(dtype).clone().requires_grad_()
+        out, _ = module(xi, xi, xi, key_padding_mask=m, need_weights=False, **kw)
+        out.backward(g.to(dtype))
+        grads.append(xi.grad)
+    assert_accurate("d_x", grads[1], grads[0], grads[2])

@@ -107,6 +107,9 @@ class Prepared:
     flops_actual: float  # FLOPs the op's pattern really needs
     density: Optional[float] = None
     bytes_moved: Optional[float] = None  # for memory-bound ops (decode): bytes of K/V read
+    # approximate ops (low-rank keys): the float64 output of the exact function they stand for on
+    # the sampled rows, fn(inputs, rows) -> tensor; the report gives the op's error against it
+    exact: Optional[Callable[[Any, torch.Tensor], torch.Tensor]] = None
     notes: List[str] = field(default_factory=list)  # e.g. why an extra provider is absent
 
 

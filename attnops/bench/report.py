@@ -189,8 +189,9 @@ def render_table(results: List[CaseResult], env: dict, console=None):
     table = Table(title=f"attnops {env['attnops']} ({env['git_commit']}) — {env['device_name']}, "
                         f"torch {env['torch']}, {env['threads']} threads", show_lines=False)
     extras = sorted({e for r in results for e in r.extras})
+    approx = any(r.approx_err is not None for r in results)  # approximate ops: error vs the exact function
     for col in ["case", "status", "ms", "baseline", "base ms", "speedup", *[f"{e} ms" for e in extras],
-                "TF/s eq/act", "GB/s (% copy)", "MiB", "max err", "err/base"]:
+                "TF/s eq/act", "GB/s (% copy)", "MiB", "max err", "err/base", *(["vs exact"] if approx else [])]:
         table.add_column(col, justify="left" if col in ("case", "status", "baseline") else "right")
     for r in results:
         acc = r.accuracy
@@ -208,6 +209,7 @@ def render_table(results: List[CaseResult], env: dict, console=None):
             _fmt(r.memory_mb.get(OP), ".1f"),
             _fmt(acc.err_max if acc else None, ".1e"),
             _fmt(acc.ratio_to(r.baseline) if acc and r.baseline else None, ".2f"),
+            *([_fmt(r.approx_err, ".1e")] if approx else []),
         )
     console.print(table)
     failed = [r for r in results if r.status != "ok"]

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from attnops.bench.accuracy import Accuracy, judge, sample_rows
+from attnops.bench.accuracy import Accuracy, judge, max_abs_diff, sample_rows
 from attnops.bench.registry import DTYPES, OPS, CaseSpec, Provider
 from attnops.bench.timer import Timing, peak_memory_mb, rotating, time_interleaved
 
@@ -32,6 +32,8 @@ class CaseResult:
     bytes_moved: Optional[float] = None
     notes: List[str] = field(default_factory=list)
     threads: int = 0
+    approx_err: Optional[float] = None  # approximate ops: ||op - exact||_F / ||exact||_F on the sampled rows
+    approx_err_max: Optional[float] = None  # and max |op - exact|
 
     def ms(self, name: str) -> Optional[float]:
         t = self.timings.get(name)
@@ -80,6 +82,7 @@ class CaseResult:
             "ref_lowp_err": acc.ref_lp_err if acc else None, "tolerance": acc.tolerance if acc else None,
             "baseline_err_max": acc.provider_err.get(self.baseline) if acc and self.baseline else None,
             "err_ratio_vs_baseline": acc.ratio_to(self.baseline) if acc and self.baseline else None,
+            "approx_err_rel": self.approx_err, "approx_err_max": self.approx_err_max,
             "notes": "; ".join(n for n in self.notes if n),
         }
         for name in self.extras:
@@ -137,6 +140,11 @@ def run_case(spec: CaseSpec, threads: int = 2, repeats: int = 7, warmup: int = 1
         prepared.select_rows(outputs[OP], rows), ref64, ref_lp,
         {p.name: prepared.select_rows(outputs[p.name], rows) for p in providers if p.name != OP and p.same_function},
     )
+    if prepared.exact is not None:
+        exact = prepared.exact(inputs[0], rows).double()
+        got = prepared.select_rows(outputs[OP], rows).detach().double().cpu()
+        result.approx_err_max = max_abs_diff(got, exact)
+        result.approx_err = float((got - exact).norm() / exact.norm().clamp(min=1e-300))
     del outputs
     if not result.accuracy.passed:
         return _failed(result, "FAILED", f"accuracy: max error {result.accuracy.err_max:.3e} > tolerance "

@@ -167,3 +167,19 @@ def moba_route_backend(route_op: Callable) -> Callable:
         return route_op(q, k, int(block_size), int(topk), bool(causal), int(route_block))
 
     return moba_route
+
+
+# ---- low-rank keys (Loki) ---------------------------------------------------------------------------
+
+def lowrank_fwd_fake(q, k, v, q_score, k_score, seqlens, topk, local, causal, softmax_scale):
+    B, Sq, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=lse_dtype(q.dtype))
+
+
+def lowrank_backend(fwd_op: Callable) -> Callable:
+    """The dispatcher-facing low-rank-key attention of a backend whose operator is ``fwd_op``."""
+
+    def lowrank_key_attention(q, k, v, q_score, k_score, seqlens, *, topk, local, causal, softmax_scale):
+        return fwd_op(q, k, v, q_score, k_score, seqlens, int(topk), int(local), bool(causal), float(softmax_scale))
+
+    return lowrank_key_attention

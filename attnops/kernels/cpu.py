@@ -40,3 +40,7 @@ if AVAILABLE:
 
     torch.library.register_fake("attnops::moba_route")(_reg.moba_route_fake)
     moba_route = _reg.moba_route_backend(torch.ops.attnops.moba_route)
+
+    torch.library.register_fake("attnops::lowrank_attn_fwd")(_reg.lowrank_fwd_fake)
+    _reg.register_forward_only("attnops::lowrank_attn_fwd", "lowrank_key_attention")
+    lowrank_key_attention = _reg.lowrank_backend(torch.ops.attnops.lowrank_attn_fwd)

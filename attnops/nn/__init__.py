@@ -6,7 +6,7 @@ from attnops.nn.linear import LinearAttention
 from attnops.nn.mqa import MultiQueryAttention
 from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
 from attnops.nn.rotary import Rotary
-from attnops.nn.specs import BlockSparse, Dense, Linear, MoBA
+from attnops.nn.specs import BlockSparse, Dense, Linear, LowRankKey, MoBA
 
-__all__ = ["Attention", "BlockGate", "BlockSparse", "Dense", "Linear", "LinearAttention", "MoBA", "MultiQueryAttention",
-           "MultiheadAttention", "Rotary", "SwapReport", "swap", "unswap"]
+__all__ = ["Attention", "BlockGate", "BlockSparse", "Dense", "Linear", "LinearAttention", "LowRankKey", "MoBA",
+           "MultiQueryAttention", "MultiheadAttention", "Rotary", "SwapReport", "swap", "unswap"]

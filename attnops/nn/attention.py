@@ -1,16 +1,31 @@
 """A modern attention block for new models: GQA/MQA, optional QK-norm and rotary embeddings, any
-attnops family through its spec."""
+attnops family through its spec, KV-cache decoding (optionally with low-rank keys, Loki)."""
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
+from attnops.kv_cache import KVCache
+from attnops.lowrank import KeyProjection
 from attnops.maps.capture import attend
 from attnops.nn.rotary import Rotary
-from attnops.nn.specs import AttentionSpec, Dense, resolve_spec
+from attnops.nn.specs import AttentionSpec, Dense, LowRankKey, resolve_spec
+from attnops.ops._checks import QKVShape
+from attnops.ops.attention import attention as dense_attention
+from attnops.ops.decode import MAX_NEW_TOKENS, decode_attention
+from attnops.ops.lowrank import check_lowrank_args
+
+
+class LowRankDecoding(NamedTuple):
+    """What a module's cached steps use for low-rank keys: the basis and the op's knobs."""
+
+    projection: KeyProjection
+    rank: int
+    topk: int
+    local: int
 
 
 class Attention(nn.Module):
@@ -24,14 +39,22 @@ class Attention(nn.Module):
         qk_norm: RMS-normalise q and k per head before attention (as OLMo-2 / Qwen3).
         rope: ``None`` (no positions), a float theta (e.g. ``10000.0``), or a :class:`Rotary`.
         bias: biases on the projections.
+        lowrank, rank, topk, local: low-rank-key (Loki) decoding for the cached steps, as
+            :meth:`set_lowrank` (a :class:`LowRankKey` spec implies its own).
 
     ``forward(x, positions=None)``: ``positions (T,)`` or ``(B, T)`` feed the rotary embedding
-    (default ``0..T-1``).
+    (default ``0..T-1``). ``forward(x, cache=cache)`` (``cache`` from :meth:`make_cache`): appends
+    the new tokens' keys and values to the cache and attends over it (positions continue each
+    sequence's length): up to 64 new tokens through :func:`attnops.decode_attention`, a longer
+    prompt through causal :func:`attnops.attention` (all sequences at one length). Cached steps
+    run with the ``Dense`` and ``LowRankKey`` specs.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None,
                  attention: Optional[AttentionSpec] = None, qk_norm: bool = False,
-                 rope: Union[None, float, Rotary] = None, bias: bool = False, device=None, dtype=None):
+                 rope: Union[None, float, Rotary] = None, bias: bool = False, device=None, dtype=None,
+                 lowrank: Optional[KeyProjection] = None, rank: Optional[int] = None, topk: Optional[int] = None,
+                 local: int = 0):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if dim <= 0 or num_heads <= 0 or dim % num_heads:
@@ -59,10 +82,80 @@ class Attention(nn.Module):
             raise TypeError(f"rope must be None, a theta (float) or a Rotary, got {rope!r}")
         if self.rope is not None and self.rope.head_dim != self.head_dim:
             raise ValueError(f"rope head_dim {self.rope.head_dim} != attention head_dim {self.head_dim}")
+        self.lowrank: Optional[LowRankDecoding] = None
+        if lowrank is not None or rank is not None or topk is not None:
+            self.set_lowrank(lowrank, rank, topk, local)
+        elif isinstance(attention, LowRankKey) and attention.projection is not None:
+            self.set_lowrank(attention.projection, attention.rank, attention.topk, attention.local)
 
-    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def set_lowrank(self, projection: Optional[KeyProjection], rank: Optional[int] = None,
+                    topk: Optional[int] = None, local: int = 0) -> None:
+        """Low-rank-key (Loki) decoding for the cached steps: the cache holds keys in
+        ``projection``'s basis and each new query attends to its ``topk`` keys of highest
+        ``rank``-dim score (newest ``local`` always among them). ``None`` turns it off. Caches made
+        before hold keys in the old basis: start new ones."""
+        if projection is None:
+            self.lowrank = None
+            return
+        if rank is None or topk is None:
+            raise ValueError("set_lowrank takes rank= and topk= with the projection")
+        shape = QKVShape(1, 1, 1, self.num_heads, self.num_kv_heads, self.head_dim)
+        check_lowrank_args(projection, rank, topk, local, shape, prefix="lowrank: ")
+        self.lowrank = LowRankDecoding(projection.to(self.k_proj.weight.device), rank, topk, local)
+
+    def make_cache(self, batch: int, max_len: int) -> KVCache:
+        """A cache for :meth:`forward`; with low-rank decoding on, with the score plane of its rank
+        (bfloat16 for float32 caches: half the bytes of the scoring pass, the scores only rank keys)."""
+        w = self.k_proj.weight
+        plane = torch.bfloat16 if w.dtype == torch.float32 else None
+        return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, dtype=w.dtype, device=w.device,
+                       score_dim=self.lowrank.rank if self.lowrank is not None else 0, score_dtype=plane)
+
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        if cache is not None:
+            return self._cached_step(x, positions, cache)
         out, _ = attend(self, self.attention, *self._qkv(x, positions))
         return self._output(out)
+
+    def _cached_step(self, x: torch.Tensor, positions: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
+        if not isinstance(self.attention, (Dense, LowRankKey)) or (isinstance(self.attention, Dense)
+                                                                 and self.attention.window != (-1, -1)):
+            raise NotImplementedError(f"cached decoding runs the Dense (no window) and LowRankKey specs, not "
+                                      f"{self.attention!r}")
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, T, {self.dim}), got {tuple(x.shape)}")
+        T = x.shape[1]
+        if positions is None and self.rope is not None:
+            positions = cache.host_seqlens.long().unsqueeze(1) + torch.arange(T)
+            positions = positions.to(x.device)
+        q, k, v = self._qkv(x, positions)
+        lowrank = self.lowrank
+        if lowrank is not None:
+            k = lowrank.projection.rotate(k)  # the cache holds keys in the basis: no per-step projection
+        k_cache, v_cache, lens = cache.append(k, v)
+        if T <= MAX_NEW_TOKENS:
+            kw = {}
+            if lowrank is not None:
+                plane = cache.score_view() if cache.score_dim >= lowrank.rank else None
+                kw = dict(lowrank=lowrank.projection, rank=lowrank.rank, topk=lowrank.topk, local=lowrank.local,
+                          k_score=plane)
+            out = decode_attention(q, k_cache, v_cache, lens, **kw)
+        else:
+            host = cache.host_seqlens
+            if int(host.min()) != int(host.max()):
+                raise ValueError(f"a prompt longer than {MAX_NEW_TOKENS} tokens needs all cached sequences at one "
+                                 "length")
+            if lowrank is not None:  # exact prefill, in the cache's basis
+                q = lowrank.projection.rotate(q)
+            out = dense_attention(q, k_cache, v_cache, causal=True)  # bottom-right: the prompt ends the cache
+        return self._output(out)
+
+    def _keys_before_rotary(self, x: torch.Tensor) -> torch.Tensor:
+        """The keys of ``x`` before the rotary embedding (after QK-norm): low-rank calibration."""
+        B, T, _ = x.shape
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        return self.k_norm(k) if self.k_norm is not None else k
 
     def _qkv(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):
         """``x (B, T, dim)`` -> q ``(B, T, H, D)``, k, v ``(B, T, Hkv, D)``, normalised and rotated."""

@@ -7,10 +7,9 @@ from typing import Optional
 import torch
 
 from attnops.kv_cache import KVCache
+from attnops.lowrank import KeyProjection
 from attnops.nn.attention import Attention
 from attnops.nn.specs import Dense
-from attnops.ops.attention import attention
-from attnops.ops.decode import MAX_NEW_TOKENS, decode_attention
 
 
 class MultiQueryAttention(Attention):
@@ -22,6 +21,8 @@ class MultiQueryAttention(Attention):
         num_heads: query heads H.
         num_kv_heads: key/value heads, dividing H (default 1).
         bias: biases on the projections.
+        lowrank, rank, topk, local: low-rank-key (Loki) decoding of the cached steps
+            (:meth:`attnops.nn.Attention.set_lowrank`).
 
     An :class:`attnops.nn.Attention` with the causal dense spec, plus the cache.
 
@@ -33,24 +34,11 @@ class MultiQueryAttention(Attention):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int = 1, bias: bool = False, device=None,
-                 dtype=None):
+                 dtype=None, lowrank: Optional[KeyProjection] = None, rank: Optional[int] = None,
+                 topk: Optional[int] = None, local: int = 0):
         super().__init__(embed_dim, num_heads, num_kv_heads, attention=Dense(causal=True), bias=bias, device=device,
-                         dtype=dtype)
+                         dtype=dtype, lowrank=lowrank, rank=rank, topk=topk, local=local)
         self.embed_dim = embed_dim
 
-    def make_cache(self, batch: int, max_len: int) -> KVCache:
-        w = self.k_proj.weight
-        return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, dtype=w.dtype, device=w.device)
-
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        if cache is None:
-            return super().forward(x)
-        q, k, v = self._qkv(x)
-        k_cache, v_cache, lens = cache.append(k, v)
-        if x.shape[1] <= MAX_NEW_TOKENS:
-            out = decode_attention(q, k_cache, v_cache, lens)
-        else:
-            if int(lens.min()) != int(lens.max()):
-                raise ValueError("a prompt longer than 64 tokens needs all cached sequences at one length")
-            out = attention(q, k_cache, v_cache, causal=True)  # bottom-right: the prompt ends the cache
-        return self._output(out)
+        return super().forward(x, cache=cache)

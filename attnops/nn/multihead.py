@@ -34,15 +34,17 @@ class MultiheadAttention(nn.Module):
     mean probability mass that block's queries put on each key block. ``need_weights=False``
     returns ``None`` and skips the map.
 
-    ``key_padding_mask`` (bool or 0/-inf float, ``(B, S)``) works with the Dense spec without
-    causality: each sequence attends over its unpadded keys (one kernel call per sequence when any
-    key is padded); a query whose keys are all padded gets zeros (torch gives NaN there). Block maps
-    with padding need the padding at the end of each sequence (kept keys a prefix); with padding
-    elsewhere ``weights`` is ``None``.
+    ``key_padding_mask`` (bool or 0/-inf float, ``(B, S)``) works with the Dense spec: each sequence
+    attends over its unpadded keys (kernel calls per sequence when any key is padded); a query whose
+    keys are all padded gets zeros (torch gives NaN there). Non-causal, padding may sit anywhere;
+    block maps need it at the end of each sequence (kept keys a prefix), elsewhere ``weights`` is
+    ``None``. Causal (no window), the kept keys must be one contiguous range per sequence (left or
+    right padding); ``weights`` is then ``None``.
 
     Not supported, each a clear error rather than a silent difference: ``add_bias_kv``,
     ``add_zero_attn``, attention dropout while training (``dropout > 0`` is accepted and is a no-op
-    in eval mode), padding together with causality or a block-sparse spec, and an ``attn_mask``
+    in eval mode), padding with a block-sparse (or other non-Dense) spec, with causal windows, or
+    with causality and kept keys that are not contiguous, and an ``attn_mask``
     other than the causal one (a causal ``attn_mask``, or ``is_causal=True``, runs the causal
     kernel).
     """
@@ -128,7 +130,7 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not fit query "
                              f"{tuple(query.shape)}")
         causal = is_causal or _is_causal_mask(attn_mask, L, S)
-        keep = _kept_keys(key_padding_mask, B, S, causal)
+        keep = _kept_keys(key_padding_mask, B, S)
         q, k, v = self._project(query, key, value)
         H, D = self.num_heads, self.head_dim
         q, k, v = q.view(B, L, H, D), k.view(B, S, H, D), v.view(B, S, H, D)
@@ -140,7 +142,10 @@ class MultiheadAttention(nn.Module):
             if not isinstance(self.attention, Dense):
                 raise NotImplementedError("key_padding_mask: only the Dense spec (block masks index key "
                                           "positions, which dropping padded keys would shift)")
-            out, weights = self._attend_unpadded(q, k, v, keep, need_weights)
+            if causal or self.attention.causal:
+                out, weights = self._attend_unpadded_causal(q, k, v, keep)
+            else:
+                out, weights = self._attend_unpadded(q, k, v, keep, need_weights)
         out = self.out_proj(out.reshape(B, L, E))
         if unbatched:
             out = out.squeeze(0)
@@ -151,6 +156,41 @@ class MultiheadAttention(nn.Module):
         if average_attn_weights:
             weights = weights.mean(1)
         return out, weights.squeeze(0) if unbatched else weights
+
+    def _attend_unpadded_causal(self, q, k, v, keep: torch.Tensor):
+        """Causal attention with padding, for kept keys that are one contiguous range ``[s, e)`` per
+        sequence (right or left padding). Query ``i`` sits at ``i + S - L`` (bottom-right, as the
+        kernels) and sees the kept keys up to it: the queries at positions in ``[s, e)`` are causal
+        attention over ``k[s:e]`` (bottom-right aligned there too: the last of them sits at e - 1), the
+        later ones attend to all of ``k[s:e]``, the earlier ones see nothing (zeros). No block maps:
+        the pieces' maps would not index the full key positions (``need_weights`` gives None, a
+        capture raises)."""
+        if capturing():
+            raise NotImplementedError("attnops.maps.capture with key padding and causal attention: block maps "
+                                      "of the padded pieces are not computed")
+        if self.attention.window != (-1, -1):
+            raise NotImplementedError("key_padding_mask with causal windowed attention is not supported")
+        B, L, H, D = q.shape
+        S = k.shape[1]
+        outs = []
+        for b in range(B):
+            kept = torch.nonzero(keep[b]).flatten()
+            if kept.numel() == 0:
+                outs.append(q.new_zeros(1, L, H, D))
+                continue
+            s, e = int(kept[0]), int(kept[-1]) + 1
+            if e - s != kept.numel():
+                raise NotImplementedError("key_padding_mask with causal attention needs each sequence's kept keys "
+                                          "contiguous (left or right padding)")
+            i_a, i_b = min(max(s - (S - L), 0), L), min(max(e - (S - L), 0), L)
+            kb, vb = k[b:b + 1, s:e], v[b:b + 1, s:e]
+            pieces = [q.new_zeros(1, i_a, H, D)]
+            if i_b > i_a:
+                pieces.append(self.attention.attend(q[b:b + 1, i_a:i_b], kb, vb, causal=True))
+            if L > i_b:
+                pieces.append(Dense().attend(q[b:b + 1, i_b:], kb, vb))
+            outs.append(torch.cat(pieces, dim=1))
+        return torch.cat(outs), None
 
     def _attend_unpadded(self, q, k, v, keep: torch.Tensor, need_weights: bool):
         """One call per sequence over its kept keys. Block maps (``need_weights`` or an open capture)
@@ -196,7 +236,7 @@ def _blocked(mask: torch.Tensor, name: str) -> torch.Tensor:
     return blocked
 
 
-def _kept_keys(mask: Optional[torch.Tensor], B: int, S: int, causal: bool) -> Optional[torch.Tensor]:
+def _kept_keys(mask: Optional[torch.Tensor], B: int, S: int) -> Optional[torch.Tensor]:
     """``key_padding_mask (B, S)`` (bool: True = padding; float: -inf = padding, 0 = kept) -> the
     (B, S) bool keep-mask, or None when it masks nothing."""
     if mask is None:
@@ -206,9 +246,6 @@ def _kept_keys(mask: Optional[torch.Tensor], B: int, S: int, causal: bool) -> Op
     padded = _blocked(mask, "key_padding_mask")
     if not bool(padded.any()):
         return None
-    if causal:
-        raise NotImplementedError("key_padding_mask with a causal mask is not supported (dropping padded keys "
-                                  "would shift the causal diagonal); run unpadded sequences")
     return ~padded
 
 

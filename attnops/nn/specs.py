@@ -2,8 +2,8 @@
 on construction. A module turns its spec into one op call through ``spec.attend(q, k, v)``
 (through ``attnops.maps.attend``, which asks for the block map while a capture is open).
 
-Today: ``Dense``, ``BlockSparse``, ``MoBA`` and ``Linear``; the low-rank family adds its own as it
-lands (one class and its ``attend``)."""
+One per family: ``Dense``, ``BlockSparse``, ``MoBA``, ``Linear`` and ``LowRankKey`` (a new family
+adds one class and its ``attend``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from attnops.lowrank import KeyProjection
 from attnops.masks import BlockMask
 from attnops.ops.attention import attention, block_sparse_attention
+from attnops.ops._checks import QKVShape
 from attnops.ops.linear import decay_preset, linear_attention, resolve_feature_map
+from attnops.ops.lowrank import check_lowrank_args, lowrank_key_attention
 from attnops.ops.routed import check_moba_args, moba_attention
 
 
@@ -162,8 +165,43 @@ class Linear:
         return linear_attention(q, k[:, prefix:], v[:, prefix:], causal=True, initial_state=state, **kw)
 
 
-AttentionSpec = Union[Dense, BlockSparse, MoBA, Linear]
-SPECS = (Dense, BlockSparse, MoBA, Linear)
+@dataclass(frozen=True)
+class LowRankKey:
+    """Low-rank-key attention (Loki, :func:`attnops.lowrank_key_attention`): each query attends
+    exactly to its ``topk`` keys of highest score in the first ``rank`` components of
+    ``projection`` (None: of the raw head dims), the newest ``local`` always among them; ``causal``
+    adds to the call's. Forward only (an inference method: calibrate a trained model, then swap
+    this in). In :class:`attnops.nn.Attention` the cached steps keep the keys in the basis; called
+    through other modules (transformers' attention functions) the op rotates the keys per call."""
+
+    projection: Optional[KeyProjection]
+    rank: int
+    topk: int
+    local: int = 0
+    causal: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"LowRankKey.causal must be a bool, got {self.causal!r}")
+        p = self.projection
+        if p is not None and not isinstance(p, KeyProjection):
+            raise TypeError(f"LowRankKey.projection must be a KeyProjection or None, got {type(p).__name__}")
+        head_dim = p.head_dim if p is not None else (self.rank if isinstance(self.rank, int) else 1)
+        shape = QKVShape(1, 1, 1, 1, 1, head_dim) if p is None else QKVShape(1, 1, 1, p.num_kv_heads,
+                                                                            p.num_kv_heads, head_dim)
+        check_lowrank_args(p, self.rank, self.topk, self.local, shape, self.causal, prefix="LowRankKey.")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """As :meth:`Dense.attend`; no block maps (refused with a clear error)."""
+        if block_map.get("return_block_map"):
+            raise NotImplementedError("attnops.nn.LowRankKey: block maps are not computed for low-rank-key attention")
+        return lowrank_key_attention(q, k, v, self.projection, self.rank, self.topk, causal=self.causal or causal,
+                                     softmax_scale=softmax_scale, local=self.local)
+
+
+AttentionSpec = Union[Dense, BlockSparse, MoBA, Linear, LowRankKey]
+SPECS = (Dense, BlockSparse, MoBA, Linear, LowRankKey)
 
 
 def resolve_spec(spec: Optional[AttentionSpec], default: AttentionSpec, name: str = "attention") -> AttentionSpec:

@@ -13,9 +13,11 @@ import torch
 
 from attnops import dispatch
 from attnops.kernels.block_map import check_request, decode_block_map
+from attnops.lowrank import KeyProjection
 from attnops.masks import BlockMask, check_window_size
 from attnops.ops._checks import QKVShape, check_block_mask, check_qkv, resolve_softmax_scale
 from attnops.ops._result import MAP_ARGS_DOC, Result, pack
+from attnops.ops.lowrank import check_lowrank_args, lowrank_decode
 
 MAX_NEW_TOKENS = 64
 
@@ -34,6 +36,11 @@ def decode_attention(
     block_size=None,
     reduce: str = "mean",
     num_splits: int = 0,
+    lowrank: Optional[KeyProjection] = None,
+    rank: Optional[int] = None,
+    topk: Optional[int] = None,
+    local: int = 0,
+    k_score: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> Result:
     r"""Attention of a few new queries against a KV cache (forward only).
@@ -54,6 +61,17 @@ def decode_attention(
             (``attnops.kernels.block_map.decode_block_map``).
         num_splits: how many chunks the cache length is split into, processed in parallel and
             merged by lse; 0 chooses from the problem size and the device.
+        lowrank, rank, topk, local: low-rank-key decoding (Loki, :func:`attnops.lowrank_key_attention`):
+            ``k_cache`` holds the keys in the basis of the :class:`~attnops.lowrank.KeyProjection`
+            ``lowrank`` (``lowrank.rotate(k)`` before the append, so the cache is never projected
+            per step); q is given as usual and rotated here. Each query attends exactly to its
+            ``topk`` keys of highest ``rank``-dim score, the newest ``local`` always among them. Not
+            combined with ``block_mask``, ``window_size`` or block maps.
+        k_score: optional ``(B, S_max, Hkv, R)``, ``R >= rank``: a contiguous copy of the cached keys'
+            first ``R`` components (``KVCache(score_dim=R)`` keeps one), read by the scoring pass in
+            place of ``k_cache[..., :rank]``, whose rows lie ``D`` apart (strided reads of a quarter
+            of each row cost a CPU about as much as reading all of it). In the cache's dtype, or in
+            bfloat16 / float16 (the scores only rank keys; the new queries are rounded to it too).
         backend: as in :func:`attnops.attention`.
 
     Causality: new query ``i`` of sequence ``b`` sits at position ``cache_seqlens[b] - Sq_new + i``
@@ -79,6 +97,19 @@ def decode_attention(
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    if lowrank is not None or rank is not None or topk is not None:
+        if lowrank is None or rank is None or topk is None:
+            raise ValueError("low-rank decoding takes lowrank= (a KeyProjection), rank= and topk= together")
+        if block_mask is not None or left >= 0 or return_block_map:
+            raise ValueError("low-rank decoding does not combine with block_mask, window_size or return_block_map")
+        check_lowrank_args(lowrank, rank, topk, local, shape, True)
+        if k_score is not None:
+            _check_score_plane(k_score, k_cache, rank)
+        out, lse = lowrank_decode(q, k_cache, v_cache, cache_seqlens, lowrank, rank=rank, topk=topk, local=local,
+                                  softmax_scale=scale, k_score=k_score, backend=backend)
+        return pack(out, lse, None, return_lse)
+    if k_score is not None:
+        raise ValueError("k_score is the score plane of low-rank decoding: pass lowrank=, rank= and topk= with it")
     request = None
     if return_block_map:
         request = check_request(block_size, reduce, block_mask.block_size if block_mask is not None else (64, 64))
@@ -92,6 +123,17 @@ def decode_attention(
 
 
 decode_attention.__doc__ = decode_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
+
+
+def _check_score_plane(k_score, k_cache: torch.Tensor, rank: int) -> None:
+    if not isinstance(k_score, torch.Tensor):
+        raise TypeError(f"k_score must be a tensor, got {type(k_score).__name__}")
+    if k_score.dim() != 4 or k_score.shape[:3] != k_cache.shape[:3] or not rank <= k_score.shape[3] <= k_cache.shape[3]:
+        raise ValueError(f"k_score must be (B, S_max, Hkv, R) = {tuple(k_cache.shape[:3])} + (R,) with rank={rank} "
+                         f"<= R <= D, got {tuple(k_score.shape)}")
+    if k_score.dtype not in (k_cache.dtype, torch.bfloat16, torch.float16) or k_score.device != k_cache.device:
+        raise ValueError(f"k_score must be on k_cache's device ({k_cache.device}) in its dtype ({k_cache.dtype}), "
+                         f"bfloat16 or float16, got ({k_score.dtype}, {k_score.device})")
 
 
 def _check_seqlens(cache_seqlens, shape: QKVShape, device: torch.device) -> None:

@@ -22,6 +22,7 @@
 
 #include "cpu/gemm.h"
 #include "cpu/pack.h"
+#include "cpu/rows.h"
 #include "cpu/parallel.h"
 #include "cpu/softmax.h"
 #include "ops.h"
@@ -55,39 +56,6 @@ struct DecodeScratch {
       : q(rows * Dp), s(rows * tile), acc(rows * Dp), m(rows), l(rows), alpha(rows), kpanel(tile * Dp),
         vpanel(tile * Dp), row(Dp), row2(Dp), spans(rows) {}
 };
-
-// A cache row in the compute type: the row itself when the cache already holds it (float caches:
-// no copy), else widened into `buf` (padding lanes stay 0).
-template <typename S, typename T>
-inline const T* compute_row(const S* src, int64_t D, T* buf) {
-  if constexpr (std::is_same_v<S, T>) {
-    return src;
-  } else {
-    constexpr int W = Vec<T>::size;
-    int64_t d = 0;
-    for (; d + W <= D; d += W) vstore(buf + d, load_vec<T>(src + d));
-    for (; d < D; ++d) buf[d] = static_cast<T>(src[d]);
-    return buf;
-  }
-}
-
-// q . k over D elements, k in the cache's type (widened in registers); two accumulators halve the
-// FMA dependency chain.
-template <typename T, typename S>
-inline T dot(const T* q, const S* k, int64_t D) {
-  using V = vec_t<T>;
-  constexpr int W = Vec<T>::size;
-  V a0{}, a1{};
-  int64_t d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) {
-    a0 += vload(q + d) * load_vec<T>(k + d);
-    a1 += vload(q + d + W) * load_vec<T>(k + d + W);
-  }
-  for (; d + W <= D; d += W) a0 += vload(q + d) * load_vec<T>(k + d);
-  T r = hsum<T>(a0 + a1);
-  for (; d < D; ++d) r += q[d] * static_cast<T>(k[d]);
-  return r;
-}
 
 // (q . k0, q . k1) for two keys at once: each q vector is loaded once for both (the multi-row path
 // is bound by reloading the query rows once per key).

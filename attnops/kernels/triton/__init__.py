@@ -37,4 +37,5 @@ else:
     from attnops.kernels.triton.block_sparse_attention import block_sparse_attention  # noqa: F401
     from attnops.kernels.triton.decode_attention import decode_attention  # noqa: F401
     from attnops.kernels.triton.linear_attention import linear_attention  # noqa: F401
+    from attnops.kernels.triton.lowrank_attention import lowrank_key_attention  # noqa: F401
     from attnops.kernels.triton.moba_route import moba_route  # noqa: F401
