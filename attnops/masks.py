@@ -196,6 +196,9 @@ class BlockMask:
 
     def _transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._transpose is None:
+            if torch.compiler.is_compiling():
+                # traced (a routed mask built inside the graph): shapes that do not depend on the data
+                return _transpose_lut_static(self.kv_num_blocks, self.kv_indices, self.num_blocks[1])
             self._transpose = _transpose_lut(self.kv_num_blocks, self.kv_indices, self.num_blocks[1])
         return self._transpose
 
@@ -433,6 +436,22 @@ def _compress(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)[..., :width]
     valid = torch.arange(width, device=blocks.device) < counts.unsqueeze(-1)
     return counts, torch.where(valid, order, 0).to(torch.int32).contiguous()
+
+
+def _transpose_lut_static(counts: torch.Tensor, indices: torch.Tensor, nk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_transpose_lut` with data-independent shapes, for torch.compile: through the dense
+    ``(B, H, Nq, Nk)`` block bitmap (block granularity, the size of ``to_dense()``), and the full
+    width ``Nq`` (the kernels read only the first ``q_num_blocks`` entries of a row)."""
+    B, H, nq, W = indices.shape
+    valid = torch.arange(W, device=indices.device) < counts.unsqueeze(-1)
+    column = torch.where(valid, indices.long(), nk)  # invalid entries land in a spare column
+    blocks = torch.zeros(B, H, nq, nk + 1, dtype=torch.bool, device=indices.device)
+    blocks.scatter_(-1, column, True)
+    t_blocks = blocks[..., :nk].transpose(-1, -2)  # (B, H, Nk, Nq)
+    t_counts = t_blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~t_blocks).to(torch.int8), dim=-1, stable=True)
+    keep = torch.arange(nq, device=indices.device) < t_counts.unsqueeze(-1)
+    return t_counts, torch.where(keep, order, 0).to(torch.int32).contiguous()
 
 
 def _transpose_lut(counts: torch.Tensor, indices: torch.Tensor, nk: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -142,3 +142,17 @@ def _i(*shape):
 def test_malformed_masks_are_rejected(make, error):
     with pytest.raises(error):
         make()
+
+
+def test_static_transpose_equals_the_compact_one():
+    """The transpose built under torch.compile (full width, from the block bitmap) holds the same
+    rows as the compact one."""
+    from attnops.masks import _transpose_lut, _transpose_lut_static
+
+    mask = BlockMask.random((300, 257), 0.3, seed=5, batch=2, num_heads=3, block_size=(32, 16))
+    counts, idx = _transpose_lut(mask.kv_num_blocks, mask.kv_indices, mask.num_blocks[1])
+    s_counts, s_idx = _transpose_lut_static(mask.kv_num_blocks, mask.kv_indices, mask.num_blocks[1])
+    assert torch.equal(counts, s_counts) and s_idx.shape[-1] == mask.num_blocks[0]
+    width = idx.shape[-1]
+    keep = torch.arange(width) < counts.unsqueeze(-1)
+    assert torch.equal(torch.where(keep, s_idx[..., :width], 0), torch.where(keep, idx, 0))

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from attnops import BlockMask
-from attnops.nn import Attention, BlockSparse, Dense, Linear
+from attnops.lowrank import KeyProjection
+from attnops.nn import Attention, BlockSparse, Dense, Linear, LowRankKey, MoBA
 
 V, HALF = 16, 12  # vocabulary, length of the sequence to copy
 
@@ -15,7 +16,10 @@ SPECS = {
     # every query sees the whole past: the copy needs positions HALF back, beyond a small window
     "block_sparse": BlockSparse(pattern=lambda sq, sk: BlockMask.causal((sq, sk), block_size=16)),
     "linear": Linear(feature_map="focused", normalize=True, causal=True),  # elu + 1 reached 0.28x in 300 steps
+    # one 64-token block at the copy task's length (routing is exercised at 200 tokens below)
+    "moba": MoBA(block_size=64, topk=2, causal=True),
 }
+# Low-rank keys (Loki) are an inference method (forward only): compiled, not trained, below.
 
 
 class TinyLM(nn.Module):
@@ -84,3 +88,36 @@ def test_compiled_model_has_no_graph_breaks_and_matches_eager(spec):
     assert torch.allclose(out, eager, atol=1e-5, rtol=1e-5)
     out.sum().backward()  # the backward traces too
     assert model.blocks[0]["attn"].q_proj.weight.grad is not None
+
+
+def test_compiled_moba_routes_without_graph_breaks():
+    """At 200 tokens MoBA routes (4 blocks of 64, top-2); the routed mask's transpose (for dk/dv)
+    is built inside the graph with data-independent shapes."""
+    torch.manual_seed(0)
+    model = TinyLM(SPECS["moba"], layers=1)
+    ids = torch.randint(0, V, (2, 200), generator=torch.Generator().manual_seed(0))
+    eager = model(ids)
+    eager.sum().backward()
+    expected_grad = model.blocks[0]["attn"].q_proj.weight.grad.clone()
+    model.zero_grad()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out = torch.compile(model, fullgraph=True)(ids)
+    assert torch.allclose(out, eager, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    torch.testing.assert_close(model.blocks[0]["attn"].q_proj.weight.grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_lowrank_key_model_matches_eager():
+    torch.manual_seed(0)
+    spec = LowRankKey(KeyProjection.identity(2, 16), rank=4, topk=8, local=2)
+    model = TinyLM(spec, layers=1).eval()
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(ids)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(ids)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        out = torch.compile(model, fullgraph=True)(ids)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
