@@ -55,10 +55,12 @@ TORCH_LIBRARY(attnops, m) {
   // strides are fine). Query i of sequence b sits at seqlens[b] - Sq + i (seqlens None: Sk each)
   // and sees keys [0, seqlens[b]) (causal: up to its position); it attends exactly to the newest
   // `local` of them plus the (topk - local) older ones of highest q_score . k_score (ties to the
-  // later key). Forward only. Returns out (B, Sq, H, D), lse (B, H, Sq) over the chosen keys.
+  // later key). Forward only. Returns out (B, Sq, H, D), lse (B, H, Sq) over the chosen keys, and
+  // with return_indices the chosen keys (B, H, Sq, min(topk, Sk)) int32, ascending, -1 past the
+  // last (else an empty tensor): the block maps are computed from them.
   m.def(
       "lowrank_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor q_score, Tensor k_score, Tensor? seqlens, int topk, "
-      "int local, bool causal, float softmax_scale) -> (Tensor, Tensor)");
+      "int local, bool causal, float softmax_scale, bool return_indices=False) -> (Tensor, Tensor, Tensor)");
   m.def("moba_route(Tensor q, Tensor k, int block_size, int topk, bool causal, int route_block) -> (Tensor, Tensor)");
 }
 

@@ -305,8 +305,9 @@ def test_lowrank_key_spec():
         LowRankKey(proj, rank=33, topk=4)
     with pytest.raises(ValueError, match="local"):
         LowRankKey(proj, rank=4, topk=4, local=5)
-    with pytest.raises(NotImplementedError, match="block maps"):
-        spec.attend(q, k, v, return_block_map=True)
+    out_map, block_map = spec.attend(q, k, v, return_block_map=True)
+    torch.testing.assert_close(out_map, out, rtol=0, atol=0)
+    assert block_map.shape == (B, H, 2, 2)
 
 
 # ---- registration, bad input ------------------------------------------------------------------------
@@ -314,7 +315,9 @@ def test_lowrank_key_spec():
 def test_opcheck_compile_meta_and_no_backward():
     B, S, H, Hkv, D, R = 1, 40, 4, 2, 32, 8
     q, k, v = dyadic(B, S, H, D), dyadic(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
-    torch.library.opcheck(torch.ops.attnops.lowrank_attn_fwd, (q, k, v, q[..., :R], k[..., :R], None, 9, 2, True, 0.2))
+    for indices in (False, True):
+        torch.library.opcheck(torch.ops.attnops.lowrank_attn_fwd,
+                              (q, k, v, q[..., :R], k[..., :R], None, 9, 2, True, 0.2, indices))
     proj = signed_permutation(Hkv, D)
     fn = torch.compile(lambda q, k, v: attnops.lowrank_key_attention(q, k, v, proj, R, 9, local=2), fullgraph=True)
     torch.testing.assert_close(fn(q, k, v), attnops.lowrank_key_attention(q, k, v, proj, R, 9, local=2))
@@ -379,3 +382,40 @@ def test_decode_reads_the_score_plane(plane_dtype, fwd_impl):
         attnops.decode_attention(q, k_view, v_view, lens, k_score=plane)
     with pytest.raises(ValueError, match="score_dim"):
         attnops.KVCache(B, S, Hkv, D, score_dim=D + 1)
+
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_block_maps_of_the_chosen_keys(reduce, fwd_impl):
+    """The map of Loki attention (probability on the chosen keys, 0 elsewhere) against the pooled
+    float64 reference, prefill and decoding; the output is the same with or without the map."""
+    dev = fwd_impl.device
+    B, S, H, Hkv, D = 2, 70 if fwd_impl.interpreted else 203, 4, 2, 32
+    proj = signed_permutation(Hkv, D, seed=4)
+    q, k = dyadic(B, S, H, D, device=dev), dyadic(B, S, Hkv, D, device=dev)
+    v = torch.randn(B, S, Hkv, D, device=dev)
+    request = reference.MapRequest(32, 16, reduce)
+    res = attnops.lowrank_key_attention(q, k, v, proj, 8, 19, local=3, return_block_map=True, block_size=(32, 16),
+                                        reduce=reduce, backend=fwd_impl.backend)
+    cast = [t.cpu().double() for t in (q, k, v)]
+    ref = reference.lowrank_key_attention(*cast, proj.rotate(cast[0], 8), proj.rotate(cast[1], 8), None, topk=19,
+                                          local=3, causal=True, softmax_scale=D ** -0.5, block_map=request)
+    refT = reference.lowrank_key_attention(*(t.float() for t in cast), proj.rotate(cast[0].float(), 8),
+                                           proj.rotate(cast[1].float(), 8), None, topk=19, local=3, causal=True,
+                                           softmax_scale=D ** -0.5, block_map=request)
+    assert_accurate("map", res.block_map.cpu(), ref[2], refT[2])
+    plain = attnops.lowrank_key_attention(q, k, v, proj, 8, 19, local=3, backend=fwd_impl.backend)
+    torch.testing.assert_close(res.out, plain, rtol=0, atol=0)
+    if reduce == "mean":
+        sums = res.block_map.sum(-1)
+        torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-5)
+    lens = torch.tensor([S, S // 2], dtype=torch.int32, device=dev)  # decoding: 3 new tokens
+    kc = proj.rotate(k)
+    dec = attnops.decode_attention(q[:, :3], kc, v, lens, lowrank=proj, rank=8, topk=19, return_block_map=True,
+                                   block_size=(16, 16), reduce=reduce, backend=fwd_impl.backend)
+    qr = proj.rotate(q[:, :3].cpu().double())
+    kr = kc.cpu().double()
+    ref_dec = reference.lowrank_key_attention(qr, kr, v.cpu().double(), qr[..., :8], kr[..., :8], lens.cpu(),
+                                              topk=19, local=0, causal=True, softmax_scale=D ** -0.5,
+                                              block_map=reference.MapRequest(16, 16, reduce))
+    torch.testing.assert_close(dec.block_map.cpu().double(), ref_dec[2], rtol=0, atol=2e-6)

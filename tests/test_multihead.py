@@ -251,3 +251,16 @@ def test_causal_key_padding_mask_matches_torch(kind):
         out.backward(g.to(dtype))
         grads.append(xi.grad)
     assert_accurate("d_x", grads[1], grads[0], grads[2])
+
+
+def test_lowrank_key_spec_in_multihead_attention():
+    """torch's default need_weights=True returns the block map of the chosen keys."""
+    from attnops.lowrank import KeyProjection
+    from attnops.nn import LowRankKey
+
+    mha = MultiheadAttention(32, 4, batch_first=True, attention=LowRankKey(KeyProjection.identity(4, 8), rank=4,
+                                                                             topk=10, causal=False))
+    x = torch.randn(2, 70, 32)
+    out, weights = mha(x, x, x)
+    assert out.shape == x.shape and weights.shape == (2, 2, 2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2), rtol=0, atol=1e-5)

@@ -146,3 +146,30 @@ def test_linear_family_generates_the_same_with_and_without_the_cache():
         with attnops.maps.capture(model) as cap:
             model(ids)
     assert len(cap.maps) == model.config.num_hidden_layers
+
+
+def test_lowrank_key_spec_in_an_unmodified_model():
+    """A LowRankKey spec (calibrated on the model's own keys elsewhere; here the raw head dims) as an
+    attn_implementation: cached and uncached greedy generation agree (a cached step's queries sit at
+    the cache's end, bottom-right), rank = D with every key is the dense model, and maps are captured."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _configs()["llama-gqa"]
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=hf_attnops.register()).eval()
+    proj = attnops.lowrank.KeyProjection.identity(2, 16)
+    exact = hf_attnops.register("attnops_lowrank_exact", attnops.nn.LowRankKey(proj, rank=16, topk=4096))
+    approx = hf_attnops.register("attnops_lowrank", attnops.nn.LowRankKey(proj, rank=4, topk=12, local=4))
+    ids = torch.randint(0, 97, (1, 50))
+    with torch.no_grad():
+        for name, close in ((exact, True), (approx, False)):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=name).eval()
+            model.load_state_dict(dense.state_dict())
+            if close:
+                torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=0, atol=1e-4)
+            cached = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
+            fresh = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+            assert torch.equal(cached, fresh)
+        with attnops.maps.capture(model) as cap:
+            model(ids)
+    assert len(cap.maps) == cfg.num_hidden_layers

@@ -171,15 +171,24 @@ def moba_route_backend(route_op: Callable) -> Callable:
 
 # ---- low-rank keys (Loki) ---------------------------------------------------------------------------
 
-def lowrank_fwd_fake(q, k, v, q_score, k_score, seqlens, topk, local, causal, softmax_scale):
+def lowrank_fwd_fake(q, k, v, q_score, k_score, seqlens, topk, local, causal, softmax_scale, return_indices=False):
     B, Sq, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=lse_dtype(q.dtype))
+    Sk = k.shape[1]
+    indices = q.new_empty((B, H, Sq, min(Sk, topk)) if return_indices else (0,), dtype=torch.int32)
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=lse_dtype(q.dtype)), indices
 
 
 def lowrank_backend(fwd_op: Callable) -> Callable:
-    """The dispatcher-facing low-rank-key attention of a backend whose operator is ``fwd_op``."""
+    """The dispatcher-facing low-rank-key attention of a backend whose operator is ``fwd_op``:
+    (out, lse), or (out, lse, block map) when ``block_map`` asks for one (computed from the keys
+    the kernel chose, :func:`attnops.kernels.block_map.lowrank_block_map`)."""
 
-    def lowrank_key_attention(q, k, v, q_score, k_score, seqlens, *, topk, local, causal, softmax_scale):
-        return fwd_op(q, k, v, q_score, k_score, seqlens, int(topk), int(local), bool(causal), float(softmax_scale))
+    def lowrank_key_attention(q, k, v, q_score, k_score, seqlens, *, topk, local, causal, softmax_scale,
+                              block_map: Optional[_map.MapRequest] = None):
+        out, lse, indices = fwd_op(q, k, v, q_score, k_score, seqlens, int(topk), int(local), bool(causal),
+                                   float(softmax_scale), block_map is not None)
+        if block_map is None:
+            return out, lse
+        return out, lse, _map.lowrank_block_map(q, k, indices, lse, block_map, float(softmax_scale))
 
     return lowrank_key_attention

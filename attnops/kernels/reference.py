@@ -343,9 +343,13 @@ def lowrank_selection(q_score: torch.Tensor, k_score: torch.Tensor, seqlens: Opt
 
 def lowrank_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_score: torch.Tensor,
                           k_score: torch.Tensor, seqlens: Optional[torch.Tensor], *, topk: int, local: int,
-                          causal: bool, softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                          causal: bool, softmax_scale: float,
+                          block_map: Optional[MapRequest] = None) -> Tuple[torch.Tensor, ...]:
     """Loki: exact softmax attention of ``q (B, Sq, H, D)`` over the keys of ``k, v (B, Sk, Hkv, D)``
     that :func:`lowrank_selection` picks from the low-rank scores. Returns out ``(B, Sq, H, D)`` and
-    lse ``(B, H, Sq)`` over the chosen keys."""
+    lse ``(B, H, Sq)`` over the chosen keys, and with ``block_map`` the pooled block map."""
     allowed = lowrank_selection(q_score, k_score, seqlens, topk=topk, local=local, causal=causal)
-    return masked_attention(q, k, v, allowed, softmax_scale)
+    out, lse, probs = masked_attention(q, k, v, allowed, softmax_scale, return_probs=True)
+    if block_map is None:
+        return out, lse
+    return out, lse, pool_block_map(probs, lse, block_map)

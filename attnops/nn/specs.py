@@ -193,11 +193,9 @@ class LowRankKey:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        """As :meth:`Dense.attend`; no block maps (refused with a clear error)."""
-        if block_map.get("return_block_map"):
-            raise NotImplementedError("attnops.nn.LowRankKey: block maps are not computed for low-rank-key attention")
+        """As :meth:`Dense.attend`; block maps are those of the chosen keys."""
         return lowrank_key_attention(q, k, v, self.projection, self.rank, self.topk, causal=self.causal or causal,
-                                     softmax_scale=softmax_scale, local=self.local)
+                                     softmax_scale=softmax_scale, local=self.local, **block_map)
 
 
 AttentionSpec = Union[Dense, BlockSparse, MoBA, Linear, LowRankKey]

@@ -66,7 +66,7 @@ def decode_attention(
             ``lowrank`` (``lowrank.rotate(k)`` before the append, so the cache is never projected
             per step); q is given as usual and rotated here. Each query attends exactly to its
             ``topk`` keys of highest ``rank``-dim score, the newest ``local`` always among them. Not
-            combined with ``block_mask``, ``window_size`` or block maps.
+            combined with ``block_mask`` or ``window_size``; block maps are those of the chosen keys.
         k_score: optional ``(B, S_max, Hkv, R)``, ``R >= rank``: a contiguous copy of the cached keys'
             first ``R`` components (``KVCache(score_dim=R)`` keeps one), read by the scoring pass in
             place of ``k_cache[..., :rank]``, whose rows lie ``D`` apart (strided reads of a quarter
@@ -100,14 +100,15 @@ def decode_attention(
     if lowrank is not None or rank is not None or topk is not None:
         if lowrank is None or rank is None or topk is None:
             raise ValueError("low-rank decoding takes lowrank= (a KeyProjection), rank= and topk= together")
-        if block_mask is not None or left >= 0 or return_block_map:
-            raise ValueError("low-rank decoding does not combine with block_mask, window_size or return_block_map")
+        if block_mask is not None or left >= 0:
+            raise ValueError("low-rank decoding does not combine with block_mask or window_size")
         check_lowrank_args(lowrank, rank, topk, local, shape, True)
         if k_score is not None:
             _check_score_plane(k_score, k_cache, rank)
-        out, lse = lowrank_decode(q, k_cache, v_cache, cache_seqlens, lowrank, rank=rank, topk=topk, local=local,
-                                  softmax_scale=scale, k_score=k_score, backend=backend)
-        return pack(out, lse, None, return_lse)
+        request = check_request(block_size, reduce, (64, 64)) if return_block_map else None
+        res = lowrank_decode(q, k_cache, v_cache, cache_seqlens, lowrank, rank=rank, topk=topk, local=local,
+                             softmax_scale=scale, k_score=k_score, backend=backend, block_map=request)
+        return pack(res[0], res[1], res[2] if request is not None else None, return_lse)
     if k_score is not None:
         raise ValueError("k_score is the score plane of low-rank decoding: pass lowrank=, rank= and topk= with it")
     request = None

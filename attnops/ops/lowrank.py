@@ -14,9 +14,10 @@ from typing import Optional
 import torch
 
 from attnops import dispatch
+from attnops.kernels.block_map import MapRequest, check_request
 from attnops.lowrank import KeyProjection
 from attnops.ops._checks import QKVShape, check_qkv, resolve_softmax_scale
-from attnops.ops._result import Result, pack
+from attnops.ops._result import MAP_ARGS_DOC, Result, pack
 
 
 def check_lowrank_args(projection, rank, topk, local, shape: QKVShape, causal: bool = True,
@@ -54,6 +55,9 @@ def lowrank_key_attention(
     return_lse: bool = False,
     *,
     local: int = 0,
+    return_block_map: bool = False,
+    block_size=None,
+    reduce: str = "mean",
     backend: Optional[str] = None,
 ) -> Result:
     r"""Loki attention: each query attends exactly to the ``topk`` keys of highest low-rank score.
@@ -71,6 +75,9 @@ def lowrank_key_attention(
         return_lse: also return lse ``(B, H, Sq)`` over the chosen keys.
         local: the newest ``local`` keys in a query's view are always chosen (they count in
             ``topk``); causal only.
+        {map_args} Default block 64. The map of the probabilities over the chosen keys (every
+            other key 0), recomputed from the keys the kernel chose and its lse
+            (``attnops.kernels.block_map.lowrank_block_map``).
         backend: as in :func:`attnops.attention`.
 
     Selection: approximate scores ``(q P)[:rank] . (k P)[:rank]`` per query head (GQA: against its
@@ -90,14 +97,19 @@ def lowrank_key_attention(
         q_score, k_score = q[..., :rank], k[..., :rank]
     else:
         q_score, k_score = projection.rotate(q, rank), projection.rotate(k, rank)
+    request = check_request(block_size, reduce, (64, 64)) if return_block_map else None
     impl = dispatch.resolve("lowrank_key_attention", q.device, backend)
-    out, lse = impl(q, k, v, q_score, k_score, None, topk=topk, local=local, causal=bool(causal), softmax_scale=scale)
-    return pack(out, lse, None, return_lse)
+    res = impl(q, k, v, q_score, k_score, None, topk=topk, local=local, causal=bool(causal), softmax_scale=scale,
+               block_map=request)
+    return pack(res[0], res[1], res[2] if request is not None else None, return_lse)
+
+
+lowrank_key_attention.__doc__ = lowrank_key_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
 
 
 def lowrank_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                    projection: KeyProjection, *, rank: int, topk: int, local: int, softmax_scale: float,
-                   k_score: Optional[torch.Tensor], backend: Optional[str]):
+                   k_score: Optional[torch.Tensor], backend: Optional[str], block_map: Optional[MapRequest] = None):
     """``decode_attention``'s low-rank path (validated there): the cache holds keys in the basis
     already, so only the new queries are rotated; the scores read the first ``rank`` dims of the
     score plane ``k_score`` when given, else of the cache rows in place."""
@@ -106,4 +118,4 @@ def lowrank_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     q_score = q_rot[..., :rank].to(scores_from.dtype)
     impl = dispatch.resolve("lowrank_key_attention", q.device, backend)
     return impl(q_rot, k_cache, v_cache, q_score, scores_from[..., :rank], cache_seqlens, topk=topk, local=local,
-                causal=True, softmax_scale=softmax_scale)
+                causal=True, softmax_scale=softmax_scale, block_map=block_map)

@@ -141,7 +141,7 @@ inline void prefetch_row(const S* p, int64_t D) {
 template <typename S, typename Ss>
 void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qs,
                     const at::Tensor& ks, const int32_t* lens, int64_t topk, int64_t local, bool causal,
-                    double softmax_scale, at::Tensor& out, at::Tensor& lse) {
+                    double softmax_scale, at::Tensor& out, at::Tensor& lse, int32_t* chosen) {
   using T = compute_t<S>;
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
@@ -222,6 +222,11 @@ void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           S* orow = op + b * out.stride(0) + i * out.stride(1) + h * out.stride(2);
           T* lrow = lp + (b * H + h) * Sq + i;
           const int64_t n = rk.end > 0 ? select_keys(scores.data() + t * row_stride, rk, ws) : 0;
+          if (chosen != nullptr) {  // (B, H, Sq, n_idx), -1 past the chosen keys
+            const int64_t n_idx = std::min(Sk, topk);
+            int32_t* c = chosen + ((b * H + h) * Sq + i) * n_idx;
+            for (int64_t x = 0; x < n_idx; ++x) c[x] = x < n ? static_cast<int32_t>(ws.idx[x]) : -1;
+          }
           if (n == 0) {
             std::fill(orow, orow + D, static_cast<S>(0.0f));
             *lrow = -std::numeric_limits<T>::infinity();
@@ -272,11 +277,12 @@ void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> lowrank_attn_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_attn_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                         const at::Tensor& v_in, const at::Tensor& qs_in,
                                                         const at::Tensor& ks_in,
                                                         const c10::optional<at::Tensor>& seqlens, int64_t topk,
-                                                        int64_t local, bool causal, double softmax_scale) {
+                                                        int64_t local, bool causal, double softmax_scale,
+                                                        bool return_indices) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 && qs_in.dim() == 4 && ks_in.dim() == 4,
               "lowrank_attn_fwd: q, k, v, q_score, k_score must be 4-d");
   TORCH_CHECK(k_in.sizes() == v_in.sizes() && q_in.size(0) == k_in.size(0) && q_in.size(3) == k_in.size(3),
@@ -309,18 +315,25 @@ std::tuple<at::Tensor, at::Tensor> lowrank_attn_fwd_cpu(const at::Tensor& q_in, 
   const auto lse_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = maybe_poison(at::empty(q.sizes(), q.options()));
   at::Tensor lse = maybe_poison(at::empty({B, q.size(2), q.size(1)}, q.options().dtype(lse_dtype)));
-  if (q.numel() == 0) return {out, lse};
+  at::Tensor indices = return_indices
+                           ? at::empty({B, q.size(2), q.size(1), std::min(Sk, topk)}, q.options().dtype(at::kInt))
+                           : at::empty({0}, q.options().dtype(at::kInt));
+  if (q.numel() == 0) return {out, lse, indices};
+  int32_t* chosen = return_indices ? indices.data_ptr<int32_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lowrank_attn_fwd_cpu", [&] {
     const int32_t* lp = lens.data_ptr<int32_t>();
     if (score_dtype == dtype) {
-      lowrank_kernel<scalar_t, scalar_t>(q, k, v, qs, ks, lp, topk, local, causal, softmax_scale, out, lse);
+      lowrank_kernel<scalar_t, scalar_t>(q, k, v, qs, ks, lp, topk, local, causal, softmax_scale, out, lse,
+                                             chosen);
     } else if (score_dtype == at::kBFloat16) {
-      lowrank_kernel<scalar_t, c10::BFloat16>(q, k, v, qs, ks, lp, topk, local, causal, softmax_scale, out, lse);
+      lowrank_kernel<scalar_t, c10::BFloat16>(q, k, v, qs, ks, lp, topk, local, causal, softmax_scale, out, lse,
+                                             chosen);
     } else {
-      lowrank_kernel<scalar_t, c10::Half>(q, k, v, qs, ks, lp, topk, local, causal, softmax_scale, out, lse);
+      lowrank_kernel<scalar_t, c10::Half>(q, k, v, qs, ks, lp, topk, local, causal, softmax_scale, out, lse,
+                                             chosen);
     }
   });
-  return {out, lse};
+  return {out, lse, indices};
 }
 
 }  // namespace

@@ -120,7 +120,7 @@ def _lowrank_gather_kernel(Q, K, V, Idx, Lens, OPart, LPart, stride_qb, stride_q
     tl.store(LPart + part + tl.arange(0, 1), b_lse)
 
 
-def _lowrank(q, k, v, q_score, k_score, seqlens, topk, local, causal, softmax_scale):
+def _lowrank(q, k, v, q_score, k_score, seqlens, topk, local, causal, softmax_scale, return_indices):
     if q.dtype == torch.float64:
         raise TypeError("the triton backend does not support float64; use backend='cpu' or 'reference'")
     q, k, v, q_score, k_score = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, q_score, k_score))
@@ -129,8 +129,9 @@ def _lowrank(q, k, v, q_score, k_score, seqlens, topk, local, causal, softmax_sc
     G = H // Hkv
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    indices = torch.empty((B, H, Sq, min(Sk, topk)) if return_indices else (0,), dtype=torch.int32, device=q.device)
     if q.numel() == 0:
-        return out, lse
+        return out, lse, indices
     topk = min(topk, max(Sk, 1))
     local = min(local, topk)
     lens = (torch.full((B,), Sk, dtype=torch.int32, device=q.device) if seqlens is None
@@ -166,7 +167,13 @@ def _lowrank(q, k, v, q_score, k_score, seqlens, topk, local, causal, softmax_sc
         o, l = _combine(opart, lpart)
         out[:, i0:i0 + nq] = o.permute(0, 2, 1, 3).to(q.dtype)
         lse[:, :, i0:i0 + nq] = l
-    return out, lse
+        if return_indices:  # the C++ kernel's form: ascending, -1 past the chosen keys
+            pos = torch.arange(i0, i0 + nq, device=q.device).view(1, 1, nq, 1)
+            seen = lens.long().clamp(0, Sk).view(B, 1, 1, 1)
+            end = torch.minimum(seen, seen - Sq + pos + 1) if causal else seen
+            marked = torch.where(idx < end.clamp(min=0), idx, Sk).sort(dim=-1).values
+            indices[:, :, i0:i0 + nq] = torch.where(marked < Sk, marked, -1)
+    return out, lse, indices
 
 
 def _num_splits(rows: int, n_idx: int, device: torch.device) -> int:
@@ -191,8 +198,9 @@ def _combine(opart: torch.Tensor, lpart: torch.Tensor) -> Tuple[torch.Tensor, to
 @torch.library.custom_op("attnops::lowrank_attn_fwd_triton", mutates_args=())
 def lowrank_attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_score: torch.Tensor,
                             k_score: torch.Tensor, seqlens: Optional[torch.Tensor], topk: int, local: int,
-                            causal: bool, softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _lowrank(q, k, v, q_score, k_score, seqlens, topk, local, causal, softmax_scale)
+                            causal: bool, softmax_scale: float,
+                            return_indices: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _lowrank(q, k, v, q_score, k_score, seqlens, topk, local, causal, softmax_scale, return_indices)
 
 
 lowrank_attn_fwd_triton.register_fake(_reg.lowrank_fwd_fake)
