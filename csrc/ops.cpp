@@ -41,10 +41,14 @@ TORCH_LIBRARY(attnops, m) {
   // Split-KV decoding: q (B, Sq_new, H, D) against caches (B, S_max, Hkv, D) holding
   // cache_seqlens (B,) valid keys each; causal within the new tokens, aligned to each sequence's
   // end; window_left (-1: none); block_keep: optional uint8 (Bm, Hm, Nq, Nk) kept key blocks;
-  // num_splits 0 = automatic. Forward only. Returns out (B, Sq_new, H, D), lse (B, H, Sq_new).
+  // num_splits 0 = automatic. Forward only. Returns out (B, Sq_new, H, D), lse (B, H, Sq_new), and
+  // with map_cols > 0 the block map per query row, (B, H, Sq_new, ceil(S_max / map_cols)) in lse's
+  // dtype: sums (map_max: maxima) of the probabilities over map_cols keys, fused into the forward
+  // (the CPU kernel; CUDA refuses it and the map is a Python pass there), else an empty tensor.
   m.def(
       "decode_attn_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_keep, "
-      "int block_q, int block_k, float softmax_scale, int window_left, int num_splits) -> (Tensor, Tensor)");
+      "int block_q, int block_k, float softmax_scale, int window_left, int num_splits, int map_cols=0, "
+      "bool map_max=False) -> (Tensor, Tensor, Tensor)");
   // MoBA router: q (B, S, H, D), k (B, S, Hkv, D); per query tile of route_block rows, the MoBA
   // blocks (block_size keys, a multiple of route_block) whose mean key scores highest against the
   // tile's mean query: its own block plus the top (topk - 1) others (causal: earlier ones only).

@@ -180,3 +180,27 @@ def test_result_tuples():
     out, block_map = attnops.attention(q, k, v, return_block_map=True)
     out, lse, block_map = attnops.attention(q, k, v, return_block_map=True, return_lse=True)
     assert block_map.shape == (1, 2, 1, 1) and lse.shape == (1, 2, 64)
+
+
+@pytest.mark.parametrize("reduce", REDUCE)
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+@pytest.mark.parametrize("heads", [(4, 4, 1), (8, 2, 3)], ids=["mha-dot-path", "gqa-gemm-path"])
+def test_decode_map_across_splits(heads, num_splits, reduce):
+    """The C++ decode kernel fuses the map: each split's blocks relative to its own lse, merged with
+    the splits' weights; map blocks (256 keys) straddle the splits' boundaries."""
+    H, Hkv, Sq = heads
+    B, S, D = 2, 1000, 64
+    q = torch.randn(B, Sq, H, D) * 2
+    k, v = torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
+    lens = torch.tensor([S, 613], dtype=torch.int32)
+    request = MapRequest(16, 256, reduce)
+    res = attnops.decode_attention(q, k, v, lens, return_block_map=True, block_size=(16, 256), reduce=reduce,
+                                   num_splits=num_splits)
+    plain = attnops.decode_attention(q, k, v, lens, num_splits=num_splits)
+    assert torch.equal(res.out, plain)
+
+    def ref(q, k, v):
+        return reference.decode_attention(q, k, v, lens, None, window_size=(-1, -1), softmax_scale=D ** -0.5,
+                                          block_map=request)
+
+    check_map("splits", res.block_map, request, ref, (q, k, v), torch.float32)

@@ -108,7 +108,15 @@ def block_sparse_backend(fwd_op: Callable) -> Callable:
 # ---- decode ---------------------------------------------------------------------------------------
 
 def decode_fwd_fake(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, softmax_scale, window_left,
-                    num_splits):
+                    num_splits, map_cols=0, map_max=False):
+    B, Sq, H, _ = q.shape
+    dtype = lse_dtype(q.dtype)
+    block_map = q.new_empty((B, H, Sq, -(-k_cache.shape[1] // map_cols)) if map_cols > 0 else (0,), dtype=dtype)
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=dtype), block_map
+
+
+def decode_triton_fwd_fake(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, softmax_scale,
+                           window_left, num_splits):
     B, Sq, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=lse_dtype(q.dtype))
 
@@ -131,14 +139,26 @@ def block_keep(block_mask: Optional[BlockMask]) -> Tuple[Optional[torch.Tensor],
     return block_mask.to_dense().to(torch.uint8), *block_mask.block_size
 
 
-def decode_backend(fwd_op: Callable) -> Callable:
-    """The dispatcher-facing decode function of a backend whose operator is ``fwd_op``."""
+def decode_backend(fwd_op: Callable, fused_map: bool = False) -> Callable:
+    """The dispatcher-facing decode function of a backend whose operator is ``fwd_op``: (out, lse),
+    or (out, lse, block map) when ``block_map`` asks for one: fused into the forward where the
+    operator computes it (``fused_map``: the C++ kernel), else a second pass from the lse
+    (:func:`attnops.kernels.block_map.decode_block_map`)."""
 
     def decode_attention(q, k_cache, v_cache, cache_seqlens, block_mask, *, window_size, softmax_scale,
-                         num_splits=0):
+                         num_splits=0, block_map: Optional[_map.MapRequest] = None):
         keep, block_q, block_k = block_keep(block_mask)
-        return fwd_op(q, k_cache, v_cache, cache_seqlens, keep, block_q, block_k, float(softmax_scale),
-                      window_size[0], int(num_splits))
+        args = (q, k_cache, v_cache, cache_seqlens, keep, block_q, block_k, float(softmax_scale), window_size[0],
+                int(num_splits))
+        if block_map is None:
+            res = fwd_op(*args)
+            return res[0], res[1]
+        if fused_map:
+            out, lse, rows = fwd_op(*args, block_map.block_k, block_map.reduce == "max")
+            return out, lse, _map.finish(rows, lse, 1, block_map)
+        out, lse = fwd_op(*args)[:2]
+        return out, lse, _map.decode_block_map(q, k_cache, cache_seqlens, lse, block_mask, window_size[0], block_map,
+                                               float(softmax_scale))
 
     return decode_attention
 

@@ -36,7 +36,7 @@ if AVAILABLE:
 
     torch.library.register_fake("attnops::decode_attn_fwd")(_reg.decode_fwd_fake)
     _reg.register_forward_only("attnops::decode_attn_fwd", "decode_attention")
-    decode_attention = _reg.decode_backend(torch.ops.attnops.decode_attn_fwd)
+    decode_attention = _reg.decode_backend(torch.ops.attnops.decode_attn_fwd, fused_map=True)
 
     torch.library.register_fake("attnops::moba_route")(_reg.moba_route_fake)
     moba_route = _reg.moba_route_backend(torch.ops.attnops.moba_route)

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from attnops import dispatch
-from attnops.kernels.block_map import check_request, decode_block_map
+from attnops.kernels.block_map import check_request
 from attnops.lowrank import KeyProjection
 from attnops.masks import BlockMask, check_window_size
 from attnops.ops._checks import QKVShape, check_block_mask, check_qkv, resolve_softmax_scale
@@ -57,8 +57,9 @@ def decode_attention(
         window_size: ``(left, right)``; decoding is causal, so ``right`` must be -1 or 0.
         return_lse: also return lse ``(B, H, Sq_new)``.
         {map_args} The map covers the cache ``(Sq_new, S_max)`` plane; default block: the block mask's,
-            else 64. Computed from the decode kernel's lse by one chunked pass over K
-            (``attnops.kernels.block_map.decode_block_map``).
+            else 64. The C++ kernel sums the probabilities per map block with the forward (each
+            split relative to its own lse, merged with the splits); the Triton and CUDA kernels'
+            maps are one chunked pass over K from the lse (``attnops.kernels.block_map.decode_block_map``).
         num_splits: how many chunks the cache length is split into, processed in parallel and
             merged by lse; 0 chooses from the problem size and the device.
         lowrank, rank, topk, local: low-rank-key decoding (Loki, :func:`attnops.lowrank_key_attention`):
@@ -115,12 +116,9 @@ def decode_attention(
     if return_block_map:
         request = check_request(block_size, reduce, block_mask.block_size if block_mask is not None else (64, 64))
     impl = dispatch.resolve("decode_attention", q.device, backend)
-    out, lse = impl(q, k_cache, v_cache, cache_seqlens, block_mask, window_size=(left, 0), softmax_scale=scale,
-                    num_splits=num_splits)
-    block_map = None
-    if request is not None:
-        block_map = decode_block_map(q, k_cache, cache_seqlens, lse, block_mask, left, request, scale)
-    return pack(out, lse, block_map, return_lse)
+    res = impl(q, k_cache, v_cache, cache_seqlens, block_mask, window_size=(left, 0), softmax_scale=scale,
+               num_splits=num_splits, block_map=request)
+    return pack(res[0], res[1], res[2] if request is not None else None, return_lse)
 
 
 decode_attention.__doc__ = decode_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)

@@ -52,10 +52,35 @@ template <typename T>
 struct DecodeScratch {
   std::vector<T> q, s, acc, m, l, alpha, kpanel, vpanel, row, row2;
   std::vector<RowSpan> spans;
-  DecodeScratch(int64_t rows, int64_t Dp, int64_t tile)
+  // block map: per (row, map block of the split) the sum (or max) of P and the running max it is
+  // relative to (a block can span tiles between which the max grows)
+  std::vector<T> map_val, map_ref;
+  DecodeScratch(int64_t rows, int64_t Dp, int64_t tile, int64_t map_blocks)
       : q(rows * Dp), s(rows * tile), acc(rows * Dp), m(rows), l(rows), alpha(rows), kpanel(tile * Dp),
-        vpanel(tile * Dp), row(Dp), row2(Dp), spans(rows) {}
+        vpanel(tile * Dp), row(Dp), row2(Dp), spans(rows), map_val(rows * map_blocks), map_ref(rows * map_blocks) {}
 };
+
+// Adds a tile row's probabilities (relative to the running max m) to the row's map blocks: blocks
+// [t0 / bk - first, ...) of the split. A block's earlier sum is rescaled when m has grown since.
+template <typename T>
+inline void accumulate_map_row(const T* p, RowSpan span, int64_t t0, int64_t bk, int64_t first, T m, bool use_max,
+                               T* val, T* ref) {
+  if (span.empty()) return;
+  for (int64_t j = span.v0; j < span.v1;) {
+    const int64_t blk = (t0 + j) / bk, end = std::min(span.v1, (blk + 1) * bk - t0);
+    T part = T(0);
+    for (int64_t x = j; x < end; ++x) part = use_max ? std::max(part, p[x]) : part + p[x];
+    if (p[j] != p[j]) part = p[j];  // NaN reaches the map
+    T& v = val[blk - first];
+    T& r = ref[blk - first];
+    if (r != m) {  // first visit (ref = -inf) or the max grew: v relative to m
+      v = r == -std::numeric_limits<T>::infinity() ? T(0) : v * exp2_scalar(r - m);
+      r = m;
+    }
+    v = use_max ? std::max(v, part) : v + part;
+    j = end;
+  }
+}
 
 // (q . k0, q . k1) for two keys at once: each q vector is loaded once for both (the multi-row path
 // is bound by reloading the query rows once per key).
@@ -171,7 +196,7 @@ inline void accumulate_by_rows(const S* vbase, int64_t stride, int64_t nk, int64
 template <typename S>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* seqlens,
                    const BlockKeep& keep, double softmax_scale, int64_t left, int64_t num_splits, at::Tensor& out,
-                   at::Tensor& lse) {
+                   at::Tensor& lse, int64_t map_cols, bool map_max, at::Tensor& map) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
@@ -201,6 +226,11 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor opart = at::empty({B * splits, rows, D}, opts);
   at::Tensor lpart = at::empty({B * splits, rows}, opts);
+  // block map: each split's map blocks (a block may straddle two splits), relative to its lse
+  const bool with_map = map_cols > 0;
+  const int64_t map_blocks = with_map ? chunk / map_cols + 2 : 0;
+  at::Tensor mpart = at::empty({with_map ? B * splits * rows * map_blocks : 0}, opts);
+  T* mp = mpart.data_ptr<T>();
   T* op = opart.data_ptr<T>();
   T* lp = lpart.data_ptr<T>();
   const S *qp = q.data_ptr<S>(), *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
@@ -216,7 +246,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const int64_t b = t / splits, s0 = (t % splits) * chunk;
         return std::max<int64_t>(0, std::min(s0 + chunk, lens[b]) - s0);
       },
-      [&] { return DecodeScratch<T>(rows, Dp, stile); },
+      [&] { return DecodeScratch<T>(rows, Dp, stile, map_blocks); },
       [&](int64_t t, DecodeScratch<T>& ws) {
         const int64_t b = t / splits, split = t % splits;
         const int64_t seqlen = lens[b], s0 = split * chunk, s1 = std::min(s0 + chunk, seqlen);
@@ -226,6 +256,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
         std::fill(ws.l.begin(), ws.l.end(), T(0));
         std::fill(ws.acc.begin(), ws.acc.end(), T(0));
+        const int64_t first_block = with_map ? s0 / map_cols : 0;
+        if (with_map) std::fill(ws.map_ref.begin(), ws.map_ref.end(), -std::numeric_limits<T>::infinity());
+        auto map_rows = [&](int64_t r0, int64_t r1, int64_t t0) {
+          if (!with_map) return;
+          for (int64_t r = r0; r < r1; ++r)
+            accumulate_map_row(ws.s.data() + r * stile, ws.spans[r], t0, map_cols, first_block, ws.m[r], map_max,
+                               ws.map_val.data() + r * map_blocks, ws.map_ref.data() + r * map_blocks);
+        };
         const S* kbase = kp + b * sk_b;
         const S* vbase = vp + b * sv_b;
         for (int64_t t0 = s0, t1; t0 < s1; t0 = t1) {
@@ -248,6 +286,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             scores_by_rows(kbase + t0 * sk_s, sk_s, nk, Hkv, group_rows, D, Dp, ws, stile);
             for (int64_t r = 0; r < rows; ++r)
               softmax_row(ws.s.data() + r * stile, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
+            map_rows(0, rows, t0);
             accumulate_by_rows(vbase + t0 * sv_s, sv_s, nk, Hkv, group_rows, D, Dp, ws, stile);
             continue;
           }
@@ -262,6 +301,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             gemm<T>(group_rows, n, D, ws.q.data() + r0 * Dp, Dp, ws.kpanel.data(), D * NR, srows, stile, false);
             for (int64_t r = r0; r < r0 + group_rows; ++r)
               softmax_row(ws.s.data() + r * stile, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
+            map_rows(r0, r0 + group_rows, t0);
             pack_row_panels<NR>(vbase + t0 * sv_s + hk * sv_h, sv_s, 0, nk, D, Dp, stile, T(1), ws.vpanel.data());
             gemm<T>(group_rows, Dp, nk, srows, stile, ws.vpanel.data(), stile * NR, ws.acc.data() + r0 * Dp, Dp, true,
                     ws.alpha.data() + r0);
@@ -278,11 +318,23 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             for (int64_t d = 0; d < D; ++d) o[r * D + d] = ws.acc[r * Dp + d] * inv;
             l[r] = static_cast<T>((ws.m[r] + std::log2(ws.l[r])) * kLn2);
           }
+          if (with_map) {  // probabilities under this split's softmax: relative to its lse (base 2)
+            T* mrow = mp + (t * rows + r) * map_blocks;
+            const T lse2 = ws.l[r] == T(0) ? T(0) : ws.m[r] + std::log2(ws.l[r]);
+            for (int64_t x = 0; x < map_blocks; ++x) {
+              const T ref = ws.map_ref[r * map_blocks + x];
+              mrow[x] = ref == -std::numeric_limits<T>::infinity() ? T(0)
+                                                                   : ws.map_val[r * map_blocks + x] * exp2_scalar(ref - lse2);
+            }
+          }
         }
       });
 
   // Combine the splits of each (b, h, i) by their lse.
   S* outp = out.data_ptr<S>();
+  T* mapp = with_map ? map.data_ptr<T>() : nullptr;
+  const int64_t map_nk = with_map ? map.size(3) : 0;
+  if (with_map) map.zero_();
   auto* lsep = lse.data_ptr<compute_t<S>>();
   const int64_t so_b = out.stride(0), so_s = out.stride(1), so_h = out.stride(2);
   at::parallel_for(0, B * H * Sq, 16, [&](int64_t begin, int64_t end) {
@@ -313,15 +365,28 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       }
       for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<S>(acc[d] / total);
       *lrow = static_cast<T>(mx + std::log(total));
+      if (with_map) {  // each split's map blocks, weighted by its share of the row's softmax
+        T* mrow = mapp + ((b * H + h) * Sq + i) * map_nk;
+        for (int64_t s = 0; s < splits; ++s) {
+          const T ls = lp[(b * splits + s) * rows + r];
+          if (ls == -std::numeric_limits<T>::infinity()) continue;
+          const T w = std::exp(ls - mx) / total;
+          const T* part = mp + ((b * splits + s) * rows + r) * map_blocks;
+          const int64_t first = s * chunk / map_cols;
+          for (int64_t x = 0; x < map_blocks && first + x < map_nk; ++x) {
+            const T val = w * part[x];
+            mrow[first + x] = map_max ? std::max(mrow[first + x], val) : mrow[first + x] + val;
+          }
+        }
+      }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_attn_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                       const at::Tensor& v_in, const at::Tensor& cache_seqlens,
-                                                       const c10::optional<at::Tensor>& block_keep, int64_t block_q,
-                                                       int64_t block_k, double softmax_scale, int64_t window_left,
-                                                       int64_t num_splits) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cache_seqlens,
+    const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k, double softmax_scale,
+    int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max) {
   check_decode_shapes(q_in, k_in, v_in, cache_seqlens);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const at::Tensor lens = cache_seqlens.to(at::kInt).contiguous();
@@ -336,11 +401,17 @@ std::tuple<at::Tensor, at::Tensor> decode_attn_fwd_cpu(const at::Tensor& q_in, c
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = maybe_poison(at::empty(q.sizes(), q.options()));
   at::Tensor lse = maybe_poison(at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_dtype)));
-  if (q.numel() == 0) return {out, lse};
+  // the block map per query row (B, H, Sq_new, ceil(S_max / map_cols)), pooled over query blocks in Python
+  at::Tensor map = map_cols > 0 ? maybe_poison(at::empty({q.size(0), q.size(2), q.size(1), (k.size(1) + map_cols - 1) /
+                                                                                                 map_cols},
+                                                         q.options().dtype(lse_dtype)))
+                                : at::empty({0}, q.options().dtype(lse_dtype));
+  if (q.numel() == 0) return {out, lse, map};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attn_fwd_cpu", [&] {
-    decode_kernel<scalar_t>(q, k, v, lens.data_ptr<int32_t>(), keep, softmax_scale, window_left, num_splits, out, lse);
+    decode_kernel<scalar_t>(q, k, v, lens.data_ptr<int32_t>(), keep, softmax_scale, window_left, num_splits, out, lse,
+                            map_cols, map_max, map);
   });
-  return {out, lse};
+  return {out, lse, map};
 }
 
 }  // namespace

@@ -13,12 +13,13 @@
 namespace attnops::cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> decode_attn_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                        const at::Tensor& v_in, const at::Tensor& cache_seqlens,
-                                                        const c10::optional<at::Tensor>& block_keep, int64_t block_q,
-                                                        int64_t block_k, double softmax_scale, int64_t window_left,
-                                                        int64_t num_splits) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cache_seqlens,
+    const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k, double softmax_scale,
+    int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max) {
   check_decode_shapes(q_in, k_in, v_in, cache_seqlens);
+  // the block map of this backend is a second pass in Python (attnops.kernels.block_map.decode_block_map)
+  TORCH_CHECK(map_cols == 0, "the CUDA decode kernel computes no fused block map");
   TORCH_CHECK(q_in.size(3) <= 256, "head dim above 256");
   const auto dtype = q_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -33,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attn_fwd_cuda(const at::Tensor& q_in, 
 
   at::Tensor out = maybe_poison(at::empty(q.sizes(), q.options()));
   at::Tensor lse = maybe_poison(at::empty({B, H, Sq}, q.options().dtype(at::kFloat)));
-  if (q.numel() == 0) return {out, lse};
+  if (q.numel() == 0) return {out, lse, at::empty({0}, lse.options())};
 
   int64_t splits = num_splits;
   if (splits <= 0) {  // about two waves of blocks, splits of at least 256 keys
@@ -76,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attn_fwd_cuda(const at::Tensor& q_in, 
   p.dtype = dtype == at::kFloat ? DType::kFloat32 : dtype == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
   const cudaError_t err = launch_decode_attention(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "attnops decode kernel launch failed: ", cudaGetErrorString(err));
-  return {out, lse};
+  return {out, lse, at::empty({0}, lse.options())};
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 """Benchmark cases of KV-cache decoding: ``decode_attention`` (family "mqa").
 
 Shape keys: B, H, Hkv, D, Sk (cache length; every sequence full), Sq (new tokens, default 1).
+With ``block_map = true`` the op runs with ``return_block_map=True`` against itself without (the
+block-map issue's <= 1.6x target).
 Baseline: ``flash_attn.flash_attn_with_kvcache`` on a GPU when importable, else torch SDPA on the
 same cache (pre-transposed to SDPA's (B, H, S, D) layout outside the timed region). The harness
 reports the K/V bytes read per second and, for memory-bound cases, the fraction of the copy
@@ -32,7 +34,12 @@ def build_decode(spec: CaseSpec) -> Prepared:
     op = Provider(name="attnops", run=lambda st: attnops.decode_attention(*st, num_splits=splits))
     notes = []
     baseline = None
-    if spec.device.startswith("cuda"):
+    if spec.params.get("block_map"):
+        baseline = Provider(name="no map", run=op.run)
+        op = Provider(name="attnops", run=lambda st: attnops.decode_attention(*st, num_splits=splits,
+                                                                              return_block_map=True),
+                      output=lambda st, r: r.out)
+    elif spec.device.startswith("cuda"):
         try:
             from flash_attn import flash_attn_with_kvcache
 

@@ -171,7 +171,7 @@ def decode_attn_fwd_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                    num_splits)
 
 
-decode_attn_fwd_triton.register_fake(_reg.decode_fwd_fake)
+decode_attn_fwd_triton.register_fake(_reg.decode_triton_fwd_fake)
 _reg.register_forward_only("attnops::decode_attn_fwd_triton", "decode_attention")
 
 decode_attention = _reg.decode_backend(decode_attn_fwd_triton)
