@@ -122,55 +122,86 @@ def decode_block_map(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torc
 
 
 def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *, causal: bool,
-                     softmax_scale: float, request: MapRequest) -> torch.Tensor:
+                     softmax_scale: float, request: MapRequest, feature_map=None,
+                     chunk_elements: int = 1 << 21) -> torch.Tensor:
     """The block map of linear attention, exactly, without an S x S matrix.
 
-    ``q (B, S, H, Dk)``, ``k (B, Sk, Hkv, Dk)`` (feature maps applied), ``log_gate (B, S, H, 1 | Dk)`` or
-    None, ``denominator (B, S, H)`` or None (``normalize=False``). The weight of key s for query t is
-    ``p(t, s) = softmax_scale * q_t . (e^(Gamma_t - Gamma_s) * k_s)`` for ``s <= t`` (every s when not
-    causal; ``Gamma`` the cumulative log-gate), divided by the denominator when normalised (rows then
-    sum to 1, as softmax's do); ``block_map[b, h, i, j]`` is the mean over the queries of block i of
-    their total weight on the keys of block j. -> ``(B, H, ceil(S / block_q), ceil(Sk / block_k))``.
+    ``q (B, S, H, Dk)``, ``k (B, Sk, Hkv, Dk)``, ``feature_map`` applied here (None: already applied),
+    ``log_gate (B, S, H, 1 | Dk)`` or None, ``denominator (B, S, H)`` or None (``normalize=False``).
+    The weight of key s for query t is ``p(t, s) = softmax_scale * q_t . (e^(Gamma_t - Gamma_s) * k_s)``
+    for ``s <= t`` (every s when not causal; ``Gamma`` the cumulative log-gate), divided by the
+    denominator when normalised (rows then sum to 1, as softmax's do); ``block_map[b, h, i, j]`` is
+    the mean over the queries of block i of their total weight on the keys of block j.
+    -> ``(B, H, ceil(S / block_q), ceil(Sk / block_k))``.
 
-    A key block entirely before query block i's first row t0 factors around it: ``(sum_t q_t
-    e^(Gamma_t - Gamma_t0)) . e^(Gamma_t0 - Gamma_r) . (sum_s k_s e^(Gamma_r - Gamma_s))`` with r the key
-    block's last row (every exponent <= 0): O(S Dk + Nq Nk Dk). Block sizes are powers of two, so with
-    L = max(block_q, block_k) the key blocks that overlap query block i (its "band") lie inside i's
-    span of L rows; one masked (block_q x L) product per query block covers them, pair by pair.
+    Everything is built from sums over sub-blocks of 16 rows, taken relative to each sub-block's first
+    (queries) or last (keys) row. A key block entirely before query block i's first row t0 factors
+    around it: ``(sum_t q_t e^(Gamma_t - Gamma_t0)) . e^(Gamma_t0 - Gamma_r) . (sum_s k_s e^(Gamma_r -
+    Gamma_s))`` with r the key block's last row (every exponent <= 0), the block sums assembled from
+    the sub-block sums; the band of key blocks that overlap query block i lies inside i's span of
+    L = max(block_q, block_k) rows (:func:`_linear_band`). The rows are processed in chunks of about
+    ``chunk_elements`` per tensor (the feature map applied per chunk): no temporary of the full
+    sequence, whose allocation would cost page faults on every call.
     """
     bq, bk = request.block_q, request.block_k
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    B, S, H, Dk = q.shape
+    B, S, H, _ = q.shape
     Sk = k.shape[1]
+    phi = feature_map if feature_map is not None else (lambda x: x)
+    Dk = phi(q[:1, :1]).shape[-1]
     nq, nk = -(-S // bq), -(-Sk // bk)
     L = max(bq, bk)
-    n_sup = -(-max(S, Sk) // L)
-    factor = softmax_scale if denominator is None else (softmax_scale / (denominator.to(wide) + 1e-6)).unsqueeze(-1)
-    qh = heads_first(q.to(wide) * factor, H, S, n_sup * L - S)  # (B, H, n_sup * L, Dk), zero rows after S
-    kh = heads_first(k.to(wide), H, Sk, n_sup * L - Sk)
+    c = min(_SUB, L)
     rows_per_block = torch.clamp(S - torch.arange(nq, device=q.device) * bq, max=bq).to(wide)
-    q_blocks = qh.view(B, H, -1, bq, Dk).sum(3)[:, :, :nq]  # (B, H, Nq, Dk)
-    k_blocks = kh.view(B, H, -1, bk, Dk).sum(3)[:, :, :nk]
-    if not causal:
-        return (q_blocks @ k_blocks.transpose(-1, -2)) / rows_per_block[:, None]
-    gamma = None
-    if log_gate is not None:  # global cumulative log-gates, float64 (differences of large sums)
-        G = log_gate.shape[-1]
-        # padding rows repeat the last sum: their (zero) queries then meet no positive exponent
-        gamma = F.pad(log_gate.to(torch.float64).clamp(min=-80.0).cumsum(1).transpose(1, 2),
-                      (0, 0, 0, n_sup * L - S), mode="replicate")  # (B, H, n_sup * L, G)
+    step = max(1, chunk_elements // max(1, H * L * Dk)) * L  # rows per chunk, whole spans
+
+    def heads(x, r0, r1, pad_to):
+        """Rows [r0, r1) of x, feature-mapped, heads first, zero rows up to ``pad_to`` rows."""
+        return heads_first(phi(x[:, r0:r1]).to(wide), H, r1 - r0, pad_to - (r1 - r0))
+
+    if not causal:  # two block sums
+        q_blocks = _block_sums(heads, q, S, bq, step, denominator)
+        k_blocks = _block_sums(heads, k, Sk, bk, step, None)
+        return (q_blocks @ k_blocks.transpose(-1, -2)) * softmax_scale / rows_per_block[:, None]
+    n_sup = -(-S // L)
+    subs, bands = [], []
+    carry = None  # the cumulative gate before the chunk
+    for r0 in range(0, S, step):
+        r1 = min(r0 + step, S)
+        n = -(-(r1 - r0) // L)
+        qh, kh = heads(q, r0, r1, n * L), heads(k, r0, r1, n * L)
+        if denominator is not None:  # per query row; without it the scale is applied at the end
+            qh[:, :, :r1 - r0] *= (1.0 / (denominator[:, r0:r1].to(wide) + 1e-6)).transpose(1, 2).unsqueeze(-1)
+        g = None
+        if log_gate is not None:  # global cumulative log-gates, float64 (differences of large sums)
+            lg = log_gate[:, r0:r1].to(torch.float64).clamp(min=-80.0).cumsum(1)
+            lg = lg if carry is None else lg + carry
+            carry = lg[:, -1:]
+            # padding rows repeat the last sum: their (zero) queries then meet no positive exponent
+            g = F.pad(lg.transpose(1, 2), (0, 0, 0, n * L - (r1 - r0)), mode="replicate").view(B, H, n, L // c, c, -1)
+        Dk = qh.shape[-1]  # the feature map's width
+        qs, ks = qh.view(B, H, n, L // c, c, Dk), kh.view(B, H, n, L // c, c, Dk)
+        q_sub, k_sub, first, last = _sub_sums(qs, ks, g, wide)
+        subs.append((q_sub, k_sub, first, last))
+        bands.append(_linear_band(qs, ks, q_sub, k_sub, g, bq, bk, wide))
+    q_sub, k_sub = (torch.cat([x[i] for x in subs], dim=2).flatten(2, 3) for i in (0, 1))  # (B, H, n_sub, Dk)
+    band = torch.cat(bands, dim=2)  # (B, H, n_sup, L/bq, L/bk)
     t0 = torch.arange(nq, device=q.device) * bq
     off_band = torch.arange(nk, device=q.device)[None, :] < ((t0 + 1) // bk)[:, None]  # key block ends by t0
-    if gamma is None:
+    if log_gate is None:
+        q_blocks = q_sub.view(B, H, -1, bq // c, Dk).sum(3)[:, :, :nq]
+        k_blocks = k_sub.view(B, H, -1, bk // c, Dk).sum(3)[:, :, :nk]
         block_map = q_blocks @ k_blocks.transpose(-1, -2)
     else:
-        r = torch.arange(nk, device=q.device) * bk + bk - 1  # each key block's last row
-        g_t0, g_r = gamma[:, :, t0], gamma[:, :, r]  # (B, H, Nq | Nk, G)
-        rows = torch.arange(gamma.shape[2], device=q.device)  # every (padded) row: its block's t0 / r
-        q_off = qh * torch.exp((gamma - g_t0[:, :, (rows // bq).clamp(max=nq - 1)]).to(wide))
-        k_off = kh * torch.exp((g_r[:, :, (rows // bk).clamp(max=nk - 1)] - gamma).to(wide))
-        q_off = q_off.view(B, H, -1, bq, Dk).sum(3)[:, :, :nq]
-        k_off = k_off.view(B, H, -1, bk, Dk).sum(3)[:, :, :nk]
+        first, last = (torch.cat([x[i] for x in subs], dim=2).flatten(2, 3) for i in (2, 3))  # (B, H, n_sub, G)
+        G = first.shape[-1]
+        # the map blocks' sums from the sub-block sums, relative to the block's first row t0 / last row r
+        fq, lk = first.view(B, H, -1, bq // c, G), last.view(B, H, -1, bk // c, G)
+        g_t0, g_r = fq[:, :, :nq, 0], lk[:, :, :nk, -1]  # (B, H, Nq | Nk, G)
+        q_off = (q_sub.view(B, H, -1, bq // c, Dk)[:, :, :nq]
+                 * torch.exp((fq[:, :, :nq] - g_t0.unsqueeze(3)).to(wide))).sum(3)
+        k_off = (k_sub.view(B, H, -1, bk // c, Dk)[:, :, :nk]
+                 * torch.exp((g_r.unsqueeze(3) - lk[:, :, :nk]).to(wide))).sum(3)
         gap = (g_t0.unsqueeze(3) - g_r.unsqueeze(2)).masked_fill(~off_band[:, :, None], float("-inf"))
         between = torch.exp(gap.to(wide))  # (B, H, Nq, Nk, G): decay from the key block's end to t0
         if G == 1:
@@ -178,36 +209,85 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
         else:
             block_map = torch.einsum("bhid,bhijd,bhjd->bhij", q_off, between, k_off)
     block_map = block_map.masked_fill(~off_band, 0.0)
-    # the band, on views: query blocks (B, H, n_sup, L/bq, bq, Dk) against their span (.., 1, L, Dk)
-    qs = qh.view(B, H, n_sup, L // bq, bq, Dk)
-    ks = kh.view(B, H, n_sup, 1, L, Dk)
-    pos_t = torch.arange(L // bq, device=q.device)[:, None] * bq + torch.arange(bq, device=q.device)
-    causal_band = pos_t[:, :, None] >= torch.arange(L, device=q.device)  # (L/bq, bq, L): s <= t
-    if gamma is not None:  # relative to each span's start (float64), then rounded
-        g_span = gamma.view(B, H, n_sup, L, G)
-        start = torch.cat([torch.zeros_like(g_span[:, :, :1, 0]), g_span[:, :, :-1, -1]], dim=2)
-        g_rel = (g_span - start.unsqueeze(3)).to(wide)
-        g_rows, g_keys = g_rel.view(B, H, n_sup, L // bq, bq, 1, G), g_rel.view(B, H, n_sup, 1, 1, L, G)
-    budget = max(1, (1 << 24) // max(1, B * H * L * L * (Dk if gamma is not None and G > 1 else 1)))
-    band = []
-    for n0 in range(0, n_sup, budget):
-        n1 = min(n_sup, n0 + budget)
-        q_n, k_n = qs[:, :, n0:n1], ks[:, :, n0:n1]
-        if gamma is None:
-            w = q_n @ k_n.transpose(-1, -2)
-        else:
-            expo = (g_rows[:, :, n0:n1] - g_keys[:, :, n0:n1]).masked_fill(~causal_band[..., None], float("-inf"))
-            if G == 1:
-                w = (q_n @ k_n.transpose(-1, -2)) * torch.exp(expo[..., 0])
-            else:
-                w = (q_n.unsqueeze(-2) * k_n.unsqueeze(-3) * torch.exp(expo)).sum(-1)
-        w = w.masked_fill_(~causal_band, 0.0)  # (B, H, n, L/bq, bq, L)
-        band.append(w.sum(4).view(B, H, n1 - n0, L // bq, L // bk, bk).sum(-1))
-    band = torch.cat(band, dim=2) if len(band) > 1 else band[0]  # (B, H, n_sup, L/bq, L/bk)
     full = F.pad(block_map, (0, n_sup * (L // bk) - nk, 0, n_sup * (L // bq) - nq))
     diagonal = full.view(B, H, n_sup, L // bq, n_sup, L // bk).diagonal(dim1=2, dim2=4)  # (B, H, L/bq, L/bk, n_sup)
     diagonal.add_(band.permute(0, 1, 3, 4, 2))
-    return full[:, :, :nq, :nk] / rows_per_block[:, None]
+    return full[:, :, :nq, :nk] * softmax_scale / rows_per_block[:, None]
+
+
+def _block_sums(heads, x: torch.Tensor, length: int, block: int, step: int, denominator) -> torch.Tensor:
+    """``(B, H, ceil(length / block), Dk)``: sums of the (feature-mapped) rows of x per block, in
+    chunks of ``step`` rows (a multiple of ``block``)."""
+    sums = []
+    for r0 in range(0, length, step):
+        r1 = min(r0 + step, length)
+        n = -(-(r1 - r0) // block)
+        xh = heads(x, r0, r1, n * block)
+        if denominator is not None:
+            xh[:, :, :r1 - r0] *= (1.0 / (denominator[:, r0:r1].to(xh.dtype) + 1e-6)).transpose(1, 2).unsqueeze(-1)
+        sums.append(xh.view(*xh.shape[:2], n, block, xh.shape[-1]).sum(3))
+    return torch.cat(sums, dim=2)
+
+
+def _sub_sums(qs: torch.Tensor, ks: torch.Tensor, g, wide: torch.dtype):
+    """Sums of the 16-row sub-blocks ``qs, ks (B, H, n, L/16, 16, Dk)`` relative to each sub-block's
+    first row (queries: ``e^(Gamma_t - Gamma_first)``) and last row (keys: ``e^(Gamma_last - Gamma_s)``),
+    exponents <= 0; plain sums without gates. Returns ``(q_sub, k_sub, first, last)``, the sums
+    ``(B, H, n, L/16, Dk)`` and the gates at the first / last rows ``(B, H, n, L/16, G)`` (None)."""
+    if g is None:
+        return qs.sum(4), ks.sum(4), None, None
+    first, last = g[:, :, :, :, 0], g[:, :, :, :, -1]
+    if g.shape[-1] == 1:  # (1 x 16) @ (16 x Dk): no full-size temporary
+        q_sub = (torch.exp((g - first.unsqueeze(4)).to(wide)).transpose(-1, -2) @ qs).squeeze(-2)
+        k_sub = (torch.exp((last.unsqueeze(4) - g).to(wide)).transpose(-1, -2) @ ks).squeeze(-2)
+    else:
+        q_sub = (qs * torch.exp((g - first.unsqueeze(4)).to(wide))).sum(4)
+        k_sub = (ks * torch.exp((last.unsqueeze(4) - g).to(wide))).sum(4)
+    return q_sub, k_sub, first, last
+
+
+_SUB = 16  # rows per sub-block of the band (the smallest map block)
+
+
+def _linear_band(qs: torch.Tensor, ks: torch.Tensor, q_sub: torch.Tensor, k_sub: torch.Tensor, g, bq: int, bk: int,
+                 wide: torch.dtype) -> torch.Tensor:
+    """The band of :func:`linear_block_map`: per span of ``L`` rows cut into sub-blocks of 16
+    (``qs, ks (B, H, n, L/16, 16, Dk)``, their sums ``q_sub, k_sub (B, H, n, L/16, Dk)`` relative to
+    each sub-block's first / last row, ``g (B, H, n, L/16, 16, G)`` float64 cumulative gates or None),
+    the weight of every (query block, key block) pair of the span, ``(B, H, n, L / bq, L / bk)``. A key
+    sub-block before the query sub-block factors around the query sub-block's first row ``a0`` and
+    the key sub-block's last row ``e`` (``q_sub . e^(G_a0 - G_e) . k_sub``, every exponent <= 0); only
+    the 16 x 16 diagonal sub-blocks are summed pair by pair: O(S (16 + L / 16) Dk), not O(S L Dk)."""
+    B, H, n, nc, c, Dk = qs.shape
+    before = torch.arange(nc, device=qs.device)[None, :] < torch.arange(nc, device=qs.device)[:, None]  # b < a
+    lower = torch.arange(c, device=qs.device)[None, :] <= torch.arange(c, device=qs.device)[:, None]  # s <= t
+    if g is None:
+        pair = (q_sub @ k_sub.transpose(-1, -2)).masked_fill(~before, 0.0)  # (B, H, n, nc, nc)
+        diag = (qs @ ks.transpose(-1, -2)).masked_fill(~lower, 0.0).sum((4, 5))
+    else:
+        G = g.shape[-1]
+        first, last = g[:, :, :, :, 0], g[:, :, :, :, -1]  # (B, H, n, nc, G)
+        gap = (first.unsqueeze(4) - last.unsqueeze(3)).masked_fill(~before[..., None], float("-inf"))
+        between = torch.exp(gap.to(wide))  # (B, H, n, nc(a), nc(b), G)
+        if G == 1:
+            pair = (q_sub @ k_sub.transpose(-1, -2)) * between[..., 0]
+        else:
+            pair = torch.einsum("zhnad,zhnaed,zhned->zhnae", q_sub, between, k_sub)
+        # diagonal sub-blocks pair by pair: (c, c, G) decays, in chunks of spans (per-channel gates)
+        step = max(1, (1 << 24) // max(1, B * H * nc * c * c * G))
+        diag = []
+        for n0 in range(0, n, step):
+            gn, qn, kn = g[:, :, n0:n0 + step], qs[:, :, n0:n0 + step], ks[:, :, n0:n0 + step]
+            expo = (gn.unsqueeze(5) - gn.unsqueeze(4)).masked_fill(~lower[..., None], float("-inf"))
+            decay = torch.exp(expo.to(wide))  # (B, H, n', nc, c(t), c(s), G)
+            if G == 1:
+                diag.append(((qn @ kn.transpose(-1, -2)) * decay[..., 0]).sum((4, 5)))
+            else:
+                diag.append((qn.unsqueeze(5) * decay * kn.unsqueeze(4)).sum((4, 5, 6)))
+        diag = torch.cat(diag, dim=2)
+    pair = pair + torch.diag_embed(diag)
+    # pool the sub-blocks into the map's blocks of the span
+    return pair.view(B, H, n, -1, bq // c, nc * c // bk, bk // c).sum((4, 6))
 
 
 def lowrank_block_map(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, request: MapRequest,

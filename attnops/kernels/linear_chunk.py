@@ -165,13 +165,16 @@ def heads_first(t: torch.Tensor, num_heads: int, seq_len: int, pad: int) -> torc
     """``(B, S, Hkv, D)`` -> contiguous ``(B, H, S + pad, D)``, zero-padded at the end, each query
     head with its kv head (the state is per query head, since decays and gates are): one copy."""
     B, _, Hkv, D = t.shape
-    if pad:
-        t = F.pad(t, (0, 0, 0, 0, 0, pad))
     group = num_heads // Hkv
-    t = t.transpose(1, 2)
+    src = t.transpose(1, 2)
     if group > 1:
-        t = t.unsqueeze(2).expand(B, Hkv, group, seq_len + pad, D)
-    return t.reshape(B, num_heads, seq_len + pad, D).contiguous()
+        src = src.unsqueeze(2).expand(B, Hkv, group, seq_len, D).reshape(B, num_heads, seq_len, D)
+    if not pad:
+        return src.contiguous()
+    out = t.new_empty(B, num_heads, seq_len + pad, D)
+    out[:, :, :seq_len] = src  # one copy (padding first, then transposing, made two)
+    out[:, :, seq_len:] = 0
+    return out
 
 
 class _Scan(torch.autograd.Function):

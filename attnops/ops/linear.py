@@ -218,8 +218,6 @@ def linear_attention(
     if normalize:
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # its output column: the denominator
     impl = dispatch.resolve("linear_attention", q.device, backend)
-    if request is not None:  # the map reads phi(q), phi(k) too: map them once
-        q, k, phi = phi(q), phi(k), _identity
     out, final = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
                       chunk_size=chunk_size)
     denominator = out[..., Dv] if normalize else None
@@ -230,7 +228,7 @@ def linear_attention(
     if request is not None:
         with torch.no_grad():  # a readout, like the attention ops' maps
             block_map = linear_block_map(q, k, log_gate, denominator, causal=causal, softmax_scale=scale,
-                                         request=request)
+                                         request=request, feature_map=phi)
         if output_final_state:
             return LinearAttentionMapOutput(out, final, block_map)
         return AttentionMapOutput(out, block_map)
