@@ -151,7 +151,8 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
     Dk = phi(q[:1, :1]).shape[-1]
     nq, nk = -(-S // bq), -(-Sk // bk)
     L = max(bq, bk)
-    c = min(_SUB, L)
+    # per-channel gates sum their diagonal sub-blocks with (c, c, Dk) decays: smaller sub-blocks
+    c = min(_SUB if log_gate is None or log_gate.shape[-1] == 1 else _SUB_CHANNEL, L)
     rows_per_block = torch.clamp(S - torch.arange(nq, device=q.device) * bq, max=bq).to(wide)
     step = max(1, chunk_elements // max(1, H * L * Dk)) * L  # rows per chunk, whole spans
 
@@ -247,6 +248,7 @@ def _sub_sums(qs: torch.Tensor, ks: torch.Tensor, g, wide: torch.dtype):
 
 
 _SUB = 16  # rows per sub-block of the band (the smallest map block)
+_SUB_CHANNEL = 4  # with per-channel gates: the pair-by-pair diagonal costs c * Dk per row
 
 
 def _linear_band(qs: torch.Tensor, ks: torch.Tensor, q_sub: torch.Tensor, k_sub: torch.Tensor, g, bq: int, bk: int,
