@@ -34,8 +34,8 @@ class KVCache:
             raise ValueError(f"score_dim must be an int in [0, head_dim={head_dim}], got {score_dim!r}")
         self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
         # low-rank-key decoding: a contiguous copy of the keys' first score_dim components (the
-        # kernels' scoring pass reads it; the same components read out of k are rows head_dim apart)
-        # (half-width planes halve the scoring pass's bytes; the scores only rank keys)
+        # kernels' scoring pass reads it; the same components read out of k are rows head_dim apart),
+        # optionally half-width (half the scoring pass's bytes; the scores only rank keys)
         score_dtype = dtype if score_dtype is None else score_dtype
         if score_dtype not in (dtype, torch.bfloat16, torch.float16):
             raise TypeError(f"score_dtype must be the cache's dtype, bfloat16 or float16, got {score_dtype!r}")

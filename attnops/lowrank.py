@@ -181,24 +181,24 @@ def _calibrate_model(model, rank, inputs, rotary) -> Dict[str, KeyProjection]:
     if not layers:
         raise ValueError("calibrate(model): the model has no attnops.nn.Attention layers")
     stats = {name: KeyStatistics() for name, _ in layers}
-    originals = {}
+    # record the keys where the layer computes them: after the rotary embedding (_qkv) or before it
+    # (_project, which _qkv calls), through an instance attribute over the method
+    hook = "_qkv" if rotary == "post" else "_project"
     for name, layer in layers:
-        originals[name] = layer._qkv
-
-        def recording(x, positions=None, *, _layer=layer, _stats=stats[name], _qkv=layer._qkv):
-            q, k, v = _qkv(x, positions)
-            _stats.update(_layer._keys_before_rotary(x) if rotary == "pre" else k)
+        def recording(*args, _stats=stats[name], _inner=getattr(layer, hook)):
+            q, k, v = _inner(*args)
+            _stats.update(k)
             return q, k, v
 
-        layer._qkv = recording
+        setattr(layer, hook, recording)
     try:
         batches = [inputs] if isinstance(inputs, (torch.Tensor, tuple)) else inputs
         with torch.no_grad():
             for batch in batches:
                 model(*batch) if isinstance(batch, tuple) else model(batch)
     finally:
-        for name, layer in layers:
-            del layer._qkv  # the instance attribute; the class method shows through again
+        for _, layer in layers:
+            delattr(layer, hook)  # the instance attribute; the class method shows through again
     return {name: s.projection(rank, rotary) for name, s in stats.items()}
 
 

@@ -239,7 +239,7 @@ def test_calibrate_a_model_and_save_load(tmp_path):
     assert set(post) == {"0", "1"} and post["0"].basis.shape == (2, 16, 16)
     assert not torch.allclose(post["0"].eigenvalues, pre["0"].eigenvalues)  # layer 0 has rotary
     torch.testing.assert_close(post["1"].eigenvalues, pre["1"].eigenvalues)  # layer 1 has none
-    assert not hasattr(model[0].__dict__, "_qkv") and "_qkv" not in model[0].__dict__  # hooks removed
+    assert "_qkv" not in model[0].__dict__ and "_project" not in model[0].__dict__  # hooks removed
     lowrank.save(post, tmp_path / "p.pt")
     loaded = lowrank.load(tmp_path / "p.pt")
     assert set(loaded) == set(post) and torch.equal(loaded["0"].basis, post["0"].basis) and loaded["0"].rank == 8

@@ -148,7 +148,7 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
     B, S, H, _ = q.shape
     Sk = k.shape[1]
     phi = feature_map if feature_map is not None else (lambda x: x)
-    Dk = phi(q[:1, :1]).shape[-1]
+    Dk = phi(q[:1, :1]).shape[-1]  # the feature map's width
     nq, nk = -(-S // bq), -(-Sk // bk)
     L = max(bq, bk)
     # per-channel gates sum their diagonal sub-blocks with (c, c, Dk) decays: smaller sub-blocks
@@ -156,9 +156,13 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
     rows_per_block = torch.clamp(S - torch.arange(nq, device=q.device) * bq, max=bq).to(wide)
     step = max(1, chunk_elements // max(1, H * L * Dk)) * L  # rows per chunk, whole spans
 
-    def heads(x, r0, r1, pad_to):
-        """Rows [r0, r1) of x, feature-mapped, heads first, zero rows up to ``pad_to`` rows."""
-        return heads_first(phi(x[:, r0:r1]).to(wide), H, r1 - r0, pad_to - (r1 - r0))
+    def heads(x, r0, r1, pad_to, divide_by=None):
+        """Rows [r0, r1) of x, feature-mapped, heads first, zero rows up to ``pad_to`` rows; divided by
+        ``divide_by`` rows (the denominator: queries of a normalised map)."""
+        xh = heads_first(phi(x[:, r0:r1]).to(wide), H, r1 - r0, pad_to - (r1 - r0))
+        if divide_by is not None:
+            xh[:, :, :r1 - r0] *= (1.0 / (divide_by[:, r0:r1].to(wide) + 1e-6)).transpose(1, 2).unsqueeze(-1)
+        return xh
 
     if not causal:  # two block sums
         q_blocks = _block_sums(heads, q, S, bq, step, denominator)
@@ -170,9 +174,8 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
     for r0 in range(0, S, step):
         r1 = min(r0 + step, S)
         n = -(-(r1 - r0) // L)
-        qh, kh = heads(q, r0, r1, n * L), heads(k, r0, r1, n * L)
-        if denominator is not None:  # per query row; without it the scale is applied at the end
-            qh[:, :, :r1 - r0] *= (1.0 / (denominator[:, r0:r1].to(wide) + 1e-6)).transpose(1, 2).unsqueeze(-1)
+        # the denominator divides the query rows; the scale is applied to the map at the end
+        qh, kh = heads(q, r0, r1, n * L, denominator), heads(k, r0, r1, n * L)
         g = None
         if log_gate is not None:  # global cumulative log-gates, float64 (differences of large sums)
             lg = log_gate[:, r0:r1].to(torch.float64).clamp(min=-80.0).cumsum(1)
@@ -180,7 +183,6 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
             carry = lg[:, -1:]
             # padding rows repeat the last sum: their (zero) queries then meet no positive exponent
             g = F.pad(lg.transpose(1, 2), (0, 0, 0, n * L - (r1 - r0)), mode="replicate").view(B, H, n, L // c, c, -1)
-        Dk = qh.shape[-1]  # the feature map's width
         qs, ks = qh.view(B, H, n, L // c, c, Dk), kh.view(B, H, n, L // c, c, Dk)
         q_sub, k_sub, first, last = _sub_sums(qs, ks, g, wide)
         subs.append((q_sub, k_sub, first, last))
@@ -223,9 +225,7 @@ def _block_sums(heads, x: torch.Tensor, length: int, block: int, step: int, deno
     for r0 in range(0, length, step):
         r1 = min(r0 + step, length)
         n = -(-(r1 - r0) // block)
-        xh = heads(x, r0, r1, n * block)
-        if denominator is not None:
-            xh[:, :, :r1 - r0] *= (1.0 / (denominator[:, r0:r1].to(xh.dtype) + 1e-6)).transpose(1, 2).unsqueeze(-1)
+        xh = heads(x, r0, r1, n * block, denominator)
         sums.append(xh.view(*xh.shape[:2], n, block, xh.shape[-1]).sum(3))
     return torch.cat(sums, dim=2)
 

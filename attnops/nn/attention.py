@@ -151,14 +151,16 @@ class Attention(nn.Module):
             out = dense_attention(q, k_cache, v_cache, causal=True)  # bottom-right: the prompt ends the cache
         return self._output(out)
 
-    def _keys_before_rotary(self, x: torch.Tensor) -> torch.Tensor:
-        """The keys of ``x`` before the rotary embedding (after QK-norm): low-rank calibration."""
-        B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        return self.k_norm(k) if self.k_norm is not None else k
-
     def _qkv(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):
         """``x (B, T, dim)`` -> q ``(B, T, H, D)``, k, v ``(B, T, Hkv, D)``, normalised and rotated."""
+        q, k, v = self._project(x)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        return q, k, v
+
+    def _project(self, x: torch.Tensor):
+        """:meth:`_qkv` before the rotary embedding (low-rank calibration records ``rotary="pre"`` keys
+        here)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, T, {self.dim}), got {tuple(x.shape)}")
         B, T, _ = x.shape
@@ -167,8 +169,6 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
-            q, k = self.rope(q, positions), self.rope(k, positions)
         return q, k, v
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,6 @@ namespace {
 constexpr int64_t kScoreChunk = 256;       // keys per scoring task
 constexpr int64_t kScoreBudget = 1 << 23;  // score buffer elements per pass
 constexpr int64_t kGatherBlock = 64;       // chosen keys per online-softmax step
-#ifndef ATTNOPS_PF_HINT
-#define ATTNOPS_PF_HINT 1
-#endif
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 

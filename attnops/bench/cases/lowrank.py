@@ -53,7 +53,8 @@ def build_lowrank(spec: CaseSpec) -> Prepared:
     prefill = Sq == S
     plane = DTYPES[p["score_dtype"]] if "score_dtype" in p else (torch.bfloat16 if dtype == torch.float32 else dtype)
     frame = torch.linalg.qr(torch.randn(Hkv, D, D, generator=torch.Generator().manual_seed(7)))[0]
-    proj = lowrank.calibrate(synthetic_keys(1, 4096, Hkv, D, frame, seed=1)).to(spec.device)
+    proj_cpu = lowrank.calibrate(synthetic_keys(1, 4096, Hkv, D, frame, seed=1))
+    proj = proj_cpu.to(spec.device)
     scale = D ** -0.5
 
     def make():
@@ -62,7 +63,7 @@ def build_lowrank(spec: CaseSpec) -> Prepared:
         k = synthetic_keys(B, S, Hkv, D, frame, seed=3)
         v = torch.randn(B, S, Hkv, D)
         if not prefill:
-            k = proj.to("cpu").rotate(k)  # the cache holds keys in the basis
+            k = proj_cpu.rotate(k)  # the cache holds keys in the basis
         q, k, v = (t.to(dtype=dtype, device=spec.device) for t in (q, k, v))
         lens = torch.full((B,), S, dtype=torch.int32, device=spec.device)
         if prefill:
@@ -87,12 +88,12 @@ def build_lowrank(spec: CaseSpec) -> Prepared:
         outs = []
         for b in range(B):  # one sequence at a time: a float64 copy of a whole MHA cache is large
             qq, kk, vv = (t[b:b + 1].detach().cpu().to(dtype_) for t in (q, k, v))
-            qr = proj.to("cpu").rotate(qq) if not prefill else qq
+            qr = proj_cpu.rotate(qq) if not prefill else qq
             last = int(rows.max()) + 1
             if prefill:  # causal: the keys up to the last sampled row suffice
                 qr, kk, vv = qr[:, :last], kk[:, :last], vv[:, :last]
             if prefill:
-                qs, ks = proj.to("cpu").rotate(qr, rank), proj.to("cpu").rotate(kk, rank)
+                qs, ks = proj_cpu.rotate(qr, rank), proj_cpu.rotate(kk, rank)
             else:  # the scores from the plane's rounding, as the op computes them
                 qs = qr[..., :rank].to(plane).to(dtype_)
                 ks = kscore[b:b + 1].cpu().to(dtype_)
