@@ -1,5 +1,5 @@
 """Split-KV decoding against the float64 reference: ragged cache lengths (0 and S_max included),
-1..16 new tokens, GQA ratios 1/4/8/32, head dims 40/64/128, every split count, windows, block masks,
+1..16 new tokens, GQA ratios 1/2/4/5/8/32, head dims 40/64/72/96/100/128, every split count, windows, block masks,
 on every implementation (C++, Triton, and the CUDA kernel where a GPU is present)."""
 
 import os
@@ -24,6 +24,8 @@ SHAPES = [
     (1, 333, 4, 4, 128, 1),
     (2, 200, 8, 2, 96, 1),
     (1, 150, 4, 4, 64, 3),
+    (2, 131, 6, 3, 100, 1),  # 2 rows per group, D not a multiple of the vector width
+    (1, 97, 10, 2, 72, 1),  # 5 rows per group: register blocks of 4 + 1 rows, an odd key count
 ]
 SHAPE_IDS = ["B{}-S{}-H{}-Hkv{}-D{}-new{}".format(*s) for s in SHAPES]
 

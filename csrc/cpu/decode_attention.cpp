@@ -3,14 +3,16 @@
 // One task per (batch, split of the cache length) over every head: each K/V element is read from
 // memory once for all the query heads of its group, and the (B, S, Hkv, D) cache front to back (a
 // task per (batch, kv head) read key rows 16 KB apart at Hkv = 32 and reached 17% of the copy
-// bandwidth). Tasks write a partial output and lse per row; a combine step merges them by lse. Causal within the new tokens: new query i of sequence b sits at position
-// seqlen_b - Sq_new + i and sees keys [pos - left, pos] of the cache (left: optional window).
-// An optional per-(batch, head) bitmap of kept key blocks (from a BlockMask) restricts the keys.
+// bandwidth). Tasks write a partial output and lse per row; a combine step merges them by lse.
+// Causal within the new tokens: new query i of sequence b sits at position seqlen_b - Sq_new + i and
+// sees keys [pos - left, pos] of the cache (left: optional window). An optional per-(batch, head)
+// bitmap of kept key blocks (from a BlockMask) restricts the keys.
 //
-// Decode is memory-bound, so the kernel keeps the bytes read minimal and picks its inner loop by
-// the rows per kv group: with few (MHA: 1) it streams every key row once and dots it with the rows
-// in registers (no packing); with many (MQA/GQA groups, multi-token steps) it packs key tiles into
-// GEMM panels in L1 and uses the micro-kernel, which amortises the packing.
+// Decode is memory-bound up to a few query rows per kv group and compute-bound beyond (MQA at 32
+// heads: 16 flops per f32 byte), so K is never repacked: scores come from register blocks of 4
+// query rows x 2 cache rows read in place. P V adds cache rows straight into the accumulators for
+// groups of up to 4 rows; larger groups pack a V panel and use the GEMM micro-kernel, which keeps
+// the output tile in registers.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -32,7 +34,6 @@ namespace {
 
 constexpr int64_t kTileKeys = 64;
 constexpr int64_t kMaxTile = 256;
-constexpr int64_t kDotPathRows = 4;  // up to this many rows per task: stream keys, no packing
 constexpr int64_t kMinSplitKeys = 512;
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
@@ -50,14 +51,15 @@ struct BlockKeep {
 
 template <typename T>
 struct DecodeScratch {
-  std::vector<T> q, s, acc, m, l, alpha, kpanel, vpanel, row, row2;
+  std::vector<T> q, s, acc, m, l, alpha, vpanel;
   std::vector<RowSpan> spans;
+  std::vector<uint8_t> active;  // per kv head: a row of its group has a valid key in the tile
   // block map: per (row, map block of the split) the sum (or max) of P and the running max it is
   // relative to (a block can span tiles between which the max grows)
   std::vector<T> map_val, map_ref;
-  DecodeScratch(int64_t rows, int64_t Dp, int64_t tile, int64_t map_blocks)
-      : q(rows * Dp), s(rows * tile), acc(rows * Dp), m(rows), l(rows), alpha(rows), kpanel(tile * Dp),
-        vpanel(tile * Dp), row(Dp), row2(Dp), spans(rows), map_val(rows * map_blocks), map_ref(rows * map_blocks) {}
+  DecodeScratch(int64_t rows, int64_t kv_heads, int64_t Dp, int64_t tile, int64_t map_blocks)
+      : q(rows * Dp), s(rows * tile), acc(rows * Dp), m(rows), l(rows), alpha(rows),
+        vpanel(tile * Dp), spans(rows), active(kv_heads), map_val(rows * map_blocks), map_ref(rows * map_blocks) {}
 };
 
 // Adds a tile row's probabilities (relative to the running max m) to the row's map blocks: blocks
@@ -82,36 +84,78 @@ inline void accumulate_map_row(const T* p, RowSpan span, int64_t t0, int64_t bk,
   }
 }
 
-// (q . k0, q . k1) for two keys at once: each q vector is loaded once for both (the multi-row path
-// is bound by reloading the query rows once per key).
-template <typename T>
-inline void dot2(const T* q, const T* k0, const T* k1, int64_t D, T& s0, T& s1) {
+// Scores of R query rows (Dp apart, zero-padded) against NK keys in the cache's type, widened in
+// registers: s[r * ld + j] = q_r . k_j. The R * NK accumulators are independent chains (one dot per
+// row and key is a single dependent FMA chain, latency-bound: GQA decode reached 40% of the copy
+// bandwidth that way), and each key vector is loaded once for all R rows.
+template <int R, int NK, typename T, typename S>
+inline void dots_block(const T* q, int64_t Dp, const S* const* k, int64_t D, T* s, int64_t ld) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
-  V a0{}, a1{};
+  V a[R * NK] = {};
   int64_t d = 0;
   for (; d + W <= D; d += W) {
-    const V qv = vload(q + d);
-    a0 += qv * vload(k0 + d);
-    a1 += qv * vload(k1 + d);
+    V x[NK];
+    for (int j = 0; j < NK; ++j) x[j] = load_vec<T>(k[j] + d);
+    for (int r = 0; r < R; ++r) {
+      V qv = vload(q + r * Dp + d);
+      asm("" : "+x"(qv));  // one load per q vector: folded into each FMA, it was loaded once per key
+      for (int j = 0; j < NK; ++j) a[r * NK + j] += qv * x[j];
+    }
   }
-  s0 = hsum<T>(a0);
-  s1 = hsum<T>(a1);
-  for (; d < D; ++d) {
-    s0 += q[d] * k0[d];
-    s1 += q[d] * k1[d];
+  T sum[R * NK];
+  if constexpr (R * NK == W) {
+    vstore(sum, transpose_sum<T>(a));
+  } else {
+    for (int x = 0; x < R * NK; ++x) sum[x] = hsum<T>(a[x]);
   }
+  for (; d < D; ++d)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NK; ++j) sum[r * NK + j] += q[r * Dp + d] * static_cast<T>(k[j][d]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NK; ++j) s[r * ld + j] = sum[r * NK + j];
 }
 
-// acc[0:D] += p0 * v0[0:D] + p1 * v1[0:D]: one read-modify-write of acc for two keys.
-template <typename T>
-inline void axpy2(T p0, const T* v0, T p1, const T* v1, T* acc, int64_t D) {
+// acc_r[0:D] += sum_j p[r * ld + j] v_j[0:D] for R rows (Dp apart): each V vector is loaded and
+// widened once for the R rows, and each accumulator is read and written once per NK keys.
+template <int R, int NK, typename T, typename S>
+inline void axpy_block(const T* p, int64_t ld, const S* const* v, T* acc, int64_t Dp, int64_t D) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
-  const V a = vsplat(p0), b = vsplat(p1);
+  V pv[R * NK];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NK; ++j) pv[r * NK + j] = vsplat(p[r * ld + j]);
   int64_t d = 0;
-  for (; d + W <= D; d += W) vstore(acc + d, vload(acc + d) + a * vload(v0 + d) + b * vload(v1 + d));
-  for (; d < D; ++d) acc[d] += p0 * v0[d] + p1 * v1[d];
+  for (; d + W <= D; d += W) {
+    V x[NK];
+    for (int j = 0; j < NK; ++j) x[j] = load_vec<T>(v[j] + d);
+    for (int r = 0; r < R; ++r) {
+      V y = vload(acc + r * Dp + d);
+      for (int j = 0; j < NK; ++j) y += pv[r * NK + j] * x[j];
+      vstore(acc + r * Dp + d, y);
+    }
+  }
+  for (; d < D; ++d)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NK; ++j) acc[r * Dp + d] += p[r * ld + j] * static_cast<T>(v[j][d]);
+}
+
+constexpr int kRowBlock = 4;  // query rows per register block: 4 rows x 2 keys = 8 accumulators
+// Key positions the grouped paths request ahead, across tile ends up to the end of the split
+// (`ahead`: the keys left from the tile start). With compute between the loads the hardware
+// prefetcher alone left them at half the streaming bandwidth; 4 to 16 ahead measured alike.
+constexpr int64_t kPrefetchKeys = 8;
+
+// Runs f.template operator()<R>() for R = min(rows_left, kRowBlock) (register blocks need R at
+// compile time).
+template <typename F>
+inline void with_row_block(int64_t rows_left, F&& f) {
+  switch (std::min<int64_t>(rows_left, kRowBlock)) {
+    case 1: f.template operator()<1>(); break;
+    case 2: f.template operator()<2>(); break;
+    case 3: f.template operator()<3>(); break;
+    default: f.template operator()<4>(); break;
+  }
 }
 
 // acc[0:D] += p * v[0:D], v in the cache's type.
@@ -125,72 +169,90 @@ inline void axpy(T p, const S* v, T* acc, int64_t D) {
   for (; d < D; ++d) acc[d] += p * static_cast<T>(v[d]);
 }
 
-// Row-dot path, position-major: for each key position of the tile, the K rows of every kv head
-// (one contiguous run of Hkv * D elements in the (B, S, Hkv, D) cache) are read once and dotted with
-// the query rows of their group. S row r = h * Sq + i holds the scores of head h, new token i.
-template <typename S, typename T>
-inline void scores_by_rows(const S* kbase, int64_t stride, int64_t nk, int64_t Hkv, int64_t group_rows, int64_t D,
-                           int64_t Dp, DecodeScratch<T>& ws, int64_t tile) {
-  if (group_rows == 1) {  // one use per key row: widen in registers
-    for (int64_t j = 0; j < nk; ++j)
-      for (int64_t hk = 0; hk < Hkv; ++hk) ws.s[hk * tile + j] = dot(ws.q.data() + hk * Dp, kbase + j * stride + hk * D, D);
-    return;
-  }
-  int64_t j = 0;
-  for (; j + 2 <= nk; j += 2) {  // several uses: widen once, two keys per pass over the query rows
-    for (int64_t hk = 0; hk < Hkv; ++hk) {
-      const T* k0 = compute_row(kbase + j * stride + hk * D, D, ws.row.data());
-      const T* k1 = compute_row(kbase + (j + 1) * stride + hk * D, D, ws.row2.data());
-      for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; ++r)
-        dot2(ws.q.data() + r * Dp, k0, k1, D, ws.s[r * tile + j], ws.s[r * tile + j + 1]);
-    }
-  }
-  for (; j < nk; ++j)
-    for (int64_t hk = 0; hk < Hkv; ++hk) {
-      const T* kr = compute_row(kbase + j * stride + hk * D, D, ws.row.data());
-      for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; ++r)
-        ws.s[r * tile + j] = dot(ws.q.data() + r * Dp, kr, D);
-    }
-}
-
-// Row-dot path: acc_r = alpha_r * acc_r + sum_j P[r, j] v_j, V read position-major like K.
-template <typename S, typename T>
-inline void accumulate_by_rows(const S* vbase, int64_t stride, int64_t nk, int64_t Hkv, int64_t group_rows,
-                               int64_t D, int64_t Dp, DecodeScratch<T>& ws, int64_t tile) {
+// acc_r = alpha_r * acc_r (the online softmax's rescaling, before P V adds the tile).
+template <typename T>
+inline void rescale_rows(T* acc, const T* alpha, int64_t rows, int64_t Dp) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
-  const int64_t rows = Hkv * group_rows;
   for (int64_t r = 0; r < rows; ++r) {
-    if (ws.alpha[r] == T(1)) continue;
-    T* ar = ws.acc.data() + r * Dp;
-    const V a = vsplat(ws.alpha[r]);
+    if (alpha[r] == T(1)) continue;
+    T* ar = acc + r * Dp;
+    const V a = vsplat(alpha[r]);
     for (int64_t e = 0; e < Dp; e += W) vstore(ar + e, vload(ar + e) * a);
   }
-  if (group_rows == 1) {
+}
+
+// Scores of a tile, S[r, j] (row r = h * Sq + i), position-major: for each pair of key positions the
+// K rows of every kv head (a contiguous run of Hkv * D elements in the (B, S, Hkv, D) cache, read
+// front to back) are dotted with the query rows of their group, by register blocks of up to 4 rows x
+// 2 keys. K is read in place: no transposed packing (it cost a fifth of the MQA step). Groups
+// without a valid key in the tile (`active[hk] == 0`) are skipped; their rows are masked later.
+template <typename S, typename T>
+inline void tile_scores(const S* k, int64_t stride, int64_t head_stride, int64_t nk, int64_t ahead, int64_t Hkv,
+                        int64_t group_rows, int64_t D, int64_t Dp, const uint8_t* active, DecodeScratch<T>& ws,
+                        int64_t ld) {
+  const T* q = ws.q.data();
+  T* s = ws.s.data();
+  if (group_rows == 1) {  // MHA, one new token: one dot per key row; the stream needs no prefetch
     for (int64_t j = 0; j < nk; ++j)
-      for (int64_t hk = 0; hk < Hkv; ++hk) {
-        const T p = ws.s[hk * tile + j];
-        if (p != T(0)) axpy(p, vbase + j * stride + hk * D, ws.acc.data() + hk * Dp, D);
-      }
+      for (int64_t hk = 0; hk < Hkv; ++hk)
+        if (active[hk]) s[hk * ld + j] = dot(q + hk * Dp, k + j * stride + hk * head_stride, D);
     return;
   }
-  int64_t j = 0;
-  for (; j + 2 <= nk; j += 2) {
+  for (int64_t j = 0; j < nk; j += 2) {
     for (int64_t hk = 0; hk < Hkv; ++hk) {
-      const T* v0 = compute_row(vbase + j * stride + hk * D, D, ws.row.data());
-      const T* v1 = compute_row(vbase + (j + 1) * stride + hk * D, D, ws.row2.data());
-      for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; ++r)
-        axpy2(ws.s[r * tile + j], v0, ws.s[r * tile + j + 1], v1, ws.acc.data() + r * Dp, D);
+      if (!active[hk]) continue;
+      const S* kh = k + hk * head_stride;
+      if (j + kPrefetchKeys + 1 < ahead) {
+        prefetch_row(kh + (j + kPrefetchKeys) * stride, D);
+        prefetch_row(kh + (j + kPrefetchKeys + 1) * stride, D);
+      }
+      const S* keys[2] = {kh + j * stride, kh + std::min(j + 1, nk - 1) * stride};
+      for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; r += kRowBlock)
+        with_row_block((hk + 1) * group_rows - r, [&]<int R>() {
+          if (j + 1 < nk)
+            dots_block<R, 2>(q + r * Dp, Dp, keys, D, s + r * ld + j, ld);
+          else
+            dots_block<R, 1>(q + r * Dp, Dp, keys, D, s + r * ld + j, ld);
+        });
     }
   }
-  for (; j < nk; ++j)
+}
+
+// acc_r = alpha_r * acc_r + sum_j P[r, j] v_j for groups of at most kRowBlock rows, V read
+// position-major like K and added straight from the cache rows (no V panel: each row is used by
+// few query rows).
+template <typename S, typename T>
+inline void tile_accumulate(const S* v, int64_t stride, int64_t head_stride, int64_t nk, int64_t ahead, int64_t Hkv,
+                            int64_t group_rows, int64_t D, int64_t Dp, const uint8_t* active, DecodeScratch<T>& ws,
+                            int64_t ld) {
+  const T* p = ws.s.data();
+  T* acc = ws.acc.data();
+  rescale_rows(acc, ws.alpha.data(), Hkv * group_rows, Dp);
+  if (group_rows == 1) {
+    for (int64_t j = 0; j < nk; ++j)
+      for (int64_t hk = 0; hk < Hkv; ++hk)
+        if (p[hk * ld + j] != T(0)) axpy(p[hk * ld + j], v + j * stride + hk * head_stride, acc + hk * Dp, D);
+    return;
+  }
+  for (int64_t j = 0; j < nk; j += 2) {
     for (int64_t hk = 0; hk < Hkv; ++hk) {
-      const T* vr = compute_row(vbase + j * stride + hk * D, D, ws.row.data());
-      for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; ++r) {
-        const T p = ws.s[r * tile + j];
-        if (p != T(0)) axpy(p, vr, ws.acc.data() + r * Dp, D);
+      if (!active[hk]) continue;
+      const S* vh = v + hk * head_stride;
+      if (j + kPrefetchKeys + 1 < ahead) {
+        prefetch_row(vh + (j + kPrefetchKeys) * stride, D);
+        prefetch_row(vh + (j + kPrefetchKeys + 1) * stride, D);
       }
+      const S* values[2] = {vh + j * stride, vh + std::min(j + 1, nk - 1) * stride};
+      for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; r += kRowBlock)
+        with_row_block((hk + 1) * group_rows - r, [&]<int R>() {
+          if (j + 1 < nk)
+            axpy_block<R, 2>(p + r * ld + j, ld, values, acc + r * Dp, Dp, D);
+          else
+            axpy_block<R, 1>(p + r * ld + j, ld, values, acc + r * Dp, Dp, D);
+        });
     }
+  }
 }
 
 template <typename S>
@@ -204,7 +266,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t group_rows = G * Sq, rows = H * Sq;  // row r = h * Sq + i
   const int64_t Dp = round_up(D, NR);
   const T c = static_cast<T>(softmax_scale * kLog2e);
-  const bool dot_path = group_rows <= kDotPathRows;
 
   std::vector<int64_t> lens(B);
   int64_t maxlen = 0;
@@ -237,7 +298,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t sq_b = q.stride(0), sq_s = q.stride(1), sq_h = q.stride(2);
   const int64_t sk_b = k.stride(0), sk_s = k.stride(1), sk_h = k.stride(2);
   const int64_t sv_b = v.stride(0), sv_s = v.stride(1), sv_h = v.stride(2);
-  TORCH_CHECK(!dot_path || (sk_h == D && sv_h == D), "decode: the cache's heads must be contiguous (stride D)");
 
   // One task per (batch, split): all heads together, so the cache is read front to back.
   run_tasks(
@@ -246,7 +306,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const int64_t b = t / splits, s0 = (t % splits) * chunk;
         return std::max<int64_t>(0, std::min(s0 + chunk, lens[b]) - s0);
       },
-      [&] { return DecodeScratch<T>(rows, Dp, stile, map_blocks); },
+      [&] { return DecodeScratch<T>(rows, Hkv, Dp, stile, map_blocks); },
       [&](int64_t t, DecodeScratch<T>& ws) {
         const int64_t b = t / splits, split = t % splits;
         const int64_t seqlen = lens[b], s0 = split * chunk, s1 = std::min(s0 + chunk, seqlen);
@@ -282,29 +342,25 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             }
           }
           if (!any) continue;
-          if (dot_path) {
-            scores_by_rows(kbase + t0 * sk_s, sk_s, nk, Hkv, group_rows, D, Dp, ws, stile);
-            for (int64_t r = 0; r < rows; ++r)
-              softmax_row(ws.s.data() + r * stile, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
-            map_rows(0, rows, t0);
-            accumulate_by_rows(vbase + t0 * sv_s, sv_s, nk, Hkv, group_rows, D, Dp, ws, stile);
+          for (int64_t hk = 0; hk < Hkv; ++hk) {
+            ws.active[hk] = 0;
+            for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; ++r) ws.active[hk] |= !ws.spans[r].empty();
+          }
+          tile_scores(kbase + t0 * sk_s, sk_s, sk_h, nk, s1 - t0, Hkv, group_rows, D, Dp, ws.active.data(), ws, stile);
+          for (int64_t r = 0; r < rows; ++r)
+            softmax_row(ws.s.data() + r * stile, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
+          map_rows(0, rows, t0);
+          if (group_rows <= kRowBlock) {
+            tile_accumulate(vbase + t0 * sv_s, sv_s, sv_h, nk, s1 - t0, Hkv, group_rows, D, Dp, ws.active.data(), ws,
+                            stile);
             continue;
           }
-          for (int64_t hk = 0; hk < Hkv; ++hk) {  // packed GEMM path, one kv group at a time
+          for (int64_t hk = 0; hk < Hkv; ++hk) {  // many rows per group: a V panel in L1 and the micro-kernel
+            if (!ws.active[hk]) continue;
             const int64_t r0 = hk * group_rows;
-            bool group_any = false;
-            for (int64_t r = r0; r < r0 + group_rows; ++r) group_any |= !ws.spans[r].empty();
-            if (!group_any) continue;
-            std::fill(ws.kpanel.begin(), ws.kpanel.begin() + n * D, T(0));
-            pack_transposed_panels<NR>(kbase + t0 * sk_s + hk * sk_h, sk_s, 0, nk, D, T(1), ws.kpanel.data());
-            T* srows = ws.s.data() + r0 * stile;
-            gemm<T>(group_rows, n, D, ws.q.data() + r0 * Dp, Dp, ws.kpanel.data(), D * NR, srows, stile, false);
-            for (int64_t r = r0; r < r0 + group_rows; ++r)
-              softmax_row(ws.s.data() + r * stile, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
-            map_rows(r0, r0 + group_rows, t0);
             pack_row_panels<NR>(vbase + t0 * sv_s + hk * sv_h, sv_s, 0, nk, D, Dp, stile, T(1), ws.vpanel.data());
-            gemm<T>(group_rows, Dp, nk, srows, stile, ws.vpanel.data(), stile * NR, ws.acc.data() + r0 * Dp, Dp, true,
-                    ws.alpha.data() + r0);
+            gemm<T>(group_rows, Dp, nk, ws.s.data() + r0 * stile, stile, ws.vpanel.data(), stile * NR,
+                    ws.acc.data() + r0 * Dp, Dp, true, ws.alpha.data() + r0);
           }
         }
         T* o = op + t * rows * D;

@@ -127,13 +127,6 @@ int64_t select_keys(const T* s, const RowKeys& rk, RowScratch<T>& ws) {
   return n;
 }
 
-// Prefetch a whole row (the hardware fetches one line per miss; gathered rows are far apart).
-template <int Locality = 3, typename S>
-inline void prefetch_row(const S* p, int64_t D) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < D * int64_t(sizeof(S)); off += 64) __builtin_prefetch(c + off, 0, Locality);
-}
-
 // S: the type of q, k, v; Ss: that of the low-rank scores' inputs (S, or a half-width plane).
 template <typename S, typename Ss>
 void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qs,

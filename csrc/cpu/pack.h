@@ -37,6 +37,12 @@ template <typename T, typename S>
 inline vec_t<T> load_vec(const S* src) {
   if constexpr (std::is_same_v<S, T>) {
     return vload(src);
+#if defined(__AVX2__)
+  } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
+    // one vpmovzxwd ymm: the vector-extension form below compiles to two 128-bit halves + insert
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    return (vec_t<float>)_mm256_slli_epi32(wide, 16);
+#endif
   } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
     typedef uint16_t raw_t __attribute__((vector_size(kVectorBytes / 2)));
     raw_t raw;

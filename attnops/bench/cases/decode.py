@@ -53,13 +53,19 @@ def build_decode(spec: CaseSpec) -> Prepared:
                             output=sdpa.output, same_function=Sq == 1)
 
     def ref(inputs, rows, dtype_):
-        # one sequence at a time: a float64 copy of a B=8, 128K-token MHA cache would be ~70 GB
+        # one sequence and kv head at a time: a float64 copy of a 128K-token MHA cache is 8.6 GB per
+        # sequence, and with the reference's own copies the whole-sequence form ran out of memory
         q, k, v, lens = inputs
+        G = H // Hkv
         outs = []
         for b in range(B):
-            cast = [t[b:b + 1].detach().cpu().to(dtype_) for t in (q, k, v)]
-            outs.append(reference.decode_attention(*cast, lens[b:b + 1].cpu(), None, window_size=(-1, -1),
-                                                   softmax_scale=D ** -0.5)[0][:, rows])
+            heads = []
+            for hk in range(Hkv):
+                cast = [t[b:b + 1, :, hk * n:(hk + 1) * n].detach().cpu().to(dtype_)
+                        for t, n in ((q, G), (k, 1), (v, 1))]
+                heads.append(reference.decode_attention(*cast, lens[b:b + 1].cpu(), None, window_size=(-1, -1),
+                                                        softmax_scale=D ** -0.5)[0][:, rows])
+            outs.append(torch.cat(heads, dim=2))
         return torch.cat(outs)
 
     kv_bytes = 2.0 * B * S * Hkv * D * torch.tensor([], dtype=dtype).element_size()
