@@ -382,6 +382,31 @@ def test_block_map_matches_the_pooled_weight_matrix(config, block_size, fwd_impl
         assert bool((block_map.triu(1) == 0).all())  # key blocks after the query block: exactly 0
 
 
+@pytest.mark.parametrize("block_size", [16, (64, 16), (16, 128)], ids=str)
+@pytest.mark.parametrize("gate", ["channel", "head"])
+def test_block_map_over_several_row_chunks(gate, block_size):
+    """A longer sequence cut into several row chunks (the cumulative gate carried between them), with
+    enough key blocks that the per-channel off-band factors around groups of blocks and sums the
+    rest of the nearest group directly."""
+    from attnops.kernels import reference
+    from attnops.kernels.block_map import check_request, linear_block_map
+    from attnops.ops.linear import resolve_feature_map
+
+    torch.manual_seed(5)
+    B, S, H, D = 1, 700, 2, 8
+    q, k = (torch.randn(B, S, H, D, dtype=torch.float64) for _ in range(2))
+    width = D if gate == "channel" else 1
+    log_gate = F.logsigmoid(3 * torch.randn(B, S, H, width, dtype=torch.float64) + 2.0)
+    request = check_request(block_size, "mean", (64, 64))
+    phi = resolve_feature_map("elu")
+    got = linear_block_map(q.float(), k.float(), log_gate.float(), None, causal=True, softmax_scale=0.3,
+                           request=request, feature_map=phi, chunk_elements=4096)
+    refs = [reference.linear_block_map(q.to(dt), k.to(dt), log_gate.to(dt), feature_map=phi, causal=True,
+                                       normalize=False, softmax_scale=0.3, request=request)
+            for dt in (torch.float64, torch.float32)]
+    assert_accurate("block_map", got, *refs)
+
+
 def test_block_map_with_the_final_state_and_bad_requests():
     q, k, v = (torch.randn(1, 70, 2, 16) for _ in range(3))
     out, state, block_map = attnops.linear_attention(q, k, v, output_final_state=True, return_block_map=True)
