@@ -407,6 +407,41 @@ def test_block_map_over_several_row_chunks(gate, block_size):
     assert_accurate("block_map", got, *refs)
 
 
+@pytest.mark.parametrize("config", ["elu", "retnet", "gate-head", "gate-channel", "normalize",
+                                    "normalize-gate-channel"])
+def test_map_read_off_the_chunk_forward_equals_the_separate_map(config):
+    """At the chunk's granularity the CPU chunk form reads the map off its own intermediates
+    (ChunkSums); over several segments of the sequence and a partial last chunk it equals the map
+    computed separately, in float64."""
+    from attnops.kernels.block_map import check_request, linear_block_map
+    from attnops.ops.linear import resolve_feature_map
+
+    cfg = CONFIGS[config]
+    torch.manual_seed(11)
+    inputs = make_inputs((1, 2100, 4, 4, 64, 64), cfg, with_state=False)  # segments of ~1000 rows
+    kw = {n: x for n, x in cfg.items() if n not in ("gate", "decay")}
+    if "decay" in cfg:
+        kw["decay"] = cfg["decay"]
+    q, k, v = (inputs[n] for n in "qkv")
+    out, fused = attnops.linear_attention(q, k, v, gate=inputs.get("gate"), return_block_map=True, block_size=16,
+                                          chunk_size=16, **kw)
+    log_gate = None
+    if "gate" in inputs:
+        log_gate = inputs["gate"] if inputs["gate"].dim() == 4 else inputs["gate"].unsqueeze(-1)
+    if cfg.get("decay") == "retnet":
+        log_gate = decay_preset("retnet", 4).double().view(1, 1, -1, 1).expand(1, 2100, -1, 1)
+    denominator = None
+    if cfg.get("normalize"):
+        plain = attnops.linear_attention(q, k, torch.cat([v, torch.ones_like(v[..., :1])], -1), gate=inputs.get("gate"),
+                                         chunk_size=16, **{n: x for n, x in kw.items() if n != "normalize"})
+        denominator = plain[..., -1]
+    separate = linear_block_map(q, k, log_gate, denominator, causal=True, softmax_scale=64 ** -0.5,
+                                request=check_request(16, "mean", (64, 64)),
+                                feature_map=resolve_feature_map(cfg.get("feature_map", "elu")))
+    assert fused.dtype == torch.float64 and fused.shape == separate.shape == (1, 4, 132, 132)
+    torch.testing.assert_close(fused, separate, rtol=1e-9, atol=1e-12)
+
+
 def test_block_map_with_the_final_state_and_bad_requests():
     q, k, v = (torch.randn(1, 70, 2, 16) for _ in range(3))
     out, state, block_map = attnops.linear_attention(q, k, v, output_final_state=True, return_block_map=True)

@@ -232,6 +232,36 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
     return full[:, :, :nq, :nk] * softmax_scale / rows_per_block[:, None]
 
 
+def map_from_chunk_sums(sums, seq_len: int, chunk: int, softmax_scale: float) -> torch.Tensor:
+    """The causal linear-attention block map at the chunk's granularity, exactly, from the chunk
+    forward's own intermediates (``linear_chunk.ChunkSums``: a readout that costs the forward a few
+    reductions, where :func:`linear_block_map` recomputes the feature maps and every sum).
+
+    The diagonal block is the chunk's intra-chunk weight. Key chunk j < i factors around the chunk
+    boundaries: ``q_sum[i] . e^(L_(i-1) - L_j) . k_sum[j]``, ``L`` the cumulative chunk log-gates (every
+    exponent <= 0; per-channel gates through :func:`_channel_off_band`). -> ``(B, H, N, N)``, the mean
+    over each block's queries; blocks after the query's own are exactly 0."""
+    band, q_sum, k_sum, log_decay = sums
+    B, H, N, _ = q_sum.shape
+    wide = q_sum.dtype
+    idx = torch.arange(N, device=q_sum.device)
+    earlier = idx[None, :] < idx[:, None]  # key chunk j before query chunk i
+    if log_decay is None:
+        block_map = q_sum @ k_sum.transpose(-1, -2)
+    else:
+        L = log_decay.cumsum(2)  # (B, H, N, G), float64: differences of long sums
+        L_prev = F.pad(L, (0, 0, 1, 0))[:, :, :N]  # the gate sum entering each chunk
+        if L.shape[-1] == 1:
+            gap = (L_prev[..., 0].unsqueeze(3) - L[..., 0].unsqueeze(2)).masked_fill(~earlier, float("-inf"))
+            block_map = (q_sum @ k_sum.transpose(-1, -2)) * torch.exp(gap.to(wide))
+        else:
+            block_map = _channel_off_band(q_sum, k_sum, L_prev, L, idx, wide)
+    block_map = (block_map * softmax_scale).masked_fill(~earlier, 0.0)
+    block_map.diagonal(dim1=2, dim2=3).add_(band)
+    rows = torch.clamp(seq_len - idx * chunk, max=chunk).to(wide)
+    return block_map / rows[:, None]
+
+
 def _block_sums(heads, x: torch.Tensor, length: int, block: int, step: int, denominator) -> torch.Tensor:
     """``(B, H, ceil(length / block), Dk)``: sums of the (feature-mapped) rows of x per block, in
     chunks of ``step`` rows (a multiple of ``block``)."""

@@ -25,7 +25,7 @@ Memory: O(S * C) for the intra-chunk scores and O(S * Dk * Dv / C) for the chunk
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +59,21 @@ def linear_attention(
     causal: bool,
     softmax_scale: float,
     chunk_size: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    chunk_sums: bool = False,
+    denominator_eps: Optional[float] = None,
+):
     """``q (B, S, H, D)``, ``k (B, S, Hkv, D)``, ``v (B, S, Hkv, Dv)``, ``log_gate (B, S, H, 1 | Dk)`` or
     None, ``initial_state (B, H, Dk, Dv)`` or None -> ``out (B, S, H, Dv)`` in the compute dtype,
     ``final_state (B, H, Dk, Dv)``; ``feature_map`` (``D -> Dk``, token by token) is applied per
     segment, where its output is consumed.
 
     The normalised form reaches here with a column of ones appended to ``v`` (its output column is
-    the denominator, its state column ``z``): one code path for both."""
+    the denominator, its state column ``z``): one code path for both.
+
+    ``chunk_sums`` (causal only) adds a third result, :class:`ChunkSums`: what the block map at the
+    chunk's granularity needs, read off the forward's own intermediates (see
+    ``block_map.map_from_chunk_sums``); ``denominator_eps`` says that v's last column is the
+    normaliser, whose ``1 / (den + eps)`` then weighs each query."""
     B, S, H, _ = q.shape
     Dk = feature_map(q[:, :1]).shape[-1]
     Dv = v.shape[-1]
@@ -78,7 +85,8 @@ def linear_attention(
         out = (heads_first(feature_map(q).to(dt), H, S, 0) @ state) * softmax_scale
         return out.transpose(1, 2), state
     if S == 0:  # nothing to attend: the state passes through
-        return q.new_zeros(B, 0, H, Dv, dtype=dt), state
+        empty = q.new_zeros(B, 0, H, Dv, dtype=dt)
+        return (empty, state, ChunkSums.empty(B, H, Dk, dt)) if chunk_sums else (empty, state)
     C = effective_chunk(S, chunk_size)
     # Segments of the sequence, carrying the state: each one's chunk tensors stay in cache, so time
     # grows linearly with S (one pass over 16K tokens at once ran 2.8x per doubling on the dev VM).
@@ -92,21 +100,54 @@ def linear_attention(
     tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                               for t in (q, k, v, log_gate, initial_state))
     result = None if tracked else q.new_empty(B, S, H, Dv, dtype=dt)
-    outs, start = [], 0
+    outs, sums, start = [], [], 0
     for q_s, k_s, v_s, g_s in zip(*parts):
-        out, state = _causal(feature_map(q_s), feature_map(k_s), v_s, g_s, state, softmax_scale, C, dt)
+        out, state, seg_sums = _causal(feature_map(q_s), feature_map(k_s), v_s, g_s, state, softmax_scale, C, dt,
+                                       chunk_sums, denominator_eps)
+        sums.append(seg_sums)
         if result is None:
             outs.append(out)
         else:
             result[:, start:start + out.shape[1]].copy_(out)
         start += out.shape[1]
-    if result is not None:
-        return result, state
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), state
+    if result is None:
+        result = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return (result, state, ChunkSums.cat(sums)) if chunk_sums else (result, state)
 
 
-def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dtype):
-    """One segment of the causal chunk form: ``(out (B, S, H, Dv), state after it)``."""
+linear_attention.chunk_sums = True  # the op asks this backend for the map's sums (see the op)
+
+
+class ChunkSums(NamedTuple):
+    """Per chunk of the causal forward (``N = ceil(S / C)`` chunks), the quantities of its block map at
+    the chunk's granularity, all weighted per query by ``1 / (den + eps)`` when normalised:
+
+    - ``band (B, H, N)``: the total intra-chunk weight (the map's diagonal block, scale included);
+    - ``q_sum (B, H, N, Dk)``: the queries relative to the state entering the chunk, ``sum q e^gamma``;
+    - ``k_sum (B, H, N, Dk)``: the keys relative to the chunk's last row, ``sum k e^(gamma_C - gamma)``;
+    - ``log_decay (B, H, N, G)`` float64: the chunk's total log-gate ``gamma_C``, or None without gates.
+    """
+
+    band: torch.Tensor
+    q_sum: torch.Tensor
+    k_sum: torch.Tensor
+    log_decay: Optional[torch.Tensor]
+
+    @staticmethod
+    def empty(B: int, H: int, Dk: int, dt: torch.dtype) -> "ChunkSums":
+        return ChunkSums(torch.zeros(B, H, 0, dtype=dt), torch.zeros(B, H, 0, Dk, dtype=dt),
+                         torch.zeros(B, H, 0, Dk, dtype=dt), None)
+
+    @staticmethod
+    def cat(parts) -> "ChunkSums":
+        fields = list(zip(*parts))
+        return ChunkSums(*(torch.cat(f, dim=2) for f in fields[:3]),
+                         None if fields[3][0] is None else torch.cat(fields[3], dim=2))
+
+
+def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dtype, chunk_sums: bool = False,
+            denominator_eps: Optional[float] = None):
+    """One segment of the causal chunk form: ``(out (B, S, H, Dv), state after it, ChunkSums or None)``."""
     B, S, H, Dk = q.shape
     Dv = v.shape[-1]
     pad = -S % C
@@ -116,6 +157,7 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
     if log_gate is None or log_gate.shape[-1] == 1:
         no_input = qc.new_zeros(())  # baddbmm's ignored input (beta = 0)
         scores = torch.baddbmm(no_input, qc, kc.transpose(1, 2), beta=0, alpha=softmax_scale)
+    k_weighted, gamma_last = kc, None
     if log_gate is None:
         kv = _value_bmm(kc.transpose(1, 2), vc).view(B, H, N, Dk, Dv)  # each chunk's own contribution
         entering, final = _scan(state, None, kv)
@@ -129,7 +171,8 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
         g = log_gate.to(torch.float64).clamp(min=MIN_LOG_GATE)
         gamma = heads_first(g, H, S, pad).view(B * H * N, C, g.shape[-1]).cumsum(1)  # padding: gate 0, no decay
         gamma_last = gamma[:, -1:]  # (B * H * N, 1, 1 | Dk)
-        kv = _value_bmm((kc * _exp(gamma_last - gamma, dt)).transpose(1, 2), vc).view(B, H, N, Dk, Dv)
+        k_weighted = kc * _exp(gamma_last - gamma, dt)
+        kv = _value_bmm(k_weighted.transpose(1, 2), vc).view(B, H, N, Dk, Dv)
         chunk_decay = _exp(gamma_last, dt).transpose(1, 2).view(B, H, N, g.shape[-1], 1)
         entering, final = _scan(state, chunk_decay, kv)
         q_inter = qc * _exp(gamma, dt)
@@ -139,7 +182,17 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
         else:
             scores = _channel_gated_scores(qc, kc, gamma) * softmax_scale
     out = torch.baddbmm(_value_bmm(scores, vc), q_inter, entering.view(B * H * N, Dk, Dv), alpha=softmax_scale)
-    return out.view(B, H, N * C, Dv)[:, :, :S].transpose(1, 2), final
+    sums = None
+    if chunk_sums:
+        with torch.no_grad():  # a readout of the forward's intermediates
+            weight = None if denominator_eps is None else 1.0 / (out[..., -1] + denominator_eps)  # (B * H * N, C)
+            rows = scores.sum(-1)
+            if weight is not None:
+                rows = rows * weight
+            q_sum = (q_inter if weight is None else q_inter * weight.unsqueeze(-1)).sum(1)
+            sums = ChunkSums(rows.sum(-1).view(B, H, N), q_sum.view(B, H, N, Dk), k_weighted.sum(1).view(B, H, N, Dk),
+                             None if gamma_last is None else gamma_last.view(B, H, N, -1))
+    return out.view(B, H, N * C, Dv)[:, :, :S].transpose(1, 2), final, sums
 
 
 class _ValueBmm(torch.autograd.Function):

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from attnops import dispatch
-from attnops.kernels.block_map import check_request, linear_block_map
+from attnops.kernels.block_map import check_request, linear_block_map, map_from_chunk_sums
+from attnops.kernels.linear_chunk import effective_chunk
 from attnops.ops._checks import MAX_HEAD_DIM, check_qkv_tensors, resolve_softmax_scale
 from attnops.ops._result import AttentionMapOutput
 
@@ -218,8 +219,18 @@ def linear_attention(
     if normalize:
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # its output column: the denominator
     impl = dispatch.resolve("linear_attention", q.device, backend)
-    out, final = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
-                      chunk_size=chunk_size)
+    # A map at the chunk's granularity from the chunk form is a readout of its intermediates; other
+    # block sizes and backends compute it afterwards (linear_block_map).
+    chunk = effective_chunk(S, chunk_size)
+    fused_map = (request is not None and causal and getattr(impl, "chunk_sums", False)
+                 and request.block_q == request.block_k == chunk)
+    if fused_map:
+        out, final, sums = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
+                                chunk_size=chunk_size, chunk_sums=True,
+                                denominator_eps=NORMALIZE_EPS if normalize else None)
+    else:
+        out, final = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
+                          chunk_size=chunk_size)
     denominator = out[..., Dv] if normalize else None
     if normalize:
         out = out[..., :Dv] / (out[..., Dv:] + NORMALIZE_EPS)
@@ -227,8 +238,11 @@ def linear_attention(
     out = out.to(dtype)
     if request is not None:
         with torch.no_grad():  # a readout, like the attention ops' maps
-            block_map = linear_block_map(q, k, log_gate, denominator, causal=causal, softmax_scale=scale,
-                                         request=request, feature_map=phi)
+            if fused_map:
+                block_map = map_from_chunk_sums(sums, S, chunk, scale)
+            else:
+                block_map = linear_block_map(q, k, log_gate, denominator, causal=causal, softmax_scale=scale,
+                                             request=request, feature_map=phi)
         if output_final_state:
             return LinearAttentionMapOutput(out, final, block_map)
         return AttentionMapOutput(out, block_map)
