@@ -146,15 +146,37 @@ constexpr int kRowBlock = 4;  // query rows per register block: 4 rows x 2 keys 
 // prefetcher alone left them at half the streaming bandwidth; 4 to 16 ahead measured alike.
 constexpr int64_t kPrefetchKeys = 8;
 
-// Runs f.template operator()<R>() for R = min(rows_left, kRowBlock) (register blocks need R at
-// compile time).
-template <typename F>
-inline void with_row_block(int64_t rows_left, F&& f) {
-  switch (std::min<int64_t>(rows_left, kRowBlock)) {
-    case 1: f.template operator()<1>(); break;
-    case 2: f.template operator()<2>(); break;
-    case 3: f.template operator()<3>(); break;
-    default: f.template operator()<4>(); break;
+// The grouped paths' walk over a tile, position-major: for each pair of key positions and each kv
+// head with a valid key in the tile, its two cache rows (requested kPrefetchKeys positions ahead)
+// and its query rows in register blocks: f.template operator()<R, NK>(rows, r, j) for the R <=
+// kRowBlock query rows from row r and the NK (2, or 1 at an odd end) cache rows from position j.
+template <typename S, typename F>
+inline void for_row_blocks(const S* base, int64_t stride, int64_t head_stride, int64_t nk, int64_t ahead, int64_t Hkv,
+                           int64_t group_rows, int64_t D, const uint8_t* active, F&& f) {
+  for (int64_t j = 0; j < nk; j += 2) {
+    for (int64_t hk = 0; hk < Hkv; ++hk) {
+      if (!active[hk]) continue;
+      const S* head = base + hk * head_stride;
+      if (j + kPrefetchKeys + 1 < ahead) {
+        prefetch_row(head + (j + kPrefetchKeys) * stride, D);
+        prefetch_row(head + (j + kPrefetchKeys + 1) * stride, D);
+      }
+      const S* rows[2] = {head + j * stride, head + std::min(j + 1, nk - 1) * stride};
+      for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; r += kRowBlock) {
+        auto block = [&]<int R>() {  // register blocks need R and NK at compile time
+          if (j + 1 < nk)
+            f.template operator()<R, 2>(rows, r, j);
+          else
+            f.template operator()<R, 1>(rows, r, j);
+        };
+        switch (std::min<int64_t>((hk + 1) * group_rows - r, kRowBlock)) {
+          case 1: block.template operator()<1>(); break;
+          case 2: block.template operator()<2>(); break;
+          case 3: block.template operator()<3>(); break;
+          default: block.template operator()<4>(); break;
+        }
+      }
+    }
   }
 }
 
@@ -199,24 +221,10 @@ inline void tile_scores(const S* k, int64_t stride, int64_t head_stride, int64_t
         if (active[hk]) s[hk * ld + j] = dot(q + hk * Dp, k + j * stride + hk * head_stride, D);
     return;
   }
-  for (int64_t j = 0; j < nk; j += 2) {
-    for (int64_t hk = 0; hk < Hkv; ++hk) {
-      if (!active[hk]) continue;
-      const S* kh = k + hk * head_stride;
-      if (j + kPrefetchKeys + 1 < ahead) {
-        prefetch_row(kh + (j + kPrefetchKeys) * stride, D);
-        prefetch_row(kh + (j + kPrefetchKeys + 1) * stride, D);
-      }
-      const S* keys[2] = {kh + j * stride, kh + std::min(j + 1, nk - 1) * stride};
-      for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; r += kRowBlock)
-        with_row_block((hk + 1) * group_rows - r, [&]<int R>() {
-          if (j + 1 < nk)
-            dots_block<R, 2>(q + r * Dp, Dp, keys, D, s + r * ld + j, ld);
-          else
-            dots_block<R, 1>(q + r * Dp, Dp, keys, D, s + r * ld + j, ld);
-        });
-    }
-  }
+  for_row_blocks(k, stride, head_stride, nk, ahead, Hkv, group_rows, D, active,
+                 [&]<int R, int NK>(const S* const* keys, int64_t r, int64_t j) {
+                   dots_block<R, NK>(q + r * Dp, Dp, keys, D, s + r * ld + j, ld);
+                 });
 }
 
 // acc_r = alpha_r * acc_r + sum_j P[r, j] v_j for groups of at most kRowBlock rows, V read
@@ -235,24 +243,10 @@ inline void tile_accumulate(const S* v, int64_t stride, int64_t head_stride, int
         if (p[hk * ld + j] != T(0)) axpy(p[hk * ld + j], v + j * stride + hk * head_stride, acc + hk * Dp, D);
     return;
   }
-  for (int64_t j = 0; j < nk; j += 2) {
-    for (int64_t hk = 0; hk < Hkv; ++hk) {
-      if (!active[hk]) continue;
-      const S* vh = v + hk * head_stride;
-      if (j + kPrefetchKeys + 1 < ahead) {
-        prefetch_row(vh + (j + kPrefetchKeys) * stride, D);
-        prefetch_row(vh + (j + kPrefetchKeys + 1) * stride, D);
-      }
-      const S* values[2] = {vh + j * stride, vh + std::min(j + 1, nk - 1) * stride};
-      for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; r += kRowBlock)
-        with_row_block((hk + 1) * group_rows - r, [&]<int R>() {
-          if (j + 1 < nk)
-            axpy_block<R, 2>(p + r * ld + j, ld, values, acc + r * Dp, Dp, D);
-          else
-            axpy_block<R, 1>(p + r * ld + j, ld, values, acc + r * Dp, Dp, D);
-        });
-    }
-  }
+  for_row_blocks(v, stride, head_stride, nk, ahead, Hkv, group_rows, D, active,
+                 [&]<int R, int NK>(const S* const* values, int64_t r, int64_t j) {
+                   axpy_block<R, NK>(p + r * ld + j, ld, values, acc + r * Dp, Dp, D);
+                 });
 }
 
 template <typename S>
