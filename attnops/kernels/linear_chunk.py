@@ -94,23 +94,24 @@ def linear_attention(
     # torch.split, not slicing: the backward of a slice is a zero-filled full-size gradient per
     # segment (quadratic in S); split's is one concatenation.
     parts = [t.split(seg, dim=1) if t is not None else [None] * (-(-S // seg)) for t in (q, k, v, log_gate)]
-    # Without autograd each segment's output goes straight into the result: holding every segment
-    # until a concatenation grew the heap by the output's size per call, and fresh pages cost more
-    # than the copy (first touch is ~1 ms per MiB on the dev VM).
-    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                              for t in (q, k, v, log_gate, initial_state))
-    result = None if tracked else q.new_empty(B, S, H, Dv, dtype=dt)
+    # Outside autograd (decided by the first segment's output: a learned feature map makes it tracked
+    # too) each segment goes straight into the result: holding every segment until a concatenation
+    # grew the heap by the output's size per call, and fresh pages cost more than the copy (first
+    # touch is ~1 ms per MiB on the dev VM).
+    result = None
     outs, sums, start = [], [], 0
     for q_s, k_s, v_s, g_s in zip(*parts):
         out, state, seg_sums = _causal(feature_map(q_s), feature_map(k_s), v_s, g_s, state, softmax_scale, C, dt,
                                        chunk_sums, denominator_eps)
         sums.append(seg_sums)
+        if not start and not out.requires_grad and out.shape[1] < S:
+            result = out.new_empty(B, S, H, Dv)
         if result is None:
             outs.append(out)
         else:
             result[:, start:start + out.shape[1]].copy_(out)
         start += out.shape[1]
-    if result is None:
+    if result is None:  # tracked, or one segment
         result = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return (result, state, ChunkSums.cat(sums)) if chunk_sums else (result, state)
 
