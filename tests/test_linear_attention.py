@@ -333,6 +333,16 @@ MAP_CONFIGS = ["elu", "elu-noncausal", "retnet", "gate-head", "gate-channel", "n
                "normalize-noncausal", "callable"]
 
 
+def map_log_gate(inputs, cfg):
+    """The config's gate or decay as the block-map functions take it: ``(B, S, H, 1 | Dk)`` or None."""
+    if "gate" in inputs:
+        return inputs["gate"] if inputs["gate"].dim() == 4 else inputs["gate"].unsqueeze(-1)
+    if cfg.get("decay") == "retnet":
+        B, S, H, _ = inputs["q"].shape
+        return decay_preset("retnet", H).to(inputs["q"].dtype).view(1, 1, -1, 1).expand(B, S, -1, 1)
+    return None
+
+
 @pytest.mark.parametrize("block_size", [16, 64, (128, 32), (32, 128)], ids=str)
 @pytest.mark.parametrize("config", MAP_CONFIGS)
 def test_block_map_matches_the_pooled_weight_matrix(config, block_size, fwd_impl):
@@ -353,11 +363,7 @@ def test_block_map_matches_the_pooled_weight_matrix(config, block_size, fwd_impl
         kw["decay"] = cfg["decay"]
     request = check_request(block_size, "mean", (64, 64))
     phi = resolve_feature_map(cfg.get("feature_map", "elu"))
-    log_gate = None
-    if "gate" in inputs:
-        log_gate = inputs["gate"] if inputs["gate"].dim() == 4 else inputs["gate"].unsqueeze(-1)
-    if cfg.get("decay") == "retnet":
-        log_gate = decay_preset("retnet", shape[2]).view(1, 1, -1, 1).expand(2, 150, -1, 1)
+    log_gate = map_log_gate(inputs, cfg)
 
     def ref(dtype):
         cast = [inputs[n].to(dtype) for n in ("q", "k")]
@@ -425,11 +431,7 @@ def test_map_read_off_the_chunk_forward_equals_the_separate_map(config):
     q, k, v = (inputs[n] for n in "qkv")
     out, fused = attnops.linear_attention(q, k, v, gate=inputs.get("gate"), return_block_map=True, block_size=16,
                                           chunk_size=16, **kw)
-    log_gate = None
-    if "gate" in inputs:
-        log_gate = inputs["gate"] if inputs["gate"].dim() == 4 else inputs["gate"].unsqueeze(-1)
-    if cfg.get("decay") == "retnet":
-        log_gate = decay_preset("retnet", 4).double().view(1, 1, -1, 1).expand(1, 2100, -1, 1)
+    log_gate = map_log_gate(inputs, cfg)
     denominator = None
     if cfg.get("normalize"):
         plain = attnops.linear_attention(q, k, torch.cat([v, torch.ones_like(v[..., :1])], -1), gate=inputs.get("gate"),

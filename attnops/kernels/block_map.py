@@ -204,11 +204,11 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
     q_sub, k_sub = (torch.cat([x[i] for x in subs], dim=2).flatten(2, 3) for i in (0, 1))  # (B, H, n_sub, Dk)
     band = torch.cat(bands, dim=2)  # (B, H, n_sup, L/bq, L/bk)
     t0 = torch.arange(nq, device=q.device) * bq
-    off_band = torch.arange(nk, device=q.device)[None, :] < ((t0 + 1) // bk)[:, None]  # key block ends by t0
+    n_off = torch.clamp((t0 + 1) // bk, max=nk)  # key blocks that end by t0
     if log_gate is None:
-        q_blocks = q_sub.view(B, H, -1, bq // c, Dk).sum(3)[:, :, :nq]
-        k_blocks = k_sub.view(B, H, -1, bk // c, Dk).sum(3)[:, :, :nk]
-        block_map = q_blocks @ k_blocks.transpose(-1, -2)
+        q_off = q_sub.view(B, H, -1, bq // c, Dk).sum(3)[:, :, :nq]
+        k_off = k_sub.view(B, H, -1, bk // c, Dk).sum(3)[:, :, :nk]
+        g_t0 = g_r = None
     else:
         first, last = (torch.cat([x[i] for x in subs], dim=2).flatten(2, 3) for i in (2, 3))  # (B, H, n_sub, G)
         G = first.shape[-1]
@@ -219,13 +219,7 @@ def linear_block_map(q: torch.Tensor, k: torch.Tensor, log_gate, denominator, *,
                  * torch.exp((fq[:, :, :nq] - g_t0.unsqueeze(3)).to(wide))).sum(3)
         k_off = (k_sub.view(B, H, -1, bk // c, Dk)[:, :, :nk]
                  * torch.exp((g_r.unsqueeze(3) - lk[:, :, :nk]).to(wide))).sum(3)
-        if G == 1:
-            gap = (g_t0.unsqueeze(3) - g_r.unsqueeze(2)).masked_fill(~off_band[:, :, None], float("-inf"))
-            between = torch.exp(gap.to(wide))  # (B, H, Nq, Nk, 1): decay from the key block's end to t0
-            block_map = (q_off @ k_off.transpose(-1, -2)) * between[..., 0]
-        else:
-            block_map = _channel_off_band(q_off, k_off, g_t0, g_r, torch.clamp((t0 + 1) // bk, max=nk), wide)
-    block_map = block_map.masked_fill(~off_band, 0.0)
+    block_map = _off_band(q_off, k_off, g_t0, g_r, n_off, wide)
     full = F.pad(block_map, (0, n_sup * (L // bk) - nk, 0, n_sup * (L // bq) - nq))
     diagonal = full.view(B, H, n_sup, L // bq, n_sup, L // bk).diagonal(dim1=2, dim2=4)  # (B, H, L/bq, L/bk, n_sup)
     diagonal.add_(band.permute(0, 1, 3, 4, 2))
@@ -245,18 +239,11 @@ def map_from_chunk_sums(sums, seq_len: int, chunk: int, softmax_scale: float) ->
     B, H, N, _ = q_sum.shape
     wide = q_sum.dtype
     idx = torch.arange(N, device=q_sum.device)
-    earlier = idx[None, :] < idx[:, None]  # key chunk j before query chunk i
-    if log_decay is None:
-        block_map = q_sum @ k_sum.transpose(-1, -2)
-    else:
+    L = L_prev = None
+    if log_decay is not None:
         L = log_decay.cumsum(2)  # (B, H, N, G), float64: differences of long sums
         L_prev = F.pad(L, (0, 0, 1, 0))[:, :, :N]  # the gate sum entering each chunk
-        if L.shape[-1] == 1:
-            gap = (L_prev[..., 0].unsqueeze(3) - L[..., 0].unsqueeze(2)).masked_fill(~earlier, float("-inf"))
-            block_map = (q_sum @ k_sum.transpose(-1, -2)) * torch.exp(gap.to(wide))
-        else:
-            block_map = _channel_off_band(q_sum, k_sum, L_prev, L, idx, wide)
-    block_map = (block_map * softmax_scale).masked_fill(~earlier, 0.0)
+    block_map = _off_band(q_sum, k_sum, L_prev, L, idx, wide) * softmax_scale  # key chunks j < i
     block_map.diagonal(dim1=2, dim2=3).add_(band)
     rows = torch.clamp(seq_len - idx * chunk, max=chunk).to(wide)
     return block_map / rows[:, None]
@@ -289,6 +276,22 @@ def _sub_sums(qs: torch.Tensor, ks: torch.Tensor, g):
         q_sub = (qs * torch.exp(g - first)).sum(4)
         k_sub = (ks * torch.exp(last - g)).sum(4)
     return q_sub, k_sub
+
+
+def _off_band(q_off: torch.Tensor, k_off: torch.Tensor, g_t0, g_r, n_off: torch.Tensor,
+              wide: torch.dtype) -> torch.Tensor:
+    """``sum_d q_off[i, d] e^(g_t0[i, d] - g_r[j, d]) k_off[j, d]`` for the key blocks ``j < n_off[i]``,
+    exactly 0 elsewhere: ``q_off (B, H, Nq, Dk)``, ``k_off (B, H, Nk, Dk)``, gates ``(B, H, Nq | Nk, 1 | Dk)``
+    (float64, global) or None (no gates: plain products) -> ``(B, H, Nq, Nk)``."""
+    kept = torch.arange(k_off.shape[2], device=q_off.device)[None, :] < n_off[:, None]
+    if g_t0 is None:
+        block_map = q_off @ k_off.transpose(-1, -2)
+    elif g_t0.shape[-1] == 1:
+        gap = (g_t0[..., 0].unsqueeze(3) - g_r[..., 0].unsqueeze(2)).masked_fill(~kept, float("-inf"))
+        block_map = (q_off @ k_off.transpose(-1, -2)) * torch.exp(gap.to(wide))  # decay from block j's end to t0
+    else:
+        block_map = _channel_off_band(q_off, k_off, g_t0, g_r, n_off, wide)
+    return block_map.masked_fill(~kept, 0.0)
 
 
 def _channel_off_band(q_off: torch.Tensor, k_off: torch.Tensor, g_t0: torch.Tensor, g_r: torch.Tensor,

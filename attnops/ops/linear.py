@@ -224,13 +224,9 @@ def linear_attention(
     chunk = effective_chunk(S, chunk_size)
     fused_map = (request is not None and causal and getattr(impl, "chunk_sums", False)
                  and request.block_q == request.block_k == chunk)
-    if fused_map:
-        out, final, sums = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
-                                chunk_size=chunk_size, chunk_sums=True,
-                                denominator_eps=NORMALIZE_EPS if normalize else None)
-    else:
-        out, final = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
-                          chunk_size=chunk_size)
+    extra = dict(chunk_sums=True, denominator_eps=NORMALIZE_EPS if normalize else None) if fused_map else {}
+    out, final, *sums = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
+                             chunk_size=chunk_size, **extra)
     denominator = out[..., Dv] if normalize else None
     if normalize:
         out = out[..., :Dv] / (out[..., Dv:] + NORMALIZE_EPS)
@@ -239,7 +235,7 @@ def linear_attention(
     if request is not None:
         with torch.no_grad():  # a readout, like the attention ops' maps
             if fused_map:
-                block_map = map_from_chunk_sums(sums, S, chunk, scale)
+                block_map = map_from_chunk_sums(sums[0], S, chunk, scale)
             else:
                 block_map = linear_block_map(q, k, log_gate, denominator, causal=causal, softmax_scale=scale,
                                              request=request, feature_map=phi)
