@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from attnops.ops._checks import MAX_HEAD_DIM
+
 
 class KVCache:
     """Keys and values of ``batch`` sequences, up to ``max_len`` tokens each.
@@ -25,12 +27,16 @@ class KVCache:
                  score_dtype: Optional[torch.dtype] = None):
         for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim {head_dim} is above what the kernels take ({MAX_HEAD_DIM})")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.batch, self.max_len, self.num_kv_heads, self.head_dim = batch, max_len, num_kv_heads, head_dim
-        if not isinstance(score_dim, int) or not 0 <= score_dim <= head_dim:
+        if not isinstance(score_dim, int) or isinstance(score_dim, bool) or not 0 <= score_dim <= head_dim:
             raise ValueError(f"score_dim must be an int in [0, head_dim={head_dim}], got {score_dim!r}")
         self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
         # low-rank-key decoding: a contiguous copy of the keys' first score_dim components (the
@@ -80,8 +86,8 @@ class KVCache:
             ``(k_cache, v_cache, seqlens)``: views of the buffers up to the longest sequence and the
             new lengths, the arguments of :func:`attnops.decode_attention`.
 
-        A bad append (wrong shape, dtype or device, or past ``max_len``) raises and leaves the cache
-        unchanged.
+        A bad append (wrong shape, dtype or device, past ``max_len``, or k/v that require grad while
+        grad mode is on) raises and leaves the cache unchanged.
         """
         expected = (self.batch, None, self.num_kv_heads, self.head_dim)
         for name, t in (("k", k), ("v", v)):
@@ -96,6 +102,12 @@ class KVCache:
                 raise ValueError(f"{name} is on {t.device}, the cache is on {self.device}")
         if k.shape != v.shape:
             raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Writing them into the buffers would chain every step's autograd graph onto the cache
+            # (reset() keeps the buffers, so the chain would outlive it); decoding is forward-only.
+            raise RuntimeError("KVCache.append got k/v that require grad: the cache is decoding state and is "
+                               "forward-only. Decode under torch.no_grad() or torch.inference_mode() (or append "
+                               "k.detach(), v.detach()); train with attention over the whole sequence")
         T = k.shape[1]
         new_lens = self._lens + T
         if int(new_lens.max()) > self.max_len:

@@ -74,8 +74,9 @@ class BlockMask:
         window_size: token-level ``(left, right)`` window predicate.
 
     The constructor validates the LUT (shapes, ranges, ascending order) and raises ``ValueError``.
-    ``validate=False`` skips that for LUTs that attnops' own routers write (valid by construction,
-    tested): validation reads the LUT's values, a device synchronisation per call on a GPU.
+    ``validate=False`` defers the value checks (they read the LUT: a device synchronisation on a GPU)
+    to the mask's first use by an op, which checks every mask once, whatever ``validate`` said; shapes
+    are checked always. Integer LUTs of another dtype are range-checked before the cast to int32.
     """
 
     def __init__(
@@ -88,20 +89,30 @@ class BlockMask:
         window_size: Tuple[int, int] = (-1, -1),
         *,
         validate: bool = True,
+        _trusted: bool = False,
     ):
         self.seq_lengths = _check_seq_len(seq_len)
         self.block_size = _check_block_size(block_size)
-        self.causal = bool(causal)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
         self.window_size = check_window_size(window_size)
         if not isinstance(kv_num_blocks, torch.Tensor) or not isinstance(kv_indices, torch.Tensor):
             raise TypeError("kv_num_blocks and kv_indices must be tensors")
         for name, t in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
             if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
                 raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+            if t.dtype != torch.int32 and t.numel() and t.device.type != "meta":
+                lo, hi = int(t.min()), int(t.max())  # before the cast: 2**32 must not become 0
+                if lo < -2 ** 31 or hi >= 2 ** 31:
+                    raise ValueError(f"{name} holds values outside int32 ([{lo}, {hi}])")
         self.kv_num_blocks = kv_num_blocks.to(torch.int32).contiguous()
         self.kv_indices = kv_indices.to(torch.int32).contiguous()
         self._transpose: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        if validate:
+        self._check_shapes()
+        # attnops' own routers write valid LUTs by construction (tested): no value pass for them
+        self._validated = _trusted
+        if validate and not _trusted:
             self._validate()
 
     # ---- shape -------------------------------------------------------------------------------
@@ -121,9 +132,13 @@ class BlockMask:
     def device(self) -> torch.device:
         return self.kv_num_blocks.device
 
-    def _validate(self) -> None:
-        nq, nk = self.num_blocks
+    def _check_shapes(self) -> None:
+        """The LUT's metadata fits the mask: free (reads no values), run on every use by an op."""
+        nq, _ = self.num_blocks
         n, idx = self.kv_num_blocks, self.kv_indices
+        if not isinstance(n, torch.Tensor) or not isinstance(idx, torch.Tensor) or n.dtype != torch.int32 \
+                or idx.dtype != torch.int32:
+            raise TypeError("kv_num_blocks and kv_indices must be int32 tensors")
         if n.dim() != 3 or idx.dim() != 4 or n.shape != idx.shape[:3] or n.shape[2] != nq:
             raise ValueError(
                 f"block LUT shapes do not fit: kv_num_blocks {tuple(n.shape)} and kv_indices {tuple(idx.shape)} "
@@ -131,7 +146,17 @@ class BlockMask:
             )
         if n.device != idx.device:
             raise ValueError("kv_num_blocks and kv_indices are on different devices")
-        if n.numel() == 0:
+        if not (n.is_contiguous() and idx.is_contiguous()):
+            raise ValueError("kv_num_blocks and kv_indices must be contiguous")
+
+    def _validate(self) -> None:
+        """Shapes, then the values: counts in [0, min(Nk, W)], indices ascending in [0, Nk). One pass
+        over the LUT; the result is kept (a mask is checked once)."""
+        self._check_shapes()
+        _, nk = self.num_blocks
+        n, idx = self.kv_num_blocks, self.kv_indices
+        if n.numel() == 0 or n.device.type == "meta":  # meta tensors have no values to read
+            self._validated = True
             return
         if bool((n < 0).any()) or bool((n > min(nk, idx.shape[3])).any()):
             raise ValueError(f"kv_num_blocks must lie in [0, min(Nk={nk}, W={idx.shape[3]})]")
@@ -142,6 +167,16 @@ class BlockMask:
             both = valid[..., 1:]
             if bool((idx[..., 1:] <= idx[..., :-1])[both].any()):
                 raise ValueError("kv_indices must be strictly ascending within each row")
+        self._validated = True
+
+    def check(self) -> "BlockMask":
+        """Checks the mask before an op uses it: its shapes always, its values once (whatever
+        ``validate`` said at construction; skipped while torch.compile traces, where the values are
+        not known). Raises ``ValueError``/``TypeError``; returns the mask."""
+        self._check_shapes()
+        if not getattr(self, "_validated", False) and not torch.compiler.is_compiling():
+            self._validate()
+        return self
 
     # ---- conversions ---------------------------------------------------------------------------
 
@@ -169,10 +204,16 @@ class BlockMask:
             raise TypeError("blocks must be a bool tensor")
         if blocks.dim() not in (2, 3, 4):
             raise ValueError(f"blocks must be (Nq, Nk), (H, Nq, Nk) or (B, H, Nq, Nk), got {tuple(blocks.shape)}")
+        (sq, sk), (bq, bk) = _check_seq_len(seq_len), _check_block_size(block_size)
+        nq, nk = math.ceil(sq / bq), math.ceil(sk / bk)
+        if tuple(blocks.shape[-2:]) != (nq, nk):
+            raise ValueError(f"blocks must end in (Nq, Nk) = ({nq}, {nk}) for seq_len={seq_len!r}, "
+                             f"block_size={block_size!r}, got {tuple(blocks.shape)}")
         while blocks.dim() < 4:
             blocks = blocks.unsqueeze(0)
         counts, indices = _compress(blocks)
-        return cls(counts, indices, seq_len, block_size, causal=causal, window_size=window_size)
+        # _compress writes a valid LUT (counts <= width <= Nk, ascending indices): no value pass
+        return cls(counts, indices, seq_len, block_size, causal=causal, window_size=window_size, _trusted=True)
 
     def to(self, device) -> "BlockMask":
         out = BlockMask.__new__(BlockMask)
@@ -196,7 +237,7 @@ class BlockMask:
 
     def _transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._transpose is None:
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or self.device.type == "meta":
                 # traced (a routed mask built inside the graph): shapes that do not depend on the data
                 return _transpose_lut_static(self.kv_num_blocks, self.kv_indices, self.num_blocks[1])
             self._transpose = _transpose_lut(self.kv_num_blocks, self.kv_indices, self.num_blocks[1])
@@ -208,6 +249,8 @@ class BlockMask:
     def density(self) -> float:
         """Fraction of the ``B x H x Nq x Nk`` blocks that are computed."""
         total = self.kv_num_blocks.numel() * self.num_blocks[1]
+        if self.device.type == "meta":
+            return float("nan")  # no values to count
         return float(self.kv_num_blocks.sum()) / total if total else 0.0
 
     def __repr__(self) -> str:
@@ -218,7 +261,7 @@ class BlockMask:
             f"num_blocks=({nq}, {nk}), causal={self.causal}, window_size={self.window_size}, "
             f"density={self.density:.3f}"
         ]
-        if nq and nk:
+        if nq and nk and self.device.type != "meta":
             dense = self.to_dense()[0, 0].cpu()
             shown_q, shown_k = min(nq, 32), min(nk, 64)
             lines.append(f"  (b=0, h=0){'' if (shown_q, shown_k) == (nq, nk) else f', first {shown_q}x{shown_k} blocks'}:")
@@ -431,7 +474,10 @@ def _check_nonnegative(**kwargs) -> None:
 def _compress(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Bool ``(..., N, M)`` -> counts ``(..., N)`` and ascending indices ``(..., N, W)`` int32."""
     counts = blocks.sum(-1, dtype=torch.int32)
-    width = max(int(counts.max()), 1) if counts.numel() else 1
+    if blocks.device.type == "meta":  # no values: the widest row possible
+        width = max(blocks.shape[-1], 1)
+    else:
+        width = max(int(counts.max()), 1) if counts.numel() else 1
     # A stable sort of "not kept" puts the kept columns first, in ascending order.
     order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)[..., :width]
     valid = torch.arange(width, device=blocks.device) < counts.unsqueeze(-1)

@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 
 #include "ops.h"
 
@@ -15,6 +17,12 @@ std::atomic<int> g_backward_mode{0};
 }  // namespace
 
 bool poison_outputs() { return g_poison_outputs.load(std::memory_order_relaxed); }
+
+bool deterministic_schedule() {
+  if (at::globalContext().deterministicAlgorithms()) return true;
+  const char* env = std::getenv("ATTNOPS_DETERMINISTIC");
+  return env != nullptr && env[0] != '\0' && std::string(env) != "0";
+}
 int backward_mode() { return g_backward_mode.load(std::memory_order_relaxed); }
 
 }  // namespace attnops

@@ -3,11 +3,19 @@
 
 #include <ATen/ATen.h>
 
+#include "checks.h"
+
 namespace attnops {
 
 // When on (tests turn it on), kernels fill every output with NaN right after allocating it, so an
 // element a kernel forgets to write fails the comparison with the reference.
 bool poison_outputs();
+
+// Results that do not depend on the thread count: torch.use_deterministic_algorithms(True) or
+// ATTNOPS_DETERMINISTIC=1. The kernels are deterministic at a fixed thread count either way; with this,
+// the schedules that the thread count would pick (the attention backward's algorithm, the decode
+// split count) are fixed instead.
+bool deterministic_schedule();
 
 // Which backward algorithm the CPU attention kernels use: 0 chooses by problem size, 1 forces the
 // fused single pass, 2 the two-pass one (tests run both).
@@ -24,16 +32,5 @@ inline at::Tensor maybe_poison(at::Tensor t) {
 
 // Kernels index the head dim with stride 1; any other layout is taken as strides (no copy).
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-// Shape checks of decode_attn_fwd shared by its CPU and CUDA implementations (the Python op has
-// already given the user-facing error; these guard direct calls of the registered op).
-inline void check_decode_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& cache_seqlens) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k_cache, v_cache must be 4-d");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3),
-              "decode: q/cache shapes do not fit");
-  TORCH_CHECK(q.size(2) % k.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
-  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == q.size(0), "cache_seqlens must be (B,)");
-}
 
 }  // namespace attnops

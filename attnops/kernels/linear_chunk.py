@@ -274,12 +274,18 @@ class _Scan(torch.autograd.Function):
         N = d_entering.shape[2]
         d_kv = torch.empty_like(d_entering)
         d_decay = torch.empty_like(chunk_decay) if chunk_decay is not None and ctx.needs_input_grad[1] else None
+        # In place when nothing records this backward; out of place under create_graph=True (double
+        # backward), where autograd keeps every lam it has seen.
+        recorded = torch.is_grad_enabled()
         lam = d_final.clone()  # gradient of S_[n+1]
         for n in range(N - 1, -1, -1):
             d_kv[:, :, n] = lam
             if d_decay is not None:
                 d_decay[:, :, n] = (lam * entering[:, :, n]).sum(-1, keepdim=True).sum_to_size(
                     d_decay[:, :, n].shape)
+            if recorded:
+                lam = (lam * chunk_decay[:, :, n] if chunk_decay is not None else lam) + d_entering[:, :, n]
+                continue
             if chunk_decay is not None:
                 lam.mul_(chunk_decay[:, :, n])
             lam.add_(d_entering[:, :, n])

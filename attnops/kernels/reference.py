@@ -123,20 +123,84 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
                      softmax_scale: float, return_probs: bool = False) -> Tuple[torch.Tensor, ...]:
     """Softmax attention where ``allowed (B|1, H|1, Sq, Sk)`` says which pairs may attend; GQA by
     contiguous head groups. Rows with nothing allowed give 0 and lse = -inf. ``return_probs`` adds
-    the probability matrix ``(B, H, Sq, Sk)``."""
+    the probability matrix ``(B, H, Sq, Sk)``.
+
+    Non-finite values travel only along allowed pairs, forward and backward (the kernels' convention):
+    a NaN in ``v[j]`` reaches the rows that attend key ``j`` and no other, a NaN in ``q[i]`` reaches
+    the gradients of the keys row ``i`` attends, and so on. Plain einsums would spread them through
+    the masked zeros (``0 * NaN = NaN``) to every row."""
     group = q.shape[2] // k.shape[2]
     kk = k.repeat_interleave(group, dim=2)  # query head h reads kv head h // group
     vv = v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) * softmax_scale  # (B, H, Sq, Sk)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    allowed = allowed.expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    scores = _MaskedScores.apply(q, kk, allowed, softmax_scale)  # (B, H, Sq, Sk), -inf where not allowed
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq); -inf for empty rows
     # Empty rows hold only -inf scores, so subtracting 0 there gives exact zeros without the
     # NaN of (-inf) - (-inf), which a torch.where afterwards would still leak into gradients.
     probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, vv)
+    out = _MaskedContract.apply(probs, vv, allowed)
     if return_probs:
         return out, lse.to(_lse_dtype(q.dtype)), probs
     return out, lse.to(_lse_dtype(q.dtype))
+
+
+def _masked_contract(w: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``out[b, m, h] = sum over n with allowed[b, h, m, n] of w[b, h, m, n] * x[b, n, h]``:
+    w ``(B, H, M, N)``, x ``(B, N, H, D)``, allowed ``(B, H, M, N)`` -> ``(B, M, H, D)``. Pairs that are not
+    allowed contribute nothing even where ``x`` is NaN or infinite: the finite part is one einsum over
+    ``x`` with its non-finite entries zeroed; those entries are added back on allowed pairs only."""
+    wm = torch.where(allowed, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    finite = torch.isfinite(x)
+    out = torch.einsum("bhmn,bnhd->bmhd", wm, torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)))
+    if not bool(finite.all()):
+        b, n, h, d = torch.nonzero(~finite, as_tuple=True)  # E non-finite entries of x
+        M = w.shape[2]
+        contrib = torch.where(allowed[b, h, :, n], w[b, h, :, n] * x[b, n, h, d].unsqueeze(1),
+                              torch.zeros((), dtype=out.dtype, device=out.device))  # (E, M)
+        m = torch.arange(M, device=x.device).expand(b.numel(), M)
+        out.index_put_((b.unsqueeze(1).expand_as(m), m, h.unsqueeze(1).expand_as(m), d.unsqueeze(1).expand_as(m)),
+                       contrib, accumulate=True)
+    return out
+
+
+class _MaskedContract(torch.autograd.Function):
+    """:func:`_masked_contract` with a backward under the same convention: ``dw`` is ``g . x`` on allowed
+    pairs (0 elsewhere, whatever g or x hold), ``dx`` the masked contraction of ``w^T`` with ``g``."""
+
+    @staticmethod
+    def forward(ctx, w, x, allowed):
+        ctx.save_for_backward(w, x, allowed)
+        return _masked_contract(w, x, allowed)
+
+    @staticmethod
+    def backward(ctx, g):
+        w, x, allowed = ctx.saved_tensors
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        dw = torch.where(allowed, torch.einsum("bmhd,bnhd->bhmn", g, x), zero) if ctx.needs_input_grad[0] else None
+        dx = _MaskedContract.apply(w.transpose(-1, -2), g, allowed.transpose(-1, -2)) \
+            if ctx.needs_input_grad[1] else None
+        return dw, dx, None
+
+
+class _MaskedScores(torch.autograd.Function):
+    """``scale * q . k`` on allowed pairs, -inf elsewhere: q ``(B, Sq, H, D)``, k ``(B, Sk, H, D)`` ->
+    ``(B, H, Sq, Sk)``. Backward: ``dq = scale * dS k`` and ``dk = scale * dS^T q`` over allowed pairs only
+    (a NaN in a key a row never attends does not reach that row's dq)."""
+
+    @staticmethod
+    def forward(ctx, q, k, allowed, scale):
+        ctx.save_for_backward(q, k, allowed)
+        ctx.scale = scale
+        return (torch.einsum("bqhd,bkhd->bhqk", q, k) * scale).masked_fill(~allowed, float("-inf"))
+
+    @staticmethod
+    def backward(ctx, ds):
+        q, k, allowed = ctx.saved_tensors
+        ds = ds * ctx.scale
+        dq = _MaskedContract.apply(ds, k, allowed) if ctx.needs_input_grad[0] else None
+        dk = _MaskedContract.apply(ds.transpose(-1, -2), q, allowed.transpose(-1, -2)) \
+            if ctx.needs_input_grad[1] else None
+        return dq, dk, None, None
 
 
 def decode_token_mask(cache_seqlens: torch.Tensor, num_new: int, max_len: int, block_mask: Optional[BlockMask],

@@ -47,7 +47,9 @@ class Attention(nn.Module):
     the new tokens' keys and values to the cache and attends over it (positions continue each
     sequence's length): up to 64 new tokens through :func:`attnops.decode_attention`, a longer
     prompt through causal :func:`attnops.attention` (all sequences at one length). Cached steps
-    run with the ``Dense`` and ``LowRankKey`` specs.
+    run with the ``Dense`` and ``LowRankKey`` specs. The cache holds values, not autograd history:
+    a backward through a cached prompt reaches that prompt's own keys and values, not those of
+    earlier steps (Transformer-XL's stop-gradient memory); decoding steps are forward-only.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None,
@@ -133,7 +135,10 @@ class Attention(nn.Module):
         lowrank = self.lowrank
         if lowrank is not None:
             k = lowrank.projection.rotate(k)  # the cache holds keys in the basis: no per-step projection
-        k_cache, v_cache, lens = cache.append(k, v)
+        cached = int(cache.host_seqlens.max())
+        # The cache is state: it holds values, not autograd history (Transformer-XL's stop-gradient
+        # memory); writing tensors that require grad into it would chain every step's graph onto it.
+        k_cache, v_cache, lens = cache.append(k.detach(), v.detach())
         if T <= MAX_NEW_TOKENS:
             kw = {}
             if lowrank is not None:
@@ -148,6 +153,10 @@ class Attention(nn.Module):
                                  "length")
             if lowrank is not None:  # exact prefill, in the cache's basis
                 q = lowrank.projection.rotate(q)
+            if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+                # this step's own keys and values, so that a backward through the prompt reaches them
+                k_cache = torch.cat((k_cache[:, :cached], k), 1)
+                v_cache = torch.cat((v_cache[:, :cached], v), 1)
             out = dense_attention(q, k_cache, v_cache, causal=True)  # bottom-right: the prompt ends the cache
         return self._output(out)
 

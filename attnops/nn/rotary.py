@@ -31,6 +31,7 @@ class Rotary(nn.Module):
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         if positions is None:
             positions = torch.arange(T, device=x.device)
+        _check_positions(positions, x)
         inv_freq = self.theta ** (-torch.arange(0, D, 2, device=x.device, dtype=work) / D)
         angles = positions.to(work)[..., None] * inv_freq  # (T, D/2) or (B, T, D/2)
         if angles.dim() == 2:
@@ -38,3 +39,17 @@ class Rotary(nn.Module):
         cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]  # broadcast over heads
         x1, x2 = x[..., : D // 2].to(work), x[..., D // 2:].to(work)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _check_positions(positions, x: torch.Tensor) -> None:
+    """``(T,)`` or ``(B, T)`` integer positions on x's device: a ``(1,)`` tensor would broadcast one
+    position over every token, and float positions would rotate by fractional angles, both silently."""
+    B, T = x.shape[0], x.shape[1]
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a tensor, got {type(positions).__name__}")
+    if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+        raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+    if tuple(positions.shape) not in ((T,), (B, T)):
+        raise ValueError(f"positions must be (T,) = ({T},) or (B, T) = ({B}, {T}), got {tuple(positions.shape)}")
+    if positions.device != x.device:
+        raise ValueError(f"positions are on {positions.device} but the input is on {x.device}")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from attnops.masks import BlockMask
 
@@ -59,14 +60,59 @@ def check_qkv(q, k, v, max_head_dim: int = MAX_HEAD_DIM) -> QKVShape:
     return QKVShape(B, Sq, Sk, H, Hkv, D)
 
 
+# Scores are exponentiated in float32 (half and bfloat16 inputs included) with the scale folded into
+# q: a scale beyond this turns any |q . k| above ~5e28 into an overflowing score (NaN rows, where the
+# float64 reference is finite), and no model has a use for one (temperatures are O(1) to O(100)).
+MAX_SOFTMAX_SCALE = 2.0 ** 32
+
+
 def resolve_softmax_scale(softmax_scale: Optional[float], head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim ** -0.5
-    if isinstance(softmax_scale, torch.Tensor) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a Python number, got {type(softmax_scale).__name__}")
+    if isinstance(softmax_scale, (torch.Tensor, bool)) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a Python number, got {softmax_scale!r}")
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if abs(softmax_scale) > MAX_SOFTMAX_SCALE:
+        raise ValueError(f"|softmax_scale| must be <= 2**32 (scores are exponentiated in float32 and would "
+                         f"overflow), got {softmax_scale}")
     return float(softmax_scale)
+
+
+def check_causal(causal) -> bool:
+    """``causal`` must be a bool: a number there is usually flash_attn's positional ``dropout_p``."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}. attnops.attention's positional order is "
+                        "(q, k, v, causal, softmax_scale, window_size); flash_attn's is (q, k, v, dropout_p, "
+                        "softmax_scale, causal): pass causal= and softmax_scale= by keyword")
+    return causal
+
+
+def refuse_forward_ad(op: str, *tensors) -> None:
+    """The ops have reverse-mode gradients only. Their kernels are opaque to forward-mode AD
+    (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``), which would otherwise see a zero
+    tangent: a silent wrong derivative. Refused before any kernel runs."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"attnops.{op} has no forward-mode derivative (torch.func.jvp / jacfwd / torch.autograd.forward_ad "
+                "gave a tangent to one of its inputs); use reverse mode: loss.backward() or torch.autograd.grad")
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def clamp_window(window: Tuple[int, int], seq_len_q: int, seq_len_k: int) -> Tuple[int, int]:
+    """A validated ``(left, right)`` window with sides wider than the sequences clamped to them (the
+    same keys: ``left >= Sk`` and ``right >= Sq`` see everything), so that any Python int reaches
+    the kernels as a small int64."""
+    left, right = window
+    return (left if left < 0 else min(left, seq_len_k), right if right < 0 else min(right, seq_len_q))
 
 
 def check_block_mask(block_mask, shape: QKVShape, device: torch.device) -> BlockMask:
@@ -84,4 +130,4 @@ def check_block_mask(block_mask, shape: QKVShape, device: torch.device) -> Block
         )
     if block_mask.device != device:
         raise ValueError(f"block_mask is on {block_mask.device} but q is on {device}; use block_mask.to(device)")
-    return block_mask
+    return block_mask.check()  # the LUT's shapes, and its values once per mask (validate=False included)

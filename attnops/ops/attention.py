@@ -13,7 +13,8 @@ import torch
 from attnops import dispatch
 from attnops.kernels.block_map import check_request
 from attnops.masks import BlockMask, check_window_size
-from attnops.ops._checks import check_block_mask, check_qkv, resolve_softmax_scale
+from attnops.ops._checks import (check_block_mask, check_causal, check_flag, check_qkv, clamp_window,
+                                 refuse_forward_ad, resolve_softmax_scale)
 from attnops.ops._result import MAP_ARGS_DOC, Result, pack
 
 # The map granularity of dense attention when none is asked for: the kernels' block (DESIGN.md).
@@ -63,11 +64,15 @@ def attention(
         torch.Size([1, 128, 8, 64])
     """
     shape = check_qkv(q, k, v)
-    window = check_window_size(window_size)
+    refuse_forward_ad("attention", q, k, v)
+    causal = check_causal(causal)
+    window = clamp_window(check_window_size(window_size), shape.seq_len_q, shape.seq_len_k)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    check_flag("return_lse", return_lse)
+    check_flag("return_block_map", return_block_map)
     request = check_request(block_size, reduce, DEFAULT_MAP_BLOCK) if return_block_map else None
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
-    out, lse, *block_map = impl(q, k, v, None, causal=bool(causal), window_size=window, softmax_scale=scale,
+    out, lse, *block_map = impl(q, k, v, None, causal=causal, window_size=window, softmax_scale=scale,
                                 block_map=request)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
@@ -110,11 +115,15 @@ def block_sparse_attention(
         >>> out = attnops.block_sparse_attention(q, k, v, mask)
     """
     shape = check_qkv(q, k, v)
+    refuse_forward_ad("block_sparse_attention", q, k, v)
     check_block_mask(block_mask, shape, q.device)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    check_flag("return_lse", return_lse)
+    check_flag("return_block_map", return_block_map)
     request = check_request(block_size, reduce, block_mask.block_size) if return_block_map else None
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
-    out, lse, *block_map = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=block_mask.window_size,
+    window = clamp_window(block_mask.window_size, shape.seq_len_q, shape.seq_len_k)
+    out, lse, *block_map = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=window,
                                 softmax_scale=scale, block_map=request)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 

@@ -15,7 +15,8 @@ from attnops import dispatch
 from attnops.kernels.block_map import check_request
 from attnops.lowrank import KeyProjection
 from attnops.masks import BlockMask, check_window_size
-from attnops.ops._checks import QKVShape, check_block_mask, check_qkv, resolve_softmax_scale
+from attnops.ops._checks import (QKVShape, check_block_mask, check_flag, check_qkv, clamp_window, refuse_forward_ad,
+                                 resolve_softmax_scale)
 from attnops.ops._result import MAP_ARGS_DOC, Result, pack
 from attnops.ops.lowrank import check_lowrank_args, lowrank_decode
 
@@ -86,11 +87,14 @@ def decode_attention(
         >>> out = attnops.decode_attention(q_new, k_view, v_view, lens)   # q_new (1, 1, 8, 64)
     """
     shape = check_qkv(q, k_cache, v_cache)
+    refuse_forward_ad("decode_attention", q, k_cache, v_cache)
     if not 1 <= shape.seq_len_q <= MAX_NEW_TOKENS:
         raise ValueError(f"decode_attention takes 1..{MAX_NEW_TOKENS} new tokens, got {shape.seq_len_q}; "
                          "use attnops.attention for prefill")
     _check_seqlens(cache_seqlens, shape, q.device)
-    left, right = check_window_size(window_size)
+    left, right = clamp_window(check_window_size(window_size), shape.seq_len_q, shape.seq_len_k)
+    check_flag("return_lse", return_lse)
+    check_flag("return_block_map", return_block_map)
     if right > 0:
         raise ValueError(f"decode_attention is causal: window_size right must be -1 or 0, got {right}")
     if block_mask is not None:

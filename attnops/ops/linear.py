@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from attnops import dispatch
 from attnops.kernels.block_map import check_request, linear_block_map, map_from_chunk_sums
 from attnops.kernels.linear_chunk import effective_chunk
-from attnops.ops._checks import MAX_HEAD_DIM, check_qkv_tensors, resolve_softmax_scale
+from attnops.ops._checks import MAX_HEAD_DIM, check_qkv_tensors, refuse_forward_ad, resolve_softmax_scale
 from attnops.ops._result import AttentionMapOutput
 
 NORMALIZE_EPS = 1e-6
@@ -188,6 +188,8 @@ def linear_attention(
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     shape = _check_qkv(q, k, v, causal)
+    refuse_forward_ad("linear_attention", q, k, v, gate, initial_state,
+                      decay if isinstance(decay, torch.Tensor) else None)
     B, S, H, Hkv, D, Dv = shape
     dtype = q.dtype
     phi = resolve_feature_map(feature_map)

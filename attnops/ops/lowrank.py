@@ -16,7 +16,7 @@ import torch
 from attnops import dispatch
 from attnops.kernels.block_map import MapRequest, check_request
 from attnops.lowrank import KeyProjection
-from attnops.ops._checks import QKVShape, check_qkv, resolve_softmax_scale
+from attnops.ops._checks import QKVShape, check_qkv, refuse_forward_ad, resolve_softmax_scale
 from attnops.ops._result import MAP_ARGS_DOC, Result, pack
 
 
@@ -30,6 +30,8 @@ def check_lowrank_args(projection, rank, topk, local, shape: QKVShape, causal: b
         if (projection.num_kv_heads, projection.head_dim) != (shape.num_kv_heads, shape.head_dim):
             raise ValueError(f"{prefix}projection is for (Hkv, D) = ({projection.num_kv_heads}, {projection.head_dim})"
                              f" but k has ({shape.num_kv_heads}, {shape.head_dim})")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{prefix}causal must be a bool, got {causal!r}")
     for name, value in (("rank", rank), ("topk", topk), ("local", local)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{prefix}{name} must be an int, got {value!r}")
@@ -91,6 +93,7 @@ def lowrank_key_attention(
         >>> out = attnops.lowrank_key_attention(q, k, v, proj, rank=D // 4, topk=S // 8)
     """
     shape = check_qkv(q, k, v)
+    refuse_forward_ad("lowrank_key_attention", q, k, v)
     check_lowrank_args(projection, rank, topk, local, shape, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     if projection is None:
@@ -99,7 +102,7 @@ def lowrank_key_attention(
         q_score, k_score = projection.rotate(q, rank), projection.rotate(k, rank)
     request = check_request(block_size, reduce, (64, 64)) if return_block_map else None
     impl = dispatch.resolve("lowrank_key_attention", q.device, backend)
-    res = impl(q, k, v, q_score, k_score, None, topk=topk, local=local, causal=bool(causal), softmax_scale=scale,
+    res = impl(q, k, v, q_score, k_score, None, topk=topk, local=local, causal=causal, softmax_scale=scale,
                block_map=request)
     return pack(res[0], res[1], res[2] if request is not None else None, return_lse)
 

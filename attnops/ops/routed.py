@@ -19,7 +19,7 @@ import torch
 
 from attnops import dispatch
 from attnops.masks import BlockMask, _check_block_size, _Grid
-from attnops.ops._checks import QKVShape, check_qkv, resolve_softmax_scale
+from attnops.ops._checks import QKVShape, check_causal, check_qkv, refuse_forward_ad, resolve_softmax_scale
 from attnops.ops._result import MAP_ARGS_DOC, Result
 from attnops.ops.attention import block_sparse_attention
 
@@ -39,7 +39,8 @@ def check_moba_args(block_size, topk, prefix: str = "") -> None:
         raise ValueError(f"{prefix}topk must be an int >= 1 (it counts the query's own block), got {topk!r}")
 
 
-def _check_moba(shape: QKVShape, block_size, topk) -> None:
+def _check_moba(shape: QKVShape, block_size, topk, causal) -> None:
+    check_causal(causal)
     if shape.seq_len_q != shape.seq_len_k:
         raise ValueError(f"moba_attention is self-attention over one sequence: q and k lengths differ "
                          f"({shape.seq_len_q} vs {shape.seq_len_k})")
@@ -51,9 +52,9 @@ def _routed_mask(q: torch.Tensor, k: torch.Tensor, seq_len: int, block_size: int
     """The router's ``BlockMask`` for validated inputs."""
     route = dispatch.resolve("moba_route", q.device, backend)
     with torch.no_grad():
-        counts, indices = route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=bool(causal),
+        counts, indices = route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=causal,
                                 route_block=MOBA_KERNEL_BLOCK)
-    return BlockMask(counts, indices, seq_len, MOBA_KERNEL_BLOCK, causal=bool(causal), validate=False)
+    return BlockMask(counts, indices, seq_len, MOBA_KERNEL_BLOCK, causal=causal, validate=False, _trusted=True)
 
 
 def moba_block_mask(q: torch.Tensor, k: torch.Tensor, block_size: int = 512, topk: int = 3, causal: bool = True, *,
@@ -61,7 +62,7 @@ def moba_block_mask(q: torch.Tensor, k: torch.Tensor, block_size: int = 512, top
     """The ``BlockMask`` MoBA's router chooses for ``q (B, S, H, D)`` and ``k (B, S, Hkv, D)``:
     ``(B, H)`` rows at ``(64, 64)`` granularity (arguments as in :func:`moba_attention`)."""
     shape = check_qkv(q, k, k)
-    _check_moba(shape, block_size, topk)
+    _check_moba(shape, block_size, topk, causal)
     return _routed_mask(q, k, shape.seq_len_q, block_size, topk, causal, backend)
 
 
@@ -115,7 +116,8 @@ def moba_attention(
         ``out (B, S, H, D)``, or a named tuple as in :func:`attnops.attention`.
     """
     shape = check_qkv(q, k, v)
-    _check_moba(shape, block_size, topk)
+    refuse_forward_ad("moba_attention", q, k, v)
+    _check_moba(shape, block_size, topk, causal)
     mask = _routed_mask(q, k, shape.seq_len_q, block_size, topk, causal, backend)
     return block_sparse_attention(q, k, v, mask, softmax_scale, return_lse, return_block_map=return_block_map,
                                   block_size=map_block_size, reduce=reduce, backend=backend)
@@ -164,6 +166,9 @@ def select_blocks(probs: torch.Tensor, allowed: torch.Tensor, *, topk: Optional[
             raise ValueError(f"topk must be an int >= 1, got {topk!r}")
         rank = torch.argsort(torch.argsort(probs, dim=-1, descending=True, stable=True), dim=-1)
         return allowed & (rank < topk)
+    for name, x in (("threshold", threshold), ("cdf_threshold", cdf_threshold)):
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))):
+            raise TypeError(f"{name} must be a number, got {x!r}")
     if threshold is not None:
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
@@ -184,6 +189,7 @@ def pooled_block_map(q: torch.Tensor, k: torch.Tensor, block_size=64, causal: bo
     Exact when every block's queries and keys are each one repeated vector; the estimate
     :func:`predict_block_mask` selects from. q ``(B, Sq, H, D)``, k ``(B, Sk, Hkv, D)``."""
     shape = check_qkv(q, k, k)
+    check_causal(causal)
     grid = _Grid((shape.seq_len_q, shape.seq_len_k), _check_block_size(block_size), q.device)
     return _pooled(q, k, grid, resolve_softmax_scale(softmax_scale, shape.head_dim), causal)
 
@@ -234,7 +240,10 @@ def predict_block_mask(
         Memory: ``B x H x Nq x Nk`` block scores, never a token matrix.
     """
     shape = check_qkv(q, k, k)
+    check_causal(causal)
     bq, bk = _check_block_size(block_size)
+    if sim_threshold is not None and (isinstance(sim_threshold, bool) or not isinstance(sim_threshold, (int, float))):
+        raise TypeError(f"sim_threshold must be a number, got {sim_threshold!r}")
     if sim_threshold is not None and not -1.0 <= float(sim_threshold) <= 1.0:
         raise ValueError(f"sim_threshold must lie in [-1, 1], got {sim_threshold}")
     if not isinstance(num_sink_blocks, int) or num_sink_blocks < 0:
@@ -252,4 +261,4 @@ def predict_block_mask(
             k_loose = (_self_similarity(k, bk) < sim_threshold).repeat_interleave(group, dim=1).unsqueeze(-2)
             keep = keep | q_loose | k_loose
         keep = keep & allowed
-    return BlockMask.from_dense(keep, (shape.seq_len_q, shape.seq_len_k), (bq, bk), causal=bool(causal))
+    return BlockMask.from_dense(keep, (shape.seq_len_q, shape.seq_len_k), (bq, bk), causal=causal)

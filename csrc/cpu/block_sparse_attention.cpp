@@ -26,6 +26,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -44,7 +45,6 @@ constexpr int64_t kTileQ = 64;         // query rows per forward / dq task
 constexpr int64_t kTileK = 256;        // keys per S tile in the forward and dq pass
 constexpr int64_t kTileKBwd = 64;      // keys per dk/dv task
 constexpr int64_t kTileQBwd = 128;     // queries per S^T tile in the dk/dv pass
-constexpr int64_t kMaxHeadDim = 256;
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
@@ -72,13 +72,55 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, S, H, D)");
-  TORCH_CHECK(q.size(0) == k.size(0) && k.sizes() == v.sizes(), "q/k/v batch or k/v shapes differ");
-  TORCH_CHECK(q.size(3) == k.size(3), "q and k head dims differ");
-  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
-  TORCH_CHECK(q.size(3) <= kMaxHeadDim, "head dim above ", kMaxHeadDim);
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "q/k/v dtypes differ");
+// Everything both operators take besides the tensors of their own: the LUT and its transpose (values
+// read when `lut_values` / `tlut_values`: the forward never reads the transpose, it only saves it),
+// block sizes, window and scale.
+void check_core_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
+                     const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices,
+                     int64_t block_q, int64_t block_k, double softmax_scale, int64_t window_left, int64_t window_right,
+                     bool tlut_values) {
+  check_qkv_args(op, q, k, v);
+  check_window_args(op, window_left, window_right);
+  check_scale_arg(op, softmax_scale);
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), Sk = k.size(1);
+  check_lut_args(op, "block LUT (kv_num_blocks, kv_indices)", kv_num_blocks, kv_indices, B, H, Sq, Sk, block_q,
+                 block_k, true);
+  check_lut_args(op, "transposed block LUT (q_num_blocks, q_indices)", q_num_blocks, q_indices, B, H, Sk, Sq,
+                 block_k, block_q, tlut_values);
+  const bool has_lut = kv_num_blocks.has_value() && kv_num_blocks->defined();
+  const bool has_tlut = q_num_blocks.has_value() && q_num_blocks->defined();
+  TORCH_CHECK(has_lut || !has_tlut, op, ": a transposed block LUT without the block LUT");
+}
+
+// Whether a (B, S, H, D) tensor (head dim contiguous) holds only finite values: one parallel pass,
+// rows widened to the compute type (x - x is 0 unless x is NaN or Inf). A third of the time of
+// at::isfinite(t).all(), which writes a bool tensor first.
+template <typename S>
+bool finite_rows(const at::Tensor& t) {
+  using T = compute_t<S>;
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  const int64_t L = t.size(1), H = t.size(2), D = t.size(3);
+  const int64_t s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2);
+  const S* base = t.data_ptr<S>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, t.size(0) * L * H, 256, [&](int64_t begin, int64_t end) {
+    V acc{};
+    T tail = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      const S* row = base + (r / (L * H)) * s0 + ((r / H) % L) * s1 + (r % H) * s2;
+      int64_t d = 0;
+      for (; d + W <= D; d += W) {
+        const V x = load_vec<T>(row + d);
+        acc += x - x;
+      }
+      for (; d < D; ++d) tail += static_cast<T>(row[d]) - static_cast<T>(row[d]);
+    }
+    const T sum = hsum<T>(acc) + tail;
+    if (sum != sum) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
 }
 
 // Query (or key) tiles: with a LUT a tile never straddles two LUT rows.
@@ -238,9 +280,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const T* ktile = kt + (b * p.Hkv + hk) * Sk_pad * p.D;
         const T* vtile = vb + (b * p.Hkv + hk) * p.Dp * p.Sk;
         pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
+        // exact: P V row by row over each row's own keys. Run only when the tile GEMMs left a non-finite
+        // accumulator: V holds NaN/Inf somewhere, and 0 * NaN would have reached rows that never
+        // attend that key (the run below redoes the task; finite inputs never pay for it).
+        auto run = [&](bool exact) {
         std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
         std::fill(ws.l.begin(), ws.l.end(), T(0));
         std::fill(ws.acc.begin(), ws.acc.end(), T(0));
+        ws.map_lo = ws.map_hi = 0;
 
         for_each_segment(
             lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1), p.Sk,
@@ -258,10 +305,17 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 for (int64_t r = 0; r < rows; ++r)
                   softmax_row(ws.s.data() + r * kTileK, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
                 if (map.on()) map_add_tile(ws, map, rows, t0);
-                gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR, ws.acc.data(), p.Dp,
-                        true, ws.alpha.data());
+                if (exact)
+                  gemm_in_spans<T>(rows, ws.spans.data(), p.Dp, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR,
+                                   ws.acc.data(), p.Dp, true, ws.alpha.data());
+                else
+                  gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR, ws.acc.data(),
+                          p.Dp, true, ws.alpha.data());
               }
             });
+        };
+        run(false);
+        if (!all_finite(ws.acc.data(), rows * p.Dp)) run(true);
 
         for (int64_t r = 0; r < rows; ++r) {
           S* orow = op + b * so_b + (r0 + r) * so_s + h * so_h;
@@ -331,7 +385,7 @@ struct KeyTileScratch {
 template <typename S, typename T>
 void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockLut& tlut, const Predicates& pred,
                        const S* kp, const S* vp, int64_t b, int64_t hk, int64_t c0, int64_t c1, bool fused,
-                       KeyTileScratch<T>& ws, S* dkp, S* dvp) {
+                       bool exact, KeyTileScratch<T>& ws, S* dkp, S* dvp) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   constexpr int64_t NR = kGemmN<T>;
@@ -376,16 +430,42 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
             vstore(s + i, pr);
             vstore(ds + i, pr * (vload(ds + i) - vload(dl + t0 + i)));
           }
+          zero_outside(s, ws.spans[j], n);
+          zero_outside(ds, ws.spans[j], n);
         }
         const int64_t rows_at = bh * p.Dp * p.Sq + t0 * NR;
         T* partial = ws.partial.data();
-        gemm<T>(keys, p.Dp, t1 - t0, ws.s.data(), kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial, p.Dp, false);
+        if (exact) {
+          gemm_in_spans<T>(keys, ws.spans.data(), p.Dp, ws.s.data(), kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial,
+                           p.Dp, false);
+        } else {
+          gemm<T>(keys, p.Dp, t1 - t0, ws.s.data(), kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial, p.Dp, false);
+        }
         add_into(ws.dv.data(), partial, keys * p.Dp);
-        gemm<T>(keys, p.Dp, t1 - t0, ws.dp.data(), kTileQBwd, ops.qs + rows_at, p.Sq * NR, partial, p.Dp, false);
+        if (exact) {
+          gemm_in_spans<T>(keys, ws.spans.data(), p.Dp, ws.dp.data(), kTileQBwd, ops.qs + rows_at, p.Sq * NR, partial,
+                           p.Dp, false);
+        } else {
+          gemm<T>(keys, p.Dp, t1 - t0, ws.dp.data(), kTileQBwd, ops.qs + rows_at, p.Sq * NR, partial, p.Dp, false);
+        }
         add_into(ws.dk.data(), partial, keys * p.Dp);
         if (fused) {  // dq[t0:t1] += dS K = (dS^T)^T K
-          gemm<T, true>(t1 - t0, p.Dp, keys, ws.dp.data(), kTileQBwd, ws.kpanel.data(), kTileKBwd * NR, partial,
-                        p.Dp, false);
+          if (exact) {  // query i sums only the keys it sees: [j0, j1) of the tile
+            for (int64_t i = 0; i < t1 - t0; ++i) {
+              const int64_t qi = t0 + i;
+              const int64_t j0 = qi < start ? 0 : std::max(pred.key_lo(qi), c0) - c0;
+              const int64_t j1 = qi < start ? 0 : std::min(pred.key_hi(qi), c1) - c0;
+              if (j0 >= j1) {
+                std::fill(partial + i * p.Dp, partial + (i + 1) * p.Dp, T(0));
+                continue;
+              }
+              gemm<T, true>(1, p.Dp, j1 - j0, ws.dp.data() + j0 * kTileQBwd + i, kTileQBwd,
+                            ws.kpanel.data() + j0 * NR, kTileKBwd * NR, partial + i * p.Dp, p.Dp, false);
+            }
+          } else {
+            gemm<T, true>(t1 - t0, p.Dp, keys, ws.dp.data(), kTileQBwd, ws.kpanel.data(), kTileKBwd * NR, partial,
+                          p.Dp, false);
+          }
           add_into(dq_rows + t0 * p.Dp, partial, (t1 - t0) * p.Dp);
         }
       }
@@ -415,9 +495,16 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   // Fused single pass: one task per (b, kv head) owns its group's dq rows, 5 block products per
   // tile pair. Two passes (dq, then dk/dv): 7 products but B * Hkv * key-tiles tasks, for when
   // B * Hkv cannot keep the threads busy (MQA / small batches). Both are deterministic.
+  // NaN / Inf in q, k or dO: every product runs over each row's own span (gemm_in_spans). Finite
+  // inputs, the normal case, keep the tile GEMMs; the check is a pass over O(S * D) elements.
+  const bool exact = !(finite_rows<S>(q) && finite_rows<S>(k) && finite_rows<S>(dout));
+
   const int64_t threads = at::get_num_threads();
   const int mode = backward_mode();
-  const bool fused = mode == 1 || (mode == 0 && (p.B * p.Hkv >= 2 * threads || (p.B * p.Hkv) % threads == 0));
+  // A deterministic schedule takes the two passes whatever the thread count (they keep any number of
+  // threads busy; the fused pass needs B * Hkv of them).
+  const bool fused = mode == 1 || (mode == 0 && !deterministic_schedule() &&
+                                   (p.B * p.Hkv >= 2 * threads || (p.B * p.Hkv) % threads == 0));
 
   BwdOperands<T> ops;
   ops.Sq_pad = round_up(p.Sq, NR);
@@ -506,8 +593,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
           const int64_t b = t / p.Hkv, hk = t % p.Hkv;
           std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
           for (int64_t kt = 0; kt < k_tiles; ++kt)
-            key_tile_backward(p, ops, tlut, pred, kp, vp, b, hk, kt * TK, std::min((kt + 1) * TK, p.Sk), true, ws,
-                              dkp, dvp);
+            key_tile_backward(p, ops, tlut, pred, kp, vp, b, hk, kt * TK, std::min((kt + 1) * TK, p.Sk), true, exact,
+                              ws, dkp, dvp);
           for (int64_t g = 0; g < p.group; ++g)
             for (int64_t r = 0; r < p.Sq; ++r)
               store_row(ws.dq.data() + (g * p.Sq + r) * p.Dp, p.D, scale,
@@ -586,9 +673,15 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
                     const V pr = exp2(vload(s + j) - lv);
                     vstore(s + j, pr * (vload(dpr + j) - dlv));
                   }
+                  zero_outside(s, ws.spans[r], n);
                 }
-                gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, ops.kr + bhk * p.Dp * p.Sk + t0 * NR, p.Sk * NR,
-                        ws.partial.data(), p.Dp, false);
+                const T* kpanel = ops.kr + bhk * p.Dp * p.Sk + t0 * NR;
+                if (exact)
+                  gemm_in_spans<T>(rows, ws.spans.data(), p.Dp, ws.s.data(), kTileK, kpanel, p.Sk * NR,
+                                   ws.partial.data(), p.Dp, false);
+                else
+                  gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, kpanel, p.Sk * NR, ws.partial.data(), p.Dp,
+                          false);
                 add_into(ws.acc.data(), ws.partial.data(), rows * p.Dp);
               }
             });
@@ -606,7 +699,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
       [&] { return KeyTileScratch<T>(p.D, p.Dp, 0); },
       [&](int64_t t, KeyTileScratch<T>& ws) {
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
-        key_tile_backward(p, ops, tlut, pred, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false, ws, dkp, dvp);
+        key_tile_backward(p, ops, tlut, pred, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false, exact, ws, dkp,
+                          dvp);
       });
 }
 
@@ -617,17 +711,21 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
-    const c10::optional<at::Tensor>& /*q_num_blocks*/, const c10::optional<at::Tensor>& /*q_indices*/, int64_t block_q,
+    const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
     int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, int64_t map_rows,
     int64_t map_cols, bool map_max) {
-  check_inputs(q_in, k_in, v_in);
+  constexpr const char* op = "block_sparse_attn_fwd";
+  check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
+                  softmax_scale, window_left, window_right, false);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
   const Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
   const MapSpec map{map_rows, map_cols, map_max};
+  TORCH_CHECK(map_rows >= 0 && map_cols >= 0 && (map_rows > 0) == (map_cols > 0), op,
+              ": map_rows and map_cols must both be > 0 (a block map) or both 0, got (", map_rows, ", ", map_cols, ")");
   if (map.on()) {
-    TORCH_CHECK(map_cols > 0 && tile_rows(lut, kTileQ) % map_rows == 0,
-                "block map: map_rows must divide the query tile (", tile_rows(lut, kTileQ), ") and map_cols be > 0");
+    TORCH_CHECK(tile_rows(lut, kTileQ) % map_rows == 0, op, ": block map: map_rows (", map_rows,
+                ") must divide the query tile (", tile_rows(lut, kTileQ), ")");
   }
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = maybe_poison(at::empty(q.sizes(), q.options()));
@@ -649,8 +747,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
     const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
     const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
     int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right) {
-  check_inputs(q_in, k_in, v_in);
-  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), "dout/out must have q's shape");
+  constexpr const char* op = "block_sparse_attn_bwd";
+  check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
+                  softmax_scale, window_left, window_right, true);
+  const bool has_lut = kv_num_blocks.has_value() && kv_num_blocks->defined();
+  const bool has_tlut = q_num_blocks.has_value() && q_num_blocks->defined();
+  TORCH_CHECK(has_lut == has_tlut, op, ": the backward needs both the block LUT and its transpose");
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), op, ": dout ", dout_in.sizes(),
+              " and out ", out_in.sizes(), " must have q's shape ", q_in.sizes());
+  TORCH_CHECK(out_in.scalar_type() == q_in.scalar_type(), op, ": out must have q's dtype");
+  TORCH_CHECK(at::isFloatingType(dout_in.scalar_type()), op, ": dout must be floating point");
+  const auto lse_type = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> lse_shape{q_in.size(0), q_in.size(2), q_in.size(1)};
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(lse_shape) && lse_in.scalar_type() == lse_type, op, ": lse must be ",
+              at::IntArrayRef(lse_shape), " in ", lse_type, ", got ", lse_in.sizes(), " in ", lse_in.scalar_type());
+  if (dlse.has_value() && dlse->defined())
+    TORCH_CHECK(dlse->sizes() == at::IntArrayRef(lse_shape) && at::isFloatingType(dlse->scalar_type()), op,
+                ": dlse must be a floating ", at::IntArrayRef(lse_shape), " tensor, got ", dlse->sizes());
+  const std::vector<at::Tensor> devs{dout_in, out_in, lse_in};
+  for (const auto& t : devs) TORCH_CHECK(t.device() == q_in.device(), op, ": every tensor must be on q's device");
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   // The gradient of .sum() arrives expanded with stride 0: make it (and out) dense.
   const at::Tensor dout = last_dim_contiguous(dout_in.to(q.scalar_type()));
@@ -658,7 +773,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
   const at::Tensor lse = lse_in.contiguous();
   const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
   const BlockLut tlut(q_num_blocks, q_indices, block_k, block_q);
-  TORCH_CHECK(lut.present() == tlut.present(), "backward needs both the block LUT and its transpose");
   const Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
   at::Tensor dq = maybe_poison(at::empty(q.sizes(), q.options()));
   at::Tensor dk = maybe_poison(at::empty(k.sizes(), k.options()));

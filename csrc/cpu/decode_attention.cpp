@@ -35,6 +35,7 @@ namespace {
 constexpr int64_t kTileKeys = 64;
 constexpr int64_t kMaxTile = 256;
 constexpr int64_t kMinSplitKeys = 512;
+constexpr int64_t kDeterministicSplits = 32;  // splits of >= 2K keys, at most 32 (64K+ caches)
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
@@ -271,7 +272,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t tile = keep.present() ? std::min(keep.block_k, kMaxTile) : kTileKeys;
   const int64_t stile = std::max(tile, kTileKeys);
   int64_t splits = num_splits;
-  if (splits <= 0) {  // enough tasks for the threads, splits of at least kMinSplitKeys keys
+  if (splits <= 0 && deterministic_schedule()) {  // from the length alone: the same at any thread count
+    splits = std::clamp<int64_t>(maxlen / (4 * kMinSplitKeys), 1, kDeterministicSplits);
+  } else if (splits <= 0) {  // enough tasks for the threads, splits of at least kMinSplitKeys keys
     const int64_t threads = at::get_num_threads();
     splits = std::min((2 * threads + B - 1) / B, std::max<int64_t>(1, maxlen / kMinSplitKeys));
   }
@@ -307,10 +310,15 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         for (int64_t h = 0; h < H; ++h)
           for (int64_t i = 0; i < Sq; ++i)
             load_row(qp + b * sq_b + i * sq_s + h * sq_h, D, c, ws.q.data() + (h * Sq + i) * Dp, Dp);
+        const int64_t first_block = with_map ? s0 / map_cols : 0;
+        const S* kbase = kp + b * sk_b;
+        const S* vbase = vp + b * sv_b;
+        // exact: P V row by row over each row's own keys, run only when the fast pass left a non-finite
+        // accumulator (NaN/Inf in V, where 0 * NaN would reach rows that do not attend the key).
+        auto run = [&](bool exact) {
         std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
         std::fill(ws.l.begin(), ws.l.end(), T(0));
         std::fill(ws.acc.begin(), ws.acc.end(), T(0));
-        const int64_t first_block = with_map ? s0 / map_cols : 0;
         if (with_map) std::fill(ws.map_ref.begin(), ws.map_ref.end(), -std::numeric_limits<T>::infinity());
         auto map_rows = [&](int64_t r0, int64_t r1, int64_t t0) {
           if (!with_map) return;
@@ -318,8 +326,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             accumulate_map_row(ws.s.data() + r * stile, ws.spans[r], t0, map_cols, first_block, ws.m[r], map_max,
                                ws.map_val.data() + r * map_blocks, ws.map_ref.data() + r * map_blocks);
         };
-        const S* kbase = kp + b * sk_b;
-        const S* vbase = vp + b * sv_b;
         for (int64_t t0 = s0, t1; t0 < s1; t0 = t1) {
           t1 = std::min(t0 + tile, s1);
           const int64_t nk = t1 - t0, n = round_up(nk, NR);
@@ -344,6 +350,15 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           for (int64_t r = 0; r < rows; ++r)
             softmax_row(ws.s.data() + r * stile, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
           map_rows(0, rows, t0);
+          if (exact) {
+            rescale_rows(ws.acc.data(), ws.alpha.data(), rows, Dp);
+            for (int64_t r = 0; r < rows; ++r) {
+              const S* vrow = vbase + t0 * sv_s + (r / group_rows) * sv_h;
+              for (int64_t j = ws.spans[r].v0; j < ws.spans[r].v1; ++j)
+                axpy(ws.s[r * stile + j], vrow + j * sv_s, ws.acc.data() + r * Dp, D);
+            }
+            continue;
+          }
           if (group_rows <= kRowBlock) {
             tile_accumulate(vbase + t0 * sv_s, sv_s, sv_h, nk, s1 - t0, Hkv, group_rows, D, Dp, ws.active.data(), ws,
                             stile);
@@ -357,6 +372,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                     ws.acc.data() + r0 * Dp, Dp, true, ws.alpha.data() + r0);
           }
         }
+        };
+        run(false);
+        if (!all_finite(ws.acc.data(), rows * Dp)) run(true);
         T* o = op + t * rows * D;
         T* l = lp + t * rows;
         for (int64_t r = 0; r < rows; ++r) {
@@ -437,14 +455,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cache_seqlens,
     const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k, double softmax_scale,
     int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max) {
-  check_decode_shapes(q_in, k_in, v_in, cache_seqlens);
+  constexpr const char* op = "decode_attn_fwd";
+  check_decode_args(op, q_in, k_in, v_in, block_keep, block_q, block_k, softmax_scale, window_left, num_splits,
+                    map_cols);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  const at::Tensor lens = cache_seqlens.to(at::kInt).contiguous();
+  const at::Tensor lens = checked_lengths(op, "cache_seqlens", cache_seqlens, q.size(0), k.size(1));
+  window_left = std::min(window_left, k.size(1));  // wider than the cache: unbounded (and no overflow)
   BlockKeep keep;
   at::Tensor keep_t;
   if (block_keep.has_value() && block_keep->defined()) {
     keep_t = block_keep->to(at::kByte).contiguous();
-    TORCH_CHECK(keep_t.dim() == 4, "block_keep must be (B, H, Nq, Nk)");
     keep = {keep_t.data_ptr<uint8_t>(), keep_t.size(0), keep_t.size(1), keep_t.size(2), keep_t.size(3), block_q,
             block_k};
   }

@@ -273,19 +273,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_attn_fwd_cpu(const at::Te
                                                         const c10::optional<at::Tensor>& seqlens, int64_t topk,
                                                         int64_t local, bool causal, double softmax_scale,
                                                         bool return_indices) {
-  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 && qs_in.dim() == 4 && ks_in.dim() == 4,
-              "lowrank_attn_fwd: q, k, v, q_score, k_score must be 4-d");
-  TORCH_CHECK(k_in.sizes() == v_in.sizes() && q_in.size(0) == k_in.size(0) && q_in.size(3) == k_in.size(3),
-              "lowrank_attn_fwd: q/k/v shapes do not fit");
-  TORCH_CHECK(q_in.size(2) % k_in.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  constexpr const char* op = "lowrank_attn_fwd";
+  check_qkv_args(op, q_in, k_in, v_in);
+  check_scale_arg(op, softmax_scale);
+  TORCH_CHECK(qs_in.dim() == 4 && ks_in.dim() == 4, op, ": q_score and k_score must be 4-d");
   TORCH_CHECK(qs_in.sizes().slice(0, 3) == q_in.sizes().slice(0, 3) &&
                   ks_in.sizes().slice(0, 3) == k_in.sizes().slice(0, 3) && qs_in.size(3) == ks_in.size(3) &&
                   qs_in.size(3) >= 1 && qs_in.size(3) <= q_in.size(3),
-              "lowrank_attn_fwd: q_score (B, Sq, H, R) and k_score (B, Sk, Hkv, R) must fit q and k");
-  TORCH_CHECK(topk >= 1 && local >= 0 && local <= topk, "lowrank_attn_fwd: need topk >= 1 and 0 <= local <= topk");
+              op, ": q_score (B, Sq, H, R) and k_score (B, Sk, Hkv, R) must fit q and k with 1 <= R <= D");
+  TORCH_CHECK(qs_in.device() == q_in.device() && ks_in.device() == q_in.device(), op,
+              ": q_score and k_score must be on q's device");
+  TORCH_CHECK(topk >= 1 && local >= 0 && local <= topk, op, ": need topk >= 1 and 0 <= local <= topk, got topk=",
+              topk, ", local=", local);
   const auto dtype = q_in.scalar_type();
-  for (const auto* t : {&k_in, &v_in})
-    TORCH_CHECK(t->scalar_type() == dtype, "lowrank_attn_fwd: q, k, v must share a dtype");
   const auto score_dtype = qs_in.scalar_type();
   TORCH_CHECK(ks_in.scalar_type() == score_dtype && (score_dtype == dtype || score_dtype == at::kBFloat16 ||
                                                       score_dtype == at::kHalf),
@@ -297,8 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_attn_fwd_cpu(const at::Te
   local = std::min(local, topk);
   at::Tensor lens;
   if (seqlens.has_value() && seqlens->defined()) {
-    TORCH_CHECK(seqlens->dim() == 1 && seqlens->size(0) == B, "lowrank_attn_fwd: seqlens must be (B,)");
-    lens = seqlens->to(at::kInt).clamp(0, Sk).contiguous();
+    lens = checked_lengths(op, "seqlens", *seqlens, B, Sk);
   } else {
     lens = at::full({B}, Sk, q.options().dtype(at::kInt));
   }

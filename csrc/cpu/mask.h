@@ -19,8 +19,10 @@ struct Predicates {
   int64_t left = -1, right = -1;  // window; -1 is unbounded. causal is right = 0.
 
   Predicates(int64_t sq, int64_t sk, bool causal, int64_t window_left, int64_t window_right)
-      : Sq(sq), Sk(sk), offset(sk - sq), left(window_left < 0 ? -1 : window_left),
-        right(window_right < 0 ? -1 : window_right) {
+      // A window wider than the sequences is unbounded in effect; clamping keeps i + offset - left
+      // and friends far from int64 overflow whatever the caller passed.
+      : Sq(sq), Sk(sk), offset(sk - sq), left(window_left < 0 ? -1 : std::min(window_left, sk)),
+        right(window_right < 0 ? -1 : std::min(window_right, sq)) {
     if (causal) right = 0;
   }
   // Keys [key_lo(i), key_hi(i)) are visible to query i.

@@ -107,13 +107,18 @@ void route(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t
 
 std::tuple<at::Tensor, at::Tensor> moba_route_cpu(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_size,
                                                   int64_t topk, bool causal, int64_t route_block) {
-  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, "moba_route: q and k must be 4-d");
-  TORCH_CHECK(q_in.size(0) == k_in.size(0) && q_in.size(1) == k_in.size(1) && q_in.size(3) == k_in.size(3),
-              "moba_route: q (B, S, H, D) and k (B, S, Hkv, D) do not fit");
-  TORCH_CHECK(k_in.size(2) > 0 && q_in.size(2) % k_in.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
-  TORCH_CHECK(route_block > 0 && block_size > 0 && block_size % route_block == 0 && topk >= 1,
-              "moba_route: block_size must be a positive multiple of route_block, topk >= 1");
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in.to(q_in.scalar_type()));
+  constexpr const char* op = "moba_route";
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, op, ": q and k must be 4-d");
+  TORCH_CHECK(q_in.size(0) == k_in.size(0) && q_in.size(1) == k_in.size(1) && q_in.size(3) == k_in.size(3), op,
+              ": q (B, S, H, D) and k (B, S, Hkv, D) do not fit: ", q_in.sizes(), ", ", k_in.sizes());
+  TORCH_CHECK(k_in.size(2) >= 1 && q_in.size(2) % k_in.size(2) == 0, op, ": num_heads (", q_in.size(2),
+              ") must be a multiple of num_kv_heads (", k_in.size(2), ") >= 1");
+  TORCH_CHECK(is_attention_dtype(q_in.scalar_type()) && k_in.scalar_type() == q_in.scalar_type(), op,
+              ": q and k must share a floating dtype, got ", q_in.scalar_type(), " and ", k_in.scalar_type());
+  TORCH_CHECK(q_in.device() == k_in.device(), op, ": q and k must be on one device");
+  TORCH_CHECK(route_block > 0 && block_size > 0 && block_size % route_block == 0 && topk >= 1, op,
+              ": block_size must be a positive multiple of route_block, topk >= 1");
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in);
   const int64_t S = q.size(1);
   const int64_t num_tiles = (S + route_block - 1) / route_block;
   const int64_t num_moba = (S + block_size - 1) / block_size;

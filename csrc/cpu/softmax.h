@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "cpu/gemm.h"
 #include "cpu/vec.h"
 
 namespace attnops::cpu {
@@ -30,6 +31,35 @@ inline void mask_row(T* s, RowSpan span, int64_t n) {
 template <typename T>
 inline void zero_row(T* s, int64_t n) {
   std::fill(s, s + n, T(0));
+}
+
+// Zeroes a row of probabilities (or their gradients) outside [v0, v1): masked entries must be exact
+// zeros even where exp2 made NaN of them (a NaN lse) or a NaN dP multiplied them, or the products
+// below would carry the NaN to rows and keys that never attend each other.
+template <typename T>
+inline void zero_outside(T* s, RowSpan span, int64_t n) {
+  std::fill(s, s + std::clamp<int64_t>(span.v0, 0, n), T(0));
+  std::fill(s + std::clamp<int64_t>(span.v1, 0, n), s + n, T(0));
+}
+
+// C[r] (+)= A[r, v0:v1] B[v0:v1, :] row by row, each over its own span only (B in GEMM panels). The
+// products of the rare calls whose operands hold NaN or Inf: one GEMM over the whole tile multiplies
+// the masked zeros of A by B's rows too, and 0 * NaN = NaN would reach rows that never attend them.
+template <typename T>
+inline void gemm_in_spans(int64_t rows, const RowSpan* spans, int64_t N, const T* A, int64_t lda, const T* B,
+                          int64_t strip, T* C, int64_t ldc, bool accumulate, const T* c_scale = nullptr) {
+  constexpr int64_t NR = kGemmN<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const RowSpan span = spans[r];
+    T* c = C + r * ldc;
+    if (span.empty()) {  // what the GEMM does to a row of zeros
+      if (!accumulate) std::fill(c, c + N, T(0));
+      else if (c_scale && c_scale[r] != T(1)) for (int64_t j = 0; j < N; ++j) c[j] *= c_scale[r];
+      continue;
+    }
+    gemm<T>(1, N, span.v1 - span.v0, A + r * lda + span.v0, lda, B + span.v0 * NR, strip, c, ldc, accumulate,
+            c_scale ? c_scale + r : nullptr);
+  }
 }
 
 // One online-softmax step on a tile row: updates the running max m and sum l, turns s into P and

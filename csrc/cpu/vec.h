@@ -95,6 +95,23 @@ inline T hsum(vec_t<T> v) {
   }
 }
 
+// No NaN or Inf among p[0, n): x - x is 0 for finite x and NaN otherwise. A check on a task's outputs
+// (rows x D) that picks the rare exact path for non-finite inputs, at the cost of one pass in L1.
+template <typename T>
+inline bool all_finite(const T* p, int64_t n) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  V acc{};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V x = vload(p + i);
+    acc += x - x;
+  }
+  T r = hsum<T>(acc);
+  for (; i < n; ++i) r += p[i] - p[i];
+  return r == r;
+}
+
 // 2^x for a vector of floats, x <= 127 (softmax feeds s - max <= 0). Range reduction x = n + f with
 // n = round(x), |f| <= 1/2, a degree-6 polynomial for 2^f (Cephes exp2f coefficients; measured max
 // relative error 7.9e-8, no bias) and n added to the exponent bits. x below -126 (masked -inf

@@ -17,10 +17,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cache_seqlens,
     const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k, double softmax_scale,
     int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max) {
-  check_decode_shapes(q_in, k_in, v_in, cache_seqlens);
+  constexpr const char* op = "decode_attn_fwd";
+  check_decode_args(op, q_in, k_in, v_in, block_keep, block_q, block_k, softmax_scale, window_left, num_splits,
+                    map_cols);
   // the block map of this backend is a second pass in Python (attnops.kernels.block_map.decode_block_map)
   TORCH_CHECK(map_cols == 0, "the CUDA decode kernel computes no fused block map");
-  TORCH_CHECK(q_in.size(3) <= 256, "head dim above 256");
   const auto dtype = q_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "the CUDA decode kernel takes float32, float16 or bfloat16");
@@ -28,7 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cuda(
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   // The kernel loads a key row as 32 lanes x D/32 elements of one head: heads must be dense rows.
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode: cache rows must be contiguous");
-  const at::Tensor lens = cache_seqlens.to(at::kInt).contiguous();
+  const at::Tensor lens = checked_lengths(op, "cache_seqlens", cache_seqlens, q.size(0), k.size(1));  // clamped
+  window_left = std::min<int64_t>(window_left, k.size(1));
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t Smax = k.size(1), Hkv = k.size(2), rows = (H / Hkv) * Sq;
 

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnops.kernels import _arg_checks as _args
 from attnops.kernels import _registration as _reg
 from attnops.kernels.triton import AUTOTUNE, INTERPRET
 
@@ -52,15 +53,47 @@ def _key_range(m0, Sq, Sk, offset, win_left, win_right, BLOCK_M: tl.constexpr, H
 
 
 @triton.jit
-def _mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N: tl.constexpr,
-                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """-inf outside the predicates, evaluated only on a tile that crosses the sequence end or a
-    window edge (a scalar test for the others)."""
+def _partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr):
+    """Whether a key tile crosses the sequence end or a window edge of some row of the query block
+    (else every pair of the tile attends: nothing to mask)."""
     partial = n0 + BLOCK_N > Sk
     if HAS_LEFT:
         partial = partial | (n0 < lo_last_row)
     if HAS_RIGHT:
         partial = partial | (n0 + BLOCK_N - 1 > hi_first_row)
+    return partial
+
+
+@triton.jit
+def _nonfinite(b_x):
+    """Bool tile: NaN or +-Inf entries."""
+    return (b_x != b_x) | (tl.abs(b_x.to(tl.float32)) == float("inf"))
+
+
+@triton.jit
+def _masked_dot(b_w, b_x, b_keep, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``dot(w, x)`` where ``w`` is 0 outside ``b_keep`` (masked pairs) and ``x`` holds NaN or Inf: a plain
+    dot makes 0 * NaN = NaN of the masked pairs and spreads it to rows that never attend them. Here x's
+    non-finite entries are zeroed for the dot, and the results they would reach through a kept pair
+    become NaN (counted by a second dot). Called only on the rare tiles that need it."""
+    b_bad = _nonfinite(b_x)
+    b_out = tl.dot(b_w.to(DOT_DTYPE), tl.where(b_bad, 0.0, b_x).to(DOT_DTYPE), input_precision=PRECISION)
+    b_hits = tl.dot(b_keep.to(tl.float32), b_bad.to(tl.float32), input_precision="ieee")
+    return tl.where(b_hits > 0, float("nan"), b_out)
+
+
+@triton.jit
+def _any(b_bad):
+    return tl.max(tl.max(b_bad.to(tl.int32), 1), 0) > 0
+
+
+@triton.jit
+def _mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """-inf outside the predicates, evaluated only on a tile that crosses the sequence end or a
+    window edge (a scalar test for the others)."""
+    partial = _partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if partial:
         keep = o_n[None, :] < Sk
         if HAS_LEFT:
@@ -88,7 +121,12 @@ def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks
     b_alpha = tl.math.exp2(b_m - b_m_use)
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0).to(DOT_DTYPE)
-    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(DOT_DTYPE), b_v, input_precision=PRECISION)
+    b_pv = tl.dot(b_p.to(DOT_DTYPE), b_v, input_precision=PRECISION)
+    # Masked pairs exist only on partial tiles; a NaN/Inf value there would reach rows through them.
+    if _partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT, HAS_RIGHT):
+        if _any(_nonfinite(b_v)):
+            b_pv = _masked_dot(b_p, b_v, b_s != float("-inf"), PRECISION, DOT_DTYPE)
+    b_acc = b_acc * b_alpha[:, None] + b_pv
     return b_acc, b_m_new, b_l
 
 
@@ -182,7 +220,17 @@ def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, 
     b_p = tl.math.exp2(b_s - b_l2[:, None])
     b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
     b_ds = b_p * (b_dp - b_delta[:, None])
-    b_dq += tl.dot(b_ds.to(DOT_DTYPE), tl.trans(b_kt), input_precision=PRECISION)
+    if _partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT, HAS_RIGHT):
+        # masked pairs: exact zeros, even where P was NaN (a NaN lse) or dP was (NaN in V)
+        b_keep = b_s != float("-inf")
+        b_ds = tl.where(b_keep, b_ds, 0.0)
+        b_k = tl.trans(b_kt)
+        if _any(_nonfinite(b_k)):
+            b_dq += _masked_dot(b_ds, b_k, b_keep, PRECISION, DOT_DTYPE)
+        else:
+            b_dq += tl.dot(b_ds.to(DOT_DTYPE), b_k, input_precision=PRECISION)
+    else:
+        b_dq += tl.dot(b_ds.to(DOT_DTYPE), tl.trans(b_kt), input_precision=PRECISION)
     return b_dq
 
 
@@ -239,6 +287,18 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx,
 
 
 @triton.jit
+def _dkdv_keep(o_m, o_n, m_m, offset, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) bool: key o_n[j] and query o_m[i] attend each other (query in range, windows)."""
+    o_pos = o_m + offset
+    keep = (o_n[:, None] >= 0) & m_m[None, :]
+    if HAS_LEFT:
+        keep = keep & (o_n[:, None] >= o_pos[None, :] - win_left)
+    if HAS_RIGHT:
+        keep = keep & (o_n[:, None] <= o_pos[None, :] + win_right)
+    return keep
+
+
+@triton.jit
 def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_d, Sq, stride_qs, stride_ds,
                qk_scale, offset, win_left, win_right, k_first, k_last,
                BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
@@ -259,18 +319,29 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
     if HAS_RIGHT:
         partial = partial | (k_last > m0 + offset + win_right)
     if partial:
-        o_pos = o_m + offset
-        keep = m_m[None, :]
-        if HAS_LEFT:
-            keep = keep & (o_n[:, None] >= o_pos[None, :] - win_left)
-        if HAS_RIGHT:
-            keep = keep & (o_n[:, None] <= o_pos[None, :] + win_right)
+        keep = _dkdv_keep(o_m, o_n, m_m, offset, win_left, win_right, HAS_LEFT, HAS_RIGHT)
         b_st = tl.where(keep, b_st, float("-inf"))
     b_pt = tl.math.exp2(b_st - b_l2[None, :])
-    b_dv += tl.dot(b_pt.to(DOT_DTYPE), b_do, input_precision=PRECISION)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
     b_dst = b_pt * (b_dpt - b_delta[None, :])
-    b_dk += tl.dot(b_dst.to(DOT_DTYPE), b_q, input_precision=PRECISION)
+    if partial:
+        # masked pairs: exact zeros (P^T is NaN there under a NaN lse, dP^T under NaN in V or dO), and
+        # products that keep NaN/Inf rows of dO or q away from the keys those rows do not attend.
+        # (keep again: a name bound inside one if-block does not reach the next in compiled Triton)
+        keep = _dkdv_keep(o_m, o_n, m_m, offset, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+        b_pt = tl.where(keep, b_pt, 0.0)
+        b_dst = tl.where(keep, b_dst, 0.0)
+        if _any(_nonfinite(b_do)):
+            b_dv += _masked_dot(b_pt, b_do, keep, PRECISION, DOT_DTYPE)
+        else:
+            b_dv += tl.dot(b_pt.to(DOT_DTYPE), b_do, input_precision=PRECISION)
+        if _any(_nonfinite(b_q)):
+            b_dk += _masked_dot(b_dst, b_q, keep, PRECISION, DOT_DTYPE)
+        else:
+            b_dk += tl.dot(b_dst.to(DOT_DTYPE), b_q, input_precision=PRECISION)
+    else:
+        b_dv += tl.dot(b_pt.to(DOT_DTYPE), b_do, input_precision=PRECISION)
+        b_dk += tl.dot(b_dst.to(DOT_DTYPE), b_q, input_precision=PRECISION)
     return b_dk, b_dv
 
 
@@ -456,8 +527,16 @@ def _dense_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, softmax_scale, causal, window_left, window_right,
-         map_rows=0, map_cols=0, map_max=False):
+def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k, softmax_scale, causal,
+         window_left, window_right, map_rows=0, map_cols=0, map_max=False):
+    op = "block_sparse_attn_fwd_triton"
+    _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
+                                  softmax_scale, window_left, window_right, transposed_values=False)
+    if map_rows < 0 or map_cols < 0 or (map_rows > 0) != (map_cols > 0):
+        raise RuntimeError(f"{op}: map_rows and map_cols must both be > 0 (a block map) or both 0, "
+                           f"got ({map_rows}, {map_cols})")
+    if map_rows and (block_q if kv_num_blocks is not None else 64) % map_rows:
+        raise RuntimeError(f"{op}: block map: map_rows ({map_rows}) must divide the LUT's query block")
     _check(q)
     q, k, v = (_dense_last_dim(t) for t in (q, k, v))
     B, Sq, H, _ = q.shape
@@ -483,6 +562,10 @@ def _fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, softmax_scale, ca
 
 def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
          softmax_scale, causal, window_left, window_right):
+    op = "block_sparse_attn_bwd_triton"
+    _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
+                                  softmax_scale, window_left, window_right, transposed_values=True)
+    _args.check_backward_args(op, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks)
     _check(q)
     q, k, v, out = (_dense_last_dim(t) for t in (q, k, v, out))
     dout = dout.to(q.dtype).contiguous()  # the gradient of .sum() arrives with stride 0
@@ -526,8 +609,8 @@ def block_sparse_attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  block_q: int, block_k: int, softmax_scale: float, causal: bool, window_left: int,
                                  window_right: int, map_rows: int = 0, map_cols: int = 0,
                                  map_max: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, softmax_scale, causal, window_left, window_right,
-                map_rows, map_cols, map_max)
+    return _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k, softmax_scale, causal,
+                window_left, window_right, map_rows, map_cols, map_max)
 
 
 @torch.library.custom_op("attnops::block_sparse_attn_bwd_triton", mutates_args=())

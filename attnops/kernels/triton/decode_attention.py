@@ -14,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from attnops.kernels import _arg_checks as _args
 from attnops.kernels import _registration as _reg
 from attnops.kernels.triton import INTERPRET
-from attnops.kernels.triton.block_sparse_attention import LOG2E, _DOT_DTYPES, _precision
+from attnops.kernels.triton.block_sparse_attention import LOG2E, _DOT_DTYPES, _any, _masked_dot, _nonfinite, _precision
 
 
 @triton.jit
@@ -68,7 +69,11 @@ def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart,
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
                       other=0.0).to(DOT_DTYPE)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(DOT_DTYPE), b_v, input_precision=PRECISION)
+        if _any(_nonfinite(b_v)):  # NaN/Inf values must reach only the rows that attend them
+            b_pv = _masked_dot(b_p, b_v, keep, PRECISION, DOT_DTYPE)
+        else:
+            b_pv = tl.dot(b_p.to(DOT_DTYPE), b_v, input_precision=PRECISION)
+        b_acc = b_acc * b_alpha[:, None] + b_pv
         b_m = b_m_new
     empty = b_l == 0.0
     b_o = tl.where(empty[:, None], 0.0, b_acc / tl.where(empty, 1.0, b_l)[:, None])
@@ -121,6 +126,11 @@ def _num_splits(B: int, Hkv: int, row_chunks: int, max_len: int, device: torch.d
 
 def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, softmax_scale, window_left,
             num_splits):
+    op = "decode_attn_fwd_triton"
+    _args.check_decode_args(op, q, k_cache, v_cache, block_keep, block_q, block_k, softmax_scale, window_left,
+                            num_splits)
+    lens = _args.checked_lengths(op, "cache_seqlens", cache_seqlens, q.shape[0], k_cache.shape[1]).contiguous()
+    window_left = min(window_left, k_cache.shape[1])  # wider than the cache: unbounded
     if q.dtype == torch.float64:
         raise TypeError("the triton backend does not support float64; use backend='cpu' or 'reference'")
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
@@ -140,7 +150,6 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, so
     chunk = triton.cdiv(triton.cdiv(Smax, splits), block_n) * block_n
     opart = torch.empty((B * Hkv * splits, rows, D), dtype=torch.float32, device=q.device)
     lpart = torch.empty((B * Hkv * splits, rows), dtype=torch.float32, device=q.device)
-    lens = cache_seqlens.to(torch.int32).contiguous()
     if has_keep:
         keep = block_keep.to(torch.uint8).contiguous()
         keep_strides = (keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(1) if keep.shape[1] > 1 else 0,

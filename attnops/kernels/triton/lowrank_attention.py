@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnops.kernels import _arg_checks as _args
 from attnops.kernels import _registration as _reg
 from attnops.kernels.triton import INTERPRET
 from attnops.kernels.triton.block_sparse_attention import LOG2E, _DOT_DTYPES, _precision
@@ -121,6 +122,18 @@ def _lowrank_gather_kernel(Q, K, V, Idx, Lens, OPart, LPart, stride_qb, stride_q
 
 
 def _lowrank(q, k, v, q_score, k_score, seqlens, topk, local, causal, softmax_scale, return_indices):
+    op = "lowrank_attn_fwd_triton"
+    _args.check_qkv_args(op, q, k, v)
+    _args.check_window_args(op, -1, -1, softmax_scale)
+    if (q_score.dim() != 4 or k_score.dim() != 4 or q_score.shape[:3] != q.shape[:3] or k_score.shape[:3] != k.shape[:3]
+            or q_score.shape[3] != k_score.shape[3] or not 1 <= q_score.shape[3] <= q.shape[3]):
+        raise RuntimeError(f"{op}: q_score (B, Sq, H, R) and k_score (B, Sk, Hkv, R) must fit q and k with 1 <= R <= D")
+    if q_score.dtype != k_score.dtype or q_score.dtype not in (q.dtype, torch.bfloat16, torch.float16):
+        raise RuntimeError(f"{op}: q_score and k_score must share a dtype: q's, bfloat16 or float16")
+    if not (topk >= 1 and 0 <= local <= topk):
+        raise RuntimeError(f"{op}: need topk >= 1 and 0 <= local <= topk, got topk={topk}, local={local}")
+    if seqlens is not None:
+        seqlens = _args.checked_lengths(op, "seqlens", seqlens, q.shape[0], k.shape[1])
     if q.dtype == torch.float64:
         raise TypeError("the triton backend does not support float64; use backend='cpu' or 'reference'")
     q, k, v, q_score, k_score = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, q_score, k_score))

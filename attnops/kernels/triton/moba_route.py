@@ -99,6 +99,15 @@ def _route_kernel(Q, KMean, Counts, Indices, S, H, G, Hkv, NB, D, block_size, su
 
 
 def _route(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, causal: bool, route_block: int):
+    op = "moba_route_triton"
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise RuntimeError(f"{op}: q (B, S, H, D) and k (B, S, Hkv, D) do not fit: {tuple(q.shape)}, {tuple(k.shape)}")
+    if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+        raise RuntimeError(f"{op}: num_heads ({q.shape[2]}) must be a multiple of num_kv_heads ({k.shape[2]}) >= 1")
+    if not q.is_floating_point() or q.dtype != k.dtype or q.device != k.device:
+        raise RuntimeError(f"{op}: q and k must share a floating dtype and a device, got {q.dtype}, {k.dtype}")
+    if route_block < 1 or block_size < 1 or block_size % route_block or topk < 1:
+        raise RuntimeError(f"{op}: block_size must be a positive multiple of route_block, topk >= 1")
     B, S, H, D = q.shape
     Hkv = k.shape[2]
     num_tiles, nb = -(-S // route_block), -(-S // block_size)

@@ -1,0 +1,142 @@
+"""Argument checks of the operators registered in Python (the Triton kernels): the mirror of
+csrc/checks.h. Users and torch.compile call ``torch.ops.attnops.*_triton`` directly, past the Python
+ops' friendly checks, so each operator checks what its kernel will trust (shapes, dtypes, block
+sizes, LUT and length values) and raises ``RuntimeError`` rather than read out of bounds. Values are
+read from CPU tensors only (the interpreter); on a GPU a read would synchronise the stream, and the
+kernels clamp LUT entries and lengths instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fail(op: str, message: str) -> None:
+    raise RuntimeError(f"{op}: {message}")
+
+
+def check_qkv_args(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q (B, Sq, H, D), k and v (B, Sk, Hkv, D) of one floating dtype on one device, H % Hkv == 0."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        _fail(op, f"q, k, v must be 4-d (B, S, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        _fail(op, f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        _fail(op, f"q {tuple(q.shape)} and k/v {tuple(k.shape)} differ in batch or head dim")
+    if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+        _fail(op, f"num_heads ({q.shape[2]}) must be a multiple of num_kv_heads ({k.shape[2]}) >= 1")
+    if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
+        _fail(op, f"head dim {q.shape[3]} is not in [1, {MAX_HEAD_DIM}]")
+    if q.dtype not in _DTYPES or not q.dtype == k.dtype == v.dtype:
+        _fail(op, f"q, k, v must share a floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        _fail(op, "q, k, v must be on one device")
+
+
+def check_window_args(op: str, left: int, right: int, softmax_scale: float) -> None:
+    if left < -1 or right < -1:
+        _fail(op, f"window entries must be >= -1 (-1: unbounded), got ({left}, {right})")
+    if not math.isfinite(float(softmax_scale)):
+        _fail(op, f"softmax_scale must be finite, got {softmax_scale}")
+
+
+def check_lut_args(op: str, what: str, counts: Optional[torch.Tensor], indices: Optional[torch.Tensor], B: int,
+                   H: int, row_len: int, col_len: int, row_block: int, col_block: int, check_values: bool = True) -> None:
+    """A compressed-row LUT (attnops.BlockMask) over ``ceil(row_len / row_block)`` rows and
+    ``ceil(col_len / col_block)`` column blocks, as csrc/checks.h ``check_lut_args``."""
+    if (counts is None) != (indices is None):
+        _fail(op, f"{what}: counts and indices come together")
+    if counts is None:
+        return
+    if row_block < 1 or col_block < 1:
+        _fail(op, f"{what}: block sizes must be >= 1, got ({row_block}, {col_block})")
+    if counts.dtype != torch.int32 or indices.dtype != torch.int32:
+        _fail(op, f"{what} tensors must be int32")
+    rows, cols = -(-row_len // row_block), -(-col_len // col_block)
+    if counts.dim() != 3 or indices.dim() != 4 or indices.shape[:3] != counts.shape:
+        _fail(op, f"{what}: counts must be (B, H, N) and indices (B, H, N, W), got {tuple(counts.shape)} and "
+                  f"{tuple(indices.shape)}")
+    if counts.shape[0] not in (1, B) or counts.shape[1] not in (1, H):
+        _fail(op, f"{what}: batch/heads {tuple(counts.shape[:2])} must be 1 or ({B}, {H})")
+    if counts.shape[2] != rows:
+        _fail(op, f"{what} has {counts.shape[2]} rows, {row_len} positions at block {row_block} need {rows}")
+    if not check_values or counts.numel() == 0 or counts.device.type != "cpu":
+        return
+    width = indices.shape[3]
+    if bool((counts < 0).any()) or bool((counts > min(width, cols)).any()):
+        _fail(op, f"{what}: counts must lie in [0, min(width {width}, blocks {cols})]")
+    valid = torch.arange(width) < counts.unsqueeze(-1)
+    if bool(((indices < 0) | (indices >= cols))[valid].any()):
+        _fail(op, f"{what}: block indices out of range [0, {cols})")
+    if width > 1 and bool((indices[..., 1:] <= indices[..., :-1])[valid[..., 1:]].any()):
+        _fail(op, f"{what}: block indices must be strictly ascending")
+
+
+def check_block_sparse_args(op: str, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q: int,
+                            block_k: int, softmax_scale: float, window_left: int, window_right: int,
+                            transposed_values: bool) -> None:
+    check_qkv_args(op, q, k, v)
+    check_window_args(op, window_left, window_right, softmax_scale)
+    B, Sq, H, _ = q.shape
+    Sk = k.shape[1]
+    check_lut_args(op, "block LUT (kv_num_blocks, kv_indices)", kv_num_blocks, kv_indices, B, H, Sq, Sk, block_q,
+                   block_k)
+    check_lut_args(op, "transposed block LUT (q_num_blocks, q_indices)", q_num_blocks, q_indices, B, H, Sk, Sq,
+                   block_k, block_q, transposed_values)
+    if kv_num_blocks is None and q_num_blocks is not None:
+        _fail(op, "a transposed block LUT without the block LUT")
+
+
+def check_backward_args(op: str, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks) -> None:
+    if (kv_num_blocks is None) != (q_num_blocks is None):
+        _fail(op, "the backward needs both the block LUT and its transpose")
+    if dout.shape != q.shape or out.shape != q.shape:
+        _fail(op, f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
+    if out.dtype != q.dtype or not dout.is_floating_point():
+        _fail(op, "out must have q's dtype and dout be floating point")
+    B, Sq, H, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if lse.shape != (B, H, Sq) or lse.dtype != lse_dtype:
+        _fail(op, f"lse must be {(B, H, Sq)} in {lse_dtype}, got {tuple(lse.shape)} in {lse.dtype}")
+    if dlse is not None and (dlse.shape != (B, H, Sq) or not dlse.is_floating_point()):
+        _fail(op, f"dlse must be a floating {(B, H, Sq)} tensor, got {tuple(dlse.shape)}")
+
+
+def checked_lengths(op: str, what: str, lens: torch.Tensor, batch: int, max_len: int) -> torch.Tensor:
+    """An integer ``(B,)`` tensor of lengths in ``[0, max_len]``, as int32: checked in its own dtype
+    before narrowing (``2**32 + 5`` must not become 5); GPU tensors are clamped instead of read."""
+    if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
+        _fail(op, f"{what} must be an integer tensor, got {lens.dtype}")
+    if lens.shape != (batch,):
+        _fail(op, f"{what} must be (B,) = ({batch},), got {tuple(lens.shape)}")
+    if lens.device.type != "cpu":
+        return lens.clamp(0, max_len).to(torch.int32)
+    if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > max_len):
+        _fail(op, f"{what} must lie in [0, {max_len}], got [{int(lens.min())}, {int(lens.max())}]")
+    return lens.to(torch.int32)
+
+
+def check_decode_args(op: str, q, k, v, block_keep, block_q: int, block_k: int, softmax_scale: float,
+                      window_left: int, num_splits: int) -> None:
+    check_qkv_args(op, q, k, v)
+    check_window_args(op, window_left, -1, softmax_scale)
+    if num_splits < 0:
+        _fail(op, f"num_splits must be >= 0 (0: automatic), got {num_splits}")
+    if block_keep is None:
+        return
+    if block_keep.dtype not in (torch.uint8, torch.bool):
+        _fail(op, f"block_keep must be uint8 or bool, got {block_keep.dtype}")
+    if block_q < 1 or block_k < 1:
+        _fail(op, f"block sizes must be >= 1 with block_keep, got ({block_q}, {block_k})")
+    nq, nk = -(-q.shape[1] // block_q), -(-k.shape[1] // block_k)
+    if (block_keep.dim() != 4 or block_keep.shape[0] not in (1, q.shape[0]) or block_keep.shape[1] not in (1, q.shape[2])
+            or block_keep.shape[2] < nq or block_keep.shape[3] < nk):
+        _fail(op, f"block_keep must be (B|1, H|1, >= {nq}, >= {nk}), got {tuple(block_keep.shape)}")
+    if block_keep.device != q.device:
+        _fail(op, "block_keep must be on q's device")

@@ -1,0 +1,139 @@
+// Argument checks of the registered operators, shared by their CPU and CUDA implementations.
+//
+// The Python ops validate user input once with friendly messages (attnops/ops/_checks.py), but users
+// and torch.compile call torch.ops.attnops.* directly, so every operator checks what it is about to
+// trust before touching memory: shapes, dtypes, divisibility, block sizes, and the values of block
+// LUTs and sequence lengths that become indices. A bad call is a RuntimeError, never a signal or an
+// out-of-bounds read. Value checks read CPU tensors only (on a GPU they would synchronise the stream;
+// the GPU paths clamp instead).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace attnops {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+inline bool is_attention_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// q (B, Sq, H, D), k and v (B, Sk, Hkv, D) of one floating dtype on one device, H % Hkv == 0,
+// 1 <= D <= kMaxHeadDim.
+inline void check_qkv_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-d (B, S, H, D), got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0), op, ": batch sizes differ: q ", q.size(0), ", k/v ", k.size(0));
+  TORCH_CHECK(q.size(3) == k.size(3), op, ": head dims differ: q ", q.size(3), ", k/v ", k.size(3));
+  TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, op, ": num_heads (", q.size(2),
+              ") must be a multiple of num_kv_heads (", k.size(2), ") >= 1");
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, op, ": head dim ", q.size(3), " is not in [1, ",
+              kMaxHeadDim, "]");
+  TORCH_CHECK(is_attention_dtype(q.scalar_type()), op, ": dtype ", q.scalar_type(),
+              " is not float16, bfloat16, float32 or float64");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), op,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.device() == k.device() && k.device() == v.device(), op, ": q, k, v must be on one device");
+}
+
+inline void check_window_args(const char* op, int64_t left, int64_t right) {
+  TORCH_CHECK(left >= -1 && right >= -1, op, ": window entries must be >= -1 (-1: unbounded), got (", left, ", ",
+              right, ")");
+}
+
+inline void check_scale_arg(const char* op, double softmax_scale) {
+  TORCH_CHECK(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+}
+
+// A compressed-row block LUT (attnops.BlockMask): counts (Bm, Hm, rows) and indices (Bm, Hm, rows, W),
+// int32, contiguous, Bm in {1, B}, Hm in {1, H}, rows = ceil(row_len / row_block); each row's count in
+// [0, min(W, cols)] and its first `count` indices strictly ascending in [0, cols), cols =
+// ceil(col_len / col_block). Absent (None) is fine: no LUT. `check_values` reads the LUT (CPU only).
+inline void check_lut_args(const char* op, const char* what, const c10::optional<at::Tensor>& counts_opt,
+                           const c10::optional<at::Tensor>& indices_opt, int64_t B, int64_t H, int64_t row_len,
+                           int64_t col_len, int64_t row_block, int64_t col_block, bool check_values) {
+  const bool has_counts = counts_opt.has_value() && counts_opt->defined();
+  const bool has_indices = indices_opt.has_value() && indices_opt->defined();
+  TORCH_CHECK(has_counts == has_indices, op, ": ", what, ": counts and indices come together");
+  if (!has_counts) return;
+  const at::Tensor& counts = *counts_opt;
+  const at::Tensor& indices = *indices_opt;
+  TORCH_CHECK(row_block >= 1 && col_block >= 1, op, ": ", what, ": block sizes must be >= 1, got (", row_block, ", ",
+              col_block, ")");
+  TORCH_CHECK(counts.scalar_type() == at::kInt && indices.scalar_type() == at::kInt, op, ": ", what,
+              " tensors must be int32");
+  TORCH_CHECK(counts.is_contiguous() && indices.is_contiguous(), op, ": ", what, " tensors must be contiguous");
+  const int64_t rows = ceil_div(row_len, row_block), cols = ceil_div(col_len, col_block);
+  TORCH_CHECK(counts.dim() == 3 && indices.dim() == 4 && indices.size(0) == counts.size(0) &&
+                  indices.size(1) == counts.size(1) && indices.size(2) == counts.size(2),
+              op, ": ", what, ": counts must be (B, H, N) and indices (B, H, N, W), got ", counts.sizes(), " and ",
+              indices.sizes());
+  TORCH_CHECK((counts.size(0) == 1 || counts.size(0) == B) && (counts.size(1) == 1 || counts.size(1) == H), op,
+              ": ", what, ": batch/heads ", counts.size(0), ", ", counts.size(1), " must be 1 or (", B, ", ", H, ")");
+  TORCH_CHECK(counts.size(2) == rows, op, ": ", what, " has ", counts.size(2), " rows, ", row_len,
+              " positions at block ", row_block, " need ", rows);
+  if (!check_values || counts.numel() == 0 || !counts.device().is_cpu()) return;
+  const int64_t width = indices.size(3);
+  const int32_t* c = counts.data_ptr<int32_t>();
+  const int32_t* idx = indices.data_ptr<int32_t>();
+  for (int64_t r = 0; r < counts.numel(); ++r) {
+    TORCH_CHECK(c[r] >= 0 && c[r] <= width && c[r] <= cols, op, ": ", what, ": a row keeps ", c[r],
+                " blocks; counts must lie in [0, min(width ", width, ", blocks ", cols, ")]");
+    const int32_t* row = idx + r * width;
+    for (int64_t j = 0; j < c[r]; ++j) {
+      TORCH_CHECK(row[j] >= 0 && row[j] < cols, op, ": ", what, ": block index ", row[j], " out of range [0, ", cols,
+                  ")");
+      TORCH_CHECK(j == 0 || row[j] > row[j - 1], op, ": ", what, ": block indices must be strictly ascending");
+    }
+  }
+}
+
+// Sequence lengths that become indices: an integer (B,) tensor, every value in [0, max_len] (checked in
+// the tensor's own dtype, before any narrowing to int32: 2^32 + 5 must not become 5). Returns them as
+// int32. GPU tensors are clamped to [0, max_len] instead of read (a read would synchronise the stream).
+inline at::Tensor checked_lengths(const char* op, const char* what, const at::Tensor& lens, int64_t B,
+                                  int64_t max_len) {
+  TORCH_CHECK(at::isIntegralType(lens.scalar_type(), /*includeBool=*/false), op, ": ", what,
+              " must be an integer tensor, got ", lens.scalar_type());
+  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == B, op, ": ", what, " must be (B,) = (", B, ",), got ", lens.sizes());
+  if (!lens.device().is_cpu()) return lens.clamp(0, max_len).to(at::kInt).contiguous();
+  if (B > 0) {
+    const at::Tensor wide = lens.to(at::kLong);
+    const int64_t lo = wide.min().item<int64_t>(), hi = wide.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi <= max_len, op, ": ", what, " must lie in [0, ", max_len, "], got [", lo, ", ", hi, "]");
+  }
+  return lens.to(at::kInt).contiguous();
+}
+
+// Shape checks of decode_attn_fwd shared by its CPU and CUDA implementations. block_keep is a uint8
+// (or bool) (Bm, Hm, Nq, Nk) bitmap with Bm in {1, B}, Hm in {1, H} covering every query and cache
+// block the kernels look up.
+inline void check_decode_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k,
+                              double softmax_scale, int64_t window_left, int64_t num_splits, int64_t map_cols) {
+  check_qkv_args(op, q, k, v);
+  check_window_args(op, window_left, -1);
+  check_scale_arg(op, softmax_scale);
+  TORCH_CHECK(num_splits >= 0, op, ": num_splits must be >= 0 (0: automatic), got ", num_splits);
+  TORCH_CHECK(map_cols >= 0, op, ": map_cols must be >= 0, got ", map_cols);
+  if (!block_keep.has_value() || !block_keep->defined()) return;
+  const at::Tensor& keep = *block_keep;
+  TORCH_CHECK(keep.scalar_type() == at::kByte || keep.scalar_type() == at::kBool, op,
+              ": block_keep must be uint8 or bool, got ", keep.scalar_type());
+  TORCH_CHECK(block_q >= 1 && block_k >= 1, op, ": block sizes must be >= 1 with block_keep, got (", block_q, ", ",
+              block_k, ")");
+  TORCH_CHECK(keep.dim() == 4 && (keep.size(0) == 1 || keep.size(0) == q.size(0)) &&
+                  (keep.size(1) == 1 || keep.size(1) == q.size(2)) && keep.size(2) >= ceil_div(q.size(1), block_q) &&
+                  keep.size(3) >= ceil_div(k.size(1), block_k),
+              op, ": block_keep must be (B|1, H|1, >= ", ceil_div(q.size(1), block_q), ", >= ",
+              ceil_div(k.size(1), block_k), "), got ", keep.sizes());
+  TORCH_CHECK(keep.device() == q.device(), op, ": block_keep must be on q's device");
+}
+
+}  // namespace attnops
