@@ -4,9 +4,9 @@ Block-sparse, linear, block-routed, multi-query and low-rank-key attention on on
 flash core, with C++ (CPU), Triton and CUDA kernels behind one dispatcher.
 """
 
-from attnops import dispatch
-from attnops.kv_cache import KVCache
-from attnops.masks import BlockMask
+from attnops.core import dispatch
+from attnops.core.masks import BlockMask
+from attnops.ops import KVCache
 from attnops.ops import (AttentionLseMapOutput, AttentionMapOutput, AttentionOutput, LinearAttentionMapOutput,
                          LinearAttentionOutput, attention, block_sparse_attention, decode_attention, linear_attention,
                          lowrank_key_attention,

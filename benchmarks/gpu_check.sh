@@ -14,7 +14,7 @@ t0=$(date +%s)
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py -q build_ext --inplace >"$W/build.log" 2>&1 \
   || { tail -40 "$W/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-python3 -c "import attnops.dispatch as d; print({b: d.is_available(b) for b in d.BACKENDS})"
+python3 -c "import attnops.core.dispatch as d; print({b: d.is_available(b) for b in d.BACKENDS})"
 if [ "$TEST_S" -gt 0 ]; then
   timeout "$TEST_S" python3 -m pytest tests -v -n 8 -p no:cacheprovider --timeout 200 --durations=10 \
     -k "cuda or decode or compile or mqa" >"$W/tests.log" 2>&1

@@ -11,13 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import importlib  # noqa: E402
-
 import attnops  # noqa: E402
-
-# the package re-exports a function of the module's name: take the module itself
-tbs = importlib.import_module("attnops.kernels.triton.block_sparse_attention")
-tdec = importlib.import_module("attnops.kernels.triton.decode_attention")
+from attnops.ops.decode import triton as tdec  # noqa: E402
+from attnops.ops.softmax import triton as tbs  # noqa: E402
 
 B, H, N, D = 4, 16, 1024, 64
 q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -34,7 +30,7 @@ def fb():
 
 
 layers = {
-    "launcher _fwd": lambda: tbs._fwd(qd, kd, vd, None, None, 0, 0, scale, False, -1, -1),
+    "launcher _fwd": lambda: tbs._fwd(qd, kd, vd, None, None, None, None, 0, 0, scale, False, -1, -1),
     "custom op fwd": lambda: torch.ops.attnops.block_sparse_attn_fwd_triton(qd, kd, vd, None, None, None, None, 0, 0,
                                                                             scale, False, -1, -1),
     "attention fwd (no grad)": lambda: attnops.attention(qd, kd, vd),

@@ -24,8 +24,7 @@ else:
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers on two cores: no oversubscription
 
-from attnops import dispatch  # noqa: E402
-from attnops.kernels import cpu as cpu_backend  # noqa: E402
+from attnops.core import backends, dispatch  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON = dispatch.is_available("triton")
@@ -59,14 +58,14 @@ def _poisoning(fn):
 
 @pytest.fixture(autouse=True, scope="session")
 def _poison_outputs():
-    previous = cpu_backend.set_poison_outputs(True)
+    previous = backends.set_poison_outputs(True)
     originals = (torch.empty, torch.empty_like, torch.Tensor.new_empty)
     torch.empty = _poisoning(torch.empty)
     torch.empty_like = _poisoning(torch.empty_like)
     torch.Tensor.new_empty = _poisoning(torch.Tensor.new_empty)
     yield
     torch.empty, torch.empty_like, torch.Tensor.new_empty = originals
-    cpu_backend.set_poison_outputs(previous)
+    backends.set_poison_outputs(previous)
 
 
 class Impl(NamedTuple):
@@ -79,7 +78,7 @@ class Impl(NamedTuple):
         return self.backend == "triton" and self.device == "cpu"
 
 
-_NO_TRITON = f"triton backend unavailable: {dispatch.backend_module('triton').UNAVAILABLE_REASON}" if not TRITON else ""
+_NO_TRITON = f"triton backend unavailable: {dispatch.unavailable_reason('triton')}" if not TRITON else ""
 _TRITON_IMPLS = [
     pytest.param(Impl("triton", "cpu"), id="triton-interpret",
                  marks=pytest.mark.skipif(not (TRITON and INTERPRET),

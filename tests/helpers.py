@@ -54,3 +54,28 @@ def run_with_grads(fn, inputs, dout):
     out, lse = res
     grads = torch.autograd.grad(out, inputs, dout.to(out.device, out.dtype))
     return out.detach(), lse.detach(), grads
+
+
+def compare_with_reference(kernel, ref, inputs, dtype, check_grads=True, name=""):
+    """Runs kernel and reference (float64 and dtype) with the same upstream gradient and checks
+    out, lse and every input gradient with the accuracy rule. The reference runs on the CPU."""
+    cpu_inputs = [t.detach().cpu() for t in inputs]
+    dout = torch.randn_like(cpu_inputs[0], dtype=torch.float64)
+    out64, lse64, g64 = run_with_grads(ref, [t.double() for t in cpu_inputs], dout)
+    outT, lseT, gT = run_with_grads(ref, cpu_inputs, dout)
+    if check_grads:
+        out, lse, g = run_with_grads(kernel, inputs, dout.to(inputs[0].device))
+    else:
+        out, lse = kernel(*inputs)
+        g = ()
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_accurate(f"{name} out", out.cpu(), out64, outT)
+    assert_accurate(f"{name} lse", lse.cpu(), lse64, lseT)
+    for label, a, b, c in zip(("dq", "dk", "dv"), g, g64, gT):
+        assert a.dtype == dtype
+        assert_accurate(f"{name} {label}", a.cpu(), b, c)
+
+
+def ragged_lengths(B, S):
+    """Decode cache lengths of a ragged batch: an empty sequence, a full one, one half full."""
+    return torch.tensor([0, S, S // 2 + 1][:B] if B > 1 else [S], dtype=torch.int32)

@@ -7,6 +7,7 @@ CLI: ``python -m attnops.bench --suite quick`` (``make bench``); ``--list`` show
 
 from attnops.bench.registry import OPS, CaseSpec, Prepared, Provider, expand_cases, load_suite, register_op
 from attnops.bench.runner import CaseResult, run_case, run_cases
+from attnops.bench import cases  # noqa: E402,F401  (every family registers its cases)
 
 __all__ = ["OPS", "CaseResult", "CaseSpec", "Prepared", "Provider", "expand_cases", "load_suite", "register_op",
            "run_case", "run_cases"]

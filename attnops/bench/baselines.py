@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from attnops.bench.registry import Provider
-from attnops.masks import BlockMask
+from attnops.core.masks import BlockMask
 
 
 def _bhsd(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:

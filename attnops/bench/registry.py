@@ -128,12 +128,7 @@ def register_op(name: str, family: str, build: Callable[[CaseSpec], Prepared], d
 
 
 def families() -> List[str]:
-    _load_cases()
     return sorted({o.family for o in OPS.values()})
-
-
-def _load_cases() -> None:
-    from attnops.bench import cases  # noqa: F401  (registers every family)
 
 
 # ---- suites ---------------------------------------------------------------------------------------
@@ -164,7 +159,6 @@ def expand_cases(suite: dict, device: Optional[str] = None, dtype: Optional[str]
                  ops: Optional[Sequence[str]] = None, seqlens: Optional[Sequence[int]] = None) -> List[CaseSpec]:
     """Expands the suite's ``[[cases]]`` grids (list values are axes of a Cartesian product) into
     CaseSpecs, applying the CLI overrides. ``N`` sets Sq = Sk; ``params`` holds op-specific keys."""
-    _load_cases()
     out: List[CaseSpec] = []
     for entry in suite.get("cases", []):
         entry = dict(entry)

@@ -3,7 +3,7 @@
     import attnops.integrations.transformers as hf_attnops
     hf_attnops.register()                                   # "attnops": exact dense attention
     hf_attnops.register("attnops_moba")                     # a default spec per family name (DEFAULTS)
-    hf_attnops.register("attnops_sparse", attnops.nn.BlockSparse(pattern=...))  # or any spec
+    hf_attnops.register("attnops_sparse", attnops.nn.BlockSparseSpec(pattern=...))  # or any spec
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnops")
     model.set_attn_implementation("attnops")                # or switch an existing model
 
@@ -21,8 +21,8 @@ from typing import Dict, Optional
 import torch
 
 from attnops.maps.capture import attend
-from attnops.masks import BlockMask
-from attnops.nn.specs import AttentionSpec, BlockSparse, Dense, Linear, MoBA, resolve_spec
+from attnops.core.masks import BlockMask
+from attnops.nn.specs import AttentionSpec, BlockSparseSpec, SoftmaxSpec, LinearAttentionSpec, MoBASpec, resolve_spec
 
 _SPECS: Dict[str, AttentionSpec] = {}
 
@@ -36,10 +36,10 @@ def streaming_pattern(seq_len_q: int, seq_len_k: int) -> BlockMask:
 
 # The spec a family name gets when register() is called without one.
 DEFAULTS: Dict[str, AttentionSpec] = {
-    "attnops": Dense(),
-    "attnops_sparse": BlockSparse(pattern=streaming_pattern),
-    "attnops_moba": MoBA(block_size=512, topk=3),
-    "attnops_linear": Linear(feature_map="elu", normalize=True),  # a drop-in without an output norm: normalised
+    "attnops": SoftmaxSpec(),
+    "attnops_sparse": BlockSparseSpec(pattern=streaming_pattern),
+    "attnops_moba": MoBASpec(block_size=512, topk=3),
+    "attnops_linear": LinearAttentionSpec(feature_map="elu", normalize=True),  # a drop-in without an output norm: normalised
 }
 
 
@@ -74,7 +74,7 @@ def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    spec = resolve_spec(spec, DEFAULTS.get(name, Dense()), "spec")
+    spec = resolve_spec(spec, DEFAULTS.get(name, SoftmaxSpec()), "spec")
     if not isinstance(name, str) or not name:
         raise ValueError("name must be a non-empty string")
     AttentionInterface.register(name, _attention_forward(spec))

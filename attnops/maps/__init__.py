@@ -6,7 +6,7 @@
 - ``python -m attnops.maps`` runs a small model on a text and writes the PNGs.
 
 The maps themselves come from the ops (``return_block_map=True``), computed by the kernels with the
-forward; their definition is in ``attnops.kernels.block_map``.
+forward; their definition is in ``attnops.core.block_map``.
 """
 
 from attnops.maps.capture import BlockMapCapture, attend, capture, capturing

@@ -1,4 +1,4 @@
-from attnops.maps.cli import main
+from attnops.cli.maps import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,12 +3,13 @@
 Every attnops attention module (``nn.MultiheadAttention``, ``nn.Attention``, ``nn.MultiQueryAttention``,
 the transformers adapter) runs its spec through :func:`attend`. While a :func:`capture` is open,
 :func:`attend` asks the kernels for the block map (computed with the forward, see
-``attnops.kernels.block_map``) and hands it to the capture; otherwise it is the plain call.
+``attnops.core.block_map``) and hands it to the capture; otherwise it is the plain call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -26,8 +27,8 @@ class BlockMapCapture:
     module called twice in one capture gets ``name#1``, ``name#2`` for the later calls.
     """
 
-    def __init__(self, model: Optional[nn.Module], block_size, reduce: str):
-        self.block_size, self.reduce = block_size, reduce
+    def __init__(self, model: Optional[nn.Module], map_block_size, reduce: str):
+        self.map_block_size, self.reduce = map_block_size, reduce
         self._names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
         self.maps: Dict[str, torch.Tensor] = {}
 
@@ -48,13 +49,15 @@ class BlockMapCapture:
 
 
 @contextlib.contextmanager
-def capture(model: Optional[nn.Module] = None, *, block_size=None, reduce: str = "mean") -> Iterator[BlockMapCapture]:
+def capture(model: Optional[nn.Module] = None, *, map_block_size=None, reduce: str = "mean",
+            block_size=None) -> Iterator[BlockMapCapture]:
     """Records the block map of every attnops attention call inside the ``with`` block.
 
     Args:
         model: names the recorded modules (``model.named_modules()``); optional.
-        block_size: the maps' granularity (int or ``(block_q, block_k)``, powers of two >= 16);
-            default: each spec's kernel block (64, or the block mask's).
+        map_block_size: the maps' granularity (int or ``(block_q, block_k)``, powers of two >= 16);
+            default: each spec's kernel block (64, or the block mask's). (``block_size=``: its
+            former name, deprecated.)
         reduce: ``"mean"`` or ``"max"`` (see ``attnops.attention``).
 
     Example::
@@ -64,7 +67,12 @@ def capture(model: Optional[nn.Module] = None, *, block_size=None, reduce: str =
         >>> list(cap.maps)            # ['layers.0.attn', 'layers.1.attn']
         >>> attnops.maps.rollout(cap.stacked())
     """
-    cap = BlockMapCapture(model, block_size, reduce)
+    if block_size is not None:
+        if map_block_size is not None:
+            raise TypeError("pass map_block_size= only (block_size= is its deprecated alias)")
+        warnings.warn("capture(block_size=) is deprecated: use map_block_size=", DeprecationWarning, stacklevel=3)
+        map_block_size = block_size
+    cap = BlockMapCapture(model, map_block_size, reduce)
     _OPEN.append(cap)
     try:
         yield cap
@@ -77,8 +85,8 @@ def capturing() -> bool:
 
 
 def map_options() -> dict:
-    """The ``block_size`` / ``reduce`` the innermost open capture asks for ({} when none is open)."""
-    return {"block_size": _OPEN[-1].block_size, "reduce": _OPEN[-1].reduce} if _OPEN else {}
+    """The ``map_block_size`` / ``reduce`` the innermost open capture asks for ({} when none is open)."""
+    return {"map_block_size": _OPEN[-1].map_block_size, "reduce": _OPEN[-1].reduce} if _OPEN else {}
 
 
 def record(module: nn.Module, block_map: torch.Tensor) -> None:

@@ -1,4 +1,13 @@
-"""Drop-in modules built on the attnops ops, attention specs, and swap / unswap."""
+"""Drop-in modules built on the attnops ops, attention specs, and swap / unswap.
+
+Specs (``*Spec``: which attention a module runs, not layers) are frozen dataclasses with one method,
+``attend``: ``SoftmaxSpec`` (exact softmax: full, causal, window), ``BlockSparseSpec``, ``MoBASpec``,
+``LinearAttentionSpec``, ``LowRankKeySpec``. Their former names (``Dense``, ``BlockSparse``, ``MoBA``,
+``Linear``, ``LowRankKey``; ``Dense`` and ``Linear`` read as torch layers) still work for one release,
+with a DeprecationWarning.
+"""
+
+import warnings
 
 from attnops.nn.attention import Attention
 from attnops.nn.block_gate import BlockGate
@@ -6,7 +15,20 @@ from attnops.nn.linear import LinearAttention
 from attnops.nn.mqa import MultiQueryAttention
 from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
 from attnops.nn.rotary import Rotary
-from attnops.nn.specs import BlockSparse, Dense, Linear, LowRankKey, MoBA
+from attnops.nn.specs import BlockSparseSpec, LinearAttentionSpec, LowRankKeySpec, MoBASpec, SoftmaxSpec
 
-__all__ = ["Attention", "BlockGate", "BlockSparse", "Dense", "Linear", "LinearAttention", "LowRankKey", "MoBA",
-           "MultiQueryAttention", "MultiheadAttention", "Rotary", "SwapReport", "swap", "unswap"]
+_DEPRECATED = {"Dense": SoftmaxSpec, "BlockSparse": BlockSparseSpec, "MoBA": MoBASpec, "Linear": LinearAttentionSpec,
+               "LowRankKey": LowRankKeySpec}
+
+
+def __getattr__(name):
+    spec = _DEPRECATED.get(name)
+    if spec is None:
+        raise AttributeError(f"module 'attnops.nn' has no attribute {name!r}")
+    warnings.warn(f"attnops.nn.{name} is deprecated: use attnops.nn.{spec.__name__}", DeprecationWarning, stacklevel=2)
+    return spec
+
+
+__all__ = ["Attention", "BlockGate", "BlockSparseSpec", "LinearAttention", "LinearAttentionSpec", "LowRankKeySpec",
+           "MoBASpec", "MultiQueryAttention", "MultiheadAttention", "Rotary", "SoftmaxSpec", "SwapReport", "swap",
+           "unswap"]

@@ -8,15 +8,13 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from attnops.kv_cache import KVCache
-from attnops.lowrank import KeyProjection
+from attnops.core.checks import QKVShape
+from attnops.ops.decode import MAX_NEW_TOKENS, KVCache, decode_attention
+from attnops.ops.lowrank import KeyProjection, check_lowrank_args
+from attnops.ops.softmax import attention as dense_attention
 from attnops.maps.capture import attend
 from attnops.nn.rotary import Rotary
-from attnops.nn.specs import AttentionSpec, Dense, LowRankKey, resolve_spec
-from attnops.ops._checks import QKVShape
-from attnops.ops.attention import attention as dense_attention
-from attnops.ops.decode import MAX_NEW_TOKENS, decode_attention
-from attnops.ops.lowrank import check_lowrank_args
+from attnops.nn.specs import AttentionSpec, SoftmaxSpec, LowRankKeySpec, resolve_spec
 
 
 class LowRankDecoding(NamedTuple):
@@ -35,19 +33,19 @@ class Attention(nn.Module):
         dim: model width; ``head_dim = dim / num_heads``.
         num_heads: query heads H.
         num_kv_heads: key/value heads dividing H (default H; 1 is multi-query).
-        attention: an attnops spec (default ``Dense(causal=True)``).
+        attention: an attnops spec (default ``SoftmaxSpec(causal=True)``).
         qk_norm: RMS-normalise q and k per head before attention (as OLMo-2 / Qwen3).
         rope: ``None`` (no positions), a float theta (e.g. ``10000.0``), or a :class:`Rotary`.
         bias: biases on the projections.
         lowrank, rank, topk, local: low-rank-key (Loki) decoding for the cached steps, as
-            :meth:`set_lowrank` (a :class:`LowRankKey` spec implies its own).
+            :meth:`set_lowrank` (a :class:`LowRankKeySpec` spec implies its own).
 
     ``forward(x, positions=None)``: ``positions (T,)`` or ``(B, T)`` feed the rotary embedding
     (default ``0..T-1``). ``forward(x, cache=cache)`` (``cache`` from :meth:`make_cache`): appends
     the new tokens' keys and values to the cache and attends over it (positions continue each
     sequence's length): up to 64 new tokens through :func:`attnops.decode_attention`, a longer
     prompt through causal :func:`attnops.attention` (all sequences at one length). Cached steps
-    run with the ``Dense`` and ``LowRankKey`` specs. The cache holds values, not autograd history:
+    run with the ``SoftmaxSpec`` and ``LowRankKeySpec`` specs. The cache holds values, not autograd history:
     a backward through a cached prompt reaches that prompt's own keys and values, not those of
     earlier steps (Transformer-XL's stop-gradient memory); decoding steps are forward-only.
     """
@@ -64,7 +62,7 @@ class Attention(nn.Module):
                              "heads")
         if num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        attention = resolve_spec(attention, Dense(causal=True))
+        attention = resolve_spec(attention, SoftmaxSpec(causal=True))
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.attention = attention
@@ -87,7 +85,7 @@ class Attention(nn.Module):
         self.lowrank: Optional[LowRankDecoding] = None
         if lowrank is not None or rank is not None or topk is not None:
             self.set_lowrank(lowrank, rank, topk, local)
-        elif isinstance(attention, LowRankKey) and attention.projection is not None:
+        elif isinstance(attention, LowRankKeySpec) and attention.projection is not None:
             self.set_lowrank(attention.projection, attention.rank, attention.topk, attention.local)
 
     def set_lowrank(self, projection: Optional[KeyProjection], rank: Optional[int] = None,
@@ -121,9 +119,9 @@ class Attention(nn.Module):
         return self._output(out)
 
     def _cached_step(self, x: torch.Tensor, positions: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
-        if not isinstance(self.attention, (Dense, LowRankKey)) or (isinstance(self.attention, Dense)
+        if not isinstance(self.attention, (SoftmaxSpec, LowRankKeySpec)) or (isinstance(self.attention, SoftmaxSpec)
                                                                  and self.attention.window != (-1, -1)):
-            raise NotImplementedError(f"cached decoding runs the Dense (no window) and LowRankKey specs, not "
+            raise NotImplementedError(f"cached decoding runs the SoftmaxSpec (no window) and LowRankKeySpec specs, not "
                                       f"{self.attention!r}")
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, {self.dim}), got {tuple(x.shape)}")

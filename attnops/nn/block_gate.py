@@ -18,9 +18,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from attnops.masks import BlockMask, _check_block_size, _Grid
-from attnops.ops.attention import attention
+from attnops.core.masks import BlockMask, Grid, check_block_size
 from attnops.ops.routed import block_means, select_blocks
+from attnops.ops.softmax import attention
 
 POOLINGS = ("avg", "max", "min")
 
@@ -74,7 +74,7 @@ class BlockGate(nn.Module):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        self.block_size = _check_block_size(block_size)
+        self.block_size = check_block_size(block_size)
         self.pooling, self.head_dim, self.num_heads, self.num_kv_heads, self.hidden = (
             pooling, head_dim, num_heads, num_kv_heads, hidden)
         fan_in = len(pooling) * head_dim
@@ -93,8 +93,8 @@ class BlockGate(nn.Module):
             raise ValueError(f"BlockGate expects H={self.num_heads}, Hkv={self.num_kv_heads}, D={self.head_dim}; "
                              f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
-    def _allowed(self, seq_q: int, seq_k: int, causal: bool, device) -> Tuple[_Grid, torch.Tensor]:
-        grid = _Grid((seq_q, seq_k), self.block_size, device)
+    def _allowed(self, seq_q: int, seq_k: int, causal: bool, device) -> Tuple[Grid, torch.Tensor]:
+        grid = Grid((seq_q, seq_k), self.block_size, device)
         return grid, grid.visible(causal)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, causal: bool = True) -> torch.Tensor:
@@ -124,7 +124,7 @@ class BlockGate(nn.Module):
         """``(B, H, Nq, Nk)``: the dense attention's max-pooled block map, each row normalised to sum
         to 1 (rows with no key stay 0). Computed by the attention kernels, never as N x N."""
         _, block_map = attention(q, k, k, causal=causal, softmax_scale=softmax_scale, return_block_map=True,
-                                 block_size=self.block_size, reduce="max")
+                                 map_block_size=self.block_size, reduce="max")
         total = block_map.sum(-1, keepdim=True)
         return (block_map / total.clamp(min=torch.finfo(block_map.dtype).tiny)).float()
 

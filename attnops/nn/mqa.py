@@ -6,10 +6,10 @@ from typing import Optional
 
 import torch
 
-from attnops.kv_cache import KVCache
-from attnops.lowrank import KeyProjection
+from attnops.ops.decode.kv_cache import KVCache
+from attnops.ops.lowrank.projection import KeyProjection
 from attnops.nn.attention import Attention
-from attnops.nn.specs import Dense
+from attnops.nn.specs import SoftmaxSpec
 
 
 class MultiQueryAttention(Attention):
@@ -36,7 +36,7 @@ class MultiQueryAttention(Attention):
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int = 1, bias: bool = False, device=None,
                  dtype=None, lowrank: Optional[KeyProjection] = None, rank: Optional[int] = None,
                  topk: Optional[int] = None, local: int = 0):
-        super().__init__(embed_dim, num_heads, num_kv_heads, attention=Dense(causal=True), bias=bias, device=device,
+        super().__init__(embed_dim, num_heads, num_kv_heads, attention=SoftmaxSpec(causal=True), bias=bias, device=device,
                          dtype=dtype, lowrank=lowrank, rank=rank, topk=topk, local=local)
         self.embed_dim = embed_dim
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnops.kernels.block_map import check_request
+from attnops.core.block_map import check_request
 from attnops.maps.capture import attend, capturing, map_options, record
-from attnops.nn.specs import AttentionSpec, Dense, resolve_spec
-from attnops.ops.attention import DEFAULT_MAP_BLOCK
+from attnops.nn.specs import AttentionSpec, SoftmaxSpec, resolve_spec
+from attnops.ops.softmax import DEFAULT_MAP_BLOCK
 
 
 class MultiheadAttention(nn.Module):
@@ -21,7 +21,7 @@ class MultiheadAttention(nn.Module):
 
     Same constructor arguments, same parameters and ``state_dict`` keys (``in_proj_weight`` /
     ``in_proj_bias``, or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ, and ``out_proj``), so
-    a torch module's weights load unchanged; ``attention=`` picks the family (default ``Dense()``).
+    a torch module's weights load unchanged; ``attention=`` picks the family (default ``SoftmaxSpec()``).
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
     average_attn_weights=True, is_causal=False)`` with ``query (L, B, E)`` (``(B, L, E)`` when
@@ -34,7 +34,7 @@ class MultiheadAttention(nn.Module):
     mean probability mass that block's queries put on each key block. ``need_weights=False``
     returns ``None`` and skips the map.
 
-    ``key_padding_mask`` (bool or 0/-inf float, ``(B, S)``) works with the Dense spec: each sequence
+    ``key_padding_mask`` (bool or 0/-inf float, ``(B, S)``) works with the SoftmaxSpec: each sequence
     attends over its unpadded keys (kernel calls per sequence when any key is padded); a query whose
     keys are all padded gets zeros (torch gives NaN there). Non-causal, padding may sit anywhere;
     block maps need it at the end of each sequence (kept keys a prefix), elsewhere ``weights`` is
@@ -43,7 +43,7 @@ class MultiheadAttention(nn.Module):
 
     Not supported, each a clear error rather than a silent difference: ``add_bias_kv``,
     ``add_zero_attn``, attention dropout while training (``dropout > 0`` is accepted and is a no-op
-    in eval mode), padding with a block-sparse (or other non-Dense) spec, with causal windows, or
+    in eval mode), padding with a block-sparse (or other non-softmax) spec, with causal windows, or
     with causality and kept keys that are not contiguous, and an ``attn_mask``
     other than the causal one (a causal ``attn_mask``, or ``is_causal=True``, runs the causal
     kernel).
@@ -60,7 +60,7 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must lie in [0, 1], got {dropout}")
-        attention = resolve_spec(attention, Dense())
+        attention = resolve_spec(attention, SoftmaxSpec())
         kw = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
         self.kdim = kdim if kdim is not None else embed_dim
@@ -139,8 +139,8 @@ class MultiheadAttention(nn.Module):
         else:
             # Non-causal attention does not depend on the order of the keys, so a padded sequence is
             # its unpadded keys gathered: one call per sequence, no token mask in the kernels.
-            if not isinstance(self.attention, Dense):
-                raise NotImplementedError("key_padding_mask: only the Dense spec (block masks index key "
+            if not isinstance(self.attention, SoftmaxSpec):
+                raise NotImplementedError("key_padding_mask: only the SoftmaxSpec (block masks index key "
                                           "positions, which dropping padded keys would shift)")
             if causal or self.attention.causal:
                 out, weights = self._attend_unpadded_causal(q, k, v, keep)
@@ -188,7 +188,7 @@ class MultiheadAttention(nn.Module):
             if i_b > i_a:
                 pieces.append(self.attention.attend(q[b:b + 1, i_a:i_b], kb, vb, causal=True))
             if L > i_b:
-                pieces.append(Dense().attend(q[b:b + 1, i_b:], kb, vb))
+                pieces.append(SoftmaxSpec().attend(q[b:b + 1, i_b:], kb, vb))
             outs.append(torch.cat(pieces, dim=1))
         return torch.cat(outs), None
 
@@ -206,7 +206,7 @@ class MultiheadAttention(nn.Module):
                                           "sequence: block maps index key positions")
             want_map = False
         options = map_options()
-        nk = -(-k.shape[1] // check_request(options.get("block_size"), options.get("reduce", "mean"),
+        nk = -(-k.shape[1] // check_request(options.get("map_block_size"), options.get("reduce", "mean"),
                                             DEFAULT_MAP_BLOCK).block_k)
         outs, maps = [], []
         for b in range(k.shape[0]):
@@ -261,7 +261,7 @@ def _is_causal_mask(mask: Optional[torch.Tensor], L: int, S: int) -> bool:
     above = torch.ones(L, S, dtype=torch.bool, device=mask.device).triu(S - L + 1)
     if not bool((_blocked(mask, "attn_mask") == above).all()):
         raise NotImplementedError("attnops.nn.MultiheadAttention: only the causal attn_mask is supported; express "
-                                  "other patterns as a BlockSparse spec")
+                                  "other patterns as a BlockSparseSpec")
     return True
 
 

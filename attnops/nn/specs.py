@@ -2,7 +2,7 @@
 on construction. A module turns its spec into one op call through ``spec.attend(q, k, v)``
 (through ``attnops.maps.attend``, which asks for the block map while a capture is open).
 
-One per family: ``Dense``, ``BlockSparse``, ``MoBA``, ``Linear`` and ``LowRankKey`` (a new family
+One per family: ``SoftmaxSpec``, ``BlockSparseSpec``, ``MoBASpec``, ``LinearAttentionSpec`` and ``LowRankKeySpec`` (a new family
 adds one class and its ``attend``)."""
 
 from __future__ import annotations
@@ -12,17 +12,16 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from attnops.lowrank import KeyProjection
-from attnops.masks import BlockMask
-from attnops.ops.attention import attention, block_sparse_attention
-from attnops.ops._checks import QKVShape
+from attnops.core.checks import QKVShape
+from attnops.core.masks import BlockMask
 from attnops.ops.linear import decay_preset, linear_attention, resolve_feature_map
-from attnops.ops.lowrank import check_lowrank_args, lowrank_key_attention
+from attnops.ops.lowrank import KeyProjection, check_lowrank_args, lowrank_key_attention
 from attnops.ops.routed import check_moba_args, moba_attention
+from attnops.ops.softmax import attention, block_sparse_attention
 
 
 @dataclass(frozen=True)
-class Dense:
+class SoftmaxSpec:
     """Exact softmax attention: ``causal`` (bottom-right aligned), ``window = (left, right)`` as in
     flash_attn (-1: unbounded)."""
 
@@ -31,23 +30,23 @@ class Dense:
 
     def __post_init__(self):
         if not isinstance(self.causal, bool):
-            raise TypeError(f"Dense.causal must be a bool, got {self.causal!r}")
+            raise TypeError(f"SoftmaxSpec.causal must be a bool, got {self.causal!r}")
         w = tuple(self.window)
         if len(w) != 2 or not all(isinstance(x, int) and x >= -1 for x in w):
-            raise ValueError(f"Dense.window must be (left, right) ints >= -1, got {self.window!r}")
+            raise ValueError(f"SoftmaxSpec.window must be (left, right) ints >= -1, got {self.window!r}")
         object.__setattr__(self, "window", w)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
         """``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)`` -> ``(B, Sq, H, D)``; ``causal`` from the call
-        (``is_causal``) adds to the spec's. ``block_map``: the ops' ``return_block_map``, ``block_size``,
+        (``is_causal``) adds to the spec's. ``block_map``: the ops' ``return_block_map``, ``map_block_size``,
         ``reduce``; with ``return_block_map=True`` the result is ``(out, block_map)``."""
         return attention(q, k, v, causal=self.causal or causal, window_size=self.window, softmax_scale=softmax_scale,
                          **block_map)
 
 
 @dataclass(frozen=True)
-class BlockSparse:
+class BlockSparseSpec:
     """Exact attention on a block mask: a fixed ``BlockMask``, or ``pattern(seq_len_q, seq_len_k)``
     returning one (masks depend on the sequence lengths, so modules usually take a pattern, e.g.
     ``lambda sq, sk: BlockMask.sliding_window(sq, window=512)``)."""
@@ -63,21 +62,21 @@ class BlockSparse:
 
     def __post_init__(self):
         if (self.block_mask is None) == (self.pattern is None):
-            raise ValueError("BlockSparse takes exactly one of block_mask= or pattern=")
+            raise ValueError("BlockSparseSpec takes exactly one of block_mask= or pattern=")
         if self.block_mask is not None and not isinstance(self.block_mask, BlockMask):
-            raise TypeError(f"BlockSparse.block_mask must be a BlockMask, got {type(self.block_mask).__name__}")
+            raise TypeError(f"BlockSparseSpec.block_mask must be a BlockMask, got {type(self.block_mask).__name__}")
         if self.pattern is not None and not callable(self.pattern):
-            raise TypeError("BlockSparse.pattern must be callable (seq_len_q, seq_len_k) -> BlockMask")
+            raise TypeError("BlockSparseSpec.pattern must be callable (seq_len_q, seq_len_k) -> BlockMask")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        """As :meth:`Dense.attend`, on the fixed or pattern-built block mask."""
+        """As :meth:`SoftmaxSpec.attend`, on the fixed or pattern-built block mask."""
         if causal and self.block_mask is not None:
-            raise ValueError("BlockSparse: causality belongs to the block mask (e.g. BlockMask.causal or "
+            raise ValueError("BlockSparseSpec: causality belongs to the block mask (e.g. BlockMask.causal or "
                              "sliding_window(causal=True)); is_causal / a causal attn_mask cannot be added")
         mask = self.block_mask if self.block_mask is not None else self._mask_for(q.shape[1], k.shape[1], q.device)
         if causal and not mask.causal:
-            raise ValueError("BlockSparse: the call is causal but the pattern's mask is not; build it causal "
+            raise ValueError("BlockSparseSpec: the call is causal but the pattern's mask is not; build it causal "
                              "(e.g. BlockMask.sliding_window(..., causal=True))")
         return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale, **block_map)
 
@@ -87,13 +86,13 @@ class BlockSparse:
         if mask is None:
             mask = self.pattern(seq_len_q, seq_len_k)
             if not isinstance(mask, BlockMask):
-                raise TypeError(f"BlockSparse.pattern must return a BlockMask, got {type(mask).__name__}")
+                raise TypeError(f"BlockSparseSpec.pattern must return a BlockMask, got {type(mask).__name__}")
             mask = self._masks[key] = mask.to(device)
         return mask
 
 
 @dataclass(frozen=True)
-class MoBA:
+class MoBASpec:
     """MoBA block-routed attention (:func:`attnops.moba_attention`): each query tile attends its own
     ``block_size`` block and the ``topk - 1`` blocks whose mean key scores highest; ``causal`` adds to
     the call's. Prefill and training route; a cached decoding step (fewer queries than keys) attends
@@ -106,22 +105,20 @@ class MoBA:
     def __post_init__(self):
         check_moba_args(self.block_size, self.topk, prefix="MoBA.")
         if not isinstance(self.causal, bool):
-            raise TypeError(f"MoBA.causal must be a bool, got {self.causal!r}")
+            raise TypeError(f"MoBASpec.causal must be a bool, got {self.causal!r}")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        """As :meth:`Dense.attend`; the map's ``block_size`` reaches the op as ``map_block_size``."""
+        """As :meth:`SoftmaxSpec.attend`."""
         causal = self.causal or causal
         if q.shape[1] != k.shape[1]:
             return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **block_map)
-        if "block_size" in block_map:
-            block_map["map_block_size"] = block_map.pop("block_size")
         return moba_attention(q, k, v, self.block_size, self.topk, causal=causal, softmax_scale=softmax_scale,
                               **block_map)
 
 
 @dataclass(frozen=True)
-class Linear:
+class LinearAttentionSpec:
     """Linear attention (:func:`attnops.linear_attention`) in place of softmax attention, on the
     module's own q/k/v: ``feature_map`` (a name or a callable), ``normalize`` (default on here: a
     drop-in for softmax attention has no output norm to stabilise it), ``decay`` (None or a preset
@@ -138,15 +135,15 @@ class Linear:
         resolve_feature_map(self.feature_map)
         for name in ("normalize", "causal"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"Linear.{name} must be a bool, got {getattr(self, name)!r}")
+                raise TypeError(f"LinearAttentionSpec.{name} must be a bool, got {getattr(self, name)!r}")
         if self.decay is not None:
             decay_preset(self.decay, 1)  # validates the name
         if self.decay is not None and not self.causal:
-            raise ValueError("Linear.decay needs causal=True: a decay orders the sequence")
+            raise ValueError("LinearAttentionSpec.decay needs causal=True: a decay orders the sequence")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        """As :meth:`Dense.attend`; block maps (``return_block_map=True``, mean only) are those of
+        """As :meth:`SoftmaxSpec.attend`; block maps (``return_block_map=True``, mean only) are those of
         :func:`attnops.linear_attention`, for prefill and training calls (a cached step's map would
         need the cached prefix's queries: refused)."""
         causal = self.causal or causal
@@ -155,9 +152,9 @@ class Linear:
         if not causal or prefix == 0:
             return linear_attention(q, k, v, causal=causal, **kw, **block_map)
         if prefix < 0:
-            raise ValueError(f"Linear: causal attention with more queries ({q.shape[1]}) than keys ({k.shape[1]})")
+            raise ValueError(f"LinearAttentionSpec: causal attention with more queries ({q.shape[1]}) than keys ({k.shape[1]})")
         if block_map.get("return_block_map"):
-            raise NotImplementedError("attnops.nn.Linear: no block map for a cached decoding step (the map of a "
+            raise NotImplementedError("attnops.nn.LinearAttentionSpec: no block map for a cached decoding step (the map of a "
                                       "linear-attention prefill is computed; capture the prefill)")
         # the state after the cached prefix (its outputs are not needed), then the new tokens from it
         _, state = linear_attention(k[:, :prefix].repeat_interleave(q.shape[2] // k.shape[2], dim=2), k[:, :prefix],
@@ -166,7 +163,7 @@ class Linear:
 
 
 @dataclass(frozen=True)
-class LowRankKey:
+class LowRankKeySpec:
     """Low-rank-key attention (Loki, :func:`attnops.lowrank_key_attention`): each query attends
     exactly to its ``topk`` keys of highest score in the first ``rank`` components of
     ``projection`` (None: of the raw head dims), the newest ``local`` always among them; ``causal``
@@ -182,24 +179,24 @@ class LowRankKey:
 
     def __post_init__(self):
         if not isinstance(self.causal, bool):
-            raise TypeError(f"LowRankKey.causal must be a bool, got {self.causal!r}")
+            raise TypeError(f"LowRankKeySpec.causal must be a bool, got {self.causal!r}")
         p = self.projection
         if p is not None and not isinstance(p, KeyProjection):
-            raise TypeError(f"LowRankKey.projection must be a KeyProjection or None, got {type(p).__name__}")
+            raise TypeError(f"LowRankKeySpec.projection must be a KeyProjection or None, got {type(p).__name__}")
         head_dim = p.head_dim if p is not None else (self.rank if isinstance(self.rank, int) else 1)
         shape = QKVShape(1, 1, 1, 1, 1, head_dim) if p is None else QKVShape(1, 1, 1, p.num_kv_heads,
                                                                             p.num_kv_heads, head_dim)
-        check_lowrank_args(p, self.rank, self.topk, self.local, shape, self.causal, prefix="LowRankKey.")
+        check_lowrank_args(p, self.rank, self.topk, self.local, shape, self.causal, prefix="LowRankKeySpec.")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        """As :meth:`Dense.attend`; block maps are those of the chosen keys."""
+        """As :meth:`SoftmaxSpec.attend`; block maps are those of the chosen keys."""
         return lowrank_key_attention(q, k, v, self.projection, self.rank, self.topk, causal=self.causal or causal,
                                      softmax_scale=softmax_scale, local=self.local, **block_map)
 
 
-AttentionSpec = Union[Dense, BlockSparse, MoBA, Linear, LowRankKey]
-SPECS = (Dense, BlockSparse, MoBA, Linear, LowRankKey)
+AttentionSpec = Union[SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec]
+SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec)
 
 
 def resolve_spec(spec: Optional[AttentionSpec], default: AttentionSpec, name: str = "attention") -> AttentionSpec:

@@ -1,12 +1,13 @@
-"""Public functional API: one module per attention family."""
+"""Public functional API: one package per attention family (op, float64 reference, operators, kernels
+of every backend, block maps), on the shared infrastructure of ``attnops.core``."""
 
-from attnops.ops._result import AttentionLseMapOutput, AttentionMapOutput, AttentionOutput
-from attnops.ops.attention import attention, block_sparse_attention
-from attnops.ops.decode import decode_attention
-from attnops.ops.linear import LinearAttentionMapOutput, LinearAttentionOutput, linear_attention
+from attnops.core.results import AttentionLseMapOutput, AttentionMapOutput, AttentionOutput
+from attnops.ops.softmax import attention, block_sparse_attention
 from attnops.ops.lowrank import lowrank_key_attention
+from attnops.ops.decode import KVCache, decode_attention
+from attnops.ops.linear import LinearAttentionMapOutput, LinearAttentionOutput, linear_attention
 from attnops.ops.routed import moba_attention, moba_block_mask, predict_block_mask
 
-__all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "LinearAttentionMapOutput",
+__all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "KVCache", "LinearAttentionMapOutput",
            "LinearAttentionOutput", "attention", "block_sparse_attention", "decode_attention", "linear_attention",
            "lowrank_key_attention", "moba_attention", "moba_block_mask", "predict_block_mask"]

@@ -128,6 +128,28 @@ int64_t tile_rows(const BlockLut& lut, int64_t preferred) {
   return lut.present() ? std::min(preferred, lut.row_block) : preferred;
 }
 
+// The key tiles (<= kTileK keys, starting on NR boundaries) that the query rows [r0, r1) of head h
+// visit: the LUT row's segments, or the predicate range, cut into tiles. Sets each row's valid span
+// in `spans` and calls f(t0, t1, n) for the tile [t0, t1) (n: its width padded to NR), skipping
+// tiles that no row sees. One walk for the forward and the dq pass.
+template <int64_t NR, typename F>
+void for_each_key_tile(const BlockLut& lut, const Predicates& pred, int64_t b, int64_t h, int64_t r0, int64_t r1,
+                       int64_t Sk, RowSpan* spans, F&& f) {
+  for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1), Sk,
+                   [&](int64_t a, int64_t e) {
+                     for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
+                       t1 = std::min(t0 + kTileK, e);
+                       const int64_t start = std::max(a, t0);
+                       bool any = false;
+                       for (int64_t r = 0; r < r1 - r0; ++r) {
+                         spans[r] = {std::max(pred.key_lo(r0 + r), start) - t0, std::min(pred.key_hi(r0 + r), t1) - t0};
+                         any |= !spans[r].empty();
+                       }
+                       if (any) f(t0, t1, round_up(t1 - t0, NR));
+                     }
+                   });
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------
@@ -284,35 +306,22 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         // accumulator: V holds NaN/Inf somewhere, and 0 * NaN would have reached rows that never
         // attend that key (the run below redoes the task; finite inputs never pay for it).
         auto run = [&](bool exact) {
-        std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
-        std::fill(ws.l.begin(), ws.l.end(), T(0));
-        std::fill(ws.acc.begin(), ws.acc.end(), T(0));
-        ws.map_lo = ws.map_hi = 0;
-
-        for_each_segment(
-            lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1), p.Sk,
-            [&](int64_t a, int64_t e) {
-              for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
-                t1 = std::min(t0 + kTileK, e);
-                const int64_t start = std::max(a, t0), n = round_up(t1 - t0, NR);
-                bool any = false;
-                for (int64_t r = 0; r < rows; ++r) {
-                  ws.spans[r] = {std::max(pred.key_lo(r0 + r), start) - t0, std::min(pred.key_hi(r0 + r), t1) - t0};
-                  any |= !ws.spans[r].empty();
-                }
-                if (!any) continue;
-                gemm<T>(rows, n, p.D, ws.q.data(), p.D, ktile + t0 * p.D, p.D * NR, ws.s.data(), kTileK, false);
-                for (int64_t r = 0; r < rows; ++r)
-                  softmax_row(ws.s.data() + r * kTileK, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
-                if (map.on()) map_add_tile(ws, map, rows, t0);
-                if (exact)
-                  gemm_in_spans<T>(rows, ws.spans.data(), p.Dp, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR,
-                                   ws.acc.data(), p.Dp, true, ws.alpha.data());
-                else
-                  gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR, ws.acc.data(),
-                          p.Dp, true, ws.alpha.data());
-              }
-            });
+          std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
+          std::fill(ws.l.begin(), ws.l.end(), T(0));
+          std::fill(ws.acc.begin(), ws.acc.end(), T(0));
+          ws.map_lo = ws.map_hi = 0;
+          for_each_key_tile<NR>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
+            gemm<T>(rows, n, p.D, ws.q.data(), p.D, ktile + t0 * p.D, p.D * NR, ws.s.data(), kTileK, false);
+            for (int64_t r = 0; r < rows; ++r)
+              softmax_row(ws.s.data() + r * kTileK, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
+            if (map.on()) map_add_tile(ws, map, rows, t0);
+            if (exact)
+              gemm_in_spans<T>(rows, ws.spans.data(), p.Dp, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR,
+                               ws.acc.data(), p.Dp, true, ws.alpha.data());
+            else
+              gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR, ws.acc.data(), p.Dp,
+                      true, ws.alpha.data());
+          });
         };
         run(false);
         if (!all_finite(ws.acc.data(), rows * p.Dp)) run(true);
@@ -342,9 +351,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 template <typename T>
 struct BwdOperands {
   int64_t Sq_pad, Sk_pad;
-  T *qt, *dot, *dor, *qs;  // per (b, head): (c q)^T, dO^T (D x Sq_pad), dO, (scale q) (Sq x Dp)
-  T *kt, *vt, *kr;         // per (b, kv head), two-pass dq pass only: K^T, V^T (D x Sk_pad), K (Sk x Dp)
-  T *lse2, *delta;         // per (b, head): (Sq_pad)
+  T *qt = nullptr, *dot = nullptr, *dor = nullptr, *qs = nullptr;  // per (b, head): (c q)^T, dO^T (D x Sq_pad),
+                                                                    // dO, (scale q) (Sq x Dp)
+  T *kt = nullptr, *vt = nullptr, *kr = nullptr;  // per (b, kv head), two-pass only: K^T, V^T (D x Sk_pad), K (Sk x Dp)
+  T *lse2 = nullptr, *delta = nullptr;            // per (b, head): (Sq_pad)
   std::vector<at::Tensor> storage;
 };
 
@@ -478,34 +488,19 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
   }
 }
 
+// Allocates and fills the backward's packed operands: (c q)^T, dO^T, dO and (scale q) per (b, head), the
+// per-row lse in base 2 and delta = rowsum(dO * O) - dlse; with `two_pass`, also K^T, V^T and K per
+// (b, kv head) for the dq pass.
 template <typename S>
-void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q,
-                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                     const BlockLut& lut, const BlockLut& tlut, const Predicates& pred, double softmax_scale,
-                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& dout,
+                                                 const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
+                                                 double softmax_scale, bool two_pass) {
   using T = compute_t<S>;
-  using V = vec_t<T>;
-  constexpr int W = Vec<T>::size;
   constexpr int64_t NR = kGemmN<T>;
-  const Problem p = make_problem(q, k, v, NR);
   const T scale = static_cast<T>(softmax_scale);
   const T c = static_cast<T>(softmax_scale * kLog2e);
   const T inf = std::numeric_limits<T>::infinity();
-
-  // Fused single pass: one task per (b, kv head) owns its group's dq rows, 5 block products per
-  // tile pair. Two passes (dq, then dk/dv): 7 products but B * Hkv * key-tiles tasks, for when
-  // B * Hkv cannot keep the threads busy (MQA / small batches). Both are deterministic.
-  // NaN / Inf in q, k or dO: every product runs over each row's own span (gemm_in_spans). Finite
-  // inputs, the normal case, keep the tile GEMMs; the check is a pass over O(S * D) elements.
-  const bool exact = !(finite_rows<S>(q) && finite_rows<S>(k) && finite_rows<S>(dout));
-
-  const int64_t threads = at::get_num_threads();
-  const int mode = backward_mode();
-  // A deterministic schedule takes the two passes whatever the thread count (they keep any number of
-  // threads busy; the fused pass needs B * Hkv of them).
-  const bool fused = mode == 1 || (mode == 0 && !deterministic_schedule() &&
-                                   (p.B * p.Hkv >= 2 * threads || (p.B * p.Hkv) % threads == 0));
-
   BwdOperands<T> ops;
   ops.Sq_pad = round_up(p.Sq, NR);
   ops.Sk_pad = round_up(p.Sk, NR);
@@ -523,23 +518,14 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   ops.lse2 = buffer(p.B * p.H * ops.Sq_pad, false);
   ops.delta = buffer(p.B * p.H * ops.Sq_pad, true);
   std::fill(ops.lse2, ops.lse2 + p.B * p.H * ops.Sq_pad, inf);  // padding: P = exp2(s - inf) = 0
-  if (!fused) {
-    ops.kt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, false);
-    ops.vt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, false);
-    zero_padding_panels<NR>(ops.kt, p.B * p.Hkv, p.Sk, p.D);
-    zero_padding_panels<NR>(ops.vt, p.B * p.Hkv, p.Sk, p.D);
-    ops.kr = buffer(p.B * p.Hkv * p.Dp * p.Sk, false);
-  }
 
-  const S *qp = q.data_ptr<S>(), *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
-  const S *op = out.data_ptr<S>(), *dop = dout.data_ptr<S>();
+  const S *qp = q.data_ptr<S>(), *op = out.data_ptr<S>(), *dop = dout.data_ptr<S>();
   const auto* lsep = lse.data_ptr<compute_t<S>>();
   at::Tensor dlse_c;
   if (dlse.has_value() && dlse->defined()) dlse_c = dlse->to(lse.scalar_type()).contiguous();
   const auto* dlse_p = dlse_c.defined() ? dlse_c.data_ptr<compute_t<S>>() : nullptr;
   const int64_t so_b = out.stride(0), so_s = out.stride(1), so_h = out.stride(2);
   const int64_t sd_b = dout.stride(0), sd_s = dout.stride(1), sd_h = dout.stride(2);
-
   constexpr int64_t kPackRows = 256;
   const int64_t qchunks = (p.Sq + kPackRows - 1) / kPackRows;
   at::parallel_for(0, p.B * p.H * qchunks, 1, [&](int64_t begin, int64_t end) {
@@ -565,7 +551,103 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
       }
     }
   });
+  if (!two_pass) return ops;
 
+  ops.kt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, false);
+  ops.vt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, false);
+  zero_padding_panels<NR>(ops.kt, p.B * p.Hkv, p.Sk, p.D);
+  zero_padding_panels<NR>(ops.vt, p.B * p.Hkv, p.Sk, p.D);
+  ops.kr = buffer(p.B * p.Hkv * p.Dp * p.Sk, false);
+  const S *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
+  constexpr int64_t kPackKeys = 256;
+  const int64_t kchunks = (p.Sk + kPackKeys - 1) / kPackKeys;
+  at::parallel_for(0, p.B * p.Hkv * kchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / kchunks, r0 = (t % kchunks) * kPackKeys, r1 = std::min(r0 + kPackKeys, p.Sk);
+      const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
+      const S* ksrc = kp + b * p.sk_b + hk * p.sk_h;
+      pack_transposed_panels<NR>(ksrc, p.sk_s, r0, r1, p.D, T(1), ops.kt + bh * ops.Sk_pad * p.D);
+      pack_transposed_panels<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, T(1),
+                                 ops.vt + bh * ops.Sk_pad * p.D);
+      pack_row_panels<NR>(ksrc, p.sk_s, r0, r1, p.D, p.Dp, p.Sk, T(1), ops.kr + bh * p.Dp * p.Sk);
+    }
+  });
+  return ops;
+}
+
+// The two-pass backward's dq of the query rows [r0, r1) of head h: per key tile of their LUT row,
+// S = Q K^T and dP = dO V^T again, dS = P (dP - delta), dq += dS K.
+template <typename S, typename T>
+void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& lut, const Predicates& pred,
+                   const S* qp, const at::Tensor& dout, int64_t b, int64_t h, int64_t r0, int64_t r1,
+                   double softmax_scale, bool exact, DqScratch<T>& ws, S* dqp) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  constexpr int64_t NR = kGemmN<T>;
+  const T c = static_cast<T>(softmax_scale * kLog2e);
+  const int64_t rows = r1 - r0, hk = h / p.group, bh = b * p.H + h, bhk = b * p.Hkv + hk;
+  const S* dop = dout.data_ptr<S>();
+  const int64_t sd_b = dout.stride(0), sd_s = dout.stride(1), sd_h = dout.stride(2);
+  pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
+  pack_rows(dop + b * sd_b + h * sd_h + r0 * sd_s, sd_s, 0, rows, p.D, T(1), ws.dout.data(), p.D);
+  std::fill(ws.acc.begin(), ws.acc.end(), GradAcc(0));
+  const T* l2 = ops.lse2 + bh * ops.Sq_pad + r0;
+  const T* dl = ops.delta + bh * ops.Sq_pad + r0;
+  for_each_key_tile<NR>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
+    const int64_t panel = bhk * ops.Sk_pad * p.D + t0 * p.D;
+    gemm<T>(rows, n, p.D, ws.q.data(), p.D, ops.kt + panel, p.D * NR, ws.s.data(), kTileK, false);
+    gemm<T>(rows, n, p.D, ws.dout.data(), p.D, ops.vt + panel, p.D * NR, ws.dp.data(), kTileK, false);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* s = ws.s.data() + r * kTileK;  // becomes dS
+      if (ws.spans[r].empty()) {
+        zero_row(s, n);
+        continue;
+      }
+      mask_row(s, ws.spans[r], n);
+      const T* dpr = ws.dp.data() + r * kTileK;
+      const V lv = vsplat(l2[r]), dlv = vsplat(dl[r]);
+      for (int64_t j = 0; j < n; j += W) {
+        const V pr = exp2(vload(s + j) - lv);
+        vstore(s + j, pr * (vload(dpr + j) - dlv));
+      }
+      zero_outside(s, ws.spans[r], n);
+    }
+    const T* kpanel = ops.kr + bhk * p.Dp * p.Sk + t0 * NR;
+    if (exact)
+      gemm_in_spans<T>(rows, ws.spans.data(), p.Dp, ws.s.data(), kTileK, kpanel, p.Sk * NR, ws.partial.data(), p.Dp,
+                       false);
+    else
+      gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, kpanel, p.Sk * NR, ws.partial.data(), p.Dp, false);
+    add_into(ws.acc.data(), ws.partial.data(), rows * p.Dp);
+  });
+  for (int64_t r = 0; r < rows; ++r)
+    store_row(ws.acc.data() + r * p.Dp, p.D, static_cast<T>(softmax_scale),
+              dqp + ((b * p.Sq + r0 + r) * p.H + h) * p.D);
+}
+
+template <typename S>
+void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                     const BlockLut& lut, const BlockLut& tlut, const Predicates& pred, double softmax_scale,
+                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  using T = compute_t<S>;
+  const Problem p = make_problem(q, k, v, kGemmN<T>);
+
+  // NaN / Inf in q, k or dO: every product runs over each row's own span (gemm_in_spans). Finite
+  // inputs, the normal case, keep the tile GEMMs; the check is a pass over O(S * D) elements.
+  const bool exact = !(finite_rows<S>(q) && finite_rows<S>(k) && finite_rows<S>(dout));
+  // Fused single pass: one task per (b, kv head) owns its group's dq rows, 5 block products per
+  // tile pair. Two passes (dq, then dk/dv): 7 products but B * Hkv * key-tiles tasks, for when
+  // B * Hkv cannot keep the threads busy (MQA / small batches). Both are deterministic; a
+  // deterministic schedule takes the two passes whatever the thread count (they keep any number of
+  // threads busy; the fused pass needs B * Hkv of them).
+  const int64_t threads = at::get_num_threads();
+  const int mode = backward_mode();
+  const bool fused = mode == 1 || (mode == 0 && !deterministic_schedule() &&
+                                   (p.B * p.Hkv >= 2 * threads || (p.B * p.Hkv) % threads == 0));
+  const BwdOperands<T> ops = pack_backward_operands<S>(p, q, k, v, out, dout, lse, dlse, softmax_scale, !fused);
+
+  const S *qp = q.data_ptr<S>(), *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
   S* dqp = dq.data_ptr<S>();
   S* dkp = dk.data_ptr<S>();
   S* dvp = dv.data_ptr<S>();
@@ -580,6 +662,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   };
 
   if (fused) {
+    const T scale = static_cast<T>(softmax_scale);
     run_tasks(
         p.B * p.Hkv,
         [&](int64_t t) {
@@ -603,21 +686,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
     return;
   }
 
-  // ---- two passes, dq first ----
-  constexpr int64_t kPackKeys = 256;
-  const int64_t kchunks = (p.Sk + kPackKeys - 1) / kPackKeys;
-  at::parallel_for(0, p.B * p.Hkv * kchunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / kchunks, r0 = (t % kchunks) * kPackKeys, r1 = std::min(r0 + kPackKeys, p.Sk);
-      const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
-      const S* ksrc = kp + b * p.sk_b + hk * p.sk_h;
-      pack_transposed_panels<NR>(ksrc, p.sk_s, r0, r1, p.D, T(1), ops.kt + bh * ops.Sk_pad * p.D);
-      pack_transposed_panels<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, T(1),
-                                 ops.vt + bh * ops.Sk_pad * p.D);
-      pack_row_panels<NR>(ksrc, p.sk_s, r0, r1, p.D, p.Dp, p.Sk, T(1), ops.kr + bh * p.Dp * p.Sk);
-    }
-  });
-
+  // ---- two passes: dq per (b, head, query tile), then dk/dv per (b, kv head, key tile) ----
   const int64_t TQ = tile_rows(lut, kTileQ);
   const int64_t q_tiles = (p.Sq + TQ - 1) / TQ;
   auto q_task = [&](int64_t t, int64_t& b, int64_t& h, int64_t& r0, int64_t& r1) {
@@ -639,57 +708,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
       [&](int64_t t, DqScratch<T>& ws) {
         int64_t b, h, r0, r1;
         q_task(t, b, h, r0, r1);
-        const int64_t rows = r1 - r0, hk = h / p.group, bh = b * p.H + h, bhk = b * p.Hkv + hk;
-        pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
-        pack_rows(dop + b * sd_b + h * sd_h + r0 * sd_s, sd_s, 0, rows, p.D, T(1), ws.dout.data(), p.D);
-        std::fill(ws.acc.begin(), ws.acc.end(), GradAcc(0));
-        const T* l2 = ops.lse2 + bh * ops.Sq_pad + r0;
-        const T* dl = ops.delta + bh * ops.Sq_pad + r0;
-        for_each_segment(
-            lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1), p.Sk,
-            [&](int64_t a, int64_t e) {
-              for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
-                t1 = std::min(t0 + kTileK, e);
-                const int64_t start = std::max(a, t0), n = round_up(t1 - t0, NR);
-                bool any = false;
-                for (int64_t r = 0; r < rows; ++r) {
-                  ws.spans[r] = {std::max(pred.key_lo(r0 + r), start) - t0, std::min(pred.key_hi(r0 + r), t1) - t0};
-                  any |= !ws.spans[r].empty();
-                }
-                if (!any) continue;
-                const int64_t panel = bhk * ops.Sk_pad * p.D + t0 * p.D;
-                gemm<T>(rows, n, p.D, ws.q.data(), p.D, ops.kt + panel, p.D * NR, ws.s.data(), kTileK, false);
-                gemm<T>(rows, n, p.D, ws.dout.data(), p.D, ops.vt + panel, p.D * NR, ws.dp.data(), kTileK, false);
-                for (int64_t r = 0; r < rows; ++r) {
-                  T* s = ws.s.data() + r * kTileK;  // becomes dS
-                  if (ws.spans[r].empty()) {
-                    zero_row(s, n);
-                    continue;
-                  }
-                  mask_row(s, ws.spans[r], n);
-                  const T* dpr = ws.dp.data() + r * kTileK;
-                  const V lv = vsplat(l2[r]), dlv = vsplat(dl[r]);
-                  for (int64_t j = 0; j < n; j += W) {
-                    const V pr = exp2(vload(s + j) - lv);
-                    vstore(s + j, pr * (vload(dpr + j) - dlv));
-                  }
-                  zero_outside(s, ws.spans[r], n);
-                }
-                const T* kpanel = ops.kr + bhk * p.Dp * p.Sk + t0 * NR;
-                if (exact)
-                  gemm_in_spans<T>(rows, ws.spans.data(), p.Dp, ws.s.data(), kTileK, kpanel, p.Sk * NR,
-                                   ws.partial.data(), p.Dp, false);
-                else
-                  gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, kpanel, p.Sk * NR, ws.partial.data(), p.Dp,
-                          false);
-                add_into(ws.acc.data(), ws.partial.data(), rows * p.Dp);
-              }
-            });
-        for (int64_t r = 0; r < rows; ++r)
-          store_row(ws.acc.data() + r * p.Dp, p.D, scale, dqp + ((b * p.Sq + r0 + r) * p.H + h) * p.D);
+        query_tile_dq(p, ops, lut, pred, qp, dout, b, h, r0, r1, softmax_scale, exact, ws, dqp);
       });
-
-  // ---- then dk/dv, one task per (b, kv head, key tile) ----
   run_tasks(
       p.B * p.Hkv * k_tiles,
       [&](int64_t t) {

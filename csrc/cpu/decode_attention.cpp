@@ -250,6 +250,72 @@ inline void tile_accumulate(const S* v, int64_t stride, int64_t head_stride, int
                  });
 }
 
+// Merges the splits of every (b, h, new token) by their lse: out = sum_s w_s o_s / sum_s w_s with
+// w_s = exp(lse_s - max), lse = max + log(sum w); rows no split saw a key for give zeros and -inf.
+// With a map, each split's map blocks are added with the split's share of the row's softmax (a block
+// straddling two splits gets both parts).
+template <typename S>
+void combine_splits(const at::Tensor& opart, const at::Tensor& lpart, const at::Tensor& mpart, int64_t B, int64_t H,
+                    int64_t Sq, int64_t splits, int64_t chunk, int64_t map_cols, int64_t map_blocks, bool map_max,
+                    at::Tensor& out, at::Tensor& lse, at::Tensor& map) {
+  using T = compute_t<S>;
+  const int64_t D = out.size(3), rows = H * Sq;
+  const T* op = opart.data_ptr<T>();
+  const T* lp = lpart.data_ptr<T>();
+  const T* mp = mpart.data_ptr<T>();
+  const bool with_map = map_cols > 0;
+  S* outp = out.data_ptr<S>();
+  T* mapp = with_map ? map.data_ptr<T>() : nullptr;
+  const int64_t map_nk = with_map ? map.size(3) : 0;
+  if (with_map) map.zero_();
+  auto* lsep = lse.data_ptr<compute_t<S>>();
+  const int64_t so_b = out.stride(0), so_s = out.stride(1), so_h = out.stride(2);
+  at::parallel_for(0, B * H * Sq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(D);
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t b = x / (H * Sq), h = (x / Sq) % H, i = x % Sq, r = h * Sq + i;
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t s = 0; s < splits; ++s) {
+        const T ls = lp[(b * splits + s) * rows + r];
+        mx = (ls != ls || ls > mx) && mx == mx ? ls : mx;  // NaN propagates
+      }
+      S* orow = outp + b * so_b + i * so_s + h * so_h;
+      auto* lrow = lsep + (b * H + h) * Sq + i;
+      if (mx == -std::numeric_limits<T>::infinity()) {
+        std::fill(orow, orow + D, static_cast<S>(0.0f));
+        *lrow = -std::numeric_limits<T>::infinity();
+        continue;
+      }
+      T total = 0;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t s = 0; s < splits; ++s) {
+        const T ls = lp[(b * splits + s) * rows + r];
+        if (ls == -std::numeric_limits<T>::infinity()) continue;
+        const T w = std::exp(ls - mx);
+        total += w;
+        const T* o = op + ((b * splits + s) * rows + r) * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * o[d];
+      }
+      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<S>(acc[d] / total);
+      *lrow = static_cast<T>(mx + std::log(total));
+      if (with_map) {  // each split's map blocks, weighted by its share of the row's softmax
+        T* mrow = mapp + ((b * H + h) * Sq + i) * map_nk;
+        for (int64_t s = 0; s < splits; ++s) {
+          const T ls = lp[(b * splits + s) * rows + r];
+          if (ls == -std::numeric_limits<T>::infinity()) continue;
+          const T w = std::exp(ls - mx) / total;
+          const T* part = mp + ((b * splits + s) * rows + r) * map_blocks;
+          const int64_t first = s * chunk / map_cols;
+          for (int64_t x = 0; x < map_blocks && first + x < map_nk; ++x) {
+            const T val = w * part[x];
+            mrow[first + x] = map_max ? std::max(mrow[first + x], val) : mrow[first + x] + val;
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename S>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* seqlens,
                    const BlockKeep& keep, double softmax_scale, int64_t left, int64_t num_splits, at::Tensor& out,
@@ -398,57 +464,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         }
       });
 
-  // Combine the splits of each (b, h, i) by their lse.
-  S* outp = out.data_ptr<S>();
-  T* mapp = with_map ? map.data_ptr<T>() : nullptr;
-  const int64_t map_nk = with_map ? map.size(3) : 0;
-  if (with_map) map.zero_();
-  auto* lsep = lse.data_ptr<compute_t<S>>();
-  const int64_t so_b = out.stride(0), so_s = out.stride(1), so_h = out.stride(2);
-  at::parallel_for(0, B * H * Sq, 16, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(D);
-    for (int64_t x = begin; x < end; ++x) {
-      const int64_t b = x / (H * Sq), h = (x / Sq) % H, i = x % Sq, r = h * Sq + i;
-      T mx = -std::numeric_limits<T>::infinity();
-      for (int64_t s = 0; s < splits; ++s) {
-        const T ls = lp[(b * splits + s) * rows + r];
-        mx = (ls != ls || ls > mx) && mx == mx ? ls : mx;  // NaN propagates
-      }
-      S* orow = outp + b * so_b + i * so_s + h * so_h;
-      auto* lrow = lsep + (b * H + h) * Sq + i;
-      if (mx == -std::numeric_limits<T>::infinity()) {
-        std::fill(orow, orow + D, static_cast<S>(0.0f));
-        *lrow = -std::numeric_limits<T>::infinity();
-        continue;
-      }
-      T total = 0;
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t s = 0; s < splits; ++s) {
-        const T ls = lp[(b * splits + s) * rows + r];
-        if (ls == -std::numeric_limits<T>::infinity()) continue;
-        const T w = std::exp(ls - mx);
-        total += w;
-        const T* o = op + ((b * splits + s) * rows + r) * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * o[d];
-      }
-      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<S>(acc[d] / total);
-      *lrow = static_cast<T>(mx + std::log(total));
-      if (with_map) {  // each split's map blocks, weighted by its share of the row's softmax
-        T* mrow = mapp + ((b * H + h) * Sq + i) * map_nk;
-        for (int64_t s = 0; s < splits; ++s) {
-          const T ls = lp[(b * splits + s) * rows + r];
-          if (ls == -std::numeric_limits<T>::infinity()) continue;
-          const T w = std::exp(ls - mx) / total;
-          const T* part = mp + ((b * splits + s) * rows + r) * map_blocks;
-          const int64_t first = s * chunk / map_cols;
-          for (int64_t x = 0; x < map_blocks && first + x < map_nk; ++x) {
-            const T val = w * part[x];
-            mrow[first + x] = map_max ? std::max(mrow[first + x], val) : mrow[first + x] + val;
-          }
-        }
-      }
-    }
-  });
+  combine_splits<S>(opart, lpart, mpart, B, H, Sq, splits, chunk, map_cols, map_blocks, map_max, out, lse, map);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "cpu/pack.h"
@@ -127,6 +128,45 @@ int64_t select_keys(const T* s, const RowKeys& rk, RowScratch<T>& ws) {
   return n;
 }
 
+// Exact attention of one query row (ws.q, scaled for base 2) over its n chosen keys (ws.idx), in blocks
+// of kGatherBlock: scores (K rows prefetched ahead, the block's V rows requested as its K rows are
+// read), an online-softmax step, then P V while the V rows are in cache. Leaves the unnormalised
+// output in ws.acc; returns the running max and sum (base 2).
+template <typename S, typename T>
+std::pair<T, T> attend_chosen(RowScratch<T>& ws, const S* kb, int64_t k_row, const S* vb, int64_t v_row, int64_t n,
+                              int64_t D) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  const int64_t* idx = ws.idx.data();
+  T* s = ws.s.data();
+  T* acc = ws.acc.data();
+  std::fill(acc, acc + D, T(0));
+  T m = -std::numeric_limits<T>::infinity(), l = 0, alpha = 1;
+  for (int64_t x0 = 0; x0 < n; x0 += kGatherBlock) {
+    const int64_t nb = std::min(kGatherBlock, n - x0);
+    for (int64_t x = 0; x < nb; ++x) {
+      const int64_t j = idx[x0 + x];
+      if (x0 + x + 8 < n) prefetch_row(kb + idx[x0 + x + 8] * k_row, D);
+      prefetch_row<1>(vb + j * v_row, D);  // into L2: used after the block's K rows
+      s[x] = dot(ws.q.data(), kb + j * k_row, D);
+    }
+    const int64_t padded = (nb + W - 1) / W * W;
+    softmax_row(s, padded, RowSpan{0, nb}, m, l, alpha);
+    if (alpha != T(1)) {
+      for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+    }
+    for (int64_t x = 0; x < nb; ++x) {
+      if (x + 4 < nb) prefetch_row(vb + idx[x0 + x + 4] * v_row, D);
+      const T* vr = compute_row(vb + idx[x0 + x] * v_row, D, ws.row.data());
+      const V p = vsplat(s[x]);
+      int64_t d = 0;
+      for (; d + W <= D; d += W) vstore(acc + d, vload(acc + d) + p * vload(vr + d));
+      for (; d < D; ++d) acc[d] += s[x] * vr[d];
+    }
+  }
+  return {m, l};
+}
+
 // S: the type of q, k, v; Ss: that of the low-rank scores' inputs (S, or a half-width plane).
 template <typename S, typename Ss>
 void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qs,
@@ -224,37 +264,9 @@ void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           }
           const S* qrow = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
           for (int64_t d = 0; d < D; ++d) ws.q[d] = static_cast<T>(qrow[d]) * scale;
-          const S* kb = kp + b * k.stride(0) + hk * k.stride(2);
-          const S* vb = vp + b * v.stride(0) + hk * v.stride(2);
-          const int64_t* idx = ws.idx.data();
-          T* s = ws.s.data();
-          T* acc = ws.acc.data();
-          std::fill(acc, acc + D, T(0));
-          T m = -std::numeric_limits<T>::infinity(), l = 0, alpha = 1;
-          // blocks of chosen keys: scores (K rows prefetched ahead, the block's V rows requested
-          // as its K rows are read), online softmax, then P V while the V rows are in cache
-          for (int64_t x0 = 0; x0 < n; x0 += kGatherBlock) {
-            const int64_t nb = std::min(kGatherBlock, n - x0);
-            for (int64_t x = 0; x < nb; ++x) {
-              const int64_t j = idx[x0 + x];
-              if (x0 + x + 8 < n) prefetch_row(kb + idx[x0 + x + 8] * k.stride(1), D);
-              prefetch_row<1>(vb + j * v.stride(1), D);  // into L2: used after the block's K rows
-              s[x] = dot(ws.q.data(), kb + j * k.stride(1), D);
-            }
-            const int64_t padded = (nb + W - 1) / W * W;
-            softmax_row(s, padded, RowSpan{0, nb}, m, l, alpha);
-            if (alpha != T(1)) {
-              for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
-            }
-            for (int64_t x = 0; x < nb; ++x) {
-              if (x + 4 < nb) prefetch_row(vb + idx[x0 + x + 4] * v.stride(1), D);
-              const T* vr = compute_row(vb + idx[x0 + x] * v.stride(1), D, ws.row.data());
-              const V p = vsplat(s[x]);
-              int64_t d = 0;
-              for (; d + W <= D; d += W) vstore(acc + d, vload(acc + d) + p * vload(vr + d));
-              for (; d < D; ++d) acc[d] += s[x] * vr[d];
-            }
-          }
+          const auto [m, l] = attend_chosen(ws, kp + b * k.stride(0) + hk * k.stride(2), k.stride(1),
+                                            vp + b * v.stride(0) + hk * v.stride(2), v.stride(1), n, D);
+          const T* acc = ws.acc.data();
           if (l == T(0)) {  // only -inf scores (infinite inputs)
             std::fill(orow, orow + D, static_cast<S>(0.0f));
             *lrow = -std::numeric_limits<T>::infinity();

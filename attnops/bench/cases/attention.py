@@ -20,7 +20,7 @@ import attnops
 from attnops import BlockMask
 from attnops.bench import baselines
 from attnops.bench.registry import DTYPES, CaseSpec, Prepared, Provider, register_op
-from attnops.kernels import reference
+from attnops.ops.softmax import reference
 
 # Float64 reference rows are computed in chunks of at most this many scores.
 _REF_CHUNK_SCORES = 1 << 23

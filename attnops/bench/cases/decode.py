@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 import attnops
-from attnops import dispatch
+from attnops.core import dispatch
 from attnops.bench import baselines
 from attnops.bench.registry import DTYPES, CaseSpec, Prepared, Provider, register_op
-from attnops.kernels import reference
+from attnops.ops.decode import reference
 
 
 def build_decode(spec: CaseSpec) -> Prepared:

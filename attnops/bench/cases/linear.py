@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import attnops
 from attnops.bench import baselines
 from attnops.bench.cases.attention import qkv_inputs
-from attnops.bench.registry import DTYPES, CaseSpec, Prepared, Provider, register_op
+from attnops.bench.registry import CaseSpec, Prepared, Provider, register_op
 
 
 def build_linear(spec: CaseSpec) -> Prepared:

@@ -25,7 +25,8 @@ import torch
 import attnops
 from attnops import lowrank
 from attnops.bench.registry import DTYPES, CaseSpec, Prepared, Provider, register_op
-from attnops.kernels import reference
+from attnops.ops.lowrank import reference as lowrank_reference
+from attnops.ops.softmax import reference
 
 # Query scale: the scores q . k / sqrt(D) get a standard deviation of 4 (peaked attention, as trained
 # models have on long contexts; at 1 attention is near uniform and no top-k approximates it).
@@ -102,7 +103,7 @@ def build_lowrank(spec: CaseSpec) -> Prepared:
                 allowed = reference.token_mask(qr.shape[1], kk.shape[1], causal=True)
                 out = reference.masked_attention(qr, kk, vv, allowed, scale)[0]
             else:
-                out = reference.lowrank_key_attention(qr, kk, vv, qs, ks, seqlens, topk=topk, local=local,
+                out = lowrank_reference.lowrank_key_attention(qr, kk, vv, qs, ks, seqlens, topk=topk, local=local,
                                                       causal=True, softmax_scale=scale)[0]
             outs.append(out[:, rows])
         return torch.cat(outs)

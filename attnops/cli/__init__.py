@@ -1,0 +1,1 @@
+"""Command-line programs above the library layers (``python -m attnops.maps`` runs ``cli.maps``)."""

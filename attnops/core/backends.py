@@ -1,0 +1,55 @@
+"""What can run here: the C++ extension (the ``cpu`` backend, and ``cuda`` where it was built against a
+CUDA torch), Triton (a GPU, or CPU tensors under ``TRITON_INTERPRET=1``), and the PyTorch backends
+(``composite``, ``reference``), which run anywhere.
+
+The families' backend modules ask this module before registering with the dispatcher; importing it
+loads ``attnops._C`` (whose ``TORCH_LIBRARY_IMPL`` blocks add the C++ kernels to the operators that
+``attnops.core.library`` defines).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# ATTNOPS_TRITON_AUTOTUNE=0 launches the first configuration of each kernel's table instead of
+# timing them all: the test suite sets it on a GPU, where autotuning every test shape would take
+# most of its time (correctness does not depend on the configuration; the benchmark harness checks
+# the accuracy of the autotuned ones at full size).
+AUTOTUNE = os.environ.get("ATTNOPS_TRITON_AUTOTUNE", "1") != "0"
+
+try:
+    from attnops import _C  # noqa: F401  (adds the C++ kernels to the operators)
+
+    EXTENSION = True
+    EXTENSION_REASON = ""
+except ImportError as e:  # not built: `make test` / `pip install --no-build-isolation -e .`
+    _C = None
+    EXTENSION = False
+    EXTENSION_REASON = f"the C++ extension attnops._C is not built ({e})"
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERROR = ""
+except ImportError as e:  # triton is an optional dependency (`pip install attnops[triton]`)
+    _TRITON_ERROR = f"triton is not importable ({e})"
+
+if _TRITON_ERROR:
+    TRITON, TRITON_REASON = False, _TRITON_ERROR
+elif not (torch.cuda.is_available() or INTERPRET):
+    TRITON, TRITON_REASON = False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+else:
+    TRITON, TRITON_REASON = True, ""
+
+
+def cuda_kernel(qualname: str) -> bool:
+    """Whether the extension has a CUDA kernel for ``attnops::<op>`` (built against a CUDA torch)."""
+    return EXTENSION and torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
+
+
+def set_poison_outputs(enable: bool) -> bool:
+    """Test aid: C++ kernels fill outputs with NaN at allocation. Returns the previous setting."""
+    return _C._set_poison_outputs(enable) if EXTENSION else False

@@ -1,0 +1,133 @@
+"""Input validation shared by the ops: run once, in the op, before any kernel (kernels trust it)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from attnops.core.masks import BlockMask
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class QKVShape(NamedTuple):
+    batch: int
+    seq_len_q: int
+    seq_len_k: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def check_tensor(name: str, t, dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; attnops supports float16, bfloat16, float32 and float64")
+
+
+def check_qkv_tensors(q, k, v) -> None:
+    """q, k, v are 4-d tensors of one supported dtype on one device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def check_qkv(q, k, v, max_head_dim: int = MAX_HEAD_DIM) -> QKVShape:
+    """Checks the flash_attn layout ``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)``, ``H % Hkv == 0``."""
+    check_qkv_tensors(q, k, v)
+    B, Sq, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Sk, Hkv, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"batch sizes differ: q has {B}, k/v have {Bk}")
+    if Dk != D:
+        raise ValueError(f"head dims differ: q has {D}, k/v have {Dk}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({Hkv})")
+    if not 1 <= D <= max_head_dim:
+        raise ValueError(f"head dim {D} is not supported (1 <= D <= {max_head_dim})")
+    return QKVShape(B, Sq, Sk, H, Hkv, D)
+
+
+# Scores are exponentiated in float32 (half and bfloat16 inputs included) with the scale folded into
+# q: a scale beyond this turns any |q . k| above ~5e28 into an overflowing score (NaN rows, where the
+# float64 reference is finite), and no model has a use for one (temperatures are O(1) to O(100)).
+MAX_SOFTMAX_SCALE = 2.0 ** 32
+
+
+def resolve_softmax_scale(softmax_scale: Optional[float], head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, (torch.Tensor, bool)) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a Python number, got {softmax_scale!r}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if abs(softmax_scale) > MAX_SOFTMAX_SCALE:
+        raise ValueError(f"|softmax_scale| must be <= 2**32 (scores are exponentiated in float32 and would "
+                         f"overflow), got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def check_causal(causal) -> bool:
+    """``causal`` must be a bool: a number there is usually flash_attn's positional ``dropout_p``."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}. attnops.attention's positional order is "
+                        "(q, k, v, causal, softmax_scale, window_size); flash_attn's is (q, k, v, dropout_p, "
+                        "softmax_scale, causal): pass causal= and softmax_scale= by keyword")
+    return causal
+
+
+def refuse_forward_ad(op: str, *tensors) -> None:
+    """The ops have reverse-mode gradients only. Their kernels are opaque to forward-mode AD
+    (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``), which would otherwise see a zero
+    tangent: a silent wrong derivative. Refused before any kernel runs."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"attnops.{op} has no forward-mode derivative (torch.func.jvp / jacfwd / torch.autograd.forward_ad "
+                "gave a tangent to one of its inputs); use reverse mode: loss.backward() or torch.autograd.grad")
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def clamp_window(window: Tuple[int, int], seq_len_q: int, seq_len_k: int) -> Tuple[int, int]:
+    """A validated ``(left, right)`` window with sides wider than the sequences clamped to them (the
+    same keys: ``left >= Sk`` and ``right >= Sq`` see everything), so that any Python int reaches
+    the kernels as a small int64."""
+    left, right = window
+    return (left if left < 0 else min(left, seq_len_k), right if right < 0 else min(right, seq_len_q))
+
+
+def check_block_mask(block_mask, shape: QKVShape, device: torch.device) -> BlockMask:
+    """A mask fits when its lengths equal (Sq, Sk), its B/H are 1 or q's, and it is on q's device."""
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be an attnops.BlockMask, got {type(block_mask).__name__}")
+    mB, mH, msq, msk = block_mask.shape
+    if (msq, msk) != (shape.seq_len_q, shape.seq_len_k):
+        raise ValueError(
+            f"block_mask was built for (Sq, Sk) = ({msq}, {msk}) but q/k have ({shape.seq_len_q}, {shape.seq_len_k})"
+        )
+    if mB not in (1, shape.batch) or mH not in (1, shape.num_heads):
+        raise ValueError(
+            f"block_mask batch/heads ({mB}, {mH}) must be 1 or match q's ({shape.batch}, {shape.num_heads})"
+        )
+    if block_mask.device != device:
+        raise ValueError(f"block_mask is on {block_mask.device} but q is on {device}; use block_mask.to(device)")
+    return block_mask.check()  # the LUT's shapes, and its values once per mask (validate=False included)

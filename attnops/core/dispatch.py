@@ -1,0 +1,120 @@
+"""The one dispatcher: picks the backend that runs an op for the tensors of one call.
+
+Each attention family registers, per backend, the function the dispatcher calls for an op
+(``register(op, backend, fn)``, from its own ``cpu.py`` / ``triton.py`` / ``reference.py`` ...); all
+implementations of one op share the signature of the family's float64 reference.
+
+=============  ==========================================  ==========================
+backend        implementations                             runs
+=============  ==========================================  ==========================
+``cpu``        the C++ kernels (csrc/cpu, ``attnops._C``)  CPU (and meta) tensors
+``triton``     the families' ``triton.py``                 CUDA tensors (CPU tensors
+                                                           under ``TRITON_INTERPRET=1``)
+``cuda``       csrc/cuda kernels (``attnops._C``)          CUDA tensors
+``composite``  vectorised PyTorch (linear attention's      anything; ops with no
+               chunk form)                                 kernel of the device's own
+``reference``  the families' ``reference.py`` (float64    anything; builds N x N
+               oracles)
+=============  ==========================================  ==========================
+
+Automatic choice: CPU tensors -> ``cpu``; CUDA tensors -> ``triton``, else ``cuda`` where the op
+has a CUDA kernel; then ``composite`` where the op has one there. ``backend=`` on an op, or the
+``ATTNOPS_BACKEND`` environment variable, forces one. A backend that cannot run the call is a
+clear error, never a silent slow path: in particular the N x N reference runs only when asked for
+by name. The families register when ``attnops`` is imported, so under torch.compile ``resolve`` is a
+dict lookup (no import inside a compiled region).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+
+from attnops.core import backends
+
+BACKENDS = ("cpu", "triton", "cuda", "composite", "reference")
+
+# Preference order per device type when no backend is forced. Meta tensors go to the registered
+# C++ operators, whose fake implementations infer output shapes (models built on "meta").
+_AUTO = {"cpu": ("cpu", "composite"), "cuda": ("triton", "cuda", "composite"), "meta": ("cpu", "composite")}
+
+_IMPLS: Dict[str, Dict[str, Callable]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested (or the only suitable) backend cannot run this call."""
+
+
+def register(op: str, backend: str, fn: Callable) -> Callable:
+    """Makes ``fn`` the ``backend`` implementation of ``op`` (a family's backend module calls this
+    when it loads). Returns ``fn``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    _IMPLS.setdefault(op, {})[backend] = fn
+    return fn
+
+
+def unavailable_reason(backend: str) -> str:
+    """Why ``backend`` cannot run here ("" when it can)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "cpu":
+        return backends.EXTENSION_REASON
+    if backend == "triton":
+        return backends.TRITON_REASON
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        if not any("cuda" in impls for impls in _IMPLS.values()):
+            return "attnops._C was built without CUDA (torch without CUDA or no nvcc)"
+    return ""
+
+
+def is_available(backend: str) -> bool:
+    return not unavailable_reason(backend)
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name in ("reference", "composite"):
+        return True
+    if name == "cpu":
+        return device.type in ("cpu", "meta")
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and backends.INTERPRET)
+    if name == "cuda":
+        return device.type == "cuda"
+    return False
+
+
+def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
+    """The implementation of ``op`` for tensors on ``device``.
+
+    ``backend`` (or ``ATTNOPS_BACKEND``) forces a backend; otherwise the first suitable one for
+    the device type is taken.
+    """
+    forced = backend or os.environ.get("ATTNOPS_BACKEND") or None
+    if forced is not None:
+        return _load(op, forced, device)
+    candidates = _AUTO.get(device.type, ())
+    reasons = []
+    for name in candidates:
+        try:
+            return _load(op, name, device)
+        except BackendUnavailableError as e:
+            reasons.append(str(e))
+    detail = "; ".join(reasons) if reasons else f"no backend runs on device type {device.type!r}"
+    raise BackendUnavailableError(f"attnops.{op}: no backend for {device} tensors ({detail})")
+
+
+def _load(op: str, name: str, device: torch.device) -> Callable:
+    reason = unavailable_reason(name)  # raises on an unknown name
+    if reason:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
+    if not _runs_on(name, device):
+        raise BackendUnavailableError(f"backend {name!r} cannot run tensors on {device}")
+    fn = _IMPLS.get(op, {}).get(name)
+    if fn is None:
+        raise BackendUnavailableError(f"backend {name!r} has no kernel for {op}")
+    return fn

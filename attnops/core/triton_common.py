@@ -1,0 +1,235 @@
+"""What the families' Triton kernels share: constants, the dtype and precision rules of their dots,
+launcher utilities, and the jit pieces every attention kernel is made of (the walk over a block LUT,
+the causal / window predicates, the online-softmax step, the empty-row epilogue, the products that keep
+NaN in its rows). Imported only where Triton is available.
+
+Naming follows flash-linear-attention: i_* program indices, o_* offsets, m_* masks, b_* blocks, p_*
+pointers.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from attnops.core.backends import INTERPRET
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
+
+DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+# ---- launcher utilities ------------------------------------------------------------------------------
+
+def refuse_float64(q: torch.Tensor) -> None:
+    if q.dtype == torch.float64:
+        raise TypeError("the triton backend does not support float64; use backend='cpu' or 'reference'")
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The dtype the kernels' tl.dot operands are cast to. Triton's interpreter has no bfloat16
+    arithmetic (it multiplies the uint16 bit patterns in tl.dot, triton#11584): there, bf16 operands
+    are upcast to float32 right after loading (a no-op on GPUs)."""
+    return tl.float32 if INTERPRET and dtype == torch.bfloat16 else DOT_DTYPES[dtype]
+
+
+def precision(dtype: torch.dtype) -> str:
+    """float32 inputs: IEEE products unless the user allowed TF32 for matmuls globally."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def dense_last_dim(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index the head dim with stride 1; any other layout is taken as strides (no copy)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def strides3(t: torch.Tensor) -> List[int]:
+    return [t.stride(0), t.stride(1), t.stride(2)]
+
+
+_DUMMY_LUT: dict = {}
+
+
+def lut_args(counts: Optional[torch.Tensor], indices: Optional[torch.Tensor], device) -> Tuple:
+    """Pointers and strides of a compressed-row LUT (:func:`lut_walk`'s ``lut_*``); broadcast (size-1)
+    B/H dims get stride 0."""
+    if counts is None:
+        dummy = _DUMMY_LUT.get(device)
+        if dummy is None:  # one per device: an allocation + fill per call is host time on small calls
+            dummy = _DUMMY_LUT[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return dummy, dummy, [0, 0, 0, 0, 0]
+    strides = [counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if counts.shape[1] > 1 else 0,
+               indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1) if indices.shape[1] > 1 else 0,
+               indices.stride(2)]
+    return counts, indices, strides
+
+
+def num_splits(programs: int, keys: int, device: torch.device) -> int:
+    """How many parts split-KV kernels cut ``keys`` keys into when ``programs`` programs run per part:
+    about two waves of programs on the GPU, at least 256 keys per part; two under the interpreter
+    (so that tests exercise the merge)."""
+    if INTERPRET or device.type != "cuda":
+        return 2
+    target = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, max(programs, 1))
+    return max(1, min(target, triton.cdiv(max(keys, 1), 256)))
+
+
+# ---- the walk over a block LUT -------------------------------------------------------------------------
+
+@triton.jit
+def lut_walk(Num, Idx, i_b, i_h, row, lut_nb, lut_nh, lut_ib, lut_ih, lut_ir, lo, hi, HAS_LUT: tl.constexpr,
+              LUT_B: tl.constexpr, BLOCK: tl.constexpr):
+    """The tiles of BLOCK columns that one row block visits, as ``(count, p_idx, first)`` for
+    :func:`lut_tile`: with a LUT the column blocks its row lists (``Num``/``Idx`` with strides
+    ``lut_nb, lut_nh`` (counts) and ``lut_ib, lut_ih, lut_ir`` (indices); broadcast dims stride 0), each
+    cut into LUT_B // BLOCK tiles; without one, the tiles covering ``[lo, hi)``. One walk for the
+    forward, dq, dk/dv (the transposed LUT) and block-map kernels."""
+    p_idx = Idx + i_b * lut_ib + i_h * lut_ih + row * lut_ir
+    if HAS_LUT:
+        count = tl.maximum(tl.load(Num + i_b * lut_nb + i_h * lut_nh + row), 0) * (LUT_B // BLOCK)
+        first = 0
+    else:
+        first = (lo // BLOCK) * BLOCK
+        count = tl.cdiv(hi - first, BLOCK)
+    return count, p_idx, first
+
+
+@triton.jit
+def lut_tile(t, p_idx, first, HAS_LUT: tl.constexpr, LUT_B: tl.constexpr, BLOCK: tl.constexpr):
+    """First column of the t-th tile of a :func:`lut_walk` (a tile never straddles two LUT blocks)."""
+    if HAS_LUT:
+        start = tl.load(p_idx + t // (LUT_B // BLOCK)) * LUT_B + (t % (LUT_B // BLOCK)) * BLOCK
+    else:
+        start = first + t * BLOCK
+    return start
+
+
+# ---- causal / window predicates (bottom-right aligned: query i sits at key position i + Sk - Sq) ----
+
+@triton.jit
+def key_range(m0, Sq, Sk, offset, win_left, win_right, BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr,
+               HAS_RIGHT: tl.constexpr):
+    """Keys any row of the query block [m0, m0 + BLOCK_M) may see, [lo, hi), and the edges beyond
+    which a key tile is inside every row's window: lo_last_row (left) and hi_first_row (right)."""
+    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
+    lo = 0
+    hi = Sk
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + offset - win_left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(m_last + offset + win_right + 1, Sk)
+    return lo, hi, m_last + offset - win_left, m0 + offset + win_right
+
+
+@triton.jit
+def partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr):
+    """Whether a key tile crosses the sequence end or a window edge of some row of the query block
+    (else every pair of the tile attends: nothing to mask)."""
+    partial = n0 + BLOCK_N > Sk
+    if HAS_LEFT:
+        partial = partial | (n0 < lo_last_row)
+    if HAS_RIGHT:
+        partial = partial | (n0 + BLOCK_N - 1 > hi_first_row)
+    return partial
+
+
+@triton.jit
+def mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """-inf outside the predicates, evaluated only on a tile that crosses the sequence end or a
+    window edge (a scalar test for the others)."""
+    if partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT, HAS_RIGHT):
+        keep = o_n[None, :] < Sk
+        if HAS_LEFT:
+            keep = keep & (o_n[None, :] >= o_pos[:, None] - win_left)
+        if HAS_RIGHT:
+            keep = keep & (o_n[None, :] <= o_pos[:, None] + win_right)
+        b_s = tl.where(keep, b_s, float("-inf"))
+    return b_s
+
+
+@triton.jit
+def keys_see_queries(o_m, o_n, m_m, offset, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(keys, queries) bool: key o_n[j] and query o_m[i] attend each other (query in range, windows):
+    the transposed predicate of the dk/dv kernels."""
+    o_pos = o_m + offset
+    keep = (o_n[:, None] >= 0) & m_m[None, :]
+    if HAS_LEFT:
+        keep = keep & (o_n[:, None] >= o_pos[None, :] - win_left)
+    if HAS_RIGHT:
+        keep = keep & (o_n[:, None] <= o_pos[None, :] + win_right)
+    return keep
+
+
+# ---- online softmax (base 2: softmax_scale * log2(e) is folded into the scores) ------------------------
+
+@triton.jit
+def softmax_rescale(b_m, b_m_tile):
+    """One online-softmax step on the row statistics: the new running max, the max to subtract from the
+    tile's scores (0 for rows with nothing yet: no -inf - -inf), and the factor by which the row's
+    earlier sum and accumulator shrink."""
+    b_m_new = tl.maximum(b_m, b_m_tile)
+    b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    return b_m_new, b_m_use, tl.math.exp2(b_m - b_m_use)
+
+
+@triton.jit
+def row_results(b_m, b_l):
+    """Epilogue: ``1 / l`` (0 for rows that attended nothing, so their output is exact zeros) and the
+    natural-log lse (-inf there)."""
+    empty = b_l == 0.0
+    b_inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, b_l))
+    b_lse = tl.where(empty, float("-inf"), (b_m + tl.math.log2(tl.where(empty, 1.0, b_l))) * _LN2)
+    return b_inv, b_lse
+
+
+@triton.jit
+def lse2(b_lse):
+    """A saved lse in base 2 for the backward's P = exp2(s - lse2); rows that attended nothing give
+    +inf, so their P is exactly 0."""
+    return tl.where(b_lse == float("-inf"), float("inf"), b_lse * _LOG2E)
+
+
+# ---- products that keep NaN / Inf in the rows that attend them ----------------------------------------
+
+@triton.jit
+def nonfinite(b_x):
+    """Bool tile: NaN or +-Inf entries."""
+    return (b_x != b_x) | (tl.abs(b_x.to(tl.float32)) == float("inf"))
+
+
+@triton.jit
+def any_true(b_bad):
+    return tl.max(tl.max(b_bad.to(tl.int32), 1), 0) > 0
+
+
+@triton.jit
+def masked_dot(b_w, b_x, b_keep, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``dot(w, x)`` where ``w`` is 0 outside ``b_keep`` (masked pairs) and ``x`` holds NaN or Inf: a plain
+    dot makes 0 * NaN = NaN of the masked pairs and spreads it to rows that never attend them. Here x's
+    non-finite entries are zeroed for the dot, and the results they would reach through a kept pair
+    become NaN (counted by a second dot). Called only on the rare tiles that need it."""
+    b_bad = nonfinite(b_x)
+    b_out = tl.dot(b_w.to(DOT_DTYPE), tl.where(b_bad, 0.0, b_x).to(DOT_DTYPE), input_precision=PRECISION)
+    b_hits = tl.dot(b_keep.to(tl.float32), b_bad.to(tl.float32), input_precision="ieee")
+    return tl.where(b_hits > 0, float("nan"), b_out)
+
+
+@triton.jit
+def dot_kept(b_w, b_x, b_keep, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``dot(w, x)`` on a tile with masked pairs (``b_keep``): the plain dot, or :func:`masked_dot` when
+    ``x`` holds a non-finite value."""
+    if any_true(nonfinite(b_x)):
+        b_out = masked_dot(b_w, b_x, b_keep, PRECISION, DOT_DTYPE)
+    else:
+        b_out = tl.dot(b_w.to(DOT_DTYPE), b_x.to(DOT_DTYPE), input_precision=PRECISION)
+    return b_out

@@ -1,0 +1,7 @@
+"""The C++ backends of decoding: csrc/cpu/decode_attention.cpp (the block map fused into the forward)."""
+
+from attnops.core import backends, dispatch
+from attnops.ops.decode import library as lib
+
+if backends.EXTENSION:
+    dispatch.register("decode_attention", "cpu", lib.backend(lib.FWD, fused_map=True))

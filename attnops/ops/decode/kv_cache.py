@@ -1,0 +1,132 @@
+"""``KVCache``: preallocated key/value buffers for incremental decoding, one length per sequence."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from attnops.core.checks import MAX_HEAD_DIM
+
+
+class KVCache:
+    """Keys and values of ``batch`` sequences, up to ``max_len`` tokens each.
+
+    ``k``, ``v``: ``(batch, max_len, num_kv_heads, head_dim)``; ``seqlens``: ``(batch,)`` int32 on the
+    cache's device (a CPU copy is kept so that appends never synchronise a GPU).
+
+    Example::
+
+        >>> cache = KVCache(batch=2, max_len=1024, num_kv_heads=1, head_dim=64)
+        >>> k, v, lens = cache.append(k_new, v_new)   # k_new, v_new: (2, T, 1, 64)
+        >>> out = attnops.decode_attention(q_new, k, v, lens)
+    """
+
+    def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None, score_dim: int = 0,
+                 score_dtype: Optional[torch.dtype] = None):
+        for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim {head_dim} is above what the kernels take ({MAX_HEAD_DIM})")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.batch, self.max_len, self.num_kv_heads, self.head_dim = batch, max_len, num_kv_heads, head_dim
+        if not isinstance(score_dim, int) or isinstance(score_dim, bool) or not 0 <= score_dim <= head_dim:
+            raise ValueError(f"score_dim must be an int in [0, head_dim={head_dim}], got {score_dim!r}")
+        self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
+        # low-rank-key decoding: a contiguous copy of the keys' first score_dim components (the
+        # kernels' scoring pass reads it; the same components read out of k are rows head_dim apart),
+        # optionally half-width (half the scoring pass's bytes; the scores only rank keys)
+        score_dtype = dtype if score_dtype is None else score_dtype
+        if score_dtype not in (dtype, torch.bfloat16, torch.float16):
+            raise TypeError(f"score_dtype must be the cache's dtype, bfloat16 or float16, got {score_dtype!r}")
+        self.score_dim = score_dim
+        self.k_score = torch.zeros(batch, max_len, num_kv_heads, score_dim, dtype=score_dtype, device=device) \
+            if score_dim else None
+        self.v = torch.zeros_like(self.k)
+        self._lens = torch.zeros(batch, dtype=torch.int32)  # host copy
+        self.seqlens = self._lens.to(self.k.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def host_seqlens(self) -> torch.Tensor:
+        """``(batch,)`` int32 lengths on the CPU (reading them never synchronises a GPU)."""
+        return self._lens.clone()
+
+    def score_view(self) -> Optional[torch.Tensor]:
+        """The score plane up to the longest sequence (``decode_attention``'s ``k_score``), or None."""
+        if self.k_score is None:
+            return None
+        return self.k_score[:, :int(self._lens.max())]
+
+    def reset(self) -> None:
+        """Empties every sequence (the buffers are kept)."""
+        self._lens.zero_()
+        self.seqlens = self._lens.to(self.device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Appends ``T`` new tokens to every sequence, each at its own length.
+
+        Args:
+            k, v: ``(batch, T, num_kv_heads, head_dim)`` in the cache's dtype and on its device.
+
+        Returns:
+            ``(k_cache, v_cache, seqlens)``: views of the buffers up to the longest sequence and the
+            new lengths, the arguments of :func:`attnops.decode_attention`.
+
+        A bad append (wrong shape, dtype or device, past ``max_len``, or k/v that require grad while
+        grad mode is on) raises and leaves the cache unchanged.
+        """
+        expected = (self.batch, None, self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.dim() != 4 or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+                raise ValueError(f"{name} must be (batch={self.batch}, T, num_kv_heads={self.num_kv_heads}, "
+                                 f"head_dim={self.head_dim}), got {tuple(t.shape)}")
+            if t.dtype != self.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype}, the cache holds {self.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, the cache is on {self.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Writing them into the buffers would chain every step's autograd graph onto the cache
+            # (reset() keeps the buffers, so the chain would outlive it); decoding is forward-only.
+            raise RuntimeError("KVCache.append got k/v that require grad: the cache is decoding state and is "
+                               "forward-only. Decode under torch.no_grad() or torch.inference_mode() (or append "
+                               "k.detach(), v.detach()); train with attention over the whole sequence")
+        T = k.shape[1]
+        new_lens = self._lens + T
+        if int(new_lens.max()) > self.max_len:
+            raise ValueError(f"KVCache overflow: appending {T} tokens to lengths up to {int(self._lens.max())} "
+                             f"exceeds max_len={self.max_len}")
+        if T:
+            rows = torch.arange(self.batch).unsqueeze(1)
+            cols = self._lens.long().unsqueeze(1) + torch.arange(T)  # (batch, T): each sequence's own slots
+            rows, cols = rows.to(self.device), cols.to(self.device)
+            self.k[rows, cols] = k
+            self.v[rows, cols] = v
+            if self.k_score is not None:
+                self.k_score[rows, cols] = k[..., :self.score_dim].to(self.k_score.dtype)
+        self._lens = new_lens
+        self.seqlens = new_lens.to(self.device)
+        longest = int(new_lens.max())
+        return self.k[:, :longest], self.v[:, :longest], self.seqlens
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch={self.batch}, max_len={self.max_len}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device}, "
+                f"seqlens={self._lens.tolist()})")

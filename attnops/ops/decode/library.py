@@ -1,0 +1,83 @@
+"""The decode operators: one argument list for the C++ / CUDA operator (``decode_attn_fwd``, with the
+fused block map) and the Triton twin (``decode_attn_fwd_triton``, without), their fakes, and the
+function the dispatcher calls.
+
+    fwd(q, k_cache, v_cache, cache_seqlens, block_keep?, block_q, block_k, softmax_scale, window_left,
+        num_splits, map_cols=0, map_max=False) -> (out, lse, block map per query row or empty)
+
+Split-KV decoding: q ``(B, Sq_new, H, D)`` against caches ``(B, S_max, Hkv, D)`` holding
+``cache_seqlens (B,)`` valid keys each; causal within the new tokens, aligned to each sequence's end;
+``window_left`` (-1: none); ``block_keep``: optional uint8 ``(Bm, Hm, Nq, Nk)`` kept key blocks;
+``num_splits`` 0 = automatic. Forward only. With ``map_cols > 0`` the third output is the block map per
+query row, ``(B, H, Sq_new, ceil(S_max / map_cols))`` in lse's dtype: sums (``map_max``: maxima) of the
+probabilities over ``map_cols`` keys, fused into the forward (the C++ kernel; CUDA refuses it and the
+map is a Python pass there).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from attnops.core import block_map as _map
+from attnops.core.library import Arg, OpDef, lse_dtype, register_forward_only
+from attnops.core.masks import BlockMask
+from attnops.ops.decode.map import decode_block_map
+
+_ARGS = [Arg("q", "Tensor"), Arg("k_cache", "Tensor"), Arg("v_cache", "Tensor"), Arg("cache_seqlens", "Tensor"),
+         Arg("block_keep", "Tensor?"), Arg("block_q", "int"), Arg("block_k", "int"), Arg("softmax_scale", "float"),
+         Arg("window_left", "int"), Arg("num_splits", "int")]
+FWD = OpDef("decode_attn_fwd", _ARGS + [Arg("map_cols", "int", "0"), Arg("map_max", "bool", "False")],
+            "(Tensor, Tensor, Tensor)")
+FWD_TRITON = OpDef("decode_attn_fwd_triton", _ARGS, "(Tensor, Tensor)")
+
+
+def fwd_fake(q, k_cache, map_cols, **_):
+    B, Sq, H, _ = q.shape
+    dtype = lse_dtype(q.dtype)
+    block_map = q.new_empty((B, H, Sq, -(-k_cache.shape[1] // map_cols)) if map_cols > 0 else (0,), dtype=dtype)
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=dtype), block_map
+
+
+def triton_fwd_fake(q, **_):
+    B, Sq, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=lse_dtype(q.dtype))
+
+
+def block_keep(block_mask: Optional[BlockMask]) -> Tuple[Optional[torch.Tensor], int, int]:
+    """Decode kernels read a mask as a dense uint8 (B, H, Nq, Nk) bitmap of kept key blocks: with one
+    or two query blocks it is small, and a per-tile bitmap lookup beats a LUT search."""
+    if block_mask is None:
+        return None, 0, 0
+    return block_mask.to_dense().to(torch.uint8), *block_mask.block_size
+
+
+def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, fused_map: bool = False) -> Callable:
+    """The dispatcher-facing decode function of a backend whose operator is ``fwd`` (``fwd_op``: its
+    callable): (out, lse), or (out, lse, block map) when ``block_map`` asks for one: fused into the
+    forward where the operator computes it (``fused_map``: the C++ kernel), else a second pass from
+    the lse (:func:`attnops.ops.decode.map.decode_block_map`)."""
+
+    def decode_attention(q, k_cache, v_cache, cache_seqlens, block_mask, *, window_size, softmax_scale,
+                         num_splits=0, block_map: Optional[_map.MapRequest] = None):
+        keep, block_q, block_k = block_keep(block_mask)
+        args = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_keep=keep,
+                    block_q=block_q, block_k=block_k, softmax_scale=float(softmax_scale), window_left=window_size[0],
+                    num_splits=int(num_splits))
+        if block_map is None:
+            res = fwd.call(fwd_op, **args)
+            return res[0], res[1]
+        if fused_map:
+            out, lse, rows = fwd.call(fwd_op, **args, map_cols=block_map.block_k, map_max=block_map.reduce == "max")
+            return out, lse, _map.finish(rows, lse, 1, block_map)
+        out, lse = fwd.call(fwd_op, **args)[:2]
+        return out, lse, decode_block_map(q, k_cache, cache_seqlens, lse, block_mask, window_size[0], block_map,
+                                          float(softmax_scale))
+
+    return decode_attention
+
+
+FWD.define()
+FWD.register_fake(fwd_fake)
+register_forward_only(FWD, "decode_attention")

@@ -1,0 +1,158 @@
+"""Incremental decoding against a KV cache: split-KV ("flash-decoding") attention.
+
+Multi-query / grouped-query attention pays off here (Shazeer 2019): the kernels read each K/V
+element once per kv head for all the query heads of its group, so one shared K/V head cuts the
+bytes read per generated token by H.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from attnops.core import dispatch
+from attnops.core.block_map import check_request
+from attnops.core.checks import (QKVShape, check_block_mask, check_flag, check_qkv, clamp_window, refuse_forward_ad,
+                                 resolve_softmax_scale)
+from attnops.core.masks import BlockMask, check_window_size
+from attnops.core.results import MAP_ARGS_DOC, Result, pack
+from attnops.ops.lowrank.op import check_lowrank_args, lowrank_decode
+from attnops.ops.lowrank.projection import KeyProjection
+
+MAX_NEW_TOKENS = 64
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    block_mask: Optional[BlockMask] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    *,
+    return_block_map: bool = False,
+    map_block_size=None,
+    reduce: str = "mean",
+    num_splits: int = 0,
+    lowrank: Optional[KeyProjection] = None,
+    rank: Optional[int] = None,
+    topk: Optional[int] = None,
+    local: int = 0,
+    k_score: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+    block_size=None,
+) -> Result:
+    r"""Attention of a few new queries against a KV cache (forward only).
+
+    Args:
+        q: ``(B, Sq_new, H, D)``, ``1 <= Sq_new <= 64`` new tokens per sequence.
+        k_cache, v_cache: ``(B, S_max, Hkv, D)``, ``H % Hkv == 0``; the new tokens' keys/values are
+            already in the cache (``attnops.KVCache.append``).
+        cache_seqlens: ``(B,)`` integer, valid cache length of each sequence, new tokens included,
+            in ``[0, S_max]`` (ragged batches allowed).
+        softmax_scale: defaults to ``D ** -0.5``.
+        block_mask: optional ``BlockMask`` over the ``(Sq_new, S_max)`` plane: key blocks of the cache
+            each head may read (routed and low-rank decoding); batch/head dims 1 or B/H.
+        window_size: ``(left, right)``; decoding is causal, so ``right`` must be -1 or 0.
+        return_lse: also return lse ``(B, H, Sq_new)``.
+        {map_args} The map covers the cache ``(Sq_new, S_max)`` plane; default block: the block mask's,
+            else 64. The C++ kernel sums the probabilities per map block with the forward (each
+            split relative to its own lse, merged with the splits); the Triton and CUDA kernels'
+            maps are one chunked pass over K from the lse (``attnops.ops.decode.map.decode_block_map``).
+        num_splits: how many chunks the cache length is split into, processed in parallel and
+            merged by lse; 0 chooses from the problem size and the device.
+        lowrank, rank, topk, local: low-rank-key decoding (Loki, :func:`attnops.lowrank_key_attention`):
+            ``k_cache`` holds the keys in the basis of the :class:`~attnops.lowrank.KeyProjection`
+            ``lowrank`` (``lowrank.rotate(k)`` before the append, so the cache is never projected
+            per step); q is given as usual and rotated here. Each query attends exactly to its
+            ``topk`` keys of highest ``rank``-dim score, the newest ``local`` always among them. Not
+            combined with ``block_mask`` or ``window_size``; block maps are those of the chosen keys.
+        k_score: optional ``(B, S_max, Hkv, R)``, ``R >= rank``: a contiguous copy of the cached keys'
+            first ``R`` components (``KVCache(score_dim=R)`` keeps one), read by the scoring pass in
+            place of ``k_cache[..., :rank]``, whose rows lie ``D`` apart (strided reads: a 32K MHA
+            step took ~1.4x longer in place than from a float32 plane). In the cache's dtype, or in
+            bfloat16 / float16 (the scores only rank keys; the new queries are rounded to it too).
+        backend: as in :func:`attnops.attention`.
+
+    Causality: new query ``i`` of sequence ``b`` sits at position ``cache_seqlens[b] - Sq_new + i``
+    and sees the keys at positions ``<= pos`` (and ``>= pos - left`` with a window). A query that
+    sees nothing (``cache_seqlens[b] == 0``) gets zeros and ``lse = -inf``.
+
+    Example::
+
+        >>> cache = attnops.KVCache(batch=1, max_len=4096, num_kv_heads=1, head_dim=64)
+        >>> k_view, v_view, lens = cache.append(k_new, v_new)      # (1, 1, 1, 64) each
+        >>> out = attnops.decode_attention(q_new, k_view, v_view, lens)   # q_new (1, 1, 8, 64)
+    """
+    shape = check_qkv(q, k_cache, v_cache)
+    refuse_forward_ad("decode_attention", q, k_cache, v_cache)
+    if not 1 <= shape.seq_len_q <= MAX_NEW_TOKENS:
+        raise ValueError(f"decode_attention takes 1..{MAX_NEW_TOKENS} new tokens, got {shape.seq_len_q}; "
+                         "use attnops.attention for prefill")
+    _check_seqlens(cache_seqlens, shape, q.device)
+    left, right = clamp_window(check_window_size(window_size), shape.seq_len_q, shape.seq_len_k)
+    check_flag("return_lse", return_lse)
+    check_flag("return_block_map", return_block_map)
+    if right > 0:
+        raise ValueError(f"decode_attention is causal: window_size right must be -1 or 0, got {right}")
+    if block_mask is not None:
+        check_block_mask(block_mask, shape, q.device)
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    if lowrank is not None or rank is not None or topk is not None:
+        if lowrank is None or rank is None or topk is None:
+            raise ValueError("low-rank decoding takes lowrank= (a KeyProjection), rank= and topk= together")
+        if block_mask is not None or left >= 0:
+            raise ValueError("low-rank decoding does not combine with block_mask or window_size")
+        check_lowrank_args(lowrank, rank, topk, local, shape, True)
+        if k_score is not None:
+            _check_score_plane(k_score, k_cache, rank)
+        request = check_request(map_block_size, reduce, (64, 64), block_size) if return_block_map else None
+        res = lowrank_decode(q, k_cache, v_cache, cache_seqlens, lowrank, rank=rank, topk=topk, local=local,
+                             softmax_scale=scale, k_score=k_score, backend=backend, block_map=request)
+        return pack(res[0], res[1], res[2] if request is not None else None, return_lse)
+    if k_score is not None:
+        raise ValueError("k_score is the score plane of low-rank decoding: pass lowrank=, rank= and topk= with it")
+    request = None
+    if return_block_map:
+        request = check_request(map_block_size, reduce, block_mask.block_size if block_mask is not None else (64, 64),
+                                block_size)
+    impl = dispatch.resolve("decode_attention", q.device, backend)
+    res = impl(q, k_cache, v_cache, cache_seqlens, block_mask, window_size=(left, 0), softmax_scale=scale,
+               num_splits=num_splits, block_map=request)
+    return pack(res[0], res[1], res[2] if request is not None else None, return_lse)
+
+
+decode_attention.__doc__ = decode_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
+
+
+def _check_score_plane(k_score, k_cache: torch.Tensor, rank: int) -> None:
+    if not isinstance(k_score, torch.Tensor):
+        raise TypeError(f"k_score must be a tensor, got {type(k_score).__name__}")
+    if k_score.dim() != 4 or k_score.shape[:3] != k_cache.shape[:3] or not rank <= k_score.shape[3] <= k_cache.shape[3]:
+        raise ValueError(f"k_score must be (B, S_max, Hkv, R) = {tuple(k_cache.shape[:3])} + (R,) with rank={rank} "
+                         f"<= R <= D, got {tuple(k_score.shape)}")
+    if k_score.dtype not in (k_cache.dtype, torch.bfloat16, torch.float16) or k_score.device != k_cache.device:
+        raise ValueError(f"k_score must be on k_cache's device ({k_cache.device}) in its dtype ({k_cache.dtype}), "
+                         f"bfloat16 or float16, got ({k_score.dtype}, {k_score.device})")
+
+
+def _check_seqlens(cache_seqlens, shape: QKVShape, device: torch.device) -> None:
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a tensor, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype.is_floating_point or cache_seqlens.dtype.is_complex or cache_seqlens.dtype == torch.bool:
+        raise TypeError(f"cache_seqlens must be an integer tensor, got {cache_seqlens.dtype}")
+    if cache_seqlens.shape != (shape.batch,):
+        raise ValueError(f"cache_seqlens must have shape ({shape.batch},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+    # Reading the values would synchronise a GPU stream on every step: they are checked on the CPU
+    # (and meta) only; the CUDA/Triton kernels clamp them to [0, S_max].
+    if device.type == "cpu" and cache_seqlens.numel():
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi > shape.seq_len_k:
+            raise ValueError(f"cache_seqlens must lie in [0, S_max={shape.seq_len_k}], got [{lo}, {hi}]")

@@ -1,0 +1,58 @@
+"""The float64 oracle of decoding: attention of a few new queries against a KV cache."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from attnops.core import dispatch
+from attnops.core.block_map import MapRequest
+from attnops.core.masks import BlockMask
+from attnops.ops.softmax.reference import masked_attention, pool_block_map
+
+
+def decode_token_mask(cache_seqlens: torch.Tensor, num_new: int, max_len: int, block_mask: Optional[BlockMask],
+                      window_size: Tuple[int, int], device=None) -> torch.Tensor:
+    """``(B, H|1, Sq_new, S_max)`` bool for decoding: new query i of sequence b sits at position
+    ``seqlen_b - Sq_new + i`` and sees the cache keys ``[pos - left, pos]`` below ``seqlen_b``."""
+    left = window_size[0]
+    lens = cache_seqlens.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)
+    i = torch.arange(num_new, device=device).view(1, 1, -1, 1)
+    j = torch.arange(max_len, device=device).view(1, 1, 1, -1)
+    pos = lens - num_new + i
+    allowed = (j < lens) & (j <= pos)
+    if left >= 0:
+        allowed &= j >= pos - left
+    if block_mask is not None:
+        bq, bk = block_mask.block_size
+        blocks = block_mask.to_dense().to(device)  # (B|1, H|1, Nq, Nk)
+        allowed = allowed & blocks.repeat_interleave(bq, dim=2)[:, :, :num_new].repeat_interleave(bk, dim=3)[
+            ..., :max_len]
+    return allowed
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_mask: Optional[BlockMask],
+    *,
+    window_size: Tuple[int, int],
+    softmax_scale: float,
+    num_splits: int = 0,
+    block_map: Optional[MapRequest] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """Attention of ``q (B, Sq_new, H, D)`` against the first ``cache_seqlens[b]`` keys of
+    ``k_cache, v_cache (B, S_max, Hkv, D)``, causal within the new tokens (see
+    :func:`decode_token_mask`), and with ``block_map`` the pooled block map over the cache.
+    ``num_splits`` is a kernel knob the reference ignores."""
+    allowed = decode_token_mask(cache_seqlens, q.shape[1], k_cache.shape[1], block_mask, window_size, q.device)
+    out, lse, probs = masked_attention(q, k_cache, v_cache, allowed, softmax_scale, return_probs=True)
+    if block_map is None:
+        return out, lse
+    return out, lse, pool_block_map(probs, lse, block_map)
+
+
+dispatch.register("decode_attention", "reference", decode_attention)

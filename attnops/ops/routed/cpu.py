@@ -1,0 +1,7 @@
+"""The C++ backend of the MoBA router: csrc/cpu/moba_route.cpp."""
+
+from attnops.core import backends, dispatch
+from attnops.ops.routed import library as lib
+
+if backends.EXTENSION:
+    dispatch.register("moba_route", "cpu", lib.backend(lib.FWD))

@@ -1,0 +1,53 @@
+"""The MoBA router operator: one argument list for the C++ operator (``moba_route``) and its Triton
+twin, the fake, and the function the dispatcher calls.
+
+    route(q, k, block_size, topk, causal, route_block) -> (kv_num_blocks, kv_indices)
+
+q ``(B, S, H, D)``, k ``(B, S, Hkv, D)``; per query tile of ``route_block`` rows, the MoBA blocks
+(``block_size`` keys, a multiple of ``route_block``) whose mean key scores highest against the tile's
+mean query: its own block plus the top ``topk - 1`` others (causal: earlier ones only). Returns the
+block LUT at ``(route_block, route_block)`` granularity: ``kv_num_blocks (B, H, Nt)`` and
+``kv_indices (B, H, Nt, W)`` int32, ascending, ``Nt = ceil(S / route_block)``. Forward only: routing
+is a hard choice, no gradient flows through it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from attnops.core.library import Arg, OpDef
+
+FWD = OpDef("moba_route", [Arg("q", "Tensor"), Arg("k", "Tensor"), Arg("block_size", "int"), Arg("topk", "int"),
+                           Arg("causal", "bool"), Arg("route_block", "int")], "(Tensor, Tensor)")
+FWD_TRITON = FWD.variant("moba_route_triton")
+
+
+def moba_lut_width(seq_len: int, block_size: int, topk: int, route_block: int) -> int:
+    """Entries per LUT row the router writes: ``topk`` MoBA blocks of ``block_size / route_block``
+    sub-blocks each, at most every sub-block, at least 1."""
+    tiles, blocks = -(-seq_len // route_block), -(-seq_len // block_size)
+    return max(1, min(min(topk, blocks) * (block_size // route_block), tiles))
+
+
+def route_fake(q, block_size, topk, route_block, **_):
+    B, S, H, _ = q.shape
+    tiles = -(-S // route_block)
+    width = moba_lut_width(S, block_size, topk, route_block)
+    return q.new_empty((B, H, tiles), dtype=torch.int32), q.new_empty((B, H, tiles, width), dtype=torch.int32)
+
+
+def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
+    """The dispatcher-facing router of a backend whose operator is ``fwd``."""
+
+    def moba_route(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, causal: bool,
+                   route_block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return fwd.call(fwd_op, q=q, k=k, block_size=int(block_size), topk=int(topk), causal=bool(causal),
+                        route_block=int(route_block))
+
+    return moba_route
+
+
+FWD.define()
+FWD.register_fake(route_fake)

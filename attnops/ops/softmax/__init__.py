@@ -1,0 +1,18 @@
+"""Exact softmax attention on the block-sparse core: dense (full / causal / sliding window, GQA) and
+block-sparse (any ``BlockMask``).
+
+    op.py         attention, block_sparse_attention: validate once, build the call, dispatch
+    library.py    the core's operators from one argument list: fakes, autograd, the dispatcher's entry
+    reference.py  the float64 oracle (token masks, NaN-convention contractions), N x N
+    cpu.py        C++ kernels (csrc/cpu/block_sparse_attention.cpp)
+    triton.py     Triton forward / backward; triton_map.py: the block-map pass
+"""
+
+from attnops.core import backends
+from attnops.ops.softmax import cpu, reference  # noqa: F401  (register with the dispatcher)
+from attnops.ops.softmax.op import DEFAULT_MAP_BLOCK, attention, block_sparse_attention
+
+if backends.TRITON:
+    from attnops.ops.softmax import triton  # noqa: F401
+
+__all__ = ["DEFAULT_MAP_BLOCK", "attention", "block_sparse_attention"]

@@ -1,0 +1,8 @@
+"""The C++ backend of the block-sparse core: csrc/cpu/block_sparse_attention.cpp (forward with the fused
+block map, fused or two-pass backward)."""
+
+from attnops.core import backends, dispatch
+from attnops.ops.softmax import library as lib
+
+if backends.EXTENSION:
+    dispatch.register("block_sparse_attention", "cpu", lib.backend(lib.FWD))

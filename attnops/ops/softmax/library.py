@@ -1,0 +1,134 @@
+"""The block-sparse core's operators: one argument list, shared by the C++ operators
+(``block_sparse_attn_fwd`` / ``_bwd``) and their Triton twins (``*_triton``), with the fake
+implementations, the autograd formula (the backward is an operator of its own) and the function the
+dispatcher calls.
+
+    fwd(q, k, v, <LUT>, <transposed LUT>, block_q, block_k, softmax_scale, causal, window_left,
+        window_right, map_rows=0, map_cols=0, map_max=False) -> (out, lse, partial block map or empty)
+    bwd(dout, dlse?, q, k, v, out, lse, <the forward's arguments up to window_right>) -> (dq, dk, dv)
+
+q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)``; ``kv_num_blocks (Bm, Hm, ceil(Sq/block_q))`` and
+``kv_indices (Bm, Hm, ceil(Sq/block_q), W)`` int32 (None: dense); out ``(B, Sq, H, D)``, lse
+``(B, H, Sq)`` (float32; float64 for float64 inputs). The forward does not read the transposed LUT
+(``q_num_blocks``, ``q_indices``); it takes it so that autograd can save it for the backward.
+``map_rows > 0`` asks for the block attention map as partial sums (``map_max``: maxima) of the
+probabilities over ``map_rows`` queries x ``map_cols`` keys, ``(B, H, ceil(Sq/map_rows),
+ceil(Sk/map_cols))`` in lse's dtype (:func:`attnops.core.block_map.finish` pools it).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from attnops.core import block_map as _map
+from attnops.core.library import Arg, OpDef, lse_dtype
+from attnops.core.masks import BlockMask
+
+_LUT = [Arg("kv_num_blocks", "Tensor?"), Arg("kv_indices", "Tensor?"), Arg("q_num_blocks", "Tensor?"),
+        Arg("q_indices", "Tensor?"), Arg("block_q", "int"), Arg("block_k", "int")]
+_PREDICATES = [Arg("softmax_scale", "float"), Arg("causal", "bool"), Arg("window_left", "int"),
+               Arg("window_right", "int")]
+_MAP = [Arg("map_rows", "int", "0"), Arg("map_cols", "int", "0"), Arg("map_max", "bool", "False")]
+_QKV = [Arg("q", "Tensor"), Arg("k", "Tensor"), Arg("v", "Tensor")]
+
+FWD = OpDef("block_sparse_attn_fwd", _QKV + _LUT + _PREDICATES + _MAP, "(Tensor, Tensor, Tensor)")
+# dlse: the gradient flowing into lse when the caller used it (None otherwise)
+BWD = OpDef("block_sparse_attn_bwd", [Arg("dout", "Tensor"), Arg("dlse", "Tensor?"), *_QKV, Arg("out", "Tensor"),
+                                      Arg("lse", "Tensor"), *_LUT, *_PREDICATES], "(Tensor, Tensor, Tensor)")
+# what the backward takes from the forward's call besides the tensors it saves
+_PARAMS = tuple(a.name for a in _LUT[4:] + _PREDICATES)
+_LUT_TENSORS = tuple(a.name for a in _LUT[:4])
+
+
+def partial_map_shape(q: torch.Tensor, k: torch.Tensor, map_rows: int, map_cols: int) -> Tuple[int, ...]:
+    """The forward's third output: (B, H, ceil(Sq / map_rows), ceil(Sk / map_cols)), or (0,) without a map."""
+    if map_rows <= 0:
+        return (0,)
+    return (q.shape[0], q.shape[2], -(-q.shape[1] // map_rows), -(-k.shape[1] // map_cols))
+
+
+def fwd_fake(q, k, v, map_rows, map_cols, **_):
+    B, Sq, H, _ = q.shape
+    dtype = lse_dtype(q.dtype)
+    partial = q.new_empty(partial_map_shape(q, k, map_rows, map_cols), dtype=dtype)
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=dtype), partial
+
+
+def bwd_fake(q, k, v, **_):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
+    """Fakes of ``fwd`` / ``bwd`` and the autograd of ``fwd`` through ``bwd_op``; ``bwd`` refuses
+    double backward."""
+    fwd.register_fake(fwd_fake)
+    bwd.register_fake(bwd_fake)
+
+    def setup_context(ctx, inputs, output):
+        a = fwd.bind(inputs)
+        ctx.params = {name: a[name] for name in _PARAMS}
+        out, lse, partial_map = output
+        ctx.mark_non_differentiable(partial_map)  # a readout, like an argmax
+        ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, *(a[name] for name in _LUT_TENSORS))
+
+    def backward(ctx, dout, dlse, dmap):
+        q, k, v, out, lse, *lut = ctx.saved_tensors
+        lut = dict(zip(_LUT_TENSORS, lut))
+        if lut["kv_num_blocks"] is not None and lut["q_num_blocks"] is None:
+            raise RuntimeError("attnops: the forward ran without the transposed block LUT; cannot differentiate")
+        dq, dk, dv = bwd.call(bwd_op, dout=dout, dlse=dlse, q=q, k=k, v=v, out=out, lse=lse, **lut, **ctx.params)
+        return fwd.grads(q=dq, k=dk, v=dv)
+
+    torch.library.register_autograd(fwd.qualname, backward, setup_context=setup_context)
+
+    def no_double_backward(ctx, *grads):
+        raise NotImplementedError("attnops: double backward through attention is not supported")
+
+    torch.library.register_autograd(bwd.qualname, no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
+    """The dispatcher-facing function of a backend whose forward operator is ``fwd`` (``fwd_op``: its
+    callable, default the registered operator)."""
+
+    def block_sparse_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_mask: Optional[BlockMask],
+        *,
+        causal: bool,
+        window_size: Tuple[int, int],
+        softmax_scale: float,
+        block_map: Optional[_map.MapRequest] = None,
+    ) -> Tuple[torch.Tensor, ...]:
+        """(out, lse), or (out, lse, map) when ``block_map`` asks for the block attention map."""
+        lut = dict.fromkeys(_LUT_TENSORS)
+        block_q = block_k = 0
+        if block_mask is not None:
+            needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            lut.update(kv_num_blocks=block_mask.kv_num_blocks, kv_indices=block_mask.kv_indices)
+            if needs_grad:
+                lut.update(q_num_blocks=block_mask.q_num_blocks, q_indices=block_mask.q_indices)
+            block_q, block_k = block_mask.block_size
+        args = dict(q=q, k=k, v=v, **lut, block_q=block_q, block_k=block_k, softmax_scale=float(softmax_scale),
+                    causal=bool(causal), window_left=window_size[0], window_right=window_size[1])
+        if block_map is None:
+            out, lse, _ = fwd.call(fwd_op, **args)
+            return out, lse
+        rows = _map.partial_rows(block_map, block_q)
+        out, lse, partial = fwd.call(fwd_op, **args, map_rows=rows, map_cols=block_map.block_k,
+                                     map_max=block_map.reduce == "max")
+        return out, lse, _map.finish(partial, lse, rows, block_map)
+
+    return block_sparse_attention
+
+
+FWD_TRITON = FWD.variant("block_sparse_attn_fwd_triton")
+BWD_TRITON = BWD.variant("block_sparse_attn_bwd_triton")
+
+FWD.define()
+BWD.define()
+register(FWD, BWD, BWD.op)

@@ -1,0 +1,134 @@
+"""Exact softmax attention: dense (full / causal / sliding window) and block-sparse.
+
+Both ops run on the block-sparse core: dense attention is the case without a block LUT, where
+the kernels walk the key range that the causal / window predicates leave each query tile.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from attnops.core import dispatch
+from attnops.core.block_map import check_request
+from attnops.core.checks import (check_block_mask, check_causal, check_flag, check_qkv, clamp_window, refuse_forward_ad,
+                                 resolve_softmax_scale)
+from attnops.core.masks import BlockMask, check_window_size
+from attnops.core.results import MAP_ARGS_DOC, Result, pack
+
+# The map granularity of dense attention when none is asked for: the kernels' block (DESIGN.md).
+DEFAULT_MAP_BLOCK = (64, 64)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    *,
+    return_block_map: bool = False,
+    map_block_size=None,
+    reduce: str = "mean",
+    backend: Optional[str] = None,
+    block_size=None,
+) -> Result:
+    r"""Exact softmax attention with flash_attn conventions.
+
+    Args:
+        q: ``(B, Sq, H, D)``.
+        k, v: ``(B, Sk, Hkv, D)`` with ``H % Hkv == 0``; query head ``h`` reads kv head
+            ``h // (H // Hkv)`` (grouped-query attention; ``Hkv = 1`` is multi-query).
+        causal: mask aligned to the bottom-right corner: query ``i`` sees keys
+            ``j <= i + Sk - Sq`` (the decode convention of flash_attn >= 2.1).
+        softmax_scale: defaults to ``D ** -0.5``.
+        window_size: ``(left, right)``: query ``i`` sees keys in
+            ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded.
+        return_lse: also return the log-sum-exp ``(B, H, Sq)``.
+        {map_args} Default block 64.
+        backend: force ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (else chosen by device,
+            or by the ``ATTNOPS_BACKEND`` environment variable).
+
+    Returns:
+        ``out (B, Sq, H, D)`` in q's dtype, or a named tuple of ``out`` and what was asked:
+        ``AttentionOutput(out, lse)``, ``AttentionMapOutput(out, block_map)`` or
+        ``AttentionLseMapOutput(out, lse, block_map)``. A query with no key to attend to gets zeros
+        and ``lse = -inf``.
+
+    Example::
+
+        >>> q, k, v = (torch.randn(1, 128, 8, 64) for _ in range(3))
+        >>> attnops.attention(q, k, v, causal=True).shape
+        torch.Size([1, 128, 8, 64])
+    """
+    shape = check_qkv(q, k, v)
+    refuse_forward_ad("attention", q, k, v)
+    causal = check_causal(causal)
+    window = clamp_window(check_window_size(window_size), shape.seq_len_q, shape.seq_len_k)
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    check_flag("return_lse", return_lse)
+    check_flag("return_block_map", return_block_map)
+    request = check_request(map_block_size, reduce, DEFAULT_MAP_BLOCK, block_size) if return_block_map else None
+    impl = dispatch.resolve("block_sparse_attention", q.device, backend)
+    out, lse, *block_map = impl(q, k, v, None, causal=causal, window_size=window, softmax_scale=scale,
+                                block_map=request)
+    return pack(out, lse, block_map[0] if block_map else None, return_lse)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    *,
+    return_block_map: bool = False,
+    map_block_size=None,
+    reduce: str = "mean",
+    backend: Optional[str] = None,
+    block_size=None,
+) -> Result:
+    r"""Exact softmax attention restricted to the blocks of ``block_mask``.
+
+    Only the listed ``(query block, key block)`` tiles are computed; the mask's token-level
+    predicates (``causal``, ``window_size``) are applied inside boundary blocks. Memory is
+    O(S * D) plus the LUT: no Sq x Sk tensor is ever allocated.
+
+    Args:
+        q: ``(B, Sq, H, D)``; k, v: ``(B, Sk, Hkv, D)``, ``H % Hkv == 0``.
+        block_mask: an ``attnops.BlockMask`` built for ``(Sq, Sk)``, with batch and head dims equal
+            to q's or 1 (broadcast), on q's device.
+        softmax_scale: defaults to ``D ** -0.5``.
+        return_lse: also return the log-sum-exp ``(B, H, Sq)``.
+        {map_args} Default: the mask's block size.
+        backend: as in :func:`attention`.
+
+    Returns:
+        ``out`` or a named tuple as in :func:`attention`; rows whose mask keeps nothing give zeros,
+        lse -inf.
+
+    Example::
+
+        >>> mask = attnops.BlockMask.sliding_window(4096, window=512)
+        >>> out = attnops.block_sparse_attention(q, k, v, mask)
+    """
+    shape = check_qkv(q, k, v)
+    refuse_forward_ad("block_sparse_attention", q, k, v)
+    check_block_mask(block_mask, shape, q.device)
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    check_flag("return_lse", return_lse)
+    check_flag("return_block_map", return_block_map)
+    request = check_request(map_block_size, reduce, block_mask.block_size, block_size) if return_block_map else None
+    impl = dispatch.resolve("block_sparse_attention", q.device, backend)
+    window = clamp_window(block_mask.window_size, shape.seq_len_q, shape.seq_len_k)
+    out, lse, *block_map = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=window,
+                                softmax_scale=scale, block_map=request)
+    return pack(out, lse, block_map[0] if block_map else None, return_lse)
+
+
+attention.__doc__ = attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
+block_sparse_attention.__doc__ = block_sparse_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)

@@ -1,0 +1,129 @@
+"""Every registered operator passes ``torch.library.opcheck`` (schema, fake implementation, autograd
+registration, AOT dispatch), and its schema is the one built from its argument list. A new operator
+without a sample call here fails ``test_every_operator_has_a_sample``."""
+
+import pytest
+import torch
+
+import attnops
+from attnops import BlockMask
+from attnops.core import backends
+from attnops.core.library import OPS
+
+B, S, H, HKV, D = 1, 128, 2, 1, 16
+
+
+def _qkv(grad=False, s=S):
+    return [torch.randn(B, s, h, D, requires_grad=grad) for h in (H, HKV, HKV)]
+
+
+def _lut():
+    m = BlockMask.causal(S, 32)
+    return [m.kv_num_blocks, m.kv_indices, m.q_num_blocks, m.q_indices, 32, 32]
+
+
+def block_sparse_fwd():
+    q, k, v = _qkv(grad=True)
+    return (q, k, v, *_lut(), 0.25, True, -1, -1)
+
+
+def block_sparse_fwd_map():
+    q, k, v = _qkv()
+    return (q, k, v, *_lut(), 0.25, True, -1, -1, 16, 32, False)
+
+
+def block_sparse_bwd(name):
+    def build():
+        q, k, v = _qkv()
+        fwd = getattr(torch.ops.attnops, name.replace("_bwd", "_fwd"))
+        out, lse, _ = fwd(q, k, v, *_lut(), 0.25, True, -1, -1)
+        return (torch.randn_like(out), None, q, k, v, out, lse, *_lut(), 0.25, True, -1, -1)
+    return build
+
+
+def decode(fused_map):
+    def build():
+        q = torch.randn(2, 3, H, D)
+        k, v = torch.randn(2, 100, HKV, D), torch.randn(2, 100, HKV, D)
+        args = (q, k, v, torch.tensor([100, 37], dtype=torch.int32), None, 0, 0, 0.25, -1, 0)
+        return args + ((32, False) if fused_map else ())
+    return build
+
+
+def lowrank():
+    q, k, v = _qkv()
+    return (q, k, v, q[..., :4], k[..., :4], None, 24, 4, True, 0.25, True)
+
+
+def moba_route():
+    q, k, _ = _qkv()
+    return (q, k, 64, 2, True, 64)
+
+
+def linear_fwd():
+    q, k, v = _qkv(grad=True, s=40)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, 40, H, 1)).requires_grad_(True)
+    return (q, k.repeat_interleave(2, 2), v.repeat_interleave(2, 2), g, None, 0.25, 16)
+
+
+def linear_bwd():
+    q, k, v, g, _, scale, chunk = linear_fwd()
+    q, k, v, g = (t.detach() for t in (q, k, v, g))
+    out, final, hs = torch.ops.attnops.linear_attn_fwd_triton(q, k, v, g, None, scale, chunk)
+    return (torch.randn_like(out), None, q, k, v, g, final, hs, scale, chunk)
+
+
+def linear_recurrent():
+    q, k, v, g, _, scale, _ = linear_fwd()
+    return tuple(t.detach()[:, :5] for t in (q, k, v, g)) + (None, scale)
+
+
+SAMPLES = {
+    "block_sparse_attn_fwd": [block_sparse_fwd, block_sparse_fwd_map],
+    "block_sparse_attn_bwd": [block_sparse_bwd("block_sparse_attn_bwd")],
+    "block_sparse_attn_fwd_triton": [block_sparse_fwd, block_sparse_fwd_map],
+    "block_sparse_attn_bwd_triton": [block_sparse_bwd("block_sparse_attn_bwd_triton")],
+    "decode_attn_fwd": [decode(False), decode(True)],
+    "decode_attn_fwd_triton": [decode(False)],
+    "lowrank_attn_fwd": [lowrank],
+    "lowrank_attn_fwd_triton": [lowrank],
+    "moba_route": [moba_route],
+    "moba_route_triton": [moba_route],
+    "linear_attn_fwd_triton": [linear_fwd],
+    "linear_attn_bwd_triton": [linear_bwd],
+    "linear_attn_recurrent_triton": [linear_recurrent],
+}
+TRITON_ONLY = backends.TRITON and backends.INTERPRET  # Triton operators run on CPU tensors here
+
+
+def test_every_operator_has_a_sample():
+    assert set(OPS) == set(SAMPLES), f"operators without a sample: {set(OPS) - set(SAMPLES)}; stale: " \
+                                     f"{set(SAMPLES) - set(OPS)}"
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_opcheck(name):
+    if name.endswith("_triton") and not TRITON_ONLY:
+        pytest.skip("the Triton operators run on CPU tensors only under TRITON_INTERPRET=1")
+    if not name.endswith("_triton") and not backends.EXTENSION:
+        pytest.skip(backends.EXTENSION_REASON)
+    op = getattr(torch.ops.attnops, name).default
+    for build in SAMPLES[name]:
+        torch.manual_seed(0)
+        torch.library.opcheck(op, build())
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_schema_is_the_argument_list(name):
+    """The registered schema is the one built from the operator's argument list (C++ kernels only
+    register implementations; their signatures are checked against it when the extension loads)."""
+    if name not in OPS:
+        pytest.skip("not registered here")
+    schema = getattr(torch.ops.attnops, name).default._schema
+    opdef = OPS[name]
+    assert [a.name for a in schema.arguments] == list(opdef.names)
+    assert str(schema).endswith(opdef.signature.split(" -> ")[1])
+
+
+def test_public_ops_are_importable():
+    assert callable(attnops.attention) and callable(attnops.decode_attention)

@@ -1,0 +1,422 @@
+"""Low-rank-key attention (Loki) against the float64 reference of the same algorithm.
+
+Selection is a hard choice: a score that rounds differently could pick another key and move the
+output by far more than rounding. So the kernel tests use inputs whose low-rank scores are exact
+in every dtype (multiples of 1/4 in [-2, 2]) and a signed-permutation basis (orthonormal, rotates
+without rounding): the kernels and the reference must then choose the same keys, ties included
+(there are many: the tie rule, later key first, is tested with them). Real PCA bases are tested
+where the choice is forced (rank = D, topk = N: dense attention) or statistical (recall).
+"""
+
+import pytest
+import torch
+
+import attnops
+from attnops import lowrank
+from attnops.ops.lowrank import reference as lowrank_reference
+from attnops.ops.softmax import reference
+from attnops.lowrank import KeyProjection
+from helpers import DTYPE_IDS, assert_accurate
+
+
+def dyadic(*shape, dtype=torch.float32, device="cpu"):
+    return (torch.randint(-8, 9, shape) / 4).to(dtype=dtype, device=device)
+
+
+def signed_permutation(num_kv_heads, head_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.zeros(num_kv_heads, head_dim, head_dim)
+    for h in range(num_kv_heads):
+        perm = torch.randperm(head_dim, generator=g)
+        signs = torch.randint(0, 2, (head_dim,), generator=g) * 2.0 - 1
+        basis[h, perm, torch.arange(head_dim)] = signs
+    return KeyProjection(basis, torch.linspace(2, 1, head_dim).expand(num_kv_heads, head_dim).contiguous())
+
+
+def random_orthonormal(num_kv_heads, head_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(num_kv_heads, head_dim, head_dim, generator=g, dtype=torch.float64))[0]
+    return KeyProjection(basis.float(), torch.linspace(2, 1, head_dim).expand(num_kv_heads, head_dim).contiguous())
+
+
+def check_lowrank(q, k, v, proj, rank, topk, causal=True, local=0, backend=None):
+    D = q.shape[-1]
+    out, lse = attnops.lowrank_key_attention(q, k, v, proj, rank, topk, causal, return_lse=True, local=local,
+                                             backend=backend)
+
+    def ref(dtype):
+        qq, kk, vv = (t.detach().cpu().to(dtype) for t in (q, k, v))
+        p = proj if proj is not None else KeyProjection.identity(k.shape[2], D)
+        return lowrank_reference.lowrank_key_attention(qq, kk, vv, p.rotate(qq, rank), p.rotate(kk, rank), None, topk=topk,
+                                               local=local, causal=causal, softmax_scale=D ** -0.5)
+
+    ref64, refT = ref(torch.float64), ref(q.dtype)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_accurate("out", out.cpu(), ref64[0], refT[0])
+    assert_accurate("lse", lse.cpu(), ref64[1], refT[1])
+    return out, lse
+
+
+# (B, Sq, Sk, H, Hkv, D, rank, topk, local)
+CASES = [
+    (2, 257, 257, 4, 2, 40, 10, 33, 0),
+    (1, 300, 300, 8, 2, 96, 24, 37, 8),
+    (2, 100, 300, 4, 1, 64, 16, 40, 4),   # Sq < Sk: bottom-right aligned
+    (1, 200, 200, 4, 4, 128, 32, 25, 25),  # topk all local
+    (2, 63, 63, 2, 2, 64, 64, 64, 0),      # rank = D, topk = Sk
+    (1, 150, 150, 6, 3, 100, 7, 1, 0),     # topk 1
+]
+INTERPRET_CASES = [
+    (1, 70, 70, 4, 2, 40, 10, 17, 0),
+    (1, 40, 90, 4, 1, 64, 16, 20, 4),
+]
+
+
+def _ids(cases):
+    return ["B{}-Sq{}-Sk{}-H{}-Hkv{}-D{}-r{}-k{}-l{}".format(*c) for c in cases]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case", CASES + INTERPRET_CASES, ids=_ids(CASES + INTERPRET_CASES))
+def test_lowrank_matches_reference(case, dtype, causal, fwd_impl):
+    if fwd_impl.interpreted and case not in INTERPRET_CASES:
+        pytest.skip("interpreter: the small shapes only")
+    if fwd_impl.interpreted and dtype == torch.float16:
+        pytest.skip("interpreter: float32 and bfloat16")
+    B, Sq, Sk, H, Hkv, D, rank, topk, local = case
+    if not causal:
+        local = 0
+    dev = fwd_impl.device
+    q, k, v = dyadic(B, Sq, H, D, dtype=dtype, device=dev), dyadic(B, Sk, Hkv, D, dtype=dtype, device=dev), \
+        torch.randn(B, Sk, Hkv, D, dtype=dtype, device=dev)
+    check_lowrank(q, k, v, signed_permutation(Hkv, D), rank, topk, causal, local, backend=fwd_impl.backend)
+
+
+def test_lowrank_without_projection_uses_the_raw_dims(fwd_impl):
+    B, S, H, Hkv, D = 1, 60, 2, 1, 40
+    dev = fwd_impl.device
+    q, k, v = dyadic(B, S, H, D, device=dev), dyadic(B, S, Hkv, D, device=dev), torch.randn(B, S, Hkv, D, device=dev)
+    check_lowrank(q, k, v, None, 5, 11, backend=fwd_impl.backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+def test_rank_D_and_topk_N_equal_dense_attention(dtype, fwd_impl):
+    """With every key chosen the op is dense attention on q and k as given (the basis only ranks)."""
+    B, S, H, Hkv, D = (1, 60, 4, 2, 64) if fwd_impl.interpreted else (2, 333, 4, 2, 64)
+    dev = fwd_impl.device
+    q, k, v = (torch.randn(B, S, h, D, dtype=dtype, device=dev) for h in (H, Hkv, Hkv))
+    proj = random_orthonormal(Hkv, D)
+    for causal in (True, False):
+        out = attnops.lowrank_key_attention(q, k, v, proj, D, S, causal, backend=fwd_impl.backend)
+        cast = [t.cpu() for t in (q, k, v)]
+        ref64 = reference.block_sparse_attention(*(t.double() for t in cast), None, causal=causal,
+                                                 window_size=(-1, -1), softmax_scale=D ** -0.5)[0]
+        refT = reference.block_sparse_attention(*cast, None, causal=causal, window_size=(-1, -1),
+                                                softmax_scale=D ** -0.5)[0]
+        assert_accurate("out", out.cpu(), ref64, refT)
+
+
+def test_ties_go_to_the_later_key():
+    """All scores equal: the chosen keys are the newest ones, so the output is their mean of v."""
+    S, D, topk = 50, 16, 5
+    q, k = torch.ones(1, S, 1, D), torch.ones(1, S, 1, D)
+    v = torch.arange(S, dtype=torch.float32).view(1, S, 1, 1).expand(1, S, 1, D).contiguous()
+    out = attnops.lowrank_key_attention(q, k, v, None, 4, topk, causal=False)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.full((S,), float(sum(range(S - topk, S))) / topk))
+
+
+def test_nan_in_nan_out_and_empty_rows(fwd_impl):
+    dev = fwd_impl.device
+    B, S, H, D = 2, 64, 2, 32
+    q, k, v = dyadic(B, S, H, D, device=dev), dyadic(B, S, H, D, device=dev), torch.randn(B, S, H, D, device=dev)
+    q[0, 10, 1, 3] = float("nan")   # one query row
+    k[1, 20, 0, 0] = float("nan")   # one key: it ranks highest, every later query of head 0 picks it
+    out = attnops.lowrank_key_attention(q, k, v, None, 8, 6, backend=fwd_impl.backend)
+    nan = torch.isnan(out).any(-1).cpu()
+    expected = torch.zeros(B, S, H, dtype=torch.bool)
+    expected[0, 10, 1] = True
+    expected[1, 20:, 0] = True
+    assert torch.equal(nan, expected)
+    # a query that sees no key: zeros, lse = -inf
+    out, lse = attnops.lowrank_key_attention(q[:, :3], k[:, :0], v[:, :0], None, 8, 6, causal=False, return_lse=True,
+                                             backend=fwd_impl.backend)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+# ---- decoding ---------------------------------------------------------------------------------------
+
+# (B, S_max, H, Hkv, D, Sq_new, rank, topk, local)
+DECODE_CASES = [
+    (3, 300, 8, 8, 64, 1, 16, 37, 0),
+    (3, 257, 8, 2, 128, 3, 32, 40, 8),
+    (2, 200, 16, 1, 40, 16, 10, 25, 5),
+    (2, 190, 4, 4, 96, 2, 24, 190, 0),
+]
+DECODE_INTERPRET = [(2, 90, 4, 2, 64, 2, 16, 20, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case", DECODE_CASES + DECODE_INTERPRET,
+                         ids=["B{}-S{}-H{}-Hkv{}-D{}-new{}-r{}-k{}-l{}".format(*c) for c in DECODE_CASES + DECODE_INTERPRET])
+def test_lowrank_decode_matches_reference(case, dtype, fwd_impl):
+    if fwd_impl.interpreted and case not in DECODE_INTERPRET:
+        pytest.skip("interpreter: the small shapes only")
+    B, S, H, Hkv, D, Sq, rank, topk, local = case
+    dev = fwd_impl.device
+    proj = signed_permutation(Hkv, D, seed=1)
+    q = dyadic(B, Sq, H, D, dtype=dtype, device=dev)
+    k_cache = proj.rotate(dyadic(B, S, Hkv, D, dtype=dtype, device=dev))  # the cache holds rotated keys
+    v_cache = torch.randn(B, S, Hkv, D, dtype=dtype, device=dev)
+    lens = torch.tensor([0, S, S // 2 + 1][:B], dtype=torch.int32, device=dev)
+    out, lse = attnops.decode_attention(q, k_cache, v_cache, lens, return_lse=True, lowrank=proj, rank=rank, topk=topk,
+                                        local=local, backend=fwd_impl.backend)
+
+    def ref(dt):
+        qr = proj.rotate(q.cpu().to(dt))
+        kc, vc = k_cache.cpu().to(dt), v_cache.cpu().to(dt)
+        return lowrank_reference.lowrank_key_attention(qr, kc, vc, qr[..., :rank], kc[..., :rank], lens.cpu(), topk=topk,
+                                               local=local, causal=True, softmax_scale=D ** -0.5)
+
+    ref64, refT = ref(torch.float64), ref(dtype)
+    assert_accurate("out", out.cpu(), ref64[0], refT[0])
+    assert_accurate("lse", lse.cpu(), ref64[1], refT[1])
+    assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0]))  # the empty sequence
+
+
+def test_lowrank_decode_with_full_rank_and_topk_is_dense_decode():
+    B, S, H, Hkv, D = 2, 300, 8, 2, 64
+    q, k, v = torch.randn(B, 3, H, D), torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
+    lens = torch.tensor([S, 171], dtype=torch.int32)
+    proj = random_orthonormal(Hkv, D)
+    dense = attnops.decode_attention(q, k, v, lens)
+    low = attnops.decode_attention(q, proj.rotate(k), v, lens, lowrank=proj, rank=D, topk=S)
+    torch.testing.assert_close(low, dense, rtol=0, atol=2e-6)
+
+
+# ---- calibration and the projection -----------------------------------------------------------------
+
+def low_rank_keys(B, S, Hkv, D, true_rank, noise, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(Hkv, true_rank, D, generator=g)
+    coeff = torch.randn(B, S, Hkv, true_rank, generator=g) * torch.linspace(3, 1, true_rank)
+    return torch.einsum("bshr,hrd->bshd", coeff, mix) + noise * torch.randn(B, S, Hkv, D, generator=g)
+
+
+def test_calibrated_projection_is_orthonormal_and_sorted():
+    keys = low_rank_keys(2, 500, 3, 64, 8, 0.05)
+    proj = lowrank.calibrate([keys[:1], keys[1:]], rank=8)
+    eye = torch.eye(64).expand(3, 64, 64)
+    torch.testing.assert_close(proj.basis.transpose(1, 2) @ proj.basis, eye, rtol=0, atol=1e-5)
+    assert torch.all(proj.eigenvalues[:, :-1] >= proj.eigenvalues[:, 1:])
+    curve = proj.explained_variance
+    assert torch.all(curve[:, 1:] >= curve[:, :-1] - 1e-6) and torch.allclose(curve[:, -1], torch.ones(3))
+    assert float(curve[:, 7].min()) > 0.99  # 8 true dims carry nearly all of it
+    assert proj.rank_for(0.99) <= 8
+    q = torch.randn(2, 10, 6, 64)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, keys[:, :10].repeat_interleave(2, dim=2))
+    rotated = torch.einsum("bqhd,bkhd->bhqk", proj.rotate(q), proj.rotate(keys[:, :10]).repeat_interleave(2, dim=2))
+    torch.testing.assert_close(rotated, scores, rtol=1e-4, atol=1e-4)  # orthonormal: dot products kept
+
+
+def test_recall_of_the_true_topk_grows_with_rank():
+    """Loki's premise on low-rank-plus-noise keys: low-rank scores find the true top-k keys."""
+    B, S, Hkv, D, topk = 1, 512, 2, 64, 64
+    keys = low_rank_keys(B, S, Hkv, D, true_rank=8, noise=0.1, seed=3)
+    proj = lowrank.calibrate(keys)
+    q = low_rank_keys(B, S, Hkv, D, true_rank=8, noise=0.1, seed=4)  # queries in the same subspace
+    recalls = {r: lowrank.recall(q, keys, proj, r, topk) for r in (1, 2, 4, 8, 16, 64)}
+    print("recall of the true top-%d keys vs rank:" % topk, {r: round(x, 3) for r, x in recalls.items()})
+    assert recalls[64] == 1.0
+    assert recalls[8] >= 0.9 > recalls[1]
+    assert recalls[16] >= recalls[4] >= recalls[1]
+
+
+def test_calibrate_a_model_and_save_load(tmp_path):
+    model = torch.nn.Sequential(attnops.nn.Attention(64, 4, 2, rope=10000.0), attnops.nn.Attention(64, 4, 2))
+    batches = [torch.randn(2, 30, 64) for _ in range(3)]
+    post = lowrank.calibrate(model, rank=8, inputs=batches)
+    pre = lowrank.calibrate(model, rank=8, inputs=batches, rotary="pre")
+    assert set(post) == {"0", "1"} and post["0"].basis.shape == (2, 16, 16)
+    assert not torch.allclose(post["0"].eigenvalues, pre["0"].eigenvalues)  # layer 0 has rotary
+    torch.testing.assert_close(post["1"].eigenvalues, pre["1"].eigenvalues)  # layer 1 has none
+    assert "_qkv" not in model[0].__dict__ and "_project" not in model[0].__dict__  # hooks removed
+    lowrank.save(post, tmp_path / "p.pt")
+    loaded = lowrank.load(tmp_path / "p.pt")
+    assert set(loaded) == set(post) and torch.equal(loaded["0"].basis, post["0"].basis) and loaded["0"].rank == 8
+    lowrank.save(post["1"], tmp_path / "one.pt")
+    assert torch.equal(lowrank.load(tmp_path / "one.pt").eigenvalues, post["1"].eigenvalues)
+
+
+# ---- modules ----------------------------------------------------------------------------------------
+
+def generate(model, prompt, steps, caches):
+    x = model(prompt, caches)
+    outs = [x]
+    for _ in range(steps):
+        x = model(x[:, -1:], caches)
+        outs.append(x)
+    return torch.cat(outs, 1)
+
+
+class TinyDecoder(torch.nn.Module):
+    def __init__(self, dim=64, heads=4, kv_heads=2, layers=2):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(attnops.nn.Attention(dim, heads, kv_heads, rope=10000.0)
+                                          for _ in range(layers))
+
+    def forward(self, x, caches=None):
+        for i, layer in enumerate(self.layers):
+            x = x + layer(x, cache=None if caches is None else caches[i])
+        return x
+
+
+def test_lowrank_decoding_in_modules():
+    torch.manual_seed(0)
+    model = TinyDecoder()
+    prompt = torch.randn(2, 80, 64)
+    dense = generate(model, prompt, 10, [layer.make_cache(2, 100) for layer in model.layers])
+    projs = lowrank.calibrate(model, inputs=prompt)
+    assert lowrank.apply(model, {"layers." + k.split(".")[-1]: p for k, p in projs.items()}, rank=16, topk=100) == 2
+    exact = generate(model, prompt, 10, [layer.make_cache(2, 100) for layer in model.layers])
+    torch.testing.assert_close(exact, dense, rtol=0, atol=1e-5)  # full rank, every key: the same
+    lowrank.apply(model, projs, rank=4, topk=24, local=4)
+    approx = generate(model, prompt, 10, [layer.make_cache(2, 100) for layer in model.layers])
+    assert approx.shape == dense.shape and torch.isfinite(approx).all()
+    torch.testing.assert_close(approx[:, :80], dense[:, :80], rtol=0, atol=1e-5)  # the long prompt is exact
+    assert not torch.allclose(approx[:, 80:], dense[:, 80:], atol=1e-6)  # decoding used 24 of up to 90 keys
+    mqa = attnops.nn.MultiQueryAttention(64, 8, 1, lowrank=KeyProjection.identity(1, 8), rank=4, topk=8)
+    assert mqa.lowrank.rank == 4
+    with pytest.raises(ValueError, match="rank"):
+        mqa.set_lowrank(KeyProjection.identity(1, 8), rank=9, topk=8)
+
+
+def test_lowrank_key_spec():
+    from attnops.nn import LowRankKeySpec
+
+    B, S, H, D = 1, 120, 4, 32
+    q, k, v = dyadic(B, S, H, D), dyadic(B, S, H, D), torch.randn(B, S, H, D)
+    proj = signed_permutation(H, D)
+    spec = LowRankKeySpec(proj, rank=8, topk=16, local=4)
+    out = spec.attend(q, k, v)
+    torch.testing.assert_close(out, attnops.lowrank_key_attention(q, k, v, proj, 8, 16, local=4), rtol=0, atol=0)
+    layer = attnops.nn.Attention(128, 4, attention=spec)
+    assert layer.lowrank.topk == 16  # the spec's settings drive the cached steps too
+    with pytest.raises(ValueError, match="rank"):
+        LowRankKeySpec(proj, rank=33, topk=4)
+    with pytest.raises(ValueError, match="local"):
+        LowRankKeySpec(proj, rank=4, topk=4, local=5)
+    out_map, block_map = spec.attend(q, k, v, return_block_map=True)
+    torch.testing.assert_close(out_map, out, rtol=0, atol=0)
+    assert block_map.shape == (B, H, 2, 2)
+
+
+# ---- registration, bad input ------------------------------------------------------------------------
+
+def test_opcheck_compile_meta_and_no_backward():
+    B, S, H, Hkv, D, R = 1, 40, 4, 2, 32, 8
+    q, k, v = dyadic(B, S, H, D), dyadic(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
+    for indices in (False, True):
+        torch.library.opcheck(torch.ops.attnops.lowrank_attn_fwd,
+                              (q, k, v, q[..., :R], k[..., :R], None, 9, 2, True, 0.2, indices))
+    proj = signed_permutation(Hkv, D)
+    fn = torch.compile(lambda q, k, v: attnops.lowrank_key_attention(q, k, v, proj, R, 9, local=2), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), attnops.lowrank_key_attention(q, k, v, proj, R, 9, local=2))
+    meta = attnops.lowrank_key_attention(*(t.to("meta") for t in (q, k, v)), proj.to("meta"), R, 9)
+    assert meta.shape == q.shape and meta.device.type == "meta"
+    qg = q.clone().requires_grad_()
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        attnops.lowrank_key_attention(qg, k, v, proj, R, 9).sum().backward()
+
+
+def test_bad_input_is_a_clear_error():
+    q, k, v = torch.randn(1, 10, 4, 32), torch.randn(1, 10, 2, 32), torch.randn(1, 10, 2, 32)
+    proj = signed_permutation(2, 32)
+    cases = [
+        (dict(rank=0, topk=4), ValueError, "rank"),
+        (dict(rank=33, topk=4), ValueError, "rank"),
+        (dict(rank=4, topk=0), ValueError, "topk"),
+        (dict(rank=4, topk=4, local=5), ValueError, "local"),
+        (dict(rank=4, topk=4, local=2, causal=False), ValueError, "causal"),
+        (dict(rank=4.0, topk=4), TypeError, "rank"),
+    ]
+    for kw, err, match in cases:
+        with pytest.raises(err, match=match):
+            attnops.lowrank_key_attention(q, k, v, proj, **kw)
+    with pytest.raises(ValueError, match=r"\(Hkv, D\)"):
+        attnops.lowrank_key_attention(q, k, v, signed_permutation(4, 32), 4, 4)
+    with pytest.raises(TypeError, match="KeyProjection"):
+        attnops.lowrank_key_attention(q, k, v, torch.eye(32), 4, 4)
+    with pytest.raises(ValueError, match="multiple"):
+        attnops.lowrank_key_attention(torch.randn(1, 10, 3, 32), k, v, proj, 4, 4)
+    lens = torch.tensor([10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="together"):
+        attnops.decode_attention(q[:, :1], k, v, lens, lowrank=proj, rank=4)
+    with pytest.raises(ValueError, match="block_mask"):
+        attnops.decode_attention(q[:, :1], k, v, lens, window_size=(4, 0), lowrank=proj, rank=4, topk=4)
+    with pytest.raises(ValueError, match="KeyProjection.basis"):
+        KeyProjection(torch.randn(2, 3, 4), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("plane_dtype", [None, torch.bfloat16, torch.float16], ids=["same", "bf16", "f16"])
+def test_decode_reads_the_score_plane(plane_dtype, fwd_impl):
+    """KVCache(score_dim=R) keeps the first R components contiguous (optionally half-width): the
+    decode kernels read them there and choose the same keys as from the cache rows."""
+    B, S, H, Hkv, D, rank, topk = 2, 90 if fwd_impl.interpreted else 257, 8, 2, 64, 16, 30
+    dev = fwd_impl.device
+    proj = signed_permutation(Hkv, D, seed=2)
+    cache = attnops.KVCache(B, S, Hkv, D, device=dev, score_dim=24, score_dtype=plane_dtype)
+    k_view, v_view, lens = cache.append(proj.rotate(dyadic(B, S - 5, Hkv, D, device=dev)),
+                                        torch.randn(B, S - 5, Hkv, D, device=dev))
+    plane = cache.score_view()
+    assert plane.shape == (B, S - 5, Hkv, 24) and plane.dtype == (plane_dtype or torch.float32)
+    assert torch.equal(plane.float(), k_view[..., :24])  # dyadic values: exact in half width
+    q = dyadic(B, 3, H, D, device=dev)
+    kw = dict(lowrank=proj, rank=rank, topk=topk, local=3, backend=fwd_impl.backend, return_lse=True)
+    from_plane = attnops.decode_attention(q, k_view, v_view, lens, k_score=plane, **kw)
+    from_rows = attnops.decode_attention(q, k_view, v_view, lens, **kw)
+    torch.testing.assert_close(from_plane.out, from_rows.out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_plane.lse, from_rows.lse, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="k_score"):
+        attnops.decode_attention(q, k_view, v_view, lens, k_score=plane[..., :8], **kw)
+    with pytest.raises(ValueError, match="low-rank decoding"):
+        attnops.decode_attention(q, k_view, v_view, lens, k_score=plane)
+    with pytest.raises(ValueError, match="score_dim"):
+        attnops.KVCache(B, S, Hkv, D, score_dim=D + 1)
+
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_block_maps_of_the_chosen_keys(reduce, fwd_impl):
+    """The map of Loki attention (probability on the chosen keys, 0 elsewhere) against the pooled
+    float64 reference, prefill and decoding; the output is the same with or without the map."""
+    dev = fwd_impl.device
+    B, S, H, Hkv, D = 2, 70 if fwd_impl.interpreted else 203, 4, 2, 32
+    proj = signed_permutation(Hkv, D, seed=4)
+    q, k = dyadic(B, S, H, D, device=dev), dyadic(B, S, Hkv, D, device=dev)
+    v = torch.randn(B, S, Hkv, D, device=dev)
+    request = reference.MapRequest(32, 16, reduce)
+    res = attnops.lowrank_key_attention(q, k, v, proj, 8, 19, local=3, return_block_map=True, map_block_size=(32, 16),
+                                        reduce=reduce, backend=fwd_impl.backend)
+    cast = [t.cpu().double() for t in (q, k, v)]
+    ref = lowrank_reference.lowrank_key_attention(*cast, proj.rotate(cast[0], 8), proj.rotate(cast[1], 8), None, topk=19,
+                                          local=3, causal=True, softmax_scale=D ** -0.5, block_map=request)
+    refT = lowrank_reference.lowrank_key_attention(*(t.float() for t in cast), proj.rotate(cast[0].float(), 8),
+                                           proj.rotate(cast[1].float(), 8), None, topk=19, local=3, causal=True,
+                                           softmax_scale=D ** -0.5, block_map=request)
+    assert_accurate("map", res.block_map.cpu(), ref[2], refT[2])
+    plain = attnops.lowrank_key_attention(q, k, v, proj, 8, 19, local=3, backend=fwd_impl.backend)
+    torch.testing.assert_close(res.out, plain, rtol=0, atol=0)
+    if reduce == "mean":
+        sums = res.block_map.sum(-1)
+        torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-5)
+    lens = torch.tensor([S, S // 2], dtype=torch.int32, device=dev)  # decoding: 3 new tokens
+    kc = proj.rotate(k)
+    dec = attnops.decode_attention(q[:, :3], kc, v, lens, lowrank=proj, rank=8, topk=19, return_block_map=True,
+                                   map_block_size=(16, 16), reduce=reduce, backend=fwd_impl.backend)
+    qr = proj.rotate(q[:, :3].cpu().double())
+    kr = kc.cpu().double()
+    ref_dec = lowrank_reference.lowrank_key_attention(qr, kr, v.cpu().double(), qr[..., :8], kr[..., :8], lens.cpu(),
+                                              topk=19, local=0, causal=True, softmax_scale=D ** -0.5,
+                                              block_map=reference.MapRequest(16, 16, reduce))
+    torch.testing.assert_close(dec.block_map.cpu().double(), ref_dec[2], rtol=0, atol=2e-6)

@@ -1,0 +1,141 @@
+"""attnops.maps: capture from unmodified models, need_weights block maps, rollout, PNGs, the CLI."""
+
+import pytest
+import torch
+from torch import nn
+
+import attnops
+from attnops.ops.softmax import reference
+from attnops.core.block_map import MapRequest
+from attnops.cli.maps import TinyCausalLM, main
+
+REQUEST = MapRequest(64, 64, "mean")
+
+
+def ref_map(q, k, causal, request=REQUEST):
+    q64, k64 = q.detach().double(), k.detach().double()
+    return reference.block_sparse_attention(q64, k64, k64, None, causal=causal, window_size=(-1, -1),
+                                            softmax_scale=q.shape[-1] ** -0.5, block_map=request)[2]
+
+
+def test_capture_records_one_map_per_layer():
+    model = TinyCausalLM(layers=2, dim=64, heads=4, kv_heads=2, attention=attnops.nn.SoftmaxSpec(causal=True)).eval()
+    tokens = torch.randint(0, 256, (2, 150))
+    with torch.no_grad():
+        plain = model(tokens)
+        with attnops.maps.capture(model) as cap:
+            logits = model(tokens)
+    assert list(cap.maps) == ["blocks.0.attn", "blocks.1.attn"]
+    assert torch.equal(plain, logits), "capturing must not change the forward"
+    assert cap.stacked().shape == (2, 2, 4, 3, 3)
+    # layer 0's map is the map of the q, k that layer computes
+    block = model.blocks[0]
+    with torch.no_grad():
+        q, k, _ = block["attn"]._qkv(block["norm1"](model.embed(tokens)))
+    torch.testing.assert_close(cap.maps["blocks.0.attn"].double(), ref_map(q, k, causal=True), rtol=0, atol=1e-5)
+    assert not attnops.maps.capturing()
+
+
+def test_capture_options_and_repeated_calls():
+    attn = attnops.nn.Attention(64, 4)
+    x = torch.randn(1, 100, 64)
+    with attnops.maps.capture(map_block_size=(32, 16), reduce="max") as cap:
+        attn(x)
+        attn(x)
+    assert len(cap) == 2 and all(m.shape == (1, 4, 4, 7) for m in cap.maps.values())
+    q, k, _ = attn._qkv(x)
+    torch.testing.assert_close(next(iter(cap.maps.values())).double(),
+                               ref_map(q, k, True, MapRequest(32, 16, "max")), rtol=0, atol=1e-5)
+
+
+def test_capture_through_swapped_transformer_encoder():
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    attnops.swap(model, attnops.nn.SoftmaxSpec())
+    with torch.no_grad(), attnops.maps.capture(model) as cap:
+        model(torch.randn(2, 90, 64))
+    assert list(cap.maps) == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert all(m.shape == (2, 4, 2, 2) for m in cap.maps.values())
+
+
+@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("padding", [False, True])
+def test_need_weights_is_torchs_weights_pooled(average, padding):
+    torch_mha = nn.MultiheadAttention(64, 4, batch_first=True).double().eval()
+    ours = attnops.nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    ours.load_state_dict({k: v.float() for k, v in torch_mha.state_dict().items()})
+    x = torch.randn(2, 150, 64, dtype=torch.float64)
+    kpm = None
+    if padding:
+        kpm = torch.zeros(2, 150, dtype=torch.bool)
+        kpm[1, 90:] = True  # right padding
+    _, w = torch_mha(x, x, x, key_padding_mask=kpm, average_attn_weights=False)  # (B, H, L, S)
+    lse = torch.zeros(w.shape[:3], dtype=w.dtype)
+    expect = reference.pool_block_map(w, lse, REQUEST)
+    if average:
+        expect = expect.mean(1)
+    _, got = ours(x.float(), x.float(), x.float(), key_padding_mask=kpm, average_attn_weights=average)
+    torch.testing.assert_close(got.double(), expect, rtol=0, atol=1e-5)
+    assert ours(x.float(), x.float(), x.float(), need_weights=False)[1] is None
+
+
+def test_left_padding_gives_no_weights_and_capture_refuses_it():
+    mha = attnops.nn.MultiheadAttention(32, 2, batch_first=True)
+    x = torch.randn(1, 80, 32)
+    kpm = torch.zeros(1, 80, dtype=torch.bool)
+    kpm[0, :10] = True
+    out, weights = mha(x, x, x, key_padding_mask=kpm)
+    assert weights is None  # documented: maps index key positions, which gathering shifted
+    with pytest.raises(NotImplementedError, match="not at the end"), attnops.maps.capture():
+        mha(x, x, x, key_padding_mask=kpm)
+
+
+def test_capture_through_transformers_adapter():
+    transformers = pytest.importorskip("transformers")
+    from attnops.integrations.transformers import register
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=register()).eval()
+    with torch.no_grad(), attnops.maps.capture(model) as cap:
+        model(torch.randint(0, 64, (1, 130)))
+    assert list(cap.maps) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    rows = cap.maps["model.layers.1.self_attn"].sum(-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-5)
+
+
+def test_rollout():
+    torch.manual_seed(0)
+    maps = [torch.softmax(torch.randn(2, 3, 5, 5), -1) for _ in range(3)]
+    r = attnops.maps.rollout(maps)
+    expect = None
+    for m in maps:
+        a = 0.5 * m.mean(1) + 0.5 * torch.eye(5)
+        expect = a if expect is None else a @ expect
+    torch.testing.assert_close(r, expect)
+    torch.testing.assert_close(r.sum(-1), torch.ones(2, 5))
+    torch.testing.assert_close(attnops.maps.rollout(maps[:1], residual=0.0), maps[0].mean(1))
+    with pytest.raises(ValueError, match="square"):
+        attnops.maps.rollout([torch.rand(1, 1, 2, 3)])
+    with pytest.raises(ValueError, match="residual"):
+        attnops.maps.rollout(maps, residual=2.0)
+
+
+def test_pngs_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    maps = {"a": torch.rand(1, 3, 4, 4), "b": torch.rand(1, 3, 4, 4)}
+    for path in (attnops.maps.to_heatmap(maps["a"], tmp_path / "one.png", title="a"),
+                 attnops.maps.plot_grid(maps, tmp_path / "grid.png", log_scale=True)):
+        assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_writes_the_maps(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["--seq-len", "150", "--layers", "2", "--dim", "32", "--heads", "2", "--attention", "window:70",
+                 "--block-size", "32", "--out", str(tmp_path)]) == 0
+    for name in ("grid.png", "layer_0.png", "layer_1.png", "rollout.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    maps = torch.load(tmp_path / "maps.pt")
+    assert [m.shape for m in maps.values()] == [(1, 2, 5, 5)] * 2
+    assert all(torch.all(m[..., 0, 3:] == 0) for m in maps.values()), "blocks outside the causal window are 0"
+    assert "2 layers" in capsys.readouterr().out

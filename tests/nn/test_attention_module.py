@@ -1,0 +1,98 @@
+"""attnops.nn.Attention (GQA/MQA, QK-norm, rotary) against an independent float64 implementation
+(SDPA math on repeated kv heads, rotary in complex form), fwd and bwd; Rotary; bad arguments."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnops.nn import Attention, BlockSparseSpec, SoftmaxSpec, Rotary
+from attnops import BlockMask
+from helpers import assert_accurate
+
+
+def rotary_complex(x, positions, theta):
+    """(B, T, H, D): channel pairs (d, d + D/2) as complex numbers times exp(i * pos * theta^(-2d/D))."""
+    D, real = x.shape[-1], x.dtype  # computed in x's precision (the float32 yardstick stays float32)
+    z = torch.complex(x[..., : D // 2], x[..., D // 2:])
+    freq = theta ** (-torch.arange(0, D, 2, dtype=real) / D)
+    rot = torch.polar(torch.ones((), dtype=real), positions.to(real)[:, None] * freq)[None, :, None, :]
+    z = z * rot
+    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
+
+
+def independent(block: Attention, x, theta):
+    B, T, _ = x.shape
+    H, Hkv, D = block.num_heads, block.num_kv_heads, block.head_dim
+    q = block.q_proj(x).view(B, T, H, D)
+    k = block.k_proj(x).view(B, T, Hkv, D)
+    v = block.v_proj(x).view(B, T, Hkv, D)
+    if block.q_norm is not None:
+        q, k = block.q_norm(q), block.k_norm(k)
+    if theta is not None:
+        pos = torch.arange(T)
+        q, k = rotary_complex(q, pos, theta), rotary_complex(k, pos, theta)
+    k, v = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return block.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)], ids=["mha", "gqa4", "mqa"])
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("theta", [None, 10000.0])
+def test_attention_block_matches_independent_reference(heads, qk_norm, theta):
+    H, Hkv = heads
+    dim = 40 * H // 2  # head dim 20 for H=... keeps dims small and even
+    block = Attention(dim, H, Hkv, qk_norm=qk_norm, rope=theta, bias=True)
+    block64, block_lp = copy.deepcopy(block).double(), copy.deepcopy(block)
+    x = torch.randn(2, 45, dim, dtype=torch.float64)
+    xs = [x.float().clone().requires_grad_(), x.clone().requires_grad_(), x.float().clone().requires_grad_()]
+    out = block(xs[0])
+    ref = independent(block64, xs[1], theta)
+    ref_lp = independent(block_lp, xs[2], theta)
+    assert_accurate("out", out.detach(), ref.detach(), ref_lp.detach())
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    ref_lp.backward(g.float())
+    assert_accurate("dx", xs[0].grad, xs[1].grad, xs[2].grad)
+    for (n, p), (_, p64), (_, plp) in zip(block.named_parameters(), block64.named_parameters(),
+                                          block_lp.named_parameters()):
+        assert_accurate(f"d_{n}", p.grad, p64.grad, plp.grad)
+
+
+def test_rotary_positions_and_relative_property():
+    rot = Rotary(16)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    # the score depends only on the distance between positions
+    s1 = (rot(q, torch.tensor([7])) * rot(k, torch.tensor([3]))).sum()
+    s2 = (rot(q, torch.tensor([104])) * rot(k, torch.tensor([100]))).sum()
+    assert torch.allclose(s1, s2)
+    x = torch.randn(2, 5, 3, 16)
+    per_batch = torch.tensor([[0, 1, 2, 3, 4], [10, 11, 12, 13, 14]])
+    out = rot(x, per_batch)
+    assert torch.allclose(out[1:], rot(x[1:], torch.arange(10, 15)), atol=1e-6)
+
+
+def test_block_sparse_spec_in_attention_block():
+    block = Attention(64, 4, 2, attention=BlockSparseSpec(pattern=lambda sq, sk: BlockMask.sliding_window(sq, window=16,
+                                                                                                      block_size=16)))
+    x = torch.randn(1, 50, 64, requires_grad=True)
+    block(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_attention_block_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        Attention(64, 4, 3)
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        Attention(65, 4)
+    with pytest.raises(TypeError, match="rope"):
+        Attention(64, 4, rope="yes")
+    with pytest.raises(ValueError, match="even head_dim"):
+        Rotary(15)
+    with pytest.raises(TypeError, match="attention must be"):
+        Attention(64, 4, attention=SoftmaxSpec)
+    with pytest.raises(ValueError, match=r"x must be \(B, T, 64\)"):
+        Attention(64, 4)(torch.randn(2, 3, 32))

@@ -1,0 +1,266 @@
+"""attnops.nn.MultiheadAttention against torch.nn.MultiheadAttention (same weights, DESIGN.md rule,
+fwd and bwd), swap / unswap on nn.Transformer layers, specs and bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import attnops
+from attnops import BlockMask
+from attnops.nn import BlockSparseSpec, SoftmaxSpec, MultiheadAttention
+from helpers import assert_accurate
+
+
+def _pair(E=48, H=4, batch_first=True, kdim=None, vdim=None, bias=True):
+    ref = nn.MultiheadAttention(E, H, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first).double()
+    ours = MultiheadAttention(E, H, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first)
+    ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})  # torch's keys, unchanged
+    return ref, ours
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("dims", [(None, None), (24, 40)], ids=["self", "kdim-vdim"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_torch_mha_fwd_bwd(batch_first, dims, causal):
+    kdim, vdim = dims
+    ref, ours = _pair(batch_first=batch_first, kdim=kdim, vdim=vdim)
+    B, L = 3, 37
+    S = L if causal else 53
+    shape = (lambda n, e: (B, n, e)) if batch_first else (lambda n, e: (n, B, e))
+    x = torch.randn(shape(L, 48), dtype=torch.float64)
+    kv = x if causal or kdim is None else None
+    key = kv if kv is not None else torch.randn(shape(S, kdim or 48), dtype=torch.float64)
+    val = kv if kv is not None else torch.randn(shape(S, vdim or 48), dtype=torch.float64)
+    if causal and kdim is not None:
+        key, val = torch.randn(shape(S, kdim), dtype=torch.float64), torch.randn(shape(S, vdim), dtype=torch.float64)
+    mask = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64) if causal else None
+
+    inputs64 = [t.clone().requires_grad_() for t in (x, key, val)]
+    out64, _ = ref(*inputs64, attn_mask=mask, need_weights=False)
+    inputs32 = [t.float().clone().requires_grad_() for t in (x, key, val)]
+    out32, w = ours(*inputs32, attn_mask=None if mask is None else mask.float(), is_causal=causal,
+                    need_weights=False)
+    assert w is None  # need_weights=True gives block maps: test_maps.py
+    # the yardstick: torch's module in float32 on the same weights
+    ref32 = copy.deepcopy(ref).float()
+    inputs_lp = [t.float().clone().requires_grad_() for t in (x, key, val)]
+    outr, _ = ref32(*inputs_lp, attn_mask=None if mask is None else mask.float(), need_weights=False)
+    assert_accurate("out", out32.detach(), out64.detach(), outr.detach())
+
+    g = torch.randn_like(out64)
+    for o, grad in ((out64, g), (out32, g.float()), (outr, g.float())):
+        o.backward(grad)
+    for i, name in enumerate(("d_query", "d_key", "d_value")):
+        if inputs64[i].grad is not None:
+            assert_accurate(name, inputs32[i].grad, inputs64[i].grad, inputs_lp[i].grad)
+    for (n, p32), (_, p64), (_, plp) in zip(ours.named_parameters(), ref.named_parameters(),
+                                            ref32.named_parameters()):
+        assert_accurate(f"d_{n}", p32.grad, p64.grad, plp.grad)
+
+
+def test_unbatched_input():
+    ref, ours = _pair(batch_first=False)
+    x = torch.randn(21, 48, dtype=torch.float64)
+    out, _ = ours(x.float(), x.float(), x.float())
+    expect, _ = ref(x, x, x, need_weights=False)
+    assert out.shape == (21, 48)
+    assert torch.allclose(out.double(), expect, atol=1e-4)
+
+
+def _encoder(batch_first=True):
+    layer = nn.TransformerEncoderLayer(48, 4, dim_feedforward=64, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_swap_transformer_encoder_and_unswap(train):
+    model = _encoder().train(train)
+    x = torch.randn(2, 33, 48)
+    mask = nn.Transformer.generate_square_subsequent_mask(33)
+    with torch.no_grad():
+        expect = model(x, mask=mask, is_causal=True)
+    report = attnops.swap(model, SoftmaxSpec())
+    assert report.swapped == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert all(isinstance(l.self_attn, MultiheadAttention) for l in model.layers)
+    with torch.no_grad():
+        got = model(x, mask=mask, is_causal=True)
+    assert torch.allclose(got, expect, atol=2e-5), (got - expect).abs().max()
+    model(x, mask=mask, is_causal=True).sum().backward()  # trainable through the swapped modules
+    assert model.layers[0].self_attn.in_proj_weight.grad is not None
+    back = attnops.unswap(model)
+    assert len(back) == 2 and all(type(l.self_attn) is nn.MultiheadAttention for l in model.layers)
+    with torch.no_grad():
+        assert torch.allclose(model(x, mask=mask, is_causal=True), expect, atol=2e-5)
+
+
+def test_swap_filter_and_decoder():
+    model = nn.Transformer(48, 4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, dropout=0.0,
+                           batch_first=True)
+    report = attnops.swap(model, filter=lambda name, m: "decoder" in name)
+    assert report.swapped == ["decoder.layers.0.self_attn", "decoder.layers.0.multihead_attn"]
+    assert report.skipped == ["encoder.layers.0.self_attn"]
+    src, tgt = torch.randn(2, 30, 48), torch.randn(2, 17, 48)
+    out = model(src, tgt, tgt_mask=nn.Transformer.generate_square_subsequent_mask(17), tgt_is_causal=True)
+    assert out.shape == (2, 17, 48) and torch.isfinite(out).all()
+
+
+def test_block_sparse_spec_matches_block_sparse_op():
+    E, H, L = 64, 4, 70
+    mha = MultiheadAttention(E, H, batch_first=True,
+                             attention=BlockSparseSpec(pattern=lambda sq, sk: BlockMask.sliding_window(sq, window=32,
+                                                                                                   block_size=16)))
+    x = torch.randn(2, L, E)
+    out, _ = mha(x, x, x)
+    q, k, v = (t.view(2, L, H, E // H) for t in mha._project(x, x, x))
+    mask = BlockMask.sliding_window(L, window=32, block_size=16)
+    expect = mha.out_proj(attnops.block_sparse_attention(q, k, v, mask).reshape(2, L, E))
+    assert torch.equal(out, expect)
+
+
+def test_specs_validate():
+    with pytest.raises(ValueError, match="window"):
+        SoftmaxSpec(window=(-2, 0))
+    with pytest.raises(TypeError, match="causal"):
+        SoftmaxSpec(causal=1)
+    with pytest.raises(ValueError, match="exactly one"):
+        BlockSparseSpec()
+    with pytest.raises(TypeError, match="BlockMask"):
+        BlockSparseSpec(block_mask="window")
+    with pytest.raises(TypeError, match="attention must be"):
+        MultiheadAttention(16, 2, attention="dense")
+
+
+def test_unsupported_inputs_are_clear_errors():
+    mha = MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 9, 16)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    mha(x, x, x, key_padding_mask=pad, is_causal=True)  # masks nothing: accepted with causality too
+    pad[0, 4] = True  # a hole: the kept keys are not one range
+    with pytest.raises(NotImplementedError, match="contiguous"):
+        mha(x, x, x, key_padding_mask=pad, is_causal=True)
+    pad[0, 4], pad[0, -1] = False, True
+    windowed = MultiheadAttention(16, 2, batch_first=True, attention=SoftmaxSpec(window=(3, 0)))
+    with pytest.raises(NotImplementedError, match="window"):
+        windowed(x, x, x, key_padding_mask=pad, is_causal=True)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        mha(x, x, x, key_padding_mask=pad[:, :5])
+    sparse = MultiheadAttention(16, 2, batch_first=True, attention=BlockSparseSpec(
+        pattern=lambda sq, sk: BlockMask.sliding_window(sq, window=4, block_size=16)))
+    with pytest.raises(NotImplementedError, match="SoftmaxSpec"):
+        sparse(x, x, x, key_padding_mask=pad)
+    with pytest.raises(NotImplementedError, match="causal attn_mask"):
+        mha(x, x, x, attn_mask=torch.zeros(9, 9, dtype=torch.bool).fill_diagonal_(True))
+    with pytest.raises(ValueError, match="widths"):
+        mha(x, x, torch.randn(2, 9, 8))
+    with pytest.raises(NotImplementedError, match="add_bias_kv"):
+        MultiheadAttention(16, 2, add_bias_kv=True)
+    with pytest.raises(ValueError, match="multiple"):
+        MultiheadAttention(15, 2)
+    drop = MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        drop(x, x, x)
+    drop.eval()(x, x, x)
+
+
+def test_swap_with_sparse_spec_matches_the_reference_of_that_spec(monkeypatch):
+    import attnops.nn.specs as specs
+    from attnops.ops.softmax import reference
+
+    model = _encoder().eval()
+    spec = BlockSparseSpec(pattern=lambda sq, sk: BlockMask.sliding_window(sq, window=16, block_size=16))
+    attnops.swap(model, spec)
+    x = torch.randn(2, 40, 48)
+
+    def reference_op(q, k, v, mask, softmax_scale=None):  # the float64 oracle of the same spec
+        out, _ = reference.block_sparse_attention(q.double(), k.double(), v.double(), mask, causal=mask.causal,
+                                                  window_size=mask.window_size, softmax_scale=q.shape[-1] ** -0.5)
+        return out.to(q.dtype)
+
+    with torch.no_grad():
+        got = model(x)
+        monkeypatch.setattr(specs, "block_sparse_attention", reference_op)
+        expect = model(x)
+    assert torch.allclose(got, expect, atol=1e-5), (got - expect).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_key_padding_mask_matches_torch(kind):
+    ref, ours = _pair(batch_first=True)
+    B, L, S = 3, 11, 29
+    q = torch.randn(B, L, 48, dtype=torch.float64)
+    kv = torch.randn(B, S, 48, dtype=torch.float64)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[0, 20:] = True  # right padding
+    pad[2, ::3] = True  # scattered padding
+    mask = pad if kind == "bool" else torch.zeros(B, S, dtype=torch.float64).masked_fill(pad, float("-inf"))
+    inputs64 = [t.clone().requires_grad_() for t in (q, kv)]
+    expect, _ = ref(inputs64[0], inputs64[1], inputs64[1], key_padding_mask=mask, need_weights=False)
+    inputs32 = [t.float().clone().requires_grad_() for t in (q, kv)]
+    got, _ = ours(inputs32[0], inputs32[1], inputs32[1], key_padding_mask=mask if kind == "bool" else mask.float())
+    ref32 = copy.deepcopy(ref).float()
+    inputs_lp = [t.float().clone().requires_grad_() for t in (q, kv)]
+    low, _ = ref32(inputs_lp[0], inputs_lp[1], inputs_lp[1], key_padding_mask=mask if kind == "bool" else mask.float(),
+                   need_weights=False)
+    assert_accurate("out", got.detach(), expect.detach(), low.detach())
+    g = torch.randn_like(expect)
+    for o, grad in ((expect, g), (got, g.float()), (low, g.float())):
+        o.backward(grad)
+    assert_accurate("d_query", inputs32[0].grad, inputs64[0].grad, inputs_lp[0].grad)
+    assert_accurate("d_kv", inputs32[1].grad, inputs64[1].grad, inputs_lp[1].grad)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_causal_key_padding_mask_matches_torch(kind):
+    """Left and right padding with causality: each sequence's kept keys are one range."""
+    ref, ours = _pair(batch_first=True)
+    B, L = 4, 23
+    x = torch.randn(B, L, 48, dtype=torch.float64)
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[0, 15:] = True   # right padding
+    pad[1, :6] = True    # left padding
+    pad[3, :3] = True    # both
+    pad[3, 20:] = True
+    mask = pad if kind == "bool" else torch.zeros(B, L, dtype=torch.float64).masked_fill(pad, float("-inf"))
+    causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+    sees = (~(torch.ones(L, L, dtype=torch.bool).triu(1).unsqueeze(0) | pad.unsqueeze(1))).any(-1)
+    x64 = x.clone().requires_grad_()
+    expect, _ = ref(x64, x64, x64, key_padding_mask=mask, attn_mask=causal, need_weights=False)
+    x32 = x.float().clone().requires_grad_()
+    m32 = mask if kind == "bool" else mask.float()
+    got, weights = ours(x32, x32, x32, key_padding_mask=m32, is_causal=True)
+    assert weights is None
+    xlp = x.float().clone().requires_grad_()
+    low, _ = copy.deepcopy(ref).float()(xlp, xlp, xlp, key_padding_mask=m32, attn_mask=causal.float(),
+                                        need_weights=False)
+    rows = sees.unsqueeze(-1).expand_as(expect)  # torch gives NaN where a query sees no key, attnops zeros
+    assert torch.all(got.detach()[~rows] == 0)
+    assert_accurate("out", got.detach()[rows], expect.detach()[rows], low.detach()[rows])
+    # gradients where every query sees a key (torch's NaN rows would poison its own gradients)
+    pad[1:] = False
+    pad[2, 18:] = True
+    mask = pad if kind == "bool" else torch.zeros(B, L, dtype=torch.float64).masked_fill(pad, float("-inf"))
+    m32 = mask if kind == "bool" else mask.float()
+    grads, g = [], torch.randn(B, L, 48, dtype=torch.float64)
+    for module, dtype, m, kw in ((ref, torch.float64, mask, dict(attn_mask=causal)), (ours, torch.float32, m32,
+                                 dict(is_causal=True)), (copy.deepcopy(ref).float(), torch.float32, m32,
+                                                         dict(attn_mask=causal.float()))):
+        xi = x.to(dtype).clone().requires_grad_()
+        out, _ = module(xi, xi, xi, key_padding_mask=m, need_weights=False, **kw)
+        out.backward(g.to(dtype))
+        grads.append(xi.grad)
+    assert_accurate("d_x", grads[1], grads[0], grads[2])
+
+
+def test_lowrank_key_spec_in_multihead_attention():
+    """torch's default need_weights=True returns the block map of the chosen keys."""
+    from attnops.lowrank import KeyProjection
+    from attnops.nn import LowRankKeySpec
+
+    mha = MultiheadAttention(32, 4, batch_first=True, attention=LowRankKeySpec(KeyProjection.identity(4, 8), rank=4,
+                                                                             topk=10, causal=False))
+    x = torch.randn(2, 70, 32)
+    out, weights = mha(x, x, x)
+    assert out.shape == x.shape and weights.shape == (2, 2, 2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2), rtol=0, atol=1e-5)

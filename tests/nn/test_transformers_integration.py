@@ -1,0 +1,175 @@
+"""attnops as a transformers attn_implementation in unmodified models (tiny configs, random weights,
+nothing downloaded): same logits as the eager implementation, training step, cached generation."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attnops  # noqa: E402
+from attnops.integrations import transformers as hf_attnops  # noqa: E402
+from helpers import assert_accurate  # noqa: E402
+
+
+def _configs():
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256)
+    return {
+        "llama-gqa": LlamaConfig(**common, num_key_value_heads=2, head_dim=16),
+        "qwen2-mqa": Qwen2Config(**common, num_key_value_heads=1),
+        "gpt2": GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=256, attn_pdrop=0.0,
+                           resid_pdrop=0.0, embd_pdrop=0.0),
+    }
+
+
+CONFIGS = ["llama-gqa", "qwen2-mqa", "gpt2"]
+
+
+def _models(name):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = _configs()[name]
+    impl = hf_attnops.register()
+    # one config object per model: from_config records the implementation on the config it gets
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").double().eval()
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl).eval()
+    ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    low = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    low.load_state_dict(ours.state_dict())
+    assert ours.config._attn_implementation == impl and low.config._attn_implementation == "eager"
+    return ref, ours, low
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_eager(name, monkeypatch):
+    import attnops.nn.specs as specs
+
+    calls = []
+    kernel = specs.attention
+    monkeypatch.setattr(specs, "attention", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    ref, ours, low = _models(name)
+    ids = torch.randint(0, 97, (2, 45))
+    with torch.no_grad():
+        expect = ref(ids).logits
+        assert not calls
+        got = ours(ids).logits
+        assert len(calls) == 2  # one per layer: the model really ran attnops
+        yard = low(ids).logits
+    assert_accurate("logits", got, expect, yard)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_training_step_grads_match(name):
+    ref, ours, low = _models(name)
+    ids = torch.randint(0, 97, (2, 33))
+    for m in (ref, ours, low):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+    for (n, p), (_, p64), (_, plp) in zip(ours.named_parameters(), ref.named_parameters(), low.named_parameters()):
+        if p.grad is not None:
+            assert_accurate(f"grad {n}", p.grad, p64.grad, plp.grad)
+
+
+def test_set_attn_implementation_and_cached_generation():
+    ref, ours, low = _models("llama-gqa")
+    low.set_attn_implementation(hf_attnops.register())  # switch an existing model
+    assert low.config._attn_implementation == "attnops"
+    ids = torch.randint(0, 97, (1, 20))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        a = low.generate(ids, **kw)  # attnops, with the KV cache
+        b = ref.float().generate(ids, **kw)  # eager, same weights
+    assert torch.equal(a, b)
+
+
+def test_padding_mask_and_bad_spec_are_clear_errors():
+    _, ours, _ = _models("llama-gqa")
+    ids = torch.randint(0, 97, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    ours(ids, attention_mask=mask)  # no padding: fine
+    mask[0, :3] = 0
+    with pytest.raises(NotImplementedError, match="padded"):
+        ours(ids, attention_mask=mask)
+    with pytest.raises(TypeError, match="spec"):
+        hf_attnops.register("attnops_bad", spec="dense")
+
+
+def test_sparse_spec_registers_under_its_name():
+    from transformers import AutoModelForCausalLM
+
+    spec = attnops.nn.BlockSparseSpec(pattern=lambda sq, sk: attnops.BlockMask.sliding_window((sq, sk), window=16,
+                                                                                            block_size=16))
+    name = hf_attnops.register("attnops_sparse", spec)
+    model = AutoModelForCausalLM.from_config(_configs()["llama-gqa"], attn_implementation=name).eval()
+    ids = torch.randint(0, 97, (1, 50))
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.isfinite(out).all()
+    assert hf_attnops.registered()[name] is spec
+
+
+@pytest.mark.parametrize("name", ["attnops_sparse", "attnops_moba"])
+def test_family_names_register_their_default_spec(name):
+    from transformers import AutoModelForCausalLM
+
+    assert hf_attnops.register(name) == name and hf_attnops.registered()[name] is hf_attnops.DEFAULTS[name]
+    cfg = _configs()["llama-gqa"]
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=hf_attnops.register()).eval()
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=name).eval()
+    model.load_state_dict(dense.state_dict())
+    ids = torch.randint(0, 97, (1, 60))
+    with torch.no_grad():  # 60 tokens: inside the default window / the first MoBA block, so dense
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=0, atol=1e-4)
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 63)
+
+
+def test_linear_family_generates_the_same_with_and_without_the_cache():
+    """"attnops_linear" in an unmodified Llama: a cached step runs the recurrence over the cached prefix,
+    so greedy generation with the cache equals recomputing the whole prefix at every step."""
+    from transformers import AutoModelForCausalLM
+
+    name = hf_attnops.register("attnops_linear")
+    assert isinstance(hf_attnops.registered()[name], attnops.nn.LinearAttentionSpec)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()["llama-gqa"], attn_implementation=name).eval()
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        fresh = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert torch.equal(cached, fresh)
+        with attnops.maps.capture(model) as cap:
+            model(ids)
+    assert len(cap.maps) == model.config.num_hidden_layers
+
+
+def test_lowrank_key_spec_in_an_unmodified_model():
+    """A LowRankKey spec (calibrated on the model's own keys elsewhere; here the raw head dims) as an
+    attn_implementation: cached and uncached greedy generation agree (a cached step's queries sit at
+    the cache's end, bottom-right), rank = D with every key is the dense model, and maps are captured."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _configs()["llama-gqa"]
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=hf_attnops.register()).eval()
+    proj = attnops.lowrank.KeyProjection.identity(2, 16)
+    exact = hf_attnops.register("attnops_lowrank_exact", attnops.nn.LowRankKeySpec(proj, rank=16, topk=4096))
+    approx = hf_attnops.register("attnops_lowrank", attnops.nn.LowRankKeySpec(proj, rank=4, topk=12, local=4))
+    ids = torch.randint(0, 97, (1, 50))
+    with torch.no_grad():
+        for name, close in ((exact, True), (approx, False)):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=name).eval()
+            model.load_state_dict(dense.state_dict())
+            if close:
+                torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=0, atol=1e-4)
+            cached = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
+            fresh = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+            assert torch.equal(cached, fresh)
+        with attnops.maps.capture(model) as cap:
+            model(ids)
+    assert len(cap.maps) == cfg.num_hidden_layers

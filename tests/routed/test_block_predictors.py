@@ -1,0 +1,215 @@
+"""The training-free block predictor (predict_block_mask, pooled_block_map) and the learned BlockGate:
+their estimates against exact block maps, selection rules, forced blocks, training, bad input."""
+
+import pytest
+import torch
+
+import attnops
+from attnops.ops.softmax import reference
+from attnops.core.block_map import MapRequest
+from attnops.ops.routed import pooled_block_map, select_blocks
+
+
+def blockwise_constant(B, S, H, Hkv, D, block, scale=1.0):
+    """q, k whose blocks each repeat one random vector: block means are then exact summaries."""
+    n = -(-S // block)
+    q = (torch.randn(B, n, H, D) * scale).repeat_interleave(block, dim=1)[:, :S]
+    k = (torch.randn(B, n, Hkv, D) * scale).repeat_interleave(block, dim=1)[:, :S]
+    return q.contiguous(), k.contiguous()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq", [(300, 300), (200, 333)])
+def test_pooled_estimate_is_exact_on_blockwise_constant_inputs(seq, causal):
+    """With one vector per block the estimate is the true mean block map, the partial last key block
+    included (its log n_j term)."""
+    Sq, Sk = seq
+    block = 32
+    q, _ = blockwise_constant(2, Sq, 4, 2, 16, block, scale=2.0)
+    _, k = blockwise_constant(2, Sk, 4, 2, 16, block, scale=2.0)
+    est = pooled_block_map(q, k, block, causal=causal)
+    if causal:  # the true map differs inside diagonal blocks (token causality); compare without it
+        q64 = q.double()
+        ref = reference.block_sparse_attention(q64, k.double(), k.double(), None, causal=False, window_size=(-1, -1),
+                                               softmax_scale=0.25, block_map=MapRequest(block, block, "mean"))[2]
+        est_full = pooled_block_map(q, k, block, causal=False)
+        torch.testing.assert_close(est_full.double(), ref, rtol=1e-4, atol=1e-6)
+        last = torch.clamp((torch.arange(est.shape[-2]) + 1) * block, max=Sq) - 1 + (Sk - Sq)
+        future = torch.arange(est.shape[-1]).view(1, -1) > torch.div(last, block, rounding_mode="floor").view(-1, 1)
+        assert future.any() and torch.all(est[..., future] == 0)
+    else:
+        ref = reference.block_sparse_attention(q.double(), k.double(), k.double(), None, causal=False,
+                                               window_size=(-1, -1), softmax_scale=0.25,
+                                               block_map=MapRequest(block, block, "mean"))[2]
+        torch.testing.assert_close(est.double(), ref, rtol=1e-4, atol=1e-6)
+    sums = est.sum(-1)
+    torch.testing.assert_close(sums[sums > 0], torch.ones_like(sums[sums > 0]))
+
+
+def test_cdf_rule_keeps_the_requested_mass_of_the_true_map():
+    q, k = blockwise_constant(1, 512, 2, 2, 16, 64, scale=1.5)
+    mask = attnops.predict_block_mask(q, k, 64, cdf_threshold=0.9, num_sink_blocks=0)
+    true_map = attnops.attention(q, k, k, return_block_map=True, map_block_size=64).block_map
+    kept_mass = (true_map * mask.to_dense()).sum(-1)
+    assert torch.all(kept_mass >= 0.9 - 1e-5)
+    assert mask.density < 1.0
+
+
+def test_selection_rules():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
+    allowed = torch.ones(2, 4, dtype=torch.bool)
+    assert select_blocks(probs, allowed, topk=2).tolist() == [[True, True, False, False], [False, False, True, True]]
+    assert select_blocks(probs, allowed, threshold=0.3).tolist() == [[True, True, False, False],
+                                                                     [False, False, True, True]]
+    assert select_blocks(probs, allowed, cdf_threshold=0.8).tolist() == [[True, True, False, False],
+                                                                         [False, True, True, True]]
+    allowed[0, 0] = False  # a forbidden block is never selected
+    assert not select_blocks(probs, allowed, topk=4)[0, 0]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_forced_blocks_and_causality(causal):
+    q = torch.randn(2, 333, 4, 32)
+    k = torch.randn(2, 333, 2, 32)
+    mask = attnops.predict_block_mask(q, k, (32, 64), topk=1, causal=causal, num_sink_blocks=2)
+    dense = mask.to_dense()
+    assert dense.shape == (2, 4, 11, 6) and mask.causal == causal
+    qb = torch.arange(11)
+    diag = torch.div(torch.clamp((qb + 1) * 32, max=333) - 1, 64, rounding_mode="floor")
+    assert dense[..., qb, diag].all()
+    sink_in_future = causal & (torch.arange(2) > diag.view(-1, 1))  # causality wins over the sinks
+    assert (dense[..., :2] | sink_in_future).all()
+    if causal:
+        assert not (dense & (torch.arange(6) > diag.view(-1, 1))).any()
+    assert (dense.sum(-1) <= 4).all()  # topk 1 + diagonal + 2 sinks
+
+
+def test_self_similarity_check_keeps_loose_blocks_dense():
+    q = torch.randn(1, 256, 2, 32)  # random tokens: mean pairwise cosine ~ 0
+    k = torch.randn(1, 256, 2, 32)
+    mask = attnops.predict_block_mask(q, k, 64, topk=1, causal=True, sim_threshold=0.5)
+    assert torch.equal(mask.to_dense(), attnops.BlockMask.causal(256, 64).to_dense().expand(1, 2, 4, 4))
+    q2, k2 = blockwise_constant(1, 256, 2, 2, 32, 64)  # cosine 1 inside every block
+    mask2 = attnops.predict_block_mask(q2, k2, 64, topk=1, causal=True, num_sink_blocks=0, sim_threshold=0.5)
+    assert mask2.density < mask.density
+
+
+def test_predicted_mask_runs_the_exact_core():
+    q, k = blockwise_constant(1, 300, 4, 2, 32, 32)
+    v = torch.randn(1, 300, 2, 32)
+    mask = attnops.predict_block_mask(q, k, 32, cdf_threshold=0.95, causal=True)
+    out = attnops.block_sparse_attention(q, k, v, mask)
+    ref = reference.block_sparse_attention(q.double(), k.double(), v.double(), mask, causal=True,
+                                           window_size=(-1, -1), softmax_scale=32 ** -0.5)[0]
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "exactly one"),
+    (dict(topk=2, threshold=0.1), "exactly one"),
+    (dict(topk=0), "topk must be"),
+    (dict(threshold=1.5), "threshold must"),
+    (dict(cdf_threshold=0.0), "cdf_threshold must"),
+    (dict(topk=1, sim_threshold=2.0), "sim_threshold"),
+    (dict(topk=1, num_sink_blocks=-1), "num_sink_blocks"),
+])
+def test_predictor_bad_arguments(kwargs, match):
+    q, k = torch.randn(1, 128, 2, 16), torch.randn(1, 128, 1, 16)
+    with pytest.raises(ValueError, match=match):
+        attnops.predict_block_mask(q, k, 64, **kwargs)
+    with pytest.raises(ValueError, match="powers of two"):
+        attnops.predict_block_mask(q, k, 48, topk=1)
+
+
+# ---- BlockGate ------------------------------------------------------------------------------------
+
+def test_gate_shapes_causality_and_gqa():
+    gate = attnops.nn.BlockGate(32, 4, block_size=(32, 64), pooling=("avg", "max", "min"), hidden=16, num_kv_heads=2)
+    q, k = torch.randn(2, 200, 4, 32), torch.randn(2, 333, 2, 32)
+    logits = gate(q, k, causal=True)
+    assert logits.shape == (2, 4, 7, 6) and logits.dtype == torch.float32
+    pos_last = torch.clamp((torch.arange(7) + 1) * 32, max=200) - 1 + 133
+    future = torch.arange(6).view(1, -1) > (pos_last // 64).view(-1, 1)
+    assert torch.isneginf(logits[..., future]).all() and torch.isfinite(logits[..., ~future]).all()
+    mask = gate.block_mask(q, k, causal=True, topk=2)
+    assert mask.shape == (2, 4, 200, 333) and mask.causal
+    assert mask.to_dense()[..., torch.arange(7), pos_last // 64].all()  # the diagonal block
+
+
+def test_gate_target_is_the_normalised_max_map():
+    gate = attnops.nn.BlockGate(16, 2, block_size=32)
+    q, k = torch.randn(1, 150, 2, 16), torch.randn(1, 150, 2, 16)
+    target = gate.target(q, k, causal=True)
+    ref = reference.block_sparse_attention(q.double(), k.double(), k.double(), None, causal=True,
+                                           window_size=(-1, -1), softmax_scale=0.25,
+                                           block_map=MapRequest(32, 32, "max"))[2]
+    torch.testing.assert_close(target.double(), ref / ref.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_gate_loss_is_kl_and_leaves_q_k_alone():
+    gate = attnops.nn.BlockGate(16, 2, block_size=32)
+    q = torch.randn(1, 128, 2, 16, requires_grad=True)
+    k = torch.randn(1, 128, 2, 16, requires_grad=True)
+    loss = gate.loss(q, k, causal=True)
+    target = gate.target(q, k, causal=True)
+    log_p = torch.log_softmax(gate(q, k, causal=True), -1)
+    kl = torch.where(target > 0, target * (target.clamp(min=1e-30).log() - log_p), torch.zeros_like(log_p))
+    torch.testing.assert_close(loss, kl.sum() / 8)  # B * H * Nq query blocks, every one with a target
+    loss.backward()
+    assert q.grad is None and k.grad is None and gate.q_proj.grad is not None
+    assert gate.loss(q, k, target=torch.softmax(gate(q, k), -1).detach()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gate_learns_a_block_routing():
+    """Queries of block i look for a hidden key pattern placed in block perm[i]: trained on the
+    kernels' max-pooled maps, the gate's top-1 block finds it far more often than at init."""
+    torch.manual_seed(0)
+    S, block, D, H, n = 256, 32, 16, 2, 8
+    patterns = torch.randn(n, H, D) * 3.0
+
+    def sample():
+        perm = torch.stack([torch.randperm(n) for _ in range(4)])  # (B, n)
+        k = torch.randn(4, S, H, D) * 0.5
+        q = torch.randn(4, S, H, D) * 0.5
+        for b in range(4):
+            k[b] += patterns[perm[b]].repeat_interleave(block, 0)  # block j carries pattern perm[j]
+            q[b] += patterns.repeat_interleave(block, 0)  # query block i looks for pattern i
+        where = torch.argsort(perm, dim=1)  # the key block holding pattern i
+        return q, k, where
+
+    def hit_rate(gate):
+        q, k, where = sample()
+        top = gate(q, k, causal=False).argmax(-1)  # (B, H, n)
+        return float((top == where.unsqueeze(1)).float().mean())
+
+    gate = attnops.nn.BlockGate(D, H, block_size=block, hidden=16)
+    before = hit_rate(gate)
+    opt = torch.optim.Adam(gate.parameters(), lr=3e-2)
+    first = None
+    for _ in range(60):
+        q, k, _ = sample()
+        loss = gate.loss(q, k, causal=False)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    assert hit_rate(gate) > max(0.9, before + 0.3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(pooling=("avg", "mean")), "pooling"),
+    (dict(pooling=()), "pooling"),
+    (dict(num_kv_heads=3), "multiple of num_kv_heads"),
+    (dict(hidden=0), "hidden"),
+    (dict(block_size=24), "powers of two"),
+])
+def test_gate_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        attnops.nn.BlockGate(16, 4, **kwargs)
+
+
+def test_gate_rejects_mismatched_inputs():
+    gate = attnops.nn.BlockGate(16, 4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="BlockGate expects"):
+        gate(torch.randn(1, 64, 4, 16), torch.randn(1, 64, 4, 16))

@@ -1,0 +1,149 @@
+"""Dense / causal / windowed attention (the block-sparse core without a LUT) against the float64
+reference, under the DESIGN.md accuracy rule: forward, lse and gradients, on every implementation
+(C++ in both backward algorithms, Triton on CUDA or under the interpreter)."""
+
+import pytest
+import torch
+
+import attnops
+from attnops.ops.softmax import reference
+from helpers import DTYPE_IDS, compare_with_reference, make_qkv
+
+# (B, Sq, Sk, H, Hkv, D): lengths off the block grid, Sq != Sk both ways, head dims 32..128
+# including 40 and 96, GQA ratios 1/2/8 and MQA, a single decode-like query. Lengths stay <= ~300
+# so that the Triton interpreter runs them in CI.
+SHAPES = [
+    (2, 63, 63, 4, 4, 32),
+    (1, 130, 100, 4, 2, 40),
+    (2, 100, 300, 8, 1, 64),
+    (1, 257, 257, 8, 8, 96),
+    (1, 200, 200, 16, 2, 128),
+    (1, 1, 333, 4, 4, 64),
+]
+SHAPE_IDS = ["B{}-Sq{}-Sk{}-H{}-Hkv{}-D{}".format(*s) for s in SHAPES]
+
+MASKS = {
+    "full": dict(causal=False, window_size=(-1, -1)),
+    "causal": dict(causal=True, window_size=(-1, -1)),
+    "window": dict(causal=False, window_size=(20, 7)),
+    "causal_window": dict(causal=True, window_size=(48, -1)),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_attention_matches_reference(shape, mask, dtype, impl):
+    B, Sq, Sk, H, Hkv, D = shape
+    opts = MASKS[mask]
+    scale = D ** -0.5
+    inputs = make_qkv(B, Sq, Sk, H, Hkv, D, dtype, device=impl.device)
+
+    def kernel(q, k, v):
+        return attnops.attention(q, k, v, return_lse=True, backend=impl.backend, **opts)
+
+    def ref(q, k, v):
+        return reference.block_sparse_attention(q, k, v, None, softmax_scale=scale, **opts)
+
+    compare_with_reference(kernel, ref, inputs, dtype, name=f"{mask}")
+
+
+def test_float64_is_exact():
+    q, k, v = make_qkv(2, 77, 90, 6, 3, 40, torch.float64)
+    out, lse = attnops.attention(q, k, v, causal=True, return_lse=True)
+    ref_out, ref_lse = reference.block_sparse_attention(
+        q, k, v, None, causal=True, window_size=(-1, -1), softmax_scale=40 ** -0.5
+    )
+    assert lse.dtype == torch.float64
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+
+
+def test_softmax_scale_and_return_type(fwd_impl):
+    q, k, v = make_qkv(1, 50, 50, 2, 2, 32, torch.float32, device=fwd_impl.device)
+    out = attnops.attention(q, k, v, softmax_scale=0.3, backend=fwd_impl.backend)
+    assert isinstance(out, torch.Tensor)
+    res = attnops.attention(q, k, v, softmax_scale=0.3, return_lse=True, backend=fwd_impl.backend)
+    assert isinstance(res, attnops.AttentionOutput) and res.out.shape == q.shape and res.lse.shape == (1, 2, 50)
+    ref, _ = reference.block_sparse_attention(*(t.double().cpu() for t in (q, k, v)), None, causal=False,
+                                              window_size=(-1, -1), softmax_scale=0.3)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=1e-5)
+
+
+def test_strided_inputs_and_expanded_grad(impl):
+    """(B, H, S, D) tensors passed as transposed views, and the stride-0 gradient of .sum()."""
+    B, H, S, D = 2, 4, 150, 64
+    base = [torch.randn(B, H, S, D, dtype=torch.float32, device=impl.device, requires_grad=True) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in base)  # (B, S, H, D) views, no copy
+    out = attnops.attention(q, k, v, causal=True, backend=impl.backend)
+    out.sum().backward()
+    grads = [t.grad.cpu() for t in base]
+    ref_in = [t.detach().cpu().double().requires_grad_(True) for t in base]
+    ref_out, _ = reference.block_sparse_attention(*(t.transpose(1, 2) for t in ref_in), None, causal=True,
+                                                  window_size=(-1, -1), softmax_scale=D ** -0.5)
+    ref_out.sum().backward()
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=1e-5, atol=2e-5)
+    for g, r in zip(grads, ref_in):
+        torch.testing.assert_close(g.double(), r.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_lse_gradient_flows(impl):
+    """A loss that uses lse (ring attention, log-likelihoods) gets its gradient."""
+    dtype = torch.float64 if impl.backend == "cpu" else torch.float32
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    q, k, v = make_qkv(1, 70, 90, 4, 2, 32, dtype, requires_grad=True, device=impl.device)
+    out, lse = attnops.attention(q, k, v, causal=True, return_lse=True, backend=impl.backend)
+    loss = (out * out).sum() + (torch.where(torch.isinf(lse), 0, lse) ** 2).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    qr, kr, vr = (t.detach().cpu().double().requires_grad_(True) for t in (q, k, v))
+    ro, rl = reference.block_sparse_attention(qr, kr, vr, None, causal=True, window_size=(-1, -1),
+                                              softmax_scale=32 ** -0.5)
+    rloss = (ro * ro).sum() + (torch.where(torch.isinf(rl), 0, rl) ** 2).sum()
+    rgrads = torch.autograd.grad(rloss, (qr, kr, vr))
+    for g, r in zip(grads, rgrads):
+        torch.testing.assert_close(g.cpu().double(), r, rtol=tol, atol=tol)
+
+
+def test_rows_with_nothing_to_attend_give_zeros(impl):
+    """Causal with Sq > Sk: the first Sq - Sk queries see no key; their output is 0, lse -inf,
+    gradients finite."""
+    q, k, v = make_qkv(1, 120, 40, 4, 4, 32, torch.float32, requires_grad=True, device=impl.device)
+    out, lse = attnops.attention(q, k, v, causal=True, return_lse=True, backend=impl.backend)
+    assert torch.all(out[:, :80] == 0) and torch.all(torch.isneginf(lse[:, :, :80]))
+    assert torch.isfinite(out).all() and torch.isfinite(lse[:, :, 80:]).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.all(q.grad[:, :80] == 0)
+    empty = attnops.attention(q, k[:, :0], v[:, :0], return_lse=True, backend=impl.backend)
+    assert torch.all(empty.out == 0) and torch.all(torch.isneginf(empty.lse))
+
+
+def test_nan_in_gives_nan_out_in_affected_rows(fwd_impl):
+    q, k, v = make_qkv(1, 100, 100, 2, 2, 32, torch.float32, device=fwd_impl.device)
+    q[0, 10, 1, 3] = float("nan")
+    out = attnops.attention(q, k, v, causal=True, backend=fwd_impl.backend)
+    assert torch.isnan(out[0, 10, 1]).all()
+    nan_rows = torch.isnan(out).any(-1)
+    assert int(nan_rows.sum()) == 1, "only the row holding the NaN query may be NaN"
+    k2 = k.clone()
+    k2[0, 50, 0, 0] = float("nan")
+    out = attnops.attention(q.nan_to_num(), k2, v, causal=True, backend=fwd_impl.backend)
+    # Queries that can see key 50 (head 0, positions >= 50) are NaN, the earlier ones are not.
+    assert torch.isnan(out[0, 50:, 0]).all(-1).all()
+    assert not torch.isnan(out[0, :50, 0]).any() and not torch.isnan(out[0, :, 1]).any()
+
+
+def test_gqa_backward_is_deterministic(impl):
+    """dk/dv of a kv head sum over its 8 query heads inside one task/program (no atomics): two
+    runs give bitwise equal gradients."""
+    q, k, v = make_qkv(1, 200, 200, 16, 2, 64, torch.float32, device=impl.device)
+    dout = torch.randn_like(q)
+
+    def grads():
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = attnops.attention(qq, kk, vv, causal=True, backend=impl.backend)
+        return torch.autograd.grad(out, (qq, kk, vv), dout)
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
