@@ -89,15 +89,22 @@ class OpDef:
         return getattr(torch.ops.attnops, self.name).default
 
     def bind(self, args: Tuple, kwargs: Optional[dict] = None) -> dict:
-        """Positional (and keyword) arguments of a call -> ``{name: value}``, defaults filled in."""
-        bound = dict(zip(self.names, args))
+        """Positional (and keyword) arguments of a call -> ``{name: value}`` in argument order, defaults
+        filled in."""
+        given = dict(zip(self.names, args))
         if kwargs:
-            bound.update(kwargs)
-        for a in self.args[len(args):]:
-            if a.name not in bound:
-                if a.default is None:
-                    raise TypeError(f"{self.name}: missing argument {a.name!r}")
+            unknown = set(kwargs) - set(self.names)
+            if unknown:
+                raise TypeError(f"{self.name}: unknown arguments {sorted(unknown)}")
+            given.update(kwargs)
+        bound = {}
+        for a in self.args:
+            if a.name in given:
+                bound[a.name] = given[a.name]
+            elif a.default is not None:
                 bound[a.name] = a.value
+            else:
+                raise TypeError(f"{self.name}: missing argument {a.name!r}")
         return bound
 
     def call(self, op: Optional[Callable] = None, **kwargs):

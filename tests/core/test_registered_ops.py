@@ -127,3 +127,21 @@ def test_schema_is_the_argument_list(name):
 
 def test_public_ops_are_importable():
     assert callable(attnops.attention) and callable(attnops.decode_attention)
+
+
+def test_opdef_binds_by_name_in_argument_order():
+    """Wrappers call operators by name; the values reach the schema in its order, defaults filled in,
+    whatever order the names came in (a dummy argument added at the end of a list once arrived as
+    the first defaulted one)."""
+    from attnops.core.library import Arg, OpDef
+
+    d = OpDef("not_registered", [Arg("a", "Tensor"), Arg("b", "int"), Arg("c", "int", "0"), Arg("d", "int", "5")],
+              "Tensor")
+    assert list(d.bind((), dict(d=1, b=2, a="x")).items()) == [("a", "x"), ("b", 2), ("c", 0), ("d", 1)]
+    assert d.bind(("x", 2)) == {"a": "x", "b": 2, "c": 0, "d": 5}
+    with pytest.raises(TypeError, match="missing argument 'b'"):
+        d.bind(("x",))
+    with pytest.raises(TypeError, match="unknown arguments"):
+        d.bind(("x", 1), dict(e=3))
+    assert d.grads(c=1) == (None, None, 1, None)
+    assert d.signature == "(Tensor a, int b, int c=0, int d=5) -> Tensor"
