@@ -7,15 +7,19 @@
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnops")
     model.set_attn_implementation("attnops")                # or switch an existing model
 
-Unmodified Llama / Qwen2 / GPT-2 style models then run their attention through attnops (prefill,
-training and cached decoding: the kernels align ``causal`` bottom-right, which is where the new
-queries of a cached step sit). The mask function registered beside it is transformers' own
-flash-attention one: no mask for unpadded batches, the 2-d padding mask otherwise, which this
-adapter refuses with a clear error (the kernels take lengths and block masks, not token padding).
+Unmodified Llama / Qwen2 / Mistral / GPT-2 style models then run their attention through attnops
+(prefill, training and cached decoding: the kernels align ``causal`` bottom-right, which is where the
+new queries of a cached step sit). Sliding windows (Mistral, Qwen2, Gemma local layers, ModernBERT)
+are honoured with flash-attention's convention. Everything else a model passes is either accepted
+(it cannot change the result) or refused with the argument's name (:data:`REFUSED`: sinks, softcap,
+position bias, packed sequences, dropout in training, additive or padding masks): never silently
+dropped. The mask function registered beside it is transformers' own flash-attention one: no mask
+for unpadded batches, the 2-d padding mask otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Optional
 
 import torch
@@ -43,26 +47,105 @@ DEFAULTS: Dict[str, AttentionSpec] = {
 }
 
 
+# What transformers models pass to an attention function besides q, k, v and the mask, and what this
+# adapter does with each: honour it, accept it (it does not change the computation), or refuse it with
+# a clear error. An argument outside these lists is refused too unless it is None or False: a model
+# must never have something silently dropped.
+HONOURED = ("dropout", "scaling", "is_causal", "sliding_window", "deterministic")
+ACCEPTED = ("position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "output_hidden_states",
+            "output_router_logits", "num_items_in_batch", "layer_idx", "position_embeddings")
+REFUSED = {
+    "s_aux": "attention sinks (gpt-oss s_aux) are not supported yet",
+    "softcap": "logit softcapping is not supported yet",
+    "position_bias": "an additive position bias (T5) is not supported yet",
+    "head_mask": "a head mask is not supported",
+    "cu_seq_lens_q": "packed sequences (cu_seq_lens) are not supported yet",
+    "cu_seq_lens_k": "packed sequences (cu_seq_lens) are not supported yet",
+    "max_length_q": "packed sequences (cu_seq_lens) are not supported yet",
+    "max_length_k": "packed sequences (cu_seq_lens) are not supported yet",
+    "seq_idx": "packed sequences (seq_idx) are not supported yet",
+    "output_attentions": "output_attentions needs the full attention weights, which attnops never builds; capture "
+                         "block maps with attnops.maps.capture",
+}
+
+
+def _check_call(module, attention_mask, dropout, kwargs) -> None:
+    """Refuses, with the argument's name, whatever this adapter would otherwise drop."""
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            raise NotImplementedError("attnops attention: a float (additive) attention_mask is not supported yet; "
+                                      "only unpadded batches (no mask) run")
+        if not bool(attention_mask.all()):
+            raise NotImplementedError("attnops attention: padded batches (an attention_mask with zeros) are not "
+                                      "supported; run unpadded sequences or one sequence per batch")
+    if dropout and module.training:
+        raise NotImplementedError("attnops attention has no attention dropout yet; set the config's attention "
+                                  "dropout to 0 for training")
+    for name, value in kwargs.items():
+        if name in ACCEPTED or value is None or value is False:
+            continue
+        reason = REFUSED.get(name, "this adapter does not know it, and ignoring it could change the result")
+        raise NotImplementedError(f"attnops attention: {name}={_short(value)}: {reason}")
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] > 1 and not torch.compiler.is_compiling():
+        # positions that restart inside a row mark packed documents (DataCollatorWithFlattening):
+        # attending across them would be silently wrong
+        if bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any()):
+            raise NotImplementedError("attnops attention: position_ids restart inside a row (packed sequences); "
+                                      "packing is not supported yet")
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    return repr(value)[:40]
+
+
+def _window(sliding_window, causal: bool):
+    """transformers' sliding_window (the window's size, the query included) as the kernels' (left, right):
+    flash-attention's convention, ``(w - 1, w - 1)``; the right side is moot under causal."""
+    if sliding_window is None:
+        return (-1, -1)
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"attnops attention: sliding_window must be an int >= 1, got {sliding_window!r}")
+    return (sliding_window - 1, 0 if causal else sliding_window - 1)
+
+
 def _attention_forward(spec: AttentionSpec):
     def attnops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                   value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
-                                  scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+                                  scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                                  sliding_window: Optional[int] = None, deterministic: Optional[bool] = None,
+                                  **kwargs):
         """transformers' attention-function contract: ``query (B, H, Sq, D)``, ``key, value
         (B, Hkv, Sk, D)`` -> ``(attn_output (B, Sq, H, D), None)``."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise NotImplementedError("attnops attention: padded batches (an attention_mask with zeros) are not "
-                                      "supported; run unpadded sequences or one sequence per batch")
-        if dropout and module.training:
-            raise NotImplementedError("attnops attention has no attention dropout; set the config's "
-                                      "attention_dropout to 0 for training")
-        if kwargs.get("softcap") is not None:
-            raise NotImplementedError("attnops attention does not support logit softcapping")
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        _check_call(module, attention_mask, dropout, kwargs)
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash_attn layout, no copy
-        out, _ = attend(module, spec, q, k, v, causal=bool(causal), softmax_scale=scaling)  # maps: attnops.maps
+        call_spec = spec
+        window = _window(sliding_window, causal)
+        if window != (-1, -1):
+            if not isinstance(spec, SoftmaxSpec) or spec.window != (-1, -1):
+                raise NotImplementedError(f"attnops attention: the model asks for a sliding window of "
+                                          f"{sliding_window}, which the {type(spec).__name__} registered here cannot "
+                                          "apply; register the SoftmaxSpec (the default) for this model")
+            call_spec = _windowed(spec, window)
+        out, _ = attend(module, call_spec, q, k, v, causal=causal, softmax_scale=scaling)  # maps: attnops.maps
         return out, None
 
     return attnops_attention_forward
+
+
+_WINDOWED: Dict[tuple, SoftmaxSpec] = {}
+
+
+def _windowed(spec: SoftmaxSpec, window) -> SoftmaxSpec:
+    """The spec with the model's window (cached: specs are frozen and compare by value)."""
+    key = (spec, window)
+    out = _WINDOWED.get(key)
+    if out is None:
+        out = _WINDOWED[key] = dataclasses.replace(spec, window=window)
+    return out
 
 
 def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str:

@@ -33,7 +33,10 @@ class Attention(nn.Module):
         dim: model width; ``head_dim = dim / num_heads``.
         num_heads: query heads H.
         num_kv_heads: key/value heads dividing H (default H; 1 is multi-query).
-        attention: an attnops spec (default ``SoftmaxSpec(causal=True)``).
+        attention: an attnops spec (default ``SoftmaxSpec()``): which attention runs.
+        causal: whether the block is causal (default True: a decoder block). Applied to whatever spec
+            is passed (a spec's own ``causal=True`` adds to it); ``causal=False`` makes an encoder
+            block, which has no cached steps.
         qk_norm: RMS-normalise q and k per head before attention (as OLMo-2 / Qwen3).
         rope: ``None`` (no positions), a float theta (e.g. ``10000.0``), or a :class:`Rotary`.
         bias: biases on the projections.
@@ -54,15 +57,18 @@ class Attention(nn.Module):
                  attention: Optional[AttentionSpec] = None, qk_norm: bool = False,
                  rope: Union[None, float, Rotary] = None, bias: bool = False, device=None, dtype=None,
                  lowrank: Optional[KeyProjection] = None, rank: Optional[int] = None, topk: Optional[int] = None,
-                 local: int = 0):
+                 local: int = 0, causal: bool = True):
         super().__init__()
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if dim <= 0 or num_heads <= 0 or dim % num_heads:
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads}), divisible into "
                              "heads")
         if num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        attention = resolve_spec(attention, SoftmaxSpec(causal=True))
+        attention = resolve_spec(attention, SoftmaxSpec())
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.attention = attention
@@ -115,10 +121,12 @@ class Attention(nn.Module):
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         if cache is not None:
             return self._cached_step(x, positions, cache)
-        out, _ = attend(self, self.attention, *self._qkv(x, positions))
+        out, _ = attend(self, self.attention, *self._qkv(x, positions), causal=self.causal)
         return self._output(out)
 
     def _cached_step(self, x: torch.Tensor, positions: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
+        if not self.causal and not getattr(self.attention, "causal", False):
+            raise NotImplementedError("cached decoding is causal: this block was built with causal=False")
         if not isinstance(self.attention, (SoftmaxSpec, LowRankKeySpec)) or (isinstance(self.attention, SoftmaxSpec)
                                                                  and self.attention.window != (-1, -1)):
             raise NotImplementedError(f"cached decoding runs the SoftmaxSpec (no window) and LowRankKeySpec specs, not "

@@ -36,8 +36,8 @@ class MultiQueryAttention(Attention):
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int = 1, bias: bool = False, device=None,
                  dtype=None, lowrank: Optional[KeyProjection] = None, rank: Optional[int] = None,
                  topk: Optional[int] = None, local: int = 0):
-        super().__init__(embed_dim, num_heads, num_kv_heads, attention=SoftmaxSpec(causal=True), bias=bias, device=device,
-                         dtype=dtype, lowrank=lowrank, rank=rank, topk=topk, local=local)
+        super().__init__(embed_dim, num_heads, num_kv_heads, attention=SoftmaxSpec(), bias=bias, device=device,
+                         dtype=dtype, lowrank=lowrank, rank=rank, topk=topk, local=local, causal=True)
         self.embed_dim = embed_dim
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:

@@ -71,13 +71,10 @@ class BlockSparseSpec:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
         """As :meth:`SoftmaxSpec.attend`, on the fixed or pattern-built block mask."""
-        if causal and self.block_mask is not None:
-            raise ValueError("BlockSparseSpec: causality belongs to the block mask (e.g. BlockMask.causal or "
-                             "sliding_window(causal=True)); is_causal / a causal attn_mask cannot be added")
         mask = self.block_mask if self.block_mask is not None else self._mask_for(q.shape[1], k.shape[1], q.device)
-        if causal and not mask.causal:
-            raise ValueError("BlockSparseSpec: the call is causal but the pattern's mask is not; build it causal "
-                             "(e.g. BlockMask.sliding_window(..., causal=True))")
+        if causal and not mask.causal:  # causality belongs to the mask (its LUT is built causal)
+            raise ValueError("BlockSparseSpec: the call is causal but the block mask is not; build it causal "
+                             "(e.g. BlockMask.causal, BlockMask.sliding_window(..., causal=True))")
         return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale, **block_map)
 
     def _mask_for(self, seq_len_q: int, seq_len_k: int, device: torch.device) -> BlockMask:
