@@ -7,7 +7,7 @@ and ``decode_attention(..., lowrank=...)`` use it to pick the top-k keys per que
 attend to them exactly.
 
     >>> proj = attnops.lowrank.calibrate(keys, rank=32)             # keys: (B, S, Hkv, D) tensors
-    >>> out = attnops.lowrank_key_attention(q, k, v, proj, rank=32, topk=1024)
+    >>> out = attnops.lowrank_key_attention(q, k, v, projection=proj, rank=32, topk=1024)
     >>> projs = attnops.lowrank.calibrate(model, inputs=batches)    # {module name: KeyProjection}
     >>> attnops.lowrank.apply(model, projs, rank=32, topk=1024)     # low-rank decoding in every layer
 """

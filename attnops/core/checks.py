@@ -23,6 +23,18 @@ class QKVShape(NamedTuple):
     head_dim: int
 
 
+def autocast_inputs(*tensors):
+    """Under ``torch.autocast``, floating inputs in the autocast dtype of their device (the lower precision
+    SDPA runs in there); unchanged otherwise. Mixed-dtype q / k / v then meet the kernels in one dtype, as
+    they do in SDPA."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or first.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
 def check_tensor(name: str, t, dim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

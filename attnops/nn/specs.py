@@ -110,7 +110,8 @@ class MoBASpec:
         causal = self.causal or causal
         if q.shape[1] != k.shape[1]:
             return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **block_map)
-        return moba_attention(q, k, v, self.block_size, self.topk, causal=causal, softmax_scale=softmax_scale,
+        return moba_attention(q, k, v, block_size=self.block_size, topk=self.topk, causal=causal,
+                              softmax_scale=softmax_scale,
                               **block_map)
 
 
@@ -188,7 +189,8 @@ class LowRankKeySpec:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
         """As :meth:`SoftmaxSpec.attend`; block maps are those of the chosen keys."""
-        return lowrank_key_attention(q, k, v, self.projection, self.rank, self.topk, causal=self.causal or causal,
+        return lowrank_key_attention(q, k, v, projection=self.projection, rank=self.rank, topk=self.topk,
+                                     causal=self.causal or causal,
                                      softmax_scale=softmax_scale, local=self.local, **block_map)
 
 

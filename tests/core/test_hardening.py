@@ -20,7 +20,7 @@ FORWARD_AD_OPS = {
     "attention": lambda q, k, v: attnops.attention(q, k, v, causal=True),
     "block_sparse_attention": lambda q, k, v: attnops.block_sparse_attention(q, k, v, BlockMask.causal(128)),
     "moba_attention": lambda q, k, v: attnops.moba_attention(q, k, v, block_size=64, topk=2),
-    "lowrank_key_attention": lambda q, k, v: attnops.lowrank_key_attention(q, k, v, None, rank=8, topk=16),
+    "lowrank_key_attention": lambda q, k, v: attnops.lowrank_key_attention(q, k, v, rank=8, topk=16),
     "linear_attention": lambda q, k, v: attnops.linear_attention(q, k, v),
     "decode_attention": lambda q, k, v: attnops.decode_attention(q[:, :1], k, v, torch.tensor([128])),
 }
@@ -79,7 +79,7 @@ def test_bad_softmax_scale(scale, error):
 def test_causal_must_be_a_bool(causal):
     q, k, v = qkv()
     with pytest.raises(TypeError, match="causal must be a bool"):
-        attnops.attention(q, k, v, causal)
+        attnops.attention(q, k, v, causal=causal)
     with pytest.raises(TypeError, match="causal"):
         attnops.moba_attention(q, k, v, block_size=64, topk=2, causal=causal)
     with pytest.raises(TypeError, match="causal"):
@@ -87,10 +87,17 @@ def test_causal_must_be_a_bool(causal):
 
 
 def test_flash_attn_positional_dropout_is_refused():
-    """flash_attn's order is (q, k, v, dropout_p, ...): a 0.1 there must not run causal attention."""
+    """flash_attn's order is (q, k, v, dropout_p, ...): a 0.1 there must not run causal attention. After
+    q, k, v (and the block mask / cache lengths) every argument is keyword-only."""
     q, k, v = qkv()
-    with pytest.raises(TypeError, match="dropout_p"):
-        attnops.attention(q, k, v, 0.1)
+    for call in (lambda: attnops.attention(q, k, v, 0.1), lambda: attnops.attention(q, k, v, True),
+                 lambda: attnops.block_sparse_attention(q, k, v, BlockMask.causal(128), 0.1),
+                 lambda: attnops.linear_attention(q, k, v, "elu"),
+                 lambda: attnops.moba_attention(q, k, v, 64),
+                 lambda: attnops.lowrank_key_attention(q, k, v, None, 8, 16),
+                 lambda: attnops.decode_attention(q[:, :1], k, v, torch.tensor([128]), 0.1)):
+        with pytest.raises(TypeError, match="positional argument"):
+            call()
 
 
 @pytest.mark.parametrize("flag", ["return_lse", "return_block_map"])
@@ -298,3 +305,17 @@ def test_reference_is_unchanged_on_finite_inputs():
     want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
                                                             is_causal=True, scale=0.2).transpose(1, 2)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_autocast_casts_like_sdpa():
+    """Under torch.autocast, q / k / v of mixed dtypes meet the kernels in the autocast dtype (SDPA's
+    behaviour) instead of raising."""
+    q, k, v = qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attnops.attention(q, k.bfloat16(), v, causal=True)
+        masked = attnops.block_sparse_attention(q, k, v.bfloat16(), BlockMask.causal(128))
+    assert out.dtype == torch.bfloat16 and masked.dtype == torch.bfloat16
+    want = attnops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="share a dtype"):
+        attnops.attention(q, k.bfloat16(), v)  # outside autocast: still an error

@@ -41,7 +41,7 @@ def random_orthonormal(num_kv_heads, head_dim, seed=0):
 
 def check_lowrank(q, k, v, proj, rank, topk, causal=True, local=0, backend=None):
     D = q.shape[-1]
-    out, lse = attnops.lowrank_key_attention(q, k, v, proj, rank, topk, causal, return_lse=True, local=local,
+    out, lse = attnops.lowrank_key_attention(q, k, v, projection=proj, rank=rank, topk=topk, causal=causal, return_lse=True, local=local,
                                              backend=backend)
 
     def ref(dtype):
@@ -108,7 +108,7 @@ def test_rank_D_and_topk_N_equal_dense_attention(dtype, fwd_impl):
     q, k, v = (torch.randn(B, S, h, D, dtype=dtype, device=dev) for h in (H, Hkv, Hkv))
     proj = random_orthonormal(Hkv, D)
     for causal in (True, False):
-        out = attnops.lowrank_key_attention(q, k, v, proj, D, S, causal, backend=fwd_impl.backend)
+        out = attnops.lowrank_key_attention(q, k, v, projection=proj, rank=D, topk=S, causal=causal, backend=fwd_impl.backend)
         cast = [t.cpu() for t in (q, k, v)]
         ref64 = reference.block_sparse_attention(*(t.double() for t in cast), None, causal=causal,
                                                  window_size=(-1, -1), softmax_scale=D ** -0.5)[0]
@@ -122,7 +122,7 @@ def test_ties_go_to_the_later_key():
     S, D, topk = 50, 16, 5
     q, k = torch.ones(1, S, 1, D), torch.ones(1, S, 1, D)
     v = torch.arange(S, dtype=torch.float32).view(1, S, 1, 1).expand(1, S, 1, D).contiguous()
-    out = attnops.lowrank_key_attention(q, k, v, None, 4, topk, causal=False)
+    out = attnops.lowrank_key_attention(q, k, v, rank=4, topk=topk, causal=False)
     torch.testing.assert_close(out[0, :, 0, 0], torch.full((S,), float(sum(range(S - topk, S))) / topk))
 
 
@@ -132,14 +132,14 @@ def test_nan_in_nan_out_and_empty_rows(fwd_impl):
     q, k, v = dyadic(B, S, H, D, device=dev), dyadic(B, S, H, D, device=dev), torch.randn(B, S, H, D, device=dev)
     q[0, 10, 1, 3] = float("nan")   # one query row
     k[1, 20, 0, 0] = float("nan")   # one key: it ranks highest, every later query of head 0 picks it
-    out = attnops.lowrank_key_attention(q, k, v, None, 8, 6, backend=fwd_impl.backend)
+    out = attnops.lowrank_key_attention(q, k, v, rank=8, topk=6, backend=fwd_impl.backend)
     nan = torch.isnan(out).any(-1).cpu()
     expected = torch.zeros(B, S, H, dtype=torch.bool)
     expected[0, 10, 1] = True
     expected[1, 20:, 0] = True
     assert torch.equal(nan, expected)
     # a query that sees no key: zeros, lse = -inf
-    out, lse = attnops.lowrank_key_attention(q[:, :3], k[:, :0], v[:, :0], None, 8, 6, causal=False, return_lse=True,
+    out, lse = attnops.lowrank_key_attention(q[:, :3], k[:, :0], v[:, :0], rank=8, topk=6, causal=False, return_lse=True,
                                              backend=fwd_impl.backend)
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
@@ -299,7 +299,7 @@ def test_lowrank_key_spec():
     proj = signed_permutation(H, D)
     spec = LowRankKeySpec(proj, rank=8, topk=16, local=4)
     out = spec.attend(q, k, v)
-    torch.testing.assert_close(out, attnops.lowrank_key_attention(q, k, v, proj, 8, 16, local=4), rtol=0, atol=0)
+    torch.testing.assert_close(out, attnops.lowrank_key_attention(q, k, v, projection=proj, rank=8, topk=16, local=4), rtol=0, atol=0)
     layer = attnops.nn.Attention(128, 4, attention=spec)
     assert layer.lowrank.topk == 16  # the spec's settings drive the cached steps too
     with pytest.raises(ValueError, match="rank"):
@@ -320,13 +320,13 @@ def test_opcheck_compile_meta_and_no_backward():
         torch.library.opcheck(torch.ops.attnops.lowrank_attn_fwd,
                               (q, k, v, q[..., :R], k[..., :R], None, 9, 2, True, 0.2, indices))
     proj = signed_permutation(Hkv, D)
-    fn = torch.compile(lambda q, k, v: attnops.lowrank_key_attention(q, k, v, proj, R, 9, local=2), fullgraph=True)
-    torch.testing.assert_close(fn(q, k, v), attnops.lowrank_key_attention(q, k, v, proj, R, 9, local=2))
-    meta = attnops.lowrank_key_attention(*(t.to("meta") for t in (q, k, v)), proj.to("meta"), R, 9)
+    fn = torch.compile(lambda q, k, v: attnops.lowrank_key_attention(q, k, v, projection=proj, rank=R, topk=9, local=2), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), attnops.lowrank_key_attention(q, k, v, projection=proj, rank=R, topk=9, local=2))
+    meta = attnops.lowrank_key_attention(*(t.to("meta") for t in (q, k, v)), projection=proj.to("meta"), rank=R, topk=9)
     assert meta.shape == q.shape and meta.device.type == "meta"
     qg = q.clone().requires_grad_()
     with pytest.raises(NotImplementedError, match="forward-only"):
-        attnops.lowrank_key_attention(qg, k, v, proj, R, 9).sum().backward()
+        attnops.lowrank_key_attention(qg, k, v, projection=proj, rank=R, topk=9).sum().backward()
 
 
 def test_bad_input_is_a_clear_error():
@@ -342,13 +342,13 @@ def test_bad_input_is_a_clear_error():
     ]
     for kw, err, match in cases:
         with pytest.raises(err, match=match):
-            attnops.lowrank_key_attention(q, k, v, proj, **kw)
+            attnops.lowrank_key_attention(q, k, v, projection=proj, **kw)
     with pytest.raises(ValueError, match=r"\(Hkv, D\)"):
-        attnops.lowrank_key_attention(q, k, v, signed_permutation(4, 32), 4, 4)
+        attnops.lowrank_key_attention(q, k, v, projection=signed_permutation(4, 32), rank=4, topk=4)
     with pytest.raises(TypeError, match="KeyProjection"):
-        attnops.lowrank_key_attention(q, k, v, torch.eye(32), 4, 4)
+        attnops.lowrank_key_attention(q, k, v, projection=torch.eye(32), rank=4, topk=4)
     with pytest.raises(ValueError, match="multiple"):
-        attnops.lowrank_key_attention(torch.randn(1, 10, 3, 32), k, v, proj, 4, 4)
+        attnops.lowrank_key_attention(torch.randn(1, 10, 3, 32), k, v, projection=proj, rank=4, topk=4)
     lens = torch.tensor([10], dtype=torch.int32)
     with pytest.raises(ValueError, match="together"):
         attnops.decode_attention(q[:, :1], k, v, lens, lowrank=proj, rank=4)
@@ -396,7 +396,7 @@ def test_block_maps_of_the_chosen_keys(reduce, fwd_impl):
     q, k = dyadic(B, S, H, D, device=dev), dyadic(B, S, Hkv, D, device=dev)
     v = torch.randn(B, S, Hkv, D, device=dev)
     request = reference.MapRequest(32, 16, reduce)
-    res = attnops.lowrank_key_attention(q, k, v, proj, 8, 19, local=3, return_block_map=True, map_block_size=(32, 16),
+    res = attnops.lowrank_key_attention(q, k, v, projection=proj, rank=8, topk=19, local=3, return_block_map=True, map_block_size=(32, 16),
                                         reduce=reduce, backend=fwd_impl.backend)
     cast = [t.cpu().double() for t in (q, k, v)]
     ref = lowrank_reference.lowrank_key_attention(*cast, proj.rotate(cast[0], 8), proj.rotate(cast[1], 8), None, topk=19,
@@ -405,7 +405,7 @@ def test_block_maps_of_the_chosen_keys(reduce, fwd_impl):
                                            proj.rotate(cast[1].float(), 8), None, topk=19, local=3, causal=True,
                                            softmax_scale=D ** -0.5, block_map=request)
     assert_accurate("map", res.block_map.cpu(), ref[2], refT[2])
-    plain = attnops.lowrank_key_attention(q, k, v, proj, 8, 19, local=3, backend=fwd_impl.backend)
+    plain = attnops.lowrank_key_attention(q, k, v, projection=proj, rank=8, topk=19, local=3, backend=fwd_impl.backend)
     torch.testing.assert_close(res.out, plain, rtol=0, atol=0)
     if reduce == "mean":
         sums = res.block_map.sum(-1)

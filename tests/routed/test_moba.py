@@ -67,12 +67,12 @@ def test_router_rules_by_hand():
     gate = torch.tensor([0.0, 5.0, 1.0, 5.0, 3.0, 9.0, 2.0, 7.0])  # the mean key's channel 0 per block
     k[0, :, 0, 0] = gate.repeat_interleave(bs)
     for backend in ("cpu", "reference"):
-        mask = attnops.moba_block_mask(q, k, bs, topk=3, causal=True, backend=backend)
+        mask = attnops.moba_block_mask(q, k, block_size=bs, topk=3, causal=True, backend=backend)
         blocks = mask.to_dense()[0, 0]  # tiles = MoBA blocks here
         chosen = [torch.nonzero(row).flatten().tolist() for row in blocks]
         # tiles 6 and 7: blocks 1 and 3 tie at 5 behind block 5 (9): the lower index wins
         assert chosen == [[0], [0, 1], [0, 1, 2], [1, 2, 3], [1, 3, 4], [1, 3, 5], [1, 5, 6], [1, 5, 7]], backend
-        mask = attnops.moba_block_mask(q, k, bs, topk=2, causal=False, backend=backend)
+        mask = attnops.moba_block_mask(q, k, block_size=bs, topk=2, causal=False, backend=backend)
         assert torch.nonzero(mask.to_dense()[0, 0, 5]).flatten().tolist() == [5, 7]  # best other than own
         assert torch.nonzero(mask.to_dense()[0, 0, 0]).flatten().tolist() == [0, 5]
 
@@ -95,7 +95,8 @@ def test_moba_matches_reference(case, dtype, causal, impl):
     mask = reference_mask(*inputs[:2], bs, topk, causal)  # the float64 routing of these very inputs
 
     def kernel(q, k, v):
-        return attnops.moba_attention(q, k, v, bs, topk, causal=causal, return_lse=True, backend=impl.backend)
+        return attnops.moba_attention(q, k, v, block_size=bs, topk=topk, causal=causal, return_lse=True,
+                                      backend=impl.backend)
 
     def ref(q, k, v):
         return reference.block_sparse_attention(q, k, v, mask, causal=causal, window_size=(-1, -1),
@@ -139,7 +140,7 @@ def test_token_reference_routes_every_query():
 @pytest.mark.parametrize("causal", [True, False])
 def test_topk_covering_every_block_is_dense_attention(causal, fwd_impl):
     q, k, v = moba_inputs(1, 300, 4, 2, 32, torch.float32, 64, fwd_impl.device)
-    a = attnops.moba_attention(q, k, v, 64, topk=5, causal=causal, return_lse=True, backend=fwd_impl.backend)
+    a = attnops.moba_attention(q, k, v, block_size=64, topk=5, causal=causal, return_lse=True, backend=fwd_impl.backend)
     b = attnops.attention(q, k, v, causal=causal, return_lse=True, backend=fwd_impl.backend)
     torch.testing.assert_close(a.out, b.out, rtol=0, atol=2e-6)
     torch.testing.assert_close(a.lse, b.lse, rtol=0, atol=2e-6)
@@ -151,7 +152,7 @@ def test_topk_covering_every_block_is_dense_attention(causal, fwd_impl):
 def test_nan_query_gives_nan_rows_only(fwd_impl):
     q, k, v = moba_inputs(1, 256, 2, 1, 32, torch.float32, 64, fwd_impl.device)
     q[0, 130, 1] = float("nan")  # its tile's gates are all NaN: a deterministic choice, no crash
-    out = attnops.moba_attention(q, k, v, 64, topk=2, backend=fwd_impl.backend)
+    out = attnops.moba_attention(q, k, v, block_size=64, topk=2, backend=fwd_impl.backend)
     assert torch.isnan(out[0, 130, 1]).all()
     nan = torch.isnan(out)
     nan[0, 130, 1] = False
@@ -160,9 +161,9 @@ def test_nan_query_gives_nan_rows_only(fwd_impl):
 
 def test_block_map_of_the_routed_mask(fwd_impl):
     q, k, v = moba_inputs(1, 300, 4, 2, 32, torch.float32, 64, fwd_impl.device)
-    res = attnops.moba_attention(q, k, v, 64, topk=2, return_block_map=True, map_block_size=64,
+    res = attnops.moba_attention(q, k, v, block_size=64, topk=2, return_block_map=True, map_block_size=64,
                                  backend=fwd_impl.backend)
-    mask = attnops.moba_block_mask(q, k, 64, topk=2, backend=fwd_impl.backend)
+    mask = attnops.moba_block_mask(q, k, block_size=64, topk=2, backend=fwd_impl.backend)
     assert torch.all(res.block_map[~mask.to_dense().expand_as(res.block_map)] == 0)
     torch.testing.assert_close(res.block_map.sum(-1), torch.ones_like(res.block_map.sum(-1)))
     ref = reference.block_sparse_attention(*(t.cpu().double() for t in (q, k, v)), mask.to("cpu"), causal=True,
@@ -173,9 +174,9 @@ def test_block_map_of_the_routed_mask(fwd_impl):
 
 def test_gradients_flow_through_the_chosen_blocks_only():
     q, k, v = (t.requires_grad_() for t in moba_inputs(1, 256, 1, 1, 16, torch.float64, 64))
-    out = attnops.moba_attention(q, k, v, 64, topk=2)
+    out = attnops.moba_attention(q, k, v, block_size=64, topk=2)
     out[:, 192:].sum().backward()  # the last tile: its own block 3 and one other
-    mask = attnops.moba_block_mask(q, k, 64, topk=2)
+    mask = attnops.moba_block_mask(q, k, block_size=64, topk=2)
     kept = torch.nonzero(mask.to_dense()[0, 0, 3]).flatten().tolist()
     touched = [j for j in range(4) if k.grad[0, j * 64:(j + 1) * 64].abs().sum() > 0]
     assert touched == kept and len(kept) == 2
@@ -201,16 +202,16 @@ def test_bad_arguments(name):
 def test_bad_shapes():
     q, k, v = moba_inputs(1, 128, 2, 1, 16, torch.float32, 64)
     with pytest.raises(ValueError, match="lengths differ"):
-        attnops.moba_attention(q[:, :100], k, v, 64)
+        attnops.moba_attention(q[:, :100], k, v, block_size=64)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        attnops.moba_attention(q[:, :, :1], torch.cat([k, k], 2), torch.cat([v, v], 2), 64)
+        attnops.moba_attention(q[:, :, :1], torch.cat([k, k], 2), torch.cat([v, v], 2), block_size=64)
     with pytest.raises(ValueError, match="dimensions"):
-        attnops.moba_attention(q[0], k, v, 64)
+        attnops.moba_attention(q[0], k, v, block_size=64)
 
 
 def test_meta_tensors_and_opcheck():
     q, k, v = moba_inputs(2, 300, 4, 2, 32, torch.float16, 64, "meta")
-    out, lse = attnops.moba_attention(q, k, v, 128, topk=2, return_lse=True)
+    out, lse = attnops.moba_attention(q, k, v, block_size=128, topk=2, return_lse=True)
     assert out.shape == q.shape and out.device.type == "meta" and lse.shape == (2, 4, 300)
     q, k, _ = moba_inputs(2, 300, 4, 2, 32, torch.float32, 64)
     torch.library.opcheck(torch.ops.attnops.moba_route, (q, k, 128, 2, True, ROUTE))
@@ -280,7 +281,7 @@ def test_no_sequence_squared_memory():
     from attnops.bench.timer import peak_memory_mb
 
     q, k, v = moba_inputs(1, 8192, 1, 1, 16, torch.float32, 512)
-    peak = peak_memory_mb(lambda: attnops.moba_attention(q, k, v, 512, topk=2), "cpu")
+    peak = peak_memory_mb(lambda: attnops.moba_attention(q, k, v, block_size=512, topk=2), "cpu")
     assert peak is not None and peak < 16, f"peak {peak:.1f} MiB"
     peak = peak_memory_mb(lambda: attnops.predict_block_mask(q, k, 64, cdf_threshold=0.9, causal=True), "cpu")
     assert peak is not None and peak < 16, f"peak {peak:.1f} MiB"

@@ -74,7 +74,7 @@ def build_lowrank(spec: CaseSpec) -> Prepared:
 
     if prefill:
         op = Provider(name="attnops", run=lambda st: attnops.lowrank_key_attention(
-            st[0], st[1], st[2], proj, rank, topk, local=local))
+            st[0], st[1], st[2], projection=proj, rank=rank, topk=topk, local=local))
         baseline = Provider(name="attnops dense", run=lambda st: attnops.attention(st[0], st[1], st[2], causal=True),
                             same_function=False)
     else:

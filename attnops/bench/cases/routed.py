@@ -28,10 +28,10 @@ def build_moba(spec: CaseSpec) -> Prepared:
     wrap = baselines.with_backward if needs_grad else (lambda p: p)
 
     def route(st):
-        return attnops.moba_block_mask(st[0], st[1], block_size, topk, causal)
+        return attnops.moba_block_mask(st[0], st[1], block_size=block_size, topk=topk, causal=causal)
 
     op = wrap(Provider(name="attnops", grad_inputs=lambda st: st,
-                       run=lambda st: attnops.moba_attention(*st, block_size, topk, causal=causal)))
+                       run=lambda st: attnops.moba_attention(*st, block_size=block_size, topk=topk, causal=causal)))
     baseline, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
     if baseline is None:
         baseline, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)

@@ -49,13 +49,13 @@ def lowrank_key_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    projection: Optional[KeyProjection],
+    *,
+    projection: Optional[KeyProjection] = None,
     rank: int,
     topk: int,
     causal: bool = True,
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
-    *,
     local: int = 0,
     return_block_map: bool = False,
     map_block_size=None,
@@ -91,7 +91,7 @@ def lowrank_key_attention(
     Example::
 
         >>> proj = attnops.lowrank.calibrate(sample_keys)               # (B, S, Hkv, D)
-        >>> out = attnops.lowrank_key_attention(q, k, v, proj, rank=D // 4, topk=S // 8)
+        >>> out = attnops.lowrank_key_attention(q, k, v, projection=proj, rank=D // 4, topk=S // 8)
     """
     shape = check_qkv(q, k, v)
     refuse_forward_ad("lowrank_key_attention", q, k, v)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from attnops.core import dispatch
-from attnops.core.checks import QKVShape, check_causal, check_qkv, refuse_forward_ad
+from attnops.core.checks import QKVShape, autocast_inputs, check_causal, check_qkv, refuse_forward_ad
 from attnops.core.masks import BlockMask
 from attnops.core.results import MAP_ARGS_DOC, Result
 from attnops.ops.softmax.op import block_sparse_attention
@@ -51,7 +51,7 @@ def _routed_mask(q: torch.Tensor, k: torch.Tensor, seq_len: int, block_size: int
     return BlockMask(counts, indices, seq_len, MOBA_KERNEL_BLOCK, causal=causal, validate=False, _trusted=True)
 
 
-def moba_block_mask(q: torch.Tensor, k: torch.Tensor, block_size: int = 512, topk: int = 3, causal: bool = True, *,
+def moba_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 512, topk: int = 3, causal: bool = True,
                     backend: Optional[str] = None) -> BlockMask:
     """The ``BlockMask`` MoBA's router chooses for ``q (B, S, H, D)`` and ``k (B, S, Hkv, D)``:
     ``(B, H)`` rows at ``(64, 64)`` granularity (arguments as in :func:`moba_attention`)."""
@@ -64,12 +64,12 @@ def moba_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *,
     block_size: int = 512,
     topk: int = 3,
     causal: bool = True,
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
-    *,
     return_block_map: bool = False,
     map_block_size=None,
     reduce: str = "mean",
@@ -109,11 +109,13 @@ def moba_attention(
     Returns:
         ``out (B, S, H, D)``, or a named tuple as in :func:`attnops.attention`.
     """
+    q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
     refuse_forward_ad("moba_attention", q, k, v)
     _check_moba(shape, block_size, topk, causal)
     mask = _routed_mask(q, k, shape.seq_len_q, block_size, topk, causal, backend)
-    return block_sparse_attention(q, k, v, mask, softmax_scale, return_lse, return_block_map=return_block_map,
+    return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale, return_lse=return_lse,
+                                  return_block_map=return_block_map,
                                   map_block_size=map_block_size, reduce=reduce, backend=backend)
 
 

@@ -12,8 +12,8 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
-from attnops.core.checks import (check_block_mask, check_causal, check_flag, check_qkv, clamp_window, refuse_forward_ad,
-                                 resolve_softmax_scale)
+from attnops.core.checks import (autocast_inputs, check_block_mask, check_causal, check_flag, check_qkv, clamp_window,
+                                 refuse_forward_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 
@@ -25,11 +25,11 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *,
     causal: bool = False,
     softmax_scale: Optional[float] = None,
     window_size: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
-    *,
     return_block_map: bool = False,
     map_block_size=None,
     reduce: str = "mean",
@@ -64,6 +64,7 @@ def attention(
         >>> attnops.attention(q, k, v, causal=True).shape
         torch.Size([1, 128, 8, 64])
     """
+    q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
     refuse_forward_ad("attention", q, k, v)
     causal = check_causal(causal)
@@ -83,9 +84,9 @@ def block_sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     block_mask: BlockMask,
+    *,
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
-    *,
     return_block_map: bool = False,
     map_block_size=None,
     reduce: str = "mean",
@@ -116,6 +117,7 @@ def block_sparse_attention(
         >>> mask = attnops.BlockMask.sliding_window(4096, window=512)
         >>> out = attnops.block_sparse_attention(q, k, v, mask)
     """
+    q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
     refuse_forward_ad("block_sparse_attention", q, k, v)
     check_block_mask(block_mask, shape, q.device)

@@ -1,0 +1,1 @@
+"""Drop-in interfaces of other attention libraries on attnops (``compat.flash_attn``)."""

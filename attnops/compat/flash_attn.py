@@ -1,0 +1,148 @@
+"""flash_attn's interface on attnops: training code written for FlashAttention switches with one import.
+
+    from attnops.compat.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+The signatures, argument order and return conventions are flash_attn 2.x's. What attnops cannot
+compute yet is refused with a clear ``NotImplementedError`` naming the argument, never ignored:
+``dropout_p > 0`` (attention dropout), ``softcap``, ``alibi_slopes``, and in ``flash_attn_with_kvcache``
+rotary embeddings, paged caches (``block_table``), ``cache_batch_idx`` and ``cache_leftpad``.
+``deterministic`` is accepted (attnops' kernels are deterministic at a fixed thread count; see README).
+``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the lse is flash_attn's, the
+probabilities are never built (attnops computes block maps instead: ``attnops.attention(...,
+return_block_map=True)``).
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from attnops.ops.decode import decode_attention
+from attnops.ops.decode.op import MAX_NEW_TOKENS
+from attnops.ops.softmax import attention
+
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache"]
+
+
+def _refuse_unsupported(dropout_p: float = 0.0, softcap: float = 0.0, alibi_slopes=None) -> None:
+    if dropout_p:
+        raise NotImplementedError(f"attnops.compat.flash_attn: dropout_p={dropout_p}: attention dropout is not "
+                                  "supported yet; pass dropout_p=0.0")
+    if softcap:
+        raise NotImplementedError(f"attnops.compat.flash_attn: softcap={softcap}: softcapping is not supported yet")
+    if alibi_slopes is not None:
+        raise NotImplementedError("attnops.compat.flash_attn: alibi_slopes are not supported yet")
+
+
+def _result(out: torch.Tensor, lse: torch.Tensor, return_attn_probs: bool):
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)`` -> ``out (B, Sq, H, D)``, or ``(out, softmax_lse
+    (B, H, Sq), None)`` with ``return_attn_probs``. As flash_attn's: bottom-right causal, windows
+    ``(left, right)``."""
+    _refuse_unsupported(dropout_p, softcap, alibi_slopes)
+    out, lse = attention(q, k, v, causal=bool(causal), softmax_scale=softmax_scale, window_size=tuple(window_size),
+                         return_lse=True)
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``qkv (B, S, 3, H, D)``."""
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``q (B, Sq, H, D)``, ``kv (B, Sk, 2, Hkv, D)``."""
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """Packed sequences: ``q (total_q, H, D)``, ``k, v (total_k, Hkv, D)``, ``cu_seqlens_q / _k (n + 1,)``
+    int32 offsets. Each sequence attends only to its own keys (causal and windows per sequence,
+    bottom-right aligned). Runs one call per sequence (exact; the token-exact varlen kernels are
+    issue 20's); ``out (total_q, H, D)``, ``softmax_lse (H, total_q)`` as flash_attn's."""
+    _refuse_unsupported(dropout_p, softcap, alibi_slopes)
+    if block_table is not None:
+        raise NotImplementedError("attnops.compat.flash_attn: paged KV (block_table) is not supported")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"flash_attn_varlen_func: {name} must be (total, heads, head_dim), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    cq, ck = _offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0]), _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe {len(cq) - 1} and {len(ck) - 1} sequences")
+    out = q.new_empty(q.shape)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                      device=q.device)
+    for i in range(len(cq) - 1):
+        (q0, q1), (k0, k1) = (cq[i], cq[i + 1]), (ck[i], ck[i + 1])
+        o, l_ = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=bool(causal),
+                          softmax_scale=softmax_scale, window_size=tuple(window_size), return_lse=True)
+        out[q0:q1] = o[0]
+        lse[:, q0:q1] = l_[0]
+    return _result(out, lse, return_attn_probs)
+
+
+def _offsets(name: str, cu: torch.Tensor, total: int):
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a 1-d integer tensor of n + 1 offsets")
+    values = cu.tolist()
+    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must rise from 0 to {total} (the packed length), got {values}")
+    return values
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Decoding against a cache, flash_attn's way: ``k, v (B, Sq_new, Hkv, D)``, when given, are written
+    into ``k_cache, v_cache (B, S_max, Hkv, D)`` in place at each sequence's ``cache_seqlens`` (int or
+    ``(B,)``), then ``q (B, Sq_new, H, D)`` attends to the cache (bottom-right aligned). ``causal`` must be
+    True for more than one new query (decoding is causal; one query sees the whole cache either way)."""
+    _refuse_unsupported(softcap=softcap, alibi_slopes=alibi_slopes)
+    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
+                        ("cache_leftpad", cache_leftpad), ("block_table", block_table)):
+        if value is not None:
+            raise NotImplementedError(f"attnops.compat.flash_attn: flash_attn_with_kvcache({name}=...) is not "
+                                      "supported")
+    B, Sq = q.shape[0], q.shape[1]
+    if Sq > 1 and not causal:
+        raise NotImplementedError("flash_attn_with_kvcache: several new queries need causal=True here (attnops' "
+                                  "decoding is causal)")
+    if Sq > MAX_NEW_TOKENS:
+        raise ValueError(f"flash_attn_with_kvcache: at most {MAX_NEW_TOKENS} new queries per call, got {Sq}")
+    if cache_seqlens is None:
+        lens = torch.full((B,), k_cache.shape[1] if k is None else 0, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, int):
+        lens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    else:
+        lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
+    if (k is None) != (v is None):
+        raise ValueError("flash_attn_with_kvcache: pass k and v together")
+    if k is not None:
+        n = k.shape[1]
+        rows = torch.arange(B, device=q.device).unsqueeze(1)
+        cols = lens.long().unsqueeze(1) + torch.arange(n, device=q.device)
+        if q.device.type == "cpu" and int(cols.max()) >= k_cache.shape[1]:
+            raise ValueError("flash_attn_with_kvcache: the new keys do not fit in the cache")
+        with torch.no_grad():
+            k_cache[rows, cols] = k.to(k_cache.dtype)
+            v_cache[rows, cols] = v.to(v_cache.dtype)
+        lens = lens + n
+    left = tuple(window_size)[0]  # the right side is moot: decoding is causal
+    out, lse = decode_attention(q, k_cache, v_cache, lens, softmax_scale=softmax_scale, window_size=(left, -1),
+                                num_splits=num_splits, return_lse=True)
+    return (out, lse) if return_softmax_lse else out

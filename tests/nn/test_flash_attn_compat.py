@@ -1,0 +1,90 @@
+"""attnops.compat.flash_attn: flash_attn's signatures and conventions, ported from flash_attn's own
+argument usage (positional dropout_p, causal, window_size; return_attn_probs; varlen offsets; kvcache
+appends), against the float64 reference."""
+
+import pytest
+import torch
+
+from attnops.compat.flash_attn import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                                       flash_attn_varlen_func, flash_attn_with_kvcache)
+from attnops.ops.softmax import reference
+
+
+def ref(q, k, v, causal=False, window=(-1, -1), scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return reference.block_sparse_attention(q.double(), k.double(), v.double(), None, causal=causal,
+                                            window_size=window, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (16, 8)), (True, (20, 0))])
+def test_flash_attn_func_positional_order(causal, window):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 70, 4, 32), torch.randn(2, 90, 2, 32), torch.randn(2, 90, 2, 32)
+    out = flash_attn_func(q, k, v, 0.0, None, causal, window)  # flash_attn's positional order
+    want, lse64 = ref(q, k, v, causal, window)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    out2, lse, probs = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True)
+    assert probs is None and lse.shape == (2, 4, 70)
+    torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_variants():
+    torch.manual_seed(1)
+    qkv = torch.randn(1, 50, 3, 4, 16)
+    torch.testing.assert_close(flash_attn_qkvpacked_func(qkv, causal=True),
+                               flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True))
+    kv = qkv[:, :, 1:]
+    torch.testing.assert_close(flash_attn_kvpacked_func(qkv[:, :, 0], kv, causal=True),
+                               flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True))
+
+
+@pytest.mark.parametrize("kwargs, words", [(dict(dropout_p=0.1), "dropout_p"), (dict(softcap=30.0), "softcap"),
+                                           (dict(alibi_slopes=torch.ones(4)), "alibi_slopes")])
+def test_unsupported_arguments_are_refused(kwargs, words):
+    q = torch.randn(1, 8, 4, 16)
+    with pytest.raises(NotImplementedError, match=words):
+        flash_attn_func(q, q, q, **kwargs)
+
+
+def test_deterministic_is_accepted():
+    q = torch.randn(1, 8, 4, 16)
+    torch.testing.assert_close(flash_attn_func(q, q, q, deterministic=True), flash_attn_func(q, q, q))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_sequences_stay_apart(causal):
+    torch.manual_seed(2)
+    lens_q, lens_k = [5, 17, 1], [9, 17, 30]
+    cu_q = torch.tensor([0, 5, 22, 23], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 26, 56], dtype=torch.int32)
+    q, k, v = torch.randn(23, 4, 16), torch.randn(56, 2, 16), torch.randn(56, 2, 16)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                         return_attn_probs=True)
+    assert lse.shape == (4, 23)
+    for i in range(3):
+        (q0, q1), (k0, k1) = (cu_q[i], cu_q[i + 1]), (cu_k[i], cu_k[i + 1])
+        want, _ = ref(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal)
+        torch.testing.assert_close(out[q0:q1].double(), want[0], rtol=1e-4, atol=1e-5)
+
+
+def test_varlen_offsets_are_checked():
+    q = torch.randn(10, 2, 8)
+    with pytest.raises(ValueError, match="rise from 0"):
+        flash_attn_varlen_func(q, q, q, torch.tensor([0, 4, 9]), torch.tensor([0, 4, 10]), 5, 6)
+
+
+def test_with_kvcache_appends_and_attends():
+    torch.manual_seed(3)
+    B, S, H, Hkv, D = 2, 64, 4, 2, 16
+    k_cache, v_cache = torch.zeros(B, S, Hkv, D), torch.zeros(B, S, Hkv, D)
+    k_all, v_all = torch.randn(B, 20, Hkv, D), torch.randn(B, 20, Hkv, D)
+    k_cache[:, :17], v_cache[:, :17] = k_all[:, :17], v_all[:, :17]
+    q = torch.randn(B, 3, H, D)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_all[:, 17:], v_all[:, 17:],
+                                       cache_seqlens=torch.tensor([17, 17], dtype=torch.int32), causal=True,
+                                       return_softmax_lse=True)
+    torch.testing.assert_close(k_cache[:, 17:20], k_all[:, 17:])  # written in place, as flash_attn does
+    want, _ = ref(q, k_all, v_all, causal=True)  # the 3 new queries end the 20 keys
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="rotary_cos"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, rotary_cos=torch.ones(1))
