@@ -111,6 +111,30 @@ inline at::Tensor checked_lengths(const char* op, const char* what, const at::Te
   return lens.to(at::kInt).contiguous();
 }
 
+// Score modifiers (conventions: softcap, mask, ALiBi, softmax with sinks): softcap >= 0 and finite (0: off);
+// alibi_slopes a floating (H,) or (B, H) tensor; sinks a floating (H,) tensor; both on q's device.
+inline void check_score_mod_args(const char* op, const at::Tensor& q, double softcap,
+                                 const c10::optional<at::Tensor>& alibi_slopes,
+                                 const c10::optional<at::Tensor>& sinks) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and >= 0 (0: off), got ",
+              softcap);
+  const int64_t B = q.size(0), H = q.size(2);
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const at::Tensor& s = *alibi_slopes;
+    TORCH_CHECK(at::isFloatingType(s.scalar_type()), op, ": alibi_slopes must be floating point, got ",
+                s.scalar_type());
+    TORCH_CHECK((s.dim() == 1 && s.size(0) == H) || (s.dim() == 2 && s.size(0) == B && s.size(1) == H), op,
+                ": alibi_slopes must be (H,) = (", H, ",) or (B, H) = (", B, ", ", H, "), got ", s.sizes());
+    TORCH_CHECK(s.device() == q.device(), op, ": alibi_slopes must be on q's device");
+  }
+  if (sinks.has_value() && sinks->defined()) {
+    const at::Tensor& s = *sinks;
+    TORCH_CHECK(at::isFloatingType(s.scalar_type()), op, ": sinks must be floating point, got ", s.scalar_type());
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == H, op, ": sinks must be (H,) = (", H, ",), got ", s.sizes());
+    TORCH_CHECK(s.device() == q.device(), op, ": sinks must be on q's device");
+  }
+}
+
 // Shape checks of decode_attn_fwd shared by its CPU and CUDA implementations. block_keep is a uint8
 // (or bool) (Bm, Hm, Nq, Nk) bitmap with Bm in {1, B}, Hm in {1, H} covering every query and cache
 // block the kernels look up.

@@ -56,9 +56,10 @@ def run_with_grads(fn, inputs, dout):
     return out.detach(), lse.detach(), grads
 
 
-def compare_with_reference(kernel, ref, inputs, dtype, check_grads=True, name=""):
+def compare_with_reference(kernel, ref, inputs, dtype, check_grads=True, name="", labels=("dq", "dk", "dv")):
     """Runs kernel and reference (float64 and dtype) with the same upstream gradient and checks
-    out, lse and every input gradient with the accuracy rule. The reference runs on the CPU."""
+    out, lse and the gradients of the inputs named in ``labels`` (in order) with the accuracy rule. The
+    reference runs on the CPU."""
     cpu_inputs = [t.detach().cpu() for t in inputs]
     dout = torch.randn_like(cpu_inputs[0], dtype=torch.float64)
     out64, lse64, g64 = run_with_grads(ref, [t.double() for t in cpu_inputs], dout)
@@ -71,9 +72,19 @@ def compare_with_reference(kernel, ref, inputs, dtype, check_grads=True, name=""
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_accurate(f"{name} out", out.cpu(), out64, outT)
     assert_accurate(f"{name} lse", lse.cpu(), lse64, lseT)
-    for label, a, b, c in zip(("dq", "dk", "dv"), g, g64, gT):
+    for label, a, b, c in zip(labels, g, g64, gT):
         assert a.dtype == dtype
         assert_accurate(f"{name} {label}", a.cpu(), b, c)
+
+
+def make_decode_inputs(shape, dtype, device):
+    """q (B, Sq_new, H, D), caches (B, S, Hkv, D) and ragged lengths for a decode SHAPES entry
+    ``(B, S, H, Hkv, D, Sq_new)``."""
+    B, S, H, Hkv, D, Sq = shape
+    q = torch.randn(B, Sq, H, D, dtype=dtype, device=device)
+    k = torch.randn(B, S, Hkv, D, dtype=dtype, device=device)
+    v = torch.randn(B, S, Hkv, D, dtype=dtype, device=device)
+    return q, k, v, ragged_lengths(B, S).to(device)
 
 
 def ragged_lengths(B, S):

@@ -2,9 +2,12 @@
 
     from attnops.compat.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
-The signatures, argument order and return conventions are flash_attn 2.x's. What attnops cannot
-compute yet is refused with a clear ``NotImplementedError`` naming the argument, never ignored:
-``dropout_p > 0`` (attention dropout), ``softcap``, ``alibi_slopes``, and in ``flash_attn_with_kvcache``
+The signatures, argument order and return conventions are flash_attn 2.x's. ``softcap`` and
+``alibi_slopes`` (``(H,)`` or ``(B, H)``, bias ``-slope * |i + Sk - Sq - j|``) are honoured, forward and
+backward. One difference: with ``causal=True`` and ALiBi, FlashAttention 2's kernel adds ``slope * j``
+(the same probabilities, an lse larger by ``slope * (i + Sk - Sq)``); the lse here is that of the
+documented bias. What attnops cannot compute yet is refused with a clear ``NotImplementedError`` naming
+the argument, never ignored: ``dropout_p > 0`` (attention dropout), and in ``flash_attn_with_kvcache``
 rotary embeddings, paged caches (``block_table``), ``cache_batch_idx`` and ``cache_leftpad``.
 ``deterministic`` is accepted (attnops' kernels are deterministic at a fixed thread count; see README).
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the lse is flash_attn's, the
@@ -25,14 +28,10 @@ __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_
            "flash_attn_with_kvcache"]
 
 
-def _refuse_unsupported(dropout_p: float = 0.0, softcap: float = 0.0, alibi_slopes=None) -> None:
+def _refuse_unsupported(dropout_p: float = 0.0) -> None:
     if dropout_p:
         raise NotImplementedError(f"attnops.compat.flash_attn: dropout_p={dropout_p}: attention dropout is not "
                                   "supported yet; pass dropout_p=0.0")
-    if softcap:
-        raise NotImplementedError(f"attnops.compat.flash_attn: softcap={softcap}: softcapping is not supported yet")
-    if alibi_slopes is not None:
-        raise NotImplementedError("attnops.compat.flash_attn: alibi_slopes are not supported yet")
 
 
 def _result(out: torch.Tensor, lse: torch.Tensor, return_attn_probs: bool):
@@ -44,9 +43,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)`` -> ``out (B, Sq, H, D)``, or ``(out, softmax_lse
     (B, H, Sq), None)`` with ``return_attn_probs``. As flash_attn's: bottom-right causal, windows
     ``(left, right)``."""
-    _refuse_unsupported(dropout_p, softcap, alibi_slopes)
+    _refuse_unsupported(dropout_p)
     out, lse = attention(q, k, v, causal=bool(causal), softmax_scale=softmax_scale, window_size=tuple(window_size),
-                         return_lse=True)
+                         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
     return _result(out, lse, return_attn_probs)
 
 
@@ -73,7 +72,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     int32 offsets. Each sequence attends only to its own keys (causal and windows per sequence,
     bottom-right aligned). Runs one call per sequence (exact; the token-exact varlen kernels are
     issue 20's); ``out (total_q, H, D)``, ``softmax_lse (H, total_q)`` as flash_attn's."""
-    _refuse_unsupported(dropout_p, softcap, alibi_slopes)
+    _refuse_unsupported(dropout_p)
     if block_table is not None:
         raise NotImplementedError("attnops.compat.flash_attn: paged KV (block_table) is not supported")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -86,10 +85,16 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out = q.new_empty(q.shape)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                       device=q.device)
+    if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2 and alibi_slopes.shape[0] != len(cq) - 1:
+        raise ValueError(f"flash_attn_varlen_func: alibi_slopes {tuple(alibi_slopes.shape)} must be (H,) or "
+                         f"(num sequences = {len(cq) - 1}, H)")
     for i in range(len(cq) - 1):
         (q0, q1), (k0, k1) = (cq[i], cq[i + 1]), (ck[i], ck[i + 1])
+        slopes = alibi_slopes[i:i + 1] if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2 \
+            else alibi_slopes
         o, l_ = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=bool(causal),
-                          softmax_scale=softmax_scale, window_size=tuple(window_size), return_lse=True)
+                          softmax_scale=softmax_scale, window_size=tuple(window_size), softcap=softcap,
+                          alibi_slopes=slopes, return_lse=True)
         out[q0:q1] = o[0]
         lse[:, q0:q1] = l_[0]
     return _result(out, lse, return_attn_probs)
@@ -112,7 +117,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     into ``k_cache, v_cache (B, S_max, Hkv, D)`` in place at each sequence's ``cache_seqlens`` (int or
     ``(B,)``), then ``q (B, Sq_new, H, D)`` attends to the cache (bottom-right aligned). ``causal`` must be
     True for more than one new query (decoding is causal; one query sees the whole cache either way)."""
-    _refuse_unsupported(softcap=softcap, alibi_slopes=alibi_slopes)
     for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
                         ("cache_leftpad", cache_leftpad), ("block_table", block_table)):
         if value is not None:
@@ -144,5 +148,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         lens = lens + n
     left = tuple(window_size)[0]  # the right side is moot: decoding is causal
     out, lse = decode_attention(q, k_cache, v_cache, lens, softmax_scale=softmax_scale, window_size=(left, -1),
-                                num_splits=num_splits, return_lse=True)
+                                softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=True)
     return (out, lse) if return_softmax_lse else out

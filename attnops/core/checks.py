@@ -127,6 +127,33 @@ def clamp_window(window: Tuple[int, int], seq_len_q: int, seq_len_k: int) -> Tup
     return (left if left < 0 else min(left, seq_len_k), right if right < 0 else min(right, seq_len_q))
 
 
+def check_score_mods(softcap, alibi_slopes, sinks, shape: QKVShape, device: torch.device) -> dict:
+    """The score modifiers of the softmax ops (conventions.md), as keyword arguments for the dispatcher:
+    ``softcap`` a number >= 0 (0: off), ``alibi_slopes`` a floating ``(H,)`` or ``(B, H)`` tensor (flash_attn's
+    ALiBi; no gradient: refused when it requires one), ``sinks`` a floating ``(H,)`` tensor (learnable: its
+    gradient flows). All on q's device."""
+    if isinstance(softcap, (torch.Tensor, bool)) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a Python number, got {softcap!r}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap}")
+    H, B = shape.num_heads, shape.batch
+    for name, t, shapes in (("alibi_slopes", alibi_slopes, ((H,), (B, H))), ("sinks", sinks, ((H,),))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t!r:.80}")
+        if tuple(t.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on q's device ({device}), got {t.device}")
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes has no gradient in attnops (flash_attn's ALiBi is fixed); pass "
+                         "alibi_slopes.detach(), or a bias with its gradient as attn_bias")
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.to(torch.float64 if alibi_slopes.dtype == torch.float64 else torch.float32)
+    return dict(softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks)
+
+
 def check_block_mask(block_mask, shape: QKVShape, device: torch.device) -> BlockMask:
     """A mask fits when its lengths equal (Sq, Sk), its B/H are 1 or q's, and it is on q's device."""
     if not isinstance(block_mask, BlockMask):

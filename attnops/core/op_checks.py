@@ -93,6 +93,28 @@ def check_block_sparse_args(op: str, q, k, v, kv_num_blocks, kv_indices, q_num_b
         _fail(op, "a transposed block LUT without the block LUT")
 
 
+def check_score_mod_args(op: str, q, softcap: float, alibi_slopes, sinks) -> None:
+    """As csrc/checks.h: softcap finite and >= 0 (0: off); alibi_slopes floating (H,) or (B, H); sinks
+    floating (H,); both on q's device."""
+    if not (math.isfinite(float(softcap)) and softcap >= 0):
+        _fail(op, f"softcap must be finite and >= 0 (0: off), got {softcap}")
+    B, H = q.shape[0], q.shape[2]
+    if alibi_slopes is not None:
+        if not alibi_slopes.is_floating_point():
+            _fail(op, f"alibi_slopes must be floating point, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+            _fail(op, f"alibi_slopes must be (H,) = ({H},) or (B, H) = ({B}, {H}), got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            _fail(op, "alibi_slopes must be on q's device")
+    if sinks is not None:
+        if not sinks.is_floating_point():
+            _fail(op, f"sinks must be floating point, got {sinks.dtype}")
+        if tuple(sinks.shape) != (H,):
+            _fail(op, f"sinks must be (H,) = ({H},), got {tuple(sinks.shape)}")
+        if sinks.device != q.device:
+            _fail(op, "sinks must be on q's device")
+
+
 def check_backward_args(op: str, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks) -> None:
     if (kv_num_blocks is None) != (q_num_blocks is None):
         _fail(op, "the backward needs both the block LUT and its transpose")

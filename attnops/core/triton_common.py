@@ -199,6 +199,52 @@ def lse2(b_lse):
     return tl.where(b_lse == float("-inf"), float("inf"), b_lse * _LOG2E)
 
 
+# ---- score modifiers (conventions.md: softcap, mask, ALiBi, softmax with sinks), in base 2 -------------
+
+@triton.jit
+def tanh(x):
+    """``1 - 2 / (e^{2x} + 1)`` (the interpreter has no tanh); the exponent is capped where tanh is 1 in
+    float32 already, NaN stays NaN."""
+    e = x * (2.0 * _LOG2E)
+    return 1.0 - 2.0 / (tl.math.exp2(tl.where(e > 126.0, 126.0, e)) + 1.0)
+
+
+@triton.jit
+def modify_scores(b_s, b_qpos, b_kpos, cap2, slope2, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Softcap ``cap2 * tanh(s / cap2)`` and ALiBi's ``-slope2 * |qpos - kpos|`` on base-2 scores (``cap2``,
+    ``slope2``: the cap and slope times log2(e); ``b_qpos``/``b_kpos`` broadcast to the tile, query
+    positions already aligned bottom-right). Returns the scores and tanh (the softcap's derivative is
+    ``1 - tanh^2``; 0 without a cap). The mask comes after; it leaves the masked pairs -inf either way."""
+    b_t = tl.zeros_like(b_s)
+    if HAS_SOFTCAP:
+        b_t = tanh(b_s / cap2)
+        b_s = cap2 * b_t
+    if HAS_ALIBI:
+        b_s = b_s - slope2 * tl.abs(b_qpos - b_kpos).to(tl.float32)
+    return b_s, b_t
+
+
+@triton.jit
+def fold_sink(b_m, b_l, sink2):
+    """The row's sink (base 2) joins its softmax: sink-inclusive ``(m, l)`` and the factor rescaling the
+    accumulator. A row that saw no key gets ``l = 1`` relative to ``m = sink``: lse = the sink, output 0."""
+    empty = b_l == 0.0
+    b_m_new = tl.maximum(b_m, sink2)
+    b_m_new = tl.where(b_m != b_m, b_m, b_m_new)  # NaN scores stay NaN
+    b_alpha = tl.where(empty, 0.0, tl.math.exp2(b_m - b_m_new))
+    b_l_new = tl.where(empty, 1.0, b_l * b_alpha + tl.math.exp2(sink2 - b_m_new))
+    return tl.where(empty, sink2, b_m_new), b_l_new, b_alpha
+
+
+def score_mod_args(q: torch.Tensor, softcap: float, alibi_slopes: Optional[torch.Tensor]):
+    """Kernel arguments ``(cap2, Slopes, slopes_stride_b)`` and constexprs of :func:`modify_scores`."""
+    slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else None
+    stride_b = q.shape[2] if slopes is not None and slopes.dim() == 2 else 0
+    flags = dict(HAS_SOFTCAP=softcap > 0, HAS_ALIBI=slopes is not None)
+    dummy = lut_args(None, None, q.device)[0]
+    return (softcap * LOG2E if softcap > 0 else 1.0, slopes if slopes is not None else dummy, stride_b), flags
+
+
 # ---- products that keep NaN / Inf in the rows that attend them ----------------------------------------
 
 @triton.jit

@@ -10,10 +10,11 @@
 Unmodified Llama / Qwen2 / Mistral / GPT-2 style models then run their attention through attnops
 (prefill, training and cached decoding: the kernels align ``causal`` bottom-right, which is where the
 new queries of a cached step sit). Sliding windows (Mistral, Qwen2, Gemma local layers, ModernBERT)
-are honoured with flash-attention's convention. Everything else a model passes is either accepted
-(it cannot change the result) or refused with the argument's name (:data:`REFUSED`: sinks, softcap,
-position bias, packed sequences, dropout in training, additive or padding masks): never silently
-dropped. The mask function registered beside it is transformers' own flash-attention one: no mask
+are honoured with flash-attention's convention, gpt-oss's attention sinks (``s_aux``, with their
+gradient) and Gemma 2's logit ``softcap`` through the kernels' score modifiers. Everything else a model
+passes is either accepted (it cannot change the result) or refused with the argument's name
+(:data:`REFUSED`: position bias, packed sequences, dropout in training, additive or padding masks):
+never silently dropped. The mask function registered beside it is transformers' own flash-attention one: no mask
 for unpadded batches, the 2-d padding mask otherwise.
 """
 
@@ -26,7 +27,8 @@ import torch
 
 from attnops.maps.capture import attend
 from attnops.core.masks import BlockMask
-from attnops.nn.specs import AttentionSpec, BlockSparseSpec, SoftmaxSpec, LinearAttentionSpec, MoBASpec, resolve_spec
+from attnops.nn.specs import (SCORE_MOD_SPECS, AttentionSpec, BlockSparseSpec, LinearAttentionSpec, MoBASpec,
+                              SoftmaxSpec, resolve_spec)
 
 _SPECS: Dict[str, AttentionSpec] = {}
 
@@ -51,12 +53,10 @@ DEFAULTS: Dict[str, AttentionSpec] = {
 # adapter does with each: honour it, accept it (it does not change the computation), or refuse it with
 # a clear error. An argument outside these lists is refused too unless it is None or False: a model
 # must never have something silently dropped.
-HONOURED = ("dropout", "scaling", "is_causal", "sliding_window", "deterministic")
+HONOURED = ("dropout", "scaling", "is_causal", "sliding_window", "deterministic", "s_aux", "softcap")
 ACCEPTED = ("position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "output_hidden_states",
             "output_router_logits", "num_items_in_batch", "layer_idx", "position_embeddings")
 REFUSED = {
-    "s_aux": "attention sinks (gpt-oss s_aux) are not supported yet",
-    "softcap": "logit softcapping is not supported yet",
     "position_bias": "an additive position bias (T5) is not supported yet",
     "head_mask": "a head mask is not supported",
     "cu_seq_lens_q": "packed sequences (cu_seq_lens) are not supported yet",
@@ -116,10 +116,21 @@ def _attention_forward(spec: AttentionSpec):
                                   value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                                   scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                                   sliding_window: Optional[int] = None, deterministic: Optional[bool] = None,
+                                  s_aux: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
                                   **kwargs):
         """transformers' attention-function contract: ``query (B, H, Sq, D)``, ``key, value
-        (B, Hkv, Sk, D)`` -> ``(attn_output (B, Sq, H, D), None)``."""
+        (B, Hkv, Sk, D)`` -> ``(attn_output (B, Sq, H, D), None)``. ``s_aux``: gpt-oss's per-head sink
+        logits; ``softcap``: Gemma 2's ``attn_logit_softcapping`` (None: off)."""
         _check_call(module, attention_mask, dropout, kwargs)
+        mods = {}
+        if s_aux is not None:
+            mods["sinks"] = s_aux
+        if softcap is not None and softcap != 0:
+            mods["softcap"] = float(softcap)
+        if mods and not isinstance(spec, SCORE_MOD_SPECS):
+            raise NotImplementedError(f"attnops attention: the model sends {' and '.join(sorted(mods))}, which the "
+                                      f"{type(spec).__name__} registered here cannot apply (only softmax specs can); "
+                                      "register the SoftmaxSpec (the default) for this model")
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash_attn layout, no copy
         call_spec = spec
@@ -130,7 +141,7 @@ def _attention_forward(spec: AttentionSpec):
                                           f"{sliding_window}, which the {type(spec).__name__} registered here cannot "
                                           "apply; register the SoftmaxSpec (the default) for this model")
             call_spec = _windowed(spec, window)
-        out, _ = attend(module, call_spec, q, k, v, causal=causal, softmax_scale=scaling)  # maps: attnops.maps
+        out, _ = attend(module, call_spec, q, k, v, causal=causal, softmax_scale=scaling, **mods)  # maps: attnops.maps
         return out, None
 
     return attnops_attention_forward

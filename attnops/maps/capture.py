@@ -96,12 +96,13 @@ def record(module: nn.Module, block_map: torch.Tensor) -> None:
 
 
 def attend(module: nn.Module, spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-           softmax_scale: Optional[float] = None, need_map: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``spec.attend(q, k, v)`` for ``module``: ``(out, block_map)``, the map computed when a capture is
-    open (and recorded there) or when ``need_map`` (e.g. ``need_weights=True``), else None."""
+           softmax_scale: Optional[float] = None, need_map: bool = False,
+           **options) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``spec.attend(q, k, v, **options)`` for ``module``: ``(out, block_map)``, the map computed when a
+    capture is open (and recorded there) or when ``need_map`` (e.g. ``need_weights=True``), else None."""
     if not (_OPEN or need_map):
-        return spec.attend(q, k, v, causal=causal, softmax_scale=softmax_scale), None
+        return spec.attend(q, k, v, causal=causal, softmax_scale=softmax_scale, **options), None
     out, block_map = spec.attend(q, k, v, causal=causal, softmax_scale=softmax_scale, return_block_map=True,
-                                 **map_options())
+                                 **map_options(), **options)
     record(module, block_map)
     return out, block_map

@@ -37,12 +37,14 @@ class SoftmaxSpec:
         object.__setattr__(self, "window", w)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-               softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+               softmax_scale: Optional[float] = None, **options) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
         """``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)`` -> ``(B, Sq, H, D)``; ``causal`` from the call
-        (``is_causal``) adds to the spec's. ``block_map``: the ops' ``return_block_map``, ``map_block_size``,
-        ``reduce``; with ``return_block_map=True`` the result is ``(out, block_map)``."""
+        (``is_causal``) adds to the spec's. ``options``: the ops' keyword options, the block map's
+        (``return_block_map``, ``map_block_size``, ``reduce``; with ``return_block_map=True`` the result is
+        ``(out, block_map)``) and, for the softmax specs (:data:`SCORE_MOD_SPECS`), the score modifiers
+        ``softcap``, ``alibi_slopes``, ``sinks``."""
         return attention(q, k, v, causal=self.causal or causal, window_size=self.window, softmax_scale=softmax_scale,
-                         **block_map)
+                         **options)
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,13 @@ class BlockSparseSpec:
             raise TypeError("BlockSparseSpec.pattern must be callable (seq_len_q, seq_len_k) -> BlockMask")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-               softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+               softmax_scale: Optional[float] = None, **options) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
         """As :meth:`SoftmaxSpec.attend`, on the fixed or pattern-built block mask."""
         mask = self.block_mask if self.block_mask is not None else self._mask_for(q.shape[1], k.shape[1], q.device)
         if causal and not mask.causal:  # causality belongs to the mask (its LUT is built causal)
             raise ValueError("BlockSparseSpec: the call is causal but the block mask is not; build it causal "
                              "(e.g. BlockMask.causal, BlockMask.sliding_window(..., causal=True))")
-        return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale, **block_map)
+        return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale, **options)
 
     def _mask_for(self, seq_len_q: int, seq_len_k: int, device: torch.device) -> BlockMask:
         key = (seq_len_q, seq_len_k, str(device))
@@ -105,14 +107,13 @@ class MoBASpec:
             raise TypeError(f"MoBASpec.causal must be a bool, got {self.causal!r}")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-               softmax_scale: Optional[float] = None, **block_map) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+               softmax_scale: Optional[float] = None, **options) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
         """As :meth:`SoftmaxSpec.attend`."""
         causal = self.causal or causal
         if q.shape[1] != k.shape[1]:
-            return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **block_map)
+            return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **options)
         return moba_attention(q, k, v, block_size=self.block_size, topk=self.topk, causal=causal,
-                              softmax_scale=softmax_scale,
-                              **block_map)
+                              softmax_scale=softmax_scale, **options)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,8 @@ class LowRankKeySpec:
 
 
 AttentionSpec = Union[SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec]
+# The specs whose attention is a softmax over scores, which take softcap / alibi_slopes / sinks.
+SCORE_MOD_SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec)
 SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec)
 
 

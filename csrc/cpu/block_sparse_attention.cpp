@@ -35,6 +35,7 @@
 #include "cpu/mask.h"
 #include "cpu/pack.h"
 #include "cpu/parallel.h"
+#include "cpu/score_mods.h"
 #include "cpu/softmax.h"
 #include "ops.h"
 
@@ -238,8 +239,8 @@ void map_store_task(FwdScratch<T>& ws, const MapSpec& map, int64_t rows, int64_t
 
 template <typename S>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const BlockLut& lut,
-                    const Predicates& pred, double softmax_scale, const MapSpec& map, at::Tensor& out,
-                    at::Tensor& lse, at::Tensor& map_part) {
+                    const Predicates& pred, double softmax_scale, const ScoreMods<compute_t<S>>& mods,
+                    const MapSpec& map, at::Tensor& out, at::Tensor& lse, at::Tensor& map_part) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
   const Problem p = make_problem(q, k, v, NR);
@@ -299,6 +300,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         int64_t b, h, r0, r1;
         task_rows(t, b, h, r0, r1);
         const int64_t rows = r1 - r0, hk = h / p.group;
+        const T slope2 = mods.slope2(b, h);
         const T* ktile = kt + (b * p.Hkv + hk) * Sk_pad * p.D;
         const T* vtile = vb + (b * p.Hkv + hk) * p.Dp * p.Sk;
         pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
@@ -312,8 +314,16 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           ws.map_lo = ws.map_hi = 0;
           for_each_key_tile<NR>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
             gemm<T>(rows, n, p.D, ws.q.data(), p.D, ktile + t0 * p.D, p.D * NR, ws.s.data(), kTileK, false);
-            for (int64_t r = 0; r < rows; ++r)
-              softmax_row(ws.s.data() + r * kTileK, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
+            for (int64_t r = 0; r < rows; ++r) {
+              T* srow = ws.s.data() + r * kTileK;
+              if (mods.on_scores() && !ws.spans[r].empty()) {  // one pass: modifiers, mask, max
+                const T mt = modify_mask_max(mods, srow, n, ws.spans[r], slope2,
+                                             static_cast<T>(r0 + r + pred.offset - t0));
+                softmax_row_exp(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
+              } else {
+                softmax_row(srow, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
+              }
+            }
             if (map.on()) map_add_tile(ws, map, rows, t0);
             if (exact)
               gemm_in_spans<T>(rows, ws.spans.data(), p.Dp, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR,
@@ -329,12 +339,17 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         for (int64_t r = 0; r < rows; ++r) {
           S* orow = op + b * so_b + (r0 + r) * so_s + h * so_h;
           auto* lrow = lp + (b * p.H + h) * p.Sq + r0 + r;
+          // the sink joins the denominator (and leaves m, l sink-inclusive for the block map)
+          const T alpha = mods.sinks() ? fold_sink(mods.sink2(h), ws.m[r], ws.l[r]) : T(1);
           const T l = ws.l[r];
           if (l == T(0)) {  // nothing to attend to: zeros and lse = -inf, never NaN
             std::fill(orow, orow + p.D, static_cast<S>(0.0f));
             *lrow = -std::numeric_limits<T>::infinity();
+          } else if (alpha == T(0)) {  // no key, a sink: zeros and lse = the sink
+            std::fill(orow, orow + p.D, static_cast<S>(0.0f));
+            *lrow = static_cast<T>((ws.m[r] + std::log2(l)) * kLn2);
           } else {
-            store_row(ws.acc.data() + r * p.Dp, p.D, T(1) / l, orow);
+            store_row(ws.acc.data() + r * p.Dp, p.D, alpha / l, orow);
             *lrow = static_cast<T>((ws.m[r] + std::log2(l)) * kLn2);
           }
         }
@@ -371,30 +386,31 @@ inline void add_into(GradAcc* acc, const T* partial, int64_t n) {
 
 template <typename T>
 struct DqScratch {
-  std::vector<T> q, dout, s, dp, partial;
+  std::vector<T> q, dout, s, dp, partial, capgrad;
   std::vector<GradAcc> acc;
   std::vector<RowSpan> spans;
-  DqScratch(int64_t D, int64_t Dp)
+  DqScratch(int64_t D, int64_t Dp, bool softcap)
       : q(kTileQ * D), dout(kTileQ * D), s(kTileQ * kTileK), dp(kTileQ * kTileK), partial(kTileQ * Dp),
-        acc(kTileQ * Dp), spans(kTileQ) {}
+        capgrad(softcap ? kTileQ * kTileK : 0), acc(kTileQ * Dp), spans(kTileQ) {}
 };
 
 template <typename T>
 struct KeyTileScratch {
-  std::vector<T> k, v, kpanel, s, dp, partial;
+  std::vector<T> k, v, kpanel, s, dp, partial, capgrad;
   std::vector<GradAcc> dk, dv, dq;
   std::vector<RowSpan> spans;
-  KeyTileScratch(int64_t D, int64_t Dp, int64_t dq_rows)
+  KeyTileScratch(int64_t D, int64_t Dp, int64_t dq_rows, bool softcap)
       : k(kTileKBwd * D), v(kTileKBwd * D), kpanel(kTileKBwd * Dp), s(kTileKBwd * kTileQBwd),
-        dp(kTileKBwd * kTileQBwd), partial(std::max(kTileKBwd, kTileQBwd) * Dp), dk(kTileKBwd * Dp),
-        dv(kTileKBwd * Dp), dq(dq_rows * Dp), spans(kTileKBwd) {}
+        dp(kTileKBwd * kTileQBwd), partial(std::max(kTileKBwd, kTileQBwd) * Dp),
+        capgrad(softcap ? kTileKBwd * kTileQBwd : 0), dk(kTileKBwd * Dp), dv(kTileKBwd * Dp), dq(dq_rows * Dp),
+        spans(kTileKBwd) {}
 };
 
 // dk, dv of the keys [c0, c1) of kv head hk, over the query heads of its group. With `fused`, also
 // adds dS K into ws.dq (the group's dq rows, (group, Sq, Dp)), which this task owns.
 template <typename S, typename T>
 void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockLut& tlut, const Predicates& pred,
-                       const S* kp, const S* vp, int64_t b, int64_t hk, int64_t c0, int64_t c1, bool fused,
+                       const ScoreMods<T>& mods, const S* kp, const S* vp, int64_t b, int64_t hk, int64_t c0, int64_t c1, bool fused,
                        bool exact, KeyTileScratch<T>& ws, S* dkp, S* dvp) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
@@ -413,6 +429,7 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
     const T* l2 = ops.lse2 + bh * ops.Sq_pad;
     const T* dl = ops.delta + bh * ops.Sq_pad;
     GradAcc* dq_rows = fused ? ws.dq.data() + (h - hk * p.group) * p.Sq * p.Dp : nullptr;
+    const T slope2 = mods.slope2(b, h);
     for_each_segment(tlut, b, h, lut_row, pred.query_lo(c0), pred.query_hi(c1 - 1), p.Sq, [&](int64_t a, int64_t e) {
       for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
         t1 = std::min(t0 + kTileQBwd, e);
@@ -434,11 +451,16 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
             zero_row(ds, n);
             continue;
           }
+          // key c0 + j against query t0 + i: ALiBi's distance |i - (c0 + j - t0 - offset)|
+          T* capgrad = mods.softcap() ? ws.capgrad.data() + j * kTileQBwd : nullptr;
+          if (mods.on_scores()) mods.apply(s, n, slope2, static_cast<T>(c0 + j - t0 - pred.offset), capgrad);
           mask_row(s, ws.spans[j], n);
           for (int64_t i = 0; i < n; i += W) {
             const V pr = exp2(vload(s + i) - vload(l2 + t0 + i));
             vstore(s + i, pr);
-            vstore(ds + i, pr * (vload(ds + i) - vload(dl + t0 + i)));
+            V dsv = pr * (vload(ds + i) - vload(dl + t0 + i));
+            if (capgrad) dsv *= vload(capgrad + i);  // d softcap(s) / ds
+            vstore(ds + i, dsv);
           }
           zero_outside(s, ws.spans[j], n);
           zero_outside(ds, ws.spans[j], n);
@@ -579,7 +601,7 @@ BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Ten
 // S = Q K^T and dP = dO V^T again, dS = P (dP - delta), dq += dS K.
 template <typename S, typename T>
 void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& lut, const Predicates& pred,
-                   const S* qp, const at::Tensor& dout, int64_t b, int64_t h, int64_t r0, int64_t r1,
+                   const ScoreMods<T>& mods, const S* qp, const at::Tensor& dout, int64_t b, int64_t h, int64_t r0, int64_t r1,
                    double softmax_scale, bool exact, DqScratch<T>& ws, S* dqp) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
@@ -593,6 +615,7 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
   std::fill(ws.acc.begin(), ws.acc.end(), GradAcc(0));
   const T* l2 = ops.lse2 + bh * ops.Sq_pad + r0;
   const T* dl = ops.delta + bh * ops.Sq_pad + r0;
+  const T slope2 = mods.slope2(b, h);
   for_each_key_tile<NR>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
     const int64_t panel = bhk * ops.Sk_pad * p.D + t0 * p.D;
     gemm<T>(rows, n, p.D, ws.q.data(), p.D, ops.kt + panel, p.D * NR, ws.s.data(), kTileK, false);
@@ -603,12 +626,16 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
         zero_row(s, n);
         continue;
       }
+      T* capgrad = mods.softcap() ? ws.capgrad.data() + r * kTileK : nullptr;
+      if (mods.on_scores()) mods.apply(s, n, slope2, static_cast<T>(r0 + r + pred.offset - t0), capgrad);
       mask_row(s, ws.spans[r], n);
       const T* dpr = ws.dp.data() + r * kTileK;
       const V lv = vsplat(l2[r]), dlv = vsplat(dl[r]);
       for (int64_t j = 0; j < n; j += W) {
         const V pr = exp2(vload(s + j) - lv);
-        vstore(s + j, pr * (vload(dpr + j) - dlv));
+        V dsv = pr * (vload(dpr + j) - dlv);
+        if (capgrad) dsv *= vload(capgrad + j);
+        vstore(s + j, dsv);
       }
       zero_outside(s, ws.spans[r], n);
     }
@@ -629,7 +656,7 @@ template <typename S>
 void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                      const BlockLut& lut, const BlockLut& tlut, const Predicates& pred, double softmax_scale,
-                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                     const ScoreMods<compute_t<S>>& mods, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using T = compute_t<S>;
   const Problem p = make_problem(q, k, v, kGemmN<T>);
 
@@ -671,12 +698,12 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
             queries += tile_queries(t / p.Hkv, t % p.Hkv, kt * TK, std::min((kt + 1) * TK, p.Sk));
           return queries;
         },
-        [&] { return KeyTileScratch<T>(p.D, p.Dp, p.group * p.Sq); },
+        [&] { return KeyTileScratch<T>(p.D, p.Dp, p.group * p.Sq, mods.softcap()); },
         [&](int64_t t, KeyTileScratch<T>& ws) {
           const int64_t b = t / p.Hkv, hk = t % p.Hkv;
           std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
           for (int64_t kt = 0; kt < k_tiles; ++kt)
-            key_tile_backward(p, ops, tlut, pred, kp, vp, b, hk, kt * TK, std::min((kt + 1) * TK, p.Sk), true, exact,
+            key_tile_backward(p, ops, tlut, pred, mods, kp, vp, b, hk, kt * TK, std::min((kt + 1) * TK, p.Sk), true, exact,
                               ws, dkp, dvp);
           for (int64_t g = 0; g < p.group; ++g)
             for (int64_t r = 0; r < p.Sq; ++r)
@@ -704,11 +731,11 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
                          p.Sk, [&](int64_t a, int64_t e) { keys += e - a; });
         return keys;
       },
-      [&] { return DqScratch<T>(p.D, p.Dp); },
+      [&] { return DqScratch<T>(p.D, p.Dp, mods.softcap()); },
       [&](int64_t t, DqScratch<T>& ws) {
         int64_t b, h, r0, r1;
         q_task(t, b, h, r0, r1);
-        query_tile_dq(p, ops, lut, pred, qp, dout, b, h, r0, r1, softmax_scale, exact, ws, dqp);
+        query_tile_dq(p, ops, lut, pred, mods, qp, dout, b, h, r0, r1, softmax_scale, exact, ws, dqp);
       });
   run_tasks(
       p.B * p.Hkv * k_tiles,
@@ -716,10 +743,10 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
         return tile_queries(b, hk, c0, std::min(c0 + TK, p.Sk));
       },
-      [&] { return KeyTileScratch<T>(p.D, p.Dp, 0); },
+      [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap()); },
       [&](int64_t t, KeyTileScratch<T>& ws) {
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
-        key_tile_backward(p, ops, tlut, pred, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false, exact, ws, dkp,
+        key_tile_backward(p, ops, tlut, pred, mods, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false, exact, ws, dkp,
                           dvp);
       });
 }
@@ -733,10 +760,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
     const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
     const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
     int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, int64_t map_rows,
-    int64_t map_cols, bool map_max) {
+    int64_t map_cols, bool map_max, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+    const c10::optional<at::Tensor>& sinks) {
   constexpr const char* op = "block_sparse_attn_fwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, false);
+  check_score_mod_args(op, q_in, softcap, alibi_slopes, sinks);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
   const Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
@@ -756,7 +785,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
                                  : at::empty({0}, q.options().dtype(lse_dtype));
   if (q.numel() == 0) return {out, lse, map_part};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd_cpu", [&] {
-    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, map, out, lse, map_part);
+    const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, sinks, q.size(2));
+    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, mods, map, out, lse, map_part);
   });
   return {out, lse, map_part};
 }
@@ -766,10 +796,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
     const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
-    int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right) {
+    int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const c10::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "block_sparse_attn_bwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, true);
+  check_score_mod_args(op, q_in, softcap, alibi_slopes, c10::nullopt);
   const bool has_lut = kv_num_blocks.has_value() && kv_num_blocks->defined();
   const bool has_tlut = q_num_blocks.has_value() && q_num_blocks->defined();
   TORCH_CHECK(has_lut == has_tlut, op, ": the backward needs both the block LUT and its transpose");
@@ -804,7 +836,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
     return {dq, dk, dv};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_bwd_cpu", [&] {
-    backward_kernel<scalar_t>(dout, dlse, q, k, v, out, lse, lut, tlut, pred, softmax_scale, dq, dk, dv);
+    const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, c10::nullopt, q.size(2));
+    backward_kernel<scalar_t>(dout, dlse, q, k, v, out, lse, lut, tlut, pred, softmax_scale, mods, dq, dk, dv);
   });
   return {dq, dk, dv};
 }

@@ -26,6 +26,7 @@
 #include "cpu/pack.h"
 #include "cpu/rows.h"
 #include "cpu/parallel.h"
+#include "cpu/score_mods.h"
 #include "cpu/softmax.h"
 #include "ops.h"
 
@@ -318,8 +319,9 @@ void combine_splits(const at::Tensor& opart, const at::Tensor& lpart, const at::
 
 template <typename S>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* seqlens,
-                   const BlockKeep& keep, double softmax_scale, int64_t left, int64_t num_splits, at::Tensor& out,
-                   at::Tensor& lse, int64_t map_cols, bool map_max, at::Tensor& map) {
+                   const BlockKeep& keep, double softmax_scale, int64_t left, int64_t num_splits,
+                   const ScoreMods<compute_t<S>>& mods, at::Tensor& out, at::Tensor& lse, int64_t map_cols,
+                   bool map_max, at::Tensor& map) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
@@ -413,6 +415,11 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; ++r) ws.active[hk] |= !ws.spans[r].empty();
           }
           tile_scores(kbase + t0 * sk_s, sk_s, sk_h, nk, s1 - t0, Hkv, group_rows, D, Dp, ws.active.data(), ws, stile);
+          if (mods.on_scores())
+            for (int64_t r = 0; r < rows; ++r)
+              if (!ws.spans[r].empty())  // row r: head r / Sq at position seqlen - Sq + r % Sq
+                mods.apply(ws.s.data() + r * stile, n, mods.slope2(b, r / Sq),
+                           static_cast<T>(seqlen - Sq + r % Sq - t0));
           for (int64_t r = 0; r < rows; ++r)
             softmax_row(ws.s.data() + r * stile, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
           map_rows(0, rows, t0);
@@ -470,10 +477,12 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cache_seqlens,
     const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k, double softmax_scale,
-    int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max) {
+    int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max, double softcap,
+    const c10::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "decode_attn_fwd";
   check_decode_args(op, q_in, k_in, v_in, block_keep, block_q, block_k, softmax_scale, window_left, num_splits,
                     map_cols);
+  check_score_mod_args(op, q_in, softcap, alibi_slopes, c10::nullopt);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const at::Tensor lens = checked_lengths(op, "cache_seqlens", cache_seqlens, q.size(0), k.size(1));
   window_left = std::min(window_left, k.size(1));  // wider than the cache: unbounded (and no overflow)
@@ -494,8 +503,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(
                                 : at::empty({0}, q.options().dtype(lse_dtype));
   if (q.numel() == 0) return {out, lse, map};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attn_fwd_cpu", [&] {
-    decode_kernel<scalar_t>(q, k, v, lens.data_ptr<int32_t>(), keep, softmax_scale, window_left, num_splits, out, lse,
-                            map_cols, map_max, map);
+    const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, c10::nullopt, q.size(2));
+    decode_kernel<scalar_t>(q, k, v, lens.data_ptr<int32_t>(), keep, softmax_scale, window_left, num_splits, mods, out,
+                            lse, map_cols, map_max, map);
   });
   return {out, lse, map};
 }

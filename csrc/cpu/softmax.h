@@ -62,24 +62,24 @@ inline void gemm_in_spans(int64_t rows, const RowSpan* spans, int64_t N, const T
   }
 }
 
-// One online-softmax step on a tile row: updates the running max m and sum l, turns s into P and
-// returns in alpha the factor by which the row's output accumulator must be rescaled (the P V
-// GEMM applies it as it loads the accumulator).
+// The largest score of a row, NaN-propagating.
 template <typename T>
-inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T& alpha) {
+inline T row_max(const T* s, int64_t n) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  V mx = vsplat<T>(-std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < n; j += W) mx = vmax_nan<T>(vload(s + j), mx);
+  return hmax<T>(mx);
+}
+
+// The exponential half of an online-softmax step, given the (masked) row's max m_tile: updates the
+// running max m and sum l, turns s into P and returns in alpha the factor by which the row's output
+// accumulator must be rescaled.
+template <typename T>
+inline void softmax_row_exp(T* s, int64_t n, T m_tile, T& m, T& l, T& alpha) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   alpha = T(1);
-  if (span.empty()) {
-    zero_row(s, n);
-    return;
-  }
-  mask_row(s, span, n);
-  V mx = vsplat<T>(-std::numeric_limits<T>::infinity());
-  for (int64_t j = 0; j < n; j += W) {
-    mx = vmax_nan<T>(vload(s + j), mx);
-  }
-  const T m_tile = hmax<T>(mx);
   const T m_new = m_tile != m_tile ? m_tile : std::max(m, m_tile);
   if (m_new == -std::numeric_limits<T>::infinity()) {  // only reachable with -inf scores
     zero_row(s, n);
@@ -95,6 +95,20 @@ inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T& alpha) {
   }
   l = l * alpha + hsum<T>(sum);
   m = m_new;
+}
+
+// One online-softmax step on a tile row: updates the running max m and sum l, turns s into P and
+// returns in alpha the factor by which the row's output accumulator must be rescaled (the P V
+// GEMM applies it as it loads the accumulator).
+template <typename T>
+inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T& alpha) {
+  alpha = T(1);
+  if (span.empty()) {
+    zero_row(s, n);
+    return;
+  }
+  mask_row(s, span, n);
+  softmax_row_exp(s, n, row_max(s, n), m, l, alpha);
 }
 
 }  // namespace attnops::cpu

@@ -16,10 +16,16 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cache_seqlens,
     const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k, double softmax_scale,
-    int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max) {
+    int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max, double softcap,
+    const c10::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "decode_attn_fwd";
   check_decode_args(op, q_in, k_in, v_in, block_keep, block_q, block_k, softmax_scale, window_left, num_splits,
                     map_cols);
+  check_score_mod_args(op, q_in, softcap, alibi_slopes, c10::nullopt);
+  // Score modifiers live in the Triton decode kernel (the default on CUDA tensors) and the C++ one.
+  TORCH_CHECK(softcap == 0 && !(alibi_slopes.has_value() && alibi_slopes->defined()), op,
+              ": the CUDA decode kernel does not implement softcap or alibi_slopes; use backend='triton' (the "
+              "default on CUDA tensors)");
   // the block map of this backend is a second pass in Python (attnops.kernels.block_map.decode_block_map)
   TORCH_CHECK(map_cols == 0, "the CUDA decode kernel computes no fused block map");
   const auto dtype = q_in.scalar_type();

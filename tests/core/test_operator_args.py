@@ -36,12 +36,13 @@ CHILD = textwrap.dedent(r'''
     I32 = dict(dtype=torch.int32)
 
     FWD_ORDER = ["q", "k", "v", "kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices", "block_q", "block_k",
-                 "softmax_scale", "causal", "window_left", "window_right", "map_rows", "map_cols", "map_max"]
+                 "softmax_scale", "causal", "window_left", "window_right", "map_rows", "map_cols", "map_max", "softcap",
+                 "alibi_slopes", "sinks"]
 
     def fwd_args(**over):
         q, k, v = qkv()
         a = dict(q=q, k=k, v=v, **LUT, block_q=64, block_k=64, softmax_scale=0.2, causal=True, window_left=-1,
-                 window_right=-1, map_rows=0, map_cols=0, map_max=False)
+                 window_right=-1, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None)
         a.update(over)
         return [a[n] for n in FWD_ORDER]
 
@@ -49,19 +50,20 @@ CHILD = textwrap.dedent(r'''
         q, k, v = qkv()
         a = dict(dout=torch.randn_like(q), dlse=None, q=q, k=k, v=v, out=torch.randn_like(q),
                  lse=torch.randn(B, H, S), **LUT, block_q=64, block_k=64, softmax_scale=0.2, causal=True,
-                 window_left=-1, window_right=-1)
+                 window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None)
         a.update(over)
-        order = ["dout", "dlse", "q", "k", "v", "out", "lse"] + FWD_ORDER[3:13]
+        order = ["dout", "dlse", "q", "k", "v", "out", "lse"] + FWD_ORDER[3:13] + ["softcap", "alibi_slopes"]
         return [a[n] for n in order]
 
     def dec_args(**over):
         q = torch.randn(B, 2, H, D)
         k, v = torch.randn(B, S, HKV, D), torch.randn(B, S, HKV, D)
         a = dict(q=q, k=k, v=v, lens=torch.tensor([100], dtype=torch.int32), keep=None, block_q=64, block_k=64,
-                 softmax_scale=0.2, window_left=-1, num_splits=0, map_cols=0, map_max=False)
+                 softmax_scale=0.2, window_left=-1, num_splits=0, map_cols=0, map_max=False, softcap=0.0,
+                 alibi_slopes=None)
         a.update(over)
         return [a[n] for n in ["q", "k", "v", "lens", "keep", "block_q", "block_k", "softmax_scale", "window_left",
-                               "num_splits", "map_cols", "map_max"]]
+                               "num_splits", "map_cols", "map_max", "softcap", "alibi_slopes"]]
 
     def low_args(**over):
         q, k, v = qkv()
@@ -113,6 +115,14 @@ CHILD = textwrap.dedent(r'''
         "map_cols = 0 with a map": dict(map_rows=16, map_cols=0),
         "map_rows < 0": dict(map_rows=-16, map_cols=16),
         "NaN softmax_scale": dict(softmax_scale=float("nan")),
+        "softcap < 0": dict(softcap=-1.0),
+        "softcap inf": dict(softcap=float("inf")),
+        "alibi_slopes (H + 1,)": dict(alibi_slopes=torch.rand(H + 1)),
+        "alibi_slopes (B + 1, H)": dict(alibi_slopes=torch.rand(B + 1, H)),
+        "alibi_slopes integer": dict(alibi_slopes=torch.ones(H, dtype=torch.int32)),
+        "sinks (Hkv,)": dict(sinks=torch.randn(HKV)),
+        "sinks (1, H)": dict(sinks=torch.randn(1, H)),
+        "sinks integer": dict(sinks=torch.ones(H, dtype=torch.int64)),
     }
     BWD = {
         "lse shape": dict(lse=torch.randn(B, H, 3)),
@@ -128,6 +138,8 @@ CHILD = textwrap.dedent(r'''
         "transposed index >= Nq": dict(q_indices=torch.full_like(MASK.q_indices, 9)),
         "Hkv = 0": dict(k=hkv0[1], v=hkv0[2]),
         "block_k = 0": dict(block_k=0),
+        "softcap < 0": dict(softcap=-2.0),
+        "alibi_slopes 3-d": dict(alibi_slopes=torch.rand(1, 1, H)),
     }
     DEC = {
         "Hkv = 0": dict(k=torch.randn(B, S, 0, D), v=torch.randn(B, S, 0, D)),
@@ -148,6 +160,8 @@ CHILD = textwrap.dedent(r'''
         "map_cols < 0": dict(map_cols=-64),
         "head dim 300": dict(q=torch.randn(B, 2, H, 300), k=torch.randn(B, S, HKV, 300), v=torch.randn(B, S, HKV, 300)),
         "q rank 3": dict(q=torch.randn(2, H, D)),
+        "softcap NaN": dict(softcap=float("nan")),
+        "alibi_slopes (2 * H,)": dict(alibi_slopes=torch.rand(2 * H)),
     }
     LOW = {
         "Hkv = 0": dict(k=hkv0[1], v=hkv0[2], ks=hkv0[1][..., :8]),
@@ -187,7 +201,7 @@ CHILD = textwrap.dedent(r'''
                 try:
                     args = build(**over)
                     if name == "decode_attn_fwd_triton":
-                        args = args[:10]  # no fused-map arguments
+                        args = args[:10] + args[12:]  # no fused-map arguments
                     op(*args)
                 except Exception as e:  # noqa: BLE001
                     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

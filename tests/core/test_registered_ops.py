@@ -32,21 +32,30 @@ def block_sparse_fwd_map():
     return (q, k, v, *_lut(), 0.25, True, -1, -1, 16, 32, False)
 
 
+def block_sparse_fwd_mods():
+    """softcap, ALiBi and learnable sinks: the sinks' gradient goes through the autograd registration."""
+    q, k, v = _qkv(grad=True)
+    return (q, k, v, *_lut(), 0.25, True, -1, -1, 0, 0, False, 5.0, torch.rand(H), torch.randn(H, requires_grad=True))
+
+
 def block_sparse_bwd(name):
     def build():
         q, k, v = _qkv()
         fwd = getattr(torch.ops.attnops, name.replace("_bwd", "_fwd"))
         out, lse, _ = fwd(q, k, v, *_lut(), 0.25, True, -1, -1)
-        return (torch.randn_like(out), None, q, k, v, out, lse, *_lut(), 0.25, True, -1, -1)
+        return (torch.randn_like(out), None, q, k, v, out, lse, *_lut(), 0.25, True, -1, -1, 3.0, torch.rand(B, H))
     return build
 
 
-def decode(fused_map):
+def decode(fused_map, triton=False):
     def build():
         q = torch.randn(2, 3, H, D)
         k, v = torch.randn(2, 100, HKV, D), torch.randn(2, 100, HKV, D)
         args = (q, k, v, torch.tensor([100, 37], dtype=torch.int32), None, 0, 0, 0.25, -1, 0)
-        return args + ((32, False) if fused_map else ())
+        mods = (4.0, torch.rand(H))  # softcap, ALiBi slopes
+        if triton:  # no fused-map arguments
+            return args + mods
+        return args + ((32, False) if fused_map else (0, False)) + mods
     return build
 
 
@@ -79,12 +88,12 @@ def linear_recurrent():
 
 
 SAMPLES = {
-    "block_sparse_attn_fwd": [block_sparse_fwd, block_sparse_fwd_map],
+    "block_sparse_attn_fwd": [block_sparse_fwd, block_sparse_fwd_map, block_sparse_fwd_mods],
     "block_sparse_attn_bwd": [block_sparse_bwd("block_sparse_attn_bwd")],
-    "block_sparse_attn_fwd_triton": [block_sparse_fwd, block_sparse_fwd_map],
+    "block_sparse_attn_fwd_triton": [block_sparse_fwd, block_sparse_fwd_map, block_sparse_fwd_mods],
     "block_sparse_attn_bwd_triton": [block_sparse_bwd("block_sparse_attn_bwd_triton")],
     "decode_attn_fwd": [decode(False), decode(True)],
-    "decode_attn_fwd_triton": [decode(False)],
+    "decode_attn_fwd_triton": [decode(False, triton=True)],
     "lowrank_attn_fwd": [lowrank],
     "lowrank_attn_fwd_triton": [lowrank],
     "moba_route": [moba_route],

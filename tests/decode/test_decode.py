@@ -13,7 +13,7 @@ import torch
 import attnops
 from attnops import BlockMask, dispatch
 from attnops.ops.decode import reference
-from helpers import DTYPE_IDS, assert_accurate, ragged_lengths
+from helpers import DTYPE_IDS, assert_accurate, make_decode_inputs, ragged_lengths
 
 # (B, S_max, H, Hkv, D, Sq_new)
 SHAPES = [
@@ -51,10 +51,7 @@ def check_decode(q, k, v, lens, block_mask=None, window=(-1, -1), num_splits=0, 
 def test_decode_matches_reference(shape, num_splits, dtype, fwd_impl):
     B, S, H, Hkv, D, Sq = shape
     dev = fwd_impl.device
-    q = torch.randn(B, Sq, H, D, dtype=dtype, device=dev)
-    k = torch.randn(B, S, Hkv, D, dtype=dtype, device=dev)
-    v = torch.randn(B, S, Hkv, D, dtype=dtype, device=dev)
-    lens = ragged_lengths(B, S).to(dev)
+    q, k, v, lens = make_decode_inputs(shape, dtype, dev)
     out, lse = check_decode(q, k, v, lens, num_splits=num_splits, backend=fwd_impl.backend)
     if B > 1:  # the empty sequence: zeros and lse = -inf
         assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0]))

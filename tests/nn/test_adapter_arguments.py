@@ -31,16 +31,37 @@ def _window_configs():
     }
 
 
-def _pair(cfg, auto):
+def _pair(cfg, auto, init=None, **extra):
+    """(eager float64, ours float32, eager float32) with one set of weights; ``init(model)`` edits the
+    random weights first (e.g. sinks far from their zero init)."""
     auto_cls = getattr(transformers, auto)
     torch.manual_seed(0)
     impl = hf_attnops.register()
-    ref = auto_cls.from_config(copy.deepcopy(cfg), attn_implementation="eager").double().eval()
-    ours = auto_cls.from_config(copy.deepcopy(cfg), attn_implementation=impl).eval()
+    ref = auto_cls.from_config(copy.deepcopy(cfg), attn_implementation="eager", **extra).double().eval()
+    if init is not None:
+        with torch.no_grad():
+            init(ref)
+    ours = auto_cls.from_config(copy.deepcopy(cfg), attn_implementation=impl, **extra).eval()
     ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
-    low = auto_cls.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    low = auto_cls.from_config(copy.deepcopy(cfg), attn_implementation="eager", **extra).eval()
     low.load_state_dict(ours.state_dict())
     return ref, ours, low
+
+
+def _loss_and_grads(model, ids, names):
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    params = dict(model.named_parameters())
+    return loss.detach(), [params[n].grad.detach().clone() for n in names]
+
+
+def _compare_training(name, ref, ours, low, ids, names):
+    """Loss and the gradients of ``names`` (the attention's own parameters among them) against eager."""
+    got, want, base = (_loss_and_grads(m, ids, names) for m in (ours, ref, low))
+    assert_accurate(f"{name} loss", got[0], want[0], base[0])
+    for n, a, b, c in zip(names, got[1], want[1], base[1]):
+        assert_accurate(f"{name} d{n}", a, b, c)
 
 
 @pytest.mark.parametrize("name", ["mistral-window64", "qwen2-window48", "gemma3-local"])
@@ -59,14 +80,18 @@ def test_sliding_window_models_match_eager(name):
         assert (full(ids).logits - ref(ids).logits).abs().max() > 1e-3
 
 
+def _assert_same_generation(ours, low, prompt, new_tokens=8):
+    """Greedy cached generation picks the same tokens as eager (float32 both)."""
+    with torch.no_grad():
+        a = ours.eval().generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=True)
+        b = low.eval().generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    assert torch.equal(a, b)
+
+
 def test_cached_generation_with_a_window_matches_eager():
     cfg, auto = _window_configs()["mistral-window64"]
     _, ours, low = _pair(cfg, auto)
-    ids = torch.randint(0, 97, (1, 80))
-    with torch.no_grad():
-        a = ours.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
-        b = low.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
-    assert torch.equal(a, b)
+    _assert_same_generation(ours, low, torch.randint(0, 97, (1, 80)))
 
 
 def test_modernbert_local_attention_matches_eager():
@@ -82,6 +107,80 @@ def test_modernbert_local_attention_matches_eager():
         assert_accurate("modernbert logits", ours(ids).logits, ref(ids).logits, low(ids).logits)
 
 
+def _gpt_oss():
+    from transformers import GptOssConfig
+
+    cfg = GptOssConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
+                       layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                       rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+
+    def sinks_far_from_zero(model):  # gpt-oss initialises them N(0, std); trained sinks are O(1)
+        for n, p in model.named_parameters():
+            if n.endswith("sinks"):
+                p.normal_(0.0, 2.0)
+
+    # the MoE's grouped matmul has no float64 kernel: the eager experts run in every copy
+    return _pair(cfg, "AutoModelForCausalLM", init=sinks_far_from_zero, experts_implementation="eager")
+
+
+def test_gpt_oss_sinks_and_window_match_eager():
+    """gpt-oss: learnable sinks (s_aux) on every layer, a sliding window on the first: logits, loss and
+    gradients (the sinks' own included), and a check that the sinks matter."""
+    ref, ours, low = _gpt_oss()
+    ids = torch.randint(0, 97, (2, 90))  # longer than the window
+    with torch.no_grad():
+        assert_accurate("gpt-oss logits", ours(ids).logits, ref(ids).logits, low(ids).logits)
+        plain = copy.deepcopy(ref)
+        for n, p in plain.named_parameters():
+            if n.endswith("sinks"):
+                p.fill_(-1e4)  # no sink
+        assert (plain(ids).logits - ref(ids).logits).abs().max() > 1e-3
+    names = ["model.layers.0.self_attn.sinks", "model.layers.1.self_attn.sinks", "model.layers.0.self_attn.q_proj.weight",
+             "model.layers.1.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+    _compare_training("gpt-oss", ref.train(), ours.train(), low.train(), ids, names)
+
+
+def test_gpt_oss_cached_generation_matches_eager():
+    _, ours, low = _gpt_oss()
+    _assert_same_generation(ours, low, torch.randint(0, 97, (1, 40)))
+
+
+def test_gemma2_softcap_and_window_match_eager():
+    """Gemma 2: attention logit softcapping on every layer (50 is its default; 2 here so that the cap bites on
+    random weights), a sliding window on local layers."""
+    from transformers import Gemma2Config
+
+    cfg = Gemma2Config(**COMMON, head_dim=16, sliding_window=40, attn_logit_softcapping=2.0, query_pre_attn_scalar=16,
+                       layer_types=["sliding_attention", "full_attention"])
+    def sharp_scores(model):  # random init gives |scores| << 1, where tanh is the identity
+        for n, p in model.named_parameters():
+            if n.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(12.0)
+
+    ref, ours, low = _pair(cfg, "AutoModelForCausalLM", init=sharp_scores)
+    ids = torch.randint(0, 97, (2, 100))
+    with torch.no_grad():
+        assert_accurate("gemma2 logits", ours(ids).logits, ref(ids).logits, low(ids).logits)
+        uncapped = copy.deepcopy(cfg)
+        uncapped.attn_logit_softcapping = None
+        free = transformers.AutoModelForCausalLM.from_config(uncapped, attn_implementation="eager").double().eval()
+        free.load_state_dict(ref.state_dict())
+        assert (free(ids).logits - ref(ids).logits).abs().max() > 1e-3
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"]
+    _compare_training("gemma2", ref.train(), ours.train(), low.train(), ids, names)
+    _assert_same_generation(ours, low, ids[:1, :50], new_tokens=6)
+
+
+def test_sinks_and_softcap_are_refused_by_specs_that_cannot_apply_them():
+    fn = hf_attnops._attention_forward(attnops.nn.LinearAttentionSpec(feature_map="elu"))
+    q = torch.randn(1, 4, 16, 16)
+    with pytest.raises(NotImplementedError, match="sinks"):
+        fn(torch.nn.Module().eval(), q, q, q, None, s_aux=torch.zeros(4))
+    with pytest.raises(NotImplementedError, match="softcap"):
+        fn(torch.nn.Module().eval(), q, q, q, None, softcap=30.0)
+
+
 def _call(**kwargs):
     fn = hf_attnops._attention_forward(attnops.nn.SoftmaxSpec())
     module = torch.nn.Module().eval()
@@ -92,8 +191,6 @@ def _call(**kwargs):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(s_aux=torch.zeros(4)), "s_aux"),
-    (dict(softcap=50.0), "softcap"),
     (dict(position_bias=torch.zeros(1, 4, 10, 10)), "position_bias"),
     (dict(cu_seq_lens_q=torch.tensor([0, 5, 10])), "cu_seq_lens_q"),
     (dict(output_attentions=True), "output_attentions"),

@@ -10,10 +10,10 @@ from attnops.compat.flash_attn import (flash_attn_func, flash_attn_kvpacked_func
 from attnops.ops.softmax import reference
 
 
-def ref(q, k, v, causal=False, window=(-1, -1), scale=None):
+def ref(q, k, v, causal=False, window=(-1, -1), scale=None, **mods):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return reference.block_sparse_attention(q.double(), k.double(), v.double(), None, causal=causal,
-                                            window_size=window, softmax_scale=scale)
+                                            window_size=window, softmax_scale=scale, **mods)
 
 
 @pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (16, 8)), (True, (20, 0))])
@@ -38,8 +38,34 @@ def test_packed_variants():
                                flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True))
 
 
-@pytest.mark.parametrize("kwargs, words", [(dict(dropout_p=0.1), "dropout_p"), (dict(softcap=30.0), "softcap"),
-                                           (dict(alibi_slopes=torch.ones(4)), "alibi_slopes")])
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap_and_alibi_positional(causal):
+    """flash_attn's positional order through softcap (8th) and alibi_slopes (9th), with gradients."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, s, h, 32, requires_grad=True) for s, h in ((60, 4), (75, 2), (75, 2)))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    out = flash_attn_func(q, k, v, 0.0, None, causal, (-1, -1), 1.5, slopes)
+    want, _ = ref(q, k, v, causal, softcap=1.5, alibi_slopes=slopes)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    g64 = torch.autograd.grad(want.sum(), (q, k, v))
+    for a, b in zip(g, g64):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_varlen_per_sequence_alibi():
+    torch.manual_seed(5)
+    cu = torch.tensor([0, 7, 30], dtype=torch.int32)
+    q, k, v = torch.randn(30, 2, 16), torch.randn(30, 2, 16), torch.randn(30, 2, 16)
+    slopes = torch.tensor([[0.5, 0.1], [0.05, 1.0]])
+    out = flash_attn_varlen_func(q, k, v, cu, cu, 23, 23, causal=True, softcap=3.0, alibi_slopes=slopes)
+    for i in range(2):
+        a, b = cu[i], cu[i + 1]
+        want, _ = ref(q[None, a:b], k[None, a:b], v[None, a:b], True, softcap=3.0, alibi_slopes=slopes[i])
+        torch.testing.assert_close(out[a:b].double(), want[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, words", [(dict(dropout_p=0.1), "dropout_p")])
 def test_unsupported_arguments_are_refused(kwargs, words):
     q = torch.randn(1, 8, 4, 16)
     with pytest.raises(NotImplementedError, match=words):

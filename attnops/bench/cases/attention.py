@@ -6,6 +6,8 @@ Parameters (suite ``params`` or case keys):
   block_sparse_attention: mask (a BlockMask constructor name), mask_args (dict), block_size (int)
   both:                   block_map (bool): time the forward with its block map (return_block_map)
                           against the same forward without it (the block-map issue's <= 1.6x target)
+                          score_mod ("softcap" | "alibi" | "sinks"): time the op with that modifier
+                          against the same op without it (issue 21: within 1.10x)
 The baseline of a sparse case is *dense* non-causal FlashAttention / SDPA of the same shape: the
 speedup then reads against the density of the mask (the target of the core issue is >= 0.8 / d).
 """
@@ -39,8 +41,11 @@ def qkv_inputs(spec: CaseSpec):
     return make
 
 
-def reference_rows(mask: Optional[BlockMask], causal: bool, window: Tuple[int, int], scale: float):
-    """fn(inputs, rows, dtype) -> reference output rows (B, R, H, D), in row chunks."""
+def reference_rows(mask: Optional[BlockMask], causal: bool, window: Tuple[int, int], scale: float,
+                   mods: Optional[dict] = None):
+    """fn(inputs, rows, dtype) -> reference output rows (B, R, H, D), in row chunks; ``mods``: the op's
+    score modifiers."""
+    mods = {n: (t.detach().cpu() if isinstance(t, torch.Tensor) else t) for n, t in (mods or {}).items()}
 
     def ref(inputs, rows, dtype):
         q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
@@ -48,7 +53,7 @@ def reference_rows(mask: Optional[BlockMask], causal: bool, window: Tuple[int, i
         B, _, H, _ = q.shape
         chunk = max(1, _REF_CHUNK_SCORES // max(1, B * H * k.shape[1]))
         outs = [reference.block_sparse_attention_rows(q, k, v, m, rows[i:i + chunk], causal=causal,
-                                                      window_size=window, softmax_scale=scale)[0]
+                                                      window_size=window, softmax_scale=scale, **mods)[0]
                 for i in range(0, rows.numel(), chunk)]
         return torch.cat(outs, dim=1)
 
@@ -116,23 +121,50 @@ def _map_overhead(spec: CaseSpec, op_run):
     return with_map, Provider(name="no map", run=op_run), [], []
 
 
+def score_mods(spec: CaseSpec) -> dict:
+    """The case's ``score_mod`` as op arguments, fixed by the seed: softcap 5 (scores of unit inputs are
+    O(1): the cap bites), ALiBi's geometric slopes, sinks N(0, 1)."""
+    name = spec.params.get("score_mod")
+    H = spec.shape["H"]
+    if name is None:
+        return {}
+    if name == "softcap":
+        return dict(softcap=5.0)
+    if name == "alibi":
+        return dict(alibi_slopes=torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device=spec.device))
+    if name == "sinks":
+        return dict(sinks=torch.randn(H, generator=torch.Generator().manual_seed(0)).to(spec.device))
+    raise ValueError(f"unknown score_mod {name!r}: softcap, alibi or sinks")
+
+
+def _mod_overhead(spec: CaseSpec, op_run, mods: dict):
+    """Providers of a score_mod case: the op with the modifier, baseline the op without it."""
+    wrap = baselines.with_backward if spec.mode == "fwd+bwd" else (lambda p: p)
+    grads = lambda st: st  # noqa: E731
+    return (wrap(Provider(name="attnops", run=lambda st: op_run(st, **mods), grad_inputs=grads)),
+            wrap(Provider(name="no modifier", run=op_run, grad_inputs=grads, same_function=False)), [], [])
+
+
 def build_attention(spec: CaseSpec) -> Prepared:
     s = spec.shape
     causal = bool(spec.params.get("causal", False))
     window = tuple(spec.params.get("window", (-1, -1)))
     scale = s["D"] ** -0.5
+    mods = score_mods(spec)
     op_run = lambda st, **kw: attnops.attention(*st, causal=causal, window_size=window, **kw)  # noqa: E731
     # SDPA/FA have no window here; a windowed case still compares with dense attention of the
     # same causality. SDPA aligns causal top-left, so Sq != Sk is a different function there.
     same = window == (-1, -1) and (not causal or s["Sq"] == s["Sk"])
     if spec.params.get("block_map"):
         op, base, extras, notes = _map_overhead(spec, op_run)
+    elif mods:
+        op, base, extras, notes = _mod_overhead(spec, op_run, mods)
     else:
         op, base, extras, notes = _providers(spec, op_run, None, causal, window, causal, same)
     dense, actual = _flops(spec, _pairs_dense(s["Sq"], s["Sk"], causal, window) * s["B"] * s["H"])
     return Prepared(
         make_inputs=qkv_inputs(spec), op=op, baseline=base, extras=extras,
-        reference=reference_rows(None, causal, window, scale),
+        reference=reference_rows(None, causal, window, scale, mods),
         select_rows=lambda out, rows: out[:, rows.to(out.device)],
         num_rows=s["Sq"], flops_dense=dense, flops_actual=actual, notes=notes,
     )

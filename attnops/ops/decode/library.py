@@ -28,9 +28,12 @@ from attnops.ops.decode.map import decode_block_map
 _ARGS = [Arg("q", "Tensor"), Arg("k_cache", "Tensor"), Arg("v_cache", "Tensor"), Arg("cache_seqlens", "Tensor"),
          Arg("block_keep", "Tensor?"), Arg("block_q", "int"), Arg("block_k", "int"), Arg("softmax_scale", "float"),
          Arg("window_left", "int"), Arg("num_splits", "int")]
-FWD = OpDef("decode_attn_fwd", _ARGS + [Arg("map_cols", "int", "0"), Arg("map_max", "bool", "False")],
+# softcap (0: off) and ALiBi slopes (B|1, H), as in the softmax core; sinks are folded into (out, lse) after
+# the kernel (fold_sinks), the same for every backend.
+_SCORE_MODS = [Arg("softcap", "float", "0.0"), Arg("alibi_slopes", "Tensor?", "None")]
+FWD = OpDef("decode_attn_fwd", _ARGS + [Arg("map_cols", "int", "0"), Arg("map_max", "bool", "False")] + _SCORE_MODS,
             "(Tensor, Tensor, Tensor)")
-FWD_TRITON = OpDef("decode_attn_fwd_triton", _ARGS, "(Tensor, Tensor)")
+FWD_TRITON = OpDef("decode_attn_fwd_triton", _ARGS + _SCORE_MODS, "(Tensor, Tensor)")
 
 
 def fwd_fake(q, k_cache, map_cols, **_):
@@ -60,22 +63,41 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, fused_map: bool = Fal
     the lse (:func:`attnops.ops.decode.map.decode_block_map`)."""
 
     def decode_attention(q, k_cache, v_cache, cache_seqlens, block_mask, *, window_size, softmax_scale,
-                         num_splits=0, block_map: Optional[_map.MapRequest] = None):
+                         num_splits=0, block_map: Optional[_map.MapRequest] = None, softcap: float = 0.0,
+                         alibi_slopes: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None):
         keep, block_q, block_k = block_keep(block_mask)
         args = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_keep=keep,
                     block_q=block_q, block_k=block_k, softmax_scale=float(softmax_scale), window_left=window_size[0],
-                    num_splits=int(num_splits))
+                    num_splits=int(num_splits), softcap=float(softcap), alibi_slopes=alibi_slopes)
         if block_map is None:
             res = fwd.call(fwd_op, **args)
-            return res[0], res[1]
+            return fold_sinks(res[0], res[1], sinks)[:2]
         if fused_map:
             out, lse, rows = fwd.call(fwd_op, **args, map_cols=block_map.block_k, map_max=block_map.reduce == "max")
+            out, lse, rows = fold_sinks(out, lse, sinks, rows)
             return out, lse, _map.finish(rows, lse, 1, block_map)
-        out, lse = fwd.call(fwd_op, **args)[:2]
+        out, lse = fold_sinks(*fwd.call(fwd_op, **args)[:2], sinks)[:2]
         return out, lse, decode_block_map(q, k_cache, cache_seqlens, lse, block_mask, window_size[0], block_map,
-                                          float(softmax_scale))
+                                          float(softmax_scale), softcap=softcap, alibi_slopes=alibi_slopes)
 
     return decode_attention
+
+
+def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tensor],
+               rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Sinks ``(H,)`` joined to a finished softmax: ``lse' = logaddexp(lse, sink)``, the output (and the
+    per-row block map ``rows (B, H, Sq, Nk)``) scaled by ``exp(lse - lse')``; a row that saw no key keeps
+    out 0 and gets lse = the sink. Exact, O(B * H * Sq * D): decoding reads the whole cache per step, this
+    is a rounding error of that (and one code path for every backend)."""
+    if sinks is None:
+        return out, lse, rows
+    sink = sinks.to(lse.dtype).view(1, -1, 1)
+    new_lse = torch.logaddexp(lse, sink)
+    factor = torch.exp(torch.where(torch.isneginf(lse), float("-inf"), lse - new_lse))  # (B, H, Sq)
+    out = (out.to(factor.dtype) * factor.transpose(1, 2).unsqueeze(-1)).to(out.dtype)
+    if rows is not None:
+        rows = rows * factor.unsqueeze(-1).to(rows.dtype)
+    return out, new_lse, rows
 
 
 FWD.define()

@@ -11,14 +11,15 @@ from attnops.core.block_map import MapRequest, finish
 
 def decode_block_map(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, lse: torch.Tensor,
                      block_mask, window_left: int, request: MapRequest, softmax_scale: float,
-                     chunk: int = 4096) -> torch.Tensor:
+                     chunk: int = 4096, softcap: float = 0.0, alibi_slopes=None) -> torch.Tensor:
     """The block map of a decode step, from the decode kernel's ``lse (B, H, Sq_new)``.
 
     Decoding has at most 64 query rows, so the map is a batched ``q K^T`` over the cache in chunks
     of ``chunk`` keys: memory ``B * H * Sq_new * chunk``, never a square matrix, one extra read of K
     and none of V. The keep predicate is the decode kernels' (``attnops.decode_attention``): query
     ``i`` of sequence ``b`` sits at ``cache_seqlens[b] - Sq_new + i``, sees keys up to it (and back to
-    ``pos - window_left``), in the blocks ``block_mask`` keeps.
+    ``pos - window_left``), in the blocks ``block_mask`` keeps. ``softcap`` / ``alibi_slopes`` modify the
+    scores as in the kernels; ``lse`` includes any sinks.
     """
     B, Sq, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -43,7 +44,14 @@ def decode_block_map(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torc
         if kept_blocks is not None:
             keep = keep & kept_blocks[..., j.view(-1) // block_mask.block_size[1]]
         kc = k_cache[:, lo:hi].to(work).permute(0, 2, 3, 1)  # (B, Hkv, D, n)
-        p = torch.exp(torch.matmul(qg, kc) - lse_rows).view(B, H, Sq, hi - lo).masked_fill(~keep, 0.0)
+        s = torch.matmul(qg, kc).view(B, H, Sq, hi - lo)
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.to(device=q.device, dtype=work)
+            slopes = (slopes if slopes.dim() == 2 else slopes.unsqueeze(0)).view(-1, H, 1, 1)
+            s = s - slopes * (pos - j).abs().to(work)
+        p = torch.exp(s - lse_rows.view(B, H, Sq, 1)).masked_fill(~keep, 0.0)
         width = -(-(hi - lo) // request.block_k) * request.block_k
         p = torch.nn.functional.pad(p, (0, width - (hi - lo))).view(B, H, Sq, -1, request.block_k)
         first = lo // request.block_k

@@ -13,8 +13,8 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
-from attnops.core.checks import (QKVShape, check_block_mask, check_flag, check_qkv, clamp_window, refuse_forward_ad,
-                                 resolve_softmax_scale)
+from attnops.core.checks import (QKVShape, check_block_mask, check_flag, check_qkv, check_score_mods, clamp_window,
+                                 refuse_forward_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 from attnops.ops.lowrank.op import check_lowrank_args, lowrank_decode
@@ -32,6 +32,9 @@ def decode_attention(
     softmax_scale: Optional[float] = None,
     block_mask: Optional[BlockMask] = None,
     window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -57,6 +60,8 @@ def decode_attention(
         block_mask: optional ``BlockMask`` over the ``(Sq_new, S_max)`` plane: key blocks of the cache
             each head may read (routed and low-rank decoding); batch/head dims 1 or B/H.
         window_size: ``(left, right)``; decoding is causal, so ``right`` must be -1 or 0.
+        softcap, alibi_slopes, sinks: score modifiers as in :func:`attnops.attention` (ALiBi's distance is
+            from each new token's position in the cache). Forward only, like the op; not with ``lowrank``.
         return_lse: also return lse ``(B, H, Sq_new)``.
         {map_args} The map covers the cache ``(Sq_new, S_max)`` plane; default block: the block mask's,
             else 64. The C++ kernel sums the probabilities per map block with the forward (each
@@ -103,7 +108,10 @@ def decode_attention(
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
     if lowrank is not None or rank is not None or topk is not None:
+        if softcap or alibi_slopes is not None or sinks is not None:
+            raise NotImplementedError("low-rank decoding does not take softcap, alibi_slopes or sinks")
         if lowrank is None or rank is None or topk is None:
             raise ValueError("low-rank decoding takes lowrank= (a KeyProjection), rank= and topk= together")
         if block_mask is not None or left >= 0:
@@ -123,7 +131,7 @@ def decode_attention(
                                 block_size)
     impl = dispatch.resolve("decode_attention", q.device, backend)
     res = impl(q, k_cache, v_cache, cache_seqlens, block_mask, window_size=(left, 0), softmax_scale=scale,
-               num_splits=num_splits, block_map=request)
+               num_splits=num_splits, block_map=request, **mods)
     return pack(res[0], res[1], res[2] if request is not None else None, return_lse)
 
 

@@ -43,13 +43,26 @@ def decode_attention(
     softmax_scale: float,
     num_splits: int = 0,
     block_map: Optional[MapRequest] = None,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Attention of ``q (B, Sq_new, H, D)`` against the first ``cache_seqlens[b]`` keys of
     ``k_cache, v_cache (B, S_max, Hkv, D)``, causal within the new tokens (see
     :func:`decode_token_mask`), and with ``block_map`` the pooled block map over the cache.
-    ``num_splits`` is a kernel knob the reference ignores."""
+    Score modifiers as in :func:`attnops.ops.softmax.reference.masked_attention`; ALiBi's distance is
+    from each new token's cache position. ``num_splits`` is a kernel knob the reference ignores."""
     allowed = decode_token_mask(cache_seqlens, q.shape[1], k_cache.shape[1], block_mask, window_size, q.device)
-    out, lse, probs = masked_attention(q, k_cache, v_cache, allowed, softmax_scale, return_probs=True)
+    bias = None
+    if alibi_slopes is not None:
+        Sq, S = q.shape[1], k_cache.shape[1]
+        pos = cache_seqlens.to(device=q.device, dtype=torch.long).view(-1, 1, 1, 1) - Sq + torch.arange(
+            Sq, device=q.device).view(1, 1, -1, 1)
+        slopes = alibi_slopes.double().to(q.device)
+        slopes = (slopes if slopes.dim() == 2 else slopes.unsqueeze(0))[:, :, None, None]
+        bias = -slopes * (pos - torch.arange(S, device=q.device)).abs().double()
+    out, lse, probs = masked_attention(q, k_cache, v_cache, allowed, softmax_scale, return_probs=True,
+                                       softcap=softcap, bias=bias, sinks=sinks)
     if block_map is None:
         return out, lse
     return out, lse, pool_block_map(probs, lse, block_map)

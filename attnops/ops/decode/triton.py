@@ -15,20 +15,21 @@ import triton.language as tl
 from attnops.core import dispatch
 from attnops.core import op_checks as _args
 from attnops.core.library import register_forward_only
-from attnops.core.triton_common import (LOG2E, dot_kept, row_results, softmax_rescale, dense_last_dim, dot_dtype,
-                                        precision, refuse_float64)
+from attnops.core.triton_common import (LOG2E, dot_kept, modify_scores, row_results, softmax_rescale,
+                                        dense_last_dim, dot_dtype, precision, refuse_float64, score_mod_args)
 from attnops.core.triton_common import num_splits as auto_splits
 from attnops.ops.decode import library as lib
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart,
+def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes,
                          stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                          stride_vh, keep_sb, keep_sh, keep_sq,
-                         Sq, Smax, G, Hkv, qk_scale, win_left, chunk, n_splits,
+                         Sq, Smax, G, Hkv, qk_scale, win_left, chunk, n_splits, cap2, stride_slopes_b,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                          KEEP_BQ: tl.constexpr, KEEP_BK: tl.constexpr, HAS_KEEP: tl.constexpr,
-                         HAS_LEFT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                         HAS_LEFT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     i_split, i_bhk, i_rc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64 batch / head offsets and key positions: a 128K MHA cache at B >= 5 passes 2^31 elements
     i_b, i_hk = (i_bhk // Hkv).to(tl.int64), (i_bhk % Hkv).to(tl.int64)
@@ -50,12 +51,16 @@ def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart,
     b_m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_R], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    b_slope2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if HAS_ALIBI:  # rows of one program belong to different query heads
+        b_slope2 = tl.load(Slopes + i_b * stride_slopes_b + o_h, mask=m_r, other=0.0) * LOG2E
     for n0 in range(s0, s1, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < s1
         b_kt = tl.load(p_k + o_n[None, :] * stride_ks + o_d[:, None], mask=m_n[None, :] & m_d[:, None],
                        other=0.0).to(DOT_DTYPE)
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
+        b_s, _ = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, b_slope2[:, None], HAS_SOFTCAP, HAS_ALIBI)
         keep = m_r[:, None] & m_n[None, :] & (o_n[None, :] <= o_pos[:, None])
         if HAS_LEFT:
             keep = keep & (o_n[None, :] >= o_pos[:, None] - win_left)
@@ -111,10 +116,11 @@ _BLOCK_N = 64
 
 
 def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, softmax_scale, window_left,
-            num_splits):
+            num_splits, softcap=0.0, alibi_slopes=None):
     op = lib.FWD_TRITON.name
     _args.check_decode_args(op, q, k_cache, v_cache, block_keep, block_q, block_k, softmax_scale, window_left,
                             num_splits)
+    _args.check_score_mod_args(op, q, softcap, alibi_slopes, None)
     lens = _args.checked_lengths(op, "cache_seqlens", cache_seqlens, q.shape[0], k_cache.shape[1]).contiguous()
     window_left = min(window_left, k_cache.shape[1])  # wider than the cache: unbounded
     refuse_float64(q)
@@ -142,13 +148,14 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, so
     else:
         keep, keep_strides = lens, (0, 0, 0)
     block_d = max(16, triton.next_power_of_2(D))
+    (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
     _decode_split_kernel[(splits, B * Hkv, row_chunks)](
-        q, k_cache, v_cache, lens, keep, opart, lpart, q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0),
+        q, k_cache, v_cache, lens, keep, opart, lpart, slopes, q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *keep_strides,
-        Sq, Smax, G, Hkv, softmax_scale * LOG2E, window_left, chunk, splits,
+        Sq, Smax, G, Hkv, softmax_scale * LOG2E, window_left, chunk, splits, cap2, stride_slopes_b,
         D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n, KEEP_BQ=block_q if has_keep else 1,
         KEEP_BK=block_k if has_keep else 1, HAS_KEEP=has_keep, HAS_LEFT=window_left >= 0,
-        PRECISION=precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype))
+        PRECISION=precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype), **flags)
     _decode_combine_kernel[(B * H * Sq,)](
         opart, lpart, out, lse, out.stride(0), out.stride(1), out.stride(2), Sq, H, G, splits,
         D=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)))

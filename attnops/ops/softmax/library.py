@@ -4,8 +4,10 @@ implementations, the autograd formula (the backward is an operator of its own) a
 dispatcher calls.
 
     fwd(q, k, v, <LUT>, <transposed LUT>, block_q, block_k, softmax_scale, causal, window_left,
-        window_right, map_rows=0, map_cols=0, map_max=False) -> (out, lse, partial block map or empty)
-    bwd(dout, dlse?, q, k, v, out, lse, <the forward's arguments up to window_right>) -> (dq, dk, dv)
+        window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None,
+        sinks=None) -> (out, lse, partial block map or empty)
+    bwd(dout, dlse?, q, k, v, out, lse, <the forward's arguments up to window_right>, softcap=0.0,
+        alibi_slopes=None) -> (dq, dk, dv)
 
 q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)``; ``kv_num_blocks (Bm, Hm, ceil(Sq/block_q))`` and
 ``kv_indices (Bm, Hm, ceil(Sq/block_q), W)`` int32 (None: dense); out ``(B, Sq, H, D)``, lse
@@ -32,13 +34,20 @@ _PREDICATES = [Arg("softmax_scale", "float"), Arg("causal", "bool"), Arg("window
                Arg("window_right", "int")]
 _MAP = [Arg("map_rows", "int", "0"), Arg("map_cols", "int", "0"), Arg("map_max", "bool", "False")]
 _QKV = [Arg("q", "Tensor"), Arg("k", "Tensor"), Arg("v", "Tensor")]
+# Score modifiers (FlashAttention's order: softcap, mask, ALiBi, softmax with sinks): softcap 0 is off;
+# alibi_slopes float32 (Bm, H) with Bm in {1, B}; sinks float32 (H,), one extra logit per head.
+_SCORE_MODS = [Arg("softcap", "float", "0.0"), Arg("alibi_slopes", "Tensor?", "None")]
+_SINKS = [Arg("sinks", "Tensor?", "None")]
 
-FWD = OpDef("block_sparse_attn_fwd", _QKV + _LUT + _PREDICATES + _MAP, "(Tensor, Tensor, Tensor)")
-# dlse: the gradient flowing into lse when the caller used it (None otherwise)
+FWD = OpDef("block_sparse_attn_fwd", _QKV + _LUT + _PREDICATES + _MAP + _SCORE_MODS + _SINKS,
+            "(Tensor, Tensor, Tensor)")
+# dlse: the gradient flowing into lse when the caller used it (None otherwise). The sinks enter the
+# backward only through lse (P = exp(s - lse)); their own gradient is computed in Python (register).
 BWD = OpDef("block_sparse_attn_bwd", [Arg("dout", "Tensor"), Arg("dlse", "Tensor?"), *_QKV, Arg("out", "Tensor"),
-                                      Arg("lse", "Tensor"), *_LUT, *_PREDICATES], "(Tensor, Tensor, Tensor)")
+                                      Arg("lse", "Tensor"), *_LUT, *_PREDICATES, *_SCORE_MODS],
+            "(Tensor, Tensor, Tensor)")
 # what the backward takes from the forward's call besides the tensors it saves
-_PARAMS = tuple(a.name for a in _LUT[4:] + _PREDICATES)
+_PARAMS = tuple(a.name for a in _LUT[4:] + _PREDICATES + _SCORE_MODS[:1])
 _LUT_TENSORS = tuple(a.name for a in _LUT[:4])
 
 
@@ -71,15 +80,20 @@ def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
         ctx.params = {name: a[name] for name in _PARAMS}
         out, lse, partial_map = output
         ctx.mark_non_differentiable(partial_map)  # a readout, like an argmax
-        ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, *(a[name] for name in _LUT_TENSORS))
+        ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, a["alibi_slopes"], a["sinks"],
+                              *(a[name] for name in _LUT_TENSORS))
 
     def backward(ctx, dout, dlse, dmap):
-        q, k, v, out, lse, *lut = ctx.saved_tensors
+        q, k, v, out, lse, alibi_slopes, sinks, *lut = ctx.saved_tensors
         lut = dict(zip(_LUT_TENSORS, lut))
         if lut["kv_num_blocks"] is not None and lut["q_num_blocks"] is None:
             raise RuntimeError("attnops: the forward ran without the transposed block LUT; cannot differentiate")
-        dq, dk, dv = bwd.call(bwd_op, dout=dout, dlse=dlse, q=q, k=k, v=v, out=out, lse=lse, **lut, **ctx.params)
-        return fwd.grads(q=dq, k=dk, v=dv)
+        dq, dk, dv = bwd.call(bwd_op, dout=dout, dlse=dlse, q=q, k=k, v=v, out=out, lse=lse, **lut, **ctx.params,
+                              alibi_slopes=alibi_slopes)
+        wanted = ctx.needs_input_grad  # as long as the call's positional arguments
+        at = fwd.names.index("sinks")
+        dsinks = sink_grad(sinks, dout, out, lse, dlse) if at < len(wanted) and wanted[at] else None
+        return fwd.grads(q=dq, k=dk, v=dv, sinks=dsinks)
 
     torch.library.register_autograd(fwd.qualname, backward, setup_context=setup_context)
 
@@ -87,6 +101,18 @@ def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
         raise NotImplementedError("attnops: double backward through attention is not supported")
 
     torch.library.register_autograd(bwd.qualname, no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def sink_grad(sinks: torch.Tensor, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+              dlse: Optional[torch.Tensor]) -> torch.Tensor:
+    """``dsink_h = -sum over (b, rows) of p_sink * delta``: the sink's probability ``exp(sink - lse)`` times
+    the row's ``delta = dO . O - dlse`` (the sink carries no value; it only takes mass from the keys)."""
+    work = torch.float64 if out.dtype == torch.float64 else torch.float32
+    delta = (dout.to(work) * out.to(work)).sum(-1).transpose(1, 2)  # (B, H, Sq)
+    if dlse is not None:
+        delta = delta - dlse.to(work)
+    p_sink = torch.exp(sinks.to(work).view(1, -1, 1) - lse.to(work))
+    return (-(p_sink * delta).sum((0, 2))).to(sinks.dtype)
 
 
 def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
@@ -103,6 +129,9 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
         window_size: Tuple[int, int],
         softmax_scale: float,
         block_map: Optional[_map.MapRequest] = None,
+        softcap: float = 0.0,
+        alibi_slopes: Optional[torch.Tensor] = None,
+        sinks: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, ...]:
         """(out, lse), or (out, lse, map) when ``block_map`` asks for the block attention map."""
         lut = dict.fromkeys(_LUT_TENSORS)
@@ -114,7 +143,8 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
                 lut.update(q_num_blocks=block_mask.q_num_blocks, q_indices=block_mask.q_indices)
             block_q, block_k = block_mask.block_size
         args = dict(q=q, k=k, v=v, **lut, block_q=block_q, block_k=block_k, softmax_scale=float(softmax_scale),
-                    causal=bool(causal), window_left=window_size[0], window_right=window_size[1])
+                    causal=bool(causal), window_left=window_size[0], window_right=window_size[1],
+                    softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks)
         if block_map is None:
             out, lse, _ = fwd.call(fwd_op, **args)
             return out, lse

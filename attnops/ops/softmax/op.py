@@ -12,8 +12,8 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
-from attnops.core.checks import (autocast_inputs, check_block_mask, check_causal, check_flag, check_qkv, clamp_window,
-                                 refuse_forward_ad, resolve_softmax_scale)
+from attnops.core.checks import (autocast_inputs, check_block_mask, check_causal, check_flag, check_qkv,
+                                 check_score_mods, clamp_window, refuse_forward_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 
@@ -29,6 +29,9 @@ def attention(
     causal: bool = False,
     softmax_scale: Optional[float] = None,
     window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -47,6 +50,7 @@ def attention(
         softmax_scale: defaults to ``D ** -0.5``.
         window_size: ``(left, right)``: query ``i`` sees keys in
             ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded.
+        {score_mods}
         return_lse: also return the log-sum-exp ``(B, H, Sq)``.
         {map_args} Default block 64.
         backend: force ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (else chosen by device,
@@ -72,10 +76,11 @@ def attention(
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     check_flag("return_lse", return_lse)
     check_flag("return_block_map", return_block_map)
+    mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
     request = check_request(map_block_size, reduce, DEFAULT_MAP_BLOCK, block_size) if return_block_map else None
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
     out, lse, *block_map = impl(q, k, v, None, causal=causal, window_size=window, softmax_scale=scale,
-                                block_map=request)
+                                block_map=request, **mods)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
 
@@ -86,6 +91,9 @@ def block_sparse_attention(
     block_mask: BlockMask,
     *,
     softmax_scale: Optional[float] = None,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -104,6 +112,7 @@ def block_sparse_attention(
         block_mask: an ``attnops.BlockMask`` built for ``(Sq, Sk)``, with batch and head dims equal
             to q's or 1 (broadcast), on q's device.
         softmax_scale: defaults to ``D ** -0.5``.
+        {score_mods}
         return_lse: also return the log-sum-exp ``(B, H, Sq)``.
         {map_args} Default: the mask's block size.
         backend: as in :func:`attention`.
@@ -124,13 +133,22 @@ def block_sparse_attention(
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     check_flag("return_lse", return_lse)
     check_flag("return_block_map", return_block_map)
+    mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
     request = check_request(map_block_size, reduce, block_mask.block_size, block_size) if return_block_map else None
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
     window = clamp_window(block_mask.window_size, shape.seq_len_q, shape.seq_len_k)
     out, lse, *block_map = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=window,
-                                softmax_scale=scale, block_map=request)
+                                softmax_scale=scale, block_map=request, **mods)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
 
-attention.__doc__ = attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
-block_sparse_attention.__doc__ = block_sparse_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
+SCORE_MODS_DOC = """softcap: ``cap * tanh(s / cap)`` on the scaled scores before the mask (Gemma 2, Grok);
+            0 is off. Exact backward.
+        alibi_slopes: ``(H,)`` or ``(B, H)`` floats: ALiBi's bias ``-slope * |i + Sk - Sq - j|`` added after
+            the softcap and the mask (flash_attn's convention). No gradient.
+        sinks: ``(H,)`` learnable logits, one per head, that join every row's softmax denominator and carry
+            no value (gpt-oss, StreamingLLM); lse includes them, a row that sees no key gets zeros and
+            ``lse = sinks[h]``. Differentiable."""
+
+for _op in (attention, block_sparse_attention):
+    _op.__doc__ = _op.__doc__.replace("{map_args}", MAP_ARGS_DOC).replace("{score_mods}", SCORE_MODS_DOC)

@@ -56,6 +56,18 @@ def token_mask(
     return allowed
 
 
+def alibi_bias(slopes: torch.Tensor, seq_len_q: int, seq_len_k: int, rows: Optional[torch.Tensor] = None,
+               device=None) -> torch.Tensor:
+    """ALiBi's additive bias ``-slope * |i + Sk - Sq - j|`` (flash_attn's form), ``(B|1, H, R, Sk)`` for the
+    query rows ``rows`` (default all); ``slopes (H,)`` or ``(B, H)``."""
+    if rows is None:
+        rows = torch.arange(seq_len_q, device=device)
+    pos = rows.to(device).unsqueeze(1) + (seq_len_k - seq_len_q)
+    dist = (pos - torch.arange(seq_len_k, device=device).unsqueeze(0)).abs()  # (R, Sk)
+    s = slopes if slopes.dim() == 2 else slopes.unsqueeze(0)
+    return -s.to(device)[:, :, None, None] * dist.to(s.dtype)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,13 +78,20 @@ def block_sparse_attention(
     window_size: Tuple[int, int],
     softmax_scale: float,
     block_map: Optional[MapRequest] = None,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Exact softmax attention restricted to ``block_mask`` (None: all blocks) and the token
     predicates. q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``,
     lse ``(B, H, Sq)``, and with ``block_map`` the block attention map pooled from the full
-    probability matrix (:func:`pool_block_map`). Rows with nothing to attend to give 0 and lse = -inf."""
+    probability matrix (:func:`pool_block_map`). Rows with nothing to attend to give 0 and lse = -inf
+    (``sinks``: lse = the sink). Score modifiers in FlashAttention's order (:func:`masked_attention`)."""
     allowed = token_mask(q.shape[1], k.shape[1], block_mask, causal, window_size, device=q.device)
-    out, lse, probs = masked_attention(q, k, v, allowed, softmax_scale, return_probs=True)
+    # the bias in float64 (slopes are float32 data; the kernels form slope * distance in float32 from them)
+    bias = None if alibi_slopes is None else alibi_bias(alibi_slopes.double(), q.shape[1], k.shape[1], device=q.device)
+    out, lse, probs = masked_attention(q, k, v, allowed, softmax_scale, return_probs=True, softcap=softcap,
+                                       bias=bias, sinks=sinks)
     if block_map is None:
         return out, lse
     return out, lse, pool_block_map(probs, lse, block_map)
@@ -103,6 +122,9 @@ def block_sparse_attention_rows(
     causal: bool,
     window_size: Tuple[int, int],
     softmax_scale: float,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_sparse_attention` for the query rows ``rows`` only (their true positions kept):
     out ``(B, R, H, D)``, lse ``(B, H, R)``. Lets the benchmark harness check long sequences
@@ -111,14 +133,21 @@ def block_sparse_attention_rows(
     if rows is not None:
         q = q[:, rows.to(q.device)]
     allowed = token_mask(Sq, Sk, block_mask, causal, window_size, device=q.device, rows=rows)
-    return masked_attention(q, k, v, allowed, softmax_scale)
+    bias = None if alibi_slopes is None else alibi_bias(alibi_slopes.double(), Sq, Sk, rows=rows, device=q.device)
+    return masked_attention(q, k, v, allowed, softmax_scale, softcap=softcap, bias=bias, sinks=sinks)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-                     softmax_scale: float, return_probs: bool = False) -> Tuple[torch.Tensor, ...]:
+                     softmax_scale: float, return_probs: bool = False, *, softcap: float = 0.0,
+                     bias: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, ...]:
     """Softmax attention where ``allowed (B|1, H|1, Sq, Sk)`` says which pairs may attend; GQA by
     contiguous head groups. Rows with nothing allowed give 0 and lse = -inf. ``return_probs`` adds
     the probability matrix ``(B, H, Sq, Sk)``.
+
+    Score modifiers, in FlashAttention's order: ``s = scale * q . k``, ``softcap``: ``cap * tanh(s / cap)``,
+    the mask, then ``bias`` (additive, e.g. ALiBi's, not capped), then the softmax with ``sinks (H,)`` as one
+    more logit per head (lse includes it; a row that sees no key gets out 0 and lse = the sink).
 
     Non-finite values travel only along allowed pairs, forward and backward (the kernels' convention):
     a NaN in ``v[j]`` reaches the rows that attend key ``j`` and no other, a NaN in ``q[i]`` reaches
@@ -129,7 +158,17 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     vv = v.repeat_interleave(group, dim=2)
     allowed = allowed.expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     scores = _MaskedScores.apply(q, kk, allowed, softmax_scale)  # (B, H, Sq, Sk), -inf where not allowed
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq); -inf for empty rows
+    neg_inf = torch.full((), float("-inf"), dtype=scores.dtype, device=scores.device)
+    if softcap:
+        scores = torch.where(allowed, softcap * torch.tanh(scores / softcap), neg_inf)
+    if bias is not None:
+        scores = scores + torch.where(allowed, bias.to(scores.dtype), torch.zeros((), dtype=scores.dtype,
+                                                                                  device=scores.device))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq); -inf for empty rows
     # Empty rows hold only -inf scores, so subtracting 0 there gives exact zeros without the
     # NaN of (-inf) - (-inf), which a torch.where afterwards would still leak into gradients.
     probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))

@@ -29,9 +29,10 @@ import triton.language as tl
 from attnops.core import dispatch
 from attnops.core import op_checks as _args
 from attnops.core.backends import AUTOTUNE, INTERPRET
-from attnops.core.triton_common import (LOG2E, dot_kept, key_range, keys_see_queries, lse2, lut_tile, lut_walk,
-                                        mask_scores, partial_tile, row_results, softmax_rescale, dense_last_dim,
-                                        dot_dtype, lut_args, precision, refuse_float64, strides3)
+from attnops.core.triton_common import (LOG2E, dot_kept, fold_sink, key_range, keys_see_queries, lse2, lut_tile,
+                                        lut_walk, mask_scores, modify_scores, partial_tile, row_results,
+                                        softmax_rescale, dense_last_dim, dot_dtype, lut_args, precision,
+                                        refuse_float64, score_mod_args, strides3)
 from attnops.ops.softmax import library as lib
 from attnops.ops.softmax.triton_map import launch_block_map
 
@@ -42,14 +43,15 @@ from attnops.ops.softmax.triton_map import launch_block_map
 
 @triton.jit
 def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs, qk_scale,
-              win_left, win_right, lo_last_row, hi_first_row,
+              win_left, win_right, lo_last_row, hi_first_row, cap2, slope2,
               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
-              DOT_DTYPE: tl.constexpr):
+              DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     o_n = n0 + tl.arange(0, BLOCK_N)
     m_n = o_n < Sk
     b_kt = tl.load(p_k + o_n[None, :] * stride_ks + o_d[:, None], mask=m_n[None, :] & m_d[:, None],
                    other=0.0).to(DOT_DTYPE)
     b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
+    b_s, _ = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
     b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT,
                        HAS_RIGHT)
     b_m_new, b_m_use, b_alpha = softmax_rescale(b_m, tl.max(b_s, 1))
@@ -67,14 +69,15 @@ def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx,
+def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ob, stride_os, stride_oh,
                 lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
-                Sq, Sk, H, G, qk_scale, offset, win_left, win_right,
+                Sq, Sk, H, G, qk_scale, offset, win_left, win_right, cap2, stride_slopes_b,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     # batch / head offsets in int64: B * S * H * D passes 2^31 at long contexts
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -91,6 +94,9 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx,
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * LOG2E
 
     lo, hi, lo_last_row, hi_first_row = key_range(m0, Sq, Sk, offset, win_left, win_right, BLOCK_M, HAS_LEFT,
                                                    HAS_RIGHT)
@@ -100,10 +106,13 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx,
         n0 = lut_tile(t, p_idx, first, HAS_LUT, LUT_BK, BLOCK_N)
         if (n0 < hi) & (n0 + BLOCK_N > lo):
             b_acc, b_m, b_l = _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs,
-                                        qk_scale, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT,
-                                        HAS_RIGHT, PRECISION, DOT_DTYPE)
+                                        qk_scale, win_left, win_right, lo_last_row, hi_first_row, cap2, slope2,
+                                        BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI)
 
-    b_inv, b_lse = row_results(b_m, b_l)  # rows with nothing to attend to: 0 and lse = -inf
+    if HAS_SINKS:  # one more logit per row, no value: the denominator grows, the accumulator is rescaled
+        b_m, b_l, b_alpha = fold_sink(b_m, b_l, tl.load(Sinks + i_h).to(tl.float32) * LOG2E)
+        b_acc = b_acc * b_alpha[:, None]
+    b_inv, b_lse = row_results(b_m, b_l)  # rows with nothing to attend to: 0 and lse = -inf (or the sink)
     tl.store(Out + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_os + o_d[None, :],
              (b_acc * b_inv[:, None]).to(Out.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     tl.store(Lse + i_bh.to(tl.int64) * Sq + o_m, b_lse, mask=m_m)
@@ -132,20 +141,23 @@ def _bwd_delta_kernel(O, DO, DLse, Delta, stride_ob, stride_os, stride_oh, strid
 
 @triton.jit
 def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs, qk_scale,
-             win_left, win_right, lo_last_row, hi_first_row,
+             win_left, win_right, lo_last_row, hi_first_row, cap2, slope2,
              BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
-             DOT_DTYPE: tl.constexpr):
+             DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     o_n = n0 + tl.arange(0, BLOCK_N)
     m_n = o_n < Sk
     m_kd = m_n[None, :] & m_d[:, None]
     b_kt = tl.load(p_k + o_n[None, :] * stride_ks + o_d[:, None], mask=m_kd, other=0.0).to(DOT_DTYPE)
     b_vt = tl.load(p_v + o_n[None, :] * stride_vs + o_d[:, None], mask=m_kd, other=0.0).to(DOT_DTYPE)
     b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
+    b_s, b_t = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
     b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT,
                        HAS_RIGHT)
     b_p = tl.math.exp2(b_s - b_l2[:, None])
     b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
     b_ds = b_p * (b_dp - b_delta[:, None])
+    if HAS_SOFTCAP:  # d cap * tanh(s / cap) / ds
+        b_ds = b_ds * (1.0 - b_t * b_t)
     if partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT, HAS_RIGHT):
         # masked pairs: exact zeros, even where P was NaN (a NaN lse) or dP was (NaN in V)
         b_keep = b_s != float("-inf")
@@ -156,14 +168,15 @@ def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, 
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_db, stride_ds, stride_dh, stride_gb, stride_gs, stride_gh,
                    lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
-                   Sq, Sk, H, G, qk_scale, sm_scale, offset, win_left, win_right,
+                   Sq, Sk, H, G, qk_scale, sm_scale, offset, win_left, win_right, cap2, stride_slopes_b,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
-                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_hk = i_h // G
@@ -183,6 +196,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx,
     p_k = K + i_b * stride_kb + i_hk * stride_kh
     p_v = V + i_b * stride_vb + i_hk * stride_vh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * LOG2E
 
     lo, hi, lo_last_row, hi_first_row = key_range(m0, Sq, Sk, offset, win_left, win_right, BLOCK_M, HAS_LEFT,
                                                    HAS_RIGHT)
@@ -192,17 +208,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx,
         n0 = lut_tile(t, p_idx, first, HAS_LUT, LUT_BK, BLOCK_N)
         if (n0 < hi) & (n0 + BLOCK_N > lo):
             b_dq = _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs,
-                            qk_scale, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                            PRECISION, DOT_DTYPE)
+                            qk_scale, win_left, win_right, lo_last_row, hi_first_row, cap2, slope2, BLOCK_N,
+                            HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI)
     tl.store(DQ + i_b * stride_gb + i_h * stride_gh + o_m[:, None] * stride_gs + o_d[None, :],
              (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_md)
 
 
 @triton.jit
 def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_d, Sq, stride_qs, stride_ds,
-               qk_scale, offset, win_left, win_right, k_first, k_last,
+               qk_scale, offset, win_left, win_right, k_first, k_last, cap2, slope2,
                BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
-               DOT_DTYPE: tl.constexpr):
+               DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     o_m = m0 + tl.arange(0, BLOCK_M)
     m_m = o_m < Sq
     m_md = m_m[:, None] & m_d[None, :]
@@ -211,6 +227,7 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
     b_l2 = lse2(tl.load(p_lse + o_m, mask=m_m, other=float("-inf")))
     b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+    b_st, b_tt = modify_scores(b_st, (o_m + offset)[None, :], o_n[:, None], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
     # full tile: every key in [k_first, k_last] lies inside every query row's window
     m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
     partial = m0 + BLOCK_M > Sq
@@ -224,6 +241,8 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
     b_pt = tl.math.exp2(b_st - b_l2[None, :])
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
     b_dst = b_pt * (b_dpt - b_delta[None, :])
+    if HAS_SOFTCAP:
+        b_dst = b_dst * (1.0 - b_tt * b_tt)
     if partial:
         # masked pairs: exact zeros (P^T is NaN there under a NaN lse, dP^T under NaN in V or dO), and
         # products that keep NaN/Inf rows of dO or q away from the keys those rows do not attend.
@@ -238,15 +257,16 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                      stride_db, stride_ds, stride_dh, stride_gkb, stride_gks, stride_gkh, stride_gvb, stride_gvs,
                      stride_gvh,
                      lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
-                     Sq, Sk, H, G, Hkv, qk_scale, sm_scale, offset, win_left, win_right,
+                     Sq, Sk, H, G, Hkv, qk_scale, sm_scale, offset, win_left, win_right, cap2, stride_slopes_b,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
-                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = (i_bhk // Hkv).to(tl.int64), (i_bhk % Hkv).to(tl.int64)
     n0 = i_n * BLOCK_N
@@ -277,6 +297,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx,
         p_do = DO + i_b * stride_db + i_h * stride_dh
         p_lse = Lse + i_bh * Sq
         p_delta = Delta + i_bh * Sq
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * LOG2E
         # the transposed LUT: the query blocks that list this key block
         count, p_idx, first = lut_walk(QNum, QIdx, i_b, i_h, n0 // LUT_BK, lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
                                         q_lo, q_hi, HAS_LUT, LUT_BQ, BLOCK_M)
@@ -285,7 +308,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx,
             if (m0 < q_hi) & (m0 + BLOCK_M > q_lo):
                 b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_d, Sq,
                                         stride_qs, stride_ds, qk_scale, offset, win_left, win_right, n0, k_last,
-                                        BLOCK_M, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE)
+                                        cap2, slope2, BLOCK_M, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE,
+                                        HAS_SOFTCAP, HAS_ALIBI)
     tl.store(DK + i_b * stride_gkb + i_hk * stride_gkh + o_n[:, None] * stride_gks + o_d[None, :],
              (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_nd)
     tl.store(DV + i_b * stride_gvb + i_hk * stride_gvh + o_n[:, None] * stride_gvs + o_d[None, :],
@@ -300,7 +324,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx,
 _FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 2), (64, 32, 4, 4)]
 _DQ_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2), (32, 64, 4, 3)]
 _DKDV_CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 4, 2), (64, 32, 4, 3)]
-_AUTOTUNE_KEY = ["BLOCK_D", "LUT_BQ", "LUT_BK", "HAS_LUT", "HAS_LEFT", "HAS_RIGHT", "PRECISION"]
+_AUTOTUNE_KEY = ["BLOCK_D", "LUT_BQ", "LUT_BK", "HAS_LUT", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "HAS_SOFTCAP",
+                 "HAS_ALIBI"]
 
 
 def _fit(bm: int, bn: int, args: dict) -> Tuple[int, int]:
@@ -371,10 +396,11 @@ def _window(causal: bool, window_left: int, window_right: int) -> Tuple[int, int
 
 
 def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k, softmax_scale, causal,
-         window_left, window_right, map_rows=0, map_cols=0, map_max=False):
+         window_left, window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None):
     op = lib.FWD_TRITON.name
     _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                                   softmax_scale, window_left, window_right, transposed_values=False)
+    _args.check_score_mod_args(op, q, softcap, alibi_slopes, sinks)
     if map_rows < 0 or map_cols < 0 or (map_rows > 0) != (map_cols > 0):
         raise RuntimeError(f"{op}: map_rows and map_cols must both be > 0 (a block map) or both 0, "
                            f"got ({map_rows}, {map_cols})")
@@ -390,22 +416,27 @@ def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, b
         return out, lse, q.new_zeros(lib.partial_map_shape(q, k, map_rows, map_cols), dtype=torch.float32)
     left, right = _window(causal, window_left, window_right)
     counts, indices, lut = lut_args(kv_num_blocks, kv_indices, q.device)
-    meta = _common_meta(q, block_q, block_k, kv_num_blocks is not None, left, right)
-    args = (q, k, v, out, lse, counts, indices, *strides3(q), *strides3(k), *strides3(v), *strides3(out), *lut,
-            Sq, Sk, H, H // Hkv, softmax_scale * LOG2E, Sk - Sq, left, right)
-    _launch(_fwd_tuned, _fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args, meta)
+    (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
+    meta = {**_common_meta(q, block_q, block_k, kv_num_blocks is not None, left, right), **flags}
+    sinks_arg = sinks.contiguous() if sinks is not None else slopes
+    args = (q, k, v, out, lse, counts, indices, slopes, sinks_arg, *strides3(q), *strides3(k), *strides3(v),
+            *strides3(out), *lut, Sq, Sk, H, H // Hkv, softmax_scale * LOG2E, Sk - Sq, left, right, cap2,
+            stride_slopes_b)
+    _launch(_fwd_tuned, _fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args,
+            {**meta, "HAS_SINKS": sinks is not None})
     if map_rows == 0:
         return out, lse, q.new_empty((0,), dtype=torch.float32)
     partial = launch_block_map(q, k, lse, counts, indices, lut, meta, map_rows, map_cols, map_max, softmax_scale, left,
-                               right)
+                               right, (cap2, slopes, stride_slopes_b))
     return out, lse, partial
 
 
 def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
-         softmax_scale, causal, window_left, window_right):
+         softmax_scale, causal, window_left, window_right, softcap=0.0, alibi_slopes=None):
     op = lib.BWD_TRITON.name
     _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                                   softmax_scale, window_left, window_right, transposed_values=True)
+    _args.check_score_mod_args(op, q, softcap, alibi_slopes, None)
     _args.check_backward_args(op, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks)
     refuse_float64(q)
     q, k, v, out = (dense_last_dim(t) for t in (q, k, v, out))
@@ -425,16 +456,18 @@ def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks,
     _bwd_delta_kernel[(triton.cdiv(Sq, 64), B * H)](out, dout, dlse_c, delta, *strides3(out), *strides3(dout), Sq, H,
                                                    D=D, BLOCK_D=block_d, BLOCK_M=64, HAS_DLSE=dlse is not None)
     has_lut = kv_num_blocks is not None
-    meta = _common_meta(q, block_q, block_k, has_lut, left, right)
+    (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
+    meta = {**_common_meta(q, block_q, block_k, has_lut, left, right), **flags}
     counts, indices, lut = lut_args(kv_num_blocks, kv_indices, q.device)
     qk_scale = softmax_scale * LOG2E
-    args = (q, k, v, dout, dq, lse, delta, counts, indices, *strides3(q), *strides3(k), *strides3(v),
-            *strides3(dout), *strides3(dq), *lut, Sq, Sk, H, H // Hkv, qk_scale, softmax_scale, Sk - Sq, left, right)
+    args = (q, k, v, dout, dq, lse, delta, counts, indices, slopes, *strides3(q), *strides3(k), *strides3(v),
+            *strides3(dout), *strides3(dq), *lut, Sq, Sk, H, H // Hkv, qk_scale, softmax_scale, Sk - Sq, left, right,
+            cap2, stride_slopes_b)
     _launch(_dq_tuned, _bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args, meta)
     tcounts, tindices, tlut = lut_args(q_num_blocks, q_indices, q.device)
-    args = (q, k, v, dout, dk, dv, lse, delta, tcounts, tindices, *strides3(q), *strides3(k), *strides3(v),
+    args = (q, k, v, dout, dk, dv, lse, delta, tcounts, tindices, slopes, *strides3(q), *strides3(k), *strides3(v),
             *strides3(dout), *strides3(dk), *strides3(dv), *tlut, Sq, Sk, H, H // Hkv, Hkv, qk_scale, softmax_scale,
-            Sk - Sq, left, right)
+            Sk - Sq, left, right, cap2, stride_slopes_b)
     _launch(_dkdv_tuned, _bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), args, meta)
     return dq, dk, dv
 
