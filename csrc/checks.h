@@ -135,6 +135,19 @@ inline void check_score_mod_args(const char* op, const at::Tensor& q, double sof
   }
 }
 
+// attn_bias: a floating (Bm, Hm, Sqm, Sk) tensor with Bm in {1, B}, Hm in {1, H}, Sqm in {1, Sq}, on q's device.
+inline void check_attn_bias_arg(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                const c10::optional<at::Tensor>& attn_bias) {
+  if (!attn_bias.has_value() || !attn_bias->defined()) return;
+  const at::Tensor& t = *attn_bias;
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": attn_bias must be floating point, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4 && (t.size(0) == 1 || t.size(0) == q.size(0)) && (t.size(1) == 1 || t.size(1) == q.size(2)) &&
+                  (t.size(2) == 1 || t.size(2) == q.size(1)) && t.size(3) == k.size(1),
+              op, ": attn_bias must be (B|1, H|1, Sq|1, Sk) = (", q.size(0), "|1, ", q.size(2), "|1, ", q.size(1),
+              "|1, ", k.size(1), "), got ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), op, ": attn_bias must be on q's device");
+}
+
 // Shape checks of decode_attn_fwd shared by its CPU and CUDA implementations. block_keep is a uint8
 // (or bool) (Bm, Hm, Nq, Nk) bitmap with Bm in {1, B}, Hm in {1, H} covering every query and cache
 // block the kernels look up.

@@ -64,20 +64,22 @@ def flash_attn_provider(causal: bool, window: Tuple[int, int], device: str, need
     ), ""
 
 
-def sdpa_provider(causal: bool, device: str, needs_grad: bool, same_function: bool) -> Tuple[Provider, str]:
-    """torch SDPA; forced to the flash backend on CUDA (it then refuses what FA2 would refuse)."""
+def sdpa_provider(causal: bool, device: str, needs_grad: bool, same_function: bool,
+                  attn_mask: Optional[torch.Tensor] = None) -> Tuple[Provider, str]:
+    """torch SDPA; forced to the flash backend on CUDA (it then refuses what FA2 would refuse). With
+    ``attn_mask`` (SDPA's convention), whatever backend SDPA picks for a mask (flash takes none)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    ctx = (functools.partial(sdpa_kernel, [SDPBackend.FLASH_ATTENTION]) if device.startswith("cuda")
-           else contextlib.nullcontext)
+    ctx = (functools.partial(sdpa_kernel, [SDPBackend.FLASH_ATTENTION])
+           if device.startswith("cuda") and attn_mask is None else contextlib.nullcontext)
 
     def run(st):
         q, k, v = st
         with ctx():
             return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+                q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
-    name = "sdpa_flash" if device.startswith("cuda") else "sdpa"
+    name = ("sdpa_flash" if device.startswith("cuda") else "sdpa") if attn_mask is None else "sdpa (mask)"
     return Provider(
         name=name,
         prepare=lambda inputs: _bhsd_inputs(inputs, needs_grad),

@@ -154,6 +154,46 @@ def check_score_mods(softcap, alibi_slopes, sinks, shape: QKVShape, device: torc
     return dict(softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks)
 
 
+def check_attn_bias(attn_bias, shape: QKVShape, device: torch.device, dtype: torch.dtype):
+    """SDPA's ``attn_mask`` / an additive bias, as ``(bias, keep_blocks_of)``: ``attn_bias`` is a floating
+    (added to the scores after the mask and ALiBi, differentiable) or bool (False: not attended) tensor
+    broadcastable to ``(B, H, Sq, Sk)`` (fewer dims are leading 1s; each dim full or 1), on q's device.
+    The kernels take a float ``(B|1, H|1, Sq|1, Sk)`` in lse's dtype: a bool mask becomes 0 / -inf, and
+    ``keep_blocks_of(block_q, block_k)`` then gives its ``(B|1, H|1, Nq, Nk)`` block bitmap (blocks without a
+    True are skipped); None for float biases."""
+    if attn_bias is None:
+        return None, None
+    if not isinstance(attn_bias, torch.Tensor):
+        raise TypeError(f"attn_bias must be a tensor, got {type(attn_bias).__name__}")
+    if not (attn_bias.is_floating_point() or attn_bias.dtype == torch.bool):
+        raise TypeError(f"attn_bias must be floating point (additive) or bool (a mask), got {attn_bias.dtype}")
+    if attn_bias.device != device:
+        raise ValueError(f"attn_bias must be on q's device ({device}), got {attn_bias.device}")
+    full = (shape.batch, shape.num_heads, shape.seq_len_q, shape.seq_len_k)
+    if attn_bias.dim() > 4 or any(n not in (1, f) for n, f in zip(attn_bias.shape[::-1], full[::-1])):
+        raise ValueError(f"attn_bias must broadcast to (B, H, Sq, Sk) = {full} with every dim full or 1, got "
+                         f"{tuple(attn_bias.shape)}")
+    bias = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
+    if bias.shape[3] != shape.seq_len_k:  # the kernels read keys contiguously
+        bias = bias.expand(*bias.shape[:3], shape.seq_len_k)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    if bias.dtype != torch.bool:
+        return bias.to(work), None
+    mask = bias
+
+    def keep_blocks_of(block_q: int, block_k: int) -> torch.Tensor:
+        nq, nk = -(-shape.seq_len_q // block_q), -(-shape.seq_len_k // block_k)
+        m = torch.nn.functional.pad(mask, (0, nk * block_k - shape.seq_len_k))
+        m = m.reshape(*m.shape[:3], nk, block_k).any(4)  # (Bm, Hm, Sqm, Nk)
+        if m.shape[2] == 1:  # a key mask (padding): the same blocks for every query block, no Sq x Sk
+            return m.expand(*m.shape[:2], nq, nk)
+        m = torch.nn.functional.pad(m, (0, 0, 0, nq * block_q - shape.seq_len_q))
+        return m.reshape(*m.shape[:2], nq, block_q, nk).any(3)
+
+    zero = torch.zeros((), dtype=work, device=device)
+    return torch.where(mask, zero, torch.full((), float("-inf"), dtype=work, device=device)), keep_blocks_of
+
+
 def check_block_mask(block_mask, shape: QKVShape, device: torch.device) -> BlockMask:
     """A mask fits when its lengths equal (Sq, Sk), its B/H are 1 or q's, and it is on q's device."""
     if not isinstance(block_mask, BlockMask):

@@ -115,6 +115,20 @@ def check_score_mod_args(op: str, q, softcap: float, alibi_slopes, sinks) -> Non
             _fail(op, "sinks must be on q's device")
 
 
+def check_attn_bias_arg(op: str, q, k, attn_bias) -> None:
+    """As csrc/checks.h: a floating (B|1, H|1, Sq|1, Sk) tensor on q's device."""
+    if attn_bias is None:
+        return
+    if not attn_bias.is_floating_point():
+        _fail(op, f"attn_bias must be floating point, got {attn_bias.dtype}")
+    B, Sq, H, Sk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+    s = tuple(attn_bias.shape)
+    if len(s) != 4 or s[0] not in (1, B) or s[1] not in (1, H) or s[2] not in (1, Sq) or s[3] != Sk:
+        _fail(op, f"attn_bias must be (B|1, H|1, Sq|1, Sk) = ({B}|1, {H}|1, {Sq}|1, {Sk}), got {s}")
+    if attn_bias.device != q.device:
+        _fail(op, "attn_bias must be on q's device")
+
+
 def check_backward_args(op: str, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks) -> None:
     if (kv_num_blocks is None) != (q_num_blocks is None):
         _fail(op, "the backward needs both the block LUT and its transpose")

@@ -236,6 +236,24 @@ def fold_sink(b_m, b_l, sink2):
     return tl.where(empty, sink2, b_m_new), b_l_new, b_alpha
 
 
+@triton.jit
+def load_bias(Bias, i_b, i_h, o_q, o_k, m_qk, bias_sb, bias_sh, bias_sq):
+    """An attn_bias tile in base 2: ``bias[b, h, o_q, o_k] * log2(e)`` (broadcast dims have stride 0), 0 where
+    ``m_qk`` is False. ``o_q`` / ``o_k`` broadcast to the tile (either orientation)."""
+    p = Bias + i_b * bias_sb + i_h * bias_sh + o_q.to(tl.int64) * bias_sq + o_k
+    return tl.load(p, mask=m_qk, other=0.0).to(tl.float32) * _LOG2E
+
+
+def bias_args(attn_bias: Optional[torch.Tensor], device) -> Tuple:
+    """``(Bias, (sb, sh, sq))`` of an attn_bias ``(B|1, H|1, Sq|1, Sk)`` (keys contiguous; broadcast dims
+    stride 0), or a dummy."""
+    if attn_bias is None:
+        return lut_args(None, None, device)[0], (0, 0, 0)
+    if attn_bias.stride(3) != 1:
+        attn_bias = attn_bias.contiguous()
+    return attn_bias, tuple(attn_bias.stride(d) if attn_bias.shape[d] > 1 else 0 for d in range(3))
+
+
 def score_mod_args(q: torch.Tensor, softcap: float, alibi_slopes: Optional[torch.Tensor]):
     """Kernel arguments ``(cap2, Slopes, slopes_stride_b)`` and constexprs of :func:`modify_scores`."""
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else None

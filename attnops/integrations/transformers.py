@@ -11,11 +11,12 @@ Unmodified Llama / Qwen2 / Mistral / GPT-2 style models then run their attention
 (prefill, training and cached decoding: the kernels align ``causal`` bottom-right, which is where the
 new queries of a cached step sit). Sliding windows (Mistral, Qwen2, Gemma local layers, ModernBERT)
 are honoured with flash-attention's convention, gpt-oss's attention sinks (``s_aux``, with their
-gradient) and Gemma 2's logit ``softcap`` through the kernels' score modifiers. Everything else a model
-passes is either accepted (it cannot change the result) or refused with the argument's name
-(:data:`REFUSED`: position bias, packed sequences, dropout in training, additive or padding masks):
-never silently dropped. The mask function registered beside it is transformers' own flash-attention one: no mask
-for unpadded batches, the 2-d padding mask otherwise.
+gradient) and Gemma 2's logit ``softcap`` through the kernels' score modifiers, T5's ``position_bias`` (with
+its gradient) and padding / additive masks through ``attn_bias``. Everything else a model passes is either
+accepted (it cannot change the result) or refused with the argument's name (:data:`REFUSED`: packed
+sequences, dropout in training, head masks, ``output_attentions``): never silently dropped. The mask function
+registered beside it is transformers' own flash-attention one: no mask for unpadded batches, the 2-d padding
+mask otherwise (a ``(B, 1, 1, Sk)`` key mask for the kernels: padded batches cost no ``Sq x Sk`` tensor).
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ DEFAULTS: Dict[str, AttentionSpec] = {
 # adapter does with each: honour it, accept it (it does not change the computation), or refuse it with
 # a clear error. An argument outside these lists is refused too unless it is None or False: a model
 # must never have something silently dropped.
-HONOURED = ("dropout", "scaling", "is_causal", "sliding_window", "deterministic", "s_aux", "softcap")
+HONOURED = ("dropout", "scaling", "is_causal", "sliding_window", "deterministic", "s_aux", "softcap", "position_bias",
+            "attention_mask")
 ACCEPTED = ("position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "output_hidden_states",
             "output_router_logits", "num_items_in_batch", "layer_idx", "position_embeddings")
 REFUSED = {
-    "position_bias": "an additive position bias (T5) is not supported yet",
     "head_mask": "a head mask is not supported",
     "cu_seq_lens_q": "packed sequences (cu_seq_lens) are not supported yet",
     "cu_seq_lens_k": "packed sequences (cu_seq_lens) are not supported yet",
@@ -71,13 +72,6 @@ REFUSED = {
 
 def _check_call(module, attention_mask, dropout, kwargs) -> None:
     """Refuses, with the argument's name, whatever this adapter would otherwise drop."""
-    if attention_mask is not None:
-        if attention_mask.dtype != torch.bool:
-            raise NotImplementedError("attnops attention: a float (additive) attention_mask is not supported yet; "
-                                      "only unpadded batches (no mask) run")
-        if not bool(attention_mask.all()):
-            raise NotImplementedError("attnops attention: padded batches (an attention_mask with zeros) are not "
-                                      "supported; run unpadded sequences or one sequence per batch")
     if dropout and module.training:
         raise NotImplementedError("attnops attention has no attention dropout yet; set the config's attention "
                                   "dropout to 0 for training")
@@ -87,12 +81,44 @@ def _check_call(module, attention_mask, dropout, kwargs) -> None:
         reason = REFUSED.get(name, "this adapter does not know it, and ignoring it could change the result")
         raise NotImplementedError(f"attnops attention: {name}={_short(value)}: {reason}")
     position_ids = kwargs.get("position_ids")
-    if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] > 1 and not torch.compiler.is_compiling():
+    if (isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] > 1 and not torch.compiler.is_compiling()
+            and (attention_mask is None or attention_mask.dim() == 2)):
         # positions that restart inside a row mark packed documents (DataCollatorWithFlattening):
-        # attending across them would be silently wrong
-        if bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any()):
+        # attending across them would be silently wrong. Between padding and the first real token they
+        # restart too (left padding); a 4-d mask says itself what attends what.
+        restart = position_ids[..., 1:] - position_ids[..., :-1] != 1
+        if attention_mask is not None and attention_mask.shape[-1] == position_ids.shape[-1]:
+            real = attention_mask.bool()
+            restart = restart & real[..., 1:] & real[..., :-1]
+        if bool(restart.any()):
             raise NotImplementedError("attnops attention: position_ids restart inside a row (packed sequences); "
                                       "packing is not supported yet")
+
+
+def _attn_bias(attention_mask: Optional[torch.Tensor], position_bias: Optional[torch.Tensor], seq_len_k: int):
+    """What the model adds to the scores, as the kernels' ``attn_bias``: T5's ``position_bias`` (float, its
+    gradient flows) plus the mask: a 2-d padding mask ``(B, Sk)`` (the flash-attention mask function's)
+    becomes a ``(B, 1, 1, Sk)`` bool key mask, a 4-d bool mask stays a mask, a float one is additive
+    (transformers' ``finfo.min`` entries act as -inf). None when there is nothing."""
+    mask = attention_mask
+    if mask is not None:
+        if mask.dim() == 2:
+            if mask.shape[-1] != seq_len_k:
+                raise ValueError(f"attnops attention: a 2-d attention_mask must be (B, Sk = {seq_len_k}), got "
+                                 f"{tuple(mask.shape)}")
+            mask = mask.bool()[:, None, None, :]
+        elif mask.dim() != 4:
+            raise NotImplementedError(f"attnops attention: a {mask.dim()}-d attention_mask is not supported "
+                                      "(2-d padding masks and 4-d masks are)")
+        elif mask.dtype != torch.bool and not mask.is_floating_point():
+            mask = mask.bool()
+        if mask.dtype == torch.bool and bool(mask.all()):
+            mask = None  # nothing masked: the plain kernels
+    if mask is None or position_bias is None:
+        return position_bias if mask is None else mask
+    if mask.dtype == torch.bool:
+        mask = torch.zeros((), dtype=position_bias.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return position_bias + mask.to(position_bias.dtype)
 
 
 def _short(value) -> str:
@@ -117,20 +143,25 @@ def _attention_forward(spec: AttentionSpec):
                                   scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                                   sliding_window: Optional[int] = None, deterministic: Optional[bool] = None,
                                   s_aux: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                                  **kwargs):
+                                  position_bias: Optional[torch.Tensor] = None, **kwargs):
         """transformers' attention-function contract: ``query (B, H, Sq, D)``, ``key, value
         (B, Hkv, Sk, D)`` -> ``(attn_output (B, Sq, H, D), None)``. ``s_aux``: gpt-oss's per-head sink
-        logits; ``softcap``: Gemma 2's ``attn_logit_softcapping`` (None: off)."""
+        logits; ``softcap``: Gemma 2's ``attn_logit_softcapping`` (None: off); ``position_bias``: T5's
+        relative position bias, added to the scores."""
         _check_call(module, attention_mask, dropout, kwargs)
         mods = {}
         if s_aux is not None:
             mods["sinks"] = s_aux
         if softcap is not None and softcap != 0:
             mods["softcap"] = float(softcap)
+        bias = _attn_bias(attention_mask, position_bias, key.shape[2])
+        if bias is not None:
+            mods["attn_bias"] = bias
         if mods and not isinstance(spec, SCORE_MOD_SPECS):
             raise NotImplementedError(f"attnops attention: the model sends {' and '.join(sorted(mods))}, which the "
-                                      f"{type(spec).__name__} registered here cannot apply (only softmax specs can); "
-                                      "register the SoftmaxSpec (the default) for this model")
+                                      f"{type(spec).__name__} registered here cannot apply (only softmax specs can; "
+                                      "attn_bias: a padding mask or a position bias); register the SoftmaxSpec (the "
+                                      "default) for this model")
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash_attn layout, no copy
         call_spec = spec

@@ -10,18 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnops.core.block_map import check_request
-from attnops.maps.capture import attend, capturing, map_options, record
-from attnops.nn.specs import AttentionSpec, SoftmaxSpec, resolve_spec
-from attnops.ops.softmax import DEFAULT_MAP_BLOCK
+from attnops.maps.capture import attend
+from attnops.nn.specs import AttentionSpec, BlockSparseSpec, SoftmaxSpec, resolve_spec
 
 
 class MultiheadAttention(nn.Module):
     """``torch.nn.MultiheadAttention`` with the attention computed by attnops.
 
     Same constructor arguments, same parameters and ``state_dict`` keys (``in_proj_weight`` /
-    ``in_proj_bias``, or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ, and ``out_proj``), so
-    a torch module's weights load unchanged; ``attention=`` picks the family (default ``SoftmaxSpec()``).
+    ``in_proj_bias``, or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ, ``bias_k`` / ``bias_v`` with
+    ``add_bias_kv``, and ``out_proj``), so a torch module's weights load unchanged; ``attention=`` picks the
+    family (default ``SoftmaxSpec()``).
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
     average_attn_weights=True, is_causal=False)`` with ``query (L, B, E)`` (``(B, L, E)`` when
@@ -34,19 +33,17 @@ class MultiheadAttention(nn.Module):
     mean probability mass that block's queries put on each key block. ``need_weights=False``
     returns ``None`` and skips the map.
 
-    ``key_padding_mask`` (bool or 0/-inf float, ``(B, S)``) works with the SoftmaxSpec: each sequence
-    attends over its unpadded keys (kernel calls per sequence when any key is padded); a query whose
-    keys are all padded gets zeros (torch gives NaN there). Non-causal, padding may sit anywhere;
-    block maps need it at the end of each sequence (kept keys a prefix), elsewhere ``weights`` is
-    ``None``. Causal (no window), the kept keys must be one contiguous range per sequence (left or
-    right padding); ``weights`` is then ``None``.
+    Masks follow torch: ``attn_mask`` ``(L, S)`` or ``(B * H, L, S)``, bool (True: not attended) or float
+    (added to the scores); ``key_padding_mask`` ``(B, S)``, bool (True: padding) or float (added). A causal
+    ``attn_mask`` (or ``is_causal=True``) runs the causal kernels; any other mask and the padding reach the
+    kernels as ``attn_bias`` (padding as a ``(B, 1, 1, S)`` key mask, no L x S tensor; empty key blocks are
+    skipped), with the SoftmaxSpec or a BlockSparseSpec. A query whose keys are all masked gets zeros (torch
+    gives NaN there). ``add_bias_kv`` / ``add_zero_attn`` append their key/value row after the projections,
+    visible to every query, as torch does.
 
-    Not supported, each a clear error rather than a silent difference: ``add_bias_kv``,
-    ``add_zero_attn``, attention dropout while training (``dropout > 0`` is accepted and is a no-op
-    in eval mode), padding with a block-sparse (or other non-softmax) spec, with causal windows, or
-    with causality and kept keys that are not contiguous, and an ``attn_mask``
-    other than the causal one (a causal ``attn_mask``, or ``is_causal=True``, runs the causal
-    kernel).
+    Not supported, each a clear error rather than a silent difference: attention dropout while training
+    (``dropout > 0`` is accepted and is a no-op in eval mode), masks or padding with the MoBA, linear or
+    low-rank specs.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
@@ -54,8 +51,6 @@ class MultiheadAttention(nn.Module):
                  vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None,
                  attention: Optional[AttentionSpec] = None):
         super().__init__()
-        if add_bias_kv or add_zero_attn:
-            raise NotImplementedError("attnops.nn.MultiheadAttention: add_bias_kv / add_zero_attn are not supported")
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         if not 0.0 <= dropout <= 1.0:
@@ -80,8 +75,12 @@ class MultiheadAttention(nn.Module):
             self.register_parameter("in_proj_weight", None)
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
-        self.bias_k = self.bias_v = None
-        self.add_zero_attn = False
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
         # nn.TransformerEncoderLayer takes a fused fast path (bypassing self_attn's forward) when this
         # flag is set: reporting False keeps its forward going through this module.
         self._qkv_same_embed_dim = False
@@ -95,6 +94,9 @@ class MultiheadAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
 
     def _project(self, query, key, value):
         E = self.embed_dim
@@ -104,7 +106,15 @@ class MultiheadAttention(nn.Module):
             wq, wk, wv = self.in_proj_weight[:E], self.in_proj_weight[E:2 * E], self.in_proj_weight[2 * E:]
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        B = q.shape[0]
+        if self.bias_k is not None:  # torch: a learned key/value row after the projection
+            k = torch.cat([k, self.bias_k.expand(B, 1, E)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(B, 1, E)], dim=1)
+        if self.add_zero_attn:  # torch: a zero key/value row after that
+            k = torch.cat([k, k.new_zeros(B, 1, E)], dim=1)
+            v = torch.cat([v, v.new_zeros(B, 1, E)], dim=1)
+        return q, k, v
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
@@ -119,6 +129,8 @@ class MultiheadAttention(nn.Module):
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None and key_padding_mask.dim() == 1:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         B, L, E = query.shape
@@ -129,23 +141,24 @@ class MultiheadAttention(nn.Module):
         if key.shape[:2] != value.shape[:2] or key.shape[0] != B:
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not fit query "
                              f"{tuple(query.shape)}")
-        causal = is_causal or _is_causal_mask(attn_mask, L, S)
-        keep = _kept_keys(key_padding_mask, B, S)
-        q, k, v = self._project(query, key, value)
         H, D = self.num_heads, self.head_dim
-        q, k, v = q.view(B, L, H, D), k.view(B, S, H, D), v.view(B, S, H, D)
-        if keep is None:
-            out, weights = attend(self, self.attention, q, k, v, causal=causal, need_map=need_weights)
-        else:
-            # Non-causal attention does not depend on the order of the keys, so a padded sequence is
-            # its unpadded keys gathered: one call per sequence, no token mask in the kernels.
-            if not isinstance(self.attention, SoftmaxSpec):
-                raise NotImplementedError("key_padding_mask: only the SoftmaxSpec (block masks index key "
-                                          "positions, which dropping padded keys would shift)")
-            if causal or self.attention.causal:
-                out, weights = self._attend_unpadded_causal(q, k, v, keep)
-            else:
-                out, weights = self._attend_unpadded(q, k, v, keep, need_weights)
+        extra = int(self.bias_k is not None) + int(self.add_zero_attn)  # key rows appended after the projection
+        causal = is_causal or _is_causal_mask(attn_mask, L, S)
+        bias = _attn_bias(None if causal else attn_mask, key_padding_mask, B, H, L, S)
+        if causal and extra:  # the appended rows are visible to every query: causality as an explicit mask
+            bias = _and_masks(bias, torch.ones(L, S, dtype=torch.bool, device=query.device).tril(S - L))
+            causal = False
+        if bias is not None and extra:
+            bias = F.pad(bias, (0, extra), value=True if bias.dtype == torch.bool else 0.0)
+        q, k, v = self._project(query, key, value)
+        q, k, v = q.view(B, L, H, D), k.view(B, S + extra, H, D), v.view(B, S + extra, H, D)
+        options = {}
+        if bias is not None:
+            if not isinstance(self.attention, (SoftmaxSpec, BlockSparseSpec)):
+                raise NotImplementedError(f"attnops.nn.MultiheadAttention: masks and key padding need the SoftmaxSpec "
+                                          f"or a BlockSparseSpec, not {type(self.attention).__name__}")
+            options["attn_bias"] = bias
+        out, weights = attend(self, self.attention, q, k, v, causal=causal, need_map=need_weights, **options)
         out = self.out_proj(out.reshape(B, L, E))
         if unbatched:
             out = out.squeeze(0)
@@ -157,112 +170,61 @@ class MultiheadAttention(nn.Module):
             weights = weights.mean(1)
         return out, weights.squeeze(0) if unbatched else weights
 
-    def _attend_unpadded_causal(self, q, k, v, keep: torch.Tensor):
-        """Causal attention with padding, for kept keys that are one contiguous range ``[s, e)`` per
-        sequence (right or left padding). Query ``i`` sits at ``i + S - L`` (bottom-right, as the
-        kernels) and sees the kept keys up to it: the queries at positions in ``[s, e)`` are causal
-        attention over ``k[s:e]`` (bottom-right aligned there too: the last of them sits at e - 1), the
-        later ones attend to all of ``k[s:e]``, the earlier ones see nothing (zeros). No block maps:
-        the pieces' maps would not index the full key positions (``need_weights`` gives None, a
-        capture raises)."""
-        if capturing():
-            raise NotImplementedError("attnops.maps.capture with key padding and causal attention: block maps "
-                                      "of the padded pieces are not computed")
-        if self.attention.window != (-1, -1):
-            raise NotImplementedError("key_padding_mask with causal windowed attention is not supported")
-        B, L, H, D = q.shape
-        S = k.shape[1]
-        outs = []
-        for b in range(B):
-            kept = torch.nonzero(keep[b]).flatten()
-            if kept.numel() == 0:
-                outs.append(q.new_zeros(1, L, H, D))
-                continue
-            s, e = int(kept[0]), int(kept[-1]) + 1
-            if e - s != kept.numel():
-                raise NotImplementedError("key_padding_mask with causal attention needs each sequence's kept keys "
-                                          "contiguous (left or right padding)")
-            i_a, i_b = min(max(s - (S - L), 0), L), min(max(e - (S - L), 0), L)
-            kb, vb = k[b:b + 1, s:e], v[b:b + 1, s:e]
-            pieces = [q.new_zeros(1, i_a, H, D)]
-            if i_b > i_a:
-                pieces.append(self.attention.attend(q[b:b + 1, i_a:i_b], kb, vb, causal=True))
-            if L > i_b:
-                pieces.append(SoftmaxSpec().attend(q[b:b + 1, i_b:], kb, vb))
-            outs.append(torch.cat(pieces, dim=1))
-        return torch.cat(outs), None
 
-    def _attend_unpadded(self, q, k, v, keep: torch.Tensor, need_weights: bool):
-        """One call per sequence over its kept keys. Block maps (``need_weights`` or an open capture)
-        are the per-sequence maps zero-padded to the full key length, exact when the kept keys are a
-        prefix (right padding). With padding elsewhere the gathered keys no longer sit at their
-        positions: ``need_weights`` then gives ``None`` (torch's default must not break such calls)
-        and a capture, which asked for maps explicitly, raises."""
-        capturing_now = capturing()
-        want_map = need_weights or capturing_now
-        if want_map and not all(bool(kept[:int(kept.sum())].all()) for kept in keep):
-            if capturing_now:
-                raise NotImplementedError("attnops.maps.capture with key padding that is not at the end of the "
-                                          "sequence: block maps index key positions")
-            want_map = False
-        options = map_options()
-        nk = -(-k.shape[1] // check_request(options.get("map_block_size"), options.get("reduce", "mean"),
-                                            DEFAULT_MAP_BLOCK).block_k)
-        outs, maps = [], []
-        for b in range(k.shape[0]):
-            kept = keep[b]
-            res = self.attention.attend(q[b:b + 1], k[b:b + 1, kept], v[b:b + 1, kept], return_block_map=want_map,
-                                        **options)
-            if want_map:
-                res, block_map = res
-                maps.append(F.pad(block_map, (0, nk - block_map.shape[-1])))
-            outs.append(res)
-        if not want_map:
-            return torch.cat(outs), None
-        block_map = torch.cat(maps)
-        record(self, block_map)
-        return torch.cat(outs), block_map
+def _attn_bias(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], B: int, H: int, L: int,
+               S: int) -> Optional[torch.Tensor]:
+    """torch's masks as the kernels' ``attn_bias`` (SDPA's convention: bool True = attended, float added):
+    ``attn_mask`` ``(L, S)`` -> ``(L, S)``, ``(B * H, L, S)`` -> ``(B, H, L, S)``; ``key_padding_mask`` ``(B, S)`` ->
+    ``(B, 1, 1, S)``; both combined. None when neither masks anything."""
+    parts = []
+    if attn_mask is not None:
+        if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (L, S):
+            m = attn_mask
+        elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == (B * H, L, S):
+            m = attn_mask.view(B, H, L, S)
+        else:
+            raise ValueError(f"attn_mask must be (L, S) = ({L}, {S}) or (B * num_heads, L, S) = ({B * H}, {L}, {S}), "
+                             f"got {tuple(attn_mask.shape)}")
+        parts.append(~m if m.dtype == torch.bool else m)
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(f"key_padding_mask must be (batch, source length) = ({B}, {S}), got "
+                             f"{tuple(key_padding_mask.shape)}")
+        m = key_padding_mask.view(B, 1, 1, S)
+        parts.append(~m if m.dtype == torch.bool else m)
+    bias = None
+    for part in parts:
+        bias = part if bias is None else _and_masks(bias, part)
+    if bias is not None and bias.dtype == torch.bool and bool(bias.all()):
+        return None  # nothing masked: the plain kernels
+    return bias
 
 
-def _blocked(mask: torch.Tensor, name: str) -> torch.Tensor:
-    """torch's mask conventions -> bool, True where blocked: a bool mask as is; an additive float mask
-    of 0 (kept) and -inf (blocked), any other value being an error."""
-    if mask.dtype == torch.bool:
-        return mask
-    blocked = torch.isinf(mask) & (mask < 0)
-    if bool(((mask != 0) & ~blocked).any()):
-        raise NotImplementedError(f"attnops.nn.MultiheadAttention: additive {name} values other than 0 / -inf "
-                                  "are not supported")
-    return blocked
+def _and_masks(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+    """Two attn_biases at once: bool masks and-ed, otherwise added (a bool one as 0 / -inf)."""
+    if a is None:
+        return b
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    dtype = a.dtype if a.is_floating_point() else b.dtype
 
+    def additive(m):
+        if m.dtype == torch.bool:
+            return torch.zeros((), dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
+        return m.to(dtype)
 
-def _kept_keys(mask: Optional[torch.Tensor], B: int, S: int) -> Optional[torch.Tensor]:
-    """``key_padding_mask (B, S)`` (bool: True = padding; float: -inf = padding, 0 = kept) -> the
-    (B, S) bool keep-mask, or None when it masks nothing."""
-    if mask is None:
-        return None
-    if tuple(mask.shape) != (B, S):
-        raise ValueError(f"key_padding_mask must be (batch, source length) = ({B}, {S}), got {tuple(mask.shape)}")
-    padded = _blocked(mask, "key_padding_mask")
-    if not bool(padded.any()):
-        return None
-    return ~padded
+    return additive(a) + additive(b)
 
 
 def _is_causal_mask(mask: Optional[torch.Tensor], L: int, S: int) -> bool:
-    """True for the causal mask nn.Transformer builds (bool: True = masked; float: -inf above the
-    diagonal), False for None; any other mask is an error."""
-    if mask is None:
+    """Whether ``attn_mask`` is the causal mask nn.Transformer builds (bool: True = masked; float: -inf above
+    the diagonal, 0 elsewhere), bottom-right aligned as attnops' causal (identical to top-left when L == S)."""
+    if mask is None or mask.dim() != 2 or tuple(mask.shape) != (L, S):
         return False
-    if mask.dim() != 2 or tuple(mask.shape) != (L, S):
-        raise NotImplementedError(f"attnops.nn.MultiheadAttention: only a 2-d causal attn_mask ({L}, {S}) is "
-                                  f"supported, got shape {tuple(mask.shape)}")
-    # bottom-right aligned, as attnops' causal (identical to top-left when L == S)
     above = torch.ones(L, S, dtype=torch.bool, device=mask.device).triu(S - L + 1)
-    if not bool((_blocked(mask, "attn_mask") == above).all()):
-        raise NotImplementedError("attnops.nn.MultiheadAttention: only the causal attn_mask is supported; express "
-                                  "other patterns as a BlockSparseSpec")
-    return True
+    if mask.dtype == torch.bool:
+        return bool((mask == above).all())
+    return bool(((mask == 0) == ~above).all() and torch.isneginf(mask[above]).all())
 
 
 # ---- swap / unswap ----------------------------------------------------------------------------------
@@ -289,8 +251,10 @@ def _constructor_args(module: nn.Module) -> dict:
 def _replace(model: nn.Module, select: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module],
              filter: Optional[Callable[[str, nn.Module], bool]] = None) -> SwapReport:
     """Replace every submodule that ``select`` picks (and ``filter(name, module)`` accepts) by
-    ``make(module)``, with the same weights and training mode."""
+    ``make(module)``, with the same weights and training mode. Atomic: every replacement is built (and
+    loaded) before the first is installed, so an error leaves the model as it was."""
     report = SwapReport()
+    built = []
     for name, module in list(model.named_modules()):
         if not select(module):
             continue
@@ -302,6 +266,8 @@ def _replace(model: nn.Module, select: Callable[[nn.Module], bool], make: Callab
         new = make(module)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
+        built.append((name, new))
+    for name, new in built:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         report.swapped.append(name)
@@ -314,7 +280,7 @@ def swap(model: nn.Module, spec: Optional[AttentionSpec] = None,
     ``nn.TransformerEncoder/DecoderLayer`` included) with :class:`MultiheadAttention` carrying the
     same weights, device and dtype, and ``attention=spec``. ``filter(name, module)`` chooses which.
     Returns a :class:`SwapReport`; :func:`unswap` restores."""
-    def make(m):  # add_bias_kv / add_zero_attn passed on so that the constructor refuses them
+    def make(m):
         return MultiheadAttention(**_constructor_args(m), add_bias_kv=m.bias_k is not None,
                                   add_zero_attn=m.add_zero_attn, attention=spec)
 
@@ -325,4 +291,5 @@ def unswap(model: nn.Module) -> SwapReport:
     """Replace every attnops :class:`MultiheadAttention` in ``model`` by a ``torch.nn.MultiheadAttention``
     with the same weights (the inverse of :func:`swap`)."""
     return _replace(model, lambda m: isinstance(m, MultiheadAttention),
-                    lambda m: nn.MultiheadAttention(**_constructor_args(m)))
+                    lambda m: nn.MultiheadAttention(**_constructor_args(m), add_bias_kv=m.bias_k is not None,
+                                                    add_zero_attn=m.add_zero_attn))

@@ -240,7 +240,8 @@ void map_store_task(FwdScratch<T>& ws, const MapSpec& map, int64_t rows, int64_t
 template <typename S>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const BlockLut& lut,
                     const Predicates& pred, double softmax_scale, const ScoreMods<compute_t<S>>& mods,
-                    const MapSpec& map, at::Tensor& out, at::Tensor& lse, at::Tensor& map_part) {
+                    const ScoreBias<compute_t<S>>& bias, const MapSpec& map, at::Tensor& out, at::Tensor& lse,
+                    at::Tensor& map_part) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
   const Problem p = make_problem(q, k, v, NR);
@@ -316,9 +317,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             gemm<T>(rows, n, p.D, ws.q.data(), p.D, ktile + t0 * p.D, p.D * NR, ws.s.data(), kTileK, false);
             for (int64_t r = 0; r < rows; ++r) {
               T* srow = ws.s.data() + r * kTileK;
-              if (mods.on_scores() && !ws.spans[r].empty()) {  // one pass: modifiers, mask, max
+              if ((mods.on_scores() || bias.present()) && !ws.spans[r].empty()) {  // one pass: modifiers, mask, max
                 const T mt = modify_mask_max(mods, srow, n, ws.spans[r], slope2,
-                                             static_cast<T>(r0 + r + pred.offset - t0));
+                                             static_cast<T>(r0 + r + pred.offset - t0),
+                                             bias.present() ? bias.row(b, h, r0 + r) + t0 : nullptr, t1 - t0);
                 softmax_row_exp(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
               } else {
                 softmax_row(srow, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
@@ -410,7 +412,7 @@ struct KeyTileScratch {
 // adds dS K into ws.dq (the group's dq rows, (group, Sq, Dp)), which this task owns.
 template <typename S, typename T>
 void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockLut& tlut, const Predicates& pred,
-                       const ScoreMods<T>& mods, const S* kp, const S* vp, int64_t b, int64_t hk, int64_t c0, int64_t c1, bool fused,
+                       const ScoreMods<T>& mods, const ScoreBias<T>& bias, T* dbias, const S* kp, const S* vp, int64_t b, int64_t hk, int64_t c0, int64_t c1, bool fused,
                        bool exact, KeyTileScratch<T>& ws, S* dkp, S* dvp) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
@@ -454,11 +456,17 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
           // key c0 + j against query t0 + i: ALiBi's distance |i - (c0 + j - t0 - offset)|
           T* capgrad = mods.softcap() ? ws.capgrad.data() + j * kTileQBwd : nullptr;
           if (mods.on_scores()) mods.apply(s, n, slope2, static_cast<T>(c0 + j - t0 - pred.offset), capgrad);
+          if (bias.present()) add_bias(s, bias.row(b, h, t0) + c0 + j, bias.sq, t1 - t0);  // a column of bias
           mask_row(s, ws.spans[j], n);
+          // d loss / d bias[i, key] is dS before the softcap's derivative (the bias is added after the cap)
+          T* dbias_col = dbias ? dbias + ((b * p.H + h) * p.Sq + t0) * p.Sk + c0 + j : nullptr;
           for (int64_t i = 0; i < n; i += W) {
             const V pr = exp2(vload(s + i) - vload(l2 + t0 + i));
             vstore(s + i, pr);
             V dsv = pr * (vload(ds + i) - vload(dl + t0 + i));
+            if (dbias_col)
+              for (int x = 0; x < W; ++x)
+                if (i + x >= ws.spans[j].v0 && i + x < ws.spans[j].v1) dbias_col[(i + x) * p.Sk] = dsv[x];
             if (capgrad) dsv *= vload(capgrad + i);  // d softcap(s) / ds
             vstore(ds + i, dsv);
           }
@@ -601,7 +609,7 @@ BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Ten
 // S = Q K^T and dP = dO V^T again, dS = P (dP - delta), dq += dS K.
 template <typename S, typename T>
 void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& lut, const Predicates& pred,
-                   const ScoreMods<T>& mods, const S* qp, const at::Tensor& dout, int64_t b, int64_t h, int64_t r0, int64_t r1,
+                   const ScoreMods<T>& mods, const ScoreBias<T>& bias, const S* qp, const at::Tensor& dout, int64_t b, int64_t h, int64_t r0, int64_t r1,
                    double softmax_scale, bool exact, DqScratch<T>& ws, S* dqp) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
@@ -628,6 +636,7 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
       }
       T* capgrad = mods.softcap() ? ws.capgrad.data() + r * kTileK : nullptr;
       if (mods.on_scores()) mods.apply(s, n, slope2, static_cast<T>(r0 + r + pred.offset - t0), capgrad);
+      if (bias.present()) add_bias(s, bias.row(b, h, r0 + r) + t0, 1, t1 - t0);
       mask_row(s, ws.spans[r], n);
       const T* dpr = ws.dp.data() + r * kTileK;
       const V lv = vsplat(l2[r]), dlv = vsplat(dl[r]);
@@ -656,7 +665,8 @@ template <typename S>
 void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                      const BlockLut& lut, const BlockLut& tlut, const Predicates& pred, double softmax_scale,
-                     const ScoreMods<compute_t<S>>& mods, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                     const ScoreMods<compute_t<S>>& mods, const ScoreBias<compute_t<S>>& bias, at::Tensor& dq,
+                     at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
   using T = compute_t<S>;
   const Problem p = make_problem(q, k, v, kGemmN<T>);
 
@@ -678,6 +688,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   S* dqp = dq.data_ptr<S>();
   S* dkp = dk.data_ptr<S>();
   S* dvp = dv.data_ptr<S>();
+  T* dbp = dbias.numel() > 0 ? dbias.data_ptr<T>() : nullptr;  // (B, H, Sq, Sk), zeros where no pair is visited
   const int64_t TK = tile_rows(tlut, kTileKBwd);
   const int64_t k_tiles = (p.Sk + TK - 1) / TK;
   auto tile_queries = [&](int64_t b, int64_t hk, int64_t c0, int64_t c1) {
@@ -703,7 +714,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
           const int64_t b = t / p.Hkv, hk = t % p.Hkv;
           std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
           for (int64_t kt = 0; kt < k_tiles; ++kt)
-            key_tile_backward(p, ops, tlut, pred, mods, kp, vp, b, hk, kt * TK, std::min((kt + 1) * TK, p.Sk), true, exact,
+            key_tile_backward(p, ops, tlut, pred, mods, bias, dbp, kp, vp, b, hk, kt * TK, std::min((kt + 1) * TK, p.Sk), true, exact,
                               ws, dkp, dvp);
           for (int64_t g = 0; g < p.group; ++g)
             for (int64_t r = 0; r < p.Sq; ++r)
@@ -735,7 +746,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
       [&](int64_t t, DqScratch<T>& ws) {
         int64_t b, h, r0, r1;
         q_task(t, b, h, r0, r1);
-        query_tile_dq(p, ops, lut, pred, mods, qp, dout, b, h, r0, r1, softmax_scale, exact, ws, dqp);
+        query_tile_dq(p, ops, lut, pred, mods, bias, qp, dout, b, h, r0, r1, softmax_scale, exact, ws, dqp);
       });
   run_tasks(
       p.B * p.Hkv * k_tiles,
@@ -746,7 +757,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
       [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap()); },
       [&](int64_t t, KeyTileScratch<T>& ws) {
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
-        key_tile_backward(p, ops, tlut, pred, mods, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false, exact, ws, dkp,
+        key_tile_backward(p, ops, tlut, pred, mods, bias, dbp, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false, exact, ws, dkp,
                           dvp);
       });
 }
@@ -761,11 +772,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
     const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
     int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, int64_t map_rows,
     int64_t map_cols, bool map_max, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
-    const c10::optional<at::Tensor>& sinks) {
+    const c10::optional<at::Tensor>& sinks, const c10::optional<at::Tensor>& attn_bias) {
   constexpr const char* op = "block_sparse_attn_fwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, false);
   check_score_mod_args(op, q_in, softcap, alibi_slopes, sinks);
+  check_attn_bias_arg(op, q_in, k_in, attn_bias);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
   const Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
@@ -786,22 +798,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
   if (q.numel() == 0) return {out, lse, map_part};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd_cpu", [&] {
     const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, sinks, q.size(2));
-    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, mods, map, out, lse, map_part);
+    const ScoreBias<compute_t<scalar_t>> bias(attn_bias);
+    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, mods, bias, map, out, lse, map_part);
   });
   return {out, lse, map_part};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
     const at::Tensor& dout_in, const c10::optional<at::Tensor>& dlse, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
     const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
     int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
-    const c10::optional<at::Tensor>& alibi_slopes) {
+    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& attn_bias, bool bias_grad) {
   constexpr const char* op = "block_sparse_attn_bwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, true);
   check_score_mod_args(op, q_in, softcap, alibi_slopes, c10::nullopt);
+  check_attn_bias_arg(op, q_in, k_in, attn_bias);
+  const bool has_bias = attn_bias.has_value() && attn_bias->defined();
+  TORCH_CHECK(has_bias || !bias_grad, op, ": bias_grad without an attn_bias");
   const bool has_lut = kv_num_blocks.has_value() && kv_num_blocks->defined();
   const bool has_tlut = q_num_blocks.has_value() && q_num_blocks->defined();
   TORCH_CHECK(has_lut == has_tlut, op, ": the backward needs both the block LUT and its transpose");
@@ -829,17 +845,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
   at::Tensor dq = maybe_poison(at::empty(q.sizes(), q.options()));
   at::Tensor dk = maybe_poison(at::empty(k.sizes(), k.options()));
   at::Tensor dv = maybe_poison(at::empty(v.sizes(), v.options()));
+  // d attn_bias before the reduction over its broadcast dims (Python): (B, H, Sq, Sk) in lse's dtype,
+  // zeros at the pairs the masks skip
+  at::Tensor dbias = bias_grad ? at::zeros({q.size(0), q.size(2), q.size(1), k.size(1)}, q.options().dtype(lse_type))
+                               : at::empty({0}, q.options().dtype(lse_type));
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    return {dq, dk, dv, dbias};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_bwd_cpu", [&] {
     const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, c10::nullopt, q.size(2));
-    backward_kernel<scalar_t>(dout, dlse, q, k, v, out, lse, lut, tlut, pred, softmax_scale, mods, dq, dk, dv);
+    const ScoreBias<compute_t<scalar_t>> bias(attn_bias);
+    backward_kernel<scalar_t>(dout, dlse, q, k, v, out, lse, lut, tlut, pred, softmax_scale, mods, bias, dq, dk, dv,
+                              dbias);
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dbias};
 }
 
 }  // namespace

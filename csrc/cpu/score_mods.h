@@ -114,11 +114,49 @@ struct ScoreMods {
   }
 };
 
+// An additive bias (attn_bias): (Bm, Hm, Sqm, Sk) in the compute type, size-1 dims broadcast (stride 0),
+// keys contiguous; natural-log units (the kernels add bias * log2(e)). The op converts a bool mask to
+// 0 / -inf before it gets here.
+template <typename T>
+struct ScoreBias {
+  const T* data = nullptr;
+  int64_t sb = 0, sh = 0, sq = 0;
+  at::Tensor storage;
+
+  ScoreBias() = default;
+  explicit ScoreBias(const c10::optional<at::Tensor>& bias) {
+    if (!bias.has_value() || !bias->defined()) return;
+    storage = bias->to(c10::CppTypeToScalarType<T>::value);
+    if (storage.stride(3) != 1) storage = storage.contiguous();
+    data = storage.template data_ptr<T>();
+    sb = storage.size(0) == 1 ? 0 : storage.stride(0);
+    sh = storage.size(1) == 1 ? 0 : storage.stride(1);
+    sq = storage.size(2) == 1 ? 0 : storage.stride(2);
+  }
+  bool present() const { return data != nullptr; }
+  // bias[b, h, i, :]
+  const T* row(int64_t b, int64_t h, int64_t i) const { return data + b * sb + h * sh + i * sq; }
+};
+
+// s[x] += log2(e) * bias[x * stride] for the first `valid` entries (the rest of a padded tile row is
+// masked by the caller; reading it would leave the tensor).
+template <typename T>
+inline void add_bias(T* s, const T* bias, int64_t stride, int64_t valid) {
+  const T c = static_cast<T>(1.4426950408889634);
+  if (stride == 1) {
+    for (int64_t x = 0; x < valid; ++x) s[x] += c * bias[x];
+  } else {
+    for (int64_t x = 0; x < valid; ++x) s[x] += c * bias[x * stride];
+  }
+}
+
 // One forward score row in a single pass: the modifiers, the mask (-inf outside the row's valid span
 // [v0, v1)) and the row's max, which softmax_row_exp takes (the unmodified path masks with mask_row and
-// a max pass of its own: two passes where this is one).
+// a max pass of its own: two passes where this is one). `bias`: the row's attn_bias from the tile's first
+// key (its first `valid` entries exist), or null.
 template <typename T>
-inline T modify_mask_max(const ScoreMods<T>& mods, T* s, int64_t n, RowSpan span, T slope2, T pos) {
+inline T modify_mask_max(const ScoreMods<T>& mods, T* s, int64_t n, RowSpan span, T slope2, T pos,
+                         const T* bias = nullptr, int64_t valid = 0) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   V iota;
@@ -133,6 +171,15 @@ inline T modify_mask_max(const ScoreMods<T>& mods, T* s, int64_t n, RowSpan span
     if (mods.softcap()) x = cap * vtanh(x * inv_cap);
     const V col = vsplat(T(j)) + iota;
     if (mods.alibi()) x -= sl * vabs<T>(vsplat(pos) - col);
+    if (bias) {  // after the softcap, like ALiBi; the row's last entries may end before the vector
+      V bv{};
+      if (j + W <= valid) {
+        bv = vload(bias + j);
+      } else {
+        for (int lane = 0; lane < W && j + lane < valid; ++lane) bv[lane] = bias[j + lane];
+      }
+      x += bv * static_cast<T>(1.4426950408889634);
+    }
     if (!whole) x = (col >= lo) & (col < hi) ? x : ninf;
     vstore(s + j, x);
     mx = vmax_nan<T>(x, mx);

@@ -37,12 +37,13 @@ CHILD = textwrap.dedent(r'''
 
     FWD_ORDER = ["q", "k", "v", "kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices", "block_q", "block_k",
                  "softmax_scale", "causal", "window_left", "window_right", "map_rows", "map_cols", "map_max", "softcap",
-                 "alibi_slopes", "sinks"]
+                 "alibi_slopes", "sinks", "attn_bias"]
 
     def fwd_args(**over):
         q, k, v = qkv()
         a = dict(q=q, k=k, v=v, **LUT, block_q=64, block_k=64, softmax_scale=0.2, causal=True, window_left=-1,
-                 window_right=-1, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None)
+                 window_right=-1, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None,
+                 attn_bias=None)
         a.update(over)
         return [a[n] for n in FWD_ORDER]
 
@@ -50,9 +51,10 @@ CHILD = textwrap.dedent(r'''
         q, k, v = qkv()
         a = dict(dout=torch.randn_like(q), dlse=None, q=q, k=k, v=v, out=torch.randn_like(q),
                  lse=torch.randn(B, H, S), **LUT, block_q=64, block_k=64, softmax_scale=0.2, causal=True,
-                 window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None)
+                 window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, bias_grad=False)
         a.update(over)
-        order = ["dout", "dlse", "q", "k", "v", "out", "lse"] + FWD_ORDER[3:13] + ["softcap", "alibi_slopes"]
+        order = ["dout", "dlse", "q", "k", "v", "out", "lse"] + FWD_ORDER[3:13] + ["softcap", "alibi_slopes",
+                                                                                  "attn_bias", "bias_grad"]
         return [a[n] for n in order]
 
     def dec_args(**over):
@@ -123,6 +125,10 @@ CHILD = textwrap.dedent(r'''
         "sinks (Hkv,)": dict(sinks=torch.randn(HKV)),
         "sinks (1, H)": dict(sinks=torch.randn(1, H)),
         "sinks integer": dict(sinks=torch.ones(H, dtype=torch.int64)),
+        "attn_bias keys short": dict(attn_bias=torch.zeros(1, 1, S, S - 1)),
+        "attn_bias 3-d": dict(attn_bias=torch.zeros(1, S, S)),
+        "attn_bias heads misfit": dict(attn_bias=torch.zeros(1, 3, S, S)),
+        "attn_bias bool": dict(attn_bias=torch.ones(1, 1, S, S, dtype=torch.bool)),
     }
     BWD = {
         "lse shape": dict(lse=torch.randn(B, H, 3)),
@@ -140,6 +146,8 @@ CHILD = textwrap.dedent(r'''
         "block_k = 0": dict(block_k=0),
         "softcap < 0": dict(softcap=-2.0),
         "alibi_slopes 3-d": dict(alibi_slopes=torch.rand(1, 1, H)),
+        "bias_grad without attn_bias": dict(bias_grad=True),
+        "attn_bias queries misfit": dict(attn_bias=torch.zeros(1, 1, 3, S)),
     }
     DEC = {
         "Hkv = 0": dict(k=torch.randn(B, S, 0, D), v=torch.randn(B, S, 0, D)),

@@ -35,7 +35,8 @@ def block_sparse_fwd_map():
 def block_sparse_fwd_mods():
     """softcap, ALiBi and learnable sinks: the sinks' gradient goes through the autograd registration."""
     q, k, v = _qkv(grad=True)
-    return (q, k, v, *_lut(), 0.25, True, -1, -1, 0, 0, False, 5.0, torch.rand(H), torch.randn(H, requires_grad=True))
+    return (q, k, v, *_lut(), 0.25, True, -1, -1, 0, 0, False, 5.0, torch.rand(H), torch.randn(H, requires_grad=True),
+            torch.randn(1, H, S, S, requires_grad=True))
 
 
 def block_sparse_bwd(name):
@@ -43,7 +44,8 @@ def block_sparse_bwd(name):
         q, k, v = _qkv()
         fwd = getattr(torch.ops.attnops, name.replace("_bwd", "_fwd"))
         out, lse, _ = fwd(q, k, v, *_lut(), 0.25, True, -1, -1)
-        return (torch.randn_like(out), None, q, k, v, out, lse, *_lut(), 0.25, True, -1, -1, 3.0, torch.rand(B, H))
+        return (torch.randn_like(out), None, q, k, v, out, lse, *_lut(), 0.25, True, -1, -1, 3.0, torch.rand(B, H),
+                torch.randn(B, 1, 1, S), True)
     return build
 
 

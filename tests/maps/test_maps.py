@@ -59,8 +59,9 @@ def test_capture_through_swapped_transformer_encoder():
 
 
 @pytest.mark.parametrize("average", [True, False])
-@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("padding", [None, "right", "left"])
 def test_need_weights_is_torchs_weights_pooled(average, padding):
+    """Padding anywhere: the map indexes the true key positions (padding reaches the kernels as a key mask)."""
     torch_mha = nn.MultiheadAttention(64, 4, batch_first=True).double().eval()
     ours = attnops.nn.MultiheadAttention(64, 4, batch_first=True).eval()
     ours.load_state_dict({k: v.float() for k, v in torch_mha.state_dict().items()})
@@ -68,7 +69,9 @@ def test_need_weights_is_torchs_weights_pooled(average, padding):
     kpm = None
     if padding:
         kpm = torch.zeros(2, 150, dtype=torch.bool)
-        kpm[1, 90:] = True  # right padding
+        kpm[1, 90:] = True
+        if padding == "left":
+            kpm = kpm.flip(-1)
     _, w = torch_mha(x, x, x, key_padding_mask=kpm, average_attn_weights=False)  # (B, H, L, S)
     lse = torch.zeros(w.shape[:3], dtype=w.dtype)
     expect = reference.pool_block_map(w, lse, REQUEST)
@@ -79,15 +82,14 @@ def test_need_weights_is_torchs_weights_pooled(average, padding):
     assert ours(x.float(), x.float(), x.float(), need_weights=False)[1] is None
 
 
-def test_left_padding_gives_no_weights_and_capture_refuses_it():
+def test_capture_records_maps_with_left_padding():
     mha = attnops.nn.MultiheadAttention(32, 2, batch_first=True)
     x = torch.randn(1, 80, 32)
     kpm = torch.zeros(1, 80, dtype=torch.bool)
     kpm[0, :10] = True
-    out, weights = mha(x, x, x, key_padding_mask=kpm)
-    assert weights is None  # documented: maps index key positions, which gathering shifted
-    with pytest.raises(NotImplementedError, match="not at the end"), attnops.maps.capture():
+    with attnops.maps.capture() as cap:
         mha(x, x, x, key_padding_mask=kpm)
+    assert len(cap.maps) == 1
 
 
 def test_capture_through_transformers_adapter():

@@ -191,13 +191,11 @@ def _call(**kwargs):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(position_bias=torch.zeros(1, 4, 10, 10)), "position_bias"),
     (dict(cu_seq_lens_q=torch.tensor([0, 5, 10])), "cu_seq_lens_q"),
     (dict(output_attentions=True), "output_attentions"),
     (dict(head_mask=torch.ones(4)), "head_mask"),
     (dict(some_new_argument=3), "some_new_argument"),
-    (dict(attention_mask=torch.zeros(1, 1, 10, 10)), "float (additive) attention_mask"),
-    (dict(attention_mask=torch.tensor([[True] * 8 + [False] * 2])), "padded"),
+    (dict(attention_mask=torch.zeros(1, 10, 10)), "3-d attention_mask"),
     (dict(position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])), "packed"),
 ])
 def test_what_the_adapter_cannot_honour_is_refused_by_name(kwargs, words):
@@ -241,3 +239,118 @@ def test_attention_block_is_causal_whatever_the_spec(spec):
         assert torch.equal(block(x)[:, :-1], block(y)[:, :-1])
         enc = attnops.nn.Attention(64, 4, attention=attnops.nn.SoftmaxSpec(), causal=False)
         assert not torch.equal(enc(x)[:, 0], enc(y)[:, 0])  # an encoder block sees the whole sequence
+
+
+# ---- padded batches, additive masks and T5's position bias: through attn_bias ---------------------------------
+
+def _llama_pair():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**COMMON)
+    ref, ours, low = _pair(cfg, "AutoModelForCausalLM")
+    # transformers' eager float64 mask arithmetic gives NaN rows under left padding (finfo.min + finfo.min =
+    # -inf): the float64 yardstick is SDPA there, which unmasks fully masked rows
+    sdpa = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa")
+    sdpa = sdpa.double().eval()
+    sdpa.load_state_dict(ref.state_dict())
+    return sdpa, ours, low
+
+
+def _left_padded(B=2, S=60, pads=(17, 0)):
+    ids = torch.randint(1, 97, (B, S))
+    mask = torch.ones(B, S, dtype=torch.long)
+    for b, n in enumerate(pads):
+        mask[b, :n] = 0
+    return ids, mask
+
+
+def test_left_padded_batch_matches_eager():
+    """Llama, a left-padded batch: logits at the real tokens, loss and gradients (pads labelled -100)."""
+    ref, ours, low = _llama_pair()
+    ids, mask = _left_padded()
+    real = mask.bool()
+    with torch.no_grad():
+        got, want, base = (m(input_ids=ids, attention_mask=mask).logits for m in (ours, ref, low))
+    assert_accurate("llama padded logits", got[real], want[real], base[real])
+    labels = ids.masked_fill(~real, -100)
+
+    def loss_and_grads(model, names):
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        params = dict(model.named_parameters())
+        return [params[n].grad.clone() for n in names]
+
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    for n, a, b, c in zip(names, *(loss_and_grads(m.train(), names) for m in (ours, ref, low))):
+        assert_accurate(f"llama padded d{n}", a, b, c)
+
+
+def test_left_padded_cached_generation_matches_eager():
+    _, ours, low = _llama_pair()
+    ids, mask = _left_padded(pads=(9, 0), S=30)
+    with torch.no_grad():
+        a = ours.eval().generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True)
+        b = low.eval().generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True)
+    assert torch.equal(a, b)
+
+
+def test_bert_right_padded_batch_matches_eager():
+    from transformers import BertConfig
+
+    cfg = BertConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ref, ours, low = _pair(cfg, "AutoModelForMaskedLM")
+    ids = torch.randint(1, 97, (3, 50))
+    mask = torch.ones(3, 50, dtype=torch.long)
+    mask[0, 31:] = 0
+    mask[2, 7:] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        got, want, base = (m(input_ids=ids, attention_mask=mask).logits for m in (ours, ref, low))
+    assert_accurate("bert padded logits", got[real], want[real], base[real])
+
+
+def _t5():
+    from transformers import T5Config
+
+    cfg = T5Config(vocab_size=97, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+                   decoder_start_token_id=0, pad_token_id=0)
+
+    def sharp_bias(model):  # the relative position bias initialises near 0; a trained one is O(1)
+        for n, p in model.named_parameters():
+            if n.endswith("relative_attention_bias.weight"):
+                p.normal_(0.0, 2.0)
+
+    return _pair(cfg, "AutoModelForSeq2SeqLM", init=sharp_bias)
+
+
+def test_t5_position_bias_and_padding_match_eager():
+    """T5: the relative position bias (learned, so with its gradient) in encoder, decoder and not in cross
+    attention, a padded encoder batch, no 1/sqrt(d) scaling: logits, loss and gradients."""
+    ref, ours, low = _t5()
+    ids = torch.randint(1, 97, (2, 30))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, 19:] = 0
+    dec = torch.randint(1, 97, (2, 12))
+    with torch.no_grad():
+        got, want, base = (m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+                           for m in (ours, ref, low))
+        assert_accurate("t5 logits", got, want, base)
+        flat = copy.deepcopy(ref)
+        for n, p in flat.named_parameters():
+            if n.endswith("relative_attention_bias.weight"):
+                p.zero_()
+        assert (flat(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits - want).abs().max() > 1e-3
+    names = ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+             "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+             "encoder.block.1.layer.0.SelfAttention.q.weight", "decoder.block.1.layer.1.EncDecAttention.k.weight"]
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=dec).loss.backward()
+        params = dict(model.named_parameters())
+        return [params[n].grad.clone() for n in names]
+
+    for n, a, b, c in zip(names, *(loss_and_grads(m.train()) for m in (ours, ref, low))):
+        assert_accurate(f"t5 d{n}", a, b, c)

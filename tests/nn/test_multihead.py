@@ -136,32 +136,125 @@ def test_unsupported_inputs_are_clear_errors():
     mha = MultiheadAttention(16, 2, batch_first=True)
     x = torch.randn(2, 9, 16)
     pad = torch.zeros(2, 9, dtype=torch.bool)
-    mha(x, x, x, key_padding_mask=pad, is_causal=True)  # masks nothing: accepted with causality too
-    pad[0, 4] = True  # a hole: the kept keys are not one range
-    with pytest.raises(NotImplementedError, match="contiguous"):
-        mha(x, x, x, key_padding_mask=pad, is_causal=True)
-    pad[0, 4], pad[0, -1] = False, True
-    windowed = MultiheadAttention(16, 2, batch_first=True, attention=SoftmaxSpec(window=(3, 0)))
-    with pytest.raises(NotImplementedError, match="window"):
-        windowed(x, x, x, key_padding_mask=pad, is_causal=True)
+    pad[0, -1] = True
     with pytest.raises(ValueError, match="key_padding_mask must be"):
         mha(x, x, x, key_padding_mask=pad[:, :5])
-    sparse = MultiheadAttention(16, 2, batch_first=True, attention=BlockSparseSpec(
-        pattern=lambda sq, sk: BlockMask.sliding_window(sq, window=4, block_size=16)))
+    with pytest.raises(ValueError, match="attn_mask must be"):
+        mha(x, x, x, attn_mask=torch.zeros(3, 9, 9, dtype=torch.bool))
+    moba = MultiheadAttention(16, 2, batch_first=True, attention=attnops.nn.MoBASpec(block_size=64, topk=1))
     with pytest.raises(NotImplementedError, match="SoftmaxSpec"):
-        sparse(x, x, x, key_padding_mask=pad)
-    with pytest.raises(NotImplementedError, match="causal attn_mask"):
-        mha(x, x, x, attn_mask=torch.zeros(9, 9, dtype=torch.bool).fill_diagonal_(True))
+        moba(x, x, x, key_padding_mask=pad)
     with pytest.raises(ValueError, match="widths"):
         mha(x, x, torch.randn(2, 9, 8))
-    with pytest.raises(NotImplementedError, match="add_bias_kv"):
-        MultiheadAttention(16, 2, add_bias_kv=True)
     with pytest.raises(ValueError, match="multiple"):
         MultiheadAttention(15, 2)
     drop = MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
     with pytest.raises(NotImplementedError, match="dropout"):
         drop(x, x, x)
     drop.eval()(x, x, x)
+
+
+def _masks(kind, B, H, L, S, dtype=torch.float64):
+    """(attn_mask, key_padding_mask, is_causal) in torch's conventions, with no query fully masked."""
+    g = torch.Generator().manual_seed(7)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[0, S - 6:] = True
+    pad[1, 3:S:4] = True  # holes: kept keys that are not one range
+    causal = torch.ones(L, S, dtype=torch.bool).triu(S - L + 1)
+    if kind == "bool_2d":
+        m = torch.rand(L, S, generator=g) < 0.3
+        m[:, 0] = False
+        return m, None, False
+    if kind == "float_2d":
+        return torch.randn(L, S, generator=g, dtype=dtype), None, False
+    if kind == "float_3d_padding":
+        return torch.randn(B * H, L, S, generator=g, dtype=dtype), pad, False
+    if kind == "causal_padding_holes":
+        return causal, pad.clone().index_fill_(1, torch.tensor([0]), False), True
+    if kind == "float_padding":
+        return None, torch.zeros(B, S, dtype=dtype).masked_fill(pad, float("-inf")), False
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("extras", [dict(), dict(add_bias_kv=True), dict(add_zero_attn=True),
+                                    dict(add_bias_kv=True, add_zero_attn=True)],
+                         ids=["plain", "bias_kv", "zero_attn", "both"])
+@pytest.mark.parametrize("kind", ["bool_2d", "float_2d", "float_3d_padding", "causal_padding_holes", "float_padding"])
+def test_masks_match_torch(kind, extras):
+    """torch's attn_mask (bool / float, 2-d / 3-d), key_padding_mask (bool / float, anywhere), causality,
+    add_bias_kv and add_zero_attn, forward and backward (bias_k / bias_v included), against torch's module
+    in float64 with torch's float32 as the yardstick."""
+    E, H, B, L = 48, 4, 3, 21
+    S = L
+    ref = nn.MultiheadAttention(E, H, batch_first=True, **extras).double()
+    ours = MultiheadAttention(E, H, batch_first=True, **extras)
+    ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    low = copy.deepcopy(ref).float()
+    attn_mask, pad, causal = _masks(kind, B, H, L, S)
+    x = torch.randn(B, L, E, dtype=torch.float64)
+    kv = torch.randn(B, S, E, dtype=torch.float64)
+
+    def run(module, dtype):
+        xs = [t.to(dtype).clone().requires_grad_() for t in (x, kv)]
+        am = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(dtype)
+        kp = pad if pad is None or pad.dtype == torch.bool else pad.to(dtype)
+        out, _ = module(xs[0], xs[1], xs[1], attn_mask=am, key_padding_mask=kp, need_weights=False,
+                        is_causal=causal and module is ours)
+        out.backward(torch.ones_like(out) * 0.1 + torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out))
+        return [out.detach(), xs[0].grad, xs[1].grad] + [p.grad for _, p in module.named_parameters()]
+
+    got, want, base = run(ours, torch.float32), run(ref, torch.float64), run(low, torch.float32)
+    names = ["out", "d_query", "d_kv"] + [f"d_{n}" for n, _ in ours.named_parameters()]
+    for n, a, b, c in zip(names, got, want, base):
+        assert_accurate(f"{kind} {n}", a, b, c)
+
+
+def test_fully_masked_queries_give_zeros():
+    """A query whose keys are all masked gets zero attention (then the output projection's bias), as torch
+    2.13's module gives too; the other queries are unaffected."""
+    ref, ours = _pair(batch_first=True)
+    x = torch.randn(1, 10, 48, dtype=torch.float64)
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[3] = True
+    out, _ = ours(x.float(), x.float(), x.float(), attn_mask=mask, need_weights=False)
+    want, _ = ref(x, x, x, attn_mask=mask, need_weights=False)
+    torch.testing.assert_close(out[0].double(), want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[0, 3], ours.out_proj.bias.detach())
+
+
+def test_masks_with_a_block_sparse_spec():
+    """A BlockSparseSpec with padding and an attn_mask: the mask's blocks and the bias together."""
+    E, H, L = 64, 4, 70
+    spec = BlockSparseSpec(pattern=lambda sq, sk: BlockMask.sliding_window(sq, window=32, block_size=16))
+    mha = MultiheadAttention(E, H, batch_first=True, attention=spec)
+    x = torch.randn(2, L, E)
+    pad = torch.zeros(2, L, dtype=torch.bool)
+    pad[1, 50:] = True
+    out, _ = mha(x, x, x, key_padding_mask=pad, need_weights=False, is_causal=True)
+    q, k, v = (t.view(2, L, H, E // H) for t in mha._project(x, x, x))
+    mask = BlockMask.sliding_window(L, window=32, block_size=16)
+    expect = attnops.block_sparse_attention(q, k, v, mask, attn_bias=~pad[:, None, None, :], backend="reference")
+    torch.testing.assert_close(out, mha.out_proj(expect.reshape(2, L, E)), rtol=1e-5, atol=1e-5)
+
+
+def test_swap_is_atomic(monkeypatch):
+    """An error while building the second replacement leaves every module as it was."""
+    model = nn.Transformer(d_model=48, nhead=4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64,
+                           batch_first=True)
+    before = [type(m) for m in model.modules()]
+    calls = []
+    original = MultiheadAttention.load_state_dict
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultiheadAttention, "load_state_dict", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        attnops.swap(model)
+    assert [type(m) for m in model.modules()] == before
 
 
 def test_swap_with_sparse_spec_matches_the_reference_of_that_spec(monkeypatch):
@@ -213,7 +306,7 @@ def test_key_padding_mask_matches_torch(kind):
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_causal_key_padding_mask_matches_torch(kind):
-    """Left and right padding with causality: each sequence's kept keys are one range."""
+    """Left and right padding with causality."""
     ref, ours = _pair(batch_first=True)
     B, L = 4, 23
     x = torch.randn(B, L, 48, dtype=torch.float64)
@@ -230,7 +323,7 @@ def test_causal_key_padding_mask_matches_torch(kind):
     x32 = x.float().clone().requires_grad_()
     m32 = mask if kind == "bool" else mask.float()
     got, weights = ours(x32, x32, x32, key_padding_mask=m32, is_causal=True)
-    assert weights is None
+    assert weights.shape == (B, 1, 1)  # block maps with padding anywhere now (one 64 x 64 block here)
     xlp = x.float().clone().requires_grad_()
     low, _ = copy.deepcopy(ref).float()(xlp, xlp, xlp, key_padding_mask=m32, attn_mask=causal.float(),
                                         need_weights=False)

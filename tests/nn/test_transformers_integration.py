@@ -87,14 +87,19 @@ def test_set_attn_implementation_and_cached_generation():
     assert torch.equal(a, b)
 
 
-def test_padding_mask_and_bad_spec_are_clear_errors():
-    _, ours, _ = _models("llama-gqa")
+def test_padding_with_a_non_softmax_spec_and_bad_spec_are_clear_errors():
+    """Padded batches run through attn_bias on the softmax specs (test_adapter_arguments.py); a linear spec
+    cannot take a padding mask and says so."""
+    from transformers import AutoModelForCausalLM
+
+    name = hf_attnops.register("attnops_linear")
+    model = AutoModelForCausalLM.from_config(_configs()["llama-gqa"], attn_implementation=name).eval()
     ids = torch.randint(0, 97, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
-    ours(ids, attention_mask=mask)  # no padding: fine
+    model(ids, attention_mask=mask)  # no padding: fine
     mask[0, :3] = 0
-    with pytest.raises(NotImplementedError, match="padded"):
-        ours(ids, attention_mask=mask)
+    with pytest.raises(NotImplementedError, match="attn_bias"):
+        model(ids, attention_mask=mask)
     with pytest.raises(TypeError, match="spec"):
         hf_attnops.register("attnops_bad", spec="dense")
 

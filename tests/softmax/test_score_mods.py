@@ -3,63 +3,14 @@ backward, on every implementation, alone and composed with causal / window / GQA
 and lse; against the float64 reference, which is itself checked against a port of the authors' code
 (flash_attn's ``attention_ref`` with ``attn_bias_from_alibi_slopes``, gpt-oss's ``sdpa`` with sinks)."""
 
-import math
-
 import pytest
 import torch
 
 import attnops
 from attnops import BlockMask
 from attnops.ops.softmax import reference
+from authors_ref import attention_ref
 from helpers import DTYPE_IDS, compare_with_reference, make_qkv
-
-
-# ---- the authors' reference code, ported (einops rearranges written as views) ---------------------------
-
-def _local_mask(sq, sk, window_size):
-    """flash_attn tests' ``construct_local_mask`` (True = masked), -1 sides unbounded."""
-    row = torch.arange(sq).unsqueeze(1)
-    col = torch.arange(sk)
-    masked = torch.zeros(sq, sk, dtype=torch.bool)
-    if window_size[1] >= 0:
-        masked |= col > torch.clamp(row + sk - sq + window_size[1], max=sk)
-    if window_size[0] >= 0:
-        masked |= col < row + sk - sq - window_size[0]
-    return masked
-
-
-def _alibi_bias(slopes, sq, sk):
-    """flash_attn tests' ``attn_bias_from_alibi_slopes`` (non-causal form, the documented one)."""
-    slopes = slopes if slopes.dim() == 2 else slopes.unsqueeze(0)
-    rel = (torch.arange(sq).unsqueeze(1) + sk - sq - torch.arange(sk)).abs()
-    return -slopes[:, :, None, None] * rel.to(slopes.dtype)
-
-
-def attention_ref(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
-    """flash_attn's ``attention_ref`` (scores, softcap, local mask, attn_bias, softmax, zero fully
-    masked rows) with gpt-oss's sinks: a sink column joins the softmax and is dropped after it."""
-    if causal:
-        window_size = (window_size[0], 0)
-    sq, sk, d = q.shape[1], k.shape[1], q.shape[-1]
-    g = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q / math.sqrt(d), k)
-    if softcap > 0:
-        scores = torch.tanh(scores / softcap) * softcap
-    local = _local_mask(sq, sk, window_size)
-    scores = scores.masked_fill(local, float("-inf"))
-    if alibi_slopes is not None:
-        scores = scores + _alibi_bias(alibi_slopes.to(scores.dtype), sq, sk)
-    if sinks is not None:
-        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-        full = torch.cat([scores, sink], dim=-1)
-        lse = torch.logsumexp(full, dim=-1)
-        attn = torch.softmax(full, dim=-1)[..., :-1]
-    else:
-        lse = torch.logsumexp(scores, dim=-1)
-        attn = torch.softmax(scores, dim=-1)
-    attn = attn.masked_fill(local.all(dim=-1, keepdim=True), 0.0)
-    return torch.einsum("bhts,bshd->bthd", attn, v), lse
 
 
 # ---- cases ------------------------------------------------------------------------------------------------

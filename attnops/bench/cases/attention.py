@@ -8,6 +8,8 @@ Parameters (suite ``params`` or case keys):
                           against the same forward without it (the block-map issue's <= 1.6x target)
                           score_mod ("softcap" | "alibi" | "sinks"): time the op with that modifier
                           against the same op without it (issue 21: within 1.10x)
+  attention:              attn_bias ("float" | "bool"): a (1, H, Sq, Sk) additive bias / mask, against
+                          SDPA with the same attn_mask (issue 21: at least as fast)
 The baseline of a sparse case is *dense* non-causal FlashAttention / SDPA of the same shape: the
 speedup then reads against the density of the mask (the target of the core issue is >= 0.8 / d).
 """
@@ -121,6 +123,15 @@ def _map_overhead(spec: CaseSpec, op_run):
     return with_map, Provider(name="no map", run=op_run), [], []
 
 
+def _reference_bias(bias: Optional[torch.Tensor]) -> dict:
+    """The reference's additive form of a case's attn_bias."""
+    if bias is None:
+        return {}
+    if bias.dtype == torch.bool:
+        bias = torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))
+    return {"attn_bias": bias.double()}
+
+
 def score_mods(spec: CaseSpec) -> dict:
     """The case's ``score_mod`` as op arguments, fixed by the seed: softcap 5 (scores of unit inputs are
     O(1): the cap bites), ALiBi's geometric slopes, sinks N(0, 1)."""
@@ -137,6 +148,31 @@ def score_mods(spec: CaseSpec) -> dict:
     raise ValueError(f"unknown score_mod {name!r}: softcap, alibi or sinks")
 
 
+def attn_bias_of(spec: CaseSpec) -> Optional[torch.Tensor]:
+    """The case's ``attn_bias``: a (1, H, Sq, Sk) float bias N(0, 1), or a bool mask keeping 70% of the
+    pairs (and every diagonal, so no row is empty), fixed by the seed."""
+    kind = spec.params.get("attn_bias")
+    if kind is None:
+        return None
+    s = spec.shape
+    g = torch.Generator().manual_seed(0)
+    if kind == "float":
+        return torch.randn(1, s["H"], s["Sq"], s["Sk"], generator=g).to(spec.device)
+    if kind == "bool":
+        keep = torch.rand(1, s["H"], s["Sq"], s["Sk"], generator=g) < 0.7
+        return (keep | torch.eye(s["Sq"], s["Sk"], dtype=torch.bool)).to(spec.device)
+    raise ValueError(f"unknown attn_bias {kind!r}: float or bool")
+
+
+def _bias_providers(spec: CaseSpec, op_run, bias: torch.Tensor, causal: bool):
+    """The op with ``attn_bias`` against SDPA with the same ``attn_mask`` (bool: True attends in both)."""
+    needs_grad = spec.mode == "fwd+bwd"
+    wrap = baselines.with_backward if needs_grad else (lambda p: p)
+    op = wrap(Provider(name="attnops", run=lambda st: op_run(st, attn_bias=bias), grad_inputs=lambda st: st))
+    base, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, True, attn_mask=bias)
+    return op, wrap(base), [], []
+
+
 def _mod_overhead(spec: CaseSpec, op_run, mods: dict):
     """Providers of a score_mod case: the op with the modifier, baseline the op without it."""
     wrap = baselines.with_backward if spec.mode == "fwd+bwd" else (lambda p: p)
@@ -151,6 +187,7 @@ def build_attention(spec: CaseSpec) -> Prepared:
     window = tuple(spec.params.get("window", (-1, -1)))
     scale = s["D"] ** -0.5
     mods = score_mods(spec)
+    bias = attn_bias_of(spec)
     op_run = lambda st, **kw: attnops.attention(*st, causal=causal, window_size=window, **kw)  # noqa: E731
     # SDPA/FA have no window here; a windowed case still compares with dense attention of the
     # same causality. SDPA aligns causal top-left, so Sq != Sk is a different function there.
@@ -159,12 +196,14 @@ def build_attention(spec: CaseSpec) -> Prepared:
         op, base, extras, notes = _map_overhead(spec, op_run)
     elif mods:
         op, base, extras, notes = _mod_overhead(spec, op_run, mods)
+    elif bias is not None:
+        op, base, extras, notes = _bias_providers(spec, op_run, bias, causal)
     else:
         op, base, extras, notes = _providers(spec, op_run, None, causal, window, causal, same)
     dense, actual = _flops(spec, _pairs_dense(s["Sq"], s["Sk"], causal, window) * s["B"] * s["H"])
     return Prepared(
         make_inputs=qkv_inputs(spec), op=op, baseline=base, extras=extras,
-        reference=reference_rows(None, causal, window, scale, mods),
+        reference=reference_rows(None, causal, window, scale, dict(mods, **_reference_bias(bias))),
         select_rows=lambda out, rows: out[:, rows.to(out.device)],
         num_rows=s["Sq"], flops_dense=dense, flops_actual=actual, notes=notes,
     )

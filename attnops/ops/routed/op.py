@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from attnops.core import dispatch
-from attnops.core.checks import (QKVShape, autocast_inputs, check_causal, check_qkv, check_score_mods,
-                                 refuse_forward_ad)
+from attnops.core.checks import (QKVShape, autocast_inputs, check_attn_bias, check_causal, check_qkv,
+                                 check_score_mods, refuse_forward_ad)
 from attnops.core.masks import BlockMask
 from attnops.core.results import MAP_ARGS_DOC, Result
 from attnops.ops.softmax.op import block_sparse_attention
@@ -73,6 +73,7 @@ def moba_attention(
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -105,8 +106,8 @@ def moba_attention(
             dense attention).
         causal: bottom-right causal attention inside the own block, earlier blocks only.
         softmax_scale: defaults to ``D ** -0.5``.
-        softcap, alibi_slopes, sinks: score modifiers of the attention (not of the routing), as in
-            :func:`attnops.attention`.
+        softcap, alibi_slopes, sinks, attn_bias: score modifiers of the attention (not of the routing), as
+            in :func:`attnops.attention`.
         return_lse: also return the log-sum-exp ``(B, H, S)``.
         {map_args}
             (``map_block_size`` here, since ``block_size`` is MoBA's; default 64.)
@@ -120,9 +121,10 @@ def moba_attention(
     refuse_forward_ad("moba_attention", q, k, v)
     _check_moba(shape, block_size, topk, causal)
     check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)  # before the router runs
+    check_attn_bias(attn_bias, shape, q.device, q.dtype)
     mask = _routed_mask(q, k, shape.seq_len_q, block_size, topk, causal, backend)
     return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale, softcap=softcap,
-                                  alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse,
+                                  alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias, return_lse=return_lse,
                                   return_block_map=return_block_map,
                                   map_block_size=map_block_size, reduce=reduce, backend=backend)
 

@@ -5,9 +5,9 @@ dispatcher calls.
 
     fwd(q, k, v, <LUT>, <transposed LUT>, block_q, block_k, softmax_scale, causal, window_left,
         window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None,
-        sinks=None) -> (out, lse, partial block map or empty)
+        sinks=None, attn_bias=None) -> (out, lse, partial block map or empty)
     bwd(dout, dlse?, q, k, v, out, lse, <the forward's arguments up to window_right>, softcap=0.0,
-        alibi_slopes=None) -> (dq, dk, dv)
+        alibi_slopes=None, attn_bias=None, bias_grad=False) -> (dq, dk, dv, dbias (B, H, Sq, Sk) or empty)
 
 q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)``; ``kv_num_blocks (Bm, Hm, ceil(Sq/block_q))`` and
 ``kv_indices (Bm, Hm, ceil(Sq/block_q), W)`` int32 (None: dense); out ``(B, Sq, H, D)``, lse
@@ -38,14 +38,18 @@ _QKV = [Arg("q", "Tensor"), Arg("k", "Tensor"), Arg("v", "Tensor")]
 # alibi_slopes float32 (Bm, H) with Bm in {1, B}; sinks float32 (H,), one extra logit per head.
 _SCORE_MODS = [Arg("softcap", "float", "0.0"), Arg("alibi_slopes", "Tensor?", "None")]
 _SINKS = [Arg("sinks", "Tensor?", "None")]
+# attn_bias: float (Bm, Hm, Sqm, Sk), size-1 dims broadcast, in lse's dtype (the op converts a bool mask to
+# 0 / -inf); added with ALiBi. The backward returns its gradient unreduced, (B, H, Sq, Sk), when bias_grad.
+_BIAS = [Arg("attn_bias", "Tensor?", "None")]
 
-FWD = OpDef("block_sparse_attn_fwd", _QKV + _LUT + _PREDICATES + _MAP + _SCORE_MODS + _SINKS,
+FWD = OpDef("block_sparse_attn_fwd", _QKV + _LUT + _PREDICATES + _MAP + _SCORE_MODS + _SINKS + _BIAS,
             "(Tensor, Tensor, Tensor)")
 # dlse: the gradient flowing into lse when the caller used it (None otherwise). The sinks enter the
 # backward only through lse (P = exp(s - lse)); their own gradient is computed in Python (register).
 BWD = OpDef("block_sparse_attn_bwd", [Arg("dout", "Tensor"), Arg("dlse", "Tensor?"), *_QKV, Arg("out", "Tensor"),
-                                      Arg("lse", "Tensor"), *_LUT, *_PREDICATES, *_SCORE_MODS],
-            "(Tensor, Tensor, Tensor)")
+                                      Arg("lse", "Tensor"), *_LUT, *_PREDICATES, *_SCORE_MODS, *_BIAS,
+                                      Arg("bias_grad", "bool", "False")],
+            "(Tensor, Tensor, Tensor, Tensor)")
 # what the backward takes from the forward's call besides the tensors it saves
 _PARAMS = tuple(a.name for a in _LUT[4:] + _PREDICATES + _SCORE_MODS[:1])
 _LUT_TENSORS = tuple(a.name for a in _LUT[:4])
@@ -65,8 +69,10 @@ def fwd_fake(q, k, v, map_rows, map_cols, **_):
     return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=dtype), partial
 
 
-def bwd_fake(q, k, v, **_):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def bwd_fake(q, k, v, bias_grad, **_):
+    dbias = (q.shape[0], q.shape[2], q.shape[1], k.shape[1]) if bias_grad else (0,)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(dbias, dtype=lse_dtype(q.dtype)))
 
 
 def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
@@ -80,20 +86,26 @@ def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
         ctx.params = {name: a[name] for name in _PARAMS}
         out, lse, partial_map = output
         ctx.mark_non_differentiable(partial_map)  # a readout, like an argmax
-        ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, a["alibi_slopes"], a["sinks"],
+        ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, a["alibi_slopes"], a["sinks"], a["attn_bias"],
                               *(a[name] for name in _LUT_TENSORS))
 
     def backward(ctx, dout, dlse, dmap):
-        q, k, v, out, lse, alibi_slopes, sinks, *lut = ctx.saved_tensors
+        q, k, v, out, lse, alibi_slopes, sinks, attn_bias, *lut = ctx.saved_tensors
         lut = dict(zip(_LUT_TENSORS, lut))
         if lut["kv_num_blocks"] is not None and lut["q_num_blocks"] is None:
             raise RuntimeError("attnops: the forward ran without the transposed block LUT; cannot differentiate")
-        dq, dk, dv = bwd.call(bwd_op, dout=dout, dlse=dlse, q=q, k=k, v=v, out=out, lse=lse, **lut, **ctx.params,
-                              alibi_slopes=alibi_slopes)
         wanted = ctx.needs_input_grad  # as long as the call's positional arguments
-        at = fwd.names.index("sinks")
-        dsinks = sink_grad(sinks, dout, out, lse, dlse) if at < len(wanted) and wanted[at] else None
-        return fwd.grads(q=dq, k=dk, v=dv, sinks=dsinks)
+
+        def wants(name):
+            at = fwd.names.index(name)
+            return at < len(wanted) and wanted[at]
+
+        dq, dk, dv, dbias = bwd.call(bwd_op, dout=dout, dlse=dlse, q=q, k=k, v=v, out=out, lse=lse, **lut,
+                                     **ctx.params, alibi_slopes=alibi_slopes, attn_bias=attn_bias,
+                                     bias_grad=wants("attn_bias"))
+        dsinks = sink_grad(sinks, dout, out, lse, dlse) if wants("sinks") else None
+        dbias = reduce_to(dbias, attn_bias) if wants("attn_bias") else None
+        return fwd.grads(q=dq, k=dk, v=dv, sinks=dsinks, attn_bias=dbias)
 
     torch.library.register_autograd(fwd.qualname, backward, setup_context=setup_context)
 
@@ -101,6 +113,12 @@ def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
         raise NotImplementedError("attnops: double backward through attention is not supported")
 
     torch.library.register_autograd(bwd.qualname, no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B, H, Sq, Sk) gradient summed over the dims that ``like`` broadcasts (size 1), in its dtype."""
+    dims = tuple(d for d in range(4) if like.shape[d] == 1 and grad.shape[d] != 1)
+    return (grad.sum(dims, keepdim=True) if dims else grad).to(like.dtype)
 
 
 def sink_grad(sinks: torch.Tensor, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -132,6 +150,7 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
         softcap: float = 0.0,
         alibi_slopes: Optional[torch.Tensor] = None,
         sinks: Optional[torch.Tensor] = None,
+        attn_bias: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, ...]:
         """(out, lse), or (out, lse, map) when ``block_map`` asks for the block attention map."""
         lut = dict.fromkeys(_LUT_TENSORS)
@@ -144,7 +163,7 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
             block_q, block_k = block_mask.block_size
         args = dict(q=q, k=k, v=v, **lut, block_q=block_q, block_k=block_k, softmax_scale=float(softmax_scale),
                     causal=bool(causal), window_left=window_size[0], window_right=window_size[1],
-                    softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks)
+                    softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias)
         if block_map is None:
             out, lse, _ = fwd.call(fwd_op, **args)
             return out, lse

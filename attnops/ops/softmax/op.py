@@ -12,8 +12,8 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
-from attnops.core.checks import (autocast_inputs, check_block_mask, check_causal, check_flag, check_qkv,
-                                 check_score_mods, clamp_window, refuse_forward_ad, resolve_softmax_scale)
+from attnops.core.checks import (autocast_inputs, check_attn_bias, check_block_mask, check_causal, check_flag,
+                                 check_qkv, check_score_mods, clamp_window, refuse_forward_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 
@@ -32,6 +32,7 @@ def attention(
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -77,10 +78,15 @@ def attention(
     check_flag("return_lse", return_lse)
     check_flag("return_block_map", return_block_map)
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
+    bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype)
     request = check_request(map_block_size, reduce, DEFAULT_MAP_BLOCK, block_size) if return_block_map else None
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
-    out, lse, *block_map = impl(q, k, v, None, causal=causal, window_size=window, softmax_scale=scale,
-                                block_map=request, **mods)
+    mask = None
+    if keep_blocks_of is not None:  # a bool mask: its blocks without a True are skipped
+        mask = BlockMask.from_dense(keep_blocks_of(*DEFAULT_MAP_BLOCK), (shape.seq_len_q, shape.seq_len_k),
+                                    DEFAULT_MAP_BLOCK, causal=causal, window_size=window)
+    out, lse, *block_map = impl(q, k, v, mask, causal=causal, window_size=window, softmax_scale=scale,
+                                block_map=request, attn_bias=bias, **mods)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
 
@@ -94,6 +100,7 @@ def block_sparse_attention(
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -134,11 +141,16 @@ def block_sparse_attention(
     check_flag("return_lse", return_lse)
     check_flag("return_block_map", return_block_map)
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
+    bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype)
     request = check_request(map_block_size, reduce, block_mask.block_size, block_size) if return_block_map else None
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
+    if keep_blocks_of is not None:  # the mask's blocks that the bool attn_bias leaves something in
+        block_mask = BlockMask.from_dense(block_mask.to_dense() & keep_blocks_of(*block_mask.block_size),
+                                          (shape.seq_len_q, shape.seq_len_k), block_mask.block_size,
+                                          causal=block_mask.causal, window_size=block_mask.window_size)
     window = clamp_window(block_mask.window_size, shape.seq_len_q, shape.seq_len_k)
     out, lse, *block_map = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=window,
-                                softmax_scale=scale, block_map=request, **mods)
+                                softmax_scale=scale, block_map=request, attn_bias=bias, **mods)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
 
@@ -148,7 +160,15 @@ SCORE_MODS_DOC = """softcap: ``cap * tanh(s / cap)`` on the scaled scores before
             the softcap and the mask (flash_attn's convention). No gradient.
         sinks: ``(H,)`` learnable logits, one per head, that join every row's softmax denominator and carry
             no value (gpt-oss, StreamingLLM); lse includes them, a row that sees no key gets zeros and
-            ``lse = sinks[h]``. Differentiable."""
+            ``lse = sinks[h]``. Differentiable.
+        attn_bias: SDPA's ``attn_mask``, broadcastable to ``(B, H, Sq, Sk)`` (each dim full or 1): a float
+            tensor is added to the scores with ALiBi's (after the softcap and the masks; its gradient
+            flows, reduced to its shape: T5's relative position bias), a bool one masks (False: not
+            attended; key blocks with no True are skipped). It combines with causal and windows; rows it
+            masks entirely give zeros. The one path that reads an ``Sq x Sk`` tensor (the one given), and
+            with a float bias that requires grad the backward writes one (its gradient). NaN/Inf in k or v
+            stays out of other rows at the granularity of the causal/window/block predicates, not of the
+            bias's -inf / False entries."""
 
 for _op in (attention, block_sparse_attention):
     _op.__doc__ = _op.__doc__.replace("{map_args}", MAP_ARGS_DOC).replace("{score_mods}", SCORE_MODS_DOC)

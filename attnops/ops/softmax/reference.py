@@ -81,6 +81,7 @@ def block_sparse_attention(
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Exact softmax attention restricted to ``block_mask`` (None: all blocks) and the token
     predicates. q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``,
@@ -90,6 +91,8 @@ def block_sparse_attention(
     allowed = token_mask(q.shape[1], k.shape[1], block_mask, causal, window_size, device=q.device)
     # the bias in float64 (slopes are float32 data; the kernels form slope * distance in float32 from them)
     bias = None if alibi_slopes is None else alibi_bias(alibi_slopes.double(), q.shape[1], k.shape[1], device=q.device)
+    if attn_bias is not None:  # float (B|1, H|1, Sq|1, Sk): the op turned a bool mask into 0 / -inf
+        bias = attn_bias if bias is None else bias.to(attn_bias.dtype) + attn_bias
     out, lse, probs = masked_attention(q, k, v, allowed, softmax_scale, return_probs=True, softcap=softcap,
                                        bias=bias, sinks=sinks)
     if block_map is None:
@@ -125,6 +128,7 @@ def block_sparse_attention_rows(
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_sparse_attention` for the query rows ``rows`` only (their true positions kept):
     out ``(B, R, H, D)``, lse ``(B, H, R)``. Lets the benchmark harness check long sequences
@@ -134,6 +138,10 @@ def block_sparse_attention_rows(
         q = q[:, rows.to(q.device)]
     allowed = token_mask(Sq, Sk, block_mask, causal, window_size, device=q.device, rows=rows)
     bias = None if alibi_slopes is None else alibi_bias(alibi_slopes.double(), Sq, Sk, rows=rows, device=q.device)
+    if attn_bias is not None:  # float (B|1, H|1, Sq|1, Sk)
+        rows_bias = attn_bias if attn_bias.shape[2] == 1 or rows is None else attn_bias[:, :, rows.to(q.device)]
+        rows_bias = rows_bias.to(q.device)
+        bias = rows_bias if bias is None else bias + rows_bias
     return masked_attention(q, k, v, allowed, softmax_scale, softcap=softcap, bias=bias, sinks=sinks)
 
 
@@ -164,11 +172,15 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     if bias is not None:
         scores = scores + torch.where(allowed, bias.to(scores.dtype), torch.zeros((), dtype=scores.dtype,
                                                                                   device=scores.device))
+    # A row whose scores are all -inf (a -inf bias can empty rows the predicates allow): its lse is -inf by
+    # definition, computed on zeros so that logsumexp's backward (exp(-inf - -inf)) leaves no NaN.
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    safe = torch.where(empty, torch.zeros((), dtype=scores.dtype, device=scores.device), scores)
     if sinks is not None:
         sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
         lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)
     else:
-        lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq); -inf for empty rows
+        lse = torch.where(empty.squeeze(-1), neg_inf, torch.logsumexp(safe, dim=-1))  # (B, H, Sq)
     # Empty rows hold only -inf scores, so subtracting 0 there gives exact zeros without the
     # NaN of (-inf) - (-inf), which a torch.where afterwards would still leak into gradients.
     probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))

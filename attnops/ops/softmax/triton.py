@@ -29,10 +29,10 @@ import triton.language as tl
 from attnops.core import dispatch
 from attnops.core import op_checks as _args
 from attnops.core.backends import AUTOTUNE, INTERPRET
-from attnops.core.triton_common import (LOG2E, dot_kept, fold_sink, key_range, keys_see_queries, lse2, lut_tile,
-                                        lut_walk, mask_scores, modify_scores, partial_tile, row_results,
-                                        softmax_rescale, dense_last_dim, dot_dtype, lut_args, precision,
-                                        refuse_float64, score_mod_args, strides3)
+from attnops.core.triton_common import (LOG2E, bias_args, dot_kept, fold_sink, key_range, keys_see_queries,
+                                        load_bias, lse2, lut_tile, lut_walk, mask_scores, modify_scores,
+                                        partial_tile, row_results, softmax_rescale, dense_last_dim, dot_dtype,
+                                        lut_args, precision, refuse_float64, score_mod_args, strides3)
 from attnops.ops.softmax import library as lib
 from attnops.ops.softmax.triton_map import launch_block_map
 
@@ -43,15 +43,17 @@ from attnops.ops.softmax.triton_map import launch_block_map
 
 @triton.jit
 def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs, qk_scale,
-              win_left, win_right, lo_last_row, hi_first_row, cap2, slope2,
+              win_left, win_right, lo_last_row, hi_first_row, cap2, slope2, p_bias, o_m, m_m, bias_sq,
               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
-              DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+              DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr):
     o_n = n0 + tl.arange(0, BLOCK_N)
     m_n = o_n < Sk
     b_kt = tl.load(p_k + o_n[None, :] * stride_ks + o_d[:, None], mask=m_n[None, :] & m_d[:, None],
                    other=0.0).to(DOT_DTYPE)
     b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
     b_s, _ = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
+    if HAS_BIAS:
+        b_s += load_bias(p_bias, 0, 0, o_m[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], 0, 0, bias_sq)
     b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT,
                        HAS_RIGHT)
     b_m_new, b_m_use, b_alpha = softmax_rescale(b_m, tl.max(b_s, 1))
@@ -69,15 +71,15 @@ def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks,
+def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks, Bias,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ob, stride_os, stride_oh,
                 lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
-                Sq, Sk, H, G, qk_scale, offset, win_left, win_right, cap2, stride_slopes_b,
+                Sq, Sk, H, G, qk_scale, offset, win_left, win_right, cap2, stride_slopes_b, bias_sb, bias_sh, bias_sq,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     # batch / head offsets in int64: B * S * H * D passes 2^31 at long contexts
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -97,6 +99,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks,
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * LOG2E
+    p_bias = Bias + i_b * bias_sb + i_h * bias_sh
 
     lo, hi, lo_last_row, hi_first_row = key_range(m0, Sq, Sk, offset, win_left, win_right, BLOCK_M, HAS_LEFT,
                                                    HAS_RIGHT)
@@ -107,7 +110,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks,
         if (n0 < hi) & (n0 + BLOCK_N > lo):
             b_acc, b_m, b_l = _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs,
                                         qk_scale, win_left, win_right, lo_last_row, hi_first_row, cap2, slope2,
-                                        BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI)
+                                        p_bias, o_m, m_m, bias_sq, BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION,
+                                        DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
 
     if HAS_SINKS:  # one more logit per row, no value: the denominator grows, the accumulator is rescaled
         b_m, b_l, b_alpha = fold_sink(b_m, b_l, tl.load(Sinks + i_h).to(tl.float32) * LOG2E)
@@ -141,9 +145,10 @@ def _bwd_delta_kernel(O, DO, DLse, Delta, stride_ob, stride_os, stride_oh, strid
 
 @triton.jit
 def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs, qk_scale,
-             win_left, win_right, lo_last_row, hi_first_row, cap2, slope2,
+             win_left, win_right, lo_last_row, hi_first_row, cap2, slope2, p_bias, p_dbias, o_m, m_m, bias_sq,
              BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
-             DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+             DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BIAS_GRAD: tl.constexpr):
     o_n = n0 + tl.arange(0, BLOCK_N)
     m_n = o_n < Sk
     m_kd = m_n[None, :] & m_d[:, None]
@@ -151,11 +156,17 @@ def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, 
     b_vt = tl.load(p_v + o_n[None, :] * stride_vs + o_d[:, None], mask=m_kd, other=0.0).to(DOT_DTYPE)
     b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
     b_s, b_t = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
+    if HAS_BIAS:
+        b_s += load_bias(p_bias, 0, 0, o_m[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], 0, 0, bias_sq)
     b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT,
                        HAS_RIGHT)
     b_p = tl.math.exp2(b_s - b_l2[:, None])
     b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
     b_ds = b_p * (b_dp - b_delta[:, None])
+    if BIAS_GRAD:  # d loss / d bias = dS before the softcap's derivative; each pair is visited once, here
+        b_kept = (b_s != float("-inf")) & m_m[:, None] & m_n[None, :]
+        tl.store(p_dbias + o_m[:, None].to(tl.int64) * Sk + o_n[None, :], tl.where(b_kept, b_ds, 0.0),
+                 mask=m_m[:, None] & m_n[None, :])
     if HAS_SOFTCAP:  # d cap * tanh(s / cap) / ds
         b_ds = b_ds * (1.0 - b_t * b_t)
     if partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT, HAS_RIGHT):
@@ -168,15 +179,17 @@ def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, 
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBias,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_db, stride_ds, stride_dh, stride_gb, stride_gs, stride_gh,
                    lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
-                   Sq, Sk, H, G, qk_scale, sm_scale, offset, win_left, win_right, cap2, stride_slopes_b,
+                   Sq, Sk, H, G, qk_scale, sm_scale, offset, win_left, win_right, cap2, stride_slopes_b, bias_sb,
+                   bias_sh, bias_sq,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BIAS_GRAD: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_hk = i_h // G
@@ -199,6 +212,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes,
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * LOG2E
+    p_bias = Bias + i_b * bias_sb + i_h * bias_sh
+    p_dbias = DBias + i_bh.to(tl.int64) * Sq * Sk  # (B, H, Sq, Sk)
 
     lo, hi, lo_last_row, hi_first_row = key_range(m0, Sq, Sk, offset, win_left, win_right, BLOCK_M, HAS_LEFT,
                                                    HAS_RIGHT)
@@ -208,17 +223,18 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes,
         n0 = lut_tile(t, p_idx, first, HAS_LUT, LUT_BK, BLOCK_N)
         if (n0 < hi) & (n0 + BLOCK_N > lo):
             b_dq = _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs,
-                            qk_scale, win_left, win_right, lo_last_row, hi_first_row, cap2, slope2, BLOCK_N,
-                            HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI)
+                            qk_scale, win_left, win_right, lo_last_row, hi_first_row, cap2, slope2, p_bias, p_dbias,
+                            o_m, m_m, bias_sq, BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP,
+                            HAS_ALIBI, HAS_BIAS, BIAS_GRAD)
     tl.store(DQ + i_b * stride_gb + i_h * stride_gh + o_m[:, None] * stride_gs + o_d[None, :],
              (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_md)
 
 
 @triton.jit
 def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_d, Sq, stride_qs, stride_ds,
-               qk_scale, offset, win_left, win_right, k_first, k_last, cap2, slope2,
+               qk_scale, offset, win_left, win_right, k_first, k_last, cap2, slope2, p_bias, m_n, bias_sq,
                BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
-               DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+               DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr):
     o_m = m0 + tl.arange(0, BLOCK_M)
     m_m = o_m < Sq
     m_md = m_m[:, None] & m_d[None, :]
@@ -228,6 +244,8 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
     b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
     b_st, b_tt = modify_scores(b_st, (o_m + offset)[None, :], o_n[:, None], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
+    if HAS_BIAS:  # the transposed tile: keys along rows
+        b_st += load_bias(p_bias, 0, 0, o_m[None, :], o_n[:, None], m_m[None, :] & m_n[:, None], 0, 0, bias_sq)
     # full tile: every key in [k_first, k_last] lies inside every query row's window
     m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
     partial = m0 + BLOCK_M > Sq
@@ -257,16 +275,17 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes, Bias,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                      stride_db, stride_ds, stride_dh, stride_gkb, stride_gks, stride_gkh, stride_gvb, stride_gvs,
                      stride_gvh,
                      lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
                      Sq, Sk, H, G, Hkv, qk_scale, sm_scale, offset, win_left, win_right, cap2, stride_slopes_b,
+                     bias_sb, bias_sh, bias_sq,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr):
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = (i_bhk // Hkv).to(tl.int64), (i_bhk % Hkv).to(tl.int64)
     n0 = i_n * BLOCK_N
@@ -300,6 +319,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes,
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * LOG2E
+        p_bias = Bias + i_b * bias_sb + i_h * bias_sh
         # the transposed LUT: the query blocks that list this key block
         count, p_idx, first = lut_walk(QNum, QIdx, i_b, i_h, n0 // LUT_BK, lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
                                         q_lo, q_hi, HAS_LUT, LUT_BQ, BLOCK_M)
@@ -308,8 +328,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes,
             if (m0 < q_hi) & (m0 + BLOCK_M > q_lo):
                 b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_d, Sq,
                                         stride_qs, stride_ds, qk_scale, offset, win_left, win_right, n0, k_last,
-                                        cap2, slope2, BLOCK_M, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE,
-                                        HAS_SOFTCAP, HAS_ALIBI)
+                                        cap2, slope2, p_bias, m_n, bias_sq, BLOCK_M, HAS_LEFT, HAS_RIGHT, PRECISION,
+                                        DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
     tl.store(DK + i_b * stride_gkb + i_hk * stride_gkh + o_n[:, None] * stride_gks + o_d[None, :],
              (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_nd)
     tl.store(DV + i_b * stride_gvb + i_hk * stride_gvh + o_n[:, None] * stride_gvs + o_d[None, :],
@@ -325,7 +345,7 @@ _FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 
 _DQ_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2), (32, 64, 4, 3)]
 _DKDV_CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 4, 2), (64, 32, 4, 3)]
 _AUTOTUNE_KEY = ["BLOCK_D", "LUT_BQ", "LUT_BK", "HAS_LUT", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "HAS_SOFTCAP",
-                 "HAS_ALIBI"]
+                 "HAS_ALIBI", "HAS_BIAS"]
 
 
 def _fit(bm: int, bn: int, args: dict) -> Tuple[int, int]:
@@ -396,11 +416,13 @@ def _window(causal: bool, window_left: int, window_right: int) -> Tuple[int, int
 
 
 def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k, softmax_scale, causal,
-         window_left, window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None):
+         window_left, window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None,
+         attn_bias=None):
     op = lib.FWD_TRITON.name
     _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                                   softmax_scale, window_left, window_right, transposed_values=False)
     _args.check_score_mod_args(op, q, softcap, alibi_slopes, sinks)
+    _args.check_attn_bias_arg(op, q, k, attn_bias)
     if map_rows < 0 or map_cols < 0 or (map_rows > 0) != (map_cols > 0):
         raise RuntimeError(f"{op}: map_rows and map_cols must both be > 0 (a block map) or both 0, "
                            f"got ({map_rows}, {map_cols})")
@@ -417,26 +439,32 @@ def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, b
     left, right = _window(causal, window_left, window_right)
     counts, indices, lut = lut_args(kv_num_blocks, kv_indices, q.device)
     (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
+    bias, bias_strides = bias_args(attn_bias, q.device)
+    flags["HAS_BIAS"] = attn_bias is not None
     meta = {**_common_meta(q, block_q, block_k, kv_num_blocks is not None, left, right), **flags}
     sinks_arg = sinks.contiguous() if sinks is not None else slopes
-    args = (q, k, v, out, lse, counts, indices, slopes, sinks_arg, *strides3(q), *strides3(k), *strides3(v),
+    args = (q, k, v, out, lse, counts, indices, slopes, sinks_arg, bias, *strides3(q), *strides3(k), *strides3(v),
             *strides3(out), *lut, Sq, Sk, H, H // Hkv, softmax_scale * LOG2E, Sk - Sq, left, right, cap2,
-            stride_slopes_b)
+            stride_slopes_b, *bias_strides)
     _launch(_fwd_tuned, _fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args,
             {**meta, "HAS_SINKS": sinks is not None})
     if map_rows == 0:
         return out, lse, q.new_empty((0,), dtype=torch.float32)
     partial = launch_block_map(q, k, lse, counts, indices, lut, meta, map_rows, map_cols, map_max, softmax_scale, left,
-                               right, (cap2, slopes, stride_slopes_b))
+                               right, (cap2, slopes, stride_slopes_b), (bias, bias_strides))
     return out, lse, partial
 
 
 def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
-         softmax_scale, causal, window_left, window_right, softcap=0.0, alibi_slopes=None):
+         softmax_scale, causal, window_left, window_right, softcap=0.0, alibi_slopes=None, attn_bias=None,
+         bias_grad=False):
     op = lib.BWD_TRITON.name
     _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                                   softmax_scale, window_left, window_right, transposed_values=True)
     _args.check_score_mod_args(op, q, softcap, alibi_slopes, None)
+    _args.check_attn_bias_arg(op, q, k, attn_bias)
+    if bias_grad and attn_bias is None:
+        raise RuntimeError(f"{op}: bias_grad without an attn_bias")
     _args.check_backward_args(op, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks)
     refuse_float64(q)
     q, k, v, out = (dense_last_dim(t) for t in (q, k, v, out))
@@ -447,8 +475,10 @@ def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks,
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # d attn_bias before the reduction over its broadcast dims: zeros at the pairs no tile visits
+    dbias = torch.zeros((B, H, Sq, Sk) if bias_grad else (0,), dtype=torch.float32, device=q.device)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
     left, right = _window(causal, window_left, window_right)
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
@@ -457,19 +487,22 @@ def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks,
                                                    D=D, BLOCK_D=block_d, BLOCK_M=64, HAS_DLSE=dlse is not None)
     has_lut = kv_num_blocks is not None
     (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
+    bias, bias_strides = bias_args(attn_bias, q.device)
+    flags["HAS_BIAS"] = attn_bias is not None
     meta = {**_common_meta(q, block_q, block_k, has_lut, left, right), **flags}
     counts, indices, lut = lut_args(kv_num_blocks, kv_indices, q.device)
     qk_scale = softmax_scale * LOG2E
-    args = (q, k, v, dout, dq, lse, delta, counts, indices, slopes, *strides3(q), *strides3(k), *strides3(v),
-            *strides3(dout), *strides3(dq), *lut, Sq, Sk, H, H // Hkv, qk_scale, softmax_scale, Sk - Sq, left, right,
-            cap2, stride_slopes_b)
-    _launch(_dq_tuned, _bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args, meta)
+    args = (q, k, v, dout, dq, lse, delta, counts, indices, slopes, bias, dbias if bias_grad else bias,
+            *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dq), *lut, Sq, Sk, H, H // Hkv,
+            qk_scale, softmax_scale, Sk - Sq, left, right, cap2, stride_slopes_b, *bias_strides)
+    _launch(_dq_tuned, _bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args,
+            {**meta, "BIAS_GRAD": bool(bias_grad)})
     tcounts, tindices, tlut = lut_args(q_num_blocks, q_indices, q.device)
-    args = (q, k, v, dout, dk, dv, lse, delta, tcounts, tindices, slopes, *strides3(q), *strides3(k), *strides3(v),
-            *strides3(dout), *strides3(dk), *strides3(dv), *tlut, Sq, Sk, H, H // Hkv, Hkv, qk_scale, softmax_scale,
-            Sk - Sq, left, right, cap2, stride_slopes_b)
+    args = (q, k, v, dout, dk, dv, lse, delta, tcounts, tindices, slopes, bias, *strides3(q), *strides3(k),
+            *strides3(v), *strides3(dout), *strides3(dk), *strides3(dv), *tlut, Sq, Sk, H, H // Hkv, Hkv, qk_scale,
+            softmax_scale, Sk - Sq, left, right, cap2, stride_slopes_b, *bias_strides)
     _launch(_dkdv_tuned, _bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), args, meta)
-    return dq, dk, dv
+    return dq, dk, dv, dbias
 
 
 # ---------------------------------------------------------------------------------------------
