@@ -148,6 +148,18 @@ inline void check_attn_bias_arg(const char* op, const at::Tensor& q, const at::T
   TORCH_CHECK(t.device() == q.device(), op, ": attn_bias must be on q's device");
 }
 
+// dropout_p in [0, 1) with, when > 0, dropout_seed: one int64 (the hash's seed, cpu/dropout.h) on q's device.
+inline void check_dropout_args(const char* op, const at::Tensor& q, double dropout_p,
+                               const c10::optional<at::Tensor>& dropout_seed) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must lie in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return;
+  TORCH_CHECK(dropout_seed.has_value() && dropout_seed->defined(), op, ": dropout_p > 0 needs a dropout_seed");
+  const at::Tensor& s = *dropout_seed;
+  TORCH_CHECK(s.scalar_type() == at::kLong && s.numel() == 1, op, ": dropout_seed must be one int64, got ",
+              s.scalar_type(), " ", s.sizes());
+  TORCH_CHECK(s.device() == q.device(), op, ": dropout_seed must be on q's device");
+}
+
 // Shape checks of decode_attn_fwd shared by its CPU and CUDA implementations. block_keep is a uint8
 // (or bool) (Bm, Hm, Nq, Nk) bitmap with Bm in {1, B}, Hm in {1, H} covering every query and cache
 // block the kernels look up.

@@ -27,10 +27,12 @@ def _alibi_bias(slopes, sq, sk):
 
 
 def attention_ref(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None,
-                  attn_bias=None):
+                  attn_bias=None, dropout_p=0.0, dropout_mask=None):
     """flash_attn's ``attention_ref`` (scores, softcap, local mask, attn_bias, softmax, zero fully
     masked rows) with gpt-oss's sinks: a sink column joins the softmax and is dropped after it.
-    ``attn_bias``: additive, broadcast to (B, H, Sq, Sk) (ALiBi's bias joins it, as in flash_attn's tests)."""
+    ``attn_bias``: additive, broadcast to (B, H, Sq, Sk) (ALiBi's bias joins it, as in flash_attn's tests).
+    ``dropout_mask`` (B, H, Sq, Sk) bool, True = kept, with ``dropout_p``: flash_attn's own handling (the
+    probabilities are masked, V is scaled by ``1 / (1 - dropout_p)``)."""
     if causal:
         window_size = (window_size[0], 0)
     sq, sk, d = q.shape[1], k.shape[1], q.shape[-1]
@@ -55,4 +57,6 @@ def attention_ref(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, a
         attn = torch.softmax(scores, dim=-1)
     attn = attn.masked_fill(local.all(dim=-1, keepdim=True), 0.0)
     attn = attn.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)  # rows a -inf bias masks
-    return torch.einsum("bhts,bshd->bthd", attn, v), lse
+    dropout_scaling = 1.0 / (1 - dropout_p)
+    attn_drop = attn.masked_fill(~dropout_mask, 0.0) if dropout_mask is not None else attn
+    return torch.einsum("bhts,bshd->bthd", attn_drop, v * dropout_scaling), lse

@@ -90,3 +90,23 @@ def make_decode_inputs(shape, dtype, device):
 def ragged_lengths(B, S):
     """Decode cache lengths of a ragged batch: an empty sequence, a full one, one half full."""
     return torch.tensor([0, S, S // 2 + 1][:B] if B > 1 else [S], dtype=torch.int32)
+
+
+def same_mask_dropout(monkeypatch):
+    """Makes torch's own dropout (``torch.nn.functional.dropout``, which eager attention and
+    ``torch.nn.MultiheadAttention`` call on their weights) apply the mask attnops' kernels draw: one seed per
+    call from the default generator as the ops draw it, the reference hash's pairs, the kernels' scale. The
+    weights arrive as ``(B, H, Sq, Sk)`` or ``(B * H, Sq, Sk)``: the hash's head index is ``b * H + h`` either
+    way. Callers zero every other dropout, so the calls with ``p > 0`` in training are attention weights."""
+    from attnops.core.checks import draw_dropout_seed
+    from attnops.ops.softmax.reference import dropout_keep
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return input
+        Sq, Sk = input.shape[-2:]
+        seed = int(draw_dropout_seed(None, input.device))
+        keep, scale = dropout_keep(seed, p, 1, input.numel() // (Sq * Sk), Sq, Sk)
+        return torch.where(keep.view(input.shape), input * scale, torch.zeros((), dtype=input.dtype))
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)

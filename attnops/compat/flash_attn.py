@@ -2,13 +2,13 @@
 
     from attnops.compat.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
-The signatures, argument order and return conventions are flash_attn 2.x's. ``softcap`` and
+The signatures, argument order and return conventions are flash_attn 2.x's. ``dropout_p`` (pass it in
+training only, as with flash_attn; the mask comes from the default generator's state), ``softcap`` and
 ``alibi_slopes`` (``(H,)`` or ``(B, H)``, bias ``-slope * |i + Sk - Sq - j|``) are honoured, forward and
 backward. One difference: with ``causal=True`` and ALiBi, FlashAttention 2's kernel adds ``slope * j``
 (the same probabilities, an lse larger by ``slope * (i + Sk - Sq)``); the lse here is that of the
 documented bias. What attnops cannot compute yet is refused with a clear ``NotImplementedError`` naming
-the argument, never ignored: ``dropout_p > 0`` (attention dropout), and in ``flash_attn_with_kvcache``
-rotary embeddings, paged caches (``block_table``), ``cache_batch_idx`` and ``cache_leftpad``.
+the argument, never ignored: in ``flash_attn_with_kvcache`` rotary embeddings, paged caches (``block_table``), ``cache_batch_idx`` and ``cache_leftpad``.
 ``deterministic`` is accepted (attnops' kernels are deterministic at a fixed thread count; see README).
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the lse is flash_attn's, the
 probabilities are never built (attnops computes block maps instead: ``attnops.attention(...,
@@ -28,12 +28,6 @@ __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_
            "flash_attn_with_kvcache"]
 
 
-def _refuse_unsupported(dropout_p: float = 0.0) -> None:
-    if dropout_p:
-        raise NotImplementedError(f"attnops.compat.flash_attn: dropout_p={dropout_p}: attention dropout is not "
-                                  "supported yet; pass dropout_p=0.0")
-
-
 def _result(out: torch.Tensor, lse: torch.Tensor, return_attn_probs: bool):
     return (out, lse, None) if return_attn_probs else out
 
@@ -43,9 +37,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)`` -> ``out (B, Sq, H, D)``, or ``(out, softmax_lse
     (B, H, Sq), None)`` with ``return_attn_probs``. As flash_attn's: bottom-right causal, windows
     ``(left, right)``."""
-    _refuse_unsupported(dropout_p)
     out, lse = attention(q, k, v, causal=bool(causal), softmax_scale=softmax_scale, window_size=tuple(window_size),
-                         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
+                         softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=True)
     return _result(out, lse, return_attn_probs)
 
 
@@ -72,7 +65,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     int32 offsets. Each sequence attends only to its own keys (causal and windows per sequence,
     bottom-right aligned). Runs one call per sequence (exact; the token-exact varlen kernels are
     issue 20's); ``out (total_q, H, D)``, ``softmax_lse (H, total_q)`` as flash_attn's."""
-    _refuse_unsupported(dropout_p)
     if block_table is not None:
         raise NotImplementedError("attnops.compat.flash_attn: paged KV (block_table) is not supported")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -94,7 +86,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             else alibi_slopes
         o, l_ = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=bool(causal),
                           softmax_scale=softmax_scale, window_size=tuple(window_size), softcap=softcap,
-                          alibi_slopes=slopes, return_lse=True)
+                          alibi_slopes=slopes, dropout_p=dropout_p, return_lse=True)
         out[q0:q1] = o[0]
         lse[:, q0:q1] = l_[0]
     return _result(out, lse, return_attn_probs)

@@ -154,6 +154,35 @@ def check_score_mods(softcap, alibi_slopes, sinks, shape: QKVShape, device: torc
     return dict(softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks)
 
 
+def check_dropout(dropout_p, generator: Optional[torch.Generator], device: torch.device) -> dict:
+    """Attention dropout, as keyword arguments for the dispatcher: ``dropout_p`` a Python number in [0, 1);
+    when > 0, one int64 seed is drawn from ``generator`` (default: ``device``'s default generator), so the mask
+    is a function of the generator's state at the call (``torch.manual_seed`` reproduces it) and the backward
+    regenerates it from the seed. Nothing is drawn when ``dropout_p == 0``."""
+    check_dropout_p(dropout_p, generator)
+    if dropout_p == 0:
+        return {}
+    return {"dropout_p": float(dropout_p), "dropout_seed": draw_dropout_seed(generator, device)}
+
+
+def check_dropout_p(dropout_p, generator: Optional[torch.Generator] = None) -> None:
+    """``dropout_p`` a Python number in [0, 1), ``generator`` None or a torch.Generator (draws nothing)."""
+    if isinstance(dropout_p, (torch.Tensor, bool)) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a Python number, got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:  # NaN fails too
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def draw_dropout_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """One int64 seed ``(1,)`` on ``device`` from ``generator`` (or the device's default generator): the one
+    draw a dropout call makes."""
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.int64, device=gen_device, generator=generator)
+    return seed.to(device)
+
+
 def check_attn_bias(attn_bias, shape: QKVShape, device: torch.device, dtype: torch.dtype):
     """SDPA's ``attn_mask`` / an additive bias, as ``(bias, keep_blocks_of)``: ``attn_bias`` is a floating
     (added to the scores after the mask and ALiBi, differentiable) or bool (False: not attended) tensor

@@ -129,6 +129,20 @@ def check_attn_bias_arg(op: str, q, k, attn_bias) -> None:
         _fail(op, "attn_bias must be on q's device")
 
 
+def check_dropout_args(op: str, q, dropout_p: float, dropout_seed) -> None:
+    """As csrc/checks.h: dropout_p in [0, 1); when > 0, dropout_seed is one int64 on q's device."""
+    if not 0.0 <= dropout_p < 1.0:
+        _fail(op, f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if dropout_p == 0.0:
+        return
+    if dropout_seed is None:
+        _fail(op, "dropout_p > 0 needs a dropout_seed")
+    if dropout_seed.dtype != torch.int64 or dropout_seed.numel() != 1:
+        _fail(op, f"dropout_seed must be one int64, got {dropout_seed.dtype} {tuple(dropout_seed.shape)}")
+    if dropout_seed.device != q.device:
+        _fail(op, "dropout_seed must be on q's device")
+
+
 def check_backward_args(op: str, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks) -> None:
     if (kv_num_blocks is None) != (q_num_blocks is None):
         _fail(op, "the backward needs both the block LUT and its transpose")

@@ -263,6 +263,46 @@ def score_mod_args(q: torch.Tensor, softcap: float, alibi_slopes: Optional[torch
     return (softcap * LOG2E if softcap > 0 else 1.0, slopes if slopes is not None else dummy, stride_b), flags
 
 
+# ---- dropout: the mask of csrc/cpu/dropout.h, regenerated from the seed in every pass -----------------
+
+@triton.jit
+def fmix32(h):
+    """MurmurHash3's 32-bit finaliser (uint32 arithmetic)."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def dropout_rows(Seed, i_bh, o_q):
+    """The hash's row keys (uint32) of the queries ``o_q`` of query head ``i_bh = b * H + h``; ``Seed``
+    points at the call's int64 seed."""
+    seed = tl.load(Seed)
+    seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    head = fmix32(seed_lo ^ fmix32(seed_hi + i_bh.to(tl.uint32) * 0x9E3779B9))
+    return fmix32(head + o_q.to(tl.uint32) * 0x7FEB352D)
+
+
+@triton.jit
+def dropout_scale(b_rows, o_k, threshold, drop_scale):
+    """``drop_scale`` where the pair (row key, key ``o_k``) is kept, 0 where it is dropped (broadcast to the
+    tile, either orientation)."""
+    bits = fmix32(b_rows + o_k.to(tl.uint32) * 0x846CA68B)
+    return tl.where((bits >> 8) >= threshold.to(tl.uint32), drop_scale, 0.0)
+
+
+def dropout_args(dropout_p: float, dropout_seed: Optional[torch.Tensor], device) -> Tuple:
+    """Kernel arguments ``(Seed, threshold, scale)`` of :func:`dropout_scale` (a dummy seed when off)."""
+    if dropout_p <= 0:
+        return lut_args(None, None, device)[0], 0, 1.0
+    threshold = round(dropout_p * 2 ** 24)
+    return dropout_seed, threshold, 2 ** 24 / (2 ** 24 - threshold)
+
+
 # ---- products that keep NaN / Inf in the rows that attend them ----------------------------------------
 
 @triton.jit

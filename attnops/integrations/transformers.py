@@ -12,9 +12,10 @@ Unmodified Llama / Qwen2 / Mistral / GPT-2 style models then run their attention
 new queries of a cached step sit). Sliding windows (Mistral, Qwen2, Gemma local layers, ModernBERT)
 are honoured with flash-attention's convention, gpt-oss's attention sinks (``s_aux``, with their
 gradient) and Gemma 2's logit ``softcap`` through the kernels' score modifiers, T5's ``position_bias`` (with
-its gradient) and padding / additive masks through ``attn_bias``. Everything else a model passes is either
-accepted (it cannot change the result) or refused with the argument's name (:data:`REFUSED`: packed
-sequences, dropout in training, head masks, ``output_attentions``): never silently dropped. The mask function
+its gradient) and padding / additive masks through ``attn_bias``, attention dropout in training through the
+kernels' ``dropout_p``. Everything else a model passes is either accepted (it cannot change the result) or
+refused with the argument's name (:data:`REFUSED`: packed sequences, head masks, ``output_attentions``):
+never silently dropped. The mask function
 registered beside it is transformers' own flash-attention one: no mask for unpadded batches, the 2-d padding
 mask otherwise (a ``(B, 1, 1, Sk)`` key mask for the kernels: padded batches cost no ``Sq x Sk`` tensor).
 """
@@ -70,11 +71,8 @@ REFUSED = {
 }
 
 
-def _check_call(module, attention_mask, dropout, kwargs) -> None:
+def _check_call(module, attention_mask, kwargs) -> None:
     """Refuses, with the argument's name, whatever this adapter would otherwise drop."""
-    if dropout and module.training:
-        raise NotImplementedError("attnops attention has no attention dropout yet; set the config's attention "
-                                  "dropout to 0 for training")
     for name, value in kwargs.items():
         if name in ACCEPTED or value is None or value is False:
             continue
@@ -147,9 +145,12 @@ def _attention_forward(spec: AttentionSpec):
         """transformers' attention-function contract: ``query (B, H, Sq, D)``, ``key, value
         (B, Hkv, Sk, D)`` -> ``(attn_output (B, Sq, H, D), None)``. ``s_aux``: gpt-oss's per-head sink
         logits; ``softcap``: Gemma 2's ``attn_logit_softcapping`` (None: off); ``position_bias``: T5's
-        relative position bias, added to the scores."""
-        _check_call(module, attention_mask, dropout, kwargs)
+        relative position bias, added to the scores; ``dropout``: attention dropout, applied in training as
+        eager applies it (one seed per call from the default generator)."""
+        _check_call(module, attention_mask, kwargs)
         mods = {}
+        if dropout and module.training:  # as eager: F.dropout(weights, p=dropout, training=module.training)
+            mods["dropout_p"] = float(dropout)
         if s_aux is not None:
             mods["sinks"] = s_aux
         if softcap is not None and softcap != 0:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnops.maps.capture import attend
-from attnops.nn.specs import AttentionSpec, BlockSparseSpec, SoftmaxSpec, resolve_spec
+from attnops.nn.specs import SCORE_MOD_SPECS, AttentionSpec, BlockSparseSpec, SoftmaxSpec, resolve_spec
 
 
 class MultiheadAttention(nn.Module):
@@ -37,13 +37,15 @@ class MultiheadAttention(nn.Module):
     (added to the scores); ``key_padding_mask`` ``(B, S)``, bool (True: padding) or float (added). A causal
     ``attn_mask`` (or ``is_causal=True``) runs the causal kernels; any other mask and the padding reach the
     kernels as ``attn_bias`` (padding as a ``(B, 1, 1, S)`` key mask, no L x S tensor; empty key blocks are
-    skipped), with the SoftmaxSpec or a BlockSparseSpec. A query whose keys are all masked gets zeros (torch
-    gives NaN there). ``add_bias_kv`` / ``add_zero_attn`` append their key/value row after the projections,
+    skipped), with the SoftmaxSpec or a BlockSparseSpec. A query whose keys are all masked gets zeros (as
+    torch 2.13's module gives). ``add_bias_kv`` / ``add_zero_attn`` append their key/value row after the projections,
     visible to every query, as torch does.
 
-    Not supported, each a clear error rather than a silent difference: attention dropout while training
-    (``dropout > 0`` is accepted and is a no-op in eval mode), masks or padding with the MoBA, linear or
-    low-rank specs.
+    Attention dropout (``dropout``, in training only, as torch) runs in the kernels on the SoftmaxSpec,
+    BlockSparseSpec and MoBASpec (its mask from the default generator: ``torch.manual_seed`` reproduces it).
+
+    Not supported, each a clear error rather than a silent difference: dropout with the linear or low-rank
+    specs, masks or padding with the MoBA, linear or low-rank specs.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
@@ -123,9 +125,10 @@ class MultiheadAttention(nn.Module):
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(f"query/key/value must all be 2-d (unbatched) or 3-d, got {query.dim()}/{key.dim()}/"
                              f"{value.dim()}")
-        if self.training and self.dropout > 0:
-            raise NotImplementedError("attnops kernels have no attention dropout: build the module with dropout=0 "
-                                      "(or run it in eval mode)")
+        if self.training and self.dropout > 0 and not isinstance(self.attention, SCORE_MOD_SPECS):
+            raise NotImplementedError(f"attnops.nn.MultiheadAttention: attention dropout needs the SoftmaxSpec, a "
+                                      f"BlockSparseSpec or the MoBASpec, not {type(self.attention).__name__}; build "
+                                      "the module with dropout=0 (or run it in eval mode)")
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
@@ -153,6 +156,8 @@ class MultiheadAttention(nn.Module):
         q, k, v = self._project(query, key, value)
         q, k, v = q.view(B, L, H, D), k.view(B, S + extra, H, D), v.view(B, S + extra, H, D)
         options = {}
+        if self.training and self.dropout > 0:
+            options["dropout_p"] = self.dropout
         if bias is not None:
             if not isinstance(self.attention, (SoftmaxSpec, BlockSparseSpec)):
                 raise NotImplementedError(f"attnops.nn.MultiheadAttention: masks and key padding need the SoftmaxSpec "
@@ -284,12 +289,34 @@ def swap(model: nn.Module, spec: Optional[AttentionSpec] = None,
         return MultiheadAttention(**_constructor_args(m), add_bias_kv=m.bias_k is not None,
                                   add_zero_attn=m.add_zero_attn, attention=spec)
 
-    return _replace(model, lambda m: type(m) is nn.MultiheadAttention, make, filter)
+    report = _replace(model, lambda m: type(m) is nn.MultiheadAttention, make, filter)
+    _sync_nested_fast_path(model)
+    return report
+
+
+def _sync_nested_fast_path(model: nn.Module) -> None:
+    """``nn.TransformerEncoder``'s inference fast path turns a padded batch into a nested tensor before its
+    layers run (decided by ``use_nested_tensor``, set when the encoder was built around torch's attention):
+    our module takes the padding mask instead, so the fast path is turned off on encoders that hold one, and
+    restored by :func:`unswap`. (The layers' own fast path, which would bypass the module and run torch's
+    fused kernel on its weights, already declines: ``_qkv_same_embed_dim`` is False here.)"""
+    for enc in model.modules():
+        if not isinstance(enc, nn.TransformerEncoder):
+            continue
+        ours = any(isinstance(m, MultiheadAttention) for m in enc.modules())
+        if ours and getattr(enc, "use_nested_tensor", False):
+            enc._attnops_use_nested_tensor = True
+            enc.use_nested_tensor = False
+        elif not ours and getattr(enc, "_attnops_use_nested_tensor", False):
+            enc.use_nested_tensor = True
+            del enc._attnops_use_nested_tensor
 
 
 def unswap(model: nn.Module) -> SwapReport:
     """Replace every attnops :class:`MultiheadAttention` in ``model`` by a ``torch.nn.MultiheadAttention``
     with the same weights (the inverse of :func:`swap`)."""
-    return _replace(model, lambda m: isinstance(m, MultiheadAttention),
-                    lambda m: nn.MultiheadAttention(**_constructor_args(m), add_bias_kv=m.bias_k is not None,
-                                                    add_zero_attn=m.add_zero_attn))
+    report = _replace(model, lambda m: isinstance(m, MultiheadAttention),
+                      lambda m: nn.MultiheadAttention(**_constructor_args(m), add_bias_kv=m.bias_k is not None,
+                                                      add_zero_attn=m.add_zero_attn))
+    _sync_nested_fast_path(model)
+    return report

@@ -31,6 +31,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/dropout.h"
 #include "cpu/gemm.h"
 #include "cpu/mask.h"
 #include "cpu/pack.h"
@@ -167,13 +168,14 @@ template <typename T>
 struct FwdScratch {
   std::vector<T> q, s, acc, m, l, alpha;
   std::vector<RowSpan> spans;
+  std::vector<uint32_t> drop_rows;  // the dropout hash's row keys of the task's queries
   // Block map, laid out (map key block, tile row): value and the running max it is relative to.
   // Blocks [map_lo, map_hi) have been touched by this task; tiles arrive in ascending key order.
   std::vector<T> map_val, map_ref;
   int64_t map_lo = 0, map_hi = 0;
   FwdScratch(int64_t D, int64_t Dp, int64_t map_blocks)
       : q(kTileQ * D), s(kTileQ * kTileK), acc(kTileQ * Dp), m(kTileQ), l(kTileQ), alpha(kTileQ), spans(kTileQ),
-        map_val(map_blocks * kTileQ), map_ref(map_blocks * kTileQ) {}
+        drop_rows(kTileQ), map_val(map_blocks * kTileQ), map_ref(map_blocks * kTileQ) {}
 };
 
 template <typename T>
@@ -240,8 +242,8 @@ void map_store_task(FwdScratch<T>& ws, const MapSpec& map, int64_t rows, int64_t
 template <typename S>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const BlockLut& lut,
                     const Predicates& pred, double softmax_scale, const ScoreMods<compute_t<S>>& mods,
-                    const ScoreBias<compute_t<S>>& bias, const MapSpec& map, at::Tensor& out, at::Tensor& lse,
-                    at::Tensor& map_part) {
+                    const ScoreBias<compute_t<S>>& bias, const Dropout& drop, const MapSpec& map, at::Tensor& out,
+                    at::Tensor& lse, at::Tensor& map_part) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
   const Problem p = make_problem(q, k, v, NR);
@@ -305,6 +307,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const T* ktile = kt + (b * p.Hkv + hk) * Sk_pad * p.D;
         const T* vtile = vb + (b * p.Hkv + hk) * p.Dp * p.Sk;
         pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
+        if (drop.on())
+          for (int64_t r = 0; r < rows; ++r) ws.drop_rows[r] = drop.row_key(b * p.H + h, r0 + r);
         // exact: P V row by row over each row's own keys. Run only when the tile GEMMs left a non-finite
         // accumulator: V holds NaN/Inf somewhere, and 0 * NaN would have reached rows that never
         // attend that key (the run below redoes the task; finite inputs never pay for it).
@@ -326,7 +330,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 softmax_row(srow, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
               }
             }
-            if (map.on()) map_add_tile(ws, map, rows, t0);
+            if (map.on()) map_add_tile(ws, map, rows, t0);  // the map is of the probabilities before dropout
+            if (drop.on())  // after the row sums: dropout acts on the normalised probabilities, l is theirs
+              for (int64_t r = 0; r < rows; ++r)
+                if (!ws.spans[r].empty()) drop.apply_row(ws.s.data() + r * kTileK, n, ws.drop_rows[r], t0);
             if (exact)
               gemm_in_spans<T>(rows, ws.spans.data(), p.Dp, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR,
                                ws.acc.data(), p.Dp, true, ws.alpha.data());
@@ -388,32 +395,34 @@ inline void add_into(GradAcc* acc, const T* partial, int64_t n) {
 
 template <typename T>
 struct DqScratch {
-  std::vector<T> q, dout, s, dp, partial, capgrad;
+  std::vector<T> q, dout, s, dp, partial, capgrad, drop;
   std::vector<GradAcc> acc;
   std::vector<RowSpan> spans;
   DqScratch(int64_t D, int64_t Dp, bool softcap)
       : q(kTileQ * D), dout(kTileQ * D), s(kTileQ * kTileK), dp(kTileQ * kTileK), partial(kTileQ * Dp),
-        capgrad(softcap ? kTileQ * kTileK : 0), acc(kTileQ * Dp), spans(kTileQ) {}
+        capgrad(softcap ? kTileQ * kTileK : 0), drop(kTileK), acc(kTileQ * Dp), spans(kTileQ) {}
 };
 
 template <typename T>
 struct KeyTileScratch {
-  std::vector<T> k, v, kpanel, s, dp, partial, capgrad;
+  std::vector<T> k, v, kpanel, s, dp, partial, capgrad, drop;
+  std::vector<uint32_t> drop_rows;  // the dropout hash's row keys of the tile's queries
   std::vector<GradAcc> dk, dv, dq;
   std::vector<RowSpan> spans;
   KeyTileScratch(int64_t D, int64_t Dp, int64_t dq_rows, bool softcap)
       : k(kTileKBwd * D), v(kTileKBwd * D), kpanel(kTileKBwd * Dp), s(kTileKBwd * kTileQBwd),
         dp(kTileKBwd * kTileQBwd), partial(std::max(kTileKBwd, kTileQBwd) * Dp),
-        capgrad(softcap ? kTileKBwd * kTileQBwd : 0), dk(kTileKBwd * Dp), dv(kTileKBwd * Dp), dq(dq_rows * Dp),
-        spans(kTileKBwd) {}
+        capgrad(softcap ? kTileKBwd * kTileQBwd : 0), drop(kTileQBwd), drop_rows(kTileQBwd), dk(kTileKBwd * Dp),
+        dv(kTileKBwd * Dp), dq(dq_rows * Dp), spans(kTileKBwd) {}
 };
 
 // dk, dv of the keys [c0, c1) of kv head hk, over the query heads of its group. With `fused`, also
 // adds dS K into ws.dq (the group's dq rows, (group, Sq, Dp)), which this task owns.
 template <typename S, typename T>
 void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockLut& tlut, const Predicates& pred,
-                       const ScoreMods<T>& mods, const ScoreBias<T>& bias, T* dbias, const S* kp, const S* vp, int64_t b, int64_t hk, int64_t c0, int64_t c1, bool fused,
-                       bool exact, KeyTileScratch<T>& ws, S* dkp, S* dvp) {
+                       const ScoreMods<T>& mods, const ScoreBias<T>& bias, const Dropout& drop, T* dbias, const S* kp,
+                       const S* vp, int64_t b, int64_t hk, int64_t c0, int64_t c1, bool fused, bool exact,
+                       KeyTileScratch<T>& ws, S* dkp, S* dvp) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   constexpr int64_t NR = kGemmN<T>;
@@ -442,6 +451,8 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
           any |= !ws.spans[j].empty();
         }
         if (!any) continue;
+        if (drop.on())
+          for (int64_t i = 0; i < n; ++i) ws.drop_rows[i] = drop.row_key(bh, t0 + i);
         const int64_t panel = bh * ops.Sq_pad * p.D + t0 * p.D;
         gemm<T>(keys, n, p.D, ws.k.data(), p.D, ops.qt + panel, p.D * NR, ws.s.data(), kTileQBwd, false);
         gemm<T>(keys, n, p.D, ws.v.data(), p.D, ops.dot + panel, p.D * NR, ws.dp.data(), kTileQBwd, false);
@@ -460,10 +471,19 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
           mask_row(s, ws.spans[j], n);
           // d loss / d bias[i, key] is dS before the softcap's derivative (the bias is added after the cap)
           T* dbias_col = dbias ? dbias + ((b * p.H + h) * p.Sq + t0) * p.Sk + c0 + j : nullptr;
+          // dropout: dv takes the dropped P Z / (1 - p), and dS = P (dP Z / (1 - p) - delta)
+          if (drop.on()) drop.column(ws.drop.data(), n, ws.drop_rows.data(), c0 + j);
           for (int64_t i = 0; i < n; i += W) {
             const V pr = exp2(vload(s + i) - vload(l2 + t0 + i));
-            vstore(s + i, pr);
-            V dsv = pr * (vload(ds + i) - vload(dl + t0 + i));
+            V dpv = vload(ds + i);
+            if (drop.on()) {
+              const V z = vload(ws.drop.data() + i);
+              vstore(s + i, pr * z);
+              dpv *= z;
+            } else {
+              vstore(s + i, pr);
+            }
+            V dsv = pr * (dpv - vload(dl + t0 + i));
             if (dbias_col)
               for (int x = 0; x < W; ++x)
                 if (i + x >= ws.spans[j].v0 && i + x < ws.spans[j].v1) dbias_col[(i + x) * p.Sk] = dsv[x];
@@ -609,8 +629,9 @@ BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Ten
 // S = Q K^T and dP = dO V^T again, dS = P (dP - delta), dq += dS K.
 template <typename S, typename T>
 void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& lut, const Predicates& pred,
-                   const ScoreMods<T>& mods, const ScoreBias<T>& bias, const S* qp, const at::Tensor& dout, int64_t b, int64_t h, int64_t r0, int64_t r1,
-                   double softmax_scale, bool exact, DqScratch<T>& ws, S* dqp) {
+                   const ScoreMods<T>& mods, const ScoreBias<T>& bias, const Dropout& drop, const S* qp,
+                   const at::Tensor& dout, int64_t b, int64_t h, int64_t r0, int64_t r1, double softmax_scale,
+                   bool exact, DqScratch<T>& ws, S* dqp) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   constexpr int64_t NR = kGemmN<T>;
@@ -640,9 +661,12 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
       mask_row(s, ws.spans[r], n);
       const T* dpr = ws.dp.data() + r * kTileK;
       const V lv = vsplat(l2[r]), dlv = vsplat(dl[r]);
+      if (drop.on()) drop.row(ws.drop.data(), n, drop.row_key(bh, r0 + r), t0);
       for (int64_t j = 0; j < n; j += W) {
         const V pr = exp2(vload(s + j) - lv);
-        V dsv = pr * (vload(dpr + j) - dlv);
+        V dpv = vload(dpr + j);
+        if (drop.on()) dpv *= vload(ws.drop.data() + j);  // dS = P (dP Z / (1 - p) - delta)
+        V dsv = pr * (dpv - dlv);
         if (capgrad) dsv *= vload(capgrad + j);
         vstore(s + j, dsv);
       }
@@ -665,8 +689,8 @@ template <typename S>
 void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                      const BlockLut& lut, const BlockLut& tlut, const Predicates& pred, double softmax_scale,
-                     const ScoreMods<compute_t<S>>& mods, const ScoreBias<compute_t<S>>& bias, at::Tensor& dq,
-                     at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
+                     const ScoreMods<compute_t<S>>& mods, const ScoreBias<compute_t<S>>& bias, const Dropout& drop,
+                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
   using T = compute_t<S>;
   const Problem p = make_problem(q, k, v, kGemmN<T>);
 
@@ -714,8 +738,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
           const int64_t b = t / p.Hkv, hk = t % p.Hkv;
           std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
           for (int64_t kt = 0; kt < k_tiles; ++kt)
-            key_tile_backward(p, ops, tlut, pred, mods, bias, dbp, kp, vp, b, hk, kt * TK, std::min((kt + 1) * TK, p.Sk), true, exact,
-                              ws, dkp, dvp);
+            key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, kt * TK,
+                              std::min((kt + 1) * TK, p.Sk), true, exact, ws, dkp, dvp);
           for (int64_t g = 0; g < p.group; ++g)
             for (int64_t r = 0; r < p.Sq; ++r)
               store_row(ws.dq.data() + (g * p.Sq + r) * p.Dp, p.D, scale,
@@ -746,7 +770,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
       [&](int64_t t, DqScratch<T>& ws) {
         int64_t b, h, r0, r1;
         q_task(t, b, h, r0, r1);
-        query_tile_dq(p, ops, lut, pred, mods, bias, qp, dout, b, h, r0, r1, softmax_scale, exact, ws, dqp);
+        query_tile_dq(p, ops, lut, pred, mods, bias, drop, qp, dout, b, h, r0, r1, softmax_scale, exact, ws, dqp);
       });
   run_tasks(
       p.B * p.Hkv * k_tiles,
@@ -757,8 +781,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
       [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap()); },
       [&](int64_t t, KeyTileScratch<T>& ws) {
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
-        key_tile_backward(p, ops, tlut, pred, mods, bias, dbp, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false, exact, ws, dkp,
-                          dvp);
+        key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false,
+                          exact, ws, dkp, dvp);
       });
 }
 
@@ -772,16 +796,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
     const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
     int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, int64_t map_rows,
     int64_t map_cols, bool map_max, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
-    const c10::optional<at::Tensor>& sinks, const c10::optional<at::Tensor>& attn_bias) {
+    const c10::optional<at::Tensor>& sinks, const c10::optional<at::Tensor>& attn_bias, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   constexpr const char* op = "block_sparse_attn_fwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, false);
   check_score_mod_args(op, q_in, softcap, alibi_slopes, sinks);
   check_attn_bias_arg(op, q_in, k_in, attn_bias);
+  check_dropout_args(op, q_in, dropout_p, dropout_seed);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
   const Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
   const MapSpec map{map_rows, map_cols, map_max};
+  const Dropout drop(dropout_p, dropout_seed);
   TORCH_CHECK(map_rows >= 0 && map_cols >= 0 && (map_rows > 0) == (map_cols > 0), op,
               ": map_rows and map_cols must both be > 0 (a block map) or both 0, got (", map_rows, ", ", map_cols, ")");
   if (map.on()) {
@@ -799,7 +826,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd_cpu", [&] {
     const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, sinks, q.size(2));
     const ScoreBias<compute_t<scalar_t>> bias(attn_bias);
-    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, mods, bias, map, out, lse, map_part);
+    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, mods, bias, drop, map, out, lse, map_part);
   });
   return {out, lse, map_part};
 }
@@ -810,12 +837,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
     const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
     const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
     int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
-    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& attn_bias, bool bias_grad) {
+    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& attn_bias, bool bias_grad,
+    double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
   constexpr const char* op = "block_sparse_attn_bwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, true);
   check_score_mod_args(op, q_in, softcap, alibi_slopes, c10::nullopt);
   check_attn_bias_arg(op, q_in, k_in, attn_bias);
+  check_dropout_args(op, q_in, dropout_p, dropout_seed);
+  const Dropout drop(dropout_p, dropout_seed);
   const bool has_bias = attn_bias.has_value() && attn_bias->defined();
   TORCH_CHECK(has_bias || !bias_grad, op, ": bias_grad without an attn_bias");
   const bool has_lut = kv_num_blocks.has_value() && kv_num_blocks->defined();
@@ -858,8 +888,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_bwd_cpu", [&] {
     const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, c10::nullopt, q.size(2));
     const ScoreBias<compute_t<scalar_t>> bias(attn_bias);
-    backward_kernel<scalar_t>(dout, dlse, q, k, v, out, lse, lut, tlut, pred, softmax_scale, mods, bias, dq, dk, dv,
-                              dbias);
+    backward_kernel<scalar_t>(dout, dlse, q, k, v, out, lse, lut, tlut, pred, softmax_scale, mods, bias, drop, dq, dk,
+                              dv, dbias);
   });
   return {dq, dk, dv, dbias};
 }

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import attnops  # noqa: E402
 from attnops.integrations import transformers as hf_attnops  # noqa: E402
-from helpers import assert_accurate  # noqa: E402
+from helpers import assert_accurate, same_mask_dropout  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512)
@@ -209,12 +209,58 @@ def test_harmless_arguments_are_accepted():
     assert out.shape == (1, 10, 4, 16) and weights is None
 
 
-def test_dropout_in_training_is_refused():
+def test_dropout_is_applied_in_training_only():
+    """The adapter passes the model's dropout to the kernels in training (eager: F.dropout(p, training=
+    module.training)) and ignores it in eval; a spec that cannot apply it refuses it by name."""
     fn = hf_attnops._attention_forward(attnops.nn.SoftmaxSpec())
     module = torch.nn.Module().train()
     q = torch.randn(1, 4, 10, 16)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        fn(module, q, q, q, None, dropout=0.1)
+    torch.manual_seed(3)
+    out, _ = fn(module, q, q, q, None, dropout=0.4)
+    torch.manual_seed(3)
+    want = attnops.attention(*(t.transpose(1, 2) for t in (q, q, q)), causal=True, dropout_p=0.4)
+    assert torch.equal(out, want)
+    assert not torch.equal(out, fn(module.eval(), q, q, q, None, dropout=0.4)[0])
+    torch.testing.assert_close(fn(module.eval(), q, q, q, None, dropout=0.4)[0], fn(module, q, q, q, None)[0])
+    linear = hf_attnops._attention_forward(attnops.nn.LinearAttentionSpec())
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        linear(module.train(), q, q, q, None, dropout=0.1)
+
+
+def _dropout_models():
+    from transformers import BertConfig, GPT2Config
+
+    return {
+        "gpt2": (GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.2), "AutoModelForCausalLM",
+                 ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight"]),
+        "bert": (BertConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.2), "AutoModelForMaskedLM",
+                 ["bert.encoder.layer.0.attention.self.query.weight",
+                  "bert.encoder.layer.1.attention.self.value.weight"]),
+    }
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_attention_dropout_in_training_matches_eager_with_the_same_mask(name, monkeypatch):
+    """GPT-2 and BERT with attention dropout, in training: loss and gradients equal eager's when eager
+    drops the same pairs (the kernels' mask, handed to eager); the dropout changes the loss."""
+    cfg, auto, names = _dropout_models()[name]
+    ref, ours, low = _pair(cfg, auto)
+    same_mask_dropout(monkeypatch)
+    ids = torch.randint(1, 97, (2, 70))
+    results = []
+    for model in (ours, ref, low):
+        model.train()
+        torch.manual_seed(123)
+        results.append(_loss_and_grads(model, ids, names))
+    got, want, base = results
+    assert_accurate(f"{name} loss", got[0], want[0], base[0])
+    for n, a, b, c in zip(names, got[1], want[1], base[1]):
+        assert_accurate(f"{name} d{n}", a, b, c)
+    plain = _loss_and_grads(ours.eval(), ids, names)[1][0]  # the dropout matters: without it, other gradients
+    assert (plain - got[1][0]).abs().max() > 1e-2 * plain.abs().max()
 
 
 def test_a_window_is_refused_by_specs_that_cannot_apply_it():

@@ -5,6 +5,7 @@ appends), against the float64 reference."""
 import pytest
 import torch
 
+import attnops
 from attnops.compat.flash_attn import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                                        flash_attn_varlen_func, flash_attn_with_kvcache)
 from attnops.ops.softmax import reference
@@ -65,11 +66,25 @@ def test_varlen_per_sequence_alibi():
         torch.testing.assert_close(out[a:b].double(), want[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, words", [(dict(dropout_p=0.1), "dropout_p")])
-def test_unsupported_arguments_are_refused(kwargs, words):
-    q = torch.randn(1, 8, 4, 16)
-    with pytest.raises(NotImplementedError, match=words):
-        flash_attn_func(q, q, q, **kwargs)
+def test_positional_dropout_is_honoured():
+    """flash_attn's positional dropout_p: the kernels' dropout, its mask from the default generator (so equal
+    to attnops.attention's after the same torch.manual_seed; flash_attn's attention_ref agrees given it)."""
+    from attnops.core.checks import draw_dropout_seed
+    from attnops.ops.softmax.reference import dropout_keep
+    from authors_ref import attention_ref
+
+    q, k, v = (torch.randn(2, 30, 4, 16, dtype=torch.float64) for _ in range(3))
+    torch.manual_seed(4)
+    out = flash_attn_func(q, k, v, 0.25, None, True)
+    torch.manual_seed(4)
+    assert torch.equal(out, attnops.attention(q, k, v, causal=True, dropout_p=0.25))
+    torch.manual_seed(4)
+    keep, _ = dropout_keep(int(draw_dropout_seed(None, torch.device("cpu"))), 0.25, 2, 4, 30, 30)
+    want, _ = attention_ref(q, k, v, causal=True, dropout_p=0.25, dropout_mask=keep)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    cu = torch.tensor([0, 12, 30], dtype=torch.int32)
+    packed = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 18, 18, 0.25, causal=True)
+    assert packed.shape == q[0].shape and torch.isfinite(packed).all()
 
 
 def test_deterministic_is_accepted():

@@ -10,7 +10,7 @@ from torch import nn
 import attnops
 from attnops import BlockMask
 from attnops.nn import BlockSparseSpec, SoftmaxSpec, MultiheadAttention
-from helpers import assert_accurate
+from helpers import assert_accurate, same_mask_dropout
 
 
 def _pair(E=48, H=4, batch_first=True, kdim=None, vdim=None, bias=True):
@@ -148,7 +148,7 @@ def test_unsupported_inputs_are_clear_errors():
         mha(x, x, torch.randn(2, 9, 8))
     with pytest.raises(ValueError, match="multiple"):
         MultiheadAttention(15, 2)
-    drop = MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
+    drop = MultiheadAttention(16, 2, dropout=0.1, batch_first=True, attention=attnops.nn.LinearAttentionSpec())
     with pytest.raises(NotImplementedError, match="dropout"):
         drop(x, x, x)
     drop.eval()(x, x, x)
@@ -357,3 +357,51 @@ def test_lowrank_key_spec_in_multihead_attention():
     out, weights = mha(x, x, x)
     assert out.shape == x.shape and weights.shape == (2, 2, 2)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_dropout_in_training_matches_torch_with_the_same_mask(masked, monkeypatch):
+    """Attention dropout in training: output and gradients equal torch's module when torch drops the same
+    pairs (the kernels' mask handed to torch's dropout); in eval nothing is dropped."""
+    ref = nn.MultiheadAttention(48, 4, dropout=0.3, batch_first=True).double()
+    ours = MultiheadAttention(48, 4, dropout=0.3, batch_first=True)
+    ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    low = copy.deepcopy(ref).float()
+    same_mask_dropout(monkeypatch)
+    x = torch.randn(2, 33, 48, dtype=torch.float64)
+    pad = torch.zeros(2, 33, dtype=torch.bool)
+    pad[1, 20:] = masked
+    results = []
+    for module, dtype in ((ours, torch.float32), (ref, torch.float64), (low, torch.float32)):
+        module.train().zero_grad()
+        xi = x.to(dtype).clone().requires_grad_()
+        torch.manual_seed(7)
+        out, _ = module(xi, xi, xi, key_padding_mask=pad if masked else None, need_weights=module is not ours)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), xi.grad, module.in_proj_weight.grad))
+    for name, a, b, c in zip(("out", "d_x", "d_in_proj"), *results):
+        assert_accurate(name, a, b, c)
+    ours.eval()
+    torch.testing.assert_close(ours(x.float(), x.float(), x.float(), need_weights=False)[0],
+                               ref.eval()(x, x, x, need_weights=False)[0].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_swapped_encoder_with_padding_under_no_grad():
+    """nn.TransformerEncoder's inference fast path (nested tensors from the padding mask) used to crash on
+    the swapped module: swap turns it off (the padding reaches the module), unswap turns it back on."""
+    layer = nn.TransformerEncoderLayer(48, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, num_layers=2).eval()
+    x = torch.randn(3, 20, 48)
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    pad[0, 12:] = True
+    pad[2, 5:] = True
+    with torch.no_grad():
+        want = enc(x, src_key_padding_mask=pad)
+        assert enc.use_nested_tensor
+        attnops.swap(enc)
+        assert not enc.use_nested_tensor
+        got = enc(x, src_key_padding_mask=pad)
+    real = ~pad
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    attnops.unswap(enc)
+    assert enc.use_nested_tensor

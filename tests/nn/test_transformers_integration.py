@@ -14,7 +14,7 @@ from helpers import assert_accurate  # noqa: E402
 
 
 def _configs():
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
 
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=256)
@@ -23,10 +23,11 @@ def _configs():
         "qwen2-mqa": Qwen2Config(**common, num_key_value_heads=1),
         "gpt2": GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=256, attn_pdrop=0.0,
                            resid_pdrop=0.0, embd_pdrop=0.0),
+        "phi3-gqa": Phi3Config(**common, num_key_value_heads=2, pad_token_id=0),
     }
 
 
-CONFIGS = ["llama-gqa", "qwen2-mqa", "gpt2"]
+CONFIGS = ["llama-gqa", "qwen2-mqa", "gpt2", "phi3-gqa"]
 
 
 def _models(name):

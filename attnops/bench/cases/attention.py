@@ -6,8 +6,9 @@ Parameters (suite ``params`` or case keys):
   block_sparse_attention: mask (a BlockMask constructor name), mask_args (dict), block_size (int)
   both:                   block_map (bool): time the forward with its block map (return_block_map)
                           against the same forward without it (the block-map issue's <= 1.6x target)
-                          score_mod ("softcap" | "alibi" | "sinks"): time the op with that modifier
-                          against the same op without it (issue 21: within 1.10x)
+                          score_mod ("softcap" | "alibi" | "sinks" | "dropout"): time the op with that
+                          modifier (dropout: p = 0.1, the mask of a fixed seed) against the same op
+                          without it (issue 21: within 1.10x; dropout fwd+bwd within 1.3x)
   attention:              attn_bias ("float" | "bool"): a (1, H, Sq, Sk) additive bias / mask, against
                           SDPA with the same attn_mask (issue 21: at least as fast)
 The baseline of a sparse case is *dense* non-causal FlashAttention / SDPA of the same shape: the
@@ -24,6 +25,7 @@ import attnops
 from attnops import BlockMask
 from attnops.bench import baselines
 from attnops.bench.registry import DTYPES, CaseSpec, Prepared, Provider, register_op
+from attnops.core.checks import draw_dropout_seed
 from attnops.ops.softmax import reference
 
 # Float64 reference rows are computed in chunks of at most this many scores.
@@ -132,9 +134,18 @@ def _reference_bias(bias: Optional[torch.Tensor]) -> dict:
     return {"attn_bias": bias.double()}
 
 
+_DROPOUT_SEED = 0
+
+
+def _dropout_generator(device) -> torch.Generator:
+    """A generator in the state every timed call starts from: each call drops the same pairs, the ones the
+    reference is given."""
+    return torch.Generator(device=device).manual_seed(_DROPOUT_SEED)
+
+
 def score_mods(spec: CaseSpec) -> dict:
     """The case's ``score_mod`` as op arguments, fixed by the seed: softcap 5 (scores of unit inputs are
-    O(1): the cap bites), ALiBi's geometric slopes, sinks N(0, 1)."""
+    O(1): the cap bites), ALiBi's geometric slopes, sinks N(0, 1), dropout 0.1."""
     name = spec.params.get("score_mod")
     H = spec.shape["H"]
     if name is None:
@@ -145,7 +156,21 @@ def score_mods(spec: CaseSpec) -> dict:
         return dict(alibi_slopes=torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device=spec.device))
     if name == "sinks":
         return dict(sinks=torch.randn(H, generator=torch.Generator().manual_seed(0)).to(spec.device))
-    raise ValueError(f"unknown score_mod {name!r}: softcap, alibi or sinks")
+    if name == "dropout":
+        return dict(dropout_p=0.1)
+    raise ValueError(f"unknown score_mod {name!r}: softcap, alibi, sinks or dropout")
+
+
+def _reference_mods(spec: CaseSpec, mods: dict) -> dict:
+    """The reference's form of the op's modifiers: dropout as the seed the op draws."""
+    if "dropout_p" not in mods:
+        return mods
+    return dict(mods, dropout_seed=draw_dropout_seed(_dropout_generator(spec.device), torch.device("cpu")))
+
+
+def _call_mods(spec: CaseSpec, mods: dict) -> dict:
+    """The op's modifiers for one call (dropout: a generator in the fixed state)."""
+    return dict(mods, generator=_dropout_generator(spec.device)) if "dropout_p" in mods else mods
 
 
 def attn_bias_of(spec: CaseSpec) -> Optional[torch.Tensor]:
@@ -177,7 +202,7 @@ def _mod_overhead(spec: CaseSpec, op_run, mods: dict):
     """Providers of a score_mod case: the op with the modifier, baseline the op without it."""
     wrap = baselines.with_backward if spec.mode == "fwd+bwd" else (lambda p: p)
     grads = lambda st: st  # noqa: E731
-    return (wrap(Provider(name="attnops", run=lambda st: op_run(st, **mods), grad_inputs=grads)),
+    return (wrap(Provider(name="attnops", run=lambda st: op_run(st, **_call_mods(spec, mods)), grad_inputs=grads)),
             wrap(Provider(name="no modifier", run=op_run, grad_inputs=grads, same_function=False)), [], [])
 
 
@@ -203,7 +228,8 @@ def build_attention(spec: CaseSpec) -> Prepared:
     dense, actual = _flops(spec, _pairs_dense(s["Sq"], s["Sk"], causal, window) * s["B"] * s["H"])
     return Prepared(
         make_inputs=qkv_inputs(spec), op=op, baseline=base, extras=extras,
-        reference=reference_rows(None, causal, window, scale, dict(mods, **_reference_bias(bias))),
+        reference=reference_rows(None, causal, window, scale,
+                                 dict(_reference_mods(spec, mods), **_reference_bias(bias))),
         select_rows=lambda out, rows: out[:, rows.to(out.device)],
         num_rows=s["Sq"], flops_dense=dense, flops_actual=actual, notes=notes,
     )

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from attnops.core import dispatch
-from attnops.core.checks import (QKVShape, autocast_inputs, check_attn_bias, check_causal, check_qkv,
+from attnops.core.checks import (QKVShape, autocast_inputs, check_attn_bias, check_causal, check_dropout_p, check_qkv,
                                  check_score_mods, refuse_forward_ad)
 from attnops.core.masks import BlockMask
 from attnops.core.results import MAP_ARGS_DOC, Result
@@ -74,6 +74,8 @@ def moba_attention(
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
     attn_bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -106,8 +108,8 @@ def moba_attention(
             dense attention).
         causal: bottom-right causal attention inside the own block, earlier blocks only.
         softmax_scale: defaults to ``D ** -0.5``.
-        softcap, alibi_slopes, sinks, attn_bias: score modifiers of the attention (not of the routing), as
-            in :func:`attnops.attention`.
+        softcap, alibi_slopes, sinks, attn_bias, dropout_p, generator: score modifiers and dropout of the
+            attention (not of the routing), as in :func:`attnops.attention`.
         return_lse: also return the log-sum-exp ``(B, H, S)``.
         {map_args}
             (``map_block_size`` here, since ``block_size`` is MoBA's; default 64.)
@@ -122,9 +124,11 @@ def moba_attention(
     _check_moba(shape, block_size, topk, causal)
     check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)  # before the router runs
     check_attn_bias(attn_bias, shape, q.device, q.dtype)
+    check_dropout_p(dropout_p, generator)
     mask = _routed_mask(q, k, shape.seq_len_q, block_size, topk, causal, backend)
     return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale, softcap=softcap,
-                                  alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias, return_lse=return_lse,
+                                  alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias, dropout_p=dropout_p,
+                                  generator=generator, return_lse=return_lse,
                                   return_block_map=return_block_map,
                                   map_block_size=map_block_size, reduce=reduce, backend=backend)
 

@@ -5,9 +5,10 @@ dispatcher calls.
 
     fwd(q, k, v, <LUT>, <transposed LUT>, block_q, block_k, softmax_scale, causal, window_left,
         window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None,
-        sinks=None, attn_bias=None) -> (out, lse, partial block map or empty)
+        sinks=None, attn_bias=None, dropout_p=0.0, dropout_seed=None) -> (out, lse, partial block map or empty)
     bwd(dout, dlse?, q, k, v, out, lse, <the forward's arguments up to window_right>, softcap=0.0,
-        alibi_slopes=None, attn_bias=None, bias_grad=False) -> (dq, dk, dv, dbias (B, H, Sq, Sk) or empty)
+        alibi_slopes=None, attn_bias=None, bias_grad=False, dropout_p=0.0, dropout_seed=None)
+        -> (dq, dk, dv, dbias (B, H, Sq, Sk) or empty)
 
 q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)``; ``kv_num_blocks (Bm, Hm, ceil(Sq/block_q))`` and
 ``kv_indices (Bm, Hm, ceil(Sq/block_q), W)`` int32 (None: dense); out ``(B, Sq, H, D)``, lse
@@ -41,17 +42,20 @@ _SINKS = [Arg("sinks", "Tensor?", "None")]
 # attn_bias: float (Bm, Hm, Sqm, Sk), size-1 dims broadcast, in lse's dtype (the op converts a bool mask to
 # 0 / -inf); added with ALiBi. The backward returns its gradient unreduced, (B, H, Sq, Sk), when bias_grad.
 _BIAS = [Arg("attn_bias", "Tensor?", "None")]
+# Dropout on the probabilities: dropout_p in [0, 1); dropout_seed one int64 on q's device, the seed of the
+# mask's hash (csrc/cpu/dropout.h), which the backward regenerates the mask from.
+_DROPOUT = [Arg("dropout_p", "float", "0.0"), Arg("dropout_seed", "Tensor?", "None")]
 
-FWD = OpDef("block_sparse_attn_fwd", _QKV + _LUT + _PREDICATES + _MAP + _SCORE_MODS + _SINKS + _BIAS,
+FWD = OpDef("block_sparse_attn_fwd", _QKV + _LUT + _PREDICATES + _MAP + _SCORE_MODS + _SINKS + _BIAS + _DROPOUT,
             "(Tensor, Tensor, Tensor)")
 # dlse: the gradient flowing into lse when the caller used it (None otherwise). The sinks enter the
 # backward only through lse (P = exp(s - lse)); their own gradient is computed in Python (register).
 BWD = OpDef("block_sparse_attn_bwd", [Arg("dout", "Tensor"), Arg("dlse", "Tensor?"), *_QKV, Arg("out", "Tensor"),
                                       Arg("lse", "Tensor"), *_LUT, *_PREDICATES, *_SCORE_MODS, *_BIAS,
-                                      Arg("bias_grad", "bool", "False")],
+                                      Arg("bias_grad", "bool", "False"), *_DROPOUT],
             "(Tensor, Tensor, Tensor, Tensor)")
 # what the backward takes from the forward's call besides the tensors it saves
-_PARAMS = tuple(a.name for a in _LUT[4:] + _PREDICATES + _SCORE_MODS[:1])
+_PARAMS = tuple(a.name for a in _LUT[4:] + _PREDICATES + _SCORE_MODS[:1] + _DROPOUT[:1])
 _LUT_TENSORS = tuple(a.name for a in _LUT[:4])
 
 
@@ -87,10 +91,10 @@ def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
         out, lse, partial_map = output
         ctx.mark_non_differentiable(partial_map)  # a readout, like an argmax
         ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, a["alibi_slopes"], a["sinks"], a["attn_bias"],
-                              *(a[name] for name in _LUT_TENSORS))
+                              a["dropout_seed"], *(a[name] for name in _LUT_TENSORS))
 
     def backward(ctx, dout, dlse, dmap):
-        q, k, v, out, lse, alibi_slopes, sinks, attn_bias, *lut = ctx.saved_tensors
+        q, k, v, out, lse, alibi_slopes, sinks, attn_bias, dropout_seed, *lut = ctx.saved_tensors
         lut = dict(zip(_LUT_TENSORS, lut))
         if lut["kv_num_blocks"] is not None and lut["q_num_blocks"] is None:
             raise RuntimeError("attnops: the forward ran without the transposed block LUT; cannot differentiate")
@@ -102,7 +106,7 @@ def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
 
         dq, dk, dv, dbias = bwd.call(bwd_op, dout=dout, dlse=dlse, q=q, k=k, v=v, out=out, lse=lse, **lut,
                                      **ctx.params, alibi_slopes=alibi_slopes, attn_bias=attn_bias,
-                                     bias_grad=wants("attn_bias"))
+                                     bias_grad=wants("attn_bias"), dropout_seed=dropout_seed)
         dsinks = sink_grad(sinks, dout, out, lse, dlse) if wants("sinks") else None
         dbias = reduce_to(dbias, attn_bias) if wants("attn_bias") else None
         return fwd.grads(q=dq, k=dk, v=dv, sinks=dsinks, attn_bias=dbias)
@@ -151,6 +155,8 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
         alibi_slopes: Optional[torch.Tensor] = None,
         sinks: Optional[torch.Tensor] = None,
         attn_bias: Optional[torch.Tensor] = None,
+        dropout_p: float = 0.0,
+        dropout_seed: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, ...]:
         """(out, lse), or (out, lse, map) when ``block_map`` asks for the block attention map."""
         lut = dict.fromkeys(_LUT_TENSORS)
@@ -163,7 +169,8 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
             block_q, block_k = block_mask.block_size
         args = dict(q=q, k=k, v=v, **lut, block_q=block_q, block_k=block_k, softmax_scale=float(softmax_scale),
                     causal=bool(causal), window_left=window_size[0], window_right=window_size[1],
-                    softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias)
+                    softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias,
+                    dropout_p=float(dropout_p), dropout_seed=dropout_seed)
         if block_map is None:
             out, lse, _ = fwd.call(fwd_op, **args)
             return out, lse

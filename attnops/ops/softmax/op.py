@@ -12,8 +12,8 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
-from attnops.core.checks import (autocast_inputs, check_attn_bias, check_block_mask, check_causal, check_flag,
-                                 check_qkv, check_score_mods, clamp_window, refuse_forward_ad, resolve_softmax_scale)
+from attnops.core.checks import (autocast_inputs, check_attn_bias, check_block_mask, check_causal, check_dropout,
+                                 check_flag, check_qkv, check_score_mods, clamp_window, refuse_forward_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 
@@ -33,6 +33,8 @@ def attention(
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
     attn_bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -80,13 +82,14 @@ def attention(
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
     bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype)
     request = check_request(map_block_size, reduce, DEFAULT_MAP_BLOCK, block_size) if return_block_map else None
+    dropout = check_dropout(dropout_p, generator, q.device)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
     mask = None
     if keep_blocks_of is not None:  # a bool mask: its blocks without a True are skipped
         mask = BlockMask.from_dense(keep_blocks_of(*DEFAULT_MAP_BLOCK), (shape.seq_len_q, shape.seq_len_k),
                                     DEFAULT_MAP_BLOCK, causal=causal, window_size=window)
     out, lse, *block_map = impl(q, k, v, mask, causal=causal, window_size=window, softmax_scale=scale,
-                                block_map=request, attn_bias=bias, **mods)
+                                block_map=request, attn_bias=bias, **mods, **dropout)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
 
@@ -101,6 +104,8 @@ def block_sparse_attention(
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
     attn_bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -143,6 +148,7 @@ def block_sparse_attention(
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
     bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype)
     request = check_request(map_block_size, reduce, block_mask.block_size, block_size) if return_block_map else None
+    dropout = check_dropout(dropout_p, generator, q.device)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
     if keep_blocks_of is not None:  # the mask's blocks that the bool attn_bias leaves something in
         block_mask = BlockMask.from_dense(block_mask.to_dense() & keep_blocks_of(*block_mask.block_size),
@@ -150,7 +156,7 @@ def block_sparse_attention(
                                           causal=block_mask.causal, window_size=block_mask.window_size)
     window = clamp_window(block_mask.window_size, shape.seq_len_q, shape.seq_len_k)
     out, lse, *block_map = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=window,
-                                softmax_scale=scale, block_map=request, attn_bias=bias, **mods)
+                                softmax_scale=scale, block_map=request, attn_bias=bias, **mods, **dropout)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
 
@@ -168,7 +174,13 @@ SCORE_MODS_DOC = """softcap: ``cap * tanh(s / cap)`` on the scaled scores before
             masks entirely give zeros. The one path that reads an ``Sq x Sk`` tensor (the one given), and
             with a float bias that requires grad the backward writes one (its gradient). NaN/Inf in k or v
             stays out of other rows at the granularity of the causal/window/block predicates, not of the
-            bias's -inf / False entries."""
+            bias's -inf / False entries.
+        dropout_p: attention dropout on the probabilities, in [0, 1) (0: off; pass the module's rate only in
+            training). Kept probabilities are scaled by ``1 / (1 - p)`` (p rounded to a multiple of 2**-24);
+            lse and block maps are of the probabilities before dropout. The mask is a hash of one seed drawn
+            per call from ``generator``, regenerated in the backward (never stored), the same on every backend.
+        generator: the ``torch.Generator`` the seed is drawn from (default: the device's default generator;
+            ``torch.manual_seed`` then reproduces the mask)."""
 
 for _op in (attention, block_sparse_attention):
     _op.__doc__ = _op.__doc__.replace("{map_args}", MAP_ARGS_DOC).replace("{score_mods}", SCORE_MODS_DOC)

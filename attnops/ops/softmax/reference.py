@@ -68,6 +68,42 @@ def alibi_bias(slopes: torch.Tensor, seq_len_q: int, seq_len_k: int, rows: Optio
     return -s.to(device)[:, :, None, None] * dist.to(s.dtype)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """``a * c mod 2**32`` for int64 tensors holding uint32 values, in two 16-bit halves of ``c`` so that
+    no product leaves int64."""
+    return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding uint32 values."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dropout_keep(seed: int, dropout_p: float, batch: int, num_heads: int, seq_len_q: int, seq_len_k: int,
+                 rows: Optional[torch.Tensor] = None, device=None) -> Tuple[torch.Tensor, float]:
+    """The dropout mask the kernels draw for ``seed``: ``keep (B, H, R, Sk)`` bool for the query rows
+    ``rows`` (default all) and the scale ``1 / keep rate`` of the kept probabilities. The hash of
+    csrc/cpu/dropout.h: pair (i, j) of query head ``bh = b * H + h`` is kept when
+    ``fmix32(row(seed, bh, i) + j * 0x846CA68B) >> 8 >= round(p * 2**24)``."""
+    seed_lo, seed_hi = seed & _MASK32, (seed >> 32) & _MASK32
+    threshold = round(dropout_p * 2 ** 24)
+    bh = torch.arange(batch * num_heads, dtype=torch.int64, device=device)
+    head = _fmix32(seed_lo ^ _fmix32((seed_hi + _mul32(bh, 0x9E3779B9)) & _MASK32))  # (BH,)
+    i = (torch.arange(seq_len_q, device=device) if rows is None else rows.to(device)).to(torch.int64)
+    row = _fmix32((head[:, None] + _mul32(i, 0x7FEB352D)[None, :]) & _MASK32)  # (BH, R)
+    j = _mul32(torch.arange(seq_len_k, dtype=torch.int64, device=device), 0x846CA68B)
+    bits = _fmix32((row[:, :, None] + j[None, None, :]) & _MASK32)
+    keep = (bits >> 8) >= threshold
+    return keep.view(batch, num_heads, -1, seq_len_k), 2 ** 24 / (2 ** 24 - threshold)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,6 +118,8 @@ def block_sparse_attention(
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
     attn_bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Exact softmax attention restricted to ``block_mask`` (None: all blocks) and the token
     predicates. q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``,
@@ -93,8 +131,12 @@ def block_sparse_attention(
     bias = None if alibi_slopes is None else alibi_bias(alibi_slopes.double(), q.shape[1], k.shape[1], device=q.device)
     if attn_bias is not None:  # float (B|1, H|1, Sq|1, Sk): the op turned a bool mask into 0 / -inf
         bias = attn_bias if bias is None else bias.to(attn_bias.dtype) + attn_bias
+    dropout = None
+    if dropout_p > 0:
+        dropout = dropout_keep(int(dropout_seed.item()), dropout_p, q.shape[0], q.shape[2], q.shape[1], k.shape[1],
+                               device=q.device)
     out, lse, probs = masked_attention(q, k, v, allowed, softmax_scale, return_probs=True, softcap=softcap,
-                                       bias=bias, sinks=sinks)
+                                       bias=bias, sinks=sinks, dropout=dropout)
     if block_map is None:
         return out, lse
     return out, lse, pool_block_map(probs, lse, block_map)
@@ -129,6 +171,8 @@ def block_sparse_attention_rows(
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
     attn_bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_sparse_attention` for the query rows ``rows`` only (their true positions kept):
     out ``(B, R, H, D)``, lse ``(B, H, R)``. Lets the benchmark harness check long sequences
@@ -142,20 +186,26 @@ def block_sparse_attention_rows(
         rows_bias = attn_bias if attn_bias.shape[2] == 1 or rows is None else attn_bias[:, :, rows.to(q.device)]
         rows_bias = rows_bias.to(q.device)
         bias = rows_bias if bias is None else bias + rows_bias
-    return masked_attention(q, k, v, allowed, softmax_scale, softcap=softcap, bias=bias, sinks=sinks)
+    dropout = None
+    if dropout_p > 0:
+        dropout = dropout_keep(int(dropout_seed.item()), dropout_p, q.shape[0], q.shape[2], Sq, Sk, rows=rows,
+                               device=q.device)
+    return masked_attention(q, k, v, allowed, softmax_scale, softcap=softcap, bias=bias, sinks=sinks, dropout=dropout)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
                      softmax_scale: float, return_probs: bool = False, *, softcap: float = 0.0,
-                     bias: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None
-                     ) -> Tuple[torch.Tensor, ...]:
+                     bias: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+                     dropout: Optional[Tuple[torch.Tensor, float]] = None) -> Tuple[torch.Tensor, ...]:
     """Softmax attention where ``allowed (B|1, H|1, Sq, Sk)`` says which pairs may attend; GQA by
     contiguous head groups. Rows with nothing allowed give 0 and lse = -inf. ``return_probs`` adds
     the probability matrix ``(B, H, Sq, Sk)``.
 
     Score modifiers, in FlashAttention's order: ``s = scale * q . k``, ``softcap``: ``cap * tanh(s / cap)``,
     the mask, then ``bias`` (additive, e.g. ALiBi's, not capped), then the softmax with ``sinks (H,)`` as one
-    more logit per head (lse includes it; a row that sees no key gets out 0 and lse = the sink).
+    more logit per head (lse includes it; a row that sees no key gets out 0 and lse = the sink), then
+    ``dropout = (keep (B|1, H, Sq, Sk) bool, scale)`` on the probabilities (``P * keep * scale`` multiplies V;
+    lse and the returned probabilities are those before dropout).
 
     Non-finite values travel only along allowed pairs, forward and backward (the kernels' convention):
     a NaN in ``v[j]`` reaches the rows that attend key ``j`` and no other, a NaN in ``q[i]`` reaches
@@ -184,7 +234,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     # Empty rows hold only -inf scores, so subtracting 0 there gives exact zeros without the
     # NaN of (-inf) - (-inf), which a torch.where afterwards would still leak into gradients.
     probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
-    out = _MaskedContract.apply(probs, vv, allowed)
+    kept = probs if dropout is None else torch.where(dropout[0], probs * dropout[1], torch.zeros((), dtype=probs.dtype,
+                                                                                               device=probs.device))
+    out = _MaskedContract.apply(kept, vv, allowed)
     if return_probs:
         return out, lse.to(lse_dtype(q.dtype)), probs
     return out, lse.to(lse_dtype(q.dtype))
