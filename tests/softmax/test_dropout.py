@@ -184,3 +184,14 @@ def test_operator_checks_its_seed(seed, match):
     with pytest.raises(RuntimeError, match="dropout_p"):
         torch.ops.attnops.block_sparse_attn_fwd(q, k, v, None, None, None, None, 0, 0, 0.25, False, -1, -1,
                                                 dropout_p=1.5, dropout_seed=torch.tensor([1]))
+
+
+def test_compiles_fullgraph():
+    """The seed draw and the operator trace without graph breaks; a compiled step repeats under manual_seed."""
+    q = torch.randn(1, 64, 2, 32, requires_grad=True)
+    f = torch.compile(lambda q: attnops.attention(q, q, q, causal=True, dropout_p=0.2), fullgraph=True)
+    torch.manual_seed(0)
+    a = f(q)
+    a.sum().backward()
+    torch.manual_seed(0)
+    assert torch.equal(a, f(q))
