@@ -145,6 +145,48 @@ def test_kv_cache_bad_append_leaves_it_unchanged():
         attnops.KVCache(batch=0, max_len=4, num_kv_heads=1, head_dim=8)
 
 
+def test_kv_cache_ragged_prefill_matches_each_sequence_alone(fwd_impl):
+    """Prompts of different lengths (0, 1, 5, 17, 40) in one batch: each appends its own number of tokens (left
+    padded to T) and the left-padded queries attend exactly as each prompt alone does, then two decoding steps
+    for the whole batch; the padding rows are finite. Bad lengths leave the cache unchanged."""
+    lens = [5, 17, 0, 1, 40]
+    B, T, H, Hkv, D = len(lens), max(lens), 4, 2, 24
+    dev = fwd_impl.device
+    cache = attnops.KVCache(batch=B, max_len=64, num_kv_heads=Hkv, head_dim=D, device=dev)
+    seqs = [[torch.randn(n, H, D), torch.randn(n, Hkv, D), torch.randn(n, Hkv, D)] for n in lens]
+    q, k, v = torch.zeros(B, T, H, D), torch.zeros(B, T, Hkv, D), torch.zeros(B, T, Hkv, D)
+    for b, (qs, ks, vs) in enumerate(seqs):  # left padding
+        n = lens[b]
+        q[b, T - n:], k[b, T - n:], v[b, T - n:] = qs, ks, vs
+    kc, vc, seqlens = cache.append(k.to(dev), v.to(dev), lengths=torch.tensor(lens))
+    assert cache.host_seqlens.tolist() == lens
+    out = attnops.decode_attention(q.to(dev), kc, vc, seqlens, backend=fwd_impl.backend).cpu()
+    assert torch.isfinite(out).all()
+    for step in range(3):
+        for b, (qs, ks, vs) in enumerate(seqs):
+            n = lens[b] + step
+            if n == 0:
+                continue
+            want = attnops.attention(qs[None], ks[None], vs[None], causal=True)[0]
+            rows = out[b, out.shape[1] - (lens[b] if step == 0 else 1):]
+            torch.testing.assert_close(rows, want[want.shape[0] - rows.shape[0]:], rtol=1e-5, atol=1e-5)
+        # one more token for every sequence
+        new = [(torch.randn(1, H, D), torch.randn(1, Hkv, D), torch.randn(1, Hkv, D)) for _ in lens]
+        for b, (qn, kn, vn) in enumerate(new):
+            seqs[b] = [torch.cat([a, x]) for a, x in zip(seqs[b], (qn, kn, vn))]
+        kc, vc, seqlens = cache.append(torch.stack([x[1] for x in new]).to(dev),
+                                       torch.stack([x[2] for x in new]).to(dev))
+        out = attnops.decode_attention(torch.stack([x[0] for x in new]).to(dev), kc, vc, seqlens,
+                                       backend=fwd_impl.backend).cpu()
+    before = cache.k.clone(), cache.host_seqlens
+    for bad, error in (([1, 2], ValueError), ([0, 0, 0, 0, 2], ValueError), ([0.5] * 5, TypeError),
+                       (torch.ones(5), TypeError), ([64, 0, 0, 0, 0], ValueError)):
+        with pytest.raises(error, match="lengths|overflow"):
+            cache.append(torch.zeros(B, 1 if bad != [64, 0, 0, 0, 0] else 64, Hkv, D, device=dev),
+                         torch.zeros(B, 1 if bad != [64, 0, 0, 0, 0] else 64, Hkv, D, device=dev), lengths=bad)
+        assert torch.equal(cache.k, before[0]) and torch.equal(cache.host_seqlens, before[1])
+
+
 # ---- CUDA kernels ----------------------------------------------------------------------------------
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"

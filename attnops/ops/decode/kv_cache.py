@@ -76,11 +76,19 @@ class KVCache:
         self._lens.zero_()
         self.seqlens = self._lens.to(self.device)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Appends ``T`` new tokens to every sequence, each at its own length.
+    def append(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Appends ``T`` new tokens to every sequence, each at its own length (or, with ``lengths``, its own
+        number of new tokens: a ragged prefill).
 
         Args:
             k, v: ``(batch, T, num_kv_heads, head_dim)`` in the cache's dtype and on its device.
+            lengths: ``(batch,)`` ints in ``[0, T]`` (a list or an integer tensor), sequence ``b``'s number of
+                new tokens: the **last** ``lengths[b]`` rows of ``k[b]``, ``v[b]`` (left padding, the rows before
+                are ignored). Left padding is what :func:`attnops.decode_attention` aligns: it places query row
+                ``t`` of ``T`` at the sequence's position ``seqlen - T + t``, so with the queries left-padded the
+                same way, each real query sits at its own token's position and attends causally to its own
+                sequence. The outputs of the padding query rows are not meaningful (finite; zeros where they
+                see no key). None: every sequence appends ``T``.
 
         Returns:
             ``(k_cache, v_cache, seqlens)``: views of the buffers up to the longest sequence and the
@@ -109,22 +117,44 @@ class KVCache:
                                "forward-only. Decode under torch.no_grad() or torch.inference_mode() (or append "
                                "k.detach(), v.detach()); train with attention over the whole sequence")
         T = k.shape[1]
-        new_lens = self._lens + T
+        counts = self._check_lengths(lengths, T)
+        new_lens = self._lens + counts
         if int(new_lens.max()) > self.max_len:
-            raise ValueError(f"KVCache overflow: appending {T} tokens to lengths up to {int(self._lens.max())} "
-                             f"exceeds max_len={self.max_len}")
+            raise ValueError(f"KVCache overflow: appending {counts.tolist()} tokens to lengths "
+                             f"{self._lens.tolist()} exceeds max_len={self.max_len}")
         if T:
-            rows = torch.arange(self.batch).unsqueeze(1)
-            cols = self._lens.long().unsqueeze(1) + torch.arange(T)  # (batch, T): each sequence's own slots
-            rows, cols = rows.to(self.device), cols.to(self.device)
-            self.k[rows, cols] = k
-            self.v[rows, cols] = v
+            # token t of sequence b (kept when t >= T - count_b) goes to slot len_b + t - (T - count_b)
+            t = torch.arange(T)
+            kept = t.unsqueeze(0) >= (T - counts.long()).unsqueeze(1)  # (batch, T)
+            rows, src = torch.nonzero(kept, as_tuple=True)
+            cols = self._lens.long()[rows] + src - (T - counts.long()[rows])
+            rows, src, cols = rows.to(self.device), src.to(self.device), cols.to(self.device)
+            self.k[rows, cols] = k[rows, src]
+            self.v[rows, cols] = v[rows, src]
             if self.k_score is not None:
-                self.k_score[rows, cols] = k[..., :self.score_dim].to(self.k_score.dtype)
+                self.k_score[rows, cols] = k[rows, src, :, :self.score_dim].to(self.k_score.dtype)
         self._lens = new_lens
         self.seqlens = new_lens.to(self.device)
         longest = int(new_lens.max())
         return self.k[:, :longest], self.v[:, :longest], self.seqlens
+
+    def _check_lengths(self, lengths, T: int) -> torch.Tensor:
+        """``(batch,)`` int32 counts of new tokens (host), from ``lengths`` (None: ``T`` each)."""
+        if lengths is None:
+            return torch.full((self.batch,), T, dtype=torch.int32)
+        if isinstance(lengths, torch.Tensor):
+            if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1:
+                raise TypeError(f"lengths must be a 1-d integer tensor or a list of ints, got {lengths.dtype} "
+                                f"{tuple(lengths.shape)}")
+            values = lengths.tolist()
+        elif isinstance(lengths, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                        for x in lengths):
+            values = list(lengths)
+        else:
+            raise TypeError(f"lengths must be a 1-d integer tensor or a list of ints, got {lengths!r}")
+        if len(values) != self.batch or any(not 0 <= x <= T for x in values):
+            raise ValueError(f"lengths must be {self.batch} ints in [0, T={T}], got {values}")
+        return torch.tensor(values, dtype=torch.int32)
 
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, max_len={self.max_len}, num_kv_heads={self.num_kv_heads}, "
