@@ -15,7 +15,8 @@ from attnops.ops.softmax import reference
 from authors_ref import attention_ref
 from helpers import DTYPE_IDS, compare_with_reference, make_qkv
 
-SHAPES = [(2, 63, 63, 4, 4, 32), (1, 130, 100, 4, 2, 40), (2, 100, 150, 4, 1, 96)]
+# odd lengths, head dims 40 / 96, GQA 2 and MQA (the square MHA shape adds nothing the mask does not)
+SHAPES = [(1, 130, 100, 4, 2, 40), (2, 100, 150, 4, 1, 96)]
 SHAPE_IDS = ["B{}-Sq{}-Sk{}-H{}-Hkv{}-D{}".format(*s) for s in SHAPES]
 CASES = {
     "plain": dict(),
