@@ -183,6 +183,11 @@ def draw_dropout_seed(generator: Optional[torch.Generator], device: torch.device
     return seed.to(device)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True: attended) as the additive bias it stands for: 0 where True, -inf where False."""
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 def check_attn_bias(attn_bias, shape: QKVShape, device: torch.device, dtype: torch.dtype):
     """SDPA's ``attn_mask`` / an additive bias, as ``(bias, keep_blocks_of)``: ``attn_bias`` is a floating
     (added to the scores after the mask and ALiBi, differentiable) or bool (False: not attended) tensor
@@ -219,8 +224,7 @@ def check_attn_bias(attn_bias, shape: QKVShape, device: torch.device, dtype: tor
         m = torch.nn.functional.pad(m, (0, 0, 0, nq * block_q - shape.seq_len_q))
         return m.reshape(*m.shape[:2], nq, block_q, nk).any(3)
 
-    zero = torch.zeros((), dtype=work, device=device)
-    return torch.where(mask, zero, torch.full((), float("-inf"), dtype=work, device=device)), keep_blocks_of
+    return additive_mask(mask, work), keep_blocks_of
 
 
 def check_block_mask(block_mask, shape: QKVShape, device: torch.device) -> BlockMask:

@@ -27,6 +27,7 @@ from typing import Dict, Optional
 
 import torch
 
+from attnops.core.checks import additive_mask
 from attnops.maps.capture import attend
 from attnops.core.masks import BlockMask
 from attnops.nn.specs import (SCORE_MOD_SPECS, AttentionSpec, BlockSparseSpec, LinearAttentionSpec, MoBASpec,
@@ -115,7 +116,7 @@ def _attn_bias(attention_mask: Optional[torch.Tensor], position_bias: Optional[t
     if mask is None or position_bias is None:
         return position_bias if mask is None else mask
     if mask.dtype == torch.bool:
-        mask = torch.zeros((), dtype=position_bias.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        mask = additive_mask(mask, position_bias.dtype)
     return position_bias + mask.to(position_bias.dtype)
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnops.core.checks import additive_mask
 from attnops.maps.capture import attend
 from attnops.nn.specs import SCORE_MOD_SPECS, AttentionSpec, BlockSparseSpec, SoftmaxSpec, resolve_spec
 
@@ -212,13 +213,8 @@ def _and_masks(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.bool and b.dtype == torch.bool:
         return a & b
     dtype = a.dtype if a.is_floating_point() else b.dtype
-
-    def additive(m):
-        if m.dtype == torch.bool:
-            return torch.zeros((), dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
-        return m.to(dtype)
-
-    return additive(a) + additive(b)
+    a, b = (additive_mask(m, dtype) if m.dtype == torch.bool else m.to(dtype) for m in (a, b))
+    return a + b
 
 
 def _is_causal_mask(mask: Optional[torch.Tensor], L: int, S: int) -> bool:

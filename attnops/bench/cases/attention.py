@@ -25,7 +25,7 @@ import attnops
 from attnops import BlockMask
 from attnops.bench import baselines
 from attnops.bench.registry import DTYPES, CaseSpec, Prepared, Provider, register_op
-from attnops.core.checks import draw_dropout_seed
+from attnops.core.checks import additive_mask, draw_dropout_seed
 from attnops.ops.softmax import reference
 
 # Float64 reference rows are computed in chunks of at most this many scores.
@@ -130,7 +130,7 @@ def _reference_bias(bias: Optional[torch.Tensor]) -> dict:
     if bias is None:
         return {}
     if bias.dtype == torch.bool:
-        bias = torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))
+        bias = additive_mask(bias, torch.float32)
     return {"attn_bias": bias.double()}
 
 
