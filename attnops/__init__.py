@@ -10,7 +10,7 @@ from attnops.ops import KVCache
 from attnops.ops import (AttentionLseMapOutput, AttentionMapOutput, AttentionOutput, LinearAttentionMapOutput,
                          LinearAttentionOutput, attention, block_sparse_attention, decode_attention, linear_attention,
                          lowrank_key_attention,
-                         moba_attention, moba_block_mask, predict_block_mask)
+                         moba_attention, moba_block_mask, predict_block_mask, varlen_attention)
 from attnops import lowrank  # noqa: E402  (KeyProjection, calibrate)
 from attnops import maps  # noqa: E402  (block maps: capture, rollout, heatmaps)
 from attnops import nn  # noqa: E402  (modules build on the ops above)
@@ -22,4 +22,4 @@ __all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "Bl
            "LinearAttentionMapOutput", "LinearAttentionOutput", "attention", "block_sparse_attention",
            "decode_attention", "dispatch", "linear_attention", "lowrank",
            "lowrank_key_attention", "maps", "moba_attention", "moba_block_mask", "nn",
-           "predict_block_mask", "swap", "unswap"]
+           "predict_block_mask", "swap", "unswap", "varlen_attention"]

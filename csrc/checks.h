@@ -160,6 +160,29 @@ inline void check_dropout_args(const char* op, const at::Tensor& q, double dropo
   TORCH_CHECK(s.device() == q.device(), op, ": dropout_seed must be on q's device");
 }
 
+// Segment bounds (packed documents, varlen): an int32 contiguous (Bb, rows, 2) tensor, Bb in {1, B}, on q's
+// device: row r sees the columns [lo, hi). On CPU its values are read: 0 <= lo <= hi <= cols, and both columns
+// nondecreasing along the rows (the kernels take a tile's range from its first and last rows).
+inline void check_bounds_arg(const char* op, const char* what, const at::Tensor& q,
+                             const c10::optional<at::Tensor>& bounds, int64_t B, int64_t rows, int64_t cols) {
+  if (!bounds.has_value() || !bounds->defined()) return;
+  const at::Tensor& t = *bounds;
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), op, ": ", what, " must be a contiguous int32 tensor");
+  TORCH_CHECK(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == B) && t.size(1) == rows && t.size(2) == 2, op, ": ",
+              what, " must be (B|1, ", rows, ", 2) with B = ", B, ", got ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), op, ": ", what, " must be on q's device");
+  if (!t.device().is_cpu()) return;
+  const int32_t* p = t.data_ptr<int32_t>();
+  for (int64_t b = 0; b < t.size(0); ++b)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t lo = p[(b * rows + r) * 2], hi = p[(b * rows + r) * 2 + 1];
+      TORCH_CHECK(lo >= 0 && lo <= hi && hi <= cols, op, ": ", what, ": row ", r, " has [", lo, ", ", hi,
+                  "), which must satisfy 0 <= lo <= hi <= ", cols);
+      TORCH_CHECK(r == 0 || (lo >= p[(b * rows + r - 1) * 2] && hi >= p[(b * rows + r - 1) * 2 + 1]), op, ": ", what,
+                  ": bounds must be nondecreasing along the rows (row ", r, ")");
+    }
+}
+
 // Shape checks of decode_attn_fwd shared by its CPU and CUDA implementations. block_keep is a uint8
 // (or bool) (Bm, Hm, Nq, Nk) bitmap with Bm in {1, B}, Hm in {1, H} covering every query and cache
 // block the kernels look up.

@@ -22,7 +22,7 @@ import torch
 
 from attnops.ops.decode import decode_attention
 from attnops.ops.decode.op import MAX_NEW_TOKENS
-from attnops.ops.softmax import attention
+from attnops.ops.softmax import attention, varlen_attention
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_with_kvcache"]
@@ -63,8 +63,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            deterministic=False, return_attn_probs=False, block_table=None):
     """Packed sequences: ``q (total_q, H, D)``, ``k, v (total_k, Hkv, D)``, ``cu_seqlens_q / _k (n + 1,)``
     int32 offsets. Each sequence attends only to its own keys (causal and windows per sequence,
-    bottom-right aligned). Runs one call per sequence (exact; the token-exact varlen kernels are
-    issue 20's); ``out (total_q, H, D)``, ``softmax_lse (H, total_q)`` as flash_attn's."""
+    bottom-right aligned): :func:`attnops.varlen_attention` (one call, token-exact segment bounds); per-sequence
+    ALiBi slopes ``(num_seqs, H)`` run one call per sequence. ``out (total_q, H, D)``, ``softmax_lse
+    (H, total_q)`` as flash_attn's (a query without keys: lse -inf, flash_attn 2 writes +inf)."""
     if block_table is not None:
         raise NotImplementedError("attnops.compat.flash_attn: paged KV (block_table) is not supported")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -74,16 +75,23 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cq, ck = _offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0]), _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0])
     if len(cq) != len(ck):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe {len(cq) - 1} and {len(ck) - 1} sequences")
-    out = q.new_empty(q.shape)
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                      device=q.device)
     if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2 and alibi_slopes.shape[0] != len(cq) - 1:
         raise ValueError(f"flash_attn_varlen_func: alibi_slopes {tuple(alibi_slopes.shape)} must be (H,) or "
                          f"(num sequences = {len(cq) - 1}, H)")
+    if alibi_slopes is None or (alibi_slopes.dim() == 1 and cq == ck):
+        cu_q = torch.tensor(cq, dtype=torch.int32, device=q.device)
+        cu_k = cu_q if cq == ck else torch.tensor(ck, dtype=torch.int32, device=q.device)
+        out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal=bool(causal),
+                                    softmax_scale=softmax_scale, window_size=tuple(window_size), return_lse=True,
+                                    softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+        return _result(out, lse, return_attn_probs)
+    # per-sequence ALiBi slopes (or ALiBi across different q / k layouts): one call per sequence
+    out = q.new_empty(q.shape)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                      device=q.device)
     for i in range(len(cq) - 1):
         (q0, q1), (k0, k1) = (cq[i], cq[i + 1]), (ck[i], ck[i + 1])
-        slopes = alibi_slopes[i:i + 1] if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2 \
-            else alibi_slopes
+        slopes = alibi_slopes[i:i + 1] if alibi_slopes.dim() == 2 else alibi_slopes
         o, l_ = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=bool(causal),
                           softmax_scale=softmax_scale, window_size=tuple(window_size), softcap=softcap,
                           alibi_slopes=slopes, dropout_p=dropout_p, return_lse=True)

@@ -143,6 +143,38 @@ def check_dropout_args(op: str, q, dropout_p: float, dropout_seed) -> None:
         _fail(op, "dropout_seed must be on q's device")
 
 
+def check_bounds_arg(op: str, what: str, q, bounds, B: int, rows: int, cols: int) -> None:
+    """As csrc/checks.h ``check_bounds_arg``: contiguous int32 ``(B|1, rows, 2)`` on q's device; on CPU
+    ``0 <= lo <= hi <= cols`` and both columns nondecreasing along the rows."""
+    if bounds is None:
+        return
+    if bounds.dtype != torch.int32 or not bounds.is_contiguous():
+        _fail(op, f"{what} must be a contiguous int32 tensor")
+    if bounds.dim() != 3 or bounds.shape[0] not in (1, B) or bounds.shape[1] != rows or bounds.shape[2] != 2:
+        _fail(op, f"{what} must be (B|1, {rows}, 2) with B = {B}, got {tuple(bounds.shape)}")
+    if bounds.device != q.device:
+        _fail(op, f"{what} must be on q's device")
+    if bounds.device.type != "cpu" or bounds.numel() == 0:
+        return
+    lo, hi = bounds[..., 0], bounds[..., 1]
+    if bool((lo < 0).any()) or bool((lo > hi).any()) or bool((hi > cols).any()):
+        _fail(op, f"{what}: every row's [lo, hi) must satisfy 0 <= lo <= hi <= {cols}")
+    if bool((lo[:, 1:] < lo[:, :-1]).any()) or bool((hi[:, 1:] < hi[:, :-1]).any()):
+        _fail(op, f"{what}: bounds must be nondecreasing along the rows")
+
+
+def check_segment_bounds(op: str, q, k, key_bounds, query_bounds, backward: bool) -> None:
+    """key_bounds (per query) and query_bounds (per key) come together; the forward reads only key_bounds."""
+    if key_bounds is None and query_bounds is not None:
+        _fail(op, "query_bounds without key_bounds")
+    if backward and (key_bounds is None) != (query_bounds is None):
+        _fail(op, "the backward needs both key_bounds and query_bounds")
+    B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+    check_bounds_arg(op, "key_bounds", q, key_bounds, B, Sq, Sk)
+    if backward:
+        check_bounds_arg(op, "query_bounds", q, query_bounds, B, Sk, Sq)
+
+
 def check_backward_args(op: str, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks) -> None:
     if (kv_num_blocks is None) != (q_num_blocks is None):
         _fail(op, "the backward needs both the block LUT and its transpose")

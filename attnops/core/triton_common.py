@@ -130,43 +130,74 @@ def key_range(m0, Sq, Sk, offset, win_left, win_right, BLOCK_M: tl.constexpr, HA
 
 
 @triton.jit
-def partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
-                  HAS_RIGHT: tl.constexpr):
-    """Whether a key tile crosses the sequence end or a window edge of some row of the query block
-    (else every pair of the tile attends: nothing to mask)."""
+def segment_bounds(Bounds, o_r, m_r, r0, r_last, HAS_SEGMENTS: tl.constexpr):
+    """Token-exact segment bounds (attnops.core.segments) of the rows ``o_r`` (``Bounds``: this batch's
+    ``(rows, 2)`` int32, nondecreasing): each row's ``[b_lo, b_hi)``, the columns any row sees ``[lo, hi)``
+    (first row's lo, last row's hi) and the edges inside which a tile is inside every row's bounds
+    (``inner_lo`` = the last row's lo, ``inner_hi`` = the first row's hi). Rows past the end: empty."""
+    b_lo = o_r * 0
+    b_hi = o_r * 0
+    lo = 0
+    hi = 0
+    inner_lo = 0
+    inner_hi = 0
+    if HAS_SEGMENTS:
+        b_lo = tl.load(Bounds + o_r * 2, mask=m_r, other=0)
+        b_hi = tl.load(Bounds + o_r * 2 + 1, mask=m_r, other=0)
+        lo = tl.load(Bounds + r0 * 2)
+        inner_hi = tl.load(Bounds + r0 * 2 + 1)
+        inner_lo = tl.load(Bounds + r_last * 2)
+        hi = tl.load(Bounds + r_last * 2 + 1)
+    return b_lo, b_hi, lo, hi, inner_lo, inner_hi
+
+
+@triton.jit
+def partial_tile(n0, Sk, lo_last_row, hi_first_row, seg_inner_lo, seg_inner_hi, BLOCK_N: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+    """Whether a key tile crosses the sequence end, a window edge or a segment edge of some row of the
+    query block (else every pair of the tile attends: nothing to mask)."""
     partial = n0 + BLOCK_N > Sk
     if HAS_LEFT:
         partial = partial | (n0 < lo_last_row)
     if HAS_RIGHT:
         partial = partial | (n0 + BLOCK_N - 1 > hi_first_row)
+    if HAS_SEGMENTS:
+        partial = partial | (n0 < seg_inner_lo) | (n0 + BLOCK_N > seg_inner_hi)
     return partial
 
 
 @triton.jit
-def mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N: tl.constexpr,
-                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """-inf outside the predicates, evaluated only on a tile that crosses the sequence end or a
-    window edge (a scalar test for the others)."""
-    if partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT, HAS_RIGHT):
+def mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi,
+                seg_inner_lo, seg_inner_hi, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                HAS_SEGMENTS: tl.constexpr):
+    """-inf outside the predicates and segment bounds, evaluated only on a tile that crosses the sequence
+    end, a window edge or a segment edge (a scalar test for the others)."""
+    if partial_tile(n0, Sk, lo_last_row, hi_first_row, seg_inner_lo, seg_inner_hi, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                    HAS_SEGMENTS):
         keep = o_n[None, :] < Sk
         if HAS_LEFT:
             keep = keep & (o_n[None, :] >= o_pos[:, None] - win_left)
         if HAS_RIGHT:
             keep = keep & (o_n[None, :] <= o_pos[:, None] + win_right)
+        if HAS_SEGMENTS:
+            keep = keep & (o_n[None, :] >= b_seg_lo[:, None]) & (o_n[None, :] < b_seg_hi[:, None])
         b_s = tl.where(keep, b_s, float("-inf"))
     return b_s
 
 
 @triton.jit
-def keys_see_queries(o_m, o_n, m_m, offset, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """(keys, queries) bool: key o_n[j] and query o_m[i] attend each other (query in range, windows):
-    the transposed predicate of the dk/dv kernels."""
+def keys_see_queries(o_m, o_n, m_m, offset, win_left, win_right, b_seg_lo, b_seg_hi, HAS_LEFT: tl.constexpr,
+                     HAS_RIGHT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+    """(keys, queries) bool: key o_n[j] and query o_m[i] attend each other (query in range, windows, the
+    keys' query bounds ``[b_seg_lo, b_seg_hi)``): the transposed predicate of the dk/dv kernels."""
     o_pos = o_m + offset
     keep = (o_n[:, None] >= 0) & m_m[None, :]
     if HAS_LEFT:
         keep = keep & (o_n[:, None] >= o_pos[None, :] - win_left)
     if HAS_RIGHT:
         keep = keep & (o_n[:, None] <= o_pos[None, :] + win_right)
+    if HAS_SEGMENTS:
+        keep = keep & (o_m[None, :] >= b_seg_lo[:, None]) & (o_m[None, :] < b_seg_hi[:, None])
     return keep
 
 
@@ -252,6 +283,15 @@ def bias_args(attn_bias: Optional[torch.Tensor], device) -> Tuple:
     if attn_bias.stride(3) != 1:
         attn_bias = attn_bias.contiguous()
     return attn_bias, tuple(attn_bias.stride(d) if attn_bias.shape[d] > 1 else 0 for d in range(3))
+
+
+def segment_args(bounds: Optional[torch.Tensor], device) -> Tuple:
+    """``(Bounds, stride_b)`` of segment bounds ``(Bb, rows, 2)`` int32 (Bb = 1 broadcasts: stride 0), or a
+    dummy."""
+    if bounds is None:
+        return lut_args(None, None, device)[0], 0
+    bounds = bounds.contiguous()
+    return bounds, bounds.stride(0) if bounds.shape[0] > 1 else 0
 
 
 def score_mod_args(q: torch.Tensor, softcap: float, alibi_slopes: Optional[torch.Tensor]):

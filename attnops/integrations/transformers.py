@@ -14,8 +14,11 @@ are honoured with flash-attention's convention, gpt-oss's attention sinks (``s_a
 gradient) and Gemma 2's logit ``softcap`` through the kernels' score modifiers, T5's ``position_bias`` (with
 its gradient) and padding / additive masks through ``attn_bias``, attention dropout in training through the
 kernels' ``dropout_p``. Everything else a model passes is either accepted (it cannot change the result) or
-refused with the argument's name (:data:`REFUSED`: packed sequences, head masks, ``output_attentions``):
-never silently dropped. The mask function
+refused with the argument's name (:data:`REFUSED`: head masks, ``output_attentions``): never silently
+dropped. Packed rows (``DataCollatorWithFlattening``: ``position_ids`` that restart inside a row, or the
+``cu_seq_lens_*`` kwargs) become the kernels' ``document_ids``: each document attends only itself, exactly. The
+MoBA and linear specs take padded or packed prefill through their ``cu_seqlens`` form (unpad, run, re-pad,
+as transformers' flash-attention path does). The mask function
 registered beside it is transformers' own flash-attention one: no mask for unpadded batches, the 2-d padding
 mask otherwise (a ``(B, 1, 1, Sk)`` key mask for the kernels: padded batches cost no ``Sq x Sk`` tensor).
 """
@@ -32,6 +35,8 @@ from attnops.maps.capture import attend
 from attnops.core.masks import BlockMask
 from attnops.nn.specs import (SCORE_MOD_SPECS, AttentionSpec, BlockSparseSpec, LinearAttentionSpec, MoBASpec,
                               SoftmaxSpec, resolve_spec)
+from attnops.ops.linear import linear_attention
+from attnops.ops.routed import moba_attention
 
 _SPECS: Dict[str, AttentionSpec] = {}
 
@@ -60,13 +65,12 @@ HONOURED = ("dropout", "scaling", "is_causal", "sliding_window", "deterministic"
             "attention_mask")
 ACCEPTED = ("position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "output_hidden_states",
             "output_router_logits", "num_items_in_batch", "layer_idx", "position_embeddings")
+# Packed rows (DataCollatorWithFlattening): transformers' flash-attention kwargs, or position_ids that restart
+# inside a row; both become the kernels' document_ids (softmax specs).
+PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 REFUSED = {
     "head_mask": "a head mask is not supported",
-    "cu_seq_lens_q": "packed sequences (cu_seq_lens) are not supported yet",
-    "cu_seq_lens_k": "packed sequences (cu_seq_lens) are not supported yet",
-    "max_length_q": "packed sequences (cu_seq_lens) are not supported yet",
-    "max_length_k": "packed sequences (cu_seq_lens) are not supported yet",
-    "seq_idx": "packed sequences (seq_idx) are not supported yet",
+    "seq_idx": "packed sequences given as seq_idx are not supported (cu_seq_lens or position_ids are)",
     "output_attentions": "output_attentions needs the full attention weights, which attnops never builds; capture "
                          "block maps with attnops.maps.capture",
 }
@@ -75,23 +79,46 @@ REFUSED = {
 def _check_call(module, attention_mask, kwargs) -> None:
     """Refuses, with the argument's name, whatever this adapter would otherwise drop."""
     for name, value in kwargs.items():
-        if name in ACCEPTED or value is None or value is False:
+        if name in ACCEPTED or name in PACKING or value is None or value is False:
             continue
         reason = REFUSED.get(name, "this adapter does not know it, and ignoring it could change the result")
         raise NotImplementedError(f"attnops attention: {name}={_short(value)}: {reason}")
+
+
+def _document_ids(attention_mask, q_len: int, k_len: int, kwargs) -> Optional[torch.Tensor]:
+    """``(B, S)`` document ids of packed rows, or None. From ``cu_seq_lens_q`` / ``_k`` (one packed row, the
+    flash-attention kwargs of DataCollatorWithFlattening) or from ``position_ids`` that restart inside a row
+    (transformers' own detection for flash attention). Restarts next to padding do not count: left padding
+    restarts positions too, and the padding mask already hides it."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if cu_q is None or cu_k is None or not torch.equal(cu_q, cu_k):
+            raise NotImplementedError("attnops attention: cu_seq_lens_q and cu_seq_lens_k must both be given and "
+                                      "equal (packed self-attention)")
+        if q_len != k_len or int(cu_q[-1]) != q_len:
+            raise ValueError(f"attnops attention: cu_seq_lens end at {int(cu_q[-1])}, the packed row has {q_len} "
+                             f"queries and {k_len} keys")
+        rows = torch.arange(q_len, device=cu_q.device)
+        return torch.searchsorted(cu_q[1:].to(torch.int64).contiguous(), rows, right=True)[None]
     position_ids = kwargs.get("position_ids")
-    if (isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] > 1 and not torch.compiler.is_compiling()
-            and (attention_mask is None or attention_mask.dim() == 2)):
-        # positions that restart inside a row mark packed documents (DataCollatorWithFlattening):
-        # attending across them would be silently wrong. Between padding and the first real token they
-        # restart too (left padding); a 4-d mask says itself what attends what.
-        restart = position_ids[..., 1:] - position_ids[..., :-1] != 1
-        if attention_mask is not None and attention_mask.shape[-1] == position_ids.shape[-1]:
-            real = attention_mask.bool()
-            restart = restart & real[..., 1:] & real[..., :-1]
-        if bool(restart.any()):
-            raise NotImplementedError("attnops attention: position_ids restart inside a row (packed sequences); "
-                                      "packing is not supported yet")
+    if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] < 2 or q_len < 2:
+        return None
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return None  # a 4-d mask says itself what attends what
+    if torch.compiler.is_compiling():
+        return None
+    position_ids = position_ids.reshape(-1, position_ids.shape[-1])
+    restart = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    if attention_mask is not None and attention_mask.shape[-1] == position_ids.shape[-1]:
+        real = attention_mask.bool()
+        restart = restart & real[:, 1:] & real[:, :-1]
+    if not bool(restart.any()):
+        return None
+    if q_len != k_len or position_ids.shape[-1] != q_len:
+        raise NotImplementedError("attnops attention: position_ids restart inside a row (packed sequences) in a "
+                                  "call with a cache; packing is supported for prefill and training")
+    zero = torch.zeros_like(restart[:, :1], dtype=torch.int64)
+    return torch.cat([zero, restart.to(torch.int64).cumsum(1)], dim=1)
 
 
 def _attn_bias(attention_mask: Optional[torch.Tensor], position_bias: Optional[torch.Tensor], seq_len_k: int):
@@ -150,6 +177,32 @@ def _attention_forward(spec: AttentionSpec):
         eager applies it (one seed per call from the default generator)."""
         _check_call(module, attention_mask, kwargs)
         mods = {}
+        documents = _document_ids(attention_mask, query.shape[2], key.shape[2], kwargs)
+        if isinstance(spec, (MoBASpec, LinearAttentionSpec)) and position_bias is None and \
+                query.shape[2] == key.shape[2] and (attention_mask is None or attention_mask.dim() == 2):
+            keep = None if attention_mask is None else attention_mask.bool()
+            if documents is not None or (keep is not None and not bool(keep.all())):
+                # padded or packed prefill: unpad to sequences, run the family's varlen form, re-pad
+                causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+                extra = {}
+                if dropout and module.training:
+                    extra["dropout_p"] = float(dropout)
+                if s_aux is not None:
+                    extra["sinks"] = s_aux
+                if softcap:
+                    extra["softcap"] = float(softcap)
+                if sliding_window is not None:
+                    raise NotImplementedError(f"attnops attention: the model asks for a sliding window of "
+                                              f"{sliding_window}, which the {type(spec).__name__} registered here "
+                                              "cannot apply")
+                return _unpadded(spec, query, key, value, keep, documents, causal, scaling, extra), None
+        if documents is not None:
+            if not isinstance(spec, (SoftmaxSpec, BlockSparseSpec)):
+                raise NotImplementedError(f"attnops attention: packed sequences (position_ids restarting inside a "
+                                          f"row, or cu_seq_lens) need document bounds, which the "
+                                          f"{type(spec).__name__} registered here cannot apply; register the "
+                                          "SoftmaxSpec (the default) or a BlockSparseSpec")
+            mods["document_ids"] = documents.to(query.device)
         if dropout and module.training:  # as eager: F.dropout(weights, p=dropout, training=module.training)
             mods["dropout_p"] = float(dropout)
         if s_aux is not None:
@@ -159,7 +212,7 @@ def _attention_forward(spec: AttentionSpec):
         bias = _attn_bias(attention_mask, position_bias, key.shape[2])
         if bias is not None:
             mods["attn_bias"] = bias
-        if mods and not isinstance(spec, SCORE_MOD_SPECS):
+        if set(mods) - {"document_ids"} and not isinstance(spec, SCORE_MOD_SPECS):
             raise NotImplementedError(f"attnops attention: the model sends {' and '.join(sorted(mods))}, which the "
                                       f"{type(spec).__name__} registered here cannot apply (only softmax specs can; "
                                       "attn_bias: a padding mask or a position bias); register the SoftmaxSpec (the "
@@ -178,6 +231,37 @@ def _attention_forward(spec: AttentionSpec):
         return out, None
 
     return attnops_attention_forward
+
+
+def _unpadded(spec, query, key, value, keep, documents, causal: bool, scaling, mods: dict) -> torch.Tensor:
+    """A padded (``keep (B, S)``, True = a token) and / or packed (``documents (B, S)``) prefill through the
+    MoBA / linear families' varlen forms, as transformers' flash-attention path does: the kept tokens of every
+    (row, document) become one sequence, in order; padded rows of the output are zeros. ``query (B, H, S, D)``,
+    ``key, value (B, Hkv, S, D)`` -> ``(B, S, H, Dv)``."""
+    B, H, S, _ = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(B * S, t.shape[1], t.shape[3]) for t in (query, key, value))
+    keep = torch.ones(B, S, dtype=torch.bool, device=query.device) if keep is None else keep.to(query.device)
+    doc = torch.zeros(B, S, dtype=torch.int64, device=query.device) if documents is None else documents.to(
+        query.device).expand(B, S)
+    seq = (torch.arange(B, device=query.device)[:, None] * (S + 1) + doc).flatten()
+    idx = keep.flatten().nonzero().flatten()
+    _, counts = torch.unique_consecutive(seq[idx], return_counts=True)
+    cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    qs, ks, vs = q[idx], k[idx], v[idx]
+    if isinstance(spec, MoBASpec):
+        out = moba_attention(qs, ks, vs, block_size=spec.block_size, topk=spec.topk, causal=spec.causal or causal,
+                             softmax_scale=scaling, cu_seqlens=cu, max_seqlen=int(counts.max()) if idx.numel() else 0,
+                             **mods)
+    else:
+        if mods:
+            raise NotImplementedError(f"attnops attention: the model sends {' and '.join(sorted(mods))}, which the "
+                                      "LinearAttentionSpec registered here cannot apply")
+        out = linear_attention(qs[None], ks[None], vs[None], feature_map=spec.feature_map, normalize=spec.normalize,
+                               decay=spec.decay, causal=spec.causal or causal, softmax_scale=scaling,
+                               cu_seqlens=cu)[0]
+    full = out.new_zeros(B * S, *out.shape[1:])
+    full[idx] = out
+    return full.view(B, S, *out.shape[1:])
 
 
 _WINDOWED: Dict[tuple, SoftmaxSpec] = {}

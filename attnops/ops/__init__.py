@@ -2,7 +2,7 @@
 of every backend, block maps), on the shared infrastructure of ``attnops.core``."""
 
 from attnops.core.results import AttentionLseMapOutput, AttentionMapOutput, AttentionOutput
-from attnops.ops.softmax import attention, block_sparse_attention
+from attnops.ops.softmax import attention, block_sparse_attention, varlen_attention
 from attnops.ops.lowrank import lowrank_key_attention
 from attnops.ops.decode import KVCache, decode_attention
 from attnops.ops.linear import LinearAttentionMapOutput, LinearAttentionOutput, linear_attention
@@ -10,4 +10,4 @@ from attnops.ops.routed import moba_attention, moba_block_mask, predict_block_ma
 
 __all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "KVCache", "LinearAttentionMapOutput",
            "LinearAttentionOutput", "attention", "block_sparse_attention", "decode_attention", "linear_attention",
-           "lowrank_key_attention", "moba_attention", "moba_block_mask", "predict_block_mask"]
+           "lowrank_key_attention", "moba_attention", "moba_block_mask", "predict_block_mask", "varlen_attention"]

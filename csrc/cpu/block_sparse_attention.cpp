@@ -95,6 +95,20 @@ void check_core_args(const char* op, const at::Tensor& q, const at::Tensor& k, c
   TORCH_CHECK(has_lut || !has_tlut, op, ": a transposed block LUT without the block LUT");
 }
 
+// Segment bounds: key_bounds (per query) and query_bounds (per key, its transpose) come together; the forward
+// reads only key_bounds (it takes the transpose so that autograd can save it), the backward both.
+void check_segment_bounds(const char* op, const at::Tensor& q, const at::Tensor& k,
+                          const c10::optional<at::Tensor>& key_bounds, const c10::optional<at::Tensor>& query_bounds,
+                          bool backward) {
+  const bool has_kb = key_bounds.has_value() && key_bounds->defined();
+  const bool has_qb = query_bounds.has_value() && query_bounds->defined();
+  TORCH_CHECK(has_kb || !has_qb, op, ": query_bounds without key_bounds");
+  TORCH_CHECK(!backward || has_kb == has_qb, op, ": the backward needs both key_bounds and query_bounds");
+  const int64_t B = q.size(0), Sq = q.size(1), Sk = k.size(1);
+  check_bounds_arg(op, "key_bounds", q, key_bounds, B, Sq, Sk);
+  if (backward) check_bounds_arg(op, "query_bounds", q, query_bounds, B, Sk, Sq);
+}
+
 // Whether a (B, S, H, D) tensor (head dim contiguous) holds only finite values: one parallel pass,
 // rows widened to the compute type (x - x is 0 unless x is NaN or Inf). A third of the time of
 // at::isfinite(t).all(), which writes a bool tensor first.
@@ -130,6 +144,19 @@ int64_t tile_rows(const BlockLut& lut, int64_t preferred) {
   return lut.present() ? std::min(preferred, lut.row_block) : preferred;
 }
 
+// The rows of a tile whose span is not empty, first and count: one contiguous range, since every
+// predicate and segment bound is monotone in the row (rows inside it with an empty span are handled
+// as empty by the per-row code).
+struct RowRange {
+  int64_t first, count;
+};
+inline RowRange live_rows(const RowSpan* spans, int64_t rows) {
+  int64_t a = 0, e = rows;
+  while (a < e && spans[a].empty()) ++a;
+  while (e > a && spans[e - 1].empty()) --e;
+  return {a, e - a};
+}
+
 // The key tiles (<= kTileK keys, starting on NR boundaries) that the query rows [r0, r1) of head h
 // visit: the LUT row's segments, or the predicate range, cut into tiles. Sets each row's valid span
 // in `spans` and calls f(t0, t1, n) for the tile [t0, t1) (n: its width padded to NR), skipping
@@ -137,14 +164,14 @@ int64_t tile_rows(const BlockLut& lut, int64_t preferred) {
 template <int64_t NR, typename F>
 void for_each_key_tile(const BlockLut& lut, const Predicates& pred, int64_t b, int64_t h, int64_t r0, int64_t r1,
                        int64_t Sk, RowSpan* spans, F&& f) {
-  for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1), Sk,
+  for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(b, r0), pred.key_hi(b, r1 - 1), Sk,
                    [&](int64_t a, int64_t e) {
                      for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
                        t1 = std::min(t0 + kTileK, e);
                        const int64_t start = std::max(a, t0);
                        bool any = false;
                        for (int64_t r = 0; r < r1 - r0; ++r) {
-                         spans[r] = {std::max(pred.key_lo(r0 + r), start) - t0, std::min(pred.key_hi(r0 + r), t1) - t0};
+                         spans[r] = {std::max(pred.key_lo(b, r0 + r), start) - t0, std::min(pred.key_hi(b, r0 + r), t1) - t0};
                          any |= !spans[r].empty();
                        }
                        if (any) f(t0, t1, round_up(t1 - t0, NR));
@@ -288,7 +315,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     int64_t b, h, r0, r1;
     task_rows(t, b, h, r0, r1);
     int64_t keys = 0;
-    for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1),
+    for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(b, r0), pred.key_hi(b, r1 - 1),
                      p.Sk, [&](int64_t a, int64_t e) { keys += e - a; });
     return keys;
   };
@@ -318,8 +345,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           std::fill(ws.acc.begin(), ws.acc.end(), T(0));
           ws.map_lo = ws.map_hi = 0;
           for_each_key_tile<NR>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
-            gemm<T>(rows, n, p.D, ws.q.data(), p.D, ktile + t0 * p.D, p.D * NR, ws.s.data(), kTileK, false);
-            for (int64_t r = 0; r < rows; ++r) {
+            // Only rows [ra, rb) see the tile (a tile straddling two packed documents, or a causal diagonal):
+            // the products skip the others, whose running max, sum and accumulator stay as they are.
+            const RowRange live = live_rows(ws.spans.data(), rows);
+            const int64_t ra = live.first, nr = live.count;
+            gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
+                    kTileK, false);
+            for (int64_t r = ra; r < ra + nr; ++r) {
               T* srow = ws.s.data() + r * kTileK;
               if ((mods.on_scores() || bias.present()) && !ws.spans[r].empty()) {  // one pass: modifiers, mask, max
                 const T mt = modify_mask_max(mods, srow, n, ws.spans[r], slope2,
@@ -335,11 +367,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               for (int64_t r = 0; r < rows; ++r)
                 if (!ws.spans[r].empty()) drop.apply_row(ws.s.data() + r * kTileK, n, ws.drop_rows[r], t0);
             if (exact)
-              gemm_in_spans<T>(rows, ws.spans.data(), p.Dp, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR,
-                               ws.acc.data(), p.Dp, true, ws.alpha.data());
+              gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR,
+                               p.Sk * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
             else
-              gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, vtile + t0 * NR, p.Sk * NR, ws.acc.data(), p.Dp,
-                      true, ws.alpha.data());
+              gemm<T>(nr, p.Dp, t1 - t0, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR, p.Sk * NR,
+                      ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
           });
         };
         run(false);
@@ -441,13 +473,13 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
     const T* dl = ops.delta + bh * ops.Sq_pad;
     GradAcc* dq_rows = fused ? ws.dq.data() + (h - hk * p.group) * p.Sq * p.Dp : nullptr;
     const T slope2 = mods.slope2(b, h);
-    for_each_segment(tlut, b, h, lut_row, pred.query_lo(c0), pred.query_hi(c1 - 1), p.Sq, [&](int64_t a, int64_t e) {
+    for_each_segment(tlut, b, h, lut_row, pred.query_lo(b, c0), pred.query_hi(b, c1 - 1), p.Sq, [&](int64_t a, int64_t e) {
       for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
         t1 = std::min(t0 + kTileQBwd, e);
         const int64_t start = std::max(a, t0), n = round_up(t1 - t0, NR);
         bool any = false;
         for (int64_t j = 0; j < keys; ++j) {
-          ws.spans[j] = {std::max(pred.query_lo(c0 + j), start) - t0, std::min(pred.query_hi(c0 + j), t1) - t0};
+          ws.spans[j] = {std::max(pred.query_lo(b, c0 + j), start) - t0, std::min(pred.query_hi(b, c0 + j), t1) - t0};
           any |= !ws.spans[j].empty();
         }
         if (!any) continue;
@@ -513,8 +545,8 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
           if (exact) {  // query i sums only the keys it sees: [j0, j1) of the tile
             for (int64_t i = 0; i < t1 - t0; ++i) {
               const int64_t qi = t0 + i;
-              const int64_t j0 = qi < start ? 0 : std::max(pred.key_lo(qi), c0) - c0;
-              const int64_t j1 = qi < start ? 0 : std::min(pred.key_hi(qi), c1) - c0;
+              const int64_t j0 = qi < start ? 0 : std::max(pred.key_lo(b, qi), c0) - c0;
+              const int64_t j1 = qi < start ? 0 : std::min(pred.key_hi(b, qi), c1) - c0;
               if (j0 >= j1) {
                 std::fill(partial + i * p.Dp, partial + (i + 1) * p.Dp, T(0));
                 continue;
@@ -647,9 +679,13 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
   const T slope2 = mods.slope2(b, h);
   for_each_key_tile<NR>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
     const int64_t panel = bhk * ops.Sk_pad * p.D + t0 * p.D;
-    gemm<T>(rows, n, p.D, ws.q.data(), p.D, ops.kt + panel, p.D * NR, ws.s.data(), kTileK, false);
-    gemm<T>(rows, n, p.D, ws.dout.data(), p.D, ops.vt + panel, p.D * NR, ws.dp.data(), kTileK, false);
-    for (int64_t r = 0; r < rows; ++r) {
+    const RowRange live = live_rows(ws.spans.data(), rows);  // as in the forward: only rows that see the tile
+    const int64_t ra = live.first, nr = live.count;
+    gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ops.kt + panel, p.D * NR, ws.s.data() + ra * kTileK, kTileK,
+            false);
+    gemm<T>(nr, n, p.D, ws.dout.data() + ra * p.D, p.D, ops.vt + panel, p.D * NR, ws.dp.data() + ra * kTileK, kTileK,
+            false);
+    for (int64_t r = ra; r < ra + nr; ++r) {
       T* s = ws.s.data() + r * kTileK;  // becomes dS
       if (ws.spans[r].empty()) {
         zero_row(s, n);
@@ -673,12 +709,13 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
       zero_outside(s, ws.spans[r], n);
     }
     const T* kpanel = ops.kr + bhk * p.Dp * p.Sk + t0 * NR;
+    T* partial = ws.partial.data() + ra * p.Dp;
     if (exact)
-      gemm_in_spans<T>(rows, ws.spans.data(), p.Dp, ws.s.data(), kTileK, kpanel, p.Sk * NR, ws.partial.data(), p.Dp,
-                       false);
+      gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, kpanel, p.Sk * NR, partial,
+                       p.Dp, false);
     else
-      gemm<T>(rows, p.Dp, t1 - t0, ws.s.data(), kTileK, kpanel, p.Sk * NR, ws.partial.data(), p.Dp, false);
-    add_into(ws.acc.data(), ws.partial.data(), rows * p.Dp);
+      gemm<T>(nr, p.Dp, t1 - t0, ws.s.data() + ra * kTileK, kTileK, kpanel, p.Sk * NR, partial, p.Dp, false);
+    add_into(ws.acc.data() + ra * p.Dp, partial, nr * p.Dp);
   });
   for (int64_t r = 0; r < rows; ++r)
     store_row(ws.acc.data() + r * p.Dp, p.D, static_cast<T>(softmax_scale),
@@ -718,8 +755,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   auto tile_queries = [&](int64_t b, int64_t hk, int64_t c0, int64_t c1) {
     int64_t queries = 0;
     for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h)
-      for_each_segment(tlut, b, h, tlut.present() ? c0 / tlut.row_block : 0, pred.query_lo(c0),
-                       pred.query_hi(c1 - 1), p.Sq, [&](int64_t a, int64_t e) { queries += e - a; });
+      for_each_segment(tlut, b, h, tlut.present() ? c0 / tlut.row_block : 0, pred.query_lo(b, c0),
+                       pred.query_hi(b, c1 - 1), p.Sq, [&](int64_t a, int64_t e) { queries += e - a; });
     return queries;
   };
 
@@ -762,7 +799,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
       [&](int64_t t) {
         int64_t b, h, r0, r1, keys = 0;
         q_task(t, b, h, r0, r1);
-        for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(r0), pred.key_hi(r1 - 1),
+        for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(b, r0), pred.key_hi(b, r1 - 1),
                          p.Sk, [&](int64_t a, int64_t e) { keys += e - a; });
         return keys;
       },
@@ -797,16 +834,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
     int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, int64_t map_rows,
     int64_t map_cols, bool map_max, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
     const c10::optional<at::Tensor>& sinks, const c10::optional<at::Tensor>& attn_bias, double dropout_p,
-    const c10::optional<at::Tensor>& dropout_seed) {
+    const c10::optional<at::Tensor>& dropout_seed, const c10::optional<at::Tensor>& key_bounds,
+    const c10::optional<at::Tensor>& query_bounds) {
   constexpr const char* op = "block_sparse_attn_fwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, false);
   check_score_mod_args(op, q_in, softcap, alibi_slopes, sinks);
   check_attn_bias_arg(op, q_in, k_in, attn_bias);
   check_dropout_args(op, q_in, dropout_p, dropout_seed);
+  check_segment_bounds(op, q_in, k_in, key_bounds, query_bounds, false);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
-  const Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
+  Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
+  pred.set_bounds(key_bounds, c10::nullopt);
   const MapSpec map{map_rows, map_cols, map_max};
   const Dropout drop(dropout_p, dropout_seed);
   TORCH_CHECK(map_rows >= 0 && map_cols >= 0 && (map_rows > 0) == (map_cols > 0), op,
@@ -838,13 +878,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
     const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
     int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& attn_bias, bool bias_grad,
-    double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
+    double dropout_p, const c10::optional<at::Tensor>& dropout_seed, const c10::optional<at::Tensor>& key_bounds,
+    const c10::optional<at::Tensor>& query_bounds) {
   constexpr const char* op = "block_sparse_attn_bwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, true);
   check_score_mod_args(op, q_in, softcap, alibi_slopes, c10::nullopt);
   check_attn_bias_arg(op, q_in, k_in, attn_bias);
   check_dropout_args(op, q_in, dropout_p, dropout_seed);
+  check_segment_bounds(op, q_in, k_in, key_bounds, query_bounds, true);
   const Dropout drop(dropout_p, dropout_seed);
   const bool has_bias = attn_bias.has_value() && attn_bias->defined();
   TORCH_CHECK(has_bias || !bias_grad, op, ": bias_grad without an attn_bias");
@@ -871,7 +913,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
   const at::Tensor lse = lse_in.contiguous();
   const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
   const BlockLut tlut(q_num_blocks, q_indices, block_k, block_q);
-  const Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
+  Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
+  pred.set_bounds(key_bounds, query_bounds);
   at::Tensor dq = maybe_poison(at::empty(q.sizes(), q.options()));
   at::Tensor dk = maybe_poison(at::empty(k.sizes(), k.options()));
   at::Tensor dv = maybe_poison(at::empty(v.sizes(), v.options()));

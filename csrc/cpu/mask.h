@@ -17,6 +17,13 @@ struct Predicates {
   int64_t Sq = 0, Sk = 0;
   int64_t offset = 0;  // Sk - Sq: causal and windows align the bottom-right corner
   int64_t left = -1, right = -1;  // window; -1 is unbounded. causal is right = 0.
+  // Token-exact segment bounds (packed documents, varlen batches), intersected with the above:
+  // key_bounds (Bb, Sq, 2) holds each query's keys [lo, hi), query_bounds (Bb, Sk, 2) each key's
+  // queries [lo, hi); Bb in {1, B}. Both columns are nondecreasing along the rows (the op builds them
+  // so, the operator checks it), so a tile's range is [lo of its first row, hi of its last).
+  const int32_t* kb = nullptr;
+  const int32_t* qb = nullptr;
+  int64_t kb_sb = 0, qb_sb = 0;
 
   Predicates(int64_t sq, int64_t sk, bool causal, int64_t window_left, int64_t window_right)
       // A window wider than the sequences is unbounded in effect; clamping keeps i + offset - left
@@ -25,12 +32,34 @@ struct Predicates {
         right(window_right < 0 ? -1 : std::min(window_right, sq)) {
     if (causal) right = 0;
   }
-  // Keys [key_lo(i), key_hi(i)) are visible to query i.
-  int64_t key_lo(int64_t i) const { return left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, Sk); }
-  int64_t key_hi(int64_t i) const { return right < 0 ? Sk : std::clamp<int64_t>(i + offset + right + 1, 0, Sk); }
-  // Queries [query_lo(j), query_hi(j)) see key j.
-  int64_t query_lo(int64_t j) const { return right < 0 ? 0 : std::clamp<int64_t>(j - right - offset, 0, Sq); }
-  int64_t query_hi(int64_t j) const { return left < 0 ? Sq : std::clamp<int64_t>(j + left - offset + 1, 0, Sq); }
+  void set_bounds(const c10::optional<at::Tensor>& key_bounds, const c10::optional<at::Tensor>& query_bounds) {
+    if (key_bounds.has_value() && key_bounds->defined()) {
+      kb = key_bounds->data_ptr<int32_t>();
+      kb_sb = key_bounds->size(0) == 1 ? 0 : key_bounds->stride(0);
+    }
+    if (query_bounds.has_value() && query_bounds->defined()) {
+      qb = query_bounds->data_ptr<int32_t>();
+      qb_sb = query_bounds->size(0) == 1 ? 0 : query_bounds->stride(0);
+    }
+  }
+  // Keys [key_lo(b, i), key_hi(b, i)) are visible to query i of batch b.
+  int64_t key_lo(int64_t b, int64_t i) const {
+    const int64_t lo = left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, Sk);
+    return kb ? std::max<int64_t>(lo, kb[b * kb_sb + 2 * i]) : lo;
+  }
+  int64_t key_hi(int64_t b, int64_t i) const {
+    const int64_t hi = right < 0 ? Sk : std::clamp<int64_t>(i + offset + right + 1, 0, Sk);
+    return kb ? std::min<int64_t>(hi, kb[b * kb_sb + 2 * i + 1]) : hi;
+  }
+  // Queries [query_lo(b, j), query_hi(b, j)) see key j of batch b.
+  int64_t query_lo(int64_t b, int64_t j) const {
+    const int64_t lo = right < 0 ? 0 : std::clamp<int64_t>(j - right - offset, 0, Sq);
+    return qb ? std::max<int64_t>(lo, qb[b * qb_sb + 2 * j]) : lo;
+  }
+  int64_t query_hi(int64_t b, int64_t j) const {
+    const int64_t hi = left < 0 ? Sq : std::clamp<int64_t>(j + left - offset + 1, 0, Sq);
+    return qb ? std::min<int64_t>(hi, qb[b * qb_sb + 2 * j + 1]) : hi;
+  }
 };
 
 // One orientation of a block mask: for every (b, h, row block), the sorted column blocks it keeps.

@@ -37,13 +37,15 @@ CHILD = textwrap.dedent(r'''
 
     FWD_ORDER = ["q", "k", "v", "kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices", "block_q", "block_k",
                  "softmax_scale", "causal", "window_left", "window_right", "map_rows", "map_cols", "map_max", "softcap",
-                 "alibi_slopes", "sinks", "attn_bias"]
+                 "alibi_slopes", "sinks", "attn_bias", "dropout_p", "dropout_seed", "key_bounds", "query_bounds"]
+    # segment bounds (attnops.core.segments): two documents of 50 and 78 tokens
+    KB = torch.tensor([[0, 50]] * 50 + [[50, S]] * (S - 50), dtype=torch.int32).unsqueeze(0)
 
     def fwd_args(**over):
         q, k, v = qkv()
         a = dict(q=q, k=k, v=v, **LUT, block_q=64, block_k=64, softmax_scale=0.2, causal=True, window_left=-1,
                  window_right=-1, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None,
-                 attn_bias=None)
+                 attn_bias=None, dropout_p=0.0, dropout_seed=None, key_bounds=KB, query_bounds=KB)
         a.update(over)
         return [a[n] for n in FWD_ORDER]
 
@@ -51,10 +53,13 @@ CHILD = textwrap.dedent(r'''
         q, k, v = qkv()
         a = dict(dout=torch.randn_like(q), dlse=None, q=q, k=k, v=v, out=torch.randn_like(q),
                  lse=torch.randn(B, H, S), **LUT, block_q=64, block_k=64, softmax_scale=0.2, causal=True,
-                 window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, bias_grad=False)
+                 window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, bias_grad=False,
+                 dropout_p=0.0, dropout_seed=None, key_bounds=KB, query_bounds=KB)
         a.update(over)
         order = ["dout", "dlse", "q", "k", "v", "out", "lse"] + FWD_ORDER[3:13] + ["softcap", "alibi_slopes",
-                                                                                  "attn_bias", "bias_grad"]
+                                                                                  "attn_bias", "bias_grad", "dropout_p",
+                                                                                  "dropout_seed", "key_bounds",
+                                                                                  "query_bounds"]
         return [a[n] for n in order]
 
     def dec_args(**over):
@@ -129,6 +134,14 @@ CHILD = textwrap.dedent(r'''
         "attn_bias 3-d": dict(attn_bias=torch.zeros(1, S, S)),
         "attn_bias heads misfit": dict(attn_bias=torch.zeros(1, 3, S, S)),
         "attn_bias bool": dict(attn_bias=torch.ones(1, 1, S, S, dtype=torch.bool)),
+        "key_bounds not monotone": dict(key_bounds=KB.flip(1).contiguous()),
+        "key_bounds hi > Sk": dict(key_bounds=(KB + 1).contiguous()),
+        "key_bounds lo > hi": dict(key_bounds=KB.flip(2).contiguous()),
+        "key_bounds negative": dict(key_bounds=(KB - 60).contiguous()),
+        "key_bounds int64": dict(key_bounds=KB.long()),
+        "key_bounds rows misfit": dict(key_bounds=KB[:, :-1].contiguous()),
+        "key_bounds batch misfit": dict(key_bounds=KB.expand(3, -1, -1).contiguous()),
+        "query_bounds without key_bounds": dict(key_bounds=None),
     }
     BWD = {
         "lse shape": dict(lse=torch.randn(B, H, 3)),
@@ -148,6 +161,9 @@ CHILD = textwrap.dedent(r'''
         "alibi_slopes 3-d": dict(alibi_slopes=torch.rand(1, 1, H)),
         "bias_grad without attn_bias": dict(bias_grad=True),
         "attn_bias queries misfit": dict(attn_bias=torch.zeros(1, 1, 3, S)),
+        "key_bounds without query_bounds": dict(query_bounds=None),
+        "query_bounds not monotone": dict(query_bounds=KB.flip(1).contiguous()),
+        "query_bounds hi > Sq": dict(query_bounds=(KB + 3).contiguous()),
     }
     DEC = {
         "Hkv = 0": dict(k=torch.randn(B, S, 0, D), v=torch.randn(B, S, 0, D)),

@@ -475,3 +475,76 @@ def test_empty_sequence_passes_the_state_through(fwd_impl):
     out, final = attnops.linear_attention(q, q, q, initial_state=state, output_final_state=True,
                                           backend=backend_of(fwd_impl))
     assert out.shape == (1, 0, 2, 16) and torch.equal(final, state)
+
+
+VARLEN_LENGTHS = [5, 0, 70, 1, 33]
+
+
+@pytest.mark.parametrize("config", ["gate-channel", "normalize-gate-head", "elu-noncausal"])
+def test_cu_seqlens_resets_the_state_at_every_sequence(config, fwd_impl):
+    """fla's varlen convention: one packed row, the state per sequence (initial and final, (N, H, Dk, Dv)),
+    forward and backward equal to each sequence run alone by the float64 reference."""
+    cfg = CONFIGS[config]
+    T, H, D = sum(VARLEN_LENGTHS), 3, 16
+    N = len(VARLEN_LENGTHS)
+    cu = torch.tensor([0, *VARLEN_LENGTHS]).cumsum(0).to(torch.int32)
+    torch.manual_seed(6)
+    inputs = make_inputs((1, T, H, H, D, D), cfg, with_state=False)
+    causal = cfg.get("causal", True)
+    if causal:  # one state per sequence
+        inputs["initial_state"] = torch.randn(N, H, D, D, dtype=torch.float64) * 0.3
+        if cfg.get("normalize"):
+            inputs["initial_z"] = torch.rand(N, H, D, dtype=torch.float64)
+
+    def call(leaves, backend, device, dtype, per_sequence):
+        kw = {k: v for k, v in cfg.items() if k not in ("gate", "decay")}
+        state = None
+        if "initial_state" in leaves:
+            state = (leaves["initial_state"], leaves["initial_z"]) if cfg.get("normalize") else leaves["initial_state"]
+        if not per_sequence:
+            return attnops.linear_attention(leaves["q"], leaves["k"], leaves["v"], gate=leaves.get("gate"),
+                                            initial_state=state, cu_seqlens=cu.to(device), output_final_state=True,
+                                            backend=backend, **kw)
+        outs, finals = [], []
+        for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            init = None if state is None else (tuple(t[n:n + 1] for t in state) if cfg.get("normalize")
+                                               else state[n:n + 1])
+            gate = leaves.get("gate")
+            res = attnops.linear_attention(leaves["q"][:, a:b], leaves["k"][:, a:b], leaves["v"][:, a:b],
+                                           gate=None if gate is None else gate[:, a:b], initial_state=init,
+                                           output_final_state=True, backend=backend, **kw)
+            outs.append(res.out)
+            finals.append(res.final_state[0] if cfg.get("normalize") else res.final_state)
+        return torch.cat(outs, dim=1), torch.cat(finals)
+
+    def run_one(dtype, backend, device, per_sequence):
+        leaves = {n: t.to(device, dtype if n in "qkv" or dtype == torch.float64 else torch.float32)
+                  .requires_grad_() for n, t in inputs.items()}
+        out, state = call(leaves, backend, device, dtype, per_sequence)
+        if isinstance(state, tuple):
+            state = state[0]
+        gen = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)).sum() + \
+            (state * torch.randn(state.shape, generator=gen, dtype=torch.float64).to(state)).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        return [out.detach().cpu(), state.detach().cpu(), *(g.cpu() for g in grads)]
+
+    got = run_one(torch.float32, backend_of(fwd_impl), fwd_impl.device, False)
+    want = run_one(torch.float64, "reference", "cpu", True)
+    yard = run_one(torch.float32, "reference", "cpu", True)
+    for name, a, b, c in zip(["out", "final_state", *("d" + n for n in inputs)], got, want, yard):
+        assert_accurate(f"{config} {name}", a, b, c)
+
+
+def test_cu_seqlens_bad_input():
+    q = torch.randn(1, 10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="one packed row"):
+        attnops.linear_attention(q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1),
+                                 cu_seqlens=cu)
+    with pytest.raises(ValueError, match="end at the total"):
+        attnops.linear_attention(q, q, q, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="one state per sequence"):
+        attnops.linear_attention(q, q, q, cu_seqlens=cu, initial_state=torch.zeros(1, 2, 8, 8))
+    with pytest.raises(NotImplementedError, match="return_block_map"):
+        attnops.linear_attention(q, q, q, cu_seqlens=cu, return_block_map=True)

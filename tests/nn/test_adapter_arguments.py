@@ -191,16 +191,39 @@ def _call(**kwargs):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(cu_seq_lens_q=torch.tensor([0, 5, 10])), "cu_seq_lens_q"),
+    (dict(cu_seq_lens_q=torch.tensor([0, 5, 10])), "cu_seq_lens_q and cu_seq_lens_k must both be given"),
+    (dict(seq_idx=torch.zeros(1, 10, dtype=torch.int32)), "seq_idx"),
     (dict(output_attentions=True), "output_attentions"),
     (dict(head_mask=torch.ones(4)), "head_mask"),
     (dict(some_new_argument=3), "some_new_argument"),
     (dict(attention_mask=torch.zeros(1, 10, 10)), "3-d attention_mask"),
-    (dict(position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])), "packed"),
 ])
 def test_what_the_adapter_cannot_honour_is_refused_by_name(kwargs, words):
     with pytest.raises(NotImplementedError, match=words.replace("(", r"\(").replace(")", r"\)")):
         _call(**kwargs)
+
+
+def test_packed_rows_become_documents_and_other_specs_refuse_them():
+    """position_ids that restart inside a row (or cu_seq_lens) run as documents: each document's rows equal the
+    document alone; a spec without document bounds refuses them by name; a packed row in a cached call is
+    refused."""
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    fn = hf_attnops._attention_forward(attnops.nn.SoftmaxSpec())
+    module = torch.nn.Module().eval()
+    torch.manual_seed(5)
+    q, k = torch.randn(1, 4, 10, 16), torch.randn(1, 2, 10, 16)
+    out, _ = fn(module, q, k, k, None, position_ids=pos)
+    for a, b in ((0, 4), (4, 10)):
+        alone, _ = fn(module, q[:, :, a:b], k[:, :, a:b], k[:, :, a:b], None)
+        torch.testing.assert_close(out[:, a:b], alone)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    torch.testing.assert_close(fn(module, q, k, k, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6,
+                                  max_length_k=6)[0], out)
+    lowrank = hf_attnops._attention_forward(attnops.nn.LowRankKeySpec(None, rank=8, topk=4))
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        lowrank(module, q, k, k, None, position_ids=pos)
+    with pytest.raises(NotImplementedError, match="cache"):
+        fn(module, q[:, :, -3:], k, k, None, position_ids=pos[:, -3:] * 0 + torch.tensor([[7, 0, 1]]))
 
 
 def test_harmless_arguments_are_accepted():

@@ -88,19 +88,29 @@ def test_set_attn_implementation_and_cached_generation():
     assert torch.equal(a, b)
 
 
-def test_padding_with_a_non_softmax_spec_and_bad_spec_are_clear_errors():
-    """Padded batches run through attn_bias on the softmax specs (test_adapter_arguments.py); a linear spec
-    cannot take a padding mask and says so."""
+@pytest.mark.parametrize("family", ["attnops_linear", "attnops_moba"])
+def test_padded_and_packed_batches_on_the_varlen_families(family):
+    """MoBA and linear specs take padded batches (left and right) and packed rows as transformers'
+    flash-attention path does: unpadded to sequences, run in the family's cu_seqlens form, re-padded; every
+    real token's logits equal its sequence run alone. A bad spec is a clear error."""
     from transformers import AutoModelForCausalLM
 
-    name = hf_attnops.register("attnops_linear")
-    model = AutoModelForCausalLM.from_config(_configs()["llama-gqa"], attn_implementation=name).eval()
-    ids = torch.randint(0, 97, (2, 10))
-    mask = torch.ones(2, 10, dtype=torch.long)
-    model(ids, attention_mask=mask)  # no padding: fine
-    mask[0, :3] = 0
-    with pytest.raises(NotImplementedError, match="attn_bias"):
-        model(ids, attention_mask=mask)
+    spec = attnops.nn.MoBASpec(block_size=64, topk=2) if family == "attnops_moba" else None
+    name = hf_attnops.register(family, spec)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()["llama-gqa"], attn_implementation=name).double().eval()
+    ids = torch.randint(0, 97, (2, 70))
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[0, :9] = 0  # left-padded
+    mask[1, 60:] = 0  # right-padded
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, position_ids=pos).logits
+        torch.testing.assert_close(got[0, 9:], model(ids[:1, 9:]).logits[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got[1, :60], model(ids[1:, :60]).logits[0], rtol=1e-9, atol=1e-9)
+        packed_pos = torch.cat([torch.arange(25), torch.arange(45)])[None]
+        packed = model(ids[:1], position_ids=packed_pos).logits
+        torch.testing.assert_close(packed[0, 25:], model(ids[:1, 25:]).logits[0], rtol=1e-9, atol=1e-9)
     with pytest.raises(TypeError, match="spec"):
         hf_attnops.register("attnops_bad", spec="dense")
 
@@ -179,3 +189,39 @@ def test_lowrank_key_spec_in_an_unmodified_model():
         with attnops.maps.capture(model) as cap:
             model(ids)
     assert len(cap.maps) == cfg.num_hidden_layers
+
+
+PACKED_DOCS = [13, 30, 1, 19]
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-mqa"])
+def test_packed_rows_equal_each_document_alone(name, how):
+    """DataCollatorWithFlattening's batch: documents packed in one row, marked by position_ids that restart
+    (or by its flash-attention kwargs cu_seq_lens_*). Logits and parameter gradients equal eager run on
+    every document alone (the accuracy rule; float64 eager is the truth)."""
+    ref, ours, low = _models(name)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (1, sum(PACKED_DOCS)))
+    pos = torch.cat([torch.arange(n) for n in PACKED_DOCS])[None]
+    cu = torch.tensor([0, *PACKED_DOCS]).cumsum(0).to(torch.int32)
+    extra = dict(position_ids=pos)
+    if how == "cu_seq_lens":
+        extra.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(PACKED_DOCS), max_length_k=max(PACKED_DOCS))
+    weight = torch.randn(1, sum(PACKED_DOCS), 97, dtype=torch.float64)
+
+    def alone(model):
+        outs = [model(ids[:, a:b]).logits for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        return torch.cat(outs, dim=1)
+
+    results = []
+    for model, run in ((ours, lambda m: m(ids, **extra).logits), (ref, alone), (low, alone)):
+        model.zero_grad()
+        logits = run(model)
+        (logits * weight.to(logits.dtype)).sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (got, g_got), (want, g_want), (yard, g_yard) = results
+    assert_accurate(f"{name} {how} logits", got, want, yard)
+    for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+              "model.embed_tokens.weight"):
+        assert_accurate(f"{name} {how} grad {n}", g_got[n], g_want[n], g_yard[n])

@@ -14,6 +14,7 @@ from attnops.core import dispatch
 from attnops.core.block_map import check_request
 from attnops.core.checks import MAX_HEAD_DIM, check_qkv_tensors, refuse_forward_ad, resolve_softmax_scale
 from attnops.core.results import AttentionMapOutput
+from attnops.core.segments import check_cu_seqlens
 from attnops.ops.linear.chunk import effective_chunk
 from attnops.ops.linear.decay import check_nonpositive, resolve_decay
 from attnops.ops.linear.feature_maps import resolve_feature_map
@@ -57,6 +58,7 @@ def linear_attention(
     chunk_size: int = 64,
     initial_state: Optional[State] = None,
     output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
     return_block_map: bool = False,
     map_block_size=None,
     reduce: str = "mean",
@@ -92,6 +94,11 @@ def linear_attention(
         initial_state: the state to start from, as ``final_state`` returns it (``(B, H, Dk, Dv)``, or
             ``(S, z)`` with ``normalize``): a sequence split in two and resumed gives one call's result.
         output_final_state: also return the state after the last step.
+        cu_seqlens: packed sequences, fla's varlen convention: inputs ``(1, T, H, D)`` (and ``gate (1, T, H[, Dk])``),
+            ``cu_seqlens`` int32 ``(N + 1,)`` from 0 to T; the state starts afresh (or from ``initial_state[n]``)
+            at every sequence, ``initial_state`` / ``final_state`` are per sequence, ``(N, H, Dk, Dv)`` (and
+            ``z (N, H, Dk)`` with ``normalize``). The kernels run once per sequence (exact; a fused varlen chunk
+            kernel is future work). No block map here.
         return_block_map: also return the block map ``(B, H, ceil(S / block_q), ceil(Sk / block_k))``
             (float32): the mean, over the queries of a query block, of the weight they put on each key
             block, the weight of key s for query t being ``softmax_scale * phi(q_t) . (a_{s+1..t} *
@@ -123,6 +130,10 @@ def linear_attention(
     for name, flag in (("causal", causal), ("normalize", normalize), ("output_final_state", output_final_state)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, cu_seqlens, gate, initial_state, output_final_state, return_block_map, normalize,
+                       dict(feature_map=feature_map, causal=causal, decay=decay, softmax_scale=softmax_scale,
+                            chunk_size=chunk_size, backend=backend))
     shape = _check_qkv(q, k, v, causal)
     refuse_forward_ad("linear_attention", q, k, v, gate, initial_state,
                       decay if isinstance(decay, torch.Tensor) else None)
@@ -167,6 +178,47 @@ def linear_attention(
             return LinearAttentionMapOutput(out, final, block_map)
         return AttentionMapOutput(out, block_map)
     return LinearAttentionOutput(out, final) if output_final_state else out
+
+
+def _varlen(q, k, v, cu_seqlens, gate, initial_state, output_final_state: bool, return_block_map: bool,
+            normalize: bool, options: dict):
+    """:func:`linear_attention` over the packed sequences of ``cu_seqlens`` (one call per sequence; the state
+    never crosses a boundary)."""
+    _check_qkv(q, k, v, options["causal"])
+    if q.shape[0] != 1 or k.shape[1] != q.shape[1]:
+        raise ValueError(f"with cu_seqlens, q, k, v are one packed row (1, T, ...) of one length, got q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    if return_block_map:
+        raise NotImplementedError("linear_attention: return_block_map with cu_seqlens is not supported (a map per "
+                                  "sequence: call each sequence)")
+    T = q.shape[1]
+    check_cu_seqlens("cu_seqlens", cu_seqlens, T, q.device, None)
+    bounds = cu_seqlens.tolist()
+    N = len(bounds) - 1
+    if N < 1:
+        raise ValueError("cu_seqlens must describe at least one sequence")
+    states = None
+    if initial_state is not None:
+        states = list(initial_state) if normalize and isinstance(initial_state, (tuple, list)) else [initial_state]
+        for t in states:
+            if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != N:
+                raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: leading dim {N}, "
+                                 f"got {tuple(getattr(t, 'shape', ()))}")
+    outs, finals = [], []
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        init = None
+        if states is not None:
+            init = tuple(t[n:n + 1] for t in states) if len(states) == 2 else states[0][n:n + 1]
+        # an empty sequence passes its state through (the zero state without one)
+        res = linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], gate=None if gate is None else gate[:, a:b],
+                               initial_state=init, output_final_state=True, normalize=normalize, **options)
+        outs.append(res.out)
+        finals.append(res.final_state)
+    out = torch.cat(outs, dim=1)
+    if not output_final_state:
+        return out
+    final = tuple(torch.cat(parts) for parts in zip(*finals)) if normalize else torch.cat(finals)
+    return LinearAttentionOutput(out, final)
 
 
 def _feature_width(phi, q: torch.Tensor, k: torch.Tensor) -> int:

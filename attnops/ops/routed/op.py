@@ -13,9 +13,10 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.checks import (QKVShape, autocast_inputs, check_attn_bias, check_causal, check_dropout_p, check_qkv,
-                                 check_score_mods, refuse_forward_ad)
+                                 check_score_mods, check_tensor, refuse_forward_ad)
 from attnops.core.masks import BlockMask
-from attnops.core.results import MAP_ARGS_DOC, Result
+from attnops.core.results import MAP_ARGS_DOC, AttentionOutput, Result
+from attnops.core.segments import check_cu_seqlens
 from attnops.ops.softmax.op import block_sparse_attention
 
 # Routing granularity of the MoBA kernels: query tiles of this many rows, and the key sub-block of
@@ -76,6 +77,8 @@ def moba_attention(
     attn_bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -110,6 +113,10 @@ def moba_attention(
         softmax_scale: defaults to ``D ** -0.5``.
         softcap, alibi_slopes, sinks, attn_bias, dropout_p, generator: score modifiers and dropout of the
             attention (not of the routing), as in :func:`attnops.attention`.
+        cu_seqlens, max_seqlen: packed sequences as MoBA's ``moba_attn_varlen`` takes them: ``q (total, H, D)``,
+            ``k, v (total, Hkv, D)``, ``cu_seqlens`` int32 ``(N + 1,)`` from 0 to total; blocks start at each
+            sequence's first token and routing and attention never cross a sequence (one routed call per
+            sequence, exact). Returns ``out (total, H, D)`` (lse ``(H, total)``); no ``attn_bias`` or block map here.
         return_lse: also return the log-sum-exp ``(B, H, S)``.
         {map_args}
             (``map_block_size`` here, since ``block_size`` is MoBA's; default 64.)
@@ -118,6 +125,11 @@ def moba_attention(
     Returns:
         ``out (B, S, H, D)``, or a named tuple as in :func:`attnops.attention`.
     """
+    if cu_seqlens is not None:
+        return _moba_varlen(q, k, v, cu_seqlens, max_seqlen, attn_bias, return_lse, return_block_map,
+                            dict(block_size=block_size, topk=topk, causal=causal, softmax_scale=softmax_scale,
+                                 softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
+                                 generator=generator, backend=backend))
     q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
     refuse_forward_ad("moba_attention", q, k, v)
@@ -134,3 +146,31 @@ def moba_attention(
 
 
 moba_attention.__doc__ = moba_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
+
+
+def _moba_varlen(q, k, v, cu_seqlens, max_seqlen, attn_bias, return_lse: bool, return_block_map: bool,
+                 options: dict) -> Result:
+    """:func:`moba_attention` over packed sequences: one routed call per sequence (MoBA's varlen semantics:
+    blocks restart at every sequence)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 3)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"with cu_seqlens, q and k/v pack the same tokens: {q.shape[0]} and {k.shape[0]}")
+    if attn_bias is not None or return_block_map:
+        raise NotImplementedError("moba_attention with cu_seqlens: attn_bias and return_block_map are not supported "
+                                  "(call each sequence for them)")
+    check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device, max_seqlen)
+    bounds = cu_seqlens.tolist()
+    outs, lses = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b == a:
+            continue
+        out, lse = moba_attention(q[None, a:b], k[None, a:b], v[None, a:b], return_lse=True, **options)
+        outs.append(out[0])
+        lses.append(lse[0])
+    if not outs:  # no tokens at all
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out, lse = q.new_empty(q.shape), torch.empty(q.shape[1], 0, dtype=lse_dtype, device=q.device)
+    else:
+        out, lse = torch.cat(outs), torch.cat(lses, dim=1)
+    return AttentionOutput(out, lse) if return_lse else out

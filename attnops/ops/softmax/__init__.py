@@ -2,6 +2,7 @@
 block-sparse (any ``BlockMask``).
 
     op.py         attention, block_sparse_attention: validate once, build the call, dispatch
+    varlen.py     varlen_attention: flash_attn's packed layout (cu_seqlens) through segment bounds
     library.py    the core's operators from one argument list: fakes, autograd, the dispatcher's entry
     reference.py  the float64 oracle (token masks, NaN-convention contractions), N x N
     cpu.py        C++ kernels (csrc/cpu/block_sparse_attention.cpp)
@@ -11,8 +12,9 @@ block-sparse (any ``BlockMask``).
 from attnops.core import backends
 from attnops.ops.softmax import cpu, reference  # noqa: F401  (register with the dispatcher)
 from attnops.ops.softmax.op import DEFAULT_MAP_BLOCK, attention, block_sparse_attention
+from attnops.ops.softmax.varlen import varlen_attention
 
 if backends.TRITON:
     from attnops.ops.softmax import triton  # noqa: F401
 
-__all__ = ["DEFAULT_MAP_BLOCK", "attention", "block_sparse_attention"]
+__all__ = ["DEFAULT_MAP_BLOCK", "attention", "block_sparse_attention", "varlen_attention"]

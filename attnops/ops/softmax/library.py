@@ -28,6 +28,7 @@ import torch
 from attnops.core import block_map as _map
 from attnops.core.library import Arg, OpDef, lse_dtype
 from attnops.core.masks import BlockMask
+from attnops.core.segments import SegmentBounds
 
 _LUT = [Arg("kv_num_blocks", "Tensor?"), Arg("kv_indices", "Tensor?"), Arg("q_num_blocks", "Tensor?"),
         Arg("q_indices", "Tensor?"), Arg("block_q", "int"), Arg("block_k", "int")]
@@ -45,18 +46,24 @@ _BIAS = [Arg("attn_bias", "Tensor?", "None")]
 # Dropout on the probabilities: dropout_p in [0, 1); dropout_seed one int64 on q's device, the seed of the
 # mask's hash (csrc/cpu/dropout.h), which the backward regenerates the mask from.
 _DROPOUT = [Arg("dropout_p", "float", "0.0"), Arg("dropout_seed", "Tensor?", "None")]
+# Token-exact segments (packed documents, varlen; attnops.core.segments): int32 key_bounds (Bb, Sq, 2), each
+# query's keys [lo, hi), and query_bounds (Bb, Sk, 2), each key's queries; Bb in {1, B}. The forward reads only
+# key_bounds (it takes query_bounds so that autograd can save them), the backward both.
+_BOUNDS = [Arg("key_bounds", "Tensor?", "None"), Arg("query_bounds", "Tensor?", "None")]
 
-FWD = OpDef("block_sparse_attn_fwd", _QKV + _LUT + _PREDICATES + _MAP + _SCORE_MODS + _SINKS + _BIAS + _DROPOUT,
+FWD = OpDef("block_sparse_attn_fwd",
+            _QKV + _LUT + _PREDICATES + _MAP + _SCORE_MODS + _SINKS + _BIAS + _DROPOUT + _BOUNDS,
             "(Tensor, Tensor, Tensor)")
 # dlse: the gradient flowing into lse when the caller used it (None otherwise). The sinks enter the
 # backward only through lse (P = exp(s - lse)); their own gradient is computed in Python (register).
 BWD = OpDef("block_sparse_attn_bwd", [Arg("dout", "Tensor"), Arg("dlse", "Tensor?"), *_QKV, Arg("out", "Tensor"),
                                       Arg("lse", "Tensor"), *_LUT, *_PREDICATES, *_SCORE_MODS, *_BIAS,
-                                      Arg("bias_grad", "bool", "False"), *_DROPOUT],
+                                      Arg("bias_grad", "bool", "False"), *_DROPOUT, *_BOUNDS],
             "(Tensor, Tensor, Tensor, Tensor)")
 # what the backward takes from the forward's call besides the tensors it saves
 _PARAMS = tuple(a.name for a in _LUT[4:] + _PREDICATES + _SCORE_MODS[:1] + _DROPOUT[:1])
 _LUT_TENSORS = tuple(a.name for a in _LUT[:4])
+_BOUND_TENSORS = tuple(a.name for a in _BOUNDS)
 
 
 def partial_map_shape(q: torch.Tensor, k: torch.Tensor, map_rows: int, map_cols: int) -> Tuple[int, ...]:
@@ -91,11 +98,11 @@ def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
         out, lse, partial_map = output
         ctx.mark_non_differentiable(partial_map)  # a readout, like an argmax
         ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, a["alibi_slopes"], a["sinks"], a["attn_bias"],
-                              a["dropout_seed"], *(a[name] for name in _LUT_TENSORS))
+                              a["dropout_seed"], *(a[name] for name in _LUT_TENSORS + _BOUND_TENSORS))
 
     def backward(ctx, dout, dlse, dmap):
         q, k, v, out, lse, alibi_slopes, sinks, attn_bias, dropout_seed, *lut = ctx.saved_tensors
-        lut = dict(zip(_LUT_TENSORS, lut))
+        lut = dict(zip(_LUT_TENSORS + _BOUND_TENSORS, lut))
         if lut["kv_num_blocks"] is not None and lut["q_num_blocks"] is None:
             raise RuntimeError("attnops: the forward ran without the transposed block LUT; cannot differentiate")
         wanted = ctx.needs_input_grad  # as long as the call's positional arguments
@@ -157,8 +164,10 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
         attn_bias: Optional[torch.Tensor] = None,
         dropout_p: float = 0.0,
         dropout_seed: Optional[torch.Tensor] = None,
+        segments: Optional[SegmentBounds] = None,
     ) -> Tuple[torch.Tensor, ...]:
-        """(out, lse), or (out, lse, map) when ``block_map`` asks for the block attention map."""
+        """(out, lse), or (out, lse, map) when ``block_map`` asks for the block attention map;
+        ``segments``: token-exact document bounds (attnops.core.segments)."""
         lut = dict.fromkeys(_LUT_TENSORS)
         block_q = block_k = 0
         if block_mask is not None:
@@ -171,6 +180,8 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
                     causal=bool(causal), window_left=window_size[0], window_right=window_size[1],
                     softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias,
                     dropout_p=float(dropout_p), dropout_seed=dropout_seed)
+        if segments is not None:
+            args.update(key_bounds=segments.key_bounds, query_bounds=segments.query_bounds)
         if block_map is None:
             out, lse, _ = fwd.call(fwd_op, **args)
             return out, lse

@@ -16,6 +16,7 @@ from attnops.core.checks import (autocast_inputs, check_attn_bias, check_block_m
                                  check_flag, check_qkv, check_score_mods, clamp_window, refuse_forward_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
+from attnops.core.segments import SegmentBounds, from_document_ids
 
 # The map granularity of dense attention when none is asked for: the kernels' block (DESIGN.md).
 DEFAULT_MAP_BLOCK = (64, 64)
@@ -35,6 +36,7 @@ def attention(
     attn_bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    document_ids: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -83,13 +85,14 @@ def attention(
     bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype)
     request = check_request(map_block_size, reduce, DEFAULT_MAP_BLOCK, block_size) if return_block_map else None
     dropout = check_dropout(dropout_p, generator, q.device)
+    segments = check_document_ids(document_ids, shape, q.device)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
     mask = None
     if keep_blocks_of is not None:  # a bool mask: its blocks without a True are skipped
         mask = BlockMask.from_dense(keep_blocks_of(*DEFAULT_MAP_BLOCK), (shape.seq_len_q, shape.seq_len_k),
                                     DEFAULT_MAP_BLOCK, causal=causal, window_size=window)
     out, lse, *block_map = impl(q, k, v, mask, causal=causal, window_size=window, softmax_scale=scale,
-                                block_map=request, attn_bias=bias, **mods, **dropout)
+                                block_map=request, attn_bias=bias, segments=segments, **mods, **dropout)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
 
@@ -106,6 +109,7 @@ def block_sparse_attention(
     attn_bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    document_ids: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
@@ -149,6 +153,7 @@ def block_sparse_attention(
     bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype)
     request = check_request(map_block_size, reduce, block_mask.block_size, block_size) if return_block_map else None
     dropout = check_dropout(dropout_p, generator, q.device)
+    segments = check_document_ids(document_ids, shape, q.device)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
     if keep_blocks_of is not None:  # the mask's blocks that the bool attn_bias leaves something in
         block_mask = BlockMask.from_dense(block_mask.to_dense() & keep_blocks_of(*block_mask.block_size),
@@ -156,8 +161,19 @@ def block_sparse_attention(
                                           causal=block_mask.causal, window_size=block_mask.window_size)
     window = clamp_window(block_mask.window_size, shape.seq_len_q, shape.seq_len_k)
     out, lse, *block_map = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=window,
-                                softmax_scale=scale, block_map=request, attn_bias=bias, **mods, **dropout)
+                                softmax_scale=scale, block_map=request, attn_bias=bias, segments=segments, **mods,
+                                **dropout)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
+
+
+def check_document_ids(document_ids, shape, device) -> Optional[SegmentBounds]:
+    """The kernels' segment bounds of a packed batch, or None; packing is self-attention (Sq == Sk)."""
+    if document_ids is None:
+        return None
+    if shape.seq_len_q != shape.seq_len_k:
+        raise ValueError(f"document_ids packs one sequence of queries and keys: needs Sq == Sk, got "
+                         f"{shape.seq_len_q} and {shape.seq_len_k}")
+    return from_document_ids(document_ids, shape.batch, shape.seq_len_q, device)
 
 
 SCORE_MODS_DOC = """softcap: ``cap * tanh(s / cap)`` on the scaled scores before the mask (Gemma 2, Grok);
@@ -180,7 +196,12 @@ SCORE_MODS_DOC = """softcap: ``cap * tanh(s / cap)`` on the scaled scores before
             lse and block maps are of the probabilities before dropout. The mask is a hash of one seed drawn
             per call from ``generator``, regenerated in the backward (never stored), the same on every backend.
         generator: the ``torch.Generator`` the seed is drawn from (default: the device's default generator;
-            ``torch.manual_seed`` then reproduces the mask)."""
+            ``torch.manual_seed`` then reproduces the mask).
+        document_ids: ``(B, S)`` or ``(S,)`` integers, for packed rows (needs ``Sq == Sk``): a query attends only
+            keys of its own document (a run of equal ids), exactly at any token; causal, windows, block masks
+            and the bias act within each document, positions stay the row's (ALiBi's distance too, which is
+            the same inside a document). Tiles wholly in another document are never visited. Padding is one
+            more document: drop its rows after."""
 
 for _op in (attention, block_sparse_attention):
     _op.__doc__ = _op.__doc__.replace("{map_args}", MAP_ARGS_DOC).replace("{score_mods}", SCORE_MODS_DOC)

@@ -17,6 +17,7 @@ from attnops.core import dispatch
 from attnops.core.block_map import MapRequest
 from attnops.core.library import lse_dtype
 from attnops.core.masks import BlockMask
+from attnops.core.segments import SegmentBounds
 
 
 def token_mask(
@@ -120,13 +121,16 @@ def block_sparse_attention(
     attn_bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[torch.Tensor] = None,
+    segments: Optional[SegmentBounds] = None,
 ) -> Tuple[torch.Tensor, ...]:
-    """Exact softmax attention restricted to ``block_mask`` (None: all blocks) and the token
-    predicates. q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``,
+    """Exact softmax attention restricted to ``block_mask`` (None: all blocks), the token
+    predicates and the ``segments`` (document bounds). q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``,
     lse ``(B, H, Sq)``, and with ``block_map`` the block attention map pooled from the full
     probability matrix (:func:`pool_block_map`). Rows with nothing to attend to give 0 and lse = -inf
     (``sinks``: lse = the sink). Score modifiers in FlashAttention's order (:func:`masked_attention`)."""
     allowed = token_mask(q.shape[1], k.shape[1], block_mask, causal, window_size, device=q.device)
+    if segments is not None:
+        allowed = allowed & segments.token_mask(k.shape[1]).to(q.device)
     # the bias in float64 (slopes are float32 data; the kernels form slope * distance in float32 from them)
     bias = None if alibi_slopes is None else alibi_bias(alibi_slopes.double(), q.shape[1], k.shape[1], device=q.device)
     if attn_bias is not None:  # float (B|1, H|1, Sq|1, Sk): the op turned a bool mask into 0 / -inf

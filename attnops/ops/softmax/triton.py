@@ -30,7 +30,7 @@ from attnops.core import dispatch
 from attnops.core import op_checks as _args
 from attnops.core.backends import AUTOTUNE, INTERPRET
 from attnops.core.triton_common import (LOG2E, bias_args, dot_kept, dropout_args, dropout_rows, dropout_scale,
-                                        fold_sink, key_range, keys_see_queries,
+                                        fold_sink, key_range, keys_see_queries, segment_args, segment_bounds,
                                         load_bias, lse2, lut_tile, lut_walk, mask_scores, modify_scores,
                                         partial_tile, row_results, softmax_rescale, dense_last_dim, dot_dtype,
                                         lut_args, precision, refuse_float64, score_mod_args, strides3)
@@ -44,11 +44,11 @@ from attnops.ops.softmax.triton_map import launch_block_map
 
 @triton.jit
 def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs, qk_scale,
-              win_left, win_right, lo_last_row, hi_first_row, cap2, slope2, p_bias, o_m, m_m, bias_sq, b_drop_rows,
-              threshold, drop_scale,
+              win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi, cap2,
+              slope2, p_bias, o_m, m_m, bias_sq, b_drop_rows, threshold, drop_scale,
               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
               DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr):
+              HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
     o_n = n0 + tl.arange(0, BLOCK_N)
     m_n = o_n < Sk
     b_kt = tl.load(p_k + o_n[None, :] * stride_ks + o_d[:, None], mask=m_n[None, :] & m_d[:, None],
@@ -57,8 +57,8 @@ def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks
     b_s, _ = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:
         b_s += load_bias(p_bias, 0, 0, o_m[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], 0, 0, bias_sq)
-    b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT,
-                       HAS_RIGHT)
+    b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi,
+                      seg_inner_lo, seg_inner_hi, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SEGMENTS)
     b_m_new, b_m_use, b_alpha = softmax_rescale(b_m, tl.max(b_s, 1))
     b_p = tl.math.exp2(b_s - b_m_use[:, None])
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
@@ -67,7 +67,8 @@ def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks
     b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
                   other=0.0).to(DOT_DTYPE)
     # Masked pairs exist only on partial tiles; a NaN/Inf value there would reach rows through them.
-    if partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT, HAS_RIGHT):
+    if partial_tile(n0, Sk, lo_last_row, hi_first_row, seg_inner_lo, seg_inner_hi, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                    HAS_SEGMENTS):
         b_pv = dot_kept(b_p, b_v, b_s != float("-inf"), PRECISION, DOT_DTYPE)
     else:
         b_pv = tl.dot(b_p.to(DOT_DTYPE), b_v, input_precision=PRECISION)
@@ -76,16 +77,16 @@ def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks, Bias, Seed,
+def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks, Bias, Seed, KeyBounds,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ob, stride_os, stride_oh,
                 lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
                 Sq, Sk, H, G, qk_scale, offset, win_left, win_right, cap2, stride_slopes_b, bias_sb, bias_sh, bias_sq,
-                threshold, drop_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
+                threshold, drop_scale, kb_sb, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     # batch / head offsets in int64: B * S * H * D passes 2^31 at long contexts
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -112,16 +113,21 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks, Bias, Seed,
 
     lo, hi, lo_last_row, hi_first_row = key_range(m0, Sq, Sk, offset, win_left, win_right, BLOCK_M, HAS_LEFT,
                                                    HAS_RIGHT)
+    b_seg_lo, b_seg_hi, seg_lo, seg_hi, seg_inner_lo, seg_inner_hi = segment_bounds(
+        KeyBounds + i_b * kb_sb, o_m, m_m, m0, tl.minimum(m0 + BLOCK_M, Sq) - 1, HAS_SEGMENTS)
+    if HAS_SEGMENTS:
+        lo = tl.maximum(lo, seg_lo)
+        hi = tl.minimum(hi, seg_hi)
     count, p_idx, first = lut_walk(KvNum, KvIdx, i_b, i_h, m0 // LUT_BQ, lut_nb, lut_nh, lut_ib, lut_ih, lut_ir, lo,
                                     hi, HAS_LUT, LUT_BK, BLOCK_N)
     for t in range(0, count):
         n0 = lut_tile(t, p_idx, first, HAS_LUT, LUT_BK, BLOCK_N)
         if (n0 < hi) & (n0 + BLOCK_N > lo):
             b_acc, b_m, b_l = _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs,
-                                        qk_scale, win_left, win_right, lo_last_row, hi_first_row, cap2, slope2,
-                                        p_bias, o_m, m_m, bias_sq, b_drop_rows, threshold, drop_scale, BLOCK_N,
-                                        HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                        HAS_DROPOUT)
+                                        qk_scale, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi,
+                                        seg_inner_lo, seg_inner_hi, cap2, slope2, p_bias, o_m, m_m, bias_sq,
+                                        b_drop_rows, threshold, drop_scale, BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION,
+                                        DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_SEGMENTS)
 
     if HAS_SINKS:  # one more logit per row, no value: the denominator grows, the accumulator is rescaled
         b_m, b_l, b_alpha = fold_sink(b_m, b_l, tl.load(Sinks + i_h).to(tl.float32) * LOG2E)
@@ -155,11 +161,11 @@ def _bwd_delta_kernel(O, DO, DLse, Delta, stride_ob, stride_os, stride_oh, strid
 
 @triton.jit
 def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs, qk_scale,
-             win_left, win_right, lo_last_row, hi_first_row, cap2, slope2, p_bias, p_dbias, o_m, m_m, bias_sq,
-             b_drop_rows, threshold, drop_scale,
+             win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi, cap2,
+             slope2, p_bias, p_dbias, o_m, m_m, bias_sq, b_drop_rows, threshold, drop_scale,
              BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
              DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-             BIAS_GRAD: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+             BIAS_GRAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
     o_n = n0 + tl.arange(0, BLOCK_N)
     m_n = o_n < Sk
     m_kd = m_n[None, :] & m_d[:, None]
@@ -169,8 +175,8 @@ def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, 
     b_s, b_t = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:
         b_s += load_bias(p_bias, 0, 0, o_m[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], 0, 0, bias_sq)
-    b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT,
-                       HAS_RIGHT)
+    b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi,
+                      seg_inner_lo, seg_inner_hi, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SEGMENTS)
     b_p = tl.math.exp2(b_s - b_l2[:, None])
     b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
     if HAS_DROPOUT:  # dS = P (dP Z / (1 - p) - delta)
@@ -182,7 +188,8 @@ def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, 
                  mask=m_m[:, None] & m_n[None, :])
     if HAS_SOFTCAP:  # d cap * tanh(s / cap) / ds
         b_ds = b_ds * (1.0 - b_t * b_t)
-    if partial_tile(n0, Sk, lo_last_row, hi_first_row, BLOCK_N, HAS_LEFT, HAS_RIGHT):
+    if partial_tile(n0, Sk, lo_last_row, hi_first_row, seg_inner_lo, seg_inner_hi, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                    HAS_SEGMENTS):
         # masked pairs: exact zeros, even where P was NaN (a NaN lse) or dP was (NaN in V)
         b_keep = b_s != float("-inf")
         b_dq += dot_kept(tl.where(b_keep, b_ds, 0.0), tl.trans(b_kt), b_keep, PRECISION, DOT_DTYPE)
@@ -192,17 +199,17 @@ def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, 
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBias, Seed,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBias, Seed, KeyBounds,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_db, stride_ds, stride_dh, stride_gb, stride_gs, stride_gh,
                    lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
                    Sq, Sk, H, G, qk_scale, sm_scale, offset, win_left, win_right, cap2, stride_slopes_b, bias_sb,
-                   bias_sh, bias_sq, threshold, drop_scale,
+                   bias_sh, bias_sq, threshold, drop_scale, kb_sb,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BIAS_GRAD: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                   BIAS_GRAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_hk = i_h // G
@@ -233,26 +240,32 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBia
 
     lo, hi, lo_last_row, hi_first_row = key_range(m0, Sq, Sk, offset, win_left, win_right, BLOCK_M, HAS_LEFT,
                                                    HAS_RIGHT)
+    b_seg_lo, b_seg_hi, seg_lo, seg_hi, seg_inner_lo, seg_inner_hi = segment_bounds(
+        KeyBounds + i_b * kb_sb, o_m, m_m, m0, tl.minimum(m0 + BLOCK_M, Sq) - 1, HAS_SEGMENTS)
+    if HAS_SEGMENTS:
+        lo = tl.maximum(lo, seg_lo)
+        hi = tl.minimum(hi, seg_hi)
     count, p_idx, first = lut_walk(KvNum, KvIdx, i_b, i_h, m0 // LUT_BQ, lut_nb, lut_nh, lut_ib, lut_ih, lut_ir, lo,
                                     hi, HAS_LUT, LUT_BK, BLOCK_N)
     for t in range(0, count):
         n0 = lut_tile(t, p_idx, first, HAS_LUT, LUT_BK, BLOCK_N)
         if (n0 < hi) & (n0 + BLOCK_N > lo):
             b_dq = _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs,
-                            qk_scale, win_left, win_right, lo_last_row, hi_first_row, cap2, slope2, p_bias, p_dbias,
-                            o_m, m_m, bias_sq, b_drop_rows, threshold, drop_scale, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                            PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_GRAD, HAS_DROPOUT)
+                            qk_scale, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi, seg_inner_lo,
+                            seg_inner_hi, cap2, slope2, p_bias, p_dbias, o_m, m_m, bias_sq, b_drop_rows, threshold,
+                            drop_scale, BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI,
+                            HAS_BIAS, BIAS_GRAD, HAS_DROPOUT, HAS_SEGMENTS)
     tl.store(DQ + i_b * stride_gb + i_h * stride_gh + o_m[:, None] * stride_gs + o_d[None, :],
              (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_md)
 
 
 @triton.jit
 def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_d, Sq, stride_qs, stride_ds,
-               qk_scale, offset, win_left, win_right, k_first, k_last, cap2, slope2, p_bias, m_n, bias_sq, Seed, i_bh,
-               threshold, drop_scale,
+               qk_scale, offset, win_left, win_right, k_first, k_last, b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi,
+               cap2, slope2, p_bias, m_n, bias_sq, Seed, i_bh, threshold, drop_scale,
                BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
                DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr):
+               HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
     o_m = m0 + tl.arange(0, BLOCK_M)
     m_m = o_m < Sq
     m_md = m_m[:, None] & m_d[None, :]
@@ -271,9 +284,11 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
         partial = partial | (k_first < m_last + offset - win_left)
     if HAS_RIGHT:
         partial = partial | (k_last > m0 + offset + win_right)
+    if HAS_SEGMENTS:  # every query of the tile inside every key's query bounds
+        partial = partial | (m0 < seg_inner_lo) | (m0 + BLOCK_M > seg_inner_hi)
     if partial:
-        b_st = tl.where(keys_see_queries(o_m, o_n, m_m, offset, win_left, win_right, HAS_LEFT, HAS_RIGHT), b_st,
-                        float("-inf"))
+        b_st = tl.where(keys_see_queries(o_m, o_n, m_m, offset, win_left, win_right, b_seg_lo, b_seg_hi, HAS_LEFT,
+                                         HAS_RIGHT, HAS_SEGMENTS), b_st, float("-inf"))
     b_pt = tl.math.exp2(b_st - b_l2[None, :])
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
     b_pdt = b_pt  # what dv takes: P^T, or with dropout P^T Z^T / (1 - p)
@@ -288,7 +303,8 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
         # masked pairs: exact zeros (P^T is NaN there under a NaN lse, dP^T under NaN in V or dO), and
         # products that keep NaN/Inf rows of dO or q away from the keys those rows do not attend.
         # (keep again: a name bound inside one if-block does not reach the next in compiled Triton)
-        keep = keys_see_queries(o_m, o_n, m_m, offset, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+        keep = keys_see_queries(o_m, o_n, m_m, offset, win_left, win_right, b_seg_lo, b_seg_hi, HAS_LEFT, HAS_RIGHT,
+                                HAS_SEGMENTS)
         b_dv += dot_kept(tl.where(keep, b_pdt, 0.0), b_do, keep, PRECISION, DOT_DTYPE)
         b_dk += dot_kept(tl.where(keep, b_dst, 0.0), b_q, keep, PRECISION, DOT_DTYPE)
     else:
@@ -298,18 +314,18 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes, Bias, Seed,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes, Bias, Seed, QueryBounds,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                      stride_db, stride_ds, stride_dh, stride_gkb, stride_gks, stride_gkh, stride_gvb, stride_gvs,
                      stride_gvh,
                      lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
                      Sq, Sk, H, G, Hkv, qk_scale, sm_scale, offset, win_left, win_right, cap2, stride_slopes_b,
-                     bias_sb, bias_sh, bias_sq, threshold, drop_scale,
+                     bias_sb, bias_sh, bias_sq, threshold, drop_scale, qb_sb,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_DROPOUT: tl.constexpr):
+                     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = (i_bhk // Hkv).to(tl.int64), (i_bhk % Hkv).to(tl.int64)
     n0 = i_n * BLOCK_N
@@ -332,6 +348,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes, Bias, 
         q_lo = tl.maximum(n0 - win_right - offset, 0)
     if HAS_LEFT:
         q_hi = tl.minimum(k_last + win_left - offset + 1, Sq)
+    b_seg_lo, b_seg_hi, seg_lo, seg_hi, seg_inner_lo, seg_inner_hi = segment_bounds(
+        QueryBounds + i_b * qb_sb, o_n, m_n, n0, k_last, HAS_SEGMENTS)
+    if HAS_SEGMENTS:
+        q_lo = tl.maximum(q_lo, seg_lo)
+        q_hi = tl.minimum(q_hi, seg_hi)
 
     for g in range(0, G):  # the query heads of this kv head: the GQA reduction stays in registers
         i_h = i_hk * G + g
@@ -352,9 +373,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes, Bias, 
             if (m0 < q_hi) & (m0 + BLOCK_M > q_lo):
                 b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_d, Sq,
                                         stride_qs, stride_ds, qk_scale, offset, win_left, win_right, n0, k_last,
-                                        cap2, slope2, p_bias, m_n, bias_sq, Seed, i_bh, threshold, drop_scale,
-                                        BLOCK_M, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI,
-                                        HAS_BIAS, HAS_DROPOUT)
+                                        b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi, cap2, slope2, p_bias, m_n,
+                                        bias_sq, Seed, i_bh, threshold, drop_scale, BLOCK_M, HAS_LEFT, HAS_RIGHT,
+                                        PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT,
+                                        HAS_SEGMENTS)
     tl.store(DK + i_b * stride_gkb + i_hk * stride_gkh + o_n[:, None] * stride_gks + o_d[None, :],
              (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_nd)
     tl.store(DV + i_b * stride_gvb + i_hk * stride_gvh + o_n[:, None] * stride_gvs + o_d[None, :],
@@ -370,7 +392,7 @@ _FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 
 _DQ_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2), (32, 64, 4, 3)]
 _DKDV_CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 4, 2), (64, 32, 4, 3)]
 _AUTOTUNE_KEY = ["BLOCK_D", "LUT_BQ", "LUT_BK", "HAS_LUT", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "HAS_SOFTCAP",
-                 "HAS_ALIBI", "HAS_BIAS", "HAS_DROPOUT"]
+                 "HAS_ALIBI", "HAS_BIAS", "HAS_DROPOUT", "HAS_SEGMENTS"]
 
 
 def _fit(bm: int, bn: int, args: dict) -> Tuple[int, int]:
@@ -442,13 +464,14 @@ def _window(causal: bool, window_left: int, window_right: int) -> Tuple[int, int
 
 def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k, softmax_scale, causal,
          window_left, window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None,
-         attn_bias=None, dropout_p=0.0, dropout_seed=None):
+         attn_bias=None, dropout_p=0.0, dropout_seed=None, key_bounds=None, query_bounds=None):
     op = lib.FWD_TRITON.name
     _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                                   softmax_scale, window_left, window_right, transposed_values=False)
     _args.check_score_mod_args(op, q, softcap, alibi_slopes, sinks)
     _args.check_attn_bias_arg(op, q, k, attn_bias)
     _args.check_dropout_args(op, q, dropout_p, dropout_seed)
+    _args.check_segment_bounds(op, q, k, key_bounds, query_bounds, backward=False)
     if map_rows < 0 or map_cols < 0 or (map_rows > 0) != (map_cols > 0):
         raise RuntimeError(f"{op}: map_rows and map_cols must both be > 0 (a block map) or both 0, "
                            f"got ({map_rows}, {map_cols})")
@@ -467,25 +490,26 @@ def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, b
     (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
     bias, bias_strides = bias_args(attn_bias, q.device)
     seed, threshold, drop_scale = dropout_args(dropout_p, dropout_seed, q.device)
-    flags.update(HAS_BIAS=attn_bias is not None, HAS_DROPOUT=threshold > 0)
+    kbounds, kb_sb = segment_args(key_bounds, q.device)
+    flags.update(HAS_BIAS=attn_bias is not None, HAS_DROPOUT=threshold > 0, HAS_SEGMENTS=key_bounds is not None)
     meta = {**_common_meta(q, block_q, block_k, kv_num_blocks is not None, left, right), **flags}
     sinks_arg = sinks.contiguous() if sinks is not None else slopes
-    args = (q, k, v, out, lse, counts, indices, slopes, sinks_arg, bias, seed, *strides3(q), *strides3(k),
+    args = (q, k, v, out, lse, counts, indices, slopes, sinks_arg, bias, seed, kbounds, *strides3(q), *strides3(k),
             *strides3(v), *strides3(out), *lut, Sq, Sk, H, H // Hkv, softmax_scale * LOG2E, Sk - Sq, left, right, cap2,
-            stride_slopes_b, *bias_strides, threshold, drop_scale)
+            stride_slopes_b, *bias_strides, threshold, drop_scale, kb_sb)
     _launch(_fwd_tuned, _fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args,
             {**meta, "HAS_SINKS": sinks is not None})
     if map_rows == 0:
         return out, lse, q.new_empty((0,), dtype=torch.float32)
     meta.pop("HAS_DROPOUT")  # the map is of the probabilities before dropout
     partial = launch_block_map(q, k, lse, counts, indices, lut, meta, map_rows, map_cols, map_max, softmax_scale, left,
-                               right, (cap2, slopes, stride_slopes_b), (bias, bias_strides))
+                               right, (cap2, slopes, stride_slopes_b), (bias, bias_strides), (kbounds, kb_sb))
     return out, lse, partial
 
 
 def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
          softmax_scale, causal, window_left, window_right, softcap=0.0, alibi_slopes=None, attn_bias=None,
-         bias_grad=False, dropout_p=0.0, dropout_seed=None):
+         bias_grad=False, dropout_p=0.0, dropout_seed=None, key_bounds=None, query_bounds=None):
     op = lib.BWD_TRITON.name
     _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                                   softmax_scale, window_left, window_right, transposed_values=True)
@@ -494,6 +518,7 @@ def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks,
     if bias_grad and attn_bias is None:
         raise RuntimeError(f"{op}: bias_grad without an attn_bias")
     _args.check_dropout_args(op, q, dropout_p, dropout_seed)
+    _args.check_segment_bounds(op, q, k, key_bounds, query_bounds, backward=True)
     _args.check_backward_args(op, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks)
     refuse_float64(q)
     q, k, v, out = (dense_last_dim(t) for t in (q, k, v, out))
@@ -518,19 +543,23 @@ def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks,
     (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
     bias, bias_strides = bias_args(attn_bias, q.device)
     seed, threshold, drop_scale = dropout_args(dropout_p, dropout_seed, q.device)
-    flags.update(HAS_BIAS=attn_bias is not None, HAS_DROPOUT=threshold > 0)
+    kbounds, kb_sb = segment_args(key_bounds, q.device)
+    qbounds, qb_sb = segment_args(query_bounds, q.device)
+    flags.update(HAS_BIAS=attn_bias is not None, HAS_DROPOUT=threshold > 0, HAS_SEGMENTS=key_bounds is not None)
     meta = {**_common_meta(q, block_q, block_k, has_lut, left, right), **flags}
     counts, indices, lut = lut_args(kv_num_blocks, kv_indices, q.device)
     qk_scale = softmax_scale * LOG2E
-    args = (q, k, v, dout, dq, lse, delta, counts, indices, slopes, bias, dbias if bias_grad else bias, seed,
+    args = (q, k, v, dout, dq, lse, delta, counts, indices, slopes, bias, dbias if bias_grad else bias, seed, kbounds,
             *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dq), *lut, Sq, Sk, H, H // Hkv,
-            qk_scale, softmax_scale, Sk - Sq, left, right, cap2, stride_slopes_b, *bias_strides, threshold, drop_scale)
+            qk_scale, softmax_scale, Sk - Sq, left, right, cap2, stride_slopes_b, *bias_strides, threshold, drop_scale,
+            kb_sb)
     _launch(_dq_tuned, _bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args,
             {**meta, "BIAS_GRAD": bool(bias_grad)})
     tcounts, tindices, tlut = lut_args(q_num_blocks, q_indices, q.device)
-    args = (q, k, v, dout, dk, dv, lse, delta, tcounts, tindices, slopes, bias, seed, *strides3(q), *strides3(k),
-            *strides3(v), *strides3(dout), *strides3(dk), *strides3(dv), *tlut, Sq, Sk, H, H // Hkv, Hkv, qk_scale,
-            softmax_scale, Sk - Sq, left, right, cap2, stride_slopes_b, *bias_strides, threshold, drop_scale)
+    args = (q, k, v, dout, dk, dv, lse, delta, tcounts, tindices, slopes, bias, seed, qbounds, *strides3(q),
+            *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), *strides3(dv), *tlut, Sq, Sk, H, H // Hkv, Hkv,
+            qk_scale, softmax_scale, Sk - Sq, left, right, cap2, stride_slopes_b, *bias_strides, threshold, drop_scale,
+            qb_sb)
     _launch(_dkdv_tuned, _bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), args, meta)
     return dq, dk, dv, dbias
 
