@@ -86,6 +86,38 @@ def from_document_ids(document_ids: torch.Tensor, batch: int, seq_len: int, devi
     return SegmentBounds(bounds, bounds)
 
 
+def from_key_mask(mask: torch.Tensor, seq_len_q: int) -> Optional[SegmentBounds]:
+    """Bounds of a key padding mask ``(Bm, 1, 1, Sk)`` bool (True: attended) whose kept keys form one run in
+    every batch row (right, left or both-sided padding), else None (the mask then stays a bias). The same
+    keys for every query: no bias to read per score, and the tiles outside the run are never visited."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or not _checking():
+        return None
+    m = mask[:, 0, 0]
+    Sk = m.shape[1]
+    pos = torch.arange(Sk, device=m.device)
+    count = m.sum(dim=1)
+    lo = torch.where(m, pos, Sk).amin(dim=1)
+    hi = torch.where(m, pos + 1, 0).amax(dim=1)
+    if not bool(((hi - lo == count) | (count == 0)).all()):
+        return None
+    lo, hi = torch.where(count == 0, 0, lo), torch.where(count == 0, 0, hi)
+    key_bounds = torch.stack([lo, hi], dim=-1)[:, None, :].expand(m.shape[0], seq_len_q, 2)
+    key_bounds = key_bounds.to(torch.int32).contiguous()
+    return SegmentBounds(key_bounds, transpose_bounds(key_bounds, Sk))
+
+
+def intersect(a: Optional[SegmentBounds], b: Optional[SegmentBounds], seq_len_k: int) -> Optional[SegmentBounds]:
+    """The pairs both allow (either may be None). The intersection of monotone intervals is monotone; an
+    empty one is kept as ``lo = hi``."""
+    if a is None or b is None:
+        return a if b is None else b
+    ka, kb = torch.broadcast_tensors(a.key_bounds, b.key_bounds)
+    lo = torch.maximum(ka[..., 0], kb[..., 0])
+    hi = torch.maximum(torch.minimum(ka[..., 1], kb[..., 1]), lo)
+    key_bounds = torch.stack([lo, hi], dim=-1).contiguous()
+    return SegmentBounds(key_bounds, transpose_bounds(key_bounds, seq_len_k))
+
+
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device, max_seqlen: Optional[int]) -> None:
     """flash_attn's ``cu_seqlens``: int32 ``(num_seqs + 1,)`` on q's device, from 0 to ``total``,
     nondecreasing; ``max_seqlen`` at least every length (values read on CPU only)."""

@@ -268,3 +268,46 @@ def test_compiles_fullgraph_without_guards_on_the_lengths():
     docs = torch.compile(lambda x, d: attnops.attention(x, x, x, causal=True, document_ids=d), fullgraph=True)
     torch.testing.assert_close(docs(x[None], ids), attnops.attention(x[None], x[None], x[None], causal=True,
                                                                      document_ids=ids))
+
+
+def test_contiguous_key_padding_runs_as_bounds(monkeypatch, impl):
+    """A bool key mask whose kept keys are one run per row (right, left, both-sided padding, a row with no key)
+    runs as segment bounds (no bias read, padded tiles skipped): outputs and gradients as the float64 oracle
+    with the mask as an additive bias; a mask with holes stays a bias and gives the same."""
+    from attnops.core.checks import additive_mask
+    from attnops.ops.softmax import op as softmax_op
+
+    used = []
+    real = softmax_op.from_key_mask
+    monkeypatch.setattr(softmax_op, "from_key_mask", lambda *a: used.append(real(*a)) or used[-1])
+    B, S, H, D = 4, 100, 2, 32
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[0, 70:] = False  # right
+    keep[1, :33] = False  # left
+    keep[2, :5] = keep[2, 90:] = False  # both
+    keep[3] = False  # nothing: zeros, lse -inf
+    holes = keep.clone()
+    holes[0, 10:20] = False
+    torch.manual_seed(8)
+    inputs = [torch.randn(B, S, H, D) for _ in range(3)]
+    dout = torch.randn(B, S, H, D, dtype=torch.float64)
+    for mask, as_bounds in ((keep, True), (holes, False)):
+        used.clear()
+
+        def ours(q, k, v):
+            return attnops.attention(q.to(impl.device), k.to(impl.device), v.to(impl.device), causal=True,
+                                     attn_bias=mask[:, None, None, :].to(impl.device), return_lse=True,
+                                     backend=impl.backend)
+
+        def theirs(q, k, v):  # the float64 oracle with the mask as an additive bias (no segment bounds)
+            return reference.block_sparse_attention(q, k, v, None, causal=True, window_size=(-1, -1),
+                                                    softmax_scale=D ** -0.5,
+                                                    attn_bias=additive_mask(mask[:, None, None, :], q.dtype))
+
+        got = grads_of(ours, inputs, dout)
+        want64 = grads_of(theirs, [t.double() for t in inputs], dout)
+        want32 = grads_of(theirs, inputs, dout)
+        assert (used[-1] is not None) == as_bounds
+        for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, want64, want32):
+            assert_accurate(f"key mask {name}", a.cpu(), b, c)
+        assert bool(torch.isneginf(got[1][3]).all()) and bool((got[0][3] == 0).all())

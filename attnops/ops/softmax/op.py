@@ -16,7 +16,7 @@ from attnops.core.checks import (autocast_inputs, check_attn_bias, check_block_m
                                  check_flag, check_qkv, check_score_mods, clamp_window, refuse_forward_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
-from attnops.core.segments import SegmentBounds, from_document_ids
+from attnops.core.segments import SegmentBounds, from_document_ids, from_key_mask, intersect
 
 # The map granularity of dense attention when none is asked for: the kernels' block (DESIGN.md).
 DEFAULT_MAP_BLOCK = (64, 64)
@@ -86,6 +86,7 @@ def attention(
     request = check_request(map_block_size, reduce, DEFAULT_MAP_BLOCK, block_size) if return_block_map else None
     dropout = check_dropout(dropout_p, generator, q.device)
     segments = check_document_ids(document_ids, shape, q.device)
+    bias, keep_blocks_of, segments = key_mask_as_bounds(attn_bias, bias, keep_blocks_of, segments, shape)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
     mask = None
     if keep_blocks_of is not None:  # a bool mask: its blocks without a True are skipped
@@ -154,6 +155,7 @@ def block_sparse_attention(
     request = check_request(map_block_size, reduce, block_mask.block_size, block_size) if return_block_map else None
     dropout = check_dropout(dropout_p, generator, q.device)
     segments = check_document_ids(document_ids, shape, q.device)
+    bias, keep_blocks_of, segments = key_mask_as_bounds(attn_bias, bias, keep_blocks_of, segments, shape)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend)
     if keep_blocks_of is not None:  # the mask's blocks that the bool attn_bias leaves something in
         block_mask = BlockMask.from_dense(block_mask.to_dense() & keep_blocks_of(*block_mask.block_size),
@@ -174,6 +176,21 @@ def check_document_ids(document_ids, shape, device) -> Optional[SegmentBounds]:
         raise ValueError(f"document_ids packs one sequence of queries and keys: needs Sq == Sk, got "
                          f"{shape.seq_len_q} and {shape.seq_len_k}")
     return from_document_ids(document_ids, shape.batch, shape.seq_len_q, device)
+
+
+def key_mask_as_bounds(attn_bias, bias, keep_blocks_of, segments, shape):
+    """A bool key padding mask (``(B|1, 1, 1, Sk)`` after broadcasting) whose kept keys are one run per row
+    runs as segment bounds instead of a bias: the same result, no bias read per score, and the kernels never
+    visit the padded tiles. Other masks stay as they are."""
+    if keep_blocks_of is None or not isinstance(attn_bias, torch.Tensor) or attn_bias.dtype != torch.bool:
+        return bias, keep_blocks_of, segments
+    mask = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
+    if mask.shape[3] != shape.seq_len_k:
+        return bias, keep_blocks_of, segments
+    bounds = from_key_mask(mask, shape.seq_len_q)
+    if bounds is None:
+        return bias, keep_blocks_of, segments
+    return None, None, intersect(segments, bounds, shape.seq_len_k)
 
 
 SCORE_MODS_DOC = """softcap: ``cap * tanh(s / cap)`` on the scaled scores before the mask (Gemma 2, Grok);
