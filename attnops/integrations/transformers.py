@@ -33,10 +33,8 @@ import torch
 from attnops.core.checks import additive_mask
 from attnops.maps.capture import attend
 from attnops.core.masks import BlockMask
-from attnops.nn.specs import (SCORE_MOD_SPECS, AttentionSpec, BlockSparseSpec, LinearAttentionSpec, MoBASpec,
-                              SoftmaxSpec, resolve_spec)
-from attnops.ops.linear import linear_attention
-from attnops.ops.routed import moba_attention
+from attnops.nn.specs import (SCORE_MOD_SPECS, VARLEN_SPECS, AttentionSpec, BlockSparseSpec, LinearAttentionSpec,
+                              MoBASpec, SoftmaxSpec, attend_unpadded, resolve_spec)
 
 _SPECS: Dict[str, AttentionSpec] = {}
 
@@ -178,7 +176,7 @@ def _attention_forward(spec: AttentionSpec):
         _check_call(module, attention_mask, kwargs)
         mods = {}
         documents = _document_ids(attention_mask, query.shape[2], key.shape[2], kwargs)
-        if isinstance(spec, (MoBASpec, LinearAttentionSpec)) and position_bias is None and \
+        if isinstance(spec, VARLEN_SPECS) and position_bias is None and \
                 query.shape[2] == key.shape[2] and (attention_mask is None or attention_mask.dim() == 2):
             keep = None if attention_mask is None else attention_mask.bool()
             if documents is not None or (keep is not None and not bool(keep.all())):
@@ -195,7 +193,11 @@ def _attention_forward(spec: AttentionSpec):
                     raise NotImplementedError(f"attnops attention: the model asks for a sliding window of "
                                               f"{sliding_window}, which the {type(spec).__name__} registered here "
                                               "cannot apply")
-                return _unpadded(spec, query, key, value, keep, documents, causal, scaling, extra), None
+                q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+                try:
+                    return attend_unpadded(spec, q, k, v, keep, documents, causal, scaling, **extra), None
+                except NotImplementedError as e:
+                    raise NotImplementedError(f"attnops attention: the model sends {e}") from None
         if documents is not None:
             if not isinstance(spec, (SoftmaxSpec, BlockSparseSpec)):
                 raise NotImplementedError(f"attnops attention: packed sequences (position_ids restarting inside a "
@@ -231,37 +233,6 @@ def _attention_forward(spec: AttentionSpec):
         return out, None
 
     return attnops_attention_forward
-
-
-def _unpadded(spec, query, key, value, keep, documents, causal: bool, scaling, mods: dict) -> torch.Tensor:
-    """A padded (``keep (B, S)``, True = a token) and / or packed (``documents (B, S)``) prefill through the
-    MoBA / linear families' varlen forms, as transformers' flash-attention path does: the kept tokens of every
-    (row, document) become one sequence, in order; padded rows of the output are zeros. ``query (B, H, S, D)``,
-    ``key, value (B, Hkv, S, D)`` -> ``(B, S, H, Dv)``."""
-    B, H, S, _ = query.shape
-    q, k, v = (t.transpose(1, 2).reshape(B * S, t.shape[1], t.shape[3]) for t in (query, key, value))
-    keep = torch.ones(B, S, dtype=torch.bool, device=query.device) if keep is None else keep.to(query.device)
-    doc = torch.zeros(B, S, dtype=torch.int64, device=query.device) if documents is None else documents.to(
-        query.device).expand(B, S)
-    seq = (torch.arange(B, device=query.device)[:, None] * (S + 1) + doc).flatten()
-    idx = keep.flatten().nonzero().flatten()
-    _, counts = torch.unique_consecutive(seq[idx], return_counts=True)
-    cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-    qs, ks, vs = q[idx], k[idx], v[idx]
-    if isinstance(spec, MoBASpec):
-        out = moba_attention(qs, ks, vs, block_size=spec.block_size, topk=spec.topk, causal=spec.causal or causal,
-                             softmax_scale=scaling, cu_seqlens=cu, max_seqlen=int(counts.max()) if idx.numel() else 0,
-                             **mods)
-    else:
-        if mods:
-            raise NotImplementedError(f"attnops attention: the model sends {' and '.join(sorted(mods))}, which the "
-                                      "LinearAttentionSpec registered here cannot apply")
-        out = linear_attention(qs[None], ks[None], vs[None], feature_map=spec.feature_map, normalize=spec.normalize,
-                               decay=spec.decay, causal=spec.causal or causal, softmax_scale=scaling,
-                               cu_seqlens=cu)[0]
-    full = out.new_zeros(B * S, *out.shape[1:])
-    full[idx] = out
-    return full.view(B, S, *out.shape[1:])
 
 
 _WINDOWED: Dict[tuple, SoftmaxSpec] = {}

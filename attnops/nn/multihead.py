@@ -12,7 +12,8 @@ from torch import nn
 
 from attnops.core.checks import additive_mask
 from attnops.maps.capture import attend
-from attnops.nn.specs import SCORE_MOD_SPECS, AttentionSpec, BlockSparseSpec, SoftmaxSpec, resolve_spec
+from attnops.nn.specs import (SCORE_MOD_SPECS, VARLEN_SPECS, AttentionSpec, BlockSparseSpec, SoftmaxSpec,
+                              attend_unpadded, resolve_spec)
 
 
 class MultiheadAttention(nn.Module):
@@ -119,6 +120,13 @@ class MultiheadAttention(nn.Module):
             v = torch.cat([v, v.new_zeros(B, 1, E)], dim=1)
         return q, k, v
 
+    def _finish(self, out: torch.Tensor, B: int, L: int, E: int, unbatched: bool) -> torch.Tensor:
+        """The output projection, in the caller's layout."""
+        out = self.out_proj(out.reshape(B, L, E))
+        if unbatched:
+            return out.squeeze(0)
+        return out if self.batch_first else out.transpose(0, 1)
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
@@ -130,6 +138,7 @@ class MultiheadAttention(nn.Module):
             raise NotImplementedError(f"attnops.nn.MultiheadAttention: attention dropout needs the SoftmaxSpec, a "
                                       f"BlockSparseSpec or the MoBASpec, not {type(self.attention).__name__}; build "
                                       "the module with dropout=0 (or run it in eval mode)")
+        self_attention = query is key  # before the layout changes below make new tensors of both
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
@@ -159,22 +168,44 @@ class MultiheadAttention(nn.Module):
         options = {}
         if self.training and self.dropout > 0:
             options["dropout_p"] = self.dropout
+        padding = _padding_of(key_padding_mask)
+        if bias is not None and isinstance(self.attention, VARLEN_SPECS) and attn_mask is None and not extra and \
+                self_attention and padding is not None:
+            # self-attention with padding on MoBA / linear: each row's kept tokens run as one sequence
+            if need_weights:
+                raise NotImplementedError("attnops.nn.MultiheadAttention: key padding on the "
+                                          f"{type(self.attention).__name__} runs each row's tokens as a sequence and "
+                                          "has no attention weights; pass need_weights=False")
+            out = attend_unpadded(self.attention, q, k, v, ~padding, None, causal, None, **options)
+            return self._finish(out, B, L, E, unbatched), None
         if bias is not None:
             if not isinstance(self.attention, (SoftmaxSpec, BlockSparseSpec)):
                 raise NotImplementedError(f"attnops.nn.MultiheadAttention: masks and key padding need the SoftmaxSpec "
-                                          f"or a BlockSparseSpec, not {type(self.attention).__name__}")
+                                          f"or a BlockSparseSpec, not {type(self.attention).__name__} (the MoBA and "
+                                          "linear specs take a bool key_padding_mask alone in self-attention, query is "
+                                          "key)")
             options["attn_bias"] = bias
         out, weights = attend(self, self.attention, q, k, v, causal=causal, need_map=need_weights, **options)
-        out = self.out_proj(out.reshape(B, L, E))
-        if unbatched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
+        out = self._finish(out, B, L, E, unbatched)
         if not need_weights or weights is None:
             return out, None
         if average_attn_weights:
             weights = weights.mean(1)
         return out, weights.squeeze(0) if unbatched else weights
+
+
+def _padding_of(key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A key padding mask as bool (True: padding): a bool one, or a float one of 0 / -inf only (the form
+    ``nn.TransformerEncoder`` converts masks to); None for anything else."""
+    if key_padding_mask is None:
+        return None
+    if key_padding_mask.dtype == torch.bool:
+        return key_padding_mask
+    if key_padding_mask.is_floating_point():
+        pad = torch.isneginf(key_padding_mask)
+        if bool(((key_padding_mask == 0) | pad).all()):
+            return pad
+    return None
 
 
 def _attn_bias(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], B: int, H: int, L: int,

@@ -195,6 +195,44 @@ class LowRankKeySpec:
                                      softmax_scale=softmax_scale, local=self.local, **block_map)
 
 
+# The specs whose op takes packed sequences (cu_seqlens) but no mask: padding runs as sequences (attend_unpadded).
+VARLEN_SPECS = (MoBASpec, LinearAttentionSpec)
+
+
+def attend_unpadded(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor],
+                    documents: Optional[torch.Tensor], causal: bool, softmax_scale: Optional[float],
+                    **mods) -> torch.Tensor:
+    """Self-attention of a padded (``keep (B, S)``, True = a token) and / or packed (``documents (B, S)``) batch
+    on a :data:`VARLEN_SPECS` spec, as flash-attention's unpadded path runs it: the kept tokens of every (row,
+    document) become one sequence, in order, through the op's ``cu_seqlens`` form; padded positions of the
+    output are zeros. ``q (B, S, H, D)``, ``k, v (B, S, Hkv, D)`` -> ``(B, S, H, Dv)``."""
+    B, S = q.shape[:2]
+    flat = [t.reshape(B * S, *t.shape[2:]) for t in (q, k, v)]
+    keep = torch.ones(B, S, dtype=torch.bool, device=q.device) if keep is None else keep.to(q.device)
+    doc = torch.zeros(B, S, dtype=torch.int64, device=q.device) if documents is None else \
+        documents.to(q.device).expand(B, S)
+    seq = (torch.arange(B, device=q.device)[:, None] * (S + 1) + doc).flatten()
+    idx = keep.flatten().nonzero().flatten()
+    _, counts = torch.unique_consecutive(seq[idx], return_counts=True)
+    cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    qs, ks, vs = (t[idx] for t in flat)
+    if isinstance(spec, MoBASpec):
+        out = moba_attention(qs, ks, vs, block_size=spec.block_size, topk=spec.topk, causal=spec.causal or causal,
+                             softmax_scale=softmax_scale, cu_seqlens=cu,
+                             max_seqlen=int(counts.max()) if idx.numel() else 0, **mods)
+    elif isinstance(spec, LinearAttentionSpec):
+        if mods:
+            raise NotImplementedError(f"{' and '.join(sorted(mods))}: the LinearAttentionSpec cannot apply it")
+        out = linear_attention(qs[None], ks[None], vs[None], feature_map=spec.feature_map, normalize=spec.normalize,
+                               decay=spec.decay, causal=spec.causal or causal, softmax_scale=softmax_scale,
+                               cu_seqlens=cu)[0]
+    else:
+        raise TypeError(f"attend_unpadded takes a MoBASpec or LinearAttentionSpec, got {type(spec).__name__}")
+    full = out.new_zeros(B * S, *out.shape[1:])
+    full[idx] = out
+    return full.view(B, S, *out.shape[1:])
+
+
 AttentionSpec = Union[SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec]
 # The specs whose attention is a softmax over scores, which take softcap / alibi_slopes / sinks.
 SCORE_MOD_SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec)

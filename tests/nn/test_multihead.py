@@ -142,8 +142,12 @@ def test_unsupported_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="attn_mask must be"):
         mha(x, x, x, attn_mask=torch.zeros(3, 9, 9, dtype=torch.bool))
     moba = MultiheadAttention(16, 2, batch_first=True, attention=attnops.nn.MoBASpec(block_size=64, topk=1))
-    with pytest.raises(NotImplementedError, match="SoftmaxSpec"):
+    with pytest.raises(NotImplementedError, match="need_weights=False"):
         moba(x, x, x, key_padding_mask=pad)
+    with pytest.raises(NotImplementedError, match="SoftmaxSpec"):
+        moba(x, x.clone(), x, key_padding_mask=pad, need_weights=False)  # not self-attention
+    with pytest.raises(NotImplementedError, match="SoftmaxSpec"):
+        moba(x, x, x, attn_mask=torch.eye(9, dtype=torch.bool).roll(1, 1), need_weights=False)
     with pytest.raises(ValueError, match="widths"):
         mha(x, x, torch.randn(2, 9, 8))
     with pytest.raises(ValueError, match="multiple"):
@@ -152,6 +156,32 @@ def test_unsupported_inputs_are_clear_errors():
     with pytest.raises(NotImplementedError, match="dropout"):
         drop(x, x, x)
     drop.eval()(x, x, x)
+
+
+@pytest.mark.parametrize("spec", [attnops.nn.MoBASpec(block_size=64, topk=2, causal=True),
+                                  attnops.nn.LinearAttentionSpec(causal=True)], ids=["moba", "linear"])
+def test_key_padding_on_the_varlen_specs_runs_each_row_as_a_sequence(spec):
+    """MoBA and linear attention in self-attention with a bool key_padding_mask: every row's kept tokens run as
+    one sequence (their varlen forms), so each kept position equals the module on that row's tokens alone."""
+    torch.manual_seed(9)
+    mha = MultiheadAttention(32, 4, batch_first=True, attention=spec).double().eval()
+    x = torch.randn(3, 150, 32, dtype=torch.float64)
+    pad = torch.zeros(3, 150, dtype=torch.bool)
+    pad[0, 120:] = True  # right
+    pad[1, :70] = True  # left
+    out, weights = mha(x, x, x, key_padding_mask=pad, need_weights=False)
+    assert weights is None
+    for b in range(3):
+        kept = ~pad[b]
+        alone, _ = mha(x[b:b + 1, kept], x[b:b + 1, kept], x[b:b + 1, kept], need_weights=False)
+        torch.testing.assert_close(out[b, kept], alone[0], rtol=1e-9, atol=1e-9)
+    # nn.TransformerEncoder hands the layer its padding mask as 0 / -inf floats: the same
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True).double().eval()
+    attnops.swap(layer, spec)
+    encoded = layer(x, src_key_padding_mask=pad)
+    for b in range(3):
+        kept = ~pad[b]
+        torch.testing.assert_close(encoded[b, kept], layer(x[b:b + 1, kept])[0], rtol=1e-9, atol=1e-9)
 
 
 def _masks(kind, B, H, L, S, dtype=torch.float64):
