@@ -42,4 +42,16 @@ PYBIND11_MODULE(_C, m) {
         return attnops::g_backward_mode.exchange(mode);
       },
       "CPU attention backward: 0 auto, 1 fused single pass, 2 two passes (test aid); returns the previous mode.");
+  m.def(
+      "_cpu_isa",
+      [] {
+#if defined(__AVX512F__)
+        return std::string("avx512");
+#elif defined(__AVX2__) && defined(__FMA__)
+        return std::string("avx2");
+#else
+        return std::string("generic");
+#endif
+      },
+      "The instruction set the C++ kernels were compiled for (one level per build: avx512, avx2 or generic).");
 }

@@ -32,6 +32,12 @@ def environment(device: str, threads: int) -> dict:
         "timing": ("torch.utils.benchmark, providers interleaved, median of repeats after warm-up"
                    if not device.startswith("cuda") else "triton.testing.do_bench (median)"),
     }
+    if not device.startswith("cuda"):
+        from attnops.core.backends import cpu_isa
+
+        isa = cpu_isa()
+        env["cpu_kernels_isa"] = isa["kernels"]
+        env["cpu_flags"] = " ".join(isa["cpu"])
     return env
 
 
@@ -186,7 +192,8 @@ def render_table(results: List[CaseResult], env: dict, console=None):
 
         # Logs and CI are not terminals: rich would wrap the table at 80 columns.
         console = Console(width=max(shutil.get_terminal_size((160, 40)).columns, 160))
-    table = Table(title=f"attnops {env['attnops']} ({env['git_commit']}) — {env['device_name']}, "
+    isa = f", kernels {env['cpu_kernels_isa']} (CPU: {env.get('cpu_flags') or '?'})" if env.get("cpu_kernels_isa") else ""
+    table = Table(title=f"attnops {env['attnops']} ({env['git_commit']}) — {env['device_name']}{isa}, "
                         f"torch {env['torch']}, {env['threads']} threads", show_lines=False)
     extras = sorted({e for r in results for e in r.extras})
     approx = any(r.approx_err is not None for r in results)  # approximate ops: error vs the exact function

@@ -50,6 +50,26 @@ def cuda_kernel(qualname: str) -> bool:
     return EXTENSION and torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
 
 
+# The CPU features that decide the kernels' speed (/proc/cpuinfo flag names), reported by cpu_isa().
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_isa() -> dict:
+    """What the C++ kernels run with: ``kernels``, the instruction set they were compiled for (``avx2`` for the
+    default x86-64-v3 build, ``avx512``, ``generic``; None without the extension), and ``cpu``, which of
+    :data:`ISA_FLAGS` this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {"kernels": _C._cpu_isa() if EXTENSION else None, "cpu": [f for f in ISA_FLAGS if f in flags]}
+
+
 def set_poison_outputs(enable: bool) -> bool:
     """Test aid: C++ kernels fill outputs with NaN at allocation. Returns the previous setting."""
     return _C._set_poison_outputs(enable) if EXTENSION else False

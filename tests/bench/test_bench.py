@@ -68,6 +68,9 @@ def test_tiny_suite_end_to_end(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["environment"]["threads"] == 1 and data["environment"]["torch"] == torch.__version__
     assert data["environment"]["git_commit"]
+    # which instruction set the kernels were built for, and the CPU's own (the tables say which machine)
+    assert data["environment"]["cpu_kernels_isa"] in ("avx2", "avx512", "generic")
+    assert isinstance(data["environment"]["cpu_flags"], str)
     rows = data["results"]
     assert len(rows) == 9 and all(r["status"] == "ok" for r in rows)
     for r in rows:
