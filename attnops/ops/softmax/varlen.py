@@ -59,7 +59,8 @@ def varlen_attention(
             sequence with ``Lq`` queries and ``Lk`` keys sees its keys ``<= a + Lk - Lq``.
         window_size: ``(left, right)`` likewise per sequence; -1 is unbounded.
         {score_mods}
-            Here ALiBi needs ``cu_seqlens_q`` equal to ``cu_seqlens_k`` (the distance is then ``|i - j|``).
+        ALiBi here: ``alibi_slopes (H,)`` (or ``(1, H)``), and ``cu_seqlens_q`` equal to ``cu_seqlens_k`` (the
+            distance ``|i - j|`` is then the one inside each sequence).
         block_mask: an extra ``BlockMask`` over the packed ``(total_q, total_k)`` (B = 1), without its own
             causal / window predicates (give those here, per sequence).
         return_lse: also return the log-sum-exp ``(H, total_q)`` (float32).
