@@ -486,9 +486,15 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         if (drop.on())
           for (int64_t i = 0; i < n; ++i) ws.drop_rows[i] = drop.row_key(bh, t0 + i);
         const int64_t panel = bh * ops.Sq_pad * p.D + t0 * p.D;
-        gemm<T>(keys, n, p.D, ws.k.data(), p.D, ops.qt + panel, p.D * NR, ws.s.data(), kTileQBwd, false);
-        gemm<T>(keys, n, p.D, ws.v.data(), p.D, ops.dot + panel, p.D * NR, ws.dp.data(), kTileQBwd, false);
-        for (int64_t j = 0; j < keys; ++j) {
+        // Only keys [ja, ja + nk) see a query of this tile (as live_rows in the forward): the products skip
+        // the others, whose rows of S^T / dS^T are then never read.
+        const RowRange live = live_rows(ws.spans.data(), keys);
+        const int64_t ja = live.first, nk = live.count;
+        gemm<T>(nk, n, p.D, ws.k.data() + ja * p.D, p.D, ops.qt + panel, p.D * NR, ws.s.data() + ja * kTileQBwd,
+                kTileQBwd, false);
+        gemm<T>(nk, n, p.D, ws.v.data() + ja * p.D, p.D, ops.dot + panel, p.D * NR, ws.dp.data() + ja * kTileQBwd,
+                kTileQBwd, false);
+        for (int64_t j = ja; j < ja + nk; ++j) {
           T* s = ws.s.data() + j * kTileQBwd;  // becomes P^T
           T* ds = ws.dp.data() + j * kTileQBwd;  // becomes dS^T
           if (ws.spans[j].empty()) {
@@ -527,20 +533,22 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         }
         const int64_t rows_at = bh * p.Dp * p.Sq + t0 * NR;
         T* partial = ws.partial.data();
+        const T* s_live = ws.s.data() + ja * kTileQBwd;
+        const T* ds_live = ws.dp.data() + ja * kTileQBwd;
         if (exact) {
-          gemm_in_spans<T>(keys, ws.spans.data(), p.Dp, ws.s.data(), kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial,
+          gemm_in_spans<T>(nk, ws.spans.data() + ja, p.Dp, s_live, kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial,
                            p.Dp, false);
         } else {
-          gemm<T>(keys, p.Dp, t1 - t0, ws.s.data(), kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial, p.Dp, false);
+          gemm<T>(nk, p.Dp, t1 - t0, s_live, kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial, p.Dp, false);
         }
-        add_into(ws.dv.data(), partial, keys * p.Dp);
+        add_into(ws.dv.data() + ja * p.Dp, partial, nk * p.Dp);
         if (exact) {
-          gemm_in_spans<T>(keys, ws.spans.data(), p.Dp, ws.dp.data(), kTileQBwd, ops.qs + rows_at, p.Sq * NR, partial,
+          gemm_in_spans<T>(nk, ws.spans.data() + ja, p.Dp, ds_live, kTileQBwd, ops.qs + rows_at, p.Sq * NR, partial,
                            p.Dp, false);
         } else {
-          gemm<T>(keys, p.Dp, t1 - t0, ws.dp.data(), kTileQBwd, ops.qs + rows_at, p.Sq * NR, partial, p.Dp, false);
+          gemm<T>(nk, p.Dp, t1 - t0, ds_live, kTileQBwd, ops.qs + rows_at, p.Sq * NR, partial, p.Dp, false);
         }
-        add_into(ws.dk.data(), partial, keys * p.Dp);
+        add_into(ws.dk.data() + ja * p.Dp, partial, nk * p.Dp);
         if (fused) {  // dq[t0:t1] += dS K = (dS^T)^T K
           if (exact) {  // query i sums only the keys it sees: [j0, j1) of the tile
             for (int64_t i = 0; i < t1 - t0; ++i) {
@@ -555,7 +563,7 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
                             ws.kpanel.data() + j0 * NR, kTileKBwd * NR, partial + i * p.Dp, p.Dp, false);
             }
           } else {
-            gemm<T, true>(t1 - t0, p.Dp, keys, ws.dp.data(), kTileQBwd, ws.kpanel.data(), kTileKBwd * NR, partial,
+            gemm<T, true>(t1 - t0, p.Dp, nk, ds_live, kTileQBwd, ws.kpanel.data() + ja * NR, kTileKBwd * NR, partial,
                           p.Dp, false);
           }
           add_into(dq_rows + t0 * p.Dp, partial, (t1 - t0) * p.Dp);
