@@ -193,32 +193,35 @@ def key_mask_as_bounds(attn_bias, bias, keep_blocks_of, segments, shape):
     return None, None, intersect(segments, bounds, shape.seq_len_k)
 
 
-SCORE_MODS_DOC = """softcap: ``cap * tanh(s / cap)`` on the scaled scores before the mask (Gemma 2, Grok);
+# The ops' shared docstring lines, in parts: varlen_attention takes the modifiers and dropout, not the bias or
+# document ids.
+MODS_DOC = """softcap: ``cap * tanh(s / cap)`` on the scaled scores before the mask (Gemma 2, Grok);
             0 is off. Exact backward.
         alibi_slopes: ``(H,)`` or ``(B, H)`` floats: ALiBi's bias ``-slope * |i + Sk - Sq - j|`` added after
             the softcap and the mask (flash_attn's convention). No gradient.
         sinks: ``(H,)`` learnable logits, one per head, that join every row's softmax denominator and carry
             no value (gpt-oss, StreamingLLM); lse includes them, a row that sees no key gets zeros and
-            ``lse = sinks[h]``. Differentiable.
-        attn_bias: SDPA's ``attn_mask``, broadcastable to ``(B, H, Sq, Sk)`` (each dim full or 1): a float
+            ``lse = sinks[h]``. Differentiable."""
+BIAS_DOC = """attn_bias: SDPA's ``attn_mask``, broadcastable to ``(B, H, Sq, Sk)`` (each dim full or 1): a float
             tensor is added to the scores with ALiBi's (after the softcap and the masks; its gradient
             flows, reduced to its shape: T5's relative position bias), a bool one masks (False: not
             attended; key blocks with no True are skipped). It combines with causal and windows; rows it
             masks entirely give zeros. The one path that reads an ``Sq x Sk`` tensor (the one given), and
             with a float bias that requires grad the backward writes one (its gradient). NaN/Inf in k or v
             stays out of other rows at the granularity of the causal/window/block predicates, not of the
-            bias's -inf / False entries.
-        dropout_p: attention dropout on the probabilities, in [0, 1) (0: off; pass the module's rate only in
+            bias's -inf / False entries."""
+DROPOUT_DOC = """dropout_p: attention dropout on the probabilities, in [0, 1) (0: off; pass the module's rate only in
             training). Kept probabilities are scaled by ``1 / (1 - p)`` (p rounded to a multiple of 2**-24);
             lse and block maps are of the probabilities before dropout. The mask is a hash of one seed drawn
             per call from ``generator``, regenerated in the backward (never stored), the same on every backend.
         generator: the ``torch.Generator`` the seed is drawn from (default: the device's default generator;
-            ``torch.manual_seed`` then reproduces the mask).
-        document_ids: ``(B, S)`` or ``(S,)`` integers, for packed rows (needs ``Sq == Sk``): a query attends only
+            ``torch.manual_seed`` then reproduces the mask)."""
+DOCUMENTS_DOC = """document_ids: ``(B, S)`` or ``(S,)`` integers, for packed rows (needs ``Sq == Sk``): a query attends only
             keys of its own document (a run of equal ids), exactly at any token; causal, windows, block masks
             and the bias act within each document, positions stay the row's (ALiBi's distance too, which is
             the same inside a document). Tiles wholly in another document are never visited. Padding is one
             more document: drop its rows after."""
+SCORE_MODS_DOC = "\n        ".join((MODS_DOC, BIAS_DOC, DROPOUT_DOC, DOCUMENTS_DOC))
 
 for _op in (attention, block_sparse_attention):
     _op.__doc__ = _op.__doc__.replace("{map_args}", MAP_ARGS_DOC).replace("{score_mods}", SCORE_MODS_DOC)

@@ -19,7 +19,7 @@ from attnops.core.checks import (autocast_inputs, check_block_mask, check_causal
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 from attnops.core.segments import check_cu_seqlens, from_cu_seqlens
-from attnops.ops.softmax.op import DEFAULT_MAP_BLOCK, SCORE_MODS_DOC
+from attnops.ops.softmax.op import DEFAULT_MAP_BLOCK, DROPOUT_DOC, MODS_DOC
 
 
 def varlen_attention(
@@ -117,5 +117,4 @@ def varlen_attention(
 
 
 varlen_attention.__doc__ = varlen_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC).replace(
-    "{score_mods}", SCORE_MODS_DOC.split("        attn_bias:")[0].rstrip() + "\n        " +
-    "dropout_p" + SCORE_MODS_DOC.split("        dropout_p")[1].split("        document_ids:")[0].rstrip())
+    "{score_mods}", MODS_DOC + "\n        " + DROPOUT_DOC)
