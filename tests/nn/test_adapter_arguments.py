@@ -319,10 +319,14 @@ def _llama_pair():
     ref, ours, low = _pair(cfg, "AutoModelForCausalLM")
     # transformers' eager float64 mask arithmetic gives NaN rows under left padding (finfo.min + finfo.min =
     # -inf): the float64 yardstick is SDPA there, which unmasks fully masked rows
-    sdpa = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa")
-    sdpa = sdpa.double().eval()
+    return _sdpa_twin(cfg, "AutoModelForCausalLM", ref), ours, low
+
+
+def _sdpa_twin(cfg, auto, ref):
+    """A float64 SDPA model with ``ref``'s weights: the truth where eager's float64 masks make NaN rows."""
+    sdpa = getattr(transformers, auto).from_config(copy.deepcopy(cfg), attn_implementation="sdpa").double().eval()
     sdpa.load_state_dict(ref.state_dict())
-    return sdpa, ours, low
+    return sdpa
 
 
 def _left_padded(B=2, S=60, pads=(17, 0)):
@@ -361,22 +365,6 @@ def test_left_padded_cached_generation_matches_eager():
         a = ours.eval().generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True)
         b = low.eval().generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True)
     assert torch.equal(a, b)
-
-
-def test_bert_right_padded_batch_matches_eager():
-    from transformers import BertConfig
-
-    cfg = BertConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    ref, ours, low = _pair(cfg, "AutoModelForMaskedLM")
-    ids = torch.randint(1, 97, (3, 50))
-    mask = torch.ones(3, 50, dtype=torch.long)
-    mask[0, 31:] = 0
-    mask[2, 7:] = 0
-    real = mask.bool()
-    with torch.no_grad():
-        got, want, base = (m(input_ids=ids, attention_mask=mask).logits for m in (ours, ref, low))
-    assert_accurate("bert padded logits", got[real], want[real], base[real])
 
 
 def _t5():
@@ -426,7 +414,7 @@ def test_t5_position_bias_and_padding_match_eager():
 
 
 def _padded_configs():
-    from transformers import DistilBertConfig, GPT2Config, ModernBertConfig, Qwen2Config
+    from transformers import BertConfig, DistilBertConfig, GPT2Config, ModernBertConfig, Qwen2Config
 
     common = {**COMMON, "num_key_value_heads": 1}
     return {
@@ -434,6 +422,9 @@ def _padded_configs():
         "mistral-window64": _window_configs()["mistral-window64"],
         "gpt2": (GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=256, attn_pdrop=0.0,
                             resid_pdrop=0.0, embd_pdrop=0.0), "AutoModelForCausalLM"),
+        "bert": (BertConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0), "AutoModelForMaskedLM"),
         "distilbert": (DistilBertConfig(vocab_size=97, dim=64, hidden_dim=96, n_layers=2, n_heads=4, dropout=0.0,
                                         attention_dropout=0.0, max_position_embeddings=256), "AutoModelForMaskedLM"),
         "modernbert-local32": (ModernBertConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
@@ -444,7 +435,8 @@ def _padded_configs():
     }
 
 
-@pytest.mark.parametrize("name", ["qwen2-mqa", "mistral-window64", "gpt2", "distilbert", "modernbert-local32"])
+@pytest.mark.parametrize("name", ["qwen2-mqa", "mistral-window64", "gpt2", "bert", "distilbert",
+                                  "modernbert-local32"])
 def test_right_padded_batches_match_eager(name):
     """Right-padded batches (sequences of 100, 71 and 9 tokens) on decoders (logits, loss, gradients with pads
     labelled -100) and encoders (logits) against eager: the padding mask reaches the kernels on every family
@@ -454,10 +446,7 @@ def test_right_padded_batches_match_eager(name):
     if name == "mistral-window64":
         # eager's float64 mask arithmetic (finfo.min + finfo.min = -inf) gives NaN rows where the window holds
         # only padding, and the NaN spreads: the float64 truth is SDPA there (as for left padding above)
-        sdpa = getattr(transformers, auto).from_config(copy.deepcopy(cfg), attn_implementation="sdpa")
-        sdpa = sdpa.double().eval()
-        sdpa.load_state_dict(ref.state_dict())
-        ref = sdpa
+        ref = _sdpa_twin(cfg, auto, ref)
     torch.manual_seed(1)
     ids = torch.randint(1, 97, (3, 100))
     mask = torch.ones(3, 100, dtype=torch.long)
