@@ -4,9 +4,10 @@ Install for development with ``pip install --no-build-isolation -e .`` (``make t
 an isolated build environment would pull a multi-GB CUDA torch.
 
 Environment knobs:
-  ATTNOPS_CPU_ARCH   ``auto`` (default): ``-march=x86-64-v3`` (AVX2 + FMA + F16C) when the build
-                     machine has those, else the compiler's baseline; ``native``; ``none``; or any
-                     value for ``-march=``.
+  ATTNOPS_CPU_ARCH   ``-march=`` of the baseline code (default: the compiler's own, x86-64 / armv8-a).
+                     The C++ kernels are built once per ISA level (generic, and on x86-64 with GCC
+                     also avx2 and avx512) and the best level the CPU runs is chosen when the
+                     extension loads (csrc/cpu/isa.h), so the build is portable by default.
   ATTNOPS_NO_CUDA=1  skip ``csrc/cuda`` even when torch and nvcc have CUDA.
   ATTNOPS_DEBUG=1    ``-O0 -g``.
   ATTNOPS_SKIP_EXTENSION=1  install the Python package only (the Makefile then builds the
@@ -15,7 +16,6 @@ Environment knobs:
 
 import glob
 import os
-import platform
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -24,22 +24,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cpu_flags():
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    arch = os.environ.get("ATTNOPS_CPU_ARCH", "auto")
-    if arch == "none":
-        return []
-    if arch != "auto":
-        return [f"-march={arch}"]
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        flags = []
-    # The kernels' vector width follows the target: 8 floats with AVX, 4 without.
-    if {"avx2", "fma", "f16c"} <= set(flags):
-        return ["-march=x86-64-v3"]
-    return []
+    arch = os.environ.get("ATTNOPS_CPU_ARCH", "")
+    return [f"-march={arch}"] if arch not in ("", "auto", "none") else []
 
 
 def _extension():
@@ -47,8 +33,10 @@ def _extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp on both compile and link: without it at::parallel_for runs on one thread.
     cxx = opt + ["-fopenmp", "-std=c++20", "-Wall", "-Wno-unused-function", "-Wno-psabi"] + _cpu_flags()
+    # csrc/cpu/isa_<level>.cpp compile the kernels (csrc/cpu/kernels/*.cpp) once per ISA level
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    depends = sorted(glob.glob("csrc/**/*.h", recursive=True))
+    # the kernels' .cpp files are included by each level's unit, not compiled on their own
+    depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/cpu/kernels/*.cpp"))
     kwargs = dict(
         name="attnops._C",
         sources=sources,

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cpu/isa.h"
 #include "ops.h"
 
 namespace attnops {
@@ -43,15 +44,28 @@ PYBIND11_MODULE(_C, m) {
       },
       "CPU attention backward: 0 auto, 1 fused single pass, 2 two passes (test aid); returns the previous mode.");
   m.def(
-      "_cpu_isa",
+      "_cpu_isa", [] { return std::string(attnops::cpu::active_kernels().name); },
+      "The ISA level the CPU kernels run at (generic, avx2, avx512): the best this CPU supports, or "
+      "ATTNOPS_CPU_ISA's.");
+  m.def("_cpu_isa_levels", &attnops::cpu::runnable_levels,
+        "The ISA levels this build has and this CPU can run, most portable first.");
+  m.def(
+      "_baseline_isa",
       [] {
 #if defined(__AVX512F__)
         return std::string("avx512");
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__)
         return std::string("avx2");
+#elif defined(__AVX__)
+        return std::string("avx");
+#elif defined(__x86_64__)
+        return std::string("x86-64");
 #else
-        return std::string("generic");
+        return std::string("other");
 #endif
       },
-      "The instruction set the C++ kernels were compiled for (one level per build: avx512, avx2 or generic).");
+      "The ISA of the build's baseline code (x86-64 unless ATTNOPS_CPU_ARCH raised it): what runs outside "
+      "the ISA levels' kernels.");
+  m.def("_set_cpu_isa", &attnops::cpu::set_level,
+        "Run the CPU kernels at another ISA level (test aid); returns the previous one.");
 }

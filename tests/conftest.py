@@ -7,9 +7,13 @@
 - every output a kernel allocates is poisoned with NaN first, so an element it forgets to write
   fails the comparison with the reference: C++ kernels through attnops._C's debug switch, Python
   launchers (Triton) by NaN-filling torch.empty* calls made from attnops code (as fla does);
-- `impl` runs the C++ backward in both of its algorithms (fused / two-pass).
+- `impl` runs the C++ backward in both of its algorithms (fused / two-pass);
+- `impl` and `fwd_impl` run the C++ kernels at every ISA level this CPU can execute (csrc/cpu/isa.h):
+  the default (best) level under the plain ids `cpu-*`, the others as `cpu-*-<level>`; levels the
+  CPU lacks are skipped with the reason.
 """
 
+import contextlib
 import os
 import sys
 from typing import NamedTuple
@@ -72,6 +76,7 @@ class Impl(NamedTuple):
     backend: str
     device: str
     cpu_backward: int = 0  # C++ backward algorithm: 1 fused, 2 two-pass (0: the size-based choice)
+    cpu_isa: str = ""  # C++ kernels' ISA level ("": the default one)
 
     @property
     def interpreted(self) -> bool:
@@ -89,19 +94,54 @@ _TRITON_IMPLS = [
 ]
 
 
-@pytest.fixture(params=[pytest.param(Impl("cpu", "cpu", 1), id="cpu-fused"),
-                        pytest.param(Impl("cpu", "cpu", 2), id="cpu-two_pass"), *_TRITON_IMPLS])
-def impl(request):
-    """A kernel implementation to test, forward and backward: the C++ kernels with each backward
-    algorithm, the Triton kernels."""
+# Every level a build can have, most portable first; the C++ extension reports which run here.
+_CPU_ISA_LEVELS = ("generic", "avx2", "avx512")
+_CPU_ISA = backends.cpu_isa() if backends.EXTENSION else {"kernels": None, "levels": []}
+
+
+def _cpu_params(backwards):
+    params = []
+    for level in (_CPU_ISA["kernels"], *[lv for lv in reversed(_CPU_ISA_LEVELS) if lv != _CPU_ISA["kernels"]]):
+        if level is None:
+            continue
+        for name, mode in backwards:
+            suffix = "" if level == _CPU_ISA["kernels"] else f"-{level}"
+            params.append(pytest.param(
+                Impl("cpu", "cpu", mode, level), id=f"cpu{name}{suffix}",
+                marks=pytest.mark.skipif(level not in _CPU_ISA["levels"],
+                                         reason=f"this CPU or build cannot run ISA level {level} "
+                                                f"(runnable: {', '.join(_CPU_ISA['levels'])})")))
+    return params
+
+
+@contextlib.contextmanager
+def _cpu_level(param):
+    """Runs the C++ kernels at param's ISA level and backward algorithm for the duration."""
     from attnops import _C
 
-    previous = _C._set_backward_mode(request.param.cpu_backward)
-    yield request.param
-    _C._set_backward_mode(previous)
+    if param.backend != "cpu":
+        yield param
+        return
+    previous_mode = _C._set_backward_mode(param.cpu_backward)
+    previous_isa = _C._set_cpu_isa(param.cpu_isa) if param.cpu_isa else None
+    try:
+        yield param
+    finally:
+        _C._set_backward_mode(previous_mode)
+        if previous_isa:
+            _C._set_cpu_isa(previous_isa)
 
 
-@pytest.fixture(params=[pytest.param(Impl("cpu", "cpu"), id="cpu"), *_TRITON_IMPLS])
+@pytest.fixture(params=[*_cpu_params([("-fused", 1), ("-two_pass", 2)]), *_TRITON_IMPLS])
+def impl(request):
+    """A kernel implementation to test, forward and backward: the C++ kernels with each backward
+    algorithm at each ISA level, the Triton kernels."""
+    with _cpu_level(request.param) as param:
+        yield param
+
+
+@pytest.fixture(params=[*_cpu_params([("", 0)]), *_TRITON_IMPLS])
 def fwd_impl(request):
-    """One entry per backend (for tests where the CPU backward algorithm does not matter)."""
-    return request.param
+    """One entry per backend and C++ ISA level (for tests where the CPU backward algorithm does not matter)."""
+    with _cpu_level(request.param) as param:
+        yield param

@@ -141,7 +141,7 @@ def write_plots(results: List[CaseResult], env: dict, out_dir: Path) -> Dict[str
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        fig.suptitle(f"attnops {env['git_commit']} on {env['device_name']}, {env['threads']} threads", fontsize=9)
+        fig.suptitle(f"attnops {env['git_commit']} on {_machine(env)}, {env['threads']} threads", fontsize=9)
         fig.tight_layout()
         paths["time_vs_seqlen"] = out_dir / "time_vs_seqlen.png"
         fig.savefig(paths["time_vs_seqlen"], dpi=110)
@@ -169,7 +169,7 @@ def write_plots(results: List[CaseResult], env: dict, out_dir: Path) -> Dict[str
         ax.set_xlabel("block density d")
         ax.set_ylabel("speedup over dense baseline")
         ax.legend(fontsize=7)
-        ax.set_title(f"sparse speedup vs density ({env['device_name']})", fontsize=8)
+        ax.set_title(f"sparse speedup vs density ({_machine(env)})", fontsize=8)
         fig.tight_layout()
         paths["speedup_vs_density"] = out_dir / "speedup_vs_density.png"
         fig.savefig(paths["speedup_vs_density"], dpi=110)
@@ -181,6 +181,12 @@ def write_plots(results: List[CaseResult], env: dict, out_dir: Path) -> Dict[str
 
 def _fmt(x: Optional[float], spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
+
+
+def _machine(env: dict) -> str:
+    """The device's name, with the C++ kernels' ISA level on CPU."""
+    level = env.get("cpu_kernels_isa")
+    return f"{env['device_name']}, kernels {level}" if level else env["device_name"]
 
 
 def render_table(results: List[CaseResult], env: dict, console=None):

@@ -55,9 +55,10 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "a
 
 
 def cpu_isa() -> dict:
-    """What the C++ kernels run with: ``kernels``, the instruction set they were compiled for (``avx2`` for the
-    default x86-64-v3 build, ``avx512``, ``generic``; None without the extension), and ``cpu``, which of
-    :data:`ISA_FLAGS` this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    """What the C++ kernels run with: ``kernels``, the ISA level they run at (``avx512``, ``avx2`` or
+    ``generic``: the best level this CPU runs, or the one ``ATTNOPS_CPU_ISA`` names; None without the
+    extension), ``levels``, the levels this build has and this CPU can run (most portable first), and
+    ``cpu``, which of :data:`ISA_FLAGS` this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
     flags = set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -67,7 +68,17 @@ def cpu_isa() -> dict:
                     break
     except OSError:
         pass
-    return {"kernels": _C._cpu_isa() if EXTENSION else None, "cpu": [f for f in ISA_FLAGS if f in flags]}
+    return {"kernels": _C._cpu_isa() if EXTENSION else None,
+            "levels": list(_C._cpu_isa_levels()) if EXTENSION else [],
+            "cpu": [f for f in ISA_FLAGS if f in flags]}
+
+
+def set_cpu_isa(level: str) -> str:
+    """Run the C++ kernels at another ISA level (one of ``cpu_isa()["levels"]``; the suite runs each);
+    returns the previous level. ``ATTNOPS_CPU_ISA=<level>`` chooses it for a whole process."""
+    if not EXTENSION:
+        raise RuntimeError(EXTENSION_REASON)
+    return _C._set_cpu_isa(level)
 
 
 def set_poison_outputs(enable: bool) -> bool:

@@ -17,7 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 
 inline uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
@@ -78,4 +78,4 @@ struct Dropout {
   }
 };
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

@@ -1,6 +1,6 @@
 // Small GEMM for attention blocks: C (M x N) [+]= A (M x K) * B (K x N), B in panel layout.
 //
-// A 4 x (2 vectors) register tile. A is row-major and read in place (rows broadcast from their own
+// A kGemmMR x (2 vectors) register tile. A is row-major and read in place (rows broadcast from their own
 // stride: attention blocks are small, A stays in L1/L2). B is packed in panels of kGemmN columns:
 // element (k, n) lives at B[(n / kGemmN) * strip + k * kGemmN + n % kGemmN], so a micro-tile reads
 // its B strip sequentially. The kernels pack every B operand this way once per call; a plain
@@ -16,7 +16,7 @@
 
 #include "cpu/vec.h"
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 
 template <typename T>
 inline constexpr int kGemmN = 2 * Vec<T>::size;
@@ -51,25 +51,38 @@ inline void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, T* C, int6
   }
 }
 
+// Rows per register tile: 4 rows x 2 vectors = 8 accumulators fill the 16 registers of SSE/AVX2
+// with the B vectors and a broadcast; AVX-512's 32 registers hold 8 rows (16 accumulators), enough
+// independent FMAs to cover two FMA ports' latency.
+inline constexpr int kGemmMR = kVectorBytes == 64 ? 8 : 4;
+
+// The tile of the M % kGemmMR leftover rows, MR chosen at run time.
+template <typename T, bool TransA, int MR = kGemmMR - 1>
+inline void gemm_rest(int64_t rows, int64_t K, const T* A, int64_t lda, const T* B, T* C, int64_t ldc,
+                      bool accumulate, const T* c_scale) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return gemm_tile<T, MR, TransA>(K, A, lda, B, C, ldc, accumulate, c_scale);
+    gemm_rest<T, TransA, MR - 1>(rows, K, A, lda, B, C, ldc, accumulate, c_scale);
+  }
+}
+
 // `strip`: distance between consecutive B panels, in elements.
 template <typename T, bool TransA = false>
 inline void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t strip, T* C,
                  int64_t ldc, bool accumulate, const T* c_scale = nullptr) {
   constexpr int NR = kGemmN<T>;
+  constexpr int MR = kGemmMR;
   for (int64_t n = 0; n < N; n += NR) {
     const T* Bn = B + (n / NR) * strip;
     int64_t m = 0;
     auto a_rows = [&](int64_t row) { return TransA ? A + row : A + row * lda; };
-    for (; m + 4 <= M; m += 4) gemm_tile<T, 4, TransA>(K, a_rows(m), lda, Bn, C + m * ldc + n, ldc, accumulate, c_scale ? c_scale + m : nullptr);
-    switch (M - m) {
-      case 3: gemm_tile<T, 3, TransA>(K, a_rows(m), lda, Bn, C + m * ldc + n, ldc, accumulate, c_scale ? c_scale + m : nullptr); break;
-      case 2: gemm_tile<T, 2, TransA>(K, a_rows(m), lda, Bn, C + m * ldc + n, ldc, accumulate, c_scale ? c_scale + m : nullptr); break;
-      case 1: gemm_tile<T, 1, TransA>(K, a_rows(m), lda, Bn, C + m * ldc + n, ldc, accumulate, c_scale ? c_scale + m : nullptr); break;
-      default: break;
-    }
+    for (; m + MR <= M; m += MR)
+      gemm_tile<T, MR, TransA>(K, a_rows(m), lda, Bn, C + m * ldc + n, ldc, accumulate, c_scale ? c_scale + m : nullptr);
+    if (m < M)
+      gemm_rest<T, TransA>(M - m, K, a_rows(m), lda, Bn, C + m * ldc + n, ldc, accumulate, c_scale ? c_scale + m : nullptr);
   }
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

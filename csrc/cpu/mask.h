@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 
 struct Predicates {
   int64_t Sq = 0, Sk = 0;
@@ -120,4 +120,4 @@ inline void for_each_segment(const BlockLut& lut, int64_t b, int64_t h, int64_t 
   }
 }
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

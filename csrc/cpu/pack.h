@@ -8,7 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if defined(__AVX__)
+#if ATTNOPS_X86_SIMD
 #include <immintrin.h>
 #endif
 
@@ -18,7 +18,7 @@
 
 #include "cpu/vec.h"
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 
 template <typename S>
 struct compute_type {
@@ -32,25 +32,30 @@ template <typename S>
 using compute_t = typename compute_type<S>::type;
 
 // Vec<T>::size consecutive elements of src as a vector of the compute type: bfloat16 widens with a
-// shift, float16 with F16C where the target has it, anything else lane by lane.
+// shift, float16 with F16C (AVX2 and AVX-512 levels), anything else lane by lane.
 template <typename T, typename S>
 inline vec_t<T> load_vec(const S* src) {
   if constexpr (std::is_same_v<S, T>) {
     return vload(src);
-#if defined(__AVX2__)
-  } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
+#if ATTNOPS_X86_SIMD
+  } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float> && kVectorBytes == 32) {
     // one vpmovzxwd ymm: the vector-extension form below compiles to two 128-bit halves + insert
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     return (vec_t<float>)_mm256_slli_epi32(wide, 16);
+  } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float> && kVectorBytes == 64) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+    return (vec_t<float>)_mm512_slli_epi32(wide, 16);
 #endif
   } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
     typedef uint16_t raw_t __attribute__((vector_size(kVectorBytes / 2)));
     raw_t raw;
     std::memcpy(&raw, src, sizeof(raw));
     return (vec_t<float>)(__builtin_convertvector(raw, Vec<float>::itype) << 16);
-#if defined(__F16C__) && defined(__AVX__)
-  } else if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<T, float>) {
+#if ATTNOPS_X86_SIMD
+  } else if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<T, float> && kVectorBytes == 32) {
     return (vec_t<float>)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  } else if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<T, float> && kVectorBytes == 64) {
+    return (vec_t<float>)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
 #endif
   } else {
     vec_t<T> v;
@@ -126,4 +131,4 @@ inline void pack_row_panels(const S* src, int64_t stride, int64_t r0, int64_t r1
   }
 }
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

@@ -15,7 +15,7 @@
 #include <numeric>
 #include <vector>
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 
 // Runs work(task, scratch) for every task in [0, num_tasks). `cost(task)` orders the queue
 // (heaviest first); make_scratch() builds one per-thread workspace.
@@ -38,4 +38,4 @@ void run_tasks(int64_t num_tasks, Cost cost, MakeScratch make_scratch, Work work
   });
 }
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

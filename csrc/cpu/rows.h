@@ -5,14 +5,14 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__AVX__)
+#if ATTNOPS_X86_SIMD
 #include <immintrin.h>
 #endif
 
 #include "cpu/pack.h"
 #include "cpu/vec.h"
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 
 // A cache row in the compute type: the row itself when the cache already holds it (float caches:
 // no copy), else widened into `buf` (padding lanes stay 0).
@@ -64,10 +64,9 @@ inline vec_t<T> transpose_sum(const vec_t<T>* a) {
   return r;
 }
 
-#if defined(__AVX__)
+#if ATTNOPS_X86_SIMD && ATTNOPS_VEC_BYTES == 32
 template <>
 inline vec_t<float> transpose_sum<float>(const vec_t<float>* a) {
-  static_assert(Vec<float>::size == 8, "the AVX path sums 8 vectors of 8 floats");
   const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps((__m256)a[0], (__m256)a[1]),
                                    _mm256_hadd_ps((__m256)a[2], (__m256)a[3]));
   const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps((__m256)a[4], (__m256)a[5]),
@@ -77,4 +76,4 @@ inline vec_t<float> transpose_sum<float>(const vec_t<float>* a) {
 }
 #endif
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

@@ -17,7 +17,7 @@
 #include "cpu/vec.h"
 
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 
 // tanh for floats: Eigen's rational approximation (odd degree-13 numerator, even degree-6 denominator) on
 // x clamped to +-7.9988, where tanh is 1 to float precision. Max error 2.6e-7 against libm's double tanh
@@ -204,4 +204,4 @@ inline T fold_sink(T sink2, T& m, T& l) {
   return alpha;
 }
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

@@ -12,7 +12,12 @@
 #include "cpu/gemm.h"
 #include "cpu/vec.h"
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
+
+// The kernels run the softmax in base 2 (exp2 is the cheap one): scores are scaled by log2(e) and
+// the lse converted back with ln(2).
+inline constexpr double kLog2e = 1.4426950408889634;
+inline constexpr double kLn2 = 0.6931471805599453;
 
 // Valid columns of one tile row, relative to the tile start t0: [v0, v1).
 struct RowSpan {
@@ -111,4 +116,4 @@ inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T& alpha) {
   softmax_row_exp(s, n, row_max(s, n), m, l, alpha);
 }
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

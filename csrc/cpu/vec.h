@@ -1,10 +1,11 @@
 // Portable SIMD vectors (GCC/Clang vector extensions) and a vectorised exp2.
 //
 // Why not at::vec: its width is fixed per translation unit by CPU_CAPABILITY macros, and mixing
-// capabilities inside one .so risks ODR clashes of inline torch functions. Vector extensions
-// follow the compiler target instead: 8 floats with AVX (setup.py builds x86-64-v3), 4 with
-// SSE/NEON. On the Zen 4 dev machine AVX-512 has the same FMA throughput as AVX2, so 8 lanes
-// lose nothing there (measured: 4x16 micro-kernel 95 GFLOP/s with AVX2, 94 with AVX-512).
+// capabilities inside one .so risks ODR clashes of inline torch functions. These headers are
+// compiled once per ISA level instead (cpu/isa.h): the level's translation unit sets
+// ATTNOPS_VEC_BYTES (16 generic, 32 AVX2, 64 AVX-512) and the target pragma, and everything here
+// lives in that level's namespace attnops::cpu::<level>. The compiler's own __AVX2__-style macros
+// cannot be used: in C++ they do not follow #pragma GCC target.
 #pragma once
 
 #include <cmath>
@@ -12,13 +13,13 @@
 #include <cstring>
 #include <limits>
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 
-#if defined(__AVX__)
-inline constexpr int kVectorBytes = 32;
-#else
-inline constexpr int kVectorBytes = 16;
+#if !defined(ATTNOPS_ISA) || !defined(ATTNOPS_VEC_BYTES)
+#error "cpu/*.h are compiled per ISA level: include them from a csrc/cpu/isa_*.cpp unit (see cpu/isa.h)"
 #endif
+
+inline constexpr int kVectorBytes = ATTNOPS_VEC_BYTES;
 
 template <typename T>
 struct Vec;
@@ -77,7 +78,13 @@ inline T hmax(vec_t<T> v) {
 template <typename T>
 inline T hsum(vec_t<T> v) {
   using I = typename Vec<T>::itype;
-  if constexpr (Vec<T>::size == 8) {
+  if constexpr (Vec<T>::size == 16) {
+    v += __builtin_shuffle(v, I{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return v[0];
+  } else if constexpr (Vec<T>::size == 8) {
     v += __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3});
     v += __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5});
     v += __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6});
@@ -149,4 +156,4 @@ inline float exp2_scalar(float x) {
 
 inline double exp2_scalar(double x) { return std::exp2(x); }
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

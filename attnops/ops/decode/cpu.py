@@ -1,4 +1,4 @@
-"""The C++ backends of decoding: csrc/cpu/decode_attention.cpp (the block map fused into the forward)."""
+"""The C++ backends of decoding: csrc/cpu/kernels/decode_attention.cpp (the block map fused into the forward)."""
 
 from attnops.core import backends, dispatch
 from attnops.ops.decode import library as lib

@@ -1,4 +1,4 @@
-"""The C++ backend of low-rank-key attention: csrc/cpu/lowrank_attention.cpp."""
+"""The C++ backend of low-rank-key attention: csrc/cpu/kernels/lowrank_attention.cpp."""
 
 from attnops.core import backends, dispatch
 from attnops.ops.lowrank import library as lib

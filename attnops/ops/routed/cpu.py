@@ -1,4 +1,4 @@
-"""The C++ backend of the MoBA router: csrc/cpu/moba_route.cpp."""
+"""The C++ backend of the MoBA router: csrc/cpu/kernels/moba_route.cpp."""
 
 from attnops.core import backends, dispatch
 from attnops.ops.routed import library as lib

@@ -1,6 +1,6 @@
 """MoBA router in Triton: pooled keys, tile gates, top-k and the block LUT, in two kernels.
 
-The same contract as the C++ router (csrc/cpu/moba_route.cpp, oracle
+The same contract as the C++ router (csrc/cpu/kernels/moba_route.cpp, oracle
 ``attnops.ops.routed.reference.moba_route``): per query tile of ``route_block`` rows, the tile's own
 MoBA block plus the ``topk - 1`` highest gates ``mean(q[tile]) . mean(k[block])`` among the other
 blocks (causal: earlier ones), expanded to the LUT's key sub-blocks, ascending.

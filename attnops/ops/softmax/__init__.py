@@ -5,7 +5,7 @@ block-sparse (any ``BlockMask``).
     varlen.py     varlen_attention: flash_attn's packed layout (cu_seqlens) through segment bounds
     library.py    the core's operators from one argument list: fakes, autograd, the dispatcher's entry
     reference.py  the float64 oracle (token masks, NaN-convention contractions), N x N
-    cpu.py        C++ kernels (csrc/cpu/block_sparse_attention.cpp)
+    cpu.py        C++ kernels (csrc/cpu/kernels/block_sparse_attention.cpp)
     triton.py     Triton forward / backward; triton_map.py: the block-map pass
 """
 

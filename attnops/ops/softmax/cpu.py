@@ -1,4 +1,4 @@
-"""The C++ backend of the block-sparse core: csrc/cpu/block_sparse_attention.cpp (forward with the fused
+"""The C++ backend of the block-sparse core: csrc/cpu/kernels/block_sparse_attention.cpp (forward with the fused
 block map, fused or two-pass backward)."""
 
 from attnops.core import backends, dispatch

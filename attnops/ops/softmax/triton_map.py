@@ -7,7 +7,7 @@ Tiles arrive in ascending key order, so the program keeps the running value of t
 block in a register and stores it when the block changes; the columns in between are stored as
 zeros, so every element of the row is written exactly once (no read-modify-write, no atomics).
 
-The C++ kernel fuses the map into the forward instead (csrc/cpu/block_sparse_attention.cpp): on a
+The C++ kernel fuses the map into the forward instead (csrc/cpu/kernels/block_sparse_attention.cpp): on a
 GPU the forward keeps its registers for the output, and the extra Q K^T pass is the simpler
 trade (DESIGN.md, block maps).
 """

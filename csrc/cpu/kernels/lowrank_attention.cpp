@@ -16,7 +16,6 @@
 // of the older ones the top (topk - local) scores, ties to the later key, NaN ranked highest.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,14 +30,12 @@
 #include "cpu/softmax.h"
 #include "ops.h"
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 namespace {
 
 constexpr int64_t kScoreChunk = 256;       // keys per scoring task
 constexpr int64_t kScoreBudget = 1 << 23;  // score buffer elements per pass
 constexpr int64_t kGatherBlock = 64;       // chosen keys per online-softmax step
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 // Which keys query row (b, i) may see: [0, end); the newest `local` of them are always chosen.
 struct RowKeys {
@@ -339,6 +336,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_attn_fwd_cpu(const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnops, CPU, m) { m.impl("lowrank_attn_fwd", &lowrank_attn_fwd_cpu); }
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

@@ -12,7 +12,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,7 +21,7 @@
 
 #include "ops.h"
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 namespace {
 
 template <typename T>
@@ -134,6 +133,5 @@ std::tuple<at::Tensor, at::Tensor> moba_route_cpu(const at::Tensor& q_in, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnops, CPU, m) { m.impl("moba_route", &moba_route_cpu); }
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

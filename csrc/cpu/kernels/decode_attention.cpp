@@ -15,7 +15,6 @@
 // the output tile in registers.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -30,15 +29,13 @@
 #include "cpu/softmax.h"
 #include "ops.h"
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 namespace {
 
 constexpr int64_t kTileKeys = 64;
 constexpr int64_t kMaxTile = 256;
 constexpr int64_t kMinSplitKeys = 512;
 constexpr int64_t kDeterministicSplits = 32;  // splits of >= 2K keys, at most 32 (64K+ caches)
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 // Kept key blocks per (batch, head, query block): a dense uint8 (Bm, Hm, Nq, Nk) bitmap, B/H
 // broadcast when 1. Decode has one or two query blocks, so a bitmap beats searching a LUT per tile.
@@ -512,6 +509,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnops, CPU, m) { m.impl("decode_attn_fwd", &decode_attn_fwd_cpu); }
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

@@ -24,7 +24,6 @@
 // into the partial map (map_rows queries x map_cols keys). No second Q K^T, no Sq x Sk.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
@@ -40,15 +39,13 @@
 #include "cpu/softmax.h"
 #include "ops.h"
 
-namespace attnops::cpu {
+namespace attnops::cpu::ATTNOPS_ISA {
 namespace {
 
 constexpr int64_t kTileQ = 64;         // query rows per forward / dq task
 constexpr int64_t kTileK = 256;        // keys per S tile in the forward and dq pass
 constexpr int64_t kTileKBwd = 64;      // keys per dk/dv task
 constexpr int64_t kTileQBwd = 128;     // queries per S^T tile in the dk/dv pass
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 // Shapes and strides shared by the passes. Strides are in elements; the head dim is contiguous.
 struct Problem {
@@ -947,9 +944,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnops, CPU, m) {
-  m.impl("block_sparse_attn_fwd", &block_sparse_attn_fwd_cpu);
-  m.impl("block_sparse_attn_bwd", &block_sparse_attn_bwd_cpu);
-}
 
-}  // namespace attnops::cpu
+}  // namespace attnops::cpu::ATTNOPS_ISA

@@ -1,0 +1,99 @@
+"""The C++ kernels at each ISA level this CPU runs (csrc/cpu/isa.h), side by side with torch SDPA's CPU flash
+kernel: dense and causal attention, forward and forward+backward, f32 and bf16, B=1 H=8, providers
+interleaved, median of REPEATS after a warm-up call. Then the fixed per-call cost: a forward at S=16 (where
+the arithmetic is negligible), median of many calls, against SDPA's.
+
+Run from the repository root: ``python benchmarks/cpu_isa.py [--quick]`` (``--quick``: N=1024 and 4096 at
+D=64 only). Prints a Markdown table; times in ms, ratios are attnops / SDPA (below 1: attnops faster)."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import attnops  # noqa: E402
+from attnops.core import backends  # noqa: E402
+
+REPEATS = 5
+
+
+def _median_ms(times):
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def _providers(q, k, v, causal, backward):
+    def ours(level):
+        def run():
+            backends.set_cpu_isa(level)
+            out = attnops.attention(q, k, v, causal=causal)
+            if backward:
+                out.backward(grad)
+        return run
+
+    def sdpa():
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        if backward:
+            out.backward(grad.transpose(1, 2))
+
+    grad = torch.randn_like(q)
+    runs = {level: ours(level) for level in backends.cpu_isa()["levels"] if level != "generic"}
+    runs["sdpa"] = sdpa
+    return runs
+
+
+def _time(runs, repeats):
+    for fn in runs.values():
+        fn()  # warm-up
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: _median_ms(t) for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    isa = backends.cpu_isa()
+    default = isa["kernels"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, levels {isa['levels']}, "
+          f"CPU flags {' '.join(isa['cpu'])}")
+    levels = [lv for lv in isa["levels"] if lv != "generic"]
+    header = ["case", *[f"{lv} ms" for lv in levels], "sdpa ms", *[f"{lv} / sdpa" for lv in levels]]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    seqlens, dims = ([1024, 4096], [64]) if args.quick else ([1024, 4096, 16384], [64, 128])
+    for backward in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            for causal in (False, True):
+                for D in dims:
+                    for N in seqlens:
+                        if backward and N > 4096:
+                            continue
+                        q, k, v = (torch.randn(1, N, 8, D, dtype=dtype, requires_grad=backward) for _ in range(3))
+                        ms = _time(_providers(q, k, v, causal, backward), 3 if N > 4096 else REPEATS)
+                        name = (f"{'causal' if causal else 'dense'} {'fwd+bwd' if backward else 'fwd'} "
+                                f"{str(dtype).split('.')[1]} N={N} D={D}")
+                        cells = [f"{ms[lv]:.1f}" for lv in levels] + [f"{ms['sdpa']:.1f}"]
+                        cells += [f"{ms[lv] / ms['sdpa']:.2f}" for lv in levels]
+                        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    # fixed per-call cost: S=16, the arithmetic is a few microseconds
+    q, k, v = (torch.randn(1, 16, 8, 64) for _ in range(3))
+    runs = _providers(q, k, v, True, False)
+    ms = _time(runs, 301)
+    print("\nper-call cost at S=16 causal f32 fwd (median of 301): " +
+          ", ".join(f"{name} {t * 1e3:.0f} us" for name, t in ms.items()))
+    backends.set_cpu_isa(default)
+
+
+if __name__ == "__main__":
+    main()

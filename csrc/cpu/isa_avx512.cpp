@@ -1,0 +1,16 @@
+// The AVX-512 level (x86-64-v4: AVX-512 F/BW/CD/DQ/VL on top of AVX2): 64-byte vectors, 16 floats.
+#include "cpu/isa_prelude.h"
+
+#if ATTNOPS_MULTI_ISA
+#pragma GCC push_options
+#pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,movbe,avx512f,avx512bw,avx512cd,avx512dq,avx512vl")
+// GCC 12 flags the intentionally undefined registers of its own AVX-512 intrinsics (_mm512_undefined_*)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define ATTNOPS_ISA avx512
+#define ATTNOPS_VEC_BYTES 64
+#define ATTNOPS_X86_SIMD 1
+#include "cpu/kernels/all.h"
+#pragma GCC pop_options
+
+ATTNOPS_DEFINE_CPU_KERNELS(avx512)
+#endif

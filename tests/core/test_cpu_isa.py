@@ -1,0 +1,124 @@
+"""Runtime ISA dispatch of the C++ kernels (csrc/cpu/isa.h): the level is chosen at load, can be
+forced or refused, and no code outside a level's own namespace uses that level's instructions (an
+AVX-512 copy of a shared inline function, picked by the linker for every caller, would fault on
+an AVX2 machine: this is what the per-level units are built to prevent, checked on the binary).
+
+The numerical tests run at every level through the `impl` / `fwd_impl` fixtures (conftest.py)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnops
+from attnops.core import backends
+
+pytestmark = pytest.mark.skipif(not backends.EXTENSION, reason=backends.EXTENSION_REASON or "no extension")
+
+LEVELS = ("generic", "avx2", "avx512")
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def test_default_level_is_the_best_runnable():
+    isa = backends.cpu_isa()
+    assert isa["levels"] and isa["levels"][0] == "generic"
+    assert set(isa["levels"]) <= set(LEVELS)
+    if os.environ.get("ATTNOPS_CPU_ISA"):
+        assert isa["kernels"] == os.environ["ATTNOPS_CPU_ISA"]
+    else:
+        assert isa["kernels"] == isa["levels"][-1]
+    flags = _cpu_flags()
+    if flags and attnops._C._baseline_isa() == "x86-64" and sys.platform == "linux":
+        # what /proc/cpuinfo says this CPU has decides what the dispatcher may pick
+        assert ("avx2" in isa["levels"]) == ({"avx2", "fma", "f16c", "bmi1", "bmi2"} <= flags)
+        assert ("avx512" in isa["levels"]) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags)
+
+
+def test_set_cpu_isa_switches_and_refuses():
+    levels = backends.cpu_isa()["levels"]
+    previous = backends.set_cpu_isa("generic")
+    try:
+        assert backends.cpu_isa()["kernels"] == "generic"
+        q = torch.randn(1, 33, 2, 40)
+        out_generic = attnops.attention(q, q, q, causal=True)
+        backends.set_cpu_isa(levels[-1])
+        torch.testing.assert_close(attnops.attention(q, q, q, causal=True), out_generic)
+        with pytest.raises(RuntimeError, match="unknown level 'sse'"):
+            backends.set_cpu_isa("sse")
+        with pytest.raises(RuntimeError, match="amx level .* not implemented"):
+            backends.set_cpu_isa("amx")
+        for level in set(LEVELS) - set(levels):
+            with pytest.raises(RuntimeError, match="lacks|this build has"):
+                backends.set_cpu_isa(level)
+        assert backends.cpu_isa()["kernels"] == levels[-1]  # a refused switch changes nothing
+    finally:
+        backends.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("value", ["generic", "sse", "amx"])
+def test_env_forces_or_refuses_the_level(value):
+    code = ("import torch, attnops; from attnops.core import backends\n"
+            "q = torch.randn(1, 8, 1, 16)\n"
+            "try:\n    attnops.attention(q, q, q)\n    print('ran', backends.cpu_isa()['kernels'])\n"
+            "except RuntimeError as e:\n    print('refused', str(e).splitlines()[0])\n")
+    env = dict(os.environ, ATTNOPS_CPU_ISA=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    if value == "generic":
+        assert out.stdout.strip() == "ran generic"
+    else:
+        assert out.stdout.startswith(f"refused ATTNOPS_CPU_ISA={value}: "), out.stdout
+
+
+_LEVEL_CODE = re.compile(r"^(?:[\w:<>,\s*&]+?\s)?attnops::cpu::(avx2|avx512)::")
+
+
+def _offenders(disassembly: str, level_code=_LEVEL_CODE):
+    """{function: first offending instruction} and the set of levels seen, from `objdump -d -C` text."""
+    offenders, level, name, seen = {}, None, "", set()
+    for line in disassembly.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1)
+            match = level_code.match(name)
+            level = match.group(1) if match else None
+            seen.add(level)
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or not parts[1].strip():
+            continue
+        insn = parts[1].strip()
+        # baseline code: no VEX/EVEX instruction at all (their mnemonics start with v); AVX2 code: no
+        # AVX-512 register (zmm, mask registers)
+        if level is None and (insn.split()[0].startswith("v") or "%ymm" in insn or "%zmm" in insn):
+            offenders.setdefault(name, insn)
+        elif level == "avx2" and ("%zmm" in insn or re.search(r"%k[0-7]", insn)):
+            offenders.setdefault(name, insn)
+    return offenders, seen
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                    reason="the ISA levels are x86-64 only")
+def test_wide_instructions_stay_inside_their_level():
+    if attnops._C._baseline_isa() != "x86-64":
+        pytest.skip(f"built with a raised baseline ({attnops._C._baseline_isa()}, ATTNOPS_CPU_ARCH)")
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", attnops._C.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    offenders, seen = _offenders(dis)
+    assert {"avx2", "avx512"} <= seen, "the level namespaces were not found in the binary"
+    assert not offenders, "\n".join(f"{n[:200]}: {i}" for n, i in list(offenders.items())[:20])
+    # the check sees wide code where it is: read as baseline, the AVX2 level's functions are offenders
+    as_baseline, _ = _offenders(dis, re.compile(r"^(?:[\w:<>,\s*&]+?\s)?attnops::cpu::(avx512)::"))
+    assert any("attnops::cpu::avx2::" in n for n in as_baseline)
