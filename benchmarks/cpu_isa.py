@@ -17,9 +17,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import attnops  # noqa: E402
+from attnops import _C  # noqa: E402
 from attnops.core import backends  # noqa: E402
 
 REPEATS = 5
+DOT = _C._bf16_dot()  # bf16 tile products on AVX512-BF16 at the avx512 level (csrc/cpu/gemm_bf16.h)
 
 
 def _median_ms(times):
@@ -27,9 +29,11 @@ def _median_ms(times):
 
 
 def _providers(q, k, v, causal, backward):
-    def ours(level):
+    def ours(level, bf16_dot=True):
         def run():
             backends.set_cpu_isa(level)
+            if DOT:
+                _C._set_bf16_dot(bf16_dot)
             out = attnops.attention(q, k, v, causal=causal)
             if backward:
                 out.backward(grad)
@@ -42,6 +46,8 @@ def _providers(q, k, v, causal, backward):
 
     grad = torch.randn_like(q)
     runs = {level: ours(level) for level in backends.cpu_isa()["levels"] if level != "generic"}
+    if DOT and q.dtype == torch.bfloat16:  # the avx512 level with its bf16 products off (widened to float)
+        runs["avx512 widened"] = ours("avx512", bf16_dot=False)
     runs["sdpa"] = sdpa
     return runs
 
@@ -67,7 +73,9 @@ def main():
     default = isa["kernels"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, levels {isa['levels']}, "
           f"CPU flags {' '.join(isa['cpu'])}")
-    levels = [lv for lv in isa["levels"] if lv != "generic"]
+    levels = [lv for lv in isa["levels"] if lv != "generic"] + (["avx512 widened"] if DOT else [])
+    print(f"bf16 products on AVX512-BF16 at the avx512 level: {DOT} ('avx512 widened': the same level with them "
+          "off; float32 rows leave that column empty)")
     header = ["case", *[f"{lv} ms" for lv in levels], "sdpa ms", *[f"{lv} / sdpa" for lv in levels]]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -83,8 +91,8 @@ def main():
                         ms = _time(_providers(q, k, v, causal, backward), 3 if N > 4096 else REPEATS)
                         name = (f"{'causal' if causal else 'dense'} {'fwd+bwd' if backward else 'fwd'} "
                                 f"{str(dtype).split('.')[1]} N={N} D={D}")
-                        cells = [f"{ms[lv]:.1f}" for lv in levels] + [f"{ms['sdpa']:.1f}"]
-                        cells += [f"{ms[lv] / ms['sdpa']:.2f}" for lv in levels]
+                        cells = [f"{ms[lv]:.1f}" if lv in ms else "" for lv in levels] + [f"{ms['sdpa']:.1f}"]
+                        cells += [f"{ms[lv] / ms['sdpa']:.2f}" if lv in ms else "" for lv in levels]
                         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     # fixed per-call cost: S=16, the arithmetic is a few microseconds
     q, k, v = (torch.randn(1, 16, 8, 64) for _ in range(3))
@@ -93,6 +101,8 @@ def main():
     print("\nper-call cost at S=16 causal f32 fwd (median of 301): " +
           ", ".join(f"{name} {t * 1e3:.0f} us" for name, t in ms.items()))
     backends.set_cpu_isa(default)
+    if DOT:
+        _C._set_bf16_dot(True)
 
 
 if __name__ == "__main__":

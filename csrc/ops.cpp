@@ -28,6 +28,21 @@ bool deterministic_schedule() {
 }
 int backward_mode() { return g_backward_mode.load(std::memory_order_relaxed); }
 
+namespace {
+bool bf16_dot_default() {
+  const char* env = std::getenv("ATTNOPS_CPU_BF16_DOT");
+  if (env != nullptr && std::string(env) == "0") return false;
+#if ATTNOPS_MULTI_ISA
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+std::atomic<bool> g_bf16_dot{bf16_dot_default()};
+}  // namespace
+
+bool bf16_dot() { return g_bf16_dot.load(std::memory_order_relaxed); }
+
 }  // namespace attnops
 
 PYBIND11_MODULE(_C, m) {
@@ -66,6 +81,19 @@ PYBIND11_MODULE(_C, m) {
       },
       "The ISA of the build's baseline code (x86-64 unless ATTNOPS_CPU_ARCH raised it): what runs outside "
       "the ISA levels' kernels.");
+  m.def(
+      "_set_bf16_dot",
+      [](bool enable) {
+#if ATTNOPS_MULTI_ISA
+        TORCH_CHECK(!enable || __builtin_cpu_supports("avx512bf16"), "this CPU lacks AVX512-BF16");
+#else
+        TORCH_CHECK(!enable, "the bf16 dot-product kernels are x86-64 (AVX512-BF16) only");
+#endif
+        return attnops::g_bf16_dot.exchange(enable);
+      },
+      "bfloat16 forward tile products in bf16 on AVX512-BF16 (at the avx512 level) or widened to float "
+      "(test aid); returns the previous setting.");
+  m.def("_bf16_dot", &attnops::bf16_dot, "Whether the bfloat16 forward multiplies in bf16 (AVX512-BF16).");
   m.def("_set_cpu_isa", &attnops::cpu::set_level,
         "Run the CPU kernels at another ISA level (test aid); returns the previous one.");
 }

@@ -21,6 +21,10 @@ bool deterministic_schedule();
 // fused single pass, 2 the two-pass one (tests run both).
 int backward_mode();
 
+// Whether the bfloat16 forward may multiply its tiles in bf16 with AVX512-BF16 (the avx512 level, on a
+// CPU that has the extension): on unless turned off (test aid; ATTNOPS_CPU_BF16_DOT=0).
+bool bf16_dot();
+
 // Integer outputs (block LUTs) get -1, which no valid LUT entry or count holds.
 inline at::Tensor maybe_poison(at::Tensor t) {
   if (poison_outputs()) {

@@ -37,6 +37,7 @@ def environment(device: str, threads: int) -> dict:
 
         isa = cpu_isa()
         env["cpu_kernels_isa"] = isa["kernels"]
+        env["cpu_bf16_dot"] = isa["bf16_dot"] and isa["kernels"] == "avx512"  # bf16 products on AVX512-BF16
         env["cpu_flags"] = " ".join(isa["cpu"])
     return env
 
@@ -186,7 +187,9 @@ def _fmt(x: Optional[float], spec: str = ".2f") -> str:
 def _machine(env: dict) -> str:
     """The device's name, with the C++ kernels' ISA level on CPU."""
     level = env.get("cpu_kernels_isa")
-    return f"{env['device_name']}, kernels {level}" if level else env["device_name"]
+    if not level:
+        return env["device_name"]
+    return f"{env['device_name']}, kernels {level}{' + bf16 dot' if env.get('cpu_bf16_dot') else ''}"
 
 
 def render_table(results: List[CaseResult], env: dict, console=None):
@@ -198,8 +201,8 @@ def render_table(results: List[CaseResult], env: dict, console=None):
 
         # Logs and CI are not terminals: rich would wrap the table at 80 columns.
         console = Console(width=max(shutil.get_terminal_size((160, 40)).columns, 160))
-    isa = f", kernels {env['cpu_kernels_isa']} (CPU: {env.get('cpu_flags') or '?'})" if env.get("cpu_kernels_isa") else ""
-    table = Table(title=f"attnops {env['attnops']} ({env['git_commit']}) — {env['device_name']}{isa}, "
+    isa = f" (CPU: {env.get('cpu_flags') or '?'})" if env.get("cpu_kernels_isa") else ""
+    table = Table(title=f"attnops {env['attnops']} ({env['git_commit']}) — {_machine(env)}{isa}, "
                         f"torch {env['torch']}, {env['threads']} threads", show_lines=False)
     extras = sorted({e for r in results for e in r.extras})
     approx = any(r.approx_err is not None for r in results)  # approximate ops: error vs the exact function

@@ -68,8 +68,11 @@ def test_tiny_suite_end_to_end(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["environment"]["threads"] == 1 and data["environment"]["torch"] == torch.__version__
     assert data["environment"]["git_commit"]
-    # which instruction set the kernels were built for, and the CPU's own (the tables say which machine)
-    assert data["environment"]["cpu_kernels_isa"] in ("avx2", "avx512", "generic")
+    # the ISA level the kernels ran at, and the CPU's own flags (the tables say which machine)
+    from attnops.core.backends import cpu_isa
+
+    assert data["environment"]["cpu_kernels_isa"] == cpu_isa()["kernels"]
+    assert data["environment"]["cpu_bf16_dot"] == (cpu_isa()["bf16_dot"] and cpu_isa()["kernels"] == "avx512")
     assert isinstance(data["environment"]["cpu_flags"], str)
     rows = data["results"]
     assert len(rows) == 9 and all(r["status"] == "ok" for r in rows)

@@ -32,6 +32,7 @@
 
 #include "cpu/dropout.h"
 #include "cpu/gemm.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/mask.h"
 #include "cpu/pack.h"
 #include "cpu/parallel.h"
@@ -197,9 +198,11 @@ struct FwdScratch {
   // Blocks [map_lo, map_hi) have been touched by this task; tiles arrive in ascending key order.
   std::vector<T> map_val, map_ref;
   int64_t map_lo = 0, map_hi = 0;
-  FwdScratch(int64_t D, int64_t Dp, int64_t map_blocks)
-      : q(kTileQ * D), s(kTileQ * kTileK), acc(kTileQ * Dp), m(kTileQ), l(kTileQ), alpha(kTileQ), spans(kTileQ),
-        drop_rows(kTileQ), map_val(map_blocks * kTileQ), map_ref(map_blocks * kTileQ) {}
+  std::vector<uint32_t> q2, p2;  // bf16 products (cpu/gemm_bf16.h): Q rows and P rows as bf16 pairs
+  FwdScratch(int64_t D, int64_t Dp, int64_t map_blocks, bool dot)
+      : q(dot ? 0 : kTileQ * D), s(kTileQ * kTileK), acc(kTileQ * Dp), m(kTileQ), l(kTileQ), alpha(kTileQ),
+        spans(kTileQ), drop_rows(kTileQ), map_val(map_blocks * kTileQ), map_ref(map_blocks * kTileQ),
+        q2(dot ? kTileQ * ((D + 1) / 2) : 0), p2(dot ? kTileQ * kTileK / 2 : 0) {}
 };
 
 template <typename T>
@@ -274,27 +277,64 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t Sk_pad = round_up(p.Sk, NR);
   const T c = static_cast<T>(softmax_scale * kLog2e);
 
-  // Per (b, kv head): K^T (D x Sk_pad) and V (Sk x Dp) as GEMM panels (cpu/gemm.h).
-  auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor kt_buf = at::empty({p.B * p.Hkv, Sk_pad * p.D}, opts);
-  at::Tensor v_buf = at::empty({p.B * p.Hkv, p.Dp * p.Sk}, opts);
-  zero_padding_panels<NR>(kt_buf.data_ptr<T>(), p.B * p.Hkv, p.Sk, p.D);
-  T* kt = kt_buf.data_ptr<T>();
-  T* vb = v_buf.data_ptr<T>();
+  // bf16 inputs at a level with bf16 products (cpu/gemm_bf16.h) multiply in bf16, unless V holds NaN/Inf
+  // (found while packing it): then only the float path's exact rerun (below) keeps 0 * NaN away from rows
+  // that never see that key.
+  // With V finite a non-finite accumulator row can only come from that row's own NaN/Inf scores, which
+  // the rerun would not change, so the bf16 path never needs the float panels.
+#if ATTNOPS_BF16_DOT
+  constexpr bool kDot = std::is_same_v<S, c10::BFloat16>;
+  bool dot = kDot && bf16_dot();
+#else
+  constexpr bool dot = false;
+#endif
+  const int64_t D2 = (p.D + 1) / 2, Sk2 = (p.Sk + 1) / 2;
   const S* qp = q.data_ptr<S>();
   const S* kp = k.data_ptr<S>();
   const S* vp = v.data_ptr<S>();
-  constexpr int64_t kPackRows = 256;
+  constexpr int64_t kPackRows = 256;  // a multiple of NR and even: chunks start on panel and pair boundaries
   const int64_t pack_chunks = (p.Sk + kPackRows - 1) / kPackRows;
-  at::parallel_for(0, p.B * p.Hkv * pack_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / pack_chunks, r0 = (t % pack_chunks) * kPackRows;
-      const int64_t r1 = std::min(r0 + kPackRows, p.Sk);
-      const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
+  auto for_pack_chunks = [&](auto&& pack) {
+    at::parallel_for(0, p.B * p.Hkv * pack_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / pack_chunks, r0 = (t % pack_chunks) * kPackRows;
+        pack(bh, bh / p.Hkv, bh % p.Hkv, r0, std::min(r0 + kPackRows, p.Sk));
+      }
+    });
+  };
+
+  // Per (b, kv head): K^T and V as bf16-pair panels (D2 x Sk_pad and Sk2 x Dp words, zero-padded) for the
+  // bf16 products, checking V on the way; or as float GEMM panels (cpu/gemm.h), K^T (D x Sk_pad) and
+  // V (Sk x Dp).
+  at::Tensor kt2_buf = at::zeros({dot ? p.B * p.Hkv : 0, Sk_pad * D2}, q.options().dtype(at::kInt));
+  at::Tensor v2_buf = at::zeros({dot ? p.B * p.Hkv : 0, p.Dp * Sk2}, q.options().dtype(at::kInt));
+  uint32_t* kt2 = reinterpret_cast<uint32_t*>(kt2_buf.data_ptr<int32_t>());
+  uint32_t* v2 = reinterpret_cast<uint32_t*>(v2_buf.data_ptr<int32_t>());
+#if ATTNOPS_BF16_DOT
+  if constexpr (kDot) {
+    if (dot) {
+      std::atomic<bool> v_finite{true};
+      for_pack_chunks([&](int64_t bh, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
+        pack_transposed_pairs<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, kt2 + bh * Sk_pad * D2);
+        if (!pack_row_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.Sk, p.D, p.Dp, v2 + bh * p.Dp * Sk2))
+          v_finite.store(false, std::memory_order_relaxed);
+      });
+      if (!v_finite.load()) dot = false;
+    }
+  }
+#endif
+  auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor kt_buf = at::empty({dot ? 0 : p.B * p.Hkv, Sk_pad * p.D}, opts);
+  at::Tensor v_buf = at::empty({dot ? 0 : p.B * p.Hkv, p.Dp * p.Sk}, opts);
+  T* kt = kt_buf.data_ptr<T>();
+  T* vb = v_buf.data_ptr<T>();
+  if (!dot) {
+    zero_padding_panels<NR>(kt, p.B * p.Hkv, p.Sk, p.D);
+    for_pack_chunks([&](int64_t bh, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
       pack_transposed_panels<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, T(1), kt + bh * Sk_pad * p.D);
       pack_row_panels<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, p.Dp, p.Sk, T(1), vb + bh * p.Dp * p.Sk);
-    }
-  });
+    });
+  }
 
   const int64_t TQ = tile_rows(lut, kTileQ);
   const int64_t q_tiles = (p.Sq + TQ - 1) / TQ;
@@ -322,7 +362,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   auto* mp = map.on() ? map_part.data_ptr<compute_t<S>>() : nullptr;
 
   run_tasks(
-      p.B * p.H * q_tiles, cost, [&] { return FwdScratch<T>(p.D, p.Dp, map_nk); },
+      p.B * p.H * q_tiles, cost, [&] { return FwdScratch<T>(p.D, p.Dp, map_nk, dot); },
       [&](int64_t t, FwdScratch<T>& ws) {
         int64_t b, h, r0, r1;
         task_rows(t, b, h, r0, r1);
@@ -330,7 +370,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const T slope2 = mods.slope2(b, h);
         const T* ktile = kt + (b * p.Hkv + hk) * Sk_pad * p.D;
         const T* vtile = vb + (b * p.Hkv + hk) * p.Dp * p.Sk;
-        pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
+        [[maybe_unused]] const uint32_t* k2tile = kt2 + (b * p.Hkv + hk) * Sk_pad * D2;
+        [[maybe_unused]] const uint32_t* v2tile = v2 + (b * p.Hkv + hk) * p.Dp * Sk2;
+        if constexpr (std::is_same_v<S, c10::BFloat16>) {
+          if (dot)  // Q as it is (the scale is applied to the float scores: no second rounding)
+            pack_transposed_pairs<1>(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, ws.q2.data());
+        }
+        if (!dot) pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
         if (drop.on())
           for (int64_t r = 0; r < rows; ++r) ws.drop_rows[r] = drop.row_key(b * p.H + h, r0 + r);
         // exact: P V row by row over each row's own keys. Run only when the tile GEMMs left a non-finite
@@ -346,8 +392,20 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             // the products skip the others, whose running max, sum and accumulator stay as they are.
             const RowRange live = live_rows(ws.spans.data(), rows);
             const int64_t ra = live.first, nr = live.count;
-            gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
-                    kTileK, false);
+            auto float_scores = [&] {
+              gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
+                      kTileK, false);
+            };
+#if ATTNOPS_BF16_DOT
+            if constexpr (kDot) {
+              if (dot)
+                gemm_bf16(nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + t0 * D2, D2 * NR, ws.s.data() + ra * kTileK,
+                          kTileK, false, nullptr, static_cast<float>(c));
+              else
+                float_scores();
+            } else
+#endif
+            float_scores();
             for (int64_t r = ra; r < ra + nr; ++r) {
               T* srow = ws.s.data() + r * kTileK;
               if ((mods.on_scores() || bias.present()) && !ws.spans[r].empty()) {  // one pass: modifiers, mask, max
@@ -363,6 +421,18 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             if (drop.on())  // after the row sums: dropout acts on the normalised probabilities, l is theirs
               for (int64_t r = 0; r < rows; ++r)
                 if (!ws.spans[r].empty()) drop.apply_row(ws.s.data() + r * kTileK, n, ws.drop_rows[r], t0);
+#if ATTNOPS_BF16_DOT
+            if constexpr (kDot) {
+              if (dot) {  // P rounded to bf16 pairs along the keys (FlashAttention's P V in the input type)
+                const int64_t keys2 = (t1 - t0 + 1) / 2;
+                for (int64_t r = ra; r < ra + nr; ++r)
+                  to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.p2.data() + r * (kTileK / 2));
+                gemm_bf16(nr, p.Dp, keys2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2, v2tile + (t0 / 2) * NR,
+                          Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
+                return;
+              }
+            }
+#endif
             if (exact)
               gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR,
                                p.Sk * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
@@ -372,7 +442,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           });
         };
         run(false);
-        if (!all_finite(ws.acc.data(), rows * p.Dp)) run(true);
+        if (!dot && !all_finite(ws.acc.data(), rows * p.Dp)) run(true);
 
         for (int64_t r = 0; r < rows; ++r) {
           S* orow = op + b * so_b + (r0 + r) * so_s + h * so_h;
