@@ -54,6 +54,18 @@ def cuda_kernel(qualname: str) -> bool:
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 
 
+def cpu_flags() -> set:
+    """This CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cpu_isa() -> dict:
     """What the C++ kernels run with: ``kernels``, the ISA level they run at (``avx512``, ``avx2`` or
     ``generic``: the best level this CPU runs, or the one ``ATTNOPS_CPU_ISA`` names; None without the
@@ -61,15 +73,7 @@ def cpu_isa() -> dict:
     ``bf16_dot``, whether the bfloat16 forward multiplies its tiles in bf16 on AVX512-BF16 at the avx512 level
     (``ATTNOPS_CPU_BF16_DOT=0`` turns it off), and ``cpu``, which of :data:`ISA_FLAGS` this CPU has (from
     /proc/cpuinfo; empty where it cannot be read)."""
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = cpu_flags()
     return {"kernels": _C._cpu_isa() if EXTENSION else None,
             "levels": list(_C._cpu_isa_levels()) if EXTENSION else [],
             "bf16_dot": bool(_C._bf16_dot()) if EXTENSION else False,

@@ -123,6 +123,17 @@ ATTNOPS_BF16_TARGET inline void to_bf16_pairs(const float* p, int64_t n, uint32_
   }
 }
 
+#else
+
+// Declared only, so that the kernels call them under `if constexpr` without #if: at this level no
+// call is ever instantiated (kBf16Dot is false), so none needs a definition.
+void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B, int64_t strip,
+               float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr, float out_scale = 1.0f);
+void to_bf16_pairs(const float* p, int64_t n, uint32_t* dst);
+
 #endif  // ATTNOPS_BF16_DOT
+
+// Whether this level has the bf16 products (the kernels still check the CPU at run time: bf16_dot()).
+inline constexpr bool kBf16Dot = ATTNOPS_BF16_DOT;
 
 }  // namespace attnops::cpu::ATTNOPS_ISA

@@ -22,14 +22,6 @@ pytestmark = pytest.mark.skipif(not backends.EXTENSION, reason=backends.EXTENSIO
 LEVELS = ("generic", "avx2", "avx512")
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
 def test_default_level_is_the_best_runnable():
     isa = backends.cpu_isa()
     assert isa["levels"] and isa["levels"][0] == "generic"
@@ -38,7 +30,7 @@ def test_default_level_is_the_best_runnable():
         assert isa["kernels"] == os.environ["ATTNOPS_CPU_ISA"]
     else:
         assert isa["kernels"] == isa["levels"][-1]
-    flags = _cpu_flags()
+    flags = backends.cpu_flags()
     if flags and attnops._C._baseline_isa() == "x86-64" and sys.platform == "linux":
         # what /proc/cpuinfo says this CPU has decides what the dispatcher may pick
         assert ("avx2" in isa["levels"]) == ({"avx2", "fma", "f16c", "bmi1", "bmi2"} <= flags)

@@ -282,12 +282,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // that never see that key.
   // With V finite a non-finite accumulator row can only come from that row's own NaN/Inf scores, which
   // the rerun would not change, so the bf16 path never needs the float panels.
-#if ATTNOPS_BF16_DOT
-  constexpr bool kDot = std::is_same_v<S, c10::BFloat16>;
+  constexpr bool kDot = kBf16Dot && std::is_same_v<S, c10::BFloat16>;
   bool dot = kDot && bf16_dot();
-#else
-  constexpr bool dot = false;
-#endif
   const int64_t D2 = (p.D + 1) / 2, Sk2 = (p.Sk + 1) / 2;
   const S* qp = q.data_ptr<S>();
   const S* kp = k.data_ptr<S>();
@@ -310,7 +306,6 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   at::Tensor v2_buf = at::zeros({dot ? p.B * p.Hkv : 0, p.Dp * Sk2}, q.options().dtype(at::kInt));
   uint32_t* kt2 = reinterpret_cast<uint32_t*>(kt2_buf.data_ptr<int32_t>());
   uint32_t* v2 = reinterpret_cast<uint32_t*>(v2_buf.data_ptr<int32_t>());
-#if ATTNOPS_BF16_DOT
   if constexpr (kDot) {
     if (dot) {
       std::atomic<bool> v_finite{true};
@@ -322,7 +317,6 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       if (!v_finite.load()) dot = false;
     }
   }
-#endif
   auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor kt_buf = at::empty({dot ? 0 : p.B * p.Hkv, Sk_pad * p.D}, opts);
   at::Tensor v_buf = at::empty({dot ? 0 : p.B * p.Hkv, p.Dp * p.Sk}, opts);
@@ -370,13 +364,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const T slope2 = mods.slope2(b, h);
         const T* ktile = kt + (b * p.Hkv + hk) * Sk_pad * p.D;
         const T* vtile = vb + (b * p.Hkv + hk) * p.Dp * p.Sk;
-        [[maybe_unused]] const uint32_t* k2tile = kt2 + (b * p.Hkv + hk) * Sk_pad * D2;
-        [[maybe_unused]] const uint32_t* v2tile = v2 + (b * p.Hkv + hk) * p.Dp * Sk2;
-        if constexpr (std::is_same_v<S, c10::BFloat16>) {
-          if (dot)  // Q as it is (the scale is applied to the float scores: no second rounding)
+        const uint32_t* k2tile = kt2 + (b * p.Hkv + hk) * Sk_pad * D2;
+        const uint32_t* v2tile = v2 + (b * p.Hkv + hk) * p.Dp * Sk2;
+        if (dot) {  // Q as it is (the scale is applied to the float scores: no second rounding)
+          if constexpr (kDot)
             pack_transposed_pairs<1>(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, ws.q2.data());
+        } else {
+          pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
         }
-        if (!dot) pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
         if (drop.on())
           for (int64_t r = 0; r < rows; ++r) ws.drop_rows[r] = drop.row_key(b * p.H + h, r0 + r);
         // exact: P V row by row over each row's own keys. Run only when the tile GEMMs left a non-finite
@@ -392,20 +387,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             // the products skip the others, whose running max, sum and accumulator stay as they are.
             const RowRange live = live_rows(ws.spans.data(), rows);
             const int64_t ra = live.first, nr = live.count;
-            auto float_scores = [&] {
-              gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
-                      kTileK, false);
-            };
-#if ATTNOPS_BF16_DOT
-            if constexpr (kDot) {
-              if (dot)
+            if (dot) {
+              if constexpr (kDot)
                 gemm_bf16(nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + t0 * D2, D2 * NR, ws.s.data() + ra * kTileK,
                           kTileK, false, nullptr, static_cast<float>(c));
-              else
-                float_scores();
-            } else
-#endif
-            float_scores();
+            } else {
+              gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
+                      kTileK, false);
+            }
             for (int64_t r = ra; r < ra + nr; ++r) {
               T* srow = ws.s.data() + r * kTileK;
               if ((mods.on_scores() || bias.present()) && !ws.spans[r].empty()) {  // one pass: modifiers, mask, max
@@ -421,19 +410,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             if (drop.on())  // after the row sums: dropout acts on the normalised probabilities, l is theirs
               for (int64_t r = 0; r < rows; ++r)
                 if (!ws.spans[r].empty()) drop.apply_row(ws.s.data() + r * kTileK, n, ws.drop_rows[r], t0);
-#if ATTNOPS_BF16_DOT
-            if constexpr (kDot) {
-              if (dot) {  // P rounded to bf16 pairs along the keys (FlashAttention's P V in the input type)
-                const int64_t keys2 = (t1 - t0 + 1) / 2;
+            if (dot) {  // P rounded to bf16 pairs along the keys (FlashAttention's P V in the input type)
+              if constexpr (kDot) {
                 for (int64_t r = ra; r < ra + nr; ++r)
                   to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.p2.data() + r * (kTileK / 2));
-                gemm_bf16(nr, p.Dp, keys2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2, v2tile + (t0 / 2) * NR,
-                          Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
-                return;
+                gemm_bf16(nr, p.Dp, (t1 - t0 + 1) / 2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2,
+                          v2tile + (t0 / 2) * NR, Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
               }
-            }
-#endif
-            if (exact)
+            } else if (exact)
               gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR,
                                p.Sk * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
             else
