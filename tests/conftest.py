@@ -8,6 +8,8 @@
   fails the comparison with the reference: C++ kernels through attnops._C's debug switch, Python
   launchers (Triton) by NaN-filling torch.empty* calls made from attnops code (as fla does);
 - `impl` runs the C++ backward in both of its algorithms (fused / two-pass);
+- `impl` and `fwd_impl` also run the pure-PyTorch fallback (`composite`, id `composite`) where the family has
+  one (low-rank keys have none: those items are deselected);
 - `impl` and `fwd_impl` run the C++ kernels at every ISA level this CPU can execute (csrc/cpu/isa.h):
   the default (best) level under the plain ids `cpu-*`, the others as `cpu-*-<level>`; levels the
   CPU lacks are skipped with the reason.
@@ -132,7 +134,11 @@ def _cpu_level(param):
             _C._set_cpu_isa(previous_isa)
 
 
-@pytest.fixture(params=[*_cpu_params([("-fused", 1), ("-two_pass", 2)]), *_TRITON_IMPLS])
+# The pure-PyTorch fallback (the backend that runs where the extension is not built): the families that have one.
+_COMPOSITE = [pytest.param(Impl("composite", "cpu"), id="composite")]
+
+
+@pytest.fixture(params=[*_cpu_params([("-fused", 1), ("-two_pass", 2)]), *_TRITON_IMPLS, *_COMPOSITE])
 def impl(request):
     """A kernel implementation to test, forward and backward: the C++ kernels with each backward
     algorithm at each ISA level, the Triton kernels."""
@@ -140,8 +146,25 @@ def impl(request):
         yield param
 
 
-@pytest.fixture(params=[*_cpu_params([("", 0)]), *_TRITON_IMPLS])
+@pytest.fixture(params=[*_cpu_params([("", 0)]), *_TRITON_IMPLS, *_COMPOSITE])
 def fwd_impl(request):
     """One entry per backend and C++ ISA level (for tests where the CPU backward algorithm does not matter)."""
     with _cpu_level(request.param) as param:
         yield param
+
+
+# Families without a pure-PyTorch fallback: their `composite` items are deselected (not skipped one by one).
+_NO_FALLBACK = ("lowrank",)
+
+
+def pytest_collection_modifyitems(config, items):
+    dropped = [item for item in items if _without_fallback(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not _without_fallback(item)]
+
+
+def _without_fallback(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    uses = any(isinstance(params.get(name), Impl) and params[name].backend == "composite" for name in ("impl", "fwd_impl"))
+    return uses and any(part in _NO_FALLBACK for part in item.path.parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -110,3 +111,10 @@ def same_mask_dropout(monkeypatch):
         return torch.where(keep.view(input.shape), input * scale, torch.zeros((), dtype=input.dtype))
 
     monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+
+
+def skip_fallback(impl) -> None:
+    """The pure-PyTorch fallback is eager code, not a registered operator: opcheck and fullgraph compilation
+    do not apply to it (README, "What the fallback does not do")."""
+    if impl.backend == "composite":
+        pytest.skip("the composite fallback is eager PyTorch, not an operator (no opcheck, no fullgraph compile)")

@@ -9,6 +9,7 @@ loads ``attnops._C`` (whose ``TORCH_LIBRARY_IMPL`` blocks add the C++ kernels to
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -20,15 +21,29 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the accuracy of the autotuned ones at full size).
 AUTOTUNE = os.environ.get("ATTNOPS_TRITON_AUTOTUNE", "1") != "0"
 
+def _spec_of(name: str):
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a module entry of None in sys.modules (import blocked)
+        return None
+
+
+# How to get the C++ kernels, for every message about their absence.
+BUILD_HINT = ("build them from the source tree with `pip install --no-build-isolation .` (a C++ compiler and the "
+              "torch you run with; `make build` for development): see README, Install")
+
 try:
     from attnops import _C  # noqa: F401  (adds the C++ kernels to the operators)
 
     EXTENSION = True
     EXTENSION_REASON = ""
-except ImportError as e:  # not built: `make test` / `pip install --no-build-isolation -e .`
+except ImportError as e:
     _C = None
     EXTENSION = False
-    EXTENSION_REASON = f"the C++ extension attnops._C is not built ({e})"
+    if _spec_of("attnops._C") is None:  # not built (a wheel without it, or a bare checkout)
+        EXTENSION_REASON = f"the C++ kernels (attnops._C) are not built; {BUILD_HINT}"
+    else:  # built, but against another torch / compiler runtime: say what the loader said
+        EXTENSION_REASON = f"the C++ kernels (attnops._C) failed to load ({e}); rebuild them: {BUILD_HINT}"
 
 try:
     import triton  # noqa: F401

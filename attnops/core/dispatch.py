@@ -11,8 +11,10 @@ backend        implementations                             runs
 ``triton``     the families' ``triton.py``                 CUDA tensors (CPU tensors
                                                            under ``TRITON_INTERPRET=1``)
 ``cuda``       csrc/cuda kernels (``attnops._C``)          CUDA tensors
-``composite``  vectorised PyTorch (linear attention's      anything; ops with no
-               chunk form)                                 kernel of the device's own
+``composite``  vectorised PyTorch: linear attention's      anything; ops with no
+               chunk form, and the fallback of the core,   kernel of the device's own
+               decoding and the MoBA router (query         (or a build without the
+               chunks, never N x N)                        extension: one warning)
 ``reference``  the families' ``reference.py`` (float64    anything; builds N x N
                oracles)
 =============  ==========================================  ==========================
@@ -28,7 +30,8 @@ dict lookup (no import inside a compiled region).
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional
+import warnings
+from typing import Callable, Dict, Optional, Set
 
 import torch
 
@@ -41,6 +44,10 @@ BACKENDS = ("cpu", "triton", "cuda", "composite", "reference")
 _AUTO = {"cpu": ("cpu", "composite"), "cuda": ("triton", "cuda", "composite"), "meta": ("cpu", "composite")}
 
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
+# The backends an op is built to have (a family's cpu.py expects "cpu" even where the extension is missing): when
+# automatic choice has to pass one over, the fallback it lands on warns once, with the remedy.
+_EXPECTED: Dict[str, Set[str]] = {}
+_WARNED: Set[str] = set()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -54,6 +61,11 @@ def register(op: str, backend: str, fn: Callable) -> Callable:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     _IMPLS.setdefault(op, {})[backend] = fn
     return fn
+
+
+def expect(op: str, backend: str) -> None:
+    """Declares that ``op`` has a ``backend`` implementation in a full build (registered or not here)."""
+    _EXPECTED.setdefault(op, set()).add(backend)
 
 
 def unavailable_reason(backend: str) -> str:
@@ -88,24 +100,45 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return False
 
 
-def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
-    """The implementation of ``op`` for tensors on ``device``.
+def resolve(op: str, device: torch.device, backend: Optional[str] = None, api: Optional[str] = None) -> Callable:
+    """The implementation of ``op`` for tensors on ``device``; ``api``: the public function the caller
+    called (named in errors and warnings; default ``op``).
 
     ``backend`` (or ``ATTNOPS_BACKEND``) forces a backend; otherwise the first suitable one for
-    the device type is taken.
+    the device type is taken. When that passes over a backend the op is built to have (the C++ kernels
+    of a build without the extension) and lands on ``composite``, a warning says so once per process.
     """
+    api = api or op
     forced = backend or os.environ.get("ATTNOPS_BACKEND") or None
     if forced is not None:
-        return _load(op, forced, device)
+        try:
+            return _load(op, forced, device)
+        except BackendUnavailableError as e:
+            raise BackendUnavailableError(f"attnops.{api}: {e}") from None
     candidates = _AUTO.get(device.type, ())
-    reasons = []
+    reasons, missing = [], []
     for name in candidates:
         try:
-            return _load(op, name, device)
+            fn = _load(op, name, device)
         except BackendUnavailableError as e:
             reasons.append(str(e))
+            if name in _EXPECTED.get(op, ()) and unavailable_reason(name):
+                missing.append(name)
+            continue
+        if missing and name == "composite":
+            _warn_fallback(api, missing)
+        return fn
     detail = "; ".join(reasons) if reasons else f"no backend runs on device type {device.type!r}"
-    raise BackendUnavailableError(f"attnops.{op}: no backend for {device} tensors ({detail})")
+    raise BackendUnavailableError(f"attnops.{api}: no backend for {device} tensors ({detail})")
+
+
+def _warn_fallback(api: str, missing) -> None:
+    if "fallback" in _WARNED:
+        return
+    _WARNED.add("fallback")
+    reasons = "; ".join(f"{name}: {unavailable_reason(name)}" for name in missing)
+    warnings.warn(f"attnops.{api} runs on the pure-PyTorch fallback (exact, several times slower than the "
+                  f"kernels), because {reasons}. This warning is shown once.", RuntimeWarning, stacklevel=4)
 
 
 def _load(op: str, name: str, device: torch.device) -> Callable:

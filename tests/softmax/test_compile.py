@@ -8,7 +8,7 @@ import torch
 
 import attnops
 from attnops import BlockMask
-from helpers import make_qkv
+from helpers import make_qkv, skip_fallback
 
 
 def _fwd_args(q, k, v, mask=None, causal=False, window=(-1, -1)):
@@ -24,6 +24,7 @@ OPS = {"cpu": ("block_sparse_attn_fwd", "block_sparse_attn_bwd"),
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_opcheck(masked, impl):
+    skip_fallback(impl)
     fwd, bwd = (getattr(torch.ops.attnops, name) for name in OPS[impl.backend])
     q, k, v = make_qkv(2, 70, 90, 4, 2, 32, torch.float32, requires_grad=True, device=impl.device)
     mask = BlockMask.sliding_window((70, 90), 40, block_size=32).to(impl.device) if masked else None
@@ -78,6 +79,7 @@ def _model_fn(q, k, v, mask, backend=None):
 
 
 def test_torch_compile_fullgraph_matches_eager(impl):
+    skip_fallback(impl)
     q, k, v = make_qkv(2, 130, 130, 4, 2, 32, torch.float32, requires_grad=True, device=impl.device)
     mask = BlockMask.sliding_window(130, 50, block_size=32).to(impl.device)
     mask.q_num_blocks  # transposes built outside the graph (a mask is usually built once, reused)

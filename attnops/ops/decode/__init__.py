@@ -6,10 +6,11 @@
     reference.py  the float64 oracle
     map.py        the block map as a second pass (Triton, CUDA); the C++ kernel fuses it
     cpu.py / triton.py / cuda.py   the backends
+    composite.py  decoding in PyTorch (the fallback without the extension)
 """
 
 from attnops.core import backends
-from attnops.ops.decode import cpu, cuda, reference  # noqa: F401  (register with the dispatcher)
+from attnops.ops.decode import composite, cpu, cuda, reference  # noqa: F401  (register with the dispatcher)
 from attnops.ops.decode.kv_cache import KVCache
 from attnops.ops.decode.op import MAX_NEW_TOKENS, decode_attention
 

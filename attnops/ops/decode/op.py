@@ -129,7 +129,7 @@ def decode_attention(
     if return_block_map:
         request = check_request(map_block_size, reduce, block_mask.block_size if block_mask is not None else (64, 64),
                                 block_size)
-    impl = dispatch.resolve("decode_attention", q.device, backend)
+    impl = dispatch.resolve("decode_attention", q.device, backend, api="decode_attention")
     res = impl(q, k_cache, v_cache, cache_seqlens, block_mask, window_size=(left, 0), softmax_scale=scale,
                num_splits=num_splits, block_map=request, **mods)
     return pack(res[0], res[1], res[2] if request is not None else None, return_lse)

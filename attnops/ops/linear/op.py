@@ -153,7 +153,7 @@ def linear_attention(
     request = _map_request(map_block_size, reduce, block_size, initial_state) if return_block_map else None
     if normalize:
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # its output column: the denominator
-    impl = dispatch.resolve("linear_attention", q.device, backend)
+    impl = dispatch.resolve("linear_attention", q.device, backend, api="linear_attention")
     # A map at the chunk's granularity from the chunk form is a readout of its intermediates; other
     # block sizes and backends compute it afterwards (linear_block_map).
     chunk = effective_chunk(S, chunk_size)

@@ -102,7 +102,7 @@ def lowrank_key_attention(
     else:
         q_score, k_score = projection.rotate(q, rank), projection.rotate(k, rank)
     request = check_request(map_block_size, reduce, (64, 64), block_size) if return_block_map else None
-    impl = dispatch.resolve("lowrank_key_attention", q.device, backend)
+    impl = dispatch.resolve("lowrank_key_attention", q.device, backend, api="lowrank_key_attention")
     res = impl(q, k, v, q_score, k_score, None, topk=topk, local=local, causal=causal, softmax_scale=scale,
                block_map=request)
     return pack(res[0], res[1], res[2] if request is not None else None, return_lse)
@@ -120,6 +120,6 @@ def lowrank_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     q_rot = projection.rotate(q)
     scores_from = k_cache if k_score is None else k_score
     q_score = q_rot[..., :rank].to(scores_from.dtype)
-    impl = dispatch.resolve("lowrank_key_attention", q.device, backend)
+    impl = dispatch.resolve("lowrank_key_attention", q.device, backend, api="lowrank_decode")
     return impl(q_rot, k_cache, v_cache, q_score, scores_from[..., :rank], cache_seqlens, topk=topk, local=local,
                 causal=True, softmax_scale=softmax_scale, block_map=block_map)

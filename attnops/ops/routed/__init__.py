@@ -6,10 +6,11 @@
     library.py     the router operator from one argument list, fake, the dispatcher's entry
     reference.py   the float64 oracle (token and tile routing)
     cpu.py / triton.py   the router's backends
+    composite.py   the router in PyTorch (the fallback without the extension)
 """
 
 from attnops.core import backends
-from attnops.ops.routed import cpu, reference  # noqa: F401  (register with the dispatcher)
+from attnops.ops.routed import composite, cpu, reference  # noqa: F401  (register with the dispatcher)
 from attnops.ops.routed.op import MOBA_KERNEL_BLOCK, check_moba_args, moba_attention, moba_block_mask
 from attnops.ops.routed.predictor import pooled_block_map, predict_block_mask
 from attnops.ops.routed.select import block_means, select_blocks

@@ -3,5 +3,6 @@
 from attnops.core import backends, dispatch
 from attnops.ops.routed import library as lib
 
+dispatch.expect("moba_route", "cpu")  # without the extension: the fallback (or a clear error), never silence
 if backends.EXTENSION:
     dispatch.register("moba_route", "cpu", lib.backend(lib.FWD))

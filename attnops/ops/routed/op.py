@@ -44,9 +44,9 @@ def _check_moba(shape: QKVShape, block_size, topk, causal) -> None:
 
 
 def _routed_mask(q: torch.Tensor, k: torch.Tensor, seq_len: int, block_size: int, topk: int, causal: bool,
-                 backend: Optional[str]) -> BlockMask:
+                 backend: Optional[str], api: str = "moba_attention") -> BlockMask:
     """The router's ``BlockMask`` for validated inputs."""
-    route = dispatch.resolve("moba_route", q.device, backend)
+    route = dispatch.resolve("moba_route", q.device, backend, api=api)
     with torch.no_grad():
         counts, indices = route(q.detach(), k.detach(), block_size=block_size, topk=topk, causal=causal,
                                 route_block=MOBA_KERNEL_BLOCK)
@@ -59,7 +59,7 @@ def moba_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 512, 
     ``(B, H)`` rows at ``(64, 64)`` granularity (arguments as in :func:`moba_attention`)."""
     shape = check_qkv(q, k, k)
     _check_moba(shape, block_size, topk, causal)
-    return _routed_mask(q, k, shape.seq_len_q, block_size, topk, causal, backend)
+    return _routed_mask(q, k, shape.seq_len_q, block_size, topk, causal, backend, "moba_block_mask")
 
 
 def moba_attention(

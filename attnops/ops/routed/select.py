@@ -15,10 +15,12 @@ def block_counts(seq_len: int, block: int, device) -> torch.Tensor:
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """``x (B, S, Hx, D)`` -> ``(B, Hx, N, D)`` float32 block means (a partial last block: its rows)."""
+    """``x (B, S, Hx, D)`` -> ``(B, Hx, N, D)`` float32 block means (float64 for float64 x; a partial last block:
+    its rows)."""
     B, S, Hx, D = x.shape
     n = -(-S // block)
-    sums = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, n * block - S)).view(B, n, block, Hx, D).sum(2)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sums = torch.nn.functional.pad(x.to(work), (0, 0, 0, 0, 0, n * block - S)).view(B, n, block, Hx, D).sum(2)
     return (sums / block_counts(S, block, x.device).view(1, n, 1, 1)).transpose(1, 2)
 
 

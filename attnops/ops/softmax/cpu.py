@@ -4,5 +4,6 @@ block map, fused or two-pass backward)."""
 from attnops.core import backends, dispatch
 from attnops.ops.softmax import library as lib
 
+dispatch.expect("block_sparse_attention", "cpu")  # without the extension: the fallback (or a clear error), never silence
 if backends.EXTENSION:
     dispatch.register("block_sparse_attention", "cpu", lib.backend(lib.FWD))

@@ -87,7 +87,7 @@ def attention(
     dropout = check_dropout(dropout_p, generator, q.device)
     segments = check_document_ids(document_ids, shape, q.device)
     bias, keep_blocks_of, segments = key_mask_as_bounds(attn_bias, bias, keep_blocks_of, segments, shape)
-    impl = dispatch.resolve("block_sparse_attention", q.device, backend)
+    impl = dispatch.resolve("block_sparse_attention", q.device, backend, api="attention")
     mask = None
     if keep_blocks_of is not None:  # a bool mask: its blocks without a True are skipped
         mask = BlockMask.from_dense(keep_blocks_of(*DEFAULT_MAP_BLOCK), (shape.seq_len_q, shape.seq_len_k),
@@ -156,7 +156,7 @@ def block_sparse_attention(
     dropout = check_dropout(dropout_p, generator, q.device)
     segments = check_document_ids(document_ids, shape, q.device)
     bias, keep_blocks_of, segments = key_mask_as_bounds(attn_bias, bias, keep_blocks_of, segments, shape)
-    impl = dispatch.resolve("block_sparse_attention", q.device, backend)
+    impl = dispatch.resolve("block_sparse_attention", q.device, backend, api="block_sparse_attention")
     if keep_blocks_of is not None:  # the mask's blocks that the bool attn_bias leaves something in
         block_mask = BlockMask.from_dense(block_mask.to_dense() & keep_blocks_of(*block_mask.block_size),
                                           (shape.seq_len_q, shape.seq_len_k), block_mask.block_size,

@@ -110,7 +110,7 @@ def varlen_attention(
     request = check_request(map_block_size, reduce, default_block, None) if return_block_map else None
     dropout = check_dropout(dropout_p, generator, q.device)
     segments = from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, shape.seq_len_q, shape.seq_len_k, causal, window)
-    impl = dispatch.resolve("block_sparse_attention", q.device, backend)
+    impl = dispatch.resolve("block_sparse_attention", q.device, backend, api="varlen_attention")
     out, lse, *block_map = impl(q4, k4, v4, block_mask, causal=False, window_size=(-1, -1), softmax_scale=scale,
                                 block_map=request, segments=segments, **mods, **dropout)
     return pack(out[0], lse[0], block_map[0][0] if block_map else None, return_lse)
