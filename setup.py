@@ -1,7 +1,9 @@
-"""Build attnops and its C++/CUDA extension ``attnops._C``.
+"""Builds the C++/CUDA extension ``attnops._C`` (the package's metadata is in pyproject.toml).
 
-Install for development with ``pip install --no-build-isolation -e .`` (``make test`` does it):
-an isolated build environment would pull a multi-GB CUDA torch.
+The extension is compiled against the torch that is installed, so build without isolation:
+``pip install --no-build-isolation .`` (``make build`` in a checkout: an editable install plus an
+incremental ``build_ext --inplace``). A plain ``pip install .`` stops with a message that says so: its
+isolated build environment has no torch, and installing one there would pull a multi-GB CUDA build.
 
 Environment knobs:
   ATTNOPS_CPU_ARCH   ``-march=`` of the baseline code (default: the compiler's own, x86-64 / armv8-a).
@@ -10,15 +12,16 @@ Environment knobs:
                      extension loads (csrc/cpu/isa.h), so the build is portable by default.
   ATTNOPS_NO_CUDA=1  skip ``csrc/cuda`` even when torch and nvcc have CUDA.
   ATTNOPS_DEBUG=1    ``-O0 -g``.
-  ATTNOPS_SKIP_EXTENSION=1  install the Python package only (the Makefile then builds the
-                     extension in place with ``build_ext --inplace``, incrementally, once).
+  ATTNOPS_SKIP_EXTENSION=1  the Python package only (needs no torch to build): the ops run on the
+                     pure-PyTorch fallback, with a warning (the Makefile builds the extension in place
+                     after an editable install made this way).
 """
 
 import glob
 import os
+import sys
 
-from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,7 +31,28 @@ def _cpu_flags():
     return [f"-march={arch}"] if arch not in ("", "auto", "none") else []
 
 
-def _extension():
+_NO_TORCH = """
+attnops: torch is not importable here, and the C++ kernels are compiled against the torch you run with.
+pip's isolated build environment has none (and installing one there would pull a multi-GB CUDA build).
+Install torch first, then build against it:
+
+    pip install --no-build-isolation .
+
+or install without the C++ kernels (the pure-PyTorch fallback runs instead, several times slower):
+
+    ATTNOPS_SKIP_EXTENSION=1 pip install .
+"""
+
+
+def _cpp_extension():
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit(_NO_TORCH)
+    return cpp_extension
+
+
+def _extension(cpp_extension):
     debug = os.environ.get("ATTNOPS_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp on both compile and link: without it at::parallel_for runs on one thread.
@@ -65,19 +89,9 @@ def _extension():
     return cpp_extension.CppExtension(**kwargs)
 
 
-setup(
-    name="attnops",
-    version="0.1.0",
-    description="Efficient attention kernels for PyTorch: block-sparse, linear, routed, MQA/GQA decoding, low-rank keys",
-    packages=find_packages(include=["attnops", "attnops.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.5"],
-    extras_require={
-        "triton": ["triton>=3.2"],
-        "bench": ["rich", "matplotlib", "numpy"],
-        "transformers": ["transformers>=4.48"],
-    },
-    ext_modules=[] if os.environ.get("ATTNOPS_SKIP_EXTENSION") == "1" else [_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    zip_safe=False,
-)
+if os.environ.get("ATTNOPS_SKIP_EXTENSION") == "1":
+    setup()
+else:
+    _cpp = _cpp_extension()
+    setup(ext_modules=[_extension(_cpp)],
+          cmdclass={"build_ext": _cpp.BuildExtension.with_options(use_ninja=True)})

@@ -4,7 +4,7 @@
     BENCH_SUITE=core pytest benchmarks --benchmark-only --benchmark-autosave
     pytest benchmarks --benchmark-only --benchmark-compare   # against the last saved run (another commit)
 
-Cases come from benchmarks/suites/<BENCH_SUITE>.toml through the same builders as
+Cases come from attnops/bench/suites/<BENCH_SUITE>.toml through the same builders as
 `python -m attnops.bench`, so both time exactly the same calls; providers of one case share a
 benchmark group. The harness CLI adds what pytest-benchmark lacks: the accuracy gate, FLOP/s,
 memory and the interleaved side-by-side ratio.

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: the suite's, else 2)")
     p.add_argument("--repeats", type=_positive, default=None, help="timed repeats per provider")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per provider")
-    p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<suite>-<device>)")
+    p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/<suite>-<device> in a "
+                                               "source checkout, else ./attnops-bench-results/<suite>-<device>)")
     p.add_argument("--list", action="store_true", help="list suites, ops and the suite's cases, then exit")
     return p
 
@@ -60,7 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = args.device or suite.get("device", "cpu")
     if not (device == "cpu" or device.startswith("cuda")):
         parser.error(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available() and not args.list:  # listing needs no GPU
         parser.error(f"--device {device}: CUDA is not available on this machine")
     ops = [o.strip() for o in args.ops.split(",")] if args.ops else None
     families = registry.families()
@@ -122,8 +123,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _default_out(suite: str, device: str) -> Path:
-    root = Path(__file__).resolve().parents[2] / "benchmarks"
-    base = root / "results" if root.is_dir() else Path.cwd() / "attnops-bench-results"
+    """benchmarks/results/ in a source checkout; ./attnops-bench-results/ for an installed package."""
+    tree = Path(__file__).resolve().parents[2]
+    checkout = (tree / "setup.py").is_file() and (tree / "benchmarks").is_dir()
+    base = tree / "benchmarks" / "results" if checkout else Path.cwd() / "attnops-bench-results"
     return base / f"{Path(suite).stem}-{device.replace(':', '')}"
 
 

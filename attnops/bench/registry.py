@@ -1,5 +1,5 @@
 """Benchmark cases: what one case is, how op families register their case builders, and how a suite
-(a TOML file of case grids, ``benchmarks/suites/*.toml``) expands into cases.
+(a TOML file of case grids, ``attnops/bench/suites/*.toml``, package data) expands into cases.
 
 A family module in ``attnops.bench.cases`` calls :func:`register_op` with a builder that turns a
 :class:`CaseSpec` into a :class:`Prepared` case: input factory, the attnops call, the baseline and
@@ -137,7 +137,7 @@ def suites_dir() -> Path:
     env = os.environ.get("ATTNOPS_BENCH_SUITES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
+    return Path(__file__).resolve().parent / "suites"  # shipped in the wheel: works installed
 
 
 def available_suites() -> List[str]:
