@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per provider")
     p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/<suite>-<device> in a "
                                                "source checkout, else ./attnops-bench-results/<suite>-<device>)")
+    p.add_argument("--wide", action="store_true", help="every column in the terminal table (default: a compact "
+                                                       "table that fits 100 columns; results.json / .csv hold all)")
     p.add_argument("--list", action="store_true", help="list suites, ops and the suite's cases, then exit")
     return p
 
@@ -95,9 +97,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from attnops.bench.report import environment, render_table, write_results
     from attnops.bench.runner import attach_copy_bandwidth, run_case
 
-    import shutil
+    from attnops.bench.report import COMPACT_WIDTH
 
-    console = Console(width=max(shutil.get_terminal_size((160, 40)).columns, 160))
+    # a terminal's own width; logs and CI (not terminals) get the table's
+    console = Console(width=None if sys.stdout.isatty() else (160 if args.wide else COMPACT_WIDTH))
     env = environment(device, threads)
     env["suite"] = args.suite
     out_dir = Path(args.out) if args.out else _default_out(args.suite, device)
@@ -107,14 +110,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                   TextColumn("{task.fields[case]}"), console=console, transient=False) as progress:
         task = progress.add_task(f"suite {args.suite}", total=len(cases), case="")
         for spec in cases:
-            progress.update(task, case=spec.label)
+            progress.update(task, case=spec.short_label)
             results.append(run_case(spec, threads=threads, repeats=repeats, warmup=warmup))
             write_results(results, env, out_dir, plots=False)
             progress.advance(task)
     copy = attach_copy_bandwidth(results, threads)
     if copy:
         env["copy_bandwidth_gbps"] = round(copy, 2)
-    render_table(results, env, console)
+    render_table(results, env, console, wide=args.wide)
     paths = write_results(results, env, out_dir)
     console.print(f"{len(results)} cases in {time.time() - start:.0f} s; files:")
     for kind, path in paths.items():

@@ -46,7 +46,16 @@ class CaseSpec:
 
     @property
     def label(self) -> str:
-        """Compact name for tables: op, parameters, shape, dtype, mode."""
+        """Name for tables and logs: op, parameters, shape, dtype, mode."""
+        return self._label(short=False)
+
+    @property
+    def short_label(self) -> str:
+        """The label for the compact table: mask arguments by value only (``sink_local(8,1)``), ``fwd+bwd`` as
+        ``f+b``; the full one is in the wide table, results.json and results.csv."""
+        return self._label(short=True)
+
+    def _label(self, short: bool) -> str:
         s = self.shape
         params = []
         for k, v in sorted(self.params.items()):
@@ -55,15 +64,17 @@ class CaseSpec:
             if isinstance(v, bool):
                 params.append(k if v else "")
             elif k == "mask":
-                args = ",".join(f"{a}={_short(b)}" for a, b in sorted(self.params.get("mask_args", {}).items()))
+                args = sorted(self.params.get("mask_args", {}).items())
+                args = ",".join(_short(b) if short else f"{a}={_short(b)}" for a, b in args)
                 params.append(f"{v}({args})")
             else:
                 params.append(f"{k}={_short(v)}")
+        mode = "f+b" if short and self.mode == "fwd+bwd" else self.mode
         seq = f"N{s['Sq']}" if s["Sq"] == s["Sk"] else f"Sq{s['Sq']} Sk{s['Sk']}"
         heads = f"H{s['H']}" if s["H"] == s["Hkv"] else f"H{s['H']}/{s['Hkv']}"
         dt = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(self.dtype, self.dtype)
         op = self.op.replace("_attention", "")
-        return " ".join(x for x in [op, *params, seq, f"D{s['D']}", heads, f"B{s['B']}", dt, self.mode] if x)
+        return " ".join(x for x in [op, *params, seq, f"D{s['D']}", heads, f"B{s['B']}", dt, mode] if x)
 
     def __hash__(self):
         return hash(self.name + self.device)

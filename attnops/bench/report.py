@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import subprocess
-from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -100,81 +99,9 @@ def write_results(results: List[CaseResult], env: dict, out_dir: Path, plots: bo
         for row in rows:
             w.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()})
     if plots:
+        from attnops.bench.plots import write_plots  # matplotlib only when plotting
+
         paths.update(write_plots(results, env, out_dir))
-    return paths
-
-
-def write_plots(results: List[CaseResult], env: dict, out_dir: Path) -> Dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths: Dict[str, Path] = {}
-    ok = [r for r in results if r.status == "ok" and r.ms(OP)]
-    # time vs sequence length, one panel per (op, params, mode, dtype) group with >= 2 lengths
-    groups = defaultdict(list)
-    for r in ok:
-        s = r.spec
-        key = (s.op, json.dumps(s.params, sort_keys=True), s.mode, s.dtype, s.shape["B"], s.shape["H"],
-               s.shape["Hkv"], s.shape["D"])
-        groups[key].append(r)
-    groups = {k: v for k, v in groups.items() if len({r.spec.shape["Sk"] for r in v}) >= 2}
-    if groups:
-        n = len(groups)
-        cols = min(3, n)
-        fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(5 * cols, 3.6 * ((n + cols - 1) // cols)),
-                                 squeeze=False)
-        for ax, (key, rs) in zip(axes.flat, groups.items()):
-            rs = sorted(rs, key=lambda r: r.spec.shape["Sk"])
-            xs = [r.spec.shape["Sk"] for r in rs]
-            names = [OP] + sorted({n for r in rs for n in ([r.baseline] if r.baseline else []) + r.extras})
-            for name in names:
-                pts = [(x, r.ms(name)) for x, r in zip(xs, rs) if r.ms(name)]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=name, linewidth=2.5 if name == OP else 1.2)
-            op, params, mode, dtype = key[:4]
-            ax.set_title(f"{op} {params} {mode} {dtype}", fontsize=8)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel("ms")
-            ax.legend(fontsize=7)
-        for ax in list(axes.flat)[n:]:
-            ax.axis("off")
-        fig.suptitle(f"attnops {env['git_commit']} on {_machine(env)}, {env['threads']} threads", fontsize=9)
-        fig.tight_layout()
-        paths["time_vs_seqlen"] = out_dir / "time_vs_seqlen.png"
-        fig.savefig(paths["time_vs_seqlen"], dpi=110)
-        plt.close(fig)
-    sparse = [r for r in ok if r.density is not None and r.speedup]
-    if sparse:
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for r in sparse:
-            ax.scatter(r.density, r.speedup, s=30)
-            label = r.spec.params.get("mask", r.spec.op)
-            ax.annotate(f"{label} N={r.spec.shape['Sk']} {r.spec.mode}", (r.density, r.speedup), fontsize=6)
-        d = sorted({r.density for r in sparse})
-        lo, hi = min(d) * 0.8, max(d) * 1.2
-        grid = [lo + (hi - lo) * i / 50 for i in range(51)]
-        ax.plot(grid, [1 / x for x in grid], "k--", linewidth=0.8, label="1/d (ideal)")
-        ax.plot(grid, [0.8 / x for x in grid], "k:", linewidth=0.8, label="0.8/d")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        from matplotlib.ticker import FormatStrFormatter
-
-        ax.xaxis.set_major_formatter(FormatStrFormatter("%.2f"))
-        ax.xaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
-        ax.set_xlabel("block density d")
-        ax.set_ylabel("speedup over dense baseline")
-        ax.legend(fontsize=7)
-        ax.set_title(f"sparse speedup vs density ({_machine(env)})", fontsize=8)
-        fig.tight_layout()
-        paths["speedup_vs_density"] = out_dir / "speedup_vs_density.png"
-        fig.savefig(paths["speedup_vs_density"], dpi=110)
-        plt.close(fig)
     return paths
 
 
@@ -184,7 +111,7 @@ def _fmt(x: Optional[float], spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def _machine(env: dict) -> str:
+def machine_name(env: dict) -> str:
     """The device's name, with the C++ kernels' ISA level on CPU."""
     level = env.get("cpu_kernels_isa")
     if not level:
@@ -192,18 +119,28 @@ def _machine(env: dict) -> str:
     return f"{env['device_name']}, kernels {level}{' + bf16 dot' if env.get('cpu_bf16_dot') else ''}"
 
 
-def render_table(results: List[CaseResult], env: dict, console=None):
+# The compact table's widths: it fits a 100-column terminal (case names longer than this are cut with an ellipsis).
+COMPACT_WIDTH = 100
+_CASE_WIDTH = 52
+
+
+def render_table(results: List[CaseResult], env: dict, console=None, wide: bool = False):
+    """The results table: compact by default (case, ms, baseline ms, speedup, error ratio: fits
+    :data:`COMPACT_WIDTH` columns), every column with ``wide`` (``--wide``). results.json / .csv hold all."""
     from rich.console import Console
     from rich.table import Table
 
     if console is None:
         import shutil
 
-        # Logs and CI are not terminals: rich would wrap the table at 80 columns.
-        console = Console(width=max(shutil.get_terminal_size((160, 40)).columns, 160))
-    isa = f" (CPU: {env.get('cpu_flags') or '?'})" if env.get("cpu_kernels_isa") else ""
-    table = Table(title=f"attnops {env['attnops']} ({env['git_commit']}) — {_machine(env)}{isa}, "
-                        f"torch {env['torch']}, {env['threads']} threads", show_lines=False)
+        # Logs and CI are not terminals: rich would wrap the wide table at 80 columns.
+        console = Console(width=max(shutil.get_terminal_size((160, 40)).columns, 160 if wide else COMPACT_WIDTH))
+    isa = f" (CPU: {env.get('cpu_flags') or '?'})" if env.get("cpu_kernels_isa") and wide else ""
+    title = (f"attnops {env['attnops']} ({env['git_commit']}) — {machine_name(env)}{isa}, "
+             f"torch {env['torch']}, {env['threads']} threads")
+    if not wide:
+        return _render_compact(results, title, console)
+    table = Table(title=title, show_lines=False)
     extras = sorted({e for r in results for e in r.extras})
     approx = any(r.approx_err is not None for r in results)  # approximate ops: error vs the exact function
     for col in ["case", "status", "ms", "baseline", "base ms", "speedup", *[f"{e} ms" for e in extras],
@@ -228,10 +165,40 @@ def render_table(results: List[CaseResult], env: dict, console=None):
             *([_fmt(r.approx_err, ".1e")] if approx else []),
         )
     console.print(table)
+    _print_failures_and_notes(results, console)
+    return table
+
+
+def _speedup_cell(r: CaseResult) -> str:
+    if r.status != "ok":
+        return {"FAILED": "[red]FAILED[/]", "error": "[red]error[/]"}[r.status]
+    return f"[bold]{r.speedup:.2f}x[/]" if r.speedup else "—"
+
+
+def _render_compact(results: List[CaseResult], title: str, console):
+    from rich.table import Table
+
+    table = Table(title=title, width=COMPACT_WIDTH, show_lines=False, pad_edge=False)
+    table.add_column("case", justify="left", max_width=_CASE_WIDTH, no_wrap=True, overflow="ellipsis")
+    for col in ("ms", "base ms", "speedup", "err/base"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in results:
+        ok, acc = r.status == "ok", r.accuracy
+        table.add_row(r.spec.short_label, _fmt(r.ms(OP)) if ok else "—",
+                      _fmt(r.ms(r.baseline)) if ok and r.baseline else "—", _speedup_cell(r),
+                      _fmt(acc.ratio_to(r.baseline) if acc and r.baseline else None, ".2f"))
+    console.print(table)
+    baselines = sorted({r.baseline for r in results if r.baseline})
+    console.print(f"baseline: {', '.join(baselines) or '—'}; err/base: max error over the baseline's (both against "
+                  "float64); --wide: every column (extras, TF/s, GB/s, MiB); results.json / .csv: everything")
+    _print_failures_and_notes(results, console)
+    return table
+
+
+def _print_failures_and_notes(results: List[CaseResult], console) -> None:
     failed = [r for r in results if r.status != "ok"]
     for r in failed:
         console.print(f"[red]{r.status}[/] {r.spec.label}: {r.message.splitlines()[0] if r.message else ''}")
     notes = sorted({n for r in results for n in r.notes if n})
     if notes:
         console.print("notes: " + "; ".join(notes))
-    return table

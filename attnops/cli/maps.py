@@ -1,8 +1,10 @@
 """``python -m attnops.maps``: run a small model on a text and write its block attention maps as PNGs.
 
 The model is built from a config with random weights (nothing is downloaded): by default a small
-causal LM of ``attnops.nn.Attention`` blocks (``--layers/--heads/--kv-heads/--dim``), or any
-transformers causal LM from a config JSON (``--hf-config``) run with ``attn_implementation="attnops"``;
+causal LM of ``attnops.nn.Attention`` blocks (``--layers/--heads/--kv-heads/--dim``), or a transformers
+model from a config JSON (``--hf-config``) run with ``attn_implementation="attnops"``: an encoder config
+(BERT, RoBERTa, ModernBERT, ...: a masked-LM model type that is not a decoder) loads the encoder with its
+masked-LM head and draws bidirectional maps; any other config loads a causal LM and draws causal maps.
 ``--weights`` loads a state_dict into either. Text becomes byte tokens (modulo the vocabulary).
 
 Writes into ``--out``: ``grid.png`` (layers x heads), ``layer_<i>.png`` (heads averaged),
@@ -56,12 +58,14 @@ class TinyCausalLM(nn.Module):
 def _spec(name: str):
     if name == "causal":
         return SoftmaxSpec(causal=True)
+    if name == "full":  # no causality of its own: a transformers model's own is_causal decides
+        return SoftmaxSpec(causal=False)
     if name.startswith("window:"):
         return SoftmaxSpec(causal=True, window=(int(name.split(":", 1)[1]), 0))
     if name.startswith("sink_local:"):
         sink, local = (int(x) for x in name.split(":", 1)[1].split(","))
         return BlockSparseSpec(pattern=lambda sq, sk: BlockMask.sink_local((sq, sk), sink, local, block_size=64))
-    raise argparse.ArgumentTypeError(f"unknown attention {name!r}: causal, window:LEFT, sink_local:SINK,LOCAL")
+    raise argparse.ArgumentTypeError(f"unknown attention {name!r}: causal, full, window:LEFT, sink_local:SINK,LOCAL")
 
 
 def _tokens(text: str, seq_len: int, vocab: int) -> torch.Tensor:
@@ -70,34 +74,56 @@ def _tokens(text: str, seq_len: int, vocab: int) -> torch.Tensor:
     return torch.tensor((data * reps)[:seq_len], dtype=torch.long).remainder(vocab).unsqueeze(0)
 
 
+def is_encoder(config) -> bool:
+    """A masked-LM model type that is not configured as a decoder (BERT, RoBERTa, ModernBERT, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
 def _hf_model(config_path: Path, spec):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """``(model, vocab size, encoder?)`` from a config JSON: encoders with their masked-LM head (bidirectional
+    attention), everything else as a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from attnops.integrations.transformers import register
 
     name = register("attnops", spec)
     config = AutoConfig.for_model(**json.loads(config_path.read_text()))
-    return AutoModelForCausalLM.from_config(config, attn_implementation=name), config.vocab_size
+    encoder = is_encoder(config)
+    cls = AutoModelForMaskedLM if encoder else AutoModelForCausalLM
+    return cls.from_config(config, attn_implementation=name), config.vocab_size, encoder
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every flag's help; the epilog's paragraphs as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m attnops.maps", description=__doc__.split("\n\n")[0])
+    intro, *details = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(prog="python -m attnops.maps", description=intro.split(": ", 1)[1],
+                                epilog="\n\n".join(details).replace("``", ""),
+                                formatter_class=_HelpFormatter)
     p.add_argument("--text", default=DEFAULT_TEXT, help="input text (repeated or cut to --seq-len bytes)")
-    p.add_argument("--text-file", type=Path, help="read the text from a file")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--attention", type=_spec, default=SoftmaxSpec(causal=True),
-                   help="causal (default), window:LEFT, sink_local:SINK,LOCAL")
-    p.add_argument("--hf-config", type=Path, help="a transformers config JSON (with model_type) instead")
-    p.add_argument("--weights", type=Path, help="a state_dict (.pt) for the model")
-    p.add_argument("--block-size", type=int, default=None, help="map block (default: the kernel block, 64)")
-    p.add_argument("--reduce", choices=("mean", "max"), default="mean")
+    p.add_argument("--text-file", type=Path, default=None, help="read the text from this file instead of --text")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens in the input (byte tokens)")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks of the built-in model")
+    p.add_argument("--dim", type=int, default=128, help="model width of the built-in model")
+    p.add_argument("--heads", type=int, default=4, help="query heads of the built-in model")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads of the built-in model (None: --heads)")
+    p.add_argument("--attention", type=_spec, default=None,
+                   help="the attention: causal, full, window:LEFT (causal sliding window), sink_local:SINK,LOCAL "
+                        "(block-sparse); None: causal for the built-in model, the model's own for --hf-config")
+    p.add_argument("--hf-config", type=Path, default=None,
+                   help="a transformers config JSON (with model_type) instead of the built-in model; encoder "
+                        "configs load the encoder (bidirectional maps)")
+    p.add_argument("--weights", type=Path, default=None, help="a state_dict (.pt) to load into the model")
+    p.add_argument("--block-size", type=int, default=None, help="map block size (None: the kernel block, 64)")
+    p.add_argument("--reduce", choices=("mean", "max"), default="mean",
+                   help="mean: the block's attention mass per query; max: the largest single probability")
     p.add_argument("--log-scale", action="store_true", help="colour log10 of the probability mass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/maps"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/maps"), help="output folder")
     return p
 
 
@@ -105,9 +131,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     if args.hf_config is not None:
-        model, vocab = _hf_model(args.hf_config, args.attention)
+        model, vocab, encoder = _hf_model(args.hf_config, args.attention or SoftmaxSpec(causal=False))
     else:
-        model, vocab = TinyCausalLM(args.layers, args.dim, args.heads, args.kv_heads, args.attention), 256
+        attention = args.attention or SoftmaxSpec(causal=True)
+        model, vocab, encoder = TinyCausalLM(args.layers, args.dim, args.heads, args.kv_heads, attention), 256, False
     if args.weights is not None:
         model.load_state_dict(torch.load(args.weights, map_location="cpu"))
     text = args.text_file.read_text() if args.text_file else args.text
@@ -127,7 +154,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.save({name: m.cpu() for name, m in cap.maps.items()}, args.out / "maps.pt")
     written.append(args.out / "maps.pt")
     first = next(iter(cap.maps.values()))
-    print(f"{len(cap.maps)} layers, block maps {tuple(first.shape)} from {tokens.shape[1]} tokens:")
+    kind = "bidirectional (encoder)" if encoder else "causal"
+    print(f"{len(cap.maps)} layers, {kind} block maps {tuple(first.shape)} from {tokens.shape[1]} tokens:")
     for path in written:
         print(f"  {path}")
     return 0

@@ -41,8 +41,12 @@ def to_heatmap(block_map: torch.Tensor, path: Union[str, Path], title: Optional[
     ax.set_ylabel("query block")
     if title:
         ax.set_title(title)
-    fig.colorbar(ax.images[0], ax=ax)
+    fig.colorbar(ax.images[0], ax=ax, label=_scale_label(log_scale))
     return _save(fig, plt, path)
+
+
+def _scale_label(log_scale: bool) -> str:
+    return "log10 attention mass" if log_scale else "attention mass (probability)"
 
 
 def plot_grid(maps: Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]], path: Union[str, Path],
@@ -55,29 +59,42 @@ def plot_grid(maps: Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]], p
         raise ValueError("plot_grid needs at least one map")
     num_heads = min(m.shape[1] for _, m in items)
     cols = num_heads if heads is None else max(1, min(heads, num_heads))
-    fig, axes = plt.subplots(len(items), cols, figsize=(1.8 * cols + 1, 1.8 * len(items) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(items), cols, figsize=(1.8 * cols + 1.6, 1.8 * len(items) + 0.5), squeeze=False,
+                             layout="constrained")
+    panels = [[m[batch_index, h].detach().float().cpu() for h in range(cols)] for _, m in items]
+    # one colour scale for every panel, so that colours compare across layers and heads
+    values = torch.stack([_scaled(p, log_scale) for row in panels for p in row])
+    finite = values[torch.isfinite(values)]
+    limits = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
     for row, (name, m) in enumerate(items):
         for h in range(cols):
             ax = axes[row][h]
-            _draw(ax, m[batch_index, h].detach().float().cpu(), log_scale)
+            _draw(ax, panels[row][h], log_scale, limits)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(f"head {h}", fontsize=8)
             if h == 0:
                 ax.set_ylabel(name, fontsize=7)
-    return _save(fig, plt, path)
+    fig.colorbar(axes[0][0].images[0], ax=axes, shrink=0.8, label=_scale_label(log_scale))
+    return _save(fig, plt, path, tight=False)
 
 
-def _draw(ax, m: torch.Tensor, log_scale: bool) -> None:
-    data = torch.log10(m.clamp(min=1e-8)) if log_scale else m
-    ax.imshow(data.numpy(), cmap="viridis", interpolation="nearest", aspect="auto")
+def _scaled(m: torch.Tensor, log_scale: bool) -> torch.Tensor:
+    return torch.log10(m.clamp(min=1e-8)) if log_scale else m
 
 
-def _save(fig, plt, path: Union[str, Path]) -> Path:
+def _draw(ax, m: torch.Tensor, log_scale: bool, limits=None) -> None:
+    vmin, vmax = limits if limits else (None, None)
+    ax.imshow(_scaled(m, log_scale).numpy(), cmap="viridis", interpolation="nearest", aspect="auto", vmin=vmin,
+              vmax=vmax)
+
+
+def _save(fig, plt, path: Union[str, Path], tight: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

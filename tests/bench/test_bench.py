@@ -60,11 +60,15 @@ def test_every_shipped_suite_expands():
         assert all(c.op in OPS for c in cases)
 
 
-def test_tiny_suite_end_to_end(tmp_path):
+def test_tiny_suite_end_to_end(tmp_path, capsys):
     suite = tmp_path / "tiny.toml"
     suite.write_text(TINY_SUITE)
     out = tmp_path / "out"
     assert main(["--suite", str(suite), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # the default table fits a 100-column terminal (output captured: not a terminal, the table's own width)
+    assert "speedup" in printed and "TF/s eq/act" not in printed
+    assert max(len(line) for line in printed.splitlines()) <= 100, printed
     data = json.loads((out / "results.json").read_text())
     assert data["environment"]["threads"] == 1 and data["environment"]["torch"] == torch.__version__
     assert data["environment"]["git_commit"]
@@ -135,6 +139,17 @@ def test_cli_list(capsys):
     assert main(["--suite", "quick", "--list"]) == 0
     out = capsys.readouterr().out
     assert "attention" in out and "suite quick" in out
+    assert main(["--suite", "gpu", "--list"]) == 0  # listing a GPU suite needs no GPU
+    assert "suite gpu" in capsys.readouterr().out
+
+
+def test_wide_table_has_every_column(tmp_path, capsys):
+    suite = tmp_path / "one.toml"
+    suite.write_text(TINY_SUITE.split("[[cases]]")[0] + "[[cases]]" + TINY_SUITE.split("[[cases]]")[2])
+    assert main(["--suite", str(suite), "--out", str(tmp_path / "out"), "--wide"]) == 0
+    printed = capsys.readouterr().out
+    for column in ("status", "baseline", "TF/s eq/act", "GB/s", "MiB", "max err", "flex"):
+        assert column in printed, column
 
 
 @pytest.mark.parametrize("params", [dict(), dict(gate="channel", normalize=True), dict(decay="retnet")],

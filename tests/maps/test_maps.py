@@ -141,3 +141,30 @@ def test_cli_writes_the_maps(tmp_path, capsys):
     assert [m.shape for m in maps.values()] == [(1, 2, 5, 5)] * 2
     assert all(torch.all(m[..., 0, 3:] == 0) for m in maps.values()), "blocks outside the causal window are 0"
     assert "2 layers" in capsys.readouterr().out
+
+
+def test_cli_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--text", "--text-file", "--seq-len", "--layers", "--dim", "--heads", "--kv-heads", "--attention",
+                 "--hf-config", "--weights", "--block-size", "--reduce", "--log-scale", "--seed", "--out"):
+        assert flag in text, flag
+    assert text.count("(default:") >= 15
+
+
+@pytest.mark.parametrize("model_type, bidirectional", [("bert", True), ("llama", False)])
+def test_cli_encoder_configs_draw_bidirectional_maps(model_type, bidirectional, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("transformers")
+    import json
+
+    config = {"model_type": model_type, "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 512}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["--hf-config", str(tmp_path / "config.json"), "--seq-len", "200", "--out", str(tmp_path)]) == 0
+    maps = list(torch.load(tmp_path / "maps.pt").values())
+    assert len(maps) == 2
+    above_diagonal = sum(float(m[0].triu(1).sum()) for m in maps)
+    assert (above_diagonal > 0) == bidirectional
+    assert ("bidirectional" in capsys.readouterr().out) == bidirectional
