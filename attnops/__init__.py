@@ -13,6 +13,7 @@ from attnops.ops import (AttentionLseMapOutput, AttentionMapOutput, AttentionOut
                          moba_attention, moba_block_mask, predict_block_mask, varlen_attention)
 from attnops import lowrank  # noqa: E402  (KeyProjection, calibrate)
 from attnops import maps  # noqa: E402  (block maps: capture, rollout, heatmaps)
+from attnops import distributed  # noqa: E402  (context parallelism over torch.distributed)
 from attnops import nn  # noqa: E402  (modules build on the ops above)
 from attnops.nn import swap, unswap  # noqa: E402
 
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "BlockMask", "KVCache",
            "LinearAttentionMapOutput", "LinearAttentionOutput", "attention", "block_sparse_attention",
-           "decode_attention", "dispatch", "linear_attention", "lowrank",
+           "decode_attention", "dispatch", "distributed", "linear_attention", "lowrank",
            "lowrank_key_attention", "maps", "moba_attention", "moba_block_mask", "nn",
            "predict_block_mask", "swap", "unswap", "varlen_attention"]

@@ -49,6 +49,13 @@ tokens = torch.randn(1, 128, 64)
 log_g = torch.nn.functional.logsigmoid(torch.randn(1, 1024, 8)); n = 600
 x = torch.randn(1, 64, 1024); x_next = torch.randn(1, 1, 1024)
 """,
+    "import torch.distributed as dist": _QKV + """
+import socket, torch.distributed
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0)); _port = _s.getsockname()[1]
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port}", rank=0, world_size=1)
+x = torch.randn(1, 1024, 512)
+""",
     "proj = attnops.lowrank.calibrate(sample_keys": _QKV + """
 sample_keys = torch.randn(2, 512, 2, 64)
 k_new, v_new, q_new = torch.randn(1, 300, 2, 64), torch.randn(1, 300, 2, 64), torch.randn(1, 1, 8, 64)
@@ -89,5 +96,9 @@ def test_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # snippets that write files (plots, saved projections) write here
     torch.manual_seed(0)
     namespace = {}
-    exec(compile("import torch, attnops\n" + setup, "<setup>", "exec"), namespace)
-    exec(compile(block, f"README.md snippet {index + 1}", "exec"), namespace)
+    try:
+        exec(compile("import torch, attnops\n" + setup, "<setup>", "exec"), namespace)
+        exec(compile(block, f"README.md snippet {index + 1}", "exec"), namespace)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the context-parallel snippet's single-rank group

@@ -10,8 +10,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
-from attnops.bench.report import machine_name
 from attnops.bench.runner import OP, CaseResult
+
+
+def machine_name(env: dict) -> str:
+    """The device's name, with the C++ kernels' ISA level on CPU (table titles and plot titles)."""
+    level = env.get("cpu_kernels_isa")
+    if not level:
+        return env["device_name"]
+    return f"{env['device_name']}, kernels {level}{' + bf16 dot' if env.get('cpu_bf16_dot') else ''}"
 
 
 def _plain(value, _pos=None) -> str:

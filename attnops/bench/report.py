@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from attnops.bench.plots import machine_name
 from attnops.bench.runner import OP, CaseResult
 
 
@@ -109,14 +110,6 @@ def write_results(results: List[CaseResult], env: dict, out_dir: Path, plots: bo
 
 def _fmt(x: Optional[float], spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
-
-
-def machine_name(env: dict) -> str:
-    """The device's name, with the C++ kernels' ISA level on CPU."""
-    level = env.get("cpu_kernels_isa")
-    if not level:
-        return env["device_name"]
-    return f"{env['device_name']}, kernels {level}{' + bf16 dot' if env.get('cpu_bf16_dot') else ''}"
 
 
 # The compact table's widths: it fits a 100-column terminal (case names longer than this are cut with an ellipsis).

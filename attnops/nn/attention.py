@@ -14,7 +14,8 @@ from attnops.ops.lowrank import KeyProjection, check_lowrank_args
 from attnops.ops.softmax import attention as dense_attention
 from attnops.maps.capture import attend
 from attnops.nn.rotary import Rotary
-from attnops.nn.specs import AttentionSpec, SoftmaxSpec, LowRankKeySpec, resolve_spec
+from attnops.distributed import context_parallel_attention, local_positions
+from attnops.nn.specs import AttentionSpec, BlockSparseSpec, SoftmaxSpec, LowRankKeySpec, resolve_spec
 
 
 class LowRankDecoding(NamedTuple):
@@ -42,6 +43,12 @@ class Attention(nn.Module):
         bias: biases on the projections.
         lowrank, rank, topk, local: low-rank-key (Loki) decoding for the cached steps, as
             :meth:`set_lowrank` (a :class:`LowRankKeySpec` spec implies its own).
+        context_parallel_group: a ``torch.distributed`` group: ``x`` is then this rank's shard of the
+            sequence (:func:`attnops.distributed.shard` with ``context_parallel_layout``) and attention runs
+            across the ranks (:func:`attnops.distributed.context_parallel_attention`); rotary positions are
+            the rows' global positions. The ``SoftmaxSpec`` (causal, window) and a ``BlockSparseSpec`` with a
+            global ``block_mask`` run this way; no cached steps.
+        context_parallel_layout: ``"zigzag"`` (default) or ``"contiguous"``.
 
     ``forward(x, positions=None)``: ``positions (T,)`` or ``(B, T)`` feed the rotary embedding
     (default ``0..T-1``). ``forward(x, cache=cache)`` (``cache`` from :meth:`make_cache`): appends
@@ -57,8 +64,11 @@ class Attention(nn.Module):
                  attention: Optional[AttentionSpec] = None, qk_norm: bool = False,
                  rope: Union[None, float, Rotary] = None, bias: bool = False, device=None, dtype=None,
                  lowrank: Optional[KeyProjection] = None, rank: Optional[int] = None, topk: Optional[int] = None,
-                 local: int = 0, causal: bool = True):
+                 local: int = 0, causal: bool = True, context_parallel_group=None,
+                 context_parallel_layout: str = "zigzag"):
         super().__init__()
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_layout = context_parallel_layout
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         self.causal = causal
@@ -118,10 +128,41 @@ class Attention(nn.Module):
                        score_dim=self.lowrank.rank if self.lowrank is not None else 0, score_dtype=plane)
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, seq_len: Optional[int] = None) -> torch.Tensor:
+        """``seq_len``: with context parallelism, the true global length when the shards were padded."""
+        if self.context_parallel_group is not None:
+            if cache is not None:
+                raise NotImplementedError("context-parallel attention has no cached steps (decode on one rank)")
+            return self._context_parallel(x, positions, seq_len)
+        if seq_len is not None:
+            raise ValueError("seq_len is the global length of a context-parallel sequence: this block has no "
+                             "context_parallel_group")
         if cache is not None:
             return self._cached_step(x, positions, cache)
         out, _ = attend(self, self.attention, *self._qkv(x, positions), causal=self.causal)
+        return self._output(out)
+
+    def _context_parallel(self, x: torch.Tensor, positions: Optional[torch.Tensor], seq_len: Optional[int]):
+        group, layout = self.context_parallel_group, self.context_parallel_layout
+        spec = self.attention
+        options = {}
+        if isinstance(spec, SoftmaxSpec):
+            options = dict(causal=self.causal or spec.causal, window_size=spec.window)
+        elif isinstance(spec, BlockSparseSpec) and spec.block_mask is not None:
+            mask = spec.block_mask
+            if self.causal and not mask.causal:
+                raise ValueError("this block is causal but its block mask is not: build the mask causal")
+            options = dict(block_mask=mask)
+        else:
+            raise NotImplementedError(f"context parallelism runs the SoftmaxSpec and a BlockSparseSpec with a global "
+                                      f"block_mask, not {spec!r}")
+        if positions is None and self.rope is not None:
+            world = torch.distributed.get_world_size(group)
+            rank = torch.distributed.get_rank(group)
+            chunk = x.shape[1] // (2 if layout == "zigzag" else 1)
+            positions = local_positions(rank, world, chunk, layout, device=x.device)
+        q, k, v = self._qkv(x, positions)
+        out = context_parallel_attention(q, k, v, group, layout=layout, seq_len=seq_len, **options)
         return self._output(out)
 
     def _cached_step(self, x: torch.Tensor, positions: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:

@@ -101,8 +101,8 @@ def test_bool_mask_skips_the_blocks_it_empties(monkeypatch):
     seen = {}
     original = softmax_op.dispatch.resolve
 
-    def resolve(op, device, backend=None):
-        impl = original(op, device, backend)
+    def resolve(op, device, backend=None, api=None):
+        impl = original(op, device, backend, api)
 
         def spy(q, k, v, block_mask, **kw):
             seen["mask"] = block_mask
