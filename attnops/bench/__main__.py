@@ -60,6 +60,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         suite = load_suite(args.suite)
     except ValueError as e:
         parser.error(str(e))
+    from attnops.bench import context_parallel
+
+    if context_parallel.is_cp_suite(suite):  # launches its own ranks: not the per-op harness
+        if args.list:
+            print(f"suite {args.suite}: {len(context_parallel.expand(suite))} context-parallel cases")
+            for case in context_parallel.expand(suite):
+                print("  " + context_parallel.label(case))
+            return 0
+        return context_parallel.main(suite, Path(args.suite).stem, Path(args.out) if args.out else None, args.repeats,
+                                     args.device or suite.get("device", "cpu"))
     device = args.device or suite.get("device", "cpu")
     if not (device == "cpu" or device.startswith("cuda")):
         parser.error(f"--device must be cpu or cuda[:N], got {device!r}")

@@ -7,9 +7,9 @@
     linear.py     context_parallel_linear_attention: causal linear attention by state passing (LASP-2)
 """
 
-from attnops.distributed.attention import STATS, context_parallel_attention
+from attnops.distributed.attention import STATS, allgather_kv_attention, context_parallel_attention
 from attnops.distributed.linear import context_parallel_linear_attention
 from attnops.distributed.shard import LAYOUTS, chunk_length, local_positions, shard, unshard
 
-__all__ = ["LAYOUTS", "STATS", "chunk_length", "context_parallel_attention", "context_parallel_linear_attention",
+__all__ = ["LAYOUTS", "STATS", "allgather_kv_attention", "chunk_length", "context_parallel_attention", "context_parallel_linear_attention",
            "local_positions", "shard", "unshard"]

@@ -287,30 +287,18 @@ class _ContextParallel(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *, causal: bool = False,
-                               softmax_scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
-                               block_mask: Optional[BlockMask] = None, return_lse: bool = False,
-                               layout: str = "zigzag", seq_len: Optional[int] = None):
-    """Exact softmax self-attention over a sequence split across the ranks of ``group``.
+class _Args(NamedTuple):
+    rank: int
+    world: int
+    local: int
+    seq_len: int
+    causal: bool
+    window: Tuple[int, int]
+    scale: float
 
-    Args:
-        q: this rank's shard ``(B, S_local, H, D)`` of the global queries (:func:`attnops.distributed.shard`
-            with the same ``layout``); every rank's shard has the same length.
-        k, v: this rank's shards ``(B, S_local, Hkv, D)``, ``H % Hkv == 0``.
-        group: the process group (None: the default group).
-        causal, window_size, softmax_scale: as in :func:`attnops.attention`, over global positions.
-        block_mask: the global ``BlockMask`` (any constructor, MoBA's routed mask included), as in
-            :func:`attnops.block_sparse_attention`: its own ``causal`` / ``window_size`` apply. Each chunk
-            (``S_local`` / 2 for zigzag) must be a multiple of its block size (``shard(..., multiple=)``).
-        return_lse: also return the lse ``(B, H, S_local)`` of the local rows (float32).
-        layout: ``"zigzag"`` or ``"contiguous"``, as the shards were made.
-        seq_len: the true global length when the shards were padded (default ``S_local * W``): padded keys
-            are never attended and padded rows give zeros.
 
-    Returns ``(B, S_local, H, D)`` (and the lse): this rank's rows of ``attnops.attention`` /
-    ``block_sparse_attention`` on the whole sequence, forward and backward (dk, dv reach the ranks that own
-    the keys).
-    """
+def _checked(q, k, v, group, causal, softmax_scale, window_size, block_mask, layout, seq_len) -> _Args:
+    """The arguments of a context-parallel call, validated before any transfer."""
     rank, world = _group_info(group)
     shape = check_qkv(q, k, v)
     if shape.seq_len_q != shape.seq_len_k:
@@ -341,6 +329,63 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                              f"{block_mask.block_size}: shard with multiple={max(bq, bk)}")
         causal, window = block_mask.causal, block_mask.window_size
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    return _Args(rank, world, local, seq_len, causal, window, scale)
+
+
+def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *, causal: bool = False,
+                           softmax_scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
+                           block_mask: Optional[BlockMask] = None, layout: str = "zigzag",
+                           seq_len: Optional[int] = None) -> torch.Tensor:
+    """The all-gather-KV baseline (forward only; what torch's Flex context parallel does): every rank gathers
+    every key shard, then attends its queries to the whole sequence. Same arguments and result as
+    :func:`context_parallel_attention`; it moves ``W - 1`` shards to every rank whatever the mask."""
+    rank, world, local, seq_len, causal, window, scale = _checked(q, k, v, group, causal, softmax_scale, window_size,
+                                                                  block_mask, layout, seq_len)
+    fwd, _ = _ops(q.device)
+    gathered = []
+    for t in (k, v):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        _count("bytes_sent", (world - 1) * t.numel() * t.element_size())
+        gathered.append(torch.cat(parts, dim=1))  # rank order: positions below say where each row sits
+    chunk = local // (2 if layout == "zigzag" else 1)
+    gk_unsorted = torch.cat([local_positions(r, world, chunk, layout, q.device) for r in range(world)])
+    order = torch.argsort(gk_unsorted)
+    k_all, v_all = (t[:, order].contiguous() for t in gathered)
+    gq = local_positions(rank, world, chunk, layout, q.device)
+    pair = _pair(gq, gk_unsorted[order], seq_len, causal, window, block_mask)
+    if pair is None:
+        return torch.zeros_like(q)
+    out, _, _ = lib.FWD.call(fwd, q=q, k=k_all, v=v_all, **_lut(pair), softmax_scale=scale, **_bounds(pair))
+    return out
+
+
+def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *, causal: bool = False,
+                               softmax_scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
+                               block_mask: Optional[BlockMask] = None, return_lse: bool = False,
+                               layout: str = "zigzag", seq_len: Optional[int] = None):
+    """Exact softmax self-attention over a sequence split across the ranks of ``group``.
+
+    Args:
+        q: this rank's shard ``(B, S_local, H, D)`` of the global queries (:func:`attnops.distributed.shard`
+            with the same ``layout``); every rank's shard has the same length.
+        k, v: this rank's shards ``(B, S_local, Hkv, D)``, ``H % Hkv == 0``.
+        group: the process group (None: the default group).
+        causal, window_size, softmax_scale: as in :func:`attnops.attention`, over global positions.
+        block_mask: the global ``BlockMask`` (any constructor, MoBA's routed mask included), as in
+            :func:`attnops.block_sparse_attention`: its own ``causal`` / ``window_size`` apply. Each chunk
+            (``S_local`` / 2 for zigzag) must be a multiple of its block size (``shard(..., multiple=)``).
+        return_lse: also return the lse ``(B, H, S_local)`` of the local rows (float32).
+        layout: ``"zigzag"`` or ``"contiguous"``, as the shards were made.
+        seq_len: the true global length when the shards were padded (default ``S_local * W``): padded keys
+            are never attended and padded rows give zeros.
+
+    Returns ``(B, S_local, H, D)`` (and the lse): this rank's rows of ``attnops.attention`` /
+    ``block_sparse_attention`` on the whole sequence, forward and backward (dk, dv reach the ranks that own
+    the keys).
+    """
+    args = _checked(q, k, v, group, causal, softmax_scale, window_size, block_mask, layout, seq_len)
+    rank, world, local, seq_len, causal, window, scale = args
     plan = _plan(rank, world, local, seq_len, layout, causal, window, block_mask, q.device)
     STATS["steps_skipped"] = STATS.get("steps_skipped", 0) + (world - 1 - len(plan.senders))
     out, lse = _ContextParallel.apply(q, k, v, plan, group, scale)
