@@ -75,31 +75,35 @@ def _intervals(gq: torch.Tensor, gk: torch.Tensor, seq_len: int, causal: bool,
 
 
 def _pair(gq: torch.Tensor, gk: torch.Tensor, seq_len: int, causal: bool, window: Tuple[int, int],
-          block_mask: Optional[BlockMask]) -> Optional[_Pair]:
-    """The pair's bounds and sub-mask, or None when no query sees any key of the shard."""
+          block_mask: Optional[BlockMask], dense: Optional[torch.Tensor] = None, build: bool = True):
+    """The pair's bounds and sub-mask, or None when no query sees any key of the shard (``build=False``: True
+    instead of the pair, for the pairs of other ranks, whose need is all a plan wants). ``dense``: the mask's
+    block bitmap when the caller has it (a plan slices it for every pair)."""
     bounds = _intervals(gq, gk, seq_len, causal, window)
     lo, hi = bounds[:, 0], bounds[:, 1]
     if not bool((hi > lo).any()):
         return None
+    if not build and block_mask is None:
+        return True
     mask = None
     if block_mask is not None:
         bq, bk = block_mask.block_size
-        dense = block_mask.to_dense().to(gq.device)  # (Bm, Hm, Nq, Nk) over the true length
+        if dense is None:
+            dense = block_mask.to_dense().to(gq.device)  # (Bm, Hm, Nq, Nk) over the true length
         nq, nk = dense.shape[-2:]
         q_blocks, k_blocks = gq[::bq] // bq, gk[::bk] // bk  # the global block of each local block
         sub = dense[:, :, q_blocks.clamp(max=nq - 1)][..., k_blocks.clamp(max=nk - 1)]
         sub = sub & (q_blocks < nq).view(-1, 1) & (k_blocks < nk).view(1, -1)
         # blocks the intervals cannot reach carry no work: a pair with none left is skipped
-        reach = torch.zeros(len(q_blocks), len(k_blocks), dtype=torch.bool, device=gq.device)
-        k_of = torch.arange(len(k_blocks), device=gq.device)
-        for i in range(len(q_blocks)):
-            rows = slice(i * bq, (i + 1) * bq)
-            a, b = int(lo[rows].min()), int(hi[rows].max())
-            if b > a:
-                reach[i] = (k_of >= a // bk) & (k_of <= (b - 1) // bk)
+        first = lo.view(-1, bq).min(1).values.view(-1, 1)  # per local query block: the keys any row reaches
+        last = hi.view(-1, bq).max(1).values.view(-1, 1)
+        k_of = torch.arange(len(k_blocks), device=gq.device).view(1, -1)
+        reach = (last > first) & (k_of >= first // bk) & (k_of <= (last - 1) // bk)
         sub = sub & reach
         if not bool(sub.any()):
             return None
+        if not build:
+            return True
         S_q, S_k = gq.numel(), gk.numel()
         mask = BlockMask.from_dense(sub, (S_q, S_k), (bq, bk))
     key_bounds = bounds.to(torch.int32).unsqueeze(0).contiguous()
@@ -111,10 +115,11 @@ def _plan(rank: int, world: int, local_len: int, seq_len: int, layout: str, caus
     """Every rank computes the whole need matrix (cheap, deterministic), so sends and receives match."""
     chunk = local_len // (2 if layout == "zigzag" else 1)
     positions = [local_positions(r, world, chunk, layout, device) for r in range(world)]
+    dense = None if block_mask is None else block_mask.to_dense().to(device)
     needs = {}
     for r in range(world):
         for s in range(world):
-            p = _pair(positions[r], positions[s], seq_len, causal, window, block_mask)
+            p = _pair(positions[r], positions[s], seq_len, causal, window, block_mask, dense, build=r == rank)
             if p is not None:
                 needs[(r, s)] = p
     pairs = {s: needs[(rank, s)] for s in range(world) if (rank, s) in needs}

@@ -156,3 +156,13 @@ def test_forcing_the_missing_backend_names_the_op_and_the_remedy():
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("attnops.attention: backend 'cpu' is unavailable")
     assert "not built" in res.stdout and "--no-build-isolation" in res.stdout
+
+
+def test_many_chunks_block_map_with_a_window(small_chunks):
+    """Chunks whose key range starts inside a map block (a window): their tiles pool into the right columns."""
+    q, k, v = make_qkv(1, 300, 300, 2, 1, 16, torch.float64)
+    maps = [attnops.attention(q, k, v, window_size=(70, 20), return_block_map=True, map_block_size=(64, 32),
+                              reduce=reduce, backend=b).block_map
+            for reduce in ("mean", "max") for b in ("composite", "reference")]
+    torch.testing.assert_close(maps[0], maps[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(maps[2], maps[3], rtol=1e-10, atol=1e-12)

@@ -18,6 +18,7 @@ either way; the kernels keep the stricter convention).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -56,9 +57,15 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_rows(batch: int, heads: int, seq_len_k: int, seq_len_q: int, align: int = _ROW_ALIGN) -> int:
-    """Query rows per chunk: a multiple of ``align`` whose scores fit :data:`_CHUNK_ELEMENTS`."""
-    rows = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * seq_len_k))
+def chunk_rows(batch: int, heads: int, seq_len_k: int, seq_len_q: int, align: int = _ROW_ALIGN,
+               band: Optional[int] = None) -> int:
+    """Query rows per chunk: a multiple of ``align`` whose scores fit :data:`_CHUNK_ELEMENTS`. Each row reaches
+    ``seq_len_k`` keys, or with a window ``band`` keys around it, so that ``C`` rows reach ``C + band`` keys."""
+    per_head = max(1, _CHUNK_ELEMENTS // max(1, batch * heads))
+    if band is None or band >= seq_len_k:
+        rows = per_head // max(1, seq_len_k)
+    else:  # C * (C + band) <= per_head
+        rows = int((math.sqrt(band * band + 4 * per_head) - band) / 2)
     rows = max(align, rows // align * align)
     return min(rows, -(-seq_len_q // align) * align)
 
@@ -237,11 +244,10 @@ def _chunks(spec: _Spec, q: torch.Tensor, k: torch.Tensor, align: int):
     """``(r0, r1, k0, k1)`` per chunk of query rows."""
     B, Sq, H, _ = q.shape
     Sk = k.shape[1]
-    width = Sk
-    if spec.causal or spec.window != (-1, -1):
-        left, right = spec.window
-        width = min(Sk, (left if left >= 0 else Sk) + (0 if spec.causal else right if right >= 0 else Sk) + 1)
-    rows = chunk_rows(B, H, max(1, width), Sq, align)
+    left, right = spec.window
+    right = 0 if spec.causal else right
+    band = None if left < 0 or right < 0 else left + right + 1  # keys one row reaches under a two-sided window
+    rows = chunk_rows(B, H, Sk, Sq, align, band)
     for r0 in range(0, Sq, rows):
         r1 = min(Sq, r0 + rows)
         yield (r0, r1, *_key_range(spec, r0, r1, Sq, Sk))
@@ -254,25 +260,24 @@ def _forward(spec: _Spec, q, k, v, request: Optional[_map.MapRequest]):
     out = torch.zeros(B, Sq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=lse_dtype(q.dtype), device=q.device)
     partial = None
-    if request is not None:
-        nk = -(-Sk // request.block_k)
-        partial = torch.zeros(B, H, -(-Sq // request.block_q), nk * request.block_k, dtype=lse.dtype, device=q.device)
+    if request is not None:  # (B, H, Nq, Nk): the tile sums (or maxima); each chunk writes whole map rows
+        bq, bk = request.block_q, request.block_k
+        partial = torch.zeros(B, H, -(-Sq // bq), -(-Sk // bk), dtype=lse.dtype, device=q.device)
     align = _ROW_ALIGN if request is None else max(_ROW_ALIGN, request.block_q)
     for r0, r1, k0, k1 in _chunks(spec, q, k, align):
         chunk = _softmax_chunk(spec, q, k, r0, r1, k0, k1, Sq, Sk)
         lse[:, :, r0:r1] = chunk.lse
         out[:, r0:r1] = contract(_dropped(chunk, chunk.probs), v[:, k0:k1].to(work), chunk.allowed).to(q.dtype)
-        if partial is not None:
-            bq = request.block_q
-            nq = -(-(r1 - r0) // bq)
-            tiles = torch.nn.functional.pad(chunk.probs, (0, 0, 0, nq * bq - (r1 - r0))).view(B, H, nq, bq, -1)
-            tiles = tiles.amax(3) if request.reduce == "max" else tiles.sum(3)
-            partial[:, :, r0 // bq:r0 // bq + nq, k0:k1] = tiles.to(partial.dtype)
+        if partial is not None:  # pool the chunk's tiles: rows by bq, keys by bk from the key block of k0
+            nq, c0 = -(-(r1 - r0) // bq), k0 // bk
+            nk = -(-(k1 - c0 * bk) // bk)
+            probs = torch.nn.functional.pad(chunk.probs, (k0 - c0 * bk, c0 * bk + nk * bk - k1, 0, nq * bq - (r1 - r0)))
+            tiles = probs.view(B, H, nq, bq, nk, bk)
+            tiles = tiles.amax(dim=(3, 5)) if request.reduce == "max" else tiles.sum(dim=(3, 5))
+            partial[:, :, r0 // bq:r0 // bq + nq, c0:c0 + nk] = tiles.to(partial.dtype)
     if partial is None:
         return out, lse, None
-    tiles = partial.view(*partial.shape[:3], -1, request.block_k)
-    pooled = tiles.amax(-1) if request.reduce == "max" else tiles.sum(-1)
-    return out, lse, _map.finish(pooled, lse, request.block_q, request)
+    return out, lse, _map.finish(partial, lse, request.block_q, request)
 
 
 def _backward(spec: _Spec, q, k, v, out, lse, dout, dlse, bias_grad: bool):
