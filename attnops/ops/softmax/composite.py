@@ -10,10 +10,9 @@ probabilities: it recomputes each chunk's from the saved lse and applies FlashAt
 
 Every argument of the core's contract is honoured: block masks, causal / windows, document bounds,
 softcap, ALiBi, sinks, additive / boolean bias (with its gradient), dropout (the kernels' hash mask,
-``attnops.ops.softmax.dropout``) and the block map. Non-finite values travel the forward only along
-allowed pairs (a NaN in ``v[j]`` reaches the rows that attend key ``j``); in the backward a non-finite
-input can also reach the gradients of other rows of its chunk (a gradient step on NaN input is lost
-either way; the kernels keep the stricter convention).
+``attnops.ops.softmax.dropout``) and the block map. Non-finite values travel only along allowed pairs,
+forward and backward, as in the kernels (a NaN in ``v[j]`` reaches the rows that attend key ``j`` and the
+gradients those rows feed): every product over the key or query axis goes through :func:`masked_matmul`.
 """
 
 from __future__ import annotations
