@@ -21,6 +21,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the accuracy of the autotuned ones at full size).
 AUTOTUNE = os.environ.get("ATTNOPS_TRITON_AUTOTUNE", "1") != "0"
 
+
 def _spec_of(name: str):
     try:
         return importlib.util.find_spec(name)
