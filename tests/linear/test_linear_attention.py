@@ -209,6 +209,34 @@ def test_decay_presets():
     assert slopes.shape == (6,) and bool(((slopes > 0) & (slopes < 1)).all()) and len(set(slopes.tolist())) == 6
 
 
+def _fla_lightning_g_gamma(H: int, layer_idx: int, num_layers: int) -> torch.Tensor:
+    """A port of flash-linear-attention's per-layer Lightning decay (fla-org/flash-linear-attention,
+    commit 0315a70ea55304398ad372e56cdd211ce0119571, fla/ops/lightning_attn/chunk.py, chunk_lightning_attn):
+    ``g_gamma = -(8 / H * (1 - layer_idx / num_layers)) * range(H)``, float32 there."""
+    return -(8 / H * (1 - layer_idx / num_layers)) * torch.tensor(range(H), dtype=torch.float)
+
+
+@pytest.mark.parametrize("H, layer_idx, num_layers", [(8, 0, 24), (6, 5, 12), (16, 23, 24), (1, 0, 1)])
+def test_per_layer_lightning_preset_matches_fla(H, layer_idx, num_layers):
+    ours = decay_preset("lightning", H, layer_idx=layer_idx, num_layers=num_layers)
+    torch.testing.assert_close(ours.float(), _fla_lightning_g_gamma(H, layer_idx, num_layers), rtol=1e-6, atol=0)
+    assert ours.dtype == torch.float64 and float(ours[0]) == 0.0  # head 0 does not decay in fla's preset
+    q, k, v = (torch.randn(1, 40, H, 8, dtype=torch.float64) for _ in range(3))  # usable as the op's decay
+    by_decay = attnops.linear_attention(q, k, v, decay=ours)
+    by_gate = attnops.linear_attention(q, k, v, gate=ours.view(1, 1, H).expand(1, 40, H))
+    torch.testing.assert_close(by_decay, by_gate, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, error", [(dict(layer_idx=1), ValueError), (dict(num_layers=4), ValueError),
+                                           (dict(layer_idx=4, num_layers=4), ValueError),
+                                           (dict(layer_idx=1.0, num_layers=4), TypeError)])
+def test_per_layer_lightning_preset_refuses_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        decay_preset("lightning", 4, **kwargs)
+    with pytest.raises(ValueError):
+        decay_preset("retnet", 4, layer_idx=0, num_layers=2)
+
+
 def test_decay_is_the_same_as_a_constant_gate():
     B, S, H, D = 1, 70, 4, 16
     q, k, v = (torch.randn(B, S, H, D, dtype=torch.float64) for _ in range(3))

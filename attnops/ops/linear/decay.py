@@ -21,11 +21,29 @@ def _alibi_slopes(n: int) -> list:
     return power_of_two(closest) + _alibi_slopes(2 * closest)[0::2][: n - closest]
 
 
-def decay_preset(name: str, num_heads: int) -> torch.Tensor:
-    """Log-decays ``(H,)`` float64 of a named preset: ``"retnet"``: ``log(1 - 2^(-5-h))`` (RetNet's
-    gamma per head); ``"lightning"``: ``-slope_h`` with ALiBi's slopes (Lightning Attention's
-    ``lambda = exp(-s)``, without TransNormerLLM's per-layer factor: pass a tensor for that)."""
+def decay_preset(name: str, num_heads: int, layer_idx: Optional[int] = None,
+                 num_layers: Optional[int] = None) -> torch.Tensor:
+    """Log-decays ``(H,)`` float64 of a named preset.
+
+    - ``"retnet"``: ``log(1 - 2^(-5-h))``, RetNet's gamma per head.
+    - ``"lightning"``: ``-slope_h`` with ALiBi's slopes, as the official Lightning Attention reference
+      (``lambda = exp(-s)``, one set of rates for every layer).
+    - ``"lightning"`` with ``layer_idx`` and ``num_layers``: flash-linear-attention's per-layer rates
+      (``fla/ops/lightning_attn/chunk.py``, ``chunk_lightning_attn``): ``-(8 / H) * (1 - layer_idx / num_layers) * h``
+      for ``h = 0 .. H-1`` (head 0 does not decay; later layers decay less). Pass the tensor as ``decay=``.
+    """
     h = torch.arange(num_heads, dtype=torch.float64)
+    if (layer_idx is None) != (num_layers is None):
+        raise ValueError("layer_idx and num_layers go together (the per-layer Lightning preset)")
+    if layer_idx is not None:
+        if name != "lightning":
+            raise ValueError(f"layer_idx / num_layers apply to the 'lightning' preset only, not {name!r}")
+        for arg, value in (("layer_idx", layer_idx), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{arg} must be an int, got {value!r}")
+        if not 0 <= layer_idx < num_layers:
+            raise ValueError(f"layer_idx must be in [0, num_layers), got {layer_idx} of {num_layers}")
+        return -(8.0 / num_heads) * (1.0 - layer_idx / num_layers) * h
     if name == "retnet":
         return torch.log1p(-torch.exp2(-5.0 - h))
     if name == "lightning":
