@@ -1,6 +1,7 @@
 """The authors' reference implementations, ported for the tests (einops rearranges written as views):
 flash_attn's ``attention_ref`` (tests/test_flash_attn.py) with ``construct_local_mask`` and
-``attn_bias_from_alibi_slopes``, and gpt-oss's sinks (``sdpa`` in gpt_oss/torch/model.py)."""
+``attn_bias_from_alibi_slopes``, gpt-oss's sinks (``sdpa`` in gpt_oss/torch/model.py) and SpargeAttn's
+block prediction (``get_block_map_meansim``)."""
 
 import math
 
@@ -60,3 +61,71 @@ def attention_ref(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, a
     dropout_scaling = 1.0 / (1 - dropout_p)
     attn_drop = attn.masked_fill(~dropout_mask, 0.0) if dropout_mask is not None else attn
     return torch.einsum("bhts,bshd->bthd", attn_drop, v * dropout_scaling), lse
+
+
+def sparge_block_map(q, k, is_causal=False, BLKQ=128, BLKK=64, simthreshd1=0.1, cdfthreshd=0.9, topk=None,
+                     attention_sink=False):
+    """SpargeAttn's ``get_block_map_meansim`` (thu-ml/SpargeAttn, commit 1e9db8142c659b1cac6be80aa96d1db60a878ace,
+    spas_sage_attn/utils.py, with ``hyperparameter_check``, ``get_pool_sim_triton_simmean``,
+    ``fill_block_map_triton`` and ``fill_causal_mask_triton``), its Triton kernels written in PyTorch.
+    q ``(B, H, Sq, D)``, k ``(B, Hkv, Sk, D)`` as SpargeAttn lays them out; returns the bool
+    ``(B, H, Nq, Nk)`` map. Two readings of the kernels: a partial last block's pool and gram use its
+    valid rows (the kernel divides by them, ``BS_``; its masked load leaves the padding undefined), and
+    the gram is float32 (the kernel rounds the unit rows to float16 for ``tl.dot``)."""
+    H = q.size(1)
+
+    def per_head(x):  # hyperparameter_check
+        return torch.full((H,), float(x)) if isinstance(x, (int, float)) else x.float().reshape(H)
+
+    def pool_sim(x, bs, thr):  # get_pool_sim_triton_simmean, one program per (b, h, block)
+        B, Hx, N, D = x.shape
+        nb = (N + bs - 1) // bs
+        pool = torch.empty(B, Hx, nb, D)
+        sim = torch.empty(B, Hx, nb, dtype=torch.bool)
+        for i in range(nb):
+            blk = x[:, :, i * bs:(i + 1) * bs].float()
+            n = blk.shape[2]
+            pool[:, :, i] = blk.sum(2) / n
+            unit = blk / blk.norm(dim=-1, keepdim=True)
+            grams = unit @ unit.transpose(-1, -2)
+            sim[:, :, i] = grams.sum((-1, -2)) / (n * n) > thr[:Hx].view(1, Hx)  # the kernel reads thr[h]
+        return pool, sim
+
+    simthreshd1 = per_head(simthreshd1)
+    cdfthreshd = per_head(cdfthreshd) if cdfthreshd is not None else None
+    topk = per_head(topk) if topk is not None else None
+    pooled_q, sim_q = pool_sim(q, BLKQ, simthreshd1)
+    pooled_k, sim_k = pool_sim(k, BLKK, simthreshd1)
+    if k.size(1) != H:
+        pooled_k = pooled_k.repeat_interleave(H // k.size(1), dim=1)
+        sim_k = sim_k.repeat_interleave(H // k.size(1), dim=1)
+    nq, nk = pooled_q.shape[-2], pooled_k.shape[-2]
+    sim_k = sim_k.unsqueeze(-2).expand(-1, -1, nq, -1)
+    sim_q = sim_q.unsqueeze(-1).expand(-1, -1, -1, nk)
+    score = pooled_q @ pooled_k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    score[~sim_k] = -torch.inf
+    if is_causal:
+        causal_mask = torch.arange(nk).view(1, -1) < (torch.arange(nq).view(-1, 1) + 1) * (BLKQ / BLKK)
+        score = score.masked_fill(~causal_mask[None, None], -torch.inf)
+    score = score.softmax(-1)
+    sorted_score = torch.sort(score, dim=-1, descending=True)
+    cdf = torch.cumsum(sorted_score.values, dim=-1)
+    B, H, Q, K = cdf.shape
+    if cdfthreshd is not None:
+        thr = cdfthreshd.view(1, H, 1, 1).expand(B, -1, Q, 1).contiguous()
+        num_to_select = torch.searchsorted(cdf, thr, right=True).squeeze(-1)
+    else:
+        num_to_select = (topk * K).to(torch.int64).view(1, H, 1).expand(B, -1, Q)
+    final_map = torch.zeros_like(score, dtype=torch.bool)
+    final_map[~sim_k] = 1
+    final_map[~sim_q] = 1
+    for b in range(B):  # fill_block_map_triton: at least one block per row
+        for h in range(H):
+            for i in range(Q):
+                n = max(int(num_to_select[b, h, i]), 1)
+                final_map[b, h, i, sorted_score.indices[b, h, i, :n]] = 1
+    if is_causal:
+        final_map = final_map * causal_mask[None, None]
+    if attention_sink:
+        final_map[:, :, :, 0] = 1
+    return final_map

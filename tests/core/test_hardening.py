@@ -112,7 +112,7 @@ def test_threshold_types():
     for kw in (dict(threshold="0.5"), dict(cdf_threshold="0.9"), dict(topk=1, sim_threshold="0.1")):
         name = [key for key in kw if key != "topk"][0]
         with pytest.raises(TypeError, match=f"{name} must be a number"):
-            attnops.predict_block_mask(q, k, **kw)
+            attnops.predict_block_mask(q, k, **kw, rule="mass" if "threshold" in kw else "sparge")
 
 
 @pytest.mark.parametrize("kwargs, error", [(dict(head_dim=True), TypeError), (dict(head_dim=512), ValueError),

@@ -8,6 +8,7 @@ import attnops
 from attnops.ops.softmax import reference
 from attnops.core.block_map import MapRequest
 from attnops.ops.routed import pooled_block_map, select_blocks
+from tests.authors_ref import sparge_block_map
 
 
 def blockwise_constant(B, S, H, Hkv, D, block, scale=1.0):
@@ -48,7 +49,7 @@ def test_pooled_estimate_is_exact_on_blockwise_constant_inputs(seq, causal):
 
 def test_cdf_rule_keeps_the_requested_mass_of_the_true_map():
     q, k = blockwise_constant(1, 512, 2, 2, 16, 64, scale=1.5)
-    mask = attnops.predict_block_mask(q, k, 64, cdf_threshold=0.9, num_sink_blocks=0)
+    mask = attnops.predict_block_mask(q, k, 64, cdf_threshold=0.9, num_sink_blocks=0, rule="mass")
     true_map = attnops.attention(q, k, k, return_block_map=True, map_block_size=64).block_map
     kept_mass = (true_map * mask.to_dense()).sum(-1)
     assert torch.all(kept_mass >= 0.9 - 1e-5)
@@ -71,7 +72,7 @@ def test_selection_rules():
 def test_forced_blocks_and_causality(causal):
     q = torch.randn(2, 333, 4, 32)
     k = torch.randn(2, 333, 2, 32)
-    mask = attnops.predict_block_mask(q, k, (32, 64), topk=1, causal=causal, num_sink_blocks=2)
+    mask = attnops.predict_block_mask(q, k, (32, 64), topk=1, causal=causal, num_sink_blocks=2, rule="mass")
     dense = mask.to_dense()
     assert dense.shape == (2, 4, 11, 6) and mask.causal == causal
     qb = torch.arange(11)
@@ -84,13 +85,15 @@ def test_forced_blocks_and_causality(causal):
     assert (dense.sum(-1) <= 4).all()  # topk 1 + diagonal + 2 sinks
 
 
-def test_self_similarity_check_keeps_loose_blocks_dense():
+@pytest.mark.parametrize("rule", ["sparge", "mass"])
+def test_self_similarity_check_keeps_loose_blocks_dense(rule):
     q = torch.randn(1, 256, 2, 32)  # random tokens: mean pairwise cosine ~ 0
     k = torch.randn(1, 256, 2, 32)
-    mask = attnops.predict_block_mask(q, k, 64, topk=1, causal=True, sim_threshold=0.5)
+    mask = attnops.predict_block_mask(q, k, 64, topk=1, causal=True, sim_threshold=0.5, rule=rule)
     assert torch.equal(mask.to_dense(), attnops.BlockMask.causal(256, 64).to_dense().expand(1, 2, 4, 4))
     q2, k2 = blockwise_constant(1, 256, 2, 2, 32, 64)  # cosine 1 inside every block
-    mask2 = attnops.predict_block_mask(q2, k2, 64, topk=1, causal=True, num_sink_blocks=0, sim_threshold=0.5)
+    mask2 = attnops.predict_block_mask(q2, k2, 64, topk=1, causal=True, num_sink_blocks=0, sim_threshold=0.5,
+                                       rule=rule)
     assert mask2.density < mask.density
 
 
@@ -106,9 +109,11 @@ def test_predicted_mask_runs_the_exact_core():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(), "exactly one"),
-    (dict(topk=2, threshold=0.1), "exactly one"),
+    (dict(rule="mass"), "exactly one"),
+    (dict(topk=2, threshold=0.1, rule="mass"), "exactly one"),
+    (dict(topk=2, cdf_threshold=0.1), "exactly one"),
     (dict(topk=0), "topk must be"),
-    (dict(threshold=1.5), "threshold must"),
+    (dict(threshold=1.5, rule="mass"), "threshold must"),
     (dict(cdf_threshold=0.0), "cdf_threshold must"),
     (dict(topk=1, sim_threshold=2.0), "sim_threshold"),
     (dict(topk=1, num_sink_blocks=-1), "num_sink_blocks"),
@@ -119,6 +124,95 @@ def test_predictor_bad_arguments(kwargs, match):
         attnops.predict_block_mask(q, k, 64, **kwargs)
     with pytest.raises(ValueError, match="powers of two"):
         attnops.predict_block_mask(q, k, 48, topk=1)
+
+
+def clustered(B, S, H, D, block, seed):
+    """Tokens near one direction per block, each block with its own spread: block self-similarities
+    cover (0, 1), so per-head thresholds split blocks into similar and dissimilar ones."""
+    g = torch.Generator().manual_seed(seed)
+    n = -(-S // block)
+    centre = torch.randn(B, n, H, D, generator=g).repeat_interleave(block, dim=1)[:, :S]
+    spread = (torch.rand(B, n, H, 1, generator=g) * 2.5 + 0.1).repeat_interleave(block, dim=1)[:, :S]
+    return (centre + spread * torch.randn(B, S, H, D, generator=g)).contiguous()
+
+
+SPARGE_CASES = [  # (Sq, Sk, H, Hkv, D, blocks, causal, kwargs for ours; the port takes the same values)
+    (1000, 1000, 4, 4, 64, (128, 64), True, dict(cdf_threshold=[0.5, 0.7, 0.9, 0.99], sim_threshold=[0.1, 0.3, 0.5, 0.7])),
+    (1000, 1000, 4, 4, 40, (128, 64), True, dict(topk=[0.1, 0.25, 0.5, 1.0], sim_threshold=[0.2, 0.4, 0.6, 0.0])),
+    (777, 777, 4, 4, 96, (64, 64), True, dict(cdf_threshold=0.8, sim_threshold=0.35, num_sink_blocks=1)),
+    (333, 517, 4, 2, 64, (64, 64), False, dict(cdf_threshold=0.9, sim_threshold=0.3)),
+    (333, 517, 4, 2, 64, (64, 128), False, dict(topk=0.3, num_sink_blocks=1)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SPARGE_CASES)))
+def test_sparge_rule_equals_the_authors_block_map(case):
+    """rule="sparge" (the default) is SpargeAttn's get_block_map_meansim, block for block (port in
+    tests/authors_ref.py): per-head cdf / topk fractions / similarity thresholds, GQA, causal, sinks,
+    partial blocks, head dims 40 / 64 / 96."""
+    Sq, Sk, H, Hkv, D, (bq, bk), causal, kw = SPARGE_CASES[case]
+    q = clustered(2, Sq, H, D, bq, seed=case)
+    k = clustered(2, Sk, Hkv, D, bk, seed=100 + case)
+    ours = attnops.predict_block_mask(q, k, (bq, bk), causal=causal, **kw).to_dense()
+    port = dict(cdfthreshd=None, simthreshd1=-1.0)
+    for name, theirs in (("cdf_threshold", "cdfthreshd"), ("topk", "topk"), ("sim_threshold", "simthreshd1")):
+        if name in kw:
+            port[theirs] = torch.tensor(kw[name]) if isinstance(kw[name], list) else kw[name]
+    ref = sparge_block_map(q.transpose(1, 2), k.transpose(1, 2), is_causal=causal, BLKQ=bq, BLKK=bk,
+                           attention_sink=kw.get("num_sink_blocks", 0) == 1, **port)
+    assert ref.shape == ours.shape
+    assert torch.equal(ours, ref), f"{int((ours != ref).sum())} of {ref.numel()} blocks differ"
+    assert 0.05 < ours.float().mean() < 0.95  # neither rule degenerate on these inputs
+    if "sim_threshold" in kw:  # the similarity check ran both ways
+        sims = attnops.ops.routed.predictor._self_similarity(k, bk, with_self=True)
+        assert (sims > 0.3).any() and (sims < 0.3).any()
+
+
+def test_sparge_and_mass_rules_differ_as_documented():
+    """The mass rule keeps the crossing block and the diagonal: at the same cdf_threshold it keeps a
+    superset of SpargeAttn's blocks when no similarity check runs (its +log n_j term only moves the partial
+    block, absent here)."""
+    q, k = clustered(1, 1024, 4, 64, 64, seed=7), clustered(1, 1024, 4, 64, 64, seed=8)
+    sparge = attnops.predict_block_mask(q, k, 64, cdf_threshold=0.7, causal=True).to_dense()
+    mass = attnops.predict_block_mask(q, k, 64, cdf_threshold=0.7, causal=True, rule="mass",
+                                      num_sink_blocks=0).to_dense()
+    assert torch.equal(sparge & mass, sparge) and mass.sum() > sparge.sum()
+    diag = torch.arange(16)
+    assert mass[..., diag, diag].all()
+
+
+def test_per_head_values_and_fractional_topk():
+    q, k = torch.randn(1, 512, 4, 32), torch.randn(1, 512, 2, 32)
+    for rule in ("sparge", "mass"):
+        per_head = attnops.predict_block_mask(q, k, 64, topk=[1, 2, 3, 8], rule=rule, num_sink_blocks=0).to_dense()
+        for h, count in enumerate((1, 2, 3, 8)):
+            single = attnops.predict_block_mask(q, k, 64, topk=count, rule=rule, num_sink_blocks=0).to_dense()
+            assert torch.equal(per_head[:, h], single[:, h])
+        frac = attnops.predict_block_mask(q, k, 64, topk=0.3, rule=rule, num_sink_blocks=0).to_dense()
+        count = attnops.predict_block_mask(q, k, 64, topk=2, rule=rule, num_sink_blocks=0).to_dense()
+        assert torch.equal(frac, count)  # int(0.3 * 8) = 2 blocks
+    for name in ("cdf_threshold", "sim_threshold"):
+        extra = {} if name == "cdf_threshold" else dict(topk=0.5)
+        per_head = attnops.predict_block_mask(q, k, 64, **{name: [0.3, 0.5, 0.7, 0.9]}, **extra).to_dense()
+        for h, x in enumerate((0.3, 0.5, 0.7, 0.9)):
+            single = attnops.predict_block_mask(q, k, 64, **{name: x}, **extra).to_dense()
+            assert torch.equal(per_head[:, h], single[:, h])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(topk=[1, 2]), ValueError, "one per head"),
+    (dict(topk=1.5), ValueError, "a count.*a fraction"),
+    (dict(topk=0.0), ValueError, "topk must be"),
+    (dict(cdf_threshold=[0.5, 0.5, 0.5, 1.2]), ValueError, "cdf_threshold must lie"),
+    (dict(threshold=0.2), ValueError, "rule='mass' only"),
+    (dict(topk=1, rule="seer"), ValueError, "rule must be one of"),
+    (dict(topk=1, sim_threshold=torch.ones(2, 2)), ValueError, "one per head"),
+    (dict(topk=True), TypeError, "topk must be a number"),
+])
+def test_sparge_rule_bad_arguments(kwargs, error, match):
+    q, k = torch.randn(1, 128, 4, 16), torch.randn(1, 128, 2, 16)
+    with pytest.raises(error, match=match):
+        attnops.predict_block_mask(q, k, 64, **kwargs)
 
 
 # ---- BlockGate ------------------------------------------------------------------------------------
