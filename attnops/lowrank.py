@@ -25,39 +25,44 @@ from attnops.ops.lowrank.projection import (ROTARY_CHOICES, KeyProjection, KeySt
 __all__ = ["KeyProjection", "KeyStatistics", "apply", "calibrate", "load", "recall", "save"]
 
 
-def calibrate(source: Union[torch.Tensor, Iterable[torch.Tensor], torch.nn.Module], rank: Optional[int] = None, *,
-              inputs=None, rotary: str = "post") -> Union[KeyProjection, Dict[str, KeyProjection]]:
+def calibrate(source: Union[torch.Tensor, Iterable[torch.Tensor], torch.nn.Module],
+              rank: Optional[Union[int, float]] = None, *, inputs=None, rotary: str = "post",
+              centered: bool = False) -> Union[KeyProjection, Dict[str, KeyProjection]]:
     """The PCA key basis (:class:`KeyProjection`) from sample keys, or per attention layer of a model.
 
     Args:
         source: a keys tensor ``(B, S, Hkv, D)`` or an iterable of them -> one :class:`KeyProjection`;
             or a model whose attention layers are :class:`attnops.nn.Attention` modules (including
             ``MultiQueryAttention``) -> ``{module name: KeyProjection}``.
-        rank: recorded as the projection's default rank.
+        rank: recorded as the projection's default rank; a float in (0, 1) is Loki's ``top_r``
+            (:meth:`KeyProjection.loki_rank`).
         inputs: with a model: one input (a tensor or a tuple of positional arguments) or an iterable
             of them; the model runs on each under ``torch.no_grad()``.
         rotary: ``"post"`` fits the keys after the rotary embedding (the keys the cache holds);
             ``"pre"`` before it (Loki reports pre-rotary keys are of lower rank). Either way the
             ops apply the basis to the keys they are given.
+        centered: ``True`` reproduces Loki's basis exactly: sklearn's ``PCA`` of the keys (centred,
+            hpcgroup/loki pca_analysis/pca.py); ``False`` (default): the uncentred second moment's,
+            which keeps the most of the dot products (see :class:`KeyStatistics`).
     """
     if rotary not in ROTARY_CHOICES:
         raise ValueError(f"rotary must be one of {ROTARY_CHOICES}, got {rotary!r}")
     if isinstance(source, torch.nn.Module):
-        return _calibrate_model(source, rank, inputs, rotary)
-    return calibrate_keys(source, rank, rotary)
+        return _calibrate_model(source, rank, inputs, rotary, centered)
+    return calibrate_keys(source, rank, rotary, centered)
 
 
 def _attention_layers(model: torch.nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
 
 
-def _calibrate_model(model, rank, inputs, rotary) -> Dict[str, KeyProjection]:
+def _calibrate_model(model, rank, inputs, rotary, centered) -> Dict[str, KeyProjection]:
     if inputs is None:
         raise ValueError("calibrate(model): pass inputs= (a tensor, a tuple of arguments, or an iterable of them)")
     layers = _attention_layers(model)
     if not layers:
         raise ValueError("calibrate(model): the model has no attnops.nn.Attention layers")
-    stats = {name: KeyStatistics() for name, _ in layers}
+    stats = {name: KeyStatistics(centered) for name, _ in layers}
     # record the keys where the layer computes them: after the rotary embedding (_qkv) or before it
     # (_project, which _qkv calls), through an instance attribute over the method
     hook = "_qkv" if rotary == "post" else "_project"

@@ -129,3 +129,41 @@ def sparge_block_map(q, k, is_causal=False, BLKQ=128, BLKK=64, simthreshd1=0.1, 
     if attention_sink:
         final_map[:, :, :, 0] = 1
     return final_map
+
+
+def sklearn_pca(x):
+    """``sklearn.decomposition.PCA().fit(x)`` as Loki calls it per head (hpcgroup/loki, commit
+    9774a4d015cddff027436c19a08c34d219b34616, pca_analysis/pca.py, ``compute_pca``), its full-SVD path:
+    ``x (N, D)`` -> ``(explained_variance_ratio_, components_ (D, D) rows = axes, mean_)``, float64."""
+    x = x.double()
+    mean = x.mean(0)
+    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    var = s ** 2 / (x.shape[0] - 1)
+    return var / var.sum(), vt, mean
+
+
+def loki_top_r(explained_variance_ratio, top_r):
+    """Loki's rank (hpcgroup/loki, methods/pca_topk/modify_llama.py, ``get_pca_components``), with the
+    per-head ratios ``(Hkv, D)`` saved as float32 by pca.py: a fraction ``top_r < 1`` keeps
+    ``max_h #(cumsum_h < top_r)`` components, else ``int(top_r)``."""
+    if top_r < 1:
+        return int((explained_variance_ratio.float().cumsum(-1) < top_r).sum(-1).max())
+    return int(top_r)
+
+
+def loki_chosen(q, k, components_r, top_k, causal=True):
+    """The keys Loki attends to (methods/pca_topk/modify_llama.py ``get_pca_forward`` and
+    methods/pca_topk/utils.py ``mask_attn_pca_topk``): q ``(B, H, Sq, D)``, k ``(B, H, Sk, D)`` (kv heads
+    repeated), ``components_r (H, D, r)``; ``top_k <= 1`` is ``int(top_k * Sk)`` keys; scores
+    ``(q P_r) (k P_r)^T / sqrt(D)`` plus the causal mask, ``torch.topk``. Returns ``(B, H, Sq, Sk)`` bool
+    restricted to the keys the causal mask lets through (Loki's picks beyond them carry ``-inf``-like
+    scores and get no probability)."""
+    sq, sk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    topk = int(top_k * sk) if top_k <= 1 else int(top_k)
+    scores = (q @ components_r) @ (k @ components_r).transpose(-1, -2) / math.sqrt(d)
+    visible = torch.ones(sq, sk, dtype=torch.bool)
+    if causal:
+        visible = torch.arange(sk).view(1, -1) <= torch.arange(sq).view(-1, 1) + sk - sq
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, torch.topk(scores, min(topk, sk), dim=-1).indices, True)
+    return chosen & visible

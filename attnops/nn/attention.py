@@ -23,7 +23,7 @@ class LowRankDecoding(NamedTuple):
 
     projection: KeyProjection
     rank: int
-    topk: int
+    topk: Union[int, float]  # a float: Loki's fraction of the keys, resolved per step
     local: int
 
 
@@ -116,7 +116,7 @@ class Attention(nn.Module):
         if rank is None or topk is None:
             raise ValueError("set_lowrank takes rank= and topk= with the projection")
         shape = QKVShape(1, 1, 1, self.num_heads, self.num_kv_heads, self.head_dim)
-        check_lowrank_args(projection, rank, topk, local, shape, prefix="lowrank: ")
+        rank, topk = check_lowrank_args(projection, rank, topk, local, shape, prefix="lowrank: ")  # a fraction stays
         self.lowrank = LowRankDecoding(projection.to(self.k_proj.weight.device), rank, topk, local)
 
     def make_cache(self, batch: int, max_len: int) -> KVCache:

@@ -171,8 +171,8 @@ class LowRankKeySpec:
     through other modules (transformers' attention functions) the op rotates the keys per call."""
 
     projection: Optional[KeyProjection]
-    rank: int
-    topk: int
+    rank: Union[int, float]  # a float in (0, 1): Loki's top_r (needs the projection)
+    topk: Union[int, float]  # a float in (0, 1]: Loki's fraction of the keys, per call
     local: int = 0
     causal: bool = True
 

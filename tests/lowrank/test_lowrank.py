@@ -17,6 +17,7 @@ from attnops.ops.lowrank import reference as lowrank_reference
 from attnops.ops.softmax import reference
 from attnops.lowrank import KeyProjection
 from helpers import DTYPE_IDS, assert_accurate
+from tests.authors_ref import loki_chosen, loki_top_r, sklearn_pca
 
 
 def dyadic(*shape, dtype=torch.float32, device="cpu"):
@@ -338,11 +339,15 @@ def test_bad_input_is_a_clear_error():
         (dict(rank=4, topk=0), ValueError, "topk"),
         (dict(rank=4, topk=4, local=5), ValueError, "local"),
         (dict(rank=4, topk=4, local=2, causal=False), ValueError, "causal"),
-        (dict(rank=4.0, topk=4), TypeError, "rank"),
+        (dict(rank=4.0, topk=4), ValueError, "rank must be an int .* or a float in \\(0, 1\\)"),
+        (dict(rank=0.5, topk=1.5), ValueError, "topk must be an int >= 1 or a float in \\(0, 1\\]"),
+        (dict(rank="4", topk=4), TypeError, "rank must be an int"),
     ]
     for kw, err, match in cases:
         with pytest.raises(err, match=match):
             attnops.lowrank_key_attention(q, k, v, projection=proj, **kw)
+    with pytest.raises(ValueError, match="fractional rank needs projection"):
+        attnops.lowrank_key_attention(q, k, v, projection=None, rank=0.5, topk=4)
     with pytest.raises(ValueError, match=r"\(Hkv, D\)"):
         attnops.lowrank_key_attention(q, k, v, projection=signed_permutation(4, 32), rank=4, topk=4)
     with pytest.raises(TypeError, match="KeyProjection"):
@@ -420,3 +425,85 @@ def test_block_maps_of_the_chosen_keys(reduce, fwd_impl):
                                               topk=19, local=0, causal=True, softmax_scale=D ** -0.5,
                                               block_map=reference.MapRequest(16, 16, reduce))
     torch.testing.assert_close(dec.block_map.cpu().double(), ref_dec[2], rtol=0, atol=2e-6)
+
+
+# ---- fidelity to Loki's code: centred PCA, fractional rank and topk -----------------------------------
+
+def anisotropic_keys(B, S, Hkv, D, seed=0, offset=2.0):
+    """Keys with distinct variances along random axes (a well-defined PCA basis) and a mean far from 0,
+    where centring changes the basis."""
+    g = torch.Generator().manual_seed(seed)
+    axes = torch.linalg.qr(torch.randn(Hkv, D, D, generator=g, dtype=torch.float64))[0].float()
+    spread = torch.linspace(3.0, 0.2, D) ** 2
+    coeff = torch.randn(B, S, Hkv, D, generator=g) * spread
+    mean = offset * torch.randn(Hkv, D, generator=g)
+    return torch.einsum("bshd,hed->bshe", coeff, axes) + mean
+
+
+def test_centered_calibration_is_lokis_sklearn_pca():
+    """calibrate(centered=True) gives the basis and explained-variance curve of Loki's pca.py
+    (sklearn PCA per head, port in tests/authors_ref.py), column for column up to sign."""
+    keys = anisotropic_keys(2, 1500, 2, 40)
+    proj = lowrank.calibrate([keys[:1], keys[1:]], centered=True)
+    assert proj.centered and proj.state_dict()["centered"] is True
+    for h in range(2):
+        ratio, components, _ = sklearn_pca(keys[:, :, h].reshape(-1, 40))
+        overlap = (proj.basis[h].double().T @ components.T).abs()  # |<ours_i, theirs_j>|
+        torch.testing.assert_close(overlap, torch.eye(40, dtype=torch.float64), rtol=0, atol=2e-3)
+        torch.testing.assert_close(proj.explained_variance[h].double(), ratio.cumsum(0), rtol=0, atol=1e-5)
+    plain = lowrank.calibrate(keys)  # uncentred: the mean direction leads
+    assert not plain.centered
+    assert float((plain.basis[0, :, 0] @ proj.basis[0, :, 0]).abs()) < 0.99
+    restored = KeyProjection.from_state_dict(proj.state_dict())
+    assert restored.centered and torch.equal(restored.basis, proj.basis)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8, 0.9, 0.95, 0.999])
+def test_fractional_rank_is_lokis_top_r(fraction):
+    keys = anisotropic_keys(1, 2000, 3, 64, seed=1)
+    proj = lowrank.calibrate(keys, centered=True, rank=fraction)
+    ratios = torch.stack([sklearn_pca(keys[0, :, h])[0] for h in range(3)]).float()
+    expected = max(1, loki_top_r(ratios, fraction))
+    assert proj.rank == proj.loki_rank(fraction) == expected
+    assert proj.loki_rank(fraction) <= proj.rank_for(fraction)  # Loki stops before the crossing component
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fractional_topk_and_rank_choose_lokis_keys(causal):
+    """End to end as Loki runs it: a centred basis, top_r = 0.7 and top_k = 0.25: the op attends to the keys
+    Loki's mask_attn_pca_topk keeps, so its output is exact attention over them."""
+    B, S, H, Hkv, D = 2, 203, 4, 2, 64
+    keys = anisotropic_keys(B, S, Hkv, D, seed=2)
+    proj = lowrank.calibrate(keys, centered=True)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, S, H, D, generator=g)
+    v = torch.randn(B, S, Hkv, D, generator=g)
+    out = attnops.lowrank_key_attention(q, keys, v, projection=proj, rank=0.7, topk=0.25, causal=causal)
+    ratios = torch.stack([sklearn_pca(keys[:, :, h].reshape(-1, D))[0] for h in range(Hkv)]).float()
+    r = loki_top_r(ratios, 0.7)
+    assert 1 < r < D and r == proj.loki_rank(0.7)
+    comps = proj.basis[:, :, :r].double().repeat_interleave(H // Hkv, dim=0)  # repeat_kv of Loki's components
+    chosen = loki_chosen(q.double().transpose(1, 2), keys.double().repeat_interleave(H // Hkv, dim=2).transpose(1, 2),
+                         comps, 0.25, causal=causal)
+    assert int(chosen[0, 0, -1].sum()) == int(0.25 * S)
+    from attnops.ops.softmax.reference import masked_attention
+    ref = masked_attention(q.double(), keys.double(), v.double(), chosen, D ** -0.5)[0]
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+
+
+def test_fractional_topk_in_decoding_and_modules():
+    """A fractional topk resolves against the batch's key length per step (Loki's padded length): the same
+    output as the count it comes to; modules keep the fraction and resolve it at every step."""
+    B, S, Hkv, H, D = 2, 160, 2, 4, 32
+    proj = random_orthonormal(Hkv, D, seed=3)
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(B, S, Hkv, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
+    q = torch.randn(B, 1, H, D, generator=g)
+    lens = torch.tensor([150, 97], dtype=torch.int32)
+    frac = attnops.decode_attention(q, k_cache, v_cache, lens, lowrank=proj, rank=0.5, topk=0.2)
+    count = attnops.decode_attention(q, k_cache, v_cache, lens, lowrank=proj, rank=proj.loki_rank(0.5), topk=30)
+    assert torch.equal(frac, count)  # int(0.2 * 150) = 30
+    layer = attnops.nn.Attention(H * D, H, num_kv_heads=Hkv, lowrank=proj, rank=0.5, topk=0.2)
+    assert layer.lowrank.topk == 0.2 and layer.lowrank.rank == proj.loki_rank(0.5)
+    with pytest.raises(ValueError, match="topk must be"):
+        layer.set_lowrank(proj, rank=4, topk=1.2)

@@ -75,6 +75,9 @@ def decode_attention(
             per step); q is given as usual and rotated here. Each query attends exactly to its
             ``topk`` keys of highest ``rank``-dim score, the newest ``local`` always among them. Not
             combined with ``block_mask`` or ``window_size``; block maps are those of the chosen keys.
+            Loki's fractions as in :func:`attnops.lowrank_key_attention`; a fractional ``topk`` is of
+            the longest sequence's keys, ``max(cache_seqlens)`` (Loki's padded batch length; one
+            host read of ``cache_seqlens``).
         k_score: optional ``(B, S_max, Hkv, R)``, ``R >= rank``: a contiguous copy of the cached keys'
             first ``R`` components (``KVCache(score_dim=R)`` keeps one), read by the scoring pass in
             place of ``k_cache[..., :rank]``, whose rows lie ``D`` apart (strided reads: a 32K MHA
@@ -116,7 +119,8 @@ def decode_attention(
             raise ValueError("low-rank decoding takes lowrank= (a KeyProjection), rank= and topk= together")
         if block_mask is not None or left >= 0:
             raise ValueError("low-rank decoding does not combine with block_mask or window_size")
-        check_lowrank_args(lowrank, rank, topk, local, shape, True)
+        num_keys = int(cache_seqlens.max()) if isinstance(topk, float) else None  # Loki: the batch's key length
+        rank, topk = check_lowrank_args(lowrank, rank, topk, local, shape, True, num_keys=num_keys)
         if k_score is not None:
             _check_score_plane(k_score, k_cache, rank)
         request = check_request(map_block_size, reduce, (64, 64), block_size) if return_block_map else None

@@ -9,7 +9,7 @@ full scores do. The kernels read ``rank`` of the ``D`` dims of every key and the
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -21,8 +21,12 @@ from attnops.ops.lowrank.projection import KeyProjection
 
 
 def check_lowrank_args(projection, rank, topk, local, shape: QKVShape, causal: bool = True,
-                       prefix: str = "") -> None:
-    """The low-rank arguments of the ops and modules: one set of messages."""
+                       prefix: str = "", num_keys: Optional[int] = None) -> Tuple[int, Union[int, float]]:
+    """The low-rank arguments of the ops and modules: one set of messages. Returns ``(rank, topk)`` with
+    Loki's fractional forms resolved (hpcgroup/loki, ``get_pca_components`` and ``get_pca_forward`` in
+    methods/pca_topk/modify_llama.py): a float ``rank`` in (0, 1) is ``projection.loki_rank(rank)``; a
+    float ``topk`` in (0, 1] is ``int(topk * num_keys)`` (at least ``max(1, local)``), or stays a
+    fraction when ``num_keys`` is None (resolved per call)."""
     if projection is not None:
         if not isinstance(projection, KeyProjection):
             raise TypeError(f"{prefix}projection must be an attnops.lowrank.KeyProjection or None, got "
@@ -32,17 +36,33 @@ def check_lowrank_args(projection, rank, topk, local, shape: QKVShape, causal: b
                              f" but k has ({shape.num_kv_heads}, {shape.head_dim})")
     if not isinstance(causal, bool):
         raise TypeError(f"{prefix}causal must be a bool, got {causal!r}")
+    if isinstance(rank, float):
+        if not 0 < rank < 1:
+            raise ValueError(f"{prefix}rank must be an int in [1, head_dim] or a float in (0, 1) (Loki's top_r: a "
+                             f"fraction of the keys' explained variance), got {rank}")
+        if projection is None:
+            raise ValueError(f"{prefix}a fractional rank needs projection= (it is read off its explained variance)")
+        rank = projection.loki_rank(rank)
+    if isinstance(topk, float):
+        if not 0 < topk <= 1:
+            raise ValueError(f"{prefix}topk must be an int >= 1 or a float in (0, 1] (Loki's top_k <= 1: a fraction "
+                             f"of the keys), got {topk}")
+        if num_keys is not None:
+            topk = max(1, int(local) if isinstance(local, int) else 1, int(topk * num_keys))
     for name, value in (("rank", rank), ("topk", topk), ("local", local)):
+        if name == "topk" and isinstance(value, float):
+            continue
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{prefix}{name} must be an int, got {value!r}")
     if not 1 <= rank <= shape.head_dim:
         raise ValueError(f"{prefix}rank must be in [1, head_dim={shape.head_dim}], got {rank}")
-    if topk < 1:
+    if isinstance(topk, int) and topk < 1:
         raise ValueError(f"{prefix}topk must be >= 1, got {topk}")
-    if not 0 <= local <= topk:
+    if local < 0 or (isinstance(topk, int) and local > topk):
         raise ValueError(f"{prefix}local must be in [0, topk={topk}], got {local}")
     if local and not causal:
         raise ValueError(f"{prefix}local keys (the newest ones) need causal=True")
+    return rank, topk
 
 
 def lowrank_key_attention(
@@ -51,8 +71,8 @@ def lowrank_key_attention(
     v: torch.Tensor,
     *,
     projection: Optional[KeyProjection] = None,
-    rank: int,
-    topk: int,
+    rank: Union[int, float],
+    topk: Union[int, float],
     causal: bool = True,
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
@@ -70,9 +90,12 @@ def lowrank_key_attention(
         k, v: ``(B, Sk, Hkv, D)``, ``H % Hkv == 0``.
         projection: the key basis (:func:`attnops.lowrank.calibrate`); ``None``: q and k are already
             in it (their first ``rank`` dims are the principal ones).
-        rank: components of q and k in the approximate scores, ``1 <= rank <= D``.
+        rank: components of q and k in the approximate scores, ``1 <= rank <= D``; a float in (0, 1)
+            is Loki's ``top_r``: :meth:`KeyProjection.loki_rank` of that fraction of explained variance.
         topk: keys each query attends to (all of them when it sees ``topk`` or fewer: ``rank = D``
-            with ``topk >= Sk`` is dense attention).
+            with ``topk >= Sk`` is dense attention); a float in (0, 1] is Loki's ``top_k <= 1``: that
+            fraction of the ``Sk`` keys, ``int(topk * Sk)`` (at least ``max(1, local)``). An int is always
+            a count (Loki reads ``top_k = 1`` as all keys).
         causal: bottom-right aligned, as :func:`attnops.attention`.
         softmax_scale: defaults to ``D ** -0.5``.
         return_lse: also return lse ``(B, H, Sq)`` over the chosen keys.
@@ -95,7 +118,7 @@ def lowrank_key_attention(
     """
     shape = check_qkv(q, k, v)
     refuse_forward_ad("lowrank_key_attention", q, k, v)
-    check_lowrank_args(projection, rank, topk, local, shape, causal)
+    rank, topk = check_lowrank_args(projection, rank, topk, local, shape, causal, num_keys=shape.seq_len_k)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     if projection is None:
         q_score, k_score = q[..., :rank], k[..., :rank]

@@ -24,12 +24,15 @@ class KeyProjection:
         eigenvalues: ``(Hkv, D)`` float32, descending: the keys' second moment along each direction.
         rank: the rank it was calibrated for (a default; the ops take their own ``rank``).
         rotary: ``"post"`` or ``"pre"``: whether the keys it was fit on had the rotary embedding.
+        centered: whether the keys were centred before the PCA (Loki's basis: covariance
+            eigenvectors, eigenvalues the variances); else the uncentred second moment's.
     """
 
     basis: torch.Tensor
     eigenvalues: torch.Tensor
     rank: Optional[int] = None
     rotary: str = "post"
+    centered: bool = False
 
     def __post_init__(self):
         b, e = self.basis, self.eigenvalues
@@ -42,6 +45,8 @@ class KeyProjection:
             raise ValueError(f"KeyProjection.rank must be an int in [1, {b.shape[1]}], got {self.rank!r}")
         if self.rotary not in ROTARY_CHOICES:
             raise ValueError(f"KeyProjection.rotary must be one of {ROTARY_CHOICES}, got {self.rotary!r}")
+        if not isinstance(self.centered, bool):
+            raise TypeError(f"KeyProjection.centered must be a bool, got {self.centered!r}")
 
     @property
     def num_kv_heads(self) -> int:
@@ -65,6 +70,15 @@ class KeyProjection:
         reached = self.explained_variance >= fraction - 1e-6
         return int(reached.float().argmax(-1).max()) + 1
 
+    def loki_rank(self, fraction: float) -> int:
+        """Loki's rank for ``top_r = fraction < 1`` (hpcgroup/loki, ``get_pca_components``): the most,
+        over heads, components whose cumulative explained variance stays below ``fraction``,
+        ``max_h #(cumsum_h < fraction)``, at least 1. One less than :meth:`rank_for` unless a head
+        reaches ``fraction`` exactly: Loki's rule keeps the components before the crossing one."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        return max(1, int((self.explained_variance < fraction).sum(-1).max()))
+
     def rotate(self, x: torch.Tensor, rank: Optional[int] = None) -> torch.Tensor:
         """``x (B, S, H, D)`` (H a multiple of Hkv; query head h uses kv head ``h // (H / Hkv)``) in the
         basis: ``(B, S, H, rank or D)``, in x's dtype."""
@@ -78,15 +92,16 @@ class KeyProjection:
         return torch.einsum("bshgd,hdr->bshgr", grouped, basis).reshape(B, S, H, r).contiguous()
 
     def to(self, device=None) -> "KeyProjection":
-        return KeyProjection(self.basis.to(device), self.eigenvalues.to(device), self.rank, self.rotary)
+        return KeyProjection(self.basis.to(device), self.eigenvalues.to(device), self.rank, self.rotary, self.centered)
 
     def state_dict(self) -> dict:
         return {"basis": self.basis.cpu(), "eigenvalues": self.eigenvalues.cpu(), "rank": self.rank,
-                "rotary": self.rotary}
+                "rotary": self.rotary, "centered": self.centered}
 
     @classmethod
     def from_state_dict(cls, state: Mapping) -> "KeyProjection":
-        return cls(state["basis"], state["eigenvalues"], state.get("rank"), state.get("rotary", "post"))
+        return cls(state["basis"], state["eigenvalues"], state.get("rank"), state.get("rotary", "post"),
+                   bool(state.get("centered", False)))
 
     @classmethod
     def identity(cls, num_kv_heads: int, head_dim: int) -> "KeyProjection":
@@ -96,14 +111,22 @@ class KeyProjection:
 
 
 class KeyStatistics:
-    """Running uncentred second moment ``sum k k^T`` of keys per kv head, in float64.
+    """Running statistics of keys per kv head, in float64: the uncentred second moment ``sum k k^T``
+    and the sum ``sum k``.
 
-    Uncentred, because scores are dot products: the basis that keeps the most of ``q . k`` in
-    ``rank`` dimensions is the one that keeps the most of ``|k|^2``, the top eigenvectors of
-    ``E[k k^T]`` (a key mean is part of the score, not noise to remove)."""
+    The default basis is the uncentred second moment's, because scores are dot products: the basis
+    that keeps the most of ``q . k`` in ``rank`` dimensions is the one that keeps the most of
+    ``|k|^2``, the top eigenvectors of ``E[k k^T]`` (a key mean is part of the score, not noise to
+    remove). ``centered=True`` is Loki's: sklearn's ``PCA().fit(keys)`` (hpcgroup/loki,
+    pca_analysis/pca.py), the eigenvectors of the covariance ``E[k k^T] - E[k] E[k]^T``; Loki then
+    projects the keys uncentred, as the ops here do."""
 
-    def __init__(self):
+    def __init__(self, centered: bool = False):
+        if not isinstance(centered, bool):
+            raise TypeError(f"centered must be a bool, got {centered!r}")
+        self.centered = centered
         self.moment: Optional[torch.Tensor] = None
+        self.total: Optional[torch.Tensor] = None
         self.count = 0
 
     def update(self, keys: torch.Tensor) -> None:
@@ -114,29 +137,39 @@ class KeyStatistics:
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("calibration keys contain NaN or inf")
         moment = torch.einsum("nhd,nhe->hde", flat, flat).cpu()
+        total = flat.sum(0).cpu()
         if self.moment is None:
-            self.moment = moment
+            self.moment, self.total = moment, total
         elif self.moment.shape != moment.shape:
             raise ValueError(f"keys of shape (Hkv, D) = {tuple(moment.shape[:2])} after {tuple(self.moment.shape[:2])}")
         else:
             self.moment += moment
+            self.total += total
         self.count += flat.shape[0]
 
-    def projection(self, rank: Optional[int], rotary: str) -> KeyProjection:
+    def projection(self, rank: Optional[Union[int, float]], rotary: str) -> KeyProjection:
+        """The basis; ``rank`` (the recorded default) may be Loki's fraction of explained variance."""
         if self.moment is None or self.count == 0:
             raise ValueError("calibrate: no keys were seen")
-        eigenvalues, vectors = torch.linalg.eigh(self.moment / self.count)  # ascending
+        matrix = self.moment / self.count
+        if self.centered:
+            mean = self.total / self.count
+            matrix = matrix - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+        eigenvalues, vectors = torch.linalg.eigh(matrix)  # ascending
         eigenvalues, vectors = eigenvalues.flip(-1), vectors.flip(-1)
-        return KeyProjection(vectors.to(torch.float32).contiguous(), eigenvalues.to(torch.float32).contiguous(),
-                             rank, rotary)
+        proj = KeyProjection(vectors.to(torch.float32).contiguous(), eigenvalues.to(torch.float32).contiguous(),
+                             None, rotary, self.centered)
+        if isinstance(rank, float):
+            return KeyProjection(proj.basis, proj.eigenvalues, proj.loki_rank(rank), rotary, self.centered)
+        return KeyProjection(proj.basis, proj.eigenvalues, rank, rotary, self.centered)
 
 
-def calibrate_keys(keys: Union[torch.Tensor, Iterable[torch.Tensor]], rank: Optional[int] = None,
-                   rotary: str = "post") -> KeyProjection:
+def calibrate_keys(keys: Union[torch.Tensor, Iterable[torch.Tensor]], rank: Optional[Union[int, float]] = None,
+                   rotary: str = "post", centered: bool = False) -> KeyProjection:
     """The PCA key basis of sample keys: a ``(B, S, Hkv, D)`` tensor or an iterable of them."""
     if rotary not in ROTARY_CHOICES:
         raise ValueError(f"rotary must be one of {ROTARY_CHOICES}, got {rotary!r}")
-    stats = KeyStatistics()
+    stats = KeyStatistics(centered)
     for batch in [keys] if isinstance(keys, torch.Tensor) else keys:
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
             raise ValueError("calibrate takes keys (B, S, Hkv, D) tensors (or an iterable of them) or a model")
