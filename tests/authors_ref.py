@@ -4,6 +4,7 @@ flash_attn's ``attention_ref`` (tests/test_flash_attn.py) with ``construct_local
 block prediction (``get_block_map_meansim``)."""
 
 import math
+import warnings
 
 import torch
 
@@ -167,3 +168,78 @@ def loki_chosen(q, k, components_r, top_k, causal=True):
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
     chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, torch.topk(scores, min(topk, sk), dim=-1).indices, True)
     return chosen & visible
+
+
+def _seer_pool(x, block, name):
+    """SeerAttention's POOL_FUNCS over the sequence of ``x (B, S, H, D)``, ceil_mode: a partial last block
+    pools its rows."""
+    import torch.nn.functional as F
+    if name == "avg":
+        return F.avg_pool3d(x, kernel_size=[block, 1, 1], stride=[block, 1, 1], ceil_mode=True)
+    if name == "max":
+        return F.max_pool3d(x, kernel_size=[block, 1, 1], stride=[block, 1, 1], ceil_mode=True)
+    return -F.max_pool3d(-x, kernel_size=[block, 1, 1], stride=[block, 1, 1], ceil_mode=True)
+
+
+def _llama_rope(x, positions, theta):
+    """transformers' LlamaRotaryEmbedding (default rope) + apply_rotary_pos_emb(unsqueeze_dim=2) on
+    ``x (B, T, H, d)``."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
+    rotated = torch.cat((-x[..., d // 2:], x[..., : d // 2]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def seer_attn_gate(q, k, q_weight, k_weight, block_size, q_pooling, k_pooling, theta):
+    """SeerAttention's ``AttnGate.forward(q, k, block_attention_mask, block_position_embeddings,
+    use_softmax=False)`` as training calls it (microsoft/SeerAttention, seer_attn/attn_gate.py, the
+    version with ``MultiHeadLinear``'s ``einsum('bshi,hio->bsho')``; block positions and causal block mask
+    from ``SeerAttnLlamaModel.forward`` in seer_attn/llama/modeling_llama_seerattn.py). q ``(B, S, H, D)``
+    and k ``(B, S, Hkv, D)`` before the rotary embedding; ``q_weight (H, q_in, hidden)`` or None (Seer's
+    single-linear gate: k projected per query head, ``k_weight (H, k_in, hidden)``), ``k_weight``.
+    Returns the masked logits ``(B, H, Nq, Nk)``."""
+    S, H = q.shape[1], q.shape[2]
+    qp = torch.cat([_seer_pool(q, block_size, n) for n in q_pooling], dim=-1)
+    if q_weight is not None:
+        qp = torch.einsum("bshi,hio->bsho", qp, q_weight)
+    kp = torch.cat([_seer_pool(k, block_size, n) for n in k_pooling], dim=-1)
+    if kp.shape[2] < k_weight.shape[0]:  # repeat_kv_varlen
+        kp = kp.repeat_interleave(k_weight.shape[0] // kp.shape[2], dim=2)
+    kp = torch.einsum("bshi,hio->bsho", kp, k_weight)
+    block_positions = torch.arange(S)[0::block_size]
+    qp, kp = _llama_rope(qp, block_positions, theta), _llama_rope(kp, block_positions, theta)
+    qp, kp = qp.transpose(1, 2), kp.transpose(1, 2)
+    if kp.shape[1] < H:
+        kp = kp.repeat_interleave(H // kp.shape[1], dim=1)
+    attn = torch.matmul(qp, kp.transpose(-1, -2)) * qp.shape[-1] ** -0.5
+    n = attn.shape[-1]
+    mask = torch.triu(torch.full((n, n), torch.finfo(attn.dtype).min), diagonal=1)
+    return attn + mask
+
+
+def seer_ground_truth(q, k, block_size, scale):
+    """Seer's training target (``attn_with_pooling`` in seer_attn/kernels/attn_pooling_kernel.py): causal
+    softmax probabilities of the rotated q ``(B, S, H, D)``, k ``(B, S, Hkv, D)``, max-pooled over each
+    (query block, key block) tile, each row divided by its sum."""
+    B, S, H, _ = q.shape
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    probs = scores.softmax(-1)
+    n = -(-S // block_size)
+    padded = torch.nn.functional.pad(probs, (0, n * block_size - S, 0, n * block_size - S))
+    pooled = padded.view(B, H, n, block_size, n, block_size).amax(dim=(3, 5))
+    return pooled / pooled.sum(-1, keepdim=True)
+
+
+def seer_gate_loss(gate_logits, ground_truth):
+    """The gate loss of ``LlamaSeerAttention.forward`` in training: the first quarter of the query blocks
+    dropped, ``torch.nn.KLDivLoss()`` (reduction "mean") of the gate's log-softmax against the ground truth."""
+    gt = ground_truth[:, :, ground_truth.shape[2] // 4:].to(torch.float32)
+    out = gate_logits[:, :, gate_logits.shape[2] // 4:].to(torch.float32)
+    with warnings.catch_warnings():  # torch's note that "mean" is not "batchmean": Seer uses "mean"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.nn.KLDivLoss()(torch.nn.functional.log_softmax(out, dim=-1), gt)

@@ -8,7 +8,7 @@ import attnops
 from attnops.ops.softmax import reference
 from attnops.core.block_map import MapRequest
 from attnops.ops.routed import pooled_block_map, select_blocks
-from tests.authors_ref import sparge_block_map
+from tests.authors_ref import seer_attn_gate, seer_gate_loss, seer_ground_truth, sparge_block_map
 
 
 def blockwise_constant(B, S, H, Hkv, D, block, scale=1.0):
@@ -307,3 +307,54 @@ def test_gate_rejects_mismatched_inputs():
     gate = attnops.nn.BlockGate(16, 4, num_kv_heads=2)
     with pytest.raises(ValueError, match="BlockGate expects"):
         gate(torch.randn(1, 64, 4, 16), torch.randn(1, 64, 4, 16))
+
+
+@pytest.mark.parametrize("config", ["two_linears_gqa", "single_linear"])
+def test_rotary_gate_is_seers_attn_gate_and_loss(config):
+    """With rotary= the gate is SeerAttention's AttnGate on pre-rotary q/k (block RoPE at each block's first
+    position, the model's base) and its loss is Seer's KLDivLoss over the last 3/4 of query blocks, both
+    against ports of Seer's code (tests/authors_ref.py); the target is Seer's ground truth."""
+    torch.manual_seed(0)
+    S, D, theta, block = 300, 32, 500.0, 64  # a partial last block
+    if config == "two_linears_gqa":
+        H, Hkv, hidden, qpool, kpool = 4, 2, 16, ("avg", "max"), ("max", "min", "avg")
+    else:  # Seer's Qavg_Kmaxminavg with hidden == D: no q linear, k projected per query head (MHA here)
+        H, Hkv, hidden, qpool, kpool = 4, 4, D, ("avg",), ("max", "min", "avg")
+    gate = attnops.nn.BlockGate(D, H, block_size=block, pooling=qpool, k_pooling=kpool, hidden=hidden,
+                                num_kv_heads=Hkv, rotary=attnops.nn.Rotary(D, theta))
+    assert gate.objective == "seer"
+    if config == "single_linear":
+        with torch.no_grad():
+            gate.q_proj.copy_(torch.eye(D).expand(H, D, D))
+    q, k = torch.randn(2, S, H, D), torch.randn(2, S, Hkv, D)
+    ref_logits = seer_attn_gate(q, k, None if config == "single_linear" else gate.q_proj.detach(),
+                                gate.k_proj.detach(), block, qpool, kpool, theta)
+    logits = gate(q, k, causal=True)
+    allowed = torch.isfinite(logits)
+    assert torch.equal(allowed, ref_logits > -1e30)
+    torch.testing.assert_close(logits[allowed], ref_logits[allowed], rtol=1e-4, atol=1e-4)
+    rope = attnops.nn.Rotary(D, theta)
+    truth = seer_ground_truth(rope(q), rope(k), block, D ** -0.5)
+    target = gate.target(q, k, causal=True)
+    torch.testing.assert_close(target.double(), truth, rtol=1e-4, atol=1e-6)
+    ref_loss = seer_gate_loss(ref_logits, truth)
+    torch.testing.assert_close(gate.loss(q, k, causal=True), ref_loss.float(), rtol=1e-4, atol=1e-7)
+    assert gate.loss(q, k, causal=True, target=target).item() == pytest.approx(ref_loss.item(), rel=1e-4)
+    other = attnops.nn.BlockGate(D, H, block_size=block, pooling=qpool, k_pooling=kpool, hidden=hidden,
+                                 num_kv_heads=Hkv, rotary=rope, objective="query_block_mean")
+    other.load_state_dict(gate.state_dict())
+    assert other.loss(q, k, causal=True).item() != pytest.approx(ref_loss.item(), rel=1e-2)  # the documented alternative
+
+
+def test_rotary_gate_arguments():
+    with pytest.raises(TypeError, match="Rotary"):
+        attnops.nn.BlockGate(16, 2, rotary=10000.0)
+    with pytest.raises(ValueError, match="head_dim 32"):
+        attnops.nn.BlockGate(16, 2, rotary=attnops.nn.Rotary(32))
+    with pytest.raises(ValueError, match="even hidden"):
+        attnops.nn.BlockGate(16, 2, rotary=attnops.nn.Rotary(16), hidden=5)
+    with pytest.raises(ValueError, match="objective"):
+        attnops.nn.BlockGate(16, 2, objective="mse")
+    with pytest.raises(ValueError, match="k_pooling"):
+        attnops.nn.BlockGate(16, 2, k_pooling=("sum",))
+    assert attnops.nn.BlockGate(16, 2).objective == "query_block_mean"
