@@ -16,6 +16,9 @@ from attnops import maps  # noqa: E402  (block maps: capture, rollout, heatmaps)
 from attnops import distributed  # noqa: E402  (context parallelism over torch.distributed)
 from attnops import nn  # noqa: E402  (modules build on the ops above)
 from attnops.nn import swap, unswap  # noqa: E402
+from attnops.integrations import autoregister as _autoregister  # noqa: E402
+
+_autoregister.install()  # attn_implementation="attnops" works once transformers loads, no register() call
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,9 @@
 """Hugging Face transformers: attnops as an ``attn_implementation``.
 
+    import attnops                                          # registers DEFAULTS' names when transformers loads
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnops")   # exact dense attention
     import attnops.integrations.transformers as hf_attnops
-    hf_attnops.register()                                   # "attnops": exact dense attention
-    hf_attnops.register("attnops_moba")                     # a default spec per family name (DEFAULTS)
-    hf_attnops.register("attnops_sparse", attnops.nn.BlockSparseSpec(pattern=...))  # or any spec
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnops")
+    hf_attnops.register("attnops_sparse", attnops.nn.BlockSparseSpec(pattern=...))  # any spec, any name
     model.set_attn_implementation("attnops")                # or switch an existing model
 
 Unmodified Llama / Qwen2 / Mistral / GPT-2 style models then run their attention through attnops

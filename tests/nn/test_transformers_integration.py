@@ -225,3 +225,42 @@ def test_packed_rows_equal_each_document_alone(name, how):
     for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
               "model.embed_tokens.weight"):
         assert_accurate(f"{name} {how} grad {n}", g_got[n], g_want[n], g_yard[n])
+
+
+AUTO_REGISTER = """
+import copy, sys
+{first}
+import torch
+assert "transformers" not in sys.modules or {transformers_first}  # import attnops does not load transformers
+from transformers import AutoModelForCausalLM, LlamaConfig
+cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.5)
+torch.manual_seed(0)
+ours = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="attnops")  # no register() call
+ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager")
+ref.load_state_dict(ours.state_dict())
+lin = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="attnops_linear")
+lin.load_state_dict(ours.state_dict())
+x = torch.randint(0, 64, (2, 40))
+assert ours.config._attn_implementation == "attnops"
+diff = (ours(x).logits - ref(x).logits).abs().max().item()
+assert diff < 1e-4, diff
+assert (lin(x).logits - ref(x).logits).abs().max().item() > 1e-2  # the family names reach their own specs
+import attnops.integrations.transformers as hf
+assert sorted(hf.registered()) == sorted(hf.DEFAULTS)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("order", ["attnops_first", "transformers_first"])
+def test_attn_implementation_works_without_register(order):
+    """attn_implementation="attnops" (and the family names) work after ``import attnops`` alone, whether
+    transformers' modeling code loads after attnops (a post-import hook) or before it: transformers checks
+    the name before any attnops code runs, so there is no "before register()" state to explain."""
+    import subprocess
+    import sys
+
+    first = "import attnops" if order == "attnops_first" else "import transformers.modeling_utils\nimport attnops"
+    code = AUTO_REGISTER.format(first=first, transformers_first=order == "transformers_first")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
