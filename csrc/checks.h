@@ -140,7 +140,8 @@ inline void check_attn_bias_arg(const char* op, const at::Tensor& q, const at::T
                                 const c10::optional<at::Tensor>& attn_bias) {
   if (!attn_bias.has_value() || !attn_bias->defined()) return;
   const at::Tensor& t = *attn_bias;
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": attn_bias must be floating point, got ", t.scalar_type());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) || t.scalar_type() == at::kBool, op,
+              ": attn_bias must be floating point (additive) or bool (a mask), got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 4 && (t.size(0) == 1 || t.size(0) == q.size(0)) && (t.size(1) == 1 || t.size(1) == q.size(2)) &&
                   (t.size(2) == 1 || t.size(2) == q.size(1)) && t.size(3) == k.size(1),
               op, ": attn_bias must be (B|1, H|1, Sq|1, Sk) = (", q.size(0), "|1, ", q.size(2), "|1, ", q.size(1),

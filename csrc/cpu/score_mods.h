@@ -115,27 +115,47 @@ struct ScoreMods {
 };
 
 // An additive bias (attn_bias): (Bm, Hm, Sqm, Sk) in the compute type, size-1 dims broadcast (stride 0),
-// keys contiguous; natural-log units (the kernels add bias * log2(e)). The op converts a bool mask to
-// 0 / -inf before it gets here.
+// keys contiguous; natural-log units (the kernels add bias * log2(e)). A bool mask (SDPA's attn_mask: True
+// attends) is read as such, one byte per pair, and widened to 0 / -inf per tile row (values()): no float copy
+// of the Sq x Sk plane is made.
 template <typename T>
 struct ScoreBias {
+  static constexpr int64_t kMaxRun = 256;  // the longest run values() widens: a forward / dq key tile
   const T* data = nullptr;
+  const uint8_t* mask = nullptr;
   int64_t sb = 0, sh = 0, sq = 0;
   at::Tensor storage;
 
   ScoreBias() = default;
   explicit ScoreBias(const c10::optional<at::Tensor>& bias) {
     if (!bias.has_value() || !bias->defined()) return;
-    storage = bias->to(c10::CppTypeToScalarType<T>::value);
+    storage = bias->scalar_type() == at::kBool ? *bias : bias->to(c10::CppTypeToScalarType<T>::value);
     if (storage.stride(3) != 1) storage = storage.contiguous();
-    data = storage.template data_ptr<T>();
+    if (storage.scalar_type() == at::kBool)
+      mask = reinterpret_cast<const uint8_t*>(storage.template data_ptr<bool>());
+    else
+      data = storage.template data_ptr<T>();
     sb = storage.size(0) == 1 ? 0 : storage.stride(0);
     sh = storage.size(1) == 1 ? 0 : storage.stride(1);
     sq = storage.size(2) == 1 ? 0 : storage.stride(2);
   }
-  bool present() const { return data != nullptr; }
-  // bias[b, h, i, :]
-  const T* row(int64_t b, int64_t h, int64_t i) const { return data + b * sb + h * sh + i * sq; }
+  bool present() const { return data != nullptr || mask != nullptr; }
+  // The n <= kMaxRun values bias[b, h, i, j + x] (down = false) or bias[b, h, i + x, j] (down = true), as a
+  // pointer and its element stride: the tensor's memory for a float bias; `scratch` filled with 0 / -inf
+  // (stride 1) for a bool mask.
+  std::pair<const T*, int64_t> values(int64_t b, int64_t h, int64_t i, int64_t j, bool down, int64_t n,
+                                      T* scratch) const {
+    const int64_t at = b * sb + h * sh + i * sq + j, step = down ? sq : 1;
+    if (data) return {data + at, step};
+    const uint8_t* m = mask + at;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    if (step == 1) {
+      for (int64_t x = 0; x < n; ++x) scratch[x] = m[x] ? T(0) : ninf;
+    } else {
+      for (int64_t x = 0; x < n; ++x) scratch[x] = m[x * step] ? T(0) : ninf;
+    }
+    return {scratch, 1};
+  }
 };
 
 // s[x] += log2(e) * bias[x * stride] for the first `valid` entries (the rest of a padded tile row is

@@ -133,7 +133,7 @@ CHILD = textwrap.dedent(r'''
         "attn_bias keys short": dict(attn_bias=torch.zeros(1, 1, S, S - 1)),
         "attn_bias 3-d": dict(attn_bias=torch.zeros(1, S, S)),
         "attn_bias heads misfit": dict(attn_bias=torch.zeros(1, 3, S, S)),
-        "attn_bias bool": dict(attn_bias=torch.ones(1, 1, S, S, dtype=torch.bool)),
+        "attn_bias integer": dict(attn_bias=torch.ones(1, 1, S, S, dtype=torch.int32)),  # bool is a mask: taken
         "key_bounds not monotone": dict(key_bounds=KB.flip(1).contiguous()),
         "key_bounds hi > Sk": dict(key_bounds=(KB + 1).contiguous()),
         "key_bounds lo > hi": dict(key_bounds=KB.flip(2).contiguous()),
@@ -160,6 +160,7 @@ CHILD = textwrap.dedent(r'''
         "softcap < 0": dict(softcap=-2.0),
         "alibi_slopes 3-d": dict(alibi_slopes=torch.rand(1, 1, H)),
         "bias_grad without attn_bias": dict(bias_grad=True),
+        "bias_grad of a bool mask": dict(bias_grad=True, attn_bias=torch.ones(1, 1, S, S, dtype=torch.bool)),
         "attn_bias queries misfit": dict(attn_bias=torch.zeros(1, 1, 3, S)),
         "key_bounds without query_bounds": dict(query_bounds=None),
         "query_bounds not monotone": dict(query_bounds=KB.flip(1).contiguous()),

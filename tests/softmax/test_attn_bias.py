@@ -23,6 +23,8 @@ CASES = {
     "2d_window_softcap": dict(dims="QK", window_size=(25, 10), softcap=3.0),
     "bool": dict(dims="B_QK", kind="bool"),
     "bool_rows_masked_causal": dict(dims="QK", kind="bool_empty_rows", causal=True),
+    "bool_per_head_keys": dict(dims="BH_K", kind="bool", causal=True),  # one row for every query: stride 0
+    "bool_query_rows": dict(dims="B_Q_", kind="bool"),  # broadcast over keys: widened to (B, 1, Sq, Sk) once
 }
 
 
@@ -155,3 +157,18 @@ def test_moba_takes_attn_bias():
     want = reference.block_sparse_attention(q, k, v, mask, causal=True, window_size=(-1, -1), softmax_scale=D ** -0.5,
                                             attn_bias=bias.unsqueeze(0))[0]
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_cpu_kernels_read_bool_masks_as_bytes():
+    """A bool attn_bias reaches the C++ core as bool (one byte per pair, widened per tile row in the kernel);
+    backends without that path get 0 / -inf floats from the op."""
+    from attnops.core import dispatch
+    from attnops.core.checks import bias_for
+
+    mask = torch.rand(1, 2, 64, 64) > 0.5
+    if attnops.core.backends.EXTENSION:
+        assert bias_for(dispatch.resolve("block_sparse_attention", torch.device("cpu"), "cpu"), mask,
+                        torch.float32) is mask
+    widened = bias_for(dispatch.resolve("block_sparse_attention", torch.device("cpu"), "reference"), mask,
+                       torch.float32)
+    assert widened.dtype == torch.float32 and torch.equal(torch.isneginf(widened), ~mask)

@@ -6,4 +6,4 @@ from attnops.ops.softmax import library as lib
 
 dispatch.expect("block_sparse_attention", "cpu")  # without the extension: the fallback (or a clear error), never silence
 if backends.EXTENSION:
-    dispatch.register("block_sparse_attention", "cpu", lib.backend(lib.FWD))
+    dispatch.register("block_sparse_attention", "cpu", lib.backend(lib.FWD, reads_bool_masks=True))

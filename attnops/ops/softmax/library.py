@@ -40,8 +40,8 @@ _QKV = [Arg("q", "Tensor"), Arg("k", "Tensor"), Arg("v", "Tensor")]
 # alibi_slopes float32 (Bm, H) with Bm in {1, B}; sinks float32 (H,), one extra logit per head.
 _SCORE_MODS = [Arg("softcap", "float", "0.0"), Arg("alibi_slopes", "Tensor?", "None")]
 _SINKS = [Arg("sinks", "Tensor?", "None")]
-# attn_bias: float (Bm, Hm, Sqm, Sk), size-1 dims broadcast, in lse's dtype (the op converts a bool mask to
-# 0 / -inf); added with ALiBi. The backward returns its gradient unreduced, (B, H, Sq, Sk), when bias_grad.
+# attn_bias: float (Bm, Hm, Sqm, Sk), size-1 dims broadcast, in lse's dtype, added with ALiBi; or, for a
+# backend that reads masks (the C++ core), a bool mask of that shape (False: -inf; no gradient). The backward returns its gradient unreduced, (B, H, Sq, Sk), when bias_grad.
 _BIAS = [Arg("attn_bias", "Tensor?", "None")]
 # Dropout on the probabilities: dropout_p in [0, 1); dropout_seed one int64 on q's device, the seed of the
 # mask's hash (csrc/cpu/dropout.h), which the backward regenerates the mask from.
@@ -144,9 +144,10 @@ def sink_grad(sinks: torch.Tensor, dout: torch.Tensor, out: torch.Tensor, lse: t
     return (-(p_sink * delta).sum((0, 2))).to(sinks.dtype)
 
 
-def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
+def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, reads_bool_masks: bool = False) -> Callable:
     """The dispatcher-facing function of a backend whose forward operator is ``fwd`` (``fwd_op``: its
-    callable, default the registered operator)."""
+    callable, default the registered operator). ``reads_bool_masks``: its kernels take a bool ``attn_bias``
+    as is (the ops then pass SDPA-style masks without widening them to float)."""
 
     def block_sparse_attention(
         q: torch.Tensor,
@@ -190,6 +191,7 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
                                      map_max=block_map.reduce == "max")
         return out, lse, _map.finish(partial, lse, rows, block_map)
 
+    block_sparse_attention.reads_bool_masks = reads_bool_masks
     return block_sparse_attention
 
 

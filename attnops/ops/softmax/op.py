@@ -12,7 +12,7 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
-from attnops.core.checks import (autocast_inputs, check_attn_bias, check_block_mask, check_causal, check_dropout,
+from attnops.core.checks import (autocast_inputs, bias_for, check_attn_bias, check_block_mask, check_causal, check_dropout,
                                  check_flag, check_qkv, check_score_mods, clamp_window, refuse_forward_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
@@ -82,7 +82,7 @@ def attention(
     check_flag("return_lse", return_lse)
     check_flag("return_block_map", return_block_map)
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
-    bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype)
+    bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype, keep_bool=True)
     request = check_request(map_block_size, reduce, DEFAULT_MAP_BLOCK, block_size) if return_block_map else None
     dropout = check_dropout(dropout_p, generator, q.device)
     segments = check_document_ids(document_ids, shape, q.device)
@@ -93,7 +93,8 @@ def attention(
         mask = BlockMask.from_dense(keep_blocks_of(*DEFAULT_MAP_BLOCK), (shape.seq_len_q, shape.seq_len_k),
                                     DEFAULT_MAP_BLOCK, causal=causal, window_size=window)
     out, lse, *block_map = impl(q, k, v, mask, causal=causal, window_size=window, softmax_scale=scale,
-                                block_map=request, attn_bias=bias, segments=segments, **mods, **dropout)
+                                block_map=request, attn_bias=bias_for(impl, bias, q.dtype), segments=segments, **mods,
+                                **dropout)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
 
@@ -151,7 +152,7 @@ def block_sparse_attention(
     check_flag("return_lse", return_lse)
     check_flag("return_block_map", return_block_map)
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
-    bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype)
+    bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype, keep_bool=True)
     request = check_request(map_block_size, reduce, block_mask.block_size, block_size) if return_block_map else None
     dropout = check_dropout(dropout_p, generator, q.device)
     segments = check_document_ids(document_ids, shape, q.device)
@@ -163,8 +164,8 @@ def block_sparse_attention(
                                           causal=block_mask.causal, window_size=block_mask.window_size)
     window = clamp_window(block_mask.window_size, shape.seq_len_q, shape.seq_len_k)
     out, lse, *block_map = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=window,
-                                softmax_scale=scale, block_map=request, attn_bias=bias, segments=segments, **mods,
-                                **dropout)
+                                softmax_scale=scale, block_map=request, attn_bias=bias_for(impl, bias, q.dtype),
+                                segments=segments, **mods, **dropout)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
 
 

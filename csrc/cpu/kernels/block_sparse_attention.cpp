@@ -398,9 +398,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             for (int64_t r = ra; r < ra + nr; ++r) {
               T* srow = ws.s.data() + r * kTileK;
               if ((mods.on_scores() || bias.present()) && !ws.spans[r].empty()) {  // one pass: modifiers, mask, max
-                const T mt = modify_mask_max(mods, srow, n, ws.spans[r], slope2,
-                                             static_cast<T>(r0 + r + pred.offset - t0),
-                                             bias.present() ? bias.row(b, h, r0 + r) + t0 : nullptr, t1 - t0);
+                alignas(64) T bias_run[ScoreBias<T>::kMaxRun];
+                const T mt = modify_mask_max(
+                    mods, srow, n, ws.spans[r], slope2, static_cast<T>(r0 + r + pred.offset - t0),
+                    bias.present() ? bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first : nullptr, t1 - t0);
                 softmax_row_exp(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
               } else {
                 softmax_row(srow, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
@@ -488,15 +489,15 @@ struct DqScratch {
 
 template <typename T>
 struct KeyTileScratch {
-  std::vector<T> k, v, kpanel, s, dp, partial, capgrad, drop;
+  std::vector<T> k, v, kpanel, s, dp, partial, capgrad, drop, bias_t;
   std::vector<uint32_t> drop_rows;  // the dropout hash's row keys of the tile's queries
   std::vector<GradAcc> dk, dv, dq;
   std::vector<RowSpan> spans;
-  KeyTileScratch(int64_t D, int64_t Dp, int64_t dq_rows, bool softcap)
+  KeyTileScratch(int64_t D, int64_t Dp, int64_t dq_rows, bool softcap, bool bias)
       : k(kTileKBwd * D), v(kTileKBwd * D), kpanel(kTileKBwd * Dp), s(kTileKBwd * kTileQBwd),
         dp(kTileKBwd * kTileQBwd), partial(std::max(kTileKBwd, kTileQBwd) * Dp),
-        capgrad(softcap ? kTileKBwd * kTileQBwd : 0), drop(kTileQBwd), drop_rows(kTileQBwd), dk(kTileKBwd * Dp),
-        dv(kTileKBwd * Dp), dq(dq_rows * Dp), spans(kTileKBwd) {}
+        capgrad(softcap ? kTileKBwd * kTileQBwd : 0), drop(kTileQBwd), bias_t(bias ? kTileKBwd * kTileQBwd : 0),
+        drop_rows(kTileQBwd), dk(kTileKBwd * Dp), dv(kTileKBwd * Dp), dq(dq_rows * Dp), spans(kTileKBwd) {}
 };
 
 // dk, dv of the keys [c0, c1) of kv head hk, over the query heads of its group. With `fused`, also
@@ -541,6 +542,13 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         // the others, whose rows of S^T / dS^T are then never read.
         const RowRange live = live_rows(ws.spans.data(), keys);
         const int64_t ja = live.first, nk = live.count;
+        if (bias.present()) {  // the tile's bias, transposed once: each key's column is then one contiguous run
+          alignas(64) T bias_run[ScoreBias<T>::kMaxRun];  // (a column read in place touches a line per query)
+          for (int64_t i = 0; i < t1 - t0; ++i) {
+            const T* row = bias.values(b, h, t0 + i, c0 + ja, false, nk, bias_run).first;
+            for (int64_t j = 0; j < nk; ++j) ws.bias_t[(ja + j) * kTileQBwd + i] = row[j];
+          }
+        }
         gemm<T>(nk, n, p.D, ws.k.data() + ja * p.D, p.D, ops.qt + panel, p.D * NR, ws.s.data() + ja * kTileQBwd,
                 kTileQBwd, false);
         gemm<T>(nk, n, p.D, ws.v.data() + ja * p.D, p.D, ops.dot + panel, p.D * NR, ws.dp.data() + ja * kTileQBwd,
@@ -556,7 +564,7 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
           // key c0 + j against query t0 + i: ALiBi's distance |i - (c0 + j - t0 - offset)|
           T* capgrad = mods.softcap() ? ws.capgrad.data() + j * kTileQBwd : nullptr;
           if (mods.on_scores()) mods.apply(s, n, slope2, static_cast<T>(c0 + j - t0 - pred.offset), capgrad);
-          if (bias.present()) add_bias(s, bias.row(b, h, t0) + c0 + j, bias.sq, t1 - t0);  // a column of bias
+          if (bias.present()) add_bias(s, ws.bias_t.data() + j * kTileQBwd, 1, t1 - t0);  // a column of bias
           mask_row(s, ws.spans[j], n);
           // d loss / d bias[i, key] is dS before the softcap's derivative (the bias is added after the cap)
           T* dbias_col = dbias ? dbias + ((b * p.H + h) * p.Sq + t0) * p.Sk + c0 + j : nullptr;
@@ -752,7 +760,10 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
       }
       T* capgrad = mods.softcap() ? ws.capgrad.data() + r * kTileK : nullptr;
       if (mods.on_scores()) mods.apply(s, n, slope2, static_cast<T>(r0 + r + pred.offset - t0), capgrad);
-      if (bias.present()) add_bias(s, bias.row(b, h, r0 + r) + t0, 1, t1 - t0);
+      if (bias.present()) {
+        alignas(64) T bias_run[ScoreBias<T>::kMaxRun];
+        add_bias(s, bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first, 1, t1 - t0);
+      }
       mask_row(s, ws.spans[r], n);
       const T* dpr = ws.dp.data() + r * kTileK;
       const V lv = vsplat(l2[r]), dlv = vsplat(dl[r]);
@@ -829,7 +840,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
             queries += tile_queries(t / p.Hkv, t % p.Hkv, kt * TK, std::min((kt + 1) * TK, p.Sk));
           return queries;
         },
-        [&] { return KeyTileScratch<T>(p.D, p.Dp, p.group * p.Sq, mods.softcap()); },
+        [&] { return KeyTileScratch<T>(p.D, p.Dp, p.group * p.Sq, mods.softcap(), bias.present()); },
         [&](int64_t t, KeyTileScratch<T>& ws) {
           const int64_t b = t / p.Hkv, hk = t % p.Hkv;
           std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
@@ -874,7 +885,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
         return tile_queries(b, hk, c0, std::min(c0 + TK, p.Sk));
       },
-      [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap()); },
+      [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap(), bias.present()); },
       [&](int64_t t, KeyTileScratch<T>& ws) {
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
         key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false,
@@ -949,6 +960,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
   const Dropout drop(dropout_p, dropout_seed);
   const bool has_bias = attn_bias.has_value() && attn_bias->defined();
   TORCH_CHECK(has_bias || !bias_grad, op, ": bias_grad without an attn_bias");
+  TORCH_CHECK(!bias_grad || attn_bias->scalar_type() != at::kBool, op, ": a bool attn_bias (a mask) has no gradient");
   const bool has_lut = kv_num_blocks.has_value() && kv_num_blocks->defined();
   const bool has_tlut = q_num_blocks.has_value() && q_num_blocks->defined();
   TORCH_CHECK(has_lut == has_tlut, op, ": the backward needs both the block LUT and its transpose");
