@@ -45,6 +45,9 @@ model = torch.nn.Sequential(attnops.nn.Attention(64, 4), attnops.nn.Attention(64
 tokens = torch.randn(1, 128, 64)
 """,
     "out = attnops.moba_attention(q, k, v, block_size=512": _QKV,
+    "out = attnops.agent_attention(q, k, v, num_agents=49)": _QKV + """
+a = torch.randn(1, 49, 8, 64); b_ak = torch.randn(1, 8, 49, 1024) * 0.1; b_qa = torch.randn(8, 1024, 49) * 0.1
+""",
     "out = attnops.linear_attention(q, k, v)": _QKV + """
 log_g = torch.nn.functional.logsigmoid(torch.randn(1, 1024, 8)); n = 600
 x = torch.randn(1, 64, 1024); x_next = torch.randn(1, 1, 1024)
