@@ -45,6 +45,10 @@ model = torch.nn.Sequential(attnops.nn.Attention(64, 4), attnops.nn.Attention(64
 tokens = torch.randn(1, 128, 64)
 """,
     "out = attnops.moba_attention(q, k, v, block_size=512": _QKV,
+    "out, state = attnops.aaren(query, k, v, output_final_state=True)": _QKV + """
+query = torch.randn(8, 64); k_new, v_new = torch.randn(1, 1, 2, 64), torch.randn(1, 1, 2, 64)
+x = torch.randn(1, 100, 512)
+""",
     "out = attnops.agent_attention(q, k, v, num_agents=49)": _QKV + """
 a = torch.randn(1, 49, 8, 64); b_ak = torch.randn(1, 8, 49, 1024) * 0.1; b_qa = torch.randn(8, 1024, 49) * 0.1
 """,

@@ -9,6 +9,7 @@ with a DeprecationWarning.
 
 import warnings
 
+from attnops.nn.aaren import Aaren
 from attnops.nn.attention import Attention
 from attnops.nn.block_gate import BlockGate
 from attnops.nn.linear import LinearAttention
@@ -29,6 +30,6 @@ def __getattr__(name):
     return spec
 
 
-__all__ = ["Attention", "BlockGate", "BlockSparseSpec", "LinearAttention", "LinearAttentionSpec", "LowRankKeySpec",
+__all__ = ["Aaren", "Attention", "BlockGate", "BlockSparseSpec", "LinearAttention", "LinearAttentionSpec", "LowRankKeySpec",
            "MoBASpec", "MultiQueryAttention", "MultiheadAttention", "Rotary", "SoftmaxSpec", "SwapReport", "swap",
            "unswap"]

@@ -8,8 +8,9 @@ from attnops.ops.decode import KVCache, decode_attention
 from attnops.ops.linear import LinearAttentionMapOutput, LinearAttentionOutput, linear_attention
 from attnops.ops.routed import moba_attention, moba_block_mask, predict_block_mask
 from attnops.ops.agent import agent_attention
+from attnops.ops.aaren import AarenState, aaren
 
 __all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "KVCache", "LinearAttentionMapOutput",
-           "agent_attention",
+           "AarenState", "aaren", "agent_attention",
            "LinearAttentionOutput", "attention", "block_sparse_attention", "decode_attention", "linear_attention",
            "lowrank_key_attention", "moba_attention", "moba_block_mask", "predict_block_mask", "varlen_attention"]

@@ -1,3 +1,3 @@
 """One module per op family; importing it registers the family's case builders."""
 
-from attnops.bench.cases import attention, decode, linear, lowrank, routed, varlen  # noqa: F401
+from attnops.bench.cases import attention, composed, decode, linear, lowrank, routed, varlen  # noqa: F401

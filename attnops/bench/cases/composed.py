@@ -1,0 +1,100 @@
+"""Benchmark cases of the methods composed on the cores (issue 25): ``agent_attention`` (family "agent") and
+``aaren`` (family "aaren"), each against the dense softmax attention it replaces (FlashAttention on a GPU,
+torch SDPA otherwise; a different function, so no accuracy comparison with it).
+
+Parameters: ``num_agents`` (agent attention, default 49). Shape keys as for attention with Sq = Sk;
+Aaren's learned query is one ``(H, D)`` tensor and its baseline is causal SDPA with that query at every
+position (what Aaren computes, by N^2 work). The accuracy gate checks each op against its float64 oracle on
+sampled rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import attnops
+from attnops.bench import baselines
+from attnops.bench.cases.attention import DTYPES, qkv_inputs
+from attnops.bench.registry import CaseSpec, Prepared, Provider, register_op
+from attnops.ops.aaren.op import CHUNK
+from attnops.ops.agent import agent_tokens
+from attnops.ops.agent import reference as agent_reference
+
+
+def _dense_baseline(causal: bool, spec: CaseSpec, needs_grad: bool, inputs_of):
+    inner, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
+    notes = [note] if inner is None else []
+    if inner is None:
+        inner, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)
+    return Provider(name=inner.name, run=inner.run, prepare=lambda st: inner.prepare(inputs_of(st)),
+                    output=inner.output, same_function=False, grad_inputs=inner.grad_inputs), notes
+
+
+def build_agent(spec: CaseSpec) -> Prepared:
+    s = spec.shape
+    n = int(spec.params.get("num_agents", 49))
+    needs_grad = spec.mode == "fwd+bwd"
+    wrap = baselines.with_backward if needs_grad else (lambda prov: prov)
+
+    def run(st, **extra):
+        return attnops.agent_attention(st[0], st[1], st[2], num_agents=n, **extra)
+
+    baseline, notes = _dense_baseline(False, spec, needs_grad, lambda st: st)
+
+    def ref(inputs, rows, dtype):
+        q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
+        out = agent_reference.agent_attention(q, k, v, agent_tokens(q, n), softmax_scale=s["D"] ** -0.5)
+        return out[:, rows]
+
+    factor = 3.0 if needs_grad else 1.0
+    actual = factor * 4.0 * s["D"] * s["B"] * s["H"] * n * (s["Sq"] + s["Sk"])
+    dense = factor * 4.0 * s["D"] * s["B"] * s["H"] * s["Sq"] * s["Sk"]
+    return Prepared(make_inputs=qkv_inputs(spec), op=wrap(Provider(name="attnops", run=run, grad_inputs=lambda st: st)),
+                    baseline=wrap(baseline), extras=[], reference=ref,
+                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"], flops_dense=dense,
+                    flops_actual=actual, notes=notes)
+
+
+def build_aaren(spec: CaseSpec) -> Prepared:
+    s, dtype = spec.shape, DTYPES[spec.dtype]
+    if s["Sq"] != s["Sk"]:
+        raise ValueError("aaren cases need Sq == Sk")
+    needs_grad = spec.mode == "fwd+bwd"
+    wrap = baselines.with_backward if needs_grad else (lambda prov: prov)
+    make_kv = qkv_inputs(spec)
+
+    def make():
+        _, k, v = make_kv()
+        q = torch.randn(s["H"], s["D"], dtype=dtype, device=spec.device).requires_grad_(needs_grad)
+        return q, k, v
+
+    def run(st, **extra):
+        return attnops.aaren(st[0], st[1], st[2], **extra)
+
+    def per_position(st):  # the same function by dense causal attention: the learned query at every position
+        q, k, v = st
+        full = q.detach().expand(k.shape[0], k.shape[1], *q.shape).contiguous().requires_grad_(needs_grad)
+        return full, k, v
+
+    baseline, notes = _dense_baseline(True, spec, needs_grad, per_position)
+
+    def ref(inputs, rows, dtype):
+        q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
+        g = q.shape[0] // k.shape[2]
+        scores = torch.einsum("hd,bshd->bhs", q, k.repeat_interleave(g, dim=2)) * s["D"] ** -0.5
+        seen = torch.arange(k.shape[1]).view(1, -1) <= rows.cpu().view(-1, 1)  # (R, S)
+        p = torch.softmax(scores.unsqueeze(2).masked_fill(~seen, float("-inf")), dim=-1)  # (B, H, R, S)
+        return torch.einsum("bhrs,bshd->brhd", p, v.repeat_interleave(g, dim=2))
+
+    factor = 3.0 if needs_grad else 1.0
+    D = s["D"]
+    actual = factor * s["B"] * s["H"] * s["Sq"] * (2.0 * D + 2.0 * CHUNK * (D + 1))
+    dense = factor * 4.0 * D * s["B"] * s["H"] * s["Sq"] * s["Sk"] * 0.5
+    return Prepared(make_inputs=make, op=wrap(Provider(name="attnops", run=run, grad_inputs=lambda st: st)),
+                    baseline=wrap(baseline), extras=[], reference=ref,
+                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"], flops_dense=dense,
+                    flops_actual=actual, notes=notes)
+
+
+register_op("agent_attention", "agent", build_agent, "Agent attention: pooled agents, two softmax calls (non-causal)")
+register_op("aaren", "aaren", build_aaren, "Aaren: a learned query over every prefix by a prefix scan (causal)")
