@@ -243,3 +243,44 @@ def seer_gate_loss(gate_logits, ground_truth):
     with warnings.catch_warnings():  # torch's note that "mean" is not "batchmean": Seer uses "mean"
         warnings.simplefilter("ignore", UserWarning)
         return torch.nn.KLDivLoss()(torch.nn.functional.log_softmax(out, dim=-1), gt)
+
+
+def flow_attention_core(queries, keys, values, eps=1e-6):
+    """thuml/Flowformer Flow_Attention.py (commit 5414858), ``Flow_Attention.forward`` from step 2 (sigmoid
+    feature map) to step 4, on projected ``(B, H, L, D)`` queries / ``(B, H, S, D)`` keys and values."""
+    queries, keys = torch.sigmoid(queries), torch.sigmoid(keys)
+    sink_incoming = 1.0 / (torch.einsum("nhld,nhd->nhl", queries + eps, keys.sum(dim=2) + eps))
+    source_outgoing = 1.0 / (torch.einsum("nhld,nhd->nhl", keys + eps, queries.sum(dim=2) + eps))
+    conserved_sink = torch.einsum("nhld,nhd->nhl", queries + eps,
+                                  (keys * source_outgoing[:, :, :, None]).sum(dim=2) + eps)
+    conserved_source = torch.einsum("nhld,nhd->nhl", keys + eps,
+                                    (queries * sink_incoming[:, :, :, None]).sum(dim=2) + eps)
+    conserved_source = torch.clamp(conserved_source, min=-1.0, max=1.0)
+    sink_allocation = torch.sigmoid(conserved_sink * (float(queries.shape[2]) / float(keys.shape[2])))
+    source_competition = torch.softmax(conserved_source, dim=-1) * float(keys.shape[2])
+    kv = torch.einsum("nhld,nhlm->nhdm", keys, values * source_competition[:, :, :, None])
+    qkv = torch.einsum("nhld,nhdm->nhlm", queries * sink_incoming[:, :, :, None], kv)
+    return qkv * sink_allocation[:, :, :, None]
+
+
+def flow_attention_causal_core(queries, keys, values, eps=1e-6):
+    """thuml/Flowformer Flowformer_RL/decision_transformer/models/flowformer_attention.py (commit 0621ac0),
+    ``Flowformer_attention.forward`` steps 2 to 4 (its per-position ``normal[..., None]``; source clamp 10), on
+    projected ``(B, H, L, D)`` tensors."""
+    queries, keys = torch.sigmoid(queries), torch.sigmoid(keys)
+    sink_incoming = 1.0 / (torch.einsum("nhld,nhld->nhl", queries + eps, keys.cumsum(dim=2) + eps))
+    source_outgoing = 1.0 / (torch.einsum("nhld,nhld->nhl", keys + eps, queries.cumsum(dim=2) + eps))
+    normal = ((torch.arange(queries.shape[2])).to(queries.dtype) + 1.0)[None, None, :]
+    sink_incoming = sink_incoming * normal
+    source_outgoing = source_outgoing * normal
+    conserved_sink = torch.einsum("nhld,nhld->nhl", queries + eps,
+                                  (keys * source_outgoing[:, :, :, None]).cumsum(dim=2) + eps) / normal
+    conserved_source = torch.einsum("nhld,nhld->nhl", keys + eps,
+                                    (queries * sink_incoming[:, :, :, None]).cumsum(dim=2) + eps) / normal
+    conserved_source = torch.clamp(conserved_source, min=-10.0, max=10.0)
+    sink_allocation = torch.sigmoid(conserved_sink)
+    conserved_source = torch.exp(conserved_source)
+    source_competition = (conserved_source / conserved_source.cumsum(dim=-1)) * normal
+    q = queries * (sink_incoming[:, :, :, None] / normal[:, :, :, None])
+    kv = torch.cumsum(torch.einsum("nhld,nhlm->nhldm", keys, values * source_competition[:, :, :, None]), dim=2)
+    return torch.einsum("nhld,nhldm->nhlm", q, kv) * sink_allocation[:, :, :, None]

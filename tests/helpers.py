@@ -48,6 +48,15 @@ def make_qkv(B, Sq, Sk, H, Hkv, D, dtype, requires_grad=False, device="cpu"):
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
+def output_and_grads(fn, inputs, dout):
+    """(output, grads of inputs) for ``fn(*inputs) -> tensor`` with ``dout`` on the output (ops that return one
+    tensor, no lse)."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), [t.grad for t in inputs]
+
+
 def run_with_grads(fn, inputs, dout):
     """(output, lse, grads of inputs) for fn(*inputs) -> AttentionOutput, with dout on the output."""
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]

@@ -7,17 +7,10 @@ import torch
 
 import attnops
 from attnops.ops.aaren import reference
-from helpers import DTYPE_IDS, assert_accurate
+from helpers import DTYPE_IDS, assert_accurate, output_and_grads
 
 # (B, S, H, Hkv, D, Dv)
 SHAPES = [(2, 333, 4, 2, 40, 40), (1, 64, 2, 2, 96, 32), (3, 1, 3, 1, 16, 8), (1, 1000, 8, 8, 64, 64)]
-
-
-def _grads(fn, inputs, dout):
-    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*inputs)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), [t.grad for t in inputs]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
@@ -33,9 +26,9 @@ def test_matches_the_float64_oracle(shape, dtype):
     def oracle(q, k, v):
         return reference.aaren(q, k, v, softmax_scale=scale)
 
-    out64, g64 = _grads(oracle, [q.double(), k.double(), v.double()], dout.double())
-    outT, gT = _grads(oracle, [q.to(dtype), k.to(dtype), v.to(dtype)], dout)
-    out, grads = _grads(lambda q, k, v: attnops.aaren(q, k, v), [q.to(dtype), k.to(dtype), v.to(dtype)], dout)
+    out64, g64 = output_and_grads(oracle, [q.double(), k.double(), v.double()], dout.double())
+    outT, gT = output_and_grads(oracle, [q.to(dtype), k.to(dtype), v.to(dtype)], dout)
+    out, grads = output_and_grads(lambda q, k, v: attnops.aaren(q, k, v), [q.to(dtype), k.to(dtype), v.to(dtype)], dout)
     assert out.dtype == dtype and out.shape == (B, S, H, Dv)
     assert_accurate("out", out, out64, outT)
     for name, a, b, c in zip(("dq", "dk", "dv"), grads, g64, gT):

@@ -247,8 +247,9 @@ def test_decay_is_the_same_as_a_constant_gate():
 
 def test_nan_in_gives_nan_from_its_chunk_on(fwd_impl):
     """A NaN at step t reaches every later output of its head and channel; outputs of earlier
-    chunks and of other heads stay finite. (Inside t's chunk the intra-chunk matmul multiplies the
-    masked zeros by it, so the rows of that chunk before t are NaN too: documented.)"""
+    chunks and of other heads stay finite. (The Triton chunk kernel's intra-chunk product multiplies the
+    masked zeros by it, so there the rows of t's chunk before t are NaN too; the PyTorch chunk form keeps
+    them finite: test_nan_value_does_not_reach_earlier_rows_of_its_chunk.)"""
     B, S, H, D = 1, 150, 2, 16
     q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
     v[0, 70, 1, 3] = float("nan")
@@ -263,6 +264,23 @@ def test_nan_in_gives_nan_from_its_chunk_on(fwd_impl):
     assert torch.isfinite(out[:, :64, 0]).all() and torch.isnan(out[0, 100:, 0]).all()
     out = attnops.linear_attention(q, k, v, causal=False, **kw).cpu()
     assert torch.isnan(out[0, :, 1, 3]).all() and torch.isfinite(out[:, :, 0]).all()
+
+
+@pytest.mark.parametrize("gate", [None, "head", "channel"])
+def test_nan_value_does_not_reach_earlier_rows_of_its_chunk(gate):
+    """The chunk form's intra-chunk product skips the masked pairs (0 * NaN would be NaN): a NaN value at
+    step t leaves the rows before t finite, as the recurrence and the reference do, with every gate kind."""
+    B, S, H, D = 1, 150, 2, 16
+    q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
+    v[0, 70, 1, 3] = float("nan")
+    shape = {None: None, "head": (B, S, H), "channel": (B, S, H, D)}[gate]
+    log_gate = None if shape is None else F.logsigmoid(torch.randn(shape))
+    out = attnops.linear_attention(q, k, v, gate=log_gate, chunk_size=64)
+    ref = attnops.linear_attention(q, k, v, gate=log_gate, backend="reference")
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isfinite(out[0, :70]).all() and torch.isnan(out[0, 70:, 1, 3]).all()
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-4, atol=1e-5)
 
 
 def test_zero_log_gate_resets_the_state():

@@ -1,8 +1,9 @@
-"""Benchmark cases of the methods composed on the cores (issue 25): ``agent_attention`` (family "agent") and
-``aaren`` (family "aaren"), each against the dense softmax attention it replaces (FlashAttention on a GPU,
-torch SDPA otherwise; a different function, so no accuracy comparison with it).
+"""Benchmark cases of the methods composed on the cores (issue 25): ``agent_attention`` (family "agent"),
+``aaren`` (family "aaren") and ``flow_attention`` (family "flow"), each against the dense softmax attention it
+replaces (FlashAttention on a GPU, torch SDPA otherwise; a different function, so no accuracy comparison with
+it).
 
-Parameters: ``num_agents`` (agent attention, default 49). Shape keys as for attention with Sq = Sk;
+Parameters: ``num_agents`` (agent attention, default 49), ``causal`` (flow attention, default true). Shape keys as for attention with Sq = Sk;
 Aaren's learned query is one ``(H, D)`` tensor and its baseline is causal SDPA with that query at every
 position (what Aaren computes, by N^2 work). The accuracy gate checks each op against its float64 oracle on
 sampled rows.
@@ -30,11 +31,19 @@ def _dense_baseline(causal: bool, spec: CaseSpec, needs_grad: bool, inputs_of):
                     output=inner.output, same_function=False, grad_inputs=inner.grad_inputs), notes
 
 
+def _prepared(spec: CaseSpec, make, run, baseline: Provider, notes, ref, actual: float, dense: float) -> Prepared:
+    """The case from its pieces: the op timed (with its backward for fwd+bwd) beside the dense baseline."""
+    wrap = baselines.with_backward if spec.mode == "fwd+bwd" else (lambda prov: prov)
+    return Prepared(make_inputs=make, op=wrap(Provider(name="attnops", run=run, grad_inputs=lambda st: st)),
+                    baseline=wrap(baseline), extras=[], reference=ref,
+                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=spec.shape["Sq"],
+                    flops_dense=dense, flops_actual=actual, notes=notes)
+
+
 def build_agent(spec: CaseSpec) -> Prepared:
     s = spec.shape
     n = int(spec.params.get("num_agents", 49))
     needs_grad = spec.mode == "fwd+bwd"
-    wrap = baselines.with_backward if needs_grad else (lambda prov: prov)
 
     def run(st, **extra):
         return attnops.agent_attention(st[0], st[1], st[2], num_agents=n, **extra)
@@ -49,10 +58,7 @@ def build_agent(spec: CaseSpec) -> Prepared:
     factor = 3.0 if needs_grad else 1.0
     actual = factor * 4.0 * s["D"] * s["B"] * s["H"] * n * (s["Sq"] + s["Sk"])
     dense = factor * 4.0 * s["D"] * s["B"] * s["H"] * s["Sq"] * s["Sk"]
-    return Prepared(make_inputs=qkv_inputs(spec), op=wrap(Provider(name="attnops", run=run, grad_inputs=lambda st: st)),
-                    baseline=wrap(baseline), extras=[], reference=ref,
-                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"], flops_dense=dense,
-                    flops_actual=actual, notes=notes)
+    return _prepared(spec, qkv_inputs(spec), run, baseline, notes, ref, actual, dense)
 
 
 def build_aaren(spec: CaseSpec) -> Prepared:
@@ -60,7 +66,6 @@ def build_aaren(spec: CaseSpec) -> Prepared:
     if s["Sq"] != s["Sk"]:
         raise ValueError("aaren cases need Sq == Sk")
     needs_grad = spec.mode == "fwd+bwd"
-    wrap = baselines.with_backward if needs_grad else (lambda prov: prov)
     make_kv = qkv_inputs(spec)
 
     def make():
@@ -90,11 +95,32 @@ def build_aaren(spec: CaseSpec) -> Prepared:
     D = s["D"]
     actual = factor * s["B"] * s["H"] * s["Sq"] * (2.0 * D + 2.0 * CHUNK * (D + 1))
     dense = factor * 4.0 * D * s["B"] * s["H"] * s["Sq"] * s["Sk"] * 0.5
-    return Prepared(make_inputs=make, op=wrap(Provider(name="attnops", run=run, grad_inputs=lambda st: st)),
-                    baseline=wrap(baseline), extras=[], reference=ref,
-                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"], flops_dense=dense,
-                    flops_actual=actual, notes=notes)
+    return _prepared(spec, make, run, baseline, notes, ref, actual, dense)
+
+
+def build_flow(spec: CaseSpec) -> Prepared:
+    s = spec.shape
+    causal = bool(spec.params.get("causal", True))
+    if causal and s["Sq"] != s["Sk"]:
+        raise ValueError("causal flow_attention cases need Sq == Sk")
+    needs_grad = spec.mode == "fwd+bwd"
+
+    def run(st, **extra):
+        return attnops.flow_attention(st[0], st[1], st[2], causal=causal, **extra)
+
+    baseline, notes = _dense_baseline(causal, spec, needs_grad, lambda st: st)
+
+    def ref(inputs, rows, dtype):
+        q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
+        return run((q, k, v), backend="reference")[:, rows]
+
+    factor = 3.0 if needs_grad else 1.0
+    D = s["D"]
+    actual = factor * s["B"] * s["H"] * (s["Sq"] + s["Sk"]) * (4.0 * D * D + 16.0 * D)
+    dense = factor * 4.0 * D * s["B"] * s["H"] * s["Sq"] * s["Sk"] * (0.5 if causal else 1.0)
+    return _prepared(spec, qkv_inputs(spec), run, baseline, notes, ref, actual, dense)
 
 
 register_op("agent_attention", "agent", build_agent, "Agent attention: pooled agents, two softmax calls (non-causal)")
 register_op("aaren", "aaren", build_aaren, "Aaren: a learned query over every prefix by a prefix scan (causal)")
+register_op("flow_attention", "flow", build_flow, "Flowformer's flow attention on the linear core")

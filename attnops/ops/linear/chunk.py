@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
+from attnops.core.contractions import masked_matmul
 from attnops.core import dispatch
 
 SUB_CHUNK = 16
@@ -183,7 +184,7 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
             scores = scores * _exp((gamma - gamma.transpose(1, 2)).masked_fill(~causal_cc, float("-inf")), dt)
         else:
             scores = _channel_gated_scores(qc, kc, gamma) * softmax_scale
-    out = torch.baddbmm(_value_bmm(scores, vc), q_inter, entering.view(B * H * N, Dk, Dv), alpha=softmax_scale)
+    out = torch.baddbmm(_intra_chunk(scores, vc), q_inter, entering.view(B * H * N, Dk, Dv), alpha=softmax_scale)
     sums = None
     if chunk_sums:
         with torch.no_grad():  # a readout of the forward's intermediates
@@ -195,6 +196,16 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
             sums = ChunkSums(rows.sum(-1).view(B, H, N), q_sum.view(B, H, N, Dk), k_weighted.sum(1).view(B, H, N, Dk),
                              None if gamma_last is None else gamma_last.view(B, H, N, -1))
     return out.view(B, H, N * C, Dv)[:, :, :S].transpose(1, 2), final, sums
+
+
+def _intra_chunk(scores: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+    """``scores (.., C, C) @ vc (.., C, Dv)`` for lower-triangular scores: a NaN / inf value reaches only the
+    rows at or after its position (the plain product's ``0 * NaN`` would spread it to the chunk's earlier
+    rows), as the recurrence and the reference give."""
+    if bool(torch.isfinite(vc).all()):
+        return _value_bmm(scores, vc)
+    C = scores.shape[-1]
+    return masked_matmul(scores, vc, torch.ones(C, C, dtype=torch.bool, device=vc.device).tril())
 
 
 class _ValueBmm(torch.autograd.Function):

@@ -24,6 +24,7 @@ import torch
 
 from attnops.core import block_map as _map
 from attnops.core import dispatch
+from attnops.core.contractions import masked_matmul
 from attnops.core.library import lse_dtype
 from attnops.core.masks import BlockMask
 from attnops.core.segments import SegmentBounds
@@ -156,29 +157,6 @@ def _rows_by_kv_head(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """``(B, C, H, D)`` -> ``(B, Hkv, G * C, D)``."""
     B, C, H, D = x.shape
     return x.permute(0, 2, 1, 3).reshape(B, kv_heads, H // kv_heads * C, D)
-
-
-# Non-finite key columns handled per pass of masked_matmul's correction: bounds its (..., M, J, D) temporary.
-_BAD_COLUMNS = 32
-
-
-def masked_matmul(w: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``w (..., M, N) @ x (..., N, D)`` where the pairs ``(m, n)`` outside ``mask (..., M, N)`` (w is 0 there)
-    contribute nothing even where ``x[n]`` is NaN or infinite: the kernels' convention, which a plain product
-    breaks (``0 * NaN = NaN``). The product runs on ``x`` with its non-finite entries zeroed; they are added
-    back on the pairs in ``mask`` only."""
-    finite = torch.isfinite(x)
-    if bool(finite.all()):
-        return torch.matmul(w, x)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    out = torch.matmul(w, torch.where(finite, x, zero))
-    cols = torch.nonzero((~finite).reshape(-1, *x.shape[-2:]).any(0).any(-1)).flatten()
-    mask = mask.expand(w.shape)
-    for part in cols.split(_BAD_COLUMNS):
-        bad = torch.where(finite[..., part, :], zero, x[..., part, :])  # (..., J, D): only the non-finite entries
-        terms = torch.where(mask[..., part].unsqueeze(-1), w[..., part].unsqueeze(-1) * bad.unsqueeze(-3), zero)
-        out = out + terms.sum(-2)
-    return out
 
 
 def contract(w: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
