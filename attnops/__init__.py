@@ -7,10 +7,10 @@ flash core, with C++ (CPU), Triton and CUDA kernels behind one dispatcher.
 from attnops.core import dispatch
 from attnops.core.masks import BlockMask
 from attnops.ops import KVCache
-from attnops.ops import (AttentionLseMapOutput, AttentionMapOutput, AttentionOutput, LinearAttentionMapOutput,
-                         LinearAttentionOutput, AarenState, aaren, agent_attention, attention, flow_attention, block_sparse_attention, decode_attention, linear_attention,
-                         lowrank_key_attention,
-                         moba_attention, moba_block_mask, predict_block_mask, varlen_attention)
+from attnops.ops import (AarenState, AttentionLseMapOutput, AttentionMapOutput, AttentionOutput,
+                         LinearAttentionMapOutput, LinearAttentionOutput, aaren, agent_attention, attention,
+                         block_sparse_attention, decode_attention, flow_attention, linear_attention, lln_attention,
+                         lowrank_key_attention, moba_attention, moba_block_mask, predict_block_mask, varlen_attention)
 from attnops import lowrank  # noqa: E402  (KeyProjection, calibrate)
 from attnops import maps  # noqa: E402  (block maps: capture, rollout, heatmaps)
 from attnops import distributed  # noqa: E402  (context parallelism over torch.distributed)
@@ -22,8 +22,8 @@ _autoregister.install()  # attn_implementation="attnops" works once transformers
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "BlockMask", "KVCache",
-           "LinearAttentionMapOutput", "LinearAttentionOutput", "AarenState", "aaren", "agent_attention", "attention", "flow_attention", "block_sparse_attention",
-           "decode_attention", "dispatch", "distributed", "linear_attention", "lowrank",
-           "lowrank_key_attention", "maps", "moba_attention", "moba_block_mask", "nn",
-           "predict_block_mask", "swap", "unswap", "varlen_attention"]
+__all__ = ["AarenState", "AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "BlockMask", "KVCache",
+           "LinearAttentionMapOutput", "LinearAttentionOutput", "aaren", "agent_attention", "attention",
+           "block_sparse_attention", "decode_attention", "dispatch", "distributed", "flow_attention",
+           "linear_attention", "lln_attention", "lowrank", "lowrank_key_attention", "maps", "moba_attention",
+           "moba_block_mask", "nn", "predict_block_mask", "swap", "unswap", "varlen_attention"]

@@ -284,3 +284,43 @@ def flow_attention_causal_core(queries, keys, values, eps=1e-6):
     q = queries * (sink_incoming[:, :, :, None] / normal[:, :, :, None])
     kv = torch.cumsum(torch.einsum("nhld,nhlm->nhldm", keys, values * source_competition[:, :, :, None]), dim=2)
     return torch.einsum("nhld,nhldm->nhlm", q, kv) * sink_allocation[:, :, :, None]
+
+
+def lln_attention_port(q, k, v, causal=False, eps=1e-8, diag=False):
+    """``LLNAttention.forward`` and ``LLNPlusDiagAttention(mode="average")`` of the authors' lln/lln_attention.py
+    (Linear Log-Normal Attention with Unbiased Concentration, Nahshan et al.), on ``(B, H, N, D)`` tensors; the
+    causal mask's ``CausalDotProduct`` (fast_transformers) written as a cumulative sum of outer products, and
+    ``BlockDiagAttention``'s masked blocks as their causal pattern."""
+    import torch.nn.functional as F
+    with torch.no_grad():
+        sig_q, sig_k = q.std(), k.std()
+        a, b = 0.14855178144710912, -0.35487039130661086
+        sig_tild = ((sig_q ** 2 * sig_k ** 2 - b) / (2 * a)) ** 0.5
+        alpha, beta = sig_tild / sig_q, sig_tild / sig_k
+    qs, ks = alpha * q, beta * k
+    qs = qs - qs.amax(dim=-1, keepdim=True)
+    ks = ks - ks.amax(dim=(-2, -1), keepdim=True)
+    Q, K = torch.exp(qs), torch.exp(ks)
+    if not causal:
+        S = torch.einsum("...nd,...d->...n", Q, K.sum(dim=-2)) + eps
+        out = torch.matmul(Q, torch.matmul(K.transpose(-2, -1), v)) / S.unsqueeze(-1)
+    else:
+        S = torch.einsum("...nd,...nd->...n", Q, K.cumsum(-2)) + eps
+        kv = torch.einsum("...nd,...nm->...ndm", K, v).cumsum(-3)
+        out = torch.einsum("...nd,...ndm->...nm", Q, kv) / S.unsqueeze(-1)
+    if not diag:
+        return out
+    B, H, N, D = q.shape
+
+    def sdpa(q, k, v):
+        scores = torch.matmul(q / math.sqrt(q.shape[-1]), k.transpose(-2, -1))
+        if causal:
+            n = scores.shape[-1]
+            scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), torch.finfo(scores.dtype).min)
+        return torch.matmul(F.softmax(scores, dim=-1), v)
+
+    ND = D * int(N / D)
+    h = H * int(ND / D)
+    blocks = sdpa(*(t[:, :, :ND, :].reshape(B, h, D, D) for t in (q, k, v))).reshape(B, H, ND, D)
+    rest = sdpa(q[:, :, ND:, :], k[:, :, ND:, :], v[:, :, ND:, :])
+    return 0.5 * (out + torch.cat([blocks, rest], dim=-2))

@@ -50,6 +50,7 @@ query = torch.randn(8, 64); k_new, v_new = torch.randn(1, 1, 2, 64), torch.randn
 x = torch.randn(1, 100, 512)
 """,
     "out = attnops.flow_attention(q, k, v, causal=True)": _QKV,
+    "out = attnops.lln_attention(q, k, v, causal=True, diag=True)": _QKV,
     "out = attnops.agent_attention(q, k, v, num_agents=49)": _QKV + """
 a = torch.randn(1, 49, 8, 64); b_ak = torch.randn(1, 8, 49, 1024) * 0.1; b_qa = torch.randn(8, 1024, 49) * 0.1
 """,

@@ -1,9 +1,10 @@
 """Benchmark cases of the methods composed on the cores (issue 25): ``agent_attention`` (family "agent"),
-``aaren`` (family "aaren") and ``flow_attention`` (family "flow"), each against the dense softmax attention it
+``aaren`` (family "aaren"), ``flow_attention`` (family "flow") and ``lln_attention`` (family "lln"), each against the dense softmax attention it
 replaces (FlashAttention on a GPU, torch SDPA otherwise; a different function, so no accuracy comparison with
 it).
 
-Parameters: ``num_agents`` (agent attention, default 49), ``causal`` (flow attention, default true). Shape keys as for attention with Sq = Sk;
+Parameters: ``num_agents`` (agent attention, default 49), ``causal`` (flow and LLN attention, default true),
+``diag`` (LLN attention, default false). Shape keys as for attention with Sq = Sk;
 Aaren's learned query is one ``(H, D)`` tensor and its baseline is causal SDPA with that query at every
 position (what Aaren computes, by N^2 work). The accuracy gate checks each op against its float64 oracle on
 sampled rows.
@@ -99,14 +100,25 @@ def build_aaren(spec: CaseSpec) -> Prepared:
 
 
 def build_flow(spec: CaseSpec) -> Prepared:
+    return _build_linear_core(spec, lambda st, causal, **extra: attnops.flow_attention(*st[:3], causal=causal, **extra))
+
+
+def build_lln(spec: CaseSpec) -> Prepared:
+    diag = bool(spec.params.get("diag", False))
+    return _build_linear_core(spec, lambda st, causal, **extra: attnops.lln_attention(*st[:3], causal=causal, diag=diag,
+                                                                                      **extra))
+
+
+def _build_linear_core(spec: CaseSpec, call) -> Prepared:
+    """A method on the linear core: ``call(inputs, causal, **extra)``, against dense attention of its causality."""
     s = spec.shape
     causal = bool(spec.params.get("causal", True))
     if causal and s["Sq"] != s["Sk"]:
-        raise ValueError("causal flow_attention cases need Sq == Sk")
+        raise ValueError(f"causal {spec.op} cases need Sq == Sk")
     needs_grad = spec.mode == "fwd+bwd"
 
     def run(st, **extra):
-        return attnops.flow_attention(st[0], st[1], st[2], causal=causal, **extra)
+        return call(st, causal, **extra)
 
     baseline, notes = _dense_baseline(causal, spec, needs_grad, lambda st: st)
 
@@ -124,3 +136,4 @@ def build_flow(spec: CaseSpec) -> Prepared:
 register_op("agent_attention", "agent", build_agent, "Agent attention: pooled agents, two softmax calls (non-causal)")
 register_op("aaren", "aaren", build_aaren, "Aaren: a learned query over every prefix by a prefix scan (causal)")
 register_op("flow_attention", "flow", build_flow, "Flowformer's flow attention on the linear core")
+register_op("lln_attention", "lln", build_lln, "Linear Log-Normal attention (LLN, LLN+Diag) on the linear core")
