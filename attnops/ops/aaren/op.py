@@ -117,9 +117,12 @@ def aaren(
     w_in = weights.sum(-1)  # (B, H, n, C)
     # across chunks: the state before each chunk, a sequential scan of the chunks' full-extent states
     m_prev, u_prev, w_prev = [m0], [u0], [w0]
+    # each chunk's full-extent state, split once: indexing the chunk inside the loop would make every step's
+    # backward allocate a gradient of the whole tensor (quadratic in the number of chunks)
+    m_last, u_last, w_last = m_in[..., -1].unbind(2), u_in[:, :, :, -1].unbind(2), w_in[..., -1].unbind(2)
     for c in range(n):
         m_a, u_a, w_a = m_prev[-1], u_prev[-1], w_prev[-1]
-        m_b, u_b, w_b = m_in[:, :, c, -1], u_in[:, :, c, -1], w_in[:, :, c, -1]
+        m_b, u_b, w_b = m_last[c], u_last[c], w_last[c]
         m, ea, eb = _combine_scales(m_a, m_b)
         m_prev.append(m)
         u_prev.append(u_a * ea.unsqueeze(-1) + u_b * eb.unsqueeze(-1))
