@@ -201,8 +201,9 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
 def _intra_chunk(scores: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
     """``scores (.., C, C) @ vc (.., C, Dv)`` for lower-triangular scores: a NaN / inf value reaches only the
     rows at or after its position (the plain product's ``0 * NaN`` would spread it to the chunk's earlier
-    rows), as the recurrence and the reference give."""
-    if bool(torch.isfinite(vc).all()):
+    rows), as the recurrence and the reference give. Eager only: on meta tensors and under ``torch.compile``
+    (no data-dependent branch there) it is the plain product."""
+    if vc.device.type == "meta" or torch.compiler.is_compiling() or bool(torch.isfinite(vc).all()):
         return _value_bmm(scores, vc)
     C = scores.shape[-1]
     return masked_matmul(scores, vc, torch.ones(C, C, dtype=torch.bool, device=vc.device).tril())
