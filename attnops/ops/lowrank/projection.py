@@ -4,6 +4,7 @@ calibration (running a model to record its keys) is ``attnops.lowrank.calibrate`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, Mapping, Optional, Union
@@ -159,9 +160,7 @@ class KeyStatistics:
         eigenvalues, vectors = eigenvalues.flip(-1), vectors.flip(-1)
         proj = KeyProjection(vectors.to(torch.float32).contiguous(), eigenvalues.to(torch.float32).contiguous(),
                              None, rotary, self.centered)
-        if isinstance(rank, float):
-            return KeyProjection(proj.basis, proj.eigenvalues, proj.loki_rank(rank), rotary, self.centered)
-        return KeyProjection(proj.basis, proj.eigenvalues, rank, rotary, self.centered)
+        return dataclasses.replace(proj, rank=proj.loki_rank(rank) if isinstance(rank, float) else rank)
 
 
 def calibrate_keys(keys: Union[torch.Tensor, Iterable[torch.Tensor]], rank: Optional[Union[int, float]] = None,

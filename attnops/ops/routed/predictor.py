@@ -45,9 +45,15 @@ def _pooled(q: torch.Tensor, k: torch.Tensor, grid: Grid, scale: float, causal: 
     kmean = block_means(k, grid.bk).repeat_interleave(q.shape[2] // k.shape[2], dim=1)  # (B, H, Nk, D)
     logits = scale * block_means(q, grid.bq) @ kmean.transpose(-1, -2)  # (B, H, Nq, Nk)
     logits = logits + torch.log(block_counts(k.shape[1], grid.bk, q.device))
-    logits = logits.masked_fill(~grid.visible(causal), float("-inf"))
-    no_key = torch.isneginf(logits).all(-1, keepdim=True)  # causal rows before the first key
-    return torch.softmax(logits.masked_fill(no_key, 0.0), dim=-1).masked_fill(no_key, 0.0)
+    return _softmax_over(logits, grid.visible(causal))
+
+
+def _softmax_over(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The softmax of ``logits`` over the entries ``keep`` allows (-inf elsewhere); a row with none (causal
+    rows before the first key, rows whose every key block is dissimilar) is all 0, not NaN."""
+    logits = logits.masked_fill(~keep, float("-inf"))
+    empty = torch.isneginf(logits).all(-1, keepdim=True)
+    return torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
 
 
 def predict_block_mask(
@@ -160,9 +166,7 @@ def _sparge_keep(q: torch.Tensor, k: torch.Tensor, grid: Grid, scale: float, all
         sim = sim.float().view(H, 1)
         q_similar = _self_similarity(q, grid.bq, with_self=True) > sim
         k_similar = _self_similarity(k, grid.bk, with_self=True).repeat_interleave(group, dim=1) > sim
-    logits = logits.masked_fill(~allowed | ~k_similar.unsqueeze(-2), float("-inf"))
-    empty = torch.isneginf(logits).all(-1, keepdim=True)  # every visible key block dissimilar: all kept below
-    probs = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    probs = _softmax_over(logits, allowed & k_similar.unsqueeze(-2))  # an empty row's blocks are all kept below
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     if cdf_threshold is not None:
         cdf = rule_value(cdf_threshold, "cdf_threshold", H, q.device, low=0.0, high=1.0, low_open=True)
