@@ -324,3 +324,65 @@ def lln_attention_port(q, k, v, causal=False, eps=1e-8, diag=False):
     blocks = sdpa(*(t[:, :, :ND, :].reshape(B, h, D, D) for t in (q, k, v))).reshape(B, H, ND, D)
     rest = sdpa(q[:, :, ND:, :], k[:, :, ND:, :], v[:, :, ND:, :])
     return 0.5 * (out + torch.cat([blocks, rest], dim=-2))
+
+
+def moh_vit_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, wg, wg_0, wg_1, num_heads, shared_head,
+                      routed_head):
+    """SkyworkAI/MoH MoH-ViT/attention.py (commit 66bb340), ``MoHAttention.forward`` without q/k norms and dropout
+    (identity by default), with its non-fused attention branch; weights as tensors (``wg``: routed, ``wg_0``: the
+    shared / routed mix, ``wg_1``: shared; None where the authors' module has none). Returns ``(out, l_aux)``."""
+    import torch.nn.functional as F
+    B, N, C = x.shape
+    head_dim = qkv_weight.shape[0] // (3 * num_heads)
+    _x = x.reshape(B * N, C)
+    l_aux = None
+    if routed_head > 0:
+        logits = F.linear(_x, wg)
+        gates = F.softmax(logits, dim=1)
+        num_tokens, num_experts = gates.shape
+        _, indices = torch.topk(gates, k=routed_head, dim=1)
+        mask = F.one_hot(indices, num_classes=num_experts).sum(dim=1)
+        me = gates.mean(dim=0)
+        ce = mask.float().mean(dim=0).to(me.dtype)
+        l_aux = torch.mean(me * ce) * num_experts * num_experts
+        routed_head_gates = gates * mask
+        denom_s = torch.sum(routed_head_gates, dim=1, keepdim=True)
+        denom_s = torch.clamp(denom_s, min=torch.finfo(denom_s.dtype).eps)
+        routed_head_gates = routed_head_gates / denom_s
+        routed_head_gates = routed_head_gates.reshape(B, N, -1) * routed_head
+    qkv = F.linear(x, qkv_weight, qkv_bias).reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
+    x = attn.softmax(dim=-1) @ v
+    x = x.transpose(1, 2)
+    if routed_head > 0:
+        if shared_head > 0:
+            shared_head_weight = F.linear(_x, wg_1)
+            shared_head_gates = F.softmax(shared_head_weight, dim=1).reshape(B, N, -1) * shared_head
+            weight_0 = F.softmax(F.linear(_x, wg_0), dim=1).reshape(B, N, 2) * 2
+            shared_head_gates = torch.einsum("bn,bne->bne", weight_0[:, :, 0], shared_head_gates)
+            routed_head_gates = torch.einsum("bn,bne->bne", weight_0[:, :, 1], routed_head_gates)
+            masked_gates = torch.cat([shared_head_gates, routed_head_gates], dim=2)
+        else:
+            masked_gates = routed_head_gates
+    else:
+        masked_gates = F.softmax(F.linear(_x, wg_1), dim=1).reshape(B, N, -1) * shared_head
+    x = torch.einsum("bne,bned->bned", masked_gates, x).reshape(B, N, head_dim * num_heads)
+    return F.linear(x, proj_weight, proj_bias), l_aux
+
+
+def moh_llama3_head_mask(query_states, num_heads, head_dim, shared_head, routed_head):
+    """SkyworkAI/MoH MoH-LLaMA3/Inference_code/modeling_llama.py (commit 66bb340), ``LlamaAttention.forward``:
+    the 0 / 1 head mask ``(bsz, q_len, H)`` from ``query_states (bsz, q_len, H * head_dim)``."""
+    import torch.nn.functional as F
+    bsz, q_len = query_states.shape[:2]
+    gate = query_states.reshape(-1, num_heads, head_dim)
+    logits = torch.stack([torch.norm(gate[:, i, :], p=2, dim=1) for i in range(shared_head, num_heads)], dim=1)
+    logits_std = logits.std(dim=1, keepdim=True)
+    logits_norm = logits / (logits_std / 1)
+    gates = F.softmax(logits_norm, dim=1)
+    num_tokens, num_experts = gates.shape
+    _, indices = torch.topk(gates, k=routed_head, dim=1)
+    mask = F.one_hot(indices, num_classes=num_experts).sum(dim=1)
+    mask = mask.reshape(bsz, q_len, -1)
+    return torch.cat([torch.ones_like(mask).to(query_states.dtype), mask], dim=-1).to(query_states.dtype)

@@ -57,6 +57,20 @@ def output_and_grads(fn, inputs, dout):
     return out.detach(), [t.grad for t in inputs]
 
 
+def assert_op_matches_oracle(ours, oracle, inputs, dout, dtype, device, names):
+    """``ours(*inputs)`` in ``dtype`` on ``device`` against ``oracle`` in float64 and in ``dtype`` (the accuracy rule),
+    output and the gradients of every input (``names`` label them); returns our output (on the CPU)."""
+    out64, g64 = output_and_grads(oracle, [t.double() for t in inputs], dout.double())
+    outT, gT = output_and_grads(oracle, [t.to(dtype) for t in inputs], dout)
+    out, grads = output_and_grads(ours, [t.to(dtype).to(device) for t in inputs], dout.to(device))
+    assert out.dtype == dtype
+    assert_accurate("out", out.cpu(), out64, outT)
+    for name, a, b, c in zip(names, grads, g64, gT, strict=True):
+        assert a.shape == b.shape, name
+        assert_accurate(name, a.cpu(), b, c)
+    return out.cpu()
+
+
 def run_with_grads(fn, inputs, dout):
     """(output, lse, grads of inputs) for fn(*inputs) -> AttentionOutput, with dout on the output."""
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]

@@ -51,6 +51,9 @@ x = torch.randn(1, 100, 512)
 """,
     "out = attnops.flow_attention(q, k, v, causal=True)": _QKV,
     "out = attnops.lln_attention(q, k, v, causal=True, diag=True)": _QKV,
+    "w = attnops.ops.moh.query_norm_heads(q, num_shared_heads=4, top_k=2)": _QKV + """
+x = torch.randn(1, 100, 512); task_loss = torch.zeros(())
+""",
     "out = attnops.agent_attention(q, k, v, num_agents=49)": _QKV + """
 a = torch.randn(1, 49, 8, 64); b_ak = torch.randn(1, 8, 49, 1024) * 0.1; b_qa = torch.randn(8, 1024, 49) * 0.1
 """,

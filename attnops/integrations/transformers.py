@@ -32,8 +32,9 @@ import torch
 from attnops.core.checks import additive_mask
 from attnops.maps.capture import attend
 from attnops.core.masks import BlockMask
-from attnops.nn.specs import (SCORE_MOD_SPECS, VARLEN_SPECS, AttentionSpec, BlockSparseSpec, LinearAttentionSpec,
-                              MoBASpec, SoftmaxSpec, attend_unpadded, resolve_spec)
+from attnops.nn.specs import (SCORE_MOD_SPECS, VARLEN_SPECS, AttentionSpec, BlockSparseSpec, FlowSpec,
+                              LinearAttentionSpec, LLNSpec, MoBASpec, MoHSpec, SoftmaxSpec, attend_unpadded,
+                              resolve_spec)
 
 _SPECS: Dict[str, AttentionSpec] = {}
 
@@ -50,6 +51,9 @@ DEFAULTS: Dict[str, AttentionSpec] = {
     "attnops": SoftmaxSpec(),
     "attnops_sparse": BlockSparseSpec(pattern=streaming_pattern),
     "attnops_moba": MoBASpec(block_size=512, topk=3),
+    "attnops_moh": MoHSpec(),  # MoH-LLaMA3's router: half the heads shared, a quarter routed by query norm
+    "attnops_flow": FlowSpec(),
+    "attnops_lln": LLNSpec(),
     "attnops_linear": LinearAttentionSpec(feature_map="elu", normalize=True),  # a drop-in without an output norm: normalised
 }
 
@@ -250,8 +254,9 @@ def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str
     """Register ``spec`` with transformers' ``AttentionInterface`` (and the matching mask function)
     under ``name``; returns the name to pass as ``attn_implementation``. Without a spec, a name of
     :data:`DEFAULTS` gets its default (``"attnops"``: exact dense, ``"attnops_sparse"``: sink + local
-    window, ``"attnops_moba"``: MoBA, block 512, top-3, ``"attnops_linear"``: normalised elu + 1 linear
-    attention) and any other name dense attention."""
+    window, ``"attnops_moba"``: MoBA, block 512, top-3, ``"attnops_moh"``: Mixture-of-Head attention with
+    MoH-LLaMA3's query-norm router, ``"attnops_flow"``: Flowformer, ``"attnops_lln"``: Linear Log-Normal,
+    ``"attnops_linear"``: normalised elu + 1 linear attention) and any other name dense attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 

@@ -2,7 +2,8 @@
 
 Specs (``*Spec``: which attention a module runs, not layers) are frozen dataclasses with one method,
 ``attend``: ``SoftmaxSpec`` (exact softmax: full, causal, window), ``BlockSparseSpec``, ``MoBASpec``,
-``LinearAttentionSpec``, ``LowRankKeySpec``. Their former names (``Dense``, ``BlockSparse``, ``MoBA``,
+``LinearAttentionSpec``, ``LowRankKeySpec``, and the composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``,
+``LLNSpec``. Their former names (``Dense``, ``BlockSparse``, ``MoBA``,
 ``Linear``, ``LowRankKey``; ``Dense`` and ``Linear`` read as torch layers) still work for one release,
 with a DeprecationWarning.
 """
@@ -13,10 +14,12 @@ from attnops.nn.aaren import Aaren
 from attnops.nn.attention import Attention
 from attnops.nn.block_gate import BlockGate
 from attnops.nn.linear import LinearAttention
+from attnops.nn.moh import MoHAttention
 from attnops.nn.mqa import MultiQueryAttention
 from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
 from attnops.nn.rotary import Rotary
-from attnops.nn.specs import BlockSparseSpec, LinearAttentionSpec, LowRankKeySpec, MoBASpec, SoftmaxSpec
+from attnops.nn.specs import (AgentSpec, BlockSparseSpec, FlowSpec, LinearAttentionSpec, LLNSpec, LowRankKeySpec, MoBASpec,
+                              MoHSpec, SoftmaxSpec)
 
 _DEPRECATED = {"Dense": SoftmaxSpec, "BlockSparse": BlockSparseSpec, "MoBA": MoBASpec, "Linear": LinearAttentionSpec,
                "LowRankKey": LowRankKeySpec}
@@ -30,6 +33,6 @@ def __getattr__(name):
     return spec
 
 
-__all__ = ["Aaren", "Attention", "BlockGate", "BlockSparseSpec", "LinearAttention", "LinearAttentionSpec", "LowRankKeySpec",
-           "MoBASpec", "MultiQueryAttention", "MultiheadAttention", "Rotary", "SoftmaxSpec", "SwapReport", "swap",
+__all__ = ["Aaren", "AgentSpec", "Attention", "BlockGate", "BlockSparseSpec", "FlowSpec", "LLNSpec", "LinearAttention",
+           "LinearAttentionSpec", "LowRankKeySpec", "MoBASpec", "MoHAttention", "MoHSpec", "MultiQueryAttention", "MultiheadAttention", "Rotary", "SoftmaxSpec", "SwapReport", "swap",
            "unswap"]

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from attnops.nn.heads import check_heads
 from attnops.ops.aaren import AarenState, aaren
 
 
@@ -27,15 +28,9 @@ class Aaren(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, bias: bool = True):
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if dim % num_heads or num_heads % num_kv_heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads}), and num_heads of "
-                             f"num_kv_heads ({num_kv_heads})")
+        num_kv_heads, head_dim = check_heads(dim, num_heads, num_kv_heads)
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim
         self.query = nn.Parameter(torch.randn(num_heads, self.head_dim) * self.head_dim ** -0.5)
         self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)

@@ -2,8 +2,8 @@
 on construction. A module turns its spec into one op call through ``spec.attend(q, k, v)``
 (through ``attnops.maps.attend``, which asks for the block map while a capture is open).
 
-One per family: ``SoftmaxSpec``, ``BlockSparseSpec``, ``MoBASpec``, ``LinearAttentionSpec`` and ``LowRankKeySpec`` (a new family
-adds one class and its ``attend``)."""
+One per family: ``SoftmaxSpec``, ``BlockSparseSpec``, ``MoBASpec``, ``LinearAttentionSpec``, ``LowRankKeySpec``, and the
+composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``, ``LLNSpec`` (a new family adds one class and its ``attend``)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ import torch
 
 from attnops.core.checks import QKVShape
 from attnops.core.masks import BlockMask
+from attnops.ops.agent import agent_attention
+from attnops.ops.flow import flow_attention
 from attnops.ops.linear import decay_preset, linear_attention, resolve_feature_map
+from attnops.ops.lln import lln_attention
 from attnops.ops.lowrank import KeyProjection, check_lowrank_args, lowrank_key_attention
+from attnops.ops.moh import moh_attention, query_norm_heads
 from attnops.ops.routed import check_moba_args, moba_attention
 from attnops.ops.softmax import attention, block_sparse_attention
 
@@ -195,6 +199,154 @@ class LowRankKeySpec:
                                      softmax_scale=softmax_scale, local=self.local, **block_map)
 
 
+def _no_block_map(spec: str, options: dict) -> None:
+    """The composed specs return no block map: a map request (a capture, ``need_weights``) is refused."""
+    if options.get("return_block_map"):
+        raise NotImplementedError(f"attnops.nn.{spec}: no block map (the op has no per-block probabilities to "
+                                  "export); capture maps with a softmax, block-sparse, MoBA or linear spec")
+    unknown = set(options) - {"return_block_map", "map_block_size", "reduce"}
+    if unknown:
+        raise NotImplementedError(f"attnops.nn.{spec} cannot apply {', '.join(sorted(unknown))}")
+
+
+def _head_count(value: Union[int, float], num_heads: int) -> int:
+    """An int count, or a float fraction of the heads (``int(H * x)``, the MoH authors' rounding)."""
+    return value if isinstance(value, int) else int(num_heads * value)
+
+
+def _check_count_or_fraction(value, name: str, low: int) -> None:
+    ok_int = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    ok_float = isinstance(value, float) and 0.0 < value < 1.0
+    if not (ok_int or ok_float):
+        raise ValueError(f"MoHSpec.{name} must be an int >= {low} or a float fraction of the heads in (0, 1), got "
+                         f"{value!r}")
+
+
+@dataclass(frozen=True)
+class MoHSpec:
+    """Mixture-of-Head attention (:func:`attnops.moh_attention`) with MoH-LLaMA3's parameter-free router
+    (:func:`attnops.ops.moh.query_norm_heads`): the first ``num_shared_heads`` heads always, and per token the
+    ``top_k`` other heads with the largest query norm; only those (token, head) pairs are computed, the others
+    output 0. Counts are ints, or float fractions of the heads (``int(H * x)``); the defaults are the authors'
+    MoH-LLaMA3 (half the heads shared, a quarter routed: 75% active). ``causal`` adds to the call's; a cached
+    step (fewer queries than keys) routes its own queries. A module with learned gates is
+    :class:`attnops.nn.MoHAttention`."""
+
+    num_shared_heads: Union[int, float] = 0.5
+    top_k: Union[int, float] = 0.25
+    causal: bool = False
+
+    def __post_init__(self):
+        _check_count_or_fraction(self.num_shared_heads, "num_shared_heads", 0)
+        _check_count_or_fraction(self.top_k, "top_k", 1)
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"MoHSpec.causal must be a bool, got {self.causal!r}")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, **options) -> torch.Tensor:
+        """As :meth:`SoftmaxSpec.attend`; no block map."""
+        _no_block_map("MoHSpec", options)
+        H = q.shape[2]
+        shared, top_k = _head_count(self.num_shared_heads, H), _head_count(self.top_k, H)
+        try:
+            weights = query_norm_heads(q, shared, top_k)
+        except ValueError as e:
+            raise ValueError(f"MoHSpec({self.num_shared_heads}, {self.top_k}) with {H} heads: {e}") from None
+        return moh_attention(q, k, v, weights, causal=self.causal or causal, softmax_scale=softmax_scale)
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """Agent attention (:func:`attnops.agent_attention`): ``num_agents`` agents pooled from the queries gather
+    the keys and values, then the queries attend the agents; without the paper's position biases and
+    depthwise convolution (they are parameters of a vision block, not of attention). Non-causal: a causal call
+    is refused (an encoder block: ``attnops.nn.Attention(..., causal=False)``, ``nn.MultiheadAttention``)."""
+
+    num_agents: int = 49
+
+    def __post_init__(self):
+        if isinstance(self.num_agents, bool) or not isinstance(self.num_agents, int) or self.num_agents < 1:
+            raise ValueError(f"AgentSpec.num_agents must be an int >= 1, got {self.num_agents!r}")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, **options) -> torch.Tensor:
+        """As :meth:`SoftmaxSpec.attend`; no block map; fewer queries than agents use every query as an
+        agent."""
+        _no_block_map("AgentSpec", options)
+        if causal:
+            raise ValueError("AgentSpec: agent attention is non-causal (the agents pool every query); use it in a "
+                             "non-causal block (causal=False)")
+        return agent_attention(q, k, v, num_agents=min(self.num_agents, q.shape[1]), softmax_scale=softmax_scale)
+
+
+def _whole_sequence(spec: str, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+    if causal and q.shape[1] != k.shape[1]:
+        raise NotImplementedError(f"attnops.nn.{spec}: a cached decoding step (fewer queries than keys) needs the "
+                                  "cached prefix's queries, which a KV cache does not keep; run without a cache "
+                                  "(use_cache=False) or over the whole sequence")
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """Flowformer's flow attention (:func:`attnops.flow_attention`) on the module's q / k / v; ``causal`` adds
+    to the call's. Its normalisation reads q as well as k at every position, so causal calls take the whole
+    sequence (a cached step is refused, not approximated). ``source_clamp``: the conserved source flow's clamp;
+    None takes the authors' value for the form (1 in their non-causal code, 10 in their causal code).
+    ``softmax_scale`` does not apply (sigmoid features): only the default scale passes."""
+
+    causal: bool = False
+    source_clamp: Optional[float] = None
+
+    def __post_init__(self):
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"FlowSpec.causal must be a bool, got {self.causal!r}")
+        c = self.source_clamp
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0):
+            raise ValueError(f"FlowSpec.source_clamp must be None or a number > 0, got {c!r}")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, **options) -> torch.Tensor:
+        """As :meth:`SoftmaxSpec.attend`; no block map."""
+        _no_block_map("FlowSpec", options)
+        causal = self.causal or causal
+        _whole_sequence("FlowSpec", q, k, causal)
+        _no_scale("FlowSpec", softmax_scale, q.shape[-1])
+        clamp = self.source_clamp if self.source_clamp is not None else (10.0 if causal else 1.0)
+        return flow_attention(q, k, v, causal=causal, source_clamp=float(clamp))
+
+
+@dataclass(frozen=True)
+class LLNSpec:
+    """Linear Log-Normal attention (:func:`attnops.lln_attention`); ``diag`` is LLN+Diag; ``causal`` adds to the
+    call's. Its moment matching reads the statistics of the whole call's q and k, so causal calls take the
+    whole sequence (a cached step is refused). ``softmax_scale`` does not apply (moment-matched scales)."""
+
+    diag: bool = False
+    causal: bool = False
+
+    def __post_init__(self):
+        for name in ("diag", "causal"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LLNSpec.{name} must be a bool, got {getattr(self, name)!r}")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, **options) -> torch.Tensor:
+        """As :meth:`SoftmaxSpec.attend`; no block map."""
+        _no_block_map("LLNSpec", options)
+        causal = self.causal or causal
+        _whole_sequence("LLNSpec", q, k, causal)
+        _no_scale("LLNSpec", softmax_scale, q.shape[-1])
+        return lln_attention(q, k, v, causal=causal, diag=self.diag)
+
+
+def _no_scale(spec: str, softmax_scale: Optional[float], head_dim: int) -> None:
+    """The kernelised specs have no softmax scale: the default one (None, or ``D ** -0.5`` that models pass as
+    ``scaling``) is the absence of a choice; any other value would be silently dropped, so it is refused."""
+    if softmax_scale is not None and abs(softmax_scale - head_dim ** -0.5) > 1e-6 * head_dim ** -0.5:
+        raise NotImplementedError(f"attnops.nn.{spec}: softmax_scale={softmax_scale} (not the default "
+                                  f"{head_dim ** -0.5:.6g}) has no meaning in this attention")
+
+
 # The specs whose op takes packed sequences (cu_seqlens) but no mask: padding runs as sequences (attend_unpadded).
 VARLEN_SPECS = (MoBASpec, LinearAttentionSpec)
 
@@ -233,10 +385,11 @@ def attend_unpadded(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
     return full.view(B, S, *out.shape[1:])
 
 
-AttentionSpec = Union[SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec]
+AttentionSpec = Union[SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec,
+                      FlowSpec, LLNSpec]
 # The specs whose attention is a softmax over scores, which take softcap / alibi_slopes / sinks.
 SCORE_MOD_SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec)
-SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec)
+SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec, FlowSpec, LLNSpec)
 
 
 def resolve_spec(spec: Optional[AttentionSpec], default: AttentionSpec, name: str = "attention") -> AttentionSpec:

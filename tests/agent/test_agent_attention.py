@@ -8,7 +8,7 @@ import torch
 import attnops
 from attnops.ops.agent import agent_tokens
 from attnops.ops.agent import reference
-from helpers import DTYPE_IDS, assert_accurate, output_and_grads
+from helpers import DTYPE_IDS, assert_op_matches_oracle
 
 # (B, Sq, Sk, H, Hkv, D, n)
 SHAPES = [(2, 333, 333, 4, 2, 40, 49), (1, 200, 150, 4, 4, 96, 7), (2, 64, 300, 2, 1, 64, 1)]
@@ -35,14 +35,8 @@ def test_matches_the_float64_oracle(shape, dtype, with_bias, fwd_impl):
         return reference.agent_attention(q, k, v, agent_tokens(q, n), softmax_scale=scale, **kw)
 
     dout = torch.randn(B, Sq, H, D, generator=g)
-    out64, g64 = output_and_grads(oracle, [t.double() for t in inputs], dout.double())
-    outT, gT = output_and_grads(oracle, [t.to(dtype) for t in inputs], dout)
-    out, grads = output_and_grads(ours, [t.to(dtype).to(fwd_impl.device) for t in inputs], dout.to(fwd_impl.device))
-    assert out.dtype == dtype
-    assert_accurate("out", out.cpu(), out64, outT)
-    for name, a, b, c in zip(("dq", "dk", "dv", "d agent_bias", "d query_bias"), grads, g64, gT):
-        assert a.shape == b.shape
-        assert_accurate(name, a.cpu(), b, c)
+    names = ("dq", "dk", "dv", "d agent_bias", "d query_bias")[:len(inputs)]
+    assert_op_matches_oracle(ours, oracle, inputs, dout, dtype, fwd_impl.device, names)
 
 
 def test_matches_the_authors_agent_attention_core():

@@ -1,10 +1,11 @@
 """Benchmark cases of the methods composed on the cores (issue 25): ``agent_attention`` (family "agent"),
-``aaren`` (family "aaren"), ``flow_attention`` (family "flow") and ``lln_attention`` (family "lln"), each against the dense softmax attention it
-replaces (FlashAttention on a GPU, torch SDPA otherwise; a different function, so no accuracy comparison with
+``aaren`` (family "aaren"), ``flow_attention`` (family "flow"), ``lln_attention`` (family "lln") and ``moh_attention``
+(family "moh"), each against the dense softmax attention it replaces (FlashAttention on a GPU, torch SDPA otherwise; a different function, so no accuracy comparison with
 it).
 
 Parameters: ``num_agents`` (agent attention, default 49), ``causal`` (flow and LLN attention, default true),
-``diag`` (LLN attention, default false). Shape keys as for attention with Sq = Sk;
+``diag`` (LLN attention, default false), ``num_shared_heads`` / ``top_k`` (MoH, default ``H / 2`` and ``H / 4``:
+MoH-LLaMA3's 75% of the heads, routed by :func:`attnops.ops.moh.query_norm_heads`). Shape keys as for attention with Sq = Sk;
 Aaren's learned query is one ``(H, D)`` tensor and its baseline is causal SDPA with that query at every
 position (what Aaren computes, by N^2 work). The accuracy gate checks each op against its float64 oracle on
 sampled rows.
@@ -16,11 +17,12 @@ import torch
 
 import attnops
 from attnops.bench import baselines
-from attnops.bench.cases.attention import DTYPES, qkv_inputs
+from attnops.bench.cases.attention import DTYPES, qkv_inputs, reference_rows
 from attnops.bench.registry import CaseSpec, Prepared, Provider, register_op
 from attnops.ops.aaren.op import CHUNK
 from attnops.ops.agent import agent_tokens
 from attnops.ops.agent import reference as agent_reference
+from attnops.ops.moh import query_norm_heads
 
 
 def _dense_baseline(causal: bool, spec: CaseSpec, needs_grad: bool, inputs_of):
@@ -133,7 +135,39 @@ def _build_linear_core(spec: CaseSpec, call) -> Prepared:
     return _prepared(spec, qkv_inputs(spec), run, baseline, notes, ref, actual, dense)
 
 
+def build_moh(spec: CaseSpec) -> Prepared:
+    s = spec.shape
+    causal = bool(spec.params.get("causal", True))
+    shared = int(spec.params.get("num_shared_heads", s["H"] // 2))
+    top_k = int(spec.params.get("top_k", s["H"] // 4))
+    needs_grad = spec.mode == "fwd+bwd"
+    make_qkv = qkv_inputs(spec)
+
+    def make():
+        q, k, v = make_qkv()
+        return q, k, v, query_norm_heads(q.detach(), shared, top_k)
+
+    def run(st, **extra):
+        return attnops.moh_attention(st[0], st[1], st[2], st[3], causal=causal, **extra)
+
+    baseline, notes = _dense_baseline(causal, spec, needs_grad, lambda st: st[:3])
+    dense_rows = reference_rows(None, causal, (-1, -1), s["D"] ** -0.5)
+
+    def ref(inputs, rows, dtype):  # every head's exact rows, weighted: the oracle's definition, row by row
+        weights = inputs[3].detach().to("cpu", dtype)[:, rows.cpu()]
+        return dense_rows(inputs[:3], rows, dtype) * weights.unsqueeze(-1)
+
+    factor = 3.0 if needs_grad else 1.0
+    dense = factor * 4.0 * s["D"] * s["B"] * s["H"] * s["Sq"] * s["Sk"] * (0.5 if causal else 1.0)
+    wrap = baselines.with_backward if needs_grad else (lambda prov: prov)
+    return Prepared(make_inputs=make, op=wrap(Provider(name="attnops", run=run, grad_inputs=lambda st: st[:3])),
+                    baseline=wrap(baseline), extras=[], reference=ref,
+                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"],
+                    flops_dense=dense, flops_actual=dense * (shared + top_k) / s["H"], notes=notes)
+
+
 register_op("agent_attention", "agent", build_agent, "Agent attention: pooled agents, two softmax calls (non-causal)")
 register_op("aaren", "aaren", build_aaren, "Aaren: a learned query over every prefix by a prefix scan (causal)")
 register_op("flow_attention", "flow", build_flow, "Flowformer's flow attention on the linear core")
 register_op("lln_attention", "lln", build_lln, "Linear Log-Normal attention (LLN, LLN+Diag) on the linear core")
+register_op("moh_attention", "moh", build_moh, "Mixture-of-Head attention: only the routed (token, head) pairs run")
