@@ -386,3 +386,58 @@ def moh_llama3_head_mask(query_states, num_heads, head_dim, shared_head, routed_
     mask = F.one_hot(indices, num_classes=num_experts).sum(dim=1)
     mask = mask.reshape(bsz, q_len, -1)
     return torch.cat([torch.ones_like(mask).to(query_states.dtype), mask], dim=-1).to(query_states.dtype)
+
+
+def moba_attn_varlen_naive(q, k, v, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, return_masks=False):
+    """MoonshotAI/MoBA moba/moba_naive.py, ``moba_attn_varlen_naive`` (MHA: ``q, k, v (S, H, D)``); as theirs,
+    plus ``return_masks``: also the ``[H, S, S]`` bool mask each sequence attends with (their final ``gate`` is
+    0 there and -inf elsewhere), for the float64 oracle."""
+    batch = cu_seqlens.numel() - 1
+    softmax_scale = q.shape[-1] ** (-0.5)
+    o = torch.zeros_like(q)
+    masks = []
+    for batch_idx in range(batch):
+        batch_start = cu_seqlens[batch_idx].item()
+        batch_end = cu_seqlens[batch_idx + 1].item()
+        q_ = q[batch_start:batch_end]
+        k_ = k[batch_start:batch_end]
+        v_ = v[batch_start:batch_end]
+        o_ = o[batch_start:batch_end]
+        key_gate_weight = []
+        batch_size = batch_end - batch_start
+        num_block = math.ceil(batch_size / moba_chunk_size)
+        for block_idx in range(0, num_block):
+            block_start = block_idx * moba_chunk_size
+            block_end = min(batch_size, block_start + moba_chunk_size)
+            key_gate_weight.append(k_[block_start:block_end].mean(dim=0, keepdim=True))
+        key_gate_weight = torch.cat(key_gate_weight, dim=0)
+        q_ = q_.type(torch.float32)
+        key_gate_weight = key_gate_weight.type(torch.float32)
+        gate = torch.einsum("shd,nhd->hsn", q_, key_gate_weight)
+        key_gate_weight = key_gate_weight.type_as(k)
+        q_ = q_.type_as(k)
+        for i in range(num_block):
+            gate[:, : (i + 1) * moba_chunk_size, i] = float("-inf")
+            gate[:, i * moba_chunk_size: (i + 1) * moba_chunk_size, i] = float("inf")
+        gate_top_k_val, gate_top_k_idx = torch.topk(gate, k=min(moba_topk, num_block), dim=-1, largest=True,
+                                                    sorted=False)
+        gate_top_k_val, _ = gate_top_k_val.min(dim=-1)
+        need_attend = gate >= gate_top_k_val.unsqueeze(-1)
+        gate_idx_mask = torch.zeros(need_attend.shape, dtype=torch.bool, device=q.device)
+        gate_idx_mask = gate_idx_mask.scatter_(dim=-1, index=gate_top_k_idx, value=True)
+        need_attend = torch.logical_and(need_attend, gate_idx_mask)
+        gate[need_attend] = 0
+        gate[~need_attend] = -float("inf")
+        gate = gate.repeat_interleave(moba_chunk_size, dim=-1)[:, :, :batch_size]
+        gate.masked_fill_(torch.ones_like(gate, dtype=torch.bool).tril().logical_not(), -float("inf"))
+        masks.append(gate == 0)
+        q_ = q_.type(torch.float32)
+        k_ = k_.type(torch.float32)
+        v_ = v_.type(torch.float32)
+        qk = torch.einsum("xhd,yhd->hxy", q_, k_)
+        qk += gate
+        qk *= softmax_scale
+        p = qk.softmax(dim=-1)
+        o_ += torch.einsum("hxy,yhd->xhd", p, v_)
+        o = o.type_as(q)
+    return (o, masks) if return_masks else o

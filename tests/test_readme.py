@@ -51,6 +51,9 @@ x = torch.randn(1, 100, 512)
 """,
     "out = attnops.flow_attention(q, k, v, causal=True)": _QKV,
     "out = attnops.lln_attention(q, k, v, causal=True, diag=True)": _QKV,
+    "out = attnops.routing_attention(q, k, v, centroids, causal=True)": _QKV + """
+centroids = torch.nn.functional.normalize(torch.randn(2, 32, 64), dim=-1)
+""",
     "w = attnops.ops.moh.query_norm_heads(q, num_shared_heads=4, top_k=2)": _QKV + """
 x = torch.randn(1, 100, 512); task_loss = torch.zeros(())
 """,

@@ -18,6 +18,7 @@ from attnops.nn.moh import MoHAttention
 from attnops.nn.mqa import MultiQueryAttention
 from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
 from attnops.nn.rotary import Rotary
+from attnops.nn.routing import RoutingAttention
 from attnops.nn.specs import (AgentSpec, BlockSparseSpec, FlowSpec, LinearAttentionSpec, LLNSpec, LowRankKeySpec, MoBASpec,
                               MoHSpec, SoftmaxSpec)
 
@@ -34,5 +35,5 @@ def __getattr__(name):
 
 
 __all__ = ["Aaren", "AgentSpec", "Attention", "BlockGate", "BlockSparseSpec", "FlowSpec", "LLNSpec", "LinearAttention",
-           "LinearAttentionSpec", "LowRankKeySpec", "MoBASpec", "MoHAttention", "MoHSpec", "MultiQueryAttention", "MultiheadAttention", "Rotary", "SoftmaxSpec", "SwapReport", "swap",
-           "unswap"]
+           "LinearAttentionSpec", "LowRankKeySpec", "MoBASpec", "MoHAttention", "MoHSpec", "MultiQueryAttention",
+           "MultiheadAttention", "Rotary", "RoutingAttention", "SoftmaxSpec", "SwapReport", "swap", "unswap"]

@@ -14,7 +14,8 @@ from attnops.bench.registry import OPS, CaseSpec, Provider, expand_cases, load_s
 from attnops.bench.runner import run_case
 
 PUBLIC_OPS = ["attention", "block_sparse_attention", "linear_attention", "moba_attention", "decode_attention",
-              "lowrank_key_attention", "agent_attention", "aaren", "flow_attention", "lln_attention", "moh_attention"]
+              "lowrank_key_attention", "agent_attention", "aaren", "flow_attention", "lln_attention", "moh_attention",
+              "routing_attention"]
 
 TINY_SUITE = """
 description = "tiny end-to-end suite (tests)"
@@ -184,7 +185,8 @@ def test_lowrank_case_passes_its_gate_and_reports_the_error_vs_exact(shape):
     assert run_case(exact, threads=1, repeats=1, warmup=0).approx_err < 1e-5  # every key: exact attention
 
 
-@pytest.mark.parametrize("op", ["agent_attention", "aaren", "flow_attention", "lln_attention", "moh_attention"])
+@pytest.mark.parametrize("op", ["agent_attention", "aaren", "flow_attention", "lln_attention", "moh_attention",
+                                "routing_attention"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_composed_cases_pass_their_gate(op, mode):
     spec = CaseSpec(op=op, device="cpu", dtype="float32", mode=mode, shape=dict(B=1, H=4, Hkv=2, Sq=333, Sk=333, D=32),

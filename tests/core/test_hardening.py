@@ -258,8 +258,10 @@ def test_masks_and_ops_on_meta_tensors():
     out.sum().backward()
     assert q.grad.shape == q.shape and q.grad.device.type == "meta"
     q.grad = None
-    attnops.moba_attention(q, k, k, block_size=64, topk=2).sum().backward()
+    attnops.moba_attention(q, k, k, block_size=64, topk=2, routing="tile").sum().backward()
     assert q.grad.shape == q.shape
+    with pytest.raises(NotImplementedError, match="routing='tile'"):
+        attnops.moba_attention(q, k, k, block_size=64, topk=2)
 
 
 # ---- determinism across thread counts ---------------------------------------------------------------

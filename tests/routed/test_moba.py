@@ -95,7 +95,7 @@ def test_moba_matches_reference(case, dtype, causal, impl):
     mask = reference_mask(*inputs[:2], bs, topk, causal)  # the float64 routing of these very inputs
 
     def kernel(q, k, v):
-        return attnops.moba_attention(q, k, v, block_size=bs, topk=topk, causal=causal, return_lse=True,
+        return attnops.moba_attention(q, k, v, routing="tile", block_size=bs, topk=topk, causal=causal, return_lse=True,
                                       backend=impl.backend)
 
     def ref(q, k, v):
@@ -140,7 +140,7 @@ def test_token_reference_routes_every_query():
 @pytest.mark.parametrize("causal", [True, False])
 def test_topk_covering_every_block_is_dense_attention(causal, fwd_impl):
     q, k, v = moba_inputs(1, 300, 4, 2, 32, torch.float32, 64, fwd_impl.device)
-    a = attnops.moba_attention(q, k, v, block_size=64, topk=5, causal=causal, return_lse=True, backend=fwd_impl.backend)
+    a = attnops.moba_attention(q, k, v, routing="tile", block_size=64, topk=5, causal=causal, return_lse=True, backend=fwd_impl.backend)
     b = attnops.attention(q, k, v, causal=causal, return_lse=True, backend=fwd_impl.backend)
     torch.testing.assert_close(a.out, b.out, rtol=0, atol=2e-6)
     torch.testing.assert_close(a.lse, b.lse, rtol=0, atol=2e-6)
@@ -152,7 +152,7 @@ def test_topk_covering_every_block_is_dense_attention(causal, fwd_impl):
 def test_nan_query_gives_nan_rows_only(fwd_impl):
     q, k, v = moba_inputs(1, 256, 2, 1, 32, torch.float32, 64, fwd_impl.device)
     q[0, 130, 1] = float("nan")  # its tile's gates are all NaN: a deterministic choice, no crash
-    out = attnops.moba_attention(q, k, v, block_size=64, topk=2, backend=fwd_impl.backend)
+    out = attnops.moba_attention(q, k, v, routing="tile", block_size=64, topk=2, backend=fwd_impl.backend)
     assert torch.isnan(out[0, 130, 1]).all()
     nan = torch.isnan(out)
     nan[0, 130, 1] = False
@@ -161,7 +161,7 @@ def test_nan_query_gives_nan_rows_only(fwd_impl):
 
 def test_block_map_of_the_routed_mask(fwd_impl):
     q, k, v = moba_inputs(1, 300, 4, 2, 32, torch.float32, 64, fwd_impl.device)
-    res = attnops.moba_attention(q, k, v, block_size=64, topk=2, return_block_map=True, map_block_size=64,
+    res = attnops.moba_attention(q, k, v, routing="tile", block_size=64, topk=2, return_block_map=True, map_block_size=64,
                                  backend=fwd_impl.backend)
     mask = attnops.moba_block_mask(q, k, block_size=64, topk=2, backend=fwd_impl.backend)
     assert torch.all(res.block_map[~mask.to_dense().expand_as(res.block_map)] == 0)
@@ -174,7 +174,7 @@ def test_block_map_of_the_routed_mask(fwd_impl):
 
 def test_gradients_flow_through_the_chosen_blocks_only():
     q, k, v = (t.requires_grad_() for t in moba_inputs(1, 256, 1, 1, 16, torch.float64, 64))
-    out = attnops.moba_attention(q, k, v, block_size=64, topk=2)
+    out = attnops.moba_attention(q, k, v, routing="tile", block_size=64, topk=2)
     out[:, 192:].sum().backward()  # the last tile: its own block 3 and one other
     mask = attnops.moba_block_mask(q, k, block_size=64, topk=2)
     kept = torch.nonzero(mask.to_dense()[0, 0, 3]).flatten().tolist()
@@ -185,7 +185,8 @@ def test_gradients_flow_through_the_chosen_blocks_only():
 BAD = {
     "block_size not a multiple of 64": (dict(block_size=96), ValueError, "multiple of the kernel block"),
     "block_size below 64": (dict(block_size=32), ValueError, "multiple of the kernel block"),
-    "block_size float": (dict(block_size=64.0), ValueError, "multiple of the kernel block"),
+    "block_size float": (dict(block_size=64.0), ValueError, "block_size must be an int"),
+    "routing unknown": (dict(routing="row"), ValueError, "routing must be one of"),
     "topk 0": (dict(topk=0), ValueError, "topk must be an int >= 1"),
     "topk bool": (dict(topk=True), ValueError, "topk must be an int >= 1"),
 }
@@ -196,22 +197,22 @@ def test_bad_arguments(name):
     kwargs, exc, match = BAD[name]
     q, k, v = moba_inputs(1, 128, 2, 1, 16, torch.float32, 64)
     with pytest.raises(exc, match=match):
-        attnops.moba_attention(q, k, v, **{"block_size": 64, "topk": 2, **kwargs})
+        attnops.moba_attention(q, k, v, **{"routing": "tile", "block_size": 64, "topk": 2, **kwargs})
 
 
 def test_bad_shapes():
     q, k, v = moba_inputs(1, 128, 2, 1, 16, torch.float32, 64)
     with pytest.raises(ValueError, match="lengths differ"):
-        attnops.moba_attention(q[:, :100], k, v, block_size=64)
+        attnops.moba_attention(q[:, :100], k, v, routing="tile", block_size=64)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        attnops.moba_attention(q[:, :, :1], torch.cat([k, k], 2), torch.cat([v, v], 2), block_size=64)
+        attnops.moba_attention(q[:, :, :1], torch.cat([k, k], 2), torch.cat([v, v], 2), routing="tile", block_size=64)
     with pytest.raises(ValueError, match="dimensions"):
-        attnops.moba_attention(q[0], k, v, block_size=64)
+        attnops.moba_attention(q[0], k, v, routing="tile", block_size=64)
 
 
 def test_meta_tensors_and_opcheck():
     q, k, v = moba_inputs(2, 300, 4, 2, 32, torch.float16, 64, "meta")
-    out, lse = attnops.moba_attention(q, k, v, block_size=128, topk=2, return_lse=True)
+    out, lse = attnops.moba_attention(q, k, v, routing="tile", block_size=128, topk=2, return_lse=True)
     assert out.shape == q.shape and out.device.type == "meta" and lse.shape == (2, 4, 300)
     q, k, _ = moba_inputs(2, 300, 4, 2, 32, torch.float32, 64)
     torch.library.opcheck(torch.ops.attnops.moba_route, (q, k, 128, 2, True, ROUTE))
@@ -220,7 +221,7 @@ def test_meta_tensors_and_opcheck():
 def test_torch_compile_inference_fullgraph(fwd_impl):
     skip_fallback(fwd_impl)
     q, k, v = moba_inputs(1, 256, 2, 1, 32, torch.float32, 64, fwd_impl.device)
-    fn = functools.partial(attnops.moba_attention, block_size=64, topk=2, backend=fwd_impl.backend)
+    fn = functools.partial(attnops.moba_attention, routing="tile", block_size=64, topk=2, backend=fwd_impl.backend)
     explanation = torch._dynamo.explain(fn)(q, k, v)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v), rtol=0, atol=0)
@@ -231,8 +232,8 @@ def test_torch_compile_inference_fullgraph(fwd_impl):
 def test_moba_spec_in_attention_block():
     torch.manual_seed(0)
     dense = attnops.nn.Attention(64, 4, 2, attention=attnops.nn.SoftmaxSpec(causal=True))
-    routed = attnops.nn.Attention(64, 4, 2, attention=attnops.nn.MoBASpec(block_size=64, topk=2, causal=True))
-    every = attnops.nn.Attention(64, 4, 2, attention=attnops.nn.MoBASpec(block_size=64, topk=4, causal=True))
+    routed = attnops.nn.Attention(64, 4, 2, attention=attnops.nn.MoBASpec(routing="tile", block_size=64, topk=2, causal=True))
+    every = attnops.nn.Attention(64, 4, 2, attention=attnops.nn.MoBASpec(routing="tile", block_size=64, topk=4, causal=True))
     routed.load_state_dict(dense.state_dict())
     every.load_state_dict(dense.state_dict())
     x = torch.randn(2, 250, 64, requires_grad=True)
@@ -244,8 +245,9 @@ def test_moba_spec_in_attention_block():
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(block_size=100), "multiple of 64"), (dict(topk=0), "topk"),
-                                          (dict(causal=1), "bool")])
+@pytest.mark.parametrize("kwargs,match", [(dict(block_size=100, routing="tile"), "multiple of 64"), (dict(topk=0), "topk"),
+                                          (dict(causal=1), "bool"), (dict(routing="rows"), "routing"),
+                                          (dict(block_size=0), "block_size")])
 def test_moba_spec_validates(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         attnops.nn.MoBASpec(**kwargs)
@@ -260,7 +262,7 @@ def test_moba_in_a_transformers_model_prefill_and_cached_generation():
                                    max_position_embeddings=512)
     torch.manual_seed(0)
     dense = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=hf_attnops.register()).eval()
-    name = hf_attnops.register("attnops_moba", attnops.nn.MoBASpec(block_size=64, topk=2))
+    name = hf_attnops.register("attnops_moba", attnops.nn.MoBASpec(routing="tile", block_size=64, topk=2))
     routed = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).eval()
     routed.load_state_dict(dense.state_dict())
     ids = torch.randint(0, 97, (1, 200))
@@ -282,7 +284,7 @@ def test_no_sequence_squared_memory():
     from attnops.bench.timer import peak_memory_mb
 
     q, k, v = moba_inputs(1, 8192, 1, 1, 16, torch.float32, 512)
-    peak = peak_memory_mb(lambda: attnops.moba_attention(q, k, v, block_size=512, topk=2), "cpu")
+    peak = peak_memory_mb(lambda: attnops.moba_attention(q, k, v, routing="tile", block_size=512, topk=2), "cpu")
     assert peak is not None and peak < 16, f"peak {peak:.1f} MiB"
     peak = peak_memory_mb(lambda: attnops.predict_block_mask(q, k, 64, cdf_threshold=0.9, causal=True), "cpu")
     assert peak is not None and peak < 16, f"peak {peak:.1f} MiB"
@@ -300,7 +302,7 @@ def test_cu_seqlens_routes_within_each_sequence(impl):
     dout = torch.randn(T, H, D, dtype=torch.float64)
 
     def packed(q, k, v):
-        return attnops.moba_attention(q.to(impl.device), k.to(impl.device), v.to(impl.device), block_size=bs, topk=2,
+        return attnops.moba_attention(q.to(impl.device), k.to(impl.device), v.to(impl.device), routing="tile", block_size=bs, topk=2,
                                       cu_seqlens=cu.to(impl.device), max_seqlen=max(lengths), return_lse=True,
                                       backend=impl.backend)
 
@@ -325,6 +327,6 @@ def test_cu_seqlens_routes_within_each_sequence(impl):
     for name, a, b, c in zip(["out", "lse", "dq", "dk", "dv"], *results):
         assert_accurate(f"moba varlen {name}", a, b, c)
     with pytest.raises(NotImplementedError, match="attn_bias"):
-        attnops.moba_attention(q, k, v, block_size=bs, cu_seqlens=cu, return_block_map=True)
+        attnops.moba_attention(q, k, v, routing="tile", block_size=bs, cu_seqlens=cu, return_block_map=True)
     with pytest.raises(ValueError, match="3 dimensions"):
-        attnops.moba_attention(q[None], k[None], v[None], block_size=bs, cu_seqlens=cu)
+        attnops.moba_attention(q[None], k[None], v[None], routing="tile", block_size=bs, cu_seqlens=cu)

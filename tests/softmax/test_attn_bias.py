@@ -152,7 +152,7 @@ def test_moba_takes_attn_bias():
     B, S, H, D = 1, 256, 2, 32
     q, k, v = make_qkv(B, S, S, H, H, D, torch.float64)
     bias = torch.randn(H, S, S, dtype=torch.float64)
-    out = attnops.moba_attention(q, k, v, block_size=64, topk=2, attn_bias=bias)
+    out = attnops.moba_attention(q, k, v, routing="tile", block_size=64, topk=2, attn_bias=bias)
     mask = attnops.moba_block_mask(q, k, block_size=64, topk=2)
     want = reference.block_sparse_attention(q, k, v, mask, causal=True, window_size=(-1, -1), softmax_scale=D ** -0.5,
                                             attn_bias=bias.unsqueeze(0))[0]

@@ -154,7 +154,7 @@ def test_gradcheck_with_a_fixed_seed():
 
 def test_moba_dropout_is_the_core_on_its_routing():
     q, k, v = make_qkv(1, 256, 256, 2, 2, 32, torch.float32)
-    out = attnops.moba_attention(q, k, v, block_size=64, topk=2, dropout_p=0.2, generator=_generator("cpu"))
+    out = attnops.moba_attention(q, k, v, routing="tile", block_size=64, topk=2, dropout_p=0.2, generator=_generator("cpu"))
     mask = attnops.moba_block_mask(q, k, block_size=64, topk=2)
     want = attnops.block_sparse_attention(q, k, v, mask, dropout_p=0.2, generator=_generator("cpu"))
     torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -102,7 +102,7 @@ def test_moba_nonfinite_stays_in_its_rows(causal, fwd_impl):
     q, k, v = (torch.randn(1, 512, 2, 32) for _ in range(3))
     v[0, 60, 1, 4] = float("nan")
     out = attnops.moba_attention(q.to(fwd_impl.device), k.to(fwd_impl.device), v.to(fwd_impl.device),
-                                 block_size=64, topk=2, causal=causal, backend=fwd_impl.backend).cpu()
+                                 routing="tile", block_size=64, topk=2, causal=causal, backend=fwd_impl.backend).cpu()
     allowed = reference.token_mask(512, 512, attnops.moba_block_mask(q, k, block_size=64, topk=2, causal=causal), causal)
     want = reference.masked_attention(q.double(), k.double(), v.double(), allowed, 32 ** -0.5)[0]
     assert torch.equal(torch.isnan(out), torch.isnan(want))

@@ -177,7 +177,7 @@ def test_moba_takes_the_modifiers():
     q, k, v = make_qkv(B, S, S, H, H, D, torch.float64)
     sinks = torch.randn(H, dtype=torch.float64)
     kw = dict(softcap=3.0, alibi_slopes=torch.tensor([0.1, 0.02], dtype=torch.float64), sinks=sinks)
-    out = attnops.moba_attention(q, k, v, block_size=64, topk=2, **kw)
+    out = attnops.moba_attention(q, k, v, routing="tile", block_size=64, topk=2, **kw)
     mask = attnops.moba_block_mask(q, k, block_size=64, topk=2)
     want = reference.block_sparse_attention(q, k, v, mask, causal=True, window_size=(-1, -1),
                                             softmax_scale=D ** -0.5, **kw)[0]

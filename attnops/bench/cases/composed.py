@@ -1,11 +1,14 @@
 """Benchmark cases of the methods composed on the cores (issue 25): ``agent_attention`` (family "agent"),
 ``aaren`` (family "aaren"), ``flow_attention`` (family "flow"), ``lln_attention`` (family "lln") and ``moh_attention``
-(family "moh"), each against the dense softmax attention it replaces (FlashAttention on a GPU, torch SDPA otherwise; a different function, so no accuracy comparison with
+(family "moh") and ``routing_attention`` (family "clustered"), each against the dense softmax attention it
+replaces (FlashAttention on a GPU, torch SDPA otherwise; a different function, so no accuracy comparison with
 it).
 
 Parameters: ``num_agents`` (agent attention, default 49), ``causal`` (flow and LLN attention, default true),
 ``diag`` (LLN attention, default false), ``num_shared_heads`` / ``top_k`` (MoH, default ``H / 2`` and ``H / 4``:
-MoH-LLaMA3's 75% of the heads, routed by :func:`attnops.ops.moh.query_norm_heads`). Shape keys as for attention with Sq = Sk;
+MoH-LLaMA3's 75% of the heads, routed by :func:`attnops.ops.moh.query_norm_heads`), ``num_clusters`` (Routing
+Transformer, default ``sqrt(N)``; random unit centroids; its "vs exact" column is the error against causal dense
+attention, what the clustering costs on these unclustered inputs). Shape keys as for attention with Sq = Sk;
 Aaren's learned query is one ``(H, D)`` tensor and its baseline is causal SDPA with that query at every
 position (what Aaren computes, by N^2 work). The accuracy gate checks each op against its float64 oracle on
 sampled rows.
@@ -22,7 +25,9 @@ from attnops.bench.registry import CaseSpec, Prepared, Provider, register_op
 from attnops.ops.aaren.op import CHUNK
 from attnops.ops.agent import agent_tokens
 from attnops.ops.agent import reference as agent_reference
+from attnops.ops.clustered import cluster_assignment
 from attnops.ops.moh import query_norm_heads
+from attnops.ops.softmax.reference import masked_attention
 
 
 def _dense_baseline(causal: bool, spec: CaseSpec, needs_grad: bool, inputs_of):
@@ -166,8 +171,45 @@ def build_moh(spec: CaseSpec) -> Prepared:
                     flops_dense=dense, flops_actual=dense * (shared + top_k) / s["H"], notes=notes)
 
 
+def build_routing(spec: CaseSpec) -> Prepared:
+    s = spec.shape
+    if s["Sq"] != s["Sk"]:
+        raise ValueError("routing_attention cases need Sq == Sk")
+    clusters = int(spec.params.get("num_clusters", round(s["Sk"] ** 0.5)))
+    needs_grad = spec.mode == "fwd+bwd"
+    g = torch.Generator().manual_seed(0)
+    centroids = torch.nn.functional.normalize(torch.randn(s["Hkv"], clusters, s["D"], generator=g), dim=-1)
+    centroids = centroids.to(spec.device)
+
+    def run(st, **extra):
+        return attnops.routing_attention(st[0], st[1], st[2], centroids.to(st[0].dtype), causal=True, **extra)
+
+    baseline, notes = _dense_baseline(True, spec, needs_grad, lambda st: st)
+
+    def rows_of(inputs, rows, dtype, same_cluster: bool):
+        q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
+        rows = rows.cpu()
+        seen = torch.arange(k.shape[1]).view(1, -1) <= rows.view(-1, 1)  # (R, S) causal
+        allowed = seen.view(1, 1, *seen.shape)
+        if same_cluster:  # the clusters of the op's inputs as given
+            qc = cluster_assignment(inputs[0].detach().cpu(), centroids.cpu())[:, rows]  # (B, R, H)
+            kc = cluster_assignment(inputs[1].detach().cpu(), centroids.cpu())  # (B, S, Hkv)
+            kc = kc.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+            allowed = allowed & (qc.permute(0, 2, 1).unsqueeze(-1) == kc.permute(0, 2, 1).unsqueeze(-2))
+        return masked_attention(q[:, rows], k, v, allowed, s["D"] ** -0.5)[0]
+
+    factor = 3.0 if needs_grad else 1.0
+    dense = factor * 4.0 * s["D"] * s["B"] * s["H"] * s["Sq"] * s["Sk"] * 0.5
+    prepared = _prepared(spec, qkv_inputs(spec), run, baseline, notes,
+                         lambda inputs, rows, dtype: rows_of(inputs, rows, dtype, True), dense / clusters, dense)
+    prepared.exact = lambda inputs, rows: rows_of(inputs, rows, torch.float64, False)
+    return prepared
+
+
 register_op("agent_attention", "agent", build_agent, "Agent attention: pooled agents, two softmax calls (non-causal)")
 register_op("aaren", "aaren", build_aaren, "Aaren: a learned query over every prefix by a prefix scan (causal)")
 register_op("flow_attention", "flow", build_flow, "Flowformer's flow attention on the linear core")
 register_op("lln_attention", "lln", build_lln, "Linear Log-Normal attention (LLN, LLN+Diag) on the linear core")
+register_op("routing_attention", "clustered", build_routing,
+            "Routing Transformer attention: shared q/k centroids, attention within the cluster")
 register_op("moh_attention", "moh", build_moh, "Mixture-of-Head attention: only the routed (token, head) pairs run")

@@ -1,20 +1,25 @@
 """Benchmark cases of block-routed attention: ``moba_attention`` (family "routed").
 
 Parameters (suite ``params`` or case keys): block_size (default 512), topk (default 3), causal (default
-true). Shape keys as for attention, with Sq = Sk. The baseline is *dense* attention of the same
-causality (FlashAttention on a GPU, else torch SDPA): MoBA's claim is that speed. The extra column
-``routing`` times the router alone (``moba_block_mask``: pooled keys, gates, top-k, LUT), so
-``routing_speedup_of_attnops`` in the JSON is the routing share of the op's time. The accuracy gate
-checks the attention on the mask the router chose (routing decisions are tested against their own
-float64 reference in tests/test_moba.py).
+true), routing (``"token"``, the op's default, or ``"tile"``). Shape keys as for attention, with Sq = Sk. The
+baseline is *dense* attention of the same causality (FlashAttention on a GPU, else torch SDPA): MoBA's claim
+is that speed. The extra column ``routing`` times the tile router alone (``moba_block_mask``: pooled keys,
+gates, top-k, LUT), so ``routing_speedup_of_attnops`` in the JSON is its share of a tile-routed op's time; token
+cases add ``tile``, the tile-routed op on the same inputs (``tile_speedup_of_attnops``: tile time / token time).
+The accuracy gate checks the attention on the selection the router chose (routing decisions are tested against
+the authors' code in tests/routed/).
 """
 
 from __future__ import annotations
+
+import torch
 
 import attnops
 from attnops.bench import baselines
 from attnops.bench.cases.attention import _flops, _pairs_blocks, qkv_inputs, reference_rows
 from attnops.bench.registry import CaseSpec, Prepared, Provider, register_op
+from attnops.ops.routed.token import route_tokens
+from attnops.ops.softmax.reference import masked_attention
 
 
 def build_moba(spec: CaseSpec) -> Prepared:
@@ -24,32 +29,69 @@ def build_moba(spec: CaseSpec) -> Prepared:
     block_size = int(spec.params.get("block_size", 512))
     topk = int(spec.params.get("topk", 3))
     causal = bool(spec.params.get("causal", True))
+    routing = str(spec.params.get("routing", "token"))
     needs_grad = spec.mode == "fwd+bwd"
     wrap = baselines.with_backward if needs_grad else (lambda p: p)
 
     def route(st):
         return attnops.moba_block_mask(st[0], st[1], block_size=block_size, topk=topk, causal=causal)
 
-    op = wrap(Provider(name="attnops", grad_inputs=lambda st: st,
-                       run=lambda st: attnops.moba_attention(*st, block_size=block_size, topk=topk, causal=causal)))
+    def run(st, how=routing):
+        return attnops.moba_attention(*st, block_size=block_size, topk=topk, causal=causal, routing=how)
+
+    op = wrap(Provider(name="attnops", grad_inputs=lambda st: st, run=run))
     baseline, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
     if baseline is None:
         baseline, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)
     baseline.same_function = False
-    routing = Provider(name="routing", run=route, output=lambda st, mask: mask.kv_num_blocks.float(),
-                       same_function=False)
+    routing_provider = Provider(name="routing", run=route, output=lambda st, mask: mask.kv_num_blocks.float(),
+                                same_function=False)
 
     def ref(inputs, rows, dtype):
+        if routing == "token":
+            return _token_reference(inputs, rows, dtype, block_size, topk, causal)
         mask = route(inputs).to("cpu")
         return reference_rows(mask, causal, (-1, -1), s["D"] ** -0.5)(inputs, rows, dtype)
+
+    extras = [routing_provider]
+    if routing == "token":
+        extras.append(wrap(Provider(name="tile", grad_inputs=lambda st: st, same_function=False,
+                                    run=lambda st: run(st, "tile"))))
 
     make = qkv_inputs(spec)
     sample = route(make())  # routing keeps topk blocks per tile whatever the data: one sample's count
     dense, actual = _flops(spec, _pairs_blocks(sample))  # the router's masks are (B, H): no broadcast
-    return Prepared(make_inputs=make, op=op, baseline=wrap(baseline), extras=[routing], reference=ref,
+    return Prepared(make_inputs=make, op=op, baseline=wrap(baseline), extras=extras, reference=ref,
                     select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"],
                     flops_dense=dense, flops_actual=actual, density=sample.density,
                     notes=[note] if note else [])
+
+
+def _token_reference(inputs, rows, dtype, block_size: int, topk: int, causal: bool):
+    """Token-routed MoBA's rows ``(B, R, H, D)``: the routing of the op's inputs as given, then exact attention in
+    ``dtype`` over each row's own block (causal: up to the row) and its chosen blocks (an ``R x S`` mask)."""
+    q0, k0 = (t.detach().cpu() for t in inputs[:2])
+    q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
+    B, S, H, D = q.shape
+    rows = rows.cpu()
+    keys = torch.arange(S)
+    outs = []
+    for b in range(B):
+        routes = route_tokens(q0[b], k0[b], [0, S], block_size, topk, causal)
+        R = rows.numel()
+        own = routes.own_block[rows]
+        lo, hi = routes.block_start[own], (rows + 1 if causal else routes.block_end[own])
+        allowed = ((keys >= lo[:, None]) & (keys < hi[:, None])).expand(H, -1, -1).reshape(H * R, S).to(torch.uint8)
+        slot = torch.full((S,), -1, dtype=torch.int64)
+        slot[rows] = torch.arange(R)
+        pick = slot[routes.token] >= 0
+        blk = routes.block[pick]
+        seen = ((keys >= routes.block_start[blk, None]) & (keys < routes.block_end[blk, None])).to(torch.uint8)
+        flat = (routes.head[pick] * R + slot[routes.token[pick]])[:, None].expand(-1, S)
+        allowed = allowed.scatter_reduce(0, flat, seen, reduce="amax").view(H, R, S).bool()
+        out, _ = masked_attention(q[b:b + 1, rows], k[b:b + 1], v[b:b + 1], allowed[None], D ** -0.5)
+        outs.append(out)
+    return torch.cat(outs)
 
 
 register_op("moba_attention", "routed", build_moba, "MoBA block-routed attention (router + block-sparse core)")

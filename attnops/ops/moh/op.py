@@ -2,7 +2,7 @@
 
 The chosen rows of every (batch, kv head) are packed in the order (batch, kv head, token, head of the group)
 into one sequence of queries; the keys of the same (batch, kv head) are one stretch of a packed key sequence.
-Token-exact segment bounds (attnops.core.segments) give each packed row its own key interval, the causal /
+:func:`attnops.ops.softmax.bounded.bounded_attention` gives each packed row its own key interval, the causal /
 window predicates folded in at the row's original position: rows are nondecreasing in position within a
 stretch and the stretches follow each other, so the bounds are monotone, as the kernels need. The kernels
 then visit only the key tiles the packed rows see: the work is that of the chosen rows (plus the partial
@@ -15,11 +15,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from attnops.core import dispatch
-from attnops.core.checks import (autocast_inputs, check_causal, check_dropout, check_qkv, check_score_mods,
-                                 clamp_window, refuse_forward_ad, resolve_softmax_scale)
+from attnops.core.checks import (autocast_inputs, check_causal, check_qkv, clamp_window, refuse_forward_ad,
+                                 resolve_softmax_scale)
 from attnops.core.masks import check_window_size
-from attnops.core.segments import SegmentBounds, transpose_bounds
+from attnops.ops.softmax.bounded import bounded_attention
 
 
 def moh_attention(
@@ -72,18 +71,12 @@ def moh_attention(
         right = 0
     hi = (pos + right + 1).clamp(0, Sk) if right >= 0 else torch.full_like(pos, Sk)
     hi = torch.maximum(hi, lo)
-    key_bounds = torch.stack([stretch + lo, stretch + hi], dim=-1).to(torch.int32).unsqueeze(0).contiguous()
     total_k = B * Hkv * Sk
-    segments = SegmentBounds(key_bounds, transpose_bounds(key_bounds, total_k))
-
     qp = q[b, t, h].unsqueeze(0).unsqueeze(2)  # (1, n, 1, D)
     kp = k.permute(0, 2, 1, 3).reshape(1, total_k, 1, k.shape[-1])
     vp = v.permute(0, 2, 1, 3).reshape(1, total_k, 1, v.shape[-1])
-    packed = check_qkv(qp, kp, vp)
-    impl = dispatch.resolve("block_sparse_attention", q.device, backend, api="moh_attention")
-    out, _lse = impl(qp, kp, vp, None, causal=False, window_size=(-1, -1), softmax_scale=scale, block_map=None,
-                     segments=segments, **check_score_mods(0.0, None, None, packed, q.device),
-                     **check_dropout(0.0, None, q.device))
+    out, _lse = bounded_attention(qp, kp, vp, torch.stack([stretch + lo, stretch + hi], dim=-1), softmax_scale=scale,
+                                  api="moh_attention", backend=backend)
     rows = out[0, :, 0] * weights[b, t, h].to(out.dtype).unsqueeze(-1)
     return out.new_zeros(B, Sq, H, v.shape[-1]).index_put((b, t, h), rows)
 

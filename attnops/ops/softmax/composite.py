@@ -67,7 +67,7 @@ def chunk_rows(batch: int, heads: int, seq_len_k: int, seq_len_q: int, align: in
     else:  # C * (C + band) <= per_head
         rows = int((math.sqrt(band * band + 4 * per_head) - band) / 2)
     rows = max(align, rows // align * align)
-    return min(rows, -(-seq_len_q // align) * align)
+    return max(align, min(rows, -(-seq_len_q // align) * align))  # >= 1 row: a range step (no queries: no chunk)
 
 
 def _key_range(spec: _Spec, r0: int, r1: int, seq_len_q: int, seq_len_k: int) -> Tuple[int, int]:

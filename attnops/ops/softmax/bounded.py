@@ -1,0 +1,37 @@
+"""Exact softmax attention where every query row has its own key interval: the building block of the methods
+that pack rows (Mixture-of-Head's chosen (token, head) pairs, token-routed MoBA's (token, block) pairs).
+
+The rows are one sequence of the block-sparse core (batch 1) with token-exact segment bounds
+(attnops.core.segments); both bound columns must be nondecreasing along the rows, which the callers get by
+ordering their rows. The kernels visit only the key tiles inside each query tile's interval, so the work is that
+of the intervals, never Sq x Sk, forward and backward (the lse takes a gradient too: callers merge partial
+results by it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from attnops.core import dispatch
+from attnops.core.checks import check_dropout, check_qkv, check_score_mods
+from attnops.core.segments import SegmentBounds, transpose_bounds
+
+
+def bounded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bounds: torch.Tensor, *,
+                      softmax_scale: float, api: str, backend: Optional[str] = None, softcap: float = 0.0,
+                      sinks: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                      generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``q (1, n, H, D)``, ``k, v (1, m, Hkv, D)``; query row ``i`` attends keys ``[key_bounds[i, 0],
+    key_bounds[i, 1])`` (``(n, 2)`` integers, each column nondecreasing, ``lo <= hi``), every head alike.
+    Returns ``out (1, n, H, Dv)`` and ``lse (1, H, n)`` (a row with an empty interval: 0 and -inf, or the
+    sink). ``api`` names the calling op in backend errors."""
+    shape = check_qkv(q, k, v)
+    bounds = key_bounds.to(device=q.device, dtype=torch.int32).unsqueeze(0).contiguous()
+    segments = SegmentBounds(bounds, transpose_bounds(bounds, k.shape[1]))
+    impl = dispatch.resolve("block_sparse_attention", q.device, backend, api=api)
+    out, lse = impl(q, k, v, None, causal=False, window_size=(-1, -1), softmax_scale=softmax_scale, block_map=None,
+                    segments=segments, **check_score_mods(softcap, None, sinks, shape, q.device),
+                    **check_dropout(dropout_p, generator, q.device))
+    return out, lse

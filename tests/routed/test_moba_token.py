@@ -1,0 +1,172 @@
+"""Token-routed MoBA (the default ``routing="token"``) against MoonshotAI/MoBA's ``moba_attn_varlen_naive``: the same
+routing, ties included, and the same attention (forward and gradients under the accuracy rule against a float64
+oracle with their selection), over block sizes that are not multiples of 64, packed sequences, GQA and every
+backend; what it refuses; and the needle case the tile routing misses."""
+
+import pytest
+import torch
+
+import attnops
+from attnops.ops.routed.token import route_tokens
+from attnops.ops.softmax.reference import masked_attention
+from authors_ref import moba_attn_varlen_naive
+from helpers import DTYPE_IDS, assert_accurate, output_and_grads
+
+# (sequence lengths, H, Hkv, D, block, topk)
+CASES = [((300, 1, 399), 4, 2, 40, 50, 3), ((700,), 2, 2, 96, 100, 10), ((257, 130), 3, 1, 64, 33, 2),
+         ((512,), 2, 2, 32, 64, 1)]
+
+
+def _inputs(lengths, H, Hkv, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu
+
+
+def _oracle(q, k, v, cu, block, topk):
+    """Their routing (on the inputs as given), then exact attention in q's dtype over their mask, per sequence."""
+    group = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    _, masks = moba_attn_varlen_naive(q.detach(), kr.detach(), vr.detach(), cu, None, block, topk, return_masks=True)
+    return masks
+
+
+def _masked(q, k, v, cu, masks):
+    outs = []
+    bounds = cu.tolist()
+    for (a, b), mask in zip(zip(bounds[:-1], bounds[1:]), masks):
+        out, _ = masked_attention(q[None, a:b], k[None, a:b], v[None, a:b], mask[None], q.shape[-1] ** -0.5)
+        outs.append(out[0])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "L{}-H{}-Hkv{}-D{}-bs{}-k{}".format("+".join(map(str, c[0])), *c[1:]))
+def test_matches_the_authors_moba_naive(case, dtype, fwd_impl):
+    lengths, H, Hkv, D, block, topk = case
+    q, k, v, cu = _inputs(lengths, H, Hkv, D)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    masks = _oracle(q, k, v, cu, block, topk)
+
+    def ours(q, k, v):
+        return attnops.moba_attention(q, k, v, block_size=block, topk=topk, cu_seqlens=cu.to(q.device),
+                                      backend=fwd_impl.backend)
+
+    dout = torch.randn(q.shape[0], H, D, generator=torch.Generator().manual_seed(1))
+    out64, g64 = output_and_grads(lambda *t: _masked(*t, cu, masks), [q.double(), k.double(), v.double()], dout.double())
+    outT, gT = output_and_grads(lambda *t: _masked(*t, cu, masks), [q, k, v], dout)
+    out, grads = output_and_grads(ours, [t.to(fwd_impl.device) for t in (q, k, v)], dout.to(fwd_impl.device))
+    assert out.dtype == dtype
+    assert_accurate("out", out.cpu(), out64, outT)
+    for name, a, b, c in zip(("dq", "dk", "dv"), grads, g64, gT):
+        assert_accurate(name, a.cpu(), b, c)
+    if Hkv == H:  # and their output itself (float32 attention over the same mask)
+        theirs = moba_attn_varlen_naive(q, k, v, cu, None, block, topk)
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.cpu(), theirs, rtol=tol, atol=tol)
+
+
+def test_batched_rows_are_sequences_and_lse_merges():
+    q, k, v, _ = _inputs((2 * 333,), 4, 2, 40, seed=2)
+    qb, kb, vb = (t.view(2, 333, *t.shape[1:]) for t in (q, k, v))
+    out, lse = attnops.moba_attention(qb, kb, vb, block_size=70, topk=3, return_lse=True)
+    cu = torch.tensor([0, 333, 666], dtype=torch.int32)
+    out2, lse2 = attnops.moba_attention(q, k, v, block_size=70, topk=3, cu_seqlens=cu, return_lse=True)
+    torch.testing.assert_close(out.reshape(666, 4, 40), out2, rtol=0, atol=0)
+    torch.testing.assert_close(lse.transpose(0, 1).reshape(4, 666), lse2, rtol=0, atol=0)
+    # lse is the one softmax's over the union of the chosen keys
+    masks = _oracle(q, k, v, cu, 70, 3)
+    for s, (a, b) in enumerate(((0, 333), (333, 666))):
+        _, lse64 = masked_attention(q[None, a:b].double(), k[None, a:b].double(), v[None, a:b].double(),
+                                    masks[s][None], 40 ** -0.5)
+        torch.testing.assert_close(lse2[:, a:b].double(), lse64[0], rtol=1e-5, atol=1e-5)
+
+
+def test_ties_are_broken_as_the_authors_topk():
+    """Key blocks 0..4 are copies of one block (equal means, equal gates, bit for bit) with different values: which
+    copies a token takes is torch.topk's tie order, which the op reproduces; the outputs then agree."""
+    g = torch.Generator().manual_seed(3)
+    S, H, D, block = 64 * 8, 2, 16, 64
+    q, v = torch.randn(S, H, D, generator=g), torch.randn(S, H, D, generator=g)
+    k = torch.randn(S, H, D, generator=g)
+    k[64:320] = k[:64].repeat(4, 1, 1)
+    cu = torch.tensor([0, S], dtype=torch.int32)
+    routes = route_tokens(q, k, [0, S], block, 3, True)
+    _, masks = moba_attn_varlen_naive(q, k, v, cu, None, block, 3, return_masks=True)
+    theirs = masks[0][:, :, ::block]  # (H, S, blocks): the chosen blocks, the own one included
+    ours = torch.zeros_like(theirs)
+    ours[routes.head, routes.token, routes.block] = True
+    own = torch.arange(S) // block
+    ours[:, torch.arange(S), own] = True
+    assert torch.equal(ours, theirs)
+    out = attnops.moba_attention(q, k, v, block_size=block, topk=3, cu_seqlens=cu)
+    torch.testing.assert_close(out, moba_attn_varlen_naive(q, k, v, cu, None, block, 3), rtol=2e-5, atol=2e-5)
+
+
+def test_needles_are_routed_per_token():
+    """Each query of the last block points at one earlier block (its direction is that block's mean key): token
+    routing sends every query to its target; the tile routing, one choice per 64 rows, cannot."""
+    g = torch.Generator().manual_seed(4)
+    block, nb, D = 64, 8, 32
+    S = block * nb
+    k = torch.randn(S, 1, D, generator=g) * 0.1
+    dirs = torch.linalg.qr(torch.randn(D, D, generator=g)).Q[:nb - 1]
+    for j in range(nb - 1):
+        k[j * block:(j + 1) * block, 0] += dirs[j] * 3
+    q = torch.randn(S, 1, D, generator=g) * 0.01
+    target = torch.randint(0, nb - 1, (block,), generator=g)
+    q[S - block:, 0] = dirs[target] * 5
+    routes = route_tokens(q, k, [0, S], block, 2, True)
+    last = routes.token >= S - block
+    got = torch.full((block,), -1)
+    got[routes.token[last] - (S - block)] = routes.block[last]
+    assert torch.equal(got, target)
+    tile = attnops.moba_block_mask(q[None], k[None], block_size=block, topk=2)
+    tile_blocks = tile.to_dense()[0, 0, nb - 1]  # the last tile's key blocks (64-wide = MoBA blocks here)
+    hit = tile_blocks[target].float().mean()
+    assert hit < 0.5  # one tile choice serves a few of the targets
+
+
+def test_score_modifiers_and_refusals():
+    q, k, v, cu = _inputs((200, 150), 4, 2, 32, seed=5)
+    masks = _oracle(q, k, v, cu, 48, 2)
+    sinks = torch.randn(4)
+    out = attnops.moba_attention(q, k, v, block_size=48, topk=2, cu_seqlens=cu, softcap=5.0, sinks=sinks)
+    ref = []
+    for (a, b), mask in zip(((0, 200), (200, 350)), masks):
+        o, _ = masked_attention(q[None, a:b].double(), k[None, a:b].double(), v[None, a:b].double(), mask[None],
+                                32 ** -0.5, softcap=5.0, sinks=sinks.double())
+        ref.append(o[0])
+    torch.testing.assert_close(out.double(), torch.cat(ref), rtol=1e-5, atol=1e-5)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    d1 = attnops.moba_attention(q, k, v, block_size=48, topk=2, cu_seqlens=cu, dropout_p=0.3, generator=g1)
+    d2 = attnops.moba_attention(q, k, v, block_size=48, topk=2, cu_seqlens=cu, dropout_p=0.3, generator=g2)
+    assert torch.equal(d1, d2) and not torch.allclose(d1, out)
+    qb, kb, vb = q[None, :200], k[None, :200], v[None, :200]
+    for kw in (dict(alibi_slopes=torch.rand(4)), dict(attn_bias=torch.zeros(200, 200)), dict(return_block_map=True)):
+        with pytest.raises(NotImplementedError, match="routing='tile'"):
+            attnops.moba_attention(qb, kb, vb, block_size=48, topk=2, **kw)
+    with pytest.raises(ValueError, match="lengths differ"):
+        attnops.moba_attention(qb[:, :100], kb, vb, block_size=48)
+
+
+def test_nonfinite_keys_reach_only_the_rows_that_route_to_them():
+    q, k, v, cu = _inputs((320,), 2, 2, 16, seed=6)
+    k[70, 0, 3] = float("nan")  # block 1 of head 0 (block size 64)
+    out = attnops.moba_attention(q, k, v, block_size=64, topk=2, cu_seqlens=cu)
+    routes = route_tokens(q, k, [0, 320], 64, 2, True)
+    sees = torch.zeros(320, dtype=torch.bool)
+    sees[routes.token[(routes.head == 0) & (routes.block == 1)]] = True
+    sees[64:128] |= torch.arange(64, 128) >= 70  # its own block, causally
+    bad = torch.isnan(out[:, 0]).any(-1)
+    assert torch.equal(bad, sees) and torch.isfinite(out[:, 1]).all()
+
+
+def test_long_sequence_without_n_by_n():
+    g = torch.Generator().manual_seed(8)
+    S = 65536
+    q, k, v = (torch.randn(1, S, 1, 16, generator=g) for _ in range(3))
+    out = attnops.moba_attention(q, k, v, block_size=1000, topk=2)
+    assert out.shape == q.shape and torch.isfinite(out).all()
