@@ -20,7 +20,7 @@ from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
 from attnops.nn.rotary import Rotary
 from attnops.nn.routing import RoutingAttention
 from attnops.nn.specs import (AgentSpec, BlockSparseSpec, FlowSpec, LinearAttentionSpec, LLNSpec, LowRankKeySpec, MoBASpec,
-                              MoHSpec, SoftmaxSpec)
+                              MoHSpec, SEASpec, SoftmaxSpec)
 
 _DEPRECATED = {"Dense": SoftmaxSpec, "BlockSparse": BlockSparseSpec, "MoBA": MoBASpec, "Linear": LinearAttentionSpec,
                "LowRankKey": LowRankKeySpec}
@@ -36,4 +36,4 @@ def __getattr__(name):
 
 __all__ = ["Aaren", "AgentSpec", "Attention", "BlockGate", "BlockSparseSpec", "FlowSpec", "LLNSpec", "LinearAttention",
            "LinearAttentionSpec", "LowRankKeySpec", "MoBASpec", "MoHAttention", "MoHSpec", "MultiQueryAttention",
-           "MultiheadAttention", "Rotary", "RoutingAttention", "SoftmaxSpec", "SwapReport", "swap", "unswap"]
+           "MultiheadAttention", "Rotary", "RoutingAttention", "SEASpec", "SoftmaxSpec", "SwapReport", "swap", "unswap"]

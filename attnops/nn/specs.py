@@ -3,7 +3,8 @@ on construction. A module turns its spec into one op call through ``spec.attend(
 (through ``attnops.maps.attend``, which asks for the block map while a capture is open).
 
 One per family: ``SoftmaxSpec``, ``BlockSparseSpec``, ``MoBASpec``, ``LinearAttentionSpec``, ``LowRankKeySpec``, and the
-composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``, ``LLNSpec`` (a new family adds one class and its ``attend``)."""
+composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``, ``LLNSpec``, and ``SEASpec`` (a new family adds one class and
+its ``attend``)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from attnops.ops.linear import decay_preset, linear_attention, resolve_feature_m
 from attnops.ops.lln import lln_attention
 from attnops.ops.lowrank import KeyProjection, check_lowrank_args, lowrank_key_attention
 from attnops.ops.moh import moh_attention, query_norm_heads
-from attnops.ops.routed import check_moba_args, moba_attention
+from attnops.ops.routed import check_moba_args, moba_attention, sea_attention
 from attnops.ops.softmax import attention, block_sparse_attention
 
 
@@ -281,6 +282,36 @@ class AgentSpec:
         return agent_attention(q, k, v, num_agents=min(self.num_agents, q.shape[1]), softmax_scale=softmax_scale)
 
 
+@dataclass(frozen=True)
+class SEASpec:
+    """SEA-style estimated-mask attention (:func:`attnops.sea_attention`): a Performer estimate of the block map
+    picks ``topk`` key blocks per query block (besides the diagonal one), exact attention runs there; ``causal``
+    adds to the call's. A cached decoding step (fewer queries than keys) attends the whole cache exactly."""
+
+    block_size: int = 64
+    topk: Union[int, float] = 8
+    num_features: int = 256
+    seed: int = 0
+    causal: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"SEASpec.causal must be a bool, got {self.causal!r}")
+        probe = torch.zeros(1, self.block_size if isinstance(self.block_size, int) and self.block_size > 0 else 1, 1, 8)
+        sea_attention(probe, probe, probe, block_size=self.block_size, topk=self.topk, num_features=self.num_features,
+                      seed=self.seed)  # validates every field on a one-block input
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, **options) -> torch.Tensor:
+        """As :meth:`SoftmaxSpec.attend`; no block map (the estimate is ``sea_attention(return_estimate=True)``)."""
+        _no_block_map("SEASpec", options)
+        causal = self.causal or causal
+        if q.shape[1] != k.shape[1]:
+            return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        return sea_attention(q, k, v, block_size=self.block_size, topk=self.topk, num_features=self.num_features,
+                             seed=self.seed, causal=causal, softmax_scale=softmax_scale)
+
+
 def _whole_sequence(spec: str, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
     if causal and q.shape[1] != k.shape[1]:
         raise NotImplementedError(f"attnops.nn.{spec}: a cached decoding step (fewer queries than keys) needs the "
@@ -388,10 +419,11 @@ def attend_unpadded(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
 
 
 AttentionSpec = Union[SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec,
-                      FlowSpec, LLNSpec]
+                      FlowSpec, LLNSpec, SEASpec]
 # The specs whose attention is a softmax over scores, which take softcap / alibi_slopes / sinks.
 SCORE_MOD_SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec)
-SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec, FlowSpec, LLNSpec)
+SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec, FlowSpec, LLNSpec,
+         SEASpec)
 
 
 def resolve_spec(spec: Optional[AttentionSpec], default: AttentionSpec, name: str = "attention") -> AttentionSpec:

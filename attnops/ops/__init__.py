@@ -6,7 +6,7 @@ from attnops.ops.softmax import attention, block_sparse_attention, varlen_attent
 from attnops.ops.lowrank import lowrank_key_attention
 from attnops.ops.decode import KVCache, decode_attention
 from attnops.ops.linear import LinearAttentionMapOutput, LinearAttentionOutput, linear_attention
-from attnops.ops.routed import moba_attention, moba_block_mask, predict_block_mask
+from attnops.ops.routed import moba_attention, moba_block_mask, predict_block_mask, sea_attention
 from attnops.ops.agent import agent_attention
 from attnops.ops.aaren import AarenState, aaren
 from attnops.ops.flow import flow_attention
@@ -18,4 +18,4 @@ __all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "KV
            "AarenState", "aaren", "agent_attention", "flow_attention", "lln_attention",
            "LinearAttentionOutput", "attention", "block_sparse_attention", "decode_attention", "linear_attention",
            "lowrank_key_attention", "moba_attention", "moh_attention", "routing_attention", "moba_block_mask",
-           "predict_block_mask", "varlen_attention"]
+           "predict_block_mask", "sea_attention", "varlen_attention"]

@@ -15,7 +15,7 @@ from attnops.bench.runner import run_case
 
 PUBLIC_OPS = ["attention", "block_sparse_attention", "linear_attention", "moba_attention", "decode_attention",
               "lowrank_key_attention", "agent_attention", "aaren", "flow_attention", "lln_attention", "moh_attention",
-              "routing_attention"]
+              "routing_attention", "sea_attention"]
 
 TINY_SUITE = """
 description = "tiny end-to-end suite (tests)"

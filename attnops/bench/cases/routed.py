@@ -95,3 +95,44 @@ def _token_reference(inputs, rows, dtype, block_size: int, topk: int, causal: bo
 
 
 register_op("moba_attention", "routed", build_moba, "MoBA block-routed attention (router + block-sparse core)")
+
+
+def build_sea(spec: CaseSpec) -> Prepared:
+    """``sea_attention`` (parameters block_size, default 64; topk, default 8; num_features, default 256; causal,
+    default true) against dense attention of the same causality; the accuracy gate checks the attention on the
+    blocks chosen, the "vs exact" column its error against dense attention."""
+    s = spec.shape
+    block = int(spec.params.get("block_size", 64))
+    topk = spec.params.get("topk", 8)
+    features = int(spec.params.get("num_features", 256))
+    causal = bool(spec.params.get("causal", True))
+    needs_grad = spec.mode == "fwd+bwd"
+    wrap = baselines.with_backward if needs_grad else (lambda p: p)
+
+    def mask_of(inputs):
+        return attnops.ops.routed.sea_block_mask(inputs[0], inputs[1], block_size=block, topk=topk,
+                                                 num_features=features, causal=causal)[0]
+
+    op = wrap(Provider(name="attnops", grad_inputs=lambda st: st,
+                       run=lambda st: attnops.sea_attention(*st, block_size=block, topk=topk, num_features=features,
+                                                            causal=causal)))
+    baseline, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
+    if baseline is None:
+        baseline, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)
+    baseline.same_function = False
+
+    def ref(inputs, rows, dtype):
+        return reference_rows(mask_of(inputs).to("cpu"), causal, (-1, -1), s["D"] ** -0.5)(inputs, rows, dtype)
+
+    def exact(inputs, rows):
+        return reference_rows(None, causal, (-1, -1), s["D"] ** -0.5)(inputs, rows, torch.float64)
+
+    make = qkv_inputs(spec)
+    sample = mask_of(make())
+    dense, actual = _flops(spec, _pairs_blocks(sample))
+    return Prepared(make_inputs=make, op=op, baseline=wrap(baseline), extras=[], reference=ref, exact=exact,
+                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"],
+                    flops_dense=dense, flops_actual=actual, density=sample.density, notes=[note] if note else [])
+
+
+register_op("sea_attention", "routed", build_sea, "SEA: a Performer-estimated block map picks the blocks, exact core")
