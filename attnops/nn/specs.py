@@ -290,7 +290,7 @@ class SEASpec:
 
     block_size: int = 64
     topk: Union[int, float] = 8
-    num_features: int = 256
+    num_features: int = 64
     seed: int = 0
     causal: bool = False
 

@@ -98,13 +98,13 @@ register_op("moba_attention", "routed", build_moba, "MoBA block-routed attention
 
 
 def build_sea(spec: CaseSpec) -> Prepared:
-    """``sea_attention`` (parameters block_size, default 64; topk, default 8; num_features, default 256; causal,
+    """``sea_attention`` (parameters block_size, default 64; topk, default 8; num_features, default 64; causal,
     default true) against dense attention of the same causality; the accuracy gate checks the attention on the
     blocks chosen, the "vs exact" column its error against dense attention."""
     s = spec.shape
     block = int(spec.params.get("block_size", 64))
     topk = spec.params.get("topk", 8)
-    features = int(spec.params.get("num_features", 256))
+    features = int(spec.params.get("num_features", 64))
     causal = bool(spec.params.get("causal", True))
     needs_grad = spec.mode == "fwd+bwd"
     wrap = baselines.with_backward if needs_grad else (lambda p: p)

@@ -38,20 +38,26 @@ def _orthogonal_features(m: int, d: int, seed: int) -> torch.Tensor:
 
 
 def _features(x: torch.Tensor, w: torch.Tensor, scale: float, per_row: bool) -> torch.Tensor:
-    """Positive random features of ``x (B, S, Hx, D)`` -> ``(B, Hx, S, m)``, float64, up to a constant per row
-    (``per_row``) or per head."""
-    xs = x.double().transpose(1, 2) * math.sqrt(scale)
-    logits = xs @ w.T - 0.5 * xs.square().sum(-1, keepdim=True)
+    """Positive random features of ``x (B, S, Hx, D)`` -> ``(B, Hx, S, m)`` in ``w``'s dtype, up to a constant per
+    row (``per_row``) or per head (constants that cancel in the row normalisation)."""
+    xs = x.to(w.dtype).transpose(1, 2) * math.sqrt(scale)
+    logits = (xs @ w.T).sub_(0.5 * xs.square().sum(-1, keepdim=True))  # in place: called without autograd
     shift = logits.amax(dim=-1, keepdim=True) if per_row else logits.amax(dim=(-2, -1), keepdim=True)
-    return torch.exp(logits - shift)
+    return logits.sub_(shift).exp_()
+
+
+def _blocks(x: torch.Tensor, size: int, count: int) -> torch.Tensor:
+    """``(B, H, S, m)`` -> ``(B, H, count, size, m)``, zero-padded."""
+    return torch.nn.functional.pad(x, (0, 0, 0, count * size - x.shape[2])).unflatten(2, (count, size))
 
 
 def estimate_block_map(q: torch.Tensor, k: torch.Tensor, *, block_size: Union[int, Tuple[int, int]] = 64,
                        num_features: int = 64, causal: bool = False, softmax_scale: Optional[float] = None,
                        seed: int = 0) -> torch.Tensor:
     """``(B, H, Nq, Nk)`` float32: the estimated mean attention probability of each query block on each key block
-    (rows sum to 1 over the visible blocks; causal: up to the diagonal block, bottom-right aligned), from
-    ``q (B, Sq, H, D)`` and ``k (B, Sk, Hkv, D)``."""
+    (rows sum to 1 over the visible blocks, 0 for a block whose rows see no key; causal: up to the diagonal block,
+    bottom-right aligned), from ``q (B, Sq, H, D)`` and ``k (B, Sk, Hkv, D)``. Causal estimates need every query
+    block inside one key block's rows (``bq <= bk`` and ``Sk - Sq`` a multiple of ``bk``)."""
     shape = check_qkv(q, k, k)
     causal = check_causal(causal)
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -60,40 +66,48 @@ def estimate_block_map(q: torch.Tensor, k: torch.Tensor, *, block_size: Union[in
         raise TypeError(f"seed must be an int, got {seed!r}")
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     grid = Grid((shape.seq_len_q, shape.seq_len_k), check_block_size(block_size), q.device)
+    Sq, Sk = shape.seq_len_q, shape.seq_len_k
+    diag = grid.diag.view(-1)  # (Nq,): the key block of each query block's last row
+    if causal:
+        first = torch.div(grid.first_pos.view(-1).clamp(min=0), grid.bk, rounding_mode="floor")
+        if bool((first != diag.clamp(min=0)).any()):
+            raise NotImplementedError("causal SEA estimates need every query block inside one key block's rows "
+                                      "(bq <= bk, with Sk - Sq a multiple of bk)")
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        w = _orthogonal_features(num_features, shape.head_dim, seed).to(q.device)
+        w = _orthogonal_features(num_features, shape.head_dim, seed).to(q.device, work)
         group = shape.num_heads // shape.num_kv_heads
-        phi_q = _features(q, w, scale, per_row=True)  # (B, H, Sq, m)
-        phi_k = _features(k, w, scale, per_row=False).repeat_interleave(group, dim=1)  # (B, H, Sk, m)
-        Sq, Sk = shape.seq_len_q, shape.seq_len_k
-        if causal:  # the keys row i may see: j <= i + Sk - Sq
-            prefix = torch.cumsum(phi_k, dim=2)
-            last = torch.arange(Sq, device=q.device) + Sk - Sq
-            seen = torch.where((last >= 0).view(1, 1, -1, 1), prefix[:, :, last.clamp(min=0)], torch.zeros(()))
+        phi_q = _blocks(_features(q, w, scale, per_row=True), grid.bq, grid.nq)  # (B, H, Nq, bq, m)
+        phi_k = _blocks(_features(k, w, scale, per_row=False), grid.bk, grid.nk)  # (B, Hkv, Nk, bk, m)
+        key_sums = phi_k.sum(3).repeat_interleave(group, dim=1)  # (B, H, Nk, m)
+        if causal:  # row i sees the blocks before its diagonal block, and that block up to its own position
+            before = torch.cumsum(key_sums, dim=2) - key_sums  # (B, H, Nk, m): the sum over earlier blocks
+            d = diag.clamp(min=0)
+            own = phi_k[:, :, d].repeat_interleave(group, dim=1)  # (B, H, Nq, bk, m)
+            pos = grid.first_pos.view(-1, 1) + torch.arange(grid.bq, device=q.device)  # (Nq, bq)
+            seen_in_block = torch.arange(grid.bk, device=q.device) <= (pos - d.view(-1, 1) * grid.bk).unsqueeze(-1)
+            partial = ((phi_q @ own.transpose(-1, -2)) * seen_in_block).sum(-1)  # (B, H, Nq, bq)
+            norm = (phi_q @ before[:, :, d].unsqueeze(-1)).squeeze(-1) + partial
+            sees = pos >= 0  # a row aligned before the first key sees nothing
         else:
-            seen = phi_k.sum(dim=2, keepdim=True)
-        norm = (phi_q * seen).sum(-1, keepdim=True)
-        phi_q = torch.where(norm > 0, phi_q / norm, torch.zeros(()))  # a row that sees nothing: no mass
-        pad_q, pad_k = grid.nq * grid.bq - Sq, grid.nk * grid.bk - Sk
-        counts = torch.clamp(Sq - torch.arange(grid.nq, device=q.device) * grid.bq, max=grid.bq).view(1, 1, -1, 1)
-        rows = torch.nn.functional.pad(phi_q, (0, 0, 0, pad_q)).unflatten(2, (grid.nq, grid.bq)).sum(3) / counts
-        keys = torch.nn.functional.pad(phi_k, (0, 0, 0, pad_k)).unflatten(2, (grid.nk, grid.bk)).sum(3)
-        est = rows @ keys.transpose(-1, -2)  # (B, H, Nq, Nk)
-        est = torch.where(grid.visible(causal), est, torch.zeros(()))
-        if causal:  # the diagonal block is partial for each row: its own prefix inside the block
-            diag = grid.diag.view(-1)  # (Nq,)
-            first_block = torch.div(grid.first_pos.view(-1).clamp(min=0), grid.bk, rounding_mode="floor")
-            if bool((first_block != diag.clamp(min=0)).any()):
-                raise NotImplementedError("causal SEA estimates need every query block inside one key block's rows "
-                                          "(bq <= bk, with Sk - Sq a multiple of bk)")
-            row_diag = diag.repeat_interleave(grid.bq)[:Sq].clamp(min=0)  # (Sq,)
-            start = row_diag * grid.bk - 1
-            before = torch.where((start >= 0).view(1, 1, -1, 1), prefix[:, :, start.clamp(min=0)], torch.zeros(()))
-            part = (phi_q * (seen - before)).sum(-1)  # (B, H, Sq)
-            part = torch.nn.functional.pad(part, (0, pad_q)).unflatten(2, (grid.nq, grid.bq)).sum(3) / counts[..., 0]
-            index = diag.clamp(min=0).view(1, 1, -1, 1).expand(*est.shape[:2], -1, 1)
-            est = est.scatter(-1, index, torch.where(diag.view(1, 1, -1, 1) >= 0, part.unsqueeze(-1), torch.zeros(())))
-        return (est / est.sum(-1, keepdim=True).clamp_min(1e-300)).float()
+            norm = phi_q @ key_sums.sum(2).view(*key_sums.shape[:2], 1, -1, 1)  # (B, H, Nq, bq, 1)
+            norm = norm.squeeze(-1)
+            sees = torch.ones(grid.nq, grid.bq, dtype=torch.bool, device=q.device)
+        rows = torch.arange(grid.nq * grid.bq, device=q.device).view(grid.nq, grid.bq) < Sq
+        sees = sees & rows & (norm > 0)
+        normalised = torch.where(sees.unsqueeze(-1), phi_q / norm.clamp_min(torch.finfo(work).tiny).unsqueeze(-1),
+                                 torch.zeros((), dtype=work, device=q.device))
+        counts = rows.sum(-1).view(1, 1, -1, 1).to(work)
+        est = (normalised.sum(3) / counts) @ key_sums.transpose(-1, -2)  # (B, H, Nq, Nk)
+        visible = grid.visible(causal)
+        if causal:  # the diagonal's share is what the earlier blocks leave of each seeing row's unit mass
+            earlier = grid.kb < grid.diag
+            est = torch.where(earlier, est, torch.zeros((), dtype=work, device=q.device))
+            share = sees.sum(-1).to(work) / counts[..., 0] - est.sum(-1)
+            est = est.scatter(-1, diag.clamp(min=0).view(1, 1, -1, 1).expand(*est.shape[:2], -1, 1),
+                              share.clamp_min(0).unsqueeze(-1))
+        est = torch.where(visible, est, torch.zeros((), dtype=work, device=q.device))
+        return (est / est.sum(-1, keepdim=True).clamp_min(torch.finfo(work).tiny)).float()
 
 
 def sea_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: Union[int, Tuple[int, int]] = 64,
