@@ -9,9 +9,9 @@ from attnops.core.masks import BlockMask
 from attnops.ops import KVCache
 from attnops.ops import (AarenState, AttentionLseMapOutput, AttentionMapOutput, AttentionOutput,
                          LinearAttentionMapOutput, LinearAttentionOutput, aaren, agent_attention, attention,
-                         block_sparse_attention, decode_attention, flow_attention, linear_attention, lln_attention,
-                         lowrank_key_attention, moba_attention, moba_block_mask, moh_attention, predict_block_mask,
-                         routing_attention, sea_attention, varlen_attention)
+                         block_sparse_attention, decode_attention, flow_attention, hyper_attention, landmark_attention,
+                         linear_attention, lln_attention, lowrank_key_attention, moba_attention, moba_block_mask,
+                         moh_attention, predict_block_mask, routing_attention, sea_attention, varlen_attention)
 from attnops import lowrank  # noqa: E402  (KeyProjection, calibrate)
 from attnops import maps  # noqa: E402  (block maps: capture, rollout, heatmaps)
 from attnops import distributed  # noqa: E402  (context parallelism over torch.distributed)
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = ["AarenState", "AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "BlockMask", "KVCache",
            "LinearAttentionMapOutput", "LinearAttentionOutput", "aaren", "agent_attention", "attention",
-           "block_sparse_attention", "decode_attention", "dispatch", "distributed", "flow_attention",
-           "linear_attention", "lln_attention", "lowrank", "lowrank_key_attention", "maps", "moba_attention",
-           "moba_block_mask", "moh_attention", "nn", "predict_block_mask", "routing_attention", "sea_attention", "swap", "unswap",
-           "varlen_attention"]
+           "block_sparse_attention", "decode_attention", "dispatch", "distributed", "flow_attention", "hyper_attention",
+           "landmark_attention", "linear_attention", "lln_attention", "lowrank", "lowrank_key_attention", "maps",
+           "moba_attention", "moba_block_mask", "moh_attention", "nn", "predict_block_mask", "routing_attention",
+           "sea_attention", "swap", "unswap", "varlen_attention"]

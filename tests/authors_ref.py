@@ -441,3 +441,245 @@ def moba_attn_varlen_naive(q, k, v, cu_seqlens, max_seqlen, moba_chunk_size, mob
         o_ += torch.einsum("hxy,yhd->xhd", p, v_)
         o = o.type_as(q)
     return (o, masks) if return_masks else o
+
+
+# --- HyperAttention: insuhan/hyper-attn @68b91e9, models/attention/{hyper_attn,angular_lsh,utils}.py, the torch
+# (non-flash) path. Two seams: the LSH directions are an argument (the module draws them at construction) and the
+# sampled columns come from ``sample_fn(n_key, batch, heads, m)`` (the authors call torch.randint there).
+
+def _hyper_gray_array(size_n):
+    if size_n == 1:
+        return torch.tensor([0, 1])
+    a = _hyper_gray_array(size_n - 1)
+    return torch.concat([a, torch.flip(a, dims=[0]) + 2 ** (size_n - 1)], 0)
+
+
+def _hyper_hash(mat, proj_dir):
+    mask = torch.einsum('...nd,...dr -> ...nr', mat, proj_dir.to(mat.dtype))
+    mask = mask > 0
+    bin_ids = (mask * 2 ** torch.arange(proj_dir.shape[-1]).view(1, 1, 1, -1)).sum(-1)
+    return _hyper_gray_array(proj_dir.shape[-1])[bin_ids]
+
+
+def _hyper_indexing(x, indices, chunk_size=-1):
+    if chunk_size < 0 or (chunk_size > 0 and x.shape[-2] % chunk_size == 0):
+        return x.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+    x = x.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+    new_n = math.ceil(x.shape[2] / chunk_size) * chunk_size
+    return torch.nn.functional.pad(x, (0, 0, 0, new_n - x.shape[2]), mode='constant', value=0.)
+
+
+def _hyper_add(attn1, lse1, attn2, lse2):
+    c = (1 / (1 + (lse2 - lse1).exp())).to(dtype=attn1.dtype)
+    attn = c * attn1 + (1 - c) * attn2
+    lse = lse1 - (c + torch.finfo(lse1.dtype).eps).log()
+    return attn, lse
+
+
+def _hyper_exact(query, key, value, softmax_scale, causal=False, bias=None):
+    qk = query @ key.transpose(-1, -2) * softmax_scale
+    if causal:
+        qk += (torch.ones(query.shape[2], key.shape[2]) * torch.finfo(query.dtype).min).triu(1).reshape(
+            1, 1, query.shape[2], key.shape[2])
+    if bias is not None:  # the flash path's bias argument, added to QK^T
+        qk = qk + bias
+    out = qk.softmax(dim=-1) @ value
+    lse = torch.logsumexp(qk, dim=-1, keepdim=True)
+    return out, lse
+
+
+def _hyper_no_causal(query, key, value, scale, proj_dir, sample_fn, block_size, sample_size, min_seq_len):
+    batch_size, head_size, n_query, dim = query.shape
+    n_key = key.shape[2]
+    if min_seq_len > n_query:
+        return _hyper_exact(query, key, value, scale, causal=False)
+    _, query_sort_idx = torch.sort(_hyper_hash(query, proj_dir), dim=2, stable=True)
+    _, key_sort_idx = torch.sort(_hyper_hash(key, proj_dir), dim=2, stable=True)
+    query_sort_idx_inv = torch.argsort(query_sort_idx, dim=2, stable=True)
+    key_block_size = block_size
+    query_sorted = _hyper_indexing(query, query_sort_idx, key_block_size)
+    key_sorted = _hyper_indexing(key, key_sort_idx, key_block_size)
+    value_sorted = _hyper_indexing(value, key_sort_idx, key_block_size)
+    num_blocks = key_sorted.shape[2] // key_block_size
+    query_block_size = query_sorted.shape[2] // num_blocks
+    query_split_per_block = query_sorted.view(-1, 1, query_block_size, dim)
+    key_split_per_block = key_sorted.view(-1, 1, key_block_size, dim)
+    value_split_per_block = value_sorted.view(-1, 1, key_block_size, dim)
+    attn_block, lse_block = _hyper_exact(query_split_per_block, key_split_per_block, value_split_per_block,
+                                         softmax_scale=scale, causal=False)
+    attn_block = attn_block.contiguous().view(batch_size, head_size, query_sorted.shape[2], -1)
+    lse_block = lse_block.contiguous().view(batch_size, head_size, query_sorted.shape[2], -1)
+    if query_sorted.shape[2] != n_query:
+        attn_block, lse_block = attn_block[:, :, :n_query, :], lse_block[:, :, :n_query, :]
+        query_sorted = query_sorted[:, :, :n_query, :]
+        key_sorted = key_sorted[:, :, :n_key, :]
+        value_sorted = value_sorted[:, :, :n_key, :]
+    if sample_size > 0 and (n_query > query_block_size) and (n_key > key_block_size):
+        sampled_set = sample_fn(n_key, batch_size, head_size, sample_size)
+        offset_n = torch.arange(n_query).view(1, -1, 1)
+        weights = n_key / sample_size
+        value_subset = _hyper_indexing(value_sorted, sampled_set)
+        key_subset = _hyper_indexing(key_sorted, sampled_set)
+        block_mask = (offset_n // query_block_size) == (sampled_set // key_block_size).view(-1, 1, sample_size)
+        block_mask = block_mask.view(batch_size, head_size, -1, sample_size)
+        block_mask = block_mask.to(query_sorted.dtype)
+        block_mask *= torch.finfo(query_sorted.dtype).min
+        attn_res, lse_res = _hyper_exact(query_sorted, key_subset, value_subset, scale, causal=False, bias=block_mask)
+        lse_res = lse_res + math.log(weights)
+        attn, lse = _hyper_add(attn_block, lse_block, attn_res, lse_res)
+    else:
+        attn, lse = attn_block, lse_block
+    attn = _hyper_indexing(attn, query_sort_idx_inv)
+    lse = _hyper_indexing(lse, query_sort_idx_inv)
+    return attn, lse
+
+
+def hyper_attention_port(query, key, value, proj_dir, sample_fn, scale=None, causal=False, block_size=256,
+                         sample_size=256, min_seq_len=4096):
+    """``HyperAttention.forward(query, key, value, scale, causal, return_lse=True)`` on ``(B, H, S, D)`` tensors."""
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    n_query = query.shape[2]
+    batch_size, n_heads, n_key, dim = key.shape
+    scale = dim ** (-0.5) if scale is None else scale
+    args = (proj_dir, sample_fn, block_size, sample_size, min_seq_len)
+    if not causal:
+        return _hyper_no_causal(query, key, value, scale, *args)
+    if n_key <= min_seq_len:
+        return _hyper_exact(query, key, value, scale, causal=True)
+    if n_query % 2:
+        query = torch.nn.functional.pad(query, (0, 0, 0, 1), mode='constant', value=0.)
+        key = torch.nn.functional.pad(key, (0, 0, 0, 1), mode='constant', value=0.)
+        value = torch.nn.functional.pad(value, (0, 0, 0, 1), mode='constant', value=0.)
+    q_bd = query.view(batch_size, 2 * n_heads, query.shape[2] // 2, query.shape[-1])
+    k_bd = key.view(batch_size, 2 * n_heads, key.shape[2] // 2, key.shape[-1])
+    v_bd = value.view(batch_size, 2 * n_heads, key.shape[2] // 2, value.shape[-1])
+    attn_bd, lse_bd = hyper_attention_port(q_bd, k_bd, v_bd, proj_dir, sample_fn, scale, True, block_size,
+                                           sample_size, min_seq_len)
+    attn_bd = attn_bd.contiguous().view(batch_size, n_heads, -1, dim)
+    lse_bd = lse_bd.contiguous().view(batch_size, n_heads, -1, 1)
+    attn_unmasked, lse_unmasked = _hyper_no_causal(query[:, :, key.shape[2] // 2:, :], key[:, :, :key.shape[2] // 2, :],
+                                                   value[:, :, :key.shape[2] // 2, :], scale, *args)
+    attn_up, lse_up = attn_bd[:, :, :query.shape[2] // 2, :], lse_bd[:, :, :query.shape[2] // 2, :]
+    attn_down, lse_down = _hyper_add(attn_bd[:, :, query.shape[2] // 2:, :], lse_bd[:, :, query.shape[2] // 2:, :],
+                                     attn_unmasked, lse_unmasked)
+    attn = torch.cat((attn_up, attn_down), dim=-2)
+    lse = torch.cat((lse_up, lse_down), dim=-2)
+    if n_query % 2:
+        attn = attn[:, :, :-1, :]
+        lse = lse[:, :, :-1, :]
+    return attn, lse
+
+
+def agent_deit_forward(x, p, num_heads, agent_num, window):
+    """LeapLabTHU/Agent-Attention agent_transformer/models/agent_deit.py ``AgentAttention.forward`` (attn_drop and
+    proj_drop 0), its modules as functions of the state dict ``p`` (the names of their module)."""
+    b, n, c = x.shape
+    h = int(n ** 0.5)
+    w = int(n ** 0.5)
+    head_dim = c // num_heads
+    scale = head_dim ** -0.5
+    qkv = torch.nn.functional.linear(x, p["qkv.weight"], p.get("qkv.bias")).reshape(b, n, 3, c).permute(2, 0, 1, 3)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    pool = torch.nn.AdaptiveAvgPool2d(output_size=(int(agent_num ** 0.5), int(agent_num ** 0.5)))
+    agent_tokens = pool(q[:, 1:, :].reshape(b, h, w, c).permute(0, 3, 1, 2)).reshape(b, c, -1).permute(0, 2, 1)
+    q = q.reshape(b, n, num_heads, head_dim).permute(0, 2, 1, 3)
+    k = k.reshape(b, n, num_heads, head_dim).permute(0, 2, 1, 3)
+    v = v.reshape(b, n, num_heads, head_dim).permute(0, 2, 1, 3)
+    agent_tokens = agent_tokens.reshape(b, agent_num, num_heads, head_dim).permute(0, 2, 1, 3)
+    position_bias1 = torch.nn.functional.interpolate(p["an_bias"], size=(window, window), mode='bilinear')
+    position_bias1 = position_bias1.reshape(1, num_heads, agent_num, -1).repeat(b, 1, 1, 1)
+    position_bias2 = (p["ah_bias"] + p["aw_bias"]).reshape(1, num_heads, agent_num, -1).repeat(b, 1, 1, 1)
+    position_bias = position_bias1 + position_bias2
+    position_bias = torch.cat([p["ac_bias"].repeat(b, 1, 1, 1), position_bias], dim=-1)
+    agent_attn = torch.softmax((agent_tokens * scale) @ k.transpose(-2, -1) + position_bias, dim=-1)
+    agent_v = agent_attn @ v
+    agent_bias1 = torch.nn.functional.interpolate(p["na_bias"], size=(window, window), mode='bilinear')
+    agent_bias1 = agent_bias1.reshape(1, num_heads, agent_num, -1).permute(0, 1, 3, 2).repeat(b, 1, 1, 1)
+    agent_bias2 = (p["ha_bias"] + p["wa_bias"]).reshape(1, num_heads, -1, agent_num).repeat(b, 1, 1, 1)
+    agent_bias = agent_bias1 + agent_bias2
+    agent_bias = torch.cat([p["ca_bias"].repeat(b, 1, 1, 1), agent_bias], dim=-2)
+    q_attn = torch.softmax((q * scale) @ agent_tokens.transpose(-2, -1) + agent_bias, dim=-1)
+    x = q_attn @ agent_v
+    x = x.transpose(1, 2).reshape(b, n, c)
+    v_ = v[:, :, 1:, :].transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
+    dwc = torch.nn.functional.conv2d(v_, p["dwc.weight"], p["dwc.bias"], padding=1, groups=c)
+    x = x.clone()  # (their in-place update of a view of the autograd graph's tensor)
+    x[:, 1:, :] = x[:, 1:, :] + dwc.permute(0, 2, 3, 1).reshape(b, n - 1, c)
+    return torch.nn.functional.linear(x, p["proj.weight"], p["proj.bias"])
+
+
+# --- Landmark attention: epfml/landmark-attention @9f13a60, llama/ltriton/test_flash_landmark_attention.py: its
+# ``landmark_grouped_softmax`` (the same as llama/llama_mem.py's) and its dense reference ``f()``. One seam: their
+# number of softmax groups is a constant (16 there, 64 in llama_mem.py), which must exceed the blocks; here it is
+# ``mem_cnt``.
+
+class _LandmarkGroupedSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, mem_cnt, resp_mem_idx):
+        new_shape = list(x.shape)
+        new_shape[dim] = mem_cnt
+        max_by_group = x.new_zeros((*new_shape,))
+        max_by_group.scatter_reduce_(src=x, index=resp_mem_idx, dim=dim, reduce="amax", include_self=False)
+        maxes = torch.gather(max_by_group, dim, resp_mem_idx)
+        x_exp = torch.exp((x - maxes).to(torch.float32 if x.dtype != torch.float64 else x.dtype))
+        cumsum_by_group = torch.zeros_like(max_by_group, dtype=x_exp.dtype)
+        cumsum_by_group.scatter_add_(dim, resp_mem_idx, x_exp, )
+        denom = torch.gather(cumsum_by_group, dim, resp_mem_idx)
+        probs = x_exp / denom
+        ctx.mem_cnt = mem_cnt
+        ctx.dim = dim
+        ctx.save_for_backward(resp_mem_idx, probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        mem_cnt = ctx.mem_cnt
+        dim = ctx.dim
+        resp_mem_idx, probs = ctx.saved_tensors
+        grad_pair = grad_probs * probs
+        new_shape = list(probs.shape)
+        new_shape[dim] = mem_cnt
+        cumsum_by_group = grad_pair.new_zeros((*new_shape,))
+        cumsum_by_group.scatter_add_(dim, resp_mem_idx, grad_pair)
+        grad_sum = torch.gather(cumsum_by_group, dim, resp_mem_idx)
+        grad_x = grad_pair - probs * grad_sum
+        return grad_x, None, None, None
+
+
+def landmark_grouped_softmax(x, dim, is_mem, last_section_mask, mem_cnt):
+    last_and_rest_mask = last_section_mask
+    full_access_mask = is_mem | last_and_rest_mask
+    max_mem_cnt = mem_cnt
+    mem_group_idx = torch.cumsum(is_mem, dim=dim)
+    mem_bucket_id = max_mem_cnt - 1
+    resp_mem_idx = torch.where(last_and_rest_mask, max_mem_cnt - 1, torch.where(is_mem, mem_bucket_id, mem_group_idx))
+    probs = _LandmarkGroupedSoftmax.apply(x, dim, max_mem_cnt, resp_mem_idx)
+    new_shape = list(x.shape)
+    new_shape[dim] = max_mem_cnt
+    group_prob = probs.new_zeros((*new_shape, ))
+    group_prob.scatter_(dim, torch.where(is_mem, mem_group_idx - 1, max_mem_cnt - 1), probs)
+    probs = probs.mul(torch.where(full_access_mask, last_section_mask, torch.gather(group_prob, dim, resp_mem_idx)))
+    return probs
+
+
+def landmark_attention_port(q, k, v, mem_freq):
+    """Their test's ``f()`` on ``(B, H, S, D)`` tensors (landmarks every ``mem_freq + 1`` keys, the last of each
+    block)."""
+    batch, nheads, seqlen_q, d = q.shape
+    seqlen_k = k.shape[2]
+    block_size = mem_freq + 1
+    is_mem = torch.arange(0, seqlen_k, device=q.device) % block_size == (block_size - 1)
+    att = q @ k.transpose(-1, -2) / math.sqrt(d)
+    att_mask = torch.tril(torch.ones((1, 1, seqlen_q, seqlen_k), device=q.device), diagonal=seqlen_k - seqlen_q) == 1.
+    last_section_mask = (torch.arange(0, seqlen_k, device=q.device) // (mem_freq + 1))[None, :] == (
+        torch.arange(seqlen_k - seqlen_q, seqlen_k, device=q.device) // (mem_freq + 1))[:, None]
+    last_section_mask = last_section_mask.unsqueeze(0).unsqueeze(1)
+    is_mem_ = is_mem.view(1, 1, 1, seqlen_k)
+    mask = att_mask & ~(last_section_mask & is_mem_)
+    last_section_mask = last_section_mask & mask
+    is_mem_ = is_mem_ & mask
+    is_mem_ = is_mem_.expand(batch, nheads, seqlen_q, seqlen_k)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = landmark_grouped_softmax(att, -1, is_mem_, last_section_mask, seqlen_k // block_size + 2).to(q.dtype)
+    att = att.masked_fill(~mask, 0.0)
+    return att @ v

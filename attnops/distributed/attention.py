@@ -29,6 +29,7 @@ from attnops.core.results import AttentionOutput
 from attnops.core.segments import transpose_bounds
 from attnops.distributed.shard import LAYOUTS, _group_info, local_positions
 from attnops.ops.softmax import library as lib
+from attnops.ops.softmax.merge import merge_partials
 
 # Bytes this process sent through context-parallel attention (forward and backward), and the ring steps it
 # skipped because no query needed the shard: reset with STATS.clear().
@@ -213,20 +214,6 @@ def _bounds(pair: _Pair) -> dict:
                 query_bounds=pair.query_bounds)
 
 
-def _merge(acc, out, lse, work):
-    """Two partial softmaxes over disjoint keys -> one, in ``work`` (float32; float64 for float64): rows
-    empty on both sides stay 0 / -inf, never NaN."""
-    out, lse = out.to(work), lse.to(work)
-    if acc is None:
-        return out, lse
-    acc_out, acc_lse = acc
-    new = torch.logaddexp(acc_lse, lse)
-    safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
-    wa = torch.exp(acc_lse - safe).transpose(1, 2).unsqueeze(-1)  # (B, S, H, 1)
-    wb = torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1)
-    return acc_out * wa + out * wb, new
-
-
 def _work(dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -243,10 +230,10 @@ class _ContextParallel(torch.autograd.Function):
 
         acc = None
         if plan.rank in plan.pairs:
-            acc = _merge(acc, *attend(plan.pairs[plan.rank], k, v), work)
+            acc = merge_partials(acc, *attend(plan.pairs[plan.rank], k, v), work)
         for _, _, got in _prefetched(plan, group, k, v):
             for s, (ks, vs) in got.items():
-                acc = _merge(acc, *attend(plan.pairs[s], ks, vs), work)
+                acc = merge_partials(acc, *attend(plan.pairs[s], ks, vs), work)
         if acc is None:  # no local query sees any key (all padding, or an empty mask)
             B, S, H, _ = q.shape
             acc = (torch.zeros(q.shape, dtype=work, device=q.device),

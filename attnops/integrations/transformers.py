@@ -33,8 +33,8 @@ from attnops.core.checks import additive_mask
 from attnops.maps.capture import attend
 from attnops.core.masks import BlockMask
 from attnops.nn.specs import (SCORE_MOD_SPECS, VARLEN_SPECS, AttentionSpec, BlockSparseSpec, FlowSpec,
-                              LinearAttentionSpec, LLNSpec, MoBASpec, MoHSpec, SEASpec, SoftmaxSpec, attend_unpadded,
-                              resolve_spec)
+                              HyperSpec, LinearAttentionSpec, LLNSpec, MoBASpec, MoHSpec, SEASpec, SoftmaxSpec,
+                              attend_unpadded, resolve_spec)
 
 _SPECS: Dict[str, AttentionSpec] = {}
 
@@ -55,6 +55,7 @@ DEFAULTS: Dict[str, AttentionSpec] = {
     "attnops_flow": FlowSpec(),
     "attnops_sea": SEASpec(),  # Performer-estimated block map, 8 key blocks of 64 per query block + the diagonal
     "attnops_lln": LLNSpec(),
+    "attnops_hyper": HyperSpec(),  # HyperAttention, the authors' defaults (exact below 4096 tokens)
     "attnops_linear": LinearAttentionSpec(feature_map="elu", normalize=True),  # a drop-in without an output norm: normalised
 }
 
@@ -256,7 +257,8 @@ def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str
     under ``name``; returns the name to pass as ``attn_implementation``. Without a spec, a name of
     :data:`DEFAULTS` gets its default (``"attnops"``: exact dense, ``"attnops_sparse"``: sink + local
     window, ``"attnops_moba"``: MoBA, block 512, top-3, ``"attnops_moh"``: Mixture-of-Head attention with
-    MoH-LLaMA3's query-norm router, ``"attnops_flow"``: Flowformer, ``"attnops_lln"``: Linear Log-Normal, ``"attnops_sea"``: SEA's estimated mask,
+    MoH-LLaMA3's query-norm router, ``"attnops_flow"``: Flowformer, ``"attnops_lln"``: Linear Log-Normal,
+    ``"attnops_sea"``: SEA's estimated mask, ``"attnops_hyper"``: HyperAttention,
     ``"attnops_linear"``: normalised elu + 1 linear attention) and any other name dense attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask

@@ -3,24 +3,27 @@
 Specs (``*Spec``: which attention a module runs, not layers) are frozen dataclasses with one method,
 ``attend``: ``SoftmaxSpec`` (exact softmax: full, causal, window), ``BlockSparseSpec``, ``MoBASpec``,
 ``LinearAttentionSpec``, ``LowRankKeySpec``, and the composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``,
-``LLNSpec``. Their former names (``Dense``, ``BlockSparse``, ``MoBA``,
-``Linear``, ``LowRankKey``; ``Dense`` and ``Linear`` read as torch layers) still work for one release,
-with a DeprecationWarning.
+``LLNSpec``, ``SEASpec``, ``HyperSpec``. Modules with a method's own parameters: ``MoHAttention``,
+``RoutingAttention``, ``Aaren``, ``AgentAttention`` (the authors' vision block, their parameter names),
+``LandmarkAttention``. The specs' former names (``Dense``, ``BlockSparse``, ``MoBA``, ``Linear``, ``LowRankKey``; ``Dense`` and ``Linear`` read as torch layers)
+still work for one release, with a DeprecationWarning.
 """
 
 import warnings
 
 from attnops.nn.aaren import Aaren
+from attnops.nn.agent import AgentAttention
 from attnops.nn.attention import Attention
 from attnops.nn.block_gate import BlockGate
+from attnops.nn.landmark import LandmarkAttention
 from attnops.nn.linear import LinearAttention
 from attnops.nn.moh import MoHAttention
 from attnops.nn.mqa import MultiQueryAttention
 from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
 from attnops.nn.rotary import Rotary
 from attnops.nn.routing import RoutingAttention
-from attnops.nn.specs import (AgentSpec, BlockSparseSpec, FlowSpec, LinearAttentionSpec, LLNSpec, LowRankKeySpec, MoBASpec,
-                              MoHSpec, SEASpec, SoftmaxSpec)
+from attnops.nn.specs import (AgentSpec, BlockSparseSpec, FlowSpec, HyperSpec, LinearAttentionSpec, LLNSpec,
+                              LowRankKeySpec, MoBASpec, MoHSpec, SEASpec, SoftmaxSpec)
 
 _DEPRECATED = {"Dense": SoftmaxSpec, "BlockSparse": BlockSparseSpec, "MoBA": MoBASpec, "Linear": LinearAttentionSpec,
                "LowRankKey": LowRankKeySpec}
@@ -34,6 +37,7 @@ def __getattr__(name):
     return spec
 
 
-__all__ = ["Aaren", "AgentSpec", "Attention", "BlockGate", "BlockSparseSpec", "FlowSpec", "LLNSpec", "LinearAttention",
-           "LinearAttentionSpec", "LowRankKeySpec", "MoBASpec", "MoHAttention", "MoHSpec", "MultiQueryAttention",
-           "MultiheadAttention", "Rotary", "RoutingAttention", "SEASpec", "SoftmaxSpec", "SwapReport", "swap", "unswap"]
+__all__ = ["Aaren", "AgentAttention", "AgentSpec", "Attention", "BlockGate", "BlockSparseSpec", "FlowSpec",
+           "HyperSpec", "LLNSpec", "LandmarkAttention", "LinearAttention", "LinearAttentionSpec", "LowRankKeySpec",
+           "MoBASpec", "MoHAttention", "MoHSpec", "MultiQueryAttention", "MultiheadAttention", "Rotary", "RoutingAttention",
+           "SEASpec", "SoftmaxSpec", "SwapReport", "swap", "unswap"]

@@ -17,6 +17,7 @@ from attnops.core.checks import QKVShape
 from attnops.core.masks import BlockMask
 from attnops.ops.agent import agent_attention
 from attnops.ops.flow import flow_attention
+from attnops.ops.hyper import hyper_attention
 from attnops.ops.linear import decay_preset, linear_attention, resolve_feature_map
 from attnops.ops.lln import lln_attention
 from attnops.ops.lowrank import KeyProjection, check_lowrank_args, lowrank_key_attention
@@ -312,6 +313,36 @@ class SEASpec:
                              seed=self.seed, causal=causal, softmax_scale=softmax_scale)
 
 
+@dataclass(frozen=True)
+class HyperSpec:
+    """HyperAttention (:func:`attnops.hyper_attention`, the authors' defaults): sortLSH blocks plus sampled columns,
+    exact below ``min_seq_len``; ``causal`` adds to the call's. A cached decoding step (or chunk) of at most
+    ``min_seq_len`` queries attends the cache exactly, as the op does."""
+
+    block_size: int = 256
+    sample_size: int = 256
+    num_projections: int = 7
+    min_seq_len: int = 4096
+    seed: int = 0
+    causal: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"HyperSpec.causal must be a bool, got {self.causal!r}")
+        probe = torch.zeros(1, 2, 1, 8)
+        hyper_attention(probe, probe, probe, block_size=self.block_size, sample_size=self.sample_size,
+                        num_projections=self.num_projections, min_seq_len=self.min_seq_len,
+                        seed=self.seed)  # validates every field
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, **options) -> torch.Tensor:
+        """As :meth:`SoftmaxSpec.attend`; no block map."""
+        _no_block_map("HyperSpec", options)
+        return hyper_attention(q, k, v, causal=self.causal or causal, softmax_scale=softmax_scale,
+                               block_size=self.block_size, sample_size=self.sample_size,
+                               num_projections=self.num_projections, min_seq_len=self.min_seq_len, seed=self.seed)
+
+
 def _whole_sequence(spec: str, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
     if causal and q.shape[1] != k.shape[1]:
         raise NotImplementedError(f"attnops.nn.{spec}: a cached decoding step (fewer queries than keys) needs the "
@@ -419,11 +450,11 @@ def attend_unpadded(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
 
 
 AttentionSpec = Union[SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec,
-                      FlowSpec, LLNSpec, SEASpec]
+                      FlowSpec, LLNSpec, SEASpec, HyperSpec]
 # The specs whose attention is a softmax over scores, which take softcap / alibi_slopes / sinks.
 SCORE_MOD_SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec)
 SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec, FlowSpec, LLNSpec,
-         SEASpec)
+         SEASpec, HyperSpec)
 
 
 def resolve_spec(spec: Optional[AttentionSpec], default: AttentionSpec, name: str = "attention") -> AttentionSpec:

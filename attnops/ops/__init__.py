@@ -13,9 +13,12 @@ from attnops.ops.flow import flow_attention
 from attnops.ops.lln import lln_attention
 from attnops.ops.moh import moh_attention
 from attnops.ops.clustered import routing_attention
+from attnops.ops.hyper import hyper_attention
+from attnops.ops.landmark import landmark_attention
 
 __all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "KVCache", "LinearAttentionMapOutput",
            "AarenState", "aaren", "agent_attention", "flow_attention", "lln_attention",
-           "LinearAttentionOutput", "attention", "block_sparse_attention", "decode_attention", "linear_attention",
+           "LinearAttentionOutput", "attention", "block_sparse_attention", "decode_attention", "hyper_attention", "landmark_attention",
+           "linear_attention",
            "lowrank_key_attention", "moba_attention", "moh_attention", "routing_attention", "moba_block_mask",
            "predict_block_mask", "sea_attention", "varlen_attention"]

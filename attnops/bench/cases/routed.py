@@ -1,6 +1,7 @@
-"""Benchmark cases of block-routed attention: ``moba_attention`` (family "routed").
+"""Benchmark cases of block-routed and content-routed attention (family "routed"): ``moba_attention`` here,
+``sea_attention``, ``hyper_attention`` and ``landmark_attention`` below (parameters in their builders' docstrings).
 
-Parameters (suite ``params`` or case keys): block_size (default 512), topk (default 3), causal (default
+MoBA's parameters (suite ``params`` or case keys): block_size (default 512), topk (default 3), causal (default
 true), routing (``"token"``, the op's default, or ``"tile"``). Shape keys as for attention, with Sq = Sk. The
 baseline is *dense* attention of the same causality (FlashAttention on a GPU, else torch SDPA): MoBA's claim
 is that speed. The extra column ``routing`` times the tile router alone (``moba_block_mask``: pooled keys,
@@ -18,6 +19,10 @@ import attnops
 from attnops.bench import baselines
 from attnops.bench.cases.attention import _flops, _pairs_blocks, qkv_inputs, reference_rows
 from attnops.bench.registry import CaseSpec, Prepared, Provider, register_op
+from attnops.ops.hyper import lsh_codes
+from attnops.ops.hyper import reference as hyper_reference
+from attnops.ops.hyper.lsh import lsh_projections
+from attnops.ops.landmark import reference as landmark_reference
 from attnops.ops.routed.token import route_tokens
 from attnops.ops.softmax.reference import masked_attention
 
@@ -135,4 +140,95 @@ def build_sea(spec: CaseSpec) -> Prepared:
                     flops_dense=dense, flops_actual=actual, density=sample.density, notes=[note] if note else [])
 
 
+def _hyper_pairs(n: int, block: int, samples: int, min_seq_len: int) -> float:
+    """(query, key) pairs the causal recursion computes per head: exact causal segments of at most min_seq_len,
+    and per level the lower-left quarters' block + sample keys."""
+    if n <= min_seq_len:
+        return n * (n + 1) / 2
+    h = (n + n % 2) // 2
+    quarter = h * h if h < min_seq_len else h * (min(block, h) + samples)
+    return 2 * _hyper_pairs(h, block, samples, min_seq_len) + quarter
+
+
+def build_hyper(spec: CaseSpec) -> Prepared:
+    """``hyper_attention`` (parameters block_size, sample_size, default 256 each; min_seq_len, default 4096;
+    causal, default true; the authors' defaults) against dense attention of the same causality; the accuracy gate
+    holds the sampled rows to the float64 oracle of the same codes and draws, the "vs exact" column is the error
+    against dense attention."""
+    s = spec.shape
+    if s["Sq"] != s["Sk"]:
+        raise ValueError("hyper_attention cases need Sq == Sk")
+    params = dict(block_size=int(spec.params.get("block_size", 256)),
+                  sample_size=int(spec.params.get("sample_size", 256)),
+                  min_seq_len=int(spec.params.get("min_seq_len", 4096)))
+    causal = bool(spec.params.get("causal", True))
+    needs_grad = spec.mode == "fwd+bwd"
+    wrap = baselines.with_backward if needs_grad else (lambda p: p)
+    op = wrap(Provider(name="attnops", grad_inputs=lambda st: st,
+                       run=lambda st: attnops.hyper_attention(*st, causal=causal, **params)))
+    baseline, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
+    if baseline is None:
+        baseline, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)
+    baseline.same_function = False
+
+    def ref(inputs, rows, dtype):
+        proj = lsh_projections(torch.Generator().manual_seed(0), s["D"], 7)
+        codes = [lsh_codes(t.detach(), proj) for t in inputs[:2]]  # what the op hashed
+        q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
+        return torch.cat([hyper_reference.hyper_attention(q, k, v, *codes, causal=causal, rows=rows[i:i + 48],
+                                                          **params)
+                          for i in range(0, rows.numel(), 48)], dim=1)
+
+    def exact(inputs, rows):
+        return reference_rows(None, causal, (-1, -1), s["D"] ** -0.5)(inputs, rows, torch.float64)
+
+    pairs = _hyper_pairs(s["Sq"], params["block_size"], params["sample_size"], params["min_seq_len"]) if causal \
+        else s["Sq"] * (params["block_size"] + params["sample_size"])
+    dense, actual = _flops(spec, pairs * s["B"] * s["H"])
+    if causal:
+        dense /= 2
+    return Prepared(make_inputs=qkv_inputs(spec), op=op, baseline=wrap(baseline), extras=[], reference=ref,
+                    exact=exact, select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"],
+                    flops_dense=dense, flops_actual=actual, density=actual / dense, notes=[note] if note else [])
+
+
+def build_landmark(spec: CaseSpec) -> Prepared:
+    """``landmark_attention`` in its retrieval form (parameters block_size, default 64; topk, default 4) against
+    causal dense attention on the same inputs (the landmark positions are every ``block_size``-th key, as a model
+    with landmark tokens holds them); the accuracy gate holds the sampled rows to the float64 oracle on the blocks
+    the op retrieved, the "vs exact" column is the error against dense causal attention."""
+    s = spec.shape
+    bs = int(spec.params.get("block_size", 64))
+    topk = spec.params.get("topk", 4)
+    topk = None if topk in (None, "all") else int(topk)
+    needs_grad = spec.mode == "fwd+bwd"
+    wrap = baselines.with_backward if needs_grad else (lambda p: p)
+    op = wrap(Provider(name="attnops", grad_inputs=lambda st: st,
+                       run=lambda st: attnops.landmark_attention(*st, block_size=bs, topk=topk)))
+    baseline, note = baselines.flash_attn_provider(True, (-1, -1), spec.device, needs_grad)
+    if baseline is None:
+        baseline, _ = baselines.sdpa_provider(True, spec.device, needs_grad, same_function=False)
+    baseline.same_function = False
+
+    def ref(inputs, rows, dtype):
+        _, chosen = attnops.landmark_attention(*(t.detach() for t in inputs), block_size=bs, topk=topk,
+                                               return_blocks=True)
+        q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
+        return landmark_reference.landmark_attention(q, k, v, chosen.cpu(), block_size=bs, rows=rows)
+
+    def exact(inputs, rows):
+        return reference_rows(None, True, (-1, -1), s["D"] ** -0.5)(inputs, rows, torch.float64)
+
+    keep = bs * (topk if topk is not None else s["Sk"] // (2 * bs))  # keys per query: own block + retrieved
+    dense, actual = _flops(spec, float(s["Sq"] * min(keep + bs / 2, s["Sk"] / 2)) * s["B"] * s["H"])
+    dense /= 2  # causal
+    return Prepared(make_inputs=qkv_inputs(spec), op=op, baseline=wrap(baseline), extras=[], reference=ref,
+                    exact=exact, select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"],
+                    flops_dense=dense, flops_actual=actual, density=actual / dense, notes=[note] if note else [])
+
+
 register_op("sea_attention", "routed", build_sea, "SEA: a Performer-estimated block map picks the blocks, exact core")
+register_op("hyper_attention", "routed", build_hyper,
+            "HyperAttention: sortLSH blocks + sampled columns, causal by recursive halving")
+register_op("landmark_attention", "routed", build_landmark,
+            "Landmark attention: grouped softmax over the own block and the retrieved blocks' landmarks")

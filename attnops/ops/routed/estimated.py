@@ -66,7 +66,7 @@ def estimate_block_map(q: torch.Tensor, k: torch.Tensor, *, block_size: Union[in
         raise TypeError(f"seed must be an int, got {seed!r}")
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     grid = Grid((shape.seq_len_q, shape.seq_len_k), check_block_size(block_size), q.device)
-    Sq, Sk = shape.seq_len_q, shape.seq_len_k
+    Sq = shape.seq_len_q
     diag = grid.diag.view(-1)  # (Nq,): the key block of each query block's last row
     if causal:
         first = torch.div(grid.first_pos.view(-1).clamp(min=0), grid.bk, rounding_mode="floor")

@@ -27,6 +27,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from attnops.ops.softmax.bounded import bounded_attention
+from attnops.ops.softmax.merge import merge_rows
 
 
 class TokenRoutes(NamedTuple):
@@ -114,14 +115,6 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
     out_pair, lse_pair = bounded_attention(q_rows[None, :, None], kp, vp, bounds, **extra)
 
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse_s = lse_self[0].transpose(0, 1).reshape(T * H).to(work)  # row t * H + h
-    lse_p = lse_pair[0, 0].to(work)
-    with torch.no_grad():  # a shift for range only: it cancels in lse
-        m = lse_s.clone().scatter_reduce_(0, row, lse_p, reduce="amax")
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    total = torch.exp(lse_s - m).index_add(0, row, torch.exp(lse_p - m[row]))
-    lse = m + torch.log(total)
-    out = out_self[0].reshape(T * H, -1).to(work) * torch.exp(lse_s - lse).unsqueeze(-1)
-    # in place: the product's backward does not read its result, so no copy of the (T H, Dv) output is made
-    out = out.index_add_(0, row, out_pair[0, :, 0].to(work) * torch.exp(lse_p - lse[row]).unsqueeze(-1))
+    lse_s = lse_self[0].transpose(0, 1).reshape(T * H)  # row t * H + h
+    out, lse = merge_rows(out_self[0].reshape(T * H, -1), lse_s, out_pair[0, :, 0], lse_pair[0, 0], row, work)
     return out.view(T, H, -1).to(q.dtype), lse.view(T, H).transpose(0, 1)
