@@ -594,3 +594,18 @@ def test_cu_seqlens_bad_input():
         attnops.linear_attention(q, q, q, cu_seqlens=cu, initial_state=torch.zeros(1, 2, 8, 8))
     with pytest.raises(NotImplementedError, match="return_block_map"):
         attnops.linear_attention(q, q, q, cu_seqlens=cu, return_block_map=True)
+
+
+def test_channel_gates_keep_small_decays_exact_after_strong_ones():
+    """Per-channel gates of -0.01 with a -60 every 7 steps: inside a chunk the cumulative log-gates reach -500
+    while the weights that matter are e^(-0.01 n); a difference of two float32 prefix sums would lose them (1e-4
+    relative), the sums of the gates in (j, i] that the chunk form takes do not."""
+    g = torch.Generator().manual_seed(7)
+    B, S, H, D = 1, 200, 2, 16
+    q, k, v = (torch.randn(B, S, H, D, generator=g) for _ in range(3))
+    gate = torch.full((B, S, H, D), -0.01)
+    gate[:, ::7] = -60.0
+    out32 = attnops.linear_attention(q, k, v, gate=gate, feature_map="identity")
+    out64 = attnops.linear_attention(q.double(), k.double(), v.double(), gate=gate.double(), feature_map="identity")
+    err = (out32.double() - out64).abs().max() / out64.abs().max()
+    assert err < 2e-6, err

@@ -18,7 +18,8 @@ Every exponent above is <= 0 (differences are taken with i >= j and masked *befo
 so nothing overflows: fla's first-position NaN (an exclusive cumsum's ``exp(g_q - g_n)``) cannot
 happen. With one gate per key channel ``D`` does not factor into a matmul; each chunk is split into
 sub-chunks of ``SUB_CHUNK`` rows: off-diagonal sub-blocks factor around the query sub-chunk's start
-(both factors <= 1), diagonal sub-blocks are summed exactly, ``(c, c, Dk)`` per sub-chunk.
+(both factors <= 1), diagonal sub-blocks are summed exactly, ``(c, c, Dk)`` per sub-chunk, their exponents the
+sums of the gates in ``(j, i]`` (no cancellation).
 
 Memory: O(S * C) for the intra-chunk scores and O(S * Dk * Dv / C) for the chunk states, never S x S.
 """
@@ -172,7 +173,8 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
         # the small differences that matter most (the weights near 1). Each difference is rounded
         # to the compute dtype before its exponential.
         g = log_gate.to(torch.float64).clamp(min=MIN_LOG_GATE)
-        gamma = heads_first(g, H, S, pad).view(B * H * N, C, g.shape[-1]).cumsum(1)  # padding: gate 0, no decay
+        gates = heads_first(g, H, S, pad).view(B * H * N, C, g.shape[-1])  # padding: gate 0, no decay
+        gamma = gates.cumsum(1)
         gamma_last = gamma[:, -1:]  # (B * H * N, 1, 1 | Dk)
         k_weighted = kc * _exp(gamma_last - gamma, dt)
         kv = _value_bmm(k_weighted.transpose(1, 2), vc).view(B, H, N, Dk, Dv)
@@ -183,7 +185,7 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
         if g.shape[-1] == 1:
             scores = scores * _exp((gamma - gamma.transpose(1, 2)).masked_fill(~causal_cc, float("-inf")), dt)
         else:
-            scores = _channel_gated_scores(qc, kc, gamma) * softmax_scale
+            scores = _channel_gated_scores(qc, kc, gamma, gates.to(dt)) * softmax_scale
     out = torch.baddbmm(_intra_chunk(scores, vc), q_inter, entering.view(B * H * N, Dk, Dv), alpha=softmax_scale)
     sums = None
     if chunk_sums:
@@ -310,9 +312,11 @@ def _scan(state: torch.Tensor, chunk_decay: Optional[torch.Tensor], kv: torch.Te
     return _Scan.apply(state, chunk_decay, kv)
 
 
-def _channel_gated_scores(qc: torch.Tensor, kc: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+def _channel_gated_scores(qc: torch.Tensor, kc: torch.Tensor, gamma: torch.Tensor, gates: torch.Tensor
+                          ) -> torch.Tensor:
     """Intra-chunk ``A_ij = sum_d q_id k_jd e^(gamma_id - gamma_jd)`` for ``i >= j`` (else 0), chunks
-    ``(B, H, N, C, Dk)`` -> ``(B, H, N, C, C)``, without a positive exponent anywhere."""
+    ``(B, H, N, C, Dk)`` -> ``(B, H, N, C, C)``, without a positive exponent anywhere. ``gamma``: the cumulative
+    log-gates (float64), ``gates``: the log-gates themselves, in the compute dtype."""
     *lead, C, Dk = qc.shape
     dt = qc.dtype
     c = min(SUB_CHUNK, C)
@@ -325,9 +329,20 @@ def _channel_gated_scores(qc: torch.Tensor, kc: torch.Tensor, gamma: torch.Tenso
     expo = ref[..., :, None, None, :] - gs[..., None, :, :, :]  # (.., P, P, c, Dk), j before the reference
     k_f = ks.unsqueeze(-4) * _exp(expo.masked_fill(~earlier[:, :, None, None], float("-inf")), dt)
     off = torch.einsum("...pid,...psjd->...pisj", q_f, k_f)
-    causal_c = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
-    expo_d = (gs.unsqueeze(-2) - gs.unsqueeze(-3)).masked_fill(~causal_c[:, :, None], float("-inf"))
-    diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * _exp(expo_d, dt)).sum(-1)  # (.., P, c, c)
+    # Diagonal sub-blocks: the exponent gamma_i - gamma_j is the sum of the gates in (j, i], taken as that sum
+    # (one small GEMM with a 0/1 matrix, in the compute dtype) rather than as a difference of two cumulative sums:
+    # the terms are all <= 0, so it has no cancellation, where the difference of two float32 prefix sums loses
+    # its small values (and in float64 its (c, c, Dk) tensor cost 4 passes at twice the width).
+    t = torch.arange(c, device=qc.device)
+    window = (t.view(1, 1, c) > t.view(1, c, 1)) & (t.view(1, 1, c) <= t.view(c, 1, 1))  # [i, j, t]: j < t <= i
+    sums = torch.matmul(window.to(dt).view(c * c, c), gates.reshape(*lead, P, c, Dk))  # (.., P, c * c, Dk)
+    later = (t.view(-1, 1) < t.view(1, -1)).view(c * c, 1)  # j > i
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (qc, kc, gates)):
+        weight = torch.exp(sums.masked_fill(later, float("-inf"))).view(*lead, P, c, c, Dk)
+        diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * weight).sum(-1)  # (.., P, c, c)
+    else:  # no graph: in place (each fresh (c, c, Dk) buffer costs its first-touch page faults, as much as the op)
+        weight = sums.masked_fill_(later, float("-inf")).exp_().view(*lead, P, c, c, Dk)
+        diag = weight.mul_(qs.unsqueeze(-2)).mul_(ks.unsqueeze(-3)).sum(-1)
     eye = torch.eye(P, dtype=dt, device=qc.device)
     scores = off + torch.einsum("...pij,ps->...pisj", diag, eye)
     return scores.reshape(*lead, C, C)
