@@ -45,6 +45,28 @@ def qkv_inputs(spec: CaseSpec):
     return make
 
 
+def dense_baseline(causal: bool, spec: CaseSpec, needs_grad: bool, inputs_of=lambda st: st):
+    """The dense attention an approximate or composed op stands against (FlashAttention on a GPU, else torch SDPA),
+    on ``inputs_of(state)`` (the q, k, v among the op's inputs): ``(provider, notes)``; not the same function."""
+    inner, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
+    notes = [note] if inner is None else []
+    if inner is None:
+        inner, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)
+    return Provider(name=inner.name, run=inner.run, prepare=lambda st: inner.prepare(inputs_of(st)),
+                    output=inner.output, same_function=False, grad_inputs=inner.grad_inputs), notes
+
+
+def op_case(spec: CaseSpec, make, run, baseline: Provider, notes, ref, actual: float, dense: float, *,
+            exact=None, density: Optional[float] = None) -> Prepared:
+    """The case from its pieces: the op timed (with its backward for fwd+bwd) beside the dense baseline;
+    ``exact``: for approximate ops, the exact function's float64 rows (the "vs exact" column)."""
+    wrap = baselines.with_backward if spec.mode == "fwd+bwd" else (lambda prov: prov)
+    return Prepared(make_inputs=make, op=wrap(Provider(name="attnops", run=run, grad_inputs=lambda st: st)),
+                    baseline=wrap(baseline), extras=[], reference=ref, exact=exact,
+                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=spec.shape["Sq"],
+                    flops_dense=dense, flops_actual=actual, density=density, notes=notes)
+
+
 def reference_rows(mask: Optional[BlockMask], causal: bool, window: Tuple[int, int], scale: float,
                    mods: Optional[dict] = None):
     """fn(inputs, rows, dtype) -> reference output rows (B, R, H, D), in row chunks; ``mods``: the op's

@@ -20,7 +20,7 @@ import torch
 
 import attnops
 from attnops.bench import baselines
-from attnops.bench.cases.attention import DTYPES, qkv_inputs, reference_rows
+from attnops.bench.cases.attention import DTYPES, dense_baseline, op_case, qkv_inputs, reference_rows
 from attnops.bench.registry import CaseSpec, Prepared, Provider, register_op
 from attnops.ops.aaren.op import CHUNK
 from attnops.ops.agent import agent_tokens
@@ -28,24 +28,6 @@ from attnops.ops.agent import reference as agent_reference
 from attnops.ops.clustered import cluster_assignment
 from attnops.ops.moh import query_norm_heads
 from attnops.ops.softmax.reference import masked_attention
-
-
-def _dense_baseline(causal: bool, spec: CaseSpec, needs_grad: bool, inputs_of):
-    inner, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
-    notes = [note] if inner is None else []
-    if inner is None:
-        inner, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)
-    return Provider(name=inner.name, run=inner.run, prepare=lambda st: inner.prepare(inputs_of(st)),
-                    output=inner.output, same_function=False, grad_inputs=inner.grad_inputs), notes
-
-
-def _prepared(spec: CaseSpec, make, run, baseline: Provider, notes, ref, actual: float, dense: float) -> Prepared:
-    """The case from its pieces: the op timed (with its backward for fwd+bwd) beside the dense baseline."""
-    wrap = baselines.with_backward if spec.mode == "fwd+bwd" else (lambda prov: prov)
-    return Prepared(make_inputs=make, op=wrap(Provider(name="attnops", run=run, grad_inputs=lambda st: st)),
-                    baseline=wrap(baseline), extras=[], reference=ref,
-                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=spec.shape["Sq"],
-                    flops_dense=dense, flops_actual=actual, notes=notes)
 
 
 def build_agent(spec: CaseSpec) -> Prepared:
@@ -56,7 +38,7 @@ def build_agent(spec: CaseSpec) -> Prepared:
     def run(st, **extra):
         return attnops.agent_attention(st[0], st[1], st[2], num_agents=n, **extra)
 
-    baseline, notes = _dense_baseline(False, spec, needs_grad, lambda st: st)
+    baseline, notes = dense_baseline(False, spec, needs_grad, lambda st: st)
 
     def ref(inputs, rows, dtype):
         q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
@@ -66,7 +48,7 @@ def build_agent(spec: CaseSpec) -> Prepared:
     factor = 3.0 if needs_grad else 1.0
     actual = factor * 4.0 * s["D"] * s["B"] * s["H"] * n * (s["Sq"] + s["Sk"])
     dense = factor * 4.0 * s["D"] * s["B"] * s["H"] * s["Sq"] * s["Sk"]
-    return _prepared(spec, qkv_inputs(spec), run, baseline, notes, ref, actual, dense)
+    return op_case(spec, qkv_inputs(spec), run, baseline, notes, ref, actual, dense)
 
 
 def build_aaren(spec: CaseSpec) -> Prepared:
@@ -89,7 +71,7 @@ def build_aaren(spec: CaseSpec) -> Prepared:
         full = q.detach().expand(k.shape[0], k.shape[1], *q.shape).contiguous().requires_grad_(needs_grad)
         return full, k, v
 
-    baseline, notes = _dense_baseline(True, spec, needs_grad, per_position)
+    baseline, notes = dense_baseline(True, spec, needs_grad, per_position)
 
     def ref(inputs, rows, dtype):
         q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
@@ -103,7 +85,7 @@ def build_aaren(spec: CaseSpec) -> Prepared:
     D = s["D"]
     actual = factor * s["B"] * s["H"] * s["Sq"] * (2.0 * D + 2.0 * CHUNK * (D + 1))
     dense = factor * 4.0 * D * s["B"] * s["H"] * s["Sq"] * s["Sk"] * 0.5
-    return _prepared(spec, make, run, baseline, notes, ref, actual, dense)
+    return op_case(spec, make, run, baseline, notes, ref, actual, dense)
 
 
 def build_flow(spec: CaseSpec) -> Prepared:
@@ -127,7 +109,7 @@ def _build_linear_core(spec: CaseSpec, call) -> Prepared:
     def run(st, **extra):
         return call(st, causal, **extra)
 
-    baseline, notes = _dense_baseline(causal, spec, needs_grad, lambda st: st)
+    baseline, notes = dense_baseline(causal, spec, needs_grad, lambda st: st)
 
     def ref(inputs, rows, dtype):
         q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
@@ -137,7 +119,7 @@ def _build_linear_core(spec: CaseSpec, call) -> Prepared:
     D = s["D"]
     actual = factor * s["B"] * s["H"] * (s["Sq"] + s["Sk"]) * (4.0 * D * D + 16.0 * D)
     dense = factor * 4.0 * D * s["B"] * s["H"] * s["Sq"] * s["Sk"] * (0.5 if causal else 1.0)
-    return _prepared(spec, qkv_inputs(spec), run, baseline, notes, ref, actual, dense)
+    return op_case(spec, qkv_inputs(spec), run, baseline, notes, ref, actual, dense)
 
 
 def build_moh(spec: CaseSpec) -> Prepared:
@@ -155,7 +137,7 @@ def build_moh(spec: CaseSpec) -> Prepared:
     def run(st, **extra):
         return attnops.moh_attention(st[0], st[1], st[2], st[3], causal=causal, **extra)
 
-    baseline, notes = _dense_baseline(causal, spec, needs_grad, lambda st: st[:3])
+    baseline, notes = dense_baseline(causal, spec, needs_grad, lambda st: st[:3])
     dense_rows = reference_rows(None, causal, (-1, -1), s["D"] ** -0.5)
 
     def ref(inputs, rows, dtype):  # every head's exact rows, weighted: the oracle's definition, row by row
@@ -184,7 +166,7 @@ def build_routing(spec: CaseSpec) -> Prepared:
     def run(st, **extra):
         return attnops.routing_attention(st[0], st[1], st[2], centroids.to(st[0].dtype), causal=True, **extra)
 
-    baseline, notes = _dense_baseline(True, spec, needs_grad, lambda st: st)
+    baseline, notes = dense_baseline(True, spec, needs_grad, lambda st: st)
 
     def rows_of(inputs, rows, dtype, same_cluster: bool):
         q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
@@ -200,10 +182,9 @@ def build_routing(spec: CaseSpec) -> Prepared:
 
     factor = 3.0 if needs_grad else 1.0
     dense = factor * 4.0 * s["D"] * s["B"] * s["H"] * s["Sq"] * s["Sk"] * 0.5
-    prepared = _prepared(spec, qkv_inputs(spec), run, baseline, notes,
-                         lambda inputs, rows, dtype: rows_of(inputs, rows, dtype, True), dense / clusters, dense)
-    prepared.exact = lambda inputs, rows: rows_of(inputs, rows, torch.float64, False)
-    return prepared
+    return op_case(spec, qkv_inputs(spec), run, baseline, notes,
+                   lambda inputs, rows, dtype: rows_of(inputs, rows, dtype, True), dense / clusters, dense,
+                   exact=lambda inputs, rows: rows_of(inputs, rows, torch.float64, False))
 
 
 register_op("agent_attention", "agent", build_agent, "Agent attention: pooled agents, two softmax calls (non-causal)")

@@ -17,7 +17,7 @@ import torch
 
 import attnops
 from attnops.bench import baselines
-from attnops.bench.cases.attention import _flops, _pairs_blocks, qkv_inputs, reference_rows
+from attnops.bench.cases.attention import _flops, _pairs_blocks, dense_baseline, op_case, qkv_inputs, reference_rows
 from attnops.bench.registry import CaseSpec, Prepared, Provider, register_op
 from attnops.ops.hyper import lsh_codes
 from attnops.ops.hyper import reference as hyper_reference
@@ -102,6 +102,13 @@ def _token_reference(inputs, rows, dtype, block_size: int, topk: int, causal: bo
 register_op("moba_attention", "routed", build_moba, "MoBA block-routed attention (router + block-sparse core)")
 
 
+def _dense_rows(shape: dict, causal: bool):
+    """The "vs exact" rows of the approximate ops: dense attention of the same causality, in float64."""
+    def exact(inputs, rows):
+        return reference_rows(None, causal, (-1, -1), shape["D"] ** -0.5)(inputs, rows, torch.float64)
+    return exact
+
+
 def build_sea(spec: CaseSpec) -> Prepared:
     """``sea_attention`` (parameters block_size, default 64; topk, default 8; num_features, default 64; causal,
     default true) against dense attention of the same causality; the accuracy gate checks the attention on the
@@ -111,33 +118,22 @@ def build_sea(spec: CaseSpec) -> Prepared:
     topk = spec.params.get("topk", 8)
     features = int(spec.params.get("num_features", 64))
     causal = bool(spec.params.get("causal", True))
-    needs_grad = spec.mode == "fwd+bwd"
-    wrap = baselines.with_backward if needs_grad else (lambda p: p)
 
     def mask_of(inputs):
         return attnops.ops.routed.sea_block_mask(inputs[0], inputs[1], block_size=block, topk=topk,
                                                  num_features=features, causal=causal)[0]
 
-    op = wrap(Provider(name="attnops", grad_inputs=lambda st: st,
-                       run=lambda st: attnops.sea_attention(*st, block_size=block, topk=topk, num_features=features,
-                                                            causal=causal)))
-    baseline, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
-    if baseline is None:
-        baseline, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)
-    baseline.same_function = False
+    def run(st):
+        return attnops.sea_attention(*st, block_size=block, topk=topk, num_features=features, causal=causal)
 
     def ref(inputs, rows, dtype):
         return reference_rows(mask_of(inputs).to("cpu"), causal, (-1, -1), s["D"] ** -0.5)(inputs, rows, dtype)
 
-    def exact(inputs, rows):
-        return reference_rows(None, causal, (-1, -1), s["D"] ** -0.5)(inputs, rows, torch.float64)
-
     make = qkv_inputs(spec)
     sample = mask_of(make())
     dense, actual = _flops(spec, _pairs_blocks(sample))
-    return Prepared(make_inputs=make, op=op, baseline=wrap(baseline), extras=[], reference=ref, exact=exact,
-                    select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"],
-                    flops_dense=dense, flops_actual=actual, density=sample.density, notes=[note] if note else [])
+    return op_case(spec, make, run, *dense_baseline(causal, spec, spec.mode == "fwd+bwd"), ref, actual, dense,
+                   exact=_dense_rows(s, causal), density=sample.density)
 
 
 def _hyper_pairs(n: int, block: int, samples: int, min_seq_len: int) -> float:
@@ -162,14 +158,9 @@ def build_hyper(spec: CaseSpec) -> Prepared:
                   sample_size=int(spec.params.get("sample_size", 256)),
                   min_seq_len=int(spec.params.get("min_seq_len", 4096)))
     causal = bool(spec.params.get("causal", True))
-    needs_grad = spec.mode == "fwd+bwd"
-    wrap = baselines.with_backward if needs_grad else (lambda p: p)
-    op = wrap(Provider(name="attnops", grad_inputs=lambda st: st,
-                       run=lambda st: attnops.hyper_attention(*st, causal=causal, **params)))
-    baseline, note = baselines.flash_attn_provider(causal, (-1, -1), spec.device, needs_grad)
-    if baseline is None:
-        baseline, _ = baselines.sdpa_provider(causal, spec.device, needs_grad, same_function=False)
-    baseline.same_function = False
+
+    def run(st):
+        return attnops.hyper_attention(*st, causal=causal, **params)
 
     def ref(inputs, rows, dtype):
         proj = lsh_projections(torch.Generator().manual_seed(0), s["D"], 7)
@@ -179,17 +170,13 @@ def build_hyper(spec: CaseSpec) -> Prepared:
                                                           **params)
                           for i in range(0, rows.numel(), 48)], dim=1)
 
-    def exact(inputs, rows):
-        return reference_rows(None, causal, (-1, -1), s["D"] ** -0.5)(inputs, rows, torch.float64)
-
     pairs = _hyper_pairs(s["Sq"], params["block_size"], params["sample_size"], params["min_seq_len"]) if causal \
         else s["Sq"] * (params["block_size"] + params["sample_size"])
     dense, actual = _flops(spec, pairs * s["B"] * s["H"])
     if causal:
         dense /= 2
-    return Prepared(make_inputs=qkv_inputs(spec), op=op, baseline=wrap(baseline), extras=[], reference=ref,
-                    exact=exact, select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"],
-                    flops_dense=dense, flops_actual=actual, density=actual / dense, notes=[note] if note else [])
+    return op_case(spec, qkv_inputs(spec), run, *dense_baseline(causal, spec, spec.mode == "fwd+bwd"), ref, actual,
+                   dense, exact=_dense_rows(s, causal), density=actual / dense)
 
 
 def build_landmark(spec: CaseSpec) -> Prepared:
@@ -201,14 +188,9 @@ def build_landmark(spec: CaseSpec) -> Prepared:
     bs = int(spec.params.get("block_size", 64))
     topk = spec.params.get("topk", 4)
     topk = None if topk in (None, "all") else int(topk)
-    needs_grad = spec.mode == "fwd+bwd"
-    wrap = baselines.with_backward if needs_grad else (lambda p: p)
-    op = wrap(Provider(name="attnops", grad_inputs=lambda st: st,
-                       run=lambda st: attnops.landmark_attention(*st, block_size=bs, topk=topk)))
-    baseline, note = baselines.flash_attn_provider(True, (-1, -1), spec.device, needs_grad)
-    if baseline is None:
-        baseline, _ = baselines.sdpa_provider(True, spec.device, needs_grad, same_function=False)
-    baseline.same_function = False
+
+    def run(st):
+        return attnops.landmark_attention(*st, block_size=bs, topk=topk)
 
     def ref(inputs, rows, dtype):
         _, chosen = attnops.landmark_attention(*(t.detach() for t in inputs), block_size=bs, topk=topk,
@@ -216,15 +198,11 @@ def build_landmark(spec: CaseSpec) -> Prepared:
         q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
         return landmark_reference.landmark_attention(q, k, v, chosen.cpu(), block_size=bs, rows=rows)
 
-    def exact(inputs, rows):
-        return reference_rows(None, True, (-1, -1), s["D"] ** -0.5)(inputs, rows, torch.float64)
-
     keep = bs * (topk if topk is not None else s["Sk"] // (2 * bs))  # keys per query: own block + retrieved
     dense, actual = _flops(spec, float(s["Sq"] * min(keep + bs / 2, s["Sk"] / 2)) * s["B"] * s["H"])
     dense /= 2  # causal
-    return Prepared(make_inputs=qkv_inputs(spec), op=op, baseline=wrap(baseline), extras=[], reference=ref,
-                    exact=exact, select_rows=lambda out, rows: out[:, rows.to(out.device)], num_rows=s["Sq"],
-                    flops_dense=dense, flops_actual=actual, density=actual / dense, notes=[note] if note else [])
+    return op_case(spec, qkv_inputs(spec), run, *dense_baseline(True, spec, spec.mode == "fwd+bwd"), ref, actual,
+                   dense, exact=_dense_rows(s, True), density=actual / dense)
 
 
 register_op("sea_attention", "routed", build_sea, "SEA: a Performer-estimated block map picks the blocks, exact core")
