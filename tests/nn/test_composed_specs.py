@@ -115,3 +115,27 @@ def test_family_names_equal_the_authors_code_in_a_model(kind):
         with pytest.raises(NotImplementedError, match="cached decoding step"):
             ours.generate(ids[:, :20], max_new_tokens=2, do_sample=False)
         assert ours.generate(ids[:, :20], max_new_tokens=2, do_sample=False, use_cache=False).shape == (2, 22)
+
+
+@pytest.mark.parametrize("name", ["attnops_moh", "attnops_flow", "attnops_lln", "attnops_sea", "attnops_hyper"])
+def test_family_names_refuse_padding_packing_and_windows_by_name(name):
+    """The composed family names have no padding mask, document bounds or window: a left-padded batch, packed rows
+    and a sliding-window model each get a clear error, never an output that ignores them."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    shape = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation=name).eval()
+    ids = torch.randint(0, 97, (2, 20))
+    padded = torch.ones(2, 20, dtype=torch.long)
+    padded[0, :5] = 0
+    with pytest.raises(NotImplementedError, match="attn_bias"):
+        model(ids, attention_mask=padded)
+    packed = torch.cat([torch.arange(10), torch.arange(10)]).expand(2, -1)
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(ids, position_ids=packed)
+    windowed = AutoModelForCausalLM.from_config(MistralConfig(**shape, sliding_window=8),
+                                                attn_implementation=name).eval()
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        windowed(ids)
