@@ -109,7 +109,7 @@ def _sorted_blocks(q, k, v, q_codes, k_codes, cfg: _Config):
         seen = torch.stack([hi_s + base, lo_s + m + base], dim=-1).reshape(-1, 2)
         out_s, lse_s = bounded_attention(qp[None, :, None], ks, vs, seen, softmax_scale=cfg.scale, api=_API,
                                          backend=cfg.backend)
-        out, lse = merge_partials((out.to(cfg.work), lse.to(cfg.work)), out_s, lse_s + math.log(Sk / m), cfg.work)
+        out, lse = merge_partials((out, lse), out_s, lse_s + math.log(Sk / m), cfg.work)
 
     # back to (batch, head, position) order: q_rows is a permutation of every row
     back = torch.empty_like(q_rows).scatter_(0, q_rows, torch.arange(q_rows.numel(), device=dev))
