@@ -266,19 +266,28 @@ def test_nan_in_gives_nan_from_its_chunk_on(fwd_impl):
     assert torch.isnan(out[0, :, 1, 3]).all() and torch.isfinite(out[:, :, 0]).all()
 
 
+@pytest.mark.parametrize("where", ["v", "k", "gate"])
 @pytest.mark.parametrize("gate", [None, "head", "channel"])
-def test_nan_value_does_not_reach_earlier_rows_of_its_chunk(gate):
-    """The chunk form's intra-chunk product skips the masked pairs (0 * NaN would be NaN): a NaN value at
-    step t leaves the rows before t finite, as the recurrence and the reference do, with every gate kind."""
+def test_nan_value_does_not_reach_earlier_rows_of_its_chunk(gate, where):
+    """The chunk form's intra-chunk products skip the masked pairs (0 * NaN would be NaN): a NaN value, key or
+    gate at step t leaves the rows before t finite, as the recurrence and the reference do, with every gate kind
+    (a NaN key once reached the rows of its gated chunk through the masked weights and the diagonal blocks'
+    placement; a NaN per-channel gate, the earlier rows of its sub-chunk through the gate-sum product)."""
+    if where == "gate" and gate is None:
+        pytest.skip("no gate")
     B, S, H, D = 1, 150, 2, 16
     q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
-    v[0, 70, 1, 3] = float("nan")
     shape = {None: None, "head": (B, S, H), "channel": (B, S, H, D)}[gate]
     log_gate = None if shape is None else F.logsigmoid(torch.randn(shape))
+    {"v": v, "k": k, "gate": log_gate}[where][0, 70, 1, ...] = float("nan")
+    if where == "v":
+        v[0, 70, 1] = torch.randn(D)
+        v[0, 70, 1, 3] = float("nan")
     out = attnops.linear_attention(q, k, v, gate=log_gate, chunk_size=64)
     ref = attnops.linear_attention(q, k, v, gate=log_gate, backend="reference")
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.isfinite(out[0, :70]).all() and torch.isnan(out[0, 70:, 1, 3]).all()
+    assert torch.isfinite(out[0, :, 0]).all()
     finite = torch.isfinite(ref)
     torch.testing.assert_close(out[finite], ref[finite], rtol=1e-4, atol=1e-5)
 
@@ -609,3 +618,42 @@ def test_channel_gates_keep_small_decays_exact_after_strong_ones():
     out64 = attnops.linear_attention(q.double(), k.double(), v.double(), gate=gate.double(), feature_map="identity")
     err = (out32.double() - out64).abs().max() / out64.abs().max()
     assert err < 2e-6, err
+
+
+def test_channel_gates_every_path_of_the_chunk_form(monkeypatch):
+    """The per-channel chunk form's three ways to a chunk's scores, in one call, forward and gradients against
+    the float64 recurrence: a chunk whose gates span <= DIAG_SPAN (one factored product), one that spans more but
+    whose sub-chunks do not (sub-chunks, factored diagonal blocks), one with a sub-chunk beyond it (the exact sums
+    of the gates), and a partial last chunk of random gates. Spans near the bound: factors near e^+-27, whose
+    exponents taken in float32 would be off by 2e-6 relative (caught here), so they are exponentiated in float64."""
+    from attnops.ops.linear import chunk as chunk_form
+
+    calls = {"sub_chunk": 0, "exact_diagonal": 0}
+    for name in calls:
+        original = getattr(chunk_form, f"_{name}_scores")
+
+        def counted(*args, _original=original, _name=name):
+            calls[_name] += args[0].shape[0]
+            return _original(*args)
+        monkeypatch.setattr(chunk_form, f"_{name}_scores", counted)
+    g = torch.Generator().manual_seed(11)
+    B, S, H, D = 1, 64 * 3 + 37, 2, 16
+    q, k, v = (torch.randn(B, S, H, D, generator=g, dtype=torch.float64) for _ in range(3))
+    v = 30 * v  # large outputs: the accuracy rule's absolute term does not hide a relative error
+    gate = torch.full((B, S, H, D), -0.85, dtype=torch.float64)  # chunk 0: span 54 (factors up to e^27)
+    gate[:, 64:128] = -3.5  # chunk 1: span 224 over the chunk, 56 over a sub-chunk
+    gate[:, 128:192] = -0.3
+    gate[:, 160:176, 1, 5] = -8.0  # chunk 2 (span 19 elsewhere): one sub-chunk of one head spans 128
+    gate[:, 192:] = F.logsigmoid(3 * torch.randn(B, S - 192, H, D, generator=g, dtype=torch.float64) + 1.0)
+    gate = gate + 0.01 * torch.rand(B, S, H, D, generator=g, dtype=torch.float64) * gate
+    inputs = {"q": q, "k": k, "v": v, "gate": gate}
+    cfg = dict(gate="channel", feature_map="identity")
+    out, state, grads = run(inputs, cfg, torch.float32, chunk_size=64)
+    assert calls["sub_chunk"] >= 2 and calls["exact_diagonal"] >= 1, calls
+    monkeypatch.undo()
+    ref_out, ref_state, ref_grads = run(inputs, cfg, torch.float64, backend="reference")
+    lp_out, lp_state, lp_grads = run(inputs, cfg, torch.float32, backend="reference")
+    assert_accurate("out", out, ref_out, lp_out)
+    assert_accurate("final_state", state, ref_state, lp_state)
+    for name in ref_grads:
+        assert_accurate(f"d{name}", grads[name], ref_grads[name], lp_grads[name])

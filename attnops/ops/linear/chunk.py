@@ -18,8 +18,9 @@ Every exponent above is <= 0 (differences are taken with i >= j and masked *befo
 so nothing overflows: fla's first-position NaN (an exclusive cumsum's ``exp(g_q - g_n)``) cannot
 happen. With one gate per key channel ``D`` does not factor into a matmul; each chunk is split into
 sub-chunks of ``SUB_CHUNK`` rows: off-diagonal sub-blocks factor around the query sub-chunk's start
-(both factors <= 1), diagonal sub-blocks are summed exactly, ``(c, c, Dk)`` per sub-chunk, their exponents the
-sums of the gates in ``(j, i]`` (no cancellation).
+(both factors <= 1); diagonal sub-blocks factor around their middle row where the gates span at most ``DIAG_SPAN``
+there (factors within e^+-60), else are summed exactly, ``(c, c, Dk)`` per sub-chunk, their exponents the sums of
+the gates in ``(j, i]`` (no cancellation).
 
 Memory: O(S * C) for the intra-chunk scores and O(S * Dk * Dv / C) for the chunk states, never S x S.
 """
@@ -38,6 +39,9 @@ SEGMENT_ELEMENTS = 1 << 18  # per chunk tensor of a segment: 1 MiB of float32
 # A log-gate below this acts as this: e^-80 < 2e-35 is zero to float32 already, and a -inf gate
 # (a full reset) would make the cumulative differences -inf - -inf = NaN.
 MIN_LOG_GATE = -80.0
+# A chunk or diagonal sub-block whose cumulative gates span at most this factors around its middle row (both factors
+# within e^+-60: finite and normal in float32 for |q|, |k| up to 1e12); beyond it, finer blocks (_factored_scores).
+DIAG_SPAN = 60.0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -186,6 +190,9 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
             scores = scores * _exp((gamma - gamma.transpose(1, 2)).masked_fill(~causal_cc, float("-inf")), dt)
         else:
             scores = _channel_gated_scores(qc, kc, gamma, gates.to(dt)) * softmax_scale
+        # the weights above the diagonal are exp(-inf) = 0 times a score: a NaN / inf key would leave NaN there
+        # (0 * NaN) and reach the chunk's earlier rows; the recurrence never lets a key reach an earlier query
+        scores = scores.tril_()
     out = torch.baddbmm(_intra_chunk(scores, vc), q_inter, entering.view(B * H * N, Dk, Dv), alpha=softmax_scale)
     sums = None
     if chunk_sums:
@@ -315,37 +322,90 @@ def _scan(state: torch.Tensor, chunk_decay: Optional[torch.Tensor], kv: torch.Te
 def _channel_gated_scores(qc: torch.Tensor, kc: torch.Tensor, gamma: torch.Tensor, gates: torch.Tensor
                           ) -> torch.Tensor:
     """Intra-chunk ``A_ij = sum_d q_id k_jd e^(gamma_id - gamma_jd)`` for ``i >= j`` (else 0), chunks
-    ``(B, H, N, C, Dk)`` -> ``(B, H, N, C, C)``, without a positive exponent anywhere. ``gamma``: the cumulative
-    log-gates (float64), ``gates``: the log-gates themselves, in the compute dtype."""
+    ``(.., C, Dk)`` -> ``(.., C, C)``. ``gamma``: the cumulative log-gates (float64), ``gates``: the log-gates
+    themselves, in the compute dtype.
+
+    A chunk whose gates span at most ``DIAG_SPAN`` (GLA's gates: ~4 over 64 steps) is one factored product
+    (:func:`_factored_scores`); the others split into sub-chunks (:func:`_sub_chunk_scores`)."""
+    if torch.compiler.is_compiling():  # no data-dependent subsets while compiling
+        return _sub_chunk_scores(qc, kc, gamma, gates)
+    return _factored_scores(qc, kc, gamma, _sub_chunk_scores, gates)
+
+
+def _factored_scores(qs: torch.Tensor, ks: torch.Tensor, gs: torch.Tensor, fallback, *fallback_args) -> torch.Tensor:
+    """``tril(sum_d q_id k_jd e^(g_id - g_jd))`` over blocks ``(.., n, Dk)`` -> ``(.., n, n)``.
+
+    Where a block's cumulative gates ``gs`` (float64) span at most ``DIAG_SPAN`` in every channel,
+    ``e^(g_i - g_j)`` factors around its middle row into two factors within ``e^(+-DIAG_SPAN)``, finite and normal
+    in float32, each product as exact as the one weight: one ``(n, Dk) x (Dk, n)`` product per block. The other
+    blocks (a strong gate, a reset, NaN) are ``fallback(q, k, g, *fallback_args)`` on that subset."""
+    dt = qs.dtype
+    n = qs.shape[-2]
+    span = (gs[..., 0, :] - gs[..., -1, :]).amax(-1)  # (..), >= 0; NaN where a gate is NaN
+    fast = span <= DIAG_SPAN
+    # the other blocks get exponent 0 here (finite, replaced below: no inf * 0 in the gradients). The factors'
+    # exponents cancel in the product (e^30 e^-30), so they are exponentiated in float64: a float32 exponent of
+    # 30 is off by 1e-6, which would be the product's relative error.
+    expo = (gs - gs[..., n // 2:n // 2 + 1, :]).masked_fill_(~fast[..., None, None], 0.0)
+    scores = torch.matmul(qs * torch.exp(expo).to(dt), (ks * torch.exp(expo.neg_()).to(dt)).transpose(-1, -2))
+    # the upper triangle holds e^(positive) products, maybe inf: replaced by 0, never multiplied
+    scores = scores.tril_() if not torch.is_grad_enabled() else scores.tril()
+    slow = (~fast).flatten().nonzero().flatten()
+    if slow.numel():
+        picked = (t.flatten(0, -3).index_select(0, slow) for t in (qs, ks, gs, *fallback_args))
+        scores = scores.flatten(0, -3).index_copy(0, slow, fallback(*picked)).view_as(scores)
+    return scores
+
+
+def _sub_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, gamma: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """:func:`_channel_gated_scores` by sub-chunks of ``SUB_CHUNK`` rows. Off-diagonal sub-blocks (key sub-chunk
+    ``s`` before query sub-chunk ``p``) factor with every exponent <= 0: ``e^(g_i - g_j) = e^(g_i - r_p) e^(r_p -
+    e_s) e^(e_s - g_j)``, ``r_p`` the cumulative gate before ``p``, ``e_s`` the last of ``s`` (each factor >= the
+    weight, so none underflows where the weight does not). Diagonal sub-blocks: factored where they span at most
+    ``DIAG_SPAN``, else the exact sums (:func:`_exact_diagonal_scores`)."""
     *lead, C, Dk = qc.shape
     dt = qc.dtype
     c = min(SUB_CHUNK, C)
     P = C // c
     qs, ks, gs = (t.reshape(*lead, P, c, Dk) for t in (qc, kc, gamma))
-    # reference point of query sub-chunk p: the cumulative gate just before it (0 for the first)
-    ref = torch.cat([torch.zeros_like(gs[..., :1, -1, :]), gs[..., :-1, -1, :]], dim=-2)  # (.., P, Dk)
-    q_f = qs * _exp(gs - ref.unsqueeze(-2), dt)  # i after the reference: exponent <= 0
+    last = gs[..., -1, :]  # (.., P, Dk): e_s
+    # r_p: the cumulative gate just before sub-chunk p (0 for the first) = e_{p-1}
+    ref = torch.cat([torch.zeros_like(last[..., :1, :]), last[..., :-1, :]], dim=-2)  # (.., P, Dk)
+    q_f = qs * _exp(gs - ref.unsqueeze(-2), dt)
+    k_f = ks * _exp(last.unsqueeze(-2) - gs, dt)
     earlier = torch.ones(P, P, dtype=torch.bool, device=qc.device).tril(-1)  # key sub-chunk s < p
-    expo = ref[..., :, None, None, :] - gs[..., None, :, :, :]  # (.., P, P, c, Dk), j before the reference
-    k_f = ks.unsqueeze(-4) * _exp(expo.masked_fill(~earlier[:, :, None, None], float("-inf")), dt)
-    off = torch.einsum("...pid,...psjd->...pisj", q_f, k_f)
-    # Diagonal sub-blocks: the exponent gamma_i - gamma_j is the sum of the gates in (j, i], taken as that sum
-    # (one small GEMM with a 0/1 matrix, in the compute dtype) rather than as a difference of two cumulative sums:
-    # the terms are all <= 0, so it has no cancellation, where the difference of two float32 prefix sums loses
-    # its small values (and in float64 its (c, c, Dk) tensor cost 4 passes at twice the width).
-    t = torch.arange(c, device=qc.device)
+    between = _exp((ref.unsqueeze(-2) - last.unsqueeze(-3)).masked_fill(~earlier[:, :, None], float("-inf")), dt)
+    off = torch.einsum("...pid,...psd,...sjd->...pisj", q_f, between, k_f)  # (.., P, c, P, c)
+    gates = gates.reshape(*lead, P, c, Dk)
+    if torch.compiler.is_compiling():
+        diag = _exact_diagonal_scores(qs, ks, gs, gates)
+    else:
+        diag = _factored_scores(qs, ks, gs, _exact_diagonal_scores, gates)
+    # written over the diagonal blocks, which the product above leaves 0 (between = 0) or NaN (0 * a NaN factor of a
+    # later NaN gate, which must not reach earlier rows); a product with an identity would spread NaN to other blocks
+    off.diagonal(dim1=-4, dim2=-2).copy_(diag.movedim(-3, -1))
+    return off.reshape(*lead, C, C)
+
+
+def _exact_diagonal_scores(qs: torch.Tensor, ks: torch.Tensor, gs: torch.Tensor, gates: torch.Tensor
+                           ) -> torch.Tensor:
+    """The diagonal sub-blocks ``(.., c, Dk)`` -> ``(.., c, c)`` with every exponent ``gamma_i - gamma_j`` taken as the sum of the gates in
+    ``(j, i]`` (one small GEMM with a 0/1 matrix, in the compute dtype) rather than as a difference of two
+    cumulative sums: the terms are all <= 0, so it has no cancellation (the difference of two float32 prefix sums
+    loses its small values), and no exponent is positive. ``c * c * Dk`` weights per sub-chunk."""
+    *lead, c, Dk = qs.shape
+    dt = qs.dtype
+    t = torch.arange(c, device=qs.device)
     window = (t.view(1, 1, c) > t.view(1, c, 1)) & (t.view(1, 1, c) <= t.view(c, 1, 1))  # [i, j, t]: j < t <= i
-    sums = torch.matmul(window.to(dt).view(c * c, c), gates.reshape(*lead, P, c, Dk))  # (.., P, c * c, Dk)
+    # masked: a NaN gate at step t must not reach the pairs (i, j) whose window excludes t (0 * NaN)
+    sums = masked_matmul(window.to(dt).view(c * c, c), gates, window.view(c * c, c))  # (.., c * c, Dk)
     later = (t.view(-1, 1) < t.view(1, -1)).view(c * c, 1)  # j > i
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (qc, kc, gates)):
-        weight = torch.exp(sums.masked_fill(later, float("-inf"))).view(*lead, P, c, c, Dk)
-        diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * weight).sum(-1)  # (.., P, c, c)
-    else:  # no graph: in place (each fresh (c, c, Dk) buffer costs its first-touch page faults, as much as the op)
-        weight = sums.masked_fill_(later, float("-inf")).exp_().view(*lead, P, c, c, Dk)
-        diag = weight.mul_(qs.unsqueeze(-2)).mul_(ks.unsqueeze(-3)).sum(-1)
-    eye = torch.eye(P, dtype=dt, device=qc.device)
-    scores = off + torch.einsum("...pij,ps->...pisj", diag, eye)
-    return scores.reshape(*lead, C, C)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (qs, ks, gates)):
+        weight = torch.exp(sums.masked_fill(later, float("-inf"))).view(*lead, c, c, Dk)
+        return (qs.unsqueeze(-2) * ks.unsqueeze(-3) * weight).sum(-1)
+    # no graph: in place (each fresh (c, c, Dk) buffer costs its first-touch page faults, as much as the op)
+    weight = sums.masked_fill_(later, float("-inf")).exp_().view(*lead, c, c, Dk)
+    return weight.mul_(qs.unsqueeze(-2)).mul_(ks.unsqueeze(-3)).sum(-1)
 
 
 # the composite backend: runs on any device, and is linear attention's CPU path
