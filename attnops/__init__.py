@@ -11,7 +11,8 @@ from attnops.ops import (AarenState, AttentionLseMapOutput, AttentionMapOutput, 
                          LinearAttentionMapOutput, LinearAttentionOutput, aaren, agent_attention, attention,
                          block_sparse_attention, decode_attention, flow_attention, hyper_attention, landmark_attention,
                          linear_attention, lln_attention, lowrank_key_attention, moba_attention, moba_block_mask,
-                         moh_attention, predict_block_mask, routing_attention, sea_attention, varlen_attention)
+                         moh_attention, predict_block_mask, regla_attention, routing_attention, sea_attention,
+                         varlen_attention)
 from attnops import lowrank  # noqa: E402  (KeyProjection, calibrate)
 from attnops import maps  # noqa: E402  (block maps: capture, rollout, heatmaps)
 from attnops import distributed  # noqa: E402  (context parallelism over torch.distributed)
@@ -27,5 +28,5 @@ __all__ = ["AarenState", "AttentionLseMapOutput", "AttentionMapOutput", "Attenti
            "LinearAttentionMapOutput", "LinearAttentionOutput", "aaren", "agent_attention", "attention",
            "block_sparse_attention", "decode_attention", "dispatch", "distributed", "flow_attention", "hyper_attention",
            "landmark_attention", "linear_attention", "lln_attention", "lowrank", "lowrank_key_attention", "maps",
-           "moba_attention", "moba_block_mask", "moh_attention", "nn", "predict_block_mask", "routing_attention",
-           "sea_attention", "swap", "unswap", "varlen_attention"]
+           "moba_attention", "moba_block_mask", "moh_attention", "nn", "predict_block_mask", "regla_attention",
+           "routing_attention", "sea_attention", "swap", "unswap", "varlen_attention"]

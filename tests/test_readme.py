@@ -51,6 +51,10 @@ x = torch.randn(1, 100, 512)
 """,
     "out = attnops.flow_attention(q, k, v, causal=True)": _QKV,
     "out = attnops.lln_attention(q, k, v, causal=True, diag=True)": _QKV,
+    "out = attnops.regla_attention(q, k, v, gate_logits, refine_logits)": _QKV + """
+gate_logits, refine_logits = torch.randn(1, 1024, 8, 64), torch.randn(1, 1024, 8, 64)
+x = torch.randn(1, 100, 512)
+""",
     "out = attnops.routing_attention(q, k, v, centroids, causal=True)": _QKV + """
 centroids = torch.nn.functional.normalize(torch.randn(2, 32, 64), dim=-1)
 """,

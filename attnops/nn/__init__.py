@@ -5,7 +5,7 @@ Specs (``*Spec``: which attention a module runs, not layers) are frozen dataclas
 ``LinearAttentionSpec``, ``LowRankKeySpec``, and the composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``,
 ``LLNSpec``, ``SEASpec``, ``HyperSpec``. Modules with a method's own parameters: ``MoHAttention``,
 ``RoutingAttention``, ``Aaren``, ``AgentAttention`` (the authors' vision block, their parameter names),
-``LandmarkAttention``. The specs' former names (``Dense``, ``BlockSparse``, ``MoBA``, ``Linear``, ``LowRankKey``; ``Dense`` and ``Linear`` read as torch layers)
+``LandmarkAttention``, ``ReGLA``. The specs' former names (``Dense``, ``BlockSparse``, ``MoBA``, ``Linear``, ``LowRankKey``; ``Dense`` and ``Linear`` read as torch layers)
 still work for one release, with a DeprecationWarning.
 """
 
@@ -19,6 +19,7 @@ from attnops.nn.landmark import LandmarkAttention
 from attnops.nn.linear import LinearAttention
 from attnops.nn.moh import MoHAttention
 from attnops.nn.mqa import MultiQueryAttention
+from attnops.nn.regla import ReGLA
 from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
 from attnops.nn.rotary import Rotary
 from attnops.nn.routing import RoutingAttention
@@ -39,5 +40,5 @@ def __getattr__(name):
 
 __all__ = ["Aaren", "AgentAttention", "AgentSpec", "Attention", "BlockGate", "BlockSparseSpec", "FlowSpec",
            "HyperSpec", "LLNSpec", "LandmarkAttention", "LinearAttention", "LinearAttentionSpec", "LowRankKeySpec",
-           "MoBASpec", "MoHAttention", "MoHSpec", "MultiQueryAttention", "MultiheadAttention", "Rotary", "RoutingAttention",
-           "SEASpec", "SoftmaxSpec", "SwapReport", "swap", "unswap"]
+           "MoBASpec", "MoHAttention", "MoHSpec", "MultiQueryAttention", "MultiheadAttention", "ReGLA", "Rotary",
+           "RoutingAttention", "SEASpec", "SoftmaxSpec", "SwapReport", "swap", "unswap"]

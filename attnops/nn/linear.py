@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnops.nn.heads import check_heads
 from attnops.ops.linear import State, linear_attention, resolve_decay, resolve_feature_map
 
 GATES = (False, True, "head", "channel")
@@ -46,11 +47,7 @@ class LinearAttention(nn.Module):
                  normalize: bool = False, output_norm: Optional[str] = "rmsnorm", bias: bool = False,
                  gate_normalizer: float = 16.0, device=None, dtype=None):
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        if num_kv_heads <= 0 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        num_kv_heads, head_dim = check_heads(embed_dim, num_heads, num_kv_heads)
         if gated not in GATES:
             raise ValueError(f"gated must be one of {GATES}, got {gated!r}")
         if output_norm not in ("rmsnorm", None):
@@ -60,7 +57,7 @@ class LinearAttention(nn.Module):
         if not gate_normalizer > 0:
             raise ValueError(f"gate_normalizer must be > 0, got {gate_normalizer!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = head_dim
         self.feature_map = resolve_feature_map(feature_map)
         self.normalize = normalize
         self.gated = "head" if gated is True else gated

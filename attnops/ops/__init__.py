@@ -11,6 +11,7 @@ from attnops.ops.agent import agent_attention
 from attnops.ops.aaren import AarenState, aaren
 from attnops.ops.flow import flow_attention
 from attnops.ops.lln import lln_attention
+from attnops.ops.regla import regla_attention
 from attnops.ops.moh import moh_attention
 from attnops.ops.clustered import routing_attention
 from attnops.ops.hyper import hyper_attention
@@ -21,4 +22,4 @@ __all__ = ["AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "KV
            "LinearAttentionOutput", "attention", "block_sparse_attention", "decode_attention", "hyper_attention", "landmark_attention",
            "linear_attention",
            "lowrank_key_attention", "moba_attention", "moh_attention", "routing_attention", "moba_block_mask",
-           "predict_block_mask", "sea_attention", "varlen_attention"]
+           "predict_block_mask", "regla_attention", "sea_attention", "varlen_attention"]

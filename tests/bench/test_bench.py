@@ -15,7 +15,7 @@ from attnops.bench.runner import run_case
 
 PUBLIC_OPS = ["attention", "block_sparse_attention", "linear_attention", "moba_attention", "decode_attention",
               "lowrank_key_attention", "agent_attention", "aaren", "flow_attention", "lln_attention", "moh_attention",
-              "routing_attention", "sea_attention"]
+              "regla_attention", "routing_attention", "sea_attention"]
 
 TINY_SUITE = """
 description = "tiny end-to-end suite (tests)"
@@ -186,7 +186,7 @@ def test_lowrank_case_passes_its_gate_and_reports_the_error_vs_exact(shape):
 
 
 @pytest.mark.parametrize("op", ["agent_attention", "aaren", "flow_attention", "lln_attention", "moh_attention",
-                                "routing_attention"])
+                                "regla_attention", "routing_attention"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_composed_cases_pass_their_gate(op, mode):
     spec = CaseSpec(op=op, device="cpu", dtype="float32", mode=mode, shape=dict(B=1, H=4, Hkv=2, Sq=333, Sk=333, D=32),

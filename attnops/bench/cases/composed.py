@@ -1,11 +1,12 @@
 """Benchmark cases of the methods composed on the cores (issue 25): ``agent_attention`` (family "agent"),
-``aaren`` (family "aaren"), ``flow_attention`` (family "flow"), ``lln_attention`` (family "lln") and ``moh_attention``
-(family "moh") and ``routing_attention`` (family "clustered"), each against the dense softmax attention it
+``aaren`` (family "aaren"), ``flow_attention`` (family "flow"), ``lln_attention`` (family "lln"), ``regla_attention``
+(family "regla"), ``moh_attention`` (family "moh") and ``routing_attention`` (family "clustered"), each against the dense softmax attention it
 replaces (FlashAttention on a GPU, torch SDPA otherwise; a different function, so no accuracy comparison with
 it).
 
 Parameters: ``num_agents`` (agent attention, default 49), ``causal`` (flow and LLN attention, default true),
-``diag`` (LLN attention, default false), ``num_shared_heads`` / ``top_k`` (MoH, default ``H / 2`` and ``H / 4``:
+``diag`` (LLN attention, default false), ``key_shift`` (ReGLA, default "running"; its gate and refining logits
+are standard normal, per head and key channel), ``num_shared_heads`` / ``top_k`` (MoH, default ``H / 2`` and ``H / 4``:
 MoH-LLaMA3's 75% of the heads, routed by :func:`attnops.ops.moh.query_norm_heads`), ``num_clusters`` (Routing
 Transformer, default ``sqrt(N)``; random unit centroids; its "vs exact" column is the error against causal dense
 attention, what the clustering costs on these unclustered inputs). Shape keys as for attention with Sq = Sk;
@@ -98,10 +99,27 @@ def build_lln(spec: CaseSpec) -> Prepared:
                                                                                       **extra))
 
 
-def _build_linear_core(spec: CaseSpec, call) -> Prepared:
-    """A method on the linear core: ``call(inputs, causal, **extra)``, against dense attention of its causality."""
+def build_regla(spec: CaseSpec) -> Prepared:
+    s, dtype = spec.shape, DTYPES[spec.dtype]
+    shift = str(spec.params.get("key_shift", "running"))
+    make_qkv = qkv_inputs(spec)
+
+    def make():
+        logits = [torch.randn(s["B"], s["Sq"], s["H"], s["D"], dtype=dtype, device=spec.device) for _ in range(2)]
+        return (*make_qkv(), *(t.requires_grad_(spec.mode == "fwd+bwd") for t in logits))
+
+    return _build_linear_core(spec, lambda st, causal, **extra: attnops.regla_attention(*st[:5], key_shift=shift,
+                                                                                        **extra),
+                              make=make, causal_only=True)
+
+
+def _build_linear_core(spec: CaseSpec, call, make=None, causal_only: bool = False) -> Prepared:
+    """A method on the linear core: ``call(inputs, causal, **extra)``, against dense attention of its causality;
+    ``make``: the inputs when the method takes more than q, k, v (they come first)."""
     s = spec.shape
     causal = bool(spec.params.get("causal", True))
+    if causal_only and not causal:
+        raise ValueError(f"{spec.op} is causal only")
     if causal and s["Sq"] != s["Sk"]:
         raise ValueError(f"causal {spec.op} cases need Sq == Sk")
     needs_grad = spec.mode == "fwd+bwd"
@@ -109,17 +127,16 @@ def _build_linear_core(spec: CaseSpec, call) -> Prepared:
     def run(st, **extra):
         return call(st, causal, **extra)
 
-    baseline, notes = dense_baseline(causal, spec, needs_grad, lambda st: st)
+    baseline, notes = dense_baseline(causal, spec, needs_grad, lambda st: st[:3])
 
     def ref(inputs, rows, dtype):
-        q, k, v = (t.detach().to("cpu", dtype) for t in inputs)
-        return run((q, k, v), backend="reference")[:, rows]
+        return run([t.detach().to("cpu", dtype) for t in inputs], backend="reference")[:, rows]
 
     factor = 3.0 if needs_grad else 1.0
     D = s["D"]
     actual = factor * s["B"] * s["H"] * (s["Sq"] + s["Sk"]) * (4.0 * D * D + 16.0 * D)
     dense = factor * 4.0 * D * s["B"] * s["H"] * s["Sq"] * s["Sk"] * (0.5 if causal else 1.0)
-    return op_case(spec, qkv_inputs(spec), run, baseline, notes, ref, actual, dense)
+    return op_case(spec, make or qkv_inputs(spec), run, baseline, notes, ref, actual, dense)
 
 
 def build_moh(spec: CaseSpec) -> Prepared:
@@ -191,6 +208,7 @@ register_op("agent_attention", "agent", build_agent, "Agent attention: pooled ag
 register_op("aaren", "aaren", build_aaren, "Aaren: a learned query over every prefix by a prefix scan (causal)")
 register_op("flow_attention", "flow", build_flow, "Flowformer's flow attention on the linear core")
 register_op("lln_attention", "lln", build_lln, "Linear Log-Normal attention (LLN, LLN+Diag) on the linear core")
+register_op("regla_attention", "regla", build_regla, "ReGLA: refined gated linear attention on the linear core (causal)")
 register_op("routing_attention", "clustered", build_routing,
             "Routing Transformer attention: shared q/k centroids, attention within the cluster")
 register_op("moh_attention", "moh", build_moh, "Mixture-of-Head attention: only the routed (token, head) pairs run")
