@@ -245,23 +245,38 @@ def test_decay_is_the_same_as_a_constant_gate():
     torch.testing.assert_close(attnops.linear_attention(q, k, v, gate=gate), by_decay)
 
 
-def test_nan_in_gives_nan_from_its_chunk_on(fwd_impl):
-    """A NaN at step t reaches every later output of its head and channel; outputs of earlier
-    chunks and of other heads stay finite. (The Triton chunk kernel's intra-chunk product multiplies the
-    masked zeros by it, so there the rows of t's chunk before t are NaN too; the PyTorch chunk form keeps
-    them finite: test_nan_value_does_not_reach_earlier_rows_of_its_chunk.)"""
+@pytest.mark.parametrize("gate_kind", [None, "head", "channel"])
+@pytest.mark.parametrize("where", ["v", "k"])
+def test_nan_in_gives_nan_from_its_step_on(fwd_impl, where, gate_kind):
+    """A NaN value or key at step t reaches every later output of its head (a value: of its channel), never an
+    earlier one, its chunk's included, with every gate kind, on every backend; other heads stay finite."""
     B, S, H, D = 1, 150, 2, 16
     q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
-    v[0, 70, 1, 3] = float("nan")
+    {"v": v, "k": k}[where][0, 70, 1, 3] = float("nan")
+    gate = {None: None, "head": (B, S, H), "channel": (B, S, H, D)}[gate_kind]
+    gate = None if gate is None else F.logsigmoid(torch.randn(gate)).to(fwd_impl.device)
     q, k, v = (t.to(fwd_impl.device) for t in (q, k, v))
     kw = dict(backend=backend_of(fwd_impl), chunk_size=64)
-    out = attnops.linear_attention(q, k, v, **kw).cpu()
-    assert torch.isfinite(out[:, :64]).all() and torch.isfinite(out[:, :, 0]).all()
-    assert torch.isnan(out[0, 70:, 1, 3]).all()
-    gate = F.logsigmoid(torch.randn(B, S, H))
+    out = attnops.linear_attention(q, k, v, gate=gate, **kw).cpu()
+    assert torch.isfinite(out[:, :70]).all() and torch.isfinite(out[:, :, 0]).all()
+    assert torch.isnan(out[0, 70:, 1, 3 if where == "v" else slice(None)]).all()
+
+
+@pytest.mark.parametrize("gate_kind", ["head", "channel"])
+def test_nan_gate_gives_nan_from_its_step_on(fwd_impl, gate_kind):
+    """A NaN gate at step t: NaN from t on in its head, every earlier row finite; non-causal, a NaN value reaches
+    every row of its channel."""
+    B, S, H, D = 1, 150, 2, 16
+    q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
+    gate = F.logsigmoid(torch.randn((B, S, H) if gate_kind == "head" else (B, S, H, D)))
     gate[0, 100, 0] = float("nan")
+    q, k, v = (t.to(fwd_impl.device) for t in (q, k, v))
+    kw = dict(backend=backend_of(fwd_impl), chunk_size=64)
     out = attnops.linear_attention(q, k, v, gate=gate.to(fwd_impl.device), **kw).cpu()
-    assert torch.isfinite(out[:, :64, 0]).all() and torch.isnan(out[0, 100:, 0]).all()
+    assert torch.isfinite(out[:, :100]).all() and torch.isnan(out[0, 100:, 0]).all()
+    assert torch.isfinite(out[:, :, 1]).all()
+    v = v.clone()
+    v[0, 70, 1, 3] = float("nan")
     out = attnops.linear_attention(q, k, v, causal=False, **kw).cpu()
     assert torch.isnan(out[0, :, 1, 3]).all() and torch.isfinite(out[:, :, 0]).all()
 

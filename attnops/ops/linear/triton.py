@@ -157,9 +157,16 @@ def _out_fwd_kernel(Q, K, V, Gm, GS, Hs, O, S, N, H, G, GW, scale,
             b_a = b_a * tl.exp(tl.where(causal, (b_g - tl.trans(b_g)) + (b_gl - tl.trans(b_gl)), float("-inf")))
             b_qi = b_q * tl.exp(b_g)
         else:
-            b_a = tl.where(causal, b_a, 0.0)
             b_qi = b_q
-    b_o = tl.dot(b_qi.to(DOT_DTYPE), b_h.to(DOT_DTYPE)) + tl.dot(b_a.to(DOT_DTYPE), b_v)
+    # A NaN key makes its whole column NaN (0 * NaN above the diagonal too), a NaN / inf value its row of v: neither
+    # may reach the chunk's earlier rows (the recurrence never lets step j reach a query before it). The product
+    # runs on v with its non-finite entries zeroed; the rows at or after the first one in a column get NaN.
+    b_a = tl.where(causal, b_a, 0.0)
+    bad = (b_v != b_v) | (tl.abs(b_v.to(tl.float32)) == float("inf"))
+    first_bad = tl.min(tl.where(bad, tl.arange(0, C)[:, None], C), axis=0)  # [BV]: C where the column is finite
+    b_intra = tl.dot(b_a.to(DOT_DTYPE), tl.where(bad, 0.0, b_v).to(DOT_DTYPE))
+    b_intra = tl.where(tl.arange(0, C)[:, None] >= first_bad[None, :], float("nan"), b_intra)
+    b_o = tl.dot(b_qi.to(DOT_DTYPE), b_h.to(DOT_DTYPE)) + b_intra
     tl.store(O + (i_b * S * H + i_h) * DV + o_t[:, None] * H * DV + o_v[None, :], b_o * scale,
              mask=m_t[:, None] & m_v[None, :])
 
