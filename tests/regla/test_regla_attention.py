@@ -155,6 +155,32 @@ def test_scale_and_nan():
     assert not bool(out[0, :, 1].isnan().any())
 
 
+@pytest.mark.parametrize("key_shift", ["running", "sequence"])
+def test_empty_and_single_steps(key_shift):
+    """An empty call returns an empty output and leaves a state that resumes exactly; one token at a time equals
+    one call (running shift) or its output up to the shift's factor (sequence)."""
+    (q, k, v, gate, refine), _ = _inputs((2, 12, 4, 2, 8, 8), seed=9)
+    q, k, v, gate, refine = (t.double() for t in (q, k, v, gate, refine))
+    kw = dict(key_shift=key_shift, output_final_state=True)
+    empty = attnops.regla_attention(q[:, :0], k[:, :0], v[:, :0], gate[:, :0], refine[:, :0], **kw)
+    assert empty.out.shape == (2, 0, 4, 8) and bool((empty.final_state.key_max == float("-inf")).all())
+    whole = attnops.regla_attention(q, k, v, gate, refine, **kw)
+    state, outs = empty.final_state, []
+    for t in range(12):
+        out, state = attnops.regla_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], gate[:, t:t + 1],
+                                             refine[:, t:t + 1], initial_state=state, **kw)
+        outs.append(out)
+    again = attnops.regla_attention(q[:, :0], k[:, :0], v[:, :0], gate[:, :0], refine[:, :0], initial_state=state,
+                                    **kw)
+    torch.testing.assert_close(again.final_state.state, whole.final_state.state, rtol=1e-10, atol=1e-12)
+    if key_shift == "running":
+        torch.testing.assert_close(torch.cat(outs, 1), whole.out, rtol=1e-10, atol=1e-12)
+    else:  # each step shifted by the max so far: the paper's output times exp(m_t - M) per row and head
+        m = torch.cummax(k.amax(dim=-1), dim=1).values
+        factor = torch.exp(m - k.amax(dim=(1, 3)).unsqueeze(1)).repeat_interleave(2, dim=2).unsqueeze(-1)
+        torch.testing.assert_close(torch.cat(outs, 1) * factor, whole.out, rtol=1e-10, atol=1e-12)
+
+
 def test_refusals():
     (q, k, v, gate, refine), _ = _inputs((1, 20, 2, 2, 8, 8))
     with pytest.raises(ValueError, match="gate must be"):

@@ -191,7 +191,8 @@ def regla_attention(
     log_gate = refined_log_gate(gate, refine)
     group = H // Hkv
     if key_shift == "sequence":
-        key_max = kf.amax(dim=(1, 3))  # (B, Hkv)
+        # (B, Hkv); an empty call keeps the state's shift (or none: -inf)
+        key_max = kf.amax(dim=(1, 3)) if S else kf.new_full((B, Hkv), float("-inf"))
         if prev is not None:
             key_max = torch.maximum(key_max, prev_max.to(feat))
             rescale = torch.exp(prev_max.to(feat) - key_max).repeat_interleave(group, dim=1)  # (B, H), <= 1
@@ -199,7 +200,10 @@ def regla_attention(
         shift = key_max.view(B, 1, Hkv, 1)
     else:
         row_max = kf.amax(dim=-1)  # (B, S, Hkv)
-        first = row_max[:, :1] if prev is None else prev_max.to(feat).view(B, 1, Hkv)
+        if prev is not None:
+            first = prev_max.to(feat).view(B, 1, Hkv)
+        else:  # the first step's own max (no rescale there); an empty call: no shift yet
+            first = row_max[:, :1] if S else kf.new_full((B, 1, Hkv), float("-inf"))
         running = torch.cummax(torch.cat([first, row_max], dim=1), dim=1).values  # (B, 1 + S, Hkv)
         # the state, taken at the previous step's shift, moves to this step's: a per-head log-gate <= 0
         log_gate = log_gate + (running[:, :-1] - running[:, 1:]).repeat_interleave(group, dim=2).unsqueeze(-1)
