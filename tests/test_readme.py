@@ -51,6 +51,11 @@ x = torch.randn(1, 100, 512)
 """,
     "out = attnops.flow_attention(q, k, v, causal=True)": _QKV,
     "out = attnops.lln_attention(q, k, v, causal=True, diag=True)": _QKV,
+    "model = attnops.integrations.transformers.linearize(model)": """
+from transformers import AutoModelForCausalLM, LlamaConfig
+model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                     num_hidden_layers=1, num_attention_heads=4))
+""",
     "out = attnops.regla_attention(q, k, v, gate_logits, refine_logits)": _QKV + """
 gate_logits, refine_logits = torch.randn(1, 1024, 8, 64), torch.randn(1, 1024, 8, 64)
 x = torch.randn(1, 100, 512)

@@ -33,7 +33,7 @@ from attnops.core.checks import additive_mask
 from attnops.maps.capture import attend
 from attnops.core.masks import BlockMask
 from attnops.nn.specs import (SCORE_MOD_SPECS, VARLEN_SPECS, AttentionSpec, BlockSparseSpec, FlowSpec,
-                              HyperSpec, LinearAttentionSpec, LLNSpec, MoBASpec, MoHSpec, SEASpec, SoftmaxSpec,
+                              HyperSpec, LinearAttentionSpec, LLNSpec, MoBASpec, MoHSpec, ReGLASpec, SEASpec, SoftmaxSpec,
                               attend_unpadded, resolve_spec)
 
 _SPECS: Dict[str, AttentionSpec] = {}
@@ -56,6 +56,7 @@ DEFAULTS: Dict[str, AttentionSpec] = {
     "attnops_sea": SEASpec(),  # Performer-estimated block map, 8 key blocks of 64 per query block + the diagonal
     "attnops_lln": LLNSpec(),
     "attnops_hyper": HyperSpec(),  # HyperAttention, the authors' defaults (exact below 4096 tokens)
+    "attnops_regla": ReGLASpec(),  # ReGLA, on layers given its gates by linearize()
     "attnops_linear": LinearAttentionSpec(feature_map="elu", normalize=True),  # a drop-in without an output norm: normalised
 }
 
@@ -258,7 +259,8 @@ def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str
     :data:`DEFAULTS` gets its default (``"attnops"``: exact dense, ``"attnops_sparse"``: sink + local
     window, ``"attnops_moba"``: MoBA, block 512, top-3, ``"attnops_moh"``: Mixture-of-Head attention with
     MoH-LLaMA3's query-norm router, ``"attnops_flow"``: Flowformer, ``"attnops_lln"``: Linear Log-Normal,
-    ``"attnops_sea"``: SEA's estimated mask, ``"attnops_hyper"``: HyperAttention,
+    ``"attnops_sea"``: SEA's estimated mask, ``"attnops_hyper"``: HyperAttention, ``"attnops_regla"``: ReGLA
+    (after :func:`linearize`),
     ``"attnops_linear"``: normalised elu + 1 linear attention) and any other name dense attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
@@ -275,3 +277,39 @@ def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str
 def registered() -> Dict[str, AttentionSpec]:
     """The names this process registered, with their specs."""
     return dict(_SPECS)
+
+
+def linearize(model: torch.nn.Module, spec: Optional[ReGLASpec] = None, name: str = "attnops_regla",
+              output_norm: str = "layernorm") -> torch.nn.Module:
+    """Post-linearization (ReGLA's paper: a pretrained softmax model continues training as ReGLA): gives every
+    attention layer of a Hugging Face ``model`` ReGLA's parameters, ``regla`` (:class:`attnops.nn.regla.ReGLAGates`:
+    gate and refining-gate projections of the layer's input, new and trainable, and the output norm), keeps each
+    layer's input hidden states for them (a forward pre-hook), registers ``spec`` (default ``ReGLASpec()``) under
+    ``name`` and switches the model to it. The q / k / v / o projections, rotary embeddings and norms stay the
+    model's. Returns the model. Attention layers are the modules with ``q_proj``, ``k_proj``, ``v_proj``, ``head_dim``
+    and a ``config``; a second call adds nothing twice."""
+    from attnops.nn.regla import ReGLAGates
+
+    spec = resolve_spec(spec, ReGLASpec(), "spec")
+    if not isinstance(spec, ReGLASpec):
+        raise TypeError(f"linearize takes a ReGLASpec, got {type(spec).__name__}")
+    layers = [m for m in model.modules()
+              if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "head_dim", "config"))]
+    if not layers:
+        raise ValueError("linearize: no attention layer (q_proj / k_proj / v_proj / head_dim / config) in this model")
+    for layer in layers:
+        if hasattr(layer, "regla"):
+            continue
+        weight = layer.q_proj.weight
+        heads = layer.q_proj.out_features // layer.head_dim
+        layer.regla = ReGLAGates(layer.config.hidden_size, heads, layer.head_dim, output_norm=output_norm,
+                                 device=weight.device, dtype=weight.dtype)
+        layer._attnops_hidden = None
+        layer.register_forward_pre_hook(_keep_hidden_states, with_kwargs=True)
+    model.set_attn_implementation(register(name, spec))
+    return model
+
+
+def _keep_hidden_states(layer, args, kwargs):
+    """The layer's input, for its ReGLA gates (transformers passes it as ``hidden_states``)."""
+    layer._attnops_hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

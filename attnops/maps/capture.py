@@ -100,6 +100,8 @@ def attend(module: nn.Module, spec, q: torch.Tensor, k: torch.Tensor, v: torch.T
            **options) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``spec.attend(q, k, v, **options)`` for ``module``: ``(out, block_map)``, the map computed when a
     capture is open (and recorded there) or when ``need_map`` (e.g. ``need_weights=True``), else None."""
+    if getattr(spec, "needs_module", False):  # the method's parameters live on the layer (ReGLASpec)
+        options = dict(options, module=module)
     if not (_OPEN or need_map):
         return spec.attend(q, k, v, causal=causal, softmax_scale=softmax_scale, **options), None
     out, block_map = spec.attend(q, k, v, causal=causal, softmax_scale=softmax_scale, return_block_map=True,

@@ -3,8 +3,9 @@ on construction. A module turns its spec into one op call through ``spec.attend(
 (through ``attnops.maps.attend``, which asks for the block map while a capture is open).
 
 One per family: ``SoftmaxSpec``, ``BlockSparseSpec``, ``MoBASpec``, ``LinearAttentionSpec``, ``LowRankKeySpec``, and the
-composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``, ``LLNSpec``, and ``SEASpec`` (a new family adds one class and
-its ``attend``)."""
+composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``, ``LLNSpec``, ``SEASpec``, ``HyperSpec`` and ``ReGLASpec`` (a
+new family adds one class and its ``attend``; a spec whose method has parameters of the layer, ``ReGLASpec``, sets
+``needs_module`` and gets the layer as ``module``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from attnops.ops.linear import decay_preset, linear_attention, resolve_feature_m
 from attnops.ops.lln import lln_attention
 from attnops.ops.lowrank import KeyProjection, check_lowrank_args, lowrank_key_attention
 from attnops.ops.moh import moh_attention, query_norm_heads
+from attnops.ops.regla import regla_attention
 from attnops.ops.routed import check_moba_args, moba_attention, sea_attention
 from attnops.ops.softmax import attention, block_sparse_attention
 
@@ -403,6 +405,44 @@ class LLNSpec:
         return lln_attention(q, k, v, causal=causal, diag=self.diag)
 
 
+@dataclass(frozen=True)
+class ReGLASpec:
+    """ReGLA (:func:`attnops.regla_attention`) in an attention layer that owns ReGLA's gates: a Hugging Face layer
+    after :func:`attnops.integrations.transformers.linearize`, which gives it ``regla`` (gate and refining-gate
+    projections and the output norm, :class:`attnops.nn.regla.ReGLAGates`) and keeps its input hidden states for
+    them. Causal over the whole sequence: ReGLA carries a recurrent state, not a KV cache, so a cached decoding step
+    is refused (``use_cache=False``; ``attnops.nn.ReGLA`` decodes with its state). ``softmax_scale`` does not apply
+    (the paper's variance-reduction scale)."""
+
+    key_shift: str = "running"
+    needs_module = True  # attend() receives the layer (class attribute, not a field)
+
+    def __post_init__(self):
+        if self.key_shift not in ("running", "sequence"):
+            raise ValueError(f"ReGLASpec.key_shift must be 'running' or 'sequence', got {self.key_shift!r}")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, module: Optional[torch.nn.Module] = None,
+               **options) -> torch.Tensor:
+        """As :meth:`SoftmaxSpec.attend`, with the layer; no block map."""
+        _no_block_map("ReGLASpec", options)
+        if not causal:
+            raise NotImplementedError("attnops.nn.ReGLASpec: ReGLA is causal (its gates order the sequence); the "
+                                      "layer asks for bidirectional attention")
+        _whole_sequence("ReGLASpec", q, k, causal)
+        _no_scale("ReGLASpec", softmax_scale, q.shape[-1])
+        gates, hidden = getattr(module, "regla", None), getattr(module, "_attnops_hidden", None)
+        if gates is None or hidden is None:
+            raise RuntimeError("attnops.nn.ReGLASpec: this layer has no ReGLA gates; call "
+                               "attnops.integrations.transformers.linearize(model) first (the gates are parameters "
+                               "a pretrained model does not have), or use attnops.nn.ReGLA")
+        module._attnops_hidden = None  # the graph keeps what it needs
+        gate, refine = gates(hidden)
+        if gate.shape != q.shape:
+            raise ValueError(f"attnops.nn.ReGLASpec: the layer's gates are {tuple(gate.shape)}, q is {tuple(q.shape)}")
+        return gates.norm(regla_attention(q, k, v, gate, refine, key_shift=self.key_shift))
+
+
 def _no_scale(spec: str, softmax_scale: Optional[float], head_dim: int) -> None:
     """The kernelised specs have no softmax scale: the default one (None, or ``D ** -0.5`` that models pass as
     ``scaling``) is the absence of a choice; any other value would be silently dropped, so it is refused."""
@@ -450,11 +490,11 @@ def attend_unpadded(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
 
 
 AttentionSpec = Union[SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec,
-                      FlowSpec, LLNSpec, SEASpec, HyperSpec]
+                      FlowSpec, LLNSpec, SEASpec, HyperSpec, ReGLASpec]
 # The specs whose attention is a softmax over scores, which take softcap / alibi_slopes / sinks.
 SCORE_MOD_SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec)
 SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec, FlowSpec, LLNSpec,
-         SEASpec, HyperSpec)
+         SEASpec, HyperSpec, ReGLASpec)
 
 
 def resolve_spec(spec: Optional[AttentionSpec], default: AttentionSpec, name: str = "attention") -> AttentionSpec:

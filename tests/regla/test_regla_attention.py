@@ -212,8 +212,8 @@ def test_layer_equals_its_equations_and_decodes():
     B, T = 2, 45
     q = layer.q_proj(x).view(B, T, 4, 16)
     k, v = (p(x).view(B, T, 2, 16) for p in (layer.k_proj, layer.v_proj))
-    gate, refine = (p(x).view(B, T, 4, 16) for p in (layer.gate_proj, layer.refine_proj))
-    ref = layer.out_proj(layer.norm(regla_reference(q, k, v, gate, refine)[0]).reshape(B, T, 64))
+    gate, refine = layer.regla(x)
+    ref = layer.out_proj(layer.regla.norm(regla_reference(q, k, v, gate, refine)[0]).reshape(B, T, 64))
     torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-10)
     y1, state = layer(x[:, :30], use_cache=True)
     steps = [y1]
@@ -222,9 +222,9 @@ def test_layer_equals_its_equations_and_decodes():
         steps.append(yt)
     torch.testing.assert_close(torch.cat(steps, 1), y, rtol=1e-9, atol=1e-10)
     y.square().mean().backward()
-    for name in ("gate_proj", "refine_proj", "q_proj", "k_proj"):
-        grad = getattr(layer, name).weight.grad
-        assert grad is not None and bool(grad.abs().sum() > 0), name
+    for p in (layer.regla.gate_proj, layer.regla.refine_proj, layer.q_proj, layer.k_proj):
+        grad = p.weight.grad
+        assert grad is not None and bool(grad.abs().sum() > 0), p
     with pytest.raises(ValueError, match="output_norm"):
         attnops.nn.ReGLA(64, 4, output_norm="groupnorm")
     with pytest.raises(ValueError, match="key_shift"):
