@@ -33,7 +33,8 @@ from attnops.core.checks import additive_mask
 from attnops.maps.capture import attend
 from attnops.core.masks import BlockMask
 from attnops.nn.specs import (SCORE_MOD_SPECS, VARLEN_SPECS, AttentionSpec, BlockSparseSpec, FlowSpec,
-                              HyperSpec, LinearAttentionSpec, LLNSpec, MoBASpec, MoHSpec, ReGLASpec, SEASpec, SoftmaxSpec,
+                              HyperSpec, LinearAttentionSpec, LLNSpec, MoBASpec, MoHSpec, ReGLASpec, RoutingSpec, SEASpec,
+                              SoftmaxSpec,
                               attend_unpadded, resolve_spec)
 
 _SPECS: Dict[str, AttentionSpec] = {}
@@ -57,6 +58,7 @@ DEFAULTS: Dict[str, AttentionSpec] = {
     "attnops_lln": LLNSpec(),
     "attnops_hyper": HyperSpec(),  # HyperAttention, the authors' defaults (exact below 4096 tokens)
     "attnops_regla": ReGLASpec(),  # ReGLA, on layers given its gates by linearize()
+    "attnops_routing": RoutingSpec(),  # Routing Transformer, 16 clusters, on layers given centroids by attach()
     "attnops_linear": LinearAttentionSpec(feature_map="elu", normalize=True),  # a drop-in without an output norm: normalised
 }
 
@@ -260,7 +262,7 @@ def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str
     window, ``"attnops_moba"``: MoBA, block 512, top-3, ``"attnops_moh"``: Mixture-of-Head attention with
     MoH-LLaMA3's query-norm router, ``"attnops_flow"``: Flowformer, ``"attnops_lln"``: Linear Log-Normal,
     ``"attnops_sea"``: SEA's estimated mask, ``"attnops_hyper"``: HyperAttention, ``"attnops_regla"``: ReGLA
-    (after :func:`linearize`),
+    (after :func:`linearize`), ``"attnops_routing"``: the Routing Transformer (after :func:`attach`),
     ``"attnops_linear"``: normalised elu + 1 linear attention) and any other name dense attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
@@ -279,37 +281,36 @@ def registered() -> Dict[str, AttentionSpec]:
     return dict(_SPECS)
 
 
-def linearize(model: torch.nn.Module, spec: Optional[ReGLASpec] = None, name: str = "attnops_regla",
-              output_norm: str = "layernorm") -> torch.nn.Module:
-    """Post-linearization (ReGLA's paper: a pretrained softmax model continues training as ReGLA): gives every
-    attention layer of a Hugging Face ``model`` ReGLA's parameters, ``regla`` (:class:`attnops.nn.regla.ReGLAGates`:
-    gate and refining-gate projections of the layer's input, new and trainable, and the output norm), keeps each
-    layer's input hidden states for them (a forward pre-hook), registers ``spec`` (default ``ReGLASpec()``) under
-    ``name`` and switches the model to it. The q / k / v / o projections, rotary embeddings and norms stay the
-    model's. Returns the model. Attention layers are the modules with ``q_proj``, ``k_proj``, ``v_proj``, ``head_dim``
-    and a ``config``; a second call adds nothing twice."""
-    from attnops.nn.regla import ReGLAGates
-
+def attach(model: torch.nn.Module, spec, name: Optional[str] = None) -> torch.nn.Module:
+    """For a method whose state lives on each attention layer (a spec with ``needs_module``: ``ReGLASpec``'s gates,
+    ``RoutingSpec``'s centroids): gives every attention layer of a Hugging Face ``model`` that state
+    (``spec.attach_to``; a layer that has it keeps it), registers ``spec`` under ``name`` (default
+    ``"attnops_regla"`` / ``"attnops_routing"``) and switches the model to it. The model's q / k / v / o
+    projections, rotary embeddings and norms stay. Attention layers are the modules with ``q_proj``, ``k_proj``,
+    ``v_proj``, ``head_dim`` and a ``config``. Returns the model."""
     spec = resolve_spec(spec, ReGLASpec(), "spec")
-    if not isinstance(spec, ReGLASpec):
-        raise TypeError(f"linearize takes a ReGLASpec, got {type(spec).__name__}")
+    if not getattr(spec, "needs_module", False):
+        raise TypeError(f"attach takes a spec with per-layer state (ReGLASpec, RoutingSpec), got {type(spec).__name__}; "
+                        "register() the others")
     layers = [m for m in model.modules()
               if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "head_dim", "config"))]
     if not layers:
-        raise ValueError("linearize: no attention layer (q_proj / k_proj / v_proj / head_dim / config) in this model")
+        raise ValueError("attach: no attention layer (q_proj / k_proj / v_proj / head_dim / config) in this model")
     for layer in layers:
-        if hasattr(layer, "regla"):
-            continue
-        weight = layer.q_proj.weight
-        heads = layer.q_proj.out_features // layer.head_dim
-        layer.regla = ReGLAGates(layer.config.hidden_size, heads, layer.head_dim, output_norm=output_norm,
-                                 device=weight.device, dtype=weight.dtype)
-        layer._attnops_hidden = None
-        layer.register_forward_pre_hook(_keep_hidden_states, with_kwargs=True)
+        spec.attach_to(layer, layer.config.hidden_size, layer.q_proj.out_features // layer.head_dim,
+                       layer.k_proj.out_features // layer.head_dim, layer.head_dim)
+    if name is None:
+        name = "attnops_regla" if isinstance(spec, ReGLASpec) else "attnops_routing"
     model.set_attn_implementation(register(name, spec))
     return model
 
 
-def _keep_hidden_states(layer, args, kwargs):
-    """The layer's input, for its ReGLA gates (transformers passes it as ``hidden_states``)."""
-    layer._attnops_hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+def linearize(model: torch.nn.Module, spec: Optional[ReGLASpec] = None, name: str = "attnops_regla"
+              ) -> torch.nn.Module:
+    """Post-linearization (ReGLA's paper: a pretrained softmax model continues training as ReGLA): :func:`attach`
+    with ``spec`` (default ``ReGLASpec()``), which gives every attention layer ReGLA's new, trainable gates
+    (``layer.regla``: gate and refining-gate projections of the layer's input, and the output norm)."""
+    spec = resolve_spec(spec, ReGLASpec(), "spec")
+    if not isinstance(spec, ReGLASpec):
+        raise TypeError(f"linearize takes a ReGLASpec, got {type(spec).__name__}")
+    return attach(model, spec, name)

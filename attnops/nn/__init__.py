@@ -3,7 +3,8 @@
 Specs (``*Spec``: which attention a module runs, not layers) are frozen dataclasses with one method,
 ``attend``: ``SoftmaxSpec`` (exact softmax: full, causal, window), ``BlockSparseSpec``, ``MoBASpec``,
 ``LinearAttentionSpec``, ``LowRankKeySpec``, and the composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``,
-``LLNSpec``, ``SEASpec``, ``HyperSpec``, ``ReGLASpec`` (a linearized Hugging Face layer's ReGLA). Modules with a method's own parameters: ``MoHAttention``,
+``LLNSpec``, ``SEASpec``, ``HyperSpec``, ``ReGLASpec`` and ``RoutingSpec`` (methods with per-layer state, for
+``attnops.integrations.transformers.attach``). Modules with a method's own parameters: ``MoHAttention``,
 ``RoutingAttention``, ``Aaren``, ``AgentAttention`` (the authors' vision block, their parameter names),
 ``LandmarkAttention``, ``ReGLA``. The specs' former names (``Dense``, ``BlockSparse``, ``MoBA``, ``Linear``, ``LowRankKey``; ``Dense`` and ``Linear`` read as torch layers)
 still work for one release, with a DeprecationWarning.
@@ -24,7 +25,8 @@ from attnops.nn.multihead import MultiheadAttention, SwapReport, swap, unswap
 from attnops.nn.rotary import Rotary
 from attnops.nn.routing import RoutingAttention
 from attnops.nn.specs import (AgentSpec, BlockSparseSpec, FlowSpec, HyperSpec, LinearAttentionSpec, LLNSpec,
-                              LowRankKeySpec, MoBASpec, MoHSpec, ReGLASpec, SEASpec, SoftmaxSpec)
+                              LowRankKeySpec, MoBASpec, MoHSpec, ReGLASpec, RoutingSpec, SEASpec,
+                              SoftmaxSpec)
 
 _DEPRECATED = {"Dense": SoftmaxSpec, "BlockSparse": BlockSparseSpec, "MoBA": MoBASpec, "Linear": LinearAttentionSpec,
                "LowRankKey": LowRankKeySpec}
@@ -41,4 +43,4 @@ def __getattr__(name):
 __all__ = ["Aaren", "AgentAttention", "AgentSpec", "Attention", "BlockGate", "BlockSparseSpec", "FlowSpec",
            "HyperSpec", "LLNSpec", "LandmarkAttention", "LinearAttention", "LinearAttentionSpec", "LowRankKeySpec",
            "MoBASpec", "MoHAttention", "MoHSpec", "MultiQueryAttention", "MultiheadAttention", "ReGLA", "ReGLASpec",
-           "Rotary", "RoutingAttention", "SEASpec", "SoftmaxSpec", "SwapReport", "swap", "unswap"]
+           "Rotary", "RoutingAttention", "RoutingSpec", "SEASpec", "SoftmaxSpec", "SwapReport", "swap", "unswap"]

@@ -3,9 +3,10 @@ on construction. A module turns its spec into one op call through ``spec.attend(
 (through ``attnops.maps.attend``, which asks for the block map while a capture is open).
 
 One per family: ``SoftmaxSpec``, ``BlockSparseSpec``, ``MoBASpec``, ``LinearAttentionSpec``, ``LowRankKeySpec``, and the
-composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``, ``LLNSpec``, ``SEASpec``, ``HyperSpec`` and ``ReGLASpec`` (a
-new family adds one class and its ``attend``; a spec whose method has parameters of the layer, ``ReGLASpec``, sets
-``needs_module`` and gets the layer as ``module``)."""
+composed methods' ``MoHSpec``, ``AgentSpec``, ``FlowSpec``, ``LLNSpec``, ``SEASpec``, ``HyperSpec``, ``ReGLASpec`` and
+``RoutingSpec`` (a new family adds one class and its ``attend``; a spec whose method keeps parameters or buffers on
+the layer, ``ReGLASpec`` and ``RoutingSpec``, sets ``needs_module``, gets the layer as ``module`` and gives a layer
+its state in ``attach_to``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from attnops.core.checks import QKVShape
 from attnops.core.masks import BlockMask
 from attnops.ops.agent import agent_attention
+from attnops.ops.clustered import routing_attention, update_centroids
 from attnops.ops.flow import flow_attention
 from attnops.ops.hyper import hyper_attention
 from attnops.ops.linear import decay_preset, linear_attention, resolve_feature_map
@@ -415,11 +417,28 @@ class ReGLASpec:
     (the paper's variance-reduction scale)."""
 
     key_shift: str = "running"
+    output_norm: str = "layernorm"
     needs_module = True  # attend() receives the layer (class attribute, not a field)
 
     def __post_init__(self):
         if self.key_shift not in ("running", "sequence"):
             raise ValueError(f"ReGLASpec.key_shift must be 'running' or 'sequence', got {self.key_shift!r}")
+        if self.output_norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"ReGLASpec.output_norm must be 'layernorm' or 'rmsnorm', got {self.output_norm!r}")
+
+    def attach_to(self, layer: torch.nn.Module, hidden_size: int, num_heads: int, num_kv_heads: int,
+                  head_dim: int) -> None:
+        """Gives ``layer`` ReGLA's gates (``layer.regla``, new parameters on its q projection's device and dtype)
+        and keeps its input hidden states for them (a forward pre-hook); a layer that has them keeps them."""
+        from attnops.nn.regla import ReGLAGates
+
+        if hasattr(layer, "regla"):
+            return
+        weight = next(layer.parameters())
+        layer.regla = ReGLAGates(hidden_size, num_heads, head_dim, self.output_norm, device=weight.device,
+                                 dtype=weight.dtype)
+        layer._attnops_hidden = None
+        layer.register_forward_pre_hook(_keep_hidden_states, with_kwargs=True)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                softmax_scale: Optional[float] = None, module: Optional[torch.nn.Module] = None,
@@ -441,6 +460,58 @@ class ReGLASpec:
         if gate.shape != q.shape:
             raise ValueError(f"attnops.nn.ReGLASpec: the layer's gates are {tuple(gate.shape)}, q is {tuple(q.shape)}")
         return gates.norm(regla_attention(q, k, v, gate, refine, key_shift=self.key_shift))
+
+
+def _keep_hidden_states(layer, args, kwargs):
+    """The layer's input, for its ReGLA gates (transformers passes it as ``hidden_states``)."""
+    layer._attnops_hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """The Routing Transformer's attention (:func:`attnops.routing_attention`) in a layer that owns its centroids:
+    a Hugging Face layer after :func:`attnops.integrations.transformers.attach` (``routing_centroids``, a buffer
+    ``(Hkv, num_clusters, D)`` of random unit vectors, saved with the model), moved by online k-means
+    (``decay``, the paper's 0.999) from each training call's queries and keys, as ``attnops.nn.RoutingAttention``
+    does. Each query attends the keys of its own cluster, causal or not, the model's softmax scale; a cached
+    decoding step attends the cached keys of its cluster (exact)."""
+
+    num_clusters: int = 16
+    decay: float = 0.999
+    needs_module = True
+
+    def __post_init__(self):
+        if isinstance(self.num_clusters, bool) or not isinstance(self.num_clusters, int) or self.num_clusters < 1:
+            raise ValueError(f"RoutingSpec.num_clusters must be an int >= 1, got {self.num_clusters!r}")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"RoutingSpec.decay must be a number in [0, 1), got {self.decay!r}")
+
+    def attach_to(self, layer: torch.nn.Module, hidden_size: int, num_heads: int, num_kv_heads: int,
+                  head_dim: int) -> None:
+        """Gives ``layer`` its centroids (a layer that has them keeps them)."""
+        if hasattr(layer, "routing_centroids"):
+            return
+        weight = next(layer.parameters())
+        centroids = torch.nn.functional.normalize(torch.randn(num_kv_heads, self.num_clusters, head_dim), dim=-1)
+        layer.register_buffer("routing_centroids", centroids.to(weight.device))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: Optional[float] = None, module: Optional[torch.nn.Module] = None,
+               **options) -> torch.Tensor:
+        """As :meth:`SoftmaxSpec.attend`, with the layer; no block map. In training the centroids then move."""
+        _no_block_map("RoutingSpec", options)
+        centroids = getattr(module, "routing_centroids", None)
+        if centroids is None:
+            raise RuntimeError("attnops.nn.RoutingSpec: this layer has no centroids; call "
+                               "attnops.integrations.transformers.attach(model, RoutingSpec(...)) first, or use "
+                               "attnops.nn.RoutingAttention")
+        if centroids.shape[0] != k.shape[2] or centroids.shape[2] != q.shape[-1]:
+            raise ValueError(f"attnops.nn.RoutingSpec: the layer's centroids are {tuple(centroids.shape)}, for "
+                             f"{k.shape[2]} kv heads of dim {q.shape[-1]}")
+        out = routing_attention(q, k, v, centroids.to(q.dtype), causal=causal, softmax_scale=softmax_scale)
+        if module.training:
+            update_centroids(centroids, q.detach(), k.detach(), self.decay)
+        return out
 
 
 def _no_scale(spec: str, softmax_scale: Optional[float], head_dim: int) -> None:
@@ -490,11 +561,11 @@ def attend_unpadded(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
 
 
 AttentionSpec = Union[SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec,
-                      FlowSpec, LLNSpec, SEASpec, HyperSpec, ReGLASpec]
+                      FlowSpec, LLNSpec, SEASpec, HyperSpec, ReGLASpec, RoutingSpec]
 # The specs whose attention is a softmax over scores, which take softcap / alibi_slopes / sinks.
 SCORE_MOD_SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec)
 SPECS = (SoftmaxSpec, BlockSparseSpec, MoBASpec, LinearAttentionSpec, LowRankKeySpec, MoHSpec, AgentSpec, FlowSpec, LLNSpec,
-         SEASpec, HyperSpec, ReGLASpec)
+         SEASpec, HyperSpec, ReGLASpec, RoutingSpec)
 
 
 def resolve_spec(spec: Optional[AttentionSpec], default: AttentionSpec, name: str = "attention") -> AttentionSpec:
