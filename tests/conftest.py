@@ -48,6 +48,8 @@ def _called_from_attnops() -> bool:
 
 def _poisoning(fn):
     def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced: fake tensors, nothing to poison, and no frame inspection (a
+            return fn(*args, **kwargs)     # graph break when dynamo was initialised before this wrapper existed)
         out = fn(*args, **kwargs)
         if (
             isinstance(out, torch.Tensor)
