@@ -12,6 +12,14 @@ from attnops.nn.heads import check_heads
 from attnops.ops.clustered import routing_attention, update_centroids
 
 
+def check_routing_args(num_clusters, decay) -> None:
+    """``num_clusters`` an int >= 1, ``decay`` (the k-means moving average) a number in [0, 1): ValueError otherwise."""
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+        raise ValueError(f"num_clusters must be an int >= 1, got {num_clusters!r}")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+
+
 class RoutingAttention(nn.Module):
     """Self-attention where each query attends the keys of its own cluster (centroids shared by queries and keys,
     one set per kv head), with the q / k / v / output projections.
@@ -33,10 +41,7 @@ class RoutingAttention(nn.Module):
                  causal: bool = True, decay: float = 0.999, bias: bool = False):
         super().__init__()
         num_kv_heads, head_dim = check_heads(dim, num_heads, num_kv_heads)
-        if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
-            raise ValueError(f"num_clusters must be an int >= 1, got {num_clusters!r}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        check_routing_args(num_clusters, decay)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim

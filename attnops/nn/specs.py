@@ -17,6 +17,8 @@ import torch
 
 from attnops.core.checks import QKVShape
 from attnops.core.masks import BlockMask
+from attnops.nn.regla import NORMS, ReGLAGates
+from attnops.nn.routing import check_routing_args
 from attnops.ops.agent import agent_attention
 from attnops.ops.clustered import routing_attention, update_centroids
 from attnops.ops.flow import flow_attention
@@ -26,6 +28,7 @@ from attnops.ops.lln import lln_attention
 from attnops.ops.lowrank import KeyProjection, check_lowrank_args, lowrank_key_attention
 from attnops.ops.moh import moh_attention, query_norm_heads
 from attnops.ops.regla import regla_attention
+from attnops.ops.regla.op import KEY_SHIFTS
 from attnops.ops.routed import check_moba_args, moba_attention, sea_attention
 from attnops.ops.softmax import attention, block_sparse_attention
 
@@ -421,17 +424,15 @@ class ReGLASpec:
     needs_module = True  # attend() receives the layer (class attribute, not a field)
 
     def __post_init__(self):
-        if self.key_shift not in ("running", "sequence"):
-            raise ValueError(f"ReGLASpec.key_shift must be 'running' or 'sequence', got {self.key_shift!r}")
-        if self.output_norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"ReGLASpec.output_norm must be 'layernorm' or 'rmsnorm', got {self.output_norm!r}")
+        if self.key_shift not in KEY_SHIFTS:
+            raise ValueError(f"ReGLASpec.key_shift must be one of {KEY_SHIFTS}, got {self.key_shift!r}")
+        if self.output_norm not in NORMS:
+            raise ValueError(f"ReGLASpec.output_norm must be one of {NORMS}, got {self.output_norm!r}")
 
     def attach_to(self, layer: torch.nn.Module, hidden_size: int, num_heads: int, num_kv_heads: int,
                   head_dim: int) -> None:
         """Gives ``layer`` ReGLA's gates (``layer.regla``, new parameters on its q projection's device and dtype)
         and keeps its input hidden states for them (a forward pre-hook); a layer that has them keeps them."""
-        from attnops.nn.regla import ReGLAGates
-
         if hasattr(layer, "regla"):
             return
         weight = next(layer.parameters())
@@ -481,10 +482,7 @@ class RoutingSpec:
     needs_module = True
 
     def __post_init__(self):
-        if isinstance(self.num_clusters, bool) or not isinstance(self.num_clusters, int) or self.num_clusters < 1:
-            raise ValueError(f"RoutingSpec.num_clusters must be an int >= 1, got {self.num_clusters!r}")
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"RoutingSpec.decay must be a number in [0, 1), got {self.decay!r}")
+        check_routing_args(self.num_clusters, self.decay)
 
     def attach_to(self, layer: torch.nn.Module, hidden_size: int, num_heads: int, num_kv_heads: int,
                   head_dim: int) -> None:

@@ -333,7 +333,9 @@ def _channel_gated_scores(qc: torch.Tensor, kc: torch.Tensor, gamma: torch.Tenso
 
 
 def _factored_scores(qs: torch.Tensor, ks: torch.Tensor, gs: torch.Tensor, fallback, *fallback_args) -> torch.Tensor:
-    """``tril(sum_d q_id k_jd e^(g_id - g_jd))`` over blocks ``(.., n, Dk)`` -> ``(.., n, n)``.
+    """``sum_d q_id k_jd e^(g_id - g_jd)`` for ``i >= j`` over blocks ``(.., n, Dk)`` -> ``(.., n, n)``; the upper
+    triangle is garbage (e^(positive) products, maybe inf) that the caller replaces: ``_causal`` keeps the lower
+    triangle of the whole chunk once.
 
     Where a block's cumulative gates ``gs`` (float64) span at most ``DIAG_SPAN`` in every channel,
     ``e^(g_i - g_j)`` factors around its middle row into two factors within ``e^(+-DIAG_SPAN)``, finite and normal
@@ -348,8 +350,6 @@ def _factored_scores(qs: torch.Tensor, ks: torch.Tensor, gs: torch.Tensor, fallb
     # 30 is off by 1e-6, which would be the product's relative error.
     expo = (gs - gs[..., n // 2:n // 2 + 1, :]).masked_fill_(~fast[..., None, None], 0.0)
     scores = torch.matmul(qs * torch.exp(expo).to(dt), (ks * torch.exp(expo.neg_()).to(dt)).transpose(-1, -2))
-    # the upper triangle holds e^(positive) products, maybe inf: replaced by 0, never multiplied
-    scores = scores.tril_() if not torch.is_grad_enabled() else scores.tril()
     slow = (~fast).flatten().nonzero().flatten()
     if slow.numel():
         picked = (t.flatten(0, -3).index_select(0, slow) for t in (qs, ks, gs, *fallback_args))
