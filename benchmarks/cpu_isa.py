@@ -67,6 +67,7 @@ def _time(runs, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--per-call", action="store_true", help="only the fixed per-call cost at S=16")
     args = parser.parse_args()
     torch.manual_seed(0)
     isa = backends.cpu_isa()
@@ -76,6 +77,10 @@ def main():
     levels = [lv for lv in isa["levels"] if lv != "generic"] + (["avx512 widened"] if DOT else [])
     print(f"bf16 products on AVX512-BF16 at the avx512 level: {DOT} ('avx512 widened': the same level with them "
           "off; float32 rows leave that column empty)")
+    if args.per_call:
+        _per_call(levels)
+        backends.set_cpu_isa(default)
+        return
     header = ["case", *[f"{lv} ms" for lv in levels], "sdpa ms", *[f"{lv} / sdpa" for lv in levels]]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -94,15 +99,31 @@ def main():
                         cells = [f"{ms[lv]:.1f}" if lv in ms else "" for lv in levels] + [f"{ms['sdpa']:.1f}"]
                         cells += [f"{ms[lv] / ms['sdpa']:.2f}" if lv in ms else "" for lv in levels]
                         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
-    # fixed per-call cost: S=16, the arithmetic is a few microseconds
-    q, k, v = (torch.randn(1, 16, 8, 64) for _ in range(3))
-    runs = _providers(q, k, v, True, False)
-    ms = _time(runs, 301)
-    print("\nper-call cost at S=16 causal f32 fwd (median of 301): " +
-          ", ".join(f"{name} {t * 1e3:.0f} us" for name, t in ms.items()))
+    _per_call(levels)
     backends.set_cpu_isa(default)
     if DOT:
         _C._set_bf16_dot(True)
+
+
+def _per_call(levels):
+    """Fixed per-call cost: S=16, where the arithmetic is a few microseconds; the level is set once per batch of
+    calls (setting it is not part of a call), batches of each provider alternate, median over all calls."""
+    q, k, v = (torch.randn(1, 16, 8, 64) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    times = {name: [] for name in [lv for lv in levels if lv != "avx512 widened"] + ["sdpa"]}
+    for _ in range(7):
+        for name, samples in times.items():
+            if name != "sdpa":
+                backends.set_cpu_isa(name)
+            for _ in range(44):
+                start = time.perf_counter()
+                if name == "sdpa":
+                    F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+                else:
+                    attnops.attention(q, k, v, causal=True)
+                samples.append(time.perf_counter() - start)
+    print(f"\nper-call cost at S=16 H=8 D=64 causal f32 fwd ({torch.get_num_threads()} threads, median of 308): " +
+          ", ".join(f"{name} {_median_ms(t) * 1e3:.0f} us" for name, t in times.items()))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ def autocast_inputs(*tensors):
     """Under ``torch.autocast``, floating inputs in the autocast dtype of their device (the lower precision
     SDPA runs in there); unchanged otherwise. Mixed-dtype q / k / v then meet the kernels in one dtype, as
     they do in SDPA."""
+    if not torch._C._is_any_autocast_enabled():  # the common case, answered in 0.1 us
+        return tensors
     first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
     if first is None or first.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(first.device.type):
         return tensors
@@ -105,6 +107,9 @@ def refuse_forward_ad(op: str, *tensors) -> None:
     (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``), which would otherwise see a zero
     tangent: a silent wrong derivative. Refused before any kernel runs."""
     if torch.compiler.is_compiling():
+        return
+    # a tangent needs an open dual level (forward_ad.dual_level) or a torch.func transform (jvp / jacfwd)
+    if fwAD._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
         return
     for t in tensors:
         if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:

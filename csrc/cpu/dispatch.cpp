@@ -121,6 +121,7 @@ TORCH_LIBRARY_IMPL(attnops, CPU, m) {
   m.impl("decode_attn_fwd", &Forward<&CpuKernels::decode_attn_fwd>::call);
   m.impl("lowrank_attn_fwd", &Forward<&CpuKernels::lowrank_attn_fwd>::call);
   m.impl("moba_route", &Forward<&CpuKernels::moba_route>::call);
+  m.impl("moba_token_select", &Forward<&CpuKernels::moba_token_select>::call);
 }
 
 }  // namespace attnops::cpu

@@ -66,6 +66,8 @@ struct CpuKernels {
                                                          bool causal, double softmax_scale, bool return_indices);
   std::tuple<Tensor, Tensor> (*moba_route)(const Tensor& q, const Tensor& k, int64_t block_size, int64_t topk,
                                            bool causal, int64_t route_block);
+  std::tuple<Tensor, Tensor> (*moba_token_select)(const Tensor& gate, int64_t block_size, int64_t topk, bool causal,
+                                                  int64_t width);
 };
 
 // Each level's table, defined in csrc/cpu/isa_<level>.cpp.
@@ -96,5 +98,6 @@ std::string set_level(const std::string& name);
   namespace attnops::cpu::level {                                                                      \
   extern const CpuKernels kernels;                                                                     \
   const CpuKernels kernels = {#level,          &block_sparse_attn_fwd_cpu, &block_sparse_attn_bwd_cpu, \
-                              &decode_attn_fwd_cpu, &lowrank_attn_fwd_cpu,  &moba_route_cpu};          \
+                              &decode_attn_fwd_cpu, &lowrank_attn_fwd_cpu,  &moba_route_cpu,          \
+                              &moba_token_select_cpu};                                                 \
   }

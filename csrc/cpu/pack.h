@@ -106,8 +106,7 @@ inline void zero_padding_panels(T* dst, int64_t count, int64_t rows, int64_t D) 
   const int64_t rows_pad = (rows + NR - 1) / NR * NR;
   for (int64_t i = 0; i < count; ++i) {
     T* panel = dst + i * rows_pad * D + (rows / NR) * D * NR;
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t r = rows % NR; r < NR; ++r) panel[d * NR + r] = T(0);
+    for (int64_t d = 0; d < D; ++d) std::fill(panel + d * NR + rows % NR, panel + (d + 1) * NR, T(0));
   }
 }
 

@@ -321,3 +321,23 @@ def test_autocast_casts_like_sdpa():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     with pytest.raises(TypeError, match="share a dtype"):
         attnops.attention(q, k.bfloat16(), v)  # outside autocast: still an error
+
+
+# ---- the no-gradient call path (attnops.core.library.call_op skips the autograd layer) ----------------
+
+def test_calls_without_gradients_match_the_autograd_path():
+    """Without a gradient to track the operators go straight to the kernels; under vmap (a torch.func transform)
+    and in inference mode they must still compute the same thing, and a call whose input needs a gradient must
+    still record one."""
+    torch.manual_seed(0)
+    q, k, v = qkv(B=3, S=40, dtype=torch.float64)
+    want = attnops.attention(q, k, v, causal=True)
+    looped = torch.vmap(lambda x, y, z: attnops.attention(x[None], y[None], z[None], causal=True)[0])(q, k, v)
+    torch.testing.assert_close(looped, want, rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():
+        torch.testing.assert_close(attnops.attention(q, k, v, causal=True), want, rtol=0, atol=0)
+    qg = q.clone().requires_grad_()
+    out = attnops.attention(qg, k, v, causal=True)
+    assert out.grad_fn is not None
+    with torch.no_grad():
+        assert attnops.attention(qg, k, v, causal=True).grad_fn is None

@@ -105,6 +105,49 @@ def test_ties_are_broken_as_the_authors_topk():
     torch.testing.assert_close(out, moba_attn_varlen_naive(q, k, v, cu, None, block, 3), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kind", ["normal", "ties", "integers", "nan", "inf"])
+def test_cpu_selection_is_torch_topks(kind, causal):
+    """The C++ selection (``moba_token_select``) chooses the rows whose choice is unambiguous and leaves the rest to
+    torch.topk: the chosen sets equal the official masked topk's on every row, over tied, integer and non-finite
+    gates, topk beyond the block count and partial last blocks; only ambiguous rows are left to torch.topk."""
+    from attnops.core import dispatch
+    from attnops.ops.routed.token import _topk_blocks, select_token_blocks
+
+    if not dispatch.is_available("cpu"):
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(5)
+    for L, block, topk in [(1, 8, 3), (37, 8, 2), (300, 16, 3), (300, 16, 5), (300, 64, 40), (129, 13, 7)]:
+        n = -(-L // block)
+        gate = {"normal": lambda: torch.randn(3, L, n, generator=g),
+                "ties": lambda: torch.randint(0, 3, (3, L, n), generator=g).float(),
+                "integers": lambda: torch.randint(-40, 40, (3, L, n), generator=g).float(),
+                "nan": lambda: torch.randn(3, L, n, generator=g).masked_fill(torch.rand(3, L, n, generator=g) < 0.1,
+                                                                            float("nan")),
+                "inf": lambda: torch.randn(3, L, n, generator=g).masked_fill(torch.rand(3, L, n, generator=g) < 0.1,
+                                                                            float("-inf"))}[kind]()
+        ours = select_token_blocks(gate, block, topk, causal)
+        theirs = _topk_blocks(gate, torch.arange(L) // block, min(topk, n), causal)
+        assert torch.equal(ours.sort(-1).values, theirs.sort(-1).values), (L, block, topk)
+        if min(topk, n) >= 2:
+            _, ambiguous = dispatch.resolve("moba_token_select", gate.device, "cpu")(
+                gate, block_size=block, topk=topk, causal=causal, width=min(topk, n))
+            if kind == "normal":
+                assert not ambiguous.any()  # continuous gates: every row chosen in C++
+            if kind == "ties" and n > topk + 1:
+                assert ambiguous.any()  # three values over many blocks: ties at the cut reach torch.topk
+            if kind in ("nan", "inf"):
+                assert torch.equal(ambiguous, _has_nonfinite_candidate(gate, block, causal))
+
+
+def _has_nonfinite_candidate(gate, block, causal):
+    L, n = gate.shape[1:]
+    own = (torch.arange(L) // block).unsqueeze(-1)
+    col = torch.arange(n)
+    candidate = (col < own) if causal else (col != own)
+    return (~torch.isfinite(gate) & candidate).any(-1)
+
+
 def test_needles_are_routed_per_token():
     """Each query of the last block points at one earlier block (its direction is that block's mean key): token
     routing sends every query to its target; the tile routing, one choice per 64 rows, cannot."""

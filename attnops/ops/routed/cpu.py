@@ -6,3 +6,5 @@ from attnops.ops.routed import library as lib
 dispatch.expect("moba_route", "cpu")  # without the extension: the fallback (or a clear error), never silence
 if backends.EXTENSION:
     dispatch.register("moba_route", "cpu", lib.backend(lib.FWD))
+    # token routing's per-row selection (ops/routed/token.py: torch.topk where this leaves a row ambiguous)
+    dispatch.register("moba_token_select", "cpu", lambda gate, **kw: lib.TOKEN_SELECT.call(gate=gate, **kw))

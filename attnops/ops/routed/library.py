@@ -22,6 +22,10 @@ from attnops.core.library import Arg, OpDef
 FWD = OpDef("moba_route", [Arg("q", "Tensor"), Arg("k", "Tensor"), Arg("block_size", "int"), Arg("topk", "int"),
                            Arg("causal", "bool"), Arg("route_block", "int")], "(Tensor, Tensor)")
 FWD_TRITON = FWD.variant("moba_route_triton")
+# Token routing's selection (ops/routed/token.py): gate (H, L, n) float32 -> the chosen blocks besides the own
+# one, (H, L, width) int32 (-1 after them), and (H, L) bool rows left to torch.topk (ties, non-finite gates).
+TOKEN_SELECT = OpDef("moba_token_select", [Arg("gate", "Tensor"), Arg("block_size", "int"), Arg("topk", "int"),
+                                           Arg("causal", "bool"), Arg("width", "int")], "(Tensor, Tensor)")
 
 
 def moba_lut_width(seq_len: int, block_size: int, topk: int, route_block: int) -> int:
@@ -49,5 +53,12 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None) -> Callable:
     return moba_route
 
 
+def token_select_fake(gate, width, **_):
+    H, L, _ = gate.shape
+    return gate.new_empty((H, L, width), dtype=torch.int32), gate.new_empty((H, L), dtype=torch.bool)
+
+
 FWD.define()
 FWD.register_fake(route_fake)
+TOKEN_SELECT.define()
+TOKEN_SELECT.register_fake(token_select_fake)

@@ -13,7 +13,8 @@ flash-attention's varlen form:
 - self pass: every token against its own block (causal: up to itself), one call of the softmax core with per-row
   key bounds;
 - pair pass: every (token, head, chosen earlier block) pair as one packed query row against that block's keys,
-  rows ordered by (kv head, block) so their bounds are monotone, one call;
+  rows ordered by (kv head, block) so their bounds are monotone, one call with the kv heads as its batch (k and v
+  read in place);
 - merge: the partial results combine by their log-sum-exp (``out = sum_i exp(lse_i - lse) out_i``), which is one
   softmax over the union, in float32; gradients flow through both passes' outputs and lse.
 
@@ -26,6 +27,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
+from attnops.core import dispatch
 from attnops.ops.softmax.bounded import bounded_attention
 from attnops.ops.softmax.merge import merge_rows
 
@@ -61,17 +63,12 @@ def route_tokens(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_
             means = torch.cat([k[s:min(s + block_size, b)].mean(dim=0, keepdim=True) for s in block_starts])
             means = means.repeat_interleave(H // Hkv, dim=1)  # (n, H, D): query head h routes on kv head h // group
             gate = torch.einsum("shd,nhd->hsn", q[a:b].float(), means.float())  # (H, L, n), unscaled as theirs
-            row_block = torch.arange(L, device=dev) // block_size
-            col = torch.arange(n, device=dev)
-            if causal:
-                gate.masked_fill_(col.view(1, -1) >= row_block.view(-1, 1), float("-inf"))
-            gate.masked_fill_(col.view(1, -1) == row_block.view(-1, 1), float("inf"))
-            index = torch.topk(gate, k=min(topk, n), dim=-1, largest=True, sorted=False).indices  # (H, L, kk)
-            value = gate.gather(-1, index)
-            h, s, slot = (~torch.isinf(value)).nonzero(as_tuple=True)
+            chosen = select_token_blocks(gate, block_size, topk, causal)  # (H, L, W), -1 after each row's blocks
+            h, s, slot = (chosen >= 0).nonzero(as_tuple=True)
             tokens.append(a + s)
             heads.append(h)
-            blocks.append(first_block + index[h, s, slot])
+            blocks.append(first_block + chosen[h, s, slot])
+            row_block = torch.arange(L, device=dev) // block_size
             starts.append(torch.tensor(block_starts, device=dev))
             ends.append((starts[-1] + block_size).clamp(max=b))
             owns.append(first_block + row_block)
@@ -80,6 +77,37 @@ def route_tokens(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
         return TokenRoutes(empty, empty, empty, empty, empty, empty)
     return TokenRoutes(*(torch.cat(x) for x in (tokens, heads, blocks, starts, ends, owns)))
+
+
+def select_token_blocks(gate: torch.Tensor, block_size: int, topk: int, causal: bool) -> torch.Tensor:
+    """``gate (H, L, n)`` float32, one sequence's ``q . block means`` (unmasked) -> ``(H, L, W)`` int64: each row's
+    chosen blocks other than its own (which the self pass attends), ``-1`` after them; exactly ``torch.topk``'s
+    choice over the official masked gates. On CPU the C++ selection (``moba_token_select``) picks the rows whose
+    choice is unambiguous (no tie at the cut, every candidate finite) and ``torch.topk`` the rest."""
+    kk = min(topk, gate.shape[-1])
+    if gate.device.type == "cpu" and kk >= 2 and dispatch.is_available("cpu") and not torch.compiler.is_compiling():
+        select = dispatch.resolve("moba_token_select", gate.device, "cpu")
+        chosen, ambiguous = select(gate, block_size=block_size, topk=topk, causal=causal, width=kk)
+        chosen = chosen.long()
+        h, s = ambiguous.nonzero(as_tuple=True)
+        if h.numel():
+            chosen[h, s] = _topk_blocks(gate[h, s], s // block_size, kk, causal)
+        return chosen
+    row_block = torch.arange(gate.shape[1], device=gate.device) // block_size
+    return _topk_blocks(gate, row_block, kk, causal)
+
+
+def _topk_blocks(gate: torch.Tensor, row_block: torch.Tensor, kk: int, causal: bool) -> torch.Tensor:
+    """The official steps on gate rows ``(..., R, n)`` of blocks ``row_block (R,)``: own block +inf, under causal
+    the own and later blocks -inf before that, ``torch.topk(kk, sorted=False)``; the chosen +-inf entries (the own
+    block, fillers) -> -1. A NaN gate ranks highest and stays chosen (its keys reach the row)."""
+    gate = gate.clone()
+    col = torch.arange(gate.shape[-1], device=gate.device)
+    if causal:
+        gate.masked_fill_(col >= row_block.unsqueeze(-1), float("-inf"))
+    gate.masked_fill_(col == row_block.unsqueeze(-1), float("inf"))
+    value, index = torch.topk(gate, k=kk, dim=-1, largest=True, sorted=False)
+    return torch.where(torch.isinf(value), torch.full_like(index, -1), index)
 
 
 def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: List[int], *,
@@ -102,19 +130,25 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
     out_self, lse_self = bounded_attention(q[None], k[None], v[None], torch.stack([own_start, own_end], -1),
                                            sinks=sinks, **extra)
 
-    # pairs ordered by (kv head, block): each run of rows shares one key interval, and the intervals increase
+    # pairs ordered by (kv head, block): each run of rows shares one key interval, and the intervals increase. The
+    # kv heads are the batch of the pair pass (rows padded to the longest head's count with empty intervals at the
+    # end), so k and v are read in place through a (Hkv, T, 1, D) view instead of copied into one key sequence.
     kv_head = routes.head // group
     order = torch.argsort(kv_head * max(int(routes.block_start.numel()), 1) + routes.block, stable=True)
     token, head, block, kv_head = routes.token[order], routes.head[order], routes.block[order], kv_head[order]
-    stretch = kv_head * T  # the kv head's keys in the packed (Hkv * T) key sequence
-    bounds = torch.stack([stretch + routes.block_start[block], stretch + routes.block_end[block]], -1)
-    kp = k.transpose(0, 1).reshape(1, Hkv * T, 1, k.shape[-1])
-    vp = v.transpose(0, 1).reshape(1, Hkv * T, 1, v.shape[-1])
-    row = token * H + head
+    per_head = torch.bincount(kv_head, minlength=Hkv)
+    width = int(per_head.max()) if kv_head.numel() else 0
+    slot = kv_head * width + torch.arange(kv_head.numel(), device=q.device) - (per_head.cumsum(0) - per_head)[kv_head]
+    row = torch.zeros(Hkv * width, dtype=torch.int64, device=q.device).index_put_((slot,), token * H + head)
+    bounds = torch.full((Hkv * width, 2), T, dtype=torch.int64, device=q.device)
+    bounds.index_put_((slot,), torch.stack([routes.block_start[block], routes.block_end[block]], -1))
     q_rows = q.reshape(T * H, q.shape[-1]).index_select(0, row)  # its backward is one index_add
-    out_pair, lse_pair = bounded_attention(q_rows[None, :, None], kp, vp, bounds, **extra)
+    out_pair, lse_pair = bounded_attention(q_rows.view(Hkv, width, 1, q.shape[-1]), k.transpose(0, 1).unsqueeze(2),
+                                           v.transpose(0, 1).unsqueeze(2), bounds.view(Hkv, width, 2), **extra)
 
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_s = lse_self[0].transpose(0, 1).reshape(T * H)  # row t * H + h
-    out, lse = merge_rows(out_self[0].reshape(T * H, -1), lse_s, out_pair[0, :, 0], lse_pair[0, 0], row, work)
+    # a padding row (empty interval: out 0, lse -inf) adds nothing to the row 0 it names
+    out, lse = merge_rows(out_self[0].reshape(T * H, -1), lse_s, out_pair.reshape(Hkv * width, out_pair.shape[-1]),
+                          lse_pair.reshape(Hkv * width), row, work)
     return out.view(T, H, -1).to(q.dtype), lse.view(T, H).transpose(0, 1)

@@ -23,12 +23,13 @@ def bounded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bou
                       softmax_scale: float, api: str, backend: Optional[str] = None, softcap: float = 0.0,
                       sinks: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                       generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``q (1, n, H, D)``, ``k, v (1, m, Hkv, D)``; query row ``i`` attends keys ``[key_bounds[i, 0],
-    key_bounds[i, 1])`` (``(n, 2)`` integers, each column nondecreasing, ``lo <= hi``), every head alike.
-    Returns ``out (1, n, H, Dv)`` and ``lse (1, H, n)`` (a row with an empty interval: 0 and -inf, or the
-    sink). ``api`` names the calling op in backend errors."""
+    """``q (B, n, H, D)``, ``k, v (B, m, Hkv, D)``; query row ``i`` attends keys ``[key_bounds[.., i, 0],
+    key_bounds[.., i, 1])`` (``(n, 2)`` integers for every batch row alike, or ``(B, n, 2)``; each column
+    nondecreasing along the rows, ``lo <= hi``), every head alike. Returns ``out (B, n, H, Dv)`` and ``lse (B, H, n)``
+    (a row with an empty interval: 0 and -inf, or the sink). ``api`` names the calling op in backend errors."""
     shape = check_qkv(q, k, v)
-    bounds = key_bounds.to(device=q.device, dtype=torch.int32).unsqueeze(0).contiguous()
+    bounds = key_bounds.to(device=q.device, dtype=torch.int32)
+    bounds = (bounds if bounds.dim() == 3 else bounds.unsqueeze(0)).contiguous()
     segments = SegmentBounds(bounds, transpose_bounds(bounds, k.shape[1]))
     impl = dispatch.resolve("block_sparse_attention", q.device, backend, api=api)
     out, lse = impl(q, k, v, None, causal=False, window_size=(-1, -1), softmax_scale=softmax_scale, block_map=None,

@@ -199,10 +199,12 @@ struct FwdScratch {
   std::vector<T> map_val, map_ref;
   int64_t map_lo = 0, map_hi = 0;
   std::vector<uint32_t> q2, p2;  // bf16 products (cpu/gemm_bf16.h): Q rows and P rows as bf16 pairs
-  FwdScratch(int64_t D, int64_t Dp, int64_t map_blocks, bool dot)
-      : q(dot ? 0 : kTileQ * D), s(kTileQ * kTileK), acc(kTileQ * Dp), m(kTileQ), l(kTileQ), alpha(kTileQ),
-        spans(kTileQ), drop_rows(kTileQ), map_val(map_blocks * kTileQ), map_ref(map_blocks * kTileQ),
-        q2(dot ? kTileQ * ((D + 1) / 2) : 0), p2(dot ? kTileQ * kTileK / 2 : 0) {}
+  // rows: the most query rows a task has (kTileQ, fewer for a short query): a call at S = 16 would otherwise
+  // allocate and zero 100 KB of scratch for 16 rows.
+  FwdScratch(int64_t rows, int64_t D, int64_t Dp, int64_t map_blocks, bool dot)
+      : q(dot ? 0 : rows * D), s(rows * kTileK), acc(rows * Dp), m(rows), l(rows), alpha(rows), spans(rows),
+        drop_rows(rows), map_val(map_blocks * kTileQ), map_ref(map_blocks * kTileQ),
+        q2(dot ? rows * ((D + 1) / 2) : 0), p2(dot ? rows * kTileK / 2 : 0) {}
 };
 
 template <typename T>
@@ -291,7 +293,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   constexpr int64_t kPackRows = 256;  // a multiple of NR and even: chunks start on panel and pair boundaries
   const int64_t pack_chunks = (p.Sk + kPackRows - 1) / kPackRows;
   auto for_pack_chunks = [&](auto&& pack) {
-    at::parallel_for(0, p.B * p.Hkv * pack_chunks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t chunks = p.B * p.Hkv * pack_chunks;
+    at::parallel_for(0, chunks, p.B * p.Hkv * p.Sk * p.D < kSerialWork ? chunks : 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / pack_chunks, r0 = (t % pack_chunks) * kPackRows;
         pack(bh, bh / p.Hkv, bh % p.Hkv, r0, std::min(r0 + kPackRows, p.Sk));
@@ -356,7 +359,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   auto* mp = map.on() ? map_part.data_ptr<compute_t<S>>() : nullptr;
 
   run_tasks(
-      p.B * p.H * q_tiles, cost, [&] { return FwdScratch<T>(p.D, p.Dp, map_nk, dot); },
+      p.B * p.H * q_tiles, cost, [&] { return FwdScratch<T>(std::min(TQ, p.Sq), p.D, p.Dp, map_nk, dot); },
       [&](int64_t t, FwdScratch<T>& ws) {
         int64_t b, h, r0, r1;
         task_rows(t, b, h, r0, r1);
@@ -447,7 +450,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           }
         }
         if (map.on()) map_store_task(ws, map, rows, r0, map_nk, mp + (b * p.H + h) * map_nq * map_nk);
-      });
+      },
+      std::min(TQ, p.Sq) * 2 * p.D);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -131,6 +131,87 @@ std::tuple<at::Tensor, at::Tensor> moba_route_cpu(const at::Tensor& q_in, const 
   return {counts, indices};
 }
 
+// Token routing's selection (attnops/ops/routed/token.py): gate (H, L, n) float32, each row's q . block means
+// (unmasked) -> sel (H, L, width) int32, each row's chosen blocks other than its own (the own block is attended by
+// the self pass), -1 after them, and fallback (H, L) bool. A row picks the m = min(topk, n) - 1 largest candidates:
+// under causal the blocks before its own (later ones are fillers that torch.topk may pick and the caller drops),
+// else every other block. Which of two equal values torch.topk returns is its implementation's, so a row whose
+// m-th largest candidate ties an unchosen one, or that holds a non-finite candidate (NaN ranks above the own
+// block's +inf there), is flagged instead of chosen; the caller routes those rows by torch.topk itself, and the
+// selection stays exactly the official one.
+constexpr int64_t kSmallTopk = 8;
+
+std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_in, int64_t block_size, int64_t topk,
+                                                         bool causal, int64_t width) {
+  constexpr const char* op = "moba_token_select";
+  TORCH_CHECK(gate_in.dim() == 3 && gate_in.scalar_type() == at::kFloat, op, ": gate must be (H, L, n) float32");
+  const at::Tensor gate = gate_in.contiguous();
+  const int64_t H = gate.size(0), L = gate.size(1), n = gate.size(2);
+  TORCH_CHECK(block_size > 0 && n == (L + block_size - 1) / block_size, op, ": gate has ", n, " blocks for ", L,
+              " rows of blocks of ", block_size);
+  const int64_t m = std::min(topk, n) - 1;
+  TORCH_CHECK(topk >= 2 && width >= m, op, ": needs topk >= 2 and width >= min(topk, blocks) - 1");
+  at::Tensor sel = at::empty({H, L, width}, gate.options().dtype(at::kInt));
+  at::Tensor fallback = at::empty({H, L}, gate.options().dtype(at::kBool));
+  const float* gp = gate.data_ptr<float>();
+  int32_t* sp = sel.data_ptr<int32_t>();
+  bool* fp = fallback.data_ptr<bool>();
+  at::parallel_for(0, H * L, 1024, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<float, int32_t>> cand(n);
+    for (int64_t row = begin; row < end; ++row) {
+      const float* g = gp + row * n;
+      int32_t* out = sp + row * width;
+      std::fill(out, out + width, -1);
+      const int64_t own = (row % L) / block_size, stop = causal ? own : n;
+      int64_t count = 0;
+      bool finite = true;
+      for (int64_t c = 0; c < stop; ++c) {
+        if (c == own) continue;
+        finite &= std::isfinite(g[c]);
+        cand[count++] = {g[c], static_cast<int32_t>(c)};
+      }
+      fp[row] = !finite;
+      if (!finite) continue;
+      if (count <= m) {  // every candidate is chosen (the rest of torch.topk's picks are fillers)
+        for (int64_t i = 0; i < count; ++i) out[i] = cand[i].second;
+        continue;
+      }
+      if (m == 0) continue;
+      float threshold;  // the m-th largest candidate
+      if (m <= kSmallTopk) {  // MoBA's usual top-2..8: a sorted insertion beats a selection algorithm
+        int64_t kept = 0;  // cand[0, kept): the largest so far, descending (cand[i >= kept] is not among them)
+        for (int64_t i = 0; i < count; ++i) {
+          if (kept == m && cand[i].first <= cand[m - 1].first) continue;
+          int64_t at = std::min(kept, m - 1);
+          const auto item = cand[i];
+          while (at > 0 && cand[at - 1].first < item.first) {
+            cand[at] = cand[at - 1];
+            --at;
+          }
+          cand[at] = item;
+          kept = std::min(kept + 1, m);
+        }
+        threshold = cand[m - 1].first;
+      } else {
+        auto larger = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+          return a.first > b.first;
+        };
+        std::nth_element(cand.begin(), cand.begin() + (m - 1), cand.begin() + count, larger);
+        threshold = cand[m - 1].first;
+      }
+      // exactly m candidates reach the threshold, or torch.topk's own order decides between equal ones
+      int64_t reach = 0;
+      for (int64_t c = 0; c < stop; ++c) reach += c != own && g[c] >= threshold;
+      if (reach != m) {
+        fp[row] = true;
+        continue;
+      }
+      for (int64_t i = 0; i < m; ++i) out[i] = cand[i].second;
+    }
+  });
+  return {sel, fallback};
+}
+
 }  // namespace
 
 
