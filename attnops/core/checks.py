@@ -102,15 +102,22 @@ def check_causal(causal) -> bool:
     return causal
 
 
-def refuse_forward_ad(op: str, *tensors) -> None:
-    """The ops have reverse-mode gradients only. Their kernels are opaque to forward-mode AD
-    (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``), which would otherwise see a zero
-    tangent: a silent wrong derivative. Refused before any kernel runs."""
+def refuse_unsupported_ad(op: str, *tensors) -> None:
+    """The ops have reverse-mode gradients through torch.autograd only. Their kernels are opaque to forward-mode
+    AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``), which would otherwise see a zero
+    tangent: a silent wrong derivative; and torch.func's reverse-mode transforms (``grad``, ``vjp``, ``jacrev``)
+    cannot run their autograd registration (torch raises about ``setup_context`` deep inside). Both refused
+    before any kernel runs, by name; ``torch.vmap`` runs (one call per sample)."""
     if torch.compiler.is_compiling():
         return
     # a tangent needs an open dual level (forward_ad.dual_level) or a torch.func transform (jvp / jacfwd)
-    if fwAD._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if fwAD._current_level < 0 and interpreter is None:
         return
+    if interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Grad:
+        raise NotImplementedError(
+            f"attnops.{op} has no torch.func reverse-mode rule (torch.func.grad / vjp / jacrev); use "
+            "loss.backward() or torch.autograd.grad")
     for t in tensors:
         if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
             raise NotImplementedError(

@@ -42,6 +42,22 @@ def test_forward_mode_ad_is_refused(op, mode):
                 fn(fwAD.make_dual(q, torch.randn_like(q)), k, v)
 
 
+@pytest.mark.parametrize("op", list(FORWARD_AD_OPS))
+@pytest.mark.parametrize("mode", ["grad", "vjp", "jacrev"])
+def test_torch_func_reverse_mode_is_refused_by_name(op, mode):
+    """torch.func's reverse-mode transforms cannot run the ops' autograd registration; the op says so by name
+    (it was torch's error about ``setup_context`` from deep inside the autograd glue)."""
+    q, k, v = qkv(S=128)
+    fn = FORWARD_AD_OPS[op]
+    with pytest.raises(NotImplementedError, match="torch.func reverse-mode"):
+        if mode == "grad":
+            torch.func.grad(lambda x: fn(x, k, v).sum())(q)
+        elif mode == "vjp":
+            torch.func.vjp(lambda x: fn(x, k, v), q)
+        else:
+            torch.func.jacrev(lambda x: fn(x, k, v).sum())(q)
+
+
 # ---- windows, scales and flags -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("right", [2 ** 63 - 1, 2 ** 63, 2 ** 70, 129])

@@ -86,6 +86,11 @@ CHILD = textwrap.dedent(r'''
         a.update(over)
         return [a[n] for n in ["q", "k", "block_size", "topk", "causal", "route_block"]]
 
+    def select_args(**over):
+        a = dict(gate=torch.randn(2, S, -(-S // 64)), block_size=64, topk=2, causal=True, width=1)
+        a.update(over)
+        return [a[n] for n in ["gate", "block_size", "topk", "causal", "width"]]
+
     hkv0 = qkv(hkv=0)
     counts = MASK.kv_num_blocks
     idx = MASK.kv_indices
@@ -211,11 +216,21 @@ CHILD = textwrap.dedent(r'''
         "sequence lengths differ": dict(k=torch.randn(B, 64, HKV, D)),
     }
 
+    SELECT = {
+        "gate float64": dict(gate=torch.randn(2, S, 2, dtype=torch.float64)),
+        "gate rank 2": dict(gate=torch.randn(S, 2)),
+        "blocks do not fit": dict(gate=torch.randn(2, S, 3)),
+        "block_size = 0": dict(block_size=0),
+        "topk = 1": dict(topk=1),
+        "width too small": dict(topk=3, width=0),
+    }
+
     ops = torch.ops.attnops
     groups = [("block_sparse_attn_fwd", FWD, fwd_args), ("block_sparse_attn_bwd", BWD, bwd_args),
-              ("decode_attn_fwd", DEC, dec_args), ("lowrank_attn_fwd", LOW, low_args), ("moba_route", ROUTE, route_args)]
+              ("decode_attn_fwd", DEC, dec_args), ("lowrank_attn_fwd", LOW, low_args), ("moba_route", ROUTE, route_args),
+              ("moba_token_select", SELECT, select_args)]
     for op_name, cases, build in groups:
-        names = [op_name] + ([op_name + "_triton"] if WITH_TRITON else [])
+        names = [op_name] + ([op_name + "_triton"] if WITH_TRITON and op_name != "moba_token_select" else [])
         for name in names:
             op = getattr(ops, name)
             for case, over in cases.items():

@@ -71,6 +71,12 @@ def moba_route():
     return (q, k, 64, 2, True, 64)
 
 
+def moba_token_select():
+    gate = torch.randn(H, S, 2)
+    gate[0, 100, 0] = float("nan")  # a row left to torch.topk
+    return (gate, 64, 2, True, 1)
+
+
 def linear_fwd():
     q, k, v = _qkv(grad=True, s=40)
     g = torch.nn.functional.logsigmoid(torch.randn(B, 40, H, 1)).requires_grad_(True)
@@ -100,6 +106,7 @@ SAMPLES = {
     "lowrank_attn_fwd_triton": [lowrank],
     "moba_route": [moba_route],
     "moba_route_triton": [moba_route],
+    "moba_token_select": [moba_token_select],
     "linear_attn_fwd_triton": [linear_fwd],
     "linear_attn_bwd_triton": [linear_bwd],
     "linear_attn_recurrent_triton": [linear_recurrent],

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from attnops.core.checks import autocast_inputs, check_causal, check_qkv, refuse_forward_ad, resolve_softmax_scale
+from attnops.core.checks import autocast_inputs, check_causal, check_qkv, refuse_unsupported_ad, resolve_softmax_scale
 from attnops.ops.softmax.bounded import bounded_attention
 
 
@@ -85,7 +85,7 @@ def routing_attention(
     """
     q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
-    refuse_forward_ad("routing_attention", q, k, v)
+    refuse_unsupported_ad("routing_attention", q, k, v)
     causal = check_causal(causal)
     if not isinstance(return_clusters, bool):
         raise TypeError(f"return_clusters must be a bool, got {return_clusters!r}")

@@ -14,7 +14,7 @@ import torch
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
 from attnops.core.checks import (QKVShape, check_block_mask, check_flag, check_qkv, check_score_mods, clamp_window,
-                                 refuse_forward_ad, resolve_softmax_scale)
+                                 refuse_unsupported_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 from attnops.ops.lowrank.op import check_lowrank_args, lowrank_decode
@@ -96,7 +96,7 @@ def decode_attention(
         >>> out = attnops.decode_attention(q_new, k_view, v_view, lens)   # q_new (1, 1, 8, 64)
     """
     shape = check_qkv(q, k_cache, v_cache)
-    refuse_forward_ad("decode_attention", q, k_cache, v_cache)
+    refuse_unsupported_ad("decode_attention", q, k_cache, v_cache)
     if not 1 <= shape.seq_len_q <= MAX_NEW_TOKENS:
         raise ValueError(f"decode_attention takes 1..{MAX_NEW_TOKENS} new tokens, got {shape.seq_len_q}; "
                          "use attnops.attention for prefill")

@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from attnops.core.checks import autocast_inputs, check_causal, check_qkv, refuse_forward_ad, resolve_softmax_scale
+from attnops.core.checks import autocast_inputs, check_causal, check_qkv, refuse_unsupported_ad, resolve_softmax_scale
 from attnops.ops.hyper.lsh import draw_samples, lsh_codes, lsh_projections
 from attnops.ops.softmax.bounded import bounded_attention
 from attnops.ops.softmax.merge import merge_partials
@@ -181,7 +181,7 @@ def hyper_attention(
     """
     q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
-    refuse_forward_ad(_API, q, k, v)
+    refuse_unsupported_ad(_API, q, k, v)
     causal = check_causal(causal)
     block_size = _positive_int("block_size", block_size)
     sample_size = _positive_int("sample_size", sample_size, minimum=0)

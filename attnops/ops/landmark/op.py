@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from attnops.core.checks import autocast_inputs, check_qkv, refuse_forward_ad, resolve_softmax_scale
+from attnops.core.checks import autocast_inputs, check_qkv, refuse_unsupported_ad, resolve_softmax_scale
 from attnops.ops.softmax.bounded import bounded_attention
 from attnops.ops.softmax.merge import merge_rows
 
@@ -62,7 +62,7 @@ def landmark_attention(
     """
     q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
-    refuse_forward_ad(_API, q, k, v)
+    refuse_unsupported_ad(_API, q, k, v)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size must be an int >= 2 (a block holds its landmark and at least one token), got "
                          f"{block_size!r}")

@@ -12,7 +12,7 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
-from attnops.core.checks import MAX_HEAD_DIM, check_qkv_tensors, refuse_forward_ad, resolve_softmax_scale
+from attnops.core.checks import MAX_HEAD_DIM, check_qkv_tensors, refuse_unsupported_ad, resolve_softmax_scale
 from attnops.core.results import AttentionMapOutput
 from attnops.core.segments import check_cu_seqlens
 from attnops.ops.linear.chunk import effective_chunk
@@ -135,7 +135,7 @@ def linear_attention(
                        dict(feature_map=feature_map, causal=causal, decay=decay, softmax_scale=softmax_scale,
                             chunk_size=chunk_size, backend=backend))
     shape = _check_qkv(q, k, v, causal)
-    refuse_forward_ad("linear_attention", q, k, v, gate, initial_state,
+    refuse_unsupported_ad("linear_attention", q, k, v, gate, initial_state,
                       decay if isinstance(decay, torch.Tensor) else None)
     B, S, H, Hkv, D, Dv = shape
     dtype = q.dtype

@@ -15,7 +15,7 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.block_map import MapRequest, check_request
-from attnops.core.checks import QKVShape, check_qkv, refuse_forward_ad, resolve_softmax_scale
+from attnops.core.checks import QKVShape, check_qkv, refuse_unsupported_ad, resolve_softmax_scale
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 from attnops.ops.lowrank.projection import KeyProjection
 
@@ -117,7 +117,7 @@ def lowrank_key_attention(
         >>> out = attnops.lowrank_key_attention(q, k, v, projection=proj, rank=D // 4, topk=S // 8)
     """
     shape = check_qkv(q, k, v)
-    refuse_forward_ad("lowrank_key_attention", q, k, v)
+    refuse_unsupported_ad("lowrank_key_attention", q, k, v)
     rank, topk = check_lowrank_args(projection, rank, topk, local, shape, causal, num_keys=shape.seq_len_k)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     if projection is None:

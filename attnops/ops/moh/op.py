@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from attnops.core.checks import (autocast_inputs, check_causal, check_qkv, clamp_window, refuse_forward_ad,
+from attnops.core.checks import (autocast_inputs, check_causal, check_qkv, clamp_window, refuse_unsupported_ad,
                                  resolve_softmax_scale)
 from attnops.core.masks import check_window_size
 from attnops.ops.softmax.bounded import bounded_attention
@@ -51,7 +51,7 @@ def moh_attention(
     """
     q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
-    refuse_forward_ad("moh_attention", q, k, v)
+    refuse_unsupported_ad("moh_attention", q, k, v)
     causal = check_causal(causal)
     left, right = clamp_window(check_window_size(window_size), shape.seq_len_q, shape.seq_len_k)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)

@@ -15,7 +15,7 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.checks import (QKVShape, autocast_inputs, check_attn_bias, check_causal, check_dropout_p, check_qkv,
-                                 check_score_mods, check_tensor, refuse_forward_ad, resolve_softmax_scale)
+                                 check_score_mods, check_tensor, refuse_unsupported_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask
 from attnops.core.results import MAP_ARGS_DOC, AttentionOutput, Result
 from attnops.core.segments import check_cu_seqlens
@@ -160,7 +160,7 @@ def moba_attention(
                                  dropout_p=dropout_p, generator=generator, backend=backend))
     q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
-    refuse_forward_ad("moba_attention", q, k, v)
+    refuse_unsupported_ad("moba_attention", q, k, v)
     _check_moba(shape, block_size, topk, causal)
     check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)  # before the router runs
     check_attn_bias(attn_bias, shape, q.device, q.dtype)
@@ -192,7 +192,7 @@ def _moba_token(q, k, v, cu_seqlens, max_seqlen, return_lse: bool, options: dict
     q, k, v = autocast_inputs(q, k, v)
     q4, k4, v4 = (t.unsqueeze(0) for t in (q, k, v)) if packed else (q, k, v)
     shape = check_qkv(q4, k4, v4)
-    refuse_forward_ad("moba_attention", q, k, v)
+    refuse_unsupported_ad("moba_attention", q, k, v)
     _check_moba(shape, options["block_size"], options["topk"], options["causal"], routing="token")
     check_score_mods(options["softcap"], None, options["sinks"], shape, q.device)
     check_dropout_p(options["dropout_p"], options["generator"])

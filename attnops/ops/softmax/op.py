@@ -13,7 +13,7 @@ import torch
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
 from attnops.core.checks import (autocast_inputs, bias_for, check_attn_bias, check_block_mask, check_causal, check_dropout,
-                                 check_flag, check_qkv, check_score_mods, clamp_window, refuse_forward_ad, resolve_softmax_scale)
+                                 check_flag, check_qkv, check_score_mods, clamp_window, refuse_unsupported_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 from attnops.core.segments import SegmentBounds, from_document_ids, from_key_mask, intersect
@@ -75,7 +75,7 @@ def attention(
     """
     q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
-    refuse_forward_ad("attention", q, k, v)
+    refuse_unsupported_ad("attention", q, k, v)
     causal = check_causal(causal)
     window = clamp_window(check_window_size(window_size), shape.seq_len_q, shape.seq_len_k)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
@@ -146,7 +146,7 @@ def block_sparse_attention(
     """
     q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
-    refuse_forward_ad("block_sparse_attention", q, k, v)
+    refuse_unsupported_ad("block_sparse_attention", q, k, v)
     check_block_mask(block_mask, shape, q.device)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     check_flag("return_lse", return_lse)

@@ -15,7 +15,7 @@ import torch
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
 from attnops.core.checks import (autocast_inputs, check_block_mask, check_causal, check_dropout, check_flag,
-                                 check_qkv, check_score_mods, check_tensor, refuse_forward_ad, resolve_softmax_scale)
+                                 check_qkv, check_score_mods, check_tensor, refuse_unsupported_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 from attnops.core.segments import check_cu_seqlens, from_cu_seqlens
@@ -85,7 +85,7 @@ def varlen_attention(
     q, k, v = autocast_inputs(q, k, v)
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     shape = check_qkv(q4, k4, v4)
-    refuse_forward_ad("varlen_attention", q, k, v)
+    refuse_unsupported_ad("varlen_attention", q, k, v)
     causal = check_causal(causal)
     window = check_window_size(window_size)
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, shape.seq_len_q, q.device, max_seqlen_q)
