@@ -1,9 +1,10 @@
 """Exact softmax attention where every query row has its own key interval: the building block of the methods
 that pack rows (Mixture-of-Head's chosen (token, head) pairs, token-routed MoBA's (token, block) pairs).
 
-The rows are one sequence of the block-sparse core (batch 1) with token-exact segment bounds
-(attnops.core.segments); both bound columns must be nondecreasing along the rows, which the callers get by
-ordering their rows. The kernels visit only the key tiles inside each query tile's interval, so the work is that
+The rows are the sequences of the block-sparse core with token-exact segment bounds (attnops.core.segments): one
+sequence for every caller but token-routed MoBA, whose batch is its kv heads (so k and v are strided views, not
+copies); both bound columns must be nondecreasing along each sequence's rows, which the callers get by ordering
+their rows. The kernels visit only the key tiles inside each query tile's interval, so the work is that
 of the intervals, never Sq x Sk, forward and backward (the lse takes a gradient too: callers merge partial
 results by it).
 """
