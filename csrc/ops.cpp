@@ -17,7 +17,10 @@ namespace attnops {
 namespace {
 std::atomic<bool> g_poison_outputs{false};
 std::atomic<int> g_backward_mode{0};
+std::atomic<int64_t> g_wave_bytes{int64_t(16) << 20};
 }  // namespace
+
+int64_t forward_wave_bytes() { return g_wave_bytes.load(std::memory_order_relaxed); }
 
 bool poison_outputs() { return g_poison_outputs.load(std::memory_order_relaxed); }
 
@@ -58,6 +61,14 @@ PYBIND11_MODULE(_C, m) {
         return attnops::g_backward_mode.exchange(mode);
       },
       "CPU attention backward: 0 auto, 1 fused single pass, 2 two passes (test aid); returns the previous mode.");
+  m.def(
+      "_set_wave_bytes",
+      [](int64_t bytes) {
+        TORCH_CHECK(bytes >= 1, "wave bytes must be positive");
+        return attnops::g_wave_bytes.exchange(bytes);
+      },
+      "CPU forward: K / V panel bytes per wave of (batch, kv head) pairs (test aid: 1 runs one pair per wave); "
+      "returns the previous setting.");
   m.def(
       "_cpu_isa", [] { return std::string(attnops::cpu::active_kernels().name); },
       "The ISA level the CPU kernels run at (generic, avx2, avx512): the best this CPU supports, or "

@@ -24,6 +24,8 @@ int backward_mode();
 // Whether the bfloat16 forward may multiply its tiles in bf16 with AVX512-BF16 (the avx512 level, on a
 // CPU that has the extension): on unless turned off (test aid; ATTNOPS_CPU_BF16_DOT=0).
 bool bf16_dot();
+// K / V panel bytes one wave of the CPU forward packs (cpu/kernels/block_sparse_attention.cpp); test aid to shrink it.
+int64_t forward_wave_bytes();
 
 // Integer outputs (block LUTs) get -1, which no valid LUT entry or count holds.
 inline at::Tensor maybe_poison(at::Tensor t) {

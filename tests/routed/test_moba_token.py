@@ -213,3 +213,35 @@ def test_long_sequence_without_n_by_n():
     q, k, v = (torch.randn(1, S, 1, 16, generator=g) for _ in range(3))
     out = attnops.moba_attention(q, k, v, block_size=1000, topk=2)
     assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["gqa2", "mqa"])
+def test_kv_head_groups_equal_one_group(case, monkeypatch):
+    """A long sequence runs routing, passes and merge per group of kv heads (token._GROUP_PAIR_BYTES): forced here to
+    one kv head a group, outputs and lse equal the one-group run bit for bit (sinks sliced per group; without
+    autograd the pair rows are read from q's storage in place), gradients to rounding."""
+    from attnops.ops.routed import token
+
+    lengths, H, Hkv, D, block, topk = case
+    q, k, v, cu = _inputs(lengths, H, Hkv, D, seed=3)
+    sinks = torch.randn(H, generator=torch.Generator().manual_seed(4))
+    dout = torch.randn(q.shape[0], H, D, generator=torch.Generator().manual_seed(5))
+
+    def run(q, k, v):
+        return attnops.moba_attention(q, k, v, block_size=block, topk=topk, cu_seqlens=cu, sinks=sinks,
+                                      return_lse=True)
+
+    def out_lse(q, k, v):
+        out, lse = run(q, k, v)
+        return out + 0 * lse.sum()  # lse joins the graph: its gradient path is checked too
+
+    one, one_grads = output_and_grads(out_lse, [q, k, v], dout)
+    one_lse = run(q, k, v).lse
+    monkeypatch.setattr(token, "_GROUP_PAIR_BYTES", 1)
+    grouped, grouped_grads = output_and_grads(out_lse, [q, k, v], dout)
+    with torch.no_grad():
+        plain = run(q, k, v)
+    for a, b in [(one, grouped), (one, plain.out), (one_lse, plain.lse)]:
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(one_grads, grouped_grads):  # a slice's gradient adds its pieces in another order: rounding
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

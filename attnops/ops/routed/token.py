@@ -18,6 +18,9 @@ flash-attention's varlen form:
 - merge: the partial results combine by their log-sum-exp (``out = sum_i exp(lse_i - lse) out_i``), which is one
   softmax over the union, in float32; gradients flow through both passes' outputs and lse.
 
+Heads are independent: a long sequence runs these steps per group of kv heads (``_GROUP_PAIR_BYTES`` of pair rows),
+so its temporaries are a group's, not every head's at once.
+
 Work: ``S (block / 2 + (topk - 1) block)`` scores per head, like tile routing, plus O(pairs x D) gathers.
 """
 
@@ -110,6 +113,14 @@ def _topk_blocks(gate: torch.Tensor, row_block: torch.Tensor, kk: int, causal: b
     return torch.where(torch.isinf(value), torch.full_like(index, -1), index)
 
 
+# The most bytes of packed pair rows one pass over a group of kv heads gathers. Heads are independent, so a long
+# sequence runs its kv heads in groups: every temporary of a group (gates, packed K / V panels, pair rows, partial
+# outputs) stays below glibc's largest mmap threshold (32 MiB) and is reused from the heap by the next group,
+# instead of being mapped and faulted in afresh (at 32K tokens, H = 8, D = 64 the one-pass form allocated ~660 MB a
+# call: on the VM the README measures it ran 516 ms with glibc told to keep memory in the heap, 665-1040 ms without).
+_GROUP_PAIR_BYTES = 16 << 20
+
+
 def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: List[int], *,
                          block_size: int, topk: int, causal: bool, softmax_scale: float, backend: Optional[str],
                          softcap: float = 0.0, sinks: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
@@ -117,6 +128,30 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
     """Token-routed MoBA over packed sequences: ``q (T, H, D)``, ``k, v (T, Hkv, D)`` -> ``out (T, H, Dv)`` in q's
     dtype and ``lse (H, T)`` (float32; float64 for float64 inputs). The sinks join the self pass (one logit per
     row of the merged softmax); softcap and dropout act on every score, as in one softmax."""
+    T, H, D = q.shape
+    Hkv = k.shape[1]
+    group = H // Hkv
+    options = dict(block_size=block_size, topk=topk, causal=causal, softmax_scale=softmax_scale, backend=backend,
+                   softcap=softcap, dropout_p=dropout_p, generator=generator)
+    pair_bytes = T * group * max(topk - 1, 1) * max(D, v.shape[-1]) * q.element_size()  # one kv head's pair rows
+    step = max(1, _GROUP_PAIR_BYTES // max(pair_bytes, 1))
+    if step >= Hkv:
+        return _token_attention(q, k, v, seq_bounds, sinks=sinks, **options)
+    outs, lses = [], []
+    for h0 in range(0, Hkv, step):
+        heads = slice(h0 * group, min(h0 + step, Hkv) * group)
+        out, lse = _token_attention(q[:, heads], k[:, h0:h0 + step], v[:, h0:h0 + step], seq_bounds,
+                                    sinks=None if sinks is None else sinks[heads], **options)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=1), torch.cat(lses)
+
+
+def _token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: List[int], *, block_size: int,
+                     topk: int, causal: bool, softmax_scale: float, backend: Optional[str], softcap: float,
+                     sinks: Optional[torch.Tensor], dropout_p: float,
+                     generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moba_token_attention` over all of its heads at once (q, k, v may be head slices: strided views)."""
     T, H, _ = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
@@ -142,7 +177,8 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
     row = torch.zeros(Hkv * width, dtype=torch.int64, device=q.device).index_put_((slot,), token * H + head)
     bounds = torch.full((Hkv * width, 2), T, dtype=torch.int64, device=q.device)
     bounds.index_put_((slot,), torch.stack([routes.block_start[block], routes.block_end[block]], -1))
-    q_rows = q.reshape(T * H, q.shape[-1]).index_select(0, row)  # its backward is one index_add
+    flat, stride = _rows_of(q)
+    q_rows = flat.index_select(0, row if stride == H else row // H * stride + row % H)  # backward: index_add
     out_pair, lse_pair = bounded_attention(q_rows.view(Hkv, width, 1, q.shape[-1]), k.transpose(0, 1).unsqueeze(2),
                                            v.transpose(0, 1).unsqueeze(2), bounds.view(Hkv, width, 2), **extra)
 
@@ -152,3 +188,16 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
     out, lse = merge_rows(out_self[0].reshape(T * H, -1), lse_s, out_pair.reshape(Hkv * width, out_pair.shape[-1]),
                           lse_pair.reshape(Hkv * width), row, work)
     return out.view(T, H, -1).to(q.dtype), lse.view(T, H).transpose(0, 1)
+
+
+def _rows_of(q: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """``q (T, H, D)`` as ``(rows (R, D), stride)`` with ``rows[t * stride + h] = q[t, h]``: q's own storage when q
+    is a head slice of a contiguous ``(T, H', D)`` (a head group of the caller's q) and no gradient reaches it, else
+    a contiguous copy (whose backward is a plain copy, where as_strided's would build q's whole storage)."""
+    T, H, D = q.shape
+    if q.is_contiguous() or (torch.is_grad_enabled() and q.requires_grad):
+        return q.reshape(T * H, D), H
+    if q.stride(2) == 1 and q.stride(1) == D and q.stride(0) % D == 0 and T:
+        stride = q.stride(0) // D
+        return q.as_strided(((T - 1) * stride + H, D), (D, 1)), stride
+    return q.reshape(T * H, D), H

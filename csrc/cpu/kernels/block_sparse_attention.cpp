@@ -285,56 +285,85 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // With V finite a non-finite accumulator row can only come from that row's own NaN/Inf scores, which
   // the rerun would not change, so the bf16 path never needs the float panels.
   constexpr bool kDot = kBf16Dot && std::is_same_v<S, c10::BFloat16>;
-  bool dot = kDot && bf16_dot();
   const int64_t D2 = (p.D + 1) / 2, Sk2 = (p.Sk + 1) / 2;
   const S* qp = q.data_ptr<S>();
   const S* kp = k.data_ptr<S>();
   const S* vp = v.data_ptr<S>();
   constexpr int64_t kPackRows = 256;  // a multiple of NR and even: chunks start on panel and pair boundaries
   const int64_t pack_chunks = (p.Sk + kPackRows - 1) / kPackRows;
-  auto for_pack_chunks = [&](auto&& pack) {
-    const int64_t chunks = p.B * p.Hkv * pack_chunks;
-    at::parallel_for(0, chunks, p.B * p.Hkv * p.Sk * p.D < kSerialWork ? chunks : 1, [&](int64_t begin, int64_t end) {
+  // Packs (b, kv head) pairs [g0, g1) into the wave's panels (slot bh - g0).
+  auto for_pack_chunks = [&](int64_t g0, int64_t g1, auto&& pack) {
+    const int64_t chunks = (g1 - g0) * pack_chunks;
+    at::parallel_for(0, chunks, (g1 - g0) * p.Sk * p.D < kSerialWork ? chunks : 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t bh = t / pack_chunks, r0 = (t % pack_chunks) * kPackRows;
-        pack(bh, bh / p.Hkv, bh % p.Hkv, r0, std::min(r0 + kPackRows, p.Sk));
+        const int64_t bh = g0 + t / pack_chunks, r0 = (t % pack_chunks) * kPackRows;
+        pack(bh - g0, bh / p.Hkv, bh % p.Hkv, r0, std::min(r0 + kPackRows, p.Sk));
       }
     });
   };
 
-  // Per (b, kv head): K^T and V as bf16-pair panels (D2 x Sk_pad and Sk2 x Dp words, zero-padded) for the
-  // bf16 products, checking V on the way; or as float GEMM panels (cpu/gemm.h), K^T (D x Sk_pad) and
-  // V (Sk x Dp).
-  at::Tensor kt2_buf = at::zeros({dot ? p.B * p.Hkv : 0, Sk_pad * D2}, q.options().dtype(at::kInt));
-  at::Tensor v2_buf = at::zeros({dot ? p.B * p.Hkv : 0, p.Dp * Sk2}, q.options().dtype(at::kInt));
-  uint32_t* kt2 = reinterpret_cast<uint32_t*>(kt2_buf.data_ptr<int32_t>());
-  uint32_t* v2 = reinterpret_cast<uint32_t*>(v2_buf.data_ptr<int32_t>());
-  if constexpr (kDot) {
-    if (dot) {
-      std::atomic<bool> v_finite{true};
-      for_pack_chunks([&](int64_t bh, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
-        pack_transposed_pairs<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, kt2 + bh * Sk_pad * D2);
-        if (!pack_row_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.Sk, p.D, p.Dp, v2 + bh * p.Dp * Sk2))
-          v_finite.store(false, std::memory_order_relaxed);
-      });
-      if (!v_finite.load()) dot = false;
-    }
-  }
-  auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor kt_buf = at::empty({dot ? 0 : p.B * p.Hkv, Sk_pad * p.D}, opts);
-  at::Tensor v_buf = at::empty({dot ? 0 : p.B * p.Hkv, p.Dp * p.Sk}, opts);
-  T* kt = kt_buf.data_ptr<T>();
-  T* vb = v_buf.data_ptr<T>();
-  if (!dot) {
-    zero_padding_panels<NR>(kt, p.B * p.Hkv, p.Sk, p.D);
-    for_pack_chunks([&](int64_t bh, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
-      pack_transposed_panels<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, T(1), kt + bh * Sk_pad * p.D);
-      pack_row_panels<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, p.Dp, p.Sk, T(1), vb + bh * p.Dp * p.Sk);
-    });
-  }
-
   const int64_t TQ = tile_rows(lut, kTileQ);
   const int64_t q_tiles = (p.Sq + TQ - 1) / TQ;
+  // The (b, kv head) pairs run in waves: a wave's K / V panels are packed, its query tiles run, and the next wave
+  // reuses the panels. Packing every pair up front took B Hkv Sk (D + Dp) values (134 MB at 32K keys, 8 heads,
+  // D = 64), freshly mapped and faulted in on every call; a wave keeps near forward_wave_bytes() (16 MiB, below
+  // glibc's largest mmap threshold, so the buffer comes back from the heap) of panels, with enough query tiles
+  // for every thread.
+  const int64_t pairs = p.B * p.Hkv;
+  const int64_t pair_bytes = (Sk_pad * p.D + p.Dp * p.Sk) * static_cast<int64_t>(sizeof(T));
+  const int64_t pair_tasks = p.group * q_tiles;  // pair bh's tasks: [bh pair_tasks, (bh + 1) pair_tasks)
+  if (pair_tasks == 0 || pairs == 0) return;  // no query rows: nothing to pack
+  const int64_t min_pairs = (8 * at::get_num_threads() + pair_tasks - 1) / pair_tasks;
+  const int64_t wave =
+      std::min(pairs, std::max<int64_t>({1, pair_bytes > 0 ? forward_wave_bytes() / pair_bytes : pairs, min_pairs}));
+
+  // Per wave, per (b, kv head): K^T and V as bf16-pair panels (D2 x Sk_pad and Sk2 x Dp words, zero-padded) for
+  // the bf16 products, checking V on the way; or as float GEMM panels (cpu/gemm.h), K^T (D x Sk_pad) and
+  // V (Sk x Dp). The choice is the wave's: a wave whose V holds NaN/Inf runs the float path.
+  at::Tensor kt2_buf, v2_buf, kt_buf, v_buf;
+  uint32_t* kt2 = nullptr;
+  uint32_t* v2 = nullptr;
+  T* kt = nullptr;
+  T* vb = nullptr;
+  const bool dot_level = kDot && bf16_dot();
+  auto pack_wave = [&](int64_t g0, int64_t g1) {  // -> whether the wave runs the bf16 products
+    bool dot = dot_level;
+    if constexpr (kDot) {
+      if (dot) {
+        if (!kt2_buf.defined()) {
+          kt2_buf = at::zeros({wave, Sk_pad * D2}, q.options().dtype(at::kInt));
+          v2_buf = at::zeros({wave, p.Dp * Sk2}, q.options().dtype(at::kInt));
+          kt2 = reinterpret_cast<uint32_t*>(kt2_buf.data_ptr<int32_t>());
+          v2 = reinterpret_cast<uint32_t*>(v2_buf.data_ptr<int32_t>());
+        }
+        std::atomic<bool> v_finite{true};
+        for_pack_chunks(g0, g1, [&](int64_t slot, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
+          pack_transposed_pairs<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, kt2 + slot * Sk_pad * D2);
+          if (!pack_row_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.Sk, p.D, p.Dp,
+                                  v2 + slot * p.Dp * Sk2))
+            v_finite.store(false, std::memory_order_relaxed);
+        });
+        dot = v_finite.load();
+      }
+    }
+    if (!dot) {
+      if (!kt_buf.defined()) {
+        auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
+        kt_buf = at::empty({wave, Sk_pad * p.D}, opts);
+        v_buf = at::empty({wave, p.Dp * p.Sk}, opts);
+        kt = kt_buf.data_ptr<T>();
+        vb = v_buf.data_ptr<T>();
+        zero_padding_panels<NR>(kt, wave, p.Sk, p.D);
+      }
+      for_pack_chunks(g0, g1, [&](int64_t slot, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
+        pack_transposed_panels<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, T(1), kt + slot * Sk_pad * p.D);
+        pack_row_panels<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, p.Dp, p.Sk, T(1),
+                            vb + slot * p.Dp * p.Sk);
+      });
+    }
+    return dot;
+  };
+
   S* op = out.data_ptr<S>();
   auto* lp = lse.data_ptr<compute_t<S>>();
   const int64_t so_b = out.stride(0), so_s = out.stride(1), so_h = out.stride(2);
@@ -358,17 +387,17 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t map_nq = map.on() ? (p.Sq + map.rows - 1) / map.rows : 0;
   auto* mp = map.on() ? map_part.data_ptr<compute_t<S>>() : nullptr;
 
-  run_tasks(
-      p.B * p.H * q_tiles, cost, [&] { return FwdScratch<T>(std::min(TQ, p.Sq), p.D, p.Dp, map_nk, dot); },
-      [&](int64_t t, FwdScratch<T>& ws) {
+  bool dot = false;  // the current wave's
+  int64_t g0 = 0;    // its first (b, kv head) pair
+  auto work = [&](int64_t t, FwdScratch<T>& ws) {
         int64_t b, h, r0, r1;
         task_rows(t, b, h, r0, r1);
-        const int64_t rows = r1 - r0, hk = h / p.group;
+        const int64_t rows = r1 - r0, hk = h / p.group, slot = b * p.Hkv + hk - g0;
         const T slope2 = mods.slope2(b, h);
-        const T* ktile = kt + (b * p.Hkv + hk) * Sk_pad * p.D;
-        const T* vtile = vb + (b * p.Hkv + hk) * p.Dp * p.Sk;
-        const uint32_t* k2tile = kt2 + (b * p.Hkv + hk) * Sk_pad * D2;
-        const uint32_t* v2tile = v2 + (b * p.Hkv + hk) * p.Dp * Sk2;
+        const T* ktile = kt + slot * Sk_pad * p.D;
+        const T* vtile = vb + slot * p.Dp * p.Sk;
+        const uint32_t* k2tile = kt2 + slot * Sk_pad * D2;
+        const uint32_t* v2tile = v2 + slot * p.Dp * Sk2;
         if (dot) {  // Q as it is (the scale is applied to the float scores: no second rounding)
           if constexpr (kDot)
             pack_transposed_pairs<1>(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, ws.q2.data());
@@ -450,8 +479,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           }
         }
         if (map.on()) map_store_task(ws, map, rows, r0, map_nk, mp + (b * p.H + h) * map_nq * map_nk);
-      },
-      std::min(TQ, p.Sq) * 2 * p.D);
+      };
+  for (g0 = 0; g0 < pairs; g0 += wave) {
+    const int64_t g1 = std::min(g0 + wave, pairs), t0 = g0 * pair_tasks;
+    dot = pack_wave(g0, g1);
+    run_tasks(
+        (g1 - g0) * pair_tasks, [&](int64_t i) { return cost(t0 + i); },
+        [&] { return FwdScratch<T>(std::min(TQ, p.Sq), p.D, p.Dp, map_nk, dot); },
+        [&](int64_t i, FwdScratch<T>& ws) { work(t0 + i, ws); }, std::min(TQ, p.Sq) * 2 * p.D);
+  }
 }
 
 // ------------------------------------------------------------------------------------------
