@@ -26,10 +26,11 @@ import torch
 
 @dataclass(frozen=True)
 class SegmentBounds:
-    """The kernels' form: ``key_bounds (Bb, Sq, 2)`` and ``query_bounds (Bb, Sk, 2)``, int32."""
+    """The kernels' form: ``key_bounds (Bb, Sq, 2)`` and ``query_bounds (Bb, Sk, 2)``, int32; ``query_bounds`` may
+    be None for a forward no backward follows (the forwards read only ``key_bounds``)."""
 
     key_bounds: torch.Tensor
-    query_bounds: torch.Tensor
+    query_bounds: Optional[torch.Tensor]
 
     def token_mask(self, seq_len_k: int) -> torch.Tensor:
         """``(Bb, 1, Sq, Sk)`` bool: the pairs the bounds allow (the reference's form; N x N)."""

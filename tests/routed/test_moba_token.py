@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnops
-from attnops.ops.routed.token import route_tokens
+from attnops.ops.routed.token import block_means, route_tokens
 from attnops.ops.softmax.reference import masked_attention
 from authors_ref import moba_attn_varlen_naive
 from helpers import DTYPE_IDS, assert_accurate, output_and_grads
@@ -82,6 +82,16 @@ def test_batched_rows_are_sequences_and_lse_merges():
         _, lse64 = masked_attention(q[None, a:b].double(), k[None, a:b].double(), v[None, a:b].double(),
                                     masks[s][None], 40 ** -0.5)
         torch.testing.assert_close(lse2[:, a:b].double(), lse64[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("L, block", [(2048, 512), (777, 100), (513, 7), (64, 64), (40, 64)])
+def test_block_means_are_the_authors_per_block_means(L, block, dtype):
+    """Routing's block means come from one reduction over the full blocks: bit for bit the official per-block
+    ``k[block].mean(dim=0)`` (a routing decision can turn on the last bit of a gate), on a head slice of k."""
+    k = torch.randn(L + 3, 5, 40, generator=torch.Generator().manual_seed(L)).to(dtype)[3:, 1:3]
+    theirs = torch.cat([k[s:s + block].mean(dim=0, keepdim=True) for s in range(0, L, block)])
+    assert torch.equal(block_means(k, block), theirs)
 
 
 def test_ties_are_broken_as_the_authors_topk():
@@ -219,7 +229,8 @@ def test_long_sequence_without_n_by_n():
 def test_kv_head_groups_equal_one_group(case, monkeypatch):
     """A long sequence runs routing, passes and merge per group of kv heads (token._GROUP_PAIR_BYTES): forced here to
     one kv head a group, outputs and lse equal the one-group run bit for bit (sinks sliced per group; without
-    autograd the pair rows are read from q's storage in place), gradients to rounding."""
+    autograd the pair rows are read from q's storage in place and every group merges in place into the self pass's
+    output), gradients to rounding."""
     from attnops.ops.routed import token
 
     lengths, H, Hkv, D, block, topk = case
@@ -237,11 +248,17 @@ def test_kv_head_groups_equal_one_group(case, monkeypatch):
 
     one, one_grads = output_and_grads(out_lse, [q, k, v], dout)
     one_lse = run(q, k, v).lse
+    with torch.no_grad():  # the merge in place into the self pass's buffer, one group
+        plain_one = run(q, k, v)
+        bf16 = [t.bfloat16() for t in (q, k, v)]
+        bf16_one = run(*bf16)
     monkeypatch.setattr(token, "_GROUP_PAIR_BYTES", 1)
     grouped, grouped_grads = output_and_grads(out_lse, [q, k, v], dout)
-    with torch.no_grad():
+    with torch.no_grad():  # ... and per group
         plain = run(q, k, v)
-    for a, b in [(one, grouped), (one, plain.out), (one_lse, plain.lse)]:
+        bf16_grouped = run(*bf16)
+    for a, b in [(one, grouped), (one, plain.out), (one_lse, plain.lse), (one, plain_one.out),
+                 (one_lse, plain_one.lse), (bf16_one.out, bf16_grouped.out), (bf16_one.lse, bf16_grouped.lse)]:
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     for a, b in zip(one_grads, grouped_grads):  # a slice's gradient adds its pieces in another order: rounding
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

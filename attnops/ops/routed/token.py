@@ -18,8 +18,9 @@ flash-attention's varlen form:
 - merge: the partial results combine by their log-sum-exp (``out = sum_i exp(lse_i - lse) out_i``), which is one
   softmax over the union, in float32; gradients flow through both passes' outputs and lse.
 
-Heads are independent: a long sequence runs these steps per group of kv heads (``_GROUP_PAIR_BYTES`` of pair rows),
-so its temporaries are a group's, not every head's at once.
+Heads are independent: the self pass runs once over every head; a long sequence routes, runs its pair pass and
+merges per group of kv heads (``_GROUP_PAIR_BYTES`` of pair rows), so the pairs' temporaries are a group's, not every
+head's at once. Without autograd the groups merge in place into the self pass's output.
 
 Work: ``S (block / 2 + (topk - 1) block)`` scores per head, like tile routing, plus O(pairs x D) gathers.
 """
@@ -32,7 +33,7 @@ import torch
 
 from attnops.core import dispatch
 from attnops.ops.softmax.bounded import bounded_attention
-from attnops.ops.softmax.merge import merge_rows
+from attnops.ops.softmax.merge import merge_rows, merge_weights
 
 
 class TokenRoutes(NamedTuple):
@@ -63,7 +64,7 @@ def route_tokens(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_
                 continue
             n = -(-L // block_size)
             block_starts = [a + i * block_size for i in range(n)]
-            means = torch.cat([k[s:min(s + block_size, b)].mean(dim=0, keepdim=True) for s in block_starts])
+            means = block_means(k[a:b], block_size)
             means = means.repeat_interleave(H // Hkv, dim=1)  # (n, H, D): query head h routes on kv head h // group
             gate = torch.einsum("shd,nhd->hsn", q[a:b].float(), means.float())  # (H, L, n), unscaled as theirs
             chosen = select_token_blocks(gate, block_size, topk, causal)  # (H, L, W), -1 after each row's blocks
@@ -80,6 +81,17 @@ def route_tokens(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
         return TokenRoutes(empty, empty, empty, empty, empty, empty)
     return TokenRoutes(*(torch.cat(x) for x in (tokens, heads, blocks, starts, ends, owns)))
+
+
+def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``k (L, Hkv, D)`` of one sequence -> ``(ceil(L / block_size), Hkv, D)``, each block's mean in k's dtype: the
+    official ``k[block].mean(dim=0)`` per block, bit for bit (tests/routed/test_moba_token.py holds torch to that),
+    as one reduction over the full blocks and one over the tail instead of a call per block."""
+    full = k.shape[0] // block_size
+    means = [k[:full * block_size].view(full, block_size, *k.shape[1:]).mean(dim=1)] if full else []
+    if k.shape[0] % block_size:
+        means.append(k[full * block_size:].mean(dim=0, keepdim=True))
+    return torch.cat(means)
 
 
 def select_token_blocks(gate: torch.Tensor, block_size: int, topk: int, causal: bool) -> torch.Tensor:
@@ -114,10 +126,11 @@ def _topk_blocks(gate: torch.Tensor, row_block: torch.Tensor, kk: int, causal: b
 
 
 # The most bytes of packed pair rows one pass over a group of kv heads gathers. Heads are independent, so a long
-# sequence runs its kv heads in groups: every temporary of a group (gates, packed K / V panels, pair rows, partial
-# outputs) stays below glibc's largest mmap threshold (32 MiB) and is reused from the heap by the next group,
-# instead of being mapped and faulted in afresh (at 32K tokens, H = 8, D = 64 the one-pass form allocated ~660 MB a
-# call: on the VM the README measures it ran 516 ms with glibc told to keep memory in the heap, 665-1040 ms without).
+# sequence runs its pair passes per group of kv heads: every temporary of a group (gates, packed K / V panels, pair
+# rows, partial outputs) stays below glibc's largest mmap threshold (32 MiB) and is reused from the heap by the next
+# group, instead of being mapped and faulted in afresh (at 32K tokens, H = 8, D = 64 the one-pass form allocated
+# ~660 MB a call: on the VM the README measures it ran 516 ms with glibc told to keep memory in the heap, 665-1040
+# ms without).
 _GROUP_PAIR_BYTES = 16 << 20
 
 
@@ -131,40 +144,62 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
     T, H, D = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
-    options = dict(block_size=block_size, topk=topk, causal=causal, softmax_scale=softmax_scale, backend=backend,
-                   softcap=softcap, dropout_p=dropout_p, generator=generator)
+    extra = dict(softmax_scale=softmax_scale, api="moba_attention", backend=backend, softcap=softcap,
+                 dropout_p=dropout_p, generator=generator)
+    out_self, lse_self = bounded_attention(q[None], k[None], v[None], _own_block_bounds(seq_bounds, block_size, causal,
+                                                                                        q.device), sinks=sinks, **extra)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
     pair_bytes = T * group * max(topk - 1, 1) * max(D, v.shape[-1]) * q.element_size()  # one kv head's pair rows
     step = max(1, _GROUP_PAIR_BYTES // max(pair_bytes, 1))
-    if step >= Hkv:
-        return _token_attention(q, k, v, seq_bounds, sinks=sinks, **options)
+    kv_groups = [(h0, min(h0 + step, Hkv)) for h0 in range(0, Hkv, step)]
+
+    def pair_pass(h0: int, h1: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heads = slice(h0 * group, h1 * group)
+        return _pair_pass(q[:, heads], k[:, h0:h1], v[:, h0:h1], seq_bounds, block_size=block_size, topk=topk,
+                          causal=causal, extra=extra)
+
+    if not (torch.is_grad_enabled() and (out_self.requires_grad or lse_self.requires_grad)):
+        # no graph: every group merges into the self pass's own (T, H, Dv) buffer (in work), so no per-group
+        # output and no concatenation
+        out, lse = out_self[0].to(work).contiguous(), lse_self[0].to(work).contiguous()
+        for h0, h1 in kv_groups:
+            _merge_into(out, lse, slice(h0 * group, h1 * group), *pair_pass(h0, h1))
+        return out.to(q.dtype), lse
     outs, lses = [], []
-    for h0 in range(0, Hkv, step):
-        heads = slice(h0 * group, min(h0 + step, Hkv) * group)
-        out, lse = _token_attention(q[:, heads], k[:, h0:h0 + step], v[:, h0:h0 + step], seq_bounds,
-                                    sinks=None if sinks is None else sinks[heads], **options)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs, dim=1), torch.cat(lses)
+    for h0, h1 in kv_groups:
+        heads = slice(h0 * group, h1 * group)
+        rows = T * (heads.stop - heads.start)
+        out_pair, lse_pair, row = pair_pass(h0, h1)
+        out, lse = merge_rows(out_self[0, :, heads].reshape(rows, -1), lse_self[0, heads].transpose(0, 1).reshape(rows),
+                              out_pair, lse_pair, row, work)
+        outs.append(out.view(T, -1, out.shape[-1]))
+        lses.append(lse.view(T, -1).transpose(0, 1))
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, dim=1), torch.cat(lses))
+    return out.to(q.dtype), lse
 
 
-def _token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: List[int], *, block_size: int,
-                     topk: int, causal: bool, softmax_scale: float, backend: Optional[str], softcap: float,
-                     sinks: Optional[torch.Tensor], dropout_p: float,
-                     generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`moba_token_attention` over all of its heads at once (q, k, v may be head slices: strided views)."""
+def _own_block_bounds(seq_bounds: List[int], block_size: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """``(T, 2)`` int64: each token's keys in its own block, ``[block start, token + 1)`` under causal, else the
+    whole block (cut at the sequence's end)."""
+    starts = torch.tensor(seq_bounds[:-1], device=device)
+    lengths = torch.tensor(seq_bounds[1:], device=device) - starts
+    seq_start = torch.repeat_interleave(starts, lengths)
+    pos = torch.arange(seq_bounds[-1] - seq_bounds[0], device=device) + seq_bounds[0]
+    lo = seq_start + (pos - seq_start) // block_size * block_size
+    hi = pos + 1 if causal else torch.minimum(lo + block_size, torch.repeat_interleave(starts + lengths, lengths))
+    return torch.stack([lo, hi], -1)
+
+
+def _pair_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: List[int], *, block_size: int,
+               topk: int, causal: bool, extra: dict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing and the pair pass over heads ``q (T, Hg, D)`` / kv heads ``k, v (T, Hkv_g, D)`` (head slices:
+    strided views) -> ``out (P, Dv)`` and ``lse (P,)`` of the chosen (token, head, block) pairs outside the own
+    blocks, and ``row (P,)``, each pair's row ``t * Hg + h`` (padding pairs: row 0 with an empty interval, out 0,
+    lse -inf, which add nothing)."""
     T, H, _ = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
     routes = route_tokens(q, k, seq_bounds, block_size, topk, causal)
-    extra = dict(softmax_scale=softmax_scale, api="moba_attention", backend=backend, softcap=softcap,
-                 dropout_p=dropout_p, generator=generator)
-
-    own_start = routes.block_start[routes.own_block]
-    pos = torch.arange(T, device=q.device)
-    own_end = pos + 1 if causal else routes.block_end[routes.own_block]
-    out_self, lse_self = bounded_attention(q[None], k[None], v[None], torch.stack([own_start, own_end], -1),
-                                           sinks=sinks, **extra)
-
     # pairs ordered by (kv head, block): each run of rows shares one key interval, and the intervals increase. The
     # kv heads are the batch of the pair pass (rows padded to the longest head's count with empty intervals at the
     # end), so k and v are read in place through a (Hkv, T, 1, D) view instead of copied into one key sequence.
@@ -179,15 +214,23 @@ def _token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_boun
     bounds.index_put_((slot,), torch.stack([routes.block_start[block], routes.block_end[block]], -1))
     flat, stride = _rows_of(q)
     q_rows = flat.index_select(0, row if stride == H else row // H * stride + row % H)  # backward: index_add
-    out_pair, lse_pair = bounded_attention(q_rows.view(Hkv, width, 1, q.shape[-1]), k.transpose(0, 1).unsqueeze(2),
-                                           v.transpose(0, 1).unsqueeze(2), bounds.view(Hkv, width, 2), **extra)
+    out, lse = bounded_attention(q_rows.view(Hkv, width, 1, q.shape[-1]), k.transpose(0, 1).unsqueeze(2),
+                                 v.transpose(0, 1).unsqueeze(2), bounds.view(Hkv, width, 2), **extra)
+    return out.reshape(Hkv * width, out.shape[-1]), lse.reshape(Hkv * width), row
 
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse_s = lse_self[0].transpose(0, 1).reshape(T * H)  # row t * H + h
-    # a padding row (empty interval: out 0, lse -inf) adds nothing to the row 0 it names
-    out, lse = merge_rows(out_self[0].reshape(T * H, -1), lse_s, out_pair.reshape(Hkv * width, out_pair.shape[-1]),
-                          lse_pair.reshape(Hkv * width), row, work)
-    return out.view(T, H, -1).to(q.dtype), lse.view(T, H).transpose(0, 1)
+
+def _merge_into(out: torch.Tensor, lse: torch.Tensor, heads: slice, out_pair: torch.Tensor, lse_pair: torch.Tensor,
+                row: torch.Tensor) -> None:
+    """Without autograd: ``out (T, H, Dv)`` (contiguous) and ``lse (H, T)``, in the work dtype, hold every row's
+    self-pass partial; the rows of ``heads`` become their merge (:func:`merge_weights`) with a group's pairs
+    (:func:`_pair_pass`: rows ``t * Hg + h`` within the group), in place."""
+    T, H, Dv = out.shape
+    Hg = heads.stop - heads.start
+    new, own, scale = merge_weights(lse[heads].transpose(0, 1).reshape(T * Hg), lse_pair.to(lse.dtype), row)
+    out[:, heads].mul_(own.view(T, Hg, 1))
+    at = row + (row // Hg) * (H - Hg) + heads.start  # the pair's row of out viewed as (T * H, Dv)
+    out.view(T * H, Dv).index_add_(0, at, out_pair.to(out.dtype).mul_(scale.unsqueeze(-1)))
+    lse[heads] = new.view(T, Hg).transpose(0, 1)
 
 
 def _rows_of(q: torch.Tensor) -> Tuple[torch.Tensor, int]:

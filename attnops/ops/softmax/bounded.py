@@ -31,7 +31,10 @@ def bounded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bou
     shape = check_qkv(q, k, v)
     bounds = key_bounds.to(device=q.device, dtype=torch.int32)
     bounds = (bounds if bounds.dim() == 3 else bounds.unsqueeze(0)).contiguous()
-    segments = SegmentBounds(bounds, transpose_bounds(bounds, k.shape[1]))
+    # the per-key query intervals only serve the backward (the forward saves them for it): a call no gradient
+    # reaches skips them (two searchsorted passes over the keys)
+    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
+    segments = SegmentBounds(bounds, transpose_bounds(bounds, k.shape[1]) if backward else None)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend, api=api)
     out, lse = impl(q, k, v, None, causal=False, window_size=(-1, -1), softmax_scale=softmax_scale, block_map=None,
                     segments=segments, **check_score_mods(softcap, None, sinks, shape, q.device),

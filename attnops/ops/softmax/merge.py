@@ -30,6 +30,20 @@ def merge_partials(acc: Optional[Tuple[torch.Tensor, torch.Tensor]], out: torch.
     return torch.lerp(out, acc_out, share), torch.where(both_empty, acc_lse, new)
 
 
+def merge_weights(lse_self: torch.Tensor, lse_pair: torch.Tensor,
+                  row: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The log-weights of :func:`merge_rows` (``lse_self (R,)``, ``lse_pair (P,)``, same float dtype) -> the merged
+    ``lse (R,)`` and each partial's share: ``own (R,) = exp(lse_self - lse)``, ``scale (P,) = exp(lse_pair -
+    lse[row])``. Each row needs one finite log-weight among its partials (the callers' self partial always has a
+    key): a row with none gets lse -inf and NaN shares."""
+    with torch.no_grad():  # a shift for range only: it cancels in lse
+        m = lse_self.clone().scatter_reduce_(0, row, lse_pair, reduce="amax")
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    total = torch.exp(lse_self - m).index_add(0, row, torch.exp(lse_pair - m[row]))
+    lse = m + torch.log(total)
+    return lse, torch.exp(lse_self - lse), torch.exp(lse_pair - lse[row])
+
+
 def merge_rows(out_self: torch.Tensor, lse_self: torch.Tensor, out_pair: torch.Tensor, lse_pair: torch.Tensor,
                row: torch.Tensor, work: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rows with one partial softmax each (``out_self (R, Dv)``, ``lse_self (R,)``) and any number of further
@@ -39,13 +53,8 @@ def merge_rows(out_self: torch.Tensor, lse_self: torch.Tensor, out_pair: torch.T
     (Landmark attention's landmark score). Differentiable in every input but ``row``; without autograd (no grad
     mode, or no input requiring one) ``out_self`` and ``out_pair`` are scaled in place (in ``work`` they are the
     callers' buffers, which they must not read again)."""
-    lse_s, lse_p = lse_self.to(work), lse_pair.to(work)
-    with torch.no_grad():  # a shift for range only: it cancels in lse
-        m = lse_s.clone().scatter_reduce_(0, row, lse_p, reduce="amax")
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    total = torch.exp(lse_s - m).index_add(0, row, torch.exp(lse_p - m[row]))
-    lse = m + torch.log(total)
-    own, scale = torch.exp(lse_s - lse).unsqueeze(-1), torch.exp(lse_p - lse[row]).unsqueeze(-1)
+    lse, own, scale = merge_weights(lse_self.to(work), lse_pair.to(work), row)
+    own, scale = own.unsqueeze(-1), scale.unsqueeze(-1)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out_self, lse_self, out_pair, lse_pair)):
         out, contribution = out_self.to(work) * own, out_pair.to(work) * scale
     else:  # no graph: scale the partials' own buffers (fresh allocations cost their first-touch page faults)

@@ -163,24 +163,27 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
       int32_t* out = sp + row * width;
       std::fill(out, out + width, -1);
       const int64_t own = (row % L) / block_size, stop = causal ? own : n;
-      // the candidates are [0, own) and [own + 1, stop): two branch-free ranges for the passes below
+      // The candidates are [0, own) and [own + 1, stop): every pass below walks them through this one function,
+      // as two branch-free ranges (so the finite check and the tie count vectorise).
       const int64_t hi0 = std::min(own, stop), lo1 = std::min(own + 1, stop), count = hi0 + (stop - lo1);
+      auto each_candidate = [&](auto&& f) {
+        for (int64_t c = 0; c < hi0; ++c) f(c);
+        for (int64_t c = lo1; c < stop; ++c) f(c);
+      };
       bool finite = true;
-      for (int64_t c = 0; c < hi0; ++c) finite &= std::isfinite(g[c]);
-      for (int64_t c = lo1; c < stop; ++c) finite &= std::isfinite(g[c]);
+      each_candidate([&](int64_t c) { finite &= std::isfinite(g[c]); });
       fp[row] = !finite;
       if (!finite) continue;
       if (count <= m) {  // every candidate is chosen (the rest of torch.topk's picks are fillers)
         int64_t i = 0;
-        for (int64_t c = 0; c < hi0; ++c) out[i++] = static_cast<int32_t>(c);
-        for (int64_t c = lo1; c < stop; ++c) out[i++] = static_cast<int32_t>(c);
+        each_candidate([&](int64_t c) { out[i++] = static_cast<int32_t>(c); });
         continue;
       }
       if (m == 0) continue;
       float threshold;  // the m-th largest candidate
       if (m <= kSmallTopk) {  // MoBA's usual top-2..8: a sorted insertion beats a selection algorithm
         int64_t kept = 0;  // cand[0, kept): the largest so far, descending; equal values keep their index order
-        auto offer = [&](int64_t c) {
+        each_candidate([&](int64_t c) {
           const float x = g[c];
           if (kept == m && x <= cand[m - 1].first) return;  // the common case after the first few candidates
           int64_t at = std::min(kept, m - 1);
@@ -190,14 +193,11 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
           }
           cand[at] = {x, static_cast<int32_t>(c)};
           kept = std::min(kept + 1, m);
-        };
-        for (int64_t c = 0; c < hi0; ++c) offer(c);
-        for (int64_t c = lo1; c < stop; ++c) offer(c);
+        });
         threshold = cand[m - 1].first;
       } else {
         int64_t i = 0;
-        for (int64_t c = 0; c < hi0; ++c) cand[i++] = {g[c], static_cast<int32_t>(c)};
-        for (int64_t c = lo1; c < stop; ++c) cand[i++] = {g[c], static_cast<int32_t>(c)};
+        each_candidate([&](int64_t c) { cand[i++] = {g[c], static_cast<int32_t>(c)}; });
         auto larger = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
           return a.first > b.first;
         };
@@ -206,8 +206,7 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
       }
       // exactly m candidates reach the threshold, or torch.topk's own order decides between equal ones
       int64_t reach = 0;
-      for (int64_t c = 0; c < hi0; ++c) reach += g[c] >= threshold;
-      for (int64_t c = lo1; c < stop; ++c) reach += g[c] >= threshold;
+      each_candidate([&](int64_t c) { reach += g[c] >= threshold; });
       if (reach != m) {
         fp[row] = true;
         continue;
