@@ -153,17 +153,19 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
     step = max(1, _GROUP_PAIR_BYTES // max(pair_bytes, 1))
     kv_groups = [(h0, min(h0 + step, Hkv)) for h0 in range(0, Hkv, step)]
 
-    def pair_pass(h0: int, h1: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pair_pass(h0: int, h1: int, rows: Optional[torch.Tensor] = None):
         heads = slice(h0 * group, h1 * group)
         return _pair_pass(q[:, heads], k[:, h0:h1], v[:, h0:h1], seq_bounds, block_size=block_size, topk=topk,
-                          causal=causal, extra=extra)
+                          causal=causal, extra=extra, rows=rows)
 
     if not (torch.is_grad_enabled() and (out_self.requires_grad or lse_self.requires_grad)):
         # no graph: every group merges into the self pass's own (T, H, Dv) buffer (in work), so no per-group
-        # output and no concatenation
+        # output and no concatenation, and gathers its pair rows into one buffer the groups share (a fresh one
+        # each would be faulted in afresh: glibc returns buffers this large to the system when they are freed)
         out, lse = out_self[0].to(work).contiguous(), lse_self[0].to(work).contiguous()
+        rows = q.new_empty(T * group * min(step, Hkv) * max(min(topk, -(-T // block_size)) - 1, 1), D)
         for h0, h1 in kv_groups:
-            _merge_into(out, lse, slice(h0 * group, h1 * group), *pair_pass(h0, h1))
+            _merge_into(out, lse, slice(h0 * group, h1 * group), *pair_pass(h0, h1, rows))
         return out.to(q.dtype), lse
     outs, lses = [], []
     for h0, h1 in kv_groups:
@@ -191,11 +193,13 @@ def _own_block_bounds(seq_bounds: List[int], block_size: int, causal: bool, devi
 
 
 def _pair_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: List[int], *, block_size: int,
-               topk: int, causal: bool, extra: dict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               topk: int, causal: bool, extra: dict,
+               rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing and the pair pass over heads ``q (T, Hg, D)`` / kv heads ``k, v (T, Hkv_g, D)`` (head slices:
     strided views) -> ``out (P, Dv)`` and ``lse (P,)`` of the chosen (token, head, block) pairs outside the own
     blocks, and ``row (P,)``, each pair's row ``t * Hg + h`` (padding pairs: row 0 with an empty interval, out 0,
-    lse -inf, which add nothing)."""
+    lse -inf, which add nothing). ``rows``: without autograd, a buffer of at least ``P x D`` (every row choosing
+    ``topk - 1`` blocks) that the gathered query rows go into."""
     T, H, _ = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
@@ -213,7 +217,11 @@ def _pair_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: Li
     bounds = torch.full((Hkv * width, 2), T, dtype=torch.int64, device=q.device)
     bounds.index_put_((slot,), torch.stack([routes.block_start[block], routes.block_end[block]], -1))
     flat, stride = _rows_of(q)
-    q_rows = flat.index_select(0, row if stride == H else row // H * stride + row % H)  # backward: index_add
+    at = row if stride == H else row // H * stride + row % H
+    if rows is None:
+        q_rows = flat.index_select(0, at)  # backward: index_add
+    else:
+        q_rows = torch.index_select(flat, 0, at, out=rows[:at.numel()])
     out, lse = bounded_attention(q_rows.view(Hkv, width, 1, q.shape[-1]), k.transpose(0, 1).unsqueeze(2),
                                  v.transpose(0, 1).unsqueeze(2), bounds.view(Hkv, width, 2), **extra)
     return out.reshape(Hkv * width, out.shape[-1]), lse.reshape(Hkv * width), row
