@@ -262,3 +262,22 @@ def test_kv_head_groups_equal_one_group(case, monkeypatch):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     for a, b in zip(one_grads, grouped_grads):  # a slice's gradient adds its pieces in another order: rounding
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_masks_do_not_depend_on_autograd(monkeypatch):
+    """With dropout, a seeded generator gives the same output with and without autograd, in kv-head groups too
+    (each core call draws its mask's seed; both paths draw them in one order)."""
+    from attnops.ops.routed import token
+
+    q, k, v, cu = _inputs((300, 130), 4, 2, 32, seed=6)
+    monkeypatch.setattr(token, "_GROUP_PAIR_BYTES", 1)
+
+    def run(grad):
+        args = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        return attnops.moba_attention(*args, block_size=48, topk=3, cu_seqlens=cu, dropout_p=0.3,
+                                      generator=torch.Generator().manual_seed(11))
+
+    with_grad = run(True)
+    with torch.no_grad():
+        without = run(False)
+    torch.testing.assert_close(with_grad.detach(), without, atol=0, rtol=0)

@@ -20,8 +20,8 @@ flash-attention's varlen form:
 
 Heads are independent: a long sequence routes, runs its pair pass and merges per group of kv heads
 (``_GROUP_PAIR_BYTES`` of pair rows), so the pairs' temporaries are a group's, not every head's at once. Without
-autograd the self pass runs once over every head and the groups merge into its output in place; with autograd each
-group runs its own self pass (whose backward then packs a group's panels, not every head's).
+autograd or dropout the self pass runs once over every head and the groups merge into its output in place;
+otherwise each group runs its own self pass (whose backward then packs a group's panels, not every head's).
 
 Work: ``S (block / 2 + (topk - 1) block)`` scores per head, like tile routing, plus O(pairs x D) gathers.
 """
@@ -164,11 +164,13 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
         return _pair_pass(q[:, heads], k[:, h0:h1], v[:, h0:h1], seq_bounds, block_size=block_size, topk=topk,
                           causal=causal, extra=extra, rows=rows)
 
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))):
+    graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
+    if not graph and dropout_p == 0:
         # no graph: the self pass runs once over every head, and every group merges into its (T, H, Dv) output
         # (in work) in place, so no per-group output and no concatenation; the groups gather their pair rows into
         # one shared buffer (a fresh one each would be faulted in afresh: glibc returns buffers this large to the
-        # system when they are freed)
+        # system when they are freed). Not with dropout: each call draws its mask's seed from the generator, and
+        # the calls below draw them in the same order with or without autograd (same seed, same masks).
         out, lse = (t.to(work).contiguous() for t in self_pass(0, Hkv))
         rows = q.new_empty(T * group * min(step, Hkv) * max(min(topk, -(-T // block_size)) - 1, 1), D)
         for h0, h1 in kv_groups:
