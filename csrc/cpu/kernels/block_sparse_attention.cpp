@@ -390,96 +390,96 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   bool dot = false;  // the current wave's
   int64_t g0 = 0;    // its first (b, kv head) pair
   auto work = [&](int64_t t, FwdScratch<T>& ws) {
-        int64_t b, h, r0, r1;
-        task_rows(t, b, h, r0, r1);
-        const int64_t rows = r1 - r0, hk = h / p.group, slot = b * p.Hkv + hk - g0;
-        const T slope2 = mods.slope2(b, h);
-        const T* ktile = kt + slot * Sk_pad * p.D;
-        const T* vtile = vb + slot * p.Dp * p.Sk;
-        const uint32_t* k2tile = kt2 + slot * Sk_pad * D2;
-        const uint32_t* v2tile = v2 + slot * p.Dp * Sk2;
-        if (dot) {  // Q as it is (the scale is applied to the float scores: no second rounding)
+    int64_t b, h, r0, r1;
+    task_rows(t, b, h, r0, r1);
+    const int64_t rows = r1 - r0, hk = h / p.group, slot = b * p.Hkv + hk - g0;
+    const T slope2 = mods.slope2(b, h);
+    const T* ktile = kt + slot * Sk_pad * p.D;
+    const T* vtile = vb + slot * p.Dp * p.Sk;
+    const uint32_t* k2tile = kt2 + slot * Sk_pad * D2;
+    const uint32_t* v2tile = v2 + slot * p.Dp * Sk2;
+    if (dot) {  // Q as it is (the scale is applied to the float scores: no second rounding)
+      if constexpr (kDot)
+        pack_transposed_pairs<1>(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, ws.q2.data());
+    } else {
+      pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
+    }
+    if (drop.on())
+      for (int64_t r = 0; r < rows; ++r) ws.drop_rows[r] = drop.row_key(b * p.H + h, r0 + r);
+    // exact: P V row by row over each row's own keys. Run only when the tile GEMMs left a non-finite
+    // accumulator: V holds NaN/Inf somewhere, and 0 * NaN would have reached rows that never
+    // attend that key (the run below redoes the task; finite inputs never pay for it).
+    auto run = [&](bool exact) {
+      std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
+      std::fill(ws.l.begin(), ws.l.end(), T(0));
+      std::fill(ws.acc.begin(), ws.acc.end(), T(0));
+      ws.map_lo = ws.map_hi = 0;
+      for_each_key_tile<NR>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
+        // Only rows [ra, rb) see the tile (a tile straddling two packed documents, or a causal diagonal):
+        // the products skip the others, whose running max, sum and accumulator stay as they are.
+        const RowRange live = live_rows(ws.spans.data(), rows);
+        const int64_t ra = live.first, nr = live.count;
+        if (dot) {
           if constexpr (kDot)
-            pack_transposed_pairs<1>(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, ws.q2.data());
+            gemm_bf16(nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + t0 * D2, D2 * NR, ws.s.data() + ra * kTileK,
+                      kTileK, false, nullptr, static_cast<float>(c));
         } else {
-          pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
+          gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
+                  kTileK, false);
         }
-        if (drop.on())
-          for (int64_t r = 0; r < rows; ++r) ws.drop_rows[r] = drop.row_key(b * p.H + h, r0 + r);
-        // exact: P V row by row over each row's own keys. Run only when the tile GEMMs left a non-finite
-        // accumulator: V holds NaN/Inf somewhere, and 0 * NaN would have reached rows that never
-        // attend that key (the run below redoes the task; finite inputs never pay for it).
-        auto run = [&](bool exact) {
-          std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
-          std::fill(ws.l.begin(), ws.l.end(), T(0));
-          std::fill(ws.acc.begin(), ws.acc.end(), T(0));
-          ws.map_lo = ws.map_hi = 0;
-          for_each_key_tile<NR>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
-            // Only rows [ra, rb) see the tile (a tile straddling two packed documents, or a causal diagonal):
-            // the products skip the others, whose running max, sum and accumulator stay as they are.
-            const RowRange live = live_rows(ws.spans.data(), rows);
-            const int64_t ra = live.first, nr = live.count;
-            if (dot) {
-              if constexpr (kDot)
-                gemm_bf16(nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + t0 * D2, D2 * NR, ws.s.data() + ra * kTileK,
-                          kTileK, false, nullptr, static_cast<float>(c));
-            } else {
-              gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
-                      kTileK, false);
-            }
-            for (int64_t r = ra; r < ra + nr; ++r) {
-              T* srow = ws.s.data() + r * kTileK;
-              if ((mods.on_scores() || bias.present()) && !ws.spans[r].empty()) {  // one pass: modifiers, mask, max
-                alignas(64) T bias_run[ScoreBias<T>::kMaxRun];
-                const T mt = modify_mask_max(
-                    mods, srow, n, ws.spans[r], slope2, static_cast<T>(r0 + r + pred.offset - t0),
-                    bias.present() ? bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first : nullptr, t1 - t0);
-                softmax_row_exp(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
-              } else {
-                softmax_row(srow, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
-              }
-            }
-            if (map.on()) map_add_tile(ws, map, rows, t0);  // the map is of the probabilities before dropout
-            if (drop.on())  // after the row sums: dropout acts on the normalised probabilities, l is theirs
-              for (int64_t r = 0; r < rows; ++r)
-                if (!ws.spans[r].empty()) drop.apply_row(ws.s.data() + r * kTileK, n, ws.drop_rows[r], t0);
-            if (dot) {  // P rounded to bf16 pairs along the keys (FlashAttention's P V in the input type)
-              if constexpr (kDot) {
-                for (int64_t r = ra; r < ra + nr; ++r)
-                  to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.p2.data() + r * (kTileK / 2));
-                gemm_bf16(nr, p.Dp, (t1 - t0 + 1) / 2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2,
-                          v2tile + (t0 / 2) * NR, Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
-              }
-            } else if (exact)
-              gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR,
-                               p.Sk * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
-            else
-              gemm<T>(nr, p.Dp, t1 - t0, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR, p.Sk * NR,
-                      ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
-          });
-        };
-        run(false);
-        if (!dot && !all_finite(ws.acc.data(), rows * p.Dp)) run(true);
-
-        for (int64_t r = 0; r < rows; ++r) {
-          S* orow = op + b * so_b + (r0 + r) * so_s + h * so_h;
-          auto* lrow = lp + (b * p.H + h) * p.Sq + r0 + r;
-          // the sink joins the denominator (and leaves m, l sink-inclusive for the block map)
-          const T alpha = mods.sinks() ? fold_sink(mods.sink2(h), ws.m[r], ws.l[r]) : T(1);
-          const T l = ws.l[r];
-          if (l == T(0)) {  // nothing to attend to: zeros and lse = -inf, never NaN
-            std::fill(orow, orow + p.D, static_cast<S>(0.0f));
-            *lrow = -std::numeric_limits<T>::infinity();
-          } else if (alpha == T(0)) {  // no key, a sink: zeros and lse = the sink
-            std::fill(orow, orow + p.D, static_cast<S>(0.0f));
-            *lrow = static_cast<T>((ws.m[r] + std::log2(l)) * kLn2);
+        for (int64_t r = ra; r < ra + nr; ++r) {
+          T* srow = ws.s.data() + r * kTileK;
+          if ((mods.on_scores() || bias.present()) && !ws.spans[r].empty()) {  // one pass: modifiers, mask, max
+            alignas(64) T bias_run[ScoreBias<T>::kMaxRun];
+            const T mt = modify_mask_max(
+                mods, srow, n, ws.spans[r], slope2, static_cast<T>(r0 + r + pred.offset - t0),
+                bias.present() ? bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first : nullptr, t1 - t0);
+            softmax_row_exp(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
           } else {
-            store_row(ws.acc.data() + r * p.Dp, p.D, alpha / l, orow);
-            *lrow = static_cast<T>((ws.m[r] + std::log2(l)) * kLn2);
+            softmax_row(srow, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
           }
         }
-        if (map.on()) map_store_task(ws, map, rows, r0, map_nk, mp + (b * p.H + h) * map_nq * map_nk);
-      };
+        if (map.on()) map_add_tile(ws, map, rows, t0);  // the map is of the probabilities before dropout
+        if (drop.on())  // after the row sums: dropout acts on the normalised probabilities, l is theirs
+          for (int64_t r = 0; r < rows; ++r)
+            if (!ws.spans[r].empty()) drop.apply_row(ws.s.data() + r * kTileK, n, ws.drop_rows[r], t0);
+        if (dot) {  // P rounded to bf16 pairs along the keys (FlashAttention's P V in the input type)
+          if constexpr (kDot) {
+            for (int64_t r = ra; r < ra + nr; ++r)
+              to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.p2.data() + r * (kTileK / 2));
+            gemm_bf16(nr, p.Dp, (t1 - t0 + 1) / 2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2,
+                      v2tile + (t0 / 2) * NR, Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
+          }
+        } else if (exact)
+          gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR,
+                           p.Sk * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
+        else
+          gemm<T>(nr, p.Dp, t1 - t0, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR, p.Sk * NR,
+                  ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
+      });
+    };
+    run(false);
+    if (!dot && !all_finite(ws.acc.data(), rows * p.Dp)) run(true);
+
+    for (int64_t r = 0; r < rows; ++r) {
+      S* orow = op + b * so_b + (r0 + r) * so_s + h * so_h;
+      auto* lrow = lp + (b * p.H + h) * p.Sq + r0 + r;
+      // the sink joins the denominator (and leaves m, l sink-inclusive for the block map)
+      const T alpha = mods.sinks() ? fold_sink(mods.sink2(h), ws.m[r], ws.l[r]) : T(1);
+      const T l = ws.l[r];
+      if (l == T(0)) {  // nothing to attend to: zeros and lse = -inf, never NaN
+        std::fill(orow, orow + p.D, static_cast<S>(0.0f));
+        *lrow = -std::numeric_limits<T>::infinity();
+      } else if (alpha == T(0)) {  // no key, a sink: zeros and lse = the sink
+        std::fill(orow, orow + p.D, static_cast<S>(0.0f));
+        *lrow = static_cast<T>((ws.m[r] + std::log2(l)) * kLn2);
+      } else {
+        store_row(ws.acc.data() + r * p.Dp, p.D, alpha / l, orow);
+        *lrow = static_cast<T>((ws.m[r] + std::log2(l)) * kLn2);
+      }
+    }
+    if (map.on()) map_store_task(ws, map, rows, r0, map_nk, mp + (b * p.H + h) * map_nq * map_nk);
+  };
   for (g0 = 0; g0 < pairs; g0 += wave) {
     const int64_t g1 = std::min(g0 + wave, pairs), t0 = g0 * pair_tasks;
     dot = pack_wave(g0, g1);
