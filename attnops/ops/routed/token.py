@@ -149,7 +149,8 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
                  dropout_p=dropout_p, generator=generator)
     own_bounds = _own_block_bounds(seq_bounds, block_size, causal, q.device)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    pair_bytes = T * group * max(topk - 1, 1) * max(D, v.shape[-1]) * q.element_size()  # one kv head's pair rows
+    pair_rows = T * group * max(topk - 1, 1)  # one kv head's pair rows, at most
+    pair_bytes = pair_rows * max(D, v.shape[-1]) * q.element_size()
     step = max(1, _GROUP_PAIR_BYTES // max(pair_bytes, 1))
     kv_groups = [(h0, min(h0 + step, Hkv)) for h0 in range(0, Hkv, step)]
 
@@ -172,7 +173,7 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
         # system when they are freed). Not with dropout: each call draws its mask's seed from the generator, and
         # the calls below draw them in the same order with or without autograd (same seed, same masks).
         out, lse = (t.to(work).contiguous() for t in self_pass(0, Hkv))
-        rows = q.new_empty(T * group * min(step, Hkv) * max(min(topk, -(-T // block_size)) - 1, 1), D)
+        rows = q.new_empty(pair_rows * min(step, Hkv), D)
         for h0, h1 in kv_groups:
             _merge_into(out, lse, slice(h0 * group, h1 * group), *pair_pass(h0, h1, rows))
         return out.to(q.dtype), lse
