@@ -122,6 +122,7 @@ TORCH_LIBRARY_IMPL(attnops, CPU, m) {
   m.impl("lowrank_attn_fwd", &Forward<&CpuKernels::lowrank_attn_fwd>::call);
   m.impl("moba_route", &Forward<&CpuKernels::moba_route>::call);
   m.impl("moba_token_select", &Forward<&CpuKernels::moba_token_select>::call);
+  m.impl("moba_token_pairs", &Forward<&CpuKernels::moba_token_pairs>::call);
 }
 
 }  // namespace attnops::cpu

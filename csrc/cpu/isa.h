@@ -68,6 +68,8 @@ struct CpuKernels {
                                            bool causal, int64_t route_block);
   std::tuple<Tensor, Tensor> (*moba_token_select)(const Tensor& gate, int64_t block_size, int64_t topk, bool causal,
                                                   int64_t width);
+  std::tuple<Tensor, Tensor> (*moba_token_pairs)(const Tensor& chosen, const Tensor& block_start,
+                                                 const Tensor& block_end, int64_t group);
 };
 
 // Each level's table, defined in csrc/cpu/isa_<level>.cpp.
@@ -99,5 +101,5 @@ std::string set_level(const std::string& name);
   extern const CpuKernels kernels;                                                                     \
   const CpuKernels kernels = {#level,          &block_sparse_attn_fwd_cpu, &block_sparse_attn_bwd_cpu, \
                               &decode_attn_fwd_cpu, &lowrank_attn_fwd_cpu,  &moba_route_cpu,          \
-                              &moba_token_select_cpu};                                                 \
+                              &moba_token_select_cpu,      &moba_token_pairs_cpu};                     \
   }

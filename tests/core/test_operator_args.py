@@ -91,6 +91,12 @@ CHILD = textwrap.dedent(r'''
         a.update(over)
         return [a[n] for n in ["gate", "block_size", "topk", "causal", "width"]]
 
+    def pairs_args(**over):
+        a = dict(chosen=torch.randint(-1, 2, (2, S, 2), dtype=torch.int32), start=torch.tensor([0, 64]),
+                 end=torch.tensor([64, S]), group=2)
+        a.update(over)
+        return [a[n] for n in ["chosen", "start", "end", "group"]]
+
     hkv0 = qkv(hkv=0)
     counts = MASK.kv_num_blocks
     idx = MASK.kv_indices
@@ -224,13 +230,25 @@ CHILD = textwrap.dedent(r'''
         "topk = 1": dict(topk=1),
         "width too small": dict(topk=3, width=0),
     }
+    PAIRS = {
+        "chosen int64": dict(chosen=torch.zeros(2, S, 2, dtype=torch.int64)),
+        "chosen rank 2": dict(chosen=torch.zeros(S, 2, dtype=torch.int32)),
+        "block index >= blocks": dict(chosen=torch.full((2, S, 2), 2, dtype=torch.int32)),
+        "block_start int32": dict(start=torch.tensor([0, 64], dtype=torch.int32)),
+        "block_end shorter": dict(end=torch.tensor([64])),
+        "block beyond the tokens": dict(end=torch.tensor([64, S + 1])),
+        "blocks out of order": dict(start=torch.tensor([64, 0]), end=torch.tensor([S, 64])),
+        "block start > end": dict(start=torch.tensor([0, 70]), end=torch.tensor([64, 66])),
+        "heads not a multiple of group": dict(group=3),
+        "group = 0": dict(group=0),
+    }
 
     ops = torch.ops.attnops
     groups = [("block_sparse_attn_fwd", FWD, fwd_args), ("block_sparse_attn_bwd", BWD, bwd_args),
               ("decode_attn_fwd", DEC, dec_args), ("lowrank_attn_fwd", LOW, low_args), ("moba_route", ROUTE, route_args),
-              ("moba_token_select", SELECT, select_args)]
+              ("moba_token_select", SELECT, select_args), ("moba_token_pairs", PAIRS, pairs_args)]
     for op_name, cases, build in groups:
-        names = [op_name] + ([op_name + "_triton"] if WITH_TRITON and op_name != "moba_token_select" else [])
+        names = [op_name] + ([op_name + "_triton"] if WITH_TRITON and not op_name.startswith("moba_token") else [])
         for name in names:
             op = getattr(ops, name)
             for case, over in cases.items():

@@ -77,6 +77,11 @@ def moba_token_select():
     return (gate, 64, 2, True, 1)
 
 
+def moba_token_pairs():
+    chosen = torch.randint(-1, 3, (H, S, 2), dtype=torch.int32)
+    return (chosen, torch.tensor([0, 64, 128]), torch.tensor([64, 128, S]), H)
+
+
 def linear_fwd():
     q, k, v = _qkv(grad=True, s=40)
     g = torch.nn.functional.logsigmoid(torch.randn(B, 40, H, 1)).requires_grad_(True)
@@ -107,6 +112,7 @@ SAMPLES = {
     "moba_route": [moba_route],
     "moba_route_triton": [moba_route],
     "moba_token_select": [moba_token_select],
+    "moba_token_pairs": [moba_token_pairs],
     "linear_attn_fwd_triton": [linear_fwd],
     "linear_attn_bwd_triton": [linear_bwd],
     "linear_attn_recurrent_triton": [linear_recurrent],

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnops
-from attnops.ops.routed.token import block_means, route_tokens
+from attnops.ops.routed.token import block_gates, block_means, route_tokens
 from attnops.ops.softmax.reference import masked_attention
 from authors_ref import moba_attn_varlen_naive
 from helpers import DTYPE_IDS, assert_accurate, output_and_grads
@@ -94,11 +94,25 @@ def test_block_means_are_the_authors_per_block_means(L, block, dtype):
     assert torch.equal(block_means(k, block), theirs)
 
 
-def test_ties_are_broken_as_the_authors_topk():
+def test_one_head_gates_are_the_official_einsum_bit_for_bit():
+    """A group of one head computes its gates as a 2-d GEMM: every head's equal the official all-heads einsum bit for
+    bit (odd lengths, head dims 40 / 96, a strided head slice), so the selection stays theirs."""
+    g = torch.Generator().manual_seed(12)
+    for L, H, D, n in [(300, 4, 40, 6), (1000, 2, 96, 20), (777, 3, 64, 13), (4097, 2, 128, 9), (64, 1, 16, 1)]:
+        q, means = torch.randn(L, H, D, generator=g), torch.randn(n, H, D, generator=g)
+        theirs = torch.einsum("shd,nhd->hsn", q, means)
+        for h in range(H):
+            assert torch.equal(block_gates(q[:, h:h + 1], means[:, h:h + 1])[0], theirs[h]), (L, H, D, n, h)
+        assert torch.equal(block_gates(q, means), theirs)
+
+
+@pytest.mark.parametrize("H", [1, 2])
+def test_ties_are_broken_as_the_authors_topk(H):
     """Key blocks 0..4 are copies of one block (equal means, equal gates, bit for bit) with different values: which
-    copies a token takes is torch.topk's tie order, which the op reproduces; the outputs then agree."""
+    copies a token takes is torch.topk's tie order, which the op reproduces; the outputs then agree. One head routes
+    through the 2-d GEMM form of the gates, two through their einsum."""
     g = torch.Generator().manual_seed(3)
-    S, H, D, block = 64 * 8, 2, 16, 64
+    S, D, block = 64 * 8, 16, 64
     q, v = torch.randn(S, H, D, generator=g), torch.randn(S, H, D, generator=g)
     k = torch.randn(S, H, D, generator=g)
     k[64:320] = k[:64].repeat(4, 1, 1)
@@ -127,7 +141,8 @@ def test_cpu_selection_is_torch_topks(kind, causal):
     if not dispatch.is_available("cpu"):
         pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(5)
-    for L, block, topk in [(1, 8, 3), (37, 8, 2), (300, 16, 3), (300, 16, 5), (300, 64, 40), (129, 13, 7)]:
+    for L, block, topk in [(1, 8, 3), (37, 8, 2), (300, 16, 3), (300, 16, 5), (300, 64, 40), (129, 13, 7),
+                          (300, 8, 9), (300, 8, 10)]:
         n = -(-L // block)
         gate = {"normal": lambda: torch.randn(3, L, n, generator=g),
                 "ties": lambda: torch.randint(0, 3, (3, L, n), generator=g).float(),
@@ -136,7 +151,7 @@ def test_cpu_selection_is_torch_topks(kind, causal):
                                                                             float("nan")),
                 "inf": lambda: torch.randn(3, L, n, generator=g).masked_fill(torch.rand(3, L, n, generator=g) < 0.1,
                                                                             float("-inf"))}[kind]()
-        ours = select_token_blocks(gate, block, topk, causal)
+        ours = select_token_blocks(gate, block, topk, causal).long()
         theirs = _topk_blocks(gate, torch.arange(L) // block, min(topk, n), causal)
         assert torch.equal(ours.sort(-1).values, theirs.sort(-1).values), (L, block, topk)
         if min(topk, n) >= 2:
@@ -148,6 +163,31 @@ def test_cpu_selection_is_torch_topks(kind, causal):
                 assert ambiguous.any()  # three values over many blocks: ties at the cut reach torch.topk
             if kind in ("nan", "inf"):
                 assert torch.equal(ambiguous, _has_nonfinite_candidate(gate, block, causal))
+
+
+@pytest.mark.parametrize("lengths, H, group, block, topk", [((300, 1, 399), 4, 2, 50, 3), ((257, 130), 3, 3, 33, 2),
+                                                             ((700,), 2, 1, 100, 10), ((0, 130), 2, 1, 64, 3)])
+def test_cpu_pair_order_is_the_torch_order(lengths, H, group, block, topk, monkeypatch):
+    """The C++ counting sort (``moba_token_pairs``) lays out the pair pass's rows as the stable argsort of the torch
+    form does: the same rows, bounds and padding, bit for bit, over packed sequences (one empty), GQA groups and
+    selections with -1 anywhere in a row (torch.topk's unsorted picks)."""
+    from attnops.core import dispatch
+    from attnops.ops.routed import token
+
+    if not dispatch.is_available("cpu"):
+        pytest.skip("the C++ extension is not built")
+    q, k, _, cu = _inputs(lengths, H, H // group, 16, seed=9)
+    choice = token.choose_blocks(q, k, cu.tolist(), block, topk, True)
+    g = torch.Generator().manual_seed(1)
+    shuffled = choice.chosen.gather(-1, torch.rand(choice.chosen.shape, generator=g).argsort(-1))
+    for chosen in (choice.chosen, shuffled):
+        c = choice._replace(chosen=chosen)
+        ours = token._order_pairs(c, group, q.shape[0])
+        monkeypatch.setattr(dispatch, "is_available", lambda device: False)
+        theirs = token._order_pairs(c, group, q.shape[0])
+        monkeypatch.undo()
+        assert ours[0].dtype == theirs[0].dtype and torch.equal(ours[0], theirs[0])
+        assert torch.equal(ours[1].long(), theirs[1]) and ours[1].shape[1] > 0
 
 
 def _has_nonfinite_candidate(gate, block, causal):

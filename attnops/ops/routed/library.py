@@ -26,6 +26,10 @@ FWD_TRITON = FWD.variant("moba_route_triton")
 # one, (H, L, width) int32 (-1 after them), and (H, L) bool rows left to torch.topk (ties, non-finite gates).
 TOKEN_SELECT = OpDef("moba_token_select", [Arg("gate", "Tensor"), Arg("block_size", "int"), Arg("topk", "int"),
                                            Arg("causal", "bool"), Arg("width", "int")], "(Tensor, Tensor)")
+# Token routing's pair order (ops/routed/token.py): chosen (H, T, W) int32 blocks -> the pair pass's rows per kv head,
+# ordered by block: row (Hkv, width) int64 (t * H + h) and bounds (Hkv, width, 2) int32; width is data-dependent.
+TOKEN_PAIRS = OpDef("moba_token_pairs", [Arg("chosen", "Tensor"), Arg("block_start", "Tensor"),
+                                         Arg("block_end", "Tensor"), Arg("group", "int")], "(Tensor, Tensor)")
 
 
 def moba_lut_width(seq_len: int, block_size: int, topk: int, route_block: int) -> int:
@@ -58,7 +62,15 @@ def token_select_fake(gate, width, **_):
     return gate.new_empty((H, L, width), dtype=torch.int32), gate.new_empty((H, L), dtype=torch.bool)
 
 
+def token_pairs_fake(chosen, group, **_):
+    width = torch.library.get_ctx().new_dynamic_size()  # the largest kv head's pair count
+    kv_heads = chosen.shape[0] // group
+    return chosen.new_empty((kv_heads, width), dtype=torch.int64), chosen.new_empty((kv_heads, width, 2))
+
+
 FWD.define()
 FWD.register_fake(route_fake)
 TOKEN_SELECT.define()
 TOKEN_SELECT.register_fake(token_select_fake)
+TOKEN_PAIRS.define()
+TOKEN_PAIRS.register_fake(token_pairs_fake)

@@ -37,11 +37,24 @@ from attnops.ops.softmax.bounded import bounded_attention
 from attnops.ops.softmax.merge import merge_rows, merge_weights
 
 
+class TokenChoice(NamedTuple):
+    """Each (head, token)'s chosen blocks besides its own, and the block table.
+
+    ``chosen (H, T, W)`` integer: global block indices, ``-1`` for none (anywhere in a row); ``block_start,
+    block_end (C,)`` int64, each block's key range in the packed token order; ``own_block (T,)`` each token's
+    block."""
+
+    chosen: torch.Tensor
+    block_start: torch.Tensor
+    block_end: torch.Tensor
+    own_block: torch.Tensor
+
+
 class TokenRoutes(NamedTuple):
     """The chosen (token, head, block) pairs outside each token's own block, and the block table.
 
-    ``token, head, block (P,)`` int64 (global token and block indices); ``block_start, block_end (C,)`` each block's
-    key range in the packed token order; ``own_block (T,)`` each token's block."""
+    ``token, head, block (P,)`` int64 (global token and block indices), ordered by (head, token); ``block_start,
+    block_end (C,)`` each block's key range in the packed token order; ``own_block (T,)`` each token's block."""
 
     token: torch.Tensor
     head: torch.Tensor
@@ -51,12 +64,12 @@ class TokenRoutes(NamedTuple):
     own_block: torch.Tensor
 
 
-def route_tokens(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_size: int, topk: int,
-                 causal: bool) -> TokenRoutes:
+def choose_blocks(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_size: int, topk: int,
+                  causal: bool) -> TokenChoice:
     """``q (T, H, D)``, ``k (T, Hkv, D)`` of packed sequences ``seq_bounds`` (``[0, ..., T]``, Python ints)."""
     H, Hkv = q.shape[1], k.shape[1]
     dev = q.device
-    tokens, heads, blocks, starts, ends, owns = [], [], [], [], [], []
+    chosen, starts, ends, owns = [], [], [], []
     first_block = 0
     with torch.no_grad():
         for a, b in zip(seq_bounds[:-1], seq_bounds[1:]):
@@ -64,24 +77,30 @@ def route_tokens(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_
             if L == 0:
                 continue
             n = -(-L // block_size)
-            block_starts = [a + i * block_size for i in range(n)]
             means = block_means(k[a:b], block_size)
             means = means.repeat_interleave(H // Hkv, dim=1)  # (n, H, D): query head h routes on kv head h // group
-            gate = torch.einsum("shd,nhd->hsn", q[a:b].float(), means.float())  # (H, L, n), unscaled as theirs
-            chosen = select_token_blocks(gate, block_size, topk, causal)  # (H, L, W), -1 after each row's blocks
-            h, s, slot = (chosen >= 0).nonzero(as_tuple=True)
-            tokens.append(a + s)
-            heads.append(h)
-            blocks.append(first_block + chosen[h, s, slot])
-            row_block = torch.arange(L, device=dev) // block_size
-            starts.append(torch.tensor(block_starts, device=dev))
+            gate = block_gates(q[a:b], means)
+            picks = select_token_blocks(gate, block_size, topk, causal)  # (H, L, W), -1 after each row's blocks
+            chosen.append(picks if first_block == 0 else torch.where(picks >= 0, picks + first_block, picks))
+            starts.append(torch.arange(a, b, block_size, device=dev))
             ends.append((starts[-1] + block_size).clamp(max=b))
-            owns.append(first_block + row_block)
+            owns.append(first_block + torch.arange(L, device=dev) // block_size)
             first_block += n
     if not starts:
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
-        return TokenRoutes(empty, empty, empty, empty, empty, empty)
-    return TokenRoutes(*(torch.cat(x) for x in (tokens, heads, blocks, starts, ends, owns)))
+        return TokenChoice(torch.zeros(H, 0, 0, dtype=torch.int64, device=dev), empty, empty, empty)
+    if len(chosen) > 1:  # sequences with fewer blocks than topk choose fewer: pad every row to the widest
+        width = max(c.shape[-1] for c in chosen)
+        chosen = [torch.nn.functional.pad(c, (0, width - c.shape[-1]), value=-1) for c in chosen]
+    return TokenChoice(torch.cat(chosen, dim=1), *(torch.cat(x) for x in (starts, ends, owns)))
+
+
+def route_tokens(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_size: int, topk: int,
+                 causal: bool) -> TokenRoutes:
+    """:func:`choose_blocks` as a list of pairs."""
+    choice = choose_blocks(q, k, seq_bounds, block_size, topk, causal)
+    head, token, slot = (choice.chosen >= 0).nonzero(as_tuple=True)
+    return TokenRoutes(token, head, choice.chosen[head, token, slot].long(), *choice[1:])
 
 
 def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -95,19 +114,28 @@ def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.cat(means)
 
 
+def block_gates(q: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """``q (L, H, D)`` and block means ``(n, H, D)`` -> the official gates ``einsum("shd,nhd->hsn")`` in float32,
+    ``(H, L, n)``, unscaled as theirs. One head (a group of one, the common case of long sequences) as a 2-d GEMM:
+    the same products bit for bit (tests/routed/test_moba_token.py), ~1.5x faster than einsum's batched form."""
+    if q.shape[1] == 1:
+        return torch.mm(q[:, 0].float(), means[:, 0].float().t()).unsqueeze(0)
+    return torch.einsum("shd,nhd->hsn", q.float(), means.float())
+
+
 def select_token_blocks(gate: torch.Tensor, block_size: int, topk: int, causal: bool) -> torch.Tensor:
-    """``gate (H, L, n)`` float32, one sequence's ``q . block means`` (unmasked) -> ``(H, L, W)`` int64: each row's
-    chosen blocks other than its own (which the self pass attends), ``-1`` after them; exactly ``torch.topk``'s
-    choice over the official masked gates. On CPU the C++ selection (``moba_token_select``) picks the rows whose
-    choice is unambiguous (no tie at the cut, every candidate finite) and ``torch.topk`` the rest."""
+    """``gate (H, L, n)`` float32, one sequence's ``q . block means`` (unmasked) -> ``(H, L, W)`` integer: each row's
+    chosen blocks other than its own (which the self pass attends), ``-1`` for none; exactly ``torch.topk``'s
+    choice over the official masked gates. On CPU the C++ selection (``moba_token_select``, int32) picks the rows
+    whose choice is unambiguous (no tie at the cut, every candidate finite) and ``torch.topk`` the rest; elsewhere
+    ``torch.topk`` every row (int64)."""
     kk = min(topk, gate.shape[-1])
     if gate.device.type == "cpu" and kk >= 2 and dispatch.is_available("cpu") and not torch.compiler.is_compiling():
         select = dispatch.resolve("moba_token_select", gate.device, "cpu")
         chosen, ambiguous = select(gate, block_size=block_size, topk=topk, causal=causal, width=kk)
-        chosen = chosen.long()
         h, s = ambiguous.nonzero(as_tuple=True)
         if h.numel():
-            chosen[h, s] = _topk_blocks(gate[h, s], s // block_size, kk, causal)
+            chosen[h, s] = _topk_blocks(gate[h, s], s // block_size, kk, causal).to(chosen.dtype)
         return chosen
     row_block = torch.arange(gate.shape[1], device=gate.device) // block_size
     return _topk_blocks(gate, row_block, kk, causal)
@@ -213,20 +241,12 @@ def _pair_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: Li
     ``topk - 1`` blocks) that the gathered query rows go into."""
     T, H, _ = q.shape
     Hkv = k.shape[1]
-    group = H // Hkv
-    routes = route_tokens(q, k, seq_bounds, block_size, topk, causal)
     # pairs ordered by (kv head, block): each run of rows shares one key interval, and the intervals increase. The
     # kv heads are the batch of the pair pass (rows padded to the longest head's count with empty intervals at the
     # end), so k and v are read in place through a (Hkv, T, 1, D) view instead of copied into one key sequence.
-    kv_head = routes.head // group
-    order = torch.argsort(kv_head * max(int(routes.block_start.numel()), 1) + routes.block, stable=True)
-    token, head, block, kv_head = routes.token[order], routes.head[order], routes.block[order], kv_head[order]
-    per_head = torch.bincount(kv_head, minlength=Hkv)
-    width = int(per_head.max()) if kv_head.numel() else 0
-    slot = kv_head * width + torch.arange(kv_head.numel(), device=q.device) - (per_head.cumsum(0) - per_head)[kv_head]
-    row = torch.zeros(Hkv * width, dtype=torch.int64, device=q.device).index_put_((slot,), token * H + head)
-    bounds = torch.full((Hkv * width, 2), T, dtype=torch.int64, device=q.device)
-    bounds.index_put_((slot,), torch.stack([routes.block_start[block], routes.block_end[block]], -1))
+    row, bounds = _order_pairs(choose_blocks(q, k, seq_bounds, block_size, topk, causal), H // Hkv, T)
+    width = row.shape[1]
+    row = row.view(Hkv * width)
     flat, stride = _rows_of(q)
     at = row if stride == H else row // H * stride + row % H
     if rows is None:
@@ -236,6 +256,31 @@ def _pair_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: Li
     out, lse = bounded_attention(q_rows.view(Hkv, width, 1, q.shape[-1]), k.transpose(0, 1).unsqueeze(2),
                                  v.transpose(0, 1).unsqueeze(2), bounds.view(Hkv, width, 2), **extra)
     return out.reshape(Hkv * width, out.shape[-1]), lse.reshape(Hkv * width), row
+
+
+def _order_pairs(choice: TokenChoice, group: int, T: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The chosen pairs of ``H`` heads as the pair pass's rows: ``row (Hkv, width)`` int64 (``t * H + h``) and
+    ``bounds (Hkv, width, 2)`` (the chosen block's key range), each kv head's pairs ordered by block, then by
+    (head, token); ``width`` is the largest kv head's pair count, the others padded with row 0 and ``[T, T)``. On CPU
+    one C++ counting sort (``moba_token_pairs``), elsewhere a stable argsort: the same order."""
+    chosen = choice.chosen
+    H = chosen.shape[0]
+    Hkv = H // group
+    if chosen.device.type == "cpu" and dispatch.is_available("cpu") and not torch.compiler.is_compiling():
+        pairs = dispatch.resolve("moba_token_pairs", chosen.device, "cpu")
+        return pairs(chosen.int(), block_start=choice.block_start, block_end=choice.block_end, group=group)
+    head, token, slot = (chosen >= 0).nonzero(as_tuple=True)
+    block = chosen[head, token, slot].long()
+    kv_head = head // group
+    order = torch.argsort(kv_head * max(int(choice.block_start.numel()), 1) + block, stable=True)
+    token, head, block, kv_head = token[order], head[order], block[order], kv_head[order]
+    per_head = torch.bincount(kv_head, minlength=Hkv)
+    width = int(per_head.max()) if kv_head.numel() else 0
+    slot = kv_head * width + torch.arange(kv_head.numel(), device=chosen.device) - (per_head.cumsum(0) - per_head)[kv_head]
+    row = torch.zeros(Hkv * width, dtype=torch.int64, device=chosen.device).index_put_((slot,), token * H + head)
+    bounds = torch.full((Hkv * width, 2), T, dtype=torch.int64, device=chosen.device)
+    bounds.index_put_((slot,), torch.stack([choice.block_start[block], choice.block_end[block]], -1))
+    return row.view(Hkv, width), bounds.view(Hkv, width, 2)
 
 
 def _merge_into(out: torch.Tensor, lse: torch.Tensor, heads: slice, out_pair: torch.Tensor, lse_pair: torch.Tensor,

@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/vec.h"
 #include "ops.h"
 
 namespace attnops::cpu::ATTNOPS_ISA {
@@ -141,6 +142,62 @@ std::tuple<at::Tensor, at::Tensor> moba_route_cpu(const at::Tensor& q_in, const 
 // selection stays exactly the official one.
 constexpr int64_t kSmallTopk = 8;
 
+struct LaneTop {
+  float threshold;  // the m-th largest candidate
+  bool nonfinite;   // a candidate is NaN or +-inf (threshold unset)
+};
+
+// The m-th largest (1 <= m <= kSmallTopk, fewer than the candidates) of a gate row's candidates, [0, stop) but own.
+// Each vector lane keeps its m largest by a compare-exchange chain, with no branch per candidate (a sorted
+// insertion mispredicted on every new leader: ~14 cycles a candidate); then the lanes' heads give up their largest
+// until m values have: the m-th largest is among the lanes' m largest.
+inline LaneTop lane_top(const float* g, int64_t n, int64_t own, int64_t stop, int64_t m) {
+  using V = vec_t<float>;
+  using VI = typename Vec<float>::itype;
+  constexpr int kW = Vec<float>::size;
+  const V ninf = vsplat<float>(-std::numeric_limits<float>::infinity()), zero = vsplat<float>(0.0f);
+  VI lane;
+  for (int l = 0; l < kW; ++l) lane[l] = l;
+  V top[kSmallTopk];
+  for (int64_t i = 0; i < m; ++i) top[i] = ninf;
+  VI bad = lane - lane;
+  for (int64_t c0 = 0; c0 < stop; c0 += kW) {
+    V x = zero;
+    if (c0 + kW <= n) {
+      x = vload(g + c0);
+    } else {
+      std::memcpy(&x, g + c0, (n - c0) * sizeof(float));
+    }
+    const VI at = lane + static_cast<int32_t>(c0);
+    const VI valid = (at < static_cast<int32_t>(stop)) & (at != static_cast<int32_t>(own));
+    bad |= valid & ((x - x) != zero);  // x - x is NaN for NaN and +-inf
+    x = valid ? x : ninf;
+    for (int64_t i = 0; i < m; ++i) {
+      const VI keep = top[i] >= x;
+      const V hi = keep ? top[i] : x;
+      x = keep ? x : top[i];
+      top[i] = hi;
+    }
+  }
+  // the lanes' reductions by butterflies (log2(kW) shuffles), not kW dependent scalar steps
+  auto all_lanes = [&](auto v, auto&& op) {
+    for (int step = kW / 2; step >= 1; step /= 2) v = op(v, __builtin_shuffle(v, lane ^ step));
+    return v;
+  };
+  if (all_lanes(bad, [](VI a, VI b) { return a | b; })[0]) return {0.0f, true};
+  float best = 0.0f;
+  for (int64_t left = m; left > 0;) {
+    best = all_lanes(top[0], [](V a, V b) { return a > b ? a : b; })[0];
+    const VI hit = top[0] == vsplat<float>(best);
+    const int64_t copies = -all_lanes(hit, [](VI a, VI b) { return a + b; })[0];  // a hit lane is -1
+    if (copies >= left) break;
+    left -= copies;
+    for (int64_t i = 0; i + 1 < m; ++i) top[i] = hit ? top[i + 1] : top[i];
+    top[m - 1] = hit ? ninf : top[m - 1];
+  }
+  return {best, false};
+}
+
 std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_in, int64_t block_size, int64_t topk,
                                                          bool causal, int64_t width) {
   constexpr const char* op = "moba_token_select";
@@ -170,6 +227,20 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
         for (int64_t c = 0; c < hi0; ++c) f(c);
         for (int64_t c = lo1; c < stop; ++c) f(c);
       };
+      if (m >= 1 && m <= kSmallTopk && count > m) {  // MoBA's usual top-2..9
+        const LaneTop top = lane_top(g, n, own, stop, m);
+        int64_t reach = 0;  // candidates at or above the threshold: exactly m, or torch.topk's order decides
+        if (!top.nonfinite)
+          each_candidate([&](int64_t c) {
+            if (g[c] >= top.threshold) {
+              if (reach < m) out[reach] = static_cast<int32_t>(c);
+              ++reach;
+            }
+          });
+        fp[row] = top.nonfinite || reach != m;
+        if (fp[row]) std::fill(out, out + width, -1);
+        continue;
+      }
       bool finite = true;
       each_candidate([&](int64_t c) { finite &= std::isfinite(g[c]); });
       fp[row] = !finite;
@@ -180,30 +251,14 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
         continue;
       }
       if (m == 0) continue;
-      float threshold;  // the m-th largest candidate
-      if (m <= kSmallTopk) {  // MoBA's usual top-2..8: a sorted insertion beats a selection algorithm
-        int64_t kept = 0;  // cand[0, kept): the largest so far, descending; equal values keep their index order
-        each_candidate([&](int64_t c) {
-          const float x = g[c];
-          if (kept == m && x <= cand[m - 1].first) return;  // the common case after the first few candidates
-          int64_t at = std::min(kept, m - 1);
-          while (at > 0 && cand[at - 1].first < x) {
-            cand[at] = cand[at - 1];
-            --at;
-          }
-          cand[at] = {x, static_cast<int32_t>(c)};
-          kept = std::min(kept + 1, m);
-        });
-        threshold = cand[m - 1].first;
-      } else {
-        int64_t i = 0;
-        each_candidate([&](int64_t c) { cand[i++] = {g[c], static_cast<int32_t>(c)}; });
-        auto larger = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-          return a.first > b.first;
-        };
-        std::nth_element(cand.begin(), cand.begin() + (m - 1), cand.begin() + count, larger);
-        threshold = cand[m - 1].first;
-      }
+      // m > kSmallTopk: a selection algorithm
+      int64_t next = 0;
+      each_candidate([&](int64_t c) { cand[next++] = {g[c], static_cast<int32_t>(c)}; });
+      auto larger = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+        return a.first > b.first;
+      };
+      std::nth_element(cand.begin(), cand.begin() + (m - 1), cand.begin() + count, larger);
+      const float threshold = cand[m - 1].first;
       // exactly m candidates reach the threshold, or torch.topk's own order decides between equal ones
       int64_t reach = 0;
       each_candidate([&](int64_t c) { reach += g[c] >= threshold; });
@@ -215,6 +270,65 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
     }
   });
   return {sel, fallback};
+}
+
+// Token routing's pair order (attnops/ops/routed/token.py, `_pair_pass`): chosen (H, T, W) int32, each (head,
+// token)'s chosen blocks (indices into block_start / block_end, -1 entries skipped), -> the pair pass's rows, kv head
+// by kv head (heads h with h / group = kv head), ordered by block and, within a block, by (head, token):
+// row (Hkv, width) int64 = t * H + h and bounds (Hkv, width, 2) int32 = the block's key range; width is the largest
+// kv head's pair count, the others padded with row 0 and the empty range [T, T). Ordered by block, both bound
+// columns are nondecreasing along a kv head's rows (as the core requires) when the blocks' ranges are. A counting
+// sort: the stable argsort of the torch form (`_order_pairs`) gives the same order.
+std::tuple<at::Tensor, at::Tensor> moba_token_pairs_cpu(const at::Tensor& chosen_in, const at::Tensor& block_start_in,
+                                                        const at::Tensor& block_end_in, int64_t group) {
+  constexpr const char* op = "moba_token_pairs";
+  TORCH_CHECK(chosen_in.dim() == 3 && chosen_in.scalar_type() == at::kInt, op, ": chosen must be (H, T, W) int32");
+  TORCH_CHECK(block_start_in.dim() == 1 && block_end_in.dim() == 1 && block_start_in.scalar_type() == at::kLong &&
+                  block_end_in.scalar_type() == at::kLong && block_start_in.size(0) == block_end_in.size(0),
+              op, ": block_start and block_end must be (C,) int64");
+  const int64_t H = chosen_in.size(0), T = chosen_in.size(1), W = chosen_in.size(2), C = block_start_in.size(0);
+  TORCH_CHECK(group >= 1 && H % group == 0, op, ": the heads (", H, ") must be a multiple of group (", group, ")");
+  TORCH_CHECK(T < std::numeric_limits<int32_t>::max(), op, ": ", T, " tokens do not fit int32 bounds");
+  const at::Tensor chosen = chosen_in.contiguous(), starts = block_start_in.contiguous(),
+                   ends = block_end_in.contiguous();
+  const int32_t* cp = chosen.data_ptr<int32_t>();
+  const int64_t *bs = starts.data_ptr<int64_t>(), *be = ends.data_ptr<int64_t>();
+  for (int64_t c = 0; c < C; ++c)
+    TORCH_CHECK(0 <= bs[c] && bs[c] <= be[c] && be[c] <= T && (c == 0 || (bs[c - 1] <= bs[c] && be[c - 1] <= be[c])),
+                op, ": block ", c, "'s key range [", bs[c], ", ", be[c], ") is not within [0, ", T,
+                ") and ordered after the previous block's");
+  const int64_t Hkv = H / group, per_kv = group * T * W;  // a kv head's entries are contiguous in chosen
+  // offset[hk * (C + 1) + c]: first slot of block c among kv head hk's rows (a count, then a prefix sum)
+  std::vector<int64_t> offset(Hkv * (C + 1), 0);
+  for (int64_t hk = 0; hk < Hkv; ++hk) {
+    int64_t* off = offset.data() + hk * (C + 1);
+    for (const int32_t* e = cp + hk * per_kv; e < cp + (hk + 1) * per_kv; ++e) {
+      TORCH_CHECK(*e < C, op, ": chosen block ", *e, " is not below the ", C, " blocks");
+      if (*e >= 0) ++off[*e + 1];
+    }
+    for (int64_t c = 0; c < C; ++c) off[c + 1] += off[c];
+  }
+  int64_t width = 0;
+  for (int64_t hk = 0; hk < Hkv; ++hk) width = std::max(width, offset[hk * (C + 1) + C]);
+  at::Tensor row = at::zeros({Hkv, width}, chosen.options().dtype(at::kLong));
+  at::Tensor bounds = at::full({Hkv, width, 2}, T, chosen.options());
+  int64_t* rp = row.data_ptr<int64_t>();
+  int32_t* bp = bounds.data_ptr<int32_t>();
+  at::parallel_for(0, Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t hk = begin; hk < end; ++hk) {
+      int64_t* next = offset.data() + hk * (C + 1);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+        for (int64_t t = 0; t < T; ++t)
+          for (const int32_t* e = cp + (h * T + t) * W; e < cp + (h * T + t + 1) * W; ++e) {
+            if (*e < 0) continue;
+            const int64_t slot = hk * width + next[*e]++;
+            rp[slot] = t * H + h;
+            bp[2 * slot] = static_cast<int32_t>(bs[*e]);
+            bp[2 * slot + 1] = static_cast<int32_t>(be[*e]);
+          }
+    }
+  });
+  return {row, bounds};
 }
 
 }  // namespace
