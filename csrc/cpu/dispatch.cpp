@@ -123,6 +123,7 @@ TORCH_LIBRARY_IMPL(attnops, CPU, m) {
   m.impl("moba_route", &Forward<&CpuKernels::moba_route>::call);
   m.impl("moba_token_select", &Forward<&CpuKernels::moba_token_select>::call);
   m.impl("moba_token_pairs", &Forward<&CpuKernels::moba_token_pairs>::call);
+  m.impl("moba_token_merge", &Forward<&CpuKernels::moba_token_merge>::call);
 }
 
 }  // namespace attnops::cpu

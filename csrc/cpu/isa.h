@@ -70,6 +70,8 @@ struct CpuKernels {
                                                   int64_t width);
   std::tuple<Tensor, Tensor> (*moba_token_pairs)(const Tensor& chosen, const Tensor& block_start,
                                                  const Tensor& block_end, int64_t group);
+  void (*moba_token_merge)(Tensor& out, const Tensor& own, const Tensor& out_pair, const Tensor& scale,
+                           const Tensor& row, int64_t head_start, int64_t heads);
 };
 
 // Each level's table, defined in csrc/cpu/isa_<level>.cpp.
@@ -101,5 +103,6 @@ std::string set_level(const std::string& name);
   extern const CpuKernels kernels;                                                                     \
   const CpuKernels kernels = {#level,          &block_sparse_attn_fwd_cpu, &block_sparse_attn_bwd_cpu, \
                               &decode_attn_fwd_cpu, &lowrank_attn_fwd_cpu,  &moba_route_cpu,          \
-                              &moba_token_select_cpu,      &moba_token_pairs_cpu};                     \
+                              &moba_token_select_cpu,      &moba_token_pairs_cpu,                      \
+                              &moba_token_merge_cpu};                                                  \
   }

@@ -97,6 +97,12 @@ CHILD = textwrap.dedent(r'''
         a.update(over)
         return [a[n] for n in ["chosen", "start", "end", "group"]]
 
+    def merge_args(**over):
+        a = dict(out=torch.randn(S, H, D), own=torch.rand(2 * S), pair=torch.randn(5, D), scale=torch.rand(5),
+                 row=torch.randint(0, 2 * S, (5,)), start=1, heads=2)
+        a.update(over)
+        return [a[n] for n in ["out", "own", "pair", "scale", "row", "start", "heads"]]
+
     hkv0 = qkv(hkv=0)
     counts = MASK.kv_num_blocks
     idx = MASK.kv_indices
@@ -242,11 +248,27 @@ CHILD = textwrap.dedent(r'''
         "heads not a multiple of group": dict(group=3),
         "group = 0": dict(group=0),
     }
+    MERGE = {
+        "out bfloat16": dict(out=torch.randn(S, H, D, dtype=torch.bfloat16)),
+        "out not contiguous": dict(out=torch.randn(H, S, D).transpose(0, 1)),
+        "out rank 2": dict(out=torch.randn(S, D)),
+        "heads beyond out": dict(start=3),
+        "heads = 0": dict(heads=0),
+        "own too short": dict(own=torch.rand(S)),
+        "own dtype": dict(own=torch.rand(2 * S, dtype=torch.float64)),
+        "pair width": dict(pair=torch.randn(5, D + 1)),
+        "pair integer": dict(pair=torch.ones(5, D, dtype=torch.int32)),
+        "scale length": dict(scale=torch.rand(4)),
+        "row int32": dict(row=torch.zeros(5, dtype=torch.int32)),
+        "row beyond the rows": dict(row=torch.full((5,), 2 * S)),
+        "row negative": dict(row=torch.full((5,), -1)),
+    }
 
     ops = torch.ops.attnops
     groups = [("block_sparse_attn_fwd", FWD, fwd_args), ("block_sparse_attn_bwd", BWD, bwd_args),
               ("decode_attn_fwd", DEC, dec_args), ("lowrank_attn_fwd", LOW, low_args), ("moba_route", ROUTE, route_args),
-              ("moba_token_select", SELECT, select_args), ("moba_token_pairs", PAIRS, pairs_args)]
+              ("moba_token_select", SELECT, select_args), ("moba_token_pairs", PAIRS, pairs_args),
+              ("moba_token_merge", MERGE, merge_args)]
     for op_name, cases, build in groups:
         names = [op_name] + ([op_name + "_triton"] if WITH_TRITON and not op_name.startswith("moba_token") else [])
         for name in names:

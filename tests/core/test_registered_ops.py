@@ -82,6 +82,11 @@ def moba_token_pairs():
     return (chosen, torch.tensor([0, 64, 128]), torch.tensor([64, 128, S]), H)
 
 
+def moba_token_merge():
+    out = torch.randn(S, H, D)
+    return (out, torch.rand(S), torch.randn(10, D), torch.rand(10), torch.randint(0, S, (10,)), 1, 1)
+
+
 def linear_fwd():
     q, k, v = _qkv(grad=True, s=40)
     g = torch.nn.functional.logsigmoid(torch.randn(B, 40, H, 1)).requires_grad_(True)
@@ -113,6 +118,7 @@ SAMPLES = {
     "moba_route_triton": [moba_route],
     "moba_token_select": [moba_token_select],
     "moba_token_pairs": [moba_token_pairs],
+    "moba_token_merge": [moba_token_merge],
     "linear_attn_fwd_triton": [linear_fwd],
     "linear_attn_bwd_triton": [linear_bwd],
     "linear_attn_recurrent_triton": [linear_recurrent],

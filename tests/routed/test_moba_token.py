@@ -190,6 +190,39 @@ def test_cpu_pair_order_is_the_torch_order(lengths, H, group, block, topk, monke
         assert torch.equal(ours[1].long(), theirs[1]) and ours[1].shape[1] > 0
 
 
+@pytest.mark.parametrize("work, pair_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                              (torch.float64, torch.float64)])
+def test_cpu_merge_is_the_torch_steps_bit_for_bit(work, pair_dtype, monkeypatch):
+    """The C++ merge (``moba_token_merge``) scales a head group's rows and adds the scaled pairs with torch's
+    roundings in torch's order: equal bit for bit to mul_ + index_add_ (which the autograd path runs), with rows
+    of up to three pairs, padding pairs (scale 0) and a head slice of a wider output."""
+    from attnops.core import dispatch
+    from attnops.ops.routed import token
+
+    if not dispatch.is_available("cpu"):
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(13)
+    T, H, Dv, P = 301, 6, 40, 700
+    heads = slice(2, 5)
+    out = torch.randn(T, H, Dv, generator=g, dtype=work)
+    lse = torch.randn(H, T, generator=g, dtype=work)
+    row = torch.randint(0, T * 3, (P,), generator=g)
+    out_pair = torch.randn(P, Dv, generator=g).to(pair_dtype)
+    lse_pair = torch.randn(P, generator=g, dtype=work)
+    lse_pair[::50] = float("-inf")  # padding pairs
+    results = []
+    for cpp in (True, False):
+        o, l = out.clone(), lse.clone()
+        if not cpp:
+            monkeypatch.setattr(dispatch, "is_available", lambda device: False)
+        token._merge_into(o, l, heads, out_pair, lse_pair, row)
+        monkeypatch.undo()
+        results.append((o, l))
+    (o1, l1), (o2, l2) = results
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    assert torch.equal(o1[:, :2], out[:, :2]) and not torch.equal(o1[:, 2:5], out[:, 2:5])
+
+
 def _has_nonfinite_candidate(gate, block, causal):
     L, n = gate.shape[1:]
     own = (torch.arange(L) // block).unsqueeze(-1)

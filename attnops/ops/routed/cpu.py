@@ -9,3 +9,4 @@ if backends.EXTENSION:
     # token routing's per-row selection (ops/routed/token.py: torch.topk where this leaves a row ambiguous)
     dispatch.register("moba_token_select", "cpu", lambda gate, **kw: lib.TOKEN_SELECT.call(gate=gate, **kw))
     dispatch.register("moba_token_pairs", "cpu", lambda chosen, **kw: lib.TOKEN_PAIRS.call(chosen=chosen, **kw))
+    dispatch.register("moba_token_merge", "cpu", lambda out, **kw: lib.TOKEN_MERGE.call(out=out, **kw))

@@ -30,6 +30,11 @@ TOKEN_SELECT = OpDef("moba_token_select", [Arg("gate", "Tensor"), Arg("block_siz
 # ordered by block: row (Hkv, width) int64 (t * H + h) and bounds (Hkv, width, 2) int32; width is data-dependent.
 TOKEN_PAIRS = OpDef("moba_token_pairs", [Arg("chosen", "Tensor"), Arg("block_start", "Tensor"),
                                          Arg("block_end", "Tensor"), Arg("group", "int")], "(Tensor, Tensor)")
+# Token routing's merge without autograd (ops/routed/token.py): out (T, H, Dv) in place, rows of heads [head_start,
+# head_start + heads) scaled by own (T * heads,), then out_pair (P, Dv) * scale (P,) added to rows row (P,).
+TOKEN_MERGE = OpDef("moba_token_merge", [Arg("out", "Tensor(a!)"), Arg("own", "Tensor"), Arg("out_pair", "Tensor"),
+                                         Arg("scale", "Tensor"), Arg("row", "Tensor"), Arg("head_start", "int"),
+                                         Arg("heads", "int")], "()")
 
 
 def moba_lut_width(seq_len: int, block_size: int, topk: int, route_block: int) -> int:
@@ -74,3 +79,5 @@ TOKEN_SELECT.define()
 TOKEN_SELECT.register_fake(token_select_fake)
 TOKEN_PAIRS.define()
 TOKEN_PAIRS.register_fake(token_pairs_fake)
+TOKEN_MERGE.define()
+TOKEN_MERGE.register_fake(lambda **_: None)

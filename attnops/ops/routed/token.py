@@ -291,9 +291,14 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, heads: slice, out_pair: to
     T, H, Dv = out.shape
     Hg = heads.stop - heads.start
     new, own, scale = merge_weights(lse[heads].transpose(0, 1).reshape(T * Hg), lse_pair.to(lse.dtype), row)
-    out[:, heads].mul_(own.view(T, Hg, 1))
-    at = row + (row // Hg) * (H - Hg) + heads.start  # the pair's row of out viewed as (T * H, Dv)
-    out.view(T * H, Dv).index_add_(0, at, out_pair.to(out.dtype).mul_(scale.unsqueeze(-1)))
+    if out.device.type == "cpu" and dispatch.is_available("cpu") and not torch.compiler.is_compiling():
+        # the steps below in one C++ pass, the same roundings in the same order (bit for bit, tested)
+        merge = dispatch.resolve("moba_token_merge", out.device, "cpu")
+        merge(out, own=own, out_pair=out_pair, scale=scale, row=row, head_start=heads.start, heads=Hg)
+    else:
+        out[:, heads].mul_(own.view(T, Hg, 1))
+        at = row + (row // Hg) * (H - Hg) + heads.start  # the pair's row of out viewed as (T * H, Dv)
+        out.view(T * H, Dv).index_add_(0, at, out_pair.to(out.dtype).mul_(scale.unsqueeze(-1)))
     lse[heads] = new.view(T, Hg).transpose(0, 1)
 
 
