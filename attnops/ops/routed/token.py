@@ -23,6 +23,10 @@ Heads are independent: a long sequence routes, runs its pair pass and merges per
 autograd or dropout the self pass runs once over every head and the groups merge into its output in place;
 otherwise each group runs its own self pass (whose backward then packs a group's panels, not every head's).
 
+On CPU the per-row choice, the pairs' order and the no-autograd merge are C++ helpers (``moba_token_select``,
+``moba_token_pairs``, ``moba_token_merge``) equal to the torch steps they replace (the merge bit for bit); other
+devices run the torch steps.
+
 Work: ``S (block / 2 + (topk - 1) block)`` scores per head, like tile routing, plus O(pairs x D) gathers.
 """
 
@@ -114,6 +118,12 @@ def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.cat(means)
 
 
+def _cpu_helpers(t: torch.Tensor) -> bool:
+    """Whether the C++ helpers (csrc/cpu/kernels/moba_route.cpp: selection, pair order, merge) serve ``t``: a CPU
+    tensor, the extension built, and no torch.compile tracing (their outputs' sizes depend on the data)."""
+    return t.device.type == "cpu" and dispatch.is_available("cpu") and not torch.compiler.is_compiling()
+
+
 def block_gates(q: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """``q (L, H, D)`` and block means ``(n, H, D)`` -> the official gates ``einsum("shd,nhd->hsn")`` in float32,
     ``(H, L, n)``, unscaled as theirs. One head (a group of one, the common case of long sequences) as a 2-d GEMM:
@@ -130,7 +140,7 @@ def select_token_blocks(gate: torch.Tensor, block_size: int, topk: int, causal: 
     whose choice is unambiguous (no tie at the cut, every candidate finite) and ``torch.topk`` the rest; elsewhere
     ``torch.topk`` every row (int64)."""
     kk = min(topk, gate.shape[-1])
-    if gate.device.type == "cpu" and kk >= 2 and dispatch.is_available("cpu") and not torch.compiler.is_compiling():
+    if kk >= 2 and _cpu_helpers(gate):
         select = dispatch.resolve("moba_token_select", gate.device, "cpu")
         chosen, ambiguous = select(gate, block_size=block_size, topk=topk, causal=causal, width=kk)
         h, s = ambiguous.nonzero(as_tuple=True)
@@ -266,7 +276,7 @@ def _order_pairs(choice: TokenChoice, group: int, T: int) -> Tuple[torch.Tensor,
     chosen = choice.chosen
     H = chosen.shape[0]
     Hkv = H // group
-    if chosen.device.type == "cpu" and dispatch.is_available("cpu") and not torch.compiler.is_compiling():
+    if _cpu_helpers(chosen):
         pairs = dispatch.resolve("moba_token_pairs", chosen.device, "cpu")
         return pairs(chosen.int(), block_start=choice.block_start, block_end=choice.block_end, group=group)
     head, token, slot = (chosen >= 0).nonzero(as_tuple=True)
@@ -291,7 +301,7 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, heads: slice, out_pair: to
     T, H, Dv = out.shape
     Hg = heads.stop - heads.start
     new, own, scale = merge_weights(lse[heads].transpose(0, 1).reshape(T * Hg), lse_pair.to(lse.dtype), row)
-    if out.device.type == "cpu" and dispatch.is_available("cpu") and not torch.compiler.is_compiling():
+    if _cpu_helpers(out):
         # the steps below in one C++ pass, the same roundings in the same order (bit for bit, tested)
         merge = dispatch.resolve("moba_token_merge", out.device, "cpu")
         merge(out, own=own, out_pair=out_pair, scale=scale, row=row, head_start=heads.start, heads=Hg)
