@@ -8,6 +8,10 @@
 // The tile's own MoBA block is always kept (attended causally when causal: its key sub-blocks end at
 // the tile's diagonal); under causal, later blocks are never candidates. Ties go to the lower block
 // index and a NaN gate ranks highest (torch.topk's order), so the choice is deterministic.
+//
+// Below it, token routing's CPU helpers (attnops/ops/routed/token.py): the per-row choice
+// (moba_token_select), the pair pass's row order (moba_token_pairs) and the no-autograd merge
+// (moba_token_merge), each equal to the torch steps it replaces.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
