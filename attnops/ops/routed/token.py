@@ -45,13 +45,11 @@ class TokenChoice(NamedTuple):
     """Each (head, token)'s chosen blocks besides its own, and the block table.
 
     ``chosen (H, T, W)`` integer: global block indices, ``-1`` for none (anywhere in a row); ``block_start,
-    block_end (C,)`` int64, each block's key range in the packed token order; ``own_block (T,)`` each token's
-    block."""
+    block_end (C,)`` int64, each block's key range in the packed token order (the blocks tile the tokens)."""
 
     chosen: torch.Tensor
     block_start: torch.Tensor
     block_end: torch.Tensor
-    own_block: torch.Tensor
 
 
 class TokenRoutes(NamedTuple):
@@ -73,7 +71,7 @@ def choose_blocks(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block
     """``q (T, H, D)``, ``k (T, Hkv, D)`` of packed sequences ``seq_bounds`` (``[0, ..., T]``, Python ints)."""
     H, Hkv = q.shape[1], k.shape[1]
     dev = q.device
-    chosen, starts, ends, owns = [], [], [], []
+    chosen, starts, ends = [], [], []
     first_block = 0
     with torch.no_grad():
         for a, b in zip(seq_bounds[:-1], seq_bounds[1:]):
@@ -88,23 +86,24 @@ def choose_blocks(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block
             chosen.append(picks if first_block == 0 else torch.where(picks >= 0, picks + first_block, picks))
             starts.append(torch.arange(a, b, block_size, device=dev))
             ends.append((starts[-1] + block_size).clamp(max=b))
-            owns.append(first_block + torch.arange(L, device=dev) // block_size)
             first_block += n
     if not starts:
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
-        return TokenChoice(torch.zeros(H, 0, 0, dtype=torch.int64, device=dev), empty, empty, empty)
+        return TokenChoice(torch.zeros(H, 0, 0, dtype=torch.int64, device=dev), empty, empty)
     if len(chosen) > 1:  # sequences with fewer blocks than topk choose fewer: pad every row to the widest
         width = max(c.shape[-1] for c in chosen)
         chosen = [torch.nn.functional.pad(c, (0, width - c.shape[-1]), value=-1) for c in chosen]
-    return TokenChoice(torch.cat(chosen, dim=1), *(torch.cat(x) for x in (starts, ends, owns)))
+    return TokenChoice(torch.cat(chosen, dim=1), torch.cat(starts), torch.cat(ends))
 
 
 def route_tokens(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_size: int, topk: int,
                  causal: bool) -> TokenRoutes:
-    """:func:`choose_blocks` as a list of pairs."""
+    """:func:`choose_blocks` as a list of pairs (and each token's block, which only its readers need)."""
     choice = choose_blocks(q, k, seq_bounds, block_size, topk, causal)
     head, token, slot = (choice.chosen >= 0).nonzero(as_tuple=True)
-    return TokenRoutes(token, head, choice.chosen[head, token, slot].long(), *choice[1:])
+    starts, ends = choice.block_start, choice.block_end
+    own_block = torch.repeat_interleave(torch.arange(starts.numel(), device=starts.device), ends - starts)
+    return TokenRoutes(token, head, choice.chosen[head, token, slot].long(), starts, ends, own_block)
 
 
 def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
