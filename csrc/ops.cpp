@@ -57,10 +57,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "_set_backward_mode",
       [](int mode) {
-        TORCH_CHECK(mode >= 0 && mode <= 2, "backward mode must be 0 (auto), 1 (fused) or 2 (two-pass)");
+        TORCH_CHECK(mode >= 0 && mode <= 3,
+                    "backward mode must be 0 (auto), 1 (fused), 2 (two-pass) or 3 (fused, key tiles split in 3)");
         return attnops::g_backward_mode.exchange(mode);
       },
-      "CPU attention backward: 0 auto, 1 fused single pass, 2 two passes (test aid); returns the previous mode.");
+      "CPU attention backward: 0 auto, 1 fused single pass, 2 two passes, 3 fused with each (batch, kv head)'s key "
+      "tiles split in 3 tasks (test aid); returns the previous mode.");
   m.def(
       "_set_wave_bytes",
       [](int64_t bytes) {

@@ -7,7 +7,9 @@
 - every output a kernel allocates is poisoned with NaN first, so an element it forgets to write
   fails the comparison with the reference: C++ kernels through attnops._C's debug switch, Python
   launchers (Triton) by NaN-filling torch.empty* calls made from attnops code (as fla does);
-- `impl` runs the C++ backward in both of its algorithms (fused / two-pass);
+- `impl` runs the C++ backward in both of its algorithms (fused / two-pass); the fused one with each (batch, kv
+  head)'s key tiles split into three tasks (the form it takes when B * Hkv cannot fill the threads: one task is its
+  special case, which the size-based choice runs);
 - `impl` and `fwd_impl` also run the pure-PyTorch fallback (`composite`, id `composite`) where the family has
   one (low-rank keys have none: those items are deselected);
 - `impl` and `fwd_impl` run the C++ kernels at every ISA level this CPU can execute (csrc/cpu/isa.h):
@@ -79,7 +81,7 @@ def _poison_outputs():
 class Impl(NamedTuple):
     backend: str
     device: str
-    cpu_backward: int = 0  # C++ backward algorithm: 1 fused, 2 two-pass (0: the size-based choice)
+    cpu_backward: int = 0  # C++ backward algorithm: 3 fused in 3 key-tile tasks, 2 two-pass (0: the size-based choice)
     cpu_isa: str = ""  # C++ kernels' ISA level ("": the default one)
 
     @property
@@ -140,7 +142,7 @@ def _cpu_level(param):
 _COMPOSITE = [pytest.param(Impl("composite", "cpu"), id="composite")]
 
 
-@pytest.fixture(params=[*_cpu_params([("-fused", 1), ("-two_pass", 2)]), *_TRITON_IMPLS, *_COMPOSITE])
+@pytest.fixture(params=[*_cpu_params([("-fused", 3), ("-two_pass", 2)]), *_TRITON_IMPLS, *_COMPOSITE])
 def impl(request):
     """A kernel implementation to test, forward and backward: the C++ kernels with each backward
     algorithm at each ISA level, the Triton kernels."""

@@ -147,3 +147,31 @@ def test_gqa_backward_is_deterministic(impl):
 
     for a, b in zip(grads(), grads()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(1, 300, 300, 8, 1, 64), (3, 190, 260, 4, 1, 40), (1, 200, 200, 4, 4, 96)],
+                         ids=["mqa", "B3-mqa", "B1-mha"])
+def test_backward_split_over_key_tiles(shape, threads):
+    """The automatic CPU backward at thread counts that B * Hkv tasks cannot fill: the fused pass splits each
+    (batch, kv head)'s key tiles into runs of equal cost with their own dq accumulators (2-4 runs here, 1 at one
+    thread), whose sums match the reference under every mask."""
+    from attnops import _C
+
+    previous_mode, previous_threads = _C._set_backward_mode(0), torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for mask in ("causal", "window", "full"):
+            opts = MASKS[mask]
+            inputs = make_qkv(*shape, torch.float32)
+
+            def kernel(q, k, v):
+                return attnops.attention(q, k, v, return_lse=True, backend="cpu", **opts)
+
+            def ref(q, k, v):
+                return reference.block_sparse_attention(q, k, v, None, softmax_scale=shape[-1] ** -0.5, **opts)
+
+            compare_with_reference(kernel, ref, inputs, torch.float32, name=f"{mask} threads={threads}")
+    finally:
+        torch.set_num_threads(previous_threads)
+        _C._set_backward_mode(previous_mode)

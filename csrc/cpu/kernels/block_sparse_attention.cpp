@@ -540,13 +540,22 @@ struct KeyTileScratch {
         drop_rows(kTileQBwd), dk(kTileKBwd * Dp), dv(kTileKBwd * Dp), dq(dq_rows * Dp), spans(kTileKBwd) {}
 };
 
-// dk, dv of the keys [c0, c1) of kv head hk, over the query heads of its group. With `fused`, also
-// adds dS K into ws.dq (the group's dq rows, (group, Sq, Dp)), which this task owns.
+// The dq accumulator of a fused task: the group's rows [row0, row0 + rows), (group, rows, Dp), which
+// the task owns. Its rows cover every query that sees the task's keys, from the query panel (NR rows)
+// that holds the first: tiles start on panel boundaries.
+struct DqRows {
+  GradAcc* acc = nullptr;  // null: two passes, dq has its own pass
+  int64_t row0 = 0, rows = 0;
+};
+
+// dk, dv of the keys [c0, c1) of kv head hk, over the query heads of its group. Fused (dq.acc set), also
+// adds dS K into dq's rows.
 template <typename S, typename T>
 void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockLut& tlut, const Predicates& pred,
                        const ScoreMods<T>& mods, const ScoreBias<T>& bias, const Dropout& drop, T* dbias, const S* kp,
-                       const S* vp, int64_t b, int64_t hk, int64_t c0, int64_t c1, bool fused, bool exact,
+                       const S* vp, int64_t b, int64_t hk, int64_t c0, int64_t c1, const DqRows& dq, bool exact,
                        KeyTileScratch<T>& ws, S* dkp, S* dvp) {
+  const bool fused = dq.acc != nullptr;
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   constexpr int64_t NR = kGemmN<T>;
@@ -563,7 +572,7 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
     const int64_t bh = b * p.H + h;
     const T* l2 = ops.lse2 + bh * ops.Sq_pad;
     const T* dl = ops.delta + bh * ops.Sq_pad;
-    GradAcc* dq_rows = fused ? ws.dq.data() + (h - hk * p.group) * p.Sq * p.Dp : nullptr;
+    const int64_t g = h - hk * p.group;
     const T slope2 = mods.slope2(b, h);
     for_each_segment(tlut, b, h, lut_row, pred.query_lo(b, c0), pred.query_hi(b, c1 - 1), p.Sq, [&](int64_t a, int64_t e) {
       for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
@@ -665,7 +674,7 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
             gemm<T, true>(t1 - t0, p.Dp, nk, ds_live, kTileQBwd, ws.kpanel.data() + ja * NR, kTileKBwd * NR, partial,
                           p.Dp, false);
           }
-          add_into(dq_rows + t0 * p.Dp, partial, (t1 - t0) * p.Dp);
+          add_into(dq.acc + (g * dq.rows + t0 - dq.row0) * p.Dp, partial, (t1 - t0) * p.Dp);
         }
       }
     });
@@ -844,24 +853,25 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   // NaN / Inf in q, k or dO: every product runs over each row's own span (gemm_in_spans). Finite
   // inputs, the normal case, keep the tile GEMMs; the check is a pass over O(S * D) elements.
   const bool exact = !(finite_rows<S>(q) && finite_rows<S>(k) && finite_rows<S>(dout));
-  // Fused single pass: one task per (b, kv head) owns its group's dq rows, 5 block products per
-  // tile pair. Two passes (dq, then dk/dv): 7 products but B * Hkv * key-tiles tasks, for when
-  // B * Hkv cannot keep the threads busy (MQA / small batches). Both are deterministic; a
-  // deterministic schedule takes the two passes whatever the thread count (they keep any number of
-  // threads busy; the fused pass needs B * Hkv of them).
+  // Fused single pass: a task per (b, kv head) owns its group's dq rows, 5 block products per tile
+  // pair. When B * Hkv tasks cannot keep the threads busy (MQA, small batches, many threads), each
+  // (b, kv head) splits its key tiles into `chunks` runs of equal cost, each task with a dq accumulator
+  // of the rows its keys reach, summed in chunk order afterwards. Two passes (dq, then dk/dv): 7
+  // products, no accumulator, any number of tasks: for a deterministic schedule (results independent of
+  // the thread count, which the chunks are not) and when the chunks' accumulators would be too large.
   const int64_t threads = at::get_num_threads();
   const int mode = backward_mode();
-  const bool fused = mode == 1 || (mode == 0 && !deterministic_schedule() &&
-                                   (p.B * p.Hkv >= 2 * threads || (p.B * p.Hkv) % threads == 0));
-  const BwdOperands<T> ops = pack_backward_operands<S>(p, q, k, v, out, dout, lse, dlse, softmax_scale, !fused);
-
-  const S *qp = q.data_ptr<S>(), *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
-  S* dqp = dq.data_ptr<S>();
-  S* dkp = dk.data_ptr<S>();
-  S* dvp = dv.data_ptr<S>();
-  T* dbp = dbias.numel() > 0 ? dbias.data_ptr<T>() : nullptr;  // (B, H, Sq, Sk), zeros where no pair is visited
+  const int64_t pairs = p.B * p.Hkv;
   const int64_t TK = tile_rows(tlut, kTileKBwd);
   const int64_t k_tiles = (p.Sk + TK - 1) / TK;
+  bool fused = mode == 1 || mode == 3 || (mode == 0 && !deterministic_schedule());
+  int64_t chunks = 1;
+  if (mode == 3) {
+    chunks = 3;  // test aid: a split whatever the thread count
+  } else if (fused && pairs < 2 * threads && pairs % threads != 0) {
+    while (pairs * chunks < 2 * threads && (pairs * chunks) % threads != 0) ++chunks;
+  }
+  chunks = std::max<int64_t>(1, std::min(chunks, k_tiles));
   auto tile_queries = [&](int64_t b, int64_t hk, int64_t c0, int64_t c1) {
     int64_t queries = 0;
     for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h)
@@ -869,11 +879,64 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
                        pred.query_hi(b, c1 - 1), p.Sq, [&](int64_t a, int64_t e) { queries += e - a; });
     return queries;
   };
+  // per (b, kv head, chunk) i: its key tiles [first[i], last[i]), its dq rows [row0[i], row1[i]) and their offset
+  // in the accumulators
+  std::vector<int64_t> first, last, costs, row0, row1, offset;
+  if (fused && chunks > 1) {
+    constexpr int64_t NR = kGemmN<T>;
+    first.resize(pairs * chunks);
+    last.resize(pairs * chunks);
+    row0.resize(pairs * chunks);
+    row1.resize(pairs * chunks);
+    offset.resize(pairs * chunks + 1);
+    costs.resize(pairs * chunks);
+    std::vector<int64_t> tile_cost(k_tiles);
+    offset[0] = 0;
+    for (int64_t t = 0; t < pairs; ++t) {
+      const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+      int64_t total = 0;
+      for (int64_t kt = 0; kt < k_tiles; ++kt)
+        total += tile_cost[kt] = tile_queries(b, hk, kt * TK, std::min((kt + 1) * TK, p.Sk));
+      // chunk c ends at the first tile where the running cost reaches (c + 1) / chunks of the total
+      int64_t kt = 0, run = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t i = t * chunks + c;
+        first[i] = kt;
+        const int64_t goal = c + 1 == chunks ? total : (total * (c + 1) + chunks - 1) / chunks;
+        int64_t cost = 0;
+        while (kt < k_tiles && (run < goal || c + 1 == chunks)) {
+          run += tile_cost[kt];
+          cost += tile_cost[kt++];
+        }
+        costs[i] = cost;
+        last[i] = kt;
+        const int64_t c0 = first[i] * TK, c1 = std::min(kt * TK, p.Sk);
+        row0[i] = row1[i] = 0;
+        if (c0 < c1) {
+          row1[i] = std::min(pred.query_hi(b, c1 - 1), p.Sq);
+          row0[i] = std::min(pred.query_lo(b, c0) / NR * NR, row1[i]);
+        }
+        offset[i + 1] = offset[i] + p.group * (row1[i] - row0[i]) * p.Dp;
+      }
+    }
+    // the accumulators against the unsplit form's, a (group, Sq, Dp) one per busy thread: beyond 256 MiB and
+    // twice that, two passes (no accumulator) instead
+    const int64_t bytes = offset.back() * int64_t(sizeof(GradAcc));
+    const int64_t unsplit = std::min(threads, pairs) * p.group * p.Sq * p.Dp * int64_t(sizeof(GradAcc));
+    if (mode == 0 && bytes > std::max<int64_t>(int64_t(256) << 20, 2 * unsplit)) fused = false;
+  }
+  const BwdOperands<T> ops = pack_backward_operands<S>(p, q, k, v, out, dout, lse, dlse, softmax_scale, !fused);
 
-  if (fused) {
-    const T scale = static_cast<T>(softmax_scale);
+  const S *qp = q.data_ptr<S>(), *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
+  S* dqp = dq.data_ptr<S>();
+  S* dkp = dk.data_ptr<S>();
+  S* dvp = dv.data_ptr<S>();
+  T* dbp = dbias.numel() > 0 ? dbias.data_ptr<T>() : nullptr;  // (B, H, Sq, Sk), zeros where no pair is visited
+  const T scale = static_cast<T>(softmax_scale);
+
+  if (fused && chunks == 1) {
     run_tasks(
-        p.B * p.Hkv,
+        pairs,
         [&](int64_t t) {
           int64_t queries = 0;
           for (int64_t kt = 0; kt < k_tiles; ++kt)
@@ -884,14 +947,50 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
         [&](int64_t t, KeyTileScratch<T>& ws) {
           const int64_t b = t / p.Hkv, hk = t % p.Hkv;
           std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
+          const DqRows rows{ws.dq.data(), 0, p.Sq};
           for (int64_t kt = 0; kt < k_tiles; ++kt)
             key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, kt * TK,
-                              std::min((kt + 1) * TK, p.Sk), true, exact, ws, dkp, dvp);
+                              std::min((kt + 1) * TK, p.Sk), rows, exact, ws, dkp, dvp);
           for (int64_t g = 0; g < p.group; ++g)
             for (int64_t r = 0; r < p.Sq; ++r)
               store_row(ws.dq.data() + (g * p.Sq + r) * p.Dp, p.D, scale,
                         dqp + ((b * p.Sq + r) * p.H + hk * p.group + g) * p.D);
         });
+    return;
+  }
+  if (fused) {
+    // uninitialised: each task zeroes its own rows (first touched by the thread that sums into them)
+    const at::Tensor acc_storage = at::empty({std::max<int64_t>(offset.back(), 1)}, q.options().dtype(at::kDouble));
+    GradAcc* acc = acc_storage.data_ptr<GradAcc>();
+    run_tasks(
+        pairs * chunks, [&](int64_t i) { return costs[i]; },
+        [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap(), bias.present()); },
+        [&](int64_t i, KeyTileScratch<T>& ws) {
+          const int64_t b = i / chunks / p.Hkv, hk = i / chunks % p.Hkv;
+          std::fill(acc + offset[i], acc + offset[i + 1], GradAcc(0));
+          const DqRows rows{acc + offset[i], row0[i], row1[i] - row0[i]};
+          for (int64_t kt = first[i]; kt < last[i]; ++kt)
+            key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, kt * TK,
+                              std::min((kt + 1) * TK, p.Sk), rows, exact, ws, dkp, dvp);
+        });
+    // dq row = the chunks' partials that hold it, summed in chunk order (rows no key reaches: zeros)
+    const int64_t row_blocks = (p.Sq + kTileQ - 1) / kTileQ;
+    at::parallel_for(0, pairs * p.group * row_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<GradAcc> sum(p.Dp);
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t t = w / (p.group * row_blocks), g = w / row_blocks % p.group, rb = w % row_blocks;
+        const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+        for (int64_t r = rb * kTileQ; r < std::min((rb + 1) * kTileQ, p.Sq); ++r) {
+          std::fill(sum.begin(), sum.end(), GradAcc(0));
+          for (int64_t i = t * chunks; i < (t + 1) * chunks; ++i)
+            if (r >= row0[i] && r < row1[i]) {
+              const GradAcc* part = acc + offset[i] + (g * (row1[i] - row0[i]) + r - row0[i]) * p.Dp;
+              for (int64_t d = 0; d < p.Dp; ++d) sum[d] += part[d];
+            }
+          store_row(sum.data(), p.D, scale, dqp + ((b * p.Sq + r) * p.H + hk * p.group + g) * p.D);
+        }
+      }
+    });
     return;
   }
 
@@ -928,8 +1027,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
       [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap(), bias.present()); },
       [&](int64_t t, KeyTileScratch<T>& ws) {
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
-        key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk), false,
-                          exact, ws, dkp, dvp);
+        key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk),
+                          DqRows{}, exact, ws, dkp, dvp);
       });
 }
 
