@@ -54,7 +54,9 @@ def _cpp_extension():
 
 def _extension(cpp_extension):
     debug = os.environ.get("ATTNOPS_DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0 last: Python's own CFLAGS (which torch's builder passes first) carry -g, whose debug info made the
+    # extension ~50 MB; the symbol table stays (tests/core/test_cpu_isa.py reads it)
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fopenmp on both compile and link: without it at::parallel_for runs on one thread.
     cxx = opt + ["-fopenmp", "-std=c++20", "-Wall", "-Wno-unused-function", "-Wno-psabi"] + _cpu_flags()
     # csrc/cpu/isa_<level>.cpp compile the kernels (csrc/cpu/kernels/*.cpp) once per ISA level
@@ -79,7 +81,7 @@ def _extension(cpp_extension):
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["extra_compile_args"] = {
             "cxx": cxx + ["-DATTNOPS_WITH_CUDA"],
-            "nvcc": opt + ["-std=c++20", "--use_fast_math", "-DATTNOPS_WITH_CUDA",
+            "nvcc": (["-O0", "-g"] if debug else ["-O3"]) + ["-std=c++20", "--use_fast_math", "-DATTNOPS_WITH_CUDA",
                            "-gencode=arch=compute_80,code=sm_80",
                            "-gencode=arch=compute_90,code=sm_90"],
         }
