@@ -55,6 +55,8 @@ class OpDef:
         self._index = {n: i for i, n in enumerate(self.names)}
         # parsed once: binding runs on every call, and at S = 16 a call is tens of microseconds
         self._defaults = tuple(a.value if a.default is not None else _REQUIRED for a in self.args)
+        self._required = tuple(i for i, a in enumerate(self.args) if a.default is None)
+        self._tensors = tuple(i for i, a in enumerate(self.args) if a.type.startswith("Tensor"))
         if len(self._index) != len(self.names):
             raise ValueError(f"{name}: duplicate argument names")
 
@@ -105,14 +107,14 @@ class OpDef:
                     unknown = sorted(set(kwargs) - set(self.names))
                     raise TypeError(f"{self.name}: unknown arguments {unknown}")
                 values[at] = value
-        for at, value in enumerate(values):
-            if value is _REQUIRED:
+        for at in self._required:
+            if values[at] is _REQUIRED:
                 raise TypeError(f"{self.name}: missing argument {self.names[at]!r}")
         return values
 
     def call(self, op: Optional[Callable] = None, **kwargs):
         """Calls the operator (or ``op``, a twin with the same arguments) with arguments by name."""
-        return call_op(op or self.op, self._values((), kwargs))
+        return call_op(op or self.op, self._values((), kwargs), self._tensors)
 
     def grads(self, **named) -> Tuple:
         """A backward's result: the named gradients in argument order, None for every other argument."""
@@ -126,12 +128,13 @@ class OpDef:
         torch.library.register_fake(self.qualname)(lambda *args, **kwargs: fn(**self.bind(args, kwargs)))
 
 
-def call_op(op: Callable, args: Sequence):
+def call_op(op: Callable, args: Sequence, tensors: Sequence[int]):
     """``op(*args)``, straight to the kernel when no gradient can flow: the autograd layer that
     ``torch.library.register_autograd`` installs is Python (its no-grad branch does just this redispatch), about 5 us
     of a 25 us call at S = 16. Not while dynamo traces (the op stays one node of the graph) nor inside a torch.func
-    transform (whose wrapped tensors need their own dispatch)."""
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    transform (whose wrapped tensors need their own dispatch). ``tensors``: the positions of the schema's tensor
+    arguments, the only ones that can carry a gradient."""
+    if torch.is_grad_enabled() and any(isinstance(args[i], torch.Tensor) and args[i].requires_grad for i in tensors):
         return op(*args)
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return op(*args)
