@@ -95,8 +95,9 @@ def test_block_means_are_the_authors_per_block_means(L, block, dtype):
 
 
 def test_one_head_gates_are_the_official_einsum_bit_for_bit():
-    """A group of one head computes its gates as a 2-d GEMM: every head's equal the official all-heads einsum bit for
-    bit (odd lengths, head dims 40 / 96, a strided head slice), so the selection stays theirs."""
+    """Gates are computed head by head as 2-d GEMMs: every head's equal the official all-heads einsum bit for bit
+    (odd lengths, head dims 40 / 96, a strided head slice; one head and groups of heads), so the selection stays
+    theirs."""
     g = torch.Generator().manual_seed(12)
     for L, H, D, n in [(300, 4, 40, 6), (1000, 2, 96, 20), (777, 3, 64, 13), (4097, 2, 128, 9), (64, 1, 16, 1)]:
         q, means = torch.randn(L, H, D, generator=g), torch.randn(n, H, D, generator=g)
@@ -109,8 +110,8 @@ def test_one_head_gates_are_the_official_einsum_bit_for_bit():
 @pytest.mark.parametrize("H", [1, 2])
 def test_ties_are_broken_as_the_authors_topk(H):
     """Key blocks 0..4 are copies of one block (equal means, equal gates, bit for bit) with different values: which
-    copies a token takes is torch.topk's tie order, which the op reproduces; the outputs then agree. One head routes
-    through the 2-d GEMM form of the gates, two through their einsum."""
+    copies a token takes is torch.topk's tie order, which the op reproduces; the outputs then agree (one head and a
+    group of two)."""
     g = torch.Generator().manual_seed(3)
     S, D, block = 64 * 8, 16, 64
     q, v = torch.randn(S, H, D, generator=g), torch.randn(S, H, D, generator=g)
