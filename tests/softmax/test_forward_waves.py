@@ -2,7 +2,8 @@
 (csrc/cpu/kernels/block_sparse_attention.cpp): a wave's tasks compute exactly what one pass over every pair
 computed, so outputs, lse and block maps equal the single-wave run bit for bit, for every feature that reads the
 panels (GQA, masks, segments, score modifiers, dropout, maps) and for bf16's per-wave choice of products. One pair
-per wave is forced with the test aid ``_C._set_wave_bytes(1)``."""
+per wave is forced with the test aid ``_C._set_wave_bytes(1)``. The fused backward packs its per-head operands
+(q, dO and their panels, lse, delta) in waves the same way (two pairs a thread a wave at least)."""
 
 import pytest
 import torch
@@ -88,3 +89,32 @@ def test_bf16_nan_in_v_falls_back_per_wave(waves):
     low = attnops.attention(q, k, v, causal=True, backend="reference")
     keep = ~nan
     assert_accurate("out", out[keep], ref[keep], low[keep])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,S,H,Hkv,D,kw", [
+    (2, 333, 6, 3, 40, dict(causal=True)),
+    (3, 129, 4, 4, 96, dict(window_size=(50, 10), softcap=15.0)),
+    (5, 150, 4, 1, 64, dict(causal=True, dropout_p=0.2, seed=3)),
+])
+def test_backward_waves_equal_one_pass(waves, dtype, B, S, H, Hkv, D, kw):
+    """The fused backward (one thread, which B * Hkv pairs fill) in waves of two pairs, the budget at one byte
+    (3-6 waves here): the gradients, through out and lse, equal the one-wave run's bit for bit."""
+    previous = waves._set_backward_mode(0)
+    try:
+        q, k, v = make_qkv(B, S, S, H, Hkv, D, dtype)
+        kw = dict(kw)
+        seed = kw.pop("seed", None)
+        dout, dlse = torch.randn_like(q), torch.randn(B, H, S)
+
+        def run():
+            qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            out, lse = attnops.attention(qq, kk, vv, return_lse=True, generator=gen, **kw)
+            return torch.autograd.grad((out.float() * dout.float()).sum() + (lse * dlse).sum(), (qq, kk, vv))
+
+        one, many = _both(waves, run)
+        _equal(tuple(one), tuple(many))
+        assert all(torch.isfinite(g).all() for g in many)
+    finally:
+        waves._set_backward_mode(previous)

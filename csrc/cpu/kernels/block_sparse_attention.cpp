@@ -495,10 +495,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // ------------------------------------------------------------------------------------------
 
 // Operands of one backward call, packed once (GEMM panels, cpu/gemm.h), plus per-row lse in base 2
-// and delta = rowsum(dO * O) - dlse, both padded to Sq_pad.
+// and delta = rowsum(dO * O) - dlse, both padded to Sq_pad. The per-head buffers hold the (b, head)
+// pairs from bh0 on: all of them, or a wave's (the fused pass's waves).
 template <typename T>
 struct BwdOperands {
-  int64_t Sq_pad, Sk_pad;
+  int64_t Sq_pad, Sk_pad, bh0 = 0;
   T *qt = nullptr, *dot = nullptr, *dor = nullptr, *qs = nullptr;  // per (b, head): (c q)^T, dO^T (D x Sq_pad),
                                                                     // dO, (scale q) (Sq x Dp)
   T *kt = nullptr, *vt = nullptr, *kr = nullptr;  // per (b, kv head), two-pass only: K^T, V^T (D x Sk_pad), K (Sk x Dp)
@@ -569,9 +570,9 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
   std::fill(ws.dv.begin(), ws.dv.end(), GradAcc(0));
   const int64_t lut_row = tlut.present() ? c0 / tlut.row_block : 0;
   for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-    const int64_t bh = b * p.H + h;
-    const T* l2 = ops.lse2 + bh * ops.Sq_pad;
-    const T* dl = ops.delta + bh * ops.Sq_pad;
+    const int64_t bh = b * p.H + h, slot = bh - ops.bh0;
+    const T* l2 = ops.lse2 + slot * ops.Sq_pad;
+    const T* dl = ops.delta + slot * ops.Sq_pad;
     const int64_t g = h - hk * p.group;
     const T slope2 = mods.slope2(b, h);
     for_each_segment(tlut, b, h, lut_row, pred.query_lo(b, c0), pred.query_hi(b, c1 - 1), p.Sq, [&](int64_t a, int64_t e) {
@@ -586,7 +587,7 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         if (!any) continue;
         if (drop.on())
           for (int64_t i = 0; i < n; ++i) ws.drop_rows[i] = drop.row_key(bh, t0 + i);
-        const int64_t panel = bh * ops.Sq_pad * p.D + t0 * p.D;
+        const int64_t panel = slot * ops.Sq_pad * p.D + t0 * p.D;
         // Only keys [ja, ja + nk) see a query of this tile (as live_rows in the forward): the products skip
         // the others, whose rows of S^T / dS^T are then never read.
         const RowRange live = live_rows(ws.spans.data(), keys);
@@ -639,7 +640,7 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
           zero_outside(s, ws.spans[j], n);
           zero_outside(ds, ws.spans[j], n);
         }
-        const int64_t rows_at = bh * p.Dp * p.Sq + t0 * NR;
+        const int64_t rows_at = slot * p.Dp * p.Sq + t0 * NR;
         T* partial = ws.partial.data();
         const T* s_live = ws.s.data() + ja * kTileQBwd;
         const T* ds_live = ws.dp.data() + ja * kTileQBwd;
@@ -686,19 +687,12 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
   }
 }
 
-// Allocates and fills the backward's packed operands: (c q)^T, dO^T, dO and (scale q) per (b, head), the
-// per-row lse in base 2 and delta = rowsum(dO * O) - dlse; with `two_pass`, also K^T, V^T and K per
-// (b, kv head) for the dq pass.
+// The backward's per-head operand buffers for `heads` (b, head) pairs, their padding set: (c q)^T, dO^T,
+// dO and (scale q), the per-row lse in base 2 and delta = rowsum(dO * O) - dlse.
 template <typename S>
-BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Tensor& q, const at::Tensor& k,
-                                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& dout,
-                                                 const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
-                                                 double softmax_scale, bool two_pass) {
+BwdOperands<compute_t<S>> alloc_head_operands(const Problem& p, const at::Tensor& q, int64_t heads) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
-  const T scale = static_cast<T>(softmax_scale);
-  const T c = static_cast<T>(softmax_scale * kLog2e);
-  const T inf = std::numeric_limits<T>::infinity();
   BwdOperands<T> ops;
   ops.Sq_pad = round_up(p.Sq, NR);
   ops.Sk_pad = round_up(p.Sk, NR);
@@ -707,55 +701,90 @@ BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Ten
     ops.storage.push_back(zeroed ? at::zeros({n}, opts) : at::empty({n}, opts));
     return ops.storage.back().template data_ptr<T>();
   };
-  ops.qt = buffer(p.B * p.H * ops.Sq_pad * p.D, false);
-  ops.dot = buffer(p.B * p.H * ops.Sq_pad * p.D, false);
-  zero_padding_panels<NR>(ops.qt, p.B * p.H, p.Sq, p.D);
-  zero_padding_panels<NR>(ops.dot, p.B * p.H, p.Sq, p.D);
-  ops.dor = buffer(p.B * p.H * p.Dp * p.Sq, false);
-  ops.qs = buffer(p.B * p.H * p.Dp * p.Sq, false);
-  ops.lse2 = buffer(p.B * p.H * ops.Sq_pad, false);
-  ops.delta = buffer(p.B * p.H * ops.Sq_pad, true);
-  std::fill(ops.lse2, ops.lse2 + p.B * p.H * ops.Sq_pad, inf);  // padding: P = exp2(s - inf) = 0
+  ops.qt = buffer(heads * ops.Sq_pad * p.D, false);
+  ops.dot = buffer(heads * ops.Sq_pad * p.D, false);
+  zero_padding_panels<NR>(ops.qt, heads, p.Sq, p.D);
+  zero_padding_panels<NR>(ops.dot, heads, p.Sq, p.D);
+  ops.dor = buffer(heads * p.Dp * p.Sq, false);
+  ops.qs = buffer(heads * p.Dp * p.Sq, false);
+  ops.lse2 = buffer(heads * ops.Sq_pad, false);
+  ops.delta = buffer(heads * ops.Sq_pad, true);
+  std::fill(ops.lse2, ops.lse2 + heads * ops.Sq_pad, std::numeric_limits<T>::infinity());  // padding: P = 0
+  return ops;
+}
 
+// Packs the (b, head) pairs [bh0, bh1) into the per-head buffers (ops.bh0 = bh0); only rows < Sq are
+// written, so the padding alloc_head_operands set stays. dlse: contiguous, lse's dtype, or undefined.
+template <typename S>
+void fill_head_operands(BwdOperands<compute_t<S>>& ops, const Problem& p, const at::Tensor& q, const at::Tensor& out,
+                        const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& dlse, double softmax_scale,
+                        int64_t bh0, int64_t bh1) {
+  using T = compute_t<S>;
+  constexpr int64_t NR = kGemmN<T>;
+  const T scale = static_cast<T>(softmax_scale);
+  const T c = static_cast<T>(softmax_scale * kLog2e);
+  const T inf = std::numeric_limits<T>::infinity();
+  ops.bh0 = bh0;
   const S *qp = q.data_ptr<S>(), *op = out.data_ptr<S>(), *dop = dout.data_ptr<S>();
   const auto* lsep = lse.data_ptr<compute_t<S>>();
-  at::Tensor dlse_c;
-  if (dlse.has_value() && dlse->defined()) dlse_c = dlse->to(lse.scalar_type()).contiguous();
-  const auto* dlse_p = dlse_c.defined() ? dlse_c.data_ptr<compute_t<S>>() : nullptr;
+  const auto* dlse_p = dlse.defined() ? dlse.data_ptr<compute_t<S>>() : nullptr;
   const int64_t so_b = out.stride(0), so_s = out.stride(1), so_h = out.stride(2);
   const int64_t sd_b = dout.stride(0), sd_s = dout.stride(1), sd_h = dout.stride(2);
   constexpr int64_t kPackRows = 256;
   const int64_t qchunks = (p.Sq + kPackRows - 1) / kPackRows;
-  at::parallel_for(0, p.B * p.H * qchunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (bh1 - bh0) * qchunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / qchunks, r0 = (t % qchunks) * kPackRows, r1 = std::min(r0 + kPackRows, p.Sq);
+      const int64_t slot = t / qchunks, bh = bh0 + slot, r0 = (t % qchunks) * kPackRows;
+      const int64_t r1 = std::min(r0 + kPackRows, p.Sq);
       const int64_t b = bh / p.H, h = bh % p.H;
       const S* qsrc = qp + b * p.sq_b + h * p.sq_h;
       const S* dsrc = dop + b * sd_b + h * sd_h;
-      pack_transposed_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, c, ops.qt + bh * ops.Sq_pad * p.D);
-      pack_transposed_panels<NR>(dsrc, sd_s, r0, r1, p.D, T(1), ops.dot + bh * ops.Sq_pad * p.D);
-      pack_row_panels<NR>(dsrc, sd_s, r0, r1, p.D, p.Dp, p.Sq, T(1), ops.dor + bh * p.Dp * p.Sq);
-      pack_row_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, p.Dp, p.Sq, scale, ops.qs + bh * p.Dp * p.Sq);
+      pack_transposed_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, c, ops.qt + slot * ops.Sq_pad * p.D);
+      pack_transposed_panels<NR>(dsrc, sd_s, r0, r1, p.D, T(1), ops.dot + slot * ops.Sq_pad * p.D);
+      pack_row_panels<NR>(dsrc, sd_s, r0, r1, p.D, p.Dp, p.Sq, T(1), ops.dor + slot * p.Dp * p.Sq);
+      pack_row_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, p.Dp, p.Sq, scale, ops.qs + slot * p.Dp * p.Sq);
       for (int64_t r = r0; r < r1; ++r) {
         const T l = static_cast<T>(lsep[bh * p.Sq + r]);
         // Rows that attend to nothing (lse = -inf) must give P = 0: exp2(s - inf).
-        ops.lse2[bh * ops.Sq_pad + r] = l == -inf ? inf : l * static_cast<T>(kLog2e);
+        ops.lse2[slot * ops.Sq_pad + r] = l == -inf ? inf : l * static_cast<T>(kLog2e);
         const S* orow = op + b * so_b + r * so_s + h * so_h;
         const S* drow = dsrc + r * sd_s;
         T acc = 0;
         for (int64_t d = 0; d < p.D; ++d) acc += static_cast<T>(orow[d]) * static_cast<T>(drow[d]);
         if (dlse_p) acc -= static_cast<T>(dlse_p[bh * p.Sq + r]);
-        ops.delta[bh * ops.Sq_pad + r] = acc;
+        ops.delta[slot * ops.Sq_pad + r] = acc;
       }
     }
   });
+}
+
+// dlse as fill_head_operands reads it: contiguous in lse's dtype, or undefined.
+inline at::Tensor dlse_operand(const at::Tensor& lse, const c10::optional<at::Tensor>& dlse) {
+  return dlse.has_value() && dlse->defined() ? dlse->to(lse.scalar_type()).contiguous() : at::Tensor();
+}
+
+// Every (b, head)'s operands; with `two_pass`, also K^T, V^T and K per (b, kv head) for the dq pass.
+template <typename S>
+BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& dout,
+                                                 const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
+                                                 double softmax_scale, bool two_pass) {
+  using T = compute_t<S>;
+  constexpr int64_t NR = kGemmN<T>;
+  BwdOperands<T> ops = alloc_head_operands<S>(p, q, p.B * p.H);
+  fill_head_operands<S>(ops, p, q, out, dout, lse, dlse_operand(lse, dlse), softmax_scale, 0, p.B * p.H);
+  auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
+  auto buffer = [&](int64_t n) {
+    ops.storage.push_back(at::empty({n}, opts));
+    return ops.storage.back().template data_ptr<T>();
+  };
   if (!two_pass) return ops;
 
-  ops.kt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, false);
-  ops.vt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D, false);
+  ops.kt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D);
+  ops.vt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D);
   zero_padding_panels<NR>(ops.kt, p.B * p.Hkv, p.Sk, p.D);
   zero_padding_panels<NR>(ops.vt, p.B * p.Hkv, p.Sk, p.D);
-  ops.kr = buffer(p.B * p.Hkv * p.Dp * p.Sk, false);
+  ops.kr = buffer(p.B * p.Hkv * p.Dp * p.Sk);
   const S *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
   constexpr int64_t kPackKeys = 256;
   const int64_t kchunks = (p.Sk + kPackKeys - 1) / kPackKeys;
@@ -790,8 +819,8 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
   pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
   pack_rows(dop + b * sd_b + h * sd_h + r0 * sd_s, sd_s, 0, rows, p.D, T(1), ws.dout.data(), p.D);
   std::fill(ws.acc.begin(), ws.acc.end(), GradAcc(0));
-  const T* l2 = ops.lse2 + bh * ops.Sq_pad + r0;
-  const T* dl = ops.delta + bh * ops.Sq_pad + r0;
+  const T* l2 = ops.lse2 + (bh - ops.bh0) * ops.Sq_pad + r0;
+  const T* dl = ops.delta + (bh - ops.bh0) * ops.Sq_pad + r0;
   const T slope2 = mods.slope2(b, h);
   for_each_key_tile<NR>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
     const int64_t panel = bhk * ops.Sk_pad * p.D + t0 * p.D;
@@ -925,7 +954,10 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
     const int64_t unsplit = std::min(threads, pairs) * p.group * p.Sq * p.Dp * int64_t(sizeof(GradAcc));
     if (mode == 0 && bytes > std::max<int64_t>(int64_t(256) << 20, 2 * unsplit)) fused = false;
   }
-  const BwdOperands<T> ops = pack_backward_operands<S>(p, q, k, v, out, dout, lse, dlse, softmax_scale, !fused);
+  // the unsplit fused pass packs its operands in waves (below); the other forms read every head's
+  const bool waves = fused && chunks == 1;
+  const BwdOperands<T> ops =
+      waves ? BwdOperands<T>{} : pack_backward_operands<S>(p, q, k, v, out, dout, lse, dlse, softmax_scale, !fused);
 
   const S *qp = q.data_ptr<S>(), *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
   S* dqp = dq.data_ptr<S>();
@@ -934,28 +966,42 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   T* dbp = dbias.numel() > 0 ? dbias.data_ptr<T>() : nullptr;  // (B, H, Sq, Sk), zeros where no pair is visited
   const T scale = static_cast<T>(softmax_scale);
 
-  if (fused && chunks == 1) {
-    run_tasks(
-        pairs,
-        [&](int64_t t) {
-          int64_t queries = 0;
-          for (int64_t kt = 0; kt < k_tiles; ++kt)
-            queries += tile_queries(t / p.Hkv, t % p.Hkv, kt * TK, std::min((kt + 1) * TK, p.Sk));
-          return queries;
-        },
-        [&] { return KeyTileScratch<T>(p.D, p.Dp, p.group * p.Sq, mods.softcap(), bias.present()); },
-        [&](int64_t t, KeyTileScratch<T>& ws) {
-          const int64_t b = t / p.Hkv, hk = t % p.Hkv;
-          std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
-          const DqRows rows{ws.dq.data(), 0, p.Sq};
-          for (int64_t kt = 0; kt < k_tiles; ++kt)
-            key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, kt * TK,
-                              std::min((kt + 1) * TK, p.Sk), rows, exact, ws, dkp, dvp);
-          for (int64_t g = 0; g < p.group; ++g)
-            for (int64_t r = 0; r < p.Sq; ++r)
-              store_row(ws.dq.data() + (g * p.Sq + r) * p.Dp, p.D, scale,
-                        dqp + ((b * p.Sq + r) * p.H + hk * p.group + g) * p.D);
-        });
+  if (waves) {
+    // Waves of (b, kv head) pairs, as in the forward: each wave packs its heads' operands into one buffer that
+    // the next reuses, instead of every head's at once (at 32K, H = 8, D = 64: 268 MB mapped and faulted in
+    // afresh on every call). At least 2 pairs a thread a wave, so that the costliest-first order still has
+    // tasks to balance; a task computes what it computes in one wave, bit for bit.
+    const int64_t Sq_pad = round_up(p.Sq, kGemmN<T>);
+    const int64_t pair_bytes = p.group * (2 * Sq_pad * p.D + 2 * p.Dp * p.Sq + 2 * Sq_pad) * int64_t(sizeof(T));
+    const int64_t wave =
+        std::min(pairs, std::max<int64_t>(2 * threads, forward_wave_bytes() / std::max<int64_t>(pair_bytes, 1)));
+    BwdOperands<T> wops = alloc_head_operands<S>(p, q, wave * p.group);
+    const at::Tensor dlse_c = dlse_operand(lse, dlse);
+    for (int64_t g0 = 0; g0 < pairs; g0 += wave) {
+      const int64_t g1 = std::min(g0 + wave, pairs);
+      fill_head_operands<S>(wops, p, q, out, dout, lse, dlse_c, softmax_scale, g0 * p.group, g1 * p.group);
+      run_tasks(
+          g1 - g0,
+          [&](int64_t t) {
+            int64_t queries = 0;
+            for (int64_t kt = 0; kt < k_tiles; ++kt)
+              queries += tile_queries((g0 + t) / p.Hkv, (g0 + t) % p.Hkv, kt * TK, std::min((kt + 1) * TK, p.Sk));
+            return queries;
+          },
+          [&] { return KeyTileScratch<T>(p.D, p.Dp, p.group * p.Sq, mods.softcap(), bias.present()); },
+          [&](int64_t t, KeyTileScratch<T>& ws) {
+            const int64_t b = (g0 + t) / p.Hkv, hk = (g0 + t) % p.Hkv;
+            std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
+            const DqRows rows{ws.dq.data(), 0, p.Sq};
+            for (int64_t kt = 0; kt < k_tiles; ++kt)
+              key_tile_backward(p, wops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, kt * TK,
+                                std::min((kt + 1) * TK, p.Sk), rows, exact, ws, dkp, dvp);
+            for (int64_t g = 0; g < p.group; ++g)
+              for (int64_t r = 0; r < p.Sq; ++r)
+                store_row(ws.dq.data() + (g * p.Sq + r) * p.Dp, p.D, scale,
+                          dqp + ((b * p.Sq + r) * p.H + hk * p.group + g) * p.D);
+          });
+    }
     return;
   }
   if (fused) {
