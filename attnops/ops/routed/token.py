@@ -194,7 +194,10 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
     pair_rows = T * group * max(topk - 1, 1)  # one kv head's pair rows, at most
     pair_bytes = pair_rows * max(D, v.shape[-1]) * q.element_size()
     step = max(1, _GROUP_PAIR_BYTES // max(pair_bytes, 1))
-    kv_groups = [(h0, min(h0 + step, Hkv)) for h0 in range(0, Hkv, step)]
+    # (first kv head, q / k / v views) per group, from one split each: with autograd, split's backward concatenates
+    # the groups' gradients once, where a slice per use builds a zero-filled gradient of the whole tensor per slice
+    # and adds them (48 full-size fills and adds at 32K, H = 8: ~60% of the backward's time)
+    kv_groups = list(zip(range(0, Hkv, step), q.split(step * group, 1), k.split(step, 1), v.split(step, 1)))
 
     def self_pass(qg, kg, vg, heads: slice) -> Tuple[torch.Tensor, torch.Tensor]:  # (T, Hg, Dv), (Hg, T)
         out, lse = bounded_attention(qg[None], kg[None], vg[None], own_bounds,
@@ -214,17 +217,13 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
         # the calls below draw them in the same order with or without autograd (same seed, same masks).
         out, lse = (t.to(work).contiguous() for t in self_pass(q, k, v, slice(0, H)))
         rows = q.new_empty(pair_rows * min(step, Hkv), D)
-        for h0, h1 in kv_groups:
-            heads = slice(h0 * group, h1 * group)
-            _merge_into(out, lse, heads, *pair_pass(q[:, heads], k[:, h0:h1], v[:, h0:h1], rows))
+        for h0, qg, kg, vg in kv_groups:
+            _merge_into(out, lse, slice(h0 * group, h0 * group + qg.shape[1]), *pair_pass(qg, kg, vg, rows))
         return out.to(q.dtype), lse
     # with autograd every group runs its own self pass too: the backward of one over every head would pack every
-    # head's panels and gradient partials at once (at 32K, H = 8: +27% on forward + backward). The groups' views
-    # come from one split each of q, k and v: its backward concatenates the groups' gradients once, where a slice
-    # per use builds a zero-filled gradient of the whole tensor per slice and adds them (48 full-size fills and
-    # adds at 32K, H = 8: ~60% of the backward's time).
+    # head's panels and gradient partials at once (at 32K, H = 8: +27% on forward + backward)
     outs, lses = [], []
-    for h0, qg, kg, vg in zip(range(0, Hkv, step), q.split(step * group, 1), k.split(step, 1), v.split(step, 1)):
+    for h0, qg, kg, vg in kv_groups:
         own_out, own_lse = self_pass(qg, kg, vg, slice(h0 * group, h0 * group + qg.shape[1]))
         rows = own_out.shape[0] * own_out.shape[1]
         out, lse = merge_rows(own_out.reshape(rows, -1), own_lse.transpose(0, 1).reshape(rows),

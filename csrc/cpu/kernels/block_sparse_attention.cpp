@@ -687,6 +687,12 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
   }
 }
 
+// Elements of one (b, head)'s operands in alloc_head_operands' buffers (q and dO as transposed and as row
+// panels, lse and delta), Sq_pad = Sq rounded up to the panel width.
+inline int64_t head_operand_elems(const Problem& p, int64_t Sq_pad) {
+  return 2 * Sq_pad * p.D + 2 * p.Dp * p.Sq + 2 * Sq_pad;
+}
+
 // The backward's per-head operand buffers for `heads` (b, head) pairs, their padding set: (c q)^T, dO^T,
 // dO and (scale q), the per-row lse in base 2 and delta = rowsum(dO * O) - dlse.
 template <typename S>
@@ -972,7 +978,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
     // afresh on every call). At least 2 pairs a thread a wave, so that the costliest-first order still has
     // tasks to balance; a task computes what it computes in one wave, bit for bit.
     const int64_t Sq_pad = round_up(p.Sq, kGemmN<T>);
-    const int64_t pair_bytes = p.group * (2 * Sq_pad * p.D + 2 * p.Dp * p.Sq + 2 * Sq_pad) * int64_t(sizeof(T));
+    const int64_t pair_bytes = p.group * head_operand_elems(p, Sq_pad) * int64_t(sizeof(T));
     const int64_t wave =
         std::min(pairs, std::max<int64_t>(2 * threads, forward_wave_bytes() / std::max<int64_t>(pair_bytes, 1)));
     BwdOperands<T> wops = alloc_head_operands<S>(p, q, wave * p.group);
