@@ -5,9 +5,12 @@
 // schema fails when the extension loads.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "cpu/isa.h"
 #include "ops.h"
@@ -23,6 +26,84 @@ std::atomic<int64_t> g_wave_bytes{int64_t(16) << 20};
 int64_t forward_wave_bytes() { return g_wave_bytes.load(std::memory_order_relaxed); }
 
 bool poison_outputs() { return g_poison_outputs.load(std::memory_order_relaxed); }
+
+namespace {
+// The workspace cache: idle buffers, their total at most g_cache_bytes. Never destroyed (a static
+// at::Tensor would be freed after the allocator it came from may be gone at exit); the OS takes it back.
+struct WorkspaceCache {
+  std::mutex mutex;
+  std::vector<at::Tensor> idle;
+};
+WorkspaceCache& workspace_cache() {
+  static auto* cache = new WorkspaceCache();
+  return *cache;
+}
+int64_t cache_bytes_default() {
+  const char* env = std::getenv("ATTNOPS_CPU_WORKSPACE_MB");
+  if (env == nullptr || env[0] == '\0') return int64_t(64) << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && mb >= 0, "ATTNOPS_CPU_WORKSPACE_MB must be a whole number >= 0, got '",
+              env, "'");
+  return int64_t(mb) << 20;
+}
+std::atomic<int64_t> g_cache_bytes{-1};  // -1: not read from the environment yet (a bad value raises in the op)
+
+// Drops the smallest idle buffers until the rest fit `limit` (the cache's mutex held).
+void trim_idle(std::vector<at::Tensor>& idle, int64_t limit) {
+  auto total = [&] {
+    int64_t n = 0;
+    for (const auto& t : idle) n += t.nbytes();
+    return n;
+  };
+  while (!idle.empty() && total() > limit) {
+    auto smallest = std::min_element(idle.begin(), idle.end(),
+                                     [](const at::Tensor& a, const at::Tensor& b) { return a.nbytes() < b.nbytes(); });
+    idle.erase(smallest);
+  }
+}
+}  // namespace
+
+int64_t workspace_cache_bytes() {
+  int64_t bytes = g_cache_bytes.load(std::memory_order_relaxed);
+  if (bytes < 0) {
+    const int64_t from_env = cache_bytes_default();
+    g_cache_bytes.compare_exchange_strong(bytes, from_env);
+    bytes = g_cache_bytes.load(std::memory_order_relaxed);
+  }
+  return bytes;
+}
+
+void* Workspace::take(int64_t bytes) {
+  TORCH_CHECK(!buffer_.defined(), "attnops: a Workspace is taken once");
+  workspace_cache_bytes();  // reads ATTNOPS_CPU_WORKSPACE_MB on first use: a bad value raises here
+  bytes = std::max<int64_t>(bytes, 1);
+  {
+    auto& cache = workspace_cache();
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    auto best = cache.idle.end();  // the smallest idle buffer that is large enough
+    for (auto it = cache.idle.begin(); it != cache.idle.end(); ++it)
+      if (static_cast<int64_t>(it->nbytes()) >= bytes && (best == cache.idle.end() || it->nbytes() < best->nbytes()))
+        best = it;
+    if (best != cache.idle.end()) {
+      buffer_ = std::move(*best);
+      cache.idle.erase(best);
+    }
+  }
+  if (!buffer_.defined()) buffer_ = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  if (poison_outputs()) buffer_.fill_(0xFF);
+  return buffer_.data_ptr();
+}
+
+Workspace::~Workspace() {
+  if (!buffer_.defined()) return;
+  const int64_t limit = workspace_cache_bytes();
+  if (static_cast<int64_t>(buffer_.nbytes()) > limit) return;  // freed with buffer_
+  auto& cache = workspace_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.idle.push_back(std::move(buffer_));
+  trim_idle(cache.idle, limit);
+}
 
 bool deterministic_schedule() {
   if (at::globalContext().deterministicAlgorithms()) return true;
@@ -71,6 +152,29 @@ PYBIND11_MODULE(_C, m) {
       },
       "CPU forward: K / V panel bytes per wave of (batch, kv head) pairs (test aid: 1 runs one pair per wave); "
       "returns the previous setting.");
+  m.def(
+      "_set_workspace_cache_bytes",
+      [](int64_t bytes) {
+        TORCH_CHECK(bytes >= 0, "workspace cache bytes must be >= 0");
+        const int64_t previous = attnops::workspace_cache_bytes();
+        attnops::g_cache_bytes.store(bytes);
+        auto& cache = attnops::workspace_cache();
+        std::lock_guard<std::mutex> lock(cache.mutex);
+        attnops::trim_idle(cache.idle, bytes);
+        return previous;
+      },
+      "The most bytes of CPU kernel scratch kept between calls (default 64 MiB; 0 frees and disables the cache); "
+      "returns the previous setting.");
+  m.def(
+      "_workspace_cached_bytes",
+      [] {
+        auto& cache = attnops::workspace_cache();
+        std::lock_guard<std::mutex> lock(cache.mutex);
+        int64_t n = 0;
+        for (const auto& t : cache.idle) n += t.nbytes();
+        return n;
+      },
+      "Bytes of CPU kernel scratch the workspace cache holds now.");
   m.def(
       "_cpu_isa", [] { return std::string(attnops::cpu::active_kernels().name); },
       "The ISA level the CPU kernels run at (generic, avx2, avx512): the best this CPU supports, or "

@@ -27,6 +27,30 @@ bool bf16_dot();
 // K / V panel bytes one wave of the CPU forward packs (cpu/kernels/block_sparse_attention.cpp); test aid to shrink it.
 int64_t forward_wave_bytes();
 
+// Scratch that outlives a call. The CPU kernels' largest temporaries (the forward's packed K / V panels, 16 MiB
+// a wave) were allocated per call; glibc maps buffers that large afresh or trims them off its heap when they
+// are freed, so every call paid their first-touch page faults (~4K of them a 16 MiB buffer, ~3 us each on the
+// VMs the README measures). A Workspace takes a buffer of at least `bytes` from a small cache that ops.cpp keeps
+// between calls (at most workspace_cache_bytes() in all, 64 MiB by default; 0 turns the cache off) and gives it
+// back when it goes out of scope. With poison_outputs() on, a taken buffer is filled with 0xFF bytes (NaN,
+// -1), so a kernel that reads scratch it did not write in this call fails its tests.
+// (Not a template, and no std::optional of it in the kernels: their units are compiled once per ISA level, and a
+// template instantiated in each would be one symbol with several bodies.)
+class Workspace {
+ public:
+  Workspace() = default;
+  ~Workspace();
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  // A buffer of at least `bytes` (64-byte aligned), held until the Workspace is destroyed; once per Workspace.
+  void* take(int64_t bytes);
+  bool taken() const { return buffer_.defined(); }
+
+ private:
+  at::Tensor buffer_;
+};
+int64_t workspace_cache_bytes();
+
 // Integer outputs (block LUTs) get -1, which no valid LUT entry or count holds.
 inline at::Tensor maybe_poison(at::Tensor t) {
   if (poison_outputs()) {

@@ -104,6 +104,15 @@ def set_cpu_isa(level: str) -> str:
     return _C._set_cpu_isa(level)
 
 
+def set_cpu_workspace_cache(nbytes: int) -> int:
+    """The most bytes of scratch the C++ kernels keep between calls (their packed K / V panels, which a fresh
+    allocation would map and fault in again on every call); default 64 MiB, ``ATTNOPS_CPU_WORKSPACE_MB`` sets it
+    for a process. 0 frees what is kept and keeps nothing. Returns the previous setting."""
+    if not EXTENSION:
+        raise RuntimeError(EXTENSION_REASON)
+    return _C._set_workspace_cache_bytes(int(nbytes))
+
+
 def set_poison_outputs(enable: bool) -> bool:
     """Test aid: C++ kernels fill outputs with NaN at allocation. Returns the previous setting."""
     return _C._set_poison_outputs(enable) if EXTENSION else False

@@ -11,6 +11,7 @@
 #pragma once
 
 #include "cpu/gemm.h"
+#include "cpu/pack.h"
 
 #if ATTNOPS_X86_SIMD && ATTNOPS_VEC_BYTES == 64
 #define ATTNOPS_BF16_DOT 1
@@ -25,16 +26,20 @@ namespace attnops::cpu::ATTNOPS_ISA {
 inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
 // B = src^T in word panels (K^T of a key range): word (d2, r) pairs src[r, 2 d2] and src[r, 2 d2 + 1]
-// (0 past D). Rows [r0, r1) start on a panel boundary; dst is zeroed by the caller.
+// (0 past D). Rows [r0, r1) start on a panel boundary; `last`: r1 is the matrix's end, and the columns of the
+// last panel past it are zeroed (every other word is written).
 template <int NR>
 inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t D,
-                                  uint32_t* dst) {
+                                  uint32_t* dst, bool last = false) {
   const int64_t D2 = (D + 1) / 2;
   for (int64_t p0 = r0; p0 < r1; p0 += NR) {
     uint32_t* panel = dst + (p0 / NR) * D2 * NR;
     const int64_t n = std::min<int64_t>(NR, r1 - p0);
+    if (last && n < NR)
+      for (int64_t d2 = 0; d2 < D2; ++d2) std::fill(panel + d2 * NR + n, panel + (d2 + 1) * NR, uint32_t(0));
     for (int64_t r = 0; r < n; ++r) {
       const c10::BFloat16* row = src + (p0 + r) * stride;
+      if (p0 + r + kPrefetchRows < r1) prefetch_row(row + kPrefetchRows * stride, D);
       for (int64_t d2 = 0; d2 < D2; ++d2)
         panel[d2 * NR + r] = bf16_pair(row[2 * d2].x, 2 * d2 + 1 < D ? row[2 * d2 + 1].x : uint16_t(0));
     }
@@ -52,6 +57,10 @@ inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0,
   for (int64_t r = r0; r < r1; r += 2) {
     const c10::BFloat16* lo = src + r * stride;
     const c10::BFloat16* hi = r + 1 < Sk ? lo + stride : nullptr;
+    if (r + kPrefetchRows + 1 < r1) {
+      prefetch_row(lo + kPrefetchRows * stride, D);
+      prefetch_row(lo + (kPrefetchRows + 1) * stride, D);
+    }
     for (int64_t d = 0; d < Dp; ++d) {
       const uint16_t a = d < D ? lo[d].x : uint16_t(0), b = d < D && hi ? hi[d].x : uint16_t(0);
       special |= uint32_t((a & 0x7f80) == 0x7f80) | uint32_t((b & 0x7f80) == 0x7f80);

@@ -29,14 +29,6 @@ inline const T* compute_row(const S* src, int64_t D, T* buf) {
   }
 }
 
-// Prefetch a whole row: one request per cache line (the hardware fetches one line per miss, and
-// gathered or far-apart rows give its stream detector nothing to follow).
-template <int Locality = 3, typename S>
-inline void prefetch_row(const S* p, int64_t D) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < D * int64_t(sizeof(S)); off += 64) __builtin_prefetch(c + off, 0, Locality);
-}
-
 // q . k over D elements, k in the cache's type (widened in registers); two accumulators halve the
 // FMA dependency chain.
 template <typename T, typename S>

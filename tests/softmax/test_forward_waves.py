@@ -3,7 +3,8 @@
 computed, so outputs, lse and block maps equal the single-wave run bit for bit, for every feature that reads the
 panels (GQA, masks, segments, score modifiers, dropout, maps) and for bf16's per-wave choice of products. One pair
 per wave is forced with the test aid ``_C._set_wave_bytes(1)``. The fused backward packs its per-head operands
-(q, dO and their panels, lse, delta) in waves the same way (two pairs a thread a wave at least)."""
+(q, dO and their panels, lse, delta) in waves the same way (two pairs a thread a wave at least). The forward's
+panels come from the workspace cache (csrc/ops.h), reused across calls."""
 
 import pytest
 import torch
@@ -118,3 +119,30 @@ def test_backward_waves_equal_one_pass(waves, dtype, B, S, H, Hkv, D, kw):
         assert all(torch.isfinite(g).all() for g in many)
     finally:
         waves._set_backward_mode(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_workspace_cache_reuse(dtype):
+    """The forward's K / V panels come from the workspace cache (csrc/ops.h), kept between calls up to its limit:
+    a call that reuses a larger call's dirty buffer (poisoning off: stale values, not NaN) gives the result of one
+    with fresh buffers (cache off) bit for bit, odd key counts (padded panels) included; limit 0 empties it."""
+    from attnops import _C
+
+    previous_poison = backends.set_poison_outputs(False)
+    previous = _C._set_workspace_cache_bytes(64 << 20)
+    try:
+        big = make_qkv(2, 1000, 1000, 4, 2, 96, dtype)
+        attnops.attention(*big, causal=True)  # leaves its panels in the cache
+        assert 0 < _C._workspace_cached_bytes() <= 64 << 20
+        calls = [(make_qkv(1, 333, 257, 6, 3, 40, dtype), dict(causal=True)),
+                 (make_qkv(2, 129, 131, 4, 4, 96, dtype), dict(window_size=(50, 10), softcap=15.0))]
+        reused = [attnops.attention(*qkv, return_lse=True, **kw) for qkv, kw in calls]
+        _C._set_workspace_cache_bytes(0)
+        assert _C._workspace_cached_bytes() == 0
+        fresh = [attnops.attention(*qkv, return_lse=True, **kw) for qkv, kw in calls]
+        assert _C._workspace_cached_bytes() == 0
+        for a, b in zip(reused, fresh):
+            _equal(a, b)
+    finally:
+        _C._set_workspace_cache_bytes(previous)
+        backends.set_poison_outputs(previous_poison)

@@ -320,7 +320,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // Per wave, per (b, kv head): K^T and V as bf16-pair panels (D2 x Sk_pad and Sk2 x Dp words, zero-padded) for
   // the bf16 products, checking V on the way; or as float GEMM panels (cpu/gemm.h), K^T (D x Sk_pad) and
   // V (Sk x Dp). The choice is the wave's: a wave whose V holds NaN/Inf runs the float path.
-  at::Tensor kt2_buf, v2_buf, kt_buf, v_buf;
+  // The panels live in workspaces (kept between calls: ops.h), taken when a wave first needs them; every element
+  // a product reads is written by the wave's pack (the padding included), so a reused buffer needs no clearing.
+  Workspace pairs_ws, panels_ws;
   uint32_t* kt2 = nullptr;
   uint32_t* v2 = nullptr;
   T* kt = nullptr;
@@ -330,15 +332,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     bool dot = dot_level;
     if constexpr (kDot) {
       if (dot) {
-        if (!kt2_buf.defined()) {
-          kt2_buf = at::zeros({wave, Sk_pad * D2}, q.options().dtype(at::kInt));
-          v2_buf = at::zeros({wave, p.Dp * Sk2}, q.options().dtype(at::kInt));
-          kt2 = reinterpret_cast<uint32_t*>(kt2_buf.data_ptr<int32_t>());
-          v2 = reinterpret_cast<uint32_t*>(v2_buf.data_ptr<int32_t>());
+        if (!pairs_ws.taken()) {
+          const int64_t kt2_words = round_up(wave * Sk_pad * D2, 16);  // 64-byte aligned V panels
+          kt2 = static_cast<uint32_t*>(pairs_ws.take((kt2_words + wave * p.Dp * Sk2) * int64_t(sizeof(uint32_t))));
+          v2 = kt2 + kt2_words;
         }
         std::atomic<bool> v_finite{true};
         for_pack_chunks(g0, g1, [&](int64_t slot, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
-          pack_transposed_pairs<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, kt2 + slot * Sk_pad * D2);
+          pack_transposed_pairs<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, kt2 + slot * Sk_pad * D2,
+                                    r1 == p.Sk);
           if (!pack_row_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.Sk, p.D, p.Dp,
                                   v2 + slot * p.Dp * Sk2))
             v_finite.store(false, std::memory_order_relaxed);
@@ -347,12 +349,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       }
     }
     if (!dot) {
-      if (!kt_buf.defined()) {
-        auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
-        kt_buf = at::empty({wave, Sk_pad * p.D}, opts);
-        v_buf = at::empty({wave, p.Dp * p.Sk}, opts);
-        kt = kt_buf.data_ptr<T>();
-        vb = v_buf.data_ptr<T>();
+      if (!panels_ws.taken()) {
+        const int64_t kt_elems = round_up(wave * Sk_pad * p.D, 64 / int64_t(sizeof(T)));
+        kt = static_cast<T*>(panels_ws.take((kt_elems + wave * p.Dp * p.Sk) * int64_t(sizeof(T))));
+        vb = kt + kt_elems;
         zero_padding_panels<NR>(kt, wave, p.Sk, p.D);
       }
       for_pack_chunks(g0, g1, [&](int64_t slot, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
