@@ -3,6 +3,8 @@ routing, ties included, and the same attention (forward and gradients under the 
 oracle with their selection), over block sizes that are not multiples of 64, packed sequences, GQA and every
 backend; what it refuses; and the needle case the tile routing misses."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -99,9 +101,11 @@ def test_one_head_gates_are_the_official_einsum_bit_for_bit():
     (odd lengths, head dims 40 / 96, a strided head slice; one head and groups of heads), so the selection stays
     theirs."""
     g = torch.Generator().manual_seed(12)
-    for L, H, D, n in [(300, 4, 40, 6), (1000, 2, 96, 20), (777, 3, 64, 13), (4097, 2, 128, 9), (64, 1, 16, 1)]:
-        q, means = torch.randn(L, H, D, generator=g), torch.randn(n, H, D, generator=g)
-        theirs = torch.einsum("shd,nhd->hsn", q, means)
+    for (L, H, D, n), dtype in itertools.product(
+            [(300, 4, 40, 6), (1000, 2, 96, 20), (777, 3, 64, 13), (4097, 2, 128, 9), (64, 1, 16, 1)],
+            [torch.float32, torch.bfloat16]):
+        q, means = torch.randn(L, H, D, generator=g).to(dtype), torch.randn(n, H, D, generator=g).to(dtype)
+        theirs = torch.einsum("shd,nhd->hsn", q.float(), means.float())
         for h in range(H):
             assert torch.equal(block_gates(q[:, h:h + 1], means[:, h:h + 1])[0], theirs[h]), (L, H, D, n, h)
         assert torch.equal(block_gates(q, means), theirs)
