@@ -49,21 +49,7 @@ int64_t cache_bytes_default() {
 }
 std::atomic<int64_t> g_cache_bytes{-1};  // -1: not read from the environment yet (a bad value raises in the op)
 
-// Drops the smallest idle buffers until the rest fit `limit` (the cache's mutex held).
-void trim_idle(std::vector<at::Tensor>& idle, int64_t limit) {
-  auto total = [&] {
-    int64_t n = 0;
-    for (const auto& t : idle) n += t.nbytes();
-    return n;
-  };
-  while (!idle.empty() && total() > limit) {
-    auto smallest = std::min_element(idle.begin(), idle.end(),
-                                     [](const at::Tensor& a, const at::Tensor& b) { return a.nbytes() < b.nbytes(); });
-    idle.erase(smallest);
-  }
-}
-}  // namespace
-
+// The cache's limit: ATTNOPS_CPU_WORKSPACE_MB's, read on first use, or the last _set_workspace_cache_bytes.
 int64_t workspace_cache_bytes() {
   int64_t bytes = g_cache_bytes.load(std::memory_order_relaxed);
   if (bytes < 0) {
@@ -73,6 +59,23 @@ int64_t workspace_cache_bytes() {
   }
   return bytes;
 }
+
+// Bytes the idle buffers hold (the cache's mutex held).
+int64_t idle_bytes(const std::vector<at::Tensor>& idle) {
+  int64_t n = 0;
+  for (const auto& t : idle) n += t.nbytes();
+  return n;
+}
+
+// Drops the smallest idle buffers until the rest fit `limit` (the cache's mutex held).
+void trim_idle(std::vector<at::Tensor>& idle, int64_t limit) {
+  while (!idle.empty() && idle_bytes(idle) > limit) {
+    auto smallest = std::min_element(idle.begin(), idle.end(),
+                                     [](const at::Tensor& a, const at::Tensor& b) { return a.nbytes() < b.nbytes(); });
+    idle.erase(smallest);
+  }
+}
+}  // namespace
 
 void* Workspace::take(int64_t bytes) {
   TORCH_CHECK(!buffer_.defined(), "attnops: a Workspace is taken once");
@@ -170,9 +173,7 @@ PYBIND11_MODULE(_C, m) {
       [] {
         auto& cache = attnops::workspace_cache();
         std::lock_guard<std::mutex> lock(cache.mutex);
-        int64_t n = 0;
-        for (const auto& t : cache.idle) n += t.nbytes();
-        return n;
+        return attnops::idle_bytes(cache.idle);
       },
       "Bytes of CPU kernel scratch the workspace cache holds now.");
   m.def(

@@ -31,7 +31,7 @@ int64_t forward_wave_bytes();
 // a wave) were allocated per call; glibc maps buffers that large afresh or trims them off its heap when they
 // are freed, so every call paid their first-touch page faults (~4K of them a 16 MiB buffer, ~3 us each on the
 // VMs the README measures). A Workspace takes a buffer of at least `bytes` from a small cache that ops.cpp keeps
-// between calls (at most workspace_cache_bytes() in all, 64 MiB by default; 0 turns the cache off) and gives it
+// between calls (64 MiB in all by default, ATTNOPS_CPU_WORKSPACE_MB; 0 turns the cache off) and gives it
 // back when it goes out of scope. With poison_outputs() on, a taken buffer is filled with 0xFF bytes (NaN,
 // -1), so a kernel that reads scratch it did not write in this call fails its tests.
 // (Not a template, and no std::optional of it in the kernels: their units are compiled once per ISA level, and a
@@ -49,7 +49,6 @@ class Workspace {
  private:
   at::Tensor buffer_;
 };
-int64_t workspace_cache_bytes();
 
 // Integer outputs (block LUTs) get -1, which no valid LUT entry or count holds.
 inline at::Tensor maybe_poison(at::Tensor t) {
