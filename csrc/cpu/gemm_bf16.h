@@ -1,5 +1,5 @@
 // bfloat16 tile products on AVX512-BF16 (VDPBF16PS: 32 bf16 multiplies per instruction, float
-// accumulation), for the forward of bfloat16 attention at the avx512 level on CPUs that have it
+// accumulation), for the forward and backward of bfloat16 attention at the avx512 level on CPUs that have it
 // (Zen 4/5, Cooper Lake, Sapphire Rapids and later), chosen at run time: the functions below carry
 // their own target attribute, the rest of the level does not need the extension.
 //
@@ -7,7 +7,8 @@
 // the low half), which is the layout VDPBF16PS multiplies: A rows are plain bf16 rows (padded to an
 // even length), B panels of kGemmN columns hold for each k pair a row of kGemmN words:
 // word (k2, n) at B[(n / NR) * strip + k2 * NR + n % NR]. Accumulation is float; the float path
-// (cpu/gemm.h) stays for everything else, and for calls whose V holds NaN/Inf (see the forward).
+// (cpu/gemm.h) stays for everything else, for forwards whose V holds NaN/Inf and for backwards whose q, k or
+// dO do (see the kernels).
 #pragma once
 
 #include "cpu/gemm.h"
@@ -46,6 +47,31 @@ inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int6
   }
 }
 
+#if ATTNOPS_BF16_DOT
+// One pair of rows of pack_row_pairs (below) with AVX512-BW: lo, hi (hi null past Sk) interleaved 32 columns at a
+// time by VPERMT2W into the words of a panel row. Returns whether every element is finite.
+inline bool pack_row_pair_avx512(const c10::BFloat16* lo, const c10::BFloat16* hi, int64_t D, int64_t Dp,
+                                 int64_t strip, uint32_t* dst) {
+  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  const __m512i exponent = _mm512_set1_epi16(0x7f80);
+  __mmask32 special = 0;
+  for (int64_t d = 0; d < Dp; d += 32, dst += strip) {  // a panel of 32 columns per step
+    const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : D > d ? (__mmask32(1) << (D - d)) - 1 : 0;
+    const __m512i a = _mm512_maskz_loadu_epi16(m, lo + d);
+    const __m512i b = hi ? _mm512_maskz_loadu_epi16(m, hi + d) : _mm512_setzero_si512();
+    special |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(a, exponent), exponent) |
+               _mm512_cmpeq_epi16_mask(_mm512_and_si512(b, exponent), exponent);
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, low, b));
+    _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(a, high, b));
+  }
+  return special == 0;
+}
+#endif
+
 // B = src in word panels over its rows (V of a key range): word (j2, d) pairs src[2 j2, d] and
 // src[2 j2 + 1, d] (0 past Sk and past D); strip = ceil(Sk / 2) * NR. Rows [r0, r1) start even.
 // Returns whether every element packed is finite (an all-ones bf16 exponent is Inf or NaN).
@@ -53,6 +79,20 @@ template <int NR>
 inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t Sk, int64_t D,
                            int64_t Dp, uint32_t* dst) {
   const int64_t strip = (Sk + 1) / 2 * NR;
+#if ATTNOPS_BF16_DOT
+  if constexpr (NR == 32) {
+    bool finite = true;
+    for (int64_t r = r0; r < r1; r += 2) {
+      const c10::BFloat16* lo = src + r * stride;
+      if (r + kPrefetchRows + 1 < r1) {
+        prefetch_row(lo + kPrefetchRows * stride, D);
+        prefetch_row(lo + (kPrefetchRows + 1) * stride, D);
+      }
+      finite &= pack_row_pair_avx512(lo, r + 1 < Sk ? lo + stride : nullptr, D, Dp, strip, dst + (r / 2) * NR);
+    }
+    return finite;
+  }
+#endif
   uint32_t special = 0;
   for (int64_t r = r0; r < r1; r += 2) {
     const c10::BFloat16* lo = src + r * stride;
@@ -73,7 +113,8 @@ inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0,
 #if ATTNOPS_BF16_DOT
 
 // C (MR x 2 vectors) (+)= A B over K2 word pairs, then C *= out_scale (scores: the softmax scale).
-template <int MR>
+// TransA: A given by columns, word (m, k2) at A[k2 * lda2 + m] (the backward's dS, made from dS^T).
+template <int MR, bool TransA = false>
 ATTNOPS_BF16_TARGET inline void gemm_tile_bf16(int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B,
                                                 float* C, int64_t ldc, bool accumulate, const float* c_scale,
                                                 float out_scale) {
@@ -92,7 +133,7 @@ ATTNOPS_BF16_TARGET inline void gemm_tile_bf16(int64_t K2, const uint32_t* A, in
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + k2 * 32);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + k2 * 32 + 16);
     for (int r = 0; r < MR; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A[r * lda2 + k2]));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(TransA ? A[k2 * lda2 + r] : A[r * lda2 + k2]));
       c0[r] = _mm512_dpbf16_ps(c0[r], a, b0);
       c1[r] = _mm512_dpbf16_ps(c1[r], a, b1);
     }
@@ -105,21 +146,23 @@ ATTNOPS_BF16_TARGET inline void gemm_tile_bf16(int64_t K2, const uint32_t* A, in
 }
 
 // C (M x N) (+)= A (M x 2 K2 bf16, row stride lda2 words) B (word panels, `strip` words apart),
-// N a multiple of 32 (kGemmN<float> at this level).
+// N a multiple of 32 (kGemmN<float> at this level). TransA: as gemm_tile_bf16.
+template <bool TransA = false>
 ATTNOPS_BF16_TARGET inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2,
                                           const uint32_t* B, int64_t strip, float* C, int64_t ldc, bool accumulate,
                                           const float* c_scale = nullptr, float out_scale = 1.0f) {
   constexpr int NR = 32, MR = 8;
   static_assert(kGemmN<float> == NR, "the bf16 panels have the float panels' width");
+  auto a_rows = [&](int64_t m) { return TransA ? A + m : A + m * lda2; };
   for (int64_t n = 0; n < N; n += NR) {
     const uint32_t* Bn = B + (n / NR) * strip;
     int64_t m = 0;
     for (; m + MR <= M; m += MR)
-      gemm_tile_bf16<MR>(K2, A + m * lda2, lda2, Bn, C + m * ldc + n, ldc, accumulate, c_scale ? c_scale + m : nullptr,
-                         out_scale);
+      gemm_tile_bf16<MR, TransA>(K2, a_rows(m), lda2, Bn, C + m * ldc + n, ldc, accumulate,
+                                 c_scale ? c_scale + m : nullptr, out_scale);
     for (; m < M; ++m)
-      gemm_tile_bf16<1>(K2, A + m * lda2, lda2, Bn, C + m * ldc + n, ldc, accumulate, c_scale ? c_scale + m : nullptr,
-                        out_scale);
+      gemm_tile_bf16<1, TransA>(K2, a_rows(m), lda2, Bn, C + m * ldc + n, ldc, accumulate,
+                                c_scale ? c_scale + m : nullptr, out_scale);
   }
 }
 
@@ -132,17 +175,34 @@ ATTNOPS_BF16_TARGET inline void to_bf16_pairs(const float* p, int64_t n, uint32_
   }
 }
 
+// dst[0, n) = the float rows lo, hi [0, n) as bf16 pairs, word i = (lo[i], hi[i]) (round to nearest even; a
+// null row reads as zeros), n a multiple of 16: two rows of dS^T become a row of dS's pairs along the keys.
+ATTNOPS_BF16_TARGET inline void to_bf16_pair_columns(const float* lo, const float* hi, int64_t n, uint32_t* dst) {
+  auto half = [](const float* row, int64_t i) {  // 16 floats -> 16 bf16 in the low halves of 16 words
+    return row ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + i))) : _mm512_setzero_si512();
+  };
+  for (int64_t i = 0; i < n; i += 16)
+    _mm512_storeu_si512(dst + i, _mm512_or_si512(half(lo, i), _mm512_slli_epi32(half(hi, i), 16)));
+}
+
 #else
 
 // Declared only, so that the kernels call them under `if constexpr` without #if: at this level no
 // call is ever instantiated (kBf16Dot is false), so none needs a definition.
+template <bool TransA = false>
 void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B, int64_t strip,
                float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr, float out_scale = 1.0f);
 void to_bf16_pairs(const float* p, int64_t n, uint32_t* dst);
+void to_bf16_pair_columns(const float* lo, const float* hi, int64_t n, uint32_t* dst);
 
 #endif  // ATTNOPS_BF16_DOT
 
 // Whether this level has the bf16 products (the kernels still check the CPU at run time: bf16_dot()).
 inline constexpr bool kBf16Dot = ATTNOPS_BF16_DOT;
+
+// Whether inputs of type S multiply their tiles in bf16 at this level (bf16_dot() is the run-time switch and the
+// CPU check).
+template <typename S>
+inline constexpr bool kDotFor = kBf16Dot && std::is_same_v<S, c10::BFloat16>;
 
 }  // namespace attnops::cpu::ATTNOPS_ISA

@@ -284,7 +284,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // that never see that key.
   // With V finite a non-finite accumulator row can only come from that row's own NaN/Inf scores, which
   // the rerun would not change, so the bf16 path never needs the float panels.
-  constexpr bool kDot = kBf16Dot && std::is_same_v<S, c10::BFloat16>;
+  constexpr bool kDot = kDotFor<S>;
   const int64_t D2 = (p.D + 1) / 2, Sk2 = (p.Sk + 1) / 2;
   const S* qp = q.data_ptr<S>();
   const S* kp = k.data_ptr<S>();
@@ -497,14 +497,27 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // Operands of one backward call, packed once (GEMM panels, cpu/gemm.h), plus per-row lse in base 2
 // and delta = rowsum(dO * O) - dlse, both padded to Sq_pad. The per-head buffers hold the (b, head)
 // pairs from bh0 on: all of them, or a wave's (the fused pass's waves).
+// With bf16 products (`dot`, bf16 inputs at a level that has them: cpu/gemm_bf16.h), q and dO are held as bf16
+// pairs instead, unscaled (the scales multiply the float products): q^T, dO^T as word panels over the queries
+// (D2 x Sq_pad words), and q, dO as row-pair panels (ceil(Sq / 2) x Dp words), the B operands of S^T = K q^T,
+// dP^T = V dO^T, dv = P^T dO and dk = dS^T q.
 template <typename T>
 struct BwdOperands {
   int64_t Sq_pad, Sk_pad, bh0 = 0;
-  T *qt = nullptr, *dot = nullptr, *dor = nullptr, *qs = nullptr;  // per (b, head): (c q)^T, dO^T (D x Sq_pad),
-                                                                    // dO, (scale q) (Sq x Dp)
+  bool dot = false;
+  double softmax_scale = 0;
+  T *qt = nullptr, *dot_t = nullptr, *dor = nullptr, *qs = nullptr;  // per (b, head): (c q)^T, dO^T (D x Sq_pad),
+                                                                      // dO, (scale q) (Sq x Dp)
+  uint32_t *qt2 = nullptr, *dot2 = nullptr, *dor2 = nullptr, *qs2 = nullptr;  // `dot`: their bf16-pair forms
   T *kt = nullptr, *vt = nullptr, *kr = nullptr;  // per (b, kv head), two-pass only: K^T, V^T (D x Sk_pad), K (Sk x Dp)
+  uint32_t *kt2 = nullptr, *vt2 = nullptr, *kr2 = nullptr;  // `dot`: as bf16 pairs (D2 x Sk_pad, ceil(Sk / 2) x Dp)
   T *lse2 = nullptr, *delta = nullptr;            // per (b, head): (Sq_pad)
   std::vector<at::Tensor> storage;
+
+  uint32_t* words(int64_t n, const at::Tensor& like) {  // a buffer of n words, held by `storage`
+    storage.push_back(at::empty({n}, like.options().dtype(at::kInt)));
+    return reinterpret_cast<uint32_t*>(storage.back().template data_ptr<int32_t>());
+  }
 };
 
 // Gradients sum thousands of tile products (dv of an early key under causal GQA-8 attention at
@@ -521,24 +534,33 @@ inline void add_into(GradAcc* acc, const T* partial, int64_t n) {
 template <typename T>
 struct DqScratch {
   std::vector<T> q, dout, s, dp, partial, capgrad, drop;
+  std::vector<uint32_t> q2, dout2, ds2;  // bf16 products: q, dO rows as pairs along D, dS rows as pairs along keys
   std::vector<GradAcc> acc;
   std::vector<RowSpan> spans;
-  DqScratch(int64_t D, int64_t Dp, bool softcap)
-      : q(kTileQ * D), dout(kTileQ * D), s(kTileQ * kTileK), dp(kTileQ * kTileK), partial(kTileQ * Dp),
-        capgrad(softcap ? kTileQ * kTileK : 0), drop(kTileK), acc(kTileQ * Dp), spans(kTileQ) {}
+  DqScratch(int64_t D, int64_t Dp, bool softcap, bool dot)
+      : q(dot ? 0 : kTileQ * D), dout(dot ? 0 : kTileQ * D), s(kTileQ * kTileK), dp(kTileQ * kTileK),
+        partial(kTileQ * Dp), capgrad(softcap ? kTileQ * kTileK : 0), drop(kTileK),
+        q2(dot ? kTileQ * ((D + 1) / 2) : 0), dout2(dot ? kTileQ * ((D + 1) / 2) : 0), ds2(dot ? kTileQ * kTileK / 2 : 0),
+        acc(kTileQ * Dp), spans(kTileQ) {}
 };
 
 template <typename T>
 struct KeyTileScratch {
   std::vector<T> k, v, kpanel, s, dp, partial, capgrad, drop, bias_t;
   std::vector<uint32_t> drop_rows;  // the dropout hash's row keys of the tile's queries
+  // bf16 products: K, V rows and K's row-pair panels (over the tile's keys); P^T and dS^T rows as pairs along
+  // the queries, and dS as pairs along the keys (word (j2, i) at j2 kTileQBwd + i)
+  std::vector<uint32_t> k2, v2, kpair, p2, ds2, dsq2;
   std::vector<GradAcc> dk, dv, dq;
   std::vector<RowSpan> spans;
-  KeyTileScratch(int64_t D, int64_t Dp, int64_t dq_rows, bool softcap, bool bias)
-      : k(kTileKBwd * D), v(kTileKBwd * D), kpanel(kTileKBwd * Dp), s(kTileKBwd * kTileQBwd),
-        dp(kTileKBwd * kTileQBwd), partial(std::max(kTileKBwd, kTileQBwd) * Dp),
+  KeyTileScratch(int64_t D, int64_t Dp, int64_t dq_rows, bool softcap, bool bias, bool dot)
+      : k(dot ? 0 : kTileKBwd * D), v(dot ? 0 : kTileKBwd * D), kpanel(dot ? 0 : kTileKBwd * Dp),
+        s(kTileKBwd * kTileQBwd), dp(kTileKBwd * kTileQBwd), partial(std::max(kTileKBwd, kTileQBwd) * Dp),
         capgrad(softcap ? kTileKBwd * kTileQBwd : 0), drop(kTileQBwd), bias_t(bias ? kTileKBwd * kTileQBwd : 0),
-        drop_rows(kTileQBwd), dk(kTileKBwd * Dp), dv(kTileKBwd * Dp), dq(dq_rows * Dp), spans(kTileKBwd) {}
+        drop_rows(kTileQBwd), k2(dot ? kTileKBwd * ((D + 1) / 2) : 0), v2(dot ? kTileKBwd * ((D + 1) / 2) : 0),
+        kpair(dot ? kTileKBwd / 2 * Dp : 0), p2(dot ? kTileKBwd * kTileQBwd / 2 : 0),
+        ds2(dot ? kTileKBwd * kTileQBwd / 2 : 0), dsq2(dot ? kTileKBwd / 2 * kTileQBwd : 0), dk(kTileKBwd * Dp),
+        dv(kTileKBwd * Dp), dq(dq_rows * Dp), spans(kTileKBwd) {}
 };
 
 // The dq accumulator of a fused task: the group's rows [row0, row0 + rows), (group, rows, Dp), which
@@ -561,11 +583,22 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
   constexpr int W = Vec<T>::size;
   constexpr int64_t NR = kGemmN<T>;
   const int64_t keys = c1 - c0;
-  pack_rows(kp + b * p.sk_b + hk * p.sk_h + c0 * p.sk_s, p.sk_s, 0, keys, p.D, T(1), ws.k.data(), p.D);
-  pack_rows(vp + b * p.sv_b + hk * p.sv_h + c0 * p.sv_s, p.sv_s, 0, keys, p.D, T(1), ws.v.data(), p.D);
-  if (fused)
-    pack_row_panels<NR>(kp + b * p.sk_b + hk * p.sk_h + c0 * p.sk_s, p.sk_s, 0, keys, p.D, p.Dp, kTileKBwd, T(1),
-                        ws.kpanel.data());
+  const S* ksrc = kp + b * p.sk_b + hk * p.sk_h + c0 * p.sk_s;
+  const S* vsrc = vp + b * p.sv_b + hk * p.sv_h + c0 * p.sv_s;
+  // bf16 products (ops.dot): K and V rows as they are, pairs along D; K as row pairs for dS K
+  const int64_t D2 = (p.D + 1) / 2, Sq2 = (p.Sq + 1) / 2, keys2 = (keys + 1) / 2;
+  const bool dot = ops.dot;
+  if (dot) {
+    if constexpr (kDotFor<S>) {
+      pack_transposed_pairs<1>(ksrc, p.sk_s, 0, keys, p.D, ws.k2.data());
+      pack_transposed_pairs<1>(vsrc, p.sv_s, 0, keys, p.D, ws.v2.data());
+      if (fused) pack_row_pairs<NR>(ksrc, p.sk_s, 0, keys, keys, p.D, p.Dp, ws.kpair.data());
+    }
+  } else {
+    pack_rows(ksrc, p.sk_s, 0, keys, p.D, T(1), ws.k.data(), p.D);
+    pack_rows(vsrc, p.sv_s, 0, keys, p.D, T(1), ws.v.data(), p.D);
+    if (fused) pack_row_panels<NR>(ksrc, p.sk_s, 0, keys, p.D, p.Dp, kTileKBwd, T(1), ws.kpanel.data());
+  }
   std::fill(ws.dk.begin(), ws.dk.end(), GradAcc(0));
   std::fill(ws.dv.begin(), ws.dv.end(), GradAcc(0));
   const int64_t lut_row = tlut.present() ? c0 / tlut.row_block : 0;
@@ -599,10 +632,20 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
             for (int64_t j = 0; j < nk; ++j) ws.bias_t[(ja + j) * kTileQBwd + i] = row[j];
           }
         }
-        gemm<T>(nk, n, p.D, ws.k.data() + ja * p.D, p.D, ops.qt + panel, p.D * NR, ws.s.data() + ja * kTileQBwd,
-                kTileQBwd, false);
-        gemm<T>(nk, n, p.D, ws.v.data() + ja * p.D, p.D, ops.dot + panel, p.D * NR, ws.dp.data() + ja * kTileQBwd,
-                kTileQBwd, false);
+        if (dot) {
+          if constexpr (kDotFor<S>) {
+            const int64_t panel2 = slot * ops.Sq_pad * D2 + t0 * D2;
+            gemm_bf16(nk, n, D2, ws.k2.data() + ja * D2, D2, ops.qt2 + panel2, D2 * NR, ws.s.data() + ja * kTileQBwd,
+                      kTileQBwd, false, nullptr, static_cast<float>(ops.softmax_scale * kLog2e));
+            gemm_bf16(nk, n, D2, ws.v2.data() + ja * D2, D2, ops.dot2 + panel2, D2 * NR,
+                      ws.dp.data() + ja * kTileQBwd, kTileQBwd, false);
+          }
+        } else {
+          gemm<T>(nk, n, p.D, ws.k.data() + ja * p.D, p.D, ops.qt + panel, p.D * NR, ws.s.data() + ja * kTileQBwd,
+                  kTileQBwd, false);
+          gemm<T>(nk, n, p.D, ws.v.data() + ja * p.D, p.D, ops.dot_t + panel, p.D * NR,
+                  ws.dp.data() + ja * kTileQBwd, kTileQBwd, false);
+        }
         for (int64_t j = ja; j < ja + nk; ++j) {
           T* s = ws.s.data() + j * kTileQBwd;  // becomes P^T
           T* ds = ws.dp.data() + j * kTileQBwd;  // becomes dS^T
@@ -644,6 +687,31 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         T* partial = ws.partial.data();
         const T* s_live = ws.s.data() + ja * kTileQBwd;
         const T* ds_live = ws.dp.data() + ja * kTileQBwd;
+        if (dot) {  // P and dS rounded to bf16 (FlashAttention's products in the input type), float sums
+          if constexpr (kDotFor<S>) {
+            constexpr int64_t lp = kTileQBwd / 2;
+            const int64_t q2 = (t1 - t0 + 1) / 2, rows2 = slot * p.Dp * Sq2 + t0 / 2 * NR;
+            for (int64_t j = ja; j < ja + nk; ++j) {
+              to_bf16_pairs(ws.s.data() + j * kTileQBwd, t1 - t0, ws.p2.data() + j * lp);
+              to_bf16_pairs(ws.dp.data() + j * kTileQBwd, t1 - t0, ws.ds2.data() + j * lp);
+            }
+            gemm_bf16(nk, p.Dp, q2, ws.p2.data() + ja * lp, lp, ops.dor2 + rows2, Sq2 * NR, partial, p.Dp, false);
+            add_into(ws.dv.data() + ja * p.Dp, partial, nk * p.Dp);
+            gemm_bf16(nk, p.Dp, q2, ws.ds2.data() + ja * lp, lp, ops.qs2 + rows2, Sq2 * NR, partial, p.Dp, false,
+                      nullptr, static_cast<float>(ops.softmax_scale));
+            add_into(ws.dk.data() + ja * p.Dp, partial, nk * p.Dp);
+            if (fused) {  // dq[t0:t1] += dS K: dS^T's live rows [ja, je) paired along the keys from an even ja0
+              const int64_t ja0 = ja & ~int64_t(1), je = ja + nk;
+              auto live_row = [&](int64_t j) { return j >= ja && j < je ? ws.dp.data() + j * kTileQBwd : nullptr; };
+              for (int64_t j = ja0; j < je; j += 2)
+                to_bf16_pair_columns(live_row(j), live_row(j + 1), n, ws.dsq2.data() + (j - ja0) / 2 * kTileQBwd);
+              gemm_bf16<true>(t1 - t0, p.Dp, (je - ja0 + 1) / 2, ws.dsq2.data(), kTileQBwd,
+                              ws.kpair.data() + ja0 / 2 * NR, keys2 * NR, partial, p.Dp, false);
+              add_into(dq.acc + (g * dq.rows + t0 - dq.row0) * p.Dp, partial, (t1 - t0) * p.Dp);
+            }
+          }
+          continue;
+        }
         if (exact) {
           gemm_in_spans<T>(nk, ws.spans.data() + ja, p.Dp, s_live, kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial,
                            p.Dp, false);
@@ -687,19 +755,22 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
   }
 }
 
-// Elements of one (b, head)'s operands in alloc_head_operands' buffers (q and dO as transposed and as row
-// panels, lse and delta), Sq_pad = Sq rounded up to the panel width.
-inline int64_t head_operand_elems(const Problem& p, int64_t Sq_pad) {
+// Elements (words with `dot`) of one (b, head)'s operands in alloc_head_operands' buffers (q and dO as
+// transposed and as row panels, lse and delta), Sq_pad = Sq rounded up to the panel width.
+inline int64_t head_operand_elems(const Problem& p, int64_t Sq_pad, bool dot) {
+  if (dot) return 2 * Sq_pad * ((p.D + 1) / 2) + 2 * p.Dp * ((p.Sq + 1) / 2) + 2 * Sq_pad;
   return 2 * Sq_pad * p.D + 2 * p.Dp * p.Sq + 2 * Sq_pad;
 }
 
 // The backward's per-head operand buffers for `heads` (b, head) pairs, their padding set: (c q)^T, dO^T,
-// dO and (scale q), the per-row lse in base 2 and delta = rowsum(dO * O) - dlse.
+// dO and (scale q), or with `dot` their bf16-pair forms (BwdOperands), the per-row lse in base 2 and
+// delta = rowsum(dO * O) - dlse.
 template <typename S>
-BwdOperands<compute_t<S>> alloc_head_operands(const Problem& p, const at::Tensor& q, int64_t heads) {
+BwdOperands<compute_t<S>> alloc_head_operands(const Problem& p, const at::Tensor& q, int64_t heads, bool dot) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
   BwdOperands<T> ops;
+  ops.dot = dot;
   ops.Sq_pad = round_up(p.Sq, NR);
   ops.Sk_pad = round_up(p.Sk, NR);
   auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
@@ -707,12 +778,20 @@ BwdOperands<compute_t<S>> alloc_head_operands(const Problem& p, const at::Tensor
     ops.storage.push_back(zeroed ? at::zeros({n}, opts) : at::empty({n}, opts));
     return ops.storage.back().template data_ptr<T>();
   };
-  ops.qt = buffer(heads * ops.Sq_pad * p.D, false);
-  ops.dot = buffer(heads * ops.Sq_pad * p.D, false);
-  zero_padding_panels<NR>(ops.qt, heads, p.Sq, p.D);
-  zero_padding_panels<NR>(ops.dot, heads, p.Sq, p.D);
-  ops.dor = buffer(heads * p.Dp * p.Sq, false);
-  ops.qs = buffer(heads * p.Dp * p.Sq, false);
+  if (dot) {  // every word is written by fill_head_operands (the panels' padding columns included)
+    const int64_t D2 = (p.D + 1) / 2, Sq2 = (p.Sq + 1) / 2;
+    ops.qt2 = ops.words(heads * ops.Sq_pad * D2, q);
+    ops.dot2 = ops.words(heads * ops.Sq_pad * D2, q);
+    ops.dor2 = ops.words(heads * p.Dp * Sq2, q);
+    ops.qs2 = ops.words(heads * p.Dp * Sq2, q);
+  } else {
+    ops.qt = buffer(heads * ops.Sq_pad * p.D, false);
+    ops.dot_t = buffer(heads * ops.Sq_pad * p.D, false);
+    zero_padding_panels<NR>(ops.qt, heads, p.Sq, p.D);
+    zero_padding_panels<NR>(ops.dot_t, heads, p.Sq, p.D);
+    ops.dor = buffer(heads * p.Dp * p.Sq, false);
+    ops.qs = buffer(heads * p.Dp * p.Sq, false);
+  }
   ops.lse2 = buffer(heads * ops.Sq_pad, false);
   ops.delta = buffer(heads * ops.Sq_pad, true);
   std::fill(ops.lse2, ops.lse2 + heads * ops.Sq_pad, std::numeric_limits<T>::infinity());  // padding: P = 0
@@ -731,6 +810,8 @@ void fill_head_operands(BwdOperands<compute_t<S>>& ops, const Problem& p, const 
   const T c = static_cast<T>(softmax_scale * kLog2e);
   const T inf = std::numeric_limits<T>::infinity();
   ops.bh0 = bh0;
+  ops.softmax_scale = softmax_scale;
+  const int64_t D2 = (p.D + 1) / 2, Sq2 = (p.Sq + 1) / 2;
   const S *qp = q.data_ptr<S>(), *op = out.data_ptr<S>(), *dop = dout.data_ptr<S>();
   const auto* lsep = lse.data_ptr<compute_t<S>>();
   const auto* dlse_p = dlse.defined() ? dlse.data_ptr<compute_t<S>>() : nullptr;
@@ -745,10 +826,19 @@ void fill_head_operands(BwdOperands<compute_t<S>>& ops, const Problem& p, const 
       const int64_t b = bh / p.H, h = bh % p.H;
       const S* qsrc = qp + b * p.sq_b + h * p.sq_h;
       const S* dsrc = dop + b * sd_b + h * sd_h;
-      pack_transposed_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, c, ops.qt + slot * ops.Sq_pad * p.D);
-      pack_transposed_panels<NR>(dsrc, sd_s, r0, r1, p.D, T(1), ops.dot + slot * ops.Sq_pad * p.D);
-      pack_row_panels<NR>(dsrc, sd_s, r0, r1, p.D, p.Dp, p.Sq, T(1), ops.dor + slot * p.Dp * p.Sq);
-      pack_row_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, p.Dp, p.Sq, scale, ops.qs + slot * p.Dp * p.Sq);
+      if (ops.dot) {  // unscaled: the products take the scales
+        if constexpr (kDotFor<S>) {
+          pack_transposed_pairs<NR>(qsrc, p.sq_s, r0, r1, p.D, ops.qt2 + slot * ops.Sq_pad * D2, r1 == p.Sq);
+          pack_transposed_pairs<NR>(dsrc, sd_s, r0, r1, p.D, ops.dot2 + slot * ops.Sq_pad * D2, r1 == p.Sq);
+          pack_row_pairs<NR>(dsrc, sd_s, r0, r1, p.Sq, p.D, p.Dp, ops.dor2 + slot * p.Dp * Sq2);
+          pack_row_pairs<NR>(qsrc, p.sq_s, r0, r1, p.Sq, p.D, p.Dp, ops.qs2 + slot * p.Dp * Sq2);
+        }
+      } else {
+        pack_transposed_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, c, ops.qt + slot * ops.Sq_pad * p.D);
+        pack_transposed_panels<NR>(dsrc, sd_s, r0, r1, p.D, T(1), ops.dot_t + slot * ops.Sq_pad * p.D);
+        pack_row_panels<NR>(dsrc, sd_s, r0, r1, p.D, p.Dp, p.Sq, T(1), ops.dor + slot * p.Dp * p.Sq);
+        pack_row_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, p.Dp, p.Sq, scale, ops.qs + slot * p.Dp * p.Sq);
+      }
       for (int64_t r = r0; r < r1; ++r) {
         const T l = static_cast<T>(lsep[bh * p.Sq + r]);
         // Rows that attend to nothing (lse = -inf) must give P = 0: exp2(s - inf).
@@ -774,10 +864,10 @@ template <typename S>
 BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& dout,
                                                  const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
-                                                 double softmax_scale, bool two_pass) {
+                                                 double softmax_scale, bool two_pass, bool dot) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
-  BwdOperands<T> ops = alloc_head_operands<S>(p, q, p.B * p.H);
+  BwdOperands<T> ops = alloc_head_operands<S>(p, q, p.B * p.H, dot);
   fill_head_operands<S>(ops, p, q, out, dout, lse, dlse_operand(lse, dlse), softmax_scale, 0, p.B * p.H);
   auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
   auto buffer = [&](int64_t n) {
@@ -786,14 +876,34 @@ BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Ten
   };
   if (!two_pass) return ops;
 
+  const S *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
+  constexpr int64_t kPackKeys = 256;
+  const int64_t kchunks = (p.Sk + kPackKeys - 1) / kPackKeys;
+  if (dot) {
+    if constexpr (kDotFor<S>) {
+      const int64_t D2 = (p.D + 1) / 2, Sk2 = (p.Sk + 1) / 2;
+      ops.kt2 = ops.words(p.B * p.Hkv * ops.Sk_pad * D2, q);
+      ops.vt2 = ops.words(p.B * p.Hkv * ops.Sk_pad * D2, q);
+      ops.kr2 = ops.words(p.B * p.Hkv * p.Dp * Sk2, q);
+      at::parallel_for(0, p.B * p.Hkv * kchunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t bh = t / kchunks, r0 = (t % kchunks) * kPackKeys, r1 = std::min(r0 + kPackKeys, p.Sk);
+          const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
+          const S* ksrc = kp + b * p.sk_b + hk * p.sk_h;
+          pack_transposed_pairs<NR>(ksrc, p.sk_s, r0, r1, p.D, ops.kt2 + bh * ops.Sk_pad * D2, r1 == p.Sk);
+          pack_transposed_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, ops.vt2 + bh * ops.Sk_pad * D2,
+                                    r1 == p.Sk);
+          pack_row_pairs<NR>(ksrc, p.sk_s, r0, r1, p.Sk, p.D, p.Dp, ops.kr2 + bh * p.Dp * Sk2);
+        }
+      });
+    }
+    return ops;
+  }
   ops.kt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D);
   ops.vt = buffer(p.B * p.Hkv * ops.Sk_pad * p.D);
   zero_padding_panels<NR>(ops.kt, p.B * p.Hkv, p.Sk, p.D);
   zero_padding_panels<NR>(ops.vt, p.B * p.Hkv, p.Sk, p.D);
   ops.kr = buffer(p.B * p.Hkv * p.Dp * p.Sk);
-  const S *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
-  constexpr int64_t kPackKeys = 256;
-  const int64_t kchunks = (p.Sk + kPackKeys - 1) / kPackKeys;
   at::parallel_for(0, p.B * p.Hkv * kchunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / kchunks, r0 = (t % kchunks) * kPackKeys, r1 = std::min(r0 + kPackKeys, p.Sk);
@@ -822,8 +932,17 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
   const int64_t rows = r1 - r0, hk = h / p.group, bh = b * p.H + h, bhk = b * p.Hkv + hk;
   const S* dop = dout.data_ptr<S>();
   const int64_t sd_b = dout.stride(0), sd_s = dout.stride(1), sd_h = dout.stride(2);
-  pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
-  pack_rows(dop + b * sd_b + h * sd_h + r0 * sd_s, sd_s, 0, rows, p.D, T(1), ws.dout.data(), p.D);
+  const bool dot = ops.dot;  // bf16 products: q and dO as they are (c multiplies the float scores)
+  const int64_t D2 = (p.D + 1) / 2, Sk2 = (p.Sk + 1) / 2;
+  if (dot) {
+    if constexpr (kDotFor<S>) {
+      pack_transposed_pairs<1>(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, ws.q2.data());
+      pack_transposed_pairs<1>(dop + b * sd_b + h * sd_h + r0 * sd_s, sd_s, 0, rows, p.D, ws.dout2.data());
+    }
+  } else {
+    pack_rows(qp + b * p.sq_b + h * p.sq_h + r0 * p.sq_s, p.sq_s, 0, rows, p.D, c, ws.q.data(), p.D);
+    pack_rows(dop + b * sd_b + h * sd_h + r0 * sd_s, sd_s, 0, rows, p.D, T(1), ws.dout.data(), p.D);
+  }
   std::fill(ws.acc.begin(), ws.acc.end(), GradAcc(0));
   const T* l2 = ops.lse2 + (bh - ops.bh0) * ops.Sq_pad + r0;
   const T* dl = ops.delta + (bh - ops.bh0) * ops.Sq_pad + r0;
@@ -832,10 +951,20 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
     const int64_t panel = bhk * ops.Sk_pad * p.D + t0 * p.D;
     const RowRange live = live_rows(ws.spans.data(), rows);  // as in the forward: only rows that see the tile
     const int64_t ra = live.first, nr = live.count;
-    gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ops.kt + panel, p.D * NR, ws.s.data() + ra * kTileK, kTileK,
-            false);
-    gemm<T>(nr, n, p.D, ws.dout.data() + ra * p.D, p.D, ops.vt + panel, p.D * NR, ws.dp.data() + ra * kTileK, kTileK,
-            false);
+    if (dot) {
+      if constexpr (kDotFor<S>) {
+        const int64_t panel2 = bhk * ops.Sk_pad * D2 + t0 * D2;
+        gemm_bf16(nr, n, D2, ws.q2.data() + ra * D2, D2, ops.kt2 + panel2, D2 * NR, ws.s.data() + ra * kTileK, kTileK,
+                  false, nullptr, static_cast<float>(c));
+        gemm_bf16(nr, n, D2, ws.dout2.data() + ra * D2, D2, ops.vt2 + panel2, D2 * NR, ws.dp.data() + ra * kTileK,
+                  kTileK, false);
+      }
+    } else {
+      gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ops.kt + panel, p.D * NR, ws.s.data() + ra * kTileK, kTileK,
+              false);
+      gemm<T>(nr, n, p.D, ws.dout.data() + ra * p.D, p.D, ops.vt + panel, p.D * NR, ws.dp.data() + ra * kTileK,
+              kTileK, false);
+    }
     for (int64_t r = ra; r < ra + nr; ++r) {
       T* s = ws.s.data() + r * kTileK;  // becomes dS
       if (ws.spans[r].empty()) {
@@ -862,8 +991,18 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
       }
       zero_outside(s, ws.spans[r], n);
     }
-    const T* kpanel = ops.kr + bhk * p.Dp * p.Sk + t0 * NR;
     T* partial = ws.partial.data() + ra * p.Dp;
+    if (dot) {  // dS rounded to bf16 pairs along the keys
+      if constexpr (kDotFor<S>) {
+        for (int64_t r = ra; r < ra + nr; ++r)
+          to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.ds2.data() + r * (kTileK / 2));
+        gemm_bf16(nr, p.Dp, (t1 - t0 + 1) / 2, ws.ds2.data() + ra * (kTileK / 2), kTileK / 2,
+                  ops.kr2 + bhk * p.Dp * Sk2 + t0 / 2 * NR, Sk2 * NR, partial, p.Dp, false);
+      }
+      add_into(ws.acc.data() + ra * p.Dp, partial, nr * p.Dp);
+      return;
+    }
+    const T* kpanel = ops.kr + bhk * p.Dp * p.Sk + t0 * NR;
     if (exact)
       gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, kpanel, p.Sk * NR, partial,
                        p.Dp, false);
@@ -888,6 +1027,9 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   // NaN / Inf in q, k or dO: every product runs over each row's own span (gemm_in_spans). Finite
   // inputs, the normal case, keep the tile GEMMs; the check is a pass over O(S * D) elements.
   const bool exact = !(finite_rows<S>(q) && finite_rows<S>(k) && finite_rows<S>(dout));
+  // bf16 products (cpu/gemm_bf16.h) in every form (the key tiles' five products, the two-pass form's dq pass); the
+  // exact path stays float (its per-span products are the float GEMM's).
+  const bool dot = kDotFor<S> && bf16_dot() && !exact;
   // Fused single pass: a task per (b, kv head) owns its group's dq rows, 5 block products per tile
   // pair. When B * Hkv tasks cannot keep the threads busy (MQA, small batches, many threads), each
   // (b, kv head) splits its key tiles into `chunks` runs of equal cost, each task with a dq accumulator
@@ -963,7 +1105,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   // the unsplit fused pass packs its operands in waves (below); the other forms read every head's
   const bool waves = fused && chunks == 1;
   const BwdOperands<T> ops =
-      waves ? BwdOperands<T>{} : pack_backward_operands<S>(p, q, k, v, out, dout, lse, dlse, softmax_scale, !fused);
+      waves ? BwdOperands<T>{} : pack_backward_operands<S>(p, q, k, v, out, dout, lse, dlse, softmax_scale, !fused, dot);
 
   const S *qp = q.data_ptr<S>(), *kp = k.data_ptr<S>(), *vp = v.data_ptr<S>();
   S* dqp = dq.data_ptr<S>();
@@ -978,10 +1120,10 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
     // afresh on every call). At least 2 pairs a thread a wave, so that the costliest-first order still has
     // tasks to balance; a task computes what it computes in one wave, bit for bit.
     const int64_t Sq_pad = round_up(p.Sq, kGemmN<T>);
-    const int64_t pair_bytes = p.group * head_operand_elems(p, Sq_pad) * int64_t(sizeof(T));
+    const int64_t pair_bytes = p.group * head_operand_elems(p, Sq_pad, dot) * int64_t(sizeof(T));
     const int64_t wave =
         std::min(pairs, std::max<int64_t>(2 * threads, forward_wave_bytes() / std::max<int64_t>(pair_bytes, 1)));
-    BwdOperands<T> wops = alloc_head_operands<S>(p, q, wave * p.group);
+    BwdOperands<T> wops = alloc_head_operands<S>(p, q, wave * p.group, dot);
     const at::Tensor dlse_c = dlse_operand(lse, dlse);
     for (int64_t g0 = 0; g0 < pairs; g0 += wave) {
       const int64_t g1 = std::min(g0 + wave, pairs);
@@ -994,7 +1136,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
               queries += tile_queries((g0 + t) / p.Hkv, (g0 + t) % p.Hkv, kt * TK, std::min((kt + 1) * TK, p.Sk));
             return queries;
           },
-          [&] { return KeyTileScratch<T>(p.D, p.Dp, p.group * p.Sq, mods.softcap(), bias.present()); },
+          [&] { return KeyTileScratch<T>(p.D, p.Dp, p.group * p.Sq, mods.softcap(), bias.present(), dot); },
           [&](int64_t t, KeyTileScratch<T>& ws) {
             const int64_t b = (g0 + t) / p.Hkv, hk = (g0 + t) % p.Hkv;
             std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
@@ -1016,7 +1158,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
     GradAcc* acc = acc_storage.data_ptr<GradAcc>();
     run_tasks(
         pairs * chunks, [&](int64_t i) { return costs[i]; },
-        [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap(), bias.present()); },
+        [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap(), bias.present(), dot); },
         [&](int64_t i, KeyTileScratch<T>& ws) {
           const int64_t b = i / chunks / p.Hkv, hk = i / chunks % p.Hkv;
           std::fill(acc + offset[i], acc + offset[i + 1], GradAcc(0));
@@ -1064,7 +1206,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
                          p.Sk, [&](int64_t a, int64_t e) { keys += e - a; });
         return keys;
       },
-      [&] { return DqScratch<T>(p.D, p.Dp, mods.softcap()); },
+      [&] { return DqScratch<T>(p.D, p.Dp, mods.softcap(), dot); },
       [&](int64_t t, DqScratch<T>& ws) {
         int64_t b, h, r0, r1;
         q_task(t, b, h, r0, r1);
@@ -1076,7 +1218,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
         return tile_queries(b, hk, c0, std::min(c0 + TK, p.Sk));
       },
-      [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap(), bias.present()); },
+      [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap(), bias.present(), dot); },
       [&](int64_t t, KeyTileScratch<T>& ws) {
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
         key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk),

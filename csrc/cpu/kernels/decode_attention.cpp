@@ -12,7 +12,9 @@
 // heads: 16 flops per f32 byte), so K is never repacked: scores come from register blocks of 4
 // query rows x 2 cache rows read in place. P V adds cache rows straight into the accumulators for
 // groups of up to 4 rows; larger groups pack a V panel and use the GEMM micro-kernel, which keeps
-// the output tile in registers.
+// the output tile in registers. Groups of more than 16 rows (MQA / wide GQA: compute-bound) with a bf16
+// cache at a level with bf16 products (cpu/gemm_bf16.h) multiply in bf16 instead: S^T = K q^T with the
+// cache rows read in place as the A operand (bf16 along D are already pairs), P V with P rounded to bf16.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/pack.h"
 #include "cpu/rows.h"
 #include "cpu/parallel.h"
@@ -56,9 +59,16 @@ struct DecodeScratch {
   // block map: per (row, map block of the split) the sum (or max) of P and the running max it is
   // relative to (a block can span tiles between which the max grows)
   std::vector<T> map_val, map_ref;
-  DecodeScratch(int64_t rows, int64_t kv_heads, int64_t Dp, int64_t tile, int64_t map_blocks)
+  // bf16 products: each group's q^T as bf16-pair panels (dot_words a kv head), the tile's S^T (keys x padded
+  // rows), P rows as pairs along the keys, the V tile as row-pair panels
+  std::vector<uint32_t> qt2, p2, vpair;
+  std::vector<T> st;
+  DecodeScratch(int64_t rows, int64_t kv_heads, int64_t Dp, int64_t tile, int64_t map_blocks, int64_t dot_words,
+                int64_t dot_cols)
       : q(rows * Dp), s(rows * tile), acc(rows * Dp), m(rows), l(rows), alpha(rows),
-        vpanel(tile * Dp), spans(rows), active(kv_heads), map_val(rows * map_blocks), map_ref(rows * map_blocks) {}
+        vpanel(tile * Dp), spans(rows), active(kv_heads), map_val(rows * map_blocks), map_ref(rows * map_blocks),
+        qt2(kv_heads * dot_words), p2(dot_words ? rows * tile / 2 : 0), vpair(dot_words ? tile / 2 * Dp : 0),
+        st(dot_words ? tile * dot_cols : 0) {}
 };
 
 // Adds a tile row's probabilities (relative to the running max m) to the row's map blocks: blocks
@@ -345,6 +355,10 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   }
   splits = std::clamp<int64_t>(splits, 1, std::max<int64_t>(1, (maxlen + tile - 1) / tile));
   const int64_t chunk = round_up((maxlen + splits - 1) / splits, tile);
+  // bf16 products (see the top): the cache's K rows are read as words, so D, the strides and the address are even
+  const bool dot = kDotFor<S> && bf16_dot() && group_rows > 16 && D % 2 == 0 && k.stride(1) % 2 == 0 &&
+                   k.stride(2) % 2 == 0 && k.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(k.data_ptr()) % 4 == 0;
+  const int64_t D2 = D / 2, dot_cols = dot ? round_up(group_rows, NR) : 0, dot_words = dot_cols * D2;
 
   auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor opart = at::empty({B * splits, rows, D}, opts);
@@ -368,13 +382,24 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const int64_t b = t / splits, s0 = (t % splits) * chunk;
         return std::max<int64_t>(0, std::min(s0 + chunk, lens[b]) - s0);
       },
-      [&] { return DecodeScratch<T>(rows, Hkv, Dp, stile, map_blocks); },
+      [&] { return DecodeScratch<T>(rows, Hkv, Dp, stile, map_blocks, dot_words, dot_cols); },
       [&](int64_t t, DecodeScratch<T>& ws) {
         const int64_t b = t / splits, split = t % splits;
         const int64_t seqlen = lens[b], s0 = split * chunk, s1 = std::min(s0 + chunk, seqlen);
-        for (int64_t h = 0; h < H; ++h)
+        for (int64_t h = 0; h < H && !dot; ++h)
           for (int64_t i = 0; i < Sq; ++i)
             load_row(qp + b * sq_b + i * sq_s + h * sq_h, D, c, ws.q.data() + (h * Sq + i) * Dp, Dp);
+        if (dot) {  // q^T of each group as bf16 pairs, unscaled (c multiplies the float scores); padding rows zero
+          if constexpr (kDotFor<S>) {
+            std::fill(ws.qt2.begin(), ws.qt2.end(), uint32_t(0));
+            for (int64_t r = 0; r < rows; ++r) {
+              const S* qrow = qp + b * sq_b + (r % Sq) * sq_s + (r / Sq) * sq_h;
+              const int64_t g = r % group_rows;
+              uint32_t* panel = ws.qt2.data() + r / group_rows * dot_words + g / NR * D2 * NR + g % NR;
+              for (int64_t d2 = 0; d2 < D2; ++d2) panel[d2 * NR] = bf16_pair(qrow[2 * d2].x, qrow[2 * d2 + 1].x);
+            }
+          }
+        }
         const int64_t first_block = with_map ? s0 / map_cols : 0;
         const S* kbase = kp + b * sk_b;
         const S* vbase = vp + b * sv_b;
@@ -411,7 +436,23 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             ws.active[hk] = 0;
             for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; ++r) ws.active[hk] |= !ws.spans[r].empty();
           }
-          tile_scores(kbase + t0 * sk_s, sk_s, sk_h, nk, s1 - t0, Hkv, group_rows, D, Dp, ws.active.data(), ws, stile);
+          if (dot) {
+            if constexpr (kDotFor<S>) {
+              for (int64_t hk = 0; hk < Hkv; ++hk) {
+                if (!ws.active[hk]) continue;
+                const auto* krows = reinterpret_cast<const uint32_t*>(kbase + t0 * sk_s + hk * sk_h);
+                T* st = ws.st.data();
+                gemm_bf16(nk, dot_cols, D2, krows, sk_s / 2, ws.qt2.data() + hk * dot_words, D2 * NR, st, dot_cols,
+                          false, nullptr, static_cast<float>(c));
+                T* srows = ws.s.data() + hk * group_rows * stile;
+                for (int64_t j = 0; j < nk; ++j)
+                  for (int64_t g = 0; g < group_rows; ++g) srows[g * stile + j] = st[j * dot_cols + g];
+              }
+            }
+          } else {
+            tile_scores(kbase + t0 * sk_s, sk_s, sk_h, nk, s1 - t0, Hkv, group_rows, D, Dp, ws.active.data(), ws,
+                        stile);
+          }
           if (mods.on_scores())
             for (int64_t r = 0; r < rows; ++r)
               if (!ws.spans[r].empty())  // row r: head r / Sq at position seqlen - Sq + r % Sq
@@ -437,6 +478,17 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           for (int64_t hk = 0; hk < Hkv; ++hk) {  // many rows per group: a V panel in L1 and the micro-kernel
             if (!ws.active[hk]) continue;
             const int64_t r0 = hk * group_rows;
+            if (dot) {  // P rounded to bf16 pairs along the keys, V as row pairs (zero past the tile's keys)
+              if constexpr (kDotFor<S>) {
+                const int64_t nk2 = (nk + 1) / 2;
+                pack_row_pairs<NR>(vbase + t0 * sv_s + hk * sv_h, sv_s, 0, nk, nk, D, Dp, ws.vpair.data());
+                for (int64_t r = r0; r < r0 + group_rows; ++r)
+                  to_bf16_pairs(ws.s.data() + r * stile, nk, ws.p2.data() + r * (stile / 2));
+                gemm_bf16(group_rows, Dp, nk2, ws.p2.data() + r0 * (stile / 2), stile / 2, ws.vpair.data(), nk2 * NR,
+                          ws.acc.data() + r0 * Dp, Dp, true, ws.alpha.data() + r0);
+              }
+              continue;
+            }
             pack_row_panels<NR>(vbase + t0 * sv_s + hk * sv_h, sv_s, 0, nk, D, Dp, stile, T(1), ws.vpanel.data());
             gemm<T>(group_rows, Dp, nk, ws.s.data() + r0 * stile, stile, ws.vpanel.data(), stile * NR,
                     ws.acc.data() + r0 * Dp, Dp, true, ws.alpha.data() + r0);
