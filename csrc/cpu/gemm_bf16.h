@@ -48,52 +48,23 @@ inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int6
 }
 
 #if ATTNOPS_BF16_DOT
-// One pair of rows of pack_row_pairs (below) with AVX512-BW: lo, hi (hi null past Sk) interleaved 32 columns at a
-// time by VPERMT2W into the words of a panel row. Returns whether every element is finite.
-inline bool pack_row_pair_avx512(const c10::BFloat16* lo, const c10::BFloat16* hi, int64_t D, int64_t Dp,
-                                 int64_t strip, uint32_t* dst) {
+// B = src in word panels over its rows (V of a key range): word (j2, d) pairs src[2 j2, d] and
+// src[2 j2 + 1, d] (0 past Sk and past D); strip = ceil(Sk / 2) * NR. Rows [r0, r1) start even.
+// Returns whether every element packed is finite (an all-ones bf16 exponent is Inf or NaN).
+// With AVX512-BW: two rows interleaved 32 columns (a panel row) at a time by VPERMT2W; a scalar loop per element
+// dominated decode's P V tiles.
+template <int NR>
+inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t Sk, int64_t D,
+                           int64_t Dp, uint32_t* dst) {
+  static_assert(NR == 32, "a panel row is one pair of 16-word stores");
   alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                                      24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
   const __m512i exponent = _mm512_set1_epi16(0x7f80);
-  __mmask32 special = 0;
-  for (int64_t d = 0; d < Dp; d += 32, dst += strip) {  // a panel of 32 columns per step
-    const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : D > d ? (__mmask32(1) << (D - d)) - 1 : 0;
-    const __m512i a = _mm512_maskz_loadu_epi16(m, lo + d);
-    const __m512i b = hi ? _mm512_maskz_loadu_epi16(m, hi + d) : _mm512_setzero_si512();
-    special |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(a, exponent), exponent) |
-               _mm512_cmpeq_epi16_mask(_mm512_and_si512(b, exponent), exponent);
-    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, low, b));
-    _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(a, high, b));
-  }
-  return special == 0;
-}
-#endif
-
-// B = src in word panels over its rows (V of a key range): word (j2, d) pairs src[2 j2, d] and
-// src[2 j2 + 1, d] (0 past Sk and past D); strip = ceil(Sk / 2) * NR. Rows [r0, r1) start even.
-// Returns whether every element packed is finite (an all-ones bf16 exponent is Inf or NaN).
-template <int NR>
-inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t Sk, int64_t D,
-                           int64_t Dp, uint32_t* dst) {
   const int64_t strip = (Sk + 1) / 2 * NR;
-#if ATTNOPS_BF16_DOT
-  if constexpr (NR == 32) {
-    bool finite = true;
-    for (int64_t r = r0; r < r1; r += 2) {
-      const c10::BFloat16* lo = src + r * stride;
-      if (r + kPrefetchRows + 1 < r1) {
-        prefetch_row(lo + kPrefetchRows * stride, D);
-        prefetch_row(lo + (kPrefetchRows + 1) * stride, D);
-      }
-      finite &= pack_row_pair_avx512(lo, r + 1 < Sk ? lo + stride : nullptr, D, Dp, strip, dst + (r / 2) * NR);
-    }
-    return finite;
-  }
-#endif
-  uint32_t special = 0;
+  __mmask32 special = 0;
   for (int64_t r = r0; r < r1; r += 2) {
     const c10::BFloat16* lo = src + r * stride;
     const c10::BFloat16* hi = r + 1 < Sk ? lo + stride : nullptr;
@@ -101,14 +72,24 @@ inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0,
       prefetch_row(lo + kPrefetchRows * stride, D);
       prefetch_row(lo + (kPrefetchRows + 1) * stride, D);
     }
-    for (int64_t d = 0; d < Dp; ++d) {
-      const uint16_t a = d < D ? lo[d].x : uint16_t(0), b = d < D && hi ? hi[d].x : uint16_t(0);
-      special |= uint32_t((a & 0x7f80) == 0x7f80) | uint32_t((b & 0x7f80) == 0x7f80);
-      dst[(d / NR) * strip + (r / 2) * NR + d % NR] = bf16_pair(a, b);
+    uint32_t* out = dst + (r / 2) * NR;
+    for (int64_t d = 0; d < Dp; d += NR, out += strip) {
+      const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : D > d ? (__mmask32(1) << (D - d)) - 1 : 0;
+      const __m512i a = _mm512_maskz_loadu_epi16(m, lo + d);
+      const __m512i b = hi ? _mm512_maskz_loadu_epi16(m, hi + d) : _mm512_setzero_si512();
+      special |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(a, exponent), exponent) |
+                 _mm512_cmpeq_epi16_mask(_mm512_and_si512(b, exponent), exponent);
+      _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_storeu_si512(out + 16, _mm512_permutex2var_epi16(a, high, b));
     }
   }
   return special == 0;
 }
+#else
+template <int NR>  // declared only: called under `if constexpr (kDotFor<S>)`, never instantiated at this level
+bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t Sk, int64_t D,
+                    int64_t Dp, uint32_t* dst);
+#endif
 
 #if ATTNOPS_BF16_DOT
 

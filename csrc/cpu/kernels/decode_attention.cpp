@@ -65,9 +65,9 @@ struct DecodeScratch {
   std::vector<T> st;
   DecodeScratch(int64_t rows, int64_t kv_heads, int64_t Dp, int64_t tile, int64_t map_blocks, int64_t dot_words,
                 int64_t dot_cols)
-      : q(rows * Dp), s(rows * tile), acc(rows * Dp), m(rows), l(rows), alpha(rows),
-        vpanel(tile * Dp), spans(rows), active(kv_heads), map_val(rows * map_blocks), map_ref(rows * map_blocks),
-        qt2(kv_heads * dot_words), p2(dot_words ? rows * tile / 2 : 0), vpair(dot_words ? tile / 2 * Dp : 0),
+      : q(dot_words ? 0 : rows * Dp), s(rows * tile), acc(rows * Dp), m(rows), l(rows), alpha(rows),
+        vpanel(dot_words ? 0 : tile * Dp), spans(rows), active(kv_heads), map_val(rows * map_blocks),
+        map_ref(rows * map_blocks), qt2(kv_heads * dot_words), p2(dot_words ? rows * tile / 2 : 0), vpair(dot_words ? tile / 2 * Dp : 0),
         st(dot_words ? tile * dot_cols : 0) {}
 };
 
