@@ -22,6 +22,17 @@ from attnops.core import backends  # noqa: E402
 
 REPEATS = 5
 DOT = _C._bf16_dot()  # bf16 tile products on AVX512-BF16 at the avx512 level (csrc/cpu/gemm_bf16.h)
+# Without an amx level here, the avx512 level with its bf16 products sent through the amx level's calls to oneDNN's
+# brgemm (AVX-512 code on a CPU without AMX): what the amx level's calls cost, not what AMX gains.
+def _brgemm_runs():
+    try:
+        _C._set_bf16_brgemm(_C._set_bf16_brgemm(1))  # refused where this torch's brgemm takes no bf16
+    except RuntimeError:
+        return False
+    return True
+
+
+BRGEMM = DOT and "amx" not in backends.cpu_isa()["levels"] and _brgemm_runs()
 
 
 def _median_ms(times):
@@ -29,11 +40,12 @@ def _median_ms(times):
 
 
 def _providers(q, k, v, causal, backward):
-    def ours(level, bf16_dot=True):
+    def ours(level, bf16_dot=True, brgemm=-1):
         def run():
             backends.set_cpu_isa(level)
             if DOT:
                 _C._set_bf16_dot(bf16_dot)
+                _C._set_bf16_brgemm(brgemm)
             out = attnops.attention(q, k, v, causal=causal)
             if backward:
                 out.backward(grad)
@@ -48,6 +60,8 @@ def _providers(q, k, v, causal, backward):
     runs = {level: ours(level) for level in backends.cpu_isa()["levels"] if level != "generic"}
     if DOT and q.dtype == torch.bfloat16:  # the avx512 level with its bf16 products off (widened to float)
         runs["avx512 widened"] = ours("avx512", bf16_dot=False)
+        if BRGEMM:
+            runs["avx512 brgemm"] = ours("avx512", brgemm=1)
     runs["sdpa"] = sdpa
     return runs
 
@@ -75,8 +89,10 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, levels {isa['levels']}, "
           f"CPU flags {' '.join(isa['cpu'])}")
     levels = [lv for lv in isa["levels"] if lv != "generic"] + (["avx512 widened"] if DOT else [])
+    levels += ["avx512 brgemm"] if BRGEMM else []
     print(f"bf16 products on AVX512-BF16 at the avx512 level: {DOT} ('avx512 widened': the same level with them "
-          "off; float32 rows leave that column empty)")
+          "off; 'avx512 brgemm': with them through oneDNN's brgemm, the amx level's calls, on a CPU without AMX; "
+          "float32 rows leave those columns empty)")
     if args.per_call:
         _per_call(levels)
         backends.set_cpu_isa(default)
@@ -103,6 +119,7 @@ def main():
     backends.set_cpu_isa(default)
     if DOT:
         _C._set_bf16_dot(True)
+        _C._set_bf16_brgemm(-1)
 
 
 def _per_call(levels):
@@ -110,7 +127,7 @@ def _per_call(levels):
     calls (setting it is not part of a call), batches of each provider alternate, median over all calls."""
     q, k, v = (torch.randn(1, 16, 8, 64) for _ in range(3))
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    times = {name: [] for name in [lv for lv in levels if lv != "avx512 widened"] + ["sdpa"]}
+    times = {name: [] for name in [lv for lv in levels if not lv.startswith("avx512 ")] + ["sdpa"]}
     for _ in range(7):
         for name, samples in times.items():
             if name != "sdpa":

@@ -212,6 +212,11 @@ PYBIND11_MODULE(_C, m) {
       "bfloat16 forward tile products in bf16 on AVX512-BF16 (at the avx512 level) or widened to float "
       "(test aid); returns the previous setting.");
   m.def("_bf16_dot", &attnops::bf16_dot, "Whether the bfloat16 forward multiplies in bf16 (AVX512-BF16).");
+  m.def("_set_bf16_brgemm", &attnops::cpu::set_bf16_brgemm,
+        "bf16 tile products through oneDNN's brgemm: -1 as the level says (the amx level), 0 off, 1 on (test aid: "
+        "runs the amx level's calls on a CPU without AMX); returns the previous mode.");
+  m.def("_bf16_brgemm", &attnops::cpu::bf16_brgemm,
+        "Whether bf16 tile products (where the kernels multiply in bf16) call oneDNN's brgemm (AMX tiles).");
   m.def("_set_cpu_isa", &attnops::cpu::set_level,
         "Run the CPU kernels at another ISA level (test aid); returns the previous one.");
 }

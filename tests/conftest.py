@@ -101,7 +101,7 @@ _TRITON_IMPLS = [
 
 
 # Every level a build can have, most portable first; the C++ extension reports which run here.
-_CPU_ISA_LEVELS = ("generic", "avx2", "avx512")
+_CPU_ISA_LEVELS = ("generic", "avx2", "avx512", "amx")
 _CPU_ISA = backends.cpu_isa() if backends.EXTENSION else {"kernels": None, "levels": []}
 
 

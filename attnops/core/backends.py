@@ -83,16 +83,18 @@ def cpu_flags() -> set:
 
 
 def cpu_isa() -> dict:
-    """What the C++ kernels run with: ``kernels``, the ISA level they run at (``avx512``, ``avx2`` or
+    """What the C++ kernels run with: ``kernels``, the ISA level they run at (``amx``, ``avx512``, ``avx2`` or
     ``generic``: the best level this CPU runs, or the one ``ATTNOPS_CPU_ISA`` names; None without the
     extension), ``levels``, the levels this build has and this CPU can run (most portable first), and
     ``bf16_dot``, whether the bfloat16 forward multiplies its tiles in bf16 on AVX512-BF16 at the avx512 level
-    (``ATTNOPS_CPU_BF16_DOT=0`` turns it off), and ``cpu``, which of :data:`ISA_FLAGS` this CPU has (from
+    (``ATTNOPS_CPU_BF16_DOT=0`` turns it off), ``bf16_brgemm``, whether those products go through oneDNN's brgemm
+    (the ``amx`` level: AMX tiles), and ``cpu``, which of :data:`ISA_FLAGS` this CPU has (from
     /proc/cpuinfo; empty where it cannot be read)."""
     flags = cpu_flags()
     return {"kernels": _C._cpu_isa() if EXTENSION else None,
             "levels": list(_C._cpu_isa_levels()) if EXTENSION else [],
             "bf16_dot": bool(_C._bf16_dot()) if EXTENSION else False,
+            "bf16_brgemm": bool(_C._bf16_brgemm()) if EXTENSION else False,
             "cpu": [f for f in ISA_FLAGS if f in flags]}
 
 

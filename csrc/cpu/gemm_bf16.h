@@ -147,6 +147,40 @@ ATTNOPS_BF16_TARGET inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, cons
   }
 }
 
+// gemm_bf16 (TransA false) through oneDNN's brgemm (at::native::cpublas::brgemm, the amx level: AMX tiles where the
+// CPU has them, AVX-512 code elsewhere), one call per 32-column panel, since a panel is the VNNI layout brgemm
+// takes for B (K2 rows of 32 words: ld_b = 32). brgemm only adds, so c_scale and out_scale are passes over C
+// around the calls. Its kernels are generated per shape and cached per thread: M is a tile's live rows, K the
+// head dim or a key tile's (full but at the sequence's end), so a call meets a few dozen shapes.
+ATTNOPS_BF16_TARGET inline void brgemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2,
+                                            const uint32_t* B, int64_t strip, float* C, int64_t ldc, bool accumulate,
+                                            const float* c_scale = nullptr, float out_scale = 1.0f) {
+  constexpr int NR = 32;
+  if (M <= 0) return;
+  auto scale_rows = [&](auto scale_of) {
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512 s = _mm512_set1_ps(scale_of(m));
+      float* row = C + m * ldc;
+      for (int64_t n = 0; n < N; n += 16) _mm512_storeu_ps(row + n, _mm512_mul_ps(_mm512_loadu_ps(row + n), s));
+    }
+  };
+  if (accumulate && c_scale) scale_rows([&](int64_t m) { return c_scale[m]; });
+  const auto* a = reinterpret_cast<const at::BFloat16*>(A);
+  for (int64_t n = 0; n < N; n += NR)
+    at::native::cpublas::brgemm(M, NR, 2 * K2, 2 * lda2, NR, ldc, accumulate, a,
+                                reinterpret_cast<const at::BFloat16*>(B + (n / NR) * strip), C + n, /*is_vnni=*/true);
+  if (out_scale != 1.0f) scale_rows([&](int64_t) { return out_scale; });
+}
+
+// gemm_bf16 (A by rows) or, where `brgemm` (bf16_brgemm(): the amx level), brgemm_bf16: the same product. A task
+// that multiplied through brgemm ends with at::native::cpublas::brgemm_release() (hands back the AMX tile state).
+ATTNOPS_BF16_TARGET inline void gemm_bf16_via(bool brgemm, int64_t M, int64_t N, int64_t K2, const uint32_t* A,
+                                              int64_t lda2, const uint32_t* B, int64_t strip, float* C, int64_t ldc,
+                                              bool accumulate, const float* c_scale = nullptr, float out_scale = 1.0f) {
+  if (brgemm) brgemm_bf16(M, N, K2, A, lda2, B, strip, C, ldc, accumulate, c_scale, out_scale);
+  else gemm_bf16(M, N, K2, A, lda2, B, strip, C, ldc, accumulate, c_scale, out_scale);
+}
+
 // dst[0, ceil(n / 2)) = the float row p[0, n) as bf16 pairs (round to nearest even), p read up to
 // n rounded up to 32 (the tile's zero padding), the pair past an odd n completed by that padding.
 ATTNOPS_BF16_TARGET inline void to_bf16_pairs(const float* p, int64_t n, uint32_t* dst) {
@@ -173,6 +207,11 @@ ATTNOPS_BF16_TARGET inline void to_bf16_pair_columns(const float* lo, const floa
 template <bool TransA = false>
 void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B, int64_t strip,
                float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr, float out_scale = 1.0f);
+void brgemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B, int64_t strip,
+                 float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr, float out_scale = 1.0f);
+void gemm_bf16_via(bool brgemm, int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B,
+                   int64_t strip, float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr,
+                   float out_scale = 1.0f);
 void to_bf16_pairs(const float* p, int64_t n, uint32_t* dst);
 void to_bf16_pair_columns(const float* lo, const float* hi, int64_t n, uint32_t* dst);
 

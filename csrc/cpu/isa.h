@@ -14,7 +14,8 @@
 // The dispatcher (csrc/cpu/dispatch.cpp, baseline target) registers one CPU kernel per operator,
 // which calls the table of the level chosen when the extension loads: the best level this CPU
 // supports (cpuid, OS support of the register state included, via __builtin_cpu_supports), or
-// the one ATTNOPS_CPU_ISA names (generic | avx2 | avx512). A forced level the CPU or the build
+// the one ATTNOPS_CPU_ISA names (generic | avx2 | avx512 | amx). The amx level runs the avx512 level's
+// code with its bf16 tile products sent to oneDNN's brgemm (bf16_brgemm()). A forced level the CPU or the build
 // lacks is refused with an error at the first kernel call rather than run into SIGILL.
 #pragma once
 
@@ -93,6 +94,13 @@ std::vector<std::string> runnable_levels();
 const CpuKernels& active_kernels();
 // Switches the level (test aid: the suite runs every runnable level); returns the previous name.
 std::string set_level(const std::string& name);
+// Whether bf16 tile products (where the avx512 level multiplies in bf16: bf16_dot()) call oneDNN's brgemm
+// (at::native::cpublas::brgemm: AMX tiles where the CPU has them) instead of the level's VDPBF16PS kernel: at the
+// amx level, or as set_bf16_brgemm forces it.
+bool bf16_brgemm();
+// -1 follows the level, 0 / 1 force it off / on (test aid: on a CPU without AMX, brgemm runs oneDNN's AVX-512
+// code through the same calls); returns the previous mode.
+int set_bf16_brgemm(int mode);
 
 }  // namespace attnops::cpu
 

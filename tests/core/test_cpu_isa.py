@@ -5,6 +5,7 @@ an AVX2 machine: this is what the per-level units are built to prevent, checked 
 
 The numerical tests run at every level through the `impl` / `fwd_impl` fixtures (conftest.py)."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from attnops.core import backends
 
 pytestmark = pytest.mark.skipif(not backends.EXTENSION, reason=backends.EXTENSION_REASON or "no extension")
 
-LEVELS = ("generic", "avx2", "avx512")
+LEVELS = ("generic", "avx2", "avx512", "amx")
 
 
 def test_default_level_is_the_best_runnable():
@@ -35,6 +36,8 @@ def test_default_level_is_the_best_runnable():
         # what /proc/cpuinfo says this CPU has decides what the dispatcher may pick
         assert ("avx2" in isa["levels"]) == ({"avx2", "fma", "f16c", "bmi1", "bmi2"} <= flags)
         assert ("avx512" in isa["levels"]) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags)
+        if "amx" in isa["levels"]:  # (the level also needs the OS's permission and a torch whose brgemm takes bf16)
+            assert {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
 
 
 def test_set_cpu_isa_switches_and_refuses():
@@ -48,8 +51,6 @@ def test_set_cpu_isa_switches_and_refuses():
         torch.testing.assert_close(attnops.attention(q, q, q, causal=True), out_generic)
         with pytest.raises(RuntimeError, match="unknown level 'sse'"):
             backends.set_cpu_isa("sse")
-        with pytest.raises(RuntimeError, match="amx level .* not implemented"):
-            backends.set_cpu_isa("amx")
         for level in set(LEVELS) - set(levels):
             with pytest.raises(RuntimeError, match="lacks|this build has"):
                 backends.set_cpu_isa(level)
@@ -67,8 +68,8 @@ def test_env_forces_or_refuses_the_level(value):
     env = dict(os.environ, ATTNOPS_CPU_ISA=value)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    if value == "generic":
-        assert out.stdout.strip() == "ran generic"
+    if value == "generic" or value in backends.cpu_isa()["levels"]:
+        assert out.stdout.strip() == f"ran {value}"
     else:
         assert out.stdout.startswith(f"refused ATTNOPS_CPU_ISA={value}: "), out.stdout
 
@@ -114,3 +115,47 @@ def test_wide_instructions_stay_inside_their_level():
     # the check sees wide code where it is: read as baseline, the AVX2 level's functions are offenders
     as_baseline, _ = _offenders(dis, re.compile(r"^(?:[\w:<>,\s*&]+?\s)?attnops::cpu::(avx512)::"))
     assert any("attnops::cpu::avx2::" in n for n in as_baseline)
+
+
+@contextlib.contextmanager
+def _onednn_off():
+    """torch.backends.mkldnn.enabled = False for the duration (its flags() context also sets TF32 and warns)."""
+    previous = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(previous)
+
+
+def test_amx_level_is_the_avx512_code_with_brgemm_products():
+    """The amx level runs the avx512 level's kernels with the bf16 tile products sent to oneDNN's brgemm
+    (_C._bf16_brgemm()); elsewhere brgemm is off unless a test forces it, and never while oneDNN is disabled
+    (ATen's brgemm then refuses bf16 operands)."""
+    from attnops import _C
+
+    levels = backends.cpu_isa()["levels"]
+    previous = backends.set_cpu_isa("generic")
+    try:
+        assert not _C._bf16_brgemm()
+        if "amx" in levels:
+            backends.set_cpu_isa("amx")
+            assert _C._bf16_brgemm()
+            with _onednn_off():
+                assert not _C._bf16_brgemm()
+        if "avx512" in levels and "avx512_bf16" in backends.cpu_isa()["cpu"]:
+            backends.set_cpu_isa("avx512")
+            assert not _C._bf16_brgemm()
+            mode = _C._set_bf16_brgemm(1)
+            try:
+                assert _C._bf16_brgemm()
+                with _onednn_off():
+                    assert not _C._bf16_brgemm()
+                    q = torch.randn(1, 40, 2, 32, dtype=torch.bfloat16)
+                    attnops.attention(q, q, q, causal=True)  # runs the level's own products, no error
+            finally:
+                _C._set_bf16_brgemm(mode)
+        with pytest.raises(RuntimeError, match="mode must be"):
+            _C._set_bf16_brgemm(2)
+    finally:
+        backends.set_cpu_isa(previous)

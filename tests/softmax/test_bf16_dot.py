@@ -1,6 +1,7 @@
 """The bfloat16 forward's and backward's bf16 tile products (csrc/cpu/gemm_bf16.h: AVX512-BF16 at the avx512
-level) and their float fallback: both against the float64 reference under the accuracy rule, on odd shapes,
-each backward form, score modifiers and biases, and the fallbacks taken for non-finite inputs. The rest of
+level; oneDNN's brgemm at the amx level, forced here through the same calls, where brgemm runs AVX-512 code
+without AMX) and their float fallback: both against the float64 reference under the accuracy rule, on odd
+shapes, each backward form, score modifiers and biases, and the fallbacks taken for non-finite inputs. The rest of
 the suite runs bf16 through the bf16 products wherever this CPU has them (the default), and through the
 widening path at the other ISA levels."""
 
@@ -23,9 +24,19 @@ def avx512():
 
     previous = backends.set_cpu_isa("avx512")
     previous_dot = _C._bf16_dot()
+    previous_brgemm = _C._set_bf16_brgemm(0)
     yield _C
+    _C._set_bf16_brgemm(previous_brgemm)
     _C._set_bf16_dot(previous_dot)
     backends.set_cpu_isa(previous)
+
+
+def _products(_C, products):
+    """Runs the bf16 tile products as `products` says: "bf16_dot" (the avx512 level's VDPBF16PS kernel),
+    "brgemm" (the amx level's calls to oneDNN's brgemm: here its AVX-512 code, AMX tiles on a CPU with them) or
+    "widened" (float products)."""
+    _C._set_bf16_dot(products != "widened")
+    _C._set_bf16_brgemm(1 if products == "brgemm" else 0)
 
 
 def _ref(q, k, v, **kw):
@@ -43,10 +54,10 @@ _CASES = [
 ]
 
 
-@pytest.mark.parametrize("dot", [True, False], ids=["bf16_dot", "widened"])
+@pytest.mark.parametrize("products", ["bf16_dot", "brgemm", "widened"])
 @pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D,kw", _CASES)
-def test_bf16_forward_matches_reference(avx512, dot, B, Sq, Sk, H, Hkv, D, kw):
-    avx512._set_bf16_dot(dot)
+def test_bf16_forward_matches_reference(avx512, products, B, Sq, Sk, H, Hkv, D, kw):
+    _products(avx512, products)
     q, k, v = make_qkv(B, Sq, Sk, H, Hkv, D, torch.bfloat16)
     out, lse = attnops.attention(q, k, v, return_lse=True, **kw)
     ref, ref_lse = _ref(q, k, v, return_lse=True, **kw)
@@ -55,12 +66,13 @@ def test_bf16_forward_matches_reference(avx512, dot, B, Sq, Sk, H, Hkv, D, kw):
     assert_accurate("lse", lse, ref_lse, low_lse)
 
 
-def test_bf16_block_mask_and_map(avx512):
-    avx512._set_bf16_dot(True)
+@pytest.mark.parametrize("products", ["bf16_dot", "brgemm"])
+def test_bf16_block_mask_and_map(avx512, products):
+    _products(avx512, products)
     q, k, v = make_qkv(1, 640, 640, 4, 2, 64, torch.bfloat16)
     mask = BlockMask.sliding_window((640, 640), window=200, block_size=64)
     out, block_map = attnops.block_sparse_attention(q, k, v, mask, return_block_map=True)
-    avx512._set_bf16_dot(False)
+    _products(avx512, "widened")
     out_w, block_map_w = attnops.block_sparse_attention(q, k, v, mask, return_block_map=True)
     ref = attnops.block_sparse_attention(q.double(), k.double(), v.double(), mask, backend="reference")
     low = attnops.block_sparse_attention(q, k, v, mask, backend="reference")
@@ -112,10 +124,10 @@ def _grads(q, k, v, dout, **kw):
     return q.grad, k.grad, v.grad
 
 
-@pytest.mark.parametrize("dot", [True, False], ids=["bf16_dot", "widened"])
+@pytest.mark.parametrize("products", ["bf16_dot", "brgemm", "widened"])
 @pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D,kw", _CASES)
-def test_bf16_backward_matches_reference(avx512, backward_mode, dot, B, Sq, Sk, H, Hkv, D, kw):
-    avx512._set_bf16_dot(dot)
+def test_bf16_backward_matches_reference(avx512, backward_mode, products, B, Sq, Sk, H, Hkv, D, kw):
+    _products(avx512, products)
     q, k, v = make_qkv(B, Sq, Sk, H, Hkv, D, torch.float64)
     dout = torch.randn(B, Sq, H, D, dtype=torch.float64)
     assert_op_matches_oracle(lambda q, k, v: attnops.attention(q, k, v, **kw),
@@ -136,11 +148,12 @@ def test_bf16_backward_takes_the_bf16_products(avx512):
         assert not torch.equal(a, b)
 
 
+@pytest.mark.parametrize("products", ["bf16_dot", "brgemm"])
 @pytest.mark.parametrize("mods", ["alibi_sinks", "bias", "bool_mask"])
-def test_bf16_backward_score_mods_and_bias(avx512, backward_mode, mods):
+def test_bf16_backward_score_mods_and_bias(avx512, backward_mode, mods, products):
     """What models put around the softmax composes with the bf16 products: ALiBi and sinks (their gradient),
     an additive bias with its gradient, a boolean mask."""
-    avx512._set_bf16_dot(True)
+    _products(avx512, products)
     B, S, H, Hkv, D = 2, 150, 4, 2, 40
     q, k, v = make_qkv(B, S, S, H, Hkv, D, torch.float64)
     dout = torch.randn(B, S, H, D, dtype=torch.float64).to(torch.bfloat16)
@@ -183,17 +196,17 @@ def test_bf16_backward_nan_in_v_matches_the_float_path(avx512, backward_mode):
 
 
 # decode: groups of more than 16 query rows per kv head (MQA, wide GQA) with a bf16 cache multiply in bf16
-@pytest.mark.parametrize("dot", [True, False], ids=["bf16_dot", "widened"])
+@pytest.mark.parametrize("products", ["bf16_dot", "brgemm", "widened"])
 @pytest.mark.parametrize("shape,kw", [
     ((2, 333, 32, 1, 128, 1), dict()),
     ((2, 190, 8, 1, 40, 3), dict(window_size=(50, 0), num_splits=3)),  # 24 rows a group, a window, splits
     ((1, 257, 24, 1, 96, 2), dict(softcap=5.0)),  # 48 rows: two panels of query columns
     ((2, 300, 32, 2, 64, 1), dict(num_splits=1)),
 ], ids=["mqa", "window", "softcap", "gqa16"])
-def test_bf16_decode_matches_reference(avx512, dot, shape, kw):
+def test_bf16_decode_matches_reference(avx512, products, shape, kw):
     from helpers import make_decode_inputs
 
-    avx512._set_bf16_dot(dot)
+    _products(avx512, products)
     q, k, v, lens = make_decode_inputs(shape, torch.bfloat16, "cpu")
     out, lse = attnops.decode_attention(q, k, v, lens, return_lse=True, **kw)
     ref_kw = {key: val for key, val in kw.items() if key != "num_splits"}

@@ -328,6 +328,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* kt = nullptr;
   T* vb = nullptr;
   const bool dot_level = kDot && bf16_dot();
+  // the amx level: the bf16 products through oneDNN's brgemm (AMX tiles), the same operands
+  const bool brgemm = dot_level && bf16_brgemm();
   auto pack_wave = [&](int64_t g0, int64_t g1) {  // -> whether the wave runs the bf16 products
     bool dot = dot_level;
     if constexpr (kDot) {
@@ -421,8 +423,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int64_t ra = live.first, nr = live.count;
         if (dot) {
           if constexpr (kDot)
-            gemm_bf16(nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + t0 * D2, D2 * NR, ws.s.data() + ra * kTileK,
-                      kTileK, false, nullptr, static_cast<float>(c));
+            gemm_bf16_via(brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + t0 * D2, D2 * NR, ws.s.data() + ra * kTileK,
+                          kTileK, false, nullptr, static_cast<float>(c));
         } else {
           gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
                   kTileK, false);
@@ -447,8 +449,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           if constexpr (kDot) {
             for (int64_t r = ra; r < ra + nr; ++r)
               to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.p2.data() + r * (kTileK / 2));
-            gemm_bf16(nr, p.Dp, (t1 - t0 + 1) / 2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2,
-                      v2tile + (t0 / 2) * NR, Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
+            gemm_bf16_via(brgemm, nr, p.Dp, (t1 - t0 + 1) / 2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2,
+                          v2tile + (t0 / 2) * NR, Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
           }
         } else if (exact)
           gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR,
@@ -460,6 +462,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     };
     run(false);
     if (!dot && !all_finite(ws.acc.data(), rows * p.Dp)) run(true);
+    if (dot && brgemm) at::native::cpublas::brgemm_release();  // hands back the AMX tile state
 
     for (int64_t r = 0; r < rows; ++r) {
       S* orow = op + b * so_b + (r0 + r) * so_s + h * so_h;
@@ -505,6 +508,7 @@ template <typename T>
 struct BwdOperands {
   int64_t Sq_pad, Sk_pad, bh0 = 0;
   bool dot = false;
+  bool brgemm = false;  // `dot` through oneDNN's brgemm (the amx level; dq = dS K stays on the level's kernel)
   double softmax_scale = 0;
   T *qt = nullptr, *dot_t = nullptr, *dor = nullptr, *qs = nullptr;  // per (b, head): (c q)^T, dO^T (D x Sq_pad),
                                                                       // dO, (scale q) (Sq x Dp)
@@ -635,10 +639,11 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         if (dot) {
           if constexpr (kDotFor<S>) {
             const int64_t panel2 = slot * ops.Sq_pad * D2 + t0 * D2;
-            gemm_bf16(nk, n, D2, ws.k2.data() + ja * D2, D2, ops.qt2 + panel2, D2 * NR, ws.s.data() + ja * kTileQBwd,
-                      kTileQBwd, false, nullptr, static_cast<float>(ops.softmax_scale * kLog2e));
-            gemm_bf16(nk, n, D2, ws.v2.data() + ja * D2, D2, ops.dot2 + panel2, D2 * NR,
-                      ws.dp.data() + ja * kTileQBwd, kTileQBwd, false);
+            gemm_bf16_via(ops.brgemm, nk, n, D2, ws.k2.data() + ja * D2, D2, ops.qt2 + panel2, D2 * NR,
+                          ws.s.data() + ja * kTileQBwd, kTileQBwd, false, nullptr,
+                          static_cast<float>(ops.softmax_scale * kLog2e));
+            gemm_bf16_via(ops.brgemm, nk, n, D2, ws.v2.data() + ja * D2, D2, ops.dot2 + panel2, D2 * NR,
+                          ws.dp.data() + ja * kTileQBwd, kTileQBwd, false);
           }
         } else {
           gemm<T>(nk, n, p.D, ws.k.data() + ja * p.D, p.D, ops.qt + panel, p.D * NR, ws.s.data() + ja * kTileQBwd,
@@ -695,10 +700,11 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
               to_bf16_pairs(ws.s.data() + j * kTileQBwd, t1 - t0, ws.p2.data() + j * lp);
               to_bf16_pairs(ws.dp.data() + j * kTileQBwd, t1 - t0, ws.ds2.data() + j * lp);
             }
-            gemm_bf16(nk, p.Dp, q2, ws.p2.data() + ja * lp, lp, ops.dor2 + rows2, Sq2 * NR, partial, p.Dp, false);
+            gemm_bf16_via(ops.brgemm, nk, p.Dp, q2, ws.p2.data() + ja * lp, lp, ops.dor2 + rows2, Sq2 * NR, partial,
+                          p.Dp, false);
             add_into(ws.dv.data() + ja * p.Dp, partial, nk * p.Dp);
-            gemm_bf16(nk, p.Dp, q2, ws.ds2.data() + ja * lp, lp, ops.qs2 + rows2, Sq2 * NR, partial, p.Dp, false,
-                      nullptr, static_cast<float>(ops.softmax_scale));
+            gemm_bf16_via(ops.brgemm, nk, p.Dp, q2, ws.ds2.data() + ja * lp, lp, ops.qs2 + rows2, Sq2 * NR, partial,
+                          p.Dp, false, nullptr, static_cast<float>(ops.softmax_scale));
             add_into(ws.dk.data() + ja * p.Dp, partial, nk * p.Dp);
             if (fused) {  // dq[t0:t1] += dS K: dS^T's live rows [ja, je) paired along the keys from an even ja0
               const int64_t ja0 = ja & ~int64_t(1), je = ja + nk;
@@ -753,6 +759,7 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
     store_row(ws.dk.data() + j * p.Dp, p.D, T(1), dkp + row * p.D);
     store_row(ws.dv.data() + j * p.Dp, p.D, T(1), dvp + row * p.D);
   }
+  if (ops.brgemm) at::native::cpublas::brgemm_release();
 }
 
 // Elements (words with `dot`) of one (b, head)'s operands in alloc_head_operands' buffers (q and dO as
@@ -771,6 +778,7 @@ BwdOperands<compute_t<S>> alloc_head_operands(const Problem& p, const at::Tensor
   constexpr int64_t NR = kGemmN<T>;
   BwdOperands<T> ops;
   ops.dot = dot;
+  ops.brgemm = dot && bf16_brgemm();
   ops.Sq_pad = round_up(p.Sq, NR);
   ops.Sk_pad = round_up(p.Sk, NR);
   auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
@@ -954,10 +962,10 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
     if (dot) {
       if constexpr (kDotFor<S>) {
         const int64_t panel2 = bhk * ops.Sk_pad * D2 + t0 * D2;
-        gemm_bf16(nr, n, D2, ws.q2.data() + ra * D2, D2, ops.kt2 + panel2, D2 * NR, ws.s.data() + ra * kTileK, kTileK,
-                  false, nullptr, static_cast<float>(c));
-        gemm_bf16(nr, n, D2, ws.dout2.data() + ra * D2, D2, ops.vt2 + panel2, D2 * NR, ws.dp.data() + ra * kTileK,
-                  kTileK, false);
+        gemm_bf16_via(ops.brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, ops.kt2 + panel2, D2 * NR,
+                      ws.s.data() + ra * kTileK, kTileK, false, nullptr, static_cast<float>(c));
+        gemm_bf16_via(ops.brgemm, nr, n, D2, ws.dout2.data() + ra * D2, D2, ops.vt2 + panel2, D2 * NR,
+                      ws.dp.data() + ra * kTileK, kTileK, false);
       }
     } else {
       gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ops.kt + panel, p.D * NR, ws.s.data() + ra * kTileK, kTileK,
@@ -996,8 +1004,8 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
       if constexpr (kDotFor<S>) {
         for (int64_t r = ra; r < ra + nr; ++r)
           to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.ds2.data() + r * (kTileK / 2));
-        gemm_bf16(nr, p.Dp, (t1 - t0 + 1) / 2, ws.ds2.data() + ra * (kTileK / 2), kTileK / 2,
-                  ops.kr2 + bhk * p.Dp * Sk2 + t0 / 2 * NR, Sk2 * NR, partial, p.Dp, false);
+        gemm_bf16_via(ops.brgemm, nr, p.Dp, (t1 - t0 + 1) / 2, ws.ds2.data() + ra * (kTileK / 2), kTileK / 2,
+                      ops.kr2 + bhk * p.Dp * Sk2 + t0 / 2 * NR, Sk2 * NR, partial, p.Dp, false);
       }
       add_into(ws.acc.data() + ra * p.Dp, partial, nr * p.Dp);
       return;
@@ -1013,6 +1021,7 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
   for (int64_t r = 0; r < rows; ++r)
     store_row(ws.acc.data() + r * p.Dp, p.D, static_cast<T>(softmax_scale),
               dqp + ((b * p.Sq + r0 + r) * p.H + h) * p.D);
+  if (ops.brgemm) at::native::cpublas::brgemm_release();
 }
 
 template <typename S>

@@ -359,6 +359,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const bool dot = kDotFor<S> && bf16_dot() && group_rows > 16 && D % 2 == 0 && k.stride(1) % 2 == 0 &&
                    k.stride(2) % 2 == 0 && k.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(k.data_ptr()) % 4 == 0;
   const int64_t D2 = D / 2, dot_cols = dot ? round_up(group_rows, NR) : 0, dot_words = dot_cols * D2;
+  const bool brgemm = dot && bf16_brgemm();  // the amx level: the same products through oneDNN's brgemm
 
   auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor opart = at::empty({B * splits, rows, D}, opts);
@@ -442,8 +443,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                 if (!ws.active[hk]) continue;
                 const auto* krows = reinterpret_cast<const uint32_t*>(kbase + t0 * sk_s + hk * sk_h);
                 T* st = ws.st.data();
-                gemm_bf16(nk, dot_cols, D2, krows, sk_s / 2, ws.qt2.data() + hk * dot_words, D2 * NR, st, dot_cols,
-                          false, nullptr, static_cast<float>(c));
+                gemm_bf16_via(brgemm, nk, dot_cols, D2, krows, sk_s / 2, ws.qt2.data() + hk * dot_words, D2 * NR, st,
+                              dot_cols, false, nullptr, static_cast<float>(c));
                 T* srows = ws.s.data() + hk * group_rows * stile;
                 for (int64_t j = 0; j < nk; ++j)
                   for (int64_t g = 0; g < group_rows; ++g) srows[g * stile + j] = st[j * dot_cols + g];
@@ -484,8 +485,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                 pack_row_pairs<NR>(vbase + t0 * sv_s + hk * sv_h, sv_s, 0, nk, nk, D, Dp, ws.vpair.data());
                 for (int64_t r = r0; r < r0 + group_rows; ++r)
                   to_bf16_pairs(ws.s.data() + r * stile, nk, ws.p2.data() + r * (stile / 2));
-                gemm_bf16(group_rows, Dp, nk2, ws.p2.data() + r0 * (stile / 2), stile / 2, ws.vpair.data(), nk2 * NR,
-                          ws.acc.data() + r0 * Dp, Dp, true, ws.alpha.data() + r0);
+                gemm_bf16_via(brgemm, group_rows, Dp, nk2, ws.p2.data() + r0 * (stile / 2), stile / 2,
+                              ws.vpair.data(), nk2 * NR, ws.acc.data() + r0 * Dp, Dp, true, ws.alpha.data() + r0);
               }
               continue;
             }
@@ -497,6 +498,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         };
         run(false);
         if (!all_finite(ws.acc.data(), rows * Dp)) run(true);
+        if (brgemm) at::native::cpublas::brgemm_release();
         T* o = op + t * rows * D;
         T* l = lp + t * rows;
         for (int64_t r = 0; r < rows; ++r) {
