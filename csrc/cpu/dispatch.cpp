@@ -53,9 +53,10 @@ bool has_amx_bf16() {  // cpuid leaf 7, EDX bit 22 (read directly: older GCCs' _
   unsigned a = 0, b = 0, c = 0, d = 0;
   return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1u);
 }
-bool has_amx() {
-  return has_avx512() && __builtin_cpu_supports("avx512bf16") && has_amx_bf16() && at::cpu::init_amx() &&
-         brgemm_runs();
+bool has_amx() {  // once: init_amx() is a system call, and runnable_levels() asks on every cpu_isa()
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16") && has_amx_bf16() &&
+                         at::cpu::init_amx() && brgemm_runs();
+  return ok;
 }
 // The amx level is the avx512 level's code with its bf16 tile products sent to oneDNN's brgemm
 // (bf16_brgemm()), not a fourth compilation: brgemm brings the AMX instructions itself.
