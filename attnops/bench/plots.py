@@ -18,7 +18,8 @@ def machine_name(env: dict) -> str:
     level = env.get("cpu_kernels_isa")
     if not level:
         return env["device_name"]
-    return f"{env['device_name']}, kernels {level}{' + bf16 dot' if env.get('cpu_bf16_dot') else ''}"
+    products = (" + bf16 brgemm" if env.get("cpu_bf16_brgemm") else " + bf16 dot") if env.get("cpu_bf16_dot") else ""
+    return f"{env['device_name']}, kernels {level}{products}"
 
 
 def _plain(value, _pos=None) -> str:

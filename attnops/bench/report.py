@@ -37,7 +37,8 @@ def environment(device: str, threads: int) -> dict:
 
         isa = cpu_isa()
         env["cpu_kernels_isa"] = isa["kernels"]
-        env["cpu_bf16_dot"] = isa["bf16_dot"] and isa["kernels"] == "avx512"  # bf16 products on AVX512-BF16
+        env["cpu_bf16_dot"] = isa["bf16_dot"] and isa["kernels"] in ("avx512", "amx")  # bf16 products (AVX512-BF16)
+        env["cpu_bf16_brgemm"] = isa["bf16_brgemm"]  # ... through oneDNN's brgemm (the amx level)
         env["cpu_flags"] = " ".join(isa["cpu"])
     return env
 

@@ -83,7 +83,8 @@ def test_tiny_suite_end_to_end(tmp_path, capsys):
     from attnops.core.backends import cpu_isa
 
     assert data["environment"]["cpu_kernels_isa"] == cpu_isa()["kernels"]
-    assert data["environment"]["cpu_bf16_dot"] == (cpu_isa()["bf16_dot"] and cpu_isa()["kernels"] == "avx512")
+    assert data["environment"]["cpu_bf16_dot"] == (cpu_isa()["bf16_dot"] and cpu_isa()["kernels"] in ("avx512", "amx"))
+    assert data["environment"]["cpu_bf16_brgemm"] == cpu_isa()["bf16_brgemm"]
     assert isinstance(data["environment"]["cpu_flags"], str)
     rows = data["results"]
     assert len(rows) == 9 and all(r["status"] == "ok" for r in rows)
