@@ -423,8 +423,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int64_t ra = live.first, nr = live.count;
         if (dot) {
           if constexpr (kDot)
-            gemm_bf16_via(brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + t0 * D2, D2 * NR, ws.s.data() + ra * kTileK,
-                          kTileK, false, nullptr, static_cast<float>(c));
+            gemm_bf16_via(brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + t0 * D2, D2 * NR,
+                          ws.s.data() + ra * kTileK, kTileK, false, nullptr, static_cast<float>(c));
         } else {
           gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
                   kTileK, false);
