@@ -172,6 +172,28 @@ ATTNOPS_BF16_TARGET inline void brgemm_bf16(int64_t M, int64_t N, int64_t K2, co
   if (out_scale != 1.0f) scale_rows([&](int64_t) { return out_scale; });
 }
 
+// C (M x N, ldc) = A B through brgemm with B one VNNI block rather than panels: A's rows are bf16 (two a word, lda2
+// words apart) read from element a0 (even) on, B holds K2 rows of N words (ldb words apart), each word a pair along
+// the reduction. dq^T = K^T dS^T of the amx level's fused backward, whose dS^T pairs are such a block.
+ATTNOPS_BF16_TARGET inline void brgemm_bf16_block(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2,
+                                                  int64_t a0, const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  at::native::cpublas::brgemm(M, N, 2 * K2, 2 * lda2, ldb, ldc, false,
+                              reinterpret_cast<const at::BFloat16*>(A) + a0, reinterpret_cast<const at::BFloat16*>(B),
+                              C, /*is_vnni=*/true);
+}
+
+// K^T as bf16 rows: dst row d (ld2 words, two halves each) holds src[0..rows, d], zero-completed to an even count.
+inline void pack_transposed_rows(const c10::BFloat16* src, int64_t stride, int64_t rows, int64_t D, int64_t ld2,
+                                 uint32_t* dst) {
+  auto* out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t d = 0; d < D; ++d) {
+    uint16_t* row = out + d * 2 * ld2;
+    for (int64_t j = 0; j < rows; ++j) row[j] = src[j * stride + d].x;
+    if (rows % 2) row[rows] = 0;
+  }
+}
+
 // gemm_bf16 (A by rows) or, where `brgemm` (bf16_brgemm(): the amx level), brgemm_bf16: the same product. A task
 // that multiplied through brgemm ends with at::native::cpublas::brgemm_release() (hands back the AMX tile state).
 ATTNOPS_BF16_TARGET inline void gemm_bf16_via(bool brgemm, int64_t M, int64_t N, int64_t K2, const uint32_t* A,
@@ -212,6 +234,10 @@ void brgemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t ld
 void gemm_bf16_via(bool brgemm, int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B,
                    int64_t strip, float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr,
                    float out_scale = 1.0f);
+void brgemm_bf16_block(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, int64_t a0, const uint32_t* B,
+                       int64_t ldb, float* C, int64_t ldc);
+void pack_transposed_rows(const c10::BFloat16* src, int64_t stride, int64_t rows, int64_t D, int64_t ld2,
+                          uint32_t* dst);
 void to_bf16_pairs(const float* p, int64_t n, uint32_t* dst);
 void to_bf16_pair_columns(const float* lo, const float* hi, int64_t n, uint32_t* dst);
 

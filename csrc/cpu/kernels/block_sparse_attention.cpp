@@ -508,7 +508,7 @@ template <typename T>
 struct BwdOperands {
   int64_t Sq_pad, Sk_pad, bh0 = 0;
   bool dot = false;
-  bool brgemm = false;  // `dot` through oneDNN's brgemm (the amx level; dq = dS K stays on the level's kernel)
+  bool brgemm = false;  // `dot` through oneDNN's brgemm (the amx level; the fused dq as dq^T = K^T dS^T)
   double softmax_scale = 0;
   T *qt = nullptr, *dot_t = nullptr, *dor = nullptr, *qs = nullptr;  // per (b, head): (c q)^T, dO^T (D x Sq_pad),
                                                                       // dO, (scale q) (Sq x Dp)
@@ -535,6 +535,14 @@ inline void add_into(GradAcc* acc, const T* partial, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += partial[i];
 }
 
+// acc[i, d] += partial_t[d, i] for i < rows, d < cols (a product computed transposed: dq^T at the amx level)
+template <typename T>
+inline void add_transposed_into(GradAcc* acc, int64_t ld_acc, const T* partial_t, int64_t ld_partial, int64_t rows,
+                                int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < cols; ++d) acc[i * ld_acc + d] += partial_t[d * ld_partial + i];
+}
+
 template <typename T>
 struct DqScratch {
   std::vector<T> q, dout, s, dp, partial, capgrad, drop;
@@ -555,6 +563,9 @@ struct KeyTileScratch {
   // bf16 products: K, V rows and K's row-pair panels (over the tile's keys); P^T and dS^T rows as pairs along
   // the queries, and dS as pairs along the keys (word (j2, i) at j2 kTileQBwd + i)
   std::vector<uint32_t> k2, v2, kpair, p2, ds2, dsq2;
+  // fused with brgemm (the amx level): K^T's bf16 rows over the tile's keys (D x kTileKBwd halves, two a word), the A
+  // operand of dq^T = K^T dS^T
+  std::vector<uint32_t> kt_rows;
   std::vector<GradAcc> dk, dv, dq;
   std::vector<RowSpan> spans;
   KeyTileScratch(int64_t D, int64_t Dp, int64_t dq_rows, bool softcap, bool bias, bool dot)
@@ -563,7 +574,8 @@ struct KeyTileScratch {
         capgrad(softcap ? kTileKBwd * kTileQBwd : 0), drop(kTileQBwd), bias_t(bias ? kTileKBwd * kTileQBwd : 0),
         drop_rows(kTileQBwd), k2(dot ? kTileKBwd * ((D + 1) / 2) : 0), v2(dot ? kTileKBwd * ((D + 1) / 2) : 0),
         kpair(dot ? kTileKBwd / 2 * Dp : 0), p2(dot ? kTileKBwd * kTileQBwd / 2 : 0),
-        ds2(dot ? kTileKBwd * kTileQBwd / 2 : 0), dsq2(dot ? kTileKBwd / 2 * kTileQBwd : 0), dk(kTileKBwd * Dp),
+        ds2(dot ? kTileKBwd * kTileQBwd / 2 : 0), dsq2(dot ? kTileKBwd / 2 * kTileQBwd : 0),
+        kt_rows(dot ? D * kTileKBwd / 2 : 0), dk(kTileKBwd * Dp),
         dv(kTileKBwd * Dp), dq(dq_rows * Dp), spans(kTileKBwd) {}
 };
 
@@ -596,7 +608,8 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
     if constexpr (kDotFor<S>) {
       pack_transposed_pairs<1>(ksrc, p.sk_s, 0, keys, p.D, ws.k2.data());
       pack_transposed_pairs<1>(vsrc, p.sv_s, 0, keys, p.D, ws.v2.data());
-      if (fused) pack_row_pairs<NR>(ksrc, p.sk_s, 0, keys, keys, p.D, p.Dp, ws.kpair.data());
+      if (fused && ops.brgemm) pack_transposed_rows(ksrc, p.sk_s, keys, p.D, kTileKBwd / 2, ws.kt_rows.data());
+      else if (fused) pack_row_pairs<NR>(ksrc, p.sk_s, 0, keys, keys, p.D, p.Dp, ws.kpair.data());
     }
   } else {
     pack_rows(ksrc, p.sk_s, 0, keys, p.D, T(1), ws.k.data(), p.D);
@@ -711,9 +724,16 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
               auto live_row = [&](int64_t j) { return j >= ja && j < je ? ws.dp.data() + j * kTileQBwd : nullptr; };
               for (int64_t j = ja0; j < je; j += 2)
                 to_bf16_pair_columns(live_row(j), live_row(j + 1), n, ws.dsq2.data() + (j - ja0) / 2 * kTileQBwd);
-              gemm_bf16<true>(t1 - t0, p.Dp, (je - ja0 + 1) / 2, ws.dsq2.data(), kTileQBwd,
-                              ws.kpair.data() + ja0 / 2 * NR, keys2 * NR, partial, p.Dp, false);
-              add_into(dq.acc + (g * dq.rows + t0 - dq.row0) * p.Dp, partial, (t1 - t0) * p.Dp);
+              GradAcc* dq_rows = dq.acc + (g * dq.rows + t0 - dq.row0) * p.Dp;
+              if (ops.brgemm) {  // dq^T = K^T dS^T: brgemm has no transposed A, and dS^T's pairs are its VNNI B
+                brgemm_bf16_block(p.D, t1 - t0, (je - ja0 + 1) / 2, ws.kt_rows.data(), kTileKBwd / 2, ja0,
+                                  ws.dsq2.data(), kTileQBwd, partial, kTileQBwd);
+                add_transposed_into(dq_rows, p.Dp, partial, kTileQBwd, t1 - t0, p.D);
+              } else {
+                gemm_bf16<true>(t1 - t0, p.Dp, (je - ja0 + 1) / 2, ws.dsq2.data(), kTileQBwd,
+                                ws.kpair.data() + ja0 / 2 * NR, keys2 * NR, partial, p.Dp, false);
+                add_into(dq_rows, partial, (t1 - t0) * p.Dp);
+              }
             }
           }
           continue;
