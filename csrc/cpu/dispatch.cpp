@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
@@ -164,7 +165,7 @@ std::atomic<int> g_bf16_brgemm{-1};  // -1: the level's choice; 0 / 1 forced (se
 bool bf16_brgemm() {
   // torch.backends.mkldnn.enabled = False makes ATen's brgemm refuse VNNI operands: the level's own products run then
   const int forced = g_bf16_brgemm.load(std::memory_order_relaxed);
-  const bool on = forced >= 0 ? forced == 1 : std::string(active_kernels().name) == "amx";
+  const bool on = forced >= 0 ? forced == 1 : std::strcmp(active_kernels().name, "amx") == 0;  // per kernel call
   return on && at::globalContext().userEnabledMkldnn() && brgemm_runs();
 }
 

@@ -147,11 +147,23 @@ ATTNOPS_BF16_TARGET inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, cons
   }
 }
 
-// gemm_bf16 (TransA false) through oneDNN's brgemm (at::native::cpublas::brgemm, the amx level: AMX tiles where the
-// CPU has them, AVX-512 code elsewhere), one call per 32-column panel, since a panel is the VNNI layout brgemm
-// takes for B (K2 rows of 32 words: ld_b = 32). brgemm only adds, so c_scale and out_scale are passes over C
-// around the calls. Its kernels are generated per shape and cached per thread: M is a tile's live rows, K the
-// head dim or a key tile's (full but at the sequence's end), so a call meets a few dozen shapes.
+// C (M x N, ldc) (+)= A B through oneDNN's brgemm (at::native::cpublas::brgemm, the amx level: AMX tiles where the
+// CPU has them, AVX-512 code elsewhere), B one VNNI block: A's rows are bf16 (two a word, lda2 words apart) read from
+// element a0 (even) on, B holds K2 rows of N words (ldb words apart), each word a pair along the reduction. A word
+// panel of gemm_bf16 is such a block (ld_b = 32), and so are the fused backward's dS^T pairs (dq^T = K^T dS^T).
+ATTNOPS_BF16_TARGET inline void brgemm_bf16_block(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2,
+                                                  int64_t a0, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
+                                                  bool accumulate = false) {
+  if (M <= 0 || N <= 0) return;
+  at::native::cpublas::brgemm(M, N, 2 * K2, 2 * lda2, ldb, ldc, accumulate,
+                              reinterpret_cast<const at::BFloat16*>(A) + a0, reinterpret_cast<const at::BFloat16*>(B),
+                              C, /*is_vnni=*/true);
+}
+
+// gemm_bf16 (TransA false) through brgemm_bf16_block, one call per 32-column panel. brgemm only adds, so c_scale
+// and out_scale are passes over C around the calls. Its kernels are generated per shape and cached per thread: M is
+// a tile's live rows, K the head dim or a key tile's (full but at the sequence's end), so a call meets a few dozen
+// shapes.
 ATTNOPS_BF16_TARGET inline void brgemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2,
                                             const uint32_t* B, int64_t strip, float* C, int64_t ldc, bool accumulate,
                                             const float* c_scale = nullptr, float out_scale = 1.0f) {
@@ -165,22 +177,9 @@ ATTNOPS_BF16_TARGET inline void brgemm_bf16(int64_t M, int64_t N, int64_t K2, co
     }
   };
   if (accumulate && c_scale) scale_rows([&](int64_t m) { return c_scale[m]; });
-  const auto* a = reinterpret_cast<const at::BFloat16*>(A);
   for (int64_t n = 0; n < N; n += NR)
-    at::native::cpublas::brgemm(M, NR, 2 * K2, 2 * lda2, NR, ldc, accumulate, a,
-                                reinterpret_cast<const at::BFloat16*>(B + (n / NR) * strip), C + n, /*is_vnni=*/true);
+    brgemm_bf16_block(M, NR, K2, A, lda2, 0, B + (n / NR) * strip, NR, C + n, ldc, accumulate);
   if (out_scale != 1.0f) scale_rows([&](int64_t) { return out_scale; });
-}
-
-// C (M x N, ldc) = A B through brgemm with B one VNNI block rather than panels: A's rows are bf16 (two a word, lda2
-// words apart) read from element a0 (even) on, B holds K2 rows of N words (ldb words apart), each word a pair along
-// the reduction. dq^T = K^T dS^T of the amx level's fused backward, whose dS^T pairs are such a block.
-ATTNOPS_BF16_TARGET inline void brgemm_bf16_block(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2,
-                                                  int64_t a0, const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
-  if (M <= 0 || N <= 0) return;
-  at::native::cpublas::brgemm(M, N, 2 * K2, 2 * lda2, ldb, ldc, false,
-                              reinterpret_cast<const at::BFloat16*>(A) + a0, reinterpret_cast<const at::BFloat16*>(B),
-                              C, /*is_vnni=*/true);
 }
 
 // K^T as bf16 rows: dst row d (ld2 words, two halves each) holds src[0..rows, d], zero-completed to an even count.
@@ -235,7 +234,7 @@ void gemm_bf16_via(bool brgemm, int64_t M, int64_t N, int64_t K2, const uint32_t
                    int64_t strip, float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr,
                    float out_scale = 1.0f);
 void brgemm_bf16_block(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, int64_t a0, const uint32_t* B,
-                       int64_t ldb, float* C, int64_t ldc);
+                       int64_t ldb, float* C, int64_t ldc, bool accumulate = false);
 void pack_transposed_rows(const c10::BFloat16* src, int64_t stride, int64_t rows, int64_t D, int64_t ld2,
                           uint32_t* dst);
 void to_bf16_pairs(const float* p, int64_t n, uint32_t* dst);
