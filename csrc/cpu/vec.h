@@ -66,40 +66,43 @@ inline vec_t<T> vmax_nan(vec_t<T> a, vec_t<T> b) {
   return (a > b) | (a != a) ? a : b;
 }
 
-template <typename T>
-inline T hmax(vec_t<T> v) {
-  T r = v[0];
-  for (int i = 1; i < Vec<T>::size; ++i) r = (v[i] > r || v[i] != v[i]) && r == r ? v[i] : r;
-  return r;
-}
-
-// Horizontal sum by a shuffle tree (log2(W) shuffle + add pairs instead of W - 1 dependent
-// scalar adds: the row-dot decode path does one per key and query row).
-template <typename T>
-inline T hsum(vec_t<T> v) {
+// A horizontal reduction by a shuffle tree: log2(W) shuffle + combine pairs instead of W - 1
+// dependent scalar steps (the softmax does one max and one sum per tile row; on the 64-key tiles
+// of a dilated mask or a short call the scalar chain was a visible part of the row's cost).
+template <typename T, typename Combine>
+inline T hreduce(vec_t<T> v, Combine combine) {
   using I = typename Vec<T>::itype;
   if constexpr (Vec<T>::size == 16) {
-    v += __builtin_shuffle(v, I{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    v += __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    v += __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    v += __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    v = combine(v, __builtin_shuffle(v, I{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+    v = combine(v, __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+    v = combine(v, __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+    v = combine(v, __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
     return v[0];
   } else if constexpr (Vec<T>::size == 8) {
-    v += __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3});
-    v += __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5});
-    v += __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6});
+    v = combine(v, __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3}));
+    v = combine(v, __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5}));
+    v = combine(v, __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6}));
     return v[0];
   } else if constexpr (Vec<T>::size == 4) {
-    v += __builtin_shuffle(v, I{2, 3, 0, 1});
-    v += __builtin_shuffle(v, I{1, 0, 3, 2});
+    v = combine(v, __builtin_shuffle(v, I{2, 3, 0, 1}));
+    v = combine(v, __builtin_shuffle(v, I{1, 0, 3, 2}));
     return v[0];
-  } else if constexpr (Vec<T>::size == 2) {
-    return v[0] + v[1];
   } else {
-    T r = v[0];
-    for (int i = 1; i < Vec<T>::size; ++i) r += v[i];
-    return r;
+    static_assert(Vec<T>::size == 2, "vector widths are 2 to 16 lanes");
+    v = combine(v, __builtin_shuffle(v, I{1, 0}));
+    return v[0];
   }
+}
+
+// The largest lane, NaN if any lane is NaN (vmax_nan's rule).
+template <typename T>
+inline T hmax(vec_t<T> v) {
+  return hreduce<T>(v, [](vec_t<T> a, vec_t<T> b) { return vmax_nan<T>(a, b); });
+}
+
+template <typename T>
+inline T hsum(vec_t<T> v) {
+  return hreduce<T>(v, [](vec_t<T> a, vec_t<T> b) { return a + b; });
 }
 
 // No NaN or Inf among p[0, n): x - x is 0 for finite x and NaN otherwise. A check on a task's outputs
