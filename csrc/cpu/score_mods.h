@@ -98,8 +98,7 @@ struct ScoreMods {
   void apply(T* s, int64_t n, T slope2, T pos, T* grad = nullptr) const {
     using V = vec_t<T>;
     constexpr int W = Vec<T>::size;
-    V iota;
-    for (int i = 0; i < W; ++i) iota[i] = T(i);
+    const V iota = lane_iota<T>();
     const V cap = vsplat(cap2), inv_cap = vsplat(cap2 == T(0) ? T(0) : T(1) / cap2), sl = vsplat(slope2);
     for (int64_t j = 0; j < n; j += W) {
       V x = vload(s + j);
@@ -179,8 +178,7 @@ inline T modify_mask_max(const ScoreMods<T>& mods, T* s, int64_t n, RowSpan span
                          const T* bias = nullptr, int64_t valid = 0) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
-  V iota;
-  for (int i = 0; i < W; ++i) iota[i] = T(i);
+  const V iota = lane_iota<T>();
   const V cap = vsplat(mods.cap2), inv_cap = vsplat(mods.softcap() ? T(1) / mods.cap2 : T(0)), sl = vsplat(slope2);
   const V ninf = vsplat(-std::numeric_limits<T>::infinity());
   const V lo = vsplat(T(span.v0)), hi = vsplat(T(span.v1));

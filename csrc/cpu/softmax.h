@@ -25,12 +25,42 @@ struct RowSpan {
   bool empty() const { return v0 >= v1; }
 };
 
-// Masks a score row outside [v0, v1) to -inf over the tile's padded width n.
+// The largest score of a row, NaN-propagating.
+template <typename T>
+inline T row_max(const T* s, int64_t n) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  V mx = vsplat<T>(-std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < n; j += W) mx = vmax_nan<T>(vload(s + j), mx);
+  return hmax<T>(mx);
+}
+
+// Masks a score row outside [v0, v1) to -inf over the tile's padded width n (a multiple of W) and
+// returns the masked row's max. One pass of vector selects: the scalar stores it replaces (up to a
+// tile's width per row on every causal diagonal and window edge, half of every row at S = 16) were
+// followed by a reload of the row for its max that waited on them.
+template <typename T>
+inline T mask_row_max(T* s, RowSpan span, int64_t n) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  if (span.v0 <= 0 && span.v1 >= n) return row_max(s, n);
+  const V ninf = vsplat(-std::numeric_limits<T>::infinity());
+  // bounds clamped to [0, n]: exact in T, however far outside the tile the span's ends lie
+  const V lo = vsplat(T(std::clamp<int64_t>(span.v0, 0, n))), hi = vsplat(T(std::clamp<int64_t>(span.v1, 0, n)));
+  const V iota = lane_iota<T>();
+  V mx = ninf;
+  for (int64_t j = 0; j < n; j += W) {
+    const V col = vsplat(T(j)) + iota;
+    const V x = (col >= lo) & (col < hi) ? vload(s + j) : ninf;
+    vstore(s + j, x);
+    mx = vmax_nan<T>(x, mx);
+  }
+  return hmax<T>(mx);
+}
+
 template <typename T>
 inline void mask_row(T* s, RowSpan span, int64_t n) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < std::min(span.v0, n); ++j) s[j] = ninf;
-  for (int64_t j = std::max<int64_t>(span.v1, 0); j < n; ++j) s[j] = ninf;
+  if (span.v0 > 0 || span.v1 < n) (void)mask_row_max(s, span, n);
 }
 
 template <typename T>
@@ -65,16 +95,6 @@ inline void gemm_in_spans(int64_t rows, const RowSpan* spans, int64_t N, const T
     gemm<T>(1, N, span.v1 - span.v0, A + r * lda + span.v0, lda, B + span.v0 * NR, strip, c, ldc, accumulate,
             c_scale ? c_scale + r : nullptr);
   }
-}
-
-// The largest score of a row, NaN-propagating.
-template <typename T>
-inline T row_max(const T* s, int64_t n) {
-  using V = vec_t<T>;
-  constexpr int W = Vec<T>::size;
-  V mx = vsplat<T>(-std::numeric_limits<T>::infinity());
-  for (int64_t j = 0; j < n; j += W) mx = vmax_nan<T>(vload(s + j), mx);
-  return hmax<T>(mx);
 }
 
 // The exponential half of an online-softmax step, given the (masked) row's max m_tile: updates the
@@ -112,8 +132,7 @@ inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T& alpha) {
     zero_row(s, n);
     return;
   }
-  mask_row(s, span, n);
-  softmax_row_exp(s, n, row_max(s, n), m, l, alpha);
+  softmax_row_exp(s, n, mask_row_max(s, span, n), m, l, alpha);
 }
 
 }  // namespace attnops::cpu::ATTNOPS_ISA

@@ -59,6 +59,14 @@ inline vec_t<T> vsplat(T x) {
   return vec_t<T>{} + x;
 }
 
+// The lane numbers 0, 1, ..., W - 1 (column offsets within a vector).
+template <typename T>
+inline vec_t<T> lane_iota() {
+  vec_t<T> v;
+  for (int i = 0; i < Vec<T>::size; ++i) v[i] = T(i);
+  return v;
+}
+
 // NaN-propagating maximum: a NaN score must reach the softmax (NaN in, NaN out) instead of being
 // skipped by a comparison, which would turn a NaN row into an "empty" row of zeros.
 template <typename T>
