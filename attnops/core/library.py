@@ -57,6 +57,8 @@ class OpDef:
         self._defaults = tuple(a.value if a.default is not None else _REQUIRED for a in self.args)
         self._required = tuple(i for i, a in enumerate(self.args) if a.default is None)
         self._tensors = tuple(i for i, a in enumerate(self.args) if a.type.startswith("Tensor"))
+        if any(a.type.startswith("Tensor") and "[" in a.type for a in self.args):
+            raise ValueError(f"{name}: no tensor-list arguments (call_op reads requires_grad on each tensor argument)")
         if len(self._index) != len(self.names):
             raise ValueError(f"{name}: duplicate argument names")
 
@@ -133,9 +135,11 @@ def call_op(op: Callable, args: Sequence, tensors: Sequence[int]):
     ``torch.library.register_autograd`` installs is Python (its no-grad branch does just this redispatch), about 5 us
     of a 25 us call at S = 16. Not while dynamo traces (the op stays one node of the graph) nor inside a torch.func
     transform (whose wrapped tensors need their own dispatch). ``tensors``: the positions of the schema's tensor
-    arguments, the only ones that can carry a gradient."""
-    if torch.is_grad_enabled() and any(isinstance(args[i], torch.Tensor) and args[i].requires_grad for i in tensors):
-        return op(*args)
+    arguments (each a tensor or None), the only ones that can carry a gradient."""
+    if torch.is_grad_enabled():
+        for i in tensors:  # a loop, not any(<generator>): 0.4 us against 1.7 (isinstance on Tensor is slow too)
+            if args[i] is not None and args[i].requires_grad:
+                return op(*args)
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
