@@ -175,3 +175,29 @@ def test_opdef_binds_by_name_in_argument_order():
         d.bind(("x", 1), dict(e=3))
     assert d.grads(c=1) == (None, None, 1, None)
     assert d.signature == "(Tensor a, int b, int c=0, int d=5) -> Tensor"
+
+
+def test_opdef_call_routes_by_requires_grad():
+    """call_op takes the autograd path exactly when a tensor argument (Tensor, Tensor?, aliased) requires a
+    gradient under grad mode; an operator with a tensor-list argument, whose tensors that scan would miss, is
+    refused at definition."""
+    from attnops.core.library import Arg, OpDef, call_op
+
+    d = OpDef("not_registered", [Arg("a", "Tensor"), Arg("b", "Tensor?"), Arg("c", "Tensor(a!)"), Arg("n", "int")],
+              "Tensor")
+    assert d._tensors == (0, 1, 2)
+    seen = []
+
+    def op(*args):
+        seen.append(torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality))
+        return args
+
+    x, w = torch.ones(2), torch.ones(2, requires_grad=True)
+    call_op(op, [x, None, x, 1], d._tensors)
+    for args in ([w, None, x, 1], [x, w, x, 1], [x, None, w, 1]):
+        call_op(op, args, d._tensors)
+    with torch.no_grad():
+        call_op(op, [w, w, w, 1], d._tensors)
+    assert seen == [True, False, False, False, True]  # below autograd unless a gradient can flow
+    with pytest.raises(ValueError, match="tensor-list"):
+        OpDef("not_registered_list", [Arg("xs", "Tensor[]")], "Tensor")
