@@ -119,11 +119,7 @@ namespace {
 bool bf16_dot_default() {
   const char* env = std::getenv("ATTNOPS_CPU_BF16_DOT");
   if (env != nullptr && std::string(env) == "0") return false;
-#if ATTNOPS_MULTI_ISA
-  return __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
+  return cpu::has_avx512_bf16();
 }
 std::atomic<bool> g_bf16_dot{bf16_dot_default()};
 }  // namespace
@@ -203,7 +199,7 @@ PYBIND11_MODULE(_C, m) {
       "_set_bf16_dot",
       [](bool enable) {
 #if ATTNOPS_MULTI_ISA
-        TORCH_CHECK(!enable || __builtin_cpu_supports("avx512bf16"), "this CPU lacks AVX512-BF16");
+        TORCH_CHECK(!enable || attnops::cpu::has_avx512_bf16(), "this CPU lacks AVX512-BF16");
 #else
         TORCH_CHECK(!enable, "the bf16 dot-product kernels are x86-64 (AVX512-BF16) only");
 #endif

@@ -55,7 +55,7 @@ bool has_amx_bf16() {  // cpuid leaf 7, EDX bit 22 (read directly: older GCCs' _
   return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1u);
 }
 bool has_amx() {  // once: init_amx() is a system call, and runnable_levels() asks on every cpu_isa()
-  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16") && has_amx_bf16() &&
+  static const bool ok = has_avx512_bf16() && has_amx_bf16() &&
                          at::cpu::init_amx() && brgemm_runs();
   return ok;
 }
@@ -158,6 +158,14 @@ std::string set_level(const std::string& name) {
   return previous != nullptr ? previous->name : "";
 }
 
+bool has_avx512_bf16() {
+#if ATTNOPS_MULTI_ISA
+  return has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 namespace {
 std::atomic<int> g_bf16_brgemm{-1};  // -1: the level's choice; 0 / 1 forced (set_bf16_brgemm)
 }
@@ -172,7 +180,7 @@ bool bf16_brgemm() {
 int set_bf16_brgemm(int mode) {
   TORCH_CHECK(mode >= -1 && mode <= 1, "bf16 brgemm mode must be -1 (the level's), 0 (off) or 1 (on)");
 #if ATTNOPS_MULTI_ISA
-  TORCH_CHECK(mode != 1 || (has_avx512() && __builtin_cpu_supports("avx512bf16") && brgemm_runs()),
+  TORCH_CHECK(mode != 1 || (has_avx512_bf16() && brgemm_runs()),
               "the brgemm tile products need AVX-512 with AVX512-BF16 and a torch whose brgemm takes bf16");
 #else
   TORCH_CHECK(mode != 1, "the brgemm tile products are x86-64 only");

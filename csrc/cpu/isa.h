@@ -94,6 +94,10 @@ std::vector<std::string> runnable_levels();
 const CpuKernels& active_kernels();
 // Switches the level (test aid: the suite runs every runnable level); returns the previous name.
 std::string set_level(const std::string& name);
+// AVX-512 with AVX512-BF16 (VDPBF16PS), OS support of the register state included: what the avx512 level's bf16
+// products need (the one check of it: bf16_dot's default and switch, the amx level, set_bf16_brgemm). False in a
+// build without the x86 levels.
+bool has_avx512_bf16();
 // Whether bf16 tile products (where the avx512 level multiplies in bf16: bf16_dot()) call oneDNN's brgemm
 // (at::native::cpublas::brgemm: AMX tiles where the CPU has them) instead of the level's VDPBF16PS kernel: at the
 // amx level, or as set_bf16_brgemm forces it.
