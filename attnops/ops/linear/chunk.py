@@ -49,6 +49,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the chunk products' operands for inputs of ``dtype``. bfloat16 inputs multiply in bfloat16 with
+    float32 accumulation inside the GEMM (oneDNN's bf16 kernels: AVX512-BF16 or AMX where the CPU has them; a
+    ``(1024, 64, 64)`` bmm took 2.0 ms against 6.4-8.8 ms in float32 on the Zen 4 dev VM), the operands rounded as
+    flash-linear-attention's chunk kernels round theirs (scores and states to bf16 before their products); states,
+    gates, the chunk prefix and the exponentials stay in float32. float16 keeps float32 products: its range
+    (65504) does not hold the un-normalised scores of positive feature maps."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else compute_dtype(dtype)
+
+
 def effective_chunk(seq_len: int, chunk_size: int) -> int:
     """Short inputs (decoding) run as one chunk of their own length rounded to a power of two: one
     token is then exactly the recurrent step ``S = a S + k v^T, o = q^T S``."""
@@ -70,17 +80,18 @@ def linear_attention(
     denominator_eps: Optional[float] = None,
 ):
     """``q (B, S, H, D)``, ``k (B, S, Hkv, D)``, ``v (B, S, Hkv, Dv)``, ``log_gate (B, S, H, 1 | Dk)`` or
-    None, ``initial_state (B, H, Dk, Dv)`` or None -> ``out (B, S, H, Dv)`` in the compute dtype,
-    ``final_state (B, H, Dk, Dv)``; ``feature_map`` (``D -> Dk``, token by token) is applied per
+    None, ``initial_state (B, H, Dk, Dv)`` or None -> ``out (B, S, H, Dv)`` (causal: in the product dtype,
+    :func:`product_dtype`; else the compute dtype), ``final_state (B, H, Dk, Dv)`` in the compute dtype; ``feature_map`` (``D -> Dk``, token by token) is applied per
     segment, where its output is consumed.
 
     The normalised form reaches here with a column of ones appended to ``v`` (its output column is
-    the denominator, its state column ``z``): one code path for both.
+    the denominator, its state column ``z``): one code path for both; ``denominator_eps`` says so (the op
+    passes it whenever it normalises; it keeps the products in float32, see ``_causal``).
 
     ``chunk_sums`` (causal only) adds a third result, :class:`ChunkSums`: what the block map at the
     chunk's granularity needs, read off the forward's own intermediates (see
-    ``block_map.map_from_chunk_sums``); ``denominator_eps`` says that v's last column is the
-    normaliser, whose ``1 / (den + eps)`` then weighs each query."""
+    ``block_map.map_from_chunk_sums``); with ``denominator_eps`` each query's sums are weighed by
+    ``1 / (den + eps)``, ``den`` the normaliser column's output."""
     B, S, H, _ = q.shape
     Dk = feature_map(q[:, :1]).shape[-1]
     Dv = v.shape[-1]
@@ -155,19 +166,23 @@ class ChunkSums(NamedTuple):
 
 def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dtype, chunk_sums: bool = False,
             denominator_eps: Optional[float] = None):
-    """One segment of the causal chunk form: ``(out (B, S, H, Dv), state after it, ChunkSums or None)``."""
+    """One segment of the causal chunk form: ``(out (B, S, H, Dv) in the product dtype, state after it (``dt``),
+    ChunkSums or None)``."""
     B, S, H, Dk = q.shape
     Dv = v.shape[-1]
     pad = -S % C
     N = (S + pad) // C
+    # Normalised, q's gradient is the difference of the numerator's and the denominator's terms: bf16 products
+    # rounded both and gave 2.05x the bf16 recurrence's dq error at S = 500 (over the DESIGN.md rule).
+    pdt = product_dtype(q.dtype) if denominator_eps is None else dt
     # (B * H * N, C, D) batches for bmm; the scale rides on the matmuls' alpha
-    qc, kc, vc = (heads_first(t.to(dt), H, S, pad).view(B * H * N, C, t.shape[-1]) for t in (q, k, v))
+    qc, kc, vc = (heads_first(t.to(pdt), H, S, pad).view(B * H * N, C, t.shape[-1]) for t in (q, k, v))
     if log_gate is None or log_gate.shape[-1] == 1:
         no_input = qc.new_zeros(())  # baddbmm's ignored input (beta = 0)
         scores = torch.baddbmm(no_input, qc, kc.transpose(1, 2), beta=0, alpha=softmax_scale)
     k_weighted, gamma_last = kc, None
     if log_gate is None:
-        kv = _value_bmm(kc.transpose(1, 2), vc).view(B, H, N, Dk, Dv)  # each chunk's own contribution
+        kv = _value_bmm(kc.transpose(1, 2), vc).to(dt).view(B, H, N, Dk, Dv)  # each chunk's own contribution
         entering, final = _scan(state, None, kv)
         q_inter = qc
         scores = scores.tril_()
@@ -181,23 +196,25 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
         gamma = gates.cumsum(1)
         gamma_last = gamma[:, -1:]  # (B * H * N, 1, 1 | Dk)
         k_weighted = kc * _exp(gamma_last - gamma, dt)
-        kv = _value_bmm(k_weighted.transpose(1, 2), vc).view(B, H, N, Dk, Dv)
+        kv = _value_bmm(k_weighted.to(pdt).transpose(1, 2), vc).to(dt).view(B, H, N, Dk, Dv)
         chunk_decay = _exp(gamma_last, dt).transpose(1, 2).view(B, H, N, g.shape[-1], 1)
         entering, final = _scan(state, chunk_decay, kv)
-        q_inter = qc * _exp(gamma, dt)
+        q_inter = (qc * _exp(gamma, dt)).to(pdt)
         causal_cc = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         if g.shape[-1] == 1:
             scores = scores * _exp((gamma - gamma.transpose(1, 2)).masked_fill(~causal_cc, float("-inf")), dt)
-        else:
-            scores = _channel_gated_scores(qc, kc, gamma, gates.to(dt)) * softmax_scale
+        else:  # in float32: the exact diagonal sums add gates, which bf16 would round by |sum| * 2^-9
+            scores = _channel_gated_scores(qc.to(dt), kc.to(dt), gamma, gates.to(dt)) * softmax_scale
         # the weights above the diagonal are exp(-inf) = 0 times a score: a NaN / inf key would leave NaN there
         # (0 * NaN) and reach the chunk's earlier rows; the recurrence never lets a key reach an earlier query
         scores = scores.tril_()
-    out = torch.baddbmm(_intra_chunk(scores, vc), q_inter, entering.view(B * H * N, Dk, Dv), alpha=softmax_scale)
+    out = torch.baddbmm(_intra_chunk(scores, vc), q_inter, entering.to(pdt).view(B * H * N, Dk, Dv),
+                        alpha=softmax_scale)
     sums = None
     if chunk_sums:
-        with torch.no_grad():  # a readout of the forward's intermediates
-            weight = None if denominator_eps is None else 1.0 / (out[..., -1] + denominator_eps)  # (B * H * N, C)
+        with torch.no_grad():  # a readout of the forward's intermediates, summed in dt
+            q_inter, k_weighted, scores = q_inter.to(dt), k_weighted.to(dt), scores.to(dt)
+            weight = None if denominator_eps is None else 1.0 / (out[..., -1].to(dt) + denominator_eps)  # (B*H*N, C)
             rows = scores.sum(-1)
             if weight is not None:
                 rows = rows * weight
@@ -212,7 +229,10 @@ def _intra_chunk(scores: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
     rows at or after its position (the plain product's ``0 * NaN`` would spread it to the chunk's earlier
     rows), as the recurrence and the reference give. Eager only: on meta tensors and under ``torch.compile``
     (no data-dependent branch there) it is the plain product."""
-    if vc.device.type == "meta" or torch.compiler.is_compiling() or bool(torch.isfinite(vc).all()):
+    scores = scores.to(vc.dtype)
+    # a sum is finite when every element is (or overflows, leaving the exact path below to a finite input): one
+    # reduction, where isfinite(vc).all() made three passes and two temporaries (~7% of a forward)
+    if vc.device.type == "meta" or torch.compiler.is_compiling() or bool(vc.sum().isfinite()):
         return _value_bmm(scores, vc)
     C = scores.shape[-1]
     return masked_matmul(scores, vc, torch.ones(C, C, dtype=torch.bool, device=vc.device).tril())
@@ -235,8 +255,8 @@ class _ValueBmm(torch.autograd.Function):
         a, v = ctx.saved_tensors
         da = torch.bmm(grad, v.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         dv = None
-        if ctx.needs_input_grad[1]:
-            wide = torch.float64
+        if ctx.needs_input_grad[1]:  # bf16 products accumulate in float32 inside the GEMM
+            wide = torch.float64 if v.dtype == torch.float32 else v.dtype
             dv = torch.bmm(a.transpose(1, 2).to(wide), grad.to(wide)).to(v.dtype)
         return da, dv
 

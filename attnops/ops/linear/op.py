@@ -159,7 +159,9 @@ def linear_attention(
     chunk = effective_chunk(S, chunk_size)
     fused_map = (request is not None and causal and getattr(impl, "chunk_sums", False)
                  and request.block_q == request.block_k == chunk)
-    extra = dict(chunk_sums=True, denominator_eps=NORMALIZE_EPS if normalize else None) if fused_map else {}
+    extra = dict(chunk_sums=True) if fused_map else {}
+    if normalize and getattr(impl, "chunk_sums", False):  # the chunk form: v's last column is the normaliser
+        extra["denominator_eps"] = NORMALIZE_EPS
     out, final, *sums = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
                              chunk_size=chunk_size, **extra)
     denominator = out[..., Dv] if normalize else None
