@@ -75,9 +75,17 @@ def sdpa_provider(causal: bool, device: str, needs_grad: bool, same_function: bo
 
     def run(st):
         q, k, v = st
+        mask, is_causal = attn_mask, causal
+        if causal and mask is None and q.shape[-2] != k.shape[-2]:
+            # SDPA's is_causal is aligned top-left, attnops' (flash_attn >= 2.1) bottom-right: one query then sees
+            # every key, several get the lower-right bias
+            is_causal = False
+            if q.shape[-2] > 1:
+                from torch.nn.attention.bias import causal_lower_right
+                mask = causal_lower_right(q.shape[-2], k.shape[-2])
         with ctx():
             return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
 
     name = ("sdpa_flash" if device.startswith("cuda") else "sdpa") if attn_mask is None else "sdpa (mask)"
     return Provider(

@@ -84,6 +84,11 @@ def unavailable_reason(backend: str) -> str:
     return ""
 
 
+def name_of(op: str, fn: Callable) -> Optional[str]:
+    """The backend under which ``fn`` (a :func:`resolve` result) is registered for ``op``, or None."""
+    return next((name for name, impl in _IMPLS.get(op, {}).items() if impl is fn), None)
+
+
 def is_available(backend: str) -> bool:
     return not unavailable_reason(backend)
 

@@ -88,6 +88,12 @@ def attention(
     segments = check_document_ids(document_ids, shape, q.device)
     bias, keep_blocks_of, segments = key_mask_as_bounds(attn_bias, bias, keep_blocks_of, segments, shape)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend, api="attention")
+    if runs_as_decode(impl, shape, causal, mods, q, k, v) and bias is None and keep_blocks_of is None \
+            and segments is None and not dropout and request is None:
+        decode = dispatch.resolve("decode_attention", q.device, "cpu", api="attention")
+        lens = torch.full((shape.batch,), shape.seq_len_k, dtype=torch.int32)
+        out, lse = decode(q, k, v, lens, None, window_size=(window[0], 0), softmax_scale=scale, **mods)
+        return pack(out, lse, None, return_lse)
     mask = None
     if keep_blocks_of is not None:  # a bool mask: its blocks without a True are skipped
         mask = BlockMask.from_dense(keep_blocks_of(*DEFAULT_MAP_BLOCK), (shape.seq_len_q, shape.seq_len_k),
@@ -167,6 +173,30 @@ def block_sparse_attention(
                                 softmax_scale=scale, block_map=request, attn_bias=bias_for(impl, bias, q.dtype),
                                 segments=segments, **mods, **dropout)
     return pack(out, lse, block_map[0] if block_map else None, return_lse)
+
+
+# Query rows per kv head up to which a call runs on the decode kernel (runs_as_decode).
+DECODE_ROWS = 8
+
+
+def runs_as_decode(impl, shape, causal: bool, mods: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attention` runs this call on the C++ decode kernel (``decode_attn_fwd``): a few queries against
+    the keys, as a decoding step through ``attention`` (Hugging Face's ``generate``) makes. The tile kernel packs
+    K^T of each kv head for its ``Sq * group`` query rows, which costs more than their product when the rows are few;
+    the decode kernel reads each key row once for all of them. Measured side by side (CPU, Zen 4, HF's cache layout,
+    Sq = 1; tile vs decode kernel): H = 8, D = 64, Sk = 4096: 2405 vs 514 us; H = 32, Hkv = 8, D = 128, Sk = 2048:
+    4760 vs 706 us (2 threads); the decode kernel stays ahead up to ~8 rows per kv head, any Sq = 1 (MQA: 1308 vs
+    308 us). Only where the results are the same computation: the C++ backend, no gradient needed, one query
+    or causal (decoding's bottom-right causality; one query sees every key either way, and the window's right
+    side nothing more), ``Sq <= Sk``; the caller adds: no bias, dropout, document ids or block map."""
+    Sq, Sk = shape.seq_len_q, shape.seq_len_k
+    if q.device.type != "cpu" or dispatch.name_of("block_sparse_attention", impl) != "cpu":
+        return False
+    if not (Sq == 1 or (causal and Sq * (shape.num_heads // shape.num_kv_heads) <= DECODE_ROWS)) or not 1 <= Sq <= Sk:
+        return False
+    sinks = mods["sinks"]
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                             or (sinks is not None and sinks.requires_grad)))
 
 
 def check_document_ids(document_ids, shape, device) -> Optional[SegmentBounds]:
