@@ -67,6 +67,50 @@ inline vec_t<T> lane_iota() {
   return v;
 }
 
+// Lane numbers as a parameter pack, for shuffle masks built at compile time (the ISA units keep to their own
+// templates: DESIGN.md, CPU ISA levels).
+template <int... J>
+struct LaneIndex {};
+template <int N, int... J>
+struct MakeLaneIndex : MakeLaneIndex<N - 1, N - 1, J...> {};
+template <int... J>
+struct MakeLaneIndex<0, J...> {
+  using type = LaneIndex<J...>;
+};
+
+// The two-source masks of a transpose stage that swaps the off-diagonal B x B blocks of each 2B x 2B block:
+// lane j of the first output keeps x[j] in even B-blocks and takes y[j - B] in odd ones; the second takes
+// x[j + B] in even ones and keeps y[j] in odd ones (indices >= W select from y).
+template <typename T, int B, bool Second, int... J>
+constexpr typename Vec<T>::itype swap_blocks_mask(LaneIndex<J...>) {
+  constexpr int W = Vec<T>::size;
+  return typename Vec<T>::itype{((J / B) % 2 == 0 ? (Second ? J + B : J) : (Second ? W + J : W + J - B))...};
+}
+
+template <typename T, int B>
+inline void transpose_stage(vec_t<T>* x) {
+  constexpr int W = Vec<T>::size;
+  if constexpr (B < W) {
+    using Lanes = typename MakeLaneIndex<W>::type;
+    constexpr auto first = swap_blocks_mask<T, B, false>(Lanes{});
+    constexpr auto second = swap_blocks_mask<T, B, true>(Lanes{});
+    for (int i = 0; i < W; ++i)
+      if ((i / B) % 2 == 0) {
+        const vec_t<T> a = x[i], b = x[i + B];
+        x[i] = __builtin_shuffle(a, b, first);
+        x[i + B] = __builtin_shuffle(a, b, second);
+      }
+    transpose_stage<T, 2 * B>(x);
+  }
+}
+
+// x[i][j] <- x[j][i] for the W x W matrix of W vectors: log2(W) stages of W two-source shuffles (64 at
+// W = 16), where scattering it took W * W scalar stores.
+template <typename T>
+inline void transpose_square(vec_t<T>* x) {
+  transpose_stage<T, 1>(x);
+}
+
 // NaN-propagating maximum: a NaN score must reach the softmax (NaN in, NaN out) instead of being
 // skipped by a comparison, which would turn a NaN row into an "empty" row of zeros.
 template <typename T>
