@@ -81,8 +81,8 @@ def linear_attention(
 ):
     """``q (B, S, H, D)``, ``k (B, S, Hkv, D)``, ``v (B, S, Hkv, Dv)``, ``log_gate (B, S, H, 1 | Dk)`` or
     None, ``initial_state (B, H, Dk, Dv)`` or None -> ``out (B, S, H, Dv)`` (causal: in the product dtype,
-    :func:`product_dtype`; else the compute dtype), ``final_state (B, H, Dk, Dv)`` in the compute dtype; ``feature_map`` (``D -> Dk``, token by token) is applied per
-    segment, where its output is consumed.
+    :func:`product_dtype`; else the compute dtype), ``final_state (B, H, Dk, Dv)`` in the compute dtype;
+    ``feature_map`` (``D -> Dk``, token by token) is applied per segment, where its output is consumed.
 
     The normalised form reaches here with a column of ones appended to ``v`` (its output column is
     the denominator, its state column ``z``): one code path for both; ``denominator_eps`` says so (the op
