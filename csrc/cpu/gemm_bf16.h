@@ -38,7 +38,32 @@ inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int6
     const int64_t n = std::min<int64_t>(NR, r1 - p0);
     if (last && n < NR)
       for (int64_t d2 = 0; d2 < D2; ++d2) std::fill(panel + d2 * NR + n, panel + (d2 + 1) * NR, uint32_t(0));
-    for (int64_t r = 0; r < n; ++r) {
+    int64_t r = 0;
+    constexpr int W = Vec<float>::size;
+    if constexpr (NR % W == 0) {
+      // a row's words are its bf16 pairs as stored (lo = the even element), so W x W blocks of 32-bit words
+      // transpose as float lanes do (pack_transposed_panels; the shuffles move bits, never read them as floats)
+      const int64_t full = D / 2 / W * W;  // words of whole pairs, in blocks of W
+      for (; r + W <= n; r += W) {
+        const c10::BFloat16* rows = src + (p0 + r) * stride;
+        const int64_t ahead = std::min<int64_t>(W, r1 - (p0 + r + W));
+        for (int64_t d2 = 0; d2 < full; d2 += W) {
+          vec_t<float> t[W];
+          for (int x = 0; x < W; ++x) {
+            if (x < ahead) __builtin_prefetch(rows + (W + x) * stride + 2 * d2, 0, 3);
+            std::memcpy(&t[x], rows + x * stride + 2 * d2, sizeof(t[x]));
+          }
+          transpose_square<float>(t);
+          for (int x = 0; x < W; ++x) std::memcpy(panel + (d2 + x) * NR + r, &t[x], sizeof(t[x]));
+        }
+        for (int64_t d2 = full; d2 < D2; ++d2)
+          for (int x = 0; x < W; ++x) {
+            const c10::BFloat16* row = rows + x * stride;
+            panel[d2 * NR + r + x] = bf16_pair(row[2 * d2].x, 2 * d2 + 1 < D ? row[2 * d2 + 1].x : uint16_t(0));
+          }
+      }
+    }
+    for (; r < n; ++r) {
       const c10::BFloat16* row = src + (p0 + r) * stride;
       if (p0 + r + kPrefetchRows < r1) prefetch_row(row + kPrefetchRows * stride, D);
       for (int64_t d2 = 0; d2 < D2; ++d2)
