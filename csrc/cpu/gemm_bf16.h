@@ -47,15 +47,9 @@ inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int6
       for (; r + W <= n; r += W) {
         const c10::BFloat16* rows = src + (p0 + r) * stride;
         const int64_t ahead = std::min<int64_t>(W, r1 - (p0 + r + W));
-        for (int64_t d2 = 0; d2 < full; d2 += W) {
-          vec_t<float> t[W];
-          for (int x = 0; x < W; ++x) {
-            if (x < ahead) __builtin_prefetch(rows + (W + x) * stride + 2 * d2, 0, 3);
-            std::memcpy(&t[x], rows + x * stride + 2 * d2, sizeof(t[x]));
-          }
-          transpose_square<float>(t);
-          for (int x = 0; x < W; ++x) std::memcpy(panel + (d2 + x) * NR + r, &t[x], sizeof(t[x]));
-        }
+        for (int64_t d2 = 0; d2 < full; d2 += W)  // vload / vstore copy bytes: the words pass as they are
+          transpose_block<NR, false>(rows, stride, 2 * d2, ahead, vec_t<float>{},
+                                     reinterpret_cast<float*>(panel + d2 * NR + r));
         for (int64_t d2 = full; d2 < D2; ++d2)
           for (int x = 0; x < W; ++x) {
             const c10::BFloat16* row = rows + x * stride;

@@ -100,13 +100,32 @@ inline void pack_rows(const S* src, int64_t stride, int64_t r0, int64_t r1, int6
   }
 }
 
+// W source rows (`stride` apart) x W lanes from column `col`, transposed in registers into W panel rows (NR
+// apart) at `out`: the block step of the transposed packs. Scaled: the lanes widened to T and times `scale`;
+// else the source's bytes as they are (bf16 pairs as 32-bit words). Each load requests the same columns of the
+// next block's row (`ahead` of those rows exist: W rows ahead, as far as the row-by-row loops prefetch), spread
+// over the block where requesting whole rows at its start flooded the misses.
+template <int NR, bool Scaled, typename T, typename S>
+inline void transpose_block(const S* rows, int64_t stride, int64_t col, int64_t ahead, vec_t<T> scale, T* out) {
+  constexpr int W = Vec<T>::size;
+  vec_t<T> t[W];
+  for (int x = 0; x < W; ++x) {
+    if (x < ahead) __builtin_prefetch(rows + (W + x) * stride + col, 0, 3);
+    if constexpr (Scaled)
+      t[x] = load_vec<T>(rows + x * stride + col) * scale;
+    else
+      t[x] = vload(reinterpret_cast<const T*>(rows + x * stride + col));  // memcpy: any bytes, no aliasing
+  }
+  transpose_square<T>(t);
+  for (int x = 0; x < W; ++x) vstore(out + x * NR, t[x]);
+}
+
 // B = src^T (D x rows) in GEMM panel layout (cpu/gemm.h), strip = D * NR: element (d, r) at
 // dst[(r / NR) * D * NR + d * NR + r % NR]. For K^T, V^T, (c Q)^T, dO^T. Rows [r0, r1) must start on
 // a panel boundary; callers zero the buffer once so that padding columns read as 0.
 template <int NR, typename S, typename T>
 inline void pack_transposed_panels(const S* src, int64_t stride, int64_t r0, int64_t r1, int64_t D, T scale,
                                    T* dst) {
-  using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   for (int64_t p0 = r0; p0 < r1; p0 += NR) {
     T* panel = dst + (p0 / NR) * D * NR;
@@ -115,22 +134,13 @@ inline void pack_transposed_panels(const S* src, int64_t stride, int64_t r0, int
     if constexpr (NR % W == 0) {
       // W rows at a time, W x W blocks transposed in registers and stored as W vectors (a panel row holds
       // NR >= W columns): the scalar scatter below was ~11% of a 16-token call's operator time
-      const V vs = vsplat(scale);
+      const vec_t<T> vs = vsplat(scale);
       for (; r + W <= n; r += W) {
         const S* rows = src + (p0 + r) * stride;
-        // each load requests the same columns of the next block's row (W rows ahead, as far as the row-by-row
-        // loop prefetches): spread over the block, where requesting whole rows at its start flooded the misses
         const int64_t ahead = std::min<int64_t>(W, r1 - (p0 + r + W));
         int64_t d = 0;
-        for (; d + W <= D; d += W) {
-          V t[W];
-          for (int x = 0; x < W; ++x) {
-            if (x < ahead) __builtin_prefetch(rows + (W + x) * stride + d, 0, 3);
-            t[x] = load_vec<T>(rows + x * stride + d) * vs;
-          }
-          transpose_square<T>(t);
-          for (int x = 0; x < W; ++x) vstore(panel + (d + x) * NR + r, t[x]);
-        }
+        for (; d + W <= D; d += W)
+          transpose_block<NR, true>(rows, stride, d, ahead, vs, panel + d * NR + r);
         for (; d < D; ++d)
           for (int x = 0; x < W; ++x) panel[d * NR + r + x] = static_cast<T>(rows[x * stride + d]) * scale;
       }

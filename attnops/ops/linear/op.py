@@ -157,10 +157,10 @@ def linear_attention(
     # A map at the chunk's granularity from the chunk form is a readout of its intermediates; other
     # block sizes and backends compute it afterwards (linear_block_map).
     chunk = effective_chunk(S, chunk_size)
-    fused_map = (request is not None and causal and getattr(impl, "chunk_sums", False)
-                 and request.block_q == request.block_k == chunk)
+    chunk_form = getattr(impl, "chunk_sums", False)
+    fused_map = request is not None and causal and chunk_form and request.block_q == request.block_k == chunk
     extra = dict(chunk_sums=True) if fused_map else {}
-    if normalize and getattr(impl, "chunk_sums", False):  # the chunk form: v's last column is the normaliser
+    if normalize and chunk_form:  # the chunk form: v's last column is the normaliser
         extra["denominator_eps"] = NORMALIZE_EPS
     out, final, *sums = impl(q, k, v, log_gate, state, feature_map=phi, causal=causal, softmax_scale=scale,
                              chunk_size=chunk_size, **extra)
