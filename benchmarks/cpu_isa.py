@@ -1,7 +1,7 @@
 """The C++ kernels at each ISA level this CPU runs (csrc/cpu/isa.h), side by side with torch SDPA's CPU flash
 kernel: dense and causal attention, forward and forward+backward, f32 and bf16, B=1 H=8, providers
-interleaved, median of REPEATS after a warm-up call. Then the fixed per-call cost: a forward at S=16 (where
-the arithmetic is negligible), median of many calls, against SDPA's.
+interleaved, median of REPEATS after a warm-up call. Then the fixed per-call cost: a forward, and a forward+backward,
+at S=16 (where the arithmetic is negligible), median of many calls, against SDPA's.
 
 Run from the repository root: ``python benchmarks/cpu_isa.py [--quick]`` (``--quick``: N=1024 and 4096 at
 D=64 only). Prints a Markdown table; times in ms, ratios are attnops / SDPA (below 1: attnops faster)."""
@@ -123,24 +123,35 @@ def main():
 
 
 def _per_call(levels):
-    """Fixed per-call cost: S=16, where the arithmetic is a few microseconds; the level is set once per batch of
-    calls (setting it is not part of a call), batches of each provider alternate, median over all calls."""
-    q, k, v = (torch.randn(1, 16, 8, 64) for _ in range(3))
-    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    times = {name: [] for name in [lv for lv in levels if not lv.startswith("avx512 ")] + ["sdpa"]}
-    for _ in range(7):
-        for name, samples in times.items():
-            if name != "sdpa":
-                backends.set_cpu_isa(name)
-            for _ in range(44):
-                start = time.perf_counter()
-                if name == "sdpa":
-                    F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-                else:
-                    attnops.attention(q, k, v, causal=True)
-                samples.append(time.perf_counter() - start)
-    print(f"\nper-call cost at S=16 H=8 D=64 causal f32 fwd ({torch.get_num_threads()} threads, median of 308): " +
-          ", ".join(f"{name} {_median_ms(t) * 1e3:.0f} us" for name, t in times.items()))
+    """Fixed per-call cost: S=16, where the arithmetic is a few microseconds, forward without gradients and
+    forward+backward (a training step's call, its autograd included); the level is set once per batch of calls
+    (setting it is not part of a call), batches of each provider alternate, median over all calls."""
+    names = [lv for lv in levels if not lv.startswith("avx512 ")] + ["sdpa"]
+    for backward in (False, True):
+        q, k, v = (torch.randn(1, 16, 8, 64, requires_grad=backward) for _ in range(3))
+        grad = torch.randn_like(q)
+
+        def call(name):
+            if name == "sdpa":
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True).transpose(1, 2)
+            else:
+                out = attnops.attention(q, k, v, causal=True)
+            if backward:
+                out.backward(grad)
+
+        times = {name: [] for name in names}
+        for _ in range(7):
+            for name, samples in times.items():
+                if name != "sdpa":
+                    backends.set_cpu_isa(name)
+                for _ in range(44):
+                    start = time.perf_counter()
+                    call(name)
+                    samples.append(time.perf_counter() - start)
+        print(f"\nper-call cost at S=16 H=8 D=64 causal f32 {'fwd+bwd' if backward else 'fwd'} "
+              f"({torch.get_num_threads()} threads, median of 308): " +
+              ", ".join(f"{name} {_median_ms(t) * 1e3:.0f} us" for name, t in times.items()))
 
 
 if __name__ == "__main__":

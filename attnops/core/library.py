@@ -61,6 +61,8 @@ class OpDef:
             raise ValueError(f"{name}: no tensor-list arguments (call_op reads requires_grad on each tensor argument)")
         if len(self._index) != len(self.names):
             raise ValueError(f"{name}: duplicate argument names")
+        self._own: Optional[Callable] = None  # the callable custom_op made (a Python operator's)
+        self._autograd: Optional[type] = None  # the eager autograd.Function (register_autograd)
 
     @property
     def qualname(self) -> str:
@@ -89,6 +91,7 @@ class OpDef:
         op = torch.library.custom_op(self.qualname, lambda *args: fn(**self.bind(args)), mutates_args=(),
                                      schema=self.signature)
         OPS[self.name] = self
+        self._own = op
         return op
 
     @property
@@ -116,7 +119,18 @@ class OpDef:
 
     def call(self, op: Optional[Callable] = None, **kwargs):
         """Calls the operator (or ``op``, a twin with the same arguments) with arguments by name."""
-        return call_op(op or self.op, self._values((), kwargs), self._tensors)
+        own = op is None or op is self._own
+        return call_op(op or self.op, self._values((), kwargs), self._tensors, self._autograd if own else None)
+
+    def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
+        """``torch.library.register_autograd(qualname, backward, setup_context=setup_context)``, and the same pair
+        as an ``autograd.Function`` that :meth:`call` runs in eager mode. The registered layer completes the
+        arguments from the schema on every call that needs a gradient (``torch._library.utils.fill_defaults``,
+        which re-reads the schema's argument list once per argument): ~165 us a call at the block-sparse forward's
+        31 arguments, eight times the kernels of a 16-token call. :meth:`call` passes every argument already.
+        Direct ``torch.ops`` calls, ``torch.compile`` and ``torch.func`` keep the registered layer."""
+        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context)
+        self._autograd = _eager_autograd(self.name, backward, setup_context)
 
     def grads(self, **named) -> Tuple:
         """A backward's result: the named gradients in argument order, None for every other argument."""
@@ -130,20 +144,46 @@ class OpDef:
         torch.library.register_fake(self.qualname)(lambda *args, **kwargs: fn(**self.bind(args, kwargs)))
 
 
-def call_op(op: Callable, args: Sequence, tensors: Sequence[int]):
+def call_op(op: Callable, args: Sequence, tensors: Sequence[int], autograd: Optional[type] = None):
     """``op(*args)``, straight to the kernel when no gradient can flow: the autograd layer that
     ``torch.library.register_autograd`` installs is Python (its no-grad branch does just this redispatch), about 5 us
-    of a 25 us call at S = 16. Not while dynamo traces (the op stays one node of the graph) nor inside a torch.func
+    of a 25 us call at S = 16. When one can, through ``autograd`` (:meth:`OpDef.register_autograd`'s eager
+    Function) where given. Not while dynamo traces (the op stays one node of the graph) nor inside a torch.func
     transform (whose wrapped tensors need their own dispatch). ``tensors``: the positions of the schema's tensor
     arguments (each a tensor or None), the only ones that can carry a gradient."""
+    traced = torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
     if torch.is_grad_enabled():
         for i in tensors:  # a loop, not any(<generator>): 0.4 us against 1.7 (isinstance on Tensor is slow too)
             if args[i] is not None and args[i].requires_grad:
-                return op(*args)
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+                return op(*args) if autograd is None or traced else autograd.apply(op, *args)
+    if traced:
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def _eager_autograd(name: str, backward: Callable, setup_context: Callable) -> type:
+    """An ``autograd.Function`` whose ``apply(op, *args)`` runs ``op`` below autograd with every argument given and
+    ``setup_context`` / ``backward`` around it as the registered autograd layer does (``ctx.needs_input_grad``
+    lists the operator's arguments, not ``op``)."""
+
+    def forward(ctx, op, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    def backward_op_args(ctx, *grads):
+        wanted = ctx.needs_input_grad
+        ctx.needs_input_grad = wanted[1:]
+        try:
+            grads_in = backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = wanted
+        return (None, *grads_in) if isinstance(grads_in, tuple) else (None, grads_in)
+
+    return type(f"{name}_autograd", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward_op_args)})
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -158,4 +198,4 @@ def register_forward_only(opdef: OpDef, public_name: str) -> None:
         raise NotImplementedError(f"attnops.{public_name} is forward-only (inference); "
                                   "train with attnops.attention / block_sparse_attention")
 
-    torch.library.register_autograd(opdef.qualname, backward, setup_context=lambda ctx, inputs, output: None)
+    opdef.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)

@@ -7,7 +7,8 @@
 // row-major B with a 16 KB row stride (K^T of a 4K sequence) put all rows of a tile into one L1
 // set and ran 30% slower end to end. Measured on the dev machine (Zen 4, one thread, AVX2):
 // 95-105 GFLOP/s at 64x256x64 / 64x64x128, against 85 for MKL sgemm at the same shapes.
-// N must be a multiple of kGemmN (callers pad); M and K are arbitrary. With TransA, A is given
+// N must be a multiple of the vector width W (callers pad; the tail panel's other columns are not written); M
+// and K are arbitrary. With TransA, A is given
 // transposed: element (m, k) at A[k * lda + m] (the fused backward multiplies dS^T, as stored).
 // With c_scale, accumulation starts from c_scale[m] * C[m, :]: the online softmax's rescaling of the
 // output rows rides on the load of the P V product instead of a separate pass over them (that pass
@@ -21,34 +22,29 @@ namespace attnops::cpu::ATTNOPS_ISA {
 template <typename T>
 inline constexpr int kGemmN = 2 * Vec<T>::size;
 
-template <typename T, int MR, bool TransA>
+// NV: the tile's width in vectors, 2 (a whole panel) or 1 (its first W columns: the last panel of an N that is an
+// odd multiple of W, whose other half would be padding; B keeps the panel's NR stride).
+template <typename T, int MR, bool TransA, int NV = 2>
 inline void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, T* C, int64_t ldc, bool accumulate,
                       const T* c_scale) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
-  V c0[MR], c1[MR];
+  static_assert(NV == 1 || NV == 2);
+  V c[NV][MR];
   for (int r = 0; r < MR; ++r) {
-    if (accumulate) {
-      const T scale = c_scale ? c_scale[r] : T(1);
-      c0[r] = vload(C + r * ldc) * scale;
-      c1[r] = vload(C + r * ldc + W) * scale;
-    } else {
-      c0[r] = V{};
-      c1[r] = V{};
-    }
+    const T scale = accumulate && c_scale ? c_scale[r] : T(1);
+    for (int x = 0; x < NV; ++x) c[x][r] = accumulate ? vload(C + r * ldc + x * W) * scale : V{};
   }
   for (int64_t k = 0; k < K; ++k) {
-    const V b0 = vload(B + k * 2 * W), b1 = vload(B + k * 2 * W + W);
+    V b[NV];
+    for (int x = 0; x < NV; ++x) b[x] = vload(B + k * 2 * W + x * W);
     for (int r = 0; r < MR; ++r) {
       const T a = TransA ? A[k * lda + r] : A[r * lda + k];
-      c0[r] += a * b0;
-      c1[r] += a * b1;
+      for (int x = 0; x < NV; ++x) c[x][r] += a * b[x];
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    vstore(C + r * ldc, c0[r]);
-    vstore(C + r * ldc + W, c1[r]);
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int x = 0; x < NV; ++x) vstore(C + r * ldc + x * W, c[x][r]);
 }
 
 // Rows per register tile: 4 rows x 2 vectors = 8 accumulators fill the 16 registers of SSE/AVX2
@@ -57,29 +53,41 @@ inline void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, T* C, int6
 inline constexpr int kGemmMR = kVectorBytes == 64 ? 8 : 4;
 
 // The tile of the M % kGemmMR leftover rows, MR chosen at run time.
-template <typename T, bool TransA, int MR = kGemmMR - 1>
+template <typename T, bool TransA, int NV, int MR = kGemmMR - 1>
 inline void gemm_rest(int64_t rows, int64_t K, const T* A, int64_t lda, const T* B, T* C, int64_t ldc,
                       bool accumulate, const T* c_scale) {
   if constexpr (MR > 0) {
-    if (rows == MR) return gemm_tile<T, MR, TransA>(K, A, lda, B, C, ldc, accumulate, c_scale);
-    gemm_rest<T, TransA, MR - 1>(rows, K, A, lda, B, C, ldc, accumulate, c_scale);
+    if (rows == MR) return gemm_tile<T, MR, TransA, NV>(K, A, lda, B, C, ldc, accumulate, c_scale);
+    gemm_rest<T, TransA, NV, MR - 1>(rows, K, A, lda, B, C, ldc, accumulate, c_scale);
   }
 }
 
-// `strip`: distance between consecutive B panels, in elements.
+// The rows of one panel (NV vectors of its columns).
+template <typename T, bool TransA, int NV>
+inline void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, T* C, int64_t ldc,
+                       bool accumulate, const T* c_scale) {
+  constexpr int MR = kGemmMR;
+  auto a_rows = [&](int64_t row) { return TransA ? A + row : A + row * lda; };
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR)
+    gemm_tile<T, MR, TransA, NV>(K, a_rows(m), lda, B, C + m * ldc, ldc, accumulate, c_scale ? c_scale + m : nullptr);
+  if (m < M)
+    gemm_rest<T, TransA, NV>(M - m, K, a_rows(m), lda, B, C + m * ldc, ldc, accumulate, c_scale ? c_scale + m : nullptr);
+}
+
+// `strip`: distance between consecutive B panels, in elements. N a multiple of W (Vec<T>::size); a last panel
+// of W columns runs the one-vector tile: at 16 keys and AVX-512 (32-column panels) the two-vector tile spent
+// half its FMAs, and the softmax after it half its passes, on padding.
 template <typename T, bool TransA = false>
 inline void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t strip, T* C,
                  int64_t ldc, bool accumulate, const T* c_scale = nullptr) {
   constexpr int NR = kGemmN<T>;
-  constexpr int MR = kGemmMR;
   for (int64_t n = 0; n < N; n += NR) {
     const T* Bn = B + (n / NR) * strip;
-    int64_t m = 0;
-    auto a_rows = [&](int64_t row) { return TransA ? A + row : A + row * lda; };
-    for (; m + MR <= M; m += MR)
-      gemm_tile<T, MR, TransA>(K, a_rows(m), lda, Bn, C + m * ldc + n, ldc, accumulate, c_scale ? c_scale + m : nullptr);
-    if (m < M)
-      gemm_rest<T, TransA>(M - m, K, a_rows(m), lda, Bn, C + m * ldc + n, ldc, accumulate, c_scale ? c_scale + m : nullptr);
+    if (n + NR <= N)
+      gemm_panel<T, TransA, 2>(M, K, A, lda, Bn, C + n, ldc, accumulate, c_scale);
+    else
+      gemm_panel<T, TransA, 1>(M, K, A, lda, Bn, C + n, ldc, accumulate, c_scale);
   }
 }
 

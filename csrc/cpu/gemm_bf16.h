@@ -112,57 +112,63 @@ bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_
 
 #if ATTNOPS_BF16_DOT
 
-// C (MR x 2 vectors) (+)= A B over K2 word pairs, then C *= out_scale (scores: the softmax scale).
+// C (MR x NV vectors) (+)= A B over K2 word pairs, then C *= out_scale (scores: the softmax scale). NV: 2 (a whole
+// word panel) or 1 (its first 16 columns, the last panel of an N that is an odd multiple of 16).
 // TransA: A given by columns, word (m, k2) at A[k2 * lda2 + m] (the backward's dS, made from dS^T).
-template <int MR, bool TransA = false>
+template <int MR, bool TransA = false, int NV = 2>
 ATTNOPS_BF16_TARGET inline void gemm_tile_bf16(int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B,
                                                 float* C, int64_t ldc, bool accumulate, const float* c_scale,
                                                 float out_scale) {
-  __m512 c0[MR], c1[MR];
+  static_assert(NV == 1 || NV == 2);
+  __m512 c[NV][MR];
   for (int r = 0; r < MR; ++r) {
-    if (accumulate) {
-      const __m512 s = _mm512_set1_ps(c_scale ? c_scale[r] : 1.0f);
-      c0[r] = _mm512_mul_ps(_mm512_loadu_ps(C + r * ldc), s);
-      c1[r] = _mm512_mul_ps(_mm512_loadu_ps(C + r * ldc + 16), s);
-    } else {
-      c0[r] = _mm512_setzero_ps();
-      c1[r] = _mm512_setzero_ps();
-    }
+    const __m512 s = _mm512_set1_ps(accumulate && c_scale ? c_scale[r] : 1.0f);
+    for (int x = 0; x < NV; ++x)
+      c[x][r] = accumulate ? _mm512_mul_ps(_mm512_loadu_ps(C + r * ldc + 16 * x), s) : _mm512_setzero_ps();
   }
   for (int64_t k2 = 0; k2 < K2; ++k2) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + k2 * 32);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + k2 * 32 + 16);
+    __m512bh b[NV];
+    for (int x = 0; x < NV; ++x) b[x] = (__m512bh)_mm512_loadu_si512(B + k2 * 32 + 16 * x);
     for (int r = 0; r < MR; ++r) {
       const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(TransA ? A[k2 * lda2 + r] : A[r * lda2 + k2]));
-      c0[r] = _mm512_dpbf16_ps(c0[r], a, b0);
-      c1[r] = _mm512_dpbf16_ps(c1[r], a, b1);
+      for (int x = 0; x < NV; ++x) c[x][r] = _mm512_dpbf16_ps(c[x][r], a, b[x]);
     }
   }
   const __m512 os = _mm512_set1_ps(out_scale);
-  for (int r = 0; r < MR; ++r) {
-    _mm512_storeu_ps(C + r * ldc, _mm512_mul_ps(c0[r], os));
-    _mm512_storeu_ps(C + r * ldc + 16, _mm512_mul_ps(c1[r], os));
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int x = 0; x < NV; ++x) _mm512_storeu_ps(C + r * ldc + 16 * x, _mm512_mul_ps(c[x][r], os));
 }
 
-// C (M x N) (+)= A (M x 2 K2 bf16, row stride lda2 words) B (word panels, `strip` words apart),
-// N a multiple of 32 (kGemmN<float> at this level). TransA: as gemm_tile_bf16.
+// The rows of one word panel (NV vectors of its columns).
+template <bool TransA, int NV>
+ATTNOPS_BF16_TARGET inline void gemm_panel_bf16(int64_t M, int64_t K2, const uint32_t* A, int64_t lda2,
+                                                const uint32_t* B, float* C, int64_t ldc, bool accumulate,
+                                                const float* c_scale, float out_scale) {
+  constexpr int MR = 8;
+  auto a_rows = [&](int64_t m) { return TransA ? A + m : A + m * lda2; };
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR)
+    gemm_tile_bf16<MR, TransA, NV>(K2, a_rows(m), lda2, B, C + m * ldc, ldc, accumulate,
+                                   c_scale ? c_scale + m : nullptr, out_scale);
+  for (; m < M; ++m)
+    gemm_tile_bf16<1, TransA, NV>(K2, a_rows(m), lda2, B, C + m * ldc, ldc, accumulate,
+                                  c_scale ? c_scale + m : nullptr, out_scale);
+}
+
+// C (M x N) (+)= A (M x 2 K2 bf16, row stride lda2 words) B (word panels, `strip` words apart), N a multiple of 16
+// (a last half panel runs the one-vector tile, as the float gemm does). TransA: as gemm_tile_bf16.
 template <bool TransA = false>
 ATTNOPS_BF16_TARGET inline void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2,
                                           const uint32_t* B, int64_t strip, float* C, int64_t ldc, bool accumulate,
                                           const float* c_scale = nullptr, float out_scale = 1.0f) {
-  constexpr int NR = 32, MR = 8;
+  constexpr int NR = 32;
   static_assert(kGemmN<float> == NR, "the bf16 panels have the float panels' width");
-  auto a_rows = [&](int64_t m) { return TransA ? A + m : A + m * lda2; };
   for (int64_t n = 0; n < N; n += NR) {
     const uint32_t* Bn = B + (n / NR) * strip;
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR)
-      gemm_tile_bf16<MR, TransA>(K2, a_rows(m), lda2, Bn, C + m * ldc + n, ldc, accumulate,
-                                 c_scale ? c_scale + m : nullptr, out_scale);
-    for (; m < M; ++m)
-      gemm_tile_bf16<1, TransA>(K2, a_rows(m), lda2, Bn, C + m * ldc + n, ldc, accumulate,
-                                c_scale ? c_scale + m : nullptr, out_scale);
+    if (n + NR <= N)
+      gemm_panel_bf16<TransA, 2>(M, K2, A, lda2, Bn, C + n, ldc, accumulate, c_scale, out_scale);
+    else
+      gemm_panel_bf16<TransA, 1>(M, K2, A, lda2, Bn, C + n, ldc, accumulate, c_scale, out_scale);
   }
 }
 
@@ -196,8 +202,9 @@ ATTNOPS_BF16_TARGET inline void brgemm_bf16(int64_t M, int64_t N, int64_t K2, co
     }
   };
   if (accumulate && c_scale) scale_rows([&](int64_t m) { return c_scale[m]; });
-  for (int64_t n = 0; n < N; n += NR)
-    brgemm_bf16_block(M, NR, K2, A, lda2, 0, B + (n / NR) * strip, NR, C + n, ldc, accumulate);
+  for (int64_t n = 0; n < N; n += NR)  // a last half panel as a 16-column block (its words keep the panel's stride)
+    brgemm_bf16_block(M, std::min<int64_t>(NR, N - n), K2, A, lda2, 0, B + (n / NR) * strip, NR, C + n, ldc,
+                      accumulate);
   if (out_scale != 1.0f) scale_rows([&](int64_t) { return out_scale; });
 }
 
@@ -222,12 +229,15 @@ ATTNOPS_BF16_TARGET inline void gemm_bf16_via(bool brgemm, int64_t M, int64_t N,
 }
 
 // dst[0, ceil(n / 2)) = the float row p[0, n) as bf16 pairs (round to nearest even), p read up to
-// n rounded up to 32 (the tile's zero padding), the pair past an odd n completed by that padding.
+// n rounded up to 16 (the tile row's padding, zero after the softmax), the pair past an odd n completed by it.
 ATTNOPS_BF16_TARGET inline void to_bf16_pairs(const float* p, int64_t n, uint32_t* dst) {
-  for (int64_t j = 0; j < n; j += 32) {
+  int64_t j = 0;
+  for (; j + 16 < n; j += 32) {
     const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + j + 16), _mm512_loadu_ps(p + j));
     _mm512_storeu_si512(dst + j / 2, (__m512i)v);
   }
+  if (j < n)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + j)));
 }
 
 // dst[0, n) = the float rows lo, hi [0, n) as bf16 pairs, word i = (lo[i], hi[i]) (round to nearest even; a

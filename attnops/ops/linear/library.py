@@ -85,16 +85,16 @@ def register(bwd_op: Callable) -> None:
         return FWD.grads(q=dq.to(q.dtype), k=dk.to(k.dtype), v=dv.to(v.dtype),
                          g=dg.to(g.dtype) if ctx.has_g else None, h0=dh0 if ctx.has_h0 else None)
 
-    torch.library.register_autograd(FWD.qualname, backward, setup_context=setup_context)
+    FWD.register_autograd(backward, setup_context=setup_context)
 
     def no_double_backward(ctx, *grads):
         raise NotImplementedError("attnops: double backward through linear attention's Triton kernels is not "
                                   "supported (the CPU path, the composite chunk form, supports it)")
 
-    torch.library.register_autograd(BWD.qualname, no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    BWD.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
     def forward_only(ctx, *grads):
         raise NotImplementedError("attnops: the recurrent linear-attention kernel is forward-only; the chunk "
                                   "kernel runs when gradients are needed")
 
-    torch.library.register_autograd(RECURRENT.qualname, forward_only, setup_context=lambda ctx, inputs, output: None)
+    RECURRENT.register_autograd(forward_only, setup_context=lambda ctx, inputs, output: None)

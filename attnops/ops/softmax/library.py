@@ -118,12 +118,12 @@ def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
         dbias = reduce_to(dbias, attn_bias) if wants("attn_bias") else None
         return fwd.grads(q=dq, k=dk, v=dv, sinks=dsinks, attn_bias=dbias)
 
-    torch.library.register_autograd(fwd.qualname, backward, setup_context=setup_context)
+    fwd.register_autograd(backward, setup_context=setup_context)
 
     def no_double_backward(ctx, *grads):
         raise NotImplementedError("attnops: double backward through attention is not supported")
 
-    torch.library.register_autograd(bwd.qualname, no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    bwd.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
