@@ -8,8 +8,8 @@
 // set and ran 30% slower end to end. Measured on the dev machine (Zen 4, one thread, AVX2):
 // 95-105 GFLOP/s at 64x256x64 / 64x64x128, against 85 for MKL sgemm at the same shapes.
 // N must be a multiple of the vector width W (callers pad; the tail panel's other columns are not written); M
-// and K are arbitrary. With TransA, A is given
-// transposed: element (m, k) at A[k * lda + m] (the fused backward multiplies dS^T, as stored).
+// and K are arbitrary. With TransA, A is given transposed: element (m, k) at A[k * lda + m] (the fused
+// backward multiplies dS^T, as stored).
 // With c_scale, accumulation starts from c_scale[m] * C[m, :]: the online softmax's rescaling of the
 // output rows rides on the load of the P V product instead of a separate pass over them (that pass
 // was 15% of the non-GEMM time of a sliding-window forward).

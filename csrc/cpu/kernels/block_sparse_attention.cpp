@@ -155,16 +155,17 @@ inline RowRange live_rows(const RowSpan* spans, int64_t rows) {
   return {a, e - a};
 }
 
-// The key tiles (<= kTileK keys, starting on NR boundaries) that the query rows [r0, r1) of head h
+// The key tiles (<= kTileK keys, starting on GEMM panel boundaries) that the query rows [r0, r1) of head h
 // visit: the LUT row's segments, or the predicate range, cut into tiles. Sets each row's valid span
-// in `spans` and calls f(t0, t1, n) for the tile [t0, t1) (n: its width padded to the vector width W, the
-// row passes' unit; the float GEMM runs a last half panel as such, the bf16 one pads n to NR), skipping
-// tiles that no row sees. One walk for the forward and the dq pass.
-template <int64_t NR, int64_t W, typename F>
+// in `spans` and calls f(t0, t1, n) for the tile [t0, t1) (n: its width padded to the vector width, the
+// row passes' unit; the GEMMs run a last half panel as such), skipping tiles that no row sees. One walk
+// for the forward and the dq pass.
+template <typename T, typename F>
 void for_each_key_tile(const BlockLut& lut, const Predicates& pred, int64_t b, int64_t h, int64_t r0, int64_t r1,
                        int64_t Sk, RowSpan* spans, F&& f) {
   for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(b, r0), pred.key_hi(b, r1 - 1), Sk,
                    [&](int64_t a, int64_t e) {
+                     constexpr int64_t NR = kGemmN<T>;
                      for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
                        t1 = std::min(t0 + kTileK, e);
                        const int64_t start = std::max(a, t0);
@@ -173,7 +174,7 @@ void for_each_key_tile(const BlockLut& lut, const Predicates& pred, int64_t b, i
                          spans[r] = {std::max(pred.key_lo(b, r0 + r), start) - t0, std::min(pred.key_hi(b, r0 + r), t1) - t0};
                          any |= !spans[r].empty();
                        }
-                       if (any) f(t0, t1, round_up(t1 - t0, W));
+                       if (any) f(t0, t1, round_up(t1 - t0, Vec<T>::size));
                      }
                    });
 }
@@ -417,8 +418,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       std::fill(ws.l.begin(), ws.l.end(), T(0));
       std::fill(ws.acc.begin(), ws.acc.end(), T(0));
       ws.map_lo = ws.map_hi = 0;
-      for_each_key_tile<NR, Vec<T>::size>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1,
-                                                                                              int64_t n) {
+      for_each_key_tile<T>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
         // Only rows [ra, rb) see the tile (a tile straddling two packed documents, or a causal diagonal):
         // the products skip the others, whose running max, sum and accumulator stay as they are.
         const RowRange live = live_rows(ws.spans.data(), rows);
@@ -977,8 +977,7 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
   const T* l2 = ops.lse2 + (bh - ops.bh0) * ops.Sq_pad + r0;
   const T* dl = ops.delta + (bh - ops.bh0) * ops.Sq_pad + r0;
   const T slope2 = mods.slope2(b, h);
-  for_each_key_tile<NR, Vec<T>::size>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1,
-                                                                                            int64_t n) {
+  for_each_key_tile<T>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
     const int64_t panel = bhk * ops.Sk_pad * p.D + t0 * p.D;
     const RowRange live = live_rows(ws.spans.data(), rows);  // as in the forward: only rows that see the tile
     const int64_t ra = live.first, nr = live.count;
