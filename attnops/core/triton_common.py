@@ -17,10 +17,12 @@ import triton.language as tl
 
 from attnops.core.backends import INTERPRET
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # host-side floats
 LN2 = 0.6931471805599453
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(LN2)
+# The kernels' copies: compiled Triton reads a module global only when it is a constexpr (the
+# interpreter does not check; tests/core/test_triton_globals.py does).
+C_LOG2E = tl.constexpr(LOG2E)
+C_LN2 = tl.constexpr(LN2)
 
 DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -219,7 +221,7 @@ def row_results(b_m, b_l):
     natural-log lse (-inf there)."""
     empty = b_l == 0.0
     b_inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, b_l))
-    b_lse = tl.where(empty, float("-inf"), (b_m + tl.math.log2(tl.where(empty, 1.0, b_l))) * _LN2)
+    b_lse = tl.where(empty, float("-inf"), (b_m + tl.math.log2(tl.where(empty, 1.0, b_l))) * C_LN2)
     return b_inv, b_lse
 
 
@@ -227,7 +229,7 @@ def row_results(b_m, b_l):
 def lse2(b_lse):
     """A saved lse in base 2 for the backward's P = exp2(s - lse2); rows that attended nothing give
     +inf, so their P is exactly 0."""
-    return tl.where(b_lse == float("-inf"), float("inf"), b_lse * _LOG2E)
+    return tl.where(b_lse == float("-inf"), float("inf"), b_lse * C_LOG2E)
 
 
 # ---- score modifiers (conventions.md: softcap, mask, ALiBi, softmax with sinks), in base 2 -------------
@@ -236,7 +238,7 @@ def lse2(b_lse):
 def tanh(x):
     """``1 - 2 / (e^{2x} + 1)`` (the interpreter has no tanh); the exponent is capped where tanh is 1 in
     float32 already, NaN stays NaN."""
-    e = x * (2.0 * _LOG2E)
+    e = x * (2.0 * C_LOG2E)
     return 1.0 - 2.0 / (tl.math.exp2(tl.where(e > 126.0, 126.0, e)) + 1.0)
 
 
@@ -248,7 +250,7 @@ def modify_scores(b_s, b_qpos, b_kpos, cap2, slope2, HAS_SOFTCAP: tl.constexpr, 
     ``1 - tanh^2``; 0 without a cap). The mask comes after; it leaves the masked pairs -inf either way."""
     b_t = tl.zeros_like(b_s)
     if HAS_SOFTCAP:
-        b_t = tanh(b_s / cap2)
+        b_t = tanh(b_s * (1.0 / cap2))  # one division per tile: a division per score is a MUFU op
         b_s = cap2 * b_t
     if HAS_ALIBI:
         b_s = b_s - slope2 * tl.abs(b_qpos - b_kpos).to(tl.float32)
@@ -272,7 +274,7 @@ def load_bias(Bias, i_b, i_h, o_q, o_k, m_qk, bias_sb, bias_sh, bias_sq):
     """An attn_bias tile in base 2: ``bias[b, h, o_q, o_k] * log2(e)`` (broadcast dims have stride 0), 0 where
     ``m_qk`` is False. ``o_q`` / ``o_k`` broadcast to the tile (either orientation)."""
     p = Bias + i_b * bias_sb + i_h * bias_sh + o_q.to(tl.int64) * bias_sq + o_k
-    return tl.load(p, mask=m_qk, other=0.0).to(tl.float32) * _LOG2E
+    return tl.load(p, mask=m_qk, other=0.0).to(tl.float32) * C_LOG2E
 
 
 def bias_args(attn_bias: Optional[torch.Tensor], device) -> Tuple:

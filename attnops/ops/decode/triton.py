@@ -15,7 +15,7 @@ import triton.language as tl
 from attnops.core import dispatch
 from attnops.core import op_checks as _args
 from attnops.core.library import register_forward_only
-from attnops.core.triton_common import (LOG2E, dot_kept, modify_scores, row_results, softmax_rescale,
+from attnops.core.triton_common import (C_LOG2E, LOG2E, dot_kept, modify_scores, row_results, softmax_rescale,
                                         dense_last_dim, dot_dtype, precision, refuse_float64, score_mod_args)
 from attnops.core.triton_common import num_splits as auto_splits
 from attnops.ops.decode import library as lib
@@ -53,7 +53,7 @@ def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes,
     b_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     b_slope2 = tl.zeros([BLOCK_R], dtype=tl.float32)
     if HAS_ALIBI:  # rows of one program belong to different query heads
-        b_slope2 = tl.load(Slopes + i_b * stride_slopes_b + o_h, mask=m_r, other=0.0) * LOG2E
+        b_slope2 = tl.load(Slopes + i_b * stride_slopes_b + o_h, mask=m_r, other=0.0) * C_LOG2E
     for n0 in range(s0, s1, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < s1

@@ -29,7 +29,7 @@ import triton.language as tl
 from attnops.core import dispatch
 from attnops.core import op_checks as _args
 from attnops.core.backends import AUTOTUNE, INTERPRET
-from attnops.core.triton_common import (LOG2E, bias_args, dot_kept, dropout_args, dropout_rows, dropout_scale,
+from attnops.core.triton_common import (C_LOG2E, LOG2E, bias_args, dot_kept, dropout_args, dropout_rows, dropout_scale,
                                         fold_sink, key_range, keys_see_queries, segment_args, segment_bounds,
                                         load_bias, lse2, lut_tile, lut_walk, mask_scores, modify_scores,
                                         partial_tile, row_results, softmax_rescale, dense_last_dim, dot_dtype,
@@ -105,7 +105,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks, Bias, Seed, KeyB
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * LOG2E
+        slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * C_LOG2E
     p_bias = Bias + i_b * bias_sb + i_h * bias_sh
     b_drop_rows = o_m.to(tl.uint32)
     if HAS_DROPOUT:
@@ -130,7 +130,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks, Bias, Seed, KeyB
                                         DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_SEGMENTS)
 
     if HAS_SINKS:  # one more logit per row, no value: the denominator grows, the accumulator is rescaled
-        b_m, b_l, b_alpha = fold_sink(b_m, b_l, tl.load(Sinks + i_h).to(tl.float32) * LOG2E)
+        b_m, b_l, b_alpha = fold_sink(b_m, b_l, tl.load(Sinks + i_h).to(tl.float32) * C_LOG2E)
         b_acc = b_acc * b_alpha[:, None]
     b_inv, b_lse = row_results(b_m, b_l)  # rows with nothing to attend to: 0 and lse = -inf (or the sink)
     tl.store(Out + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_os + o_d[None, :],
@@ -231,7 +231,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBia
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * LOG2E
+        slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * C_LOG2E
     p_bias = Bias + i_b * bias_sb + i_h * bias_sh
     p_dbias = DBias + i_bh.to(tl.int64) * Sq * Sk  # (B, H, Sq, Sk)
     b_drop_rows = o_m.to(tl.uint32)
@@ -363,7 +363,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes, Bias, 
         p_delta = Delta + i_bh * Sq
         slope2 = 0.0
         if HAS_ALIBI:
-            slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * LOG2E
+            slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * C_LOG2E
         p_bias = Bias + i_b * bias_sb + i_h * bias_sh
         # the transposed LUT: the query blocks that list this key block
         count, p_idx, first = lut_walk(QNum, QIdx, i_b, i_h, n0 // LUT_BK, lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnops.core.triton_common import (LOG2E, key_range, load_bias, lse2, lut_tile, lut_walk, mask_scores,
+from attnops.core.triton_common import (C_LOG2E, LOG2E, key_range, load_bias, lse2, lut_tile, lut_walk, mask_scores,
                                         modify_scores, segment_bounds)
 
 _ZERO_SPAN = 64  # columns zero-filled per store
@@ -106,7 +106,7 @@ def _block_map_kernel(Q, K, Lse, Part, KvNum, KvIdx, Slopes, Bias, KeyBounds,
         hi = tl.minimum(hi, seg_hi)
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * LOG2E
+        slope2 = tl.load(Slopes + i_b * stride_slopes_b + i_h) * C_LOG2E
     p_bias = Bias + i_b * bias_sb + i_h * bias_sh
     value = 0.0
     current = -1
