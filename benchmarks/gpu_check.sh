@@ -6,7 +6,8 @@
 # Usage: benchmarks/gpu_check.sh OUT_DIR [TEST_SECONDS] [BENCH_SECONDS] [extra bench args...]
 # Environment: BUILD=0 skips the extension (the Triton kernels need none; CPU tensors then run the
 # pure-PyTorch fallback); TESTS="pytest arguments" (default: every CUDA test of the suite); CP_SECONDS
-# (default 60; 0 skips benchmarks/cp_cuda_smoke.py); SUITE (default gpu); PROFILE=script.py (90 s).
+# (default 120; 0 skips benchmarks/cp_cuda_smoke.py); SUITE (default gpu); TEST_WORKERS (default 16:
+# compiling the kernels, not running them, is what the tests spend their time on); PROFILE=script.py (90 s).
 set -u
 OUT=${1:?output directory}; TEST_S=${2:-240}; BENCH_S=${3:-300}; shift $(( $# < 3 ? $# : 3 ))
 mkdir -p "$OUT"; BENCH_DIR=$(mktemp -d)/bench
@@ -25,12 +26,12 @@ python3 -W ignore -c "import attnops.core.dispatch as d; print({b: d.is_availabl
 if [ "$TEST_S" -gt 0 ]; then
   t0=$(date +%s)
   # shellcheck disable=SC2086
-  timeout "$TEST_S" python3 -m pytest ${TESTS:-tests -k "cuda or decode or compile or mqa"} -v -n 8 \
+  timeout "$TEST_S" python3 -m pytest ${TESTS:-tests -k "cuda or decode or compile or mqa"} -v -n "${TEST_WORKERS:-16}" \
     -p no:cacheprovider --timeout 200 --durations=10 >"$OUT/tests.log" 2>&1
   echo "tests exit $? in $(( $(date +%s) - t0 )) s"; grep -E "FAILED|ERROR|passed|failed|^[0-9.]+s " "$OUT/tests.log" | tail -40
 fi
-if [ "${CP_SECONDS:-60}" -gt 0 ]; then
-  timeout "${CP_SECONDS:-60}" python3 -W ignore benchmarks/cp_cuda_smoke.py >"$OUT/cp.log" 2>&1
+if [ "${CP_SECONDS:-120}" -gt 0 ]; then
+  timeout "${CP_SECONDS:-120}" python3 -W ignore benchmarks/cp_cuda_smoke.py >"$OUT/cp.log" 2>&1
   echo "context parallel exit $?"; tail -12 "$OUT/cp.log"
 fi
 if [ -n "${PROFILE:-}" ]; then

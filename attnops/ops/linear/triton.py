@@ -65,9 +65,13 @@ def _gate_rows(Gm, GS, i_b, i_h, t0, o_t, m_t, o_k, m_k, S, H, GW, GATE: tl.cons
 @triton.jit
 def _decay_state(b_h, b_last, GATE: tl.constexpr):
     """The state ``[BK, BV]`` times the chunk's total decay (per key channel: one per row)."""
+    # if / else, not an early return: the compiler type-checks the statements after a return too, and
+    # the per-head product of a [BK, BV] state with a [1, BK] decay fails to compile when BK != BV
     if GATE == 2:
-        return b_h * tl.trans(tl.exp(b_last))
-    return b_h * tl.exp(b_last)
+        b_h = b_h * tl.trans(tl.exp(b_last))
+    else:
+        b_h = b_h * tl.exp(b_last)
+    return b_h
 
 
 @triton.jit
