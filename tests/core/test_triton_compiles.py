@@ -9,7 +9,8 @@ subprocess where ``triton.jit`` is the compiler's JITFunction, with a driver tha
 handling, and every kernel it launches is compiled from the arguments it would have launched with, down
 to the cubin. The outputs are never written (nothing runs), so nothing here checks values: the
 interpreted tests do. Cases switch every constexpr flag on in one call and off in another, in bf16, f16
-and f32, at head dims that pad (40, 96) and that do not; each kernel must compile at least once.
+and f32, at head dims that pad (40, 96) and that do not; each kernel (every ``*_kernel`` jit function of
+attnops) must compile at least once.
 """
 
 import json
@@ -21,12 +22,6 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-KERNELS = {  # every kernel a launcher starts (helpers are inlined into these)
-    "_fwd_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_block_map_kernel",
-    "_decode_split_kernel", "_decode_combine_kernel", "_pool_keys_kernel", "_route_kernel",
-    "_lowrank_score_kernel", "_lowrank_gather_kernel", "_state_fwd_kernel", "_out_fwd_kernel",
-    "_state_bwd_kernel", "_qkv_bwd_kernel", "_recurrent_fwd_kernel",
-}
 
 
 def _nvidia_backend() -> str:
@@ -46,7 +41,8 @@ def test_every_kernel_compiles_for_sm90():
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert not report["failures"], "\n\n".join(f"{case}:\n{err}" for case, err in report["failures"].items())
-    missing = KERNELS - set(report["compiled"])
+    assert len(report["kernels"]) >= 16, report["kernels"]  # every family's kernels were found (16 when written)
+    missing = set(report["kernels"]) - set(report["compiled"])
     assert not missing, f"never compiled (no case launches them): {sorted(missing)}"
     # the configuration a launch without autotuning takes must fit an H100's shared memory (227 KiB a block)
     too_big = {name: nbytes for name, nbytes in report["compiled"].items() if nbytes > 227 * 1024}
@@ -186,7 +182,12 @@ def main():
     shared = {}
     for name, nbytes in compiled:
         shared[name] = max(shared.get(name, 0), nbytes)
-    print(json.dumps({"compiled": shared, "failures": failures}))
+    # every kernel a launcher starts (named *_kernel; the helpers are inlined into them), found as
+    # tests/core/test_triton_globals.py finds them: a new kernel that no case launches fails the test
+    from test_triton_globals import _jit_functions
+
+    kernels = sorted({name for _, name in _jit_functions() if name.endswith("_kernel")})
+    print(json.dumps({"compiled": shared, "kernels": kernels, "failures": failures}))
 
 
 if __name__ == "__main__":
