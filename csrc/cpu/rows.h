@@ -56,6 +56,31 @@ inline vec_t<T> transpose_sum(const vec_t<T>* a) {
   return r;
 }
 
+#if ATTNOPS_VEC_BYTES == 64
+// 16 float lanes (AVX-512): a tree of two-source shuffles, each level adding pairs of vectors whose lanes hold
+// halves of the remaining partial sums, 30 shuffles and 15 adds where 16 separate reductions took 64 of each
+// (the fallback above: Loki's gathered scores and MQA decode's dots spent more on it than on their FMAs).
+template <>
+inline vec_t<float> transpose_sum<float>(const vec_t<float>* a) {
+  using V = vec_t<float>;
+  using I = Vec<float>::itype;
+  auto level = [](V* v, int n, I lo, I hi) {  // v[x] = lanes `lo` of (v[x], v[x + n]) + lanes `hi`
+    for (int x = 0; x < n; ++x) v[x] = __builtin_shuffle(v[x], v[x + n], lo) + __builtin_shuffle(v[x], v[x + n], hi);
+  };
+  V v[16];
+  for (int x = 0; x < 16; ++x) v[x] = a[x];
+  level(v, 8, I{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+        I{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  level(v, 4, I{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+        I{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  level(v, 2, I{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+        I{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  level(v, 1, I{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+        I{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  return v[0];  // lane x: block x of the last level, whose partial sums all came from a[x]
+}
+#endif
+
 #if ATTNOPS_X86_SIMD && ATTNOPS_VEC_BYTES == 32
 template <>
 inline vec_t<float> transpose_sum<float>(const vec_t<float>* a) {
@@ -67,5 +92,37 @@ inline vec_t<float> transpose_sum<float>(const vec_t<float>* a) {
   return (vec_t<float>)_mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 #endif
+
+// Scores of R query rows (Dp apart, zero-padded) against NK keys in the cache's type, widened in
+// registers: s[r * ld + j] = q_r . k_j. The R * NK accumulators are independent chains (one dot per
+// row and key is a single dependent FMA chain, latency-bound: GQA decode reached 40% of the copy
+// bandwidth that way), and each key vector is loaded once for all R rows.
+template <int R, int NK, typename T, typename S>
+inline void dots_block(const T* q, int64_t Dp, const S* const* k, int64_t D, T* s, int64_t ld) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  V a[R * NK] = {};
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    V x[NK];
+    for (int j = 0; j < NK; ++j) x[j] = load_vec<T>(k[j] + d);
+    for (int r = 0; r < R; ++r) {
+      V qv = vload(q + r * Dp + d);
+      asm("" : "+x"(qv));  // one load per q vector: folded into each FMA, it was loaded once per key
+      for (int j = 0; j < NK; ++j) a[r * NK + j] += qv * x[j];
+    }
+  }
+  T sum[R * NK];
+  if constexpr (R * NK == W) {
+    vstore(sum, transpose_sum<T>(a));
+  } else {
+    for (int x = 0; x < R * NK; ++x) sum[x] = hsum<T>(a[x]);
+  }
+  for (; d < D; ++d)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NK; ++j) sum[r * NK + j] += q[r * Dp + d] * static_cast<T>(k[j][d]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NK; ++j) s[r * ld + j] = sum[r * NK + j];
+}
 
 }  // namespace attnops::cpu::ATTNOPS_ISA

@@ -13,6 +13,7 @@ import torch
 
 import attnops
 from attnops import lowrank
+from attnops.core import backends
 from attnops.ops.lowrank import reference as lowrank_reference
 from attnops.ops.softmax import reference
 from attnops.lowrank import KeyProjection
@@ -143,6 +144,84 @@ def test_nan_in_nan_out_and_empty_rows(fwd_impl):
     out, lse = attnops.lowrank_key_attention(q[:, :3], k[:, :0], v[:, :0], rank=8, topk=6, causal=False, return_lse=True,
                                              backend=fwd_impl.backend)
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+@pytest.mark.parametrize("Sq", [1, 20], ids=["decode_pass", "prefill_tiles"])
+@pytest.mark.parametrize("order", ["period4", "ascending", "descending", "equal", "two_levels"])
+@pytest.mark.parametrize("topk", [1, 60, 250, 700, 999])
+def test_selection_is_exact_however_the_scores_are_arranged(order, topk, Sq, fwd_impl):
+    """The C++ selection thresholds rows of 256 keys or more from a strided sample (every 4th score) and falls
+    back when the sample misleads it: score orders that defeat the sample (a period equal to its stride, sorted
+    rows, ties everywhere) still choose exactly the reference's keys. Rank 1 (dim 0 of q times dim 0 of k) puts
+    the designed scores in place; both the decoding passes (1 query row) and the prefill tiles (20) run."""
+    if fwd_impl.interpreted:
+        pytest.skip("C++ selection (the interpreter runs the Triton kernels' sort)")
+    Sk, D = 1000, 16
+    j = torch.arange(Sk)
+    scores = {"period4": torch.where(j % 4 == 1, 2.0, 0.25) + (j % 7) / 8, "ascending": j / 64,
+              "descending": -j / 64, "equal": torch.ones(Sk), "two_levels": (j % 2) / 2}[order]
+    dev = fwd_impl.device
+    k = dyadic(1, Sk, 1, D)
+    k[0, :, 0, 0] = scores
+    q = dyadic(1, Sq, 2, D)
+    q[..., 0] = 1
+    v = torch.randn(1, Sk, 1, D)
+    check_lowrank(q.to(dev), k.to(dev), v.to(dev), None, 1, topk, causal=False, backend=fwd_impl.backend)
+
+
+_HAS_BF16_DOT = backends.EXTENSION and "avx512" in backends.cpu_isa()["levels"] and \
+    "avx512_bf16" in backends.cpu_isa()["cpu"]
+
+
+@pytest.fixture
+def bf16_products():
+    """Sets how the avx512 level multiplies bf16 tiles: "bf16_dot" (VDPBF16PS), "brgemm" (the amx level's calls to
+    oneDNN's brgemm, its AVX-512 code on a CPU without AMX) or "widened" (float products); restores it after."""
+    if not _HAS_BF16_DOT:
+        pytest.skip("needs the avx512 level and an AVX512-BF16 CPU")
+    from attnops import _C
+
+    previous = (backends.set_cpu_isa("avx512"), _C._bf16_dot(), _C._set_bf16_brgemm(0))
+
+    def use(products):
+        _C._set_bf16_dot(products != "widened")
+        _C._set_bf16_brgemm(1 if products == "brgemm" else 0)
+
+    yield use
+    _C._set_bf16_brgemm(previous[2])
+    _C._set_bf16_dot(previous[1])
+    backends.set_cpu_isa(previous[0])
+
+
+@pytest.mark.parametrize("products", ["bf16_dot", "brgemm", "widened"])
+@pytest.mark.parametrize("B,S,H,Hkv,D,rank,topk,local,causal", [
+    (2, 300, 4, 2, 64, 16, 40, 4, True),
+    (1, 257, 6, 3, 40, 7, 33, 0, False),  # odd rank: the pairs' zero halves
+    (1, 70, 2, 1, 96, 23, 9, 0, True),
+])
+def test_bf16_prefill_scores_in_bf16_products(bf16_products, products, B, S, H, Hkv, D, rank, topk, local, causal):
+    """Prefill (16 or more query rows) scores by GEMM tiles, for a bf16 score plane in bf16 products at the avx512
+    level: the dyadic scores are exact in every product, so the keys chosen, and the outputs, are the reference's."""
+    bf16_products(products)
+    q, k = dyadic(B, S, H, D, dtype=torch.bfloat16), dyadic(B, S, Hkv, D, dtype=torch.bfloat16)
+    v = torch.randn(B, S, Hkv, D, dtype=torch.bfloat16)
+    check_lowrank(q, k, v, signed_permutation(Hkv, D), rank, topk, causal, local)
+
+
+def test_bf16_prefill_scores_take_the_bf16_products(bf16_products):
+    """VDPBF16PS reads subnormal inputs as zero: queries of subnormal size score every key 0 there (ties: the
+    newest keys win) and +-1e-39 in float products (other keys), so the outputs differ when the products ran. The
+    float-plane path is unaffected by the switch."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 256, 2, 64, generator=g) for _ in range(3))
+    q = q.sign() * 1e-39
+    outs = {}
+    for products in ("bf16_dot", "widened"):
+        bf16_products(products)
+        outs[products] = [attnops.lowrank_key_attention(x, y, z, rank=64, topk=32, causal=False)
+                          for x, y, z in ((q.bfloat16(), k.bfloat16(), v.bfloat16()), (q, k, v))]
+    assert not torch.equal(outs["bf16_dot"][0], outs["widened"][0])
+    assert torch.equal(outs["bf16_dot"][1], outs["widened"][1])
 
 
 # ---- decoding ---------------------------------------------------------------------------------------

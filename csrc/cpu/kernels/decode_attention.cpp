@@ -93,38 +93,6 @@ inline void accumulate_map_row(const T* p, RowSpan span, int64_t t0, int64_t bk,
   }
 }
 
-// Scores of R query rows (Dp apart, zero-padded) against NK keys in the cache's type, widened in
-// registers: s[r * ld + j] = q_r . k_j. The R * NK accumulators are independent chains (one dot per
-// row and key is a single dependent FMA chain, latency-bound: GQA decode reached 40% of the copy
-// bandwidth that way), and each key vector is loaded once for all R rows.
-template <int R, int NK, typename T, typename S>
-inline void dots_block(const T* q, int64_t Dp, const S* const* k, int64_t D, T* s, int64_t ld) {
-  using V = vec_t<T>;
-  constexpr int W = Vec<T>::size;
-  V a[R * NK] = {};
-  int64_t d = 0;
-  for (; d + W <= D; d += W) {
-    V x[NK];
-    for (int j = 0; j < NK; ++j) x[j] = load_vec<T>(k[j] + d);
-    for (int r = 0; r < R; ++r) {
-      V qv = vload(q + r * Dp + d);
-      asm("" : "+x"(qv));  // one load per q vector: folded into each FMA, it was loaded once per key
-      for (int j = 0; j < NK; ++j) a[r * NK + j] += qv * x[j];
-    }
-  }
-  T sum[R * NK];
-  if constexpr (R * NK == W) {
-    vstore(sum, transpose_sum<T>(a));
-  } else {
-    for (int x = 0; x < R * NK; ++x) sum[x] = hsum<T>(a[x]);
-  }
-  for (; d < D; ++d)
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < NK; ++j) sum[r * NK + j] += q[r * Dp + d] * static_cast<T>(k[j][d]);
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NK; ++j) s[r * ld + j] = sum[r * NK + j];
-}
-
 // acc_r[0:D] += sum_j p[r * ld + j] v_j[0:D] for R rows (Dp apart): each V vector is loaded and
 // widened once for the R rows, and each accumulator is read and written once per NK keys.
 template <int R, int NK, typename T, typename S>

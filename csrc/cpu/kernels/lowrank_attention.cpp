@@ -3,14 +3,17 @@
 //
 // Memory traffic is the point (decode is memory-bound): the scores read R of the D dims of each
 // key, and the exact pass reads only the chosen K/V rows, so at R = D/4 and topk = N/8 a decoding
-// step reads a quarter of the bytes of dense attention (MHA). Two phases per pass of queries:
-//   1. scores: a task per (batch, chunk of keys) reads the low-rank key rows front to back, every
-//      kv head, and dots each with all the query rows of its group (a task per kv head read rows
-//      Hkv * D apart: page-sized strides that defeat the prefetcher, as in the decode kernel);
-//   2. selection + attention: a task per (batch, query, head) finds the k-th largest score with
-//      nth_element, collects the chosen keys in ascending order, and attends to them exactly.
-// The score buffer holds (queries of a pass) x H x Sk values, never Sq x Sk: a pass covers as many
-// queries as fit a fixed budget (all of a decoding step's up to 64, fewer for long prefills).
+// step reads a quarter of the bytes of dense attention (MHA). Two ways to the scores:
+//   - decoding (fewer than kTiledMinRows query rows, lowrank_passes): passes of queries; a task per
+//     (batch, chunk of keys) reads the low-rank key rows front to back, every kv head, and dots each
+//     with all the query rows of its group (a task per kv head read rows Hkv * D apart: page-sized
+//     strides that defeat the prefetcher, as in the decode kernel), into a buffer of (queries of a
+//     pass) x H x Sk values; then a task per (batch, query, head) finishes its row;
+//   - prefill (lowrank_tiled): the scores are a GEMM of each head's query tile with its kv head's
+//     low-rank keys packed as panels (bf16 products for a bf16 score plane where the CPU has them),
+//     into a tile of score rows that the same task finishes while it is in cache.
+// Finishing a row: the k-th largest score from a strided sample's bounds, the chosen keys in
+// ascending order, and exact attention over them. Never Sq x Sk scores.
 //
 // Selection rule (the reference's, attnops/kernels/reference.py): the newest `local` keys always;
 // of the older ones the top (topk - local) scores, ties to the later key, NaN ranked highest.
@@ -24,6 +27,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/gemm.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/pack.h"
 #include "cpu/parallel.h"
 #include "cpu/rows.h"
@@ -36,6 +41,12 @@ namespace {
 constexpr int64_t kScoreChunk = 256;       // keys per scoring task
 constexpr int64_t kScoreBudget = 1 << 23;  // score buffer elements per pass
 constexpr int64_t kGatherBlock = 64;       // chosen keys per online-softmax step
+// Query rows per head from which the scores are a GEMM over packed low-rank keys (lowrank_tiled): below it a
+// step reads the keys once for all its rows, packing them would double the bytes.
+constexpr int64_t kTiledMinRows = 16;
+constexpr int64_t kPanelBudget = int64_t(16) << 20;    // bytes of packed low-rank keys per wave
+constexpr int64_t kScoreTileBytes = int64_t(256) << 10;  // a task's tile of score rows
+constexpr int64_t kPackChunk = 1024;                   // keys per packing task (a multiple of the panel width)
 
 // Which keys query row (b, i) may see: [0, end); the newest `local` of them are always chosen.
 struct RowKeys {
@@ -62,32 +73,47 @@ struct RowScratch {
 
 // The c-th largest of s[0, m) (c >= 1), with in `cand` the ascending positions of every score >= a
 // lower bound of it (all of them when the sample below fails). A plain nth_element over all m
-// scores costs several passes; instead the threshold of a strided sample of ~1024 scores, set a
-// few standard deviations below the expected rank, filters the row in one branch-free pass, and
-// nth_element runs on the survivors (about c of them).
+// scores costs several passes; instead a strided sample of m/4 (at most 1024) scores gives two bounds,
+// a few standard deviations either side of the c-th largest's expected rank: one branch-free pass keeps the
+// scores above the lower bound, those above the upper one are chosen outright, and nth_element runs on
+// the band between (a few hundred scores, where it ran on every key: with rows of a few thousand keys,
+// selection was half of a 4K-token prefill's time).
 template <typename T>
 T kth_largest(const T* s, int64_t m, int64_t c, RowScratch<T>& ws, int64_t& ncand) {
   int64_t* cand = ws.cand.data();
   T* tmp = ws.tmp.data();
   constexpr int64_t kSample = 1024;
-  if (m > 4 * kSample && c * 4 < m) {
-    const int64_t stride = m / kSample;
+  if (m >= 256) {
+    const int64_t stride = std::max<int64_t>(4, m / kSample);
     int64_t ns = 0;
     for (int64_t j = 0; j < m; j += stride) tmp[ns++] = s[j];
     const double expect = double(c) * ns / m;
-    const int64_t pick = std::min<int64_t>(ns - 1, int64_t(expect + 4.0 * std::sqrt(expect) + 8));
-    std::nth_element(tmp, tmp + pick, tmp + ns, std::greater<T>());
-    const T lower = tmp[pick];
+    const double margin = 4.0 * std::sqrt(expect * (1.0 - double(c) / m)) + 8;
+    const int64_t lo_pick = std::min<int64_t>(ns - 1, int64_t(expect + margin));
+    const int64_t hi_pick = int64_t(expect - margin);
+    std::nth_element(tmp, tmp + lo_pick, tmp + ns, std::greater<T>());
+    const T lower = tmp[lo_pick];
+    T upper = std::numeric_limits<T>::infinity();  // scores hold no NaN
+    if (hi_pick >= 0) {
+      std::nth_element(tmp, tmp + hi_pick, tmp + lo_pick, std::greater<T>());
+      upper = tmp[hi_pick];
+    }
     int64_t n = 0;
     for (int64_t j = 0; j < m; ++j) {
       cand[n] = j;
       n += s[j] >= lower;
     }
-    if (n >= c) {
-      for (int64_t x = 0; x < n; ++x) tmp[x] = s[cand[x]];
-      std::nth_element(tmp, tmp + (c - 1), tmp + n, std::greater<T>());
+    int64_t above = 0, band = 0;  // scores > upper; the band's [lower, upper] values, into tmp
+    for (int64_t x = 0; x < n; ++x) {
+      const T v = s[cand[x]];
+      tmp[band] = v;
+      band += v <= upper;
+      above += v > upper;
+    }
+    if (above < c && n >= c) {  // the c-th largest is in the band
+      std::nth_element(tmp, tmp + (c - above - 1), tmp + band, std::greater<T>());
       ncand = n;
-      return tmp[c - 1];
+      return tmp[c - above - 1];
     }
   }
   for (int64_t j = 0; j < m; ++j) cand[j] = j;
@@ -141,11 +167,21 @@ std::pair<T, T> attend_chosen(RowScratch<T>& ws, const S* kb, int64_t k_row, con
   T m = -std::numeric_limits<T>::infinity(), l = 0, alpha = 1;
   for (int64_t x0 = 0; x0 < n; x0 += kGatherBlock) {
     const int64_t nb = std::min(kGatherBlock, n - x0);
-    for (int64_t x = 0; x < nb; ++x) {
-      const int64_t j = idx[x0 + x];
-      if (x0 + x + 8 < n) prefetch_row(kb + idx[x0 + x + 8] * k_row, D);
-      prefetch_row<1>(vb + j * v_row, D);  // into L2: used after the block's K rows
-      s[x] = dot(ws.q.data(), kb + j * k_row, D);
+    // W keys at a time, W independent dot products finished by one transpose-sum (a dot per key ended in a
+    // horizontal sum that cost as much as its FMAs)
+    int64_t x = 0;
+    for (; x + W <= nb; x += W) {
+      const S* keys[W];
+      for (int y = 0; y < W; ++y) {
+        keys[y] = kb + idx[x0 + x + y] * k_row;
+        if (x0 + x + W + y < n) prefetch_row(kb + idx[x0 + x + W + y] * k_row, D);
+        prefetch_row<1>(vb + idx[x0 + x + y] * v_row, D);  // into L2: used after the block's K rows
+      }
+      dots_block<1, W>(ws.q.data(), D, keys, D, s + x, 0);
+    }
+    for (; x < nb; ++x) {
+      prefetch_row<1>(vb + idx[x0 + x] * v_row, D);
+      s[x] = dot(ws.q.data(), kb + idx[x0 + x] * k_row, D);
     }
     const int64_t padded = (nb + W - 1) / W * W;
     softmax_row(s, padded, RowSpan{0, nb}, m, l, alpha);
@@ -164,30 +200,86 @@ std::pair<T, T> attend_chosen(RowScratch<T>& ws, const S* kb, int64_t k_row, con
   return {m, l};
 }
 
-// S: the type of q, k, v; Ss: that of the low-rank scores' inputs (S, or a half-width plane).
-template <typename S, typename Ss>
-void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qs,
-                    const at::Tensor& ks, const int32_t* lens, int64_t topk, int64_t local, bool causal,
-                    double softmax_scale, at::Tensor& out, at::Tensor& lse, int32_t* chosen) {
-  using T = compute_t<S>;
+// Chooses the keys of query row (b, i, h) from its low-rank scores `srow` (NaN already +inf), attends to them
+// exactly, and writes the output row, its lse and (when asked) the chosen keys. The prefill tiles use the pieces
+// (select, store) around their own exact pass.
+template <typename S, typename T>
+struct RowFinisher {
+  const S *qp, *kp, *vp;
+  const at::Tensor &q, &k, &v, &out;
+  S* op;
+  T* lp;
+  int32_t* chosen;
+  const int32_t* lens;
+  int64_t Sq, Sk, H, D, group, topk, local;
+  bool causal;
+  T scale;  // softmax_scale * log2(e): base-2 scores
+
+  const S* k_head(int64_t b, int64_t h) const { return kp + b * k.stride(0) + h / group * k.stride(2); }
+  const S* v_head(int64_t b, int64_t h) const { return vp + b * v.stride(0) + h / group * v.stride(2); }
+
+  // The row's chosen keys into ws.idx, ascending (also into the chosen-keys output); returns how many.
+  int64_t select(int64_t b, int64_t i, int64_t h, const T* srow, RowScratch<T>& ws) const {
+    const RowKeys rk = row_keys(lens[b], Sq, i, causal, topk, local);
+    const int64_t n = rk.end > 0 ? select_keys(srow, rk, ws) : 0;
+    if (chosen != nullptr) {  // (B, H, Sq, n_idx), -1 past the chosen keys
+      const int64_t n_idx = std::min(Sk, topk);
+      int32_t* c = chosen + ((b * H + h) * Sq + i) * n_idx;
+      for (int64_t x = 0; x < n_idx; ++x) c[x] = x < n ? static_cast<int32_t>(ws.idx[x]) : -1;
+    }
+    return n;
+  }
+
+  // The query row times `scale`, into dst (D values).
+  void load_query(int64_t b, int64_t i, int64_t h, T* dst) const {
+    const S* qrow = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(qrow[d]) * scale;
+  }
+
+  // Output row = acc / l and lse from the base-2 running max m and sum l; zeros and -inf where nothing (or only
+  // -inf scores: infinite inputs) was attended.
+  void store(int64_t b, int64_t i, int64_t h, const T* acc, T m, T l) const {
+    S* orow = op + b * out.stride(0) + i * out.stride(1) + h * out.stride(2);
+    T* lrow = lp + (b * H + h) * Sq + i;
+    if (l == T(0)) {
+      std::fill(orow, orow + D, static_cast<S>(0.0f));
+      *lrow = -std::numeric_limits<T>::infinity();
+      return;
+    }
+    const T inv = T(1) / l;
+    for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<S>(acc[d] * inv);
+    *lrow = static_cast<T>((m + std::log2(l)) * kLn2);
+  }
+
+  // Exact attention of the row over its n chosen keys (ws.idx), gathered row by row.
+  void attend(int64_t b, int64_t i, int64_t h, int64_t n, RowScratch<T>& ws) const {
+    if (n == 0) return store(b, i, h, nullptr, T(0), T(0));
+    load_query(b, i, h, ws.q.data());
+    const auto [m, l] = attend_chosen(ws, k_head(b, h), k.stride(1), v_head(b, h), v.stride(1), n, D);
+    store(b, i, h, ws.acc.data(), m, l);
+  }
+
+  void operator()(int64_t b, int64_t i, int64_t h, const T* srow, RowScratch<T>& ws) const {
+    attend(b, i, h, select(b, i, h, srow, ws), ws);
+  }
+};
+
+// Decoding (few query rows): passes of queries; phase 1 scores every row of a pass reading the low-rank key rows
+// once, front to back (the bytes are the cost), phase 2 finishes the rows.
+template <typename S, typename Ss, typename T>
+void lowrank_passes(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher<S, T>& finish) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
-  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Sk = k.size(1), Hkv = k.size(2), R = qs.size(3), group = H / Hkv;
-  const S* qp = q.data_ptr<S>();
-  const S* kp = k.data_ptr<S>();
-  const S* vp = v.data_ptr<S>();
+  const int64_t B = qs.size(0), Sq = finish.Sq, H = finish.H, Sk = finish.Sk, R = qs.size(3), group = finish.group;
   const Ss* qsp = qs.data_ptr<Ss>();
   const Ss* ksp = ks.data_ptr<Ss>();
-  S* op = out.data_ptr<S>();
-  T* lp = lse.data_ptr<T>();
+  const int32_t* lens = finish.lens;
   // score rows padded by a cache line: rows a power-of-two apart map to one L1 set, and phase 1
   // writes all of them in step
   const int64_t row_stride = Sk + 64 / int64_t(sizeof(T));
   const int64_t per_query = B * H * row_stride;
   const int64_t pass = std::clamp<int64_t>(kScoreBudget / per_query, 1, Sq);
   std::vector<T> scores(pass * per_query);
-  const T scale = static_cast<T>(softmax_scale * kLog2e);  // base-2 scores
 
   for (int64_t i0 = 0; i0 < Sq; i0 += pass) {
     const int64_t nq = std::min(pass, Sq - i0);
@@ -199,7 +291,8 @@ void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / chunks, j0 = (task % chunks) * kScoreChunk;
         int64_t last = 0;  // one past the last key any row of the pass scores
-        for (int64_t i = i0; i < i0 + nq; ++i) last = std::max(last, row_keys(lens[b], Sq, i, causal, topk, local).cand_end);
+        for (int64_t i = i0; i < i0 + nq; ++i)
+          last = std::max(last, row_keys(lens[b], Sq, i, finish.causal, finish.topk, finish.local).cand_end);
         const int64_t j1 = std::min(j0 + kScoreChunk, last);
         if (j1 <= j0) continue;
         for (int64_t i = 0; i < nq; ++i)
@@ -238,42 +331,152 @@ void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     });
 
     // 2. per row: choose the keys, attend to them exactly
-    const int64_t rows = B * nq * H;
     run_tasks(
-        rows,
-        [&](int64_t t) { return row_keys(lens[t / (nq * H)], Sq, i0 + (t / H) % nq, causal, topk, local).end; },
-        [&] { return RowScratch<T>(Sk, topk, D); },
+        B * nq * H,
+        [&](int64_t t) {
+          return row_keys(lens[t / (nq * H)], Sq, i0 + (t / H) % nq, finish.causal, finish.topk, finish.local).end;
+        },
+        [&] { return RowScratch<T>(Sk, finish.topk, finish.D); },
         [&](int64_t t, RowScratch<T>& ws) {
-          const int64_t b = t / (nq * H), i = i0 + (t / H) % nq, h = t % H, hk = h / group;
-          const RowKeys rk = row_keys(lens[b], Sq, i, causal, topk, local);
-          S* orow = op + b * out.stride(0) + i * out.stride(1) + h * out.stride(2);
-          T* lrow = lp + (b * H + h) * Sq + i;
-          const int64_t n = rk.end > 0 ? select_keys(scores.data() + t * row_stride, rk, ws) : 0;
-          if (chosen != nullptr) {  // (B, H, Sq, n_idx), -1 past the chosen keys
-            const int64_t n_idx = std::min(Sk, topk);
-            int32_t* c = chosen + ((b * H + h) * Sq + i) * n_idx;
-            for (int64_t x = 0; x < n_idx; ++x) c[x] = x < n ? static_cast<int32_t>(ws.idx[x]) : -1;
-          }
-          if (n == 0) {
-            std::fill(orow, orow + D, static_cast<S>(0.0f));
-            *lrow = -std::numeric_limits<T>::infinity();
-            return;
-          }
-          const S* qrow = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
-          for (int64_t d = 0; d < D; ++d) ws.q[d] = static_cast<T>(qrow[d]) * scale;
-          const auto [m, l] = attend_chosen(ws, kp + b * k.stride(0) + hk * k.stride(2), k.stride(1),
-                                            vp + b * v.stride(0) + hk * v.stride(2), v.stride(1), n, D);
-          const T* acc = ws.acc.data();
-          if (l == T(0)) {  // only -inf scores (infinite inputs)
-            std::fill(orow, orow + D, static_cast<S>(0.0f));
-            *lrow = -std::numeric_limits<T>::infinity();
-            return;
-          }
-          const T inv = T(1) / l;
-          for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<S>(acc[d] * inv);
-          *lrow = static_cast<T>((m + std::log2(l)) * kLn2);
+          finish(t / (nq * H), i0 + (t / H) % nq, t % H, scores.data() + t * row_stride, ws);
         });
   }
+}
+
+// Prefill (many query rows per head): the scores are a GEMM. Per wave of (batch, kv head) pairs the low-rank keys
+// are packed once as K_s^T panels (cpu/gemm.h; bf16 word panels where the bf16 products run); a task takes a
+// tile of query rows of one head, multiplies their low-rank rows with the panel into a tile of score rows
+// (~256 KB: it stays in L2) and finishes each row from it. The pass path's per-key dots over every row of a
+// pass cost 26% of a 4K-token prefill, and its column-wise score writes missed the cache.
+template <typename S, typename Ss, typename T>
+void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher<S, T>& finish) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  constexpr int NR = kGemmN<T>;
+  constexpr bool kDot = kDotFor<Ss> && std::is_same_v<T, float>;
+  const bool dot = kDot && bf16_dot();
+  const bool brgemm = dot && bf16_brgemm();  // the amx level: the same products through oneDNN's brgemm
+  const int64_t B = qs.size(0), Sq = finish.Sq, H = finish.H, Sk = finish.Sk, R = qs.size(3), group = finish.group;
+  const int64_t Hkv = H / group, R2 = (R + 1) / 2;
+  const Ss* qsp = qs.data_ptr<Ss>();
+  const Ss* ksp = ks.data_ptr<Ss>();
+  const int32_t* lens = finish.lens;
+  const int64_t Sk_pad = round_up(Sk, NR);
+  // one pair's panel, in T elements or (dot) in words
+  const int64_t panel = dot ? Sk_pad * R2 : Sk_pad * R;
+  const int64_t panel_bytes = panel * (dot ? int64_t(sizeof(uint32_t)) : int64_t(sizeof(T)));
+  const int64_t wave = std::clamp<int64_t>(kPanelBudget / panel_bytes, 1, B * Hkv);
+  std::vector<T> panels(dot ? 0 : wave * panel);
+  std::vector<uint32_t> pair_panels(dot ? wave * panel : 0);
+  const int64_t row_stride = round_up(Sk, W) + 64 / int64_t(sizeof(T));  // see lowrank_passes
+  const int64_t tile_rows =
+      std::clamp<int64_t>(kScoreTileBytes / (row_stride * int64_t(sizeof(T))) / 8 * 8, 8, 64);
+  const int64_t tiles = (Sq + tile_rows - 1) / tile_rows;
+  const int64_t pack_chunks = (Sk + kPackChunk - 1) / kPackChunk;
+  struct Scratch {
+    RowScratch<T> rows;
+    std::vector<T> s, a;     // a tile of score rows; its query rows (float path)
+    std::vector<uint32_t> a2;  // its query rows as bf16 pairs (dot path)
+  };
+
+  for (int64_t p0 = 0; p0 < B * Hkv; p0 += wave) {
+    const int64_t p1 = std::min(p0 + wave, B * Hkv);
+    at::parallel_for(0, (p1 - p0) * pack_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t pair = p0 + task / pack_chunks, b = pair / Hkv, hk = pair % Hkv;
+        const int64_t r0 = (task % pack_chunks) * kPackChunk, r1 = std::min(Sk, r0 + kPackChunk);
+        const Ss* src = ksp + b * ks.stride(0) + hk * ks.stride(2);
+        if constexpr (kDot) {
+          if (dot) {
+            pack_transposed_pairs<NR>(reinterpret_cast<const c10::BFloat16*>(src), ks.stride(1), r0, r1, R,
+                                      pair_panels.data() + (pair - p0) * panel, /*last=*/r1 == Sk);
+            continue;
+          }
+        }
+        T* dst = panels.data() + (pair - p0) * panel;
+        if (r1 == Sk) zero_padding_panels<NR>(dst, 1, Sk, R);
+        pack_transposed_panels<NR>(src, ks.stride(1), r0, r1, R, T(1), dst);
+      }
+    });
+
+    const int64_t per_pair = group * tiles;
+    auto tile_range = [&](int64_t t, int64_t& b, int64_t& i0, int64_t& i1, int64_t& last) {
+      b = (p0 + t / per_pair) / Hkv;
+      i0 = (t % tiles) * tile_rows;
+      i1 = std::min(Sq, i0 + tile_rows);
+      last = 0;  // one past the last key a row of the tile scores
+      for (int64_t i = i0; i < i1; ++i)
+        last = std::max(last, row_keys(lens[b], Sq, i, finish.causal, finish.topk, finish.local).cand_end);
+    };
+    run_tasks(
+        (p1 - p0) * per_pair,
+        [&](int64_t t) {
+          int64_t b, i0, i1, last;
+          tile_range(t, b, i0, i1, last);
+          int64_t cost = 0;
+          for (int64_t i = i0; i < i1; ++i)
+            cost += row_keys(lens[b], Sq, i, finish.causal, finish.topk, finish.local).end;
+          return cost;
+        },
+        [&] {
+          return Scratch{RowScratch<T>(Sk, finish.topk, finish.D), std::vector<T>(tile_rows * row_stride),
+                         std::vector<T>(dot ? 0 : tile_rows * R), std::vector<uint32_t>(dot ? tile_rows * R2 : 0)};
+        },
+        [&](int64_t t, Scratch& ws) {
+          int64_t b, i0, i1, last;
+          tile_range(t, b, i0, i1, last);
+          const int64_t pair = p0 + t / per_pair, h = (pair % Hkv) * group + (t / tiles) % group, M = i1 - i0;
+          if (last > 0) {
+            const int64_t N = round_up(last, W);
+            const Ss* qrow = qsp + b * qs.stride(0) + i0 * qs.stride(1) + h * qs.stride(2);
+            bool done = false;
+            if constexpr (kDot) {
+              if (dot) {
+                auto* a = reinterpret_cast<uint16_t*>(ws.a2.data());
+                for (int64_t i = 0; i < M; ++i) {
+                  const auto* src = reinterpret_cast<const uint16_t*>(qrow + i * qs.stride(1));
+                  std::copy(src, src + R, a + i * 2 * R2);
+                  if (R % 2) a[i * 2 * R2 + R] = 0;
+                }
+                gemm_bf16_via(brgemm, M, N, R2, ws.a2.data(), R2, pair_panels.data() + (pair - p0) * panel,
+                              R2 * NR, ws.s.data(), row_stride, false);
+                if (brgemm) at::native::cpublas::brgemm_release();  // hands back the AMX tile state
+                done = true;
+              }
+            }
+            if (!done) {
+              for (int64_t i = 0; i < M; ++i) load_row(qrow + i * qs.stride(1), R, T(1), ws.a.data() + i * R, R);
+              gemm<T>(M, N, R, ws.a.data(), R, panels.data() + (pair - p0) * panel, R * NR, ws.s.data(),
+                      row_stride, false);
+            }
+            const V inf = vsplat(std::numeric_limits<T>::infinity());
+            for (int64_t i = 0; i < M; ++i) {  // NaN ranks highest (it reaches the output)
+              T* srow = ws.s.data() + i * row_stride;
+              for (int64_t j = 0; j < N; j += W) {
+                const V x = vload(srow + j);
+                vstore(srow + j, x != x ? inf : x);
+              }
+            }
+          }
+          for (int64_t i = i0; i < i1; ++i) finish(b, i, h, ws.s.data() + (i - i0) * row_stride, ws.rows);
+        });
+  }
+}
+
+// S: the type of q, k, v; Ss: that of the low-rank scores' inputs (S, or a half-width plane).
+template <typename S, typename Ss>
+void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qs,
+                    const at::Tensor& ks, const int32_t* lens, int64_t topk, int64_t local, bool causal,
+                    double softmax_scale, at::Tensor& out, at::Tensor& lse, int32_t* chosen) {
+  using T = compute_t<S>;
+  const RowFinisher<S, T> finish{q.data_ptr<S>(), k.data_ptr<S>(), v.data_ptr<S>(),
+                                 q, k, v, out, out.data_ptr<S>(), lse.data_ptr<T>(), chosen, lens,
+                                 q.size(1), k.size(1), q.size(2), q.size(3), q.size(2) / k.size(2), topk, local,
+                                 causal, static_cast<T>(softmax_scale * kLog2e)};
+  if (q.size(1) >= kTiledMinRows)
+    lowrank_tiled<S, Ss, T>(qs, ks, finish);
+  else
+    lowrank_passes<S, Ss, T>(qs, ks, finish);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_attn_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
