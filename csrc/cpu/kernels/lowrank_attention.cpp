@@ -364,7 +364,7 @@ void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher
   const int64_t Sk_pad = round_up(Sk, NR);
   // one pair's panel, in T elements or (dot) in words
   const int64_t panel = dot ? Sk_pad * R2 : Sk_pad * R;
-  const int64_t panel_bytes = panel * (dot ? int64_t(sizeof(uint32_t)) : int64_t(sizeof(T)));
+  const int64_t panel_bytes = std::max<int64_t>(1, panel * (dot ? int64_t(sizeof(uint32_t)) : int64_t(sizeof(T))));
   const int64_t wave = std::clamp<int64_t>(kPanelBudget / panel_bytes, 1, B * Hkv);
   std::vector<T> panels(dot ? 0 : wave * panel);
   std::vector<uint32_t> pair_panels(dot ? wave * panel : 0);
