@@ -150,14 +150,15 @@ def test_nan_in_nan_out_and_empty_rows(fwd_impl):
         assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
 
-@pytest.mark.parametrize("Sq", [1, 20], ids=["decode_pass", "prefill_tiles"])
+@pytest.mark.parametrize("Sq,H", [(1, 2), (1, 8), (20, 2)], ids=["decode_pass", "decode_group8_tiles", "prefill_tiles"])
 @pytest.mark.parametrize("order", ["period4", "ascending", "descending", "equal", "two_levels"])
 @pytest.mark.parametrize("topk", [1, 60, 250, 700, 999])
-def test_selection_is_exact_however_the_scores_are_arranged(order, topk, Sq, fwd_impl):
+def test_selection_is_exact_however_the_scores_are_arranged(order, topk, Sq, H, fwd_impl):
     """The C++ selection thresholds rows of 256 keys or more from a strided sample (every 4th score) and falls
     back when the sample misleads it: score orders that defeat the sample (a period equal to its stride, sorted
     rows, ties everywhere) still choose exactly the reference's keys. Rank 1 (dim 0 of q times dim 0 of k) puts
-    the designed scores in place; both the decoding passes (1 query row) and the prefill tiles (20) run."""
+    the designed scores in place; both the decoding passes (1 query row, 2 heads a kv head) and the tiles (20 rows;
+    1 row of 8 heads a kv head) run."""
     if fwd_impl.interpreted:
         pytest.skip("C++ selection (the interpreter runs the Triton kernels' sort)")
     Sk, D = 1000, 16
@@ -167,7 +168,7 @@ def test_selection_is_exact_however_the_scores_are_arranged(order, topk, Sq, fwd
     dev = fwd_impl.device
     k = dyadic(1, Sk, 1, D)
     k[0, :, 0, 0] = scores
-    q = dyadic(1, Sq, 2, D)
+    q = dyadic(1, Sq, H, D)
     q[..., 0] = 1
     v = torch.randn(1, Sk, 1, D)
     check_lowrank(q.to(dev), k.to(dev), v.to(dev), None, 1, topk, causal=False, backend=fwd_impl.backend)

@@ -4,18 +4,19 @@
 // Memory traffic is the point (decode is memory-bound): the scores read R of the D dims of each
 // key, and the exact pass reads only the chosen K/V rows, so at R = D/4 and topk = N/8 a decoding
 // step reads a quarter of the bytes of dense attention (MHA). Two ways to the scores:
-//   - decoding (fewer than kTiledMinRows query rows, lowrank_passes): passes of queries; a task per
+//   - decoding (fewer than kTiledMinRows query rows per kv head, lowrank_passes): passes of queries; a task per
 //     (batch, chunk of keys) reads the low-rank key rows front to back, every kv head, and dots each
 //     with all the query rows of its group (a task per kv head read rows Hkv * D apart: page-sized
 //     strides that defeat the prefetcher, as in the decode kernel), into a buffer of (queries of a
 //     pass) x H x Sk values; then a task per (batch, query, head) finishes its row;
-//   - prefill (lowrank_tiled): the scores are a GEMM of each head's query tile with its kv head's
-//     low-rank keys packed as panels (bf16 products for a bf16 score plane where the CPU has them),
-//     into a tile of score rows that the same task finishes while it is in cache.
+//   - prefill, chunks and decoding with wide groups (lowrank_tiled): the scores are a GEMM of a tile
+//     of a kv head's query rows (its group's heads x new tokens) with its low-rank keys packed as
+//     panels (bf16 products for a bf16 score plane where the CPU has them), into a tile of score rows
+//     that the same task finishes while it is in cache.
 // Finishing a row: the k-th largest score from a strided sample's bounds, the chosen keys in
 // ascending order, and exact attention over them. Never Sq x Sk scores.
 //
-// Selection rule (the reference's, attnops/kernels/reference.py): the newest `local` keys always;
+// Selection rule (the reference's, attnops/ops/lowrank/reference.py): the newest `local` keys always;
 // of the older ones the top (topk - local) scores, ties to the later key, NaN ranked highest.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -41,9 +42,13 @@ namespace {
 constexpr int64_t kScoreChunk = 256;       // keys per scoring task
 constexpr int64_t kScoreBudget = 1 << 23;  // score buffer elements per pass
 constexpr int64_t kGatherBlock = 64;       // chosen keys per online-softmax step
-// Query rows per head from which the scores are a GEMM over packed low-rank keys (lowrank_tiled): below it a
-// step reads the keys once for all its rows, packing them would double the bytes.
-constexpr int64_t kTiledMinRows = 16;
+// Query rows per kv head (new tokens x group size) from which the scores are a GEMM over packed low-rank keys
+// (lowrank_tiled) rather than passes. Below it a pass reads the keys once for all its rows, and packing them would
+// double the bytes; from 4 rows on the tiles win or tie although they pack, because the passes' score buffer
+// (rows x H x Sk floats) has left the cache before its rows are finished. A 32K-key step (bf16 score plane, Zen 4):
+// GQA-2 one token 12.7 -> 14.2 ms as tiles (so not below 4), GQA-4 a tie, GQA-8 11.1-11.9 -> 9.5-9.8, MQA
+// 9.3-9.6 -> 6.0-7.7, MHA 4 tokens 54-57 -> 47-51 (DESIGN.md, Low-rank keys).
+constexpr int64_t kTiledMinRows = 4;
 constexpr int64_t kPanelBudget = int64_t(16) << 20;    // bytes of packed low-rank keys per wave
 constexpr int64_t kScoreTileBytes = int64_t(256) << 10;  // a task's tile of score rows
 constexpr int64_t kPackChunk = 1024;                   // keys per packing task (a multiple of the panel width)
@@ -369,9 +374,14 @@ void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher
   std::vector<T> panels(dot ? 0 : wave * panel);
   std::vector<uint32_t> pair_panels(dot ? wave * panel : 0);
   const int64_t row_stride = round_up(Sk, W) + 64 / int64_t(sizeof(T));  // see lowrank_passes
-  const int64_t tile_rows =
-      std::clamp<int64_t>(kScoreTileBytes / (row_stride * int64_t(sizeof(T))) / 8 * 8, 8, 64);
-  const int64_t tiles = (Sq + tile_rows - 1) / tile_rows;
+  // A pair's rows are its group's heads' query rows, head by head (row r: head r / Sq of the group, token r % Sq):
+  // a decoding step of a wide group is one GEMM over the panel, not one matrix-vector product per head. Tiles
+  // shrink when the wave's pairs would leave threads idle.
+  const int64_t pair_rows = group * Sq;
+  int64_t tile_rows = std::clamp<int64_t>(kScoreTileBytes / (row_stride * int64_t(sizeof(T))) / 8 * 8, 8, 64);
+  const int64_t want_tiles = (2 * int64_t(at::get_num_threads()) + wave - 1) / wave;  // per pair
+  tile_rows = std::clamp<int64_t>((pair_rows + want_tiles - 1) / want_tiles, 1, tile_rows);
+  const int64_t tiles = (pair_rows + tile_rows - 1) / tile_rows;
   const int64_t pack_chunks = (Sk + kPackChunk - 1) / kPackChunk;
   struct Scratch {
     RowScratch<T> rows;
@@ -399,23 +409,22 @@ void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher
       }
     });
 
-    const int64_t per_pair = group * tiles;
-    auto tile_range = [&](int64_t t, int64_t& b, int64_t& i0, int64_t& i1, int64_t& last) {
-      b = (p0 + t / per_pair) / Hkv;
-      i0 = (t % tiles) * tile_rows;
-      i1 = std::min(Sq, i0 + tile_rows);
+    auto tile_range = [&](int64_t t, int64_t& b, int64_t& r0, int64_t& r1, int64_t& last) {
+      b = (p0 + t / tiles) / Hkv;
+      r0 = (t % tiles) * tile_rows;
+      r1 = std::min(pair_rows, r0 + tile_rows);
       last = 0;  // one past the last key a row of the tile scores
-      for (int64_t i = i0; i < i1; ++i)
-        last = std::max(last, row_keys(lens[b], Sq, i, finish.causal, finish.topk, finish.local).cand_end);
+      for (int64_t r = r0; r < r1; ++r)
+        last = std::max(last, row_keys(lens[b], Sq, r % Sq, finish.causal, finish.topk, finish.local).cand_end);
     };
     run_tasks(
-        (p1 - p0) * per_pair,
+        (p1 - p0) * tiles,
         [&](int64_t t) {
-          int64_t b, i0, i1, last;
-          tile_range(t, b, i0, i1, last);
+          int64_t b, r0, r1, last;
+          tile_range(t, b, r0, r1, last);
           int64_t cost = 0;
-          for (int64_t i = i0; i < i1; ++i)
-            cost += row_keys(lens[b], Sq, i, finish.causal, finish.topk, finish.local).end;
+          for (int64_t r = r0; r < r1; ++r)
+            cost += row_keys(lens[b], Sq, r % Sq, finish.causal, finish.topk, finish.local).end;
           return cost;
         },
         [&] {
@@ -423,18 +432,20 @@ void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher
                          std::vector<T>(dot ? 0 : tile_rows * R), std::vector<uint32_t>(dot ? tile_rows * R2 : 0)};
         },
         [&](int64_t t, Scratch& ws) {
-          int64_t b, i0, i1, last;
-          tile_range(t, b, i0, i1, last);
-          const int64_t pair = p0 + t / per_pair, h = (pair % Hkv) * group + (t / tiles) % group, M = i1 - i0;
+          int64_t b, r0, r1, last;
+          tile_range(t, b, r0, r1, last);
+          const int64_t pair = p0 + t / tiles, h0 = (pair % Hkv) * group, M = r1 - r0;
+          auto qrow = [&](int64_t r) {
+            return qsp + b * qs.stride(0) + (r % Sq) * qs.stride(1) + (h0 + r / Sq) * qs.stride(2);
+          };
           if (last > 0) {
             const int64_t N = round_up(last, W);
-            const Ss* qrow = qsp + b * qs.stride(0) + i0 * qs.stride(1) + h * qs.stride(2);
             bool done = false;
             if constexpr (kDot) {
               if (dot) {
                 auto* a = reinterpret_cast<uint16_t*>(ws.a2.data());
                 for (int64_t i = 0; i < M; ++i) {
-                  const auto* src = reinterpret_cast<const uint16_t*>(qrow + i * qs.stride(1));
+                  const auto* src = reinterpret_cast<const uint16_t*>(qrow(r0 + i));
                   std::copy(src, src + R, a + i * 2 * R2);
                   if (R % 2) a[i * 2 * R2 + R] = 0;
                 }
@@ -445,7 +456,7 @@ void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher
               }
             }
             if (!done) {
-              for (int64_t i = 0; i < M; ++i) load_row(qrow + i * qs.stride(1), R, T(1), ws.a.data() + i * R, R);
+              for (int64_t i = 0; i < M; ++i) load_row(qrow(r0 + i), R, T(1), ws.a.data() + i * R, R);
               gemm<T>(M, N, R, ws.a.data(), R, panels.data() + (pair - p0) * panel, R * NR, ws.s.data(),
                       row_stride, false);
             }
@@ -458,7 +469,8 @@ void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher
               }
             }
           }
-          for (int64_t i = i0; i < i1; ++i) finish(b, i, h, ws.s.data() + (i - i0) * row_stride, ws.rows);
+          for (int64_t r = r0; r < r1; ++r)
+            finish(b, r % Sq, h0 + r / Sq, ws.s.data() + (r - r0) * row_stride, ws.rows);
         });
   }
 }
@@ -473,7 +485,7 @@ void lowrank_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                                  q, k, v, out, out.data_ptr<S>(), lse.data_ptr<T>(), chosen, lens,
                                  q.size(1), k.size(1), q.size(2), q.size(3), q.size(2) / k.size(2), topk, local,
                                  causal, static_cast<T>(softmax_scale * kLog2e)};
-  if (q.size(1) >= kTiledMinRows)
+  if (q.size(1) * (q.size(2) / k.size(2)) >= kTiledMinRows)
     lowrank_tiled<S, Ss, T>(qs, ks, finish);
   else
     lowrank_passes<S, Ss, T>(qs, ks, finish);
