@@ -151,20 +151,25 @@ def test_nan_in_nan_out_and_empty_rows(fwd_impl):
 
 
 @pytest.mark.parametrize("Sq,H", [(1, 2), (1, 8), (20, 2)], ids=["decode_pass", "decode_group8_tiles", "prefill_tiles"])
-@pytest.mark.parametrize("order", ["period4", "ascending", "descending", "equal", "two_levels"])
+@pytest.mark.parametrize("order", ["period4", "ascending", "descending", "equal", "two_levels", "extremes"])
 @pytest.mark.parametrize("topk", [1, 60, 250, 700, 999])
 def test_selection_is_exact_however_the_scores_are_arranged(order, topk, Sq, H, fwd_impl):
-    """The C++ selection thresholds rows of 256 keys or more from a strided sample (every 4th score) and falls
-    back when the sample misleads it: score orders that defeat the sample (a period equal to its stride, sorted
-    rows, ties everywhere) still choose exactly the reference's keys. Rank 1 (dim 0 of q times dim 0 of k) puts
+    """The C++ selection finds each row's threshold by bisection over the scores' order keys: periodic and sorted
+    rows, ties everywhere, both zeros and magnitudes whose keys span the integer range all choose exactly the
+    reference's keys (the orders were first written against a strided sample's bounds, which some of them
+    defeated, and are kept for whatever selection comes next). Rank 1 (dim 0 of q times dim 0 of k) puts
     the designed scores in place; both the decoding passes (1 query row, 2 heads a kv head) and the tiles (20 rows;
     1 row of 8 heads a kv head) run."""
     if fwd_impl.interpreted:
         pytest.skip("C++ selection (the interpreter runs the Triton kernels' sort)")
     Sk, D = 1000, 16
     j = torch.arange(Sk)
+    # extremes: magnitudes from 1e-30 to 1e6 of both signs and both zeros, whose order keys span more than a signed
+    # 32-bit difference (the bisection's midpoint overflowed one); not 1e30: there the float64 reference's
+    # exp(s - lse) loses the log of the sum from lse and returns the sum of the tied keys' values, not their mean
+    extremes = torch.tensor([1e6, -1e6, 1e-30, -1e-30, 0.0, -0.0, 3.0, -2.5])[j % 8] * (1 + (j % 13) / 16)
     scores = {"period4": torch.where(j % 4 == 1, 2.0, 0.25) + (j % 7) / 8, "ascending": j / 64,
-              "descending": -j / 64, "equal": torch.ones(Sk), "two_levels": (j % 2) / 2}[order]
+              "descending": -j / 64, "equal": torch.ones(Sk), "two_levels": (j % 2) / 2, "extremes": extremes}[order]
     dev = fwd_impl.device
     k = dyadic(1, Sk, 1, D)
     k[0, :, 0, 0] = scores

@@ -13,7 +13,7 @@
 //     of a kv head's query rows (its group's heads x new tokens) with its low-rank keys packed as
 //     panels (bf16 products for a bf16 score plane where the CPU has them), into a tile of score rows
 //     that the same task finishes while it is in cache.
-// Finishing a row: the k-th largest score from a strided sample's bounds, the chosen keys in
+// Finishing a row: the k-th largest score by bisection over its values, the chosen keys in
 // ascending order, and exact attention over them. Never Sq x Sk scores.
 //
 // Selection rule (the reference's, attnops/ops/lowrank/reference.py): the newest `local` keys always;
@@ -70,62 +70,116 @@ inline RowKeys row_keys(int64_t len, int64_t Sq, int64_t i, bool causal, int64_t
 
 template <typename T>
 struct RowScratch {
-  std::vector<T> tmp, s, q, acc, row;
+  std::vector<T> s, q, acc, row;
   std::vector<int64_t> idx, cand;
   RowScratch(int64_t Sk, int64_t topk, int64_t D)
-      : tmp(Sk), s(kGatherBlock + Vec<T>::size), q(D), acc(D), row(D), idx(std::min(Sk, topk)), cand(Sk) {}
+      : s(kGatherBlock + Vec<T>::size), q(D), acc(D), row(D), idx(std::min(Sk, topk)), cand(Sk) {}
 };
 
-// The c-th largest of s[0, m) (c >= 1), with in `cand` the ascending positions of every score >= a
-// lower bound of it (all of them when the sample below fails). A plain nth_element over all m
-// scores costs several passes; instead a strided sample of m/4 (at most 1024) scores gives two bounds,
-// a few standard deviations either side of the c-th largest's expected rank: one branch-free pass keeps the
-// scores above the lower bound, those above the upper one are chosen outright, and nth_element runs on
-// the band between (a few hundred scores, where it ran on every key: with rows of a few thousand keys,
-// selection was half of a 4K-token prefill's time).
+// Order-preserving integer keys of floats (-0.0 just below +0.0; no NaN): bisection over thresholds.
 template <typename T>
-T kth_largest(const T* s, int64_t m, int64_t c, RowScratch<T>& ws, int64_t& ncand) {
-  int64_t* cand = ws.cand.data();
-  T* tmp = ws.tmp.data();
-  constexpr int64_t kSample = 1024;
-  if (m >= 256) {
-    const int64_t stride = std::max<int64_t>(4, m / kSample);
-    int64_t ns = 0;
-    for (int64_t j = 0; j < m; j += stride) tmp[ns++] = s[j];
-    const double expect = double(c) * ns / m;
-    const double margin = 4.0 * std::sqrt(expect * (1.0 - double(c) / m)) + 8;
-    const int64_t lo_pick = std::min<int64_t>(ns - 1, int64_t(expect + margin));
-    const int64_t hi_pick = int64_t(expect - margin);
-    std::nth_element(tmp, tmp + lo_pick, tmp + ns, std::greater<T>());
-    const T lower = tmp[lo_pick];
-    T upper = std::numeric_limits<T>::infinity();  // scores hold no NaN
-    if (hi_pick >= 0) {
-      std::nth_element(tmp, tmp + hi_pick, tmp + lo_pick, std::greater<T>());
-      upper = tmp[hi_pick];
+using key_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
+template <typename T>
+inline key_t<T> order_key(T x) {
+  using K = key_t<T>;
+  K i;
+  std::memcpy(&i, &x, sizeof(T));
+  return i >= 0 ? i : i ^ std::numeric_limits<K>::max();
+}
+
+template <typename T>
+inline T from_order_key(key_t<T> k) {
+  using K = key_t<T>;
+  const K i = k >= 0 ? k : k ^ std::numeric_limits<K>::max();
+  T x;
+  std::memcpy(&x, &i, sizeof(T));
+  return x;
+}
+
+// How many of s[0, m) are >= t: one vector compare and add per W scores.
+template <typename T>
+int64_t count_at_least(const T* s, int64_t m, T t) {
+  using I = typename Vec<T>::itype;
+  constexpr int W = Vec<T>::size;
+  const vec_t<T> tv = vsplat(t);
+  I acc = {};
+  int64_t j = 0;
+  for (; j + W <= m; j += W) acc += (I)(vload(s + j) >= tv);  // -1 in every lane that holds
+  int64_t n = 0;
+  for (int i = 0; i < W; ++i) n -= acc[i];
+  for (; j < m; ++j) n += s[j] >= t;
+  return n;
+}
+
+// The c-th largest of s[0, m) (1 <= c <= m; no NaN) by bisection over the order keys between the row's min and
+// max: each step one vectorised counting pass, a step whose count is exactly c ends it (the answer is then the
+// least score at or above the probe). Exact for any scores, ties included; ~20 streaming passes a row where
+// nth_element took its mispredicted branches.
+template <typename T>
+T kth_largest_bisect(const T* s, int64_t m, int64_t c) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  T lo_v = s[0], hi_v = s[0];
+  {
+    V mn = vsplat(s[0]), mx = mn;
+    int64_t j = 0;
+    for (; j + W <= m; j += W) {
+      const V x = vload(s + j);
+      mn = x < mn ? x : mn;
+      mx = x > mx ? x : mx;
     }
-    int64_t n = 0;
-    for (int64_t j = 0; j < m; ++j) {
-      cand[n] = j;
-      n += s[j] >= lower;
+    for (int i = 0; i < W; ++i) {
+      lo_v = std::min(lo_v, mn[i]);
+      hi_v = std::max(hi_v, mx[i]);
     }
-    int64_t above = 0, band = 0;  // scores > upper; the band's [lower, upper] values, into tmp
-    for (int64_t x = 0; x < n; ++x) {
-      const T v = s[cand[x]];
-      tmp[band] = v;
-      band += v <= upper;
-      above += v > upper;
-    }
-    if (above < c && n >= c) {  // the c-th largest is in the band
-      std::nth_element(tmp, tmp + (c - above - 1), tmp + band, std::greater<T>());
-      ncand = n;
-      return tmp[c - above - 1];
+    for (; j < m; ++j) {
+      lo_v = std::min(lo_v, s[j]);
+      hi_v = std::max(hi_v, s[j]);
     }
   }
-  for (int64_t j = 0; j < m; ++j) cand[j] = j;
-  std::copy(s, s + m, tmp);
-  std::nth_element(tmp, tmp + (c - 1), tmp + m, std::greater<T>());
-  ncand = m;
-  return tmp[c - 1];
+  if (count_at_least(s, m, hi_v) >= c) return hi_v;
+  // count(>= from_order_key(lo)) >= c > count(>= from_order_key(hi))
+  using U = std::make_unsigned_t<key_t<T>>;  // hi - lo overflows the signed keys (-1.0 to 1.0 spans 2^31)
+  key_t<T> lo = order_key(lo_v), hi = order_key(hi_v);
+  while (U(hi) - U(lo) > 1) {
+    const key_t<T> mid = key_t<T>(U(lo) + (U(hi) - U(lo)) / 2);
+    const T probe = from_order_key<T>(mid);
+    const int64_t n = count_at_least(s, m, probe);
+    if (n == c) {  // exactly c at or above the probe: the least of them is the c-th largest
+      T least = std::numeric_limits<T>::infinity();
+      V lv = vsplat(least);
+      const V pv = vsplat(probe);
+      int64_t j = 0;
+      for (; j + W <= m; j += W) {
+        const V x = vload(s + j);
+        lv = (x >= pv && x < lv) ? x : lv;
+      }
+      for (int i = 0; i < W; ++i) least = std::min(least, lv[i]);
+      for (; j < m; ++j)
+        if (s[j] >= probe) least = std::min(least, s[j]);
+      return least;
+    }
+    (n > c ? lo : hi) = mid;
+  }
+  return from_order_key<T>(lo);
+}
+
+// The c-th largest of s[0, m) (1 <= c <= m), with in `cand` the ascending positions of every score at or above
+// it. Bisection (kth_largest_bisect) replaced a strided sample's two bounds with nth_element on the band between:
+// nth_element's data-dependent branches were 30% of a 4K-token prefill even on a band (perf), and the whole
+// prefill went 354 -> 195 ms; decoding rows of 32K-64K keys measured the same either way.
+template <typename T>
+T kth_largest(const T* s, int64_t m, int64_t c, RowScratch<T>& ws, int64_t& ncand) {
+  const T t = kth_largest_bisect(s, m, c);
+  int64_t* cand = ws.cand.data();
+  int64_t n = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    cand[n] = j;
+    n += s[j] >= t;
+  }
+  ncand = n;
+  return t;
 }
 
 // The chosen keys of one row, ascending, into idx; returns how many. Scores hold no NaN (phase 1
