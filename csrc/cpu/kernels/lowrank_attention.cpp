@@ -140,7 +140,7 @@ T kth_largest_bisect(const T* s, int64_t m, int64_t c) {
   }
   if (count_at_least(s, m, hi_v) >= c) return hi_v;
   // count(>= from_order_key(lo)) >= c > count(>= from_order_key(hi))
-  using U = std::make_unsigned_t<key_t<T>>;  // hi - lo overflows the signed keys (-1.0 to 1.0 spans 2^31)
+  using U = std::make_unsigned_t<key_t<T>>;  // hi - lo overflows the signed keys (-2.0 to 2.0 spans 2^31 + 1)
   key_t<T> lo = order_key(lo_v), hi = order_key(hi_v);
   while (U(hi) - U(lo) > 1) {
     const key_t<T> mid = key_t<T>(U(lo) + (U(hi) - U(lo)) / 2);
@@ -168,7 +168,7 @@ T kth_largest_bisect(const T* s, int64_t m, int64_t c) {
 // The c-th largest of s[0, m) (1 <= c <= m), with in `cand` the ascending positions of every score at or above
 // it. Bisection (kth_largest_bisect) replaced a strided sample's two bounds with nth_element on the band between:
 // nth_element's data-dependent branches were 30% of a 4K-token prefill even on a band (perf), and the whole
-// prefill went 354 -> 195 ms; decoding rows of 32K-64K keys measured the same either way.
+// prefill went 360 -> 212 ms (README, Low-rank keys); decoding rows of 32K-64K keys measured the same either way.
 template <typename T>
 T kth_largest(const T* s, int64_t m, int64_t c, RowScratch<T>& ws, int64_t& ncand) {
   const T t = kth_largest_bisect(s, m, c);
