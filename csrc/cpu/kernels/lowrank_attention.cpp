@@ -260,8 +260,7 @@ std::pair<T, T> attend_chosen(RowScratch<T>& ws, const S* kb, int64_t k_row, con
 }
 
 // Chooses the keys of query row (b, i, h) from its low-rank scores `srow` (NaN already +inf), attends to them
-// exactly, and writes the output row, its lse and (when asked) the chosen keys. The prefill tiles use the pieces
-// (select, store) around their own exact pass.
+// exactly, and writes the output row, its lse and (when asked) the chosen keys; both score paths end in it.
 template <typename S, typename T>
 struct RowFinisher {
   const S *qp, *kp, *vp;
@@ -274,12 +273,13 @@ struct RowFinisher {
   bool causal;
   T scale;  // softmax_scale * log2(e): base-2 scores
 
+  RowKeys keys(int64_t b, int64_t i) const { return row_keys(lens[b], Sq, i, causal, topk, local); }
   const S* k_head(int64_t b, int64_t h) const { return kp + b * k.stride(0) + h / group * k.stride(2); }
   const S* v_head(int64_t b, int64_t h) const { return vp + b * v.stride(0) + h / group * v.stride(2); }
 
   // The row's chosen keys into ws.idx, ascending (also into the chosen-keys output); returns how many.
   int64_t select(int64_t b, int64_t i, int64_t h, const T* srow, RowScratch<T>& ws) const {
-    const RowKeys rk = row_keys(lens[b], Sq, i, causal, topk, local);
+    const RowKeys rk = keys(b, i);
     const int64_t n = rk.end > 0 ? select_keys(srow, rk, ws) : 0;
     if (chosen != nullptr) {  // (B, H, Sq, n_idx), -1 past the chosen keys
       const int64_t n_idx = std::min(Sk, topk);
@@ -323,8 +323,8 @@ struct RowFinisher {
   }
 };
 
-// Decoding (few query rows): passes of queries; phase 1 scores every row of a pass reading the low-rank key rows
-// once, front to back (the bytes are the cost), phase 2 finishes the rows.
+// Decoding (fewer than kTiledMinRows query rows per kv head): passes of queries; phase 1 scores every row of a
+// pass reading the low-rank key rows once, front to back (the bytes are the cost), phase 2 finishes the rows.
 template <typename S, typename Ss, typename T>
 void lowrank_passes(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher<S, T>& finish) {
   using V = vec_t<T>;
@@ -332,7 +332,6 @@ void lowrank_passes(const at::Tensor& qs, const at::Tensor& ks, const RowFinishe
   const int64_t B = qs.size(0), Sq = finish.Sq, H = finish.H, Sk = finish.Sk, R = qs.size(3), group = finish.group;
   const Ss* qsp = qs.data_ptr<Ss>();
   const Ss* ksp = ks.data_ptr<Ss>();
-  const int32_t* lens = finish.lens;
   // score rows padded by a cache line: rows a power-of-two apart map to one L1 set, and phase 1
   // writes all of them in step
   const int64_t row_stride = Sk + 64 / int64_t(sizeof(T));
@@ -351,7 +350,7 @@ void lowrank_passes(const at::Tensor& qs, const at::Tensor& ks, const RowFinishe
         const int64_t b = task / chunks, j0 = (task % chunks) * kScoreChunk;
         int64_t last = 0;  // one past the last key any row of the pass scores
         for (int64_t i = i0; i < i0 + nq; ++i)
-          last = std::max(last, row_keys(lens[b], Sq, i, finish.causal, finish.topk, finish.local).cand_end);
+          last = std::max(last, finish.keys(b, i).cand_end);
         const int64_t j1 = std::min(j0 + kScoreChunk, last);
         if (j1 <= j0) continue;
         for (int64_t i = 0; i < nq; ++i)
@@ -392,9 +391,7 @@ void lowrank_passes(const at::Tensor& qs, const at::Tensor& ks, const RowFinishe
     // 2. per row: choose the keys, attend to them exactly
     run_tasks(
         B * nq * H,
-        [&](int64_t t) {
-          return row_keys(lens[t / (nq * H)], Sq, i0 + (t / H) % nq, finish.causal, finish.topk, finish.local).end;
-        },
+        [&](int64_t t) { return finish.keys(t / (nq * H), i0 + (t / H) % nq).end; },
         [&] { return RowScratch<T>(Sk, finish.topk, finish.D); },
         [&](int64_t t, RowScratch<T>& ws) {
           finish(t / (nq * H), i0 + (t / H) % nq, t % H, scores.data() + t * row_stride, ws);
@@ -402,10 +399,10 @@ void lowrank_passes(const at::Tensor& qs, const at::Tensor& ks, const RowFinishe
   }
 }
 
-// Prefill (many query rows per head): the scores are a GEMM. Per wave of (batch, kv head) pairs the low-rank keys
+// Prefill, chunks and wide groups: the scores are a GEMM. Per wave of (batch, kv head) pairs the low-rank keys
 // are packed once as K_s^T panels (cpu/gemm.h; bf16 word panels where the bf16 products run); a task takes a
-// tile of query rows of one head, multiplies their low-rank rows with the panel into a tile of score rows
-// (~256 KB: it stays in L2) and finishes each row from it. The pass path's per-key dots over every row of a
+// tile of the pair's query rows (its group's heads x new tokens), multiplies their low-rank rows with the panel
+// into a tile of score rows (~256 KB: it stays in L2) and finishes each row from it. The pass path's per-key dots over every row of a
 // pass cost 26% of a 4K-token prefill, and its column-wise score writes missed the cache.
 template <typename S, typename Ss, typename T>
 void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher<S, T>& finish) {
@@ -419,7 +416,6 @@ void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher
   const int64_t Hkv = H / group, R2 = (R + 1) / 2;
   const Ss* qsp = qs.data_ptr<Ss>();
   const Ss* ksp = ks.data_ptr<Ss>();
-  const int32_t* lens = finish.lens;
   const int64_t Sk_pad = round_up(Sk, NR);
   // one pair's panel, in T elements or (dot) in words
   const int64_t panel = dot ? Sk_pad * R2 : Sk_pad * R;
@@ -463,22 +459,18 @@ void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher
       }
     });
 
-    auto tile_range = [&](int64_t t, int64_t& b, int64_t& r0, int64_t& r1, int64_t& last) {
+    auto tile_range = [&](int64_t t, int64_t& b, int64_t& r0, int64_t& r1) {
       b = (p0 + t / tiles) / Hkv;
       r0 = (t % tiles) * tile_rows;
       r1 = std::min(pair_rows, r0 + tile_rows);
-      last = 0;  // one past the last key a row of the tile scores
-      for (int64_t r = r0; r < r1; ++r)
-        last = std::max(last, row_keys(lens[b], Sq, r % Sq, finish.causal, finish.topk, finish.local).cand_end);
     };
     run_tasks(
         (p1 - p0) * tiles,
         [&](int64_t t) {
-          int64_t b, r0, r1, last;
-          tile_range(t, b, r0, r1, last);
+          int64_t b, r0, r1;
+          tile_range(t, b, r0, r1);
           int64_t cost = 0;
-          for (int64_t r = r0; r < r1; ++r)
-            cost += row_keys(lens[b], Sq, r % Sq, finish.causal, finish.topk, finish.local).end;
+          for (int64_t r = r0; r < r1; ++r) cost += finish.keys(b, r % Sq).end;
           return cost;
         },
         [&] {
@@ -486,8 +478,10 @@ void lowrank_tiled(const at::Tensor& qs, const at::Tensor& ks, const RowFinisher
                          std::vector<T>(dot ? 0 : tile_rows * R), std::vector<uint32_t>(dot ? tile_rows * R2 : 0)};
         },
         [&](int64_t t, Scratch& ws) {
-          int64_t b, r0, r1, last;
-          tile_range(t, b, r0, r1, last);
+          int64_t b, r0, r1;
+          tile_range(t, b, r0, r1);
+          int64_t last = 0;  // one past the last key a row of the tile scores
+          for (int64_t r = r0; r < r1; ++r) last = std::max(last, finish.keys(b, r % Sq).cand_end);
           const int64_t pair = p0 + t / tiles, h0 = (pair % Hkv) * group, M = r1 - r0;
           auto qrow = [&](int64_t r) {
             return qsp + b * qs.stride(0) + (r % Sq) * qs.stride(1) + (h0 + r / Sq) * qs.stride(2);
