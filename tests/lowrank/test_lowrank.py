@@ -210,8 +210,9 @@ def bf16_products():
     (1, 70, 2, 1, 96, 23, 9, 0, True),
 ])
 def test_bf16_prefill_scores_in_bf16_products(bf16_products, products, B, S, H, Hkv, D, rank, topk, local, causal):
-    """Prefill (16 or more query rows) scores by GEMM tiles, for a bf16 score plane in bf16 products at the avx512
-    level: the dyadic scores are exact in every product, so the keys chosen, and the outputs, are the reference's."""
+    """Prefill (4 or more query rows per kv head) scores by GEMM tiles, for a bf16 score plane in bf16 products at
+    the avx512 level: the dyadic scores are exact in every product, so the keys chosen, and the outputs, are the
+    reference's."""
     bf16_products(products)
     q, k = dyadic(B, S, H, D, dtype=torch.bfloat16), dyadic(B, S, Hkv, D, dtype=torch.bfloat16)
     v = torch.randn(B, S, Hkv, D, dtype=torch.bfloat16)
