@@ -37,11 +37,14 @@ class MultiheadAttention(nn.Module):
 
     Masks follow torch: ``attn_mask`` ``(L, S)`` or ``(B * H, L, S)``, bool (True: not attended) or float
     (added to the scores); ``key_padding_mask`` ``(B, S)``, bool (True: padding) or float (added). A causal
-    ``attn_mask`` (or ``is_causal=True``) runs the causal kernels; any other mask and the padding reach the
+    ``attn_mask`` (or ``is_causal=True`` without a mask, bottom-right aligned when ``L != S``) runs the causal kernels;
+    with a mask, ``is_causal`` is the hint torch calls it and the mask decides; any other mask and the padding reach the
     kernels as ``attn_bias`` (padding as a ``(B, 1, 1, S)`` key mask, no L x S tensor; empty key blocks are
     skipped), with the SoftmaxSpec or a BlockSparseSpec. A query whose keys are all masked gets zeros (as
     torch 2.13's module gives). ``add_bias_kv`` / ``add_zero_attn`` append their key/value row after the projections,
-    visible to every query, as torch does.
+    visible to every query, as torch's mask path does (torch's fast path for ``is_causal=True``, ``need_weights=False``
+    and no padding drops the mask for SDPA's top-left ``is_causal`` and hides those rows from the first queries:
+    torch's module itself then differs between ``need_weights=True`` and ``False``).
 
     Attention dropout (``dropout``, in training only, as torch) runs in the kernels on the SoftmaxSpec,
     BlockSparseSpec and MoBASpec (its mask from the default generator: ``torch.manual_seed`` reproduces it).
@@ -156,7 +159,10 @@ class MultiheadAttention(nn.Module):
                              f"{tuple(query.shape)}")
         H, D = self.num_heads, self.head_dim
         extra = int(self.bias_k is not None) + int(self.add_zero_attn)  # key rows appended after the projection
-        causal = is_causal or _is_causal_mask(attn_mask, L, S)
+        # is_causal is torch's hint that attn_mask is causal; given a mask, the mask decides (torch's module also
+        # follows the mask wherever it keeps one: with weights, padding, or bias_k / zero-attention rows), so a
+        # top-left causal mask with L != S is not turned into attnops' bottom-right causality
+        causal = _is_causal_mask(attn_mask, L, S) if attn_mask is not None else bool(is_causal)
         bias = _attn_bias(None if causal else attn_mask, key_padding_mask, B, H, L, S)
         if causal and extra:  # the appended rows are visible to every query: causality as an explicit mask
             bias = _and_masks(bias, torch.ones(L, S, dtype=torch.bool, device=query.device).tril(S - L))

@@ -239,6 +239,24 @@ def test_masks_match_torch(kind, extras):
         assert_accurate(f"{kind} {n}", a, b, c)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_is_causal_is_a_hint_the_mask_decides(need_weights):
+    """torch calls ``is_causal`` a hint that ``attn_mask`` is causal. With ``L != S`` and torch's top-left causal
+    mask (query i sees keys j <= i) the mask decides, as in torch's module; attnops' own causality is
+    bottom-right, and taking the hint for it gave outputs 0.85 off."""
+    ref, ours = _pair(batch_first=True)
+    L, S = 5, 9
+    x, kv = torch.randn(2, L, 48, dtype=torch.float64), torch.randn(2, S, 48, dtype=torch.float64)
+    top_left = torch.ones(L, S, dtype=torch.bool).triu(1)  # True: not attended
+    want, _ = ref(x, kv, kv, attn_mask=top_left, need_weights=need_weights)
+    got, _ = ours(x.float(), kv.float(), kv.float(), attn_mask=top_left, is_causal=True, need_weights=need_weights)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    bottom_right = torch.ones(L, S, dtype=torch.bool).triu(S - L + 1)  # attnops' causality: still the causal kernels
+    want, _ = ref(x, kv, kv, attn_mask=bottom_right, need_weights=True)
+    got, _ = ours(x.float(), kv.float(), kv.float(), attn_mask=bottom_right, is_causal=True, need_weights=need_weights)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_fully_masked_queries_give_zeros():
     """A query whose keys are all masked gets zero attention (then the output projection's bias), as torch
     2.13's module gives too; the other queries are unaffected."""
