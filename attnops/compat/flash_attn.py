@@ -8,7 +8,8 @@ training only, as with flash_attn; the mask comes from the default generator's s
 backward. One difference: with ``causal=True`` and ALiBi, FlashAttention 2's kernel adds ``slope * j``
 (the same probabilities, an lse larger by ``slope * (i + Sk - Sq)``); the lse here is that of the
 documented bias. What attnops cannot compute yet is refused with a clear ``NotImplementedError`` naming
-the argument, never ignored: in ``flash_attn_with_kvcache`` rotary embeddings, paged caches (``block_table``), ``cache_batch_idx`` and ``cache_leftpad``.
+the argument, never ignored: in ``flash_attn_with_kvcache`` paged caches (``block_table``) and ``cache_leftpad``
+(its rotary embeddings and ``cache_batch_idx`` are honoured).
 ``deterministic`` is accepted (attnops' kernels are deterministic at a fixed thread count; see README).
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the lse is flash_attn's, the
 probabilities are never built (attnops computes block maps instead: ``attnops.attention(...,
@@ -114,11 +115,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
     """Decoding against a cache, flash_attn's way: ``k, v (B, Sq_new, Hkv, D)``, when given, are written
-    into ``k_cache, v_cache (B, S_max, Hkv, D)`` in place at each sequence's ``cache_seqlens`` (int or
+    into ``k_cache, v_cache (B_cache, S_max, Hkv, D)`` in place at each sequence's ``cache_seqlens`` (int or
     ``(B,)``), then ``q (B, Sq_new, H, D)`` attends to the cache (bottom-right aligned). ``causal`` must be
-    True for more than one new query (decoding is causal; one query sees the whole cache either way)."""
-    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
-                        ("cache_leftpad", cache_leftpad), ("block_table", block_table)):
+    True for more than one new query (decoding is causal; one query sees the whole cache either way).
+
+    ``rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2)``, with ``k`` and ``v``: the new keys are rotated at
+    positions ``cache_seqlens + i`` before they are written (the cache holds rotated keys), and q likewise
+    (with ``causal`` or a window; otherwise every query at ``cache_seqlens``, as flash_attn); the first
+    ``rotary_dim`` channels, pairs ``(0, 1), (2, 3), ..`` when ``rotary_interleaved`` (GPT-J), else ``(i, i +
+    rotary_dim / 2)`` (GPT-NeoX); computed in float32. ``cache_batch_idx (B,)``: the cache rows of the batch's
+    sequences (their rows are gathered for the attention: a copy of those rows per call)."""
+    for name, value in (("cache_leftpad", cache_leftpad), ("block_table", block_table)):
         if value is not None:
             raise NotImplementedError(f"attnops.compat.flash_attn: flash_attn_with_kvcache({name}=...) is not "
                                       "supported")
@@ -136,17 +143,66 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: pass k and v together")
+    rows = torch.arange(B, device=q.device) if cache_batch_idx is None else _batch_rows(cache_batch_idx, B, k_cache)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("flash_attn_with_kvcache: pass rotary_cos and rotary_sin together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("flash_attn_with_kvcache: rotary_cos / rotary_sin rotate the new keys: pass k and v too")
+        _check_rotary(rotary_cos, rotary_sin, q.shape[-1], k_cache.shape[1])
+        local = tuple(window_size) != (-1, -1)
+        q_pos = lens.long().unsqueeze(1) + (torch.arange(Sq, device=q.device) if causal or local else 0)
+        q = _rotary(q, rotary_cos, rotary_sin, q_pos.expand(B, Sq), rotary_interleaved)
+        k = _rotary(k, rotary_cos, rotary_sin, lens.long().unsqueeze(1) + torch.arange(k.shape[1], device=q.device),
+                    rotary_interleaved)
     if k is not None:
         n = k.shape[1]
-        rows = torch.arange(B, device=q.device).unsqueeze(1)
         cols = lens.long().unsqueeze(1) + torch.arange(n, device=q.device)
         if q.device.type == "cpu" and int(cols.max()) >= k_cache.shape[1]:
             raise ValueError("flash_attn_with_kvcache: the new keys do not fit in the cache")
         with torch.no_grad():
-            k_cache[rows, cols] = k.to(k_cache.dtype)
-            v_cache[rows, cols] = v.to(v_cache.dtype)
+            k_cache[rows.unsqueeze(1), cols] = k.to(k_cache.dtype)
+            v_cache[rows.unsqueeze(1), cols] = v.to(v_cache.dtype)
         lens = lens + n
+    if cache_batch_idx is not None:
+        k_cache, v_cache = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
     left = tuple(window_size)[0]  # the right side is moot: decoding is causal
     out, lse = decode_attention(q, k_cache, v_cache, lens, softmax_scale=softmax_scale, window_size=(left, -1),
                                 softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=True)
     return (out, lse) if return_softmax_lse else out
+
+
+def _batch_rows(cache_batch_idx: torch.Tensor, batch: int, k_cache: torch.Tensor) -> torch.Tensor:
+    if not isinstance(cache_batch_idx, torch.Tensor) or cache_batch_idx.dtype.is_floating_point or \
+            tuple(cache_batch_idx.shape) != (batch,):
+        raise ValueError(f"flash_attn_with_kvcache: cache_batch_idx must be an integer tensor of shape ({batch},)")
+    rows = cache_batch_idx.to(device=k_cache.device, dtype=torch.long)
+    if rows.device.type == "cpu" and batch and (int(rows.min()) < 0 or int(rows.max()) >= k_cache.shape[0]):
+        raise ValueError(f"flash_attn_with_kvcache: cache_batch_idx must index the cache's {k_cache.shape[0]} rows")
+    return rows
+
+
+def _check_rotary(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, cache_len: int) -> None:
+    if cos.dim() != 2 or cos.shape != sin.shape:
+        raise ValueError(f"flash_attn_with_kvcache: rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2), "
+                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if not 0 < 2 * cos.shape[1] <= head_dim:
+        raise ValueError(f"flash_attn_with_kvcache: rotary_dim = {2 * cos.shape[1]} must lie in (0, head_dim = "
+                         f"{head_dim}]")
+    if cos.shape[0] < cache_len:  # flash_attn's own check: every cache position has its angle
+        raise ValueError(f"flash_attn_with_kvcache: rotary_cos covers {cos.shape[0]} positions, fewer than the "
+                         f"cache's {cache_len}")
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+            interleaved: bool) -> torch.Tensor:
+    """``x (B, S, H, D)`` with its first ``rotary_dim`` channels rotated by the angles of ``positions (B, S)``
+    (flash_attn's ``apply_rotary_emb``), in float32 (float64 for float64 inputs)."""
+    half = cos.shape[1]
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c, s = (t.to(x.device, wide)[positions].unsqueeze(2) for t in (cos, sin))  # (B, S, 1, half)
+    r = x[..., :2 * half].to(wide)
+    x1, x2 = (r[..., 0::2], r[..., 1::2]) if interleaved else (r[..., :half], r[..., half:])
+    o1, o2 = x1 * c - x2 * s, x1 * s + x2 * c
+    rotated = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)

@@ -127,5 +127,76 @@ def test_with_kvcache_appends_and_attends():
     torch.testing.assert_close(k_cache[:, 17:20], k_all[:, 17:])  # written in place, as flash_attn does
     want, _ = ref(q, k_all, v_all, causal=True)  # the 3 new queries end the 20 keys
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="rotary_cos"):
-        flash_attn_with_kvcache(q, k_cache, v_cache, rotary_cos=torch.ones(1))
+    with pytest.raises(NotImplementedError, match="cache_leftpad"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_leftpad=torch.zeros(B, dtype=torch.int32))
+
+
+def _rotate_half(x, interleaved):  # flash_attn/layers/rotary.py
+    if not interleaved:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def _apply_rotary_ref(x, cos, sin, offsets, interleaved):
+    """flash_attn's apply_rotary_emb_torch with seqlen_offsets: token i of sequence b at offsets[b] + i."""
+    ro = cos.shape[-1] * 2
+    pos = offsets.long()[:, None] + torch.arange(x.shape[1])
+    c, s = cos[pos], sin[pos]  # (B, S, ro / 2)
+    c, s = ((t.repeat_interleave(2, -1) if interleaved else torch.cat((t, t), -1))[:, :, None] for t in (c, s))
+    return torch.cat([x[..., :ro] * c + _rotate_half(x[..., :ro], interleaved) * s, x[..., ro:]], dim=-1)
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["gptj", "neox"])
+@pytest.mark.parametrize("rotary_dim", [16, 32])
+@pytest.mark.parametrize("batch_idx", [False, True], ids=["rows", "batch_idx"])
+@pytest.mark.parametrize("new", [1, 3])
+def test_with_kvcache_rotary_and_batch_idx(interleaved, rotary_dim, batch_idx, new):
+    """Rotary embeddings on q and the new keys at each sequence's positions (the cache keeps rotated keys), and
+    ``cache_batch_idx`` choosing the cache rows, against flash_attn's own rotary reference and the float64
+    attention: ragged lengths, partial (16 of 32 channels) and full rotary, both pair layouts."""
+    torch.manual_seed(11)
+    B, S, H, Hkv, D = 3, 48, 4, 2, 32
+    Bc = 5 if batch_idx else B  # without cache_batch_idx the cache's rows are the batch (flash_attn's rule too)
+    k_cache, v_cache = torch.randn(Bc, S, Hkv, D), torch.randn(Bc, S, Hkv, D)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    lens = torch.tensor([0, 9, 40], dtype=torch.int32)
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32) if batch_idx else None
+    rows = idx.long() if batch_idx else torch.arange(B)
+    q, k, v = torch.randn(B, new, H, D), torch.randn(B, new, Hkv, D), torch.randn(B, new, Hkv, D)
+    angle = torch.arange(S, dtype=torch.float64)[:, None] * 0.37 ** torch.arange(rotary_dim // 2, dtype=torch.float64)
+    cos, sin = angle.cos().float(), angle.sin().float()
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens,
+                                  cache_batch_idx=idx, causal=True, rotary_interleaved=interleaved)
+    q_ro = _apply_rotary_ref(q.double(), cos.double(), sin.double(), lens, interleaved)
+    k_ro = _apply_rotary_ref(k.double(), cos.double(), sin.double(), lens, interleaved)
+    for b in range(B):
+        n = int(lens[b]) + new
+        r = int(rows[b])
+        torch.testing.assert_close(k_cache[r, lens[b]:n].double(), k_ro[b], rtol=1e-5, atol=1e-6)  # rotated, in place
+        torch.testing.assert_close(v_cache[r, lens[b]:n], v[b])
+        torch.testing.assert_close(k_cache[r, :lens[b]], k0[r, :lens[b]])  # the rest untouched
+        torch.testing.assert_close(k_cache[r, n:], k0[r, n:])
+        keys = torch.cat([k0[r, :lens[b]].double(), k_ro[b]])[None]
+        values = torch.cat([v0[r, :lens[b]].double(), v[b].double()])[None]
+        want, _ = ref(q_ro[b:b + 1], keys, values, causal=True)
+        torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-4, atol=1e-5)
+    untouched = [r for r in range(Bc) if r not in rows.tolist()]
+    torch.testing.assert_close(k_cache[untouched], k0[untouched])
+
+
+def test_with_kvcache_rotary_checks():
+    q, kc = torch.randn(1, 1, 2, 32), torch.zeros(1, 16, 2, 32)
+    cos = torch.ones(16, 8)
+    with pytest.raises(ValueError, match="pass k and v too"):
+        flash_attn_with_kvcache(q, kc, kc.clone(), rotary_cos=cos, rotary_sin=cos)
+    k = torch.randn(1, 1, 2, 32)
+    with pytest.raises(ValueError, match="fewer than the cache"):
+        flash_attn_with_kvcache(q, kc, kc.clone(), k, k, rotary_cos=cos[:8], rotary_sin=cos[:8], cache_seqlens=0)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        flash_attn_with_kvcache(q, kc, kc.clone(), k, k, rotary_cos=torch.ones(16, 20), rotary_sin=torch.ones(16, 20))
+    with pytest.raises(ValueError, match="together"):
+        flash_attn_with_kvcache(q, kc, kc.clone(), k, k, rotary_cos=cos)
+    with pytest.raises(ValueError, match="cache_batch_idx"):
+        flash_attn_with_kvcache(q, kc, kc.clone(), k, k, cache_batch_idx=torch.tensor([1]))
