@@ -159,6 +159,20 @@ def _short(value) -> str:
     return repr(value)[:40]
 
 
+def _is_causal(module: torch.nn.Module, is_causal: Optional[bool], attention_mask: Optional[torch.Tensor]) -> bool:
+    """Causality as transformers' own integrations decide it: an explicit ``is_causal`` wins; else the module's
+    (``module.is_causal``) with no mask or the 2-d padding mask of the flash-attention mask function registered here
+    (it leaves causality to the kernel); with a 4-d mask, none: eager attention adds the mask and nothing else (so does
+    the SDPA integration), and a model or user that sends one has put the causal part in it (transformers' own 4-d
+    masks) or deliberately left it out (a prefix-LM mask, a custom tree mask). Taking the module's causality on top
+    cut the bidirectional prefix of such a mask: Llama logits 0.33 off eager's."""
+    if is_causal is not None:
+        return bool(is_causal)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return False
+    return bool(getattr(module, "is_causal", True))
+
+
 def _window(sliding_window, causal: bool):
     """transformers' sliding_window (the window's size, the query included) as the kernels' (left, right):
     flash-attention's convention, ``(w - 1, w - 1)``; the right side is moot under causal."""
@@ -189,7 +203,7 @@ def _attention_forward(spec: AttentionSpec):
             keep = None if attention_mask is None else attention_mask.bool()
             if documents is not None or (keep is not None and not bool(keep.all())):
                 # padded or packed prefill: unpad to sequences, run the family's varlen form, re-pad
-                causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+                causal = _is_causal(module, is_causal, attention_mask)
                 extra = {}
                 if dropout and module.training:
                     extra["dropout_p"] = float(dropout)
@@ -227,7 +241,7 @@ def _attention_forward(spec: AttentionSpec):
                                       f"{type(spec).__name__} registered here cannot apply (only softmax specs can; "
                                       "attn_bias: a padding mask or a position bias); register the SoftmaxSpec (the "
                                       "default) for this model")
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        causal = _is_causal(module, is_causal, attention_mask)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash_attn layout, no copy
         call_spec = spec
         window = _window(sliding_window, causal)

@@ -76,6 +76,31 @@ def test_training_step_grads_match(name):
             assert_accurate(f"grad {n}", p.grad, p64.grad, plp.grad)
 
 
+@pytest.mark.parametrize("dtype", ["float", "bool"])
+def test_a_4d_mask_decides_causality(dtype):
+    """A 4-d attention_mask given to the model (here a prefix-LM mask: the first 7 tokens see each other, padding
+    in row 1) is the whole mask, as eager applies it: the module's causality is not added on top (it cut the
+    bidirectional prefix, logits 0.33 off). A bool mask means what SDPA makes of it (True: attended); eager's
+    reference gets the same mask as 0 / finfo.min."""
+    ref, ours, low = _models("llama-gqa")
+    B, S = 2, 19
+    allowed = torch.ones(S, S, dtype=torch.bool).tril()
+    allowed[:7, :7] = True
+    allowed = allowed.expand(B, 1, S, S).clone()
+    allowed[1, :, :, :3] = False  # left padding of row 1 (its padded queries still see themselves)
+    allowed[1, :, torch.arange(3), torch.arange(3)] = True
+    ids = torch.randint(0, 97, (B, S))
+
+    def additive(dt):
+        return torch.zeros(B, 1, S, S, dtype=dt).masked_fill(~allowed, torch.finfo(dt).min)
+
+    with torch.no_grad():
+        expect = ref(ids, attention_mask=additive(torch.float64)).logits
+        yard = low(ids, attention_mask=additive(torch.float32)).logits
+        got = ours(ids, attention_mask=allowed if dtype == "bool" else additive(torch.float32)).logits
+    assert_accurate("logits", got, expect, yard)
+
+
 def test_set_attn_implementation_and_cached_generation():
     ref, ours, low = _models("llama-gqa")
     low.set_attn_implementation(hf_attnops.register())  # switch an existing model
