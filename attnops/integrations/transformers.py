@@ -18,14 +18,15 @@ dropped. Packed rows (``DataCollatorWithFlattening``: ``position_ids`` that rest
 ``cu_seq_lens_*`` kwargs) become the kernels' ``document_ids``: each document attends only itself, exactly. The
 MoBA and linear specs take padded or packed prefill through their ``cu_seqlens`` form (unpad, run, re-pad,
 as transformers' flash-attention path does). The mask function
-registered beside it is transformers' own flash-attention one: no mask for unpadded batches, the 2-d padding
-mask otherwise (a ``(B, 1, 1, Sk)`` key mask for the kernels: padded batches cost no ``Sq x Sk`` tensor).
+registered beside it (:func:`_layer_mask`) is transformers' flash-attention one where that describes the layer: no
+mask for unpadded batches, the 2-d padding mask otherwise (a ``(B, 1, 1, Sk)`` key mask for the kernels: padded
+batches cost no ``Sq x Sk`` tensor); custom, blockwise and chunked patterns get transformers' 4-d bool mask.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -183,6 +184,29 @@ def _window(sliding_window, causal: bool):
     return (sliding_window - 1, 0 if causal else sliding_window - 1)
 
 
+def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """The mask interface registered beside the attention function. transformers' flash-attention form (no mask, or the
+    2-d padding mask) where the layer's mask is causal or bidirectional with padding, windows and packing, which reach
+    the kernels as the module's causality, ``sliding_window`` and ``position_ids``; otherwise transformers' own 4-d
+    bool mask (its SDPA form, never skipped), which the attention function applies as the whole mask. Otherwise is:
+    custom or/and mask functions (``use_vmap``: image tokens attending each other, bidirectional overlays), blockwise
+    overlays (an ``or_masks`` function), and Llama 4's chunked attention (a mask function other than the causal one
+    in a config with ``attention_chunk_size``). The flash form drops those patterns (transformers' FA2 path refuses
+    chunks longer than a chunk and ignores the rest): Llama 4's chunked layers came out 0.46 off eager."""
+    from transformers.masking_utils import causal_mask_function, flash_attention_mask, sdpa_mask
+
+    mask_function = causal_mask_function if mask_function is None else mask_function
+    chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) and mask_function is not causal_mask_function
+    if kwargs.get("use_vmap") or getattr(mask_function, "__name__", "") == "or_mask" or chunked:
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         allow_is_causal_skip=False, use_vmap=bool(kwargs.get("use_vmap")),
+                         device=kwargs.get("device", "cpu"))
+    return flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask)
+
+
 def _attention_forward(spec: AttentionSpec):
     def attnops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                   value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
@@ -279,13 +303,13 @@ def register(name: str = "attnops", spec: Optional[AttentionSpec] = None) -> str
     (after :func:`linearize`), ``"attnops_routing"``: the Routing Transformer (after :func:`attach`),
     ``"attnops_linear"``: normalised elu + 1 linear attention) and any other name dense attention."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     spec = resolve_spec(spec, DEFAULTS.get(name, SoftmaxSpec()), "spec")
     if not isinstance(name, str) or not name:
         raise ValueError("name must be a non-empty string")
     AttentionInterface.register(name, _attention_forward(spec))
-    AttentionMaskInterface.register(name, flash_attention_mask)
+    AttentionMaskInterface.register(name, _layer_mask)
     _SPECS[name] = spec
     return name
 

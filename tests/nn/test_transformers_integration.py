@@ -101,6 +101,62 @@ def test_a_4d_mask_decides_causality(dtype):
     assert_accurate("logits", got, expect, yard)
 
 
+def _llama4_pair():
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(vocab_size=97, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           attention_chunk_size=8, num_local_experts=2, no_rope_layers=[1, 0])
+    ref = Llama4ForCausalLM(copy.deepcopy(cfg)).eval()
+    ref.set_attn_implementation("eager")
+    ours = Llama4ForCausalLM(copy.deepcopy(cfg)).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation(hf_attnops.register())
+    assert ref.config.layer_types[0] == "chunked_attention"
+    return ref, ours
+
+
+def test_llama4_chunked_attention_matches_eager():
+    """Llama 4's chunked layers (tokens attend only within their chunk of ``attention_chunk_size``): the mask
+    interface hands them transformers' 4-d mask (the flash-attention form had dropped the chunks: 0.46 off),
+    left-padded too, and cached greedy generation across chunk boundaries equals eager's."""
+    ref, ours = _llama4_pair()
+    ids = torch.randint(0, 97, (2, 21))
+    pad = torch.ones(2, 21, dtype=torch.long)
+    pad[1, :5] = 0
+    with torch.no_grad():
+        for mask in (None, pad):
+            want, got = ref(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+            kept = slice(None) if mask is None else mask.bool()
+            torch.testing.assert_close(got[kept], want[kept], rtol=1e-4, atol=1e-4)
+        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(ids[:1, :6], **kw), ref.generate(ids[:1, :6], **kw))
+
+
+def test_layer_mask_keeps_custom_patterns():
+    """The registered mask interface: transformers' flash form (None / the 2-d padding mask) for plain causal
+    masks, and exactly transformers' 4-d bool mask for what that form cannot carry: a blockwise overlay (image
+    tokens attending each other), a custom or-mask (``use_vmap``)."""
+    from transformers.masking_utils import blockwise_overlay, causal_mask_function, or_masks, sdpa_mask
+
+    hf_attnops.register()
+    mask_fn = hf_attnops._layer_mask
+    pad = torch.ones(2, 12, dtype=torch.bool)
+    pad[0, :2] = False
+    assert mask_fn(2, 12, 12, mask_function=causal_mask_function) is None
+    assert torch.equal(mask_fn(2, 12, 12, mask_function=causal_mask_function, attention_mask=pad), pad)
+    blocks = torch.full((2, 12), -1)
+    blocks[:, 3:7] = 0  # an image: four tokens that see each other
+    overlay = or_masks(causal_mask_function, blockwise_overlay(blocks))
+    want = sdpa_mask(2, 12, 12, mask_function=overlay, attention_mask=pad, allow_is_causal_skip=False)
+    got = mask_fn(2, 12, 12, mask_function=overlay, attention_mask=pad)
+    assert got.shape == (2, 1, 12, 12) and torch.equal(got, want) and bool(got[1, 0, 3, 6])
+    bidirectional = or_masks(causal_mask_function, lambda *args: torch.tensor(True))
+    got = mask_fn(2, 12, 12, mask_function=bidirectional, attention_mask=pad, use_vmap=True)
+    assert torch.equal(got, pad[:, None, None, :].expand(2, 1, 12, 12))
+
+
 def test_set_attn_implementation_and_cached_generation():
     ref, ours, low = _models("llama-gqa")
     low.set_attn_implementation(hf_attnops.register())  # switch an existing model
