@@ -203,8 +203,14 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          allow_is_causal_skip=False, use_vmap=bool(kwargs.get("use_vmap")),
                          device=kwargs.get("device", "cpu"))
-    return flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+    mask = flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask)
+    written = int(q_offset) + q_length - int(kv_offset)  # keys up to the last query's position
+    if mask is None and written < kv_length:
+        # a static cache spans its whole buffer, written only up to the last query: the flash form gives no mask
+        # for an unpadded batch, and the kernels would read the unwritten slots (zero keys: weight exp(0) each)
+        mask = torch.ones(batch_size, max(written, 0), dtype=torch.bool, device=kwargs.get("device", "cpu"))
+    return mask
 
 
 def _attention_forward(spec: AttentionSpec):
@@ -220,6 +226,10 @@ def _attention_forward(spec: AttentionSpec):
         relative position bias, added to the scores; ``dropout``: attention dropout, applied in training as
         eager applies it (one seed per call from the default generator)."""
         _check_call(module, attention_mask, kwargs)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
+            # a static cache: k / v span the whole buffer, the flash-form mask only the positions written so far (the
+            # cache fills from 0), so the keys are those positions: causality then aligns to the last of them
+            key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
         mods = {}
         documents = _document_ids(attention_mask, query.shape[2], key.shape[2], kwargs)
         if isinstance(spec, VARLEN_SPECS) and position_bias is None and \

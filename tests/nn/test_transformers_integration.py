@@ -157,6 +157,21 @@ def test_layer_mask_keeps_custom_patterns():
     assert torch.equal(got, pad[:, None, None, :].expand(2, 1, 12, 12))
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_generation_matches_eager(padded):
+    """``cache_implementation="static"`` (the cache torch.compile'd generation uses): k / v span the whole buffer while
+    the flash-form mask covers the positions written so far; the keys are those positions (it raised: a 2-d mask of
+    11 against 25 keys), causality aligned to the last written one, left padding kept out."""
+    ref, ours, _ = _models("llama-gqa")
+    ids = torch.randint(1, 97, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    if padded:
+        mask[1, :3] = 0
+    kw = dict(max_new_tokens=14, do_sample=False, pad_token_id=0, cache_implementation="static", attention_mask=mask)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, **kw), ref.float().generate(ids, **kw))
+
+
 def test_set_attn_implementation_and_cached_generation():
     ref, ours, low = _models("llama-gqa")
     low.set_attn_implementation(hf_attnops.register())  # switch an existing model
