@@ -198,7 +198,9 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
 
     mask_function = causal_mask_function if mask_function is None else mask_function
     chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) and mask_function is not causal_mask_function
-    if kwargs.get("use_vmap") or getattr(mask_function, "__name__", "") == "or_mask" or chunked:
+    # while tracing, a cache position held in a tensor cannot size the keys (below) without a host read: the 4-d mask
+    traced_offset = torch.compiler.is_compiling() and isinstance(q_offset, torch.Tensor)
+    if kwargs.get("use_vmap") or getattr(mask_function, "__name__", "") == "or_mask" or chunked or traced_offset:
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          allow_is_causal_skip=False, use_vmap=bool(kwargs.get("use_vmap")),

@@ -172,6 +172,25 @@ def test_static_cache_generation_matches_eager(padded):
         assert torch.equal(ours.generate(ids, **kw), ref.float().generate(ids, **kw))
 
 
+def test_layer_mask_of_a_static_cache():
+    """A static cache's buffer is longer than the positions written: eagerly, an all-True 2-d mask up to the last
+    query (the attention function cuts the keys to it); while tracing, where that length would need a host read of
+    the cache position, transformers' exact 4-d mask (fullgraph: no graph break)."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    hf_attnops.register()
+    got = hf_attnops._layer_mask(2, 3, 16, q_offset=torch.tensor(5), mask_function=causal_mask_function)
+    assert got.shape == (2, 8) and bool(got.all())
+    assert hf_attnops._layer_mask(2, 3, 8, q_offset=5, mask_function=causal_mask_function) is None  # all written
+
+    def traced(offset):
+        return hf_attnops._layer_mask(2, 3, 16, q_offset=offset, mask_function=causal_mask_function)
+
+    got = torch.compile(traced, backend="eager", fullgraph=True)(torch.tensor(5))
+    want = sdpa_mask(2, 3, 16, q_offset=torch.tensor(5), mask_function=causal_mask_function, allow_is_causal_skip=False)
+    assert torch.equal(got, want) and bool(got[0, 0, 0, 5]) and not bool(got[0, 0, 0, 6])
+
+
 def test_set_attn_implementation_and_cached_generation():
     ref, ours, low = _models("llama-gqa")
     low.set_attn_implementation(hf_attnops.register())  # switch an existing model
