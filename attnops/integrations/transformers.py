@@ -231,7 +231,10 @@ def _attention_forward(spec: AttentionSpec):
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
             # a static cache: k / v span the whole buffer, the flash-form mask only the positions written so far (the
             # cache fills from 0), so the keys are those positions: causality then aligns to the last of them
-            key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
+            written = attention_mask.shape[-1]
+            key, value = key[:, :, :written], value[:, :, :written]
+            if position_bias is not None and position_bias.shape[-1] > written:  # T5's bias spans the buffer too
+                position_bias = position_bias[..., :written]
         mods = {}
         documents = _document_ids(attention_mask, query.shape[2], key.shape[2], kwargs)
         if isinstance(spec, VARLEN_SPECS) and position_bias is None and \

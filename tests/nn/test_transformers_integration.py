@@ -172,6 +172,27 @@ def test_static_cache_generation_matches_eager(padded):
         assert torch.equal(ours.generate(ids, **kw), ref.float().generate(ids, **kw))
 
 
+def test_t5_static_cache_generation_matches_eager():
+    """T5 with a static decoder cache: its position bias spans the cache's buffer as the keys do, and is cut with
+    them (it raised: a (1, H, 1, 10) bias against one written key); padded encoder input."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=97, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0,
+                   pad_token_id=0)
+    ref = T5ForConditionalGeneration(copy.deepcopy(cfg)).eval()
+    ref.set_attn_implementation("eager")
+    ours = T5ForConditionalGeneration(copy.deepcopy(cfg)).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation(hf_attnops.register())
+    ids = torch.randint(3, 97, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, 9:] = 0
+    kw = dict(max_new_tokens=10, do_sample=False, attention_mask=mask, cache_implementation="static")
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
 def test_layer_mask_of_a_static_cache():
     """A static cache's buffer is longer than the positions written: eagerly, an all-True 2-d mask up to the last
     query (the attention function cuts the keys to it); while tracing, where that length would need a host read of
