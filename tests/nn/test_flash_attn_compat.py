@@ -108,6 +108,29 @@ def test_varlen_sequences_stay_apart(causal):
         torch.testing.assert_close(out[q0:q1].double(), want[0], rtol=1e-4, atol=1e-5)
 
 
+def test_varlen_packed_variants():
+    """flash_attn_varlen_qkvpacked_func / _kvpacked_func: the packed layouts unpacked along dim 1, positional
+    arguments in flash_attn's order (dropout_p, softmax_scale, causal), each sequence apart."""
+    from attnops.compat.flash_attn import flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
+
+    torch.manual_seed(9)
+    cu = torch.tensor([0, 5, 21, 33], dtype=torch.int32)
+    qkv = torch.randn(33, 3, 4, 16)
+    out = flash_attn_varlen_qkvpacked_func(qkv, cu, 16, 0.0, 0.3, True)
+    kv_cu = torch.tensor([0, 9, 9, 30], dtype=torch.int32)
+    kv = torch.randn(30, 2, 2, 16)
+    out_kv, lse, probs = flash_attn_varlen_kvpacked_func(qkv[:, 0], kv, cu, kv_cu, 16, 21, 0.0, None, True,
+                                                         return_attn_probs=True)
+    assert probs is None and lse.shape == (4, 33)
+    for i in range(3):
+        a, b = int(cu[i]), int(cu[i + 1])
+        want, _ = ref(qkv[None, a:b, 0], qkv[None, a:b, 1], qkv[None, a:b, 2], True, scale=0.3)
+        torch.testing.assert_close(out[a:b].double(), want[0], rtol=1e-4, atol=1e-5)
+        c, d = int(kv_cu[i]), int(kv_cu[i + 1])
+        want, _ = ref(qkv[None, a:b, 0], kv[None, c:d, 0], kv[None, c:d, 1], True)
+        torch.testing.assert_close(out_kv[a:b].double(), torch.nan_to_num(want[0]), rtol=1e-4, atol=1e-5)
+
+
 def test_varlen_offsets_are_checked():
     q = torch.randn(10, 2, 8)
     with pytest.raises(ValueError, match="rise from 0"):
