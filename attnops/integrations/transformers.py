@@ -29,6 +29,7 @@ import dataclasses
 from typing import Callable, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 
 from attnops.core.checks import additive_mask
 from attnops.maps.capture import attend
@@ -293,7 +294,29 @@ def _attention_forward(spec: AttentionSpec):
         out, _ = attend(module, call_spec, q, k, v, causal=causal, softmax_scale=scaling, **mods)  # maps: attnops.maps
         return out, None
 
-    return attnops_attention_forward
+    def attnops_attention_forward_any_value_dim(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                                value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                                                dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
+        """Values of another head dim than queries and keys (multi-head latent attention: DeepSeek V2 / V3, Kimi K2
+        with qk 192, v 128) as transformers' flash-attention path runs them: v zero-padded to the qk dim and the
+        output cut back (the zero columns give zero outputs); wider values pad q and k instead on the softmax specs
+        (zero channels add nothing to a score), with the scale of the qk dim."""
+        d, dv = query.shape[-1], value.shape[-1]
+        if dv == d:
+            return attnops_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        scaling = d ** -0.5 if scaling is None else scaling
+        if dv < d:
+            out, weights = attnops_attention_forward(module, query, key, F.pad(value, (0, d - dv)), attention_mask,
+                                                     dropout, scaling, **kwargs)
+            return out[..., :dv], weights
+        if not isinstance(spec, (SoftmaxSpec, BlockSparseSpec)):
+            raise NotImplementedError(f"attnops attention: value head dim {dv} > query/key head dim {d} needs the "
+                                      f"SoftmaxSpec or a BlockSparseSpec (q and k are zero-padded), not "
+                                      f"{type(spec).__name__}")
+        return attnops_attention_forward(module, F.pad(query, (0, dv - d)), F.pad(key, (0, dv - d)), value,
+                                         attention_mask, dropout, scaling, **kwargs)
+
+    return attnops_attention_forward_any_value_dim
 
 
 _WINDOWED: Dict[tuple, SoftmaxSpec] = {}

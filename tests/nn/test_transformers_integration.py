@@ -193,6 +193,46 @@ def test_t5_static_cache_generation_matches_eager():
         assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 
+def test_latent_attention_value_head_dim():
+    """DeepSeek V3's multi-head latent attention: value heads of 12 against query/key heads of 24. v is padded to
+    the qk dim and the output cut (it raised: k and v must have the same shape); padded batch, cached generate."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
+                           qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=2,
+                           num_experts_per_tok=1, first_k_dense_replace=2, n_group=1, topk_group=1,
+                           moe_intermediate_size=32)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=hf_attnops.register()).eval()
+    ours.load_state_dict(ref.state_dict())
+    ids = torch.randint(3, 97, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want, got = ref(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=mask)
+        assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_wider_value_heads_pad_queries_and_keys():
+    """Value heads wider than query/key heads (no model yet, the same contract): q and k zero-padded, the scale
+    that of the qk dim, against the float64 reference."""
+    from attnops.ops.softmax import reference
+
+    forward = hf_attnops._attention_forward(attnops.nn.SoftmaxSpec())
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 24)
+    out, _ = forward(module, q, k, v, None)
+    want, _ = reference.block_sparse_attention(*(t.transpose(1, 2).double() for t in (q, k, v)), None, causal=True,
+                                               window_size=(-1, -1), softmax_scale=16 ** -0.5)
+    assert out.shape == (2, 9, 4, 24)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_layer_mask_of_a_static_cache():
     """A static cache's buffer is longer than the positions written: eagerly, an all-True 2-d mask up to the last
     query (the attention function cuts the keys to it); while tracing, where that length would need a host read of
