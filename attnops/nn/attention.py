@@ -55,7 +55,7 @@ class Attention(nn.Module):
     the new tokens' keys and values to the cache and attends over it (positions continue each
     sequence's length): up to 64 new tokens through :func:`attnops.decode_attention`, a longer
     prompt through causal :func:`attnops.attention` (all sequences at one length). Cached steps
-    run with the ``SoftmaxSpec`` and ``LowRankKeySpec`` specs. The cache holds values, not autograd history:
+    run with the ``SoftmaxSpec`` (its sliding window included) and ``LowRankKeySpec`` specs. The cache holds values, not autograd history:
     a backward through a cached prompt reaches that prompt's own keys and values, not those of
     earlier steps (Transformer-XL's stop-gradient memory); decoding steps are forward-only.
     """
@@ -168,10 +168,11 @@ class Attention(nn.Module):
     def _cached_step(self, x: torch.Tensor, positions: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
         if not self.causal and not getattr(self.attention, "causal", False):
             raise NotImplementedError("cached decoding is causal: this block was built with causal=False")
-        if not isinstance(self.attention, (SoftmaxSpec, LowRankKeySpec)) or (isinstance(self.attention, SoftmaxSpec)
-                                                                 and self.attention.window != (-1, -1)):
-            raise NotImplementedError(f"cached decoding runs the SoftmaxSpec (no window) and LowRankKeySpec specs, not "
+        if not isinstance(self.attention, (SoftmaxSpec, LowRankKeySpec)):
+            raise NotImplementedError(f"cached decoding runs the SoftmaxSpec and LowRankKeySpec specs, not "
                                       f"{self.attention!r}")
+        # a sliding window (the SoftmaxSpec's): its left side; the right one is moot in a causal step
+        left = self.attention.window[0] if isinstance(self.attention, SoftmaxSpec) else -1
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, {self.dim}), got {tuple(x.shape)}")
         T = x.shape[1]
@@ -192,6 +193,8 @@ class Attention(nn.Module):
                 plane = cache.score_view() if cache.score_dim >= lowrank.rank else None
                 kw = dict(lowrank=lowrank.projection, rank=lowrank.rank, topk=lowrank.topk, local=lowrank.local,
                           k_score=plane)
+            if left >= 0:
+                kw["window_size"] = (left, 0)
             out = decode_attention(q, k_cache, v_cache, lens, **kw)
         else:
             host = cache.host_seqlens
@@ -204,7 +207,8 @@ class Attention(nn.Module):
                 # this step's own keys and values, so that a backward through the prompt reaches them
                 k_cache = torch.cat((k_cache[:, :cached], k), 1)
                 v_cache = torch.cat((v_cache[:, :cached], v), 1)
-            out = dense_attention(q, k_cache, v_cache, causal=True)  # bottom-right: the prompt ends the cache
+            out = dense_attention(q, k_cache, v_cache, causal=True,  # bottom-right: the prompt ends the cache
+                                  window_size=(left, 0) if left >= 0 else (-1, -1))
         return self._output(out)
 
     def _qkv(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):

@@ -96,3 +96,27 @@ def test_attention_block_bad_arguments():
         Attention(64, 4, attention=SoftmaxSpec)
     with pytest.raises(ValueError, match=r"x must be \(B, T, 64\)"):
         Attention(64, 4)(torch.randn(2, 3, 32))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("prompt_len", [10, 70])
+def test_sliding_window_cached_steps_equal_the_full_forward(kv_heads, prompt_len):
+    """A SoftmaxSpec with a sliding window decodes from the cache (it was refused): the window reaches the decode
+    kernel and the long-prompt path, so a prompt (short or past the 64-token decode limit) then steps of 1 and 3
+    tokens give the full forward's outputs, the window (7) much shorter than the cache."""
+    torch.manual_seed(0)
+    block = Attention(64, 4, kv_heads, attention=SoftmaxSpec(window=(7, 0)), rope=10000.0).eval()
+    x = torch.randn(2, prompt_len + 13, 64)
+    with torch.no_grad():
+        full = block(x)
+        cache = block.make_cache(batch=2, max_len=x.shape[1])
+        parts = [block(x[:, :prompt_len], cache=cache)]
+        for t in range(prompt_len, x.shape[1], 3):
+            parts.append(block(x[:, t:t + 1], cache=cache))
+            if t + 1 < x.shape[1]:
+                parts.append(block(x[:, t + 1:t + 3], cache=cache))
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    unwindowed = Attention(64, 4, kv_heads, rope=10000.0).eval()
+    unwindowed.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        assert (unwindowed(x) - full).abs().max() > 1e-2  # the window matters here
