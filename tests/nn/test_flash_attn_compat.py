@@ -223,3 +223,5 @@ def test_with_kvcache_rotary_checks():
         flash_attn_with_kvcache(q, kc, kc.clone(), k, k, rotary_cos=cos)
     with pytest.raises(ValueError, match="cache_batch_idx"):
         flash_attn_with_kvcache(q, kc, kc.clone(), k, k, cache_batch_idx=torch.tensor([1]))
+    with pytest.raises(ValueError, match="pass cache_seqlens"):  # appending needs a place to write
+        flash_attn_with_kvcache(q, kc, kc.clone(), k, k)
