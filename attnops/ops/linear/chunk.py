@@ -231,8 +231,8 @@ def _intra_dtype(log_gate: Optional[torch.Tensor], pdt: torch.dtype) -> torch.dt
     sums ``dA * A`` over the pairs that straddle each step, ``dA = dO V^T``; with ``dA`` and the product rounded to
     float32, dgate came out 2.0-2.8x the float32 recurrence's error at S = 500, D = 100, chunk 64 (8 seeds; the
     DESIGN.md rule allows 2x). With this product in float64: 0.9-1.4x; with ``Q K^T`` in float64 as well,
-    0.3-0.8x, for twice the added time (fwd+bwd at N = 4096, D = 64: +10-15% against +25-30%). Rounding the
-    weights alone (the exponentials), the inter-chunk term or the chunk states changed it by less than 0.3x.
+    0.3-0.8x, for twice the added time (fwd+bwd at N = 4096, D = 64: +10-15% against +25-30%). The weights alone
+    (the exponentials), the inter-chunk term or the chunk states in float64 left it at 1.5-2.3x (2 seeds).
     Inference and the other gate shapes keep ``pdt``."""
     if (log_gate is not None and log_gate.shape[-1] == 1 and log_gate.requires_grad and torch.is_grad_enabled()
             and pdt == torch.float32):
