@@ -120,6 +120,7 @@ template <typename T>
 T kth_largest_bisect(const T* s, int64_t m, int64_t c) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
+  const auto vmin = [](V a, V b) { return a < b ? a : b; };
   T lo_v = s[0], hi_v = s[0];
   {
     V mn = vsplat(s[0]), mx = mn;
@@ -129,10 +130,8 @@ T kth_largest_bisect(const T* s, int64_t m, int64_t c) {
       mn = x < mn ? x : mn;
       mx = x > mx ? x : mx;
     }
-    for (int i = 0; i < W; ++i) {
-      lo_v = std::min(lo_v, mn[i]);
-      hi_v = std::max(hi_v, mx[i]);
-    }
+    lo_v = hreduce<T>(mn, vmin);
+    hi_v = hmax<T>(mx);  // no NaN among the scores: the plain max
     for (; j < m; ++j) {
       lo_v = std::min(lo_v, s[j]);
       hi_v = std::max(hi_v, s[j]);
@@ -147,15 +146,14 @@ T kth_largest_bisect(const T* s, int64_t m, int64_t c) {
     const T probe = from_order_key<T>(mid);
     const int64_t n = count_at_least(s, m, probe);
     if (n == c) {  // exactly c at or above the probe: the least of them is the c-th largest
-      T least = std::numeric_limits<T>::infinity();
-      V lv = vsplat(least);
+      V lv = vsplat(std::numeric_limits<T>::infinity());
       const V pv = vsplat(probe);
       int64_t j = 0;
       for (; j + W <= m; j += W) {
         const V x = vload(s + j);
         lv = (x >= pv && x < lv) ? x : lv;
       }
-      for (int i = 0; i < W; ++i) least = std::min(least, lv[i]);
+      T least = hreduce<T>(lv, vmin);
       for (; j < m; ++j)
         if (s[j] >= probe) least = std::min(least, s[j]);
       return least;
