@@ -154,14 +154,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                   "decoding is causal)")
     if Sq > MAX_NEW_TOKENS:
         raise ValueError(f"flash_attn_with_kvcache: at most {MAX_NEW_TOKENS} new queries per call, got {Sq}")
-    if cache_seqlens is None:  # the whole cache (appending needs cache_seqlens: refused below)
+    if (k is None) != (v is None):
+        raise ValueError("flash_attn_with_kvcache: pass k and v together")
+    if k is not None and cache_seqlens is None:
+        # flash_attn takes the whole cache as filled then and appends past its end: no defined place to write
+        raise ValueError("flash_attn_with_kvcache: k and v are appended at each sequence's cache_seqlens: pass "
+                         "cache_seqlens with them")
+    if cache_seqlens is None:  # the whole cache
         lens = torch.full((B,), k_cache.shape[1], dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, int):
         lens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     else:
         lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
-    if (k is None) != (v is None):
-        raise ValueError("flash_attn_with_kvcache: pass k and v together")
     rows = torch.arange(B, device=q.device) if cache_batch_idx is None else _batch_rows(cache_batch_idx, B, k_cache)
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("flash_attn_with_kvcache: pass rotary_cos and rotary_sin together")
@@ -174,10 +178,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         q = _rotary(q, rotary_cos, rotary_sin, q_pos.expand(B, Sq), rotary_interleaved)
         k = _rotary(k, rotary_cos, rotary_sin, lens.long().unsqueeze(1) + torch.arange(k.shape[1], device=q.device),
                     rotary_interleaved)
-    if k is not None and cache_seqlens is None:
-        # flash_attn takes the whole cache as filled then and appends past its end: no defined place to write
-        raise ValueError("flash_attn_with_kvcache: k and v are appended at each sequence's cache_seqlens: pass "
-                         "cache_seqlens with them")
     if k is not None:
         n = k.shape[1]
         cols = lens.long().unsqueeze(1) + torch.arange(n, device=q.device)

@@ -218,10 +218,11 @@ def test_with_kvcache_rotary_checks():
     with pytest.raises(ValueError, match="fewer than the cache"):
         flash_attn_with_kvcache(q, kc, kc.clone(), k, k, rotary_cos=cos[:8], rotary_sin=cos[:8], cache_seqlens=0)
     with pytest.raises(ValueError, match="rotary_dim"):
-        flash_attn_with_kvcache(q, kc, kc.clone(), k, k, rotary_cos=torch.ones(16, 20), rotary_sin=torch.ones(16, 20))
+        flash_attn_with_kvcache(q, kc, kc.clone(), k, k, rotary_cos=torch.ones(16, 20), rotary_sin=torch.ones(16, 20),
+                                cache_seqlens=0)
     with pytest.raises(ValueError, match="together"):
-        flash_attn_with_kvcache(q, kc, kc.clone(), k, k, rotary_cos=cos)
+        flash_attn_with_kvcache(q, kc, kc.clone(), k, k, rotary_cos=cos, cache_seqlens=0)
     with pytest.raises(ValueError, match="cache_batch_idx"):
-        flash_attn_with_kvcache(q, kc, kc.clone(), k, k, cache_batch_idx=torch.tensor([1]))
+        flash_attn_with_kvcache(q, kc, kc.clone(), k, k, cache_batch_idx=torch.tensor([1]), cache_seqlens=0)
     with pytest.raises(ValueError, match="pass cache_seqlens"):  # appending needs a place to write
         flash_attn_with_kvcache(q, kc, kc.clone(), k, k)
