@@ -172,6 +172,28 @@ def test_static_cache_generation_matches_eager(padded):
         assert torch.equal(ours.generate(ids, **kw), ref.float().generate(ids, **kw))
 
 
+def test_static_cache_with_sliding_windows_matches_eager():
+    """Gemma 2 (a sliding window of 6 on alternate layers, logit softcapping) with a static cache and a left-padded
+    batch: the window's static layers and the full ones are cut to their written slots; generation runs past the
+    window."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, sliding_window=6)
+    ref = Gemma2ForCausalLM(copy.deepcopy(cfg)).eval()
+    ref.set_attn_implementation("eager")
+    ours = Gemma2ForCausalLM(copy.deepcopy(cfg)).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation(hf_attnops.register())
+    ids = torch.randint(1, 97, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :3] = 0
+    kw = dict(max_new_tokens=15, do_sample=False, pad_token_id=0, cache_implementation="static", attention_mask=mask)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
 def test_t5_static_cache_generation_matches_eager():
     """T5 with a static decoder cache: its position bias spans the cache's buffer as the keys do, and is cut with
     them (it raised: a (1, H, 1, 10) bias against one written key); padded encoder input."""
