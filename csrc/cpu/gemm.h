@@ -10,9 +10,12 @@
 // N must be a multiple of the vector width W (callers pad; the tail panel's other columns are not written); M
 // and K are arbitrary. With TransA, A is given transposed: element (m, k) at A[k * lda + m] (the fused
 // backward multiplies dS^T, as stored).
-// With c_scale, accumulation starts from c_scale[m] * C[m, :]: the online softmax's rescaling of the
-// output rows rides on the load of the P V product instead of a separate pass over them (that pass
-// was 15% of the non-GEMM time of a sliding-window forward).
+// With accumulate, C[m, :] = c_scale[m] * C[m, :] + (A B)[m, :] (c_scale null: 1): the online softmax's rescaling
+// of the output rows rides on the P V product instead of a separate pass over them (that pass was 15% of the
+// non-GEMM time of a sliding-window forward). The product is summed from zero and C added once at the end
+// (two-level summation): started from C, a row summed over N keys in one float chain, whose rounding grows
+// with sqrt(N) relative to the accumulator; so summed, f32 dense attention at N = 4096 had 2.7x SDPA's mean
+// error, and v = 1 gave rows of 1 +- 7.5e-7 (README, "Summation order").
 #pragma once
 
 #include "cpu/vec.h"
@@ -31,10 +34,8 @@ inline void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, T* C, int6
   constexpr int W = Vec<T>::size;
   static_assert(NV == 1 || NV == 2);
   V c[NV][MR];
-  for (int r = 0; r < MR; ++r) {
-    const T scale = accumulate && c_scale ? c_scale[r] : T(1);
-    for (int x = 0; x < NV; ++x) c[x][r] = accumulate ? vload(C + r * ldc + x * W) * scale : V{};
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int x = 0; x < NV; ++x) c[x][r] = V{};
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
     for (int x = 0; x < NV; ++x) b[x] = vload(B + k * 2 * W + x * W);
@@ -43,8 +44,14 @@ inline void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, T* C, int6
       for (int x = 0; x < NV; ++x) c[x][r] += a * b[x];
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int x = 0; x < NV; ++x) vstore(C + r * ldc + x * W, c[x][r]);
+  for (int r = 0; r < MR; ++r) {
+    const T scale = c_scale ? c_scale[r] : T(1);
+    for (int x = 0; x < NV; ++x) {
+      V out = c[x][r];
+      if (accumulate) out += vload(C + r * ldc + x * W) * scale;
+      vstore(C + r * ldc + x * W, out);
+    }
+  }
 }
 
 // Rows per register tile: 4 rows x 2 vectors = 8 accumulators fill the 16 registers of SSE/AVX2

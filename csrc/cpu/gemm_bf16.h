@@ -112,8 +112,9 @@ bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_
 
 #if ATTNOPS_BF16_DOT
 
-// C (MR x NV vectors) (+)= A B over K2 word pairs, then C *= out_scale (scores: the softmax scale). NV: 2 (a whole
-// word panel) or 1 (its first 16 columns, the last panel of an N that is an odd multiple of 16).
+// C (MR x NV vectors) = out_scale (c_scale C + A B) with accumulate, else out_scale A B; A B over K2 word pairs
+// (out_scale: the scores' softmax scale). NV: 2 (a whole word panel) or 1 (its first 16 columns, the last panel
+// of an N that is an odd multiple of 16).
 // TransA: A given by columns, word (m, k2) at A[k2 * lda2 + m] (the backward's dS, made from dS^T).
 template <int MR, bool TransA = false, int NV = 2>
 ATTNOPS_BF16_TARGET inline void gemm_tile_bf16(int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B,
@@ -121,11 +122,8 @@ ATTNOPS_BF16_TARGET inline void gemm_tile_bf16(int64_t K2, const uint32_t* A, in
                                                 float out_scale) {
   static_assert(NV == 1 || NV == 2);
   __m512 c[NV][MR];
-  for (int r = 0; r < MR; ++r) {
-    const __m512 s = _mm512_set1_ps(accumulate && c_scale ? c_scale[r] : 1.0f);
-    for (int x = 0; x < NV; ++x)
-      c[x][r] = accumulate ? _mm512_mul_ps(_mm512_loadu_ps(C + r * ldc + 16 * x), s) : _mm512_setzero_ps();
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int x = 0; x < NV; ++x) c[x][r] = _mm512_setzero_ps();
   for (int64_t k2 = 0; k2 < K2; ++k2) {
     __m512bh b[NV];
     for (int x = 0; x < NV; ++x) b[x] = (__m512bh)_mm512_loadu_si512(B + k2 * 32 + 16 * x);
@@ -134,9 +132,16 @@ ATTNOPS_BF16_TARGET inline void gemm_tile_bf16(int64_t K2, const uint32_t* A, in
       for (int x = 0; x < NV; ++x) c[x][r] = _mm512_dpbf16_ps(c[x][r], a, b[x]);
     }
   }
+  // C added once, after the product (two-level summation, as gemm.h's tile): os (s C + A B)
   const __m512 os = _mm512_set1_ps(out_scale);
-  for (int r = 0; r < MR; ++r)
-    for (int x = 0; x < NV; ++x) _mm512_storeu_ps(C + r * ldc + 16 * x, _mm512_mul_ps(c[x][r], os));
+  for (int r = 0; r < MR; ++r) {
+    const __m512 s = _mm512_set1_ps(c_scale ? c_scale[r] : 1.0f);
+    for (int x = 0; x < NV; ++x) {
+      __m512 out = c[x][r];
+      if (accumulate) out = _mm512_fmadd_ps(_mm512_loadu_ps(C + r * ldc + 16 * x), s, out);
+      _mm512_storeu_ps(C + r * ldc + 16 * x, _mm512_mul_ps(out, os));
+    }
+  }
 }
 
 // The rows of one word panel (NV vectors of its columns).
