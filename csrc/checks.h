@@ -25,11 +25,13 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // q (B, Sq, H, D), k and v (B, Sk, Hkv, D) of one floating dtype on one device, H % Hkv == 0,
 // 1 <= D <= kMaxHeadDim.
-inline void check_qkv_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// same_batch false: k, v are pages of a paged cache (their first dim counts pages, not sequences)
+inline void check_qkv_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           bool same_batch = true) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-d (B, S, H, D), got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0), op, ": batch sizes differ: q ", q.size(0), ", k/v ", k.size(0));
+  TORCH_CHECK(!same_batch || q.size(0) == k.size(0), op, ": batch sizes differ: q ", q.size(0), ", k/v ", k.size(0));
   TORCH_CHECK(q.size(3) == k.size(3), op, ": head dims differ: q ", q.size(3), ", k/v ", k.size(3));
   TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, op, ": num_heads (", q.size(2),
               ") must be a multiple of num_kv_heads (", k.size(2), ") >= 1");
@@ -187,15 +189,29 @@ inline void check_bounds_arg(const char* op, const char* what, const at::Tensor&
 // Shape checks of decode_attn_fwd shared by its CPU and CUDA implementations. block_keep is a uint8
 // (or bool) (Bm, Hm, Nq, Nk) bitmap with Bm in {1, B}, Hm in {1, H} covering every query and cache
 // block the kernels look up.
-inline void check_decode_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k,
-                              double softmax_scale, int64_t window_left, int64_t num_splits, int64_t map_cols) {
-  check_qkv_args(op, q, k, v);
+// Returns the caches' logical length S_max: k.size(1), or with a block_table (B, max_pages) int32 of a paged cache
+// (k, v: (num_pages, page, Hkv, D)) max_pages * page.
+inline int64_t check_decode_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k,
+                                 double softmax_scale, int64_t window_left, int64_t num_splits, int64_t map_cols,
+                                 const c10::optional<at::Tensor>& block_table = c10::nullopt) {
+  const bool paged = block_table.has_value() && block_table->defined();
+  check_qkv_args(op, q, k, v, !paged);
   check_window_args(op, window_left, -1);
   check_scale_arg(op, softmax_scale);
   TORCH_CHECK(num_splits >= 0, op, ": num_splits must be >= 0 (0: automatic), got ", num_splits);
   TORCH_CHECK(map_cols >= 0, op, ": map_cols must be >= 0, got ", map_cols);
-  if (!block_keep.has_value() || !block_keep->defined()) return;
+  int64_t smax = k.size(1);
+  if (paged) {
+    const at::Tensor& table = *block_table;
+    TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == q.size(0), op,
+                ": block_table must be an int32 (B, max_pages) tensor with B = ", q.size(0), ", got ",
+                table.scalar_type(), " ", table.sizes());
+    TORCH_CHECK(table.device() == q.device(), op, ": block_table must be on q's device");
+    TORCH_CHECK(k.size(1) >= 1, op, ": a paged cache needs pages of at least one row, got ", k.sizes());
+    smax = table.size(1) * k.size(1);
+  }
+  if (!block_keep.has_value() || !block_keep->defined()) return smax;
   const at::Tensor& keep = *block_keep;
   TORCH_CHECK(keep.scalar_type() == at::kByte || keep.scalar_type() == at::kBool, op,
               ": block_keep must be uint8 or bool, got ", keep.scalar_type());
@@ -203,10 +219,27 @@ inline void check_decode_args(const char* op, const at::Tensor& q, const at::Ten
               block_k, ")");
   TORCH_CHECK(keep.dim() == 4 && (keep.size(0) == 1 || keep.size(0) == q.size(0)) &&
                   (keep.size(1) == 1 || keep.size(1) == q.size(2)) && keep.size(2) >= ceil_div(q.size(1), block_q) &&
-                  keep.size(3) >= ceil_div(k.size(1), block_k),
+                  keep.size(3) >= ceil_div(smax, block_k),
               op, ": block_keep must be (B|1, H|1, >= ", ceil_div(q.size(1), block_q), ", >= ",
-              ceil_div(k.size(1), block_k), "), got ", keep.sizes());
+              ceil_div(smax, block_k), "), got ", keep.sizes());
   TORCH_CHECK(keep.device() == q.device(), op, ": block_keep must be on q's device");
+  return smax;
+}
+
+// The pages a paged cache's lengths reach (the first ceil(len_b / page) entries of row b) lie in [0, num_pages):
+// checked on the CPU (a GPU caller's kernel would need a host read per step; entries past a sequence's length are
+// never read and may hold anything, as in flash_attn).
+inline void check_pages_in_use(const char* op, const at::Tensor& table, const at::Tensor& lens, int64_t page,
+                               int64_t num_pages) {
+  if (!table.device().is_cpu()) return;
+  const int32_t* t = table.data_ptr<int32_t>();
+  const int32_t* l = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < table.size(0); ++b)
+    for (int64_t j = 0; j < ceil_div(l[b], page); ++j) {
+      const int32_t pg = t[b * table.size(1) + j];
+      TORCH_CHECK(pg >= 0 && pg < num_pages, op, ": block_table[", b, ", ", j, "] = ", pg, " is not a page of the ",
+                  "cache (", num_pages, " pages); sequence ", b, " holds ", l[b], " keys in pages of ", page);
+    }
 }
 
 }  // namespace attnops

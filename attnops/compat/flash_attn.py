@@ -143,12 +143,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (with ``causal`` or a window; otherwise every query at ``cache_seqlens``, as flash_attn); the first
     ``rotary_dim`` channels, pairs ``(0, 1), (2, 3), ..`` when ``rotary_interleaved`` (GPT-J), else ``(i, i +
     rotary_dim / 2)`` (GPT-NeoX); computed in float32. ``cache_batch_idx (B,)``: the cache rows of the batch's
-    sequences (their rows are gathered for the attention: a copy of those rows per call)."""
-    for name, value in (("cache_leftpad", cache_leftpad), ("block_table", block_table)):
-        if value is not None:
-            raise NotImplementedError(f"attnops.compat.flash_attn: flash_attn_with_kvcache({name}=...) is not "
-                                      "supported")
+    sequences (their rows are gathered for the attention: a copy of those rows per call).
+
+    ``block_table (B, max_pages)`` int32: a paged cache, ``k_cache, v_cache (num_pages, page_size, Hkv, D)`` (any
+    page size; flash_attn 2 wants multiples of 256, FA3 any): the new keys are written into their pages in place
+    and :func:`attnops.decode_attention` reads the pages (in place on the C++ kernels). Not with
+    ``cache_batch_idx`` (flash_attn refuses that pair too)."""
+    if cache_leftpad is not None:
+        raise NotImplementedError("attnops.compat.flash_attn: flash_attn_with_kvcache(cache_leftpad=...) is not "
+                                  "supported")
+    if block_table is not None and cache_batch_idx is not None:
+        raise ValueError("flash_attn_with_kvcache: cache_batch_idx is not supported with block_table (a paged cache "
+                         "maps sequences to pages itself)")
     B, Sq = q.shape[0], q.shape[1]
+    paged = block_table is not None
+    if paged and (not isinstance(block_table, torch.Tensor) or block_table.dim() != 2):
+        raise ValueError("flash_attn_with_kvcache: block_table must be an int32 (B, max_pages) tensor")
+    cache_len = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]  # positions per sequence
     if Sq > 1 and not causal:
         raise NotImplementedError("flash_attn_with_kvcache: several new queries need causal=True here (attnops' "
                                   "decoding is causal)")
@@ -161,7 +172,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError("flash_attn_with_kvcache: k and v are appended at each sequence's cache_seqlens: pass "
                          "cache_seqlens with them")
     if cache_seqlens is None:  # the whole cache
-        lens = torch.full((B,), k_cache.shape[1], dtype=torch.int32, device=q.device)
+        lens = torch.full((B,), cache_len, dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, int):
         lens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     else:
@@ -172,7 +183,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if rotary_cos is not None:
         if k is None:
             raise ValueError("flash_attn_with_kvcache: rotary_cos / rotary_sin rotate the new keys: pass k and v too")
-        _check_rotary(rotary_cos, rotary_sin, q.shape[-1], k_cache.shape[1])
+        _check_rotary(rotary_cos, rotary_sin, q.shape[-1], cache_len)
         local = tuple(window_size) != (-1, -1)
         q_pos = lens.long().unsqueeze(1) + (torch.arange(Sq, device=q.device) if causal or local else 0)
         q = _rotary(q, rotary_cos, rotary_sin, q_pos.expand(B, Sq), rotary_interleaved)
@@ -181,17 +192,26 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if k is not None:
         n = k.shape[1]
         cols = lens.long().unsqueeze(1) + torch.arange(n, device=q.device)
-        if q.device.type == "cpu" and int(cols.max()) >= k_cache.shape[1]:
+        if q.device.type == "cpu" and int(cols.max()) >= cache_len:
             raise ValueError("flash_attn_with_kvcache: the new keys do not fit in the cache")
+        index = (rows.unsqueeze(1), cols)
+        if paged:  # position j of sequence b: row j % page of page block_table[b, j // page]
+            page = k_cache.shape[1]
+            pages = block_table.to(q.device).long().gather(1, (cols // page).clamp(max=block_table.shape[1] - 1))
+            if q.device.type == "cpu" and n and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
+                raise ValueError(f"flash_attn_with_kvcache: the new keys' pages in block_table are not pages of the "
+                                 f"cache ({k_cache.shape[0]} pages)")
+            index = (pages, cols % page)
         with torch.no_grad():
-            k_cache[rows.unsqueeze(1), cols] = k.to(k_cache.dtype)
-            v_cache[rows.unsqueeze(1), cols] = v.to(v_cache.dtype)
+            k_cache[index] = k.to(k_cache.dtype)
+            v_cache[index] = v.to(v_cache.dtype)
         lens = lens + n
     if cache_batch_idx is not None:
         k_cache, v_cache = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
     left = tuple(window_size)[0]  # the right side is moot: decoding is causal
     out, lse = decode_attention(q, k_cache, v_cache, lens, softmax_scale=softmax_scale, window_size=(left, -1),
-                                softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=True)
+                                softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=True,
+                                block_table=block_table)
     return (out, lse) if return_softmax_lse else out
 
 

@@ -21,13 +21,14 @@ def _fail(op: str, message: str) -> None:
     raise RuntimeError(f"{op}: {message}")
 
 
-def check_qkv_args(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q (B, Sq, H, D), k and v (B, Sk, Hkv, D) of one floating dtype on one device, H % Hkv == 0."""
+def check_qkv_args(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, same_batch: bool = True) -> None:
+    """q (B, Sq, H, D), k and v (B, Sk, Hkv, D) of one floating dtype on one device, H % Hkv == 0 (``same_batch``
+    False: k and v are the pages of a paged cache, their first dim counts pages)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         _fail(op, f"q, k, v must be 4-d (B, S, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape:
         _fail(op, f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    if (same_batch and q.shape[0] != k.shape[0]) or q.shape[3] != k.shape[3]:
         _fail(op, f"q {tuple(q.shape)} and k/v {tuple(k.shape)} differ in batch or head dim")
     if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
         _fail(op, f"num_heads ({q.shape[2]}) must be a multiple of num_kv_heads ({k.shape[2]}) >= 1")
@@ -205,20 +206,60 @@ def checked_lengths(op: str, what: str, lens: torch.Tensor, batch: int, max_len:
 
 
 def check_decode_args(op: str, q, k, v, block_keep, block_q: int, block_k: int, softmax_scale: float,
-                      window_left: int, num_splits: int) -> None:
-    check_qkv_args(op, q, k, v)
+                      window_left: int, num_splits: int, block_table=None) -> int:
+    """Returns the caches' logical length: k's, or ``max_pages * page_size`` of a paged cache (``block_table (B,
+    max_pages)`` int32; k, v ``(num_pages, page_size, Hkv, D)``), as csrc/checks.h."""
+    paged = block_table is not None
+    check_qkv_args(op, q, k, v, same_batch=not paged)
     check_window_args(op, window_left, -1, softmax_scale)
     if num_splits < 0:
         _fail(op, f"num_splits must be >= 0 (0: automatic), got {num_splits}")
+    smax = k.shape[1]
+    if paged:
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+            _fail(op, f"block_table must be an int32 (B, max_pages) tensor with B = {q.shape[0]}, got "
+                      f"{block_table.dtype} {tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            _fail(op, "block_table must be on q's device")
+        if k.shape[1] < 1:
+            _fail(op, f"a paged cache needs pages of at least one row, got {tuple(k.shape)}")
+        smax = block_table.shape[1] * k.shape[1]
     if block_keep is None:
-        return
+        return smax
     if block_keep.dtype not in (torch.uint8, torch.bool):
         _fail(op, f"block_keep must be uint8 or bool, got {block_keep.dtype}")
     if block_q < 1 or block_k < 1:
         _fail(op, f"block sizes must be >= 1 with block_keep, got ({block_q}, {block_k})")
-    nq, nk = -(-q.shape[1] // block_q), -(-k.shape[1] // block_k)
+    nq, nk = -(-q.shape[1] // block_q), -(-smax // block_k)
     if (block_keep.dim() != 4 or block_keep.shape[0] not in (1, q.shape[0]) or block_keep.shape[1] not in (1, q.shape[2])
             or block_keep.shape[2] < nq or block_keep.shape[3] < nk):
         _fail(op, f"block_keep must be (B|1, H|1, >= {nq}, >= {nk}), got {tuple(block_keep.shape)}")
     if block_keep.device != q.device:
         _fail(op, "block_keep must be on q's device")
+    return smax
+
+
+def first_bad_page(block_table: torch.Tensor, lens: torch.Tensor, page: int, num_pages: int):
+    """``(b, j)`` of the first entry of a paged cache's table that the lengths reach (the first ``ceil(len_b /
+    page)`` of row b) and that is not a page of the cache, or None. A host read: callers check CPU tensors only (a
+    GPU check would read the table back every step); entries past a length are never read, as in flash_attn."""
+    used = (lens.to(torch.long) + page - 1) // page
+    cols = torch.arange(block_table.shape[1], device=block_table.device).view(1, -1)
+    bad = (cols < used.view(-1, 1)) & ((block_table < 0) | (block_table >= num_pages))
+    if not bool(bad.any()):
+        return None
+    return tuple(int(x) for x in bad.nonzero()[0])
+
+
+def bad_page_message(block_table: torch.Tensor, lens: torch.Tensor, page: int, num_pages: int, at) -> str:
+    b, j = at
+    return (f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a page of the cache ({num_pages} pages); "
+            f"sequence {b} holds {int(lens[b])} keys in pages of {page}")
+
+
+def check_pages_in_use(op: str, block_table: torch.Tensor, lens: torch.Tensor, page: int, num_pages: int) -> None:
+    """:func:`first_bad_page` as the registered operators' RuntimeError (CPU tensors)."""
+    if block_table.device.type == "cpu":
+        at = first_bad_page(block_table, lens, page, num_pages)
+        if at is not None:
+            _fail(op, bad_page_message(block_table, lens, page, num_pages, at))

@@ -140,6 +140,13 @@ def _cases():
         kc, vc = (torch.randn(1, 100, 4, 64) for _ in range(2))
         attnops.decode_attention(q, kc, vc, torch.tensor([100], dtype=torch.int32), backend="triton")
 
+    def decode_paged_bf16():  # a paged cache: the page table's loads
+        q = torch.randn(2, 1, 8, 128, dtype=torch.bfloat16)
+        kc, vc = (torch.randn(12, 64, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+        table = torch.arange(10, dtype=torch.int32).view(2, 5)
+        attnops.decode_attention(q, kc, vc, torch.tensor([300, 123], dtype=torch.int32), block_table=table,
+                                 backend="triton")
+
     def moba_router_bf16():  # the router alone: its LUT is never written here (nothing runs), so the core
         q, k = (torch.randn(1, 512, 2, 64, dtype=torch.bfloat16) for _ in range(2))  # would refuse it
         attnops.moba_block_mask(q, k, block_size=128, topk=2, backend="triton")

@@ -16,6 +16,7 @@ from attnops.core import block_map as _map
 from attnops.core import dispatch
 from attnops.core.library import lse_dtype
 from attnops.core.masks import BlockMask
+from attnops.ops.decode.kv_cache import gather_pages
 from attnops.ops.softmax.composite import capped_scores, chunk_rows, contract, normalise, work_dtype
 
 
@@ -42,9 +43,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_mask: Optional[BlockMask], *, window_size: Tuple[int, int], softmax_scale: float,
                      num_splits: int = 0, block_map: Optional[_map.MapRequest] = None, softcap: float = 0.0,
                      alibi_slopes: Optional[torch.Tensor] = None,
-                     sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+                     sinks: Optional[torch.Tensor] = None,
+                     block_table: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """The decode contract (:func:`attnops.ops.decode.reference.decode_attention`): q ``(B, Sq_new, H, D)``,
     caches ``(B, S_max, Hkv, D)`` -> out ``(B, Sq_new, H, D)``, lse ``(B, H, Sq_new)``, and the block map."""
+    if block_table is not None:  # a paged cache, read as the contiguous one it stands for
+        k_cache, v_cache = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
     B, Sq, H, D = q.shape
     S = k_cache.shape[1]
     work = work_dtype(q.dtype)

@@ -5,4 +5,4 @@ from attnops.ops.decode import library as lib
 
 dispatch.expect("decode_attention", "cpu")  # without the extension: the fallback (or a clear error), never silence
 if backends.EXTENSION:
-    dispatch.register("decode_attention", "cpu", lib.backend(lib.FWD, fused_map=True))
+    dispatch.register("decode_attention", "cpu", lib.backend(lib.FWD, fused_map=True, paged=True))

@@ -6,4 +6,4 @@ from attnops.core import backends, dispatch
 from attnops.ops.decode import library as lib
 
 if backends.cuda_kernel(lib.FWD.qualname):
-    dispatch.register("decode_attention", "cuda", lib.backend(lib.FWD))
+    dispatch.register("decode_attention", "cuda", lib.backend(lib.FWD, name="CUDA"))

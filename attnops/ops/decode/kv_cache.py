@@ -160,3 +160,13 @@ class KVCache:
         return (f"KVCache(batch={self.batch}, max_len={self.max_len}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device}, "
                 f"seqlens={self._lens.tolist()})")
+
+
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """A paged cache ``(num_pages, page, Hkv, D)`` read through ``block_table (B, max_pages)`` as the contiguous
+    ``(B, max_pages * page, Hkv, D)`` it stands for (a copy: the PyTorch fallback's and the reference's reading of
+    pages; the C++ kernel reads them in place). Entries past a sequence's length may hold anything (they are
+    clamped to a page here and never attended)."""
+    index = block_table.to(torch.long).clamp(0, cache.shape[0] - 1)
+    B, P = index.shape
+    return cache[index.flatten()].view(B, P * cache.shape[1], *cache.shape[2:])

@@ -23,6 +23,7 @@ import torch
 from attnops.core import block_map as _map
 from attnops.core.library import Arg, OpDef, lse_dtype, register_forward_only
 from attnops.core.masks import BlockMask
+from attnops.ops.decode.kv_cache import gather_pages
 from attnops.ops.decode.map import decode_block_map
 
 _ARGS = [Arg("q", "Tensor"), Arg("k_cache", "Tensor"), Arg("v_cache", "Tensor"), Arg("cache_seqlens", "Tensor"),
@@ -31,15 +32,19 @@ _ARGS = [Arg("q", "Tensor"), Arg("k_cache", "Tensor"), Arg("v_cache", "Tensor"),
 # softcap (0: off) and ALiBi slopes (B|1, H), as in the softmax core; sinks are folded into (out, lse) after
 # the kernel (fold_sinks), the same for every backend.
 _SCORE_MODS = [Arg("softcap", "float", "0.0"), Arg("alibi_slopes", "Tensor?", "None")]
-FWD = OpDef("decode_attn_fwd", _ARGS + [Arg("map_cols", "int", "0"), Arg("map_max", "bool", "False")] + _SCORE_MODS,
-            "(Tensor, Tensor, Tensor)")
-FWD_TRITON = OpDef("decode_attn_fwd_triton", _ARGS + _SCORE_MODS, "(Tensor, Tensor)")
+# block_table: a paged cache's (B, max_pages) int32 page indices (k, v then (num_pages, page, Hkv, D)); the C++ and
+# Triton kernels read pages in place, the CUDA one refuses them
+_PAGES = [Arg("block_table", "Tensor?", "None")]
+FWD = OpDef("decode_attn_fwd", _ARGS + [Arg("map_cols", "int", "0"), Arg("map_max", "bool", "False")] + _SCORE_MODS
+            + _PAGES, "(Tensor, Tensor, Tensor)")
+FWD_TRITON = OpDef("decode_attn_fwd_triton", _ARGS + _SCORE_MODS + _PAGES, "(Tensor, Tensor)")
 
 
-def fwd_fake(q, k_cache, map_cols, **_):
+def fwd_fake(q, k_cache, map_cols, block_table=None, **_):
     B, Sq, H, _ = q.shape
     dtype = lse_dtype(q.dtype)
-    block_map = q.new_empty((B, H, Sq, -(-k_cache.shape[1] // map_cols)) if map_cols > 0 else (0,), dtype=dtype)
+    S_max = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    block_map = q.new_empty((B, H, Sq, -(-S_max // map_cols)) if map_cols > 0 else (0,), dtype=dtype)
     return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=dtype), block_map
 
 
@@ -56,19 +61,28 @@ def block_keep(block_mask: Optional[BlockMask]) -> Tuple[Optional[torch.Tensor],
     return block_mask.to_dense().to(torch.uint8), *block_mask.block_size
 
 
-def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, fused_map: bool = False) -> Callable:
+def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, fused_map: bool = False, paged: bool = False,
+            name: str = "") -> Callable:
     """The dispatcher-facing decode function of a backend whose operator is ``fwd`` (``fwd_op``: its
     callable): (out, lse), or (out, lse, block map) when ``block_map`` asks for one: fused into the
     forward where the operator computes it (``fused_map``: the C++ kernel), else a second pass from
-    the lse (:func:`attnops.ops.decode.map.decode_block_map`)."""
+    the lse (:func:`attnops.ops.decode.map.decode_block_map`). ``paged``: the operator reads a paged cache
+    (``block_table``) in place; other backends refuse one, by ``name``."""
 
     def decode_attention(q, k_cache, v_cache, cache_seqlens, block_mask, *, window_size, softmax_scale,
                          num_splits=0, block_map: Optional[_map.MapRequest] = None, softcap: float = 0.0,
-                         alibi_slopes: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None):
+                         alibi_slopes: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+                         block_table: Optional[torch.Tensor] = None):
         keep, block_q, block_k = block_keep(block_mask)
         args = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_keep=keep,
                     block_q=block_q, block_k=block_k, softmax_scale=float(softmax_scale), window_left=window_size[0],
                     num_splits=int(num_splits), softcap=float(softcap), alibi_slopes=alibi_slopes)
+        if block_table is not None:
+            if not paged:
+                raise NotImplementedError(f"decode_attention: the {name} decode kernel reads contiguous caches; a "
+                                          "paged cache (block_table) runs on the C++ and Triton kernels (the "
+                                          "default backends) and the PyTorch fallback")
+            args["block_table"] = block_table
         if block_map is None:
             res = fwd.call(fwd_op, **args)
             return fold_sinks(res[0], res[1], sinks)[:2]
@@ -77,6 +91,8 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, fused_map: bool = Fal
             out, lse, rows = fold_sinks(out, lse, sinks, rows)
             return out, lse, _map.finish(rows, lse, 1, block_map)
         out, lse = fold_sinks(*fwd.call(fwd_op, **args)[:2], sinks)[:2]
+        if block_table is not None:  # the map's pass reads keys by position: the pages gathered (a copy, per call)
+            k_cache = gather_pages(k_cache, block_table)
         return out, lse, decode_block_map(q, k_cache, cache_seqlens, lse, block_mask, window_size[0], block_map,
                                           float(softmax_scale), softcap=softcap, alibi_slopes=alibi_slopes)
 

@@ -13,9 +13,10 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
-from attnops.core.checks import (QKVShape, check_block_mask, check_flag, check_qkv, check_score_mods, clamp_window,
-                                 refuse_unsupported_ad, resolve_softmax_scale)
+from attnops.core.checks import (QKVShape, check_block_mask, check_flag, check_qkv, check_qkv_tensors,
+                                 check_score_mods, clamp_window, refuse_unsupported_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
+from attnops.core.op_checks import bad_page_message, first_bad_page
 from attnops.core.results import MAP_ARGS_DOC, Result, pack
 from attnops.ops.lowrank.op import check_lowrank_args, lowrank_decode
 from attnops.ops.lowrank.projection import KeyProjection
@@ -40,6 +41,7 @@ def decode_attention(
     map_block_size=None,
     reduce: str = "mean",
     num_splits: int = 0,
+    block_table: Optional[torch.Tensor] = None,
     lowrank: Optional[KeyProjection] = None,
     rank: Optional[int] = None,
     topk: Optional[int] = None,
@@ -69,6 +71,13 @@ def decode_attention(
             maps are one chunked pass over K from the lse (``attnops.ops.decode.map.decode_block_map``).
         num_splits: how many chunks the cache length is split into, processed in parallel and
             merged by lse; 0 chooses from the problem size and the device.
+        block_table: a paged cache (flash_attn's ``block_table``, vLLM's block tables): ``k_cache, v_cache`` are
+            ``(num_pages, page_size, Hkv, D)``, any ``page_size >= 1``, and ``block_table (B, max_pages)`` int32
+            holds each sequence's pages in order, so that key ``j`` of sequence ``b`` is row ``j % page_size`` of
+            page ``block_table[b, j // page_size]``; ``S_max = max_pages * page_size``. The C++ and Triton kernels
+            read the pages in place; the PyTorch fallback (``backend="composite"``) and the reference gather them;
+            the CUDA kernel (``backend="cuda"``) refuses them. Entries past a sequence's length are never
+            read; those it uses must be pages of the cache (checked on CPU tensors). Not with low-rank decoding.
         lowrank, rank, topk, local: low-rank-key decoding (Loki, :func:`attnops.lowrank_key_attention`):
             ``k_cache`` holds the keys in the basis of the :class:`~attnops.lowrank.KeyProjection`
             ``lowrank`` (``lowrank.rotate(k)`` before the append, so the cache is never projected
@@ -95,12 +104,14 @@ def decode_attention(
         >>> k_view, v_view, lens = cache.append(k_new, v_new)      # (1, 1, 1, 64) each
         >>> out = attnops.decode_attention(q_new, k_view, v_view, lens)   # q_new (1, 1, 8, 64)
     """
-    shape = check_qkv(q, k_cache, v_cache)
+    shape = check_qkv(q, k_cache, v_cache) if block_table is None else _check_paged(q, k_cache, v_cache, block_table)
     refuse_unsupported_ad("decode_attention", q, k_cache, v_cache)
     if not 1 <= shape.seq_len_q <= MAX_NEW_TOKENS:
         raise ValueError(f"decode_attention takes 1..{MAX_NEW_TOKENS} new tokens, got {shape.seq_len_q}; "
                          "use attnops.attention for prefill")
     _check_seqlens(cache_seqlens, shape, q.device)
+    if block_table is not None and q.device.type == "cpu":
+        _check_pages_in_use(block_table, cache_seqlens, k_cache.shape[1], k_cache.shape[0])
     left, right = clamp_window(check_window_size(window_size), shape.seq_len_q, shape.seq_len_k)
     check_flag("return_lse", return_lse)
     check_flag("return_block_map", return_block_map)
@@ -113,6 +124,9 @@ def decode_attention(
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
     if lowrank is not None or rank is not None or topk is not None:
+        if block_table is not None:
+            raise NotImplementedError("low-rank decoding reads a contiguous cache: block_table (a paged cache) is "
+                                      "not supported with lowrank=")
         if softcap or alibi_slopes is not None or sinks is not None:
             raise NotImplementedError("low-rank decoding does not take softcap, alibi_slopes or sinks")
         if lowrank is None or rank is None or topk is None:
@@ -134,12 +148,40 @@ def decode_attention(
         request = check_request(map_block_size, reduce, block_mask.block_size if block_mask is not None else (64, 64),
                                 block_size)
     impl = dispatch.resolve("decode_attention", q.device, backend, api="decode_attention")
+    paged = {} if block_table is None else dict(block_table=block_table)
     res = impl(q, k_cache, v_cache, cache_seqlens, block_mask, window_size=(left, 0), softmax_scale=scale,
-               num_splits=num_splits, block_map=request, **mods)
+               num_splits=num_splits, block_map=request, **mods, **paged)
     return pack(res[0], res[1], res[2] if request is not None else None, return_lse)
 
 
 decode_attention.__doc__ = decode_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
+
+
+def _check_paged(q, k_cache, v_cache, block_table) -> QKVShape:
+    """The shapes of a paged call: q ``(B, Sq, H, D)``, pages ``(num_pages, page_size, Hkv, D)``, ``block_table
+    (B, max_pages)`` int32; the logical cache length is ``max_pages * page_size``."""
+    check_qkv_tensors(q, k_cache, v_cache)
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be a tensor, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table must be an int32 (B, max_pages) tensor with B = {q.shape[0]}, got "
+                         f"{block_table.dtype} {tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}")
+    if k_cache.shape[0] < 1 or k_cache.shape[1] < 1:
+        raise ValueError(f"a paged cache is (num_pages >= 1, page_size >= 1, Hkv, D), got {tuple(k_cache.shape)}")
+    # the per-sequence view the kernels attend: pages in place of sequences, the shape checks of the contiguous call
+    logical = (q.shape[0], block_table.shape[1] * k_cache.shape[1], *k_cache.shape[2:])
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    return check_qkv(q, k_cache.new_empty(()).expand(logical), v_cache.new_empty(()).expand(logical))
+
+
+def _check_pages_in_use(block_table: torch.Tensor, cache_seqlens: torch.Tensor, page_size: int,
+                        num_pages: int) -> None:
+    at = first_bad_page(block_table, cache_seqlens, page_size, num_pages)
+    if at is not None:
+        raise ValueError(bad_page_message(block_table, cache_seqlens, page_size, num_pages, at))
 
 
 def _check_score_plane(k_score, k_cache: torch.Tensor, rank: int) -> None:

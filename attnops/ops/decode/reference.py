@@ -9,6 +9,7 @@ import torch
 from attnops.core import dispatch
 from attnops.core.block_map import MapRequest
 from attnops.core.masks import BlockMask
+from attnops.ops.decode.kv_cache import gather_pages
 from attnops.ops.softmax.reference import masked_attention, pool_block_map
 
 
@@ -46,12 +47,16 @@ def decode_attention(
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Attention of ``q (B, Sq_new, H, D)`` against the first ``cache_seqlens[b]`` keys of
     ``k_cache, v_cache (B, S_max, Hkv, D)``, causal within the new tokens (see
     :func:`decode_token_mask`), and with ``block_map`` the pooled block map over the cache.
     Score modifiers as in :func:`attnops.ops.softmax.reference.masked_attention`; ALiBi's distance is
-    from each new token's cache position. ``num_splits`` is a kernel knob the reference ignores."""
+    from each new token's cache position. ``num_splits`` is a kernel knob the reference ignores. A paged cache
+    (``block_table``) is gathered first."""
+    if block_table is not None:
+        k_cache, v_cache = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
     allowed = decode_token_mask(cache_seqlens, q.shape[1], k_cache.shape[1], block_mask, window_size, q.device)
     bias = None
     if alibi_slopes is not None:

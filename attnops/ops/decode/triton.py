@@ -22,14 +22,15 @@ from attnops.ops.decode import library as lib
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes,
+def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes, Pages,
                          stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                          stride_vh, keep_sb, keep_sh, keep_sq,
-                         Sq, Smax, G, Hkv, qk_scale, win_left, chunk, n_splits, cap2, stride_slopes_b,
+                         Sq, Smax, G, Hkv, qk_scale, win_left, chunk, n_splits, cap2, stride_slopes_b, max_pages,
+                         page_size,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                          KEEP_BQ: tl.constexpr, KEEP_BK: tl.constexpr, HAS_KEEP: tl.constexpr,
                          HAS_LEFT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PAGED: tl.constexpr):
     i_split, i_bhk, i_rc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64 batch / head offsets and key positions: a 128K MHA cache at B >= 5 passes 2^31 elements
     i_b, i_hk = (i_bhk // Hkv).to(tl.int64), (i_bhk % Hkv).to(tl.int64)
@@ -46,8 +47,12 @@ def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes,
     o_pos = seqlen - Sq + o_i  # each new token's position in the cache
     s0 = i_split * chunk
     s1 = tl.minimum(s0 + chunk, seqlen)
-    p_k = K + i_b * stride_kb + i_hk * stride_kh
-    p_v = V + i_b * stride_vb + i_hk * stride_vh
+    if PAGED:  # pages: key n of sequence b is row n % page_size of page Pages[b, n // page_size]
+        p_k = K + i_hk * stride_kh
+        p_v = V + i_hk * stride_vh
+    else:
+        p_k = K + i_b * stride_kb + i_hk * stride_kh
+        p_v = V + i_b * stride_vb + i_hk * stride_vh
     b_m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_R], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -57,8 +62,13 @@ def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes,
     for n0 in range(s0, s1, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < s1
-        b_kt = tl.load(p_k + o_n[None, :] * stride_ks + o_d[:, None], mask=m_n[None, :] & m_d[:, None],
-                       other=0.0).to(DOT_DTYPE)
+        if PAGED:
+            o_page = tl.load(Pages + i_b * max_pages + o_n // page_size, mask=m_n, other=0).to(tl.int64)
+            o_kr, o_vr = o_page * stride_kb + (o_n % page_size) * stride_ks, o_page * stride_vb + (o_n % page_size) * \
+                stride_vs
+        else:
+            o_kr, o_vr = o_n * stride_ks, o_n * stride_vs
+        b_kt = tl.load(p_k + o_kr[None, :] + o_d[:, None], mask=m_n[None, :] & m_d[:, None], other=0.0).to(DOT_DTYPE)
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
         b_s, _ = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, b_slope2[:, None], HAS_SOFTCAP, HAS_ALIBI)
         keep = m_r[:, None] & m_n[None, :] & (o_n[None, :] <= o_pos[:, None])
@@ -72,8 +82,7 @@ def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes,
         b_m_new, b_m_use, b_alpha = softmax_rescale(b_m, tl.max(b_s, 1))
         b_p = tl.math.exp2(b_s - b_m_use[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                      other=0.0).to(DOT_DTYPE)
+        b_v = tl.load(p_v + o_vr[:, None] + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0).to(DOT_DTYPE)
         # rows of one tile see different keys: NaN/Inf values must reach only the rows that attend them
         b_acc = b_acc * b_alpha[:, None] + dot_kept(b_p, b_v, keep, PRECISION, DOT_DTYPE)
         b_m = b_m_new
@@ -116,17 +125,21 @@ _BLOCK_N = 64
 
 
 def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, softmax_scale, window_left,
-            num_splits, softcap=0.0, alibi_slopes=None):
+            num_splits, softcap=0.0, alibi_slopes=None, block_table=None):
     op = lib.FWD_TRITON.name
-    _args.check_decode_args(op, q, k_cache, v_cache, block_keep, block_q, block_k, softmax_scale, window_left,
-                            num_splits)
+    Smax = _args.check_decode_args(op, q, k_cache, v_cache, block_keep, block_q, block_k, softmax_scale, window_left,
+                                   num_splits, block_table)
     _args.check_score_mod_args(op, q, softcap, alibi_slopes, None)
-    lens = _args.checked_lengths(op, "cache_seqlens", cache_seqlens, q.shape[0], k_cache.shape[1]).contiguous()
-    window_left = min(window_left, k_cache.shape[1])  # wider than the cache: unbounded
+    lens = _args.checked_lengths(op, "cache_seqlens", cache_seqlens, q.shape[0], Smax).contiguous()
+    paged = block_table is not None
+    if paged:  # an index out of range would read past the page pool
+        block_table = block_table.contiguous()
+        _args.check_pages_in_use(op, block_table, lens, k_cache.shape[1], k_cache.shape[0])
+    window_left = min(window_left, Smax)  # wider than the cache: unbounded
     refuse_float64(q)
     q, k_cache, v_cache = (dense_last_dim(t) for t in (q, k_cache, v_cache))
     B, Sq, H, D = q.shape
-    Smax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[2]
     G, rows = H // Hkv, (H // Hkv) * Sq
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
@@ -150,12 +163,13 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, so
     block_d = max(16, triton.next_power_of_2(D))
     (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
     _decode_split_kernel[(splits, B * Hkv, row_chunks)](
-        q, k_cache, v_cache, lens, keep, opart, lpart, slopes, q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *keep_strides,
-        Sq, Smax, G, Hkv, softmax_scale * LOG2E, window_left, chunk, splits, cap2, stride_slopes_b,
+        q, k_cache, v_cache, lens, keep, opart, lpart, slopes, block_table if paged else lens, q.stride(0), q.stride(1),
+        q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), *keep_strides, Sq, Smax, G, Hkv, softmax_scale * LOG2E, window_left, chunk, splits, cap2,
+        stride_slopes_b, block_table.shape[1] if paged else 0, k_cache.shape[1],
         D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n, KEEP_BQ=block_q if has_keep else 1,
         KEEP_BK=block_k if has_keep else 1, HAS_KEEP=has_keep, HAS_LEFT=window_left >= 0,
-        PRECISION=precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype), **flags)
+        PRECISION=precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype), PAGED=paged, **flags)
     _decode_combine_kernel[(B * H * Sq,)](
         opart, lpart, out, lse, out.stride(0), out.stride(1), out.stride(2), Sq, H, G, splits,
         D=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)))
@@ -165,4 +179,4 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, so
 decode_attn_fwd_triton = lib.FWD_TRITON.custom_op(_decode)
 lib.FWD_TRITON.register_fake(lib.triton_fwd_fake)
 register_forward_only(lib.FWD_TRITON, "decode_attention")
-dispatch.register("decode_attention", "triton", lib.backend(lib.FWD_TRITON, decode_attn_fwd_triton))
+dispatch.register("decode_attention", "triton", lib.backend(lib.FWD_TRITON, decode_attn_fwd_triton, paged=True))

@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -296,15 +297,25 @@ void combine_splits(const at::Tensor& opart, const at::Tensor& lpart, const at::
   });
 }
 
+// Paged caches (flash_attn's block_table): k, v are (num_pages, page, Hkv, D) and sequence b's key at position
+// j lives in page pages[b * max_pages + j / page], row j % page. null pages: k, v are (B, S_max, Hkv, D).
+struct PageTable {
+  const int32_t* pages = nullptr;
+  int64_t max_pages = 0;
+  bool present() const { return pages != nullptr; }
+};
+
 template <typename S>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* seqlens,
-                   const BlockKeep& keep, double softmax_scale, int64_t left, int64_t num_splits,
-                   const ScoreMods<compute_t<S>>& mods, at::Tensor& out, at::Tensor& lse, int64_t map_cols,
-                   bool map_max, at::Tensor& map) {
+                   const BlockKeep& keep, const PageTable& paged, double softmax_scale, int64_t left,
+                   int64_t num_splits, const ScoreMods<compute_t<S>>& mods, at::Tensor& out, at::Tensor& lse,
+                   int64_t map_cols, bool map_max, at::Tensor& map) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Smax = k.size(1), Hkv = k.size(2), G = H / Hkv;
+  // the logical cache length; paged, a page is k.size(1) rows
+  const int64_t page = k.size(1), Smax = paged.present() ? paged.max_pages * page : k.size(1);
+  const int64_t Hkv = k.size(2), G = H / Hkv;
   const int64_t group_rows = G * Sq, rows = H * Sq;  // row r = h * Sq + i
   const int64_t Dp = round_up(D, NR);
   const T c = static_cast<T>(softmax_scale * kLog2e);
@@ -315,8 +326,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     lens[b] = std::clamp<int64_t>(seqlens[b], 0, Smax);
     maxlen = std::max(maxlen, lens[b]);
   }
-  // A tile never straddles two mask key blocks.
-  const int64_t tile = keep.present() ? std::min(keep.block_k, kMaxTile) : kTileKeys;
+  // A tile never straddles two mask key blocks, nor two pages (it divides the page size; splits are whole tiles).
+  int64_t tile = keep.present() ? std::min(keep.block_k, kMaxTile) : kTileKeys;
+  if (paged.present()) tile = std::gcd(tile, page);
   const int64_t stile = std::max(tile, kTileKeys);
   int64_t splits = num_splits;
   if (splits <= 0 && deterministic_schedule()) {  // from the length alone: the same at any thread count
@@ -374,8 +386,16 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           }
         }
         const int64_t first_block = with_map ? s0 / map_cols : 0;
-        const S* kbase = kp + b * sk_b;
-        const S* vbase = vp + b * sv_b;
+        // the first cache row of the tile at logical position t0; its rows follow at the position stride (a tile
+        // lies in one page)
+        auto tile_row = [&](const S* base, int64_t s_b, int64_t s_s, int64_t t0) -> const S* {
+          if (!paged.present()) return base + b * s_b + t0 * s_s;
+          return base + paged.pages[b * paged.max_pages + t0 / page] * s_b + (t0 % page) * s_s;
+        };
+        // keys the grouped paths may request ahead of a tile: to the split's end, or the page's
+        auto ahead_of = [&](int64_t t0, int64_t s1) {
+          return paged.present() ? std::min(s1, (t0 / page + 1) * page) - t0 : s1 - t0;
+        };
         // exact: P V row by row over each row's own keys, run only when the fast pass left a non-finite
         // accumulator (NaN/Inf in V, where 0 * NaN would reach rows that do not attend the key).
         auto run = [&](bool exact) {
@@ -405,6 +425,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             }
           }
           if (!any) continue;
+          const S* ktile = tile_row(kp, sk_b, sk_s, t0);
+          const S* vtile = tile_row(vp, sv_b, sv_s, t0);
+          const int64_t ahead = ahead_of(t0, s1);
           for (int64_t hk = 0; hk < Hkv; ++hk) {
             ws.active[hk] = 0;
             for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; ++r) ws.active[hk] |= !ws.spans[r].empty();
@@ -413,7 +436,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             if constexpr (kDotFor<S>) {
               for (int64_t hk = 0; hk < Hkv; ++hk) {
                 if (!ws.active[hk]) continue;
-                const auto* krows = reinterpret_cast<const uint32_t*>(kbase + t0 * sk_s + hk * sk_h);
+                const auto* krows = reinterpret_cast<const uint32_t*>(ktile + hk * sk_h);
                 T* st = ws.st.data();
                 gemm_bf16_via(brgemm, nk, dot_cols, D2, krows, sk_s / 2, ws.qt2.data() + hk * dot_words, D2 * NR, st,
                               dot_cols, false, nullptr, static_cast<float>(c));
@@ -423,7 +446,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               }
             }
           } else {
-            tile_scores(kbase + t0 * sk_s, sk_s, sk_h, nk, s1 - t0, Hkv, group_rows, D, Dp, ws.active.data(), ws,
+            tile_scores(ktile, sk_s, sk_h, nk, ahead, Hkv, group_rows, D, Dp, ws.active.data(), ws,
                         stile);
           }
           if (mods.on_scores())
@@ -437,14 +460,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           if (exact) {
             rescale_rows(ws.acc.data(), ws.alpha.data(), rows, Dp);
             for (int64_t r = 0; r < rows; ++r) {
-              const S* vrow = vbase + t0 * sv_s + (r / group_rows) * sv_h;
+              const S* vrow = vtile + (r / group_rows) * sv_h;
               for (int64_t j = ws.spans[r].v0; j < ws.spans[r].v1; ++j)
                 axpy(ws.s[r * stile + j], vrow + j * sv_s, ws.acc.data() + r * Dp, D);
             }
             continue;
           }
           if (group_rows <= kRowBlock) {
-            tile_accumulate(vbase + t0 * sv_s, sv_s, sv_h, nk, s1 - t0, Hkv, group_rows, D, Dp, ws.active.data(), ws,
+            tile_accumulate(vtile, sv_s, sv_h, nk, ahead, Hkv, group_rows, D, Dp, ws.active.data(), ws,
                             stile);
             continue;
           }
@@ -454,7 +477,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             if (dot) {  // P rounded to bf16 pairs along the keys, V as row pairs (zero past the tile's keys)
               if constexpr (kDotFor<S>) {
                 const int64_t nk2 = (nk + 1) / 2;
-                pack_row_pairs<NR>(vbase + t0 * sv_s + hk * sv_h, sv_s, 0, nk, nk, D, Dp, ws.vpair.data());
+                pack_row_pairs<NR>(vtile + hk * sv_h, sv_s, 0, nk, nk, D, Dp, ws.vpair.data());
                 for (int64_t r = r0; r < r0 + group_rows; ++r)
                   to_bf16_pairs(ws.s.data() + r * stile, nk, ws.p2.data() + r * (stile / 2));
                 gemm_bf16_via(brgemm, group_rows, Dp, nk2, ws.p2.data() + r0 * (stile / 2), stile / 2,
@@ -462,7 +485,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               }
               continue;
             }
-            pack_row_panels<NR>(vbase + t0 * sv_s + hk * sv_h, sv_s, 0, nk, D, Dp, stile, T(1), ws.vpanel.data());
+            pack_row_panels<NR>(vtile + hk * sv_h, sv_s, 0, nk, D, Dp, stile, T(1), ws.vpanel.data());
             gemm<T>(group_rows, Dp, nk, ws.s.data() + r0 * stile, stile, ws.vpanel.data(), stile * NR,
                     ws.acc.data() + r0 * Dp, Dp, true, ws.alpha.data() + r0);
           }
@@ -501,14 +524,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cache_seqlens,
     const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k, double softmax_scale,
     int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max, double softcap,
-    const c10::optional<at::Tensor>& alibi_slopes) {
+    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& block_table) {
   constexpr const char* op = "decode_attn_fwd";
-  check_decode_args(op, q_in, k_in, v_in, block_keep, block_q, block_k, softmax_scale, window_left, num_splits,
-                    map_cols);
+  const int64_t Smax = check_decode_args(op, q_in, k_in, v_in, block_keep, block_q, block_k, softmax_scale,
+                                         window_left, num_splits, map_cols, block_table);
   check_score_mod_args(op, q_in, softcap, alibi_slopes, c10::nullopt);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  const at::Tensor lens = checked_lengths(op, "cache_seqlens", cache_seqlens, q.size(0), k.size(1));
-  window_left = std::min(window_left, k.size(1));  // wider than the cache: unbounded (and no overflow)
+  const at::Tensor lens = checked_lengths(op, "cache_seqlens", cache_seqlens, q.size(0), Smax);
+  PageTable paged;
+  at::Tensor pages;
+  if (block_table.has_value() && block_table->defined()) {
+    pages = block_table->contiguous();
+    check_pages_in_use(op, pages, lens, k.size(1), k.size(0));  // an index out of range would read past the cache
+    paged = {pages.data_ptr<int32_t>(), pages.size(1)};
+  }
+  window_left = std::min(window_left, Smax);  // wider than the cache: unbounded (and no overflow)
   BlockKeep keep;
   at::Tensor keep_t;
   if (block_keep.has_value() && block_keep->defined()) {
@@ -520,15 +550,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(
   at::Tensor out = maybe_poison(at::empty(q.sizes(), q.options()));
   at::Tensor lse = maybe_poison(at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_dtype)));
   // the block map per query row (B, H, Sq_new, ceil(S_max / map_cols)), pooled over query blocks in Python
-  at::Tensor map = map_cols > 0 ? maybe_poison(at::empty({q.size(0), q.size(2), q.size(1), (k.size(1) + map_cols - 1) /
-                                                                                                 map_cols},
+  const int64_t map_nk = map_cols > 0 ? (Smax + map_cols - 1) / map_cols : 0;
+  at::Tensor map = map_cols > 0 ? maybe_poison(at::empty({q.size(0), q.size(2), q.size(1), map_nk},
                                                          q.options().dtype(lse_dtype)))
                                 : at::empty({0}, q.options().dtype(lse_dtype));
   if (q.numel() == 0) return {out, lse, map};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attn_fwd_cpu", [&] {
     const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, c10::nullopt, q.size(2));
-    decode_kernel<scalar_t>(q, k, v, lens.data_ptr<int32_t>(), keep, softmax_scale, window_left, num_splits, mods, out,
-                            lse, map_cols, map_max, map);
+    decode_kernel<scalar_t>(q, k, v, lens.data_ptr<int32_t>(), keep, paged, softmax_scale, window_left, num_splits,
+                            mods, out, lse, map_cols, map_max, map);
   });
   return {out, lse, map};
 }
