@@ -169,3 +169,19 @@ def test_flash_attn_with_kvcache_pages(page):
         n = int(lens[b]) + new
         torch.testing.assert_close(gk[b, :n], kc[b, :n], rtol=0, atol=0)
         torch.testing.assert_close(gv[b, :n], vc[b, :n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("page", [64, 128])
+def test_paged_nan_reaches_the_rows_it_reaches_in_the_contiguous_cache(page):
+    """NaN in a paged key or value (the C++ kernel's exact rerun reads pages too): with tiles of 64 keys either way,
+    the paged call gives the contiguous call's bits, NaN where it has NaN."""
+    q, k, v, lens = inputs(3, 300, 8, 2, 64, 2, torch.float32, seed=4)
+    lens[0] = 50
+    k[0, 3, 1] = float("nan")
+    v[1, 70, 0] = float("nan")
+    v[2, 299, 1] = float("inf")
+    pk, pv, table = paged_copy(k, v, lens, page)
+    got = attnops.decode_attention(q, pk, pv, lens, block_table=table, backend="cpu")
+    want = attnops.decode_attention(q, k, v, lens, backend="cpu")
+    assert got[0].isnan().any() and not got[0].isnan().all() and got[2].isinf().any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
