@@ -63,3 +63,21 @@ def test_rows_of_constant_values_stay_constant(kind, fwd_impl):
     assert torch.isfinite(out).all()
     err = (out - 1).abs().max().item()
     assert err <= 12 * EPS, f"v = 1 rows off by {err:.3e} ({err / EPS:.1f} ulp)"
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 2, 32768, 64), (2, 8, 8, 16384, 40)], ids=["gqa4-32K", "mha-16K-D40"])
+def test_decode_rows_of_constant_values_stay_constant(shape, fwd_impl):
+    """Decoding's small groups add cache rows straight into registers (no V panel): a tile's sum now joins the
+    accumulator once (ws.part). One split (num_splits=1) is one pass over the whole cache: v = 1 rows were 34-70
+    ulp off summed key by key, 1-2 now. (The PyTorch fallback's decoding is a matrix-vector product in torch's
+    order: 30 ulp at 16K keys, left as torch sums it.)"""
+    _cpu_only(fwd_impl)
+    if fwd_impl.backend == "composite":
+        pytest.skip("the fallback's P V is torch's matrix-vector product, summed in torch's order")
+    B, H, Hkv, N, D = shape
+    torch.manual_seed(2)
+    q, k, v = torch.randn(B, 1, H, D) * 2, torch.randn(B, N, Hkv, D), torch.ones(B, N, Hkv, D)
+    lens = torch.full((B,), N, dtype=torch.int32)
+    out = attnops.decode_attention(q, k, v, lens, num_splits=1, backend=fwd_impl.backend)
+    err = (out - 1).abs().max().item()
+    assert err <= 8 * EPS, f"v = 1 rows off by {err:.3e} ({err / EPS:.1f} ulp)"

@@ -59,6 +59,7 @@ struct BlockKeep {
 template <typename T>
 struct DecodeScratch {
   std::vector<T> q, s, acc, m, l, alpha, vpanel;
+  std::vector<T> part;  // a tile's P V of the small groups, summed from zero before it joins acc
   std::vector<RowSpan> spans;
   std::vector<uint8_t> active;  // per kv head: a row of its group has a valid key in the tile
   // block map: per (row, map block of the split) the sum (or max) of P and the running max it is
@@ -71,7 +72,7 @@ struct DecodeScratch {
   DecodeScratch(int64_t rows, int64_t kv_heads, int64_t Dp, int64_t tile, int64_t map_blocks, int64_t dot_words,
                 int64_t dot_cols)
       : q(dot_words ? 0 : rows * Dp), s(rows * tile), acc(rows * Dp), m(rows), l(rows), alpha(rows),
-        vpanel(dot_words ? 0 : tile * Dp), spans(rows), active(kv_heads), map_val(rows * map_blocks),
+        vpanel(dot_words ? 0 : tile * Dp), part(dot_words ? 0 : rows * Dp), spans(rows), active(kv_heads), map_val(rows * map_blocks),
         map_ref(rows * map_blocks), qt2(kv_heads * dot_words), p2(dot_words ? rows * tile / 2 : 0), vpair(dot_words ? tile / 2 * Dp : 0),
         st(dot_words ? tile * dot_cols : 0) {}
 };
@@ -186,6 +187,22 @@ inline void rescale_rows(T* acc, const T* alpha, int64_t rows, int64_t Dp) {
   }
 }
 
+// acc_r = alpha_r * acc_r + part_r (a tile's product joins the running sum once), and part cleared for the next.
+template <typename T>
+inline void merge_rows(T* acc, const T* alpha, T* part, int64_t rows, int64_t Dp) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* ar = acc + r * Dp;
+    T* pr = part + r * Dp;
+    const V a = vsplat(alpha[r]);
+    for (int64_t e = 0; e < Dp; e += W) {
+      vstore(ar + e, vload(ar + e) * a + vload(pr + e));
+      vstore(pr + e, V{});
+    }
+  }
+}
+
 // Scores of a tile, S[r, j] (row r = h * Sq + i), position-major: for each pair of key positions the
 // K rows of every kv head (a contiguous run of Hkv * D elements in the (B, S, Hkv, D) cache, read
 // front to back) are dotted with the query rows of their group, by register blocks of up to 4 rows x
@@ -211,24 +228,25 @@ inline void tile_scores(const S* k, int64_t stride, int64_t head_stride, int64_t
 
 // acc_r = alpha_r * acc_r + sum_j P[r, j] v_j for groups of at most kRowBlock rows, V read
 // position-major like K and added straight from the cache rows (no V panel: each row is used by
-// few query rows).
+// few query rows). The tile's sum starts from zero (ws.part) and joins acc once: two-level summation, as the
+// GEMM tiles (cpu/gemm.h); added key by key into acc, a 32K-key split was one float chain (v = 1 rows 31 ulp off).
 template <typename S, typename T>
 inline void tile_accumulate(const S* v, int64_t stride, int64_t head_stride, int64_t nk, int64_t ahead, int64_t Hkv,
                             int64_t group_rows, int64_t D, int64_t Dp, const uint8_t* active, DecodeScratch<T>& ws,
                             int64_t ld) {
   const T* p = ws.s.data();
-  T* acc = ws.acc.data();
-  rescale_rows(acc, ws.alpha.data(), Hkv * group_rows, Dp);
+  T* part = ws.part.data();  // zero: cleared at the start of the pass and by every merge
   if (group_rows == 1) {
     for (int64_t j = 0; j < nk; ++j)
       for (int64_t hk = 0; hk < Hkv; ++hk)
-        if (p[hk * ld + j] != T(0)) axpy(p[hk * ld + j], v + j * stride + hk * head_stride, acc + hk * Dp, D);
-    return;
+        if (p[hk * ld + j] != T(0)) axpy(p[hk * ld + j], v + j * stride + hk * head_stride, part + hk * Dp, D);
+  } else {
+    for_row_blocks(v, stride, head_stride, nk, ahead, Hkv, group_rows, D, active,
+                   [&]<int R, int NK>(const S* const* values, int64_t r, int64_t j) {
+                     axpy_block<R, NK>(p + r * ld + j, ld, values, part + r * Dp, Dp, D);
+                   });
   }
-  for_row_blocks(v, stride, head_stride, nk, ahead, Hkv, group_rows, D, active,
-                 [&]<int R, int NK>(const S* const* values, int64_t r, int64_t j) {
-                   axpy_block<R, NK>(p + r * ld + j, ld, values, acc + r * Dp, Dp, D);
-                 });
+  merge_rows(ws.acc.data(), ws.alpha.data(), part, Hkv * group_rows, Dp);
 }
 
 // Merges the splits of every (b, h, new token) by their lse: out = sum_s w_s o_s / sum_s w_s with
@@ -402,6 +420,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
         std::fill(ws.l.begin(), ws.l.end(), T(0));
         std::fill(ws.acc.begin(), ws.acc.end(), T(0));
+        std::fill(ws.part.begin(), ws.part.end(), T(0));
         if (with_map) std::fill(ws.map_ref.begin(), ws.map_ref.end(), -std::numeric_limits<T>::infinity());
         auto map_rows = [&](int64_t r0, int64_t r1, int64_t t0) {
           if (!with_map) return;
