@@ -185,3 +185,18 @@ def test_paged_nan_reaches_the_rows_it_reaches_in_the_contiguous_cache(page):
     want = attnops.decode_attention(q, k, v, lens, backend="cpu")
     assert got[0].isnan().any() and not got[0].isnan().all() and got[2].isinf().any()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_flash_attn_with_kvcache_refuses_a_missing_page_before_writing():
+    """A new key whose page entry is not a page of the pool is refused before anything is written (-1 would have
+    indexed the pool's last page); and cache_batch_idx does not combine with a table (flash_attn's rule)."""
+    q, k_new, v_new = torch.randn(1, 1, 4, 64), torch.randn(1, 1, 2, 64), torch.randn(1, 1, 2, 64)
+    pk, pv = torch.zeros(3, 16, 2, 64), torch.zeros(3, 16, 2, 64)
+    table = torch.tensor([[0, -1, -1]], dtype=torch.int32)
+    lens = torch.tensor([16], dtype=torch.int32)  # the new key goes to position 16: page entry 1
+    with pytest.raises(ValueError, match="not pages of the cache"):
+        fa.flash_attn_with_kvcache(q, pk, pv, k_new, v_new, cache_seqlens=lens, block_table=table)
+    assert not pk.any() and not pv.any()
+    with pytest.raises(ValueError, match="cache_batch_idx"):
+        fa.flash_attn_with_kvcache(q, pk, pv, k_new, v_new, cache_seqlens=lens, block_table=table,
+                                   cache_batch_idx=torch.tensor([0]))
