@@ -4,6 +4,8 @@ cache they stand for (float64 reference, accuracy rule), for page sizes below, e
 The C++ and Triton kernels read the pages in place (Triton under the interpreter here); the PyTorch fallback
 gathers them."""
 
+import os
+
 import pytest
 import torch
 
@@ -44,12 +46,24 @@ def inputs(B, S, H, Hkv, D, Sq, dtype, seed=0):
     return q, k, v, lens
 
 
+def device_of(backend: str) -> str:
+    """Triton runs on CPU tensors under the interpreter, on CUDA tensors where a GPU is present."""
+    return "cuda" if backend == "triton" and not INTERPRET else "cpu"
+
+
+def to(x, device):
+    return x.to(device) if isinstance(x, (torch.Tensor, BlockMask)) else x
+
+
 def check_paged(q, k, v, lens, page, backend, **kw):
     D = q.shape[-1]
     pk, pv, table = paged_copy(k, v, lens, page)
     map_kw = dict(return_block_map=True, map_block_size=kw.pop("map_block", None)) if "map_block" in kw else {}
-    res = attnops.decode_attention(q, pk, pv, lens, block_table=table, return_lse=True, backend=backend, **kw,
+    dev = device_of(backend)
+    res = attnops.decode_attention(*(to(t, dev) for t in (q, pk, pv, lens)), block_table=table.to(dev),
+                                   return_lse=True, backend=backend, **{n: to(x, dev) for n, x in kw.items()},
                                    **map_kw)
+    res = [t.cpu() for t in res]
     opts = dict(window_size=(kw.get("window_size", (-1, -1))[0], 0), softmax_scale=D ** -0.5,
                 softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"), sinks=kw.get("sinks"),
                 block_map=None)
@@ -59,14 +73,16 @@ def check_paged(q, k, v, lens, page, backend, **kw):
     assert_accurate("out", res[0], ref64[0], refT[0])
     assert_accurate("lse", res[1], ref64[1], refT[1])
     if map_kw:  # the same map as the contiguous cache's (itself tested against the reference in test_block_map)
-        want = attnops.decode_attention(q, k, v, lens, backend=backend, **kw, **map_kw)[1]
+        want = attnops.decode_attention(*(to(t, dev) for t in (q, k, v, lens)), backend=backend,
+                                        **{n: to(x, dev) for n, x in kw.items()}, **map_kw)[1].cpu()
         torch.testing.assert_close(res[2], want, rtol=1e-4, atol=1e-6)
     return res
 
 
-TRITON = attnops.dispatch.is_available("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON = attnops.dispatch.is_available("triton") and (INTERPRET or torch.cuda.is_available())
 PAGED_BACKENDS = ["cpu", "composite", pytest.param("triton", marks=pytest.mark.skipif(
-    not TRITON, reason=f"triton backend unavailable: {attnops.dispatch.unavailable_reason('triton')}"))]
+    not TRITON, reason="triton needs TRITON_INTERPRET=1 (CPU tensors) or a GPU"))]
 
 
 @pytest.mark.parametrize("backend", PAGED_BACKENDS)
@@ -140,7 +156,7 @@ def test_the_operators_refuse_pages_out_of_range():
     lens = torch.tensor([20], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="not a page of the cache"):
         torch.ops.attnops.decode_attn_fwd(q, k, v, lens, None, 0, 0, 0.125, -1, 0, 0, False, 0.0, None, table)
-    if TRITON:
+    if TRITON and INTERPRET:  # (the operator checks pages on CPU tensors only)
         with pytest.raises(RuntimeError, match="not a page of the cache"):
             torch.ops.attnops.decode_attn_fwd_triton(q, k, v, lens, None, 0, 0, 0.125, -1, 0, 0.0, None, table)
 
