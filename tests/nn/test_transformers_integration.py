@@ -101,18 +101,24 @@ def test_a_4d_mask_decides_causality(dtype):
     assert_accurate("logits", got, expect, yard)
 
 
+def _eager_and_ours(model_cls, cfg):
+    """(eager, attnops) float32 models of ``model_cls`` with one set of random weights (seed 0)."""
+    torch.manual_seed(0)
+    ref = model_cls(copy.deepcopy(cfg)).eval()
+    ref.set_attn_implementation("eager")
+    ours = model_cls(copy.deepcopy(cfg)).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation(hf_attnops.register())
+    return ref, ours
+
+
 def _llama4_pair():
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
-    torch.manual_seed(0)
     cfg = Llama4TextConfig(vocab_size=97, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            attention_chunk_size=8, num_local_experts=2, no_rope_layers=[1, 0])
-    ref = Llama4ForCausalLM(copy.deepcopy(cfg)).eval()
-    ref.set_attn_implementation("eager")
-    ours = Llama4ForCausalLM(copy.deepcopy(cfg)).eval()
-    ours.load_state_dict(ref.state_dict())
-    ours.set_attn_implementation(hf_attnops.register())
+    ref, ours = _eager_and_ours(Llama4ForCausalLM, cfg)
     assert ref.config.layer_types[0] == "chunked_attention"
     return ref, ours
 
@@ -178,14 +184,9 @@ def test_static_cache_with_sliding_windows_matches_eager():
     window."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    torch.manual_seed(0)
     cfg = Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, sliding_window=6)
-    ref = Gemma2ForCausalLM(copy.deepcopy(cfg)).eval()
-    ref.set_attn_implementation("eager")
-    ours = Gemma2ForCausalLM(copy.deepcopy(cfg)).eval()
-    ours.load_state_dict(ref.state_dict())
-    ours.set_attn_implementation(hf_attnops.register())
+    ref, ours = _eager_and_ours(Gemma2ForCausalLM, cfg)
     ids = torch.randint(1, 97, (2, 11))
     mask = torch.ones(2, 11, dtype=torch.long)
     mask[1, :3] = 0
@@ -199,14 +200,9 @@ def test_t5_static_cache_generation_matches_eager():
     them (it raised: a (1, H, 1, 10) bias against one written key); padded encoder input."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    torch.manual_seed(0)
     cfg = T5Config(vocab_size=97, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0,
                    pad_token_id=0)
-    ref = T5ForConditionalGeneration(copy.deepcopy(cfg)).eval()
-    ref.set_attn_implementation("eager")
-    ours = T5ForConditionalGeneration(copy.deepcopy(cfg)).eval()
-    ours.load_state_dict(ref.state_dict())
-    ours.set_attn_implementation(hf_attnops.register())
+    ref, ours = _eager_and_ours(T5ForConditionalGeneration, cfg)
     ids = torch.randint(3, 97, (2, 13))
     mask = torch.ones(2, 13, dtype=torch.long)
     mask[1, 9:] = 0
@@ -218,17 +214,14 @@ def test_t5_static_cache_generation_matches_eager():
 def test_latent_attention_value_head_dim():
     """DeepSeek V3's multi-head latent attention: value heads of 12 against query/key heads of 24. v is padded to
     the qk dim and the output cut (it raised: k and v must have the same shape); padded batch, cached generate."""
-    from transformers import AutoModelForCausalLM, DeepseekV3Config
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    torch.manual_seed(0)
     cfg = DeepseekV3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
                            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=2,
                            num_experts_per_tok=1, first_k_dense_replace=2, n_group=1, topk_group=1,
                            moe_intermediate_size=32)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
-    ours = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=hf_attnops.register()).eval()
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = _eager_and_ours(DeepseekV3ForCausalLM, cfg)
     ids = torch.randint(3, 97, (2, 13))
     mask = torch.ones(2, 13, dtype=torch.long)
     mask[1, :3] = 0
