@@ -438,6 +438,27 @@ def test_packed_rows_under_torch_compile():
                     ref(ids).logits, low(ids).logits)
 
 
+def test_left_padded_windowed_rows_under_torch_compile():
+    """Traced, the document ids always go: a left-padded batch's position_ids (generate's: 0 under the padding, then
+    restarting at the first real token) must count as one document, the padding mask hiding the rest; with a
+    sliding window (Mistral), against eager on the real tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, sliding_window=5)
+    ref, ours = _eager_and_ours(MistralForCausalLM, cfg)
+    ids = torch.randint(1, 97, (2, 14))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[1, :4] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="eager")
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        got = compiled(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
 AUTO_REGISTER = """
 import copy, sys
 {first}
