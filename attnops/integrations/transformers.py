@@ -20,7 +20,8 @@ MoBA and linear specs take padded or packed prefill through their ``cu_seqlens``
 as transformers' flash-attention path does). The mask function
 registered beside it (:func:`_layer_mask`) is transformers' flash-attention one where that describes the layer: no
 mask for unpadded batches, the 2-d padding mask otherwise (a ``(B, 1, 1, Sk)`` key mask for the kernels: padded
-batches cost no ``Sq x Sk`` tensor); custom, blockwise and chunked patterns get transformers' 4-d bool mask.
+batches cost no ``Sq x Sk`` tensor); Llama 4's chunked layers get their chunks as document ids in prefill and training
+(:class:`ChunkedMask`); custom and blockwise patterns, and cached chunked steps, get transformers' 4-d bool mask.
 """
 
 from __future__ import annotations
@@ -133,6 +134,16 @@ def _document_ids(attention_mask, q_len: int, k_len: int, kwargs) -> Optional[to
     return torch.cat([zero, restart.to(torch.int64).cumsum(1)], dim=1)
 
 
+def _joined(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Document ids ``(B, S)`` whose runs are the intersections of ``a``'s and ``b``'s (either may be None): a new
+    document wherever either starts one (a chunked layer's chunks within packed rows)."""
+    if a is None or b is None:
+        return a if b is None else b
+    a, b = torch.broadcast_tensors(a, b.to(a.device))
+    starts = (a[:, 1:] != a[:, :-1]) | (b[:, 1:] != b[:, :-1])
+    return torch.cat([torch.zeros_like(a[:, :1]), starts.to(a.dtype).cumsum(dim=1)], dim=1)
+
+
 def _attn_bias(attention_mask: Optional[torch.Tensor], position_bias: Optional[torch.Tensor], seq_len_k: int):
     """What the model adds to the scores, as the kernels' ``attn_bias``: T5's ``position_bias`` (float, its
     gradient flows) plus the mask: a 2-d padding mask ``(B, Sk)`` (the flash-attention mask function's)
@@ -189,6 +200,50 @@ def _window(sliding_window, causal: bool):
     return (sliding_window - 1, 0 if causal else sliding_window - 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkedMask:
+    """What the registered mask function hands a chunked layer (Llama 4's ``attention_chunk_size``) in a call whose
+    queries are its keys (prefill, training: ``Sq == Sk``, same positions): ``document_ids (B, S)`` int64, the chunk
+    of every position as transformers counts it (``(position - left padding) // chunk``), and ``padding (B, S)`` bool
+    (True: a real token; None: none padded). The attention function runs it as the kernels' document ids with the
+    module's causality and a key mask: nothing ``Sq x Sk`` (transformers' 4-d mask is one byte per pair: 1 GiB a row
+    at 32K), and tiles of other chunks are never visited. transformers lets a mask function return its own mask type
+    (flex attention's is a ``BlockMask``); this one goes only to the attention function registered beside it."""
+
+    document_ids: torch.Tensor
+    padding: Optional[torch.Tensor]
+
+
+def _chunked_mask(batch_size: int, length: int, offset: int, chunk: int, mask_function: Callable,
+                  attention_mask: Optional[torch.Tensor], device) -> Optional[ChunkedMask]:
+    """The :class:`ChunkedMask` of a chunked layer's self-attention call, or None where ``mask_function`` is not the
+    plain chunked causal one (packed rows remap positions per document; overlays): each row's allowed keys are checked
+    against ``mask_function`` at both edges of the predicted interval ``[chunk start, query]`` and one past each, so
+    a pattern this form would not reproduce falls back to the 4-d mask instead of being approximated."""
+    pos = torch.arange(offset, offset + length, device=device)
+    if attention_mask is not None:  # transformers' count: positions before the first real token
+        left = (attention_mask.cumsum(dim=-1) == 0).sum(dim=-1).to(device)
+    else:
+        left = torch.zeros(batch_size, dtype=torch.int64, device=device)
+    ids = torch.div(pos[None, :] - left[:, None], chunk, rounding_mode="floor")
+    q = pos[None, :].expand(batch_size, length)
+    b = torch.arange(batch_size, device=device)[:, None].expand(batch_size, length)
+    h = torch.zeros_like(b)
+    start = (left[:, None] + ids * chunk).clamp(min=offset)  # the first key of each query's chunk in this call
+    end = offset + length
+    allowed = mask_function(b, h, q, start) & mask_function(b, h, q, q)
+    before = mask_function(b, h, q, (start - 1).clamp(min=offset)) & (start > offset)
+    after = mask_function(b, h, q, (q + 1).clamp(max=end - 1)) & (q + 1 < end)
+    if not bool(allowed.all()) or bool(before.any()) or bool(after.any()):
+        return None
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+        if bool(padding.all()):
+            padding = None
+    return ChunkedMask(ids, padding)
+
+
 def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                 mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
     """The mask interface registered beside the attention function. transformers' flash-attention form (no mask, or the
@@ -198,14 +253,25 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     custom or/and mask functions (``use_vmap``: image tokens attending each other, bidirectional overlays), blockwise
     overlays (an ``or_masks`` function), and Llama 4's chunked attention (a mask function other than the causal one
     in a config with ``attention_chunk_size``). The flash form drops those patterns (transformers' FA2 path refuses
-    chunks longer than a chunk and ignores the rest): Llama 4's chunked layers came out 0.46 off eager."""
+    chunks longer than a chunk and ignores the rest): Llama 4's chunked layers came out 0.46 off eager. A chunked
+    layer's self-attention call (prefill, training; not while tracing) gets a :class:`ChunkedMask` instead of the 4-d
+    mask where its mask function is checked to be the plain chunked causal one; cached steps keep the 4-d mask, which
+    has only their new queries' rows (one row per decoded token)."""
     from transformers.masking_utils import causal_mask_function, flash_attention_mask, sdpa_mask
 
     mask_function = causal_mask_function if mask_function is None else mask_function
     chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) and mask_function is not causal_mask_function
     # while tracing, a cache position held in a tensor cannot size the keys (below) without a host read: the 4-d mask
     traced_offset = torch.compiler.is_compiling() and isinstance(q_offset, torch.Tensor)
-    if kwargs.get("use_vmap") or getattr(mask_function, "__name__", "") == "or_mask" or chunked or traced_offset:
+    overlay = kwargs.get("use_vmap") or getattr(mask_function, "__name__", "") == "or_mask"
+    chunk = kwargs.get("local_size")  # create_chunked_causal_mask's chunk size (a sliding layer's window otherwise)
+    if chunked and chunk == kwargs["config"].attention_chunk_size and not overlay and q_length == kv_length and \
+            not torch.compiler.is_compiling() and isinstance(q_offset, int) and q_offset == kv_offset and q_length:
+        compact = _chunked_mask(batch_size, q_length, q_offset, int(chunk), mask_function, attention_mask,
+                                kwargs.get("device", "cpu"))
+        if compact is not None:
+            return compact
+    if overlay or chunked or traced_offset:
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          allow_is_causal_skip=False, use_vmap=bool(kwargs.get("use_vmap")),
@@ -233,6 +299,12 @@ def _attention_forward(spec: AttentionSpec):
         relative position bias, added to the scores; ``dropout``: attention dropout, applied in training as
         eager applies it (one seed per call from the default generator)."""
         _check_call(module, attention_mask, kwargs)
+        chunks = None
+        if isinstance(attention_mask, ChunkedMask):  # a chunked layer's prefill: chunks as documents, its padding
+            chunks, attention_mask = attention_mask.document_ids, attention_mask.padding
+            if not query.shape[2] == key.shape[2] == chunks.shape[-1]:
+                raise ValueError(f"attnops attention: a chunked mask of {chunks.shape[-1]} positions for "
+                                 f"{query.shape[2]} queries and {key.shape[2]} keys")
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
             # a static cache: k / v span the whole buffer, the flash-form mask only the positions written so far (the
             # cache fills from 0), so the keys are those positions: causality then aligns to the last of them
@@ -241,7 +313,7 @@ def _attention_forward(spec: AttentionSpec):
             if position_bias is not None and position_bias.shape[-1] > written:  # T5's bias spans the buffer too
                 position_bias = position_bias[..., :written]
         mods = {}
-        documents = _document_ids(attention_mask, query.shape[2], key.shape[2], kwargs)
+        documents = _joined(chunks, _document_ids(attention_mask, query.shape[2], key.shape[2], kwargs))
         if isinstance(spec, VARLEN_SPECS) and position_bias is None and \
                 query.shape[2] == key.shape[2] and (attention_mask is None or attention_mask.dim() == 2):
             keep = None if attention_mask is None else attention_mask.bool()

@@ -140,6 +140,78 @@ def test_llama4_chunked_attention_matches_eager():
         assert torch.equal(ours.generate(ids[:1, :6], **kw), ref.generate(ids[:1, :6], **kw))
 
 
+def _llama4_long_chunks():
+    """Llama 4 pair whose chunks (24 tokens) cross the kernels' 64-token tiles, float64 (gradients compared too)."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    cfg = Llama4TextConfig(vocab_size=97, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           attention_chunk_size=24, num_local_experts=2, no_rope_layers=[1, 0])
+    ref, ours = _eager_and_ours(Llama4ForCausalLM, cfg)
+    return ref.double(), ours.double()
+
+
+def _chunked_layer_mask(model, **inputs):
+    """What the registered mask function gives the chunked layers of ``model`` for ``inputs`` (no cache)."""
+    from transformers.masking_utils import create_chunked_causal_mask
+
+    embeds = model.model.embed_tokens(inputs.pop("input_ids"))
+    return create_chunked_causal_mask(config=model.config, inputs_embeds=embeds, past_key_values=None, **inputs)
+
+
+def test_llama4_chunked_prefill_runs_chunks_as_documents():
+    """A chunked layer's prefill / training call gets its chunks as document ids (:class:`ChunkedMask`), not
+    transformers' 4-d mask (one byte per query-key pair): chunks counted from each row's first real token as
+    transformers counts them, left padding, right padding and unpadded rows in one batch; logits on the real tokens
+    and every parameter's gradient equal eager's."""
+    ref, ours = _llama4_long_chunks()
+    ids = torch.randint(1, 97, (3, 150))
+    mask = torch.ones(3, 150, dtype=torch.long)
+    mask[1, :37] = 0  # left padding: its chunks start at 37, 61, ...
+    mask[2, 131:] = 0
+    got = _chunked_layer_mask(ours, input_ids=ids, attention_mask=mask.bool())
+    assert isinstance(got, hf_attnops.ChunkedMask) and torch.equal(got.padding, mask.bool())
+    assert torch.equal(got.document_ids[0], torch.arange(150) // 24)
+    assert torch.equal(got.document_ids[1], torch.div(torch.arange(150) - 37, 24, rounding_mode="floor"))
+    assert _chunked_layer_mask(ours, input_ids=ids, attention_mask=None).padding is None
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 37] = -100  # predicted from the padding before it, a row that sees no key (eager: its uniform mix)
+    grads = []
+    for model in (ref, ours):
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if model is ref:
+            want = out.logits.detach()
+    torch.testing.assert_close(out.logits.detach()[mask.bool()], want[mask.bool()], rtol=1e-9, atol=1e-9)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-9, atol=1e-9, msg=n)
+
+
+def test_llama4_chunked_mask_falls_back_where_it_is_not_plain_chunks():
+    """Where the chunked layer's mask function is not the plain chunked causal one (packed rows: transformers chunks
+    each document from its own start), the registered mask function returns transformers' exact 4-d mask, and the
+    model still equals eager; cached steps (queries fewer than keys) keep the 4-d mask too."""
+    from transformers.masking_utils import chunked_causal_mask_function, sdpa_mask
+
+    ref, ours = _llama4_long_chunks()
+    ids = torch.randint(1, 97, (2, 150))
+    position_ids = torch.cat([torch.arange(70), torch.arange(80)])[None].expand(2, 150)
+    got = _chunked_layer_mask(ours, input_ids=ids, attention_mask=None, position_ids=position_ids)
+    assert isinstance(got, torch.Tensor) and got.shape == (2, 1, 150, 150)
+    assert not bool(got[0, 0, 75, 70 - 1]) and bool(got[0, 0, 75, 70])  # the second document's first chunk
+    with torch.no_grad():
+        want = ref(ids, position_ids=position_ids, use_cache=False).logits
+        torch.testing.assert_close(ours(ids, position_ids=position_ids, use_cache=False).logits, want,
+                                   rtol=1e-9, atol=1e-9)
+    step = hf_attnops._layer_mask(2, 3, 40, q_offset=37, kv_offset=0, local_size=24, config=ours.config,
+                                  mask_function=chunked_causal_mask_function(24, torch.zeros(2, dtype=torch.long)))
+    assert torch.equal(step, sdpa_mask(2, 3, 40, q_offset=37, mask_function=chunked_causal_mask_function(
+        24, torch.zeros(2, dtype=torch.long)), allow_is_causal_skip=False))
+
+
 def test_layer_mask_keeps_custom_patterns():
     """The registered mask interface: transformers' flash form (None / the 2-d padding mask) for plain causal
     masks, and exactly transformers' 4-d bool mask for what that form cannot carry: a blockwise overlay (image
