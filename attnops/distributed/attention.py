@@ -225,7 +225,7 @@ class _ContextParallel(torch.autograd.Function):
         k, v, work = k.contiguous(), v.contiguous(), _work(q.dtype)
 
         def attend(pair, ks, vs):
-            out, lse, _ = lib.FWD.call(fwd, q=q, k=ks, v=vs, **_lut(pair), softmax_scale=scale, **_bounds(pair))
+            out, lse, *_ = lib.FWD.call(fwd, q=q, k=ks, v=vs, **_lut(pair), softmax_scale=scale, **_bounds(pair))
             return out, lse
 
         acc = None
@@ -348,7 +348,7 @@ def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
     pair = _pair(gq, gk_unsorted[order], seq_len, causal, window, block_mask)
     if pair is None:
         return torch.zeros_like(q)
-    out, _, _ = lib.FWD.call(fwd, q=q, k=k_all, v=v_all, **_lut(pair), softmax_scale=scale, **_bounds(pair))
+    out, *_ = lib.FWD.call(fwd, q=q, k=k_all, v=v_all, **_lut(pair), softmax_scale=scale, **_bounds(pair))
     return out
 
 

@@ -43,13 +43,13 @@ using Tensor = at::Tensor;
 // in each level's unit checks the kernels against them.
 struct CpuKernels {
   const char* name;
-  std::tuple<Tensor, Tensor, Tensor> (*block_sparse_attn_fwd)(
+  std::tuple<Tensor, Tensor, Tensor, Tensor> (*block_sparse_attn_fwd)(
       const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& kv_num_blocks,
       const OptTensor& kv_indices, const OptTensor& q_num_blocks, const OptTensor& q_indices, int64_t block_q,
       int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
       int64_t map_rows, int64_t map_cols, bool map_max, double softcap, const OptTensor& alibi_slopes,
       const OptTensor& sinks, const OptTensor& attn_bias, double dropout_p, const OptTensor& dropout_seed,
-      const OptTensor& key_bounds, const OptTensor& query_bounds);
+      const OptTensor& key_bounds, const OptTensor& query_bounds, bool return_max);
   std::tuple<Tensor, Tensor, Tensor, Tensor> (*block_sparse_attn_bwd)(
       const Tensor& dout, const OptTensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
       const Tensor& out, const Tensor& lse, const OptTensor& kv_num_blocks, const OptTensor& kv_indices,

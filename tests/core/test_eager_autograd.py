@@ -20,7 +20,7 @@ def _registered_call(opdef, q, k, v, sinks=None, attn_bias=None, alibi_slopes=No
                                block_q=0, block_k=0, softmax_scale=q.shape[-1] ** -0.5, causal=True, window_left=-1,
                                window_right=-1, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                                attn_bias=attn_bias))
-    out, lse, _ = opdef.op(*args.values())
+    out, lse, *_ = opdef.op(*args.values())
     return out, lse
 
 

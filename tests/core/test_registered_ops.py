@@ -39,11 +39,18 @@ def block_sparse_fwd_mods():
             torch.randn(1, H, S, S, requires_grad=True))
 
 
+def block_sparse_fwd_max():
+    """each row's largest score (return_max), with a sink, which it leaves out"""
+    q, k, v = _qkv(grad=True)
+    return (q, k, v, *_lut(), 0.25, True, -1, -1, 0, 0, False, 0.0, None, torch.randn(H), None, 0.0, None, None, None,
+            True)
+
+
 def block_sparse_bwd(name):
     def build():
         q, k, v = _qkv()
         fwd = getattr(torch.ops.attnops, name.replace("_bwd", "_fwd"))
-        out, lse, _ = fwd(q, k, v, *_lut(), 0.25, True, -1, -1)
+        out, lse, *_ = fwd(q, k, v, *_lut(), 0.25, True, -1, -1)
         return (torch.randn_like(out), None, q, k, v, out, lse, *_lut(), 0.25, True, -1, -1, 3.0, torch.rand(B, H),
                 torch.randn(B, 1, 1, S), True)
     return build
@@ -106,9 +113,10 @@ def linear_recurrent():
 
 
 SAMPLES = {
-    "block_sparse_attn_fwd": [block_sparse_fwd, block_sparse_fwd_map, block_sparse_fwd_mods],
+    "block_sparse_attn_fwd": [block_sparse_fwd, block_sparse_fwd_map, block_sparse_fwd_mods, block_sparse_fwd_max],
     "block_sparse_attn_bwd": [block_sparse_bwd("block_sparse_attn_bwd")],
-    "block_sparse_attn_fwd_triton": [block_sparse_fwd, block_sparse_fwd_map, block_sparse_fwd_mods],
+    "block_sparse_attn_fwd_triton": [block_sparse_fwd, block_sparse_fwd_map, block_sparse_fwd_mods,
+                                     block_sparse_fwd_max],
     "block_sparse_attn_bwd_triton": [block_sparse_bwd("block_sparse_attn_bwd_triton")],
     "decode_attn_fwd": [decode(False), decode(True)],
     "decode_attn_fwd_triton": [decode(False, triton=True)],

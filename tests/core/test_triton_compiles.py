@@ -108,9 +108,9 @@ def _cases():
     def softmax_all_on():  # every score modifier, a two-sided window, GQA, D=96 (padded to 128), bf16
         q, k, v = leaves((2, 200, 4, 96), (2, 200, 2, 96), (2, 200, 2, 96), dtype=torch.bfloat16)
         bias = torch.randn(1, 4, 200, 200, requires_grad=True)
-        out, _ = attnops.attention(q, k, v, window_size=(64, 16), softcap=5.0, alibi_slopes=torch.rand(4),
-                                   sinks=torch.randn(4, requires_grad=True), attn_bias=bias, dropout_p=0.1,
-                                   return_lse=True, backend="triton")
+        out, *_ = attnops.attention(q, k, v, window_size=(64, 16), softcap=5.0, alibi_slopes=torch.rand(4),
+                                    sinks=torch.randn(4, requires_grad=True), attn_bias=bias, dropout_p=0.1,
+                                    return_lse=True, return_max_scores=True, backend="triton")
         backward(out)
 
     def softmax_plain_f32():

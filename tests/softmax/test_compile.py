@@ -35,8 +35,8 @@ def test_opcheck(masked, impl):
     args = _fwd_args(q, k, v, mask, causal, window)
     torch.library.opcheck(fwd, args)
     torch.library.opcheck(fwd, (*args, 16, 32, masked))  # with the partial block map (sums / maxima)
-    out, lse, no_map = fwd(*args)
-    assert no_map.numel() == 0
+    out, lse, no_map, no_max = fwd(*args)
+    assert no_map.numel() == 0 and no_max.numel() == 0
     dout = torch.randn_like(out)
     bwd_args = (dout, None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), *args[3:])
     torch.library.opcheck(bwd, bwd_args)

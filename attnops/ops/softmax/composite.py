@@ -51,6 +51,7 @@ class _Spec(NamedTuple):
     dropout_p: float
     dropout_seed: Optional[int]
     key_bounds: Optional[torch.Tensor]  # (Bb, Sq, 2) int32
+    max_scores: bool = False  # the forward also returns each row's largest score
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -135,6 +136,7 @@ class _Chunk(NamedTuple):
     tanh: Optional[torch.Tensor]  # softcap's tanh(s / cap), for its derivative
     keep: Optional[torch.Tensor]  # dropout: (B, H, C, L) bool
     keep_scale: float  # dropout: 1 / the keep rate the hash realises
+    maxima: Optional[torch.Tensor] = None  # (B, H, C): each row's largest score, when the spec asks
 
 
 def scores(q_chunk: torch.Tensor, k_range: torch.Tensor, scale: float) -> torch.Tensor:
@@ -169,10 +171,11 @@ def contract(w: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor) -> torch.T
 
 
 def normalise(s: torch.Tensor, allowed: torch.Tensor, bias: Optional[torch.Tensor],
-              sinks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+              sinks: Optional[torch.Tensor], with_max: bool = False) -> Tuple[torch.Tensor, ...]:
     """The softmax of scores ``s (B, H, C, L)`` (softcap applied) over the ``allowed`` pairs with an additive
     ``bias`` and ``sinks (H,)`` as one more logit per head: ``(probs (B, H, C, L), lse (B, H, C))``, probs 0 where
-    not allowed; a row that sees nothing has probs 0 and lse -inf (the sink with sinks)."""
+    not allowed; a row that sees nothing has probs 0 and lse -inf (the sink with sinks). ``with_max`` appends each
+    row's largest score (bias included, sinks not; -inf for a row that sees nothing)."""
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
     s = torch.where(allowed, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
     if bias is not None:
@@ -182,7 +185,10 @@ def normalise(s: torch.Tensor, allowed: torch.Tensor, bias: Optional[torch.Tenso
         lse = torch.logaddexp(lse, sinks.to(s.dtype).view(1, -1, 1))
     # rows that see nothing have lse -inf (and only -inf scores): subtracting 0 there leaves exact zeros
     probs = torch.exp(s - torch.where(torch.isneginf(lse), zero, lse).unsqueeze(-1))
-    return torch.where(allowed, probs, zero), lse  # a NaN row's lse must not leak into pairs it does not see
+    probs = torch.where(allowed, probs, zero)  # a NaN row's lse must not leak into pairs it does not see
+    if not with_max:
+        return probs, lse
+    return probs, lse, s.amax(dim=-1) if s.shape[-1] else s.new_full(s.shape[:3], float("-inf"))
 
 
 def capped_scores(q_rows: torch.Tensor, keys: torch.Tensor, scale: float, softcap: float):
@@ -200,14 +206,14 @@ def _softmax_chunk(spec: _Spec, q, k, r0, r1, k0, k1, seq_len_q, seq_len_k) -> _
     s, tanh = capped_scores(q[:, r0:r1], k[:, k0:k1], spec.scale, spec.softcap)
     allowed = _allowed(spec, r0, r1, k0, k1, seq_len_q, seq_len_k, q.device)
     bias = _bias(spec, r0, r1, k0, k1, seq_len_q, seq_len_k, s.dtype, q.device)
-    probs, lse = normalise(s, allowed, bias, spec.sinks)
+    probs, lse, *maxima = normalise(s, allowed, bias, spec.sinks, spec.max_scores)
     keep, keep_scale = None, 1.0
     if spec.dropout_p > 0:
         B, H = q.shape[0], q.shape[2]
         keep, keep_scale = dropout_keep(spec.dropout_seed, spec.dropout_p, B, H, seq_len_q, seq_len_k,
                                         rows=torch.arange(r0, r1), device=q.device)
         keep = keep[..., k0:k1]
-    return _Chunk(probs, allowed, lse, tanh, keep, keep_scale)
+    return _Chunk(probs, allowed, lse, tanh, keep, keep_scale, maxima[0] if maxima else None)
 
 
 def _dropped(chunk: _Chunk, x: torch.Tensor) -> torch.Tensor:
@@ -236,6 +242,7 @@ def _forward(spec: _Spec, q, k, v, request: Optional[_map.MapRequest]):
     work = work_dtype(q.dtype)
     out = torch.zeros(B, Sq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=lse_dtype(q.dtype), device=q.device)
+    maxima = torch.full((B, H, Sq), float("-inf"), dtype=lse.dtype, device=q.device) if spec.max_scores else None
     partial = None
     if request is not None:  # (B, H, Nq, Nk): the tile sums (or maxima); each chunk writes whole map rows
         bq, bk = request.block_q, request.block_k
@@ -244,6 +251,8 @@ def _forward(spec: _Spec, q, k, v, request: Optional[_map.MapRequest]):
     for r0, r1, k0, k1 in _chunks(spec, q, k, align):
         chunk = _softmax_chunk(spec, q, k, r0, r1, k0, k1, Sq, Sk)
         lse[:, :, r0:r1] = chunk.lse
+        if maxima is not None:
+            maxima[:, :, r0:r1] = chunk.maxima
         out[:, r0:r1] = contract(_dropped(chunk, chunk.probs), v[:, k0:k1].to(work), chunk.allowed).to(q.dtype)
         if partial is not None:  # pool the chunk's tiles: rows by bq, keys by bk from the key block of k0
             nq, c0 = -(-(r1 - r0) // bq), k0 // bk
@@ -252,9 +261,8 @@ def _forward(spec: _Spec, q, k, v, request: Optional[_map.MapRequest]):
             tiles = probs.view(B, H, nq, bq, nk, bk)
             tiles = tiles.amax(dim=(3, 5)) if request.reduce == "max" else tiles.sum(dim=(3, 5))
             partial[:, :, r0 // bq:r0 // bq + nq, c0:c0 + nk] = tiles.to(partial.dtype)
-    if partial is None:
-        return out, lse, None
-    return out, lse, _map.finish(partial, lse, request.block_q, request)
+    block_map = None if partial is None else _map.finish(partial, lse, request.block_q, request)
+    return out, lse, block_map, maxima
 
 
 def _backward(spec: _Spec, q, k, v, out, lse, dout, dlse, bias_grad: bool):
@@ -297,13 +305,12 @@ def _backward(spec: _Spec, q, k, v, out, lse, dout, dlse, bias_grad: bool):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, request, q, k, v, attn_bias, sinks):
-        out, lse, block_map = _forward(spec, q, k, v, request)
+        out, lse, block_map, maxima = _forward(spec, q, k, v, request)
         ctx.spec = spec
         ctx.save_for_backward(q, k, v, out, lse)
-        if block_map is not None:
-            ctx.mark_non_differentiable(block_map)
-            return out, lse, block_map
-        return out, lse
+        readouts = tuple(x for x in (block_map, maxima) if x is not None)  # in the dispatcher's order
+        ctx.mark_non_differentiable(*readouts)
+        return (out, lse) + readouts
 
     @staticmethod
     def backward(ctx, dout, dlse, *_):
@@ -334,16 +341,18 @@ def block_sparse_attention(
     dropout_p: float = 0.0,
     dropout_seed: Optional[torch.Tensor] = None,
     segments: Optional[SegmentBounds] = None,
+    max_scores: bool = False,
 ) -> Tuple[torch.Tensor, ...]:
     """The dispatcher's contract (:func:`attnops.ops.softmax.reference.block_sparse_attention`): q ``(B, Sq, H, D)``,
-    k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``, lse ``(B, H, Sq)``, and the block map when asked."""
+    k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``, lse ``(B, H, Sq)``, then the block map and each row's largest
+    score when asked."""
     spec = _Spec(
         block_mask=block_mask,
         dense_blocks=None if block_mask is None else block_mask.to_dense().to(q.device),
         causal=bool(causal), window=tuple(window_size), scale=float(softmax_scale), softcap=float(softcap),
         alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias, dropout_p=float(dropout_p),
         dropout_seed=int(dropout_seed.item()) if dropout_p > 0 else None,
-        key_bounds=None if segments is None else segments.key_bounds)
+        key_bounds=None if segments is None else segments.key_bounds, max_scores=bool(max_scores))
     return _Attention.apply(spec, block_map, q, k, v, attn_bias, sinks)
 
 

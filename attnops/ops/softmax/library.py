@@ -5,7 +5,8 @@ dispatcher calls.
 
     fwd(q, k, v, <LUT>, <transposed LUT>, block_q, block_k, softmax_scale, causal, window_left,
         window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None,
-        sinks=None, attn_bias=None, dropout_p=0.0, dropout_seed=None) -> (out, lse, partial block map or empty)
+        sinks=None, attn_bias=None, dropout_p=0.0, dropout_seed=None, key_bounds=None, query_bounds=None,
+        return_max=False) -> (out, lse, partial block map or empty, max_scores or empty)
     bwd(dout, dlse?, q, k, v, out, lse, <the forward's arguments up to window_right>, softcap=0.0,
         alibi_slopes=None, attn_bias=None, bias_grad=False, dropout_p=0.0, dropout_seed=None)
         -> (dq, dk, dv, dbias (B, H, Sq, Sk) or empty)
@@ -16,7 +17,9 @@ q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)``; ``kv_num_blocks (Bm, Hm, ceil(Sq/b
 (``q_num_blocks``, ``q_indices``); it takes it so that autograd can save it for the backward.
 ``map_rows > 0`` asks for the block attention map as partial sums (``map_max``: maxima) of the
 probabilities over ``map_rows`` queries x ``map_cols`` keys, ``(B, H, ceil(Sq/map_rows),
-ceil(Sk/map_cols))`` in lse's dtype (:func:`attnops.core.block_map.finish` pools it).
+ceil(Sk/map_cols))`` in lse's dtype (:func:`attnops.core.block_map.finish` pools it). ``return_max`` asks for
+each row's largest score ``(B, H, Sq)`` in lse's dtype (the one its softmax subtracts: after the softcap, ALiBi
+and the bias, over the keys it attends; -inf where it attends none; sinks not included).
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ _DROPOUT = [Arg("dropout_p", "float", "0.0"), Arg("dropout_seed", "Tensor?", "No
 _BOUNDS = [Arg("key_bounds", "Tensor?", "None"), Arg("query_bounds", "Tensor?", "None")]
 
 FWD = OpDef("block_sparse_attn_fwd",
-            _QKV + _LUT + _PREDICATES + _MAP + _SCORE_MODS + _SINKS + _BIAS + _DROPOUT + _BOUNDS,
-            "(Tensor, Tensor, Tensor)")
+            _QKV + _LUT + _PREDICATES + _MAP + _SCORE_MODS + _SINKS + _BIAS + _DROPOUT + _BOUNDS +
+            [Arg("return_max", "bool", "False")],
+            "(Tensor, Tensor, Tensor, Tensor)")
 # dlse: the gradient flowing into lse when the caller used it (None otherwise). The sinks enter the
 # backward only through lse (P = exp(s - lse)); their own gradient is computed in Python (register).
 BWD = OpDef("block_sparse_attn_bwd", [Arg("dout", "Tensor"), Arg("dlse", "Tensor?"), *_QKV, Arg("out", "Tensor"),
@@ -73,11 +77,12 @@ def partial_map_shape(q: torch.Tensor, k: torch.Tensor, map_rows: int, map_cols:
     return (q.shape[0], q.shape[2], -(-q.shape[1] // map_rows), -(-k.shape[1] // map_cols))
 
 
-def fwd_fake(q, k, v, map_rows, map_cols, **_):
+def fwd_fake(q, k, v, map_rows, map_cols, return_max, **_):
     B, Sq, H, _ = q.shape
     dtype = lse_dtype(q.dtype)
     partial = q.new_empty(partial_map_shape(q, k, map_rows, map_cols), dtype=dtype)
-    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=dtype), partial
+    max_scores = q.new_empty((B, H, Sq) if return_max else (0,), dtype=dtype)
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=dtype), partial, max_scores
 
 
 def bwd_fake(q, k, v, bias_grad, **_):
@@ -95,12 +100,12 @@ def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
     def setup_context(ctx, inputs, output):
         a = fwd.bind(inputs)
         ctx.params = {name: a[name] for name in _PARAMS}
-        out, lse, partial_map = output
-        ctx.mark_non_differentiable(partial_map)  # a readout, like an argmax
+        out, lse, partial_map, max_scores = output
+        ctx.mark_non_differentiable(partial_map, max_scores)  # readouts, like an argmax
         ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, a["alibi_slopes"], a["sinks"], a["attn_bias"],
                               a["dropout_seed"], *(a[name] for name in _LUT_TENSORS + _BOUND_TENSORS))
 
-    def backward(ctx, dout, dlse, dmap):
+    def backward(ctx, dout, dlse, dmap, dmax):
         q, k, v, out, lse, alibi_slopes, sinks, attn_bias, dropout_seed, *lut = ctx.saved_tensors
         lut = dict(zip(_LUT_TENSORS + _BOUND_TENSORS, lut))
         if lut["kv_num_blocks"] is not None and lut["q_num_blocks"] is None:
@@ -166,9 +171,11 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, reads_bool_masks: boo
         dropout_p: float = 0.0,
         dropout_seed: Optional[torch.Tensor] = None,
         segments: Optional[SegmentBounds] = None,
+        max_scores: bool = False,
     ) -> Tuple[torch.Tensor, ...]:
-        """(out, lse), or (out, lse, map) when ``block_map`` asks for the block attention map;
-        ``segments``: token-exact document bounds (attnops.core.segments)."""
+        """(out, lse), then the block attention map when ``block_map`` asks for it, then each row's largest
+        score ``(B, H, Sq)`` when ``max_scores``; ``segments``: token-exact document bounds
+        (attnops.core.segments)."""
         lut = dict.fromkeys(_LUT_TENSORS)
         block_q = block_k = 0
         if block_mask is not None:
@@ -183,13 +190,16 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, reads_bool_masks: boo
                     dropout_p=float(dropout_p), dropout_seed=dropout_seed)
         if segments is not None:
             args.update(key_bounds=segments.key_bounds, query_bounds=segments.query_bounds)
+        if max_scores:
+            args.update(return_max=True)
         if block_map is None:
-            out, lse, _ = fwd.call(fwd_op, **args)
-            return out, lse
+            out, lse, _, maxima = fwd.call(fwd_op, **args)
+            return (out, lse, maxima) if max_scores else (out, lse)
         rows = _map.partial_rows(block_map, block_q)
-        out, lse, partial = fwd.call(fwd_op, **args, map_rows=rows, map_cols=block_map.block_k,
-                                     map_max=block_map.reduce == "max")
-        return out, lse, _map.finish(partial, lse, rows, block_map)
+        out, lse, partial, maxima = fwd.call(fwd_op, **args, map_rows=rows, map_cols=block_map.block_k,
+                                             map_max=block_map.reduce == "max")
+        result = (out, lse, _map.finish(partial, lse, rows, block_map))
+        return result + (maxima,) if max_scores else result
 
     block_sparse_attention.reads_bool_masks = reads_bool_masks
     return block_sparse_attention

@@ -15,7 +15,7 @@ from attnops.core.block_map import check_request
 from attnops.core.checks import (autocast_inputs, bias_for, check_attn_bias, check_block_mask, check_causal, check_dropout,
                                  check_flag, check_qkv, check_score_mods, clamp_window, refuse_unsupported_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
-from attnops.core.results import MAP_ARGS_DOC, Result, pack
+from attnops.core.results import MAP_ARGS_DOC, MAX_SCORES_DOC, Result, pack
 from attnops.core.segments import SegmentBounds, from_document_ids, from_key_mask, intersect
 
 # The map granularity of dense attention when none is asked for: the kernels' block (DESIGN.md).
@@ -38,6 +38,7 @@ def attention(
     generator: Optional[torch.Generator] = None,
     document_ids: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    return_max_scores: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
     reduce: str = "mean",
@@ -57,14 +58,16 @@ def attention(
             ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded.
         {score_mods}
         return_lse: also return the log-sum-exp ``(B, H, Sq)``.
+        {max_scores}
         {map_args} Default block 64.
         backend: force ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (else chosen by device,
             or by the ``ATTNOPS_BACKEND`` environment variable).
 
     Returns:
-        ``out (B, Sq, H, D)`` in q's dtype, or a named tuple of ``out`` and what was asked:
-        ``AttentionOutput(out, lse)``, ``AttentionMapOutput(out, block_map)`` or
-        ``AttentionLseMapOutput(out, lse, block_map)``. A query with no key to attend to gets zeros
+        ``out (B, Sq, H, D)`` in q's dtype, or a named tuple of ``out`` and what was asked, in the order
+        ``out, lse, block_map, max_scores``: ``AttentionOutput(out, lse)``, ``AttentionMapOutput(out, block_map)``,
+        ``AttentionLseMapOutput(out, lse, block_map)``, ``AttentionMaxOutput(out, max_scores)`` and so on
+        (``attnops.core.results``). A query with no key to attend to gets zeros
         and ``lse = -inf``.
 
     Example::
@@ -80,6 +83,7 @@ def attention(
     window = clamp_window(check_window_size(window_size), shape.seq_len_q, shape.seq_len_k)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     check_flag("return_lse", return_lse)
+    check_flag("return_max_scores", return_max_scores)
     check_flag("return_block_map", return_block_map)
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
     bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype, keep_bool=True)
@@ -89,7 +93,7 @@ def attention(
     bias, keep_blocks_of, segments = key_mask_as_bounds(attn_bias, bias, keep_blocks_of, segments, shape)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend, api="attention")
     if runs_as_decode(impl, shape, causal, mods, q, k, v) and bias is None and keep_blocks_of is None \
-            and segments is None and not dropout and request is None:
+            and segments is None and not dropout and request is None and not return_max_scores:
         decode = dispatch.resolve("decode_attention", q.device, "cpu", api="attention")
         lens = torch.full((shape.batch,), shape.seq_len_k, dtype=torch.int32)
         out, lse = decode(q, k, v, lens, None, window_size=(window[0], 0), softmax_scale=scale, **mods)
@@ -98,10 +102,10 @@ def attention(
     if keep_blocks_of is not None:  # a bool mask: its blocks without a True are skipped
         mask = BlockMask.from_dense(keep_blocks_of(*DEFAULT_MAP_BLOCK), (shape.seq_len_q, shape.seq_len_k),
                                     DEFAULT_MAP_BLOCK, causal=causal, window_size=window)
-    out, lse, *block_map = impl(q, k, v, mask, causal=causal, window_size=window, softmax_scale=scale,
-                                block_map=request, attn_bias=bias_for(impl, bias, q.dtype), segments=segments, **mods,
-                                **dropout)
-    return pack(out, lse, block_map[0] if block_map else None, return_lse)
+    out, lse, *extra = impl(q, k, v, mask, causal=causal, window_size=window, softmax_scale=scale,
+                            block_map=request, attn_bias=bias_for(impl, bias, q.dtype), segments=segments, **mods,
+                            **dropout, **max_request(return_max_scores))
+    return pack_extra(out, lse, extra, request, return_lse, return_max_scores)
 
 
 def block_sparse_attention(
@@ -119,6 +123,7 @@ def block_sparse_attention(
     generator: Optional[torch.Generator] = None,
     document_ids: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    return_max_scores: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
     reduce: str = "mean",
@@ -138,6 +143,7 @@ def block_sparse_attention(
         softmax_scale: defaults to ``D ** -0.5``.
         {score_mods}
         return_lse: also return the log-sum-exp ``(B, H, Sq)``.
+        {max_scores}
         {map_args} Default: the mask's block size.
         backend: as in :func:`attention`.
 
@@ -156,6 +162,7 @@ def block_sparse_attention(
     check_block_mask(block_mask, shape, q.device)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     check_flag("return_lse", return_lse)
+    check_flag("return_max_scores", return_max_scores)
     check_flag("return_block_map", return_block_map)
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
     bias, keep_blocks_of = check_attn_bias(attn_bias, shape, q.device, q.dtype, keep_bool=True)
@@ -169,10 +176,10 @@ def block_sparse_attention(
                                           (shape.seq_len_q, shape.seq_len_k), block_mask.block_size,
                                           causal=block_mask.causal, window_size=block_mask.window_size)
     window = clamp_window(block_mask.window_size, shape.seq_len_q, shape.seq_len_k)
-    out, lse, *block_map = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=window,
-                                softmax_scale=scale, block_map=request, attn_bias=bias_for(impl, bias, q.dtype),
-                                segments=segments, **mods, **dropout)
-    return pack(out, lse, block_map[0] if block_map else None, return_lse)
+    out, lse, *extra = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=window,
+                            softmax_scale=scale, block_map=request, attn_bias=bias_for(impl, bias, q.dtype),
+                            segments=segments, **mods, **dropout, **max_request(return_max_scores))
+    return pack_extra(out, lse, extra, request, return_lse, return_max_scores)
 
 
 # Query rows per kv head up to which a call runs on the decode kernel (runs_as_decode).
@@ -254,5 +261,17 @@ DOCUMENTS_DOC = """document_ids: ``(B, S)`` or ``(S,)`` integers, for packed row
             more document: drop its rows after."""
 SCORE_MODS_DOC = "\n        ".join((MODS_DOC, BIAS_DOC, DROPOUT_DOC, DOCUMENTS_DOC))
 
+def max_request(return_max_scores: bool) -> dict:
+    """The backends' keyword for the row maxima: passed only when asked, so a backend without it is untouched."""
+    return {"max_scores": True} if return_max_scores else {}
+
+
+def pack_extra(out, lse, extra, request, return_lse: bool, return_max_scores: bool) -> Result:
+    """The op's result from a backend's ``(out, lse, [block_map], [max_scores])``."""
+    block_map = extra[0] if request is not None else None
+    return pack(out, lse, block_map, return_lse, extra[-1] if return_max_scores else None)
+
+
 for _op in (attention, block_sparse_attention):
-    _op.__doc__ = _op.__doc__.replace("{map_args}", MAP_ARGS_DOC).replace("{score_mods}", SCORE_MODS_DOC)
+    _op.__doc__ = _op.__doc__.replace("{map_args}", MAP_ARGS_DOC).replace("{score_mods}", SCORE_MODS_DOC) \
+        .replace("{max_scores}", MAX_SCORES_DOC)

@@ -87,12 +87,14 @@ def block_sparse_attention(
     dropout_p: float = 0.0,
     dropout_seed: Optional[torch.Tensor] = None,
     segments: Optional[SegmentBounds] = None,
+    max_scores: bool = False,
 ) -> Tuple[torch.Tensor, ...]:
     """Exact softmax attention restricted to ``block_mask`` (None: all blocks), the token
     predicates and the ``segments`` (document bounds). q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)`` -> out ``(B, Sq, H, D)``,
     lse ``(B, H, Sq)``, and with ``block_map`` the block attention map pooled from the full
-    probability matrix (:func:`pool_block_map`). Rows with nothing to attend to give 0 and lse = -inf
-    (``sinks``: lse = the sink). Score modifiers in FlashAttention's order (:func:`masked_attention`)."""
+    probability matrix (:func:`pool_block_map`), and with ``max_scores`` each row's largest score ``(B, H, Sq)``
+    (last). Rows with nothing to attend to give 0 and lse = -inf (``sinks``: lse = the sink), max -inf. Score
+    modifiers in FlashAttention's order (:func:`masked_attention`)."""
     allowed = token_mask(q.shape[1], k.shape[1], block_mask, causal, window_size, device=q.device)
     if segments is not None:
         allowed = allowed & segments.token_mask(k.shape[1]).to(q.device)
@@ -104,11 +106,10 @@ def block_sparse_attention(
     if dropout_p > 0:
         dropout = dropout_keep(int(dropout_seed.item()), dropout_p, q.shape[0], q.shape[2], q.shape[1], k.shape[1],
                                device=q.device)
-    out, lse, probs = masked_attention(q, k, v, allowed, softmax_scale, return_probs=True, softcap=softcap,
-                                       bias=bias, sinks=sinks, dropout=dropout)
-    if block_map is None:
-        return out, lse
-    return out, lse, pool_block_map(probs, lse, block_map)
+    out, lse, probs, *maxima = masked_attention(q, k, v, allowed, softmax_scale, return_probs=True, softcap=softcap,
+                                                bias=bias, sinks=sinks, dropout=dropout, return_max=max_scores)
+    result = (out, lse) if block_map is None else (out, lse, pool_block_map(probs, lse, block_map))
+    return result + tuple(maxima)
 
 
 def pool_block_map(probs: torch.Tensor, lse: torch.Tensor, request: MapRequest) -> torch.Tensor:
@@ -165,10 +166,13 @@ def block_sparse_attention_rows(
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
                      softmax_scale: float, return_probs: bool = False, *, softcap: float = 0.0,
                      bias: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
-                     dropout: Optional[Tuple[torch.Tensor, float]] = None) -> Tuple[torch.Tensor, ...]:
+                     dropout: Optional[Tuple[torch.Tensor, float]] = None,
+                     return_max: bool = False) -> Tuple[torch.Tensor, ...]:
     """Softmax attention where ``allowed (B|1, H|1, Sq, Sk)`` says which pairs may attend; GQA by
     contiguous head groups. Rows with nothing allowed give 0 and lse = -inf. ``return_probs`` adds
-    the probability matrix ``(B, H, Sq, Sk)``.
+    the probability matrix ``(B, H, Sq, Sk)``, then ``return_max`` each row's largest score ``(B, H, Sq)``
+    in lse's dtype (after the softcap and the bias, over the allowed pairs; sinks not included; -inf where
+    nothing is allowed).
 
     Score modifiers, in FlashAttention's order: ``s = scale * q . k``, ``softcap``: ``cap * tanh(s / cap)``,
     the mask, then ``bias`` (additive, e.g. ALiBi's, not capped), then the softmax with ``sinks (H,)`` as one
@@ -206,9 +210,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     kept = probs if dropout is None else torch.where(dropout[0], probs * dropout[1], torch.zeros((), dtype=probs.dtype,
                                                                                                device=probs.device))
     out = _MaskedContract.apply(kept, vv, allowed)
-    if return_probs:
-        return out, lse.to(lse_dtype(q.dtype)), probs
-    return out, lse.to(lse_dtype(q.dtype))
+    result = (out, lse.to(lse_dtype(q.dtype))) + ((probs,) if return_probs else ())
+    if return_max:
+        maxima = scores.amax(dim=-1) if scores.shape[-1] else scores.new_full(scores.shape[:3], float("-inf"))
+        result += (maxima.detach().to(lse_dtype(q.dtype)),)
+    return result
 
 
 def _masked_contract(w: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import triton.language as tl
 from attnops.core import dispatch
 from attnops.core import op_checks as _args
 from attnops.core.backends import AUTOTUNE, INTERPRET
-from attnops.core.triton_common import (C_LOG2E, LOG2E, bias_args, dot_kept, dropout_args, dropout_rows, dropout_scale,
+from attnops.core.triton_common import (C_LN2, C_LOG2E, LOG2E, bias_args, dot_kept, dropout_args, dropout_rows, dropout_scale,
                                         fold_sink, key_range, keys_see_queries, segment_args, segment_bounds,
                                         load_bias, lse2, lut_tile, lut_walk, mask_scores, modify_scores,
                                         partial_tile, row_results, softmax_rescale, dense_last_dim, dot_dtype,
@@ -77,7 +77,7 @@ def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks, Bias, Seed, KeyBounds,
+def _fwd_kernel(Q, K, V, Out, Lse, MaxScores, KvNum, KvIdx, Slopes, Sinks, Bias, Seed, KeyBounds,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ob, stride_os, stride_oh,
                 lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
@@ -86,7 +86,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks, Bias, Seed, KeyB
                 BLOCK_N: tl.constexpr, LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_MAX: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     # batch / head offsets in int64: B * S * H * D passes 2^31 at long contexts
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -129,6 +129,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Slopes, Sinks, Bias, Seed, KeyB
                                         b_drop_rows, threshold, drop_scale, BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION,
                                         DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_SEGMENTS)
 
+    if HAS_MAX:  # the row's largest score (m is in base 2; -inf where the row attends nothing), sinks apart
+        tl.store(MaxScores + i_bh.to(tl.int64) * Sq + o_m, b_m * C_LN2, mask=m_m)
     if HAS_SINKS:  # one more logit per row, no value: the denominator grows, the accumulator is rescaled
         b_m, b_l, b_alpha = fold_sink(b_m, b_l, tl.load(Sinks + i_h).to(tl.float32) * C_LOG2E)
         b_acc = b_acc * b_alpha[:, None]
@@ -464,7 +466,7 @@ def _window(causal: bool, window_left: int, window_right: int) -> Tuple[int, int
 
 def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k, softmax_scale, causal,
          window_left, window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None,
-         attn_bias=None, dropout_p=0.0, dropout_seed=None, key_bounds=None, query_bounds=None):
+         attn_bias=None, dropout_p=0.0, dropout_seed=None, key_bounds=None, query_bounds=None, return_max=False):
     op = lib.FWD_TRITON.name
     _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                                   softmax_scale, window_left, window_right, transposed_values=False)
@@ -483,8 +485,9 @@ def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, b
     Sk, Hkv = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    max_scores = torch.empty((B, H, Sq) if return_max else (0,), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
-        return out, lse, q.new_zeros(lib.partial_map_shape(q, k, map_rows, map_cols), dtype=torch.float32)
+        return out, lse, q.new_zeros(lib.partial_map_shape(q, k, map_rows, map_cols), dtype=torch.float32), max_scores
     left, right = _window(causal, window_left, window_right)
     counts, indices, lut = lut_args(kv_num_blocks, kv_indices, q.device)
     (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
@@ -494,17 +497,18 @@ def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, b
     flags.update(HAS_BIAS=attn_bias is not None, HAS_DROPOUT=threshold > 0, HAS_SEGMENTS=key_bounds is not None)
     meta = {**_common_meta(q, block_q, block_k, kv_num_blocks is not None, left, right), **flags}
     sinks_arg = sinks.contiguous() if sinks is not None else slopes
-    args = (q, k, v, out, lse, counts, indices, slopes, sinks_arg, bias, seed, kbounds, *strides3(q), *strides3(k),
+    args = (q, k, v, out, lse, max_scores if return_max else lse, counts, indices, slopes, sinks_arg, bias, seed,
+            kbounds, *strides3(q), *strides3(k),
             *strides3(v), *strides3(out), *lut, Sq, Sk, H, H // Hkv, softmax_scale * LOG2E, Sk - Sq, left, right, cap2,
             stride_slopes_b, *bias_strides, threshold, drop_scale, kb_sb)
     _launch(_fwd_tuned, _fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args,
-            {**meta, "HAS_SINKS": sinks is not None})
+            {**meta, "HAS_SINKS": sinks is not None, "HAS_MAX": bool(return_max)})
     if map_rows == 0:
-        return out, lse, q.new_empty((0,), dtype=torch.float32)
+        return out, lse, q.new_empty((0,), dtype=torch.float32), max_scores
     meta.pop("HAS_DROPOUT")  # the map is of the probabilities before dropout
     partial = launch_block_map(q, k, lse, counts, indices, lut, meta, map_rows, map_cols, map_max, softmax_scale, left,
                                right, (cap2, slopes, stride_slopes_b), (bias, bias_strides), (kbounds, kb_sb))
-    return out, lse, partial
+    return out, lse, partial, max_scores
 
 
 def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,

@@ -17,9 +17,9 @@ from attnops.core.block_map import check_request
 from attnops.core.checks import (autocast_inputs, check_block_mask, check_causal, check_dropout, check_flag,
                                  check_qkv, check_score_mods, check_tensor, refuse_unsupported_ad, resolve_softmax_scale)
 from attnops.core.masks import BlockMask, check_window_size
-from attnops.core.results import MAP_ARGS_DOC, Result, pack
+from attnops.core.results import MAP_ARGS_DOC, MAX_SCORES_DOC, Result
 from attnops.core.segments import check_cu_seqlens, from_cu_seqlens
-from attnops.ops.softmax.op import DEFAULT_MAP_BLOCK, DROPOUT_DOC, MODS_DOC
+from attnops.ops.softmax.op import DEFAULT_MAP_BLOCK, DROPOUT_DOC, MODS_DOC, max_request, pack_extra
 
 
 def varlen_attention(
@@ -41,6 +41,7 @@ def varlen_attention(
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
     block_mask: Optional[BlockMask] = None,
+    return_max_scores: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
     reduce: str = "mean",
@@ -64,13 +65,14 @@ def varlen_attention(
         block_mask: an extra ``BlockMask`` over the packed ``(total_q, total_k)`` (B = 1), without its own
             causal / window predicates (give those here, per sequence).
         return_lse: also return the log-sum-exp ``(H, total_q)`` (float32).
+        {max_scores} Here ``(H, total_q)``, as lse.
         {map_args} The map is over the packed layout, ``(H, ceil(total_q / block_q), ceil(total_k / block_k))``;
             blocks of other sequences are exactly 0.
         backend: as in :func:`attnops.attention`.
 
     Returns:
         ``out (total_q, H, D)``, or a named tuple of ``out`` and what was asked (``lse (H, total_q)``,
-        ``block_map``). A query with no key (an empty key sequence, or causal with ``Lq > Lk``) gets
+        ``block_map``, ``max_scores (H, total_q)``). A query with no key (an empty key sequence, or causal with ``Lq > Lk``) gets
         zeros and ``lse = -inf`` (flash_attn 2 writes +inf there).
 
     Example::
@@ -95,6 +97,7 @@ def varlen_attention(
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     check_flag("return_lse", return_lse)
+    check_flag("return_max_scores", return_max_scores)
     check_flag("return_block_map", return_block_map)
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
     if alibi_slopes is not None and not (cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k)):
@@ -111,10 +114,10 @@ def varlen_attention(
     dropout = check_dropout(dropout_p, generator, q.device)
     segments = from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, shape.seq_len_q, shape.seq_len_k, causal, window)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend, api="varlen_attention")
-    out, lse, *block_map = impl(q4, k4, v4, block_mask, causal=False, window_size=(-1, -1), softmax_scale=scale,
-                                block_map=request, segments=segments, **mods, **dropout)
-    return pack(out[0], lse[0], block_map[0][0] if block_map else None, return_lse)
+    out, lse, *extra = impl(q4, k4, v4, block_mask, causal=False, window_size=(-1, -1), softmax_scale=scale,
+                            block_map=request, segments=segments, **mods, **dropout, **max_request(return_max_scores))
+    return pack_extra(out[0], lse[0], [x[0] for x in extra], request, return_lse, return_max_scores)
 
 
 varlen_attention.__doc__ = varlen_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC).replace(
-    "{score_mods}", MODS_DOC + "\n        " + DROPOUT_DOC)
+    "{score_mods}", MODS_DOC + "\n        " + DROPOUT_DOC).replace("{max_scores}", MAX_SCORES_DOC)

@@ -274,7 +274,7 @@ template <typename S>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const BlockLut& lut,
                     const Predicates& pred, double softmax_scale, const ScoreMods<compute_t<S>>& mods,
                     const ScoreBias<compute_t<S>>& bias, const Dropout& drop, const MapSpec& map, at::Tensor& out,
-                    at::Tensor& lse, at::Tensor& map_part) {
+                    at::Tensor& lse, at::Tensor& map_part, at::Tensor& max_scores) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
   const Problem p = make_problem(q, k, v, NR);
@@ -370,6 +370,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
   S* op = out.data_ptr<S>();
   auto* lp = lse.data_ptr<compute_t<S>>();
+  auto* mxp = max_scores.numel() ? max_scores.data_ptr<compute_t<S>>() : nullptr;
   const int64_t so_b = out.stride(0), so_s = out.stride(1), so_h = out.stride(2);
 
   auto task_rows = [&](int64_t t, int64_t& b, int64_t& h, int64_t& r0, int64_t& r1) {
@@ -469,6 +470,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     for (int64_t r = 0; r < rows; ++r) {
       S* orow = op + b * so_b + (r0 + r) * so_s + h * so_h;
       auto* lrow = lp + (b * p.H + h) * p.Sq + r0 + r;
+      // the row's largest score (base 2 in m; -inf where it attends nothing), before the sink joins m
+      if (mxp) mxp[(b * p.H + h) * p.Sq + r0 + r] = ws.m[r] * static_cast<T>(kLn2);
       // the sink joins the denominator (and leaves m, l sink-inclusive for the block map)
       const T alpha = mods.sinks() ? fold_sink(mods.sink2(h), ws.m[r], ws.l[r]) : T(1);
       const T l = ws.l[r];
@@ -1261,7 +1264,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
 // Operator entry points
 // ------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const c10::optional<at::Tensor>& kv_num_blocks, const c10::optional<at::Tensor>& kv_indices,
     const c10::optional<at::Tensor>& q_num_blocks, const c10::optional<at::Tensor>& q_indices, int64_t block_q,
@@ -1269,7 +1272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
     int64_t map_cols, bool map_max, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
     const c10::optional<at::Tensor>& sinks, const c10::optional<at::Tensor>& attn_bias, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed, const c10::optional<at::Tensor>& key_bounds,
-    const c10::optional<at::Tensor>& query_bounds) {
+    const c10::optional<at::Tensor>& query_bounds, bool return_max) {
   constexpr const char* op = "block_sparse_attn_fwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, false);
@@ -1296,13 +1299,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd_cpu(
                                                            (k.size(1) + map_cols - 1) / map_cols},
                                                           q.options().dtype(lse_dtype)))
                                  : at::empty({0}, q.options().dtype(lse_dtype));
-  if (q.numel() == 0) return {out, lse, map_part};
+  // each row's largest score (the one the softmax subtracts), when asked for
+  at::Tensor max_scores = return_max ? maybe_poison(at::empty_like(lse)) : at::empty({0}, lse.options());
+  if (q.numel() == 0) return {out, lse, map_part, max_scores};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd_cpu", [&] {
     const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, sinks, q.size(2));
     const ScoreBias<compute_t<scalar_t>> bias(attn_bias);
-    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, mods, bias, drop, map, out, lse, map_part);
+    forward_kernel<scalar_t>(q, k, v, lut, pred, softmax_scale, mods, bias, drop, map, out, lse, map_part,
+                             max_scores);
   });
-  return {out, lse, map_part};
+  return {out, lse, map_part, max_scores};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
