@@ -47,7 +47,10 @@ model = torch.nn.Sequential(attnops.nn.Attention(64, 4), attnops.nn.Attention(64
 tokens = torch.randn(1, 128, 64)
 """,
     "out = attnops.moba_attention(q, k, v, block_size=512": _QKV,
-    "out, max_scores = attnops.attention(q, k, v, causal=True, return_max_scores=True)": _QKV,
+    "out, max_scores = attnops.attention(q, k, v, causal=True, return_max_scores=True)": _QKV + """
+model = torch.nn.Sequential(attnops.nn.Attention(64, 4), attnops.nn.Attention(64, 4))
+tokens = torch.randn(1, 128, 64)
+""",
     "out, state = attnops.aaren(query, k, v, output_final_state=True)": _QKV + """
 query = torch.randn(8, 64); k_new, v_new = torch.randn(1, 1, 2, 64), torch.randn(1, 1, 2, 64)
 x = torch.randn(1, 100, 512)

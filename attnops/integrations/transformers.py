@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from attnops.core.checks import additive_mask
-from attnops.maps.capture import attend
+from attnops.maps.capture import attend, refuse_uncaptured
 from attnops.core.masks import BlockMask
 from attnops.nn.specs import (SCORE_MOD_SPECS, VARLEN_SPECS, AttentionSpec, BlockSparseSpec, FlowSpec,
                               HyperSpec, LinearAttentionSpec, LLNSpec, MoBASpec, MoHSpec, ReGLASpec, RoutingSpec, SEASpec,
@@ -332,6 +332,7 @@ def _attention_forward(spec: AttentionSpec):
                                               f"{sliding_window}, which the {type(spec).__name__} registered here "
                                               "cannot apply")
                 q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+                refuse_uncaptured(f"a padded or packed batch on the {type(spec).__name__} (unpadded sequences)")
                 try:
                     return attend_unpadded(spec, q, k, v, keep, documents, causal, scaling, **extra), None
                 except NotImplementedError as e:

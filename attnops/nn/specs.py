@@ -40,6 +40,7 @@ class SoftmaxSpec:
 
     causal: bool = False
     window: Tuple[int, int] = (-1, -1)
+    reports_max_scores = True  # attend() takes return_max_scores (attnops.maps.capture(max_scores=True))
 
     def __post_init__(self):
         if not isinstance(self.causal, bool):
@@ -74,6 +75,7 @@ class BlockSparseSpec:
     # looks the mask up.
     _masks: Dict[Tuple[int, int, str], BlockMask] = field(default_factory=dict, init=False, compare=False,
                                                           repr=False)
+    reports_max_scores = True
 
     def __post_init__(self):
         if (self.block_mask is None) == (self.pattern is None):

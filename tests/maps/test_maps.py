@@ -168,3 +168,98 @@ def test_cli_encoder_configs_draw_bidirectional_maps(model_type, bidirectional, 
     above_diagonal = sum(float(m[0].triu(1).sum()) for m in maps)
     assert (above_diagonal > 0) == bidirectional
     assert ("bidirectional" in capsys.readouterr().out) == bidirectional
+
+
+def _ref_max(q, k, causal):
+    """Each row's largest score of q (B, S, H, D) against k (B, S, Hkv, D), in float64."""
+    q64 = q.detach().double()
+    k64 = k.detach().double().repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return s.amax(-1)
+
+
+def test_capture_max_scores_while_training():
+    """capture(max_scores=True) records each layer's row maxima of the scores during a training step (QK-clip's
+    input), equal to those of the q, k the layer computes; the loss and gradients are those of a step without it;
+    maps=False records no map."""
+    model = TinyCausalLM(layers=2, dim=64, heads=4, kv_heads=2, attention=attnops.nn.SoftmaxSpec(causal=True))
+    tokens = torch.randint(0, 256, (2, 150))
+    plain = model(tokens).square().mean()
+    want = torch.autograd.grad(plain, list(model.parameters()))
+    with attnops.maps.capture(model, maps=False, max_scores=True) as cap:
+        loss = model(tokens).square().mean()
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    assert torch.equal(loss, plain) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert cap.maps == {} and list(cap.max_scores) == ["blocks.0.attn", "blocks.1.attn"]
+    block = model.blocks[0]
+    with torch.no_grad():
+        q, k, _ = block["attn"]._qkv(block["norm1"](model.embed(tokens)))
+    torch.testing.assert_close(cap.max_scores["blocks.0.attn"].double(), _ref_max(q, k, True), rtol=1e-5, atol=1e-5)
+    assert cap.max_per_head()["blocks.1.attn"].shape == (4,)
+    with torch.no_grad(), attnops.maps.capture(model, max_scores=True) as both:  # maps and maxima in one call
+        model(tokens)
+    assert list(both.maps) == list(both.max_scores) == ["blocks.0.attn", "blocks.1.attn"]
+    torch.testing.assert_close(both.max_scores["blocks.0.attn"], cap.max_scores["blocks.0.attn"], rtol=0, atol=0)
+
+
+def test_capture_max_scores_through_transformers_adapter():
+    """A left-padded Llama batch through the adapter: each layer's row maxima equal the largest logit eager
+    attention forms from the same q, k and mask (recorded by an attention function of this test); rows that see
+    nothing (the padding) are -inf in both."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import repeat_kv
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from attnops.integrations.transformers import register
+
+    logits = []
+
+    def recording_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        keys = repeat_kv(key, query.shape[1] // key.shape[1]).double()
+        s = query.double() @ keys.transpose(-1, -2) * scaling
+        logits.append(s.masked_fill(~attention_mask, float("-inf")).amax(-1))
+        additive = torch.zeros(attention_mask.shape, dtype=query.dtype).masked_fill(~attention_mask, -1e30)
+        return eager_attention_forward(module, query, key, value, additive, scaling=scaling, **kwargs)
+
+    AttentionInterface.register("test_recording", recording_attention)
+    AttentionMaskInterface.register("test_recording", lambda *a, **kw: sdpa_mask(*a, **dict(kw, allow_is_causal_skip=False)))
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=register()).eval()
+    ids = torch.randint(0, 64, (2, 90))
+    mask = torch.ones(2, 90, dtype=torch.long)
+    mask[1, :30] = 0
+    with torch.no_grad(), attnops.maps.capture(model, maps=False, max_scores=True) as cap:
+        model(ids, attention_mask=mask)
+        model.set_attn_implementation("test_recording")
+        model(ids, attention_mask=mask)
+    assert list(cap.max_scores) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    for got, want in zip(cap.max_scores.values(), logits):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert bool(torch.isneginf(logits[0][1, :, :30]).all())
+
+
+def test_capture_max_scores_refuses_what_cannot_report_them():
+    transformers = pytest.importorskip("transformers")
+    from attnops.integrations.transformers import register
+
+    moba = attnops.nn.Attention(64, 4, attention=attnops.nn.MoBASpec(block_size=32, topk=2))
+    with attnops.maps.capture(max_scores=True), pytest.raises(NotImplementedError, match="MoBASpec"):
+        moba(torch.randn(1, 70, 64))
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation=register("attnops_moba_test", attnops.nn.MoBASpec(block_size=32, topk=2))).eval()
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :5] = 0
+    with attnops.maps.capture(), pytest.raises(NotImplementedError, match="would miss it"):
+        model(torch.randint(0, 64, (2, 40)), attention_mask=mask)  # padded MoBA prefill runs unpadded: no maps
+    with pytest.raises(ValueError, match="nothing to record"), attnops.maps.capture(maps=False):
+        pass
+    with pytest.raises(TypeError, match="max_scores must be a bool"), attnops.maps.capture(max_scores=1):
+        pass
