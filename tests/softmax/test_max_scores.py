@@ -137,3 +137,25 @@ def test_max_scores_flag_is_checked():
         attnops.attention(q, k, v, return_max_scores=1)
     out, max_scores = attnops.attention(q, k, v, return_max_scores=True)
     torch.testing.assert_close(max_scores, (torch.einsum("bqhd,bkhd->bhqk", q, k) * 16 ** -0.5).amax(-1))
+
+
+def test_nan_reaches_exactly_the_rows_that_attend_it(fwd_impl):
+    """NaN in, NaN out: a NaN in q[i] makes row i's maximum NaN, a NaN in k[j] the maxima of the rows that attend key
+    j (causal: the later rows of its kv heads), every other row's stays finite; +Inf in q[i] gives +inf where the
+    reference has it."""
+    B, S, H, Hkv, D = 1, 90, 4, 2, 32
+    q, k, v = make_qkv(B, S, S, H, Hkv, D, torch.float32)
+    q[0, 5, 0, 3] = float("nan")
+    k[0, 40, 1, 2] = float("nan")
+    q[0, 70, 0] = 0.0
+    q[0, 70, 0, 0] = float("inf")
+    dev = fwd_impl.device
+    got = attnops.attention(q.to(dev), k.to(dev), v.to(dev), causal=True, return_max_scores=True,
+                            backend=fwd_impl.backend).max_scores.cpu()
+    want = attnops.attention(q.double(), k.double(), v.double(), causal=True, return_max_scores=True,
+                             backend="reference").max_scores
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert bool(torch.isnan(want[0, 0, 5])) and bool(torch.isnan(want[0, 2:, 40:]).all())
+    assert not bool(torch.isnan(want[0, 2:, :40]).any())
+    finite = ~torch.isnan(want)
+    torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-5, atol=1e-5)

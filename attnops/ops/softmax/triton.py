@@ -129,8 +129,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, MaxScores, KvNum, KvIdx, Slopes, Sinks, Bias,
                                         b_drop_rows, threshold, drop_scale, BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION,
                                         DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_SEGMENTS)
 
-    if HAS_MAX:  # the row's largest score (m is in base 2; -inf where the row attends nothing), sinks apart
-        tl.store(MaxScores + i_bh.to(tl.int64) * Sq + o_m, b_m * C_LN2, mask=m_m)
+    if HAS_MAX:  # the row's largest score (m is in base 2; -inf where the row attends nothing), sinks apart.
+        # tl.max skips NaN: a NaN score shows in l (its exp2 is NaN), as does +inf - +inf, which m tells apart
+        b_max = tl.where((b_l != b_l) & (b_m != float("inf")), float("nan"), b_m * C_LN2)
+        tl.store(MaxScores + i_bh.to(tl.int64) * Sq + o_m, b_max, mask=m_m)
     if HAS_SINKS:  # one more logit per row, no value: the denominator grows, the accumulator is rescaled
         b_m, b_l, b_alpha = fold_sink(b_m, b_l, tl.load(Sinks + i_h).to(tl.float32) * C_LOG2E)
         b_acc = b_acc * b_alpha[:, None]
