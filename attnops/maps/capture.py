@@ -77,8 +77,8 @@ def capture(model: Optional[nn.Module] = None, *, map_block_size=None, reduce: s
         maps: record the block maps (``cap.maps``).
         max_scores: record each call's row maxima of the scores (``cap.max_scores``, ``cap.max_per_head()``), for
             QK-clip (MuonClip) or logit monitoring during training: the kernels write them with the forward (no
-            second pass). The softmax specs (``SoftmaxSpec``, ``BlockSparseSpec``) report them; a call on another
-            spec raises inside the capture.
+            second pass). The softmax specs (``SoftmaxSpec``, ``BlockSparseSpec``, ``MoBASpec``) report them; a call on
+            another spec raises inside the capture.
 
     Example::
 
@@ -145,7 +145,7 @@ def attend(module: nn.Module, spec, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return spec.attend(q, k, v, causal=causal, softmax_scale=softmax_scale, **options), None
     if want_max and not getattr(spec, "reports_max_scores", False):
         raise NotImplementedError(f"attnops.maps.capture(max_scores=True): the {type(spec).__name__} does not "
-                                  "report row maxima of the scores (the softmax specs do: SoftmaxSpec, BlockSparseSpec)")
+                                  "report row maxima of the scores (the softmax specs do: SoftmaxSpec, BlockSparseSpec, MoBASpec)")
     if want_map:
         options = dict(options, return_block_map=True, **map_options())
     if want_max:

@@ -117,6 +117,7 @@ class MoBASpec:
     topk: int = 3
     causal: bool = False
     routing: str = "token"
+    reports_max_scores = True
 
     def __post_init__(self):
         check_moba_args(self.block_size, self.topk, prefix="MoBA.", routing=self.routing)

@@ -248,9 +248,13 @@ def test_capture_max_scores_refuses_what_cannot_report_them():
     transformers = pytest.importorskip("transformers")
     from attnops.integrations.transformers import register
 
+    linear = attnops.nn.Attention(64, 4, attention=attnops.nn.LinearAttentionSpec())
+    with attnops.maps.capture(max_scores=True), pytest.raises(NotImplementedError, match="LinearAttentionSpec"):
+        linear(torch.randn(1, 70, 64))
     moba = attnops.nn.Attention(64, 4, attention=attnops.nn.MoBASpec(block_size=32, topk=2))
-    with attnops.maps.capture(max_scores=True), pytest.raises(NotImplementedError, match="MoBASpec"):
+    with attnops.maps.capture(maps=False, max_scores=True) as cap:  # MoBA reports them (token routing)
         moba(torch.randn(1, 70, 64))
+    assert next(iter(cap.max_scores.values())).shape == (1, 4, 70)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = transformers.AutoModelForCausalLM.from_config(

@@ -359,3 +359,49 @@ def test_dropout_masks_do_not_depend_on_autograd(monkeypatch):
     with torch.no_grad():
         without = run(False)
     torch.testing.assert_close(with_grad.detach(), without, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["merge_in_place", "autograd"])
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: "L{}-H{}-Hkv{}-D{}-bs{}-k{}".format("+".join(map(str, c[0])),
+                                                                                              *c[1:]))
+def test_max_scores_over_the_chosen_keys(case, grad, fwd_impl):
+    """``return_max_scores``: each row's largest score over the keys the authors' routing chose (their masks), the
+    self pass's and the pairs' maxima folded together, in the in-place merge and in the autograd one; the batched
+    layout equals the packed one."""
+    lengths, H, Hkv, D, block, topk = case
+    q, k, v, cu = _inputs(lengths, H, Hkv, D)
+    masks = _oracle(q, k, v, cu, block, topk)
+    dev = fwd_impl.device
+    inputs = [t.to(dev).requires_grad_(grad) for t in (q, k, v)]
+    res = attnops.moba_attention(*inputs, block_size=block, topk=topk, cu_seqlens=cu.to(dev), return_max_scores=True,
+                                 backend=fwd_impl.backend)
+    assert res.max_scores.shape == (H, q.shape[0]) and not res.max_scores.requires_grad
+    bounds = cu.tolist()
+    group = H // Hkv
+    for (a, b), mask in zip(zip(bounds[:-1], bounds[1:]), masks):
+        kr = k[None, a:b].double().repeat_interleave(group, 2)
+        *_, want = masked_attention(q[None, a:b].double(), kr, kr, mask[None], D ** -0.5, return_max=True)
+        torch.testing.assert_close(res.max_scores[:, a:b].detach().cpu().double(), want[0], rtol=1e-5, atol=1e-5)
+    if len(lengths) == 1:
+        batched = attnops.moba_attention(*(t.detach()[None] for t in inputs), block_size=block, topk=topk,
+                                         return_max_scores=True, backend=fwd_impl.backend)
+        torch.testing.assert_close(batched.max_scores[0], res.max_scores.detach(), rtol=0, atol=0)
+
+
+def test_max_scores_of_tile_routing_and_nan():
+    """Tile routing's maxima are the block-sparse core's on the routed mask (batched and packed); a NaN key reaches
+    the maxima of exactly the token-routed rows that chose its block (their max is NaN), as it reaches their output."""
+    q, k, v, cu = _inputs((300, 1, 399), 4, 2, 40)
+    tile = attnops.moba_attention(q[None, :300], k[None, :300], v[None, :300], block_size=64, topk=3, routing="tile",
+                                  return_max_scores=True)
+    mask = attnops.moba_block_mask(q[None, :300], k[None, :300], block_size=64, topk=3)
+    want = attnops.block_sparse_attention(q[None, :300].double(), k[None, :300].double(), v[None, :300].double(), mask,
+                                          return_max_scores=True, backend="reference").max_scores
+    torch.testing.assert_close(tile.max_scores.double(), want, rtol=1e-5, atol=1e-5)
+    packed = attnops.moba_attention(q, k, v, block_size=64, topk=3, routing="tile", cu_seqlens=cu,
+                                    return_max_scores=True)
+    torch.testing.assert_close(packed.max_scores[:, :300], tile.max_scores[0], rtol=0, atol=0)
+    k[100, 0, 5] = float("nan")  # kv head 0: query heads 0 and 1
+    out, max_scores = attnops.moba_attention(q, k, v, block_size=50, topk=3, cu_seqlens=cu, return_max_scores=True)
+    nan_rows = torch.isnan(out).any(-1).transpose(0, 1)  # (H, T)
+    assert bool(nan_rows.any()) and torch.equal(torch.isnan(max_scores), nan_rows)

@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 
 from attnops.core import dispatch
-from attnops.core.checks import (QKVShape, autocast_inputs, check_attn_bias, check_causal, check_dropout_p, check_qkv,
-                                 check_score_mods, check_tensor, refuse_unsupported_ad, resolve_softmax_scale)
+from attnops.core.checks import (QKVShape, autocast_inputs, check_attn_bias, check_causal, check_dropout_p, check_flag,
+                                 check_qkv, check_score_mods, check_tensor, refuse_unsupported_ad,
+                                 resolve_softmax_scale)
 from attnops.core.masks import BlockMask
-from attnops.core.results import MAP_ARGS_DOC, AttentionOutput, Result
+from attnops.core.results import MAP_ARGS_DOC, MAX_SCORES_DOC, Result, pack
 from attnops.core.segments import check_cu_seqlens
 from attnops.ops.routed.token import moba_token_attention
 from attnops.ops.softmax.op import block_sparse_attention
@@ -92,6 +93,7 @@ def moba_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
     return_lse: bool = False,
+    return_max_scores: bool = False,
     return_block_map: bool = False,
     map_block_size=None,
     reduce: str = "mean",
@@ -138,6 +140,7 @@ def moba_attention(
             call for all; tile routing: one routed call per sequence). Returns ``out (total, H, D)`` (lse
             ``(H, total)``); no ``attn_bias`` or block map here.
         return_lse: also return the log-sum-exp ``(B, H, S)``.
+        {max_scores} Over the keys the row's routing chose (``(H, total)`` with ``cu_seqlens``).
         {map_args}
             (``map_block_size`` here, since ``block_size`` is MoBA's; default 64.)
         backend: force ``"cpu"``, ``"triton"`` or ``"reference"`` for the router and the attention.
@@ -147,17 +150,19 @@ def moba_attention(
     """
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    check_flag("return_max_scores", return_max_scores)
     if routing == "token":
         return _moba_token(q, k, v, cu_seqlens, max_seqlen, return_lse,
                            dict(block_size=block_size, topk=topk, causal=causal, softmax_scale=softmax_scale,
                                 softcap=softcap, sinks=sinks, dropout_p=dropout_p, generator=generator,
-                                backend=backend),
+                                backend=backend, max_scores=return_max_scores),
                            dict(alibi_slopes=alibi_slopes, attn_bias=attn_bias, return_block_map=return_block_map))
     if cu_seqlens is not None:
         return _moba_varlen(q, k, v, cu_seqlens, max_seqlen, attn_bias, return_lse, return_block_map,
                             dict(block_size=block_size, topk=topk, causal=causal, routing="tile",
                                  softmax_scale=softmax_scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                                 dropout_p=dropout_p, generator=generator, backend=backend))
+                                 dropout_p=dropout_p, generator=generator, backend=backend,
+                                 return_max_scores=return_max_scores))
     q, k, v = autocast_inputs(q, k, v)
     shape = check_qkv(q, k, v)
     refuse_unsupported_ad("moba_attention", q, k, v)
@@ -168,12 +173,13 @@ def moba_attention(
     mask = _routed_mask(q, k, shape.seq_len_q, block_size, topk, causal, backend)
     return block_sparse_attention(q, k, v, mask, softmax_scale=softmax_scale, softcap=softcap,
                                   alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias, dropout_p=dropout_p,
-                                  generator=generator, return_lse=return_lse,
+                                  generator=generator, return_lse=return_lse, return_max_scores=return_max_scores,
                                   return_block_map=return_block_map,
                                   map_block_size=map_block_size, reduce=reduce, backend=backend)
 
 
-moba_attention.__doc__ = moba_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC)
+moba_attention.__doc__ = moba_attention.__doc__.replace("{map_args}", MAP_ARGS_DOC).replace("{max_scores}",
+                                                                                            MAX_SCORES_DOC)
 
 
 def _moba_token(q, k, v, cu_seqlens, max_seqlen, return_lse: bool, options: dict, tile_only: dict) -> Result:
@@ -205,11 +211,12 @@ def _moba_token(q, k, v, cu_seqlens, max_seqlen, return_lse: bool, options: dict
     else:
         bounds = [i * S for i in range(B + 1)]
         flat = tuple(t.reshape(B * S, *t.shape[2:]) for t in (q, k, v))
-    out, lse = moba_token_attention(*flat, bounds, softmax_scale=scale, **options)
+    out, lse, *maxima = moba_token_attention(*flat, bounds, softmax_scale=scale, **options)
     if not packed:
         out = out.view(B, S, *out.shape[1:])
         lse = lse.view(-1, B, S).transpose(0, 1)
-    return AttentionOutput(out, lse) if return_lse else out
+        maxima = [m.view(-1, B, S).transpose(0, 1) for m in maxima]
+    return pack(out, lse, None, return_lse, maxima[0] if maxima else None)
 
 
 def _moba_varlen(q, k, v, cu_seqlens, max_seqlen, attn_bias, return_lse: bool, return_block_map: bool,
@@ -225,16 +232,18 @@ def _moba_varlen(q, k, v, cu_seqlens, max_seqlen, attn_bias, return_lse: bool, r
                                   "(call each sequence for them)")
     check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device, max_seqlen)
     bounds = cu_seqlens.tolist()
-    outs, lses = [], []
+    outs, lses, maxes = [], [], []
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b == a:
             continue
-        out, lse = moba_attention(q[None, a:b], k[None, a:b], v[None, a:b], return_lse=True, **options)
+        out, lse, *maxima = moba_attention(q[None, a:b], k[None, a:b], v[None, a:b], return_lse=True, **options)
         outs.append(out[0])
         lses.append(lse[0])
+        maxes.extend(m[0] for m in maxima)
     if not outs:  # no tokens at all
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out, lse = q.new_empty(q.shape), torch.empty(q.shape[1], 0, dtype=lse_dtype, device=q.device)
+        maxes = [lse.clone()]
     else:
         out, lse = torch.cat(outs), torch.cat(lses, dim=1)
-    return AttentionOutput(out, lse) if return_lse else out
+    return pack(out, lse, None, return_lse, torch.cat(maxes, dim=1) if options["return_max_scores"] else None)

@@ -182,15 +182,18 @@ _GROUP_PAIR_BYTES = 16 << 20
 def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: List[int], *,
                          block_size: int, topk: int, causal: bool, softmax_scale: float, backend: Optional[str],
                          softcap: float = 0.0, sinks: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                         generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         generator: Optional[torch.Generator] = None,
+                         max_scores: bool = False) -> Tuple[torch.Tensor, ...]:
     """Token-routed MoBA over packed sequences: ``q (T, H, D)``, ``k, v (T, Hkv, D)`` -> ``out (T, H, Dv)`` in q's
-    dtype and ``lse (H, T)`` (float32; float64 for float64 inputs). The sinks join the self pass (one logit per
-    row of the merged softmax); softcap and dropout act on every score, as in one softmax."""
+    dtype and ``lse (H, T)`` (float32; float64 for float64 inputs), and with ``max_scores`` each row's largest score
+    over its chosen keys ``(H, T)`` in lse's dtype (the self pass's and its pairs' maxima, their max). The sinks join
+    the self pass (one logit per row of the merged softmax); softcap and dropout act on every score, as in one
+    softmax."""
     T, H, D = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
     extra = dict(softmax_scale=softmax_scale, api="moba_attention", backend=backend, softcap=softcap,
-                 dropout_p=dropout_p, generator=generator)
+                 dropout_p=dropout_p, generator=generator, max_scores=max_scores)
     own_bounds = _own_block_bounds(seq_bounds, block_size, causal, q.device)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     pair_rows = T * group * max(topk - 1, 1)  # one kv head's pair rows, at most
@@ -201,10 +204,10 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
     # and adds them (48 full-size fills and adds at 32K, H = 8: ~60% of the backward's time)
     kv_groups = list(zip(range(0, Hkv, step), q.split(step * group, 1), k.split(step, 1), v.split(step, 1)))
 
-    def self_pass(qg, kg, vg, heads: slice) -> Tuple[torch.Tensor, torch.Tensor]:  # (T, Hg, Dv), (Hg, T)
-        out, lse = bounded_attention(qg[None], kg[None], vg[None], own_bounds,
-                                     sinks=None if sinks is None else sinks[heads], **extra)
-        return out[0], lse[0]
+    def self_pass(qg, kg, vg, heads: slice) -> Tuple[torch.Tensor, ...]:  # (T, Hg, Dv), (Hg, T)[, (Hg, T)]
+        res = bounded_attention(qg[None], kg[None], vg[None], own_bounds,
+                                sinks=None if sinks is None else sinks[heads], **extra)
+        return tuple(t[0] for t in res)
 
     def pair_pass(qg, kg, vg, rows: Optional[torch.Tensor] = None):
         return _pair_pass(qg, kg, vg, seq_bounds, block_size=block_size, topk=topk, causal=causal, extra=extra,
@@ -217,23 +220,30 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
         # one shared buffer (a fresh one each would be faulted in afresh: glibc returns buffers this large to the
         # system when they are freed). Not with dropout: each call draws its mask's seed from the generator, and
         # the calls below draw them in the same order with or without autograd (same seed, same masks).
-        out, lse = (t.to(work).contiguous() for t in self_pass(q, k, v, slice(0, H)))
+        out, lse, *maxima = (t.to(work).contiguous() for t in self_pass(q, k, v, slice(0, H)))
         rows = q.new_empty(pair_rows * min(step, Hkv), D)
         for h0, qg, kg, vg in kv_groups:
-            _merge_into(out, lse, slice(h0 * group, h0 * group + qg.shape[1]), *pair_pass(qg, kg, vg, rows))
-        return out.to(q.dtype), lse
+            heads = slice(h0 * group, h0 * group + qg.shape[1])
+            out_pair, lse_pair, *max_pair, row = pair_pass(qg, kg, vg, rows)
+            _merge_into(out, lse, heads, out_pair, lse_pair, row)
+            if maxima:
+                maxima[0][heads] = _max_into(maxima[0][heads], max_pair[0], row)
+        return (out.to(q.dtype), lse, *maxima)
     # with autograd every group runs its own self pass too: the backward of one over every head would pack every
     # head's panels and gradient partials at once (at 32K, H = 8: +27% on forward + backward)
-    outs, lses = [], []
+    outs, lses, maxes = [], [], []
     for h0, qg, kg, vg in kv_groups:
-        own_out, own_lse = self_pass(qg, kg, vg, slice(h0 * group, h0 * group + qg.shape[1]))
+        own_out, own_lse, *own_max = self_pass(qg, kg, vg, slice(h0 * group, h0 * group + qg.shape[1]))
         rows = own_out.shape[0] * own_out.shape[1]
-        out, lse = merge_rows(own_out.reshape(rows, -1), own_lse.transpose(0, 1).reshape(rows),
-                              *pair_pass(qg, kg, vg), work)
+        out_pair, lse_pair, *max_pair, row = pair_pass(qg, kg, vg)
+        out, lse = merge_rows(own_out.reshape(rows, -1), own_lse.transpose(0, 1).reshape(rows), out_pair, lse_pair,
+                              row, work)
         outs.append(out.view(T, -1, out.shape[-1]))
         lses.append(lse.view(T, -1).transpose(0, 1))
+        if own_max:
+            maxes.append(_max_into(own_max[0].detach(), max_pair[0], row))
     out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, dim=1), torch.cat(lses))
-    return out.to(q.dtype), lse
+    return (out.to(q.dtype), lse) + ((torch.cat(maxes),) if maxes else ())
 
 
 def _own_block_bounds(seq_bounds: List[int], block_size: int, causal: bool, device: torch.device) -> torch.Tensor:
@@ -250,12 +260,13 @@ def _own_block_bounds(seq_bounds: List[int], block_size: int, causal: bool, devi
 
 def _pair_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: List[int], *, block_size: int,
                topk: int, causal: bool, extra: dict,
-               rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """Routing and the pair pass over heads ``q (T, Hg, D)`` / kv heads ``k, v (T, Hkv_g, D)`` (head slices:
     strided views) -> ``out (P, Dv)`` and ``lse (P,)`` of the chosen (token, head, block) pairs outside the own
-    blocks, and ``row (P,)``, each pair's row ``t * Hg + h`` (padding pairs: row 0 with an empty interval, out 0,
-    lse -inf, which add nothing). ``rows``: without autograd, a buffer of at least ``P x D`` (every row choosing
-    ``topk - 1`` blocks) that the gathered query rows go into."""
+    blocks, their maxima ``(P,)`` when ``extra`` asks for ``max_scores``, and ``row (P,)``, each pair's row
+    ``t * Hg + h`` (padding pairs: row 0 with an empty interval, out 0, lse and max -inf, which add nothing).
+    ``rows``: without autograd, a buffer of at least ``P x D`` (every row choosing ``topk - 1`` blocks) that the
+    gathered query rows go into."""
     T, H, _ = q.shape
     Hkv = k.shape[1]
     # pairs ordered by (kv head, block): each run of rows shares one key interval, and the intervals increase. The
@@ -270,9 +281,9 @@ def _pair_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: Li
         q_rows = flat.index_select(0, at)  # backward: index_add
     else:
         q_rows = torch.index_select(flat, 0, at, out=rows[:at.numel()])
-    out, lse = bounded_attention(q_rows.view(Hkv, width, 1, q.shape[-1]), k.transpose(0, 1).unsqueeze(2),
-                                 v.transpose(0, 1).unsqueeze(2), bounds.view(Hkv, width, 2), **extra)
-    return out.reshape(Hkv * width, out.shape[-1]), lse.reshape(Hkv * width), row
+    out, lse, *maxima = bounded_attention(q_rows.view(Hkv, width, 1, q.shape[-1]), k.transpose(0, 1).unsqueeze(2),
+                                          v.transpose(0, 1).unsqueeze(2), bounds.view(Hkv, width, 2), **extra)
+    return (out.reshape(Hkv * width, out.shape[-1]), lse.reshape(Hkv * width), *(m.reshape(-1) for m in maxima), row)
 
 
 def _order_pairs(choice: TokenChoice, group: int, T: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -317,6 +328,17 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, heads: slice, out_pair: to
         at = row + (row // Hg) * (H - Hg) + heads.start  # the pair's row of out viewed as (T * H, Dv)
         out.view(T * H, Dv).index_add_(0, at, out_pair.to(out.dtype).mul_(scale.unsqueeze(-1)))
     lse[heads] = new.view(T, Hg).transpose(0, 1)
+
+
+def _max_into(own: torch.Tensor, pair_max: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """A head group's row maxima ``(Hg, T)`` (the self pass's) with its pairs' (``(P,)`` at rows ``t * Hg + h``) folded
+    in: the largest over every chosen key. NaN wins (NaN in, NaN out); padding pairs hold -inf."""
+    Hg, T = own.shape
+    flat = own.transpose(0, 1).reshape(T * Hg)
+    pair_max = pair_max.detach().to(flat.dtype)
+    flat = flat.scatter_reduce(0, row, pair_max, reduce="amax", include_self=True)
+    flat = flat.index_fill(0, row[torch.isnan(pair_max)], float("nan"))  # whatever amax does with NaN
+    return flat.view(T, Hg).transpose(0, 1)
 
 
 def _rows_of(q: torch.Tensor) -> Tuple[torch.Tensor, int]:
