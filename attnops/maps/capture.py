@@ -145,7 +145,8 @@ def attend(module: nn.Module, spec, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return spec.attend(q, k, v, causal=causal, softmax_scale=softmax_scale, **options), None
     if want_max and not getattr(spec, "reports_max_scores", False):
         raise NotImplementedError(f"attnops.maps.capture(max_scores=True): the {type(spec).__name__} does not "
-                                  "report row maxima of the scores (the softmax specs do: SoftmaxSpec, BlockSparseSpec, MoBASpec)")
+                                  "report row maxima of the scores (the softmax specs do: SoftmaxSpec, "
+                                  "BlockSparseSpec, MoBASpec)")
     if want_map:
         options = dict(options, return_block_map=True, **map_options())
     if want_max:

@@ -40,4 +40,4 @@ def bounded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bou
     impl = dispatch.resolve("block_sparse_attention", q.device, backend, api=api)
     return impl(q, k, v, None, causal=False, window_size=(-1, -1), softmax_scale=softmax_scale, block_map=None,
                 segments=segments, **check_score_mods(softcap, None, sinks, shape, q.device),
-                **check_dropout(dropout_p, generator, q.device), **({"max_scores": True} if max_scores else {}))
+                **check_dropout(dropout_p, generator, q.device), max_scores=max_scores)

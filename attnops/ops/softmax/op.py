@@ -104,7 +104,7 @@ def attention(
                                     DEFAULT_MAP_BLOCK, causal=causal, window_size=window)
     out, lse, *extra = impl(q, k, v, mask, causal=causal, window_size=window, softmax_scale=scale,
                             block_map=request, attn_bias=bias_for(impl, bias, q.dtype), segments=segments, **mods,
-                            **dropout, **max_request(return_max_scores))
+                            **dropout, max_scores=return_max_scores)
     return pack_extra(out, lse, extra, request, return_lse, return_max_scores)
 
 
@@ -178,7 +178,7 @@ def block_sparse_attention(
     window = clamp_window(block_mask.window_size, shape.seq_len_q, shape.seq_len_k)
     out, lse, *extra = impl(q, k, v, block_mask, causal=block_mask.causal, window_size=window,
                             softmax_scale=scale, block_map=request, attn_bias=bias_for(impl, bias, q.dtype),
-                            segments=segments, **mods, **dropout, **max_request(return_max_scores))
+                            segments=segments, **mods, **dropout, max_scores=return_max_scores)
     return pack_extra(out, lse, extra, request, return_lse, return_max_scores)
 
 
@@ -260,11 +260,6 @@ DOCUMENTS_DOC = """document_ids: ``(B, S)`` or ``(S,)`` integers, for packed row
             the same inside a document). Tiles wholly in another document are never visited. Padding is one
             more document: drop its rows after."""
 SCORE_MODS_DOC = "\n        ".join((MODS_DOC, BIAS_DOC, DROPOUT_DOC, DOCUMENTS_DOC))
-
-def max_request(return_max_scores: bool) -> dict:
-    """The backends' keyword for the row maxima: passed only when asked, so a backend without it is untouched."""
-    return {"max_scores": True} if return_max_scores else {}
-
 
 def pack_extra(out, lse, extra, request, return_lse: bool, return_max_scores: bool) -> Result:
     """The op's result from a backend's ``(out, lse, [block_map], [max_scores])``."""

@@ -29,9 +29,9 @@ import triton.language as tl
 from attnops.core import dispatch
 from attnops.core import op_checks as _args
 from attnops.core.backends import AUTOTUNE, INTERPRET
-from attnops.core.triton_common import (C_LN2, C_LOG2E, LOG2E, bias_args, dot_kept, dropout_args, dropout_rows, dropout_scale,
-                                        fold_sink, key_range, keys_see_queries, segment_args, segment_bounds,
-                                        load_bias, lse2, lut_tile, lut_walk, mask_scores, modify_scores,
+from attnops.core.triton_common import (C_LN2, C_LOG2E, LOG2E, bias_args, dot_kept, dropout_args, dropout_rows,
+                                        dropout_scale, fold_sink, key_range, keys_see_queries, segment_args,
+                                        segment_bounds, load_bias, lse2, lut_tile, lut_walk, mask_scores, modify_scores,
                                         partial_tile, row_results, softmax_rescale, dense_last_dim, dot_dtype,
                                         lut_args, precision, refuse_float64, score_mod_args, strides3)
 from attnops.ops.softmax import library as lib

@@ -19,7 +19,7 @@ from attnops.core.checks import (autocast_inputs, check_block_mask, check_causal
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import MAP_ARGS_DOC, MAX_SCORES_DOC, Result
 from attnops.core.segments import check_cu_seqlens, from_cu_seqlens
-from attnops.ops.softmax.op import DEFAULT_MAP_BLOCK, DROPOUT_DOC, MODS_DOC, max_request, pack_extra
+from attnops.ops.softmax.op import DEFAULT_MAP_BLOCK, DROPOUT_DOC, MODS_DOC, pack_extra
 
 
 def varlen_attention(
@@ -72,8 +72,8 @@ def varlen_attention(
 
     Returns:
         ``out (total_q, H, D)``, or a named tuple of ``out`` and what was asked (``lse (H, total_q)``,
-        ``block_map``, ``max_scores (H, total_q)``). A query with no key (an empty key sequence, or causal with ``Lq > Lk``) gets
-        zeros and ``lse = -inf`` (flash_attn 2 writes +inf there).
+        ``block_map``, ``max_scores (H, total_q)``). A query with no key (an empty key sequence, or causal with
+        ``Lq > Lk``) gets zeros and ``lse = -inf`` (flash_attn 2 writes +inf there).
 
     Example::
 
@@ -115,7 +115,7 @@ def varlen_attention(
     segments = from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, shape.seq_len_q, shape.seq_len_k, causal, window)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend, api="varlen_attention")
     out, lse, *extra = impl(q4, k4, v4, block_mask, causal=False, window_size=(-1, -1), softmax_scale=scale,
-                            block_map=request, segments=segments, **mods, **dropout, **max_request(return_max_scores))
+                            block_map=request, segments=segments, **mods, **dropout, max_scores=return_max_scores)
     return pack_extra(out[0], lse[0], [x[0] for x in extra], request, return_lse, return_max_scores)
 
 
