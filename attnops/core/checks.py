@@ -10,7 +10,7 @@ import torch.autograd.forward_ad as fwAD
 
 from attnops.core.masks import BlockMask
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

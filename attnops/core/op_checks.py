@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -31,6 +31,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cuda(
               "default on CUDA tensors)");
   // the block map of this backend is a second pass in Python (attnops.kernels.block_map.decode_block_map)
   TORCH_CHECK(map_cols == 0, "the CUDA decode kernel computes no fused block map");
+  // a lane holds D/32 values of q and of the accumulator per row; past 256 the split kernel's shared rows outgrow
+  // the default 48 KiB of dynamic shared memory: the Triton decode kernel (the default on CUDA) takes up to 512
+  TORCH_CHECK(q_in.size(3) <= 256, op, ": the CUDA decode kernel takes head dims up to 256, got ", q_in.size(3),
+              "; use backend='triton' (the default on CUDA tensors)");
   const auto dtype = q_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "the CUDA decode kernel takes float32, float16 or bfloat16");

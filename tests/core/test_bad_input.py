@@ -43,7 +43,7 @@ CASES = {
     "dtypes differ": (lambda: attnops.attention(q0.half(), k0, v0), TypeError, "dtype"),
     "integer dtype": (lambda: attnops.attention(*(t.long() for t in (q0, k0, v0))), TypeError, "dtype"),
     "devices differ": (lambda: attnops.attention(q0, k0.to("meta"), v0), ValueError, "device"),
-    "head dim too large": (lambda: attnops.attention(*qkv(D=320)), ValueError, "head dim 320"),
+    "head dim too large": (lambda: attnops.attention(*qkv(D=520)), ValueError, "head dim 520"),
     "bad window": (lambda: attnops.attention(q0, k0, v0, window_size=(-3, 0)), ValueError, "window_size"),
     "window not a pair": (lambda: attnops.attention(q0, k0, v0, window_size=5.0), TypeError, "window_size"),
     "nan scale": (lambda: attnops.attention(q0, k0, v0, softmax_scale=float("nan")), ValueError, "finite"),

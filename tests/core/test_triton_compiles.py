@@ -117,6 +117,10 @@ def _cases():
         q, k, v = leaves(*[(1, 130, 2, 64)] * 3, dtype=torch.float32)
         backward(attnops.attention(q, k, v, backend="triton"))
 
+    def softmax_wide_heads_f32():  # head dim 512 (Gemma 4's global layers) in float32, the largest tiles in bytes
+        q, k, v = leaves((1, 130, 4, 512), (1, 130, 2, 512), (1, 130, 2, 512), dtype=torch.float32)
+        backward(attnops.attention(q, k, v, causal=True, backend="triton"))
+
     def block_mask_and_map_f16():  # a LUT, a causal block mask, the block map, D=128, f16
         q, k, v = leaves(*[(1, 256, 2, 128)] * 3, dtype=torch.float16)
         mask = attnops.BlockMask.sliding_window(256, 96, block_size=64)
@@ -134,6 +138,11 @@ def _cases():
         kc, vc = (torch.randn(2, 300, 2, 128, dtype=torch.bfloat16) for _ in range(2))
         attnops.decode_attention(q, kc, vc, torch.tensor([300, 123], dtype=torch.int32), window_size=(100, 0),
                                  softcap=30.0, alibi_slopes=torch.rand(8), sinks=torch.randn(8), backend="triton")
+
+    def decode_wide_heads_f32():  # head dim 320, padded to 512
+        q = torch.randn(1, 2, 8, 320)
+        kc, vc = (torch.randn(1, 100, 2, 320) for _ in range(2))
+        attnops.decode_attention(q, kc, vc, torch.tensor([100], dtype=torch.int32), backend="triton")
 
     def decode_plain_f32():
         q = torch.randn(1, 3, 4, 64)

@@ -26,6 +26,8 @@ SHAPES = [
     (1, 150, 4, 4, 64, 3),
     (2, 131, 6, 3, 100, 1),  # 2 rows per group, D not a multiple of the vector width
     (1, 97, 10, 2, 72, 1),  # 5 rows per group: register blocks of 4 + 1 rows, an odd key count
+    (2, 150, 8, 2, 512, 2),  # head dims past 256 (Gemma 4's global layers: 512)
+    (1, 120, 4, 1, 264, 1),
 ]
 SHAPE_IDS = ["B{}-S{}-H{}-Hkv{}-D{}-new{}".format(*s) for s in SHAPES]
 

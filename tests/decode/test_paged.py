@@ -88,7 +88,8 @@ PAGED_BACKENDS = ["cpu", "composite", pytest.param("triton", marks=pytest.mark.s
 @pytest.mark.parametrize("backend", PAGED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("page", [1, 16, 48, 64, 256])
-@pytest.mark.parametrize("shape", [(3, 300, 8, 2, 64, 1), (2, 257, 32, 1, 128, 3), (2, 190, 6, 3, 40, 2)],
+@pytest.mark.parametrize("shape", [(3, 300, 8, 2, 64, 1), (2, 257, 32, 1, 128, 3), (2, 190, 6, 3, 40, 2),
+                                   (2, 130, 8, 1, 512, 1)],
                          ids=lambda s: "B{}-S{}-H{}-Hkv{}-D{}-new{}".format(*s))
 def test_paged_decode_equals_the_contiguous_cache(shape, page, dtype, backend):
     if backend == "triton" and dtype == torch.float64:

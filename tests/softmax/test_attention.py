@@ -9,7 +9,7 @@ import attnops
 from attnops.ops.softmax import reference
 from helpers import DTYPE_IDS, compare_with_reference, make_qkv
 
-# (B, Sq, Sk, H, Hkv, D): lengths off the block grid, Sq != Sk both ways, head dims 32..128
+# (B, Sq, Sk, H, Hkv, D): lengths off the block grid, Sq != Sk both ways, head dims 32..512
 # including 40 and 96, GQA ratios 1/2/8 and MQA, a single decode-like query. Lengths stay <= ~300
 # so that the Triton interpreter runs them in CI.
 SHAPES = [
@@ -19,6 +19,8 @@ SHAPES = [
     (1, 257, 257, 8, 8, 96),
     (1, 200, 200, 16, 2, 128),
     (1, 1, 333, 4, 4, 64),
+    (1, 70, 90, 4, 2, 264),  # head dims past 256 (up to 512: Gemma 4's global layers)
+    (2, 33, 65, 2, 1, 512),
 ]
 SHAPE_IDS = ["B{}-Sq{}-Sk{}-H{}-Hkv{}-D{}".format(*s) for s in SHAPES]
 

@@ -51,6 +51,8 @@ _CASES = [
     (2, 200, 333, 4, 1, 128, dict(softcap=20.0)),
     (1, 5, 301, 2, 2, 33, dict(causal=True)),  # odd D, Sq and Sk: the pairs' zero halves
     (1, 331, 331, 2, 1, 64, dict(window_size=(101, 3))),  # backward query tiles whose live keys start at an odd key
+    (1, 90, 120, 4, 2, 512, dict(causal=True)),  # the widest head dim
+    (1, 70, 70, 2, 2, 301, dict()),  # an odd one past 256
 ]
 
 

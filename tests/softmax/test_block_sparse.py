@@ -23,7 +23,7 @@ MASKS = {
     "random_causal": lambda sl: BlockMask.random(sl, 0.5, seed=1, num_heads=4, causal=True, block_size=(128, 32)),
 }
 # (B, Sq, Sk, H, Hkv, D)
-SHAPES = [(2, 300, 300, 4, 2, 64), (2, 200, 333, 4, 1, 40), (2, 271, 150, 4, 4, 96)]
+SHAPES = [(2, 300, 300, 4, 2, 64), (2, 200, 333, 4, 1, 40), (2, 271, 150, 4, 4, 96), (2, 150, 130, 4, 1, 512)]
 SHAPE_IDS = ["B{}-Sq{}-Sk{}-H{}-Hkv{}-D{}".format(*s) for s in SHAPES]
 
 

@@ -11,7 +11,7 @@ from attnops import BlockMask
 from attnops.core import results
 from helpers import DTYPE_IDS, assert_accurate, make_qkv
 
-SHAPES = [(2, 77, 77, 4, 2, 40), (1, 130, 70, 6, 1, 96), (1, 1, 200, 8, 2, 64)]
+SHAPES = [(2, 77, 77, 4, 2, 40), (1, 130, 70, 6, 1, 96), (1, 1, 200, 8, 2, 64), (1, 40, 60, 4, 2, 320)]
 SHAPE_IDS = ["B{}-Sq{}-Sk{}-H{}-Hkv{}-D{}".format(*s) for s in SHAPES]
 CASES = {
     "dense": {},

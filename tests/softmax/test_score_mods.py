@@ -15,7 +15,7 @@ from helpers import DTYPE_IDS, compare_with_reference, make_qkv
 
 # ---- cases ------------------------------------------------------------------------------------------------
 
-SHAPES = [(2, 63, 63, 4, 4, 32), (1, 130, 100, 4, 2, 40), (1, 100, 200, 8, 1, 96)]
+SHAPES = [(2, 63, 63, 4, 4, 32), (1, 130, 100, 4, 2, 40), (1, 100, 200, 8, 1, 96), (1, 50, 70, 4, 2, 512)]
 SHAPE_IDS = ["B{}-Sq{}-Sk{}-H{}-Hkv{}-D{}".format(*s) for s in SHAPES]
 MODS = {
     "softcap": dict(softcap=4.0),

@@ -19,6 +19,7 @@ from helpers import DTYPE_IDS, assert_accurate
 LAYOUTS = {
     "self-H4-Hkv2-D40": ([1, 2, 63, 64, 65, 0, 300, 17], None, 4, 2, 40),
     "cross-H6-Hkv1-D96": ([5, 0, 64, 65, 1, 40, 3], [3, 7, 70, 64, 0, 129, 3], 6, 1, 96),
+    "self-H2-Hkv1-D320": ([33, 0, 70, 1], None, 2, 1, 320),
 }
 CASES = {
     "full": dict(),

@@ -145,10 +145,14 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, so
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse
-    block_r = max(16, min(64, triton.next_power_of_2(rows)))
+    block_d = max(16, triton.next_power_of_2(D))
+    # head dim 512: 32-row tiles and one stage keep q, the K and V tiles and the accumulator within shared memory
+    wide = block_d >= 512
+    block_r = max(16, min(32 if wide else 64, triton.next_power_of_2(rows)))
     row_chunks = triton.cdiv(rows, block_r)
     has_keep = block_keep is not None
-    block_n = min(_BLOCK_N, block_k) if has_keep else _BLOCK_N  # a tile never straddles two mask blocks
+    block_n = _BLOCK_N // 2 if wide else _BLOCK_N
+    block_n = min(block_n, block_k) if has_keep else block_n  # a tile never straddles two mask blocks
     splits = num_splits or auto_splits(B * Hkv * row_chunks, Smax, q.device)
     splits = max(1, min(splits, triton.cdiv(max(Smax, 1), block_n)))
     chunk = triton.cdiv(triton.cdiv(Smax, splits), block_n) * block_n
@@ -160,7 +164,6 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, so
                         keep.stride(2))
     else:
         keep, keep_strides = lens, (0, 0, 0)
-    block_d = max(16, triton.next_power_of_2(D))
     (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
     _decode_split_kernel[(splits, B * Hkv, row_chunks)](
         q, k_cache, v_cache, lens, keep, opart, lpart, slopes, block_table if paged else lens, q.stride(0), q.stride(1),
@@ -169,7 +172,8 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, so
         stride_slopes_b, block_table.shape[1] if paged else 0, k_cache.shape[1],
         D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n, KEEP_BQ=block_q if has_keep else 1,
         KEEP_BK=block_k if has_keep else 1, HAS_KEEP=has_keep, HAS_LEFT=window_left >= 0,
-        PRECISION=precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype), PAGED=paged, **flags)
+        PRECISION=precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype), PAGED=paged, **flags,
+        **({"num_stages": 1} if wide else {}))
     _decode_combine_kernel[(B * H * Sq,)](
         opart, lpart, out, lse, out.stride(0), out.stride(1), out.stride(2), Sq, H, G, splits,
         D=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)))

@@ -12,7 +12,7 @@ import torch
 
 from attnops.core import dispatch
 from attnops.core.block_map import check_request
-from attnops.core.checks import MAX_HEAD_DIM, check_qkv_tensors, refuse_unsupported_ad, resolve_softmax_scale
+from attnops.core.checks import check_qkv_tensors, refuse_unsupported_ad, resolve_softmax_scale
 from attnops.core.results import AttentionMapOutput
 from attnops.core.segments import check_cu_seqlens
 from attnops.ops.linear.chunk import effective_chunk
@@ -22,6 +22,8 @@ from attnops.ops.linear.map import linear_block_map, map_from_chunk_sums
 
 NORMALIZE_EPS = 1e-6
 MIN_CHUNK, MAX_CHUNK = 16, 256
+# A (Dk, Dv) state per head: the Triton kernels hold a (BK, BV) block of it; the softmax ops' 512 would make it 1 MiB
+MAX_HEAD_DIM = 256
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 

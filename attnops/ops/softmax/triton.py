@@ -1,7 +1,7 @@
 """Block-sparse FlashAttention-2 in Triton: forward, and a backward in three kernels.
 
 After FlashAttention-2 (Dao, 2023) and the Triton tutorial 06-fused-attention, generalised to a
-block LUT (attnops.BlockMask), GQA/MQA, any length, head dims 1..256 and flash_attn's
+block LUT (attnops.BlockMask), GQA/MQA, any length, head dims 1..512 and flash_attn's
 bottom-right causal / window predicates.
 
 - forward, one program per (query block, b * h): walks the key blocks its LUT row lists (or the
@@ -401,23 +401,32 @@ _AUTOTUNE_KEY = ["BLOCK_D", "LUT_BQ", "LUT_BK", "HAS_LUT", "HAS_LEFT", "HAS_RIGH
 
 def _fit(bm: int, bn: int, args: dict) -> Tuple[int, int]:
     """Block sizes a LUT admits (a tile never straddles two LUT blocks) and that fit in shared
-    memory at head dim 256."""
+    memory at head dims 256 and 512."""
     if args.get("HAS_LUT"):
         bm, bn = min(bm, args["LUT_BQ"]), min(bn, args["LUT_BK"])
-    if args.get("BLOCK_D", 0) >= 256:
-        bm, bn = min(bm, 64), min(bn, 64)
+    block_d = args.get("BLOCK_D", 0)
+    if block_d >= 512:
+        # a 32-row tile of one operand is 64 KiB in float32 at head dim 512, and the backward kernels hold q and dO
+        # (BLOCK_M rows each) beside K and V (BLOCK_N rows): 32 + 16 rows of them take 192 KiB of the 227
+        return min(bm, 32), min(bn, 16)
+    if block_d >= 256:
+        return min(bm, 64), min(bn, 64)
     return bm, bn
 
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
+    # one stage at head dim 512: a second buffer of the tiles a loop loads (K and V, or q and dO; 64-128 KiB in
+    # float32) would outgrow the 227 KiB
+    stages_cap = 1 if args.get("BLOCK_D", 0) >= 512 else 8
     out, seen = [], set()
     for c in configs:
         bm, bn = _fit(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], args)
-        key = (bm, bn, c.num_warps, c.num_stages)
+        stages = min(c.num_stages, stages_cap)
+        key = (bm, bn, c.num_warps, stages)
         if key not in seen:
             seen.add(key)
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=c.num_warps, num_stages=c.num_stages))
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=c.num_warps, num_stages=stages))
     return out
 
 

@@ -140,10 +140,12 @@ def launch_block_map(q, k, lse, counts, indices, lut_strides, meta: dict, map_ro
     nq, nk = triton.cdiv(Sq, map_rows), triton.cdiv(Sk, map_cols)
     partial = torch.empty((B, H, nq, nk), dtype=torch.float32, device=q.device)
     # A tile must sit inside one map block and one LUT block; dot operands need >= 16.
-    block_n = min(64, map_cols, meta["LUT_BK"] if meta["HAS_LUT"] else 64)
+    # (at head dim 512, 16-key tiles in one stage: the q tile of map_rows rows is the larger operand there)
+    wide = meta["BLOCK_D"] >= 512
+    block_n = min(16 if wide else 64, map_cols, meta["LUT_BK"] if meta["HAS_LUT"] else 64)
     _block_map_kernel[(nq, B * H)](
         q, k, lse, partial, counts, indices, slopes, bias_t, key_bounds, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), *lut_strides, Sq, Sk, H, H // Hkv, nq, nk, softmax_scale * LOG2E, Sk - Sq, window_left,
         window_right, cap2, stride_slopes_b, *bias_strides, kb_sb, **meta, BLOCK_M=map_rows, BLOCK_N=block_n, MAP_BK=map_cols, MAP_MAX=map_max,
-        ZERO_SPAN=_ZERO_SPAN)
+        ZERO_SPAN=_ZERO_SPAN, **({"num_stages": 1} if wide else {}))
     return partial
