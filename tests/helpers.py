@@ -141,3 +141,26 @@ def skip_fallback(impl) -> None:
     do not apply to it (README, "What the fallback does not do")."""
     if impl.backend == "composite":
         pytest.skip("the composite fallback is eager PyTorch, not an operator (no opcheck, no fullgraph compile)")
+
+
+def sdpa_and_attnops(model_cls, config, **kwargs):
+    """(SDPA, attnops) float64 models of a transformers ``model_cls`` with one set of random weights (seed 0):
+    transformers' SDPA path is exact to float64 rounding (eager's softmax runs in float32 even there)."""
+    import copy
+
+    from attnops.integrations import transformers as hf_attnops
+
+    torch.manual_seed(0)
+    ref, ours = (model_cls._from_config(copy.deepcopy(config), attn_implementation=impl, **kwargs).double()
+                 for impl in ("sdpa", hf_attnops.register()))
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def left_padded_batch(vocab: int = 97, length: int = 40):
+    """``ids (3, length)`` and their attention mask: one full row and two left-padded by 8 and 3 tokens."""
+    ids = torch.randint(3, vocab, (3, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0
+    mask[2, :3] = 0
+    return ids, mask

@@ -27,6 +27,7 @@ batches cost no ``Sq x Sk`` tensor); Llama 4's chunked layers get their chunks a
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Callable, Dict, Optional
 
 import torch
@@ -71,7 +72,7 @@ DEFAULTS: Dict[str, AttentionSpec] = {
 # a clear error. An argument outside these lists is refused too unless it is None or False: a model
 # must never have something silently dropped.
 HONOURED = ("dropout", "scaling", "is_causal", "sliding_window", "deterministic", "s_aux", "softcap", "position_bias",
-            "attention_mask")
+            "attention_mask", "indices")
 ACCEPTED = ("position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "output_hidden_states",
             "output_router_logits", "num_items_in_batch", "layer_idx", "position_embeddings")
 # Packed rows (DataCollatorWithFlattening): transformers' flash-attention kwargs, or position_ids that restart
@@ -92,6 +93,30 @@ def _check_call(module, attention_mask, kwargs) -> None:
             continue
         reason = REFUSED.get(name, "this adapter does not know it, and ignoring it could change the result")
         raise NotImplementedError(f"attnops attention: {name}={_short(value)}: {reason}")
+
+
+def _selected_keys(attention_mask, indices: torch.Tensor, seq_len_k: int) -> torch.Tensor:
+    """DeepSeek sparse attention (DeepSeek V3.2, GLM-5 and their kin): ``indices (B, Sq, topk)``, the keys each query's
+    indexer chose, which transformers hands implementations other than eager / SDPA instead of masking them. Applied as
+    eager applies them: the model's 4-d mask (the mask function materialises it for these models: they ask for it)
+    and-ed with a ``(B, 1, Sq, Sk)`` mask of the chosen keys. Sq x Sk, as the model's own mask already is."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        raise NotImplementedError("attnops attention: indices (sparse attention's chosen keys) are applied on the "
+                                  "model's 4-d mask, and this call has none")
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 3 or indices.is_floating_point():
+        raise ValueError(f"attnops attention: indices must be an integer (B, Sq, topk) tensor, got {_short(indices)}")
+    B, Sq = attention_mask.shape[0], attention_mask.shape[2]
+    if indices.shape[:2] != (B, Sq):
+        raise ValueError(f"attnops attention: indices {tuple(indices.shape)} do not match the mask's (B, Sq) = "
+                         f"{(B, Sq)}")
+    idx = indices.long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= seq_len_k):
+        raise ValueError(f"attnops attention: indices must lie in [0, {seq_len_k}) (the keys)")
+    chosen = torch.zeros(B, 1, Sq, seq_len_k, dtype=torch.bool, device=attention_mask.device)
+    chosen.scatter_(-1, idx.unsqueeze(1).to(attention_mask.device), True)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & chosen
+    return attention_mask.masked_fill(~chosen, torch.finfo(attention_mask.dtype).min)
 
 
 def _document_ids(attention_mask, q_len: int, k_len: int, kwargs) -> Optional[torch.Tensor]:
@@ -190,6 +215,56 @@ def _is_causal(module: torch.nn.Module, is_causal: Optional[bool], attention_mas
     return bool(getattr(module, "is_causal", True))
 
 
+# A model tells the attention function its window through ``sliding_window``, and the mask function registered here
+# hands sliding layers the flash-attention form, which has none. Some models build a sliding-window mask but do not send
+# the argument (Phimoe, Qwen2-MoE with use_sliding_window in transformers 5.23; their eager path applies the window
+# through the mask): their window came out dropped (Phimoe 0.14 off eager). A call that sends no ``sliding_window``
+# takes its layer's (:func:`_unsent_window`), from the module, the config's layer types, or the windows the mask
+# function noted per model config (None: a full mask).
+_NOT_SENT = object()
+_MASK_WINDOWS: Dict[int, frozenset] = {}
+
+
+def _note_mask_window(config, window: Optional[int]) -> None:
+    """Records that ``config``'s model built a mask with ``window`` (None: full causal). Eager calls only (a traced
+    mask function would record into the graph); the entry goes with the config."""
+    if config is None or torch.compiler.is_compiling():
+        return
+    window = window or None  # Qwen2-MoE builds a sliding mask of window 0 (admitting no key) that no layer uses
+    key = id(config)
+    if key not in _MASK_WINDOWS:
+        try:
+            weakref.finalize(config, _MASK_WINDOWS.pop, key, None)
+        except TypeError:  # not weak-referenceable: nothing to key on safely
+            return
+    _MASK_WINDOWS[key] = _MASK_WINDOWS.get(key, frozenset()) | {window}
+
+
+def _unsent_window(module: torch.nn.Module) -> Optional[int]:
+    """The window of a call that sent no ``sliding_window``: the module's own ``sliding_window`` (Qwen2-MoE sets it on
+    its sliding layers), else its layer's kind in ``config.layer_types`` (``config.sliding_window`` on a
+    "sliding_attention" layer, none on a "full_attention" one), else the one its model's masks were built with, where
+    they all had it. A model that builds windowed and full masks and says nothing per layer is refused."""
+    if hasattr(module, "sliding_window"):
+        return getattr(module, "sliding_window") or None
+    config = getattr(module, "config", None)
+    kinds, index = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if isinstance(kinds, (list, tuple)) and isinstance(index, int) and 0 <= index < len(kinds):
+        if kinds[index] == "sliding_attention":
+            return getattr(config, "sliding_window", None) or None
+        if kinds[index] == "full_attention":
+            return None
+    windows = _MASK_WINDOWS.get(id(config), frozenset())
+    sliding = windows - {None}
+    if not sliding:
+        return None
+    if len(windows) > 1:
+        raise NotImplementedError(f"attnops attention: {type(module).__name__}'s model builds masks with windows "
+                                  f"{sorted(sliding)} and without one, but its attention does not say which it uses "
+                                  "(no sliding_window argument); attnops cannot apply the right one")
+    return next(iter(sliding))
+
+
 def _window(sliding_window, causal: bool):
     """transformers' sliding_window (the window's size, the query included) as the kernels' (left, right):
     flash-attention's convention, ``(w - 1, w - 1)``; the right side is moot under causal."""
@@ -244,6 +319,28 @@ def _chunked_mask(batch_size: int, length: int, offset: int, chunk: int, mask_fu
     return ChunkedMask(ids, padding)
 
 
+# Models whose layers extend the mask tensor themselves without asking for a materialised one, written for eager's float
+# form: DeepSeek V4 appends its compressed-KV block bias (0 / -inf) to it, and given no tensor lets every query see
+# every compressed slot (0.43 off eager, silently, on unpadded rows; IndexError on padded ones); a bool mask turned its
+# bias into the opposite mask (.to(bool): 0 -> False). They get transformers' eager mask.
+_EDITS_ITS_MASK = ("deepseek_v4",)
+
+
+def _packed(mask_function: Callable) -> bool:
+    """Whether transformers wrapped ``mask_function`` for packed rows (``packed_sequence_compatibility_function``:
+    an ``and_masks`` closure holding ``packed_sequence_mask_function``'s mask). A miss only costs speed: the caller
+    then takes the 4-d mask, which is exact."""
+    for cell in getattr(mask_function, "__closure__", None) or ():
+        try:
+            held = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        for fn in held if isinstance(held, tuple) else (held,):
+            if getattr(fn, "__qualname__", "").startswith("packed_sequence_mask_function"):
+                return True
+    return False
+
+
 def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                 mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
     """The mask interface registered beside the attention function. transformers' flash-attention form (no mask, or the
@@ -257,10 +354,12 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     layer's self-attention call (prefill, training; not while tracing) gets a :class:`ChunkedMask` instead of the 4-d
     mask where its mask function is checked to be the plain chunked causal one; cached steps keep the 4-d mask, which
     has only their new queries' rows (one row per decoded token)."""
-    from transformers.masking_utils import causal_mask_function, flash_attention_mask, sdpa_mask
+    from transformers.masking_utils import causal_mask_function, eager_mask, flash_attention_mask, sdpa_mask
 
     mask_function = causal_mask_function if mask_function is None else mask_function
     chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) and mask_function is not causal_mask_function
+    if not chunked:  # (local_size: the window of a sliding-window mask, a chunked one's chunk)
+        _note_mask_window(kwargs.get("config"), kwargs.get("local_size"))
     # while tracing, a cache position held in a tensor cannot size the keys (below) without a host read: the 4-d mask
     traced_offset = torch.compiler.is_compiling() and isinstance(q_offset, torch.Tensor)
     overlay = kwargs.get("use_vmap") or getattr(mask_function, "__name__", "") == "or_mask"
@@ -276,9 +375,29 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          allow_is_causal_skip=False, use_vmap=bool(kwargs.get("use_vmap")),
                          device=kwargs.get("device", "cpu"))
+    written = int(q_offset) + q_length - int(kv_offset)  # keys up to the last query's position
+    if getattr(kwargs.get("config"), "model_type", None) in _EDITS_ITS_MASK:
+        return eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                          dtype=kwargs.get("dtype", torch.float32), device=kwargs.get("device", "cpu"))
+    if kwargs.get("allow_is_causal_skip") is False and written >= kv_length and not torch.compiler.is_compiling() \
+            and not _packed(mask_function):
+        # the model asked for a materialised mask (allow_is_causal_skip=False) and reads it itself: DeepSeek V3.2's
+        # and GLM-5's sparse-attention indexers take mask[:, 0], Doge adds its dynamic mask to it (IndexError on the
+        # 2-d form). transformers asks too for packed rows (which keep the flash form and become documents) and for a
+        # static cache's decode step (written < kv_length: the flash form, keys cut to the written slots). Not while
+        # tracing (the closure is not inspected there): such a model then fails on the 2-d form, loudly
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         allow_is_causal_skip=False, device=kwargs.get("device", "cpu"))
     mask = flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask)
-    written = int(q_offset) + q_length - int(kv_offset)  # keys up to the last query's position
+    if mask is not None and getattr(kwargs.get("config"), "num_kv_shared_layers", 0):
+        # Gemma 4's generate() cuts the KV-shared layers' queries to the last tokens and every layer's mask with them
+        # (mask[:, :, rows, :]), which only the 4-d form has: the 2-d padding mask raised IndexError there
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         allow_is_causal_skip=False, device=kwargs.get("device", "cpu"))
     if mask is None and written < kv_length:
         # a static cache spans its whole buffer, written only up to the last query: the flash form gives no mask
         # for an unpadded batch, and the kernels would read the unwritten slots (zero keys: weight exp(0) each)
@@ -290,7 +409,7 @@ def _attention_forward(spec: AttentionSpec):
     def attnops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                   value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                                   scaling: Optional[float] = None, is_causal: Optional[bool] = None,
-                                  sliding_window: Optional[int] = None, deterministic: Optional[bool] = None,
+                                  sliding_window=_NOT_SENT, deterministic: Optional[bool] = None,
                                   s_aux: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
                                   position_bias: Optional[torch.Tensor] = None, **kwargs):
         """transformers' attention-function contract: ``query (B, H, Sq, D)``, ``key, value
@@ -298,7 +417,12 @@ def _attention_forward(spec: AttentionSpec):
         logits; ``softcap``: Gemma 2's ``attn_logit_softcapping`` (None: off); ``position_bias``: T5's
         relative position bias, added to the scores; ``dropout``: attention dropout, applied in training as
         eager applies it (one seed per call from the default generator)."""
+        indices = kwargs.pop("indices", None)
         _check_call(module, attention_mask, kwargs)
+        if indices is not None:
+            attention_mask = _selected_keys(attention_mask, indices, key.shape[2])
+        if sliding_window is _NOT_SENT:
+            sliding_window = _unsent_window(module)
         chunks = None
         if isinstance(attention_mask, ChunkedMask):  # a chunked layer's prefill: chunks as documents, its padding
             chunks, attention_mask = attention_mask.document_ids, attention_mask.padding
@@ -361,6 +485,11 @@ def _attention_forward(spec: AttentionSpec):
         causal = _is_causal(module, is_causal, attention_mask)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash_attn layout, no copy
         call_spec = spec
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # a 4-d mask is the whole mask, as in eager and SDPA (transformers builds sliding layers' with the window
+            # in it); DeepSeek V4 appends compressed-KV slots to the keys, where a window counted by key index cut
+            # them wrongly
+            sliding_window = None
         window = _window(sliding_window, causal)
         if window != (-1, -1):
             if not isinstance(spec, SoftmaxSpec) or spec.window != (-1, -1):

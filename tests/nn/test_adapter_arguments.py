@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import attnops  # noqa: E402
 from attnops.integrations import transformers as hf_attnops  # noqa: E402
-from helpers import assert_accurate, same_mask_dropout  # noqa: E402
+from helpers import assert_accurate, left_padded_batch, same_mask_dropout, sdpa_and_attnops  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512)
@@ -170,6 +170,68 @@ def test_gemma2_softcap_and_window_match_eager():
     names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"]
     _compare_training("gemma2", ref.train(), ours.train(), low.train(), ids, names)
     _assert_same_generation(ours, low, ids[:1, :50], new_tokens=6)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_a_window_the_model_puts_only_in_its_mask_is_honoured(padded):
+    """Phimoe builds sliding-window masks but sends no ``sliding_window`` to the attention function (its eager path
+    applies the window through the mask; so does Qwen2-MoE): the flash-form mask dropped the window. Layer 0's
+    attention output (the rest of the model routes experts, which amplifies float64 rounding) against SDPA's,
+    float64."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    cfg = PhimoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=12)
+    models = sdpa_and_attnops(PhimoeForCausalLM, cfg, experts_implementation="eager")
+    ids, mask = left_padded_batch()
+    if not padded:
+        mask = torch.ones_like(mask)
+    outs = []
+    for model in models:
+        seen = []
+        hook = model.model.layers[0].self_attn.register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        hook.remove()
+        outs.append(seen[0][mask.bool()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
+
+
+def test_qwen2_moe_sliding_layers_without_the_argument_match_sdpa():
+    """Qwen2-MoE with use_sliding_window: sliding and full layers, and only the module's ``sliding_window`` attribute
+    says which (the call sends none). Every expert active (top-k = all: routing without flips), float64, left-padded:
+    logits against SDPA's, and cached greedy generation."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=4, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=32, use_sliding_window=True, sliding_window=12,
+                         max_window_layers=2, layer_types=["sliding_attention", "full_attention"])
+    ref, ours = (m.eval() for m in sdpa_and_attnops(Qwen2MoeForCausalLM, cfg, experts_implementation="eager"))
+    assert ref.model.layers[0].self_attn.sliding_window == 12
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        want, got = (m(input_ids=ids, attention_mask=mask).logits[mask.bool()] for m in (ref, ours))
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_a_window_not_sent_is_taken_from_the_masks_or_refused():
+    """A call without ``sliding_window`` takes the window its model's masks were built with; an explicit None (Gemma's
+    full layers) stays full; a model whose masks have a window and none, and which sends neither, is refused."""
+    fn = hf_attnops._attention_forward(attnops.nn.SoftmaxSpec())
+    module = torch.nn.Module().eval()
+    module.config = type("Config", (), {})()
+    torch.manual_seed(3)
+    q, k = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 30, 16)
+    full, _ = fn(module, q, k, k, None)
+    windowed, _ = fn(module, q, k, k, None, sliding_window=5)
+    hf_attnops._note_mask_window(module.config, 5)
+    torch.testing.assert_close(fn(module, q, k, k, None)[0], windowed)
+    torch.testing.assert_close(fn(module, q, k, k, None, sliding_window=None)[0], full)
+    hf_attnops._note_mask_window(module.config, None)
+    with pytest.raises(NotImplementedError, match="does not say which"):
+        fn(module, q, k, k, None)
+    torch.testing.assert_close(fn(module, q, k, k, None, sliding_window=5)[0], windowed)
 
 
 def test_sinks_and_softcap_are_refused_by_specs_that_cannot_apply_them():

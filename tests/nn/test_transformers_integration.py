@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import attnops  # noqa: E402
 from attnops.integrations import transformers as hf_attnops  # noqa: E402
-from helpers import assert_accurate  # noqa: E402
+from helpers import assert_accurate, left_padded_batch, sdpa_and_attnops  # noqa: E402
 
 
 def _configs():
@@ -302,6 +302,42 @@ def test_latent_attention_value_head_dim():
         torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
         kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=mask)
         assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("shared", [0, 2], ids=["own-kv", "kv-shared"])
+def test_gemma4_global_head_dim_512_matches_sdpa(shared):
+    """Gemma 4: sliding layers of head dim 16 (window 12) and full-attention layers of head dim 512 (Gemma 4's
+    ``global_head_dim``: attnops took head dims up to 256 and refused every Gemma 4 model), with and without
+    KV-shared layers (whose generate() slices every layer's mask: it raised IndexError on the 2-d padding mask).
+    Float64, left-padded rows: logits, loss and every gradient against transformers' SDPA path (eager's softmax runs in
+    float32), and cached greedy generation."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(vocab_size=97, vocab_size_per_layer_input=97, hidden_size=64, intermediate_size=96,
+                           hidden_size_per_layer_input=16, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, global_head_dim=512, sliding_window=12,
+                           max_position_embeddings=256, num_kv_shared_layers=shared,
+                           layer_types=["sliding_attention", "full_attention"] * 2)
+    ref, ours = sdpa_and_attnops(Gemma4ForCausalLM, cfg)
+    assert ours.model.layers[1].self_attn.head_dim == 512
+    ids, mask = left_padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for model in (ref, ours):
+        model.train()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        results.append((out.logits.detach()[mask.bool()], out.loss.detach(),
+                        {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_loss, want_grads), (got, got_loss, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-9, atol=1e-9)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-7, atol=1e-9, msg=name)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(ours.eval().generate(ids, **kw), ref.eval().generate(ids, **kw))
 
 
 def test_wider_value_heads_pad_queries_and_keys():

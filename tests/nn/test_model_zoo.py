@@ -1,0 +1,188 @@
+"""Every causal LM of the pinned transformers that runs through the attention-function interface, built tiny from its
+own config class (random weights, nothing downloaded) and run with attnops registered, against transformers' own
+path: SDPA in float64 where the model has one (exact to rounding; eager's softmax runs in float32 even for float64
+inputs), eager in float32 otherwise. A left-padded batch and an unpadded row, logits on the real tokens.
+
+The configs keep what makes each family's attention its own and cut the sizes: a sliding window of 12 and chunks of
+8 on 30 tokens, GQA (4 heads, 2 kv heads), a sparse-attention indexer choosing 8 keys (DeepSeek V3.2 and kin). The
+sweep this came from found, in models with no test of their own, what the adapter dropped or broke: Gemma 4's 512-wide
+heads (refused), Gemma 4's KV-shared layers (IndexError), Phimoe's window (dropped, 0.14 off), DeepSeek V3.2's
+indexer (IndexError, then its chosen keys refused), Doge (IndexError), DeepSeek V4's compressed-KV bias (0.43 off,
+silently). A model type a transformers upgrade adds is run at once if its tiny config builds; otherwise the coverage
+test fails until NOT_RUN names it with a reason.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from attnops.integrations import transformers as hf_attnops  # noqa: E402
+
+SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, max_position_embeddings=256, moe_intermediate_size=32, num_experts=4, num_local_experts=4,
+             n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, shared_expert_intermediate_size=32,
+             n_embd=64, n_layer=2, n_head=4, n_inner=96, d_model=64, vocab_size=128, n_positions=256, num_heads=4,
+             ffn_hidden_size=96, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
+             v_head_dim=16, first_k_dense_replace=1, topk_group=1, n_group=1, sliding_window=12, num_kv_heads=2,
+             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+             moe_num_experts=4, moe_topk=2, expert_intermediate_size=32, attention_chunk_size=8, index_topk=8)
+
+# Causal LMs of transformers 5.23 that this test does not run, and why. The ones without the attention-function
+# interface (transformers refuses any attn_implementation but its own there) are found by the coverage test itself.
+NOT_RUN = {
+    "cohere_compass_text": "its config cannot be built at these sizes (KeyError 'full_attention')",
+    "dbrx": "its config class cannot be built with these sizes (DbrxAttentionConfig has no rope_theta)",
+    "dots3_note": "a multimodal wrapper whose config has no pad_token_id; dots3_note_text is run",
+    "emu3": "a multimodal wrapper whose config has no pad_token_id",
+    "ernie4_5_moe": "its tiny MoE config routes out of range (selected index k out of range) on every implementation",
+    "gemma3": "a multimodal wrapper (SigLIP vision tower, 400M parameters at its default sizes); gemma3_text is run",
+    "gemma3n": "a multimodal wrapper that needs timm; gemma3n_text is run",
+    "gemma4": "a multimodal wrapper; gemma4_text is run",
+    "gemma4_assistant": "its config validation rejects the sizes (hidden_size_per_layer_input must be 0)",
+    "gemma4_unified": "a multimodal wrapper; gemma4_unified_text is run",
+    "gemma4_unified_assistant": "its layer types cannot be cut to two layers (KV-sharing producers and users differ)",
+    "granitemoehybrid": "a hybrid whose two-layer cut keeps no attention layer in the cache",
+    "llama4": "a multimodal wrapper; llama4_text is run (and tests/nn/test_transformers_integration.py)",
+    "lfm2_moe": "its tiny config leaves a required list None",
+    "mllama": "a multimodal wrapper (vision tower)",
+    "moss_transcribe_diarize": "an audio model over 50M parameters at its default sizes",
+    "musicgen": "an audio model with two text configs",
+    "musicgen_melody": "an audio model with two text configs",
+    "phi4_multimodal": "a multimodal wrapper over 50M parameters at its default sizes; phi3 is run",
+    "fuyu": "a multimodal wrapper over 50M parameters at its default sizes",
+    "got_ocr2": "a multimodal wrapper (vision tower) over 50M parameters at its default sizes",
+    "longcat_flash": "over 50M parameters at its default sizes",
+    "recurrent_gemma": "a hybrid whose two-layer cut keeps no attention layer in the cache",
+    "xmod": "needs a language set before a forward",
+    "zamba": "its layer types cannot be cut to two layers",
+    "zamba2": "its layer types cannot be cut to two layers",
+    "zaya": "its config validation rejects two experts per token",
+    "mamba2": "no attention (its config validation rejects the sizes besides)",
+    "olmo_hybrid": "its config validation rejects a two-layer cut without attention layers",
+}
+
+
+def _model_types():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _tiny_config(model_type: str):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    defaults = config_class().to_dict()
+    kw = {k: v for k, v in SIZES.items() if k in defaults}
+    if "kv_lora_rank" in defaults or "qk_nope_head_dim" in defaults:  # latent attention: as many kv heads as heads
+        kw.pop("head_dim", None)
+        kw["num_key_value_heads"] = 4
+    if "num_kv_shared_layers" in defaults:
+        kw["num_kv_shared_layers"] = 0
+    if "vocab_size_per_layer_input" in defaults:
+        kw["vocab_size_per_layer_input"] = 128
+    if defaults.get("hidden_size_per_layer_input"):
+        kw["hidden_size_per_layer_input"] = 16
+    if defaults.get("layer_types"):  # two or three layers, the attention kinds first (a sliding and a full one)
+        kinds = list(dict.fromkeys(defaults["layer_types"]))
+        attention = [kind for kind in kinds if "attention" in str(kind)]
+        keep = (attention + [kind for kind in kinds if kind not in attention])[:3 if len(attention) >= 2 else 2]
+        while len(keep) < 2:
+            keep.append(keep[0])
+        kw["layer_types"], kw["num_hidden_layers"] = keep, len(keep)
+    config = config_class(**kw)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(config, name, None), int) and getattr(config, name) >= 128:
+            setattr(config, name, 0)
+    return config
+
+
+def _model_class(config):
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping[type(config)]
+    return cls[0] if isinstance(cls, (list, tuple)) else cls
+
+
+def _build(cls, config, implementation, dtype):
+    try:
+        model = cls._from_config(copy.deepcopy(config), attn_implementation=implementation,
+                                 experts_implementation="eager")
+    except (TypeError, ValueError):  # a model without experts
+        model = cls._from_config(copy.deepcopy(config), attn_implementation=implementation)
+    return model.to(dtype).eval()
+
+
+def _runnable():
+    out = []
+    for model_type in _model_types():
+        if model_type in NOT_RUN:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cls = _model_class(_tiny_config(model_type))
+        except Exception:  # noqa: BLE001 - the coverage test names what cannot be built
+            continue
+        if getattr(cls, "_supports_attention_backend", False):
+            out.append(model_type)
+    return out
+
+
+MODELS = _runnable()
+
+
+def test_every_model_with_an_attention_backend_is_run_or_named():
+    """A causal LM that takes attn_implementation is either in MODELS or in NOT_RUN with a reason; NOT_RUN names only
+    model types of this transformers."""
+    types = set(_model_types())
+    assert set(NOT_RUN) <= types, sorted(set(NOT_RUN) - types)
+    unexplained = []
+    for model_type in sorted(types - set(MODELS) - set(NOT_RUN)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cls = _model_class(_tiny_config(model_type))
+        except Exception as e:  # noqa: BLE001
+            unexplained.append(f"{model_type}: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        assert not getattr(cls, "_supports_attention_backend", False), model_type
+    assert not unexplained, "\n".join(unexplained)
+    assert len(MODELS) >= 100, len(MODELS)
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_model_matches_transformers(model_type):
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = _tiny_config(model_type)
+        cls = _model_class(config)
+        reference = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+        dtype = torch.float64 if reference == "sdpa" else torch.float32
+        torch.manual_seed(0)
+        ref = _build(cls, config, reference, dtype)
+        if sum(p.numel() for p in ref.parameters()) > 50e6:
+            pytest.fail(f"{model_type}: the tiny config has over 50M parameters; name it in NOT_RUN")
+        ours = _build(cls, config, hf_attnops.register(), dtype)
+        ours.load_state_dict(ref.state_dict())
+        ids = torch.randint(3, 120, (3, 30), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[1, :8] = 0
+        mask[2, :3] = 0
+        # float64 against SDPA: rounding; float32 against eager: each side's float32 rounding (a dropped window, sink
+        # or mask is 1e-2 or more)
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
+        with torch.no_grad():
+            for inputs, attention_mask in ((ids, mask), (ids[:1], None)):
+                want = ref(input_ids=inputs, attention_mask=attention_mask).logits
+                got = ours(input_ids=inputs, attention_mask=attention_mask).logits
+                real = torch.ones(inputs.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+                scale = max(1.0, float(want[real].abs().max()))
+                err = float((got - want)[real].abs().max())
+                assert err <= tol * scale, (f"{model_type} ({cls.__name__}) against {reference} in {dtype}, "
+                                            f"{'padded' if attention_mask is not None else 'unpadded'}: {err:.3e}")
