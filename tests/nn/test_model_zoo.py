@@ -1,7 +1,8 @@
-"""Every causal LM of the pinned transformers that runs through the attention-function interface, built tiny from its
-own config class (random weights, nothing downloaded) and run with attnops registered, against transformers' own
-path: SDPA in float64 where the model has one (exact to rounding; eager's softmax runs in float32 even for float64
-inputs), eager in float32 otherwise. A left-padded batch and an unpadded row, logits on the real tokens.
+"""Every causal LM of the pinned transformers that runs through the attention-function interface, and every masked LM
+(encoder) that does, built tiny from its own config class (random weights, nothing downloaded) and run with attnops
+registered, against transformers' own path: SDPA in float64 where the model has one (exact to rounding; eager's
+softmax runs in float32 even for float64 inputs), eager in float32 otherwise. Causal LMs: a left-padded batch and an
+unpadded row; masked LMs: a right-padded and a left-padded batch (bidirectional masks); logits on the real tokens.
 
 The configs keep what makes each family's attention its own and cut the sizes: a sliding window of 12 and chunks of
 8 on 30 tokens, GQA (4 heads, 2 kv heads), a sparse-attention indexer choosing 8 keys (DeepSeek V3.2 and kin). The
@@ -66,10 +67,23 @@ NOT_RUN = {
 }
 
 
-def _model_types():
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+# Masked LMs (encoders) of transformers 5.23 with the attention-function interface that this test does not run.
+NOT_RUN_MASKED = {
+    "esm": "its tiny config has no pad token, which its mask needs",
+    "esmc": "its config validation rejects grouped-query attention",
+    "mobilebert": "its sizes are tied to its default hidden size (a negative dim at 64)",
+    "modernvbert": "a multimodal wrapper over 50M parameters at its default sizes; modernbert is run",
+    "ultravbert": "a multimodal wrapper (vision tower)",
+    "xmod": "needs a language set before a forward",
+}
 
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+def _model_types(masked: bool = False):
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    # (BERT-like model types are in both: their causal LM runs them as decoders, the masked LM as the encoders they are)
+    return sorted(MODEL_FOR_MASKED_LM_MAPPING_NAMES if masked else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def _tiny_config(model_type: str):
@@ -101,10 +115,10 @@ def _tiny_config(model_type: str):
     return config
 
 
-def _model_class(config):
-    from transformers import AutoModelForCausalLM
+def _model_class(config, masked: bool = False):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    cls = AutoModelForCausalLM._model_mapping[type(config)]
+    cls = (AutoModelForMaskedLM if masked else AutoModelForCausalLM)._model_mapping[type(config)]
     return cls[0] if isinstance(cls, (list, tuple)) else cls
 
 
@@ -117,15 +131,15 @@ def _build(cls, config, implementation, dtype):
     return model.to(dtype).eval()
 
 
-def _runnable():
+def _runnable(masked: bool = False):
     out = []
-    for model_type in _model_types():
-        if model_type in NOT_RUN:
+    for model_type in _model_types(masked):
+        if model_type in (NOT_RUN_MASKED if masked else NOT_RUN):
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cls = _model_class(_tiny_config(model_type))
+                cls = _model_class(_tiny_config(model_type), masked)
         except Exception:  # noqa: BLE001 - the coverage test names what cannot be built
             continue
         if getattr(cls, "_supports_attention_backend", False):
@@ -134,34 +148,46 @@ def _runnable():
 
 
 MODELS = _runnable()
+MASKED_MODELS = _runnable(masked=True)
 
 
-def test_every_model_with_an_attention_backend_is_run_or_named():
-    """A causal LM that takes attn_implementation is either in MODELS or in NOT_RUN with a reason; NOT_RUN names only
-    model types of this transformers."""
-    types = set(_model_types())
-    assert set(NOT_RUN) <= types, sorted(set(NOT_RUN) - types)
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "masked"])
+def test_every_model_with_an_attention_backend_is_run_or_named(masked):
+    """A causal (masked) LM that takes attn_implementation is either in MODELS (MASKED_MODELS) or in NOT_RUN
+    (NOT_RUN_MASKED) with a reason; those name only model types of this transformers."""
+    types = set(_model_types(masked))
+    run, named = (MASKED_MODELS, NOT_RUN_MASKED) if masked else (MODELS, NOT_RUN)
+    assert set(named) <= types, sorted(set(named) - types)
     unexplained = []
-    for model_type in sorted(types - set(MODELS) - set(NOT_RUN)):
+    for model_type in sorted(types - set(run) - set(named)):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cls = _model_class(_tiny_config(model_type))
+                cls = _model_class(_tiny_config(model_type), masked)
         except Exception as e:  # noqa: BLE001
             unexplained.append(f"{model_type}: {type(e).__name__}: {str(e)[:120]}")
             continue
         assert not getattr(cls, "_supports_attention_backend", False), model_type
     assert not unexplained, "\n".join(unexplained)
-    assert len(MODELS) >= 100, len(MODELS)
+    assert len(run) >= (15 if masked else 100), len(run)
 
 
 @pytest.mark.parametrize("model_type", MODELS)
 def test_model_matches_transformers(model_type):
+    _check(model_type, masked=False)
+
+
+@pytest.mark.parametrize("model_type", MASKED_MODELS)
+def test_encoder_matches_transformers(model_type):
+    _check(model_type, masked=True)
+
+
+def _check(model_type: str, masked: bool):
     transformers.logging.set_verbosity_error()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = _tiny_config(model_type)
-        cls = _model_class(config)
+        cls = _model_class(config, masked)
         reference = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
         dtype = torch.float64 if reference == "sdpa" else torch.float32
         torch.manual_seed(0)
@@ -174,11 +200,13 @@ def test_model_matches_transformers(model_type):
         mask = torch.ones_like(ids)
         mask[1, :8] = 0
         mask[2, :3] = 0
+        # an encoder: right-padded too (its usual batch), and both batches whole
+        batches = ((ids, mask.flip(-1)), (ids, mask)) if masked else ((ids, mask), (ids[:1], None))
         # float64 against SDPA: rounding; float32 against eager: each side's float32 rounding (a dropped window, sink
         # or mask is 1e-2 or more)
         tol = 1e-9 if dtype == torch.float64 else 1e-5
         with torch.no_grad():
-            for inputs, attention_mask in ((ids, mask), (ids[:1], None)):
+            for inputs, attention_mask in batches:
                 want = ref(input_ids=inputs, attention_mask=attention_mask).logits
                 got = ours(input_ids=inputs, attention_mask=attention_mask).logits
                 real = torch.ones(inputs.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
