@@ -340,6 +340,37 @@ def test_gemma4_global_head_dim_512_matches_sdpa(shared):
         assert torch.equal(ours.eval().generate(ids, **kw), ref.eval().generate(ids, **kw))
 
 
+def test_t5gemma_encoder_decoder_matches_eager():
+    """T5Gemma: a bidirectional Gemma encoder and a causal decoder with cross-attention, softcapping and sliding
+    layers (window 12 on 40 tokens). No SDPA path: against eager, both float32, right- and left-padded encoder batches
+    with a padded decoder batch; cached greedy generation."""
+    from transformers import T5GemmaConfig, T5GemmaForConditionalGeneration, T5GemmaModuleConfig
+
+    module = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=12,
+                  layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16,
+                  attn_logit_softcapping=2.0)
+    cfg = T5GemmaConfig(encoder=T5GemmaModuleConfig(**module),
+                        decoder=T5GemmaModuleConfig(**module, is_decoder=True), vocab_size=97)
+    ref, ours = _eager_and_ours(T5GemmaForConditionalGeneration, cfg)
+    with torch.no_grad():  # scores of a few units, where the cap of 2 bends them (random weights give ~0.05)
+        for model in (ref, ours):
+            for name, param in model.named_parameters():
+                if "q_proj" in name:
+                    param.mul_(40.0)
+    ids, mask = left_padded_batch()
+    dec = torch.randint(3, 97, (3, 20), generator=torch.Generator().manual_seed(2))
+    dec_mask = torch.ones_like(dec)
+    dec_mask[1, 15:] = 0
+    with torch.no_grad():
+        for enc_mask in (mask.flip(-1), mask):
+            want, got = (m(input_ids=ids, attention_mask=enc_mask, decoder_input_ids=dec,
+                           decoder_attention_mask=dec_mask).logits[dec_mask.bool()] for m in (ref, ours))
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        kw = dict(attention_mask=mask.flip(-1), max_new_tokens=8, do_sample=False)
+        assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
 def test_wider_value_heads_pad_queries_and_keys():
     """Value heads wider than query/key heads (no model yet, the same contract): q and k zero-padded, the scale
     that of the qk dim, against the float64 reference."""
