@@ -244,17 +244,19 @@ def _unsent_window(module: torch.nn.Module) -> Optional[int]:
     """The window of a call that sent no ``sliding_window``: the module's own ``sliding_window`` (Qwen2-MoE sets it on
     its sliding layers), else its layer's kind in ``config.layer_types`` (``config.sliding_window`` on a
     "sliding_attention" layer, none on a "full_attention" one), else the one its model's masks were built with, where
-    they all had it. A model that builds windowed and full masks and says nothing per layer is refused."""
-    if hasattr(module, "sliding_window"):
-        return getattr(module, "sliding_window") or None
-    config = getattr(module, "config", None)
-    kinds, index = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
-    if isinstance(kinds, (list, tuple)) and isinstance(index, int) and 0 <= index < len(kinds):
-        if kinds[index] == "sliding_attention":
-            return getattr(config, "sliding_window", None) or None
-        if kinds[index] == "full_attention":
-            return None
-    windows = _MASK_WINDOWS.get(id(config), frozenset())
+    they all had it. A model that builds windowed and full masks and says nothing per layer is refused. What the
+    module and its config decide is read once per module (3 us a call otherwise, in a decode step of ~80); the masks'
+    windows at every call (each forward notes them before its layers run)."""
+    eager = not torch.compiler.is_compiling()
+    known = _LAYER_WINDOWS.get(module) if eager else None
+    if known is None:
+        known = _layer_window(module)
+        if eager:
+            _LAYER_WINDOWS[module] = known
+    decided, window, config_key = known
+    if decided:
+        return window
+    windows = _MASK_WINDOWS.get(config_key, frozenset())
     sliding = windows - {None}
     if not sliding:
         return None
@@ -263,6 +265,24 @@ def _unsent_window(module: torch.nn.Module) -> Optional[int]:
                                   f"{sorted(sliding)} and without one, but its attention does not say which it uses "
                                   "(no sliding_window argument); attnops cannot apply the right one")
     return next(iter(sliding))
+
+
+_LAYER_WINDOWS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _layer_window(module: torch.nn.Module) -> tuple:
+    """``(decided, window, config key)`` from the module and its config alone (see :func:`_unsent_window`); the key
+    finds the windows its model's masks were built with when the module and config do not decide."""
+    config = getattr(module, "config", None)
+    if hasattr(module, "sliding_window"):
+        return True, getattr(module, "sliding_window") or None, id(config)
+    kinds, index = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if isinstance(kinds, (list, tuple)) and isinstance(index, int) and 0 <= index < len(kinds):
+        if kinds[index] == "sliding_attention":
+            return True, getattr(config, "sliding_window", None) or None, id(config)
+        if kinds[index] == "full_attention":
+            return True, None, id(config)
+    return False, None, id(config)
 
 
 def _window(sliding_window, causal: bool):
