@@ -308,6 +308,10 @@ class ChunkedMask:
     document_ids: torch.Tensor
     padding: Optional[torch.Tensor]
 
+    def contiguous(self) -> "ChunkedMask":
+        """generate() makes the masks of a compileable (static) cache contiguous, tensor by tensor."""
+        return ChunkedMask(self.document_ids.contiguous(), None if self.padding is None else self.padding.contiguous())
+
 
 def _chunked_mask(batch_size: int, length: int, offset: int, chunk: int, mask_function: Callable,
                   attention_mask: Optional[torch.Tensor], device) -> Optional[ChunkedMask]:
@@ -400,13 +404,18 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
         return eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                           kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                           dtype=kwargs.get("dtype", torch.float32), device=kwargs.get("device", "cpu"))
-    if kwargs.get("allow_is_causal_skip") is False and written >= kv_length and not torch.compiler.is_compiling() \
+    asked = kwargs.get("allow_is_causal_skip") is False and "allow_is_bidirectional_skip" not in kwargs
+    reads_mask = getattr(kwargs.get("config"), "index_topk", None) is not None  # a sparse-attention indexer
+    if asked and (written >= kv_length or reads_mask) and not torch.compiler.is_compiling() \
             and not _packed(mask_function):
         # the model asked for a materialised mask (allow_is_causal_skip=False) and reads it itself: DeepSeek V3.2's
         # and GLM-5's sparse-attention indexers take mask[:, 0], Doge adds its dynamic mask to it (IndexError on the
         # 2-d form). transformers asks too for packed rows (which keep the flash form and become documents) and for a
-        # static cache's decode step (written < kv_length: the flash form, keys cut to the written slots). Not while
-        # tracing (the closure is not inspected there): such a model then fails on the 2-d form, loudly
+        # static cache's step (written < kv_length: the flash form, keys cut to the written slots; not for a model
+        # with an indexer, which reads the mask in every step), and for
+        # every bidirectional mask (create_bidirectional_mask, which alone sends allow_is_bidirectional_skip: encoders
+        # keep the flash form). Not while tracing (the closure is not inspected there): such a model then fails on
+        # the 2-d form, loudly
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          allow_is_causal_skip=False, device=kwargs.get("device", "cpu"))

@@ -86,7 +86,7 @@ def _model_types(masked: bool = False):
     return sorted(MODEL_FOR_MASKED_LM_MAPPING_NAMES if masked else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def _tiny_config(model_type: str):
+def _tiny_config(model_type: str, masked: bool = False):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config_class = CONFIG_MAPPING[model_type]
@@ -97,6 +97,8 @@ def _tiny_config(model_type: str):
         kw["num_key_value_heads"] = 4
     if "num_kv_shared_layers" in defaults:
         kw["num_kv_shared_layers"] = 0
+    if "is_decoder" in defaults and not masked:  # BERT-like types as the decoders their causal LM class expects
+        kw["is_decoder"] = True
     if "vocab_size_per_layer_input" in defaults:
         kw["vocab_size_per_layer_input"] = 128
     if defaults.get("hidden_size_per_layer_input"):
@@ -139,7 +141,7 @@ def _runnable(masked: bool = False):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cls = _model_class(_tiny_config(model_type), masked)
+                cls = _model_class(_tiny_config(model_type, masked), masked)
         except Exception:  # noqa: BLE001 - the coverage test names what cannot be built
             continue
         if getattr(cls, "_supports_attention_backend", False):
@@ -163,7 +165,7 @@ def test_every_model_with_an_attention_backend_is_run_or_named(masked):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cls = _model_class(_tiny_config(model_type), masked)
+                cls = _model_class(_tiny_config(model_type, masked), masked)
         except Exception as e:  # noqa: BLE001
             unexplained.append(f"{model_type}: {type(e).__name__}: {str(e)[:120]}")
             continue
@@ -186,7 +188,7 @@ def _check(model_type: str, masked: bool):
     transformers.logging.set_verbosity_error()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = _tiny_config(model_type)
+        config = _tiny_config(model_type, masked)
         cls = _model_class(config, masked)
         reference = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
         dtype = torch.float64 if reference == "sdpa" else torch.float32
@@ -214,3 +216,38 @@ def _check(model_type: str, masked: bool):
                 err = float((got - want)[real].abs().max())
                 assert err <= tol * scale, (f"{model_type} ({cls.__name__}) against {reference} in {dtype}, "
                                             f"{'padded' if attention_mask is not None else 'unpadded'}: {err:.3e}")
+            if not masked:
+                _check_generation(model_type, ref, ours, ids, mask, tol)
+
+
+# Static-cache generation that attnops refuses, by name, for a model whose reference runs it.
+STATIC_REFUSED = {
+    "moshi": "generate() builds a full mask beside the model's sliding ones and Moshi's layers send no window",
+}
+
+
+def _check_generation(model_type: str, ref, ours, ids, mask, tol: float) -> None:
+    """Greedy cached generation from the left-padded batch, with the default (dynamic) cache and a static one (what
+    compiled generation uses): the same tokens, and every step's scores within ``tol``. A static cache the reference
+    cannot run is skipped for the model."""
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    for cache in ("dynamic", "static"):
+        extra = {"cache_implementation": "static"} if cache == "static" else {}
+        try:
+            want = ref.generate(ids, **kw, **extra)
+        except Exception:  # noqa: BLE001 - the model's own path cannot run it (DeepSeek V4's layer types)
+            if cache == "static":
+                continue
+            raise
+        if cache == "static" and model_type in STATIC_REFUSED:
+            with pytest.raises(NotImplementedError):
+                ours.generate(ids, **kw, **extra)
+            continue
+        got = ours.generate(ids, **kw, **extra)
+        assert torch.equal(got.sequences, want.sequences), f"{model_type}: {cache} cache, tokens differ"
+        for step, (a, b) in enumerate(zip(got.scores, want.scores)):
+            finite = torch.isfinite(b)
+            assert torch.equal(torch.isfinite(a), finite), f"{model_type}: {cache} cache, step {step}"
+            err = float((a - b)[finite].abs().max()) if finite.any() else 0.0
+            assert err <= tol * max(1.0, float(b[finite].abs().max())), f"{model_type}: {cache} step {step}: {err:.3e}"
