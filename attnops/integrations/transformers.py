@@ -400,6 +400,14 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
                          allow_is_causal_skip=False, use_vmap=bool(kwargs.get("use_vmap")),
                          device=kwargs.get("device", "cpu"))
     written = int(q_offset) + q_length - int(kv_offset)  # keys up to the last query's position
+    if "allow_is_bidirectional_skip" in kwargs and kwargs.get("local_size") is not None and not traced_offset:
+        # a bidirectional sliding window: transformers' mask admits |q - k| <= w, and the argument its layers send is
+        # w for some models (T5Gemma's encoder) and w + 1 for others (ModernBERT sends half its local attention + 1),
+        # so only the mask says which (T5Gemma's encoder was 0.08 off on the flash form): the 4-d mask
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                         device=kwargs.get("device", "cpu"))
     if getattr(kwargs.get("config"), "model_type", None) in _EDITS_ITS_MASK:
         return eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                           kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,

@@ -30,7 +30,8 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              ffn_hidden_size=96, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
              v_head_dim=16, first_k_dense_replace=1, topk_group=1, n_group=1, sliding_window=12, num_kv_heads=2,
              linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-             moe_num_experts=4, moe_topk=2, expert_intermediate_size=32, attention_chunk_size=8, index_topk=8)
+             moe_num_experts=4, moe_topk=2, expert_intermediate_size=32, attention_chunk_size=8, index_topk=8,
+             local_attention=8)
 
 # Causal LMs of transformers 5.23 that this test does not run, and why. The ones without the attention-function
 # interface (transformers refuses any attn_implementation but its own there) are found by the coverage test itself.
