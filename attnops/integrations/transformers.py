@@ -313,6 +313,34 @@ class ChunkedMask:
         return ChunkedMask(self.document_ids.contiguous(), None if self.padding is None else self.padding.contiguous())
 
 
+@dataclasses.dataclass(frozen=True)
+class BidirectionalWindow:
+    """What the registered mask function hands a bidirectional sliding-window layer (an encoder's local attention):
+    transformers' window ``w`` (a key within ``|i - j| <= w`` attends) and the 2-d padding mask (None: no padding). The
+    attention function runs it as the kernels' window ``(w, w)`` whatever ``sliding_window`` the layer sends (T5Gemma
+    sends w, ModernBERT w + 1), over the key mask: nothing ``Sq x Sk``."""
+
+    window: int
+    padding: Optional[torch.Tensor]
+
+    def contiguous(self) -> "BidirectionalWindow":
+        return self if self.padding is None else BidirectionalWindow(self.window, self.padding.contiguous())
+
+
+def _is_window(mask_function: Callable, window: int, length: int) -> bool:
+    """Whether ``mask_function`` is the plain bidirectional window ``|i - j| <= window`` (checked at its edges and
+    one past them, for every query of a self-attention call of ``length`` tokens): anything else (overlays, packed
+    rows) keeps the 4-d mask."""
+    q = torch.arange(length)
+    zero = torch.zeros_like(q)
+    inside = mask_function(zero, zero, q, (q - window).clamp(min=0)) & mask_function(zero, zero, q,
+                                                                                     (q + window).clamp(max=length - 1))
+    left, right = q - window - 1, q + window + 1
+    outside = (mask_function(zero, zero, q, left.clamp(min=0)) & (left >= 0)) | \
+              (mask_function(zero, zero, q, right.clamp(max=length - 1)) & (right < length))
+    return bool(inside.all()) and not bool(outside.any())
+
+
 def _chunked_mask(batch_size: int, length: int, offset: int, chunk: int, mask_function: Callable,
                   attention_mask: Optional[torch.Tensor], device) -> Optional[ChunkedMask]:
     """The :class:`ChunkedMask` of a chunked layer's self-attention call, or None where ``mask_function`` is not the
@@ -378,7 +406,8 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     layer's self-attention call (prefill, training; not while tracing) gets a :class:`ChunkedMask` instead of the 4-d
     mask where its mask function is checked to be the plain chunked causal one; cached steps keep the 4-d mask, which
     has only their new queries' rows (one row per decoded token)."""
-    from transformers.masking_utils import causal_mask_function, eager_mask, flash_attention_mask, sdpa_mask
+    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function, eager_mask,
+                                            flash_attention_mask, sdpa_mask)
 
     mask_function = causal_mask_function if mask_function is None else mask_function
     chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) and mask_function is not causal_mask_function
@@ -400,10 +429,17 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
                          allow_is_causal_skip=False, use_vmap=bool(kwargs.get("use_vmap")),
                          device=kwargs.get("device", "cpu"))
     written = int(q_offset) + q_length - int(kv_offset)  # keys up to the last query's position
-    if "allow_is_bidirectional_skip" in kwargs and kwargs.get("local_size") is not None and not traced_offset:
+    window = kwargs.get("local_size")
+    if "allow_is_bidirectional_skip" in kwargs and window is not None and not overlay and not traced_offset:
         # a bidirectional sliding window: transformers' mask admits |q - k| <= w, and the argument its layers send is
         # w for some models (T5Gemma's encoder) and w + 1 for others (ModernBERT sends half its local attention + 1),
-        # so only the mask says which (T5Gemma's encoder was 0.08 off on the flash form): the 4-d mask
+        # so only the mask says which (T5Gemma's encoder was 0.08 off on the flash form): the window goes with it
+        padding = flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                                       q_offset=q_offset, kv_offset=kv_offset, mask_function=bidirectional_mask_function,
+                                       attention_mask=attention_mask)
+        if q_length == kv_length and q_offset == kv_offset and not torch.compiler.is_compiling() and \
+                _is_window(mask_function, int(window), q_length):
+            return BidirectionalWindow(int(window), padding)
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
@@ -461,6 +497,11 @@ def _attention_forward(spec: AttentionSpec):
         if sliding_window is _NOT_SENT:
             sliding_window = _unsent_window(module)
         chunks = None
+        if isinstance(attention_mask, BidirectionalWindow):  # the mask's own window, both sides
+            window_of_mask, attention_mask = attention_mask.window, attention_mask.padding
+            sliding_window, is_causal = None, False
+        else:
+            window_of_mask = None
         if isinstance(attention_mask, ChunkedMask):  # a chunked layer's prefill: chunks as documents, its padding
             chunks, attention_mask = attention_mask.document_ids, attention_mask.padding
             if not query.shape[2] == key.shape[2] == chunks.shape[-1]:
@@ -488,10 +529,10 @@ def _attention_forward(spec: AttentionSpec):
                     extra["sinks"] = s_aux
                 if softcap:
                     extra["softcap"] = float(softcap)
-                if sliding_window is not None:
+                if sliding_window is not None or window_of_mask is not None:
                     raise NotImplementedError(f"attnops attention: the model asks for a sliding window of "
-                                              f"{sliding_window}, which the {type(spec).__name__} registered here "
-                                              "cannot apply")
+                                              f"{sliding_window or window_of_mask}, which the {type(spec).__name__} "
+                                              "registered here cannot apply")
                 q, k, v = (t.transpose(1, 2) for t in (query, key, value))
                 refuse_uncaptured(f"a padded or packed batch on the {type(spec).__name__} (unpadded sequences)")
                 try:
@@ -527,7 +568,7 @@ def _attention_forward(spec: AttentionSpec):
             # in it); DeepSeek V4 appends compressed-KV slots to the keys, where a window counted by key index cut
             # them wrongly
             sliding_window = None
-        window = _window(sliding_window, causal)
+        window = _window(sliding_window, causal) if window_of_mask is None else (window_of_mask, window_of_mask)
         if window != (-1, -1):
             if not isinstance(spec, SoftmaxSpec) or spec.window != (-1, -1):
                 raise NotImplementedError(f"attnops attention: the model asks for a sliding window of "
