@@ -327,11 +327,11 @@ class BidirectionalWindow:
         return self if self.padding is None else BidirectionalWindow(self.window, self.padding.contiguous())
 
 
-def _is_window(mask_function: Callable, window: int, length: int) -> bool:
+def _is_window(mask_function: Callable, window: int, length: int, device) -> bool:
     """Whether ``mask_function`` is the plain bidirectional window ``|i - j| <= window`` (checked at its edges and
     one past them, for every query of a self-attention call of ``length`` tokens): anything else (overlays, packed
     rows) keeps the 4-d mask."""
-    q = torch.arange(length)
+    q = torch.arange(length, device=device)
     zero = torch.zeros_like(q)
     inside = mask_function(zero, zero, q, (q - window).clamp(min=0)) & mask_function(zero, zero, q,
                                                                                      (q + window).clamp(max=length - 1))
@@ -434,11 +434,11 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
         # a bidirectional sliding window: transformers' mask admits |q - k| <= w, and the argument its layers send is
         # w for some models (T5Gemma's encoder) and w + 1 for others (ModernBERT sends half its local attention + 1),
         # so only the mask says which (T5Gemma's encoder was 0.08 off on the flash form): the window goes with it
-        padding = flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                                       q_offset=q_offset, kv_offset=kv_offset, mask_function=bidirectional_mask_function,
-                                       attention_mask=attention_mask)
         if q_length == kv_length and q_offset == kv_offset and not torch.compiler.is_compiling() and \
-                _is_window(mask_function, int(window), q_length):
+                _is_window(mask_function, int(window), q_length, kwargs.get("device", "cpu")):
+            padding = flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                                           q_offset=q_offset, kv_offset=kv_offset,
+                                           mask_function=bidirectional_mask_function, attention_mask=attention_mask)
             return BidirectionalWindow(int(window), padding)
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
