@@ -410,71 +410,61 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
                                             flash_attention_mask, sdpa_mask)
 
     mask_function = causal_mask_function if mask_function is None else mask_function
+    device = kwargs.get("device", "cpu")
+    sizes = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                 kv_offset=kv_offset, attention_mask=attention_mask)
+
+    def materialised(**extra):  # transformers' 4-d bool mask of this layer, never skipped
+        return sdpa_mask(**sizes, mask_function=mask_function, allow_is_causal_skip=False, device=device, **extra)
+
     chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) and mask_function is not causal_mask_function
-    if not chunked:  # (local_size: the window of a sliding-window mask, a chunked one's chunk)
-        _note_mask_window(kwargs.get("config"), kwargs.get("local_size"))
+    # local_size: the window of a sliding-window mask, a chunked one's chunk
+    local_size = kwargs.get("local_size")
+    if not chunked:
+        _note_mask_window(kwargs.get("config"), local_size)
     # while tracing, a cache position held in a tensor cannot size the keys (below) without a host read: the 4-d mask
     traced_offset = torch.compiler.is_compiling() and isinstance(q_offset, torch.Tensor)
     overlay = kwargs.get("use_vmap") or getattr(mask_function, "__name__", "") == "or_mask"
-    chunk = kwargs.get("local_size")  # create_chunked_causal_mask's chunk size (a sliding layer's window otherwise)
-    if chunked and chunk == kwargs["config"].attention_chunk_size and not overlay and q_length == kv_length and \
+    if chunked and local_size == kwargs["config"].attention_chunk_size and not overlay and q_length == kv_length and \
             not torch.compiler.is_compiling() and isinstance(q_offset, int) and q_offset == kv_offset and q_length:
-        compact = _chunked_mask(batch_size, q_length, q_offset, int(chunk), mask_function, attention_mask,
-                                kwargs.get("device", "cpu"))
+        compact = _chunked_mask(batch_size, q_length, q_offset, int(local_size), mask_function, attention_mask, device)
         if compact is not None:
             return compact
     if overlay or chunked or traced_offset:
-        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                         allow_is_causal_skip=False, use_vmap=bool(kwargs.get("use_vmap")),
-                         device=kwargs.get("device", "cpu"))
+        return materialised(use_vmap=bool(kwargs.get("use_vmap")))
     written = int(q_offset) + q_length - int(kv_offset)  # keys up to the last query's position
-    window = kwargs.get("local_size")
-    if "allow_is_bidirectional_skip" in kwargs and window is not None and not overlay and not traced_offset:
+    if "allow_is_bidirectional_skip" in kwargs and local_size is not None:
         # a bidirectional sliding window: transformers' mask admits |q - k| <= w, and the argument its layers send is
         # w for some models (T5Gemma's encoder) and w + 1 for others (ModernBERT sends half its local attention + 1),
         # so only the mask says which (T5Gemma's encoder was 0.08 off on the flash form): the window goes with it
         if q_length == kv_length and q_offset == kv_offset and not torch.compiler.is_compiling() and \
-                _is_window(mask_function, int(window), q_length, kwargs.get("device", "cpu")):
-            padding = flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                                           q_offset=q_offset, kv_offset=kv_offset,
-                                           mask_function=bidirectional_mask_function, attention_mask=attention_mask)
-            return BidirectionalWindow(int(window), padding)
-        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                         allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
-                         device=kwargs.get("device", "cpu"))
+                _is_window(mask_function, int(local_size), q_length, device):
+            padding = flash_attention_mask(**sizes, mask_function=bidirectional_mask_function)
+            return BidirectionalWindow(int(local_size), padding)
+        return materialised(allow_is_bidirectional_skip=False)
     if getattr(kwargs.get("config"), "model_type", None) in _EDITS_ITS_MASK:
-        return eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                          dtype=kwargs.get("dtype", torch.float32), device=kwargs.get("device", "cpu"))
+        return eager_mask(**sizes, mask_function=mask_function, dtype=kwargs.get("dtype", torch.float32), device=device)
     asked = kwargs.get("allow_is_causal_skip") is False and "allow_is_bidirectional_skip" not in kwargs
     reads_mask = getattr(kwargs.get("config"), "index_topk", None) is not None  # a sparse-attention indexer
     if asked and (written >= kv_length or reads_mask) and not torch.compiler.is_compiling() \
             and not _packed(mask_function):
         # the model asked for a materialised mask (allow_is_causal_skip=False) and reads it itself: DeepSeek V3.2's
         # and GLM-5's sparse-attention indexers take mask[:, 0], Doge adds its dynamic mask to it (IndexError on the
-        # 2-d form). transformers asks too for packed rows (which keep the flash form and become documents) and for a
+        # 2-d form). transformers asks too for packed rows (which keep the flash form and become documents), for a
         # static cache's step (written < kv_length: the flash form, keys cut to the written slots; not for a model
-        # with an indexer, which reads the mask in every step), and for
-        # every bidirectional mask (create_bidirectional_mask, which alone sends allow_is_bidirectional_skip: encoders
-        # keep the flash form). Not while tracing (the closure is not inspected there): such a model then fails on
-        # the 2-d form, loudly
-        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                         allow_is_causal_skip=False, device=kwargs.get("device", "cpu"))
-    mask = flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask)
+        # with an indexer, which reads the mask in every step) and for every bidirectional mask
+        # (create_bidirectional_mask, which alone sends allow_is_bidirectional_skip: encoders keep the flash form).
+        # Not while tracing (the closure is not inspected there): such a model then fails on the 2-d form, loudly
+        return materialised()
+    mask = flash_attention_mask(**sizes, mask_function=mask_function)
     if mask is not None and getattr(kwargs.get("config"), "num_kv_shared_layers", 0):
         # Gemma 4's generate() cuts the KV-shared layers' queries to the last tokens and every layer's mask with them
         # (mask[:, :, rows, :]), which only the 4-d form has: the 2-d padding mask raised IndexError there
-        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                         allow_is_causal_skip=False, device=kwargs.get("device", "cpu"))
+        return materialised()
     if mask is None and written < kv_length:
         # a static cache spans its whole buffer, written only up to the last query: the flash form gives no mask
         # for an unpadded batch, and the kernels would read the unwritten slots (zero keys: weight exp(0) each)
-        mask = torch.ones(batch_size, max(written, 0), dtype=torch.bool, device=kwargs.get("device", "cpu"))
+        mask = torch.ones(batch_size, max(written, 0), dtype=torch.bool, device=device)
     return mask
 
 
