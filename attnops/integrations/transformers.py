@@ -72,7 +72,7 @@ DEFAULTS: Dict[str, AttentionSpec] = {
 # a clear error. An argument outside these lists is refused too unless it is None or False: a model
 # must never have something silently dropped.
 HONOURED = ("dropout", "scaling", "is_causal", "sliding_window", "deterministic", "s_aux", "softcap", "position_bias",
-            "attention_mask", "indices")
+            "attention_mask", "indices", "sinks")
 ACCEPTED = ("position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "output_hidden_states",
             "output_router_logits", "num_items_in_batch", "layer_idx", "position_embeddings")
 # Packed rows (DataCollatorWithFlattening): transformers' flash-attention kwargs, or position_ids that restart
@@ -371,11 +371,20 @@ def _chunked_mask(batch_size: int, length: int, offset: int, chunk: int, mask_fu
     return ChunkedMask(ids, padding)
 
 
-# Models whose layers extend the mask tensor themselves without asking for a materialised one, written for eager's float
-# form: DeepSeek V4 appends its compressed-KV block bias (0 / -inf) to it, and given no tensor lets every query see
-# every compressed slot (0.43 off eager, silently, on unpadded rows; IndexError on padded ones); a bool mask turned its
-# bias into the opposite mask (.to(bool): 0 -> False). They get transformers' eager mask.
-_EDITS_ITS_MASK = ("deepseek_v4",)
+# Models written for eager's float 4-d mask, which get it (transformers' eager_mask): each of them read the flash form
+# wrongly or not at all.
+# - DeepSeek V4 appends its compressed-KV block bias (0 / -inf) to the mask: given no tensor, every query saw every
+#   compressed slot (0.43 off eager, silently); a bool mask turned its bias into the opposite mask (0 -> False).
+# - NLLB-MoE's router reads the padding from the mask's last row (mask[:, :, -1, :]; RuntimeError on the 2-d form).
+# - BigBird-Pegasus: its encoder's own attention adds the mask to its scores (RuntimeError on the 2-d form); its
+#   decoder's self-attention says is_causal=False and relies on the mask alone, and so does Pegasus-X's: the flash
+#   form left causality to the module and ran those decoders bidirectionally (0.18 / 0.06 off eager, silently).
+# tests/nn/test_model_zoo.py runs every model that dispatches to attnops, so another such model fails there.
+_NEEDS_EAGER_MASK = ("deepseek_v4", "nllb-moe", "bigbird_pegasus", "pegasus_x")
+
+# Config fields of sparse-attention indexers, which read the 4-d mask in every step (a static cache's too): DeepSeek
+# V3.2, GLM-5 and their kin (index_topk), Qwen4-Exp's QSA (indexer_budget: it reads mask[b, 0, q] to pick key blocks)
+_INDEXER_FIELDS = ("index_topk", "indexer_budget")
 
 
 def _packed(mask_function: Callable) -> bool:
@@ -442,10 +451,10 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
             padding = flash_attention_mask(**sizes, mask_function=bidirectional_mask_function)
             return BidirectionalWindow(int(local_size), padding)
         return materialised(allow_is_bidirectional_skip=False)
-    if getattr(kwargs.get("config"), "model_type", None) in _EDITS_ITS_MASK:
+    if getattr(kwargs.get("config"), "model_type", None) in _NEEDS_EAGER_MASK:
         return eager_mask(**sizes, mask_function=mask_function, dtype=kwargs.get("dtype", torch.float32), device=device)
     asked = kwargs.get("allow_is_causal_skip") is False and "allow_is_bidirectional_skip" not in kwargs
-    reads_mask = getattr(kwargs.get("config"), "index_topk", None) is not None  # a sparse-attention indexer
+    reads_mask = any(getattr(kwargs.get("config"), name, None) is not None for name in _INDEXER_FIELDS)
     if asked and (written >= kv_length or reads_mask) and not torch.compiler.is_compiling() \
             and not _packed(mask_function):
         # the model asked for a materialised mask (allow_is_causal_skip=False) and reads it itself: DeepSeek V3.2's
@@ -461,9 +470,12 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
         # Gemma 4's generate() cuts the KV-shared layers' queries to the last tokens and every layer's mask with them
         # (mask[:, :, rows, :]), which only the 4-d form has: the 2-d padding mask raised IndexError there
         return materialised()
-    if mask is None and written < kv_length:
+    if mask is None and written < kv_length and "allow_is_bidirectional_skip" not in kwargs:
         # a static cache spans its whole buffer, written only up to the last query: the flash form gives no mask
-        # for an unpadded batch, and the kernels would read the unwritten slots (zero keys: weight exp(0) each)
+        # for an unpadded batch, and the kernels would read the unwritten slots (zero keys: weight exp(0) each).
+        # Not a bidirectional mask: a decoder's cross-attention has its queries' positions (a few) and the encoder's
+        # keys (all of them, every one written); cutting those to the query count ran BART, T5, Marian, Pegasus and
+        # M2M-100 decoders on their first keys alone whenever the batch had no padding mask (0.2 off SDPA, silently)
         mask = torch.ones(batch_size, max(written, 0), dtype=torch.bool, device=device)
     return mask
 
@@ -480,8 +492,12 @@ def _attention_forward(spec: AttentionSpec):
         logits; ``softcap``: Gemma 2's ``attn_logit_softcapping`` (None: off); ``position_bias``: T5's
         relative position bias, added to the scores; ``dropout``: attention dropout, applied in training as
         eager applies it (one seed per call from the default generator)."""
-        indices = kwargs.pop("indices", None)
+        indices, row_sinks = kwargs.pop("indices", None), kwargs.pop("sinks", None)
         _check_call(module, attention_mask, kwargs)
+        if row_sinks is not None and not isinstance(spec, (SoftmaxSpec, BlockSparseSpec)):
+            raise NotImplementedError(f"attnops attention: per-query sinks need the softmax's log-sum-exp, which the "
+                                      f"{type(spec).__name__} registered here does not return; register the "
+                                      "SoftmaxSpec (the default) for this model")
         if indices is not None:
             attention_mask = _selected_keys(attention_mask, indices, key.shape[2])
         if sliding_window is _NOT_SENT:
@@ -565,6 +581,8 @@ def _attention_forward(spec: AttentionSpec):
                                           f"{sliding_window}, which the {type(spec).__name__} registered here cannot "
                                           "apply; register the SoftmaxSpec (the default) for this model")
             call_spec = _windowed(spec, window)
+        if row_sinks is not None:
+            return _with_row_sinks(call_spec, row_sinks, q, k, v, causal, scaling, mods), None
         out, _ = attend(module, call_spec, q, k, v, causal=causal, softmax_scale=scaling, **mods)  # maps: attnops.maps
         return out, None
 
@@ -591,6 +609,27 @@ def _attention_forward(spec: AttentionSpec):
                                          attention_mask, dropout, scaling, **kwargs)
 
     return attnops_attention_forward_any_value_dim
+
+
+def _with_row_sinks(spec: SoftmaxSpec, sinks: torch.Tensor, q, k, v, causal: bool, scaling, mods: dict):
+    """Attention with one sink logit per query and head (Inkling 2 projects them from the hidden states: ``sinks
+    (B, H, Sq, 1)``): an extra logit with a zero value in each row's softmax, as eager concatenates it. The kernels run
+    without it and return the log-sum-exp; the sink joins after, ``lse' = logaddexp(lse, sink)``, the output scaled
+    by ``exp(lse - lse')``, in autograd ops: exact, O(B * H * Sq * D), and the gradients reach the sinks and, through
+    the lse, q and k. A row that saw no key gets 0 (eager: all its weight on the sink's zero value)."""
+    B, Sq, H = q.shape[:3]
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or \
+            tuple(sinks.shape) not in ((B, H, Sq, 1), (B, H, Sq)):
+        raise ValueError(f"attnops attention: sinks must be a float (B, H, Sq, 1) = {(B, H, Sq, 1)} tensor (one sink "
+                         f"logit per query and head), got {_short(sinks)}")
+    if "sinks" in mods:
+        raise NotImplementedError("attnops attention: both s_aux and per-query sinks were sent")
+    refuse_uncaptured("per-query sinks")
+    out, lse = spec.attend(q, k, v, causal=causal, softmax_scale=scaling, return_lse=True, **mods)
+    sink = sinks.reshape(B, H, Sq).to(lse.dtype)
+    joined = torch.logaddexp(lse, sink)
+    factor = torch.exp(torch.where(torch.isneginf(lse), lse, lse - joined))  # (B, H, Sq)
+    return (out.to(factor.dtype) * factor.transpose(1, 2).unsqueeze(-1)).to(out.dtype)
 
 
 _WINDOWED: Dict[tuple, SoftmaxSpec] = {}

@@ -146,6 +146,67 @@ def test_gpt_oss_cached_generation_matches_eager():
     _assert_same_generation(ours, low, torch.randint(0, 97, (1, 40)))
 
 
+def _inkling2():
+    """(eager, attnops) float32 Inkling 2 models with one set of weights: its router casts to float32, so it has no
+    float64 run; float32 eager is the reference, as in tests/nn/test_model_zoo.py."""
+    from transformers import AutoModelForCausalLM, Inkling2TextConfig
+
+    cfg = Inkling2TextConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                             swa_head_dim=16, sliding_window_size=12, moe_intermediate_size=32, n_routed_experts=4,
+                             num_experts_per_tok=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+                             layer_types=["hybrid_sliding", "hybrid"])
+    torch.manual_seed(0)
+    ref, ours = (AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl,
+                                                  experts_implementation="eager").eval()
+                 for impl in ("eager", hf_attnops.register()))
+    with torch.no_grad():  # the sink projections start near zero; make each row's sink matter
+        for n, p in ref.named_parameters():
+            if "sink_proj" in n:
+                p.normal_(0.0, 0.5)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _close(what, got, want, tol=2e-5):
+    err, scale = float((got - want).abs().max()), float(want.abs().max())
+    assert err <= tol * scale, f"{what}: {err:.3e} (scale {scale:.3g})"
+
+
+def test_inkling2_per_query_sinks_match_eager():
+    """Inkling 2 sends one sink logit per query and head (``sinks (B, H, Sq, 1)``, projected from the hidden
+    states) with a relative position bias and, on its first layer, a window of 12: left-padded logits, loss and
+    gradients (the sink projections' included) against eager, cached generation, and a check that the sinks matter."""
+    ref, ours = _inkling2()
+    ids, mask = left_padded_batch(vocab=97, length=40)
+    real = mask.bool()
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+        _close("inkling2 logits", ours(ids, attention_mask=mask).logits[real], want[real])
+        plain = copy.deepcopy(ref)
+        for n, p in plain.named_parameters():
+            if "sink_proj" in n:
+                p.zero_()  # every sink logit 0: still a sink, a different one
+        assert (plain(ids, attention_mask=mask).logits - want)[real].abs().max() > 1e-3
+    names = ["model.layers.0.self_attn.sink_proj.weight", "model.layers.1.self_attn.sink_proj.weight",
+             "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+             "model.layers.0.self_attn.rel_logits_proj.proj"]
+    (got_loss, got), (want_loss, wanted) = (_loss_and_grads(m.train(), ids[:1], names) for m in (ours, ref))
+    _close("inkling2 loss", got_loss, want_loss)
+    for n, a, b in zip(names, got, wanted):
+        _close(f"inkling2 d{n}", a, b)
+    _assert_same_generation(ours.eval(), ref.eval(), ids[:1, :30])
+
+
+def test_per_query_sinks_of_a_wrong_shape_or_on_other_specs_are_refused():
+    with pytest.raises(ValueError, match="sinks must be"):
+        _call(sinks=torch.zeros(2, 4, 8))
+    fn = hf_attnops._attention_forward(attnops.nn.MoBASpec(block_size=4, topk=1))
+    q, k = torch.randn(1, 4, 10, 16), torch.randn(1, 2, 10, 16)
+    with pytest.raises(NotImplementedError, match="per-query sinks"):  # also on a padded batch (MoBA's varlen path)
+        fn(torch.nn.Module().eval(), q, k, k, torch.tensor([[0] * 3 + [1] * 7]), sinks=torch.zeros(1, 4, 10, 1))
+
+
 def test_gemma2_softcap_and_window_match_eager():
     """Gemma 2: attention logit softcapping on every layer (50 is its default; 2 here so that the cap bites on
     random weights), a sliding window on local layers."""

@@ -1,20 +1,28 @@
-"""Every causal LM of the pinned transformers that runs through the attention-function interface, and every masked LM
-(encoder) that does, built tiny from its own config class (random weights, nothing downloaded) and run with attnops
-registered, against transformers' own path: SDPA in float64 where the model has one (exact to rounding; eager's
-softmax runs in float32 even for float64 inputs), eager in float32 otherwise. Causal LMs: a left-padded batch and an
-unpadded row; masked LMs: a right-padded and a left-padded batch (bidirectional masks); logits on the real tokens.
+"""Every causal LM, masked LM (encoder) and encoder-decoder LM of the pinned transformers whose attention dispatches to
+a registered attention function, built tiny from its own config class (random weights, nothing downloaded) and run with
+attnops registered, against transformers' own path: SDPA in float64 where the model has one (exact to rounding;
+eager's softmax runs in float32 even for float64 inputs), eager in float32 otherwise. Causal LMs: a left-padded batch
+and an unpadded row, then cached greedy generation; masked LMs: a right-padded and a left-padded batch (bidirectional
+masks); encoder-decoders: the encoder right- and left-padded, the decoder padded too, no mask at all, then cached
+generation with and without a mask; logits on the real tokens. Each forward must reach attnops.
 
 The configs keep what makes each family's attention its own and cut the sizes: a sliding window of 12 and chunks of
 8 on 30 tokens, GQA (4 heads, 2 kv heads), a sparse-attention indexer choosing 8 keys (DeepSeek V3.2 and kin). The
-sweep this came from found, in models with no test of their own, what the adapter dropped or broke: Gemma 4's 512-wide
+sweeps this came from found, in models with no test of their own, what the adapter dropped or broke: Gemma 4's 512-wide
 heads (refused), Gemma 4's KV-shared layers (IndexError), Phimoe's window (dropped, 0.14 off), DeepSeek V3.2's
 indexer (IndexError, then its chosen keys refused), Doge (IndexError), DeepSeek V4's compressed-KV bias (0.43 off,
-silently). A model type a transformers upgrade adds is run at once if its tiny config builds; otherwise the coverage
-test fails until NOT_RUN names it with a reason.
+silently); then, once models were chosen by what they dispatch rather than by transformers' _supports_attention_backend
+flag (which BART, Whisper, StableLM, Jamba, Qwen3.5 and some thirty others leave False while calling attnops): every
+BART / T5 / Marian / Pegasus / M2M-100 decoder's cross-attention on an unmasked batch (keys cut to the query count,
+0.2 off, silently), BigBird-Pegasus's and Pegasus-X's decoders (bidirectional: their layers say is_causal=False;
+0.18 / 0.06 off, silently), NLLB-MoE and BigBird-Pegasus's encoder (RuntimeError: they read the 4-d mask), Qwen4-Exp's
+indexer on a static cache (IndexError), Inkling 2's per-query sinks (refused). A model type a transformers upgrade adds
+is run at once if its tiny config builds; otherwise the coverage test fails until NOT_RUN names it with a reason.
 """
 
 import copy
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -31,7 +39,16 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              v_head_dim=16, first_k_dense_replace=1, topk_group=1, n_group=1, sliding_window=12, num_kv_heads=2,
              linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
              moe_num_experts=4, moe_topk=2, expert_intermediate_size=32, attention_chunk_size=8, index_topk=8,
-             local_attention=8)
+             local_attention=8,
+             # encoder-decoders (BART's names, T5's)
+             encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+             encoder_ffn_dim=96, decoder_ffn_dim=96, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2,
+             encoder_sparse_step=1, decoder_sparse_step=1, relative_attention_num_buckets=8,
+             # MoE routing and hybrid layouts (Kimi Linear, Bailing; Jamba, Bamba: an attention layer in two)
+             num_experts_per_token=2, num_expert_group=1, attn_layer_period=2, attn_layer_offset=1,
+             attn_layer_indices=[1],
+             # Qwen4-Exp's QSA indexer: 8 keys in blocks of 4
+             indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4)
 
 # Causal LMs of transformers 5.23 that this test does not run, and why. The ones without the attention-function
 # interface (transformers refuses any attn_implementation but its own there) are found by the coverage test itself.
@@ -44,6 +61,11 @@ NOT_RUN = {
     "gemma3": "a multimodal wrapper (SigLIP vision tower, 400M parameters at its default sizes); gemma3_text is run",
     "gemma3n": "a multimodal wrapper that needs timm; gemma3n_text is run",
     "gemma4": "a multimodal wrapper; gemma4_text is run",
+    "blt": "its nested patcher / encoder / decoder configs are not cut by these sizes (24 GB at their defaults)",
+    "git": "a multimodal wrapper (vision tower) over 50M parameters at its default sizes",
+    "qwen3_5": "a multimodal wrapper whose config has no vocab_size; qwen3_5_text is run",
+    "qwen3_5_moe": "a multimodal wrapper whose config has no vocab_size; qwen3_5_moe_text is run",
+    "qwen4_exp": "a multimodal wrapper whose config has no vocab_size; qwen4_exp_text is run",
     "gemma4_assistant": "its config validation rejects the sizes (hidden_size_per_layer_input must be 0)",
     "gemma4_unified": "a multimodal wrapper; gemma4_unified_text is run",
     "gemma4_unified_assistant": "its layer types cannot be cut to two layers (KV-sharing producers and users differ)",
@@ -64,7 +86,6 @@ NOT_RUN = {
     "zamba2": "its layer types cannot be cut to two layers",
     "zaya": "its config validation rejects two experts per token",
     "mamba2": "no attention (its config validation rejects the sizes besides)",
-    "olmo_hybrid": "its config validation rejects a two-layer cut without attention layers",
 }
 
 
@@ -79,15 +100,34 @@ NOT_RUN_MASKED = {
 }
 
 
-def _model_types(masked: bool = False):
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+# Encoder-decoder LMs of transformers 5.23 whose attention dispatches to a registered function that this test does not
+# run. T5Gemma has its own test in tests/nn/test_transformers_integration.py.
+_AUDIO_LLM = "an audio-language wrapper (audio encoder + LLM) over 50M parameters at its default sizes"
+NOT_RUN_SEQ2SEQ = {
+    "audioflamingo3": _AUDIO_LLM, "glmasr": _AUDIO_LLM, "granite_speech": _AUDIO_LLM, "granite_speech_plus": _AUDIO_LLM,
+    "moss_transcribe_diarize": _AUDIO_LLM, "musicflamingo": _AUDIO_LLM, "nemo_speechlm": _AUDIO_LLM,
+    "qwen2_audio": _AUDIO_LLM, "qwen3_asr": _AUDIO_LLM, "vibevoice_asr": _AUDIO_LLM, "voxtral": _AUDIO_LLM,
+    "voxtral_realtime": _AUDIO_LLM,
+    "t5gemma": "nested encoder / decoder configs not cut by these sizes (test_transformers_integration.py runs it)",
+    "t5gemma2": "a multimodal wrapper (vision tower) whose nested configs are not cut by these sizes",
+}
 
-    # (BERT-like model types are in both: their causal LM runs them as decoders, the masked LM as the encoders they are)
-    return sorted(MODEL_FOR_MASKED_LM_MAPPING_NAMES if masked else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+KINDS = ("causal", "masked", "seq2seq")
 
 
-def _tiny_config(model_type: str, masked: bool = False):
+def _auto_class(kind: str):
+    return getattr(transformers, {"causal": "AutoModelForCausalLM", "masked": "AutoModelForMaskedLM",
+                                  "seq2seq": "AutoModelForSeq2SeqLM"}[kind])
+
+
+def _model_types(kind: str = "causal"):
+    # (BERT-like model types are in both causal and masked: their causal LM runs them as decoders, the masked LM as the
+    # encoders they are; BART-like ones in causal and seq2seq: their causal LM is the decoder alone)
+    return sorted(_auto_class(kind)._model_mapping._model_mapping)
+
+
+def _tiny_config(model_type: str, kind: str = "causal"):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config_class = CONFIG_MAPPING[model_type]
@@ -96,9 +136,11 @@ def _tiny_config(model_type: str, masked: bool = False):
     if "kv_lora_rank" in defaults or "qk_nope_head_dim" in defaults:  # latent attention: as many kv heads as heads
         kw.pop("head_dim", None)
         kw["num_key_value_heads"] = 4
+    if "attention_types" in defaults:  # GPT-Neo: a global and a local (windowed) layer
+        kw["attention_types"], kw["window_size"] = [[["global", "local"], 1]], 12
     if "num_kv_shared_layers" in defaults:
         kw["num_kv_shared_layers"] = 0
-    if "is_decoder" in defaults and not masked:  # BERT-like types as the decoders their causal LM class expects
+    if "is_decoder" in defaults and kind == "causal":  # BERT-like types as the decoders their causal LM class expects
         kw["is_decoder"] = True
     if "vocab_size_per_layer_input" in defaults:
         kw["vocab_size_per_layer_input"] = 128
@@ -112,17 +154,27 @@ def _tiny_config(model_type: str, masked: bool = False):
             keep.append(keep[0])
         kw["layer_types"], kw["num_hidden_layers"] = keep, len(keep)
     config = config_class(**kw)
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if isinstance(getattr(config, name, None), int) and getattr(config, name) >= 128:
             setattr(config, name, 0)
+    if kind == "seq2seq" and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = 0  # T5's config leaves it to its generation config
     return config
 
 
-def _model_class(config, masked: bool = False):
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    cls = (AutoModelForMaskedLM if masked else AutoModelForCausalLM)._model_mapping[type(config)]
+def _model_class(config, kind: str = "causal"):
+    cls = _auto_class(kind)._model_mapping[type(config)]
     return cls[0] if isinstance(cls, (list, tuple)) else cls
+
+
+def _parameters(cls, config) -> int:
+    """The parameter count of ``cls`` built from ``config``, on the meta device (no memory); 0 where that build fails
+    (the real one then reports why)."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in cls._from_config(copy.deepcopy(config)).parameters())
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 def _build(cls, config, implementation, dtype):
@@ -134,91 +186,136 @@ def _build(cls, config, implementation, dtype):
     return model.to(dtype).eval()
 
 
-def _runnable(masked: bool = False):
+def _runnable(kind: str = "causal"):
     out = []
-    for model_type in _model_types(masked):
-        if model_type in (NOT_RUN_MASKED if masked else NOT_RUN):
+    for model_type in _model_types(kind):
+        if model_type in NOT_RUN_BY_KIND[kind]:
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cls = _model_class(_tiny_config(model_type, masked), masked)
+                cls = _model_class(_tiny_config(model_type, kind), kind)
         except Exception:  # noqa: BLE001 - the coverage test names what cannot be built
             continue
-        if getattr(cls, "_supports_attention_backend", False):
+        if _dispatches(cls):
             out.append(model_type)
     return out
 
 
+def _dispatches(cls) -> bool:
+    """Whether ``cls`` runs a registered attention function: its modeling module looks its attention up in
+    ``ALL_ATTENTION_FUNCTIONS``. transformers' ``_supports_attention_backend`` flag is not the test: BART, Whisper,
+    BigBird-Pegasus, StableLM, Jamba, Qwen3.5 and some thirty others leave it False and still call whatever
+    ``attn_implementation`` names (transformers accepts any registered name for any model)."""
+    import sys
+
+    if getattr(cls, "_supports_attention_backend", False):
+        return True
+    with open(sys.modules[cls.__module__].__file__, encoding="utf-8") as f:
+        return "ALL_ATTENTION_FUNCTIONS" in f.read()
+
+
+NOT_RUN_BY_KIND = {"causal": NOT_RUN, "masked": NOT_RUN_MASKED, "seq2seq": NOT_RUN_SEQ2SEQ}
 MODELS = _runnable()
-MASKED_MODELS = _runnable(masked=True)
+MASKED_MODELS = _runnable("masked")
+SEQ2SEQ_MODELS = _runnable("seq2seq")
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["causal", "masked"])
-def test_every_model_with_an_attention_backend_is_run_or_named(masked):
-    """A causal (masked) LM that takes attn_implementation is either in MODELS (MASKED_MODELS) or in NOT_RUN
-    (NOT_RUN_MASKED) with a reason; those name only model types of this transformers."""
-    types = set(_model_types(masked))
-    run, named = (MASKED_MODELS, NOT_RUN_MASKED) if masked else (MODELS, NOT_RUN)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_model_with_an_attention_backend_is_run_or_named(kind):
+    """A causal LM (masked LM, seq2seq LM) whose attention dispatches to a registered function is either run or named
+    in NOT_RUN (NOT_RUN_MASKED, NOT_RUN_SEQ2SEQ) with a reason; those name only model types of this transformers."""
+    types = set(_model_types(kind))
+    run, named = {"causal": MODELS, "masked": MASKED_MODELS, "seq2seq": SEQ2SEQ_MODELS}[kind], NOT_RUN_BY_KIND[kind]
     assert set(named) <= types, sorted(set(named) - types)
     unexplained = []
     for model_type in sorted(types - set(run) - set(named)):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cls = _model_class(_tiny_config(model_type, masked), masked)
+                cls = _model_class(_tiny_config(model_type, kind), kind)
         except Exception as e:  # noqa: BLE001
             unexplained.append(f"{model_type}: {type(e).__name__}: {str(e)[:120]}")
             continue
-        assert not getattr(cls, "_supports_attention_backend", False), model_type
+        assert not _dispatches(cls), model_type
     assert not unexplained, "\n".join(unexplained)
-    assert len(run) >= (15 if masked else 100), len(run)
+    assert len(run) >= {"causal": 120, "masked": 20, "seq2seq": 15}[kind], len(run)
 
 
 @pytest.mark.parametrize("model_type", MODELS)
 def test_model_matches_transformers(model_type):
-    _check(model_type, masked=False)
+    _check(model_type, "causal")
 
 
 @pytest.mark.parametrize("model_type", MASKED_MODELS)
 def test_encoder_matches_transformers(model_type):
-    _check(model_type, masked=True)
+    _check(model_type, "masked")
 
 
-def _check(model_type: str, masked: bool):
+@pytest.mark.parametrize("model_type", SEQ2SEQ_MODELS)
+def test_encoder_decoder_matches_transformers(model_type):
+    _check(model_type, "seq2seq")
+
+
+def _check(model_type: str, kind: str):
+    """Logits of ``model_type``'s ``kind`` of model with attnops against transformers' own path, on the real tokens
+    of each batch below, then cached greedy generation (causal and seq2seq)."""
     transformers.logging.set_verbosity_error()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = _tiny_config(model_type, masked)
-        cls = _model_class(config, masked)
+        config = _tiny_config(model_type, kind)
+        cls = _model_class(config, kind)
         reference = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
         dtype = torch.float64 if reference == "sdpa" else torch.float32
+        if _parameters(cls, config) > 50e6:  # counted on the meta device: a model that its config leaves big is
+            # not built (a new model type runs here at once, and BLT's default sizes took 24 GB)
+            pytest.fail(f"{model_type}: the tiny config has over 50M parameters; name it in NOT_RUN")
         torch.manual_seed(0)
         ref = _build(cls, config, reference, dtype)
-        if sum(p.numel() for p in ref.parameters()) > 50e6:
-            pytest.fail(f"{model_type}: the tiny config has over 50M parameters; name it in NOT_RUN")
         ours = _build(cls, config, hf_attnops.register(), dtype)
         ours.load_state_dict(ref.state_dict())
         ids = torch.randint(3, 120, (3, 30), generator=torch.Generator().manual_seed(1))
         mask = torch.ones_like(ids)
         mask[1, :8] = 0
         mask[2, :3] = 0
-        # an encoder: right-padded too (its usual batch), and both batches whole
-        batches = ((ids, mask.flip(-1)), (ids, mask)) if masked else ((ids, mask), (ids[:1], None))
         # float64 against SDPA: rounding; float32 against eager: each side's float32 rounding (a dropped window, sink
         # or mask is 1e-2 or more)
         tol = 1e-9 if dtype == torch.float64 else 1e-5
         with torch.no_grad():
-            for inputs, attention_mask in batches:
-                want = ref(input_ids=inputs, attention_mask=attention_mask).logits
-                got = ours(input_ids=inputs, attention_mask=attention_mask).logits
-                real = torch.ones(inputs.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            for what, inputs in _batches(kind, ids, mask):
+                want = ref(**inputs).logits
+                with mock.patch.object(hf_attnops, "_check_call", wraps=hf_attnops._check_call) as calls:
+                    got = ours(**inputs).logits
+                assert calls.call_count, f"{model_type}: attnops never ran (the model's attention does not dispatch)"
+                real = inputs.get("decoder_attention_mask", inputs.get("attention_mask") if kind != "seq2seq" else None)
+                real = torch.ones(got.shape[:2], dtype=torch.bool) if real is None else real.bool()
                 scale = max(1.0, float(want[real].abs().max()))
                 err = float((got - want)[real].abs().max())
-                assert err <= tol * scale, (f"{model_type} ({cls.__name__}) against {reference} in {dtype}, "
-                                            f"{'padded' if attention_mask is not None else 'unpadded'}: {err:.3e}")
-            if not masked:
+                assert err <= tol * scale, (f"{model_type} ({cls.__name__}) against {reference} in {dtype}, {what}: "
+                                            f"{err:.3e}")
+            if kind != "masked":
                 _check_generation(model_type, ref, ours, ids, mask, tol)
+                if kind == "seq2seq":  # no mask at all: one sentence to translate (cross-attention's unmasked form)
+                    _check_generation(model_type, ref, ours, ids[:1], None, tol)
+
+
+def _batches(kind: str, ids: torch.Tensor, mask: torch.Tensor):
+    """``(what, inputs)`` of the forwards compared: a causal LM left-padded and one whole row; an encoder right- and
+    left-padded; an encoder-decoder with its encoder right- and left-padded, its decoder right-padded too, and with no
+    mask at all."""
+    if kind == "causal":
+        return (("left-padded", dict(input_ids=ids, attention_mask=mask)), ("unpadded", dict(input_ids=ids[:1])))
+    if kind == "masked":
+        return (("right-padded", dict(input_ids=ids, attention_mask=mask.flip(-1))),
+                ("left-padded", dict(input_ids=ids, attention_mask=mask)))
+    dec = torch.randint(3, 120, (3, 11), generator=torch.Generator().manual_seed(2))
+    dec_mask = torch.ones_like(dec)
+    dec_mask[1, 7:] = 0
+    return (("encoder right-padded", dict(input_ids=ids, attention_mask=mask.flip(-1), decoder_input_ids=dec)),
+            ("encoder left-padded", dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)),
+            ("both right-padded", dict(input_ids=ids, attention_mask=mask.flip(-1), decoder_input_ids=dec,
+                                       decoder_attention_mask=dec_mask)),
+            ("unmasked", dict(input_ids=ids, decoder_input_ids=dec)))
 
 
 # Static-cache generation that attnops refuses, by name, for a model whose reference runs it.
