@@ -371,6 +371,64 @@ def test_t5gemma_encoder_decoder_matches_eager():
         assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 
+def _vision_language(family: str):
+    """A tiny vision-language model of ``family`` (a 2-layer vision tower on 56 x 56 images, 4 image tokens each) and
+    its inputs: three rows with an image at positions 10-15 (start, 4 image tokens, end), two of them left-padded."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256)
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = left_padded_batch(vocab=100, length=30)
+    ids[:, 10], ids[:, 11:15], ids[:, 15] = 121, 120, 122
+    if family == "gemma3":  # image tokens attend each other both ways (token_type_ids), sliding layers around them
+        text.update(head_dim=16, sliding_window=12, layer_types=["sliding_attention", "full_attention"])
+        cfg = CONFIG_MAPPING[family](text_config=text, mm_tokens_per_image=4, image_token_id=120, boi_token_id=121,
+                                     eoi_token_id=122, pad_token_id=0,
+                                     vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                        num_attention_heads=4, image_size=56, patch_size=14))
+        inputs = dict(pixel_values=torch.randn(3, 3, 56, 56, generator=gen, dtype=torch.float64),
+                      token_type_ids=(ids == 120).long())
+    else:  # Qwen2-VL / Qwen2.5-VL: 3-d rotary positions, and a vision tower that attends image by image
+        text.update(rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0))
+        cfg = CONFIG_MAPPING[family](text_config=text, image_token_id=120, vision_start_token_id=121,
+                                     vision_end_token_id=122,
+                                     vision_config=dict(depth=2, embed_dim=64, hidden_size=64, out_hidden_size=64,
+                                                        num_heads=4, mlp_ratio=2, intermediate_size=96, patch_size=14,
+                                                        spatial_merge_size=2, temporal_patch_size=2,
+                                                        fullatt_block_indexes=[1], window_size=56))
+        inputs = dict(pixel_values=torch.randn(3 * 16, 3 * 2 * 14 * 14, generator=gen, dtype=torch.float64),
+                      image_grid_thw=torch.tensor([[1, 4, 4]] * 3), mm_token_type_ids=(ids == 120).int())
+    ref, ours = sdpa_and_attnops(AutoModelForImageTextToText._model_mapping[type(cfg)], cfg)
+    return ref.eval(), ours.eval(), ids, dict(attention_mask=mask, **inputs)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_vl", "qwen2_5_vl"])
+def test_vision_language_models_with_images_match_sdpa(family):
+    """Images in left-padded batches, against SDPA in float64: logits on the real tokens (the vision tower's attention
+    and the language model's both run on attnops), then cached greedy generation with a dynamic and a static cache."""
+    from unittest import mock
+
+    ref, ours, ids, inputs = _vision_language(family)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        want = ref(input_ids=ids, **inputs).logits
+        with mock.patch.object(hf_attnops, "_check_call", wraps=hf_attnops._check_call) as calls:
+            got = ours(input_ids=ids, **inputs).logits
+        assert calls.call_count >= 4, calls.call_count  # the vision tower's layers and the language model's
+        torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
+        if family == "gemma3":  # the image tokens' two-way attention matters here
+            one_way = dict(inputs, token_type_ids=torch.zeros_like(inputs["token_type_ids"]))
+            assert (ref(input_ids=ids, **one_way).logits - want)[real].abs().max() > 1e-3
+        kw = dict(inputs, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        for cache in ({}, {"cache_implementation": "static"}):
+            a, b = ours.generate(ids, **kw, **cache), ref.generate(ids, **kw, **cache)
+            assert torch.equal(a.sequences, b.sequences)
+            for x, y in zip(a.scores, b.scores):
+                torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+
+
 def test_wider_value_heads_pad_queries_and_keys():
     """Value heads wider than query/key heads (no model yet, the same contract): q and k zero-padded, the scale
     that of the qk dim, against the float64 reference."""
