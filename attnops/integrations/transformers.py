@@ -379,8 +379,10 @@ def _chunked_mask(batch_size: int, length: int, offset: int, chunk: int, mask_fu
 # - BigBird-Pegasus: its encoder's own attention adds the mask to its scores (RuntimeError on the 2-d form); its
 #   decoder's self-attention says is_causal=False and relies on the mask alone, and so does Pegasus-X's: the flash
 #   form left causality to the module and ran those decoders bidirectionally (0.18 / 0.06 off eager, silently).
+# - Moonshine's layers send is_causal = (no mask given), SDPA's idiom for a 4-d mask that holds the causal part: with
+#   the 2-d padding mask its padded decoder ran bidirectionally (0.53 off SDPA, silently).
 # tests/nn/test_model_zoo.py runs every model that dispatches to attnops, so another such model fails there.
-_NEEDS_EAGER_MASK = ("deepseek_v4", "nllb-moe", "bigbird_pegasus", "pegasus_x")
+_NEEDS_EAGER_MASK = ("deepseek_v4", "nllb-moe", "bigbird_pegasus", "pegasus_x", "moonshine", "moonshine_streaming")
 
 # Config fields of sparse-attention indexers, which read the 4-d mask in every step (a static cache's too): DeepSeek
 # V3.2, GLM-5 and their kin (index_topk), Qwen4-Exp's QSA (indexer_budget: it reads mask[b, 0, q] to pick key blocks)

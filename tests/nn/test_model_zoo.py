@@ -1,23 +1,26 @@
-"""Every causal LM, masked LM (encoder) and encoder-decoder LM of the pinned transformers whose attention dispatches to
-a registered attention function, built tiny from its own config class (random weights, nothing downloaded) and run with
-attnops registered, against transformers' own path: SDPA in float64 where the model has one (exact to rounding;
-eager's softmax runs in float32 even for float64 inputs), eager in float32 otherwise. Causal LMs: a left-padded batch
-and an unpadded row, then cached greedy generation; masked LMs: a right-padded and a left-padded batch (bidirectional
-masks); encoder-decoders: the encoder right- and left-padded, the decoder padded too, no mask at all, then cached
-generation with and without a mask; logits on the real tokens. Each forward must reach attnops.
+"""Every causal LM, masked LM (encoder), encoder-decoder LM and speech-to-text model of the pinned transformers whose
+attention dispatches to a registered attention function, built tiny from its own config class (random weights,
+nothing downloaded) and run with attnops registered, against transformers' own path: SDPA in float64 where the model
+has one (exact to rounding; eager's softmax runs in float32 even for float64 inputs), eager in float32 otherwise.
+Causal LMs: a left-padded batch and an unpadded row, then cached greedy generation; masked LMs: a right-padded and a
+left-padded batch (bidirectional masks); encoder-decoders: the encoder right- and left-padded, the decoder padded
+too, no mask at all, then cached generation with and without a mask; speech-to-text: padded audio, a padded decoder,
+no mask, then cached generation; logits on the real tokens. Each forward must reach attnops.
 
-The configs keep what makes each family's attention its own and cut the sizes: a sliding window of 12 and chunks of
-8 on 30 tokens, GQA (4 heads, 2 kv heads), a sparse-attention indexer choosing 8 keys (DeepSeek V3.2 and kin). The
-sweeps this came from found, in models with no test of their own, what the adapter dropped or broke: Gemma 4's 512-wide
-heads (refused), Gemma 4's KV-shared layers (IndexError), Phimoe's window (dropped, 0.14 off), DeepSeek V3.2's
-indexer (IndexError, then its chosen keys refused), Doge (IndexError), DeepSeek V4's compressed-KV bias (0.43 off,
-silently); then, once models were chosen by what they dispatch rather than by transformers' _supports_attention_backend
-flag (which BART, Whisper, StableLM, Jamba, Qwen3.5 and some thirty others leave False while calling attnops): every
-BART / T5 / Marian / Pegasus / M2M-100 decoder's cross-attention on an unmasked batch (keys cut to the query count,
-0.2 off, silently), BigBird-Pegasus's and Pegasus-X's decoders (bidirectional: their layers say is_causal=False;
-0.18 / 0.06 off, silently), NLLB-MoE and BigBird-Pegasus's encoder (RuntimeError: they read the 4-d mask), Qwen4-Exp's
-indexer on a static cache (IndexError), Inkling 2's per-query sinks (refused). A model type a transformers upgrade adds
-is run at once if its tiny config builds; otherwise the coverage test fails until NOT_RUN names it with a reason.
+The configs keep what makes each family's attention its own and cut the sizes: a sliding window of 12 and chunks of 8
+on 30 tokens, GQA (4 heads, 2 kv heads), a sparse-attention indexer choosing 8 keys (DeepSeek V3.2 and kin). The
+sweeps this came from found, in models with no test of their own, what the adapter dropped or broke: Gemma 4's
+512-wide heads (refused), Gemma 4's KV-shared layers (IndexError), Phimoe's window (dropped, 0.14 off), DeepSeek
+V3.2's indexer (IndexError, then its chosen keys refused), Doge (IndexError), DeepSeek V4's compressed-KV bias (0.43
+off, silently); then, once models were chosen by what they dispatch rather than by transformers'
+_supports_attention_backend flag (which BART, Whisper, StableLM, Jamba, Qwen3.5 and some thirty others leave False
+while calling attnops): every BART / T5 / Marian / Pegasus / M2M-100 decoder's cross-attention on an unmasked batch
+(keys cut to the query count, 0.2 off, silently), BigBird-Pegasus's and Pegasus-X's decoders (bidirectional: their
+layers say is_causal=False; 0.18 / 0.06 off, silently), NLLB-MoE and BigBird-Pegasus's encoder (RuntimeError: they
+read the 4-d mask), Qwen4-Exp's indexer on a static cache (IndexError), Inkling 2's per-query sinks (refused),
+Moonshine's padded decoder (its layers send is_causal=False whenever a mask is given: bidirectional, 0.53 off,
+silently). A model type a transformers upgrade adds is run at once if its tiny config builds; otherwise the coverage
+test fails until NOT_RUN names it with a reason.
 """
 
 import copy
@@ -48,7 +51,10 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              num_experts_per_token=2, num_expert_group=1, attn_layer_period=2, attn_layer_offset=1,
              attn_layer_indices=[1],
              # Qwen4-Exp's QSA indexer: 8 keys in blocks of 4
-             indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4)
+             indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4,
+             # speech-to-text (Whisper's names, Speech2Text's)
+             num_mel_bins=16, max_source_positions=16, max_target_positions=64, input_feat_per_channel=16,
+             conv_channels=32)
 
 # Causal LMs of transformers 5.23 that this test does not run, and why. The ones without the attention-function
 # interface (transformers refuses any attn_implementation but its own there) are found by the coverage test itself.
@@ -113,12 +119,27 @@ NOT_RUN_SEQ2SEQ = {
 }
 
 
-KINDS = ("causal", "masked", "seq2seq")
+# Speech-to-text encoder-decoders of transformers 5.23 whose attention dispatches to a registered function that this
+# test does not run.
+NOT_RUN_SPEECH = {
+    "canary": "its config validation rejects the cut vocabulary (the decoder's must match the model's)",
+    "cohere_asr": _AUDIO_LLM, "dia": "a text-to-speech model over 50M parameters at its default sizes",
+    "fun_asr_nano": _AUDIO_LLM, "granite_speech": _AUDIO_LLM, "granite_speech_plus": _AUDIO_LLM,
+    "kyutai_speech_to_text": "its tiny config's padding index lies outside the cut vocabulary",
+    "moonshine_streaming": "its config class has no num_key_value_heads at these sizes; moonshine is run",
+    "pop2piano": "a MIDI model that takes input_ids, not audio",
+    "qwen3_asr": _AUDIO_LLM,
+    "seamless_m4t": "its speech encoder stacks feature frames (160 inputs from 80 bins), which these inputs do not",
+    "seamless_m4t_v2": "its speech encoder stacks feature frames (160 inputs from 80 bins), which these inputs do not",
+    "vibevoice": _AUDIO_LLM, "vibevoice_asr": _AUDIO_LLM, "voxtral": _AUDIO_LLM, "voxtral_realtime": _AUDIO_LLM,
+}
+
+KINDS = ("causal", "masked", "seq2seq", "speech")
 
 
 def _auto_class(kind: str):
     return getattr(transformers, {"causal": "AutoModelForCausalLM", "masked": "AutoModelForMaskedLM",
-                                  "seq2seq": "AutoModelForSeq2SeqLM"}[kind])
+                                  "seq2seq": "AutoModelForSeq2SeqLM", "speech": "AutoModelForSpeechSeq2Seq"}[kind])
 
 
 def _model_types(kind: str = "causal"):
@@ -157,7 +178,7 @@ def _tiny_config(model_type: str, kind: str = "causal"):
     for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if isinstance(getattr(config, name, None), int) and getattr(config, name) >= 128:
             setattr(config, name, 0)
-    if kind == "seq2seq" and getattr(config, "decoder_start_token_id", None) is None:
+    if kind in ("seq2seq", "speech") and getattr(config, "decoder_start_token_id", None) is None:
         config.decoder_start_token_id = 0  # T5's config leaves it to its generation config
     return config
 
@@ -215,10 +236,11 @@ def _dispatches(cls) -> bool:
         return "ALL_ATTENTION_FUNCTIONS" in f.read()
 
 
-NOT_RUN_BY_KIND = {"causal": NOT_RUN, "masked": NOT_RUN_MASKED, "seq2seq": NOT_RUN_SEQ2SEQ}
+NOT_RUN_BY_KIND = {"causal": NOT_RUN, "masked": NOT_RUN_MASKED, "seq2seq": NOT_RUN_SEQ2SEQ, "speech": NOT_RUN_SPEECH}
 MODELS = _runnable()
 MASKED_MODELS = _runnable("masked")
 SEQ2SEQ_MODELS = _runnable("seq2seq")
+SPEECH_MODELS = _runnable("speech")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -226,7 +248,8 @@ def test_every_model_with_an_attention_backend_is_run_or_named(kind):
     """A causal LM (masked LM, seq2seq LM) whose attention dispatches to a registered function is either run or named
     in NOT_RUN (NOT_RUN_MASKED, NOT_RUN_SEQ2SEQ) with a reason; those name only model types of this transformers."""
     types = set(_model_types(kind))
-    run, named = {"causal": MODELS, "masked": MASKED_MODELS, "seq2seq": SEQ2SEQ_MODELS}[kind], NOT_RUN_BY_KIND[kind]
+    run = {"causal": MODELS, "masked": MASKED_MODELS, "seq2seq": SEQ2SEQ_MODELS, "speech": SPEECH_MODELS}[kind]
+    named = NOT_RUN_BY_KIND[kind]
     assert set(named) <= types, sorted(set(named) - types)
     unexplained = []
     for model_type in sorted(types - set(run) - set(named)):
@@ -239,7 +262,7 @@ def test_every_model_with_an_attention_backend_is_run_or_named(kind):
             continue
         assert not _dispatches(cls), model_type
     assert not unexplained, "\n".join(unexplained)
-    assert len(run) >= {"causal": 120, "masked": 20, "seq2seq": 15}[kind], len(run)
+    assert len(run) >= {"causal": 120, "masked": 20, "seq2seq": 15, "speech": 3}[kind], len(run)
 
 
 @pytest.mark.parametrize("model_type", MODELS)
@@ -255,6 +278,11 @@ def test_encoder_matches_transformers(model_type):
 @pytest.mark.parametrize("model_type", SEQ2SEQ_MODELS)
 def test_encoder_decoder_matches_transformers(model_type):
     _check(model_type, "seq2seq")
+
+
+@pytest.mark.parametrize("model_type", SPEECH_MODELS)
+def test_speech_to_text_matches_transformers(model_type):
+    _check(model_type, "speech")
 
 
 def _check(model_type: str, kind: str):
@@ -281,28 +309,52 @@ def _check(model_type: str, kind: str):
         # float64 against SDPA: rounding; float32 against eager: each side's float32 rounding (a dropped window, sink
         # or mask is 1e-2 or more)
         tol = 1e-9 if dtype == torch.float64 else 1e-5
+        if kind == "speech":
+            ids, mask = _audio(ref, config, dtype)
         with torch.no_grad():
             for what, inputs in _batches(kind, ids, mask):
                 want = ref(**inputs).logits
                 with mock.patch.object(hf_attnops, "_check_call", wraps=hf_attnops._check_call) as calls:
                     got = ours(**inputs).logits
                 assert calls.call_count, f"{model_type}: attnops never ran (the model's attention does not dispatch)"
-                real = inputs.get("decoder_attention_mask", inputs.get("attention_mask") if kind != "seq2seq" else None)
+                real = inputs.get("decoder_attention_mask", inputs.get("attention_mask") if kind in KINDS[:2] else None)
                 real = torch.ones(got.shape[:2], dtype=torch.bool) if real is None else real.bool()
                 scale = max(1.0, float(want[real].abs().max()))
                 err = float((got - want)[real].abs().max())
                 assert err <= tol * scale, (f"{model_type} ({cls.__name__}) against {reference} in {dtype}, {what}: "
                                             f"{err:.3e}")
-            if kind != "masked":
-                _check_generation(model_type, ref, ours, ids, mask, tol)
+            if kind == "speech":
+                _check_generation(model_type, ref, ours, dict(ids, attention_mask=mask), tol)
+            elif kind != "masked":
+                _check_generation(model_type, ref, ours, dict(input_ids=ids, attention_mask=mask), tol)
                 if kind == "seq2seq":  # no mask at all: one sentence to translate (cross-attention's unmasked form)
-                    _check_generation(model_type, ref, ours, ids[:1], None, tol)
+                    _check_generation(model_type, ref, ours, dict(input_ids=ids[:1]), tol)
+
+
+def _audio(model, config, dtype):
+    """Three random clips in the form ``model`` takes, and their padding mask over time (two clips cut short):
+    log-mel features (B, bins, frames) for Whisper (which needs 2 * max_source_positions frames), (B, frames,
+    features) for Speech2Text, raw samples (B, 4000) for Moonshine."""
+    gen = torch.Generator().manual_seed(1)
+    if model.main_input_name == "input_values":
+        inputs, frames = dict(input_values=torch.randn(3, 4000, generator=gen, dtype=dtype)), 4000
+    elif config.model_type == "whisper":
+        frames = 2 * config.max_source_positions
+        inputs = dict(input_features=torch.randn(3, config.num_mel_bins, frames, generator=gen, dtype=dtype))
+    else:
+        features, frames = config.input_feat_per_channel * config.input_channels, 48
+        inputs = dict(input_features=torch.randn(3, frames, features, generator=gen, dtype=dtype))
+    mask = torch.ones(3, frames, dtype=torch.long)
+    mask[1, frames * 3 // 5:] = 0
+    mask[2, frames * 6 // 7:] = 0
+    return inputs, mask
 
 
 def _batches(kind: str, ids: torch.Tensor, mask: torch.Tensor):
     """``(what, inputs)`` of the forwards compared: a causal LM left-padded and one whole row; an encoder right- and
     left-padded; an encoder-decoder with its encoder right- and left-padded, its decoder right-padded too, and with no
-    mask at all."""
+    mask at all; a speech-to-text model (``ids``, ``mask``: its audio inputs and their padding) with its audio
+    padded, its decoder right-padded, and unmasked."""
     if kind == "causal":
         return (("left-padded", dict(input_ids=ids, attention_mask=mask)), ("unpadded", dict(input_ids=ids[:1])))
     if kind == "masked":
@@ -311,6 +363,10 @@ def _batches(kind: str, ids: torch.Tensor, mask: torch.Tensor):
     dec = torch.randint(3, 120, (3, 11), generator=torch.Generator().manual_seed(2))
     dec_mask = torch.ones_like(dec)
     dec_mask[1, 7:] = 0
+    if kind == "speech":
+        return (("audio padded", dict(ids, attention_mask=mask, decoder_input_ids=dec)),
+                ("decoder right-padded", dict(ids, decoder_input_ids=dec, decoder_attention_mask=dec_mask)),
+                ("unmasked", dict(ids, decoder_input_ids=dec)))
     return (("encoder right-padded", dict(input_ids=ids, attention_mask=mask.flip(-1), decoder_input_ids=dec)),
             ("encoder left-padded", dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)),
             ("both right-padded", dict(input_ids=ids, attention_mask=mask.flip(-1), decoder_input_ids=dec,
@@ -324,25 +380,25 @@ STATIC_REFUSED = {
 }
 
 
-def _check_generation(model_type: str, ref, ours, ids, mask, tol: float) -> None:
-    """Greedy cached generation from the left-padded batch, with the default (dynamic) cache and a static one (what
-    compiled generation uses): the same tokens, and every step's scores within ``tol``. A static cache the reference
-    cannot run is skipped for the model."""
-    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+def _check_generation(model_type: str, ref, ours, inputs: dict, tol: float) -> None:
+    """Greedy cached generation from ``inputs`` (the left-padded batch), with the default (dynamic) cache and a static
+    one (what compiled generation uses): the same tokens, and every step's scores within ``tol``. A static cache the
+    reference cannot run is skipped for the model."""
+    kw = dict(inputs, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
     for cache in ("dynamic", "static"):
         extra = {"cache_implementation": "static"} if cache == "static" else {}
         try:
-            want = ref.generate(ids, **kw, **extra)
+            want = ref.generate(**kw, **extra)
         except Exception:  # noqa: BLE001 - the model's own path cannot run it (DeepSeek V4's layer types)
             if cache == "static":
                 continue
             raise
         if cache == "static" and model_type in STATIC_REFUSED:
             with pytest.raises(NotImplementedError):
-                ours.generate(ids, **kw, **extra)
+                ours.generate(**kw, **extra)
             continue
-        got = ours.generate(ids, **kw, **extra)
+        got = ours.generate(**kw, **extra)
         assert torch.equal(got.sequences, want.sequences), f"{model_type}: {cache} cache, tokens differ"
         for step, (a, b) in enumerate(zip(got.scores, want.scores)):
             finite = torch.isfinite(b)
