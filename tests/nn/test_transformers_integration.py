@@ -372,8 +372,8 @@ def test_t5gemma_encoder_decoder_matches_eager():
 
 
 def _vision_language(family: str):
-    """A tiny vision-language model of ``family`` (a 2-layer vision tower on 56 x 56 images, 4 image tokens each) and
-    its inputs: three rows with an image at positions 10-15 (start, 4 image tokens, end), two of them left-padded."""
+    """A tiny vision-language model of ``family`` (a 2-layer vision tower on images of 28-56 pixels) and its inputs:
+    three rows with an image, two of them left-padded."""
     from transformers import AutoModelForImageTextToText
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -390,6 +390,34 @@ def _vision_language(family: str):
                                                         num_attention_heads=4, image_size=56, patch_size=14))
         inputs = dict(pixel_values=torch.randn(3, 3, 56, 56, generator=gen, dtype=torch.float64),
                       token_type_ids=(ids == 120).long())
+    elif family == "paligemma":  # a prefix LM: the image and the prompt attend both ways, the suffix causally
+        ids[:, 10:15] = torch.randint(3, 100, (3, 5), generator=gen)
+        for row, pad in enumerate((0, 8, 3)):
+            ids[row, pad:pad + 4] = 120
+        cfg = CONFIG_MAPPING[family](text_config=dict(text, model_type="gemma", head_dim=16), image_token_index=120,
+                                     projection_dim=64, vocab_size=128, hidden_size=64,
+                                     vision_config=dict(model_type="siglip_vision_model", hidden_size=64,
+                                                        intermediate_size=96, num_hidden_layers=2,
+                                                        num_attention_heads=4, image_size=28, patch_size=14))
+        suffix = torch.zeros_like(ids)
+        suffix[:, 20:] = 1
+        inputs = dict(pixel_values=torch.randn(3, 3, 28, 28, generator=gen, dtype=torch.float64), token_type_ids=suffix)
+    elif family == "mllama":  # Llama 3.2 Vision: a cross-attention layer reads the image tiles under its own mask
+        ids[:, 10:16] = torch.randint(3, 100, (3, 6), generator=gen)
+        ids[:, 10] = 120
+        cfg = CONFIG_MAPPING[family](text_config=dict(text, model_type="mllama_text_model", cross_attention_layers=[1],
+                                                      pad_token_id=0), image_token_index=120,
+                                     vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                        num_global_layers=1, attention_heads=4, image_size=28,
+                                                        patch_size=14, max_num_tiles=2, vision_output_dim=128,
+                                                        intermediate_layers_indices=[0],
+                                                        supported_aspect_ratios=[[1, 1], [1, 2]]))
+        tiles = torch.zeros(3, 30, 1, 2, dtype=torch.long)
+        tiles[:, 10:, 0, :] = 1
+        tiles[0, 10:, 0, 1] = 0  # the first row's image has one tile
+        inputs = dict(pixel_values=torch.randn(3, 1, 2, 3, 28, 28, generator=gen, dtype=torch.float64),
+                      aspect_ratio_ids=torch.tensor([[1], [2], [2]]),
+                      aspect_ratio_mask=torch.tensor([[[1, 0]], [[1, 1]], [[1, 1]]]), cross_attention_mask=tiles)
     else:  # Qwen2-VL / Qwen2.5-VL: 3-d rotary positions, and a vision tower that attends image by image
         text.update(rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0))
         cfg = CONFIG_MAPPING[family](text_config=text, image_token_id=120, vision_start_token_id=121,
@@ -404,7 +432,7 @@ def _vision_language(family: str):
     return ref.eval(), ours.eval(), ids, dict(attention_mask=mask, **inputs)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["gemma3", "paligemma", "mllama", "qwen2_vl", "qwen2_5_vl"])
 def test_vision_language_models_with_images_match_sdpa(family):
     """Images in left-padded batches, against SDPA in float64: logits on the real tokens (the vision tower's attention
     and the language model's both run on attnops), then cached greedy generation with a dynamic and a static cache."""
@@ -418,9 +446,11 @@ def test_vision_language_models_with_images_match_sdpa(family):
             got = ours(input_ids=ids, **inputs).logits
         assert calls.call_count >= 4, calls.call_count  # the vision tower's layers and the language model's
         torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
-        if family == "gemma3":  # the image tokens' two-way attention matters here
-            one_way = dict(inputs, token_type_ids=torch.zeros_like(inputs["token_type_ids"]))
-            assert (ref(input_ids=ids, **one_way).logits - want)[real].abs().max() > 1e-3
+        if family in ("gemma3", "paligemma"):  # the two-way attention matters here (PaliGemma: all of it causal)
+            other = (torch.zeros_like if family == "gemma3" else torch.ones_like)(inputs["token_type_ids"])
+            assert (ref(input_ids=ids, **dict(inputs, token_type_ids=other)).logits - want)[real].abs().max() > 1e-3
+        if family == "paligemma":  # generation: the whole prompt is the prefix
+            inputs = dict(inputs, token_type_ids=torch.zeros_like(ids))
         kw = dict(inputs, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
         for cache in ({}, {"cache_implementation": "static"}):
             a, b = ours.generate(ids, **kw, **cache), ref.generate(ids, **kw, **cache)
