@@ -207,12 +207,28 @@ def _is_causal(module: torch.nn.Module, is_causal: Optional[bool], attention_mas
     (it leaves causality to the kernel); with a 4-d mask, none: eager attention adds the mask and nothing else (so does
     the SDPA integration), and a model or user that sends one has put the causal part in it (transformers' own 4-d
     masks) or deliberately left it out (a prefix-LM mask, a custom tree mask). Taking the module's causality on top
-    cut the bidirectional prefix of such a mask: Llama logits 0.33 off eager's."""
+    cut the bidirectional prefix of such a mask: Llama logits 0.33 off eager's. A module without ``is_causal`` (BERT-era
+    code: Splinter, ALIGN's text encoder) takes the kind of mask its model builds (:func:`_causal_of_masks`)."""
     if is_causal is not None:
         return bool(is_causal)
     if attention_mask is not None and attention_mask.dim() == 4:
         return False
-    return bool(getattr(module, "is_causal", True))
+    causal = getattr(module, "is_causal", None)
+    return _causal_of_masks(module) if causal is None else bool(causal)
+
+
+def _causal_of_masks(module: torch.nn.Module) -> bool:
+    """Causality of a module that does not say, from the masks its model's config built (noted by the mask function in
+    eager calls): only bidirectional ones, an encoder (transformers' integrations default to causal there, which ran
+    Splinter's encoder causally: 0.03 off eager, silently); only causal ones or none noted, causal; both, refused."""
+    kinds = _MASKS_NOTED.get(id(getattr(module, "config", None)), {}).get("kinds", frozenset())
+    if kinds == {"bidirectional"}:
+        return False
+    if len(kinds) > 1:
+        raise NotImplementedError(f"attnops attention: {type(module).__name__} has no is_causal and its model builds "
+                                  "causal and bidirectional masks, so attnops cannot tell which this layer uses; set "
+                                  "the module's is_causal")
+    return True
 
 
 # A model tells the attention function its window through ``sliding_window``, and the mask function registered here
@@ -222,22 +238,27 @@ def _is_causal(module: torch.nn.Module, is_causal: Optional[bool], attention_mas
 # takes its layer's (:func:`_unsent_window`), from the module, the config's layer types, or the windows the mask
 # function noted per model config (None: a full mask).
 _NOT_SENT = object()
-_MASK_WINDOWS: Dict[int, frozenset] = {}
+# id(config) -> {"windows": the windows its masks were built with (None: none), "kinds": "causal" / "bidirectional"}
+_MASKS_NOTED: Dict[int, Dict[str, frozenset]] = {}
 
 
-def _note_mask_window(config, window: Optional[int]) -> None:
-    """Records that ``config``'s model built a mask with ``window`` (None: full causal). Eager calls only (a traced
-    mask function would record into the graph); the entry goes with the config."""
+def _note_mask(config, kind: str, window=_NOT_SENT) -> None:
+    """Records that ``config``'s model built a ``kind`` of mask ("causal" or "bidirectional"), with ``window`` (None:
+    none; not given: the mask's local size is not a window, a chunk). Eager calls only (a traced mask function would
+    record into the graph); the entry goes with the config."""
     if config is None or torch.compiler.is_compiling():
         return
-    window = window or None  # Qwen2-MoE builds a sliding mask of window 0 (admitting no key) that no layer uses
     key = id(config)
-    if key not in _MASK_WINDOWS:
+    noted = _MASKS_NOTED.get(key)
+    if noted is None:
         try:
-            weakref.finalize(config, _MASK_WINDOWS.pop, key, None)
+            weakref.finalize(config, _MASKS_NOTED.pop, key, None)
         except TypeError:  # not weak-referenceable: nothing to key on safely
             return
-    _MASK_WINDOWS[key] = _MASK_WINDOWS.get(key, frozenset()) | {window}
+        noted = _MASKS_NOTED[key] = {"windows": frozenset(), "kinds": frozenset()}
+    noted["kinds"] |= {kind}
+    if window is not _NOT_SENT:  # Qwen2-MoE builds a sliding mask of window 0 (admitting no key) that no layer uses
+        noted["windows"] |= {window or None}
 
 
 def _unsent_window(module: torch.nn.Module) -> Optional[int]:
@@ -256,7 +277,7 @@ def _unsent_window(module: torch.nn.Module) -> Optional[int]:
     decided, window, config_key = known
     if decided:
         return window
-    windows = _MASK_WINDOWS.get(config_key, frozenset())
+    windows = _MASKS_NOTED.get(config_key, {}).get("windows", frozenset())
     sliding = windows - {None}
     if not sliding:
         return None
@@ -431,8 +452,11 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) and mask_function is not causal_mask_function
     # local_size: the window of a sliding-window mask, a chunked one's chunk
     local_size = kwargs.get("local_size")
-    if not chunked:
-        _note_mask_window(kwargs.get("config"), local_size)
+    bidirectional = "allow_is_bidirectional_skip" in kwargs  # create_bidirectional_mask alone sends it
+    if chunked:
+        _note_mask(kwargs.get("config"), "causal")
+    else:
+        _note_mask(kwargs.get("config"), "bidirectional" if bidirectional else "causal", local_size)
     # while tracing, a cache position held in a tensor cannot size the keys (below) without a host read: the 4-d mask
     traced_offset = torch.compiler.is_compiling() and isinstance(q_offset, torch.Tensor)
     overlay = kwargs.get("use_vmap") or getattr(mask_function, "__name__", "") == "or_mask"
@@ -444,7 +468,7 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     if overlay or chunked or traced_offset:
         return materialised(use_vmap=bool(kwargs.get("use_vmap")))
     written = int(q_offset) + q_length - int(kv_offset)  # keys up to the last query's position
-    if "allow_is_bidirectional_skip" in kwargs and local_size is not None:
+    if bidirectional and local_size is not None:
         # a bidirectional sliding window: transformers' mask admits |q - k| <= w, and the argument its layers send is
         # w for some models (T5Gemma's encoder) and w + 1 for others (ModernBERT sends half its local attention + 1),
         # so only the mask says which (T5Gemma's encoder was 0.08 off on the flash form): the window goes with it
@@ -455,7 +479,7 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
         return materialised(allow_is_bidirectional_skip=False)
     if getattr(kwargs.get("config"), "model_type", None) in _NEEDS_EAGER_MASK:
         return eager_mask(**sizes, mask_function=mask_function, dtype=kwargs.get("dtype", torch.float32), device=device)
-    asked = kwargs.get("allow_is_causal_skip") is False and "allow_is_bidirectional_skip" not in kwargs
+    asked = kwargs.get("allow_is_causal_skip") is False and not bidirectional
     reads_mask = any(getattr(kwargs.get("config"), name, None) is not None for name in _INDEXER_FIELDS)
     if asked and (written >= kv_length or reads_mask) and not torch.compiler.is_compiling() \
             and not _packed(mask_function):
@@ -472,7 +496,7 @@ def _layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
         # Gemma 4's generate() cuts the KV-shared layers' queries to the last tokens and every layer's mask with them
         # (mask[:, :, rows, :]), which only the 4-d form has: the 2-d padding mask raised IndexError there
         return materialised()
-    if mask is None and written < kv_length and "allow_is_bidirectional_skip" not in kwargs:
+    if mask is None and written < kv_length and not bidirectional:
         # a static cache spans its whole buffer, written only up to the last query: the flash form gives no mask
         # for an unpadded batch, and the kernels would read the unwritten slots (zero keys: weight exp(0) each).
         # Not a bidirectional mask: a decoder's cross-attention has its queries' positions (a few) and the encoder's

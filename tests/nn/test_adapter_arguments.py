@@ -286,13 +286,50 @@ def test_a_window_not_sent_is_taken_from_the_masks_or_refused():
     q, k = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 30, 16)
     full, _ = fn(module, q, k, k, None)
     windowed, _ = fn(module, q, k, k, None, sliding_window=5)
-    hf_attnops._note_mask_window(module.config, 5)
+    hf_attnops._note_mask(module.config, "causal", 5)
     torch.testing.assert_close(fn(module, q, k, k, None)[0], windowed)
     torch.testing.assert_close(fn(module, q, k, k, None, sliding_window=None)[0], full)
-    hf_attnops._note_mask_window(module.config, None)
+    hf_attnops._note_mask(module.config, "causal", None)
     with pytest.raises(NotImplementedError, match="does not say which"):
         fn(module, q, k, k, None)
     torch.testing.assert_close(fn(module, q, k, k, None, sliding_window=5)[0], windowed)
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "none"])
+def test_an_encoder_whose_layers_do_not_say_is_causal_is_bidirectional(padding):
+    """Splinter's self-attention (BERT-era code) has no ``is_causal``; transformers' integrations default to causal
+    there, which ran the encoder causally (0.03 off eager, silently). The layer now takes the kind of mask its model
+    builds: bidirectional. Against eager in float32 (Splinter has no SDPA path)."""
+    from transformers import AutoModel, SplinterConfig
+
+    cfg = SplinterConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref, ours = (AutoModel.from_config(copy.deepcopy(cfg), attn_implementation=impl).eval()
+                 for impl in ("eager", hf_attnops.register()))
+    ours.load_state_dict(ref.state_dict())
+    assert not hasattr(ours.encoder.layer[0].attention.self, "is_causal")
+    ids, mask = left_padded_batch(vocab=97, length=30)
+    mask = {"right": mask.flip(-1), "left": mask, "none": None}[padding]
+    real = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
+    with torch.no_grad():
+        want, got = (m(input_ids=ids, attention_mask=mask).last_hidden_state[real] for m in (ref, ours))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_without_is_causal_in_a_model_with_both_kinds_of_mask_is_refused():
+    fn = hf_attnops._attention_forward(attnops.nn.SoftmaxSpec())
+    module = torch.nn.Module().eval()
+    module.config = type("Config", (), {})()
+    q = torch.randn(1, 4, 10, 16)
+    causal, _ = fn(module, q, q[:, :2], q[:, :2], None)  # nothing noted: causal, as transformers defaults
+    torch.testing.assert_close(causal, fn(module, q, q[:, :2], q[:, :2], None, is_causal=True)[0])
+    hf_attnops._note_mask(module.config, "bidirectional")
+    torch.testing.assert_close(fn(module, q, q[:, :2], q[:, :2], None)[0],
+                               fn(module, q, q[:, :2], q[:, :2], None, is_causal=False)[0])
+    hf_attnops._note_mask(module.config, "causal")
+    with pytest.raises(NotImplementedError, match="has no is_causal"):
+        fn(module, q, q[:, :2], q[:, :2], None)
 
 
 def test_sinks_and_softcap_are_refused_by_specs_that_cannot_apply_them():
