@@ -5,7 +5,8 @@ has one (exact to rounding; eager's softmax runs in float32 even for float64 inp
 Causal LMs: a left-padded batch and an unpadded row, then cached greedy generation; masked LMs: a right-padded and a
 left-padded batch (bidirectional masks); encoder-decoders: the encoder right- and left-padded, the decoder padded
 too, no mask at all, then cached generation with and without a mask; speech-to-text: padded audio, a padded decoder,
-no mask, then cached generation; logits on the real tokens. Each forward must reach attnops.
+no mask, then cached generation; logits on the real tokens. Each forward must reach attnops. Then one training step
+on a right-padded batch: the loss and every parameter's gradient.
 
 The configs keep what makes each family's attention its own and cut the sizes: a sliding window of 12 and chunks of 8
 on 30 tokens, GQA (4 heads, 2 kv heads), a sparse-attention indexer choosing 8 keys (DeepSeek V3.2 and kin). The
@@ -180,7 +181,19 @@ def _tiny_config(model_type: str, kind: str = "causal"):
             setattr(config, name, 0)
     if kind in ("seq2seq", "speech") and getattr(config, "decoder_start_token_id", None) is None:
         config.decoder_start_token_id = 0  # T5's config leaves it to its generation config
+    _no_dropout(config)
     return config
+
+
+def _no_dropout(config) -> None:
+    """Every dropout probability of ``config`` (and its text / encoder / decoder parts) set to 0, so that the training
+    check compares deterministic steps (attnops' attention dropout has its own tests)."""
+    for name, value in config.to_dict().items():
+        if isinstance(value, float) and any(word in name for word in ("dropout", "pdrop", "drop_path", "layerdrop")):
+            setattr(config, name, 0.0)
+    for part in ("text_config", "encoder", "decoder"):
+        if isinstance(getattr(config, part, None), transformers.PretrainedConfig):
+            _no_dropout(getattr(config, part))
 
 
 def _model_class(config, kind: str = "causal"):
@@ -323,12 +336,50 @@ def _check(model_type: str, kind: str):
                 err = float((got - want)[real].abs().max())
                 assert err <= tol * scale, (f"{model_type} ({cls.__name__}) against {reference} in {dtype}, {what}: "
                                             f"{err:.3e}")
+        _check_training(model_type, kind, ref, ours, ids, mask, dtype)
+        with torch.no_grad():
             if kind == "speech":
                 _check_generation(model_type, ref, ours, dict(ids, attention_mask=mask), tol)
             elif kind != "masked":
                 _check_generation(model_type, ref, ours, dict(input_ids=ids, attention_mask=mask), tol)
                 if kind == "seq2seq":  # no mask at all: one sentence to translate (cross-attention's unmasked form)
                     _check_generation(model_type, ref, ours, dict(input_ids=ids[:1]), tol)
+
+
+def _check_training(model_type: str, kind: str, ref, ours, ids, mask, dtype) -> None:
+    """One training step's loss and every parameter's gradient, against the reference (dropout 0, the same seed for
+    any other randomness: router jitter). Right-padded batches: a left-padded row's padding queries see no key, which
+    attnops (and SDPA with a bool mask) answers with zeros and eager with a uniform average, and transformers' loss
+    reads the last padding position's logits (they predict the first real token): that term is the convention's, not
+    an error. Gradients within 1e-9 (float64) or 1e-4 (float32) of each parameter's largest; those below 1e-6 of the
+    largest gradient overall (a key bias's: zero but for rounding) are not compared."""
+    dec = torch.randint(3, 120, (3, 11), generator=torch.Generator().manual_seed(3))
+    if kind in ("causal", "masked"):
+        right = mask.flip(-1)
+        inputs = dict(input_ids=ids, attention_mask=right, labels=ids.masked_fill(right == 0, -100))
+    elif kind == "seq2seq":
+        inputs = dict(input_ids=ids, attention_mask=mask.flip(-1), decoder_input_ids=dec, labels=dec)
+    else:
+        inputs = dict(ids, attention_mask=mask, decoder_input_ids=dec, labels=dec)
+    steps, losses = [], []
+    for model in (ref, ours):
+        model.train().zero_grad()
+        torch.manual_seed(5)
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(float(loss))
+        steps.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        model.eval()
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert abs(losses[1] - losses[0]) <= tol * max(1.0, abs(losses[0])), f"{model_type} training loss: {losses}"
+    want, got = steps
+    assert set(want) == set(got), f"{model_type}: gradients of {sorted(set(want) ^ set(got))[:4]} on one side only"
+    top = max(float(g.abs().max()) for g in want.values())
+    for name, g in want.items():
+        scale = float(g.abs().max())
+        if scale > 1e-6 * top:
+            err = float((got[name] - g).abs().max())
+            assert err <= tol * scale, f"{model_type} training: d{name} {err:.3e} (largest {scale:.3e})"
 
 
 def _audio(model, config, dtype):
