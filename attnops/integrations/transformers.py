@@ -135,6 +135,10 @@ def _document_ids(attention_mask, q_len: int, k_len: int, kwargs) -> Optional[to
         rows = torch.arange(q_len, device=cu_q.device)
         return torch.searchsorted(cu_q[1:].to(torch.int64).contiguous(), rows, right=True)[None]
     position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 3:
+        # multimodal rotary positions (3, B, S) (GLM-4V-MoE hands its layers those): no sequence positions, no packing;
+        # transformers' packed form (4, B, S) leads with the text positions
+        position_ids = position_ids[0] if position_ids.shape[0] == 4 else None
     if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] < 2 or q_len < 2:
         return None
     if attention_mask is not None and attention_mask.dim() != 2:

@@ -386,6 +386,27 @@ def test_packed_rows_become_documents_and_other_specs_refuse_them():
         fn(module, q[:, :, -3:], k, k, None, position_ids=pos[:, -3:] * 0 + torch.tensor([[7, 0, 1]]))
 
 
+def test_multimodal_rotary_positions_are_not_packing():
+    """GLM-4V-MoE hands its layers 3-d rotary positions (3, B, S): an image's tokens share a temporal position, which
+    is no packed-row restart (reading them as one crashed on a padded batch); transformers' packed form (4, B, S) leads
+    with the text positions, which are."""
+    fn = hf_attnops._attention_forward(attnops.nn.SoftmaxSpec())
+    module = torch.nn.Module().eval()
+    torch.manual_seed(5)
+    q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    text = torch.arange(10).expand(2, 10)
+    image = torch.stack([torch.tensor([0, 1, 2, 2, 2, 2, 3, 4, 5, 6])] * 3)[:, None].expand(3, 2, 10)
+    plain, _ = fn(module, q, k, k, mask)
+    torch.testing.assert_close(fn(module, q, k, k, mask, position_ids=image)[0], plain)
+    packed = torch.cat([torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]] * 2)[None], image])
+    torch.testing.assert_close(fn(module, q, k, k, None, position_ids=packed)[0][:1],
+                               fn(module, q[:1], k[:1], k[:1], None, position_ids=packed[0, :1])[0])
+    assert not torch.allclose(fn(module, q, k, k, None, position_ids=packed)[0], fn(module, q, k, k, None)[0])
+    torch.testing.assert_close(fn(module, q, k, k, mask, position_ids=text[None].expand(3, 2, 10))[0], plain)
+
+
 def test_harmless_arguments_are_accepted():
     out, weights = _call(position_ids=torch.arange(10)[None], cache_position=torch.arange(10), use_cache=True,
                          output_attentions=False, s_aux=None, softcap=None, deterministic=True, sliding_window=None)

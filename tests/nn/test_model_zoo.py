@@ -1,12 +1,13 @@
-"""Every causal LM, masked LM (encoder), encoder-decoder LM and speech-to-text model of the pinned transformers whose
-attention dispatches to a registered attention function, built tiny from its own config class (random weights,
-nothing downloaded) and run with attnops registered, against transformers' own path: SDPA in float64 where the model
-has one (exact to rounding; eager's softmax runs in float32 even for float64 inputs), eager in float32 otherwise.
-Causal LMs: a left-padded batch and an unpadded row, then cached greedy generation; masked LMs: a right-padded and a
-left-padded batch (bidirectional masks); encoder-decoders: the encoder right- and left-padded, the decoder padded
-too, no mask at all, then cached generation with and without a mask; speech-to-text: padded audio, a padded decoder,
-no mask, then cached generation; logits on the real tokens. Each forward must reach attnops. Then one training step
-on a right-padded batch: the loss and every parameter's gradient.
+"""Every causal LM, masked LM (encoder), encoder-decoder LM, speech-to-text model and other text model (AutoModel: text
+encoders, embedding models, language towers) of the pinned transformers whose attention dispatches to a registered
+attention function, built tiny from its own config class (random weights, nothing downloaded) and run with attnops
+registered, against transformers' own path: SDPA in float64 where the model has one (exact to rounding; eager's
+softmax runs in float32 even for float64 inputs), eager in float32 otherwise. Causal LMs: a left-padded batch and an
+unpadded row, then cached greedy generation; masked LMs: a right-padded and a left-padded batch (bidirectional
+masks); encoder-decoders: the encoder right- and left-padded, the decoder padded too, no mask at all, then cached
+generation with and without a mask; speech-to-text: padded audio, a padded decoder, no mask, then cached generation;
+other text models: right- and left-padded; logits (last hidden states) on the real tokens. Each forward must reach
+attnops. Then one training step on a right-padded batch: the loss and every parameter's gradient.
 
 The configs keep what makes each family's attention its own and cut the sizes: a sliding window of 12 and chunks of 8
 on 30 tokens, GQA (4 heads, 2 kv heads), a sparse-attention indexer choosing 8 keys (DeepSeek V3.2 and kin). The
@@ -20,11 +21,13 @@ while calling attnops): every BART / T5 / Marian / Pegasus / M2M-100 decoder's c
 layers say is_causal=False; 0.18 / 0.06 off, silently), NLLB-MoE and BigBird-Pegasus's encoder (RuntimeError: they
 read the 4-d mask), Qwen4-Exp's indexer on a static cache (IndexError), Inkling 2's per-query sinks (refused),
 Moonshine's padded decoder (its layers send is_causal=False whenever a mask is given: bidirectional, 0.53 off,
-silently). A model type a transformers upgrade adds is run at once if its tiny config builds; otherwise the coverage
-test fails until NOT_RUN names it with a reason.
+silently), Splinter's encoder (its layers have no is_causal: causal, 0.03 off, silently), GLM-4V-MoE's 3-d rotary
+positions read as packed rows (RuntimeError on a padded batch). A model type a transformers upgrade adds is run at
+once if its tiny config builds; otherwise the coverage test fails until NOT_RUN names it with a reason.
 """
 
 import copy
+import inspect
 import warnings
 from unittest import mock
 
@@ -135,18 +138,57 @@ NOT_RUN_SPEECH = {
     "vibevoice": _AUDIO_LLM, "vibevoice_asr": _AUDIO_LLM, "voxtral": _AUDIO_LLM, "voxtral_realtime": _AUDIO_LLM,
 }
 
-KINDS = ("causal", "masked", "seq2seq", "speech")
+# Text models with no head in the kinds above (AutoModel: text encoders, embedding models, towers of multimodal models)
+# whose attention dispatches to a registered function, that this test does not run.
+_DUAL = "a dual encoder whose forward needs images or audio beside the text"
+NOT_RUN_BASE = {
+    "aimv2": _DUAL, "align": _DUAL, "altclip": _DUAL,
+    "bridgetower": _DUAL, "chinese_clip": _DUAL, "clap": _DUAL, "clip": _DUAL, "clipseg": _DUAL,
+    "csm": "a speech model whose nested depth decoder config is not cut by these sizes",
+    "embedding_gemma2": "a multimodal wrapper over 50M parameters at its default sizes; embedding_gemma2_text is run",
+    "glm5_next_text": "its config validation rejects the cut indexer (index_topk must divide by index_kpool)",
+    "glm_image": "a multimodal wrapper over 50M parameters at its default sizes", "metaclip_2": _DUAL,
+    "gradium_phonon_tts": "a text-to-speech model whose flow head config is not cut by these sizes",
+    "pocket_tts": "a text-to-speech model whose flow head config is not cut by these sizes",
+    "owlv2": _DUAL, "owlvit": _DUAL, "pe_audio": _DUAL, "pe_audio_video": _DUAL, "pe_video": _DUAL,
+    "siglip": _DUAL, "siglip2": _DUAL, "tipsv2": _DUAL, "xclip": _DUAL,
+    "t5gemma2_encoder": "its text config lacks dropout_rate at these sizes (t5gemma2 is named in NOT_RUN_SEQ2SEQ)",
+}
+
+KINDS = ("causal", "masked", "seq2seq", "speech", "base")
 
 
 def _auto_class(kind: str):
     return getattr(transformers, {"causal": "AutoModelForCausalLM", "masked": "AutoModelForMaskedLM",
-                                  "seq2seq": "AutoModelForSeq2SeqLM", "speech": "AutoModelForSpeechSeq2Seq"}[kind])
+                                  "seq2seq": "AutoModelForSeq2SeqLM", "speech": "AutoModelForSpeechSeq2Seq",
+                                  "base": "AutoModel"}[kind])
 
 
 def _model_types(kind: str = "causal"):
     # (BERT-like model types are in both causal and masked: their causal LM runs them as decoders, the masked LM as the
     # encoders they are; BART-like ones in causal and seq2seq: their causal LM is the decoder alone)
-    return sorted(_auto_class(kind)._model_mapping._model_mapping)
+    types = sorted(_auto_class(kind)._model_mapping._model_mapping)
+    if kind != "base":
+        return types
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    # base: the text models of no other kind (vision-language wrappers have their own tests), found by the class their
+    # default config maps to (these sizes do not build every vision config)
+    other = set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES).union(*(_model_types(k) for k in KINDS[:-1]))
+    return [t for t in types if t not in other and _text_model(t)]
+
+
+def _text_model(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls = _model_class(CONFIG_MAPPING[model_type](), "base")
+            # (vision towers keep the default main_input_name; their forward says what they take)
+            return cls.main_input_name == "input_ids" and "input_ids" in inspect.signature(cls.forward).parameters
+    except Exception:  # noqa: BLE001 - a default config that does not build, a backend not installed (torchaudio)
+        return False
 
 
 def _tiny_config(model_type: str, kind: str = "causal"):
@@ -158,6 +200,13 @@ def _tiny_config(model_type: str, kind: str = "causal"):
     if "kv_lora_rank" in defaults or "qk_nope_head_dim" in defaults:  # latent attention: as many kv heads as heads
         kw.pop("head_dim", None)
         kw["num_key_value_heads"] = 4
+    rope = defaults.get("rope_parameters")
+    if "mrope_section" in getattr(config_class, "ignore_keys_at_rope_validation", ()) and isinstance(rope, dict):
+        # 3-d rotary sections (Qwen2-VL, GLM-4V text models) that fit the cut head dim's rotary half
+        half = int(16 * rope.get("partial_rotary_factor", 1.0)) // 2
+        first = max(1, half // 4)
+        second = (half - first) // 2
+        kw["rope_parameters"] = dict(rope, mrope_section=[first, second, half - first - second])
     if "attention_types" in defaults:  # GPT-Neo: a global and a local (windowed) layer
         kw["attention_types"], kw["window_size"] = [[["global", "local"], 1]], 12
     if "num_kv_shared_layers" in defaults:
@@ -249,11 +298,13 @@ def _dispatches(cls) -> bool:
         return "ALL_ATTENTION_FUNCTIONS" in f.read()
 
 
-NOT_RUN_BY_KIND = {"causal": NOT_RUN, "masked": NOT_RUN_MASKED, "seq2seq": NOT_RUN_SEQ2SEQ, "speech": NOT_RUN_SPEECH}
+NOT_RUN_BY_KIND = {"causal": NOT_RUN, "masked": NOT_RUN_MASKED, "seq2seq": NOT_RUN_SEQ2SEQ, "speech": NOT_RUN_SPEECH,
+                   "base": NOT_RUN_BASE}
 MODELS = _runnable()
 MASKED_MODELS = _runnable("masked")
 SEQ2SEQ_MODELS = _runnable("seq2seq")
 SPEECH_MODELS = _runnable("speech")
+BASE_MODELS = _runnable("base")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -261,7 +312,8 @@ def test_every_model_with_an_attention_backend_is_run_or_named(kind):
     """A causal LM (masked LM, seq2seq LM) whose attention dispatches to a registered function is either run or named
     in NOT_RUN (NOT_RUN_MASKED, NOT_RUN_SEQ2SEQ) with a reason; those name only model types of this transformers."""
     types = set(_model_types(kind))
-    run = {"causal": MODELS, "masked": MASKED_MODELS, "seq2seq": SEQ2SEQ_MODELS, "speech": SPEECH_MODELS}[kind]
+    run = {"causal": MODELS, "masked": MASKED_MODELS, "seq2seq": SEQ2SEQ_MODELS, "speech": SPEECH_MODELS,
+           "base": BASE_MODELS}[kind]
     named = NOT_RUN_BY_KIND[kind]
     assert set(named) <= types, sorted(set(named) - types)
     unexplained = []
@@ -275,7 +327,7 @@ def test_every_model_with_an_attention_backend_is_run_or_named(kind):
             continue
         assert not _dispatches(cls), model_type
     assert not unexplained, "\n".join(unexplained)
-    assert len(run) >= {"causal": 120, "masked": 20, "seq2seq": 15, "speech": 3}[kind], len(run)
+    assert len(run) >= {"causal": 120, "masked": 20, "seq2seq": 15, "speech": 3, "base": 10}[kind], len(run)
 
 
 @pytest.mark.parametrize("model_type", MODELS)
@@ -296,6 +348,11 @@ def test_encoder_decoder_matches_transformers(model_type):
 @pytest.mark.parametrize("model_type", SPEECH_MODELS)
 def test_speech_to_text_matches_transformers(model_type):
     _check(model_type, "speech")
+
+
+@pytest.mark.parametrize("model_type", BASE_MODELS)
+def test_text_model_matches_transformers(model_type):
+    _check(model_type, "base")
 
 
 def _check(model_type: str, kind: str):
@@ -326,11 +383,12 @@ def _check(model_type: str, kind: str):
             ids, mask = _audio(ref, config, dtype)
         with torch.no_grad():
             for what, inputs in _batches(kind, ids, mask):
-                want = ref(**inputs).logits
+                want = _output(ref(**inputs))
                 with mock.patch.object(hf_attnops, "_check_call", wraps=hf_attnops._check_call) as calls:
-                    got = ours(**inputs).logits
+                    got = _output(ours(**inputs))
                 assert calls.call_count, f"{model_type}: attnops never ran (the model's attention does not dispatch)"
-                real = inputs.get("decoder_attention_mask", inputs.get("attention_mask") if kind in KINDS[:2] else None)
+                real = inputs.get("decoder_attention_mask",
+                                  inputs.get("attention_mask") if kind in ("causal", "masked", "base") else None)
                 real = torch.ones(got.shape[:2], dtype=torch.bool) if real is None else real.bool()
                 scale = max(1.0, float(want[real].abs().max()))
                 err = float((got - want)[real].abs().max())
@@ -340,7 +398,7 @@ def _check(model_type: str, kind: str):
         with torch.no_grad():
             if kind == "speech":
                 _check_generation(model_type, ref, ours, dict(ids, attention_mask=mask), tol)
-            elif kind != "masked":
+            elif kind in ("causal", "seq2seq"):
                 _check_generation(model_type, ref, ours, dict(input_ids=ids, attention_mask=mask), tol)
                 if kind == "seq2seq":  # no mask at all: one sentence to translate (cross-attention's unmasked form)
                     _check_generation(model_type, ref, ours, dict(input_ids=ids[:1]), tol)
@@ -354,9 +412,11 @@ def _check_training(model_type: str, kind: str, ref, ours, ids, mask, dtype) -> 
     an error. Gradients within 1e-9 (float64) or 1e-4 (float32) of each parameter's largest; those below 1e-6 of the
     largest gradient overall (a key bias's: zero but for rounding) are not compared."""
     dec = torch.randint(3, 120, (3, 11), generator=torch.Generator().manual_seed(3))
-    if kind in ("causal", "masked"):
+    if kind in ("causal", "masked", "base"):
         right = mask.flip(-1)
         inputs = dict(input_ids=ids, attention_mask=right, labels=ids.masked_fill(right == 0, -100))
+        if kind == "base":  # no head, no labels: the mean square of the real tokens' outputs
+            inputs.pop("labels")
     elif kind == "seq2seq":
         inputs = dict(input_ids=ids, attention_mask=mask.flip(-1), decoder_input_ids=dec, labels=dec)
     else:
@@ -365,7 +425,7 @@ def _check_training(model_type: str, kind: str, ref, ours, ids, mask, dtype) -> 
     for model in (ref, ours):
         model.train().zero_grad()
         torch.manual_seed(5)
-        loss = model(**inputs).loss
+        loss = model(**inputs).loss if kind != "base" else _output(model(**inputs))[right.bool()].square().mean()
         loss.backward()
         losses.append(float(loss))
         steps.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
@@ -380,6 +440,11 @@ def _check_training(model_type: str, kind: str, ref, ours, ids, mask, dtype) -> 
         if scale > 1e-6 * top:
             err = float((got[name] - g).abs().max())
             assert err <= tol * scale, f"{model_type} training: d{name} {err:.3e} (largest {scale:.3e})"
+
+
+def _output(result) -> torch.Tensor:
+    """The logits of a model with a head, else its first output (the last hidden state)."""
+    return result.logits if getattr(result, "logits", None) is not None else result[0]
 
 
 def _audio(model, config, dtype):
@@ -408,7 +473,7 @@ def _batches(kind: str, ids: torch.Tensor, mask: torch.Tensor):
     padded, its decoder right-padded, and unmasked."""
     if kind == "causal":
         return (("left-padded", dict(input_ids=ids, attention_mask=mask)), ("unpadded", dict(input_ids=ids[:1])))
-    if kind == "masked":
+    if kind in ("masked", "base"):
         return (("right-padded", dict(input_ids=ids, attention_mask=mask.flip(-1))),
                 ("left-padded", dict(input_ids=ids, attention_mask=mask)))
     dec = torch.randint(3, 120, (3, 11), generator=torch.Generator().manual_seed(2))
