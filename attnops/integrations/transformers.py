@@ -6,22 +6,23 @@
     hf_attnops.register("attnops_sparse", attnops.nn.BlockSparseSpec(pattern=...))  # any spec, any name
     model.set_attn_implementation("attnops")                # or switch an existing model
 
-Unmodified Llama / Qwen2 / Mistral / GPT-2 style models then run their attention through attnops
-(prefill, training and cached decoding: the kernels align ``causal`` bottom-right, which is where the
-new queries of a cached step sit). Sliding windows (Mistral, Qwen2, Gemma local layers, ModernBERT)
-are honoured with flash-attention's convention, gpt-oss's attention sinks (``s_aux``, with their
-gradient) and Gemma 2's logit ``softcap`` through the kernels' score modifiers, T5's ``position_bias`` (with
-its gradient) and padding / additive masks through ``attn_bias``, attention dropout in training through the
-kernels' ``dropout_p``. Everything else a model passes is either accepted (it cannot change the result) or
-refused with the argument's name (:data:`REFUSED`: head masks, ``output_attentions``): never silently
-dropped. Packed rows (``DataCollatorWithFlattening``: ``position_ids`` that restart inside a row, or the
-``cu_seq_lens_*`` kwargs) become the kernels' ``document_ids``: each document attends only itself, exactly. The
-MoBA and linear specs take padded or packed prefill through their ``cu_seqlens`` form (unpad, run, re-pad,
-as transformers' flash-attention path does). The mask function
-registered beside it (:func:`_layer_mask`) is transformers' flash-attention one where that describes the layer: no
-mask for unpadded batches, the 2-d padding mask otherwise (a ``(B, 1, 1, Sk)`` key mask for the kernels: padded
-batches cost no ``Sq x Sk`` tensor); Llama 4's chunked layers get their chunks as document ids in prefill and training
-(:class:`ChunkedMask`); custom and blockwise patterns, and cached chunked steps, get transformers' 4-d bool mask.
+Unmodified Llama / Qwen2 / Mistral / GPT-2 style models then run their attention through attnops (prefill,
+training and cached decoding: the kernels align ``causal`` bottom-right, which is where the new queries of a
+cached step sit). Sliding windows (Mistral, Qwen2, Gemma local layers, ModernBERT) are honoured with
+flash-attention's convention, gpt-oss's attention sinks (``s_aux``, with their gradient) and Gemma 2's logit
+``softcap`` through the kernels' score modifiers, Inkling 2's per-query sinks (``sinks``) from the kernels'
+log-sum-exp, T5's ``position_bias`` (with its gradient) and padding / additive masks through ``attn_bias``,
+attention dropout in training through the kernels' ``dropout_p``. Everything else a model passes is either
+accepted (it cannot change the result) or refused with the argument's name (:data:`REFUSED`: head masks,
+``output_attentions``): never silently dropped. Packed rows (``DataCollatorWithFlattening``: ``position_ids``
+that restart inside a row, or the ``cu_seq_lens_*`` kwargs) become the kernels' ``document_ids``: each
+document attends only itself, exactly. The MoBA and linear specs take padded or packed prefill through their
+``cu_seqlens`` form (unpad, run, re-pad, as transformers' flash-attention path does). The mask function
+registered beside it (:func:`_layer_mask`) is transformers' flash-attention one where that describes the
+layer: no mask for unpadded batches, the 2-d padding mask otherwise (a ``(B, 1, 1, Sk)`` key mask for the
+kernels: padded batches cost no ``Sq x Sk`` tensor); Llama 4's chunked layers get their chunks as document ids
+in prefill and training (:class:`ChunkedMask`); custom and blockwise patterns, and cached chunked steps, get
+transformers' 4-d bool mask.
 """
 
 from __future__ import annotations
