@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from attnops.core.checks import additive_mask
 from attnops.maps.capture import attend, refuse_uncaptured
+from attnops.ops.decode.library import fold_sinks
 from attnops.core.masks import BlockMask
 from attnops.nn.specs import (SCORE_MOD_SPECS, VARLEN_SPECS, AttentionSpec, BlockSparseSpec, FlowSpec,
                               HyperSpec, LinearAttentionSpec, LLNSpec, MoBASpec, MoHSpec, ReGLASpec, RoutingSpec, SEASpec,
@@ -645,9 +646,9 @@ def _attention_forward(spec: AttentionSpec):
 def _with_row_sinks(spec: SoftmaxSpec, sinks: torch.Tensor, q, k, v, causal: bool, scaling, mods: dict):
     """Attention with one sink logit per query and head (Inkling 2 projects them from the hidden states: ``sinks
     (B, H, Sq, 1)``): an extra logit with a zero value in each row's softmax, as eager concatenates it. The kernels run
-    without it and return the log-sum-exp; the sink joins after, ``lse' = logaddexp(lse, sink)``, the output scaled
-    by ``exp(lse - lse')``, in autograd ops: exact, O(B * H * Sq * D), and the gradients reach the sinks and, through
-    the lse, q and k. A row that saw no key gets 0 (eager: all its weight on the sink's zero value)."""
+    without it and return the log-sum-exp; the sink joins after, as decoding joins per-head sinks
+    (:func:`attnops.ops.decode.library.fold_sinks`): exact, in autograd ops, so the gradients reach the sinks and,
+    through the lse, q and k. A row that saw no key gets 0 (eager: all its weight on the sink's zero value)."""
     B, Sq, H = q.shape[:3]
     if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or \
             tuple(sinks.shape) not in ((B, H, Sq, 1), (B, H, Sq)):
@@ -657,10 +658,7 @@ def _with_row_sinks(spec: SoftmaxSpec, sinks: torch.Tensor, q, k, v, causal: boo
         raise NotImplementedError("attnops attention: both s_aux and per-query sinks were sent")
     refuse_uncaptured("per-query sinks")
     out, lse = spec.attend(q, k, v, causal=causal, softmax_scale=scaling, return_lse=True, **mods)
-    sink = sinks.reshape(B, H, Sq).to(lse.dtype)
-    joined = torch.logaddexp(lse, sink)
-    factor = torch.exp(torch.where(torch.isneginf(lse), lse, lse - joined))  # (B, H, Sq)
-    return (out.to(factor.dtype) * factor.transpose(1, 2).unsqueeze(-1)).to(out.dtype)
+    return fold_sinks(out, lse, sinks.reshape(B, H, Sq))[0]
 
 
 _WINDOWED: Dict[tuple, SoftmaxSpec] = {}

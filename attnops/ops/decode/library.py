@@ -101,13 +101,16 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, fused_map: bool = Fal
 
 def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tensor],
                rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Sinks ``(H,)`` joined to a finished softmax: ``lse' = logaddexp(lse, sink)``, the output (and the
+    """Sinks ``(H,)`` (or one per row, ``(B, H, Sq)``: the transformers adapter's per-query sinks) joined to a
+    finished softmax ``out (B, Sq, H, D)``, ``lse (B, H, Sq)``: ``lse' = logaddexp(lse, sink)``, the output (and the
     per-row block map ``rows (B, H, Sq, Nk)``) scaled by ``exp(lse - lse')``; a row that saw no key keeps
     out 0 and gets lse = the sink. Exact, O(B * H * Sq * D): decoding reads the whole cache per step, this
-    is a rounding error of that (and one code path for every backend)."""
+    is a rounding error of that (and one code path for every backend). Autograd ops: gradients reach the sinks
+    and, through the lse, the kernels' inputs."""
     if sinks is None:
         return out, lse, rows
-    sink = sinks.to(lse.dtype).view(1, -1, 1)
+    sink = sinks.to(lse.dtype)
+    sink = sink.view(1, -1, 1) if sink.dim() == 1 else sink
     new_lse = torch.logaddexp(lse, sink)
     factor = torch.exp(torch.where(torch.isneginf(lse), float("-inf"), lse - new_lse))  # (B, H, Sq)
     out = (out.to(factor.dtype) * factor.transpose(1, 2).unsqueeze(-1)).to(out.dtype)
