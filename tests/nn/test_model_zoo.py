@@ -27,6 +27,7 @@ once if its tiny config builds; otherwise the coverage test fails until NOT_RUN 
 """
 
 import copy
+import functools
 import inspect
 import warnings
 from unittest import mock
@@ -164,10 +165,11 @@ def _auto_class(kind: str):
                                   "base": "AutoModel"}[kind])
 
 
-def _model_types(kind: str = "causal"):
+@functools.lru_cache(maxsize=None)  # base's costs 5 s (a class per model type): collection and coverage share it
+def _model_types(kind: str = "causal") -> tuple:
     # (BERT-like model types are in both causal and masked: their causal LM runs them as decoders, the masked LM as the
     # encoders they are; BART-like ones in causal and seq2seq: their causal LM is the decoder alone)
-    types = sorted(_auto_class(kind)._model_mapping._model_mapping)
+    types = tuple(sorted(_auto_class(kind)._model_mapping._model_mapping))
     if kind != "base":
         return types
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -175,7 +177,7 @@ def _model_types(kind: str = "causal"):
     # base: the text models of no other kind (vision-language wrappers have their own tests), found by the class their
     # default config maps to (these sizes do not build every vision config)
     other = set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES).union(*(_model_types(k) for k in KINDS[:-1]))
-    return [t for t in types if t not in other and _text_model(t)]
+    return tuple(t for t in types if t not in other and _text_model(t))
 
 
 def _text_model(model_type: str) -> bool:
@@ -300,21 +302,15 @@ def _dispatches(cls) -> bool:
 
 NOT_RUN_BY_KIND = {"causal": NOT_RUN, "masked": NOT_RUN_MASKED, "seq2seq": NOT_RUN_SEQ2SEQ, "speech": NOT_RUN_SPEECH,
                    "base": NOT_RUN_BASE}
-MODELS = _runnable()
-MASKED_MODELS = _runnable("masked")
-SEQ2SEQ_MODELS = _runnable("seq2seq")
-SPEECH_MODELS = _runnable("speech")
-BASE_MODELS = _runnable("base")
+RUN = {kind: _runnable(kind) for kind in KINDS}
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_model_with_an_attention_backend_is_run_or_named(kind):
-    """A causal LM (masked LM, seq2seq LM) whose attention dispatches to a registered function is either run or named
-    in NOT_RUN (NOT_RUN_MASKED, NOT_RUN_SEQ2SEQ) with a reason; those name only model types of this transformers."""
+    """A model of ``kind`` whose attention dispatches to a registered function is either run (``RUN[kind]``) or named
+    in ``NOT_RUN_BY_KIND[kind]`` with a reason; those name only model types of this transformers."""
     types = set(_model_types(kind))
-    run = {"causal": MODELS, "masked": MASKED_MODELS, "seq2seq": SEQ2SEQ_MODELS, "speech": SPEECH_MODELS,
-           "base": BASE_MODELS}[kind]
-    named = NOT_RUN_BY_KIND[kind]
+    run, named = RUN[kind], NOT_RUN_BY_KIND[kind]
     assert set(named) <= types, sorted(set(named) - types)
     unexplained = []
     for model_type in sorted(types - set(run) - set(named)):
@@ -330,29 +326,10 @@ def test_every_model_with_an_attention_backend_is_run_or_named(kind):
     assert len(run) >= {"causal": 120, "masked": 20, "seq2seq": 15, "speech": 3, "base": 10}[kind], len(run)
 
 
-@pytest.mark.parametrize("model_type", MODELS)
-def test_model_matches_transformers(model_type):
-    _check(model_type, "causal")
-
-
-@pytest.mark.parametrize("model_type", MASKED_MODELS)
-def test_encoder_matches_transformers(model_type):
-    _check(model_type, "masked")
-
-
-@pytest.mark.parametrize("model_type", SEQ2SEQ_MODELS)
-def test_encoder_decoder_matches_transformers(model_type):
-    _check(model_type, "seq2seq")
-
-
-@pytest.mark.parametrize("model_type", SPEECH_MODELS)
-def test_speech_to_text_matches_transformers(model_type):
-    _check(model_type, "speech")
-
-
-@pytest.mark.parametrize("model_type", BASE_MODELS)
-def test_text_model_matches_transformers(model_type):
-    _check(model_type, "base")
+@pytest.mark.parametrize("kind, model_type", [(kind, m) for kind in KINDS for m in RUN[kind]],
+                         ids=[f"{kind}-{m}" for kind in KINDS for m in RUN[kind]])
+def test_model_matches_transformers(kind, model_type):
+    _check(model_type, kind)
 
 
 def _check(model_type: str, kind: str):
