@@ -9,32 +9,47 @@ import warnings
 import torch
 
 
-def _local_mask(sq, sk, window_size):
+def _columns(sk, key_padding_mask=None, key_leftpad=None):
+    """The key columns and key counts of flash_attn tests' masks: with ``key_leftpad (B,)`` a key's column counts
+    from its sequence's first key (``2**32`` before it), and with ``key_padding_mask (B, Sk)`` the key count is
+    each sequence's; as (B, 1, 1, Sk) and (B, 1, 1, 1) then, else (Sk,) and an int."""
+    col = torch.arange(sk)
+    if key_leftpad is not None:
+        lp = key_leftpad.long().view(-1, 1, 1, 1)
+        col = torch.where(col >= lp, col - lp, 2 ** 32)
+    count = sk if key_padding_mask is None else key_padding_mask.sum(-1).view(-1, 1, 1, 1)
+    return col, count
+
+
+def _local_mask(sq, sk, window_size, key_padding_mask=None, key_leftpad=None):
     """flash_attn tests' ``construct_local_mask`` (True = masked), -1 sides unbounded."""
     row = torch.arange(sq).unsqueeze(1)
-    col = torch.arange(sk)
-    masked = torch.zeros(sq, sk, dtype=torch.bool)
+    col, sk = _columns(sk, key_padding_mask, key_leftpad)
+    masked = torch.zeros(torch.broadcast_shapes(row.shape, col.shape), dtype=torch.bool)
     if window_size[1] >= 0:
-        masked |= col > torch.clamp(row + sk - sq + window_size[1], max=sk)
+        masked |= col > torch.minimum(row + sk - sq + window_size[1], torch.as_tensor(sk))
     if window_size[0] >= 0:
         masked |= col < row + sk - sq - window_size[0]
     return masked
 
 
-def _alibi_bias(slopes, sq, sk):
+def _alibi_bias(slopes, sq, sk, key_padding_mask=None, key_leftpad=None):
     """flash_attn tests' ``attn_bias_from_alibi_slopes`` (non-causal form, the documented one)."""
     slopes = slopes if slopes.dim() == 2 else slopes.unsqueeze(0)
-    rel = (torch.arange(sq).unsqueeze(1) + sk - sq - torch.arange(sk)).abs()
+    col, sk = _columns(sk, key_padding_mask, key_leftpad)
+    rel = (torch.arange(sq).unsqueeze(1) + sk - sq - col).abs()
     return -slopes[:, :, None, None] * rel.to(slopes.dtype)
 
 
 def attention_ref(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None,
-                  attn_bias=None, dropout_p=0.0, dropout_mask=None):
+                  attn_bias=None, dropout_p=0.0, dropout_mask=None, key_padding_mask=None, key_leftpad=None):
     """flash_attn's ``attention_ref`` (scores, softcap, local mask, attn_bias, softmax, zero fully
     masked rows) with gpt-oss's sinks: a sink column joins the softmax and is dropped after it.
     ``attn_bias``: additive, broadcast to (B, H, Sq, Sk) (ALiBi's bias joins it, as in flash_attn's tests).
     ``dropout_mask`` (B, H, Sq, Sk) bool, True = kept, with ``dropout_p``: flash_attn's own handling (the
-    probabilities are masked, V is scaled by ``1 / (1 - dropout_p)``)."""
+    probabilities are masked, V is scaled by ``1 / (1 - dropout_p)``). ``key_padding_mask (B, Sk)`` bool (True =
+    a key) and ``key_leftpad (B,)``: flash_attn's KV-cache test (``test_flash_attn_kvcache``): padded keys are
+    masked, and windows and ALiBi count columns from each sequence's first key and rows from its key count."""
     if causal:
         window_size = (window_size[0], 0)
     sq, sk, d = q.shape[1], k.shape[1], q.shape[-1]
@@ -43,10 +58,12 @@ def attention_ref(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, a
     scores = torch.einsum("bthd,bshd->bhts", q / math.sqrt(d), k)
     if softcap > 0:
         scores = torch.tanh(scores / softcap) * softcap
-    local = _local_mask(sq, sk, window_size)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    local = _local_mask(sq, sk, window_size, key_padding_mask, key_leftpad)
     scores = scores.masked_fill(local, float("-inf"))
     if alibi_slopes is not None:
-        scores = scores + _alibi_bias(alibi_slopes.to(scores.dtype), sq, sk)
+        scores = scores + _alibi_bias(alibi_slopes.to(scores.dtype), sq, sk, key_padding_mask, key_leftpad)
     if attn_bias is not None:
         scores = scores + attn_bias.to(scores.dtype)
     if sinks is not None:

@@ -24,7 +24,7 @@ SETUP = {
 k_pad, v_pad = torch.randn(2, 17, 1, 64), torch.randn(2, 17, 1, 64); q_pad = torch.randn(2, 17, 8, 64)
 k_new, v_new = torch.randn(2, 1, 1, 64), torch.randn(2, 1, 1, 64); q_new = torch.randn(2, 1, 8, 64)
 k_pages, v_pages = torch.randn(40, 16, 1, 64), torch.randn(40, 16, 1, 64)
-table = torch.randperm(40).to(torch.int32).view(2, 20)
+table = torch.randperm(40).to(torch.int32).view(2, 20); pads = torch.tensor([0, 3], dtype=torch.int32)
 x = torch.randn(1, 20, 512); x_prompt, x_next = x[:, :19], x[:, 19:]
 """,
     "out = attnops.attention(q, k, v, causal=True, softcap=50.0)": _QKV + "slopes = torch.rand(8) * 0.1\n",

@@ -8,8 +8,8 @@ training only, as with flash_attn; the mask comes from the default generator's s
 backward. One difference: with ``causal=True`` and ALiBi, FlashAttention 2's kernel adds ``slope * j``
 (the same probabilities, an lse larger by ``slope * (i + Sk - Sq)``); the lse here is that of the
 documented bias. What attnops cannot compute yet is refused with a clear ``NotImplementedError`` naming
-the argument, never ignored: in ``flash_attn_with_kvcache`` paged caches (``block_table``) and ``cache_leftpad``
-(its rotary embeddings and ``cache_batch_idx`` are honoured).
+the argument, never ignored: in ``flash_attn_with_kvcache`` several new queries with ``causal=False`` (its rotary
+embeddings, ``cache_batch_idx``, ``cache_leftpad`` and paged caches, ``block_table``, are honoured).
 ``deterministic`` is accepted (attnops' kernels are deterministic at a fixed thread count; see README).
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the lse is flash_attn's, the
 probabilities are never built (attnops computes block maps instead: ``attnops.attention(...,
@@ -145,13 +145,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     rotary_dim / 2)`` (GPT-NeoX); computed in float32. ``cache_batch_idx (B,)``: the cache rows of the batch's
     sequences (their rows are gathered for the attention: a copy of those rows per call).
 
+    ``cache_leftpad (B,)`` int32: where each sequence's keys start in the cache (left-padded prompts); the rows
+    before are never attended. Positions are the cache's, as in flash_attn: the new keys are written at
+    ``cache_seqlens``, rotated at ``cache_seqlens + i``, and causality, windows and ALiBi count from the cache's
+    row 0. Read in place by the kernels (:func:`attnops.decode_attention`'s ``cache_leftpad``); also with
+    ``block_table``, which flash_attn 2 refuses.
+
     ``block_table (B, max_pages)`` int32: a paged cache, ``k_cache, v_cache (num_pages, page_size, Hkv, D)`` (any
     page size; flash_attn 2 wants multiples of 256, FA3 any): the new keys are written into their pages in place
     and :func:`attnops.decode_attention` reads the pages (in place on the C++ kernels). Not with
     ``cache_batch_idx`` (flash_attn refuses that pair too)."""
-    if cache_leftpad is not None:
-        raise NotImplementedError("attnops.compat.flash_attn: flash_attn_with_kvcache(cache_leftpad=...) is not "
-                                  "supported")
     if block_table is not None and cache_batch_idx is not None:
         raise ValueError("flash_attn_with_kvcache: cache_batch_idx is not supported with block_table (a paged cache "
                          "maps sequences to pages itself)")
@@ -178,6 +181,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     else:
         lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
     rows = torch.arange(B, device=q.device) if cache_batch_idx is None else _batch_rows(cache_batch_idx, B, k_cache)
+    if cache_leftpad is not None:
+        if not isinstance(cache_leftpad, torch.Tensor) or cache_leftpad.dtype.is_floating_point or \
+                tuple(cache_leftpad.shape) != (B,):
+            raise ValueError(f"flash_attn_with_kvcache: cache_leftpad must be an int32 tensor of shape ({B},)")
+        cache_leftpad = cache_leftpad.to(q.device)
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("flash_attn_with_kvcache: pass rotary_cos and rotary_sin together")
     if rotary_cos is not None:
@@ -211,7 +219,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     left = tuple(window_size)[0]  # the right side is moot: decoding is causal
     out, lse = decode_attention(q, k_cache, v_cache, lens, softmax_scale=softmax_scale, window_size=(left, -1),
                                 softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=True,
-                                block_table=block_table)
+                                block_table=block_table, cache_leftpad=cache_leftpad)
     return (out, lse) if return_softmax_lse else out
 
 

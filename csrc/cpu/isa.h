@@ -60,7 +60,8 @@ struct CpuKernels {
   std::tuple<Tensor, Tensor, Tensor> (*decode_attn_fwd)(
       const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cache_seqlens, const OptTensor& block_keep,
       int64_t block_q, int64_t block_k, double softmax_scale, int64_t window_left, int64_t num_splits,
-      int64_t map_cols, bool map_max, double softcap, const OptTensor& alibi_slopes, const OptTensor& block_table);
+      int64_t map_cols, bool map_max, double softcap, const OptTensor& alibi_slopes, const OptTensor& block_table,
+      const OptTensor& cache_leftpad);
   std::tuple<Tensor, Tensor, Tensor> (*lowrank_attn_fwd)(const Tensor& q, const Tensor& k, const Tensor& v,
                                                          const Tensor& qs, const Tensor& ks,
                                                          const OptTensor& seqlens, int64_t topk, int64_t local,

@@ -17,11 +17,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cache_seqlens,
     const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k, double softmax_scale,
     int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max, double softcap,
-    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& block_table) {
+    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& block_table,
+    const c10::optional<at::Tensor>& cache_leftpad) {
   constexpr const char* op = "decode_attn_fwd";
   TORCH_CHECK(!(block_table.has_value() && block_table->defined()), op,
               ": the CUDA decode kernel reads contiguous caches; a paged cache (block_table) runs on the Triton "
               "kernel (the default on CUDA tensors), the C++ kernels and the PyTorch fallback");
+  TORCH_CHECK(!(cache_leftpad.has_value() && cache_leftpad->defined()), op,
+              ": the CUDA decode kernel reads each sequence from its first cache row; a left-padded cache "
+              "(cache_leftpad) runs on the Triton kernel (the default on CUDA tensors), the C++ kernels and the "
+              "PyTorch fallback");
   check_decode_args(op, q_in, k_in, v_in, block_keep, block_q, block_k, softmax_scale, window_left, num_splits,
                     map_cols);
   check_score_mod_args(op, q_in, softcap, alibi_slopes, c10::nullopt);

@@ -150,8 +150,8 @@ def test_with_kvcache_appends_and_attends():
     torch.testing.assert_close(k_cache[:, 17:20], k_all[:, 17:])  # written in place, as flash_attn does
     want, _ = ref(q, k_all, v_all, causal=True)  # the 3 new queries end the 20 keys
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="cache_leftpad"):
-        flash_attn_with_kvcache(q, k_cache, v_cache, cache_leftpad=torch.zeros(B, dtype=torch.int32))
+    with pytest.raises(NotImplementedError, match="causal=True"):  # cache_leftpad: tests/decode/test_leftpad.py
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([17, 17], dtype=torch.int32))
 
 
 def _rotate_half(x, interleaved):  # flash_attn/layers/rotary.py

@@ -21,9 +21,11 @@ from attnops.ops.softmax.composite import capped_scores, chunk_rows, contract, n
 
 
 def _allowed(cache_seqlens: torch.Tensor, num_new: int, r0: int, r1: int, max_len: int,
-             block_mask: Optional[BlockMask], window_left: int) -> Tuple[torch.Tensor, torch.Tensor]:
+             block_mask: Optional[BlockMask], window_left: int,
+             cache_leftpad: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(allowed (B|Bm, 1|Hm, C, S_max) bool, pos (B, 1, C, 1))`` for new queries ``[r0, r1)``: query ``i`` of
-    sequence ``b`` sits at ``seqlen_b - Sq_new + i`` and sees the keys ``[pos - left, pos]`` below ``seqlen_b``."""
+    sequence ``b`` sits at ``seqlen_b - Sq_new + i`` and sees the keys ``[pos - left, pos]`` below ``seqlen_b``
+    (and from ``cache_leftpad[b]`` on)."""
     device = cache_seqlens.device
     lens = cache_seqlens.to(torch.long).view(-1, 1, 1, 1)
     i = torch.arange(r0, r1, device=device).view(1, 1, -1, 1)
@@ -32,6 +34,8 @@ def _allowed(cache_seqlens: torch.Tensor, num_new: int, r0: int, r1: int, max_le
     allowed = (j < lens) & (j <= pos)
     if window_left >= 0:
         allowed &= j >= pos - window_left
+    if cache_leftpad is not None:
+        allowed &= j >= cache_leftpad.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)
     if block_mask is not None:
         bq, bk = block_mask.block_size
         dense = block_mask.to_dense().to(device)  # (Bm, Hm, Nq, Nk)
@@ -44,7 +48,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_splits: int = 0, block_map: Optional[_map.MapRequest] = None, softcap: float = 0.0,
                      alibi_slopes: Optional[torch.Tensor] = None,
                      sinks: Optional[torch.Tensor] = None,
-                     block_table: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+                     block_table: Optional[torch.Tensor] = None,
+                     cache_leftpad: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """The decode contract (:func:`attnops.ops.decode.reference.decode_attention`): q ``(B, Sq_new, H, D)``,
     caches ``(B, S_max, Hkv, D)`` -> out ``(B, Sq_new, H, D)``, lse ``(B, H, Sq_new)``, and the block map."""
     if block_table is not None:  # a paged cache, read as the contiguous one it stands for
@@ -63,7 +68,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     for r0 in range(0, Sq, step):
         r1 = min(Sq, r0 + step)
         s, _ = capped_scores(q[:, r0:r1], k_cache, softmax_scale, softcap)
-        allowed, pos = _allowed(lens, Sq, r0, r1, S, block_mask, window_size[0])
+        allowed, pos = _allowed(lens, Sq, r0, r1, S, block_mask, window_size[0], cache_leftpad)
         bias = None
         if alibi_slopes is not None:
             slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0)

@@ -5,14 +5,13 @@ function the dispatcher calls.
     fwd(q, k_cache, v_cache, cache_seqlens, block_keep?, block_q, block_k, softmax_scale, window_left,
         num_splits, map_cols=0, map_max=False) -> (out, lse, block map per query row or empty)
 
-Split-KV decoding: q ``(B, Sq_new, H, D)`` against caches ``(B, S_max, Hkv, D)`` holding
-``cache_seqlens (B,)`` valid keys each; causal within the new tokens, aligned to each sequence's end;
-``window_left`` (-1: none); ``block_keep``: optional uint8 ``(Bm, Hm, Nq, Nk)`` kept key blocks;
-``num_splits`` 0 = automatic. Forward only. With ``map_cols > 0`` the third output is the block map per
-query row, ``(B, H, Sq_new, ceil(S_max / map_cols))`` in lse's dtype: sums (``map_max``: maxima) of the
-probabilities over ``map_cols`` keys, fused into the forward (the C++ kernel; CUDA refuses it and the
-map is a Python pass there).
-"""
+Split-KV decoding: q ``(B, Sq_new, H, D)`` against caches ``(B, S_max, Hkv, D)`` holding ``cache_seqlens
+(B,)`` valid keys each; causal within the new tokens, aligned to each sequence's end; ``window_left``
+(-1: none); ``block_keep``: optional uint8 ``(Bm, Hm, Nq, Nk)`` kept key blocks; ``num_splits`` 0 =
+automatic; ``cache_leftpad (B,)``: optional first key of each sequence. Forward only. With ``map_cols >
+0`` the third output is the block map per query row, ``(B, H, Sq_new, ceil(S_max / map_cols))`` in lse's
+dtype: sums (``map_max``: maxima) of the probabilities over ``map_cols`` keys, fused into the forward
+(the C++ kernel; CUDA refuses it and the map is a Python pass there). """
 
 from __future__ import annotations
 
@@ -35,9 +34,12 @@ _SCORE_MODS = [Arg("softcap", "float", "0.0"), Arg("alibi_slopes", "Tensor?", "N
 # block_table: a paged cache's (B, max_pages) int32 page indices (k, v then (num_pages, page, Hkv, D)); the C++ and
 # Triton kernels read pages in place, the CUDA one refuses them
 _PAGES = [Arg("block_table", "Tensor?", "None")]
+# cache_leftpad: (B,) int, flash_attn's: sequence b's keys are [cache_leftpad[b], cache_seqlens[b]) (left padding in
+# the cache); positions (causal alignment, windows, ALiBi) stay those of the cache. The CUDA kernel refuses it.
+_LEFTPAD = [Arg("cache_leftpad", "Tensor?", "None")]
 FWD = OpDef("decode_attn_fwd", _ARGS + [Arg("map_cols", "int", "0"), Arg("map_max", "bool", "False")] + _SCORE_MODS
-            + _PAGES, "(Tensor, Tensor, Tensor)")
-FWD_TRITON = OpDef("decode_attn_fwd_triton", _ARGS + _SCORE_MODS + _PAGES, "(Tensor, Tensor)")
+            + _PAGES + _LEFTPAD, "(Tensor, Tensor, Tensor)")
+FWD_TRITON = OpDef("decode_attn_fwd_triton", _ARGS + _SCORE_MODS + _PAGES + _LEFTPAD, "(Tensor, Tensor)")
 
 
 def fwd_fake(q, k_cache, map_cols, block_table=None, **_):
@@ -72,7 +74,7 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, fused_map: bool = Fal
     def decode_attention(q, k_cache, v_cache, cache_seqlens, block_mask, *, window_size, softmax_scale,
                          num_splits=0, block_map: Optional[_map.MapRequest] = None, softcap: float = 0.0,
                          alibi_slopes: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
-                         block_table: Optional[torch.Tensor] = None):
+                         block_table: Optional[torch.Tensor] = None, cache_leftpad: Optional[torch.Tensor] = None):
         keep, block_q, block_k = block_keep(block_mask)
         args = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_keep=keep,
                     block_q=block_q, block_k=block_k, softmax_scale=float(softmax_scale), window_left=window_size[0],
@@ -83,6 +85,8 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, fused_map: bool = Fal
                                           "paged cache (block_table) runs on the C++ and Triton kernels (the "
                                           "default backends) and the PyTorch fallback")
             args["block_table"] = block_table
+        if cache_leftpad is not None:
+            args["cache_leftpad"] = cache_leftpad
         if block_map is None:
             res = fwd.call(fwd_op, **args)
             return fold_sinks(res[0], res[1], sinks)[:2]
@@ -94,7 +98,8 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, fused_map: bool = Fal
         if block_table is not None:  # the map's pass reads keys by position: the pages gathered (a copy, per call)
             k_cache = gather_pages(k_cache, block_table)
         return out, lse, decode_block_map(q, k_cache, cache_seqlens, lse, block_mask, window_size[0], block_map,
-                                          float(softmax_scale), softcap=softcap, alibi_slopes=alibi_slopes)
+                                          float(softmax_scale), softcap=softcap, alibi_slopes=alibi_slopes,
+                                          cache_leftpad=cache_leftpad)
 
     return decode_attention
 

@@ -42,6 +42,7 @@ def decode_attention(
     reduce: str = "mean",
     num_splits: int = 0,
     block_table: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
     lowrank: Optional[KeyProjection] = None,
     rank: Optional[int] = None,
     topk: Optional[int] = None,
@@ -78,6 +79,12 @@ def decode_attention(
             read the pages in place; the PyTorch fallback (``backend="composite"``) and the reference gather them;
             the CUDA kernel (``backend="cuda"``) refuses them. Entries past a sequence's length are never
             read; those it uses must be pages of the cache (checked on CPU tensors). Not with low-rank decoding.
+        cache_leftpad: ``(B,)`` integer, flash_attn's left padding in the cache: sequence ``b``'s keys are
+            ``[cache_leftpad[b], cache_seqlens[b])``, the cache rows before them padding that is never attended
+            (a batch of left-padded prompts prefilled into one cache). Positions stay the cache's: query ``i`` is
+            still at ``cache_seqlens[b] - Sq_new + i`` for causality, windows and ALiBi, as in flash_attn. In
+            ``[0, cache_seqlens[b]]`` (checked on CPU tensors; clamped on GPUs). The C++ and Triton kernels skip
+            the padded tiles; the CUDA kernel refuses it. Not with low-rank decoding.
         lowrank, rank, topk, local: low-rank-key decoding (Loki, :func:`attnops.lowrank_key_attention`):
             ``k_cache`` holds the keys in the basis of the :class:`~attnops.lowrank.KeyProjection`
             ``lowrank`` (``lowrank.rotate(k)`` before the append, so the cache is never projected
@@ -110,6 +117,8 @@ def decode_attention(
         raise ValueError(f"decode_attention takes 1..{MAX_NEW_TOKENS} new tokens, got {shape.seq_len_q}; "
                          "use attnops.attention for prefill")
     _check_seqlens(cache_seqlens, shape, q.device)
+    if cache_leftpad is not None:
+        _check_leftpad(cache_leftpad, cache_seqlens, shape, q.device)
     if block_table is not None and q.device.type == "cpu":
         _check_pages_in_use(block_table, cache_seqlens, k_cache.shape[1], k_cache.shape[0])
     left, right = clamp_window(check_window_size(window_size), shape.seq_len_q, shape.seq_len_k)
@@ -127,6 +136,9 @@ def decode_attention(
         if block_table is not None:
             raise NotImplementedError("low-rank decoding reads a contiguous cache: block_table (a paged cache) is "
                                       "not supported with lowrank=")
+        if cache_leftpad is not None:
+            raise NotImplementedError("low-rank decoding reads each sequence from its first cache row: "
+                                      "cache_leftpad is not supported with lowrank=")
         if softcap or alibi_slopes is not None or sinks is not None:
             raise NotImplementedError("low-rank decoding does not take softcap, alibi_slopes or sinks")
         if lowrank is None or rank is None or topk is None:
@@ -148,9 +160,9 @@ def decode_attention(
         request = check_request(map_block_size, reduce, block_mask.block_size if block_mask is not None else (64, 64),
                                 block_size)
     impl = dispatch.resolve("decode_attention", q.device, backend, api="decode_attention")
-    paged = {} if block_table is None else dict(block_table=block_table)
+    cache = {n: t for n, t in (("block_table", block_table), ("cache_leftpad", cache_leftpad)) if t is not None}
     res = impl(q, k_cache, v_cache, cache_seqlens, block_mask, window_size=(left, 0), softmax_scale=scale,
-               num_splits=num_splits, block_map=request, **mods, **paged)
+               num_splits=num_splits, block_map=request, **mods, **cache)
     return pack(res[0], res[1], res[2] if request is not None else None, return_lse)
 
 
@@ -195,21 +207,37 @@ def _check_score_plane(k_score, k_cache: torch.Tensor, rank: int) -> None:
                          f"bfloat16 or float16, got ({k_score.dtype}, {k_score.device})")
 
 
+def _check_per_sequence(name: str, t, shape: QKVShape, device: torch.device) -> None:
+    """``t`` is a ``(B,)`` integer tensor on q's device (``cache_seqlens``, ``cache_leftpad``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.shape != (shape.batch,):
+        raise ValueError(f"{name} must have shape ({shape.batch},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
 def _check_seqlens(cache_seqlens, shape: QKVShape, device: torch.device) -> None:
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be a tensor, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype.is_floating_point or cache_seqlens.dtype.is_complex or cache_seqlens.dtype == torch.bool:
-        raise TypeError(f"cache_seqlens must be an integer tensor, got {cache_seqlens.dtype}")
-    if cache_seqlens.shape != (shape.batch,):
-        raise ValueError(f"cache_seqlens must have shape ({shape.batch},), got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+    _check_per_sequence("cache_seqlens", cache_seqlens, shape, device)
     # Reading the values would synchronise a GPU stream on every step: they are checked on the CPU
     # (and meta) only; the CUDA/Triton kernels clamp them to [0, S_max].
     if device.type == "cpu" and cache_seqlens.numel():
         lo, hi = _bounds(cache_seqlens)
         if lo < 0 or hi > shape.seq_len_k:
             raise ValueError(f"cache_seqlens must lie in [0, S_max={shape.seq_len_k}], got [{lo}, {hi}]")
+
+
+def _check_leftpad(cache_leftpad, cache_seqlens: torch.Tensor, shape: QKVShape, device: torch.device) -> None:
+    _check_per_sequence("cache_leftpad", cache_leftpad, shape, device)
+    if device.type == "cpu" and cache_leftpad.numel():  # GPU values are not read (no sync per step): clamped there
+        bad = (cache_leftpad.long() < 0) | (cache_leftpad.long() > cache_seqlens.long())
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"cache_leftpad must lie in [0, cache_seqlens[b]] (a sequence starts before it ends): "
+                             f"sequence {b} has cache_leftpad {int(cache_leftpad[b])} and cache_seqlens "
+                             f"{int(cache_seqlens[b])}")
 
 
 def _bounds(lengths: torch.Tensor) -> Tuple[int, int]:

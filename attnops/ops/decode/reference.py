@@ -14,9 +14,11 @@ from attnops.ops.softmax.reference import masked_attention, pool_block_map
 
 
 def decode_token_mask(cache_seqlens: torch.Tensor, num_new: int, max_len: int, block_mask: Optional[BlockMask],
-                      window_size: Tuple[int, int], device=None) -> torch.Tensor:
+                      window_size: Tuple[int, int], device=None,
+                      cache_leftpad: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(B, H|1, Sq_new, S_max)`` bool for decoding: new query i of sequence b sits at position
-    ``seqlen_b - Sq_new + i`` and sees the cache keys ``[pos - left, pos]`` below ``seqlen_b``."""
+    ``seqlen_b - Sq_new + i`` and sees the cache keys ``[pos - left, pos]`` below ``seqlen_b``, none before
+    ``cache_leftpad[b]`` (flash_attn's left padding in the cache)."""
     left = window_size[0]
     lens = cache_seqlens.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)
     i = torch.arange(num_new, device=device).view(1, 1, -1, 1)
@@ -25,6 +27,8 @@ def decode_token_mask(cache_seqlens: torch.Tensor, num_new: int, max_len: int, b
     allowed = (j < lens) & (j <= pos)
     if left >= 0:
         allowed &= j >= pos - left
+    if cache_leftpad is not None:
+        allowed &= j >= cache_leftpad.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)
     if block_mask is not None:
         bq, bk = block_mask.block_size
         blocks = block_mask.to_dense().to(device)  # (B|1, H|1, Nq, Nk)
@@ -48,6 +52,7 @@ def decode_attention(
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
     block_table: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Attention of ``q (B, Sq_new, H, D)`` against the first ``cache_seqlens[b]`` keys of
     ``k_cache, v_cache (B, S_max, Hkv, D)``, causal within the new tokens (see
@@ -57,7 +62,8 @@ def decode_attention(
     (``block_table``) is gathered first."""
     if block_table is not None:
         k_cache, v_cache = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
-    allowed = decode_token_mask(cache_seqlens, q.shape[1], k_cache.shape[1], block_mask, window_size, q.device)
+    allowed = decode_token_mask(cache_seqlens, q.shape[1], k_cache.shape[1], block_mask, window_size, q.device,
+                                cache_leftpad)
     bias = None
     if alibi_slopes is not None:
         Sq, S = q.shape[1], k_cache.shape[1]

@@ -22,7 +22,7 @@ from attnops.ops.decode import library as lib
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes, Pages,
+def _decode_split_kernel(Q, K, V, Lens, Starts, Keep, OPart, LPart, Slopes, Pages,
                          stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                          stride_vh, keep_sb, keep_sh, keep_sq,
                          Sq, Smax, G, Hkv, qk_scale, win_left, chunk, n_splits, cap2, stride_slopes_b, max_pages,
@@ -30,7 +30,8 @@ def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes, Pages,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                          KEEP_BQ: tl.constexpr, KEEP_BK: tl.constexpr, HAS_KEEP: tl.constexpr,
                          HAS_LEFT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PAGED: tl.constexpr):
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PAGED: tl.constexpr,
+                         HAS_START: tl.constexpr):
     i_split, i_bhk, i_rc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64 batch / head offsets and key positions: a 128K MHA cache at B >= 5 passes 2^31 elements
     i_b, i_hk = (i_bhk // Hkv).to(tl.int64), (i_bhk % Hkv).to(tl.int64)
@@ -45,8 +46,12 @@ def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes, Pages,
                   mask=m_r[:, None] & m_d[None, :], other=0.0).to(DOT_DTYPE)
     seqlen = tl.minimum(tl.maximum(tl.load(Lens + i_b), 0), Smax)
     o_pos = seqlen - Sq + o_i  # each new token's position in the cache
+    s1 = tl.minimum((i_split + 1) * chunk, seqlen)
     s0 = i_split * chunk
-    s1 = tl.minimum(s0 + chunk, seqlen)
+    start = seqlen * 0
+    if HAS_START:  # a left-padded sequence (cache_leftpad): its tiles before the first key are skipped whole
+        start = tl.minimum(tl.maximum(tl.load(Starts + i_b), 0), seqlen)
+        s0 = tl.maximum(s0, start // BLOCK_N * BLOCK_N)  # tile-aligned: a tile stays inside one mask block
     if PAGED:  # pages: key n of sequence b is row n % page_size of page Pages[b, n // page_size]
         p_k = K + i_hk * stride_kh
         p_v = V + i_hk * stride_vh
@@ -74,6 +79,8 @@ def _decode_split_kernel(Q, K, V, Lens, Keep, OPart, LPart, Slopes, Pages,
         keep = m_r[:, None] & m_n[None, :] & (o_n[None, :] <= o_pos[:, None])
         if HAS_LEFT:
             keep = keep & (o_n[None, :] >= o_pos[:, None] - win_left)
+        if HAS_START:
+            keep = keep & (o_n[None, :] >= start)
         if HAS_KEEP:  # the tile lies inside one mask key block
             b_keep = tl.load(Keep + i_b * keep_sb + o_h * keep_sh + (o_i // KEEP_BQ) * keep_sq + n0 // KEEP_BK,
                              mask=m_r, other=0)
@@ -125,12 +132,14 @@ _BLOCK_N = 64
 
 
 def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, softmax_scale, window_left,
-            num_splits, softcap=0.0, alibi_slopes=None, block_table=None):
+            num_splits, softcap=0.0, alibi_slopes=None, block_table=None, cache_leftpad=None):
     op = lib.FWD_TRITON.name
     Smax = _args.check_decode_args(op, q, k_cache, v_cache, block_keep, block_q, block_k, softmax_scale, window_left,
                                    num_splits, block_table)
     _args.check_score_mod_args(op, q, softcap, alibi_slopes, None)
     lens = _args.checked_lengths(op, "cache_seqlens", cache_seqlens, q.shape[0], Smax).contiguous()
+    starts = None if cache_leftpad is None else _args.checked_lengths(op, "cache_leftpad", cache_leftpad, q.shape[0],
+                                                                      Smax).contiguous()
     paged = block_table is not None
     if paged:  # an index out of range would read past the page pool
         block_table = block_table.contiguous()
@@ -166,13 +175,15 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_keep, block_q, block_k, so
         keep, keep_strides = lens, (0, 0, 0)
     (cap2, slopes, stride_slopes_b), flags = score_mod_args(q, softcap, alibi_slopes)
     _decode_split_kernel[(splits, B * Hkv, row_chunks)](
-        q, k_cache, v_cache, lens, keep, opart, lpart, slopes, block_table if paged else lens, q.stride(0), q.stride(1),
-        q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), *keep_strides, Sq, Smax, G, Hkv, softmax_scale * LOG2E, window_left, chunk, splits, cap2,
-        stride_slopes_b, block_table.shape[1] if paged else 0, k_cache.shape[1],
+        q, k_cache, v_cache, lens, lens if starts is None else starts, keep, opart, lpart, slopes,
+        block_table if paged else lens, q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *keep_strides, Sq, Smax, G, Hkv,
+        softmax_scale * LOG2E, window_left, chunk, splits, cap2, stride_slopes_b, block_table.shape[1] if paged else 0,
+        k_cache.shape[1],
         D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n, KEEP_BQ=block_q if has_keep else 1,
         KEEP_BK=block_k if has_keep else 1, HAS_KEEP=has_keep, HAS_LEFT=window_left >= 0,
-        PRECISION=precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype), PAGED=paged, **flags,
+        PRECISION=precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype), PAGED=paged, HAS_START=starts is not None,
+        **flags,
         **({"num_stages": 1} if wide else {}))
     _decode_combine_kernel[(B * H * Sq,)](
         opart, lpart, out, lse, out.stride(0), out.stride(1), out.stride(2), Sq, H, G, splits,

@@ -329,9 +329,9 @@ struct PageTable {
 
 template <typename S>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* seqlens,
-                   const BlockKeep& keep, const PageTable& paged, double softmax_scale, int64_t left,
-                   int64_t num_splits, const ScoreMods<compute_t<S>>& mods, at::Tensor& out, at::Tensor& lse,
-                   int64_t map_cols, bool map_max, at::Tensor& map) {
+                   const int32_t* leftpad, const BlockKeep& keep, const PageTable& paged, double softmax_scale,
+                   int64_t left, int64_t num_splits, const ScoreMods<compute_t<S>>& mods, at::Tensor& out,
+                   at::Tensor& lse, int64_t map_cols, bool map_max, at::Tensor& map) {
   using T = compute_t<S>;
   constexpr int64_t NR = kGemmN<T>;
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
@@ -342,10 +342,11 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t Dp = round_up(D, NR);
   const T c = static_cast<T>(softmax_scale * kLog2e);
 
-  std::vector<int64_t> lens(B);
+  std::vector<int64_t> lens(B), starts(B, 0);  // sequence b's keys: [starts[b], lens[b])
   int64_t maxlen = 0;
   for (int64_t b = 0; b < B; ++b) {
     lens[b] = std::clamp<int64_t>(seqlens[b], 0, Smax);
+    if (leftpad != nullptr) starts[b] = std::clamp<int64_t>(leftpad[b], 0, lens[b]);
     maxlen = std::max(maxlen, lens[b]);
   }
   // A tile never straddles two mask key blocks (splits are whole tiles). Paged, where pages do not hold whole tiles,
@@ -392,8 +393,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   run_tasks(
       B * splits,
       [&](int64_t t) {
-        const int64_t b = t / splits, s0 = (t % splits) * chunk;
-        return std::max<int64_t>(0, std::min(s0 + chunk, lens[b]) - s0);
+        const int64_t b = t / splits, s0 = std::max((t % splits) * chunk, starts[b]);
+        return std::max<int64_t>(0, std::min((t % splits + 1) * chunk, lens[b]) - s0);
       },
       [&] {
         return DecodeScratch<T>(rows, Hkv, Dp, stile, map_blocks, dot_words, dot_cols,
@@ -401,7 +402,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       },
       [&](int64_t t, DecodeScratch<T>& ws) {
         const int64_t b = t / splits, split = t % splits;
-        const int64_t seqlen = lens[b], s0 = split * chunk, s1 = std::min(s0 + chunk, seqlen);
+        // a left-padded sequence's tiles before its first key are skipped whole (tile-aligned: mask blocks)
+        const int64_t seqlen = lens[b], s1 = std::min((split + 1) * chunk, seqlen);
+        const int64_t s0 = std::max(split * chunk, starts[b] / tile * tile);
         for (int64_t h = 0; h < H && !dot; ++h)
           for (int64_t i = 0; i < Sq; ++i)
             load_row(qp + b * sq_b + i * sq_s + h * sq_h, D, c, ws.q.data() + (h * Sq + i) * Dp, Dp);
@@ -416,7 +419,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             }
           }
         }
-        const int64_t first_block = with_map ? s0 / map_cols : 0;
+        const int64_t first_block = with_map ? split * chunk / map_cols : 0;  // combine_splits reads from there
         // the first cache row of logical position t0 (paged: in its page; the rows after it in the page follow at
         // the position stride)
         auto tile_row = [&](const S* base, int64_t s_b, int64_t s_s, int64_t t0) -> const S* {
@@ -463,7 +466,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             const bool kept = !keep.present();
             for (int64_t i = 0; i < Sq; ++i) {
               const int64_t r = h * Sq + i, pos = seqlen - Sq + i;
-              const int64_t lo = left >= 0 ? std::max<int64_t>(0, pos - left) : 0;
+              const int64_t lo = std::max(starts[b], left >= 0 ? pos - left : 0);
               int64_t hi = std::min(seqlen, pos + 1);
               if (!kept && !keep.kept(b, h, i / keep.block_q, t0 / keep.block_k)) hi = lo;
               ws.spans[r] = {std::max(lo, t0) - t0, std::min(hi, t1) - t0};
@@ -581,13 +584,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cache_seqlens,
     const c10::optional<at::Tensor>& block_keep, int64_t block_q, int64_t block_k, double softmax_scale,
     int64_t window_left, int64_t num_splits, int64_t map_cols, bool map_max, double softcap,
-    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& block_table) {
+    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& block_table,
+    const c10::optional<at::Tensor>& cache_leftpad) {
   constexpr const char* op = "decode_attn_fwd";
   const int64_t Smax = check_decode_args(op, q_in, k_in, v_in, block_keep, block_q, block_k, softmax_scale,
                                          window_left, num_splits, map_cols, block_table);
   check_score_mod_args(op, q_in, softcap, alibi_slopes, c10::nullopt);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const at::Tensor lens = checked_lengths(op, "cache_seqlens", cache_seqlens, q.size(0), Smax);
+  at::Tensor starts;  // flash_attn's cache_leftpad: the keys before it are padding
+  if (cache_leftpad.has_value() && cache_leftpad->defined())
+    starts = checked_lengths(op, "cache_leftpad", *cache_leftpad, q.size(0), Smax);
   PageTable paged;
   at::Tensor pages;
   if (block_table.has_value() && block_table->defined()) {
@@ -614,8 +621,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(
   if (q.numel() == 0) return {out, lse, map};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attn_fwd_cpu", [&] {
     const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, c10::nullopt, q.size(2));
-    decode_kernel<scalar_t>(q, k, v, lens.data_ptr<int32_t>(), keep, paged, softmax_scale, window_left, num_splits,
-                            mods, out, lse, map_cols, map_max, map);
+    decode_kernel<scalar_t>(q, k, v, lens.data_ptr<int32_t>(), starts.defined() ? starts.data_ptr<int32_t>() : nullptr,
+                            keep, paged, softmax_scale, window_left, num_splits, mods, out, lse, map_cols, map_max,
+                            map);
   });
   return {out, lse, map};
 }
