@@ -25,11 +25,11 @@ def _local_mask(sq, sk, window_size, key_padding_mask=None, key_leftpad=None):
     """flash_attn tests' ``construct_local_mask`` (True = masked), -1 sides unbounded."""
     row = torch.arange(sq).unsqueeze(1)
     col, sk = _columns(sk, key_padding_mask, key_leftpad)
-    masked = torch.zeros(torch.broadcast_shapes(row.shape, col.shape), dtype=torch.bool)
+    masked = torch.zeros(sq, col.shape[-1], dtype=torch.bool)
     if window_size[1] >= 0:
-        masked |= col > torch.minimum(row + sk - sq + window_size[1], torch.as_tensor(sk))
+        masked = masked | (col > torch.minimum(row + sk - sq + window_size[1], torch.as_tensor(sk)))
     if window_size[0] >= 0:
-        masked |= col < row + sk - sq - window_size[0]
+        masked = masked | (col < row + sk - sq - window_size[0])
     return masked
 
 

@@ -8,8 +8,9 @@ training only, as with flash_attn; the mask comes from the default generator's s
 backward. One difference: with ``causal=True`` and ALiBi, FlashAttention 2's kernel adds ``slope * j``
 (the same probabilities, an lse larger by ``slope * (i + Sk - Sq)``); the lse here is that of the
 documented bias. What attnops cannot compute yet is refused with a clear ``NotImplementedError`` naming
-the argument, never ignored: in ``flash_attn_with_kvcache`` several new queries with ``causal=False`` (its rotary
-embeddings, ``cache_batch_idx``, ``cache_leftpad`` and paged caches, ``block_table``, are honoured).
+the argument, never ignored: in ``flash_attn_with_kvcache`` several new queries with ``causal=False`` together with a
+window or ALiBi (its rotary embeddings, ``cache_batch_idx``, ``cache_leftpad``, paged caches, ``block_table``, and
+any number of new queries are honoured).
 ``deterministic`` is accepted (attnops' kernels are deterministic at a fixed thread count; see README).
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the lse is flash_attn's, the
 probabilities are never built (attnops computes block maps instead: ``attnops.attention(...,
@@ -21,8 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from attnops.ops.decode import decode_attention
-from attnops.ops.decode.op import MAX_NEW_TOKENS
+from attnops.ops.decode.chunked import chunked_decode_attention
 from attnops.ops.softmax import attention, varlen_attention
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
@@ -135,8 +135,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
     """Decoding against a cache, flash_attn's way: ``k, v (B, Sq_new, Hkv, D)``, when given, are written
     into ``k_cache, v_cache (B_cache, S_max, Hkv, D)`` in place at each sequence's ``cache_seqlens`` (int or
-    ``(B,)``), then ``q (B, Sq_new, H, D)`` attends to the cache (bottom-right aligned). ``causal`` must be
-    True for more than one new query (decoding is causal; one query sees the whole cache either way).
+    ``(B,)``), then ``q (B, Sq_new, H, D)`` attends to the cache (bottom-right aligned). Any ``Sq_new``: a prompt
+    prefilled through the cache runs as decode calls of 64 queries each, every call's lengths cut to its last
+    query (:func:`attnops.ops.decode.chunked.chunked_decode_attention`: exact, the cache read in place). With
+    ``causal=False`` several queries each see the whole cache (they run as heads of one new token); not with a
+    window or ALiBi there, whose distances are per query (refused).
 
     ``rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2)``, with ``k`` and ``v``: the new keys are rotated at
     positions ``cache_seqlens + i`` before they are written (the cache holds rotated keys), and q likewise
@@ -163,11 +166,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if paged and (not isinstance(block_table, torch.Tensor) or block_table.dim() != 2):
         raise ValueError("flash_attn_with_kvcache: block_table must be an int32 (B, max_pages) tensor")
     cache_len = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]  # positions per sequence
-    if Sq > 1 and not causal:
-        raise NotImplementedError("flash_attn_with_kvcache: several new queries need causal=True here (attnops' "
-                                  "decoding is causal)")
-    if Sq > MAX_NEW_TOKENS:
-        raise ValueError(f"flash_attn_with_kvcache: at most {MAX_NEW_TOKENS} new queries per call, got {Sq}")
+    if Sq > 1 and not causal and (tuple(window_size) != (-1, -1) or alibi_slopes is not None):
+        raise NotImplementedError("flash_attn_with_kvcache: several new queries with causal=False (each sees the whole "
+                                  "cache) are not supported with window_size or alibi_slopes, whose distances are "
+                                  "per query; pass causal=True or one query")
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: pass k and v together")
     if k is not None and cache_seqlens is None:
@@ -216,10 +218,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         lens = lens + n
     if cache_batch_idx is not None:
         k_cache, v_cache = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
-    left = tuple(window_size)[0]  # the right side is moot: decoding is causal
-    out, lse = decode_attention(q, k_cache, v_cache, lens, softmax_scale=softmax_scale, window_size=(left, -1),
-                                softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=True,
-                                block_table=block_table, cache_leftpad=cache_leftpad)
+    left = tuple(window_size)[0]  # the right side is moot: a causal query, or one at the end of the cache
+    out, lse = chunked_decode_attention(q, k_cache, v_cache, lens, causal=causal or Sq == 1,
+                                        softmax_scale=softmax_scale, window_size=(left, -1), softcap=softcap,
+                                        alibi_slopes=alibi_slopes, num_splits=num_splits, block_table=block_table,
+                                        cache_leftpad=cache_leftpad)
     return (out, lse) if return_softmax_lse else out
 
 

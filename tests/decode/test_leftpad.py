@@ -4,19 +4,15 @@ an attended pad row shows), and positions stay the cache's (causality, windows a
 
 Checked three ways: against the float64 reference (accuracy rule) on every backend, contiguous and paged, with
 windows, score modifiers, block masks and maps; against decoding the same keys moved to the cache's start, which
-needs no leftpad at all; and, through ``attnops.compat.flash_attn``, against flash_attn's own
-``test_flash_attn_kvcache`` reference (``attention_ref`` with ``key_padding_mask`` and ``key_leftpad``)."""
-
-import math
+needs no leftpad at all. flash_attn's own ``test_flash_attn_kvcache`` with ``has_leftpad``, through
+``attnops.compat.flash_attn``: tests/nn/test_flash_attn_compat.py."""
 
 import pytest
 import torch
 
 import attnops
 from attnops import BlockMask
-from attnops.compat.flash_attn import flash_attn_with_kvcache
 from attnops.ops.decode import reference
-from authors_ref import attention_ref
 from decode.test_paged import PAGED_BACKENDS, device_of, paged_copy, to
 from helpers import DTYPE_IDS, assert_accurate
 
@@ -157,79 +153,3 @@ def test_the_cuda_kernel_refuses_leftpad():
                                                                                      device="cuda")
     with pytest.raises(RuntimeError, match="cache_leftpad"):
         attnops.decode_attention(q, k, k, lens, cache_leftpad=pads, backend="cuda")
-
-
-def _apply_rotary(x, cos, sin, offsets, interleaved):
-    """flash_attn's ``apply_rotary_emb_torch`` with ``seqlen_offsets``: token i of sequence b at offsets[b] + i."""
-    ro = cos.shape[-1] * 2
-    pos = offsets.long()[:, None] + torch.arange(x.shape[1])
-    c, s = cos[pos], sin[pos]
-    c, s = ((t.repeat_interleave(2, -1) if interleaved else torch.cat((t, t), -1))[:, :, None] for t in (c, s))
-    if interleaved:
-        x1, x2 = x[..., :ro:2], x[..., 1:ro:2]
-        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
-    else:
-        x1, x2 = x[..., :ro].chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.cat([x[..., :ro] * c + rotated * s, x[..., ro:]], dim=-1)
-
-
-@pytest.mark.parametrize("paged", [None, 32], ids=["contiguous", "paged32"])
-@pytest.mark.parametrize("batch_idx", [False, True], ids=["rows", "batch_idx"])
-@pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
-@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
-@pytest.mark.parametrize("seqlen_q, seqlen_new, rotary_dim", [(1, 1, 0), (1, 1, 32), (4, 3, 16), (1, 0, 0)])
-def test_flash_attn_with_kvcache_leftpad(seqlen_q, seqlen_new, rotary_dim, local, alibi, batch_idx, paged):
-    """flash_attn's ``test_flash_attn_kvcache`` with ``has_leftpad=True`` (its test draws each sequence's left pad
-    in ``[0, cache_seqlens)``), ported: new keys appended at ``cache_seqlens`` (rotated there with rotary
-    embeddings), ``attention_ref`` over the cache with ``key_padding_mask`` and ``key_leftpad``, ALiBi from
-    ``attn_bias_from_alibi_slopes(..., key_leftpad=cache_leftpad)``, a random window, GQA; with
-    ``cache_batch_idx`` or a paged cache (which flash_attn 2 itself refuses with leftpad). float32 against the
-    reference in float64."""
-    if paged and batch_idx:
-        pytest.skip("flash_attn refuses cache_batch_idx with block_table, as attnops does (tests/decode/test_paged.py)")
-    torch.manual_seed(7)
-    B, S, H, Hkv, D = 3, 96, 6, 3, 64
-    B_cache = 2 * B if batch_idx else B
-    causal = seqlen_q > 1  # several new queries need causal (attnops' decoding is causal); one sees the whole cache
-    window = tuple(torch.randint(0, S, (2,)).tolist()) if local else (-1, -1)
-    q = torch.randn(B, seqlen_q, H, D)
-    k_new = torch.randn(B, seqlen_new, Hkv, D) if seqlen_new else None
-    v_new = torch.randn(B, seqlen_new, Hkv, D) if seqlen_new else None
-    k_cache, v_cache = torch.randn(B_cache, S, Hkv, D), torch.randn(B_cache, S, Hkv, D)
-    lens = torch.randint(0 if seqlen_new else 1, S - max(seqlen_q, seqlen_new) + 1, (B,), dtype=torch.int32)
-    lens[0] = max(int(lens[0]), 5)
-    pads = torch.stack([torch.randint(0, int(n), ()) if n > 0 else torch.tensor(0) for n in lens]).to(torch.int32)
-    pads[0] = lens[0] - 1  # one key left before the new ones
-    idx = torch.randperm(B_cache)[:B].to(torch.int32) if batch_idx else None
-    rows = idx.long() if batch_idx else torch.arange(B)
-    arange = torch.arange(S).view(1, S)
-    key_padding_mask = (arange < (lens + seqlen_new).view(-1, 1)) & (arange >= pads.view(-1, 1))
-    slopes = torch.rand(B, H) * 0.3 if alibi else None
-    cos = sin = None
-    q_ro, k_ro = q, k_new
-    if rotary_dim:
-        angle = torch.rand(S, rotary_dim // 2, dtype=torch.float64) * 2 * math.pi
-        cos, sin = angle.cos().float(), angle.sin().float()
-        q_ro = _apply_rotary(q.double(), cos.double(), sin.double(), lens, False).float()
-        k_ro = _apply_rotary(k_new.double(), cos.double(), sin.double(), lens, False).float()
-    k_ref, v_ref = k_cache[rows].clone(), v_cache[rows].clone()
-    if seqlen_new:
-        update = (lens.view(-1, 1) <= arange) & (arange < lens.view(-1, 1) + seqlen_new)
-        k_ref[update], v_ref[update] = k_ro.flatten(0, 1), v_new.flatten(0, 1)
-    table = None
-    if paged:
-        k_pool, v_pool, table = paged_copy(k_cache[rows], v_cache[rows], torch.full((B,), S), paged)
-        k_call, v_call = k_pool, v_pool
-    else:
-        k_call, v_call = k_cache, v_cache
-    out = flash_attn_with_kvcache(q, k_call, v_call, k_new, v_new, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens,
-                                  cache_batch_idx=idx, cache_leftpad=pads, block_table=table, causal=causal,
-                                  window_size=window, rotary_interleaved=False, alibi_slopes=slopes)
-    want, _ = attention_ref(q_ro.double(), k_ref.double(), v_ref.double(), causal=causal, window_size=window,
-                            alibi_slopes=None if slopes is None else slopes.double(),
-                            key_padding_mask=key_padding_mask, key_leftpad=pads)
-    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=2e-5)
-    if seqlen_new and not paged:  # written in place at cache_seqlens, as flash_attn does
-        for b in range(B):
-            torch.testing.assert_close(k_cache[rows[b], lens[b]:lens[b] + seqlen_new], k_ro[b], rtol=1e-5, atol=1e-6)

@@ -9,6 +9,8 @@ import attnops
 from attnops.compat.flash_attn import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                                        flash_attn_varlen_func, flash_attn_with_kvcache)
 from attnops.ops.softmax import reference
+from authors_ref import attention_ref
+from decode.test_paged import paged_copy
 
 
 def ref(q, k, v, causal=False, window=(-1, -1), scale=None, **mods):
@@ -150,8 +152,9 @@ def test_with_kvcache_appends_and_attends():
     torch.testing.assert_close(k_cache[:, 17:20], k_all[:, 17:])  # written in place, as flash_attn does
     want, _ = ref(q, k_all, v_all, causal=True)  # the 3 new queries end the 20 keys
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="causal=True"):  # cache_leftpad: tests/decode/test_leftpad.py
-        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([17, 17], dtype=torch.int32))
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([20, 20], dtype=torch.int32))
+    want, _ = ref(q, k_all, v_all, causal=False)  # not causal: each of the 3 queries sees the 20 keys
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
 
 
 def _rotate_half(x, interleaved):  # flash_attn/layers/rotary.py
@@ -226,3 +229,83 @@ def test_with_kvcache_rotary_checks():
         flash_attn_with_kvcache(q, kc, kc.clone(), k, k, cache_batch_idx=torch.tensor([1]), cache_seqlens=0)
     with pytest.raises(ValueError, match="pass cache_seqlens"):  # appending needs a place to write
         flash_attn_with_kvcache(q, kc, kc.clone(), k, k)
+
+
+@pytest.mark.parametrize("paged", [None, 32], ids=["contiguous", "paged32"])
+@pytest.mark.parametrize("ragged", [True, False], ids=["ragged", "same_lengths"])
+@pytest.mark.parametrize("leftpad", [False, True], ids=["nopad", "leftpad"])
+@pytest.mark.parametrize("batch_idx", [False, True], ids=["rows", "batch_idx"])
+@pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
+@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
+@pytest.mark.parametrize("seqlen_q, seqlen_new, rotary_dim, causal", [
+    (1, 1, 0, False), (1, 1, 32, False), (4, 3, 16, True), (1, 0, 0, False),  # decoding, speculative steps
+    (150, 150, 16, True), (130, 70, 0, True),  # a prompt prefilled through the cache: 64 queries a call
+    (5, 5, 0, False), (70, 0, 0, False),  # non-causal: each query sees the whole cache
+], ids=lambda x: str(x))
+def test_with_kvcache_as_flash_attn_tests_it(seqlen_q, seqlen_new, rotary_dim, causal, local, alibi, batch_idx,
+                                             leftpad, ragged, paged):
+    """flash_attn's ``test_flash_attn_kvcache`` (tests/test_flash_attn.py), ported: ragged ``cache_seqlens``, new
+    keys appended there (rotated there with rotary embeddings, GPT-NeoX pairs), ``cache_leftpad`` drawn in ``[0,
+    cache_seqlens)`` as its ``has_leftpad`` does, a random window, ALiBi ``(B, H)``, GQA, ``cache_batch_idx`` or a
+    paged cache (flash_attn 2 refuses pages with leftpad; attnops takes them), against its ``attention_ref`` over the
+    cache with ``key_padding_mask`` and ``key_leftpad`` (tests/authors_ref.py), in float64. Also long ``q`` (a
+    prompt through the cache, past decode_attention's 64 queries: chunks of decode calls on ragged lengths,
+    ``attnops.attention`` on the cache's rows where the lengths are all the same) and several non-causal queries;
+    the refusal of non-causal windows and ALiBi for several queries."""
+    if paged and batch_idx:
+        pytest.skip("flash_attn refuses cache_batch_idx with block_table, as attnops does (tests/decode/test_paged.py)")
+    torch.manual_seed(7)
+    B, S, H, Hkv, D = 3, 320, 6, 3, 64
+    B_cache = 2 * B if batch_idx else B
+    window = tuple(torch.randint(0, S, (2,)).tolist()) if local else (-1, -1)
+    q = torch.randn(B, seqlen_q, H, D)
+    k_new = torch.randn(B, seqlen_new, Hkv, D) if seqlen_new else None
+    v_new = torch.randn(B, seqlen_new, Hkv, D) if seqlen_new else None
+    k_cache, v_cache = torch.randn(B_cache, S, Hkv, D), torch.randn(B_cache, S, Hkv, D)
+    lens = torch.randint(0 if seqlen_new else 1, S - max(seqlen_q, seqlen_new) + 1, (B,), dtype=torch.int32)
+    lens[0] = max(int(lens[0]), 5)
+    if not ragged:
+        lens[:] = lens[0]
+    pads = None
+    if leftpad:
+        pads = torch.stack([torch.randint(0, int(n), ()) if n > 0 else torch.tensor(0) for n in lens]).to(torch.int32)
+        pads[0] = lens[0] - 1  # one cached key left before the new ones
+    idx = torch.randperm(B_cache)[:B].to(torch.int32) if batch_idx else None
+    rows = idx.long() if batch_idx else torch.arange(B)
+    arange = torch.arange(S).view(1, S)
+    key_padding_mask = arange < (lens + seqlen_new).view(-1, 1)
+    if leftpad:
+        key_padding_mask &= arange >= pads.view(-1, 1)
+    slopes = torch.rand(B, H) * 0.3 if alibi else None
+    cos = sin = None
+    q_ro, k_ro = q, k_new
+    if rotary_dim:
+        angle = torch.rand(S, rotary_dim // 2, dtype=torch.float64) * 2 * torch.pi
+        cos, sin = angle.cos().float(), angle.sin().float()
+        q_ro = _apply_rotary_ref(q.double(), cos.double(), sin.double(), lens, False).float()
+        k_ro = _apply_rotary_ref(k_new.double(), cos.double(), sin.double(), lens, False).float()
+    k_ref, v_ref = k_cache[rows].clone(), v_cache[rows].clone()
+    if seqlen_new:
+        update = (lens.view(-1, 1) <= arange) & (arange < lens.view(-1, 1) + seqlen_new)
+        k_ref[update], v_ref[update] = k_ro.flatten(0, 1), v_new.flatten(0, 1)
+    table = None
+    k_call, v_call = k_cache, v_cache
+    if paged:
+        k_call, v_call, table = paged_copy(k_cache[rows], v_cache[rows], torch.full((B,), S), paged)
+    call = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens, cache_batch_idx=idx, cache_leftpad=pads,
+                block_table=table, causal=causal, window_size=window, rotary_interleaved=False, alibi_slopes=slopes)
+    if seqlen_q > 1 and not causal and (local or alibi):
+        with pytest.raises(NotImplementedError, match="causal=False"):
+            flash_attn_with_kvcache(q, k_call, v_call, k_new, v_new, **call)
+        return
+    out, lse = flash_attn_with_kvcache(q, k_call, v_call, k_new, v_new, return_softmax_lse=True, **call)
+    want, want_lse = attention_ref(q_ro.double(), k_ref.double(), v_ref.double(), causal=causal, window_size=window,
+                                   alibi_slopes=None if slopes is None else slopes.double(),
+                                   key_padding_mask=key_padding_mask, key_leftpad=pads)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=2e-5)
+    seen = torch.isfinite(want_lse)  # attention_ref's lse of a row with no key is -inf too, but NaN-free only here
+    torch.testing.assert_close(lse.double()[seen], want_lse[seen], rtol=1e-4, atol=2e-5)
+    assert torch.all(torch.isneginf(lse[~seen]))
+    if seqlen_new and not paged:  # written in place at cache_seqlens, as flash_attn does
+        for b in range(B):
+            torch.testing.assert_close(k_cache[rows[b], lens[b]:lens[b] + seqlen_new], k_ro[b], rtol=1e-5, atol=1e-6)

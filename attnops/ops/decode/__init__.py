@@ -1,6 +1,7 @@
 """Decoding against a KV cache: split-KV ("flash-decoding") attention of up to 64 new queries.
 
     op.py         decode_attention (dense, block-mask and window decoding; low-rank keys via ops.lowrank)
+    chunked.py    any number of new queries (a prompt through a cache, non-causal queries) as decode calls
     kv_cache.py   KVCache: preallocated buffers, one length per sequence
     library.py    the decode operators from one argument list, fakes, the dispatcher's entry
     reference.py  the float64 oracle
