@@ -19,6 +19,7 @@ return_block_map=True)``).
 
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 
@@ -66,9 +67,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     int32 offsets. Each sequence attends only to its own keys (causal and windows per sequence,
     bottom-right aligned): :func:`attnops.varlen_attention` (one call, token-exact segment bounds); per-sequence
     ALiBi slopes ``(num_seqs, H)`` run one call per sequence. ``out (total_q, H, D)``, ``softmax_lse
-    (H, total_q)`` as flash_attn's (a query without keys: lse -inf, flash_attn 2 writes +inf)."""
+    (H, total_q)`` as flash_attn's (a query without keys: lse -inf, flash_attn 2 writes +inf).
+
+    ``block_table (n, max_pages)`` int32: ``k, v`` are paged caches ``(num_pages, page_size, Hkv, D)``, as in
+    flash_attn (vLLM's prefix-cached prefill): sequence ``i``'s keys are the first ``cu_seqlens_k[i + 1] -
+    cu_seqlens_k[i]`` positions of its pages, gathered into the packed layout first (a copy of the keys in use:
+    prefill is compute-bound; decoding reads pages in place, :func:`flash_attn_with_kvcache`)."""
     if block_table is not None:
-        raise NotImplementedError("attnops.compat.flash_attn: paged KV (block_table) is not supported")
+        k, v = _unpage(k, v, block_table, cu_seqlens_k)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"flash_attn_varlen_func: {name} must be (total, heads, head_dim), got "
@@ -120,12 +126,40 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs)
 
 
-def _offsets(name: str, cu: torch.Tensor, total: int):
+def _unpage(k, v, block_table, cu_seqlens_k):
+    """Paged ``k, v (num_pages, page, Hkv, D)`` read through ``block_table (n, max_pages)`` as the packed ``(total_k,
+    Hkv, D)`` of :func:`flash_attn_varlen_func`'s sequences (``cu_seqlens_k`` counts logical positions)."""
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.dtype.is_floating_point:
+        raise ValueError("flash_attn_varlen_func: block_table must be an int32 (num sequences, max_pages) tensor")
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"flash_attn_varlen_func: with block_table, {name} must be a paged cache (num_pages, "
+                             f"page_size, Hkv, D), got {tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attn_varlen_func: paged k and v differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    num_pages, page = k.shape[0], k.shape[1]
+    ck = _offsets("cu_seqlens_k", cu_seqlens_k, None)
+    n, capacity = block_table.shape[0], block_table.shape[1] * page
+    lengths = [b - a for a, b in zip(ck, ck[1:])]
+    if len(lengths) != n or max(lengths, default=0) > capacity:
+        raise ValueError(f"flash_attn_varlen_func: block_table {tuple(block_table.shape)} of {page}-row pages must "
+                         f"hold each of the {len(lengths)} sequences' keys (lengths {lengths})")
+    device = k.device
+    seq = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(lengths, device=device))
+    j = torch.arange(ck[-1], device=device) - torch.tensor(ck[:-1], device=device)[seq]
+    pages = block_table.to(device=device, dtype=torch.long)[seq, j // page]
+    if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= num_pages):
+        raise ValueError(f"flash_attn_varlen_func: block_table names pages outside the cache's {num_pages}")
+    return k[pages, j % page], v[pages, j % page]
+
+
+def _offsets(name: str, cu: torch.Tensor, total: Optional[int]):
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
         raise ValueError(f"{name} must be a 1-d integer tensor of n + 1 offsets")
     values = cu.tolist()
-    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError(f"{name} must rise from 0 to {total} (the packed length), got {values}")
+    end = values[-1] if total is None else total  # None: paged keys, whose packed length the offsets give
+    if values[0] != 0 or values[-1] != end or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must rise from 0 to {end} (the packed length), got {values}")
     return values
 
 

@@ -309,3 +309,52 @@ def test_with_kvcache_as_flash_attn_tests_it(seqlen_q, seqlen_new, rotary_dim, c
     if seqlen_new and not paged:  # written in place at cache_seqlens, as flash_attn does
         for b in range(B):
             torch.testing.assert_close(k_cache[rows[b], lens[b]:lens[b] + seqlen_new], k_ro[b], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
+@pytest.mark.parametrize("page", [16, 256])
+@pytest.mark.parametrize("swap", [False, True], ids=["q<k", "q>k"])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(3, 799), (127, 513), (113, 203), (256, 512)])
+def test_varlen_paged_as_flash_attn_tests_it(seqlen_q, seqlen_k, swap, page, local):
+    """flash_attn's ``test_flash_attn_varlen_causal`` with ``paged_kv_block_size`` (vLLM's prefix-cached prefill),
+    ported: right-padded q and k of random lengths, the keys in pages of a shuffled pool three times the size (its
+    ``_generate_block_kvcache``), ``flash_attn_varlen_func(q_unpad, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k,
+    ..., causal=True, window_size, block_table)``, against its ``attention_ref`` per sequence in float64 (its query
+    and key padding masks: each sequence bottom-right aligned on its own lengths). GQA 6/3."""
+    if swap:
+        seqlen_q, seqlen_k = seqlen_k, seqlen_q
+    torch.manual_seed(0)
+    B, H, Hkv, D = 4, 6, 3, 64
+    window = tuple(torch.randint(0, seqlen_k, (2,)).tolist()) if local else (-1, -1)
+    q = torch.randn(B, seqlen_q, H, D)
+    per_seq = -(-seqlen_k // page)
+    pool_k, pool_v = torch.randn(per_seq * B * 3, page, Hkv, D), torch.randn(per_seq * B * 3, page, Hkv, D)
+    table = torch.randperm(per_seq * B * 3, dtype=torch.int32)[:B * per_seq].view(B, per_seq)
+    k = pool_k[table.long().flatten()].view(B, per_seq * page, Hkv, D)[:, :seqlen_k]
+    v = pool_v[table.long().flatten()].view(B, per_seq * page, Hkv, D)[:, :seqlen_k]
+    lens_q = torch.randint(max(1, seqlen_q - 20), seqlen_q + 1, (B,))  # generate_random_padding_mask("random")
+    lens_k = torch.randint(max(1, seqlen_k - 20), seqlen_k + 1, (B,))
+    cu_q = torch.cat([torch.zeros(1, dtype=torch.int32), lens_q.cumsum(0).to(torch.int32)])
+    cu_k = torch.cat([torch.zeros(1, dtype=torch.int32), lens_k.cumsum(0).to(torch.int32)])
+    q_unpad = torch.cat([q[b, :lens_q[b]] for b in range(B)])
+    out = flash_attn_varlen_func(q_unpad, pool_k, pool_v, cu_q, cu_k, int(lens_q.max()), int(lens_k.max()),
+                                 causal=True, window_size=window, block_table=table)
+    for b in range(B):
+        want, _ = attention_ref(q[b:b + 1, :lens_q[b]].double(), k[b:b + 1, :lens_k[b]].double(),
+                                v[b:b + 1, :lens_k[b]].double(), causal=True, window_size=window)
+        torch.testing.assert_close(out[cu_q[b]:cu_q[b + 1]].double(), want[0], rtol=1e-4, atol=2e-5)
+
+
+def test_varlen_paged_checks():
+    q, pool = torch.randn(10, 4, 32), torch.randn(6, 16, 2, 32)
+    cu_q, cu_k = torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 20, 33], dtype=torch.int32)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    flash_attn_varlen_func(q, pool, pool, cu_q, cu_k, 6, 20, causal=True, block_table=table)
+    with pytest.raises(ValueError, match="must hold each"):  # 33 - 20 = 13 keys fit; 40 do not
+        flash_attn_varlen_func(q, pool, pool, cu_q, torch.tensor([0, 40, 53], dtype=torch.int32), 6, 40,
+                               block_table=table)
+    with pytest.raises(ValueError, match="outside the cache"):
+        flash_attn_varlen_func(q, pool, pool, cu_q, cu_k, 6, 20, block_table=torch.tensor([[0, 9], [2, 3]],
+                                                                                       dtype=torch.int32))
+    with pytest.raises(ValueError, match="paged cache"):
+        flash_attn_varlen_func(q, pool[0], pool[0], cu_q, cu_k, 6, 20, block_table=table)
