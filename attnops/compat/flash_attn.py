@@ -39,7 +39,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """``q (B, Sq, H, D)``, ``k, v (B, Sk, Hkv, D)`` -> ``out (B, Sq, H, D)``, or ``(out, softmax_lse
     (B, H, Sq), None)`` with ``return_attn_probs``. As flash_attn's: bottom-right causal, windows
     ``(left, right)``."""
-    out, lse = attention(q, k, v, causal=bool(causal), softmax_scale=softmax_scale, window_size=tuple(window_size),
+    out, lse = attention(q, k, v, causal=bool(causal), softmax_scale=softmax_scale, window_size=_window(window_size),
                          softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=True)
     return _result(out, lse, return_attn_probs)
 
@@ -89,7 +89,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         cu_q = torch.tensor(cq, dtype=torch.int32, device=q.device)
         cu_k = cu_q if cq == ck else torch.tensor(ck, dtype=torch.int32, device=q.device)
         out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal=bool(causal),
-                                    softmax_scale=softmax_scale, window_size=tuple(window_size), return_lse=True,
+                                    softmax_scale=softmax_scale, window_size=_window(window_size), return_lse=True,
                                     softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
         return _result(out, lse, return_attn_probs)
     # per-sequence ALiBi slopes (or ALiBi across different q / k layouts): one call per sequence
@@ -100,7 +100,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         (q0, q1), (k0, k1) = (cq[i], cq[i + 1]), (ck[i], ck[i + 1])
         slopes = alibi_slopes[i:i + 1] if alibi_slopes.dim() == 2 else alibi_slopes
         o, l_ = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=bool(causal),
-                          softmax_scale=softmax_scale, window_size=tuple(window_size), softcap=softcap,
+                          softmax_scale=softmax_scale, window_size=_window(window_size), softcap=softcap,
                           alibi_slopes=slopes, dropout_p=dropout_p, return_lse=True)
         out[q0:q1] = o[0]
         lse[:, q0:q1] = l_[0]
@@ -153,6 +153,14 @@ def _unpage(k, v, block_table, cu_seqlens_k):
     return k[pages, j % page], v[pages, j % page]
 
 
+def _window(window_size) -> tuple:
+    """flash_attn's ``window_size`` as a pair of ints: its own tests pass a 2-element tensor (its binding reads ints);
+    other values are checked by the ops."""
+    if isinstance(window_size, torch.Tensor) and window_size.numel() == 2 and not window_size.dtype.is_floating_point:
+        return tuple(int(x) for x in window_size.tolist())
+    return tuple(window_size)
+
+
 def _offsets(name: str, cu: torch.Tensor, total: Optional[int]):
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
         raise ValueError(f"{name} must be a 1-d integer tensor of n + 1 offsets")
@@ -200,7 +208,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if paged and (not isinstance(block_table, torch.Tensor) or block_table.dim() != 2):
         raise ValueError("flash_attn_with_kvcache: block_table must be an int32 (B, max_pages) tensor")
     cache_len = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]  # positions per sequence
-    if Sq > 1 and not causal and (tuple(window_size) != (-1, -1) or alibi_slopes is not None):
+    if Sq > 1 and not causal and (_window(window_size) != (-1, -1) or alibi_slopes is not None):
         raise NotImplementedError("flash_attn_with_kvcache: several new queries with causal=False (each sees the whole "
                                   "cache) are not supported with window_size or alibi_slopes, whose distances are "
                                   "per query; pass causal=True or one query")
@@ -228,7 +236,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if k is None:
             raise ValueError("flash_attn_with_kvcache: rotary_cos / rotary_sin rotate the new keys: pass k and v too")
         _check_rotary(rotary_cos, rotary_sin, q.shape[-1], cache_len)
-        local = tuple(window_size) != (-1, -1)
+        local = _window(window_size) != (-1, -1)
         q_pos = lens.long().unsqueeze(1) + (torch.arange(Sq, device=q.device) if causal or local else 0)
         q = _rotary(q, rotary_cos, rotary_sin, q_pos.expand(B, Sq), rotary_interleaved)
         k = _rotary(k, rotary_cos, rotary_sin, lens.long().unsqueeze(1) + torch.arange(k.shape[1], device=q.device),
@@ -252,7 +260,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         lens = lens + n
     if cache_batch_idx is not None:
         k_cache, v_cache = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
-    left = tuple(window_size)[0]  # the right side is moot: a causal query, or one at the end of the cache
+    left = _window(window_size)[0]  # the right side is moot: a causal query, or one at the end of the cache
     out, lse = chunked_decode_attention(q, k_cache, v_cache, lens, causal=causal or Sq == 1,
                                         softmax_scale=softmax_scale, window_size=(left, -1), softcap=softcap,
                                         alibi_slopes=alibi_slopes, num_splits=num_splits, block_table=block_table,

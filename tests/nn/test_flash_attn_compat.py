@@ -257,7 +257,7 @@ def test_with_kvcache_as_flash_attn_tests_it(seqlen_q, seqlen_new, rotary_dim, c
     torch.manual_seed(7)
     B, S, H, Hkv, D = 3, 320, 6, 3, 64
     B_cache = 2 * B if batch_idx else B
-    window = tuple(torch.randint(0, S, (2,)).tolist()) if local else (-1, -1)
+    window = torch.randint(0, S, (2,)) if local else (-1, -1)  # a tensor, as flash_attn's tests pass it
     q = torch.randn(B, seqlen_q, H, D)
     k_new = torch.randn(B, seqlen_new, Hkv, D) if seqlen_new else None
     v_new = torch.randn(B, seqlen_new, Hkv, D) if seqlen_new else None
@@ -325,7 +325,7 @@ def test_varlen_paged_as_flash_attn_tests_it(seqlen_q, seqlen_k, swap, page, loc
         seqlen_q, seqlen_k = seqlen_k, seqlen_q
     torch.manual_seed(0)
     B, H, Hkv, D = 4, 6, 3, 64
-    window = tuple(torch.randint(0, seqlen_k, (2,)).tolist()) if local else (-1, -1)
+    window = torch.randint(0, seqlen_k, (2,)) if local else (-1, -1)  # a tensor, as flash_attn's tests pass it
     q = torch.randn(B, seqlen_q, H, D)
     per_seq = -(-seqlen_k // page)
     pool_k, pool_v = torch.randn(per_seq * B * 3, page, Hkv, D), torch.randn(per_seq * B * 3, page, Hkv, D)
