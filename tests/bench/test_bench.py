@@ -195,3 +195,16 @@ def test_composed_cases_pass_their_gate(op, mode):
     result = run_case(spec, threads=1, repeats=1, warmup=0)
     assert result.status == "ok", result.message
     assert result.baseline == "sdpa" and result.accuracy.passed and 0 < result.flops_actual < result.flops_dense
+
+
+@pytest.mark.parametrize("params", [dict(leftpad=0.6), dict(page=16), dict(page=100)], ids=lambda p: str(p))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cache_layout_cases_pass_their_gate(params, dtype):
+    """Left-padded and paged decode cases against the op on the contiguous cache holding the same keys: both
+    compute one function (err/base is meaningful) and pass the accuracy gate against the float64 reference."""
+    spec = CaseSpec(op="decode_attention", device="cpu", dtype=dtype, mode="fwd",
+                    shape=dict(B=3, H=8, Hkv=2, Sq=1, Sk=700, D=64), params=params)
+    result = run_case(spec, threads=1, repeats=1, warmup=0)
+    assert result.status == "ok", result.message
+    assert result.accuracy.passed and result.baseline in ("keys at start", "contiguous")
+    assert result.accuracy.provider_err[result.baseline] < 1e-2  # the baseline computed the same function
