@@ -7,7 +7,8 @@ unpadded row, then cached greedy generation; masked LMs: a right-padded and a le
 masks); encoder-decoders: the encoder right- and left-padded, the decoder padded too, no mask at all, then cached
 generation with and without a mask; speech-to-text: padded audio, a padded decoder, no mask, then cached generation;
 other text models: right- and left-padded; logits (last hidden states) on the real tokens. Each forward must reach
-attnops. Then one training step on a right-padded batch: the loss and every parameter's gradient.
+attnops. Then one training step on a right-padded batch: the loss and every parameter's gradient. Image classifiers
+(AutoModelForImageClassification): two random images (SigLIP 2: patch sequences, one padded), logits and a step.
 
 The configs keep what makes each family's attention its own and cut the sizes: a sliding window of 12 and chunks of 8
 on 30 tokens, GQA (4 heads, 2 kv heads), a sparse-attention indexer choosing 8 keys (DeepSeek V3.2 and kin). The
@@ -431,11 +432,18 @@ def _check_training(model_type: str, kind: str, ref, ours, ids, mask, dtype) -> 
         inputs = dict(input_ids=ids, attention_mask=mask.flip(-1), decoder_input_ids=dec, labels=dec)
     else:
         inputs = dict(ids, attention_mask=mask, decoder_input_ids=dec, labels=dec)
+    _check_step(model_type, ref, ours, dtype, lambda model: model(**inputs).loss if kind != "base" else
+                _output(model(**inputs))[right.bool()].square().mean())
+
+
+def _check_step(model_type: str, ref, ours, dtype, loss_of) -> None:
+    """``loss_of(model)`` and every parameter's gradient after its backward, ``ours`` against ``ref`` (the tolerances
+    of :func:`_check_training`)."""
     steps, losses = [], []
     for model in (ref, ours):
         model.train().zero_grad()
         torch.manual_seed(5)
-        loss = model(**inputs).loss if kind != "base" else _output(model(**inputs))[right.bool()].square().mean()
+        loss = loss_of(model)
         loss.backward()
         losses.append(float(loss))
         steps.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
@@ -557,3 +565,131 @@ def _check_generation(model_type: str, ref, ours, inputs: dict, tol: float) -> N
             assert torch.equal(torch.isfinite(a), finite), f"{model_type}: {cache} cache, step {step}"
             err = float((a - b)[finite].abs().max()) if finite.any() else 0.0
             assert err <= tol * max(1.0, float(b[finite].abs().max())), f"{model_type}: {cache} step {step}: {err:.3e}"
+
+
+# Image classifiers (AutoModelForImageClassification) whose attention dispatches: ViT and kin (DeiT, DINOv2, I-JEPA,
+# ViT-MSN), BEiT's relative position bias, Swin's shifted windows with their bias (both reach the attention function as
+# float masks), SegFormer's reduced keys, CLIP / SigLIP vision towers. No padding in images: the hard inputs are those
+# masks and biases.
+VISION_SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                    patch_size=8, num_channels=3, encoder_stride=8, head_dim=16, layer_scale_init_value=0.1,
+                    use_relative_position_bias=True, projection_dim=32, window_size=4)
+NOT_RUN_VISION = {
+    "shieldgemma2": "a Gemma 3 wrapper over 50M parameters at its default sizes (Gemma 3 with images: "
+                    "test_transformers_integration.py)",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _vision_types() -> tuple:
+    return tuple(sorted(transformers.AutoModelForImageClassification._model_mapping._model_mapping))
+
+
+def _vision_config(model_type: str):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    defaults = config_class().to_dict()
+
+    def cut(values: dict) -> dict:
+        kw = {k: v for k, v in VISION_SIZES.items() if k in values and not isinstance(values[k], list)}
+        if isinstance(values.get("depths"), list) and isinstance(values.get("num_heads"), list):  # Swin's stages
+            kw.update(depths=[1, 1], num_heads=[2, 4], embed_dim=32)
+        return kw
+
+    kw = cut(defaults)
+    for part in ("vision_config", "text_config"):
+        if isinstance(defaults.get(part), dict):
+            kw[part] = {**defaults[part], **cut(defaults[part])}
+    config = config_class(**kw)
+    config.num_labels = 5
+    _no_dropout(config)
+    return config
+
+
+def _vision_class(config):
+    cls = transformers.AutoModelForImageClassification._model_mapping[type(config)]
+    return cls[0] if isinstance(cls, (list, tuple)) else cls
+
+
+def _vision_runnable():
+    out = []
+    for model_type in _vision_types():
+        if model_type in NOT_RUN_VISION:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cls = _vision_class(_vision_config(model_type))
+        except Exception:  # noqa: BLE001 - the coverage test names what cannot be built
+            continue
+        if _dispatches(cls):
+            out.append(model_type)
+    return out
+
+
+RUN_VISION = _vision_runnable()
+
+
+def test_every_image_classifier_with_an_attention_backend_is_run_or_named():
+    types = set(_vision_types())
+    assert set(NOT_RUN_VISION) <= types, sorted(set(NOT_RUN_VISION) - types)
+    for model_type in sorted(types - set(RUN_VISION) - set(NOT_RUN_VISION)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cls = _vision_class(_vision_config(model_type))
+        except Exception as e:  # noqa: BLE001 - a convolutional model whose config these sizes do not fit
+            cls = _vision_class(transformers.AutoConfig.for_model(model_type))
+            assert not _dispatches(cls), f"{model_type}: {type(e).__name__}: {str(e)[:160]}"
+            continue
+        assert not _dispatches(cls), model_type
+    assert len(RUN_VISION) >= 10, RUN_VISION
+
+
+@pytest.mark.parametrize("model_type", RUN_VISION)
+def test_image_classifier_matches_transformers(model_type):
+    """Logits of two random images with attnops against SDPA in float64 (eager in float32 where there is none); each
+    forward reaches attnops; then one training step's loss and gradients (labels given)."""
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = _vision_config(model_type)
+        cls = _vision_class(config)
+        if _parameters(cls, config) > 50e6:
+            pytest.fail(f"{model_type}: the tiny config has over 50M parameters; name it in NOT_RUN_VISION")
+        reference = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+        dtype = torch.float64 if reference == "sdpa" else torch.float32
+        torch.manual_seed(0)
+        ref = _build(cls, config, reference, dtype)
+        ours = _build(cls, config, hf_attnops.register(), dtype)
+        ours.load_state_dict(ref.state_dict())
+        inputs = _images(cls, config, dtype)
+        with torch.no_grad():
+            want = ref(**inputs).logits
+            with mock.patch.object(hf_attnops, "_check_call", wraps=hf_attnops._check_call) as calls:
+                got = ours(**inputs).logits
+        assert calls.call_count, f"{model_type}: attnops never ran"
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
+        err = float((got - want).abs().max())
+        assert err <= tol * max(1.0, float(want.abs().max())), f"{model_type} against {reference}: {err:.3e}"
+        labels = torch.tensor([1, 3])
+        _check_step(model_type, ref, ours, dtype, lambda model: model(**inputs, labels=labels).loss)
+
+
+def _images(cls, config, dtype) -> dict:
+    """Two random images as ``cls`` takes them: ``pixel_values (2, C, S, S)``, or SigLIP 2's patch sequences (NaFlex:
+    ``(2, max_patches, C * P * P)`` with ``spatial_shapes`` and a ``pixel_attention_mask``, the second image 5 x 6
+    patches and the rest padding, which the encoder's attention must leave out)."""
+    vision = getattr(config, "vision_config", config)
+    g = torch.Generator().manual_seed(2)
+    if "pixel_attention_mask" in inspect.signature(cls.forward).parameters:
+        n, width = vision.num_patches, vision.num_channels * vision.patch_size ** 2
+        side = int(n ** 0.5)
+        mask = torch.ones(2, n, dtype=torch.long)
+        mask[1, 30:] = 0
+        return dict(pixel_values=torch.randn(2, n, width, generator=g).to(dtype), pixel_attention_mask=mask,
+                    spatial_shapes=torch.tensor([[side, n // side], [5, 6]]))
+    size = getattr(vision, "image_size", 64)
+    size = size if isinstance(size, int) else size[0]
+    return dict(pixel_values=torch.randn(2, vision.num_channels, size, size, generator=g).to(dtype))
