@@ -1,16 +1,15 @@
 """Any number of new queries against a KV cache, through :func:`attnops.decode_attention` (which takes up to
 ``MAX_NEW_TOKENS``): a prompt prefilled into a cache that already holds ragged sequences (flash_attn's
-``flash_attn_with_kvcache`` with a long ``q``, ``attnops.nn.Attention`` on a ragged cache), and non-causal
-queries (each sees the whole cache).
+``flash_attn_with_kvcache`` with a long ``q``), and non-causal queries (each sees the whole cache).
 
 Causal: where every sequence has the same length (no pages, no left padding), the cache's first ``L`` rows are
-one ``(B, L)`` key tensor and the queries end it: :func:`attnops.attention` (causal, bottom-right), a view, which
-runs 1.4-1.8x faster than decode calls on the C++ kernels (README). Otherwise chunks of ``MAX_NEW_TOKENS``
+one ``(B, L)`` key tensor and the queries end it: :func:`attnops.attention` (causal, bottom-right) on a view, which
+runs 1.4-1.5x faster than decode calls on the C++ kernels (README). Otherwise chunks of ``MAX_NEW_TOKENS``
 queries, each a decode call whose lengths are cut to its last query's position (``cache_seqlens - (Sq - c1)``), so
-that query ``i`` still sits at ``cache_seqlens - Sq + i`` and sees keys up to it. Non-causal: every query sees every key below ``cache_seqlens``, which is what one query at the end
-sees; the queries are folded into the head axis (query ``i`` of head ``h`` becomes a head of ``h``'s kv group) and
-run as one new token. Exact either way, the cache read in place (each chunk reads it up to its position), no
-``Sq x S`` tensor. Forward only, like decoding.
+that query ``i`` still sits at ``cache_seqlens - Sq + i`` and sees keys up to it. Non-causal: every query sees
+every key below ``cache_seqlens``, which is what one query at the end sees; the queries are folded into the head
+axis (query ``i`` of head ``h`` becomes a head of ``h``'s kv group) and run as one new token. Exact either way, the
+cache read in place (each chunk reads it up to its position), no ``Sq x S`` tensor. Forward only, like decoding.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ def chunked_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if Sq > MAX_NEW_TOKENS and cache_leftpad is None and kwargs.get("block_table") is None and \
             kwargs.get("backend") is None and cache_seqlens.numel():
         lo, hi = torch.aminmax(cache_seqlens)  # a host read: one per prompt, not per decoded token
-        if int(lo) == int(hi):
+        if int(lo) == int(hi) > 0:
             return _dense(q, k_cache[:, :int(hi)], v_cache[:, :int(hi)], kwargs)
     if Sq <= MAX_NEW_TOKENS:
         return decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad=cache_leftpad, return_lse=True,
@@ -73,6 +72,7 @@ def _folded(q, k_cache, v_cache, cache_seqlens, cache_leftpad, kwargs):
     group ``hk`` kept), ``n`` queries per call so that a call holds at most ``MAX_NEW_TOKENS`` rows per head."""
     B, Sq, H, D = q.shape
     outs, lses = [], []
+    kwargs = dict(kwargs)
     sinks = kwargs.pop("sinks", None)
     for c0 in range(0, Sq, MAX_NEW_TOKENS):
         c1 = min(Sq, c0 + MAX_NEW_TOKENS)
