@@ -2,11 +2,15 @@
 ``MAX_NEW_TOKENS``): a prompt prefilled into a cache that already holds ragged sequences (flash_attn's
 ``flash_attn_with_kvcache`` with a long ``q``), and non-causal queries (each sees the whole cache).
 
-Causal: where every sequence has the same length (no pages, no left padding), the cache's first ``L`` rows are
-one ``(B, L)`` key tensor and the queries end it: :func:`attnops.attention` (causal, bottom-right) on a view, which
-runs 1.4-1.5x faster than decode calls on the C++ kernels (README). Otherwise chunks of ``MAX_NEW_TOKENS``
-queries, each a decode call whose lengths are cut to its last query's position (``cache_seqlens - (Sq - c1)``), so
-that query ``i`` still sits at ``cache_seqlens - Sq + i`` and sees keys up to it. Non-causal: every query sees
+Causal, more than ``MAX_NEW_TOKENS`` queries: where every sequence has the same length (no pages, no left
+padding), the cache's first ``L`` rows are one ``(B, L)`` key tensor and the queries end it:
+:func:`attnops.attention` (causal, bottom-right) on a view. Ragged, left-padded or paged caches: each sequence's keys
+gathered into :func:`attnops.varlen_attention`'s packed layout (a copy of the keys in use, O(S) beside the
+attention's O(Sq * S)), causal per sequence, bottom-right: the decode positions. Both run 1.3-1.5x faster than
+decode calls on the C++ kernels (README). With ALiBi on such a cache (varlen's ALiBi needs one layout for queries and
+keys), or an explicit ``backend``: chunks of ``MAX_NEW_TOKENS`` queries, each a decode call whose lengths are cut to
+its last query's position (``cache_seqlens - (Sq - c1)``), so that query ``i`` still sits at ``cache_seqlens - Sq +
+i`` and sees keys up to it. Non-causal: every query sees
 every key below ``cache_seqlens``, which is what one query at the end sees; the queries are folded into the head
 axis (query ``i`` of head ``h`` becomes a head of ``h``'s kv group) and run as one new token. Exact either way, the
 cache read in place (each chunk reads it up to its position), no ``Sq x S`` tensor. Forward only, like decoding.
@@ -20,6 +24,7 @@ import torch
 
 from attnops.ops.decode.op import MAX_NEW_TOKENS, decode_attention
 from attnops.ops.softmax.op import attention
+from attnops.ops.softmax.varlen import varlen_attention
 
 
 def chunked_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -38,11 +43,12 @@ def chunked_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             raise NotImplementedError("decoding several non-causal queries (each sees the whole cache) does not take "
                                       "window_size or alibi_slopes: their distances are per query")
         return _folded(q, k_cache, v_cache, cache_seqlens, cache_leftpad, kwargs)
-    if Sq > MAX_NEW_TOKENS and cache_leftpad is None and kwargs.get("block_table") is None and \
-            kwargs.get("backend") is None and cache_seqlens.numel():
+    if Sq > MAX_NEW_TOKENS and kwargs.get("backend") is None and cache_seqlens.numel():
         lo, hi = torch.aminmax(cache_seqlens)  # a host read: one per prompt, not per decoded token
-        if int(lo) == int(hi) > 0:
+        if int(lo) == int(hi) > 0 and cache_leftpad is None and kwargs.get("block_table") is None:
             return _dense(q, k_cache[:, :int(hi)], v_cache[:, :int(hi)], kwargs)
+        if kwargs.get("alibi_slopes") is None:
+            return _packed(q, k_cache, v_cache, cache_seqlens, cache_leftpad, kwargs)
     if Sq <= MAX_NEW_TOKENS:
         return decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad=cache_leftpad, return_lse=True,
                                 **kwargs)
@@ -65,6 +71,34 @@ def _dense(q, k, v, kwargs):
     return attention(q, k, v, causal=True, softmax_scale=kwargs.get("softmax_scale"),
                      window_size=(left, 0) if left >= 0 else (-1, -1), softcap=kwargs.get("softcap", 0.0),
                      alibi_slopes=kwargs.get("alibi_slopes"), sinks=kwargs.get("sinks"), return_lse=True)
+
+
+def _packed(q, k_cache, v_cache, cache_seqlens, cache_leftpad, kwargs):
+    """Sequence ``b``'s keys, cache positions ``[cache_leftpad[b], cache_seqlens[b])`` (from its pages with a
+    ``block_table``), packed one sequence after another, and its ``Sq`` queries likewise: varlen attention, causal
+    per sequence (query ``i`` sees packed keys ``<= i + n_b - Sq``: cache positions ``<= cache_seqlens - Sq + i``)."""
+    B, Sq, H, D = q.shape
+    device = q.device
+    lens = cache_seqlens.to(device=device, dtype=torch.long)
+    starts = torch.zeros_like(lens) if cache_leftpad is None else cache_leftpad.to(device=device, dtype=torch.long)
+    counts = (lens - starts).clamp(min=0)
+    cu_k = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+    seq = torch.repeat_interleave(torch.arange(B, device=device), counts)
+    j = starts[seq] + torch.arange(seq.numel(), device=device) - cu_k[:-1][seq]  # cache positions
+    table = kwargs.get("block_table")
+    if table is None:
+        keys, values = k_cache[seq, j], v_cache[seq, j]
+    else:
+        page = k_cache.shape[1]
+        pages = table.to(device=device, dtype=torch.long)[seq, j // page]
+        keys, values = k_cache[pages, j % page], v_cache[pages, j % page]
+    cu_q = torch.arange(0, (B + 1) * Sq, Sq, device=device, dtype=torch.int32)
+    left = tuple(kwargs.get("window_size", (-1, -1)))[0]
+    out, lse = varlen_attention(q.reshape(B * Sq, H, D), keys, values, cu_q, cu_k.to(torch.int32), Sq,
+                                int(counts.max()), causal=True, softmax_scale=kwargs.get("softmax_scale"),
+                                window_size=(left, 0) if left >= 0 else (-1, -1), softcap=kwargs.get("softcap", 0.0),
+                                sinks=kwargs.get("sinks"), return_lse=True)
+    return out.view(B, Sq, H, D), lse.view(H, B, Sq).transpose(0, 1)
 
 
 def _folded(q, k_cache, v_cache, cache_seqlens, cache_leftpad, kwargs):
