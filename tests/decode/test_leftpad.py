@@ -12,6 +12,7 @@ import torch
 
 import attnops
 from attnops import BlockMask
+from attnops.core.block_map import check_request
 from attnops.ops.decode import reference
 from decode.test_paged import PAGED_BACKENDS, device_of, paged_copy, to
 from helpers import DTYPE_IDS, assert_accurate
@@ -77,7 +78,6 @@ def check(q, k, v, lens, pads, backend, paged=None, **kw):
 
 
 def _request(map_kw, mask):
-    from attnops.core.block_map import check_request
     return check_request(map_kw["map_block_size"], "mean", mask.block_size if mask is not None else (64, 64), None)
 
 
