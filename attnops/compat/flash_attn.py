@@ -23,7 +23,9 @@ from typing import Optional
 
 import torch
 
+from attnops.core.op_checks import bad_page_message, first_bad_page
 from attnops.ops.decode.chunked import chunked_decode_attention
+from attnops.ops.decode.kv_cache import pack_sequences
 from attnops.ops.softmax import attention, varlen_attention
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
@@ -144,13 +146,13 @@ def _unpage(k, v, block_table, cu_seqlens_k):
     if len(lengths) != n or max(lengths, default=0) > capacity:
         raise ValueError(f"flash_attn_varlen_func: block_table {tuple(block_table.shape)} of {page}-row pages must "
                          f"hold each of the {len(lengths)} sequences' keys (lengths {lengths})")
-    device = k.device
-    seq = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(lengths, device=device))
-    j = torch.arange(ck[-1], device=device) - torch.tensor(ck[:-1], device=device)[seq]
-    pages = block_table.to(device=device, dtype=torch.long)[seq, j // page]
-    if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= num_pages):
-        raise ValueError(f"flash_attn_varlen_func: block_table names pages outside the cache's {num_pages}")
-    return k[pages, j % page], v[pages, j % page]
+    counts = torch.tensor(lengths, device=k.device)
+    table = block_table.to(k.device)
+    at = first_bad_page(table, counts, page, num_pages)  # an index out of range would read past the pool
+    if at is not None:
+        raise ValueError(f"flash_attn_varlen_func: block_table names pages outside the cache's {num_pages}: "
+                         f"{bad_page_message(table, counts, page, num_pages, at)}")
+    return pack_sequences(k, v, torch.zeros_like(counts), counts, table)
 
 
 def _window(window_size) -> tuple:
@@ -225,7 +227,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     else:
         lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
     rows = torch.arange(B, device=q.device) if cache_batch_idx is None else _batch_rows(cache_batch_idx, B, k_cache)
-    if cache_leftpad is not None:
+    if cache_leftpad is not None:  # its shape here, before k and v are written into the cache (the op checks values)
         if not isinstance(cache_leftpad, torch.Tensor) or cache_leftpad.dtype.is_floating_point or \
                 tuple(cache_leftpad.shape) != (B,):
             raise ValueError(f"flash_attn_with_kvcache: cache_leftpad must be an int32 tensor of shape ({B},)")

@@ -10,10 +10,9 @@ attention's O(Sq * S)), causal per sequence, bottom-right: the decode positions.
 decode calls on the C++ kernels (README). With ALiBi on such a cache (varlen's ALiBi needs one layout for queries and
 keys), or an explicit ``backend``: chunks of ``MAX_NEW_TOKENS`` queries, each a decode call whose lengths are cut to
 its last query's position (``cache_seqlens - (Sq - c1)``), so that query ``i`` still sits at ``cache_seqlens - Sq +
-i`` and sees keys up to it. Non-causal: every query sees
-every key below ``cache_seqlens``, which is what one query at the end sees; the queries are folded into the head
-axis (query ``i`` of head ``h`` becomes a head of ``h``'s kv group) and run as one new token. Exact either way, the
-cache read in place (each chunk reads it up to its position), no ``Sq x S`` tensor. Forward only, like decoding.
+i`` and sees keys up to it. Non-causal: every query sees every key below ``cache_seqlens``, which is what one
+query at the end sees; the queries are folded into the head axis (query ``i`` of head ``h`` becomes a head of
+``h``'s kv group) and run as one new token. Exact either way, no ``Sq x S`` tensor. Forward only, like decoding.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from attnops.ops.decode.kv_cache import pack_sequences
 from attnops.ops.decode.op import MAX_NEW_TOKENS, decode_attention
 from attnops.ops.softmax.op import attention
 from attnops.ops.softmax.varlen import varlen_attention
@@ -66,11 +66,15 @@ def chunked_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     return torch.cat(outs, 1), torch.cat(lses, 2)
 
 
-def _dense(q, k, v, kwargs):
+def _prefill_options(kwargs) -> dict:
+    """The decode arguments as the prefill ops take them: causal, the window's left side (the right one is moot)."""
     left = tuple(kwargs.get("window_size", (-1, -1)))[0]
-    return attention(q, k, v, causal=True, softmax_scale=kwargs.get("softmax_scale"),
-                     window_size=(left, 0) if left >= 0 else (-1, -1), softcap=kwargs.get("softcap", 0.0),
-                     alibi_slopes=kwargs.get("alibi_slopes"), sinks=kwargs.get("sinks"), return_lse=True)
+    return dict(causal=True, softmax_scale=kwargs.get("softmax_scale"), softcap=kwargs.get("softcap", 0.0),
+                window_size=(left, 0) if left >= 0 else (-1, -1), sinks=kwargs.get("sinks"), return_lse=True)
+
+
+def _dense(q, k, v, kwargs):
+    return attention(q, k, v, alibi_slopes=kwargs.get("alibi_slopes"), **_prefill_options(kwargs))
 
 
 def _packed(q, k_cache, v_cache, cache_seqlens, cache_leftpad, kwargs):
@@ -82,22 +86,11 @@ def _packed(q, k_cache, v_cache, cache_seqlens, cache_leftpad, kwargs):
     lens = cache_seqlens.to(device=device, dtype=torch.long)
     starts = torch.zeros_like(lens) if cache_leftpad is None else cache_leftpad.to(device=device, dtype=torch.long)
     counts = (lens - starts).clamp(min=0)
-    cu_k = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
-    seq = torch.repeat_interleave(torch.arange(B, device=device), counts)
-    j = starts[seq] + torch.arange(seq.numel(), device=device) - cu_k[:-1][seq]  # cache positions
-    table = kwargs.get("block_table")
-    if table is None:
-        keys, values = k_cache[seq, j], v_cache[seq, j]
-    else:
-        page = k_cache.shape[1]
-        pages = table.to(device=device, dtype=torch.long)[seq, j // page]
-        keys, values = k_cache[pages, j % page], v_cache[pages, j % page]
+    keys, values = pack_sequences(k_cache, v_cache, starts, counts, kwargs.get("block_table"))
+    cu_k = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
     cu_q = torch.arange(0, (B + 1) * Sq, Sq, device=device, dtype=torch.int32)
-    left = tuple(kwargs.get("window_size", (-1, -1)))[0]
-    out, lse = varlen_attention(q.reshape(B * Sq, H, D), keys, values, cu_q, cu_k.to(torch.int32), Sq,
-                                int(counts.max()), causal=True, softmax_scale=kwargs.get("softmax_scale"),
-                                window_size=(left, 0) if left >= 0 else (-1, -1), softcap=kwargs.get("softcap", 0.0),
-                                sinks=kwargs.get("sinks"), return_lse=True)
+    out, lse = varlen_attention(q.reshape(B * Sq, H, D), keys, values, cu_q, cu_k, Sq, int(counts.max()),
+                                **_prefill_options(kwargs))
     return out.view(B, Sq, H, D), lse.view(H, B, Sq).transpose(0, 1)
 
 

@@ -170,3 +170,20 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
     index = block_table.to(torch.long).clamp(0, cache.shape[0] - 1)
     B, P = index.shape
     return cache[index.flatten()].view(B, P * cache.shape[1], *cache.shape[2:])
+
+
+def pack_sequences(k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                   block_table: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's keys and values, cache positions ``[starts[b], starts[b] + counts[b])`` (``(B,)`` long),
+    one sequence after another: ``(sum(counts), Hkv, D)`` each, varlen's packed layout. From a contiguous cache
+    ``(B, S_max, Hkv, D)``, or from pages ``(num_pages, page, Hkv, D)`` read through ``block_table (B, max_pages)``
+    (the entries the positions reach must be pages of the cache: callers check). A copy of the keys in use."""
+    device = k.device
+    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    first = counts.cumsum(0) - counts  # each sequence's first packed row
+    j = starts[seq] + torch.arange(seq.numel(), device=device) - first[seq]  # cache positions
+    if block_table is None:
+        return k[seq, j], v[seq, j]
+    page = k.shape[1]
+    pages = block_table.to(device=device, dtype=torch.long)[seq, j // page]
+    return k[pages, j % page], v[pages, j % page]
