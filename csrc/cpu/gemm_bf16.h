@@ -13,6 +13,7 @@
 
 #include "cpu/gemm.h"
 #include "cpu/pack.h"
+#include "cpu/softmax.h"
 
 #if ATTNOPS_X86_SIMD && ATTNOPS_VEC_BYTES == 64
 #define ATTNOPS_BF16_DOT 1
@@ -28,16 +29,17 @@ inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uin
 
 // B = src^T in word panels (K^T of a key range): word (d2, r) pairs src[r, 2 d2] and src[r, 2 d2 + 1]
 // (0 past D). Rows [r0, r1) start on a panel boundary; `last`: r1 is the matrix's end, and the columns of the
-// last panel past it are zeroed (every other word is written).
+// last panel past it are zeroed (every other word is written). ld > 0: one VNNI block of ld words a row instead,
+// word (d2, r) at dst[d2 ld + r] (the amx level's layout: brgemm multiplies a whole key tile in one call).
 template <int NR>
 inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t D,
-                                  uint32_t* dst, bool last = false) {
-  const int64_t D2 = (D + 1) / 2;
+                                  uint32_t* dst, bool last = false, int64_t ld = 0) {
+  const int64_t D2 = (D + 1) / 2, row = ld > 0 ? ld : NR;
   for (int64_t p0 = r0; p0 < r1; p0 += NR) {
-    uint32_t* panel = dst + (p0 / NR) * D2 * NR;
+    uint32_t* panel = ld > 0 ? dst + p0 : dst + (p0 / NR) * D2 * NR;
     const int64_t n = std::min<int64_t>(NR, r1 - p0);
     if (last && n < NR)
-      for (int64_t d2 = 0; d2 < D2; ++d2) std::fill(panel + d2 * NR + n, panel + (d2 + 1) * NR, uint32_t(0));
+      for (int64_t d2 = 0; d2 < D2; ++d2) std::fill(panel + d2 * row + n, panel + d2 * row + NR, uint32_t(0));
     int64_t r = 0;
     constexpr int W = Vec<float>::size;
     if constexpr (NR % W == 0) {
@@ -49,32 +51,34 @@ inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int6
         const int64_t ahead = std::min<int64_t>(W, r1 - (p0 + r + W));
         for (int64_t d2 = 0; d2 < full; d2 += W)  // vload / vstore copy bytes: the words pass as they are
           transpose_block<NR, false>(rows, stride, 2 * d2, ahead, vec_t<float>{},
-                                     reinterpret_cast<float*>(panel + d2 * NR + r));
+                                     reinterpret_cast<float*>(panel + d2 * row + r), row);
         for (int64_t d2 = full; d2 < D2; ++d2)
           for (int x = 0; x < W; ++x) {
-            const c10::BFloat16* row = rows + x * stride;
-            panel[d2 * NR + r + x] = bf16_pair(row[2 * d2].x, 2 * d2 + 1 < D ? row[2 * d2 + 1].x : uint16_t(0));
+            const c10::BFloat16* row_x = rows + x * stride;
+            panel[d2 * row + r + x] =
+                bf16_pair(row_x[2 * d2].x, 2 * d2 + 1 < D ? row_x[2 * d2 + 1].x : uint16_t(0));
           }
       }
     }
     for (; r < n; ++r) {
-      const c10::BFloat16* row = src + (p0 + r) * stride;
-      if (p0 + r + kPrefetchRows < r1) prefetch_row(row + kPrefetchRows * stride, D);
+      const c10::BFloat16* src_row = src + (p0 + r) * stride;
+      if (p0 + r + kPrefetchRows < r1) prefetch_row(src_row + kPrefetchRows * stride, D);
       for (int64_t d2 = 0; d2 < D2; ++d2)
-        panel[d2 * NR + r] = bf16_pair(row[2 * d2].x, 2 * d2 + 1 < D ? row[2 * d2 + 1].x : uint16_t(0));
+        panel[d2 * row + r] = bf16_pair(src_row[2 * d2].x, 2 * d2 + 1 < D ? src_row[2 * d2 + 1].x : uint16_t(0));
     }
   }
 }
 
 #if ATTNOPS_BF16_DOT
 // B = src in word panels over its rows (V of a key range): word (j2, d) pairs src[2 j2, d] and
-// src[2 j2 + 1, d] (0 past Sk and past D); strip = ceil(Sk / 2) * NR. Rows [r0, r1) start even.
+// src[2 j2 + 1, d] (0 past Sk and past D); strip = ceil(Sk / 2) * NR. Rows [r0, r1) start even. ld > 0 (a
+// multiple of NR, >= Dp): one VNNI block of ld words a row instead, word (j2, d) at dst[j2 ld + d] (the amx level's).
 // Returns whether every element packed is finite (an all-ones bf16 exponent is Inf or NaN).
 // With AVX512-BW: two rows interleaved 32 columns (a panel row) at a time by VPERMT2W; a scalar loop per element
 // dominated decode's P V tiles.
 template <int NR>
 inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t Sk, int64_t D,
-                           int64_t Dp, uint32_t* dst) {
+                           int64_t Dp, uint32_t* dst, int64_t ld = 0) {
   static_assert(NR == 32, "a panel row is one pair of 16-word stores");
   alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
@@ -82,7 +86,7 @@ inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0,
                                                      24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
   const __m512i exponent = _mm512_set1_epi16(0x7f80);
-  const int64_t strip = (Sk + 1) / 2 * NR;
+  const int64_t row = ld > 0 ? ld : NR, step = ld > 0 ? NR : (Sk + 1) / 2 * NR;
   __mmask32 special = 0;
   for (int64_t r = r0; r < r1; r += 2) {
     const c10::BFloat16* lo = src + r * stride;
@@ -91,8 +95,8 @@ inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0,
       prefetch_row(lo + kPrefetchRows * stride, D);
       prefetch_row(lo + (kPrefetchRows + 1) * stride, D);
     }
-    uint32_t* out = dst + (r / 2) * NR;
-    for (int64_t d = 0; d < Dp; d += NR, out += strip) {
+    uint32_t* out = dst + (r / 2) * row;
+    for (int64_t d = 0; d < Dp; d += NR, out += step) {
       const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : D > d ? (__mmask32(1) << (D - d)) - 1 : 0;
       const __m512i a = _mm512_maskz_loadu_epi16(m, lo + d);
       const __m512i b = hi ? _mm512_maskz_loadu_epi16(m, hi + d) : _mm512_setzero_si512();
@@ -107,7 +111,7 @@ inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0,
 #else
 template <int NR>  // declared only: called under `if constexpr (kDotFor<S>)`, never instantiated at this level
 bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t Sk, int64_t D,
-                    int64_t Dp, uint32_t* dst);
+                    int64_t Dp, uint32_t* dst, int64_t ld = 0);
 #endif
 
 #if ATTNOPS_BF16_DOT
@@ -190,14 +194,16 @@ ATTNOPS_BF16_TARGET inline void brgemm_bf16_block(int64_t M, int64_t N, int64_t 
                               C, /*is_vnni=*/true);
 }
 
-// gemm_bf16 (TransA false) through brgemm_bf16_block, one call per 32-column panel. brgemm only adds, so c_scale
-// and out_scale are passes over C around the calls. Its kernels are generated per shape and cached per thread: M is
-// a tile's live rows, K the head dim or a key tile's (full but at the sequence's end), so a call meets a few dozen
-// shapes.
+// gemm_bf16 (TransA false) through brgemm_bf16_block: B's columns in blocks of ldb words a row, `strip` words
+// apart: one call per 32-column panel of gemm_bf16's layout (ldb = 32), one call in all where B is one VNNI block
+// (ldb >= N: the forward's layouts at the amx level, pack_*_pairs with ld; a call costs ~1-3 us whatever its size,
+// and per-panel calls were 40x SDPA's count). brgemm only adds, so c_scale and out_scale are passes over C around
+// the calls. Its kernels are generated per shape and cached per thread: M is a tile's live rows, K the head dim or
+// a key tile's (full but at the sequence's end), so a call meets a few dozen shapes.
 ATTNOPS_BF16_TARGET inline void brgemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2,
                                             const uint32_t* B, int64_t strip, float* C, int64_t ldc, bool accumulate,
-                                            const float* c_scale = nullptr, float out_scale = 1.0f) {
-  constexpr int NR = 32;
+                                            const float* c_scale = nullptr, float out_scale = 1.0f,
+                                            int64_t ldb = 32) {
   if (M <= 0) return;
   auto scale_rows = [&](auto scale_of) {
     for (int64_t m = 0; m < M; ++m) {
@@ -207,8 +213,8 @@ ATTNOPS_BF16_TARGET inline void brgemm_bf16(int64_t M, int64_t N, int64_t K2, co
     }
   };
   if (accumulate && c_scale) scale_rows([&](int64_t m) { return c_scale[m]; });
-  for (int64_t n = 0; n < N; n += NR)  // a last half panel as a 16-column block (its words keep the panel's stride)
-    brgemm_bf16_block(M, std::min<int64_t>(NR, N - n), K2, A, lda2, 0, B + (n / NR) * strip, NR, C + n, ldc,
+  for (int64_t n = 0; n < N; n += ldb)  // a last half panel as a 16-column block (its words keep the panel's stride)
+    brgemm_bf16_block(M, std::min<int64_t>(ldb, N - n), K2, A, lda2, 0, B + (n / ldb) * strip, ldb, C + n, ldc,
                       accumulate);
   if (out_scale != 1.0f) scale_rows([&](int64_t) { return out_scale; });
 }
@@ -226,10 +232,12 @@ inline void pack_transposed_rows(const c10::BFloat16* src, int64_t stride, int64
 
 // gemm_bf16 (A by rows) or, where `brgemm` (bf16_brgemm(): the amx level), brgemm_bf16: the same product. A task
 // that multiplied through brgemm ends with at::native::cpublas::brgemm_release() (hands back the AMX tile state).
+// ldb: brgemm_bf16's (the level's own kernel reads 32-word panels only).
 ATTNOPS_BF16_TARGET inline void gemm_bf16_via(bool brgemm, int64_t M, int64_t N, int64_t K2, const uint32_t* A,
                                               int64_t lda2, const uint32_t* B, int64_t strip, float* C, int64_t ldc,
-                                              bool accumulate, const float* c_scale = nullptr, float out_scale = 1.0f) {
-  if (brgemm) brgemm_bf16(M, N, K2, A, lda2, B, strip, C, ldc, accumulate, c_scale, out_scale);
+                                              bool accumulate, const float* c_scale = nullptr, float out_scale = 1.0f,
+                                              int64_t ldb = 32) {
+  if (brgemm) brgemm_bf16(M, N, K2, A, lda2, B, strip, C, ldc, accumulate, c_scale, out_scale, ldb);
   else gemm_bf16(M, N, K2, A, lda2, B, strip, C, ldc, accumulate, c_scale, out_scale);
 }
 
@@ -243,6 +251,68 @@ ATTNOPS_BF16_TARGET inline void to_bf16_pairs(const float* p, int64_t n, uint32_
   }
   if (j < n)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + j)));
+}
+
+// softmax_row on the rows [0, rows) of a tile of unscaled scores (s, lds floats a row; the tile's padded width n)
+// whose scale c > 0 (softmax_scale log2(e)) multiplies in the exponent, P written as bf16 pairs along the keys to
+// dst (ldd words a row, n / 2 of them written: zeros outside the span) and not back to s: the bf16 products' step
+// where nothing reads P in float (no block map, no dropout). It spares the pass that scaled the scores (brgemm only
+// adds) and the one that converted P (to_bf16_pairs), and takes the running max and alpha of 16 rows at a time in
+// vectors: per row, the scalar exp2 and its setup were a sixth of the step on a 256-key tile (Xeon with AMX).
+// max(s) c is max(s c) (rounding is monotonic): m, l, alpha and P are softmax_row's, bit for bit.
+ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int64_t rows, int64_t n,
+                                                     const RowSpan* spans, float c, float* m, float* l, float* alpha,
+                                                     uint32_t* dst, int64_t ldd) {
+  using V = vec_t<float>;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < rows; g += 16) {
+    const int64_t nr = std::min<int64_t>(16, rows - g);
+    const __mmask16 live = __mmask16((1u << nr) - 1);
+    alignas(64) float tile_max[16], m_new[16];
+    for (int64_t i = 0; i < nr; ++i)
+      tile_max[i] = spans[g + i].empty() ? kNegInf : mask_row_max(s + (g + i) * lds, spans[g + i], n) * c;
+    // m_new = max(m, tile max), NaN-propagating as softmax_row; alpha = exp2(m - m_new), 1 where m_new is -inf
+    const __m512 mt = _mm512_maskz_loadu_ps(live, tile_max), mo = _mm512_maskz_loadu_ps(live, m + g);
+    const __mmask16 nan_t = _mm512_cmp_ps_mask(mt, mt, _CMP_UNORD_Q), up = _mm512_cmp_ps_mask(mo, mt, _CMP_LT_OQ);
+    const __m512 mn = _mm512_mask_blend_ps(nan_t | up, mo, mt);
+    const __mmask16 none = _mm512_cmp_ps_mask(mn, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+    const __m512 al = _mm512_mask_blend_ps(none, (__m512)exp2((V)_mm512_sub_ps(mo, mn)), _mm512_set1_ps(1.0f));
+    _mm512_store_ps(m_new, mn);
+    _mm512_mask_storeu_ps(alpha + g, live, al);
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t r = g + i;
+      uint32_t* out = dst + r * ldd;
+      if (spans[r].empty() || m_new[i] == kNegInf) {  // the latter: only -inf scores so far
+        std::fill(out, out + n / 2, uint32_t(0));
+        continue;
+      }
+      const __m512 cv = _mm512_set1_ps(c);
+      const V mv = vsplat(m_new[i]);
+      const float* row = s + r * lds;
+      // exp2(s c - m) as softmax_row computes it from the scaled scores: the product rounded on its own (an
+      // intrinsic with its rounding mode, which the compiler does not fuse into an FMA) and the sum in the same
+      // order, so that P, l and the output are bit for bit those of the path a block map or dropout takes
+      auto p_at = [&](int64_t col) {
+        return exp2((V)_mm512_mul_round_ps(_mm512_loadu_ps(row + col), cv, _MM_FROUND_TO_NEAREST_INT |
+                                           _MM_FROUND_NO_EXC) - mv);
+      };
+      V sum{};
+      int64_t j = 0;
+      for (; j + 32 <= n; j += 32) {
+        const V p0 = p_at(j), p1 = p_at(j + 16);
+        sum += p0;
+        sum += p1;
+        _mm512_storeu_si512(out + j / 2, (__m512i)_mm512_cvtne2ps_pbh((__m512)p1, (__m512)p0));
+      }
+      if (j < n) {  // n is a multiple of 16
+        const V p0 = p_at(j);
+        sum += p0;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j / 2), (__m256i)_mm512_cvtneps_pbh((__m512)p0));
+      }
+      l[r] = l[r] * alpha[r] + hsum<float>(sum);
+      m[r] = m_new[i];
+    }
+  }
 }
 
 // dst[0, n) = the float rows lo, hi [0, n) as bf16 pairs, word i = (lo[i], hi[i]) (round to nearest even; a
@@ -263,15 +333,18 @@ template <bool TransA = false>
 void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B, int64_t strip,
                float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr, float out_scale = 1.0f);
 void brgemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B, int64_t strip,
-                 float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr, float out_scale = 1.0f);
+                 float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr, float out_scale = 1.0f,
+                 int64_t ldb = 32);
 void gemm_bf16_via(bool brgemm, int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, const uint32_t* B,
                    int64_t strip, float* C, int64_t ldc, bool accumulate, const float* c_scale = nullptr,
-                   float out_scale = 1.0f);
+                   float out_scale = 1.0f, int64_t ldb = 32);
 void brgemm_bf16_block(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2, int64_t a0, const uint32_t* B,
                        int64_t ldb, float* C, int64_t ldc, bool accumulate = false);
 void pack_transposed_rows(const c10::BFloat16* src, int64_t stride, int64_t rows, int64_t D, int64_t ld2,
                           uint32_t* dst);
 void to_bf16_pairs(const float* p, int64_t n, uint32_t* dst);
+void softmax_rows_to_bf16(float* s, int64_t lds, int64_t rows, int64_t n, const RowSpan* spans, float c, float* m,
+                          float* l, float* alpha, uint32_t* dst, int64_t ldd);
 void to_bf16_pair_columns(const float* lo, const float* hi, int64_t n, uint32_t* dst);
 
 #endif  // ATTNOPS_BF16_DOT

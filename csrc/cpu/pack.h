@@ -106,7 +106,8 @@ inline void pack_rows(const S* src, int64_t stride, int64_t r0, int64_t r1, int6
 // next block's row (`ahead` of those rows exist: W rows ahead, as far as the row-by-row loops prefetch), spread
 // over the block where requesting whole rows at its start flooded the misses.
 template <int NR, bool Scaled, typename T, typename S>
-inline void transpose_block(const S* rows, int64_t stride, int64_t col, int64_t ahead, vec_t<T> scale, T* out) {
+inline void transpose_block(const S* rows, int64_t stride, int64_t col, int64_t ahead, vec_t<T> scale, T* out,
+                            int64_t ld = NR) {
   constexpr int W = Vec<T>::size;
   vec_t<T> t[W];
   for (int x = 0; x < W; ++x) {
@@ -117,7 +118,7 @@ inline void transpose_block(const S* rows, int64_t stride, int64_t col, int64_t 
       t[x] = vload(reinterpret_cast<const T*>(rows + x * stride + col));  // memcpy: any bytes, no aliasing
   }
   transpose_square<T>(t);
-  for (int x = 0; x < W; ++x) vstore(out + x * NR, t[x]);
+  for (int x = 0; x < W; ++x) vstore(out + x * ld, t[x]);
 }
 
 // B = src^T (D x rows) in GEMM panel layout (cpu/gemm.h), strip = D * NR: element (d, r) at

@@ -330,8 +330,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* kt = nullptr;
   T* vb = nullptr;
   const bool dot_level = kDot && bf16_dot();
-  // the amx level: the bf16 products through oneDNN's brgemm (AMX tiles), the same operands
+  // the amx level: the bf16 products through oneDNN's brgemm (AMX tiles), K^T and V each one VNNI block (rows of
+  // Sk_pad and Dp words) so that a key tile's Q K^T and P V are one call each (brgemm_bf16); 0: 32-word panels
   const bool brgemm = dot_level && bf16_brgemm();
+  const int64_t k_ldb = brgemm ? Sk_pad : 0, v_ldb = brgemm ? p.Dp : 0;
   auto pack_wave = [&](int64_t g0, int64_t g1) {  // -> whether the wave runs the bf16 products
     bool dot = dot_level;
     if constexpr (kDot) {
@@ -344,9 +346,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         std::atomic<bool> v_finite{true};
         for_pack_chunks(g0, g1, [&](int64_t slot, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
           pack_transposed_pairs<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, kt2 + slot * Sk_pad * D2,
-                                    r1 == p.Sk);
+                                    r1 == p.Sk, k_ldb);
           if (!pack_row_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.Sk, p.D, p.Dp,
-                                  v2 + slot * p.Dp * Sk2))
+                                  v2 + slot * p.Dp * Sk2, v_ldb))
             v_finite.store(false, std::memory_order_relaxed);
         });
         dot = v_finite.load();
@@ -414,6 +416,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     // exact: P V row by row over each row's own keys. Run only when the tile GEMMs left a non-finite
     // accumulator: V holds NaN/Inf somewhere, and 0 * NaN would have reached rows that never
     // attend that key (the run below redoes the task; finite inputs never pay for it).
+    // the bf16 products' softmax writes P as bf16 directly where nothing reads it in float (softmax_row_to_bf16)
+    const bool p_to_bf16 = dot && c > 0 && !mods.on_scores() && !bias.present() && !map.on() && !drop.on();
     auto run = [&](bool exact) {
       std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
       std::fill(ws.l.begin(), ws.l.end(), T(0));
@@ -426,11 +430,22 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int64_t ra = live.first, nr = live.count;
         if (dot) {
           if constexpr (kDot)
-            gemm_bf16_via(brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + t0 * D2, D2 * NR,
-                          ws.s.data() + ra * kTileK, kTileK, false, nullptr, static_cast<float>(c));
+            gemm_bf16_via(brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + (k_ldb ? t0 : t0 * D2), D2 * NR,
+                          ws.s.data() + ra * kTileK, kTileK, false, nullptr, p_to_bf16 ? 1.0f : static_cast<float>(c),
+                          k_ldb ? k_ldb : NR);
         } else {
           gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
                   kTileK, false);
+        }
+        if (p_to_bf16) {  // P straight to bf16 pairs, the scale in the exponent
+          if constexpr (kDot) {
+            softmax_rows_to_bf16(ws.s.data() + ra * kTileK, kTileK, nr, n, ws.spans.data() + ra, c, ws.m.data() + ra,
+                                 ws.l.data() + ra, ws.alpha.data() + ra, ws.p2.data() + ra * (kTileK / 2), kTileK / 2);
+            gemm_bf16_via(brgemm, nr, p.Dp, (t1 - t0 + 1) / 2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2,
+                          v2tile + (t0 / 2) * (v_ldb ? v_ldb : NR), Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true,
+                          ws.alpha.data() + ra, 1.0f, v_ldb ? v_ldb : NR);
+          }
+          return;
         }
         for (int64_t r = ra; r < ra + nr; ++r) {
           T* srow = ws.s.data() + r * kTileK;
@@ -453,7 +468,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             for (int64_t r = ra; r < ra + nr; ++r)
               to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.p2.data() + r * (kTileK / 2));
             gemm_bf16_via(brgemm, nr, p.Dp, (t1 - t0 + 1) / 2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2,
-                          v2tile + (t0 / 2) * NR, Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
+                          v2tile + (t0 / 2) * (v_ldb ? v_ldb : NR), Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true,
+                          ws.alpha.data() + ra, 1.0f, v_ldb ? v_ldb : NR);
           }
         } else if (exact)
           gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR,
