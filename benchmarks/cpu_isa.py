@@ -21,7 +21,9 @@ from attnops import _C  # noqa: E402
 from attnops.core import backends  # noqa: E402
 
 REPEATS = 5
-DOT = _C._bf16_dot()  # bf16 tile products on AVX512-BF16 at the avx512 level (csrc/cpu/gemm_bf16.h)
+# bf16 tile products on AVX512-BF16 (csrc/cpu/gemm_bf16.h): each level runs as it chooses by default (the avx512
+# level of an Intel CPU widens), and the avx512 level's two forms get a column each where the CPU has them
+DOT = "avx512_bf16" in backends.cpu_isa()["cpu"] and "avx512" in backends.cpu_isa()["levels"]
 # Without an amx level here, the avx512 level with its bf16 products sent through the amx level's calls to oneDNN's
 # brgemm (AVX-512 code on a CPU without AMX): what the amx level's calls cost, not what AMX gains.
 def _brgemm_runs():
@@ -35,12 +37,22 @@ def _brgemm_runs():
 BRGEMM = DOT and "amx" not in backends.cpu_isa()["levels"] and _brgemm_runs()
 
 
+def _avx512_default_dot():
+    """Whether the avx512 level multiplies bf16 tiles in bf16 when nothing forces it (off on Intel CPUs)."""
+    if not DOT:
+        return False
+    previous = backends.set_cpu_isa("avx512")
+    default = _C._bf16_dot()
+    backends.set_cpu_isa(previous)
+    return bool(default)
+
+
 def _median_ms(times):
     return sorted(times)[len(times) // 2] * 1e3
 
 
 def _providers(q, k, v, causal, backward):
-    def ours(level, bf16_dot=True, brgemm=-1):
+    def ours(level, bf16_dot=-1, brgemm=-1):
         def run():
             backends.set_cpu_isa(level)
             if DOT:
@@ -58,8 +70,9 @@ def _providers(q, k, v, causal, backward):
 
     grad = torch.randn_like(q)
     runs = {level: ours(level) for level in backends.cpu_isa()["levels"] if level != "generic"}
-    if DOT and q.dtype == torch.bfloat16:  # the avx512 level with its bf16 products off (widened to float)
-        runs["avx512 widened"] = ours("avx512", bf16_dot=False)
+    if DOT and q.dtype == torch.bfloat16:  # the avx512 level with its bf16 products off (widened) and on
+        runs["avx512 widened"] = ours("avx512", bf16_dot=0)
+        runs["avx512 bf16 dot"] = ours("avx512", bf16_dot=1)
         if BRGEMM:
             runs["avx512 brgemm"] = ours("avx512", brgemm=1)
     runs["sdpa"] = sdpa
@@ -88,11 +101,11 @@ def main():
     default = isa["kernels"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, levels {isa['levels']}, "
           f"CPU flags {' '.join(isa['cpu'])}")
-    levels = [lv for lv in isa["levels"] if lv != "generic"] + (["avx512 widened"] if DOT else [])
+    levels = [lv for lv in isa["levels"] if lv != "generic"] + (["avx512 widened", "avx512 bf16 dot"] if DOT else [])
     levels += ["avx512 brgemm"] if BRGEMM else []
-    print(f"bf16 products on AVX512-BF16 at the avx512 level: {DOT} ('avx512 widened': the same level with them "
-          "off; 'avx512 brgemm': with them through oneDNN's brgemm, the amx level's calls, on a CPU without AMX; "
-          "float32 rows leave those columns empty)")
+    print(f"AVX512-BF16 at the avx512 level: {DOT}, bf16 products by default there: {_avx512_default_dot()} "
+          "('avx512 widened' / 'avx512 bf16 dot': the level with them off / on; 'avx512 brgemm': on through "
+          "oneDNN's brgemm, the amx level's calls, on a CPU without AMX; float32 rows leave those columns empty)")
     if args.per_call:
         _per_call(levels)
         backends.set_cpu_isa(default)
@@ -118,7 +131,7 @@ def main():
     _per_call(levels)
     backends.set_cpu_isa(default)
     if DOT:
-        _C._set_bf16_dot(True)
+        _C._set_bf16_dot(-1)
         _C._set_bf16_brgemm(-1)
 
 

@@ -116,15 +116,20 @@ bool deterministic_schedule() {
 int backward_mode() { return g_backward_mode.load(std::memory_order_relaxed); }
 
 namespace {
-bool bf16_dot_default() {
+int bf16_dot_env() {  // ATTNOPS_CPU_BF16_DOT=0 / 1 forces the bf16 products off / on; -1: the CPU's default
   const char* env = std::getenv("ATTNOPS_CPU_BF16_DOT");
-  if (env != nullptr && std::string(env) == "0") return false;
-  return cpu::has_avx512_bf16();
+  if (env != nullptr && std::string(env) == "0") return 0;
+  if (env != nullptr && std::string(env) == "1") return 1;
+  return -1;
 }
-std::atomic<bool> g_bf16_dot{bf16_dot_default()};
+std::atomic<int> g_bf16_dot{bf16_dot_env()};
 }  // namespace
 
-bool bf16_dot() { return g_bf16_dot.load(std::memory_order_relaxed); }
+bool bf16_dot() {
+  const int mode = g_bf16_dot.load(std::memory_order_relaxed);
+  // forced on still needs the instructions: the kernels take this as their licence to execute VDPBF16PS
+  return mode < 0 ? cpu::bf16_dot_by_default() : mode == 1 && cpu::has_avx512_bf16();
+}
 
 }  // namespace attnops
 
@@ -197,16 +202,17 @@ PYBIND11_MODULE(_C, m) {
       "the ISA levels' kernels.");
   m.def(
       "_set_bf16_dot",
-      [](bool enable) {
+      [](int mode) {
+        TORCH_CHECK(mode >= -1 && mode <= 1, "bf16 products mode must be -1 (the CPU's default), 0 (off) or 1 (on)");
 #if ATTNOPS_MULTI_ISA
-        TORCH_CHECK(!enable || attnops::cpu::has_avx512_bf16(), "this CPU lacks AVX512-BF16");
+        TORCH_CHECK(mode != 1 || attnops::cpu::has_avx512_bf16(), "this CPU lacks AVX512-BF16");
 #else
-        TORCH_CHECK(!enable, "the bf16 dot-product kernels are x86-64 (AVX512-BF16) only");
+        TORCH_CHECK(mode != 1, "the bf16 dot-product kernels are x86-64 (AVX512-BF16) only");
 #endif
-        return attnops::g_bf16_dot.exchange(enable);
+        return attnops::g_bf16_dot.exchange(mode);
       },
-      "bfloat16 forward tile products in bf16 on AVX512-BF16 (at the avx512 level) or widened to float "
-      "(test aid); returns the previous setting.");
+      "bfloat16 tile products in bf16 on AVX512-BF16 (the avx512 level's kernel, the amx level's brgemm): 1 on, "
+      "0 widened to float, -1 the CPU's default (test aid; True / False pass as 1 / 0); returns the previous mode.");
   m.def("_bf16_dot", &attnops::bf16_dot, "Whether the bfloat16 forward multiplies in bf16 (AVX512-BF16).");
   m.def("_set_bf16_brgemm", &attnops::cpu::set_bf16_brgemm,
         "bf16 tile products through oneDNN's brgemm: -1 as the level says (the amx level), 0 off, 1 on (test aid: "

@@ -21,8 +21,9 @@ bool deterministic_schedule();
 // fused single pass, 2 the two-pass one (tests run both).
 int backward_mode();
 
-// Whether the bfloat16 forward may multiply its tiles in bf16 with AVX512-BF16 (the avx512 level, on a
-// CPU that has the extension): on unless turned off (test aid; ATTNOPS_CPU_BF16_DOT=0).
+// Whether bfloat16 inputs may multiply their tiles in bf16 with AVX512-BF16 (the avx512 level's kernel, the amx
+// level's brgemm): as ATTNOPS_CPU_BF16_DOT=0 / 1 or _C._set_bf16_dot force it, else the CPU's default
+// (cpu::bf16_dot_by_default: off at the avx512 level of an Intel CPU, where widening is faster).
 bool bf16_dot();
 // K / V panel bytes one wave of the CPU forward packs (cpu/kernels/block_sparse_attention.cpp); test aid to shrink it.
 int64_t forward_wave_bytes();

@@ -86,8 +86,9 @@ def cpu_isa() -> dict:
     """What the C++ kernels run with: ``kernels``, the ISA level they run at (``amx``, ``avx512``, ``avx2`` or
     ``generic``: the best level this CPU runs, or the one ``ATTNOPS_CPU_ISA`` names; None without the
     extension), ``levels``, the levels this build has and this CPU can run (most portable first), and
-    ``bf16_dot``, whether the bfloat16 forward multiplies its tiles in bf16 on AVX512-BF16 at the avx512 level
-    (``ATTNOPS_CPU_BF16_DOT=0`` turns it off), ``bf16_brgemm``, whether those products go through oneDNN's brgemm
+    ``bf16_dot``, whether bfloat16 inputs multiply their tiles in bf16 on AVX512-BF16 at the avx512 / amx level
+    (by default everywhere but at the avx512 level of an Intel CPU, where widening is faster;
+    ``ATTNOPS_CPU_BF16_DOT=0`` / ``1`` forces it off / on), ``bf16_brgemm``, whether those products go through oneDNN's brgemm
     (the ``amx`` level: AMX tiles), and ``cpu``, which of :data:`ISA_FLAGS` this CPU has (from
     /proc/cpuinfo; empty where it cannot be read)."""
     flags = cpu_flags()

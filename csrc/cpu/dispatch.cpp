@@ -166,6 +166,15 @@ bool has_avx512_bf16() {
 #endif
 }
 
+bool bf16_dot_by_default() {
+#if ATTNOPS_MULTI_ISA
+  static const bool intel = __builtin_cpu_is("intel");
+  return has_avx512_bf16() && (!intel || bf16_brgemm());
+#else
+  return false;
+#endif
+}
+
 namespace {
 std::atomic<int> g_bf16_brgemm{-1};  // -1: the level's choice; 0 / 1 forced (set_bf16_brgemm)
 }

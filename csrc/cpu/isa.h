@@ -99,6 +99,11 @@ std::string set_level(const std::string& name);
 // products need (the one check of it: bf16_dot's default and switch, the amx level, set_bf16_brgemm). False in a
 // build without the x86 levels.
 bool has_avx512_bf16();
+// Whether the bf16 tile products are on when nothing forces them (bf16_dot()): AVX512-BF16, and either the amx
+// level's brgemm calls or a CPU that is not Intel's: the level's own kernel ran 1.3-1.9x slower than widening on a
+// Xeon with AMX (two 512-bit FMAs a cycle there against one VDPBF16PS: the same multiplies, plus the pair
+// packing), 1.3-1.9x faster on Zen 4/5 (README, "CPU instruction sets").
+bool bf16_dot_by_default();
 // Whether bf16 tile products (where the avx512 level multiplies in bf16: bf16_dot()) call oneDNN's brgemm
 // (at::native::cpublas::brgemm: AMX tiles where the CPU has them) instead of the level's VDPBF16PS kernel: at the
 // amx level, or as set_bf16_brgemm forces it.

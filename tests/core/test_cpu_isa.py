@@ -159,3 +159,47 @@ def test_amx_level_is_the_avx512_code_with_brgemm_products():
             _C._set_bf16_brgemm(2)
     finally:
         backends.set_cpu_isa(previous)
+
+
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def test_bf16_products_default_follows_the_cpu():
+    """The bf16 tile products are on by default at the amx level (brgemm) and at the avx512 level of a CPU with
+    AVX512-BF16 that is not Intel's; the avx512 level of an Intel CPU widens (its VDPBF16PS issues at half the FMA
+    rate: widening measured faster). _set_bf16_dot(1 / 0) forces either way, -1 gives the default back."""
+    from attnops import _C
+
+    levels, vendor = backends.cpu_isa()["levels"], _cpu_vendor()
+    if "avx512" not in levels or "avx512_bf16" not in backends.cpu_isa()["cpu"] or vendor is None:
+        pytest.skip("needs the avx512 level, AVX512-BF16 and the vendor in /proc/cpuinfo")
+    previous, mode, brgemm = backends.set_cpu_isa("avx512"), _C._set_bf16_dot(-1), _C._set_bf16_brgemm(-1)
+    try:
+        assert _C._bf16_dot() == (vendor != "GenuineIntel")
+        _C._set_bf16_dot(1)
+        assert _C._bf16_dot() and backends.cpu_isa()["bf16_dot"]
+        _C._set_bf16_dot(0)
+        assert not _C._bf16_dot()
+        _C._set_bf16_dot(-1)
+        _C._set_bf16_brgemm(1)  # the amx level's calls: the products are on wherever they go through brgemm
+        assert _C._bf16_dot()
+        _C._set_bf16_brgemm(-1)
+        if "amx" in levels:
+            backends.set_cpu_isa("amx")
+            assert _C._bf16_dot()
+            with _onednn_off():  # no brgemm: the level's own kernel, on where the avx512 level's is
+                assert _C._bf16_dot() == (vendor != "GenuineIntel")
+        with pytest.raises(RuntimeError, match="mode must be"):
+            _C._set_bf16_dot(2)
+    finally:
+        _C._set_bf16_brgemm(brgemm)
+        _C._set_bf16_dot(mode)
+        backends.set_cpu_isa(previous)

@@ -192,7 +192,7 @@ def bf16_products():
         pytest.skip("needs the avx512 level and an AVX512-BF16 CPU")
     from attnops import _C
 
-    previous = (backends.set_cpu_isa("avx512"), _C._bf16_dot(), _C._set_bf16_brgemm(0))
+    previous = (backends.set_cpu_isa("avx512"), _C._set_bf16_dot(-1), _C._set_bf16_brgemm(0))
 
     def use(products):
         _C._set_bf16_dot(products != "widened")

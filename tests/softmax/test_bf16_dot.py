@@ -23,7 +23,7 @@ def avx512():
     from attnops import _C
 
     previous = backends.set_cpu_isa("avx512")
-    previous_dot = _C._bf16_dot()
+    previous_dot = _C._set_bf16_dot(-1)  # the mode (-1: the CPU's default), restored as it was
     previous_brgemm = _C._set_bf16_brgemm(0)
     yield _C
     _C._set_bf16_brgemm(previous_brgemm)
