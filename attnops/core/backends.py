@@ -88,8 +88,8 @@ def cpu_isa() -> dict:
     extension), ``levels``, the levels this build has and this CPU can run (most portable first), and
     ``bf16_dot``, whether bfloat16 inputs multiply their tiles in bf16 on AVX512-BF16 at the avx512 / amx level
     (by default everywhere but at the avx512 level of an Intel CPU, where widening is faster;
-    ``ATTNOPS_CPU_BF16_DOT=0`` / ``1`` forces it off / on), ``bf16_brgemm``, whether those products go through oneDNN's brgemm
-    (the ``amx`` level: AMX tiles), and ``cpu``, which of :data:`ISA_FLAGS` this CPU has (from
+    ``ATTNOPS_CPU_BF16_DOT=0`` / ``1`` forces it off / on), ``bf16_brgemm``, whether those products go through
+    oneDNN's brgemm (the ``amx`` level: AMX tiles), and ``cpu``, which of :data:`ISA_FLAGS` this CPU has (from
     /proc/cpuinfo; empty where it cannot be read)."""
     flags = cpu_flags()
     return {"kernels": _C._cpu_isa() if EXTENSION else None,
