@@ -672,12 +672,13 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         }
         if (dot) {
           if constexpr (kDotFor<S>) {
-            const int64_t panel2 = slot * ops.Sq_pad * D2 + t0 * D2;
+            const int64_t panel2 = slot * ops.Sq_pad * D2 + (ops.brgemm ? t0 : t0 * D2);
+            const int64_t ldb = ops.brgemm ? ops.Sq_pad : NR;
             gemm_bf16_via(ops.brgemm, nk, n, D2, ws.k2.data() + ja * D2, D2, ops.qt2 + panel2, D2 * NR,
                           ws.s.data() + ja * kTileQBwd, kTileQBwd, false, nullptr,
-                          static_cast<float>(ops.softmax_scale * kLog2e));
+                          static_cast<float>(ops.softmax_scale * kLog2e), ldb);
             gemm_bf16_via(ops.brgemm, nk, n, D2, ws.v2.data() + ja * D2, D2, ops.dot2 + panel2, D2 * NR,
-                          ws.dp.data() + ja * kTileQBwd, kTileQBwd, false);
+                          ws.dp.data() + ja * kTileQBwd, kTileQBwd, false, nullptr, 1.0f, ldb);
           }
         } else {
           gemm<T>(nk, n, p.D, ws.k.data() + ja * p.D, p.D, ops.qt + panel, p.D * NR, ws.s.data() + ja * kTileQBwd,
@@ -729,16 +730,17 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         if (dot) {  // P and dS rounded to bf16 (FlashAttention's products in the input type), float sums
           if constexpr (kDotFor<S>) {
             constexpr int64_t lp = kTileQBwd / 2;
-            const int64_t q2 = (t1 - t0 + 1) / 2, rows2 = slot * p.Dp * Sq2 + t0 / 2 * NR;
+            const int64_t q2 = (t1 - t0 + 1) / 2, ldb = ops.brgemm ? p.Dp : NR;
+            const int64_t rows2 = slot * p.Dp * Sq2 + t0 / 2 * ldb;
             for (int64_t j = ja; j < ja + nk; ++j) {
               to_bf16_pairs(ws.s.data() + j * kTileQBwd, t1 - t0, ws.p2.data() + j * lp);
               to_bf16_pairs(ws.dp.data() + j * kTileQBwd, t1 - t0, ws.ds2.data() + j * lp);
             }
             gemm_bf16_via(ops.brgemm, nk, p.Dp, q2, ws.p2.data() + ja * lp, lp, ops.dor2 + rows2, Sq2 * NR, partial,
-                          p.Dp, false);
+                          p.Dp, false, nullptr, 1.0f, ldb);
             add_into(ws.dv.data() + ja * p.Dp, partial, nk * p.Dp);
             gemm_bf16_via(ops.brgemm, nk, p.Dp, q2, ws.ds2.data() + ja * lp, lp, ops.qs2 + rows2, Sq2 * NR, partial,
-                          p.Dp, false, nullptr, static_cast<float>(ops.softmax_scale));
+                          p.Dp, false, nullptr, static_cast<float>(ops.softmax_scale), ldb);
             add_into(ws.dk.data() + ja * p.Dp, partial, nk * p.Dp);
             if (fused) {  // dq[t0:t1] += dS K: dS^T's live rows [ja, je) paired along the keys from an even ja0
               const int64_t ja0 = ja & ~int64_t(1), je = ja + nk;
@@ -877,10 +879,12 @@ void fill_head_operands(BwdOperands<compute_t<S>>& ops, const Problem& p, const 
       const S* dsrc = dop + b * sd_b + h * sd_h;
       if (ops.dot) {  // unscaled: the products take the scales
         if constexpr (kDotFor<S>) {
-          pack_transposed_pairs<NR>(qsrc, p.sq_s, r0, r1, p.D, ops.qt2 + slot * ops.Sq_pad * D2, r1 == p.Sq);
-          pack_transposed_pairs<NR>(dsrc, sd_s, r0, r1, p.D, ops.dot2 + slot * ops.Sq_pad * D2, r1 == p.Sq);
-          pack_row_pairs<NR>(dsrc, sd_s, r0, r1, p.Sq, p.D, p.Dp, ops.dor2 + slot * p.Dp * Sq2);
-          pack_row_pairs<NR>(qsrc, p.sq_s, r0, r1, p.Sq, p.D, p.Dp, ops.qs2 + slot * p.Dp * Sq2);
+          // at the amx level one VNNI block each (rows of Sq_pad / Dp words): a tile's product is one brgemm call
+          const int64_t tld = ops.brgemm ? ops.Sq_pad : 0, rld = ops.brgemm ? p.Dp : 0;
+          pack_transposed_pairs<NR>(qsrc, p.sq_s, r0, r1, p.D, ops.qt2 + slot * ops.Sq_pad * D2, r1 == p.Sq, tld);
+          pack_transposed_pairs<NR>(dsrc, sd_s, r0, r1, p.D, ops.dot2 + slot * ops.Sq_pad * D2, r1 == p.Sq, tld);
+          pack_row_pairs<NR>(dsrc, sd_s, r0, r1, p.Sq, p.D, p.Dp, ops.dor2 + slot * p.Dp * Sq2, rld);
+          pack_row_pairs<NR>(qsrc, p.sq_s, r0, r1, p.Sq, p.D, p.Dp, ops.qs2 + slot * p.Dp * Sq2, rld);
         }
       } else {
         pack_transposed_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, c, ops.qt + slot * ops.Sq_pad * p.D);
@@ -939,10 +943,11 @@ BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Ten
           const int64_t bh = t / kchunks, r0 = (t % kchunks) * kPackKeys, r1 = std::min(r0 + kPackKeys, p.Sk);
           const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
           const S* ksrc = kp + b * p.sk_b + hk * p.sk_h;
-          pack_transposed_pairs<NR>(ksrc, p.sk_s, r0, r1, p.D, ops.kt2 + bh * ops.Sk_pad * D2, r1 == p.Sk);
+          const int64_t tld = ops.brgemm ? ops.Sk_pad : 0, rld = ops.brgemm ? p.Dp : 0;  // as the head operands
+          pack_transposed_pairs<NR>(ksrc, p.sk_s, r0, r1, p.D, ops.kt2 + bh * ops.Sk_pad * D2, r1 == p.Sk, tld);
           pack_transposed_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, ops.vt2 + bh * ops.Sk_pad * D2,
-                                    r1 == p.Sk);
-          pack_row_pairs<NR>(ksrc, p.sk_s, r0, r1, p.Sk, p.D, p.Dp, ops.kr2 + bh * p.Dp * Sk2);
+                                    r1 == p.Sk, tld);
+          pack_row_pairs<NR>(ksrc, p.sk_s, r0, r1, p.Sk, p.D, p.Dp, ops.kr2 + bh * p.Dp * Sk2, rld);
         }
       });
     }
@@ -1002,11 +1007,12 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
     const int64_t ra = live.first, nr = live.count;
     if (dot) {
       if constexpr (kDotFor<S>) {
-        const int64_t panel2 = bhk * ops.Sk_pad * D2 + t0 * D2;
+        const int64_t panel2 = bhk * ops.Sk_pad * D2 + (ops.brgemm ? t0 : t0 * D2);
+        const int64_t ldb = ops.brgemm ? ops.Sk_pad : NR;
         gemm_bf16_via(ops.brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, ops.kt2 + panel2, D2 * NR,
-                      ws.s.data() + ra * kTileK, kTileK, false, nullptr, static_cast<float>(c));
+                      ws.s.data() + ra * kTileK, kTileK, false, nullptr, static_cast<float>(c), ldb);
         gemm_bf16_via(ops.brgemm, nr, n, D2, ws.dout2.data() + ra * D2, D2, ops.vt2 + panel2, D2 * NR,
-                      ws.dp.data() + ra * kTileK, kTileK, false);
+                      ws.dp.data() + ra * kTileK, kTileK, false, nullptr, 1.0f, ldb);
       }
     } else {
       gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ops.kt + panel, p.D * NR, ws.s.data() + ra * kTileK, kTileK,
@@ -1045,8 +1051,9 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
       if constexpr (kDotFor<S>) {
         for (int64_t r = ra; r < ra + nr; ++r)
           to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.ds2.data() + r * (kTileK / 2));
+        const int64_t ldb = ops.brgemm ? p.Dp : NR;
         gemm_bf16_via(ops.brgemm, nr, p.Dp, (t1 - t0 + 1) / 2, ws.ds2.data() + ra * (kTileK / 2), kTileK / 2,
-                      ops.kr2 + bhk * p.Dp * Sk2 + t0 / 2 * NR, Sk2 * NR, partial, p.Dp, false);
+                      ops.kr2 + bhk * p.Dp * Sk2 + t0 / 2 * ldb, Sk2 * NR, partial, p.Dp, false, nullptr, 1.0f, ldb);
       }
       add_into(ws.acc.data() + ra * p.Dp, partial, nr * p.Dp);
       return;
