@@ -416,7 +416,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     // exact: P V row by row over each row's own keys. Run only when the tile GEMMs left a non-finite
     // accumulator: V holds NaN/Inf somewhere, and 0 * NaN would have reached rows that never
     // attend that key (the run below redoes the task; finite inputs never pay for it).
-    // the bf16 products' softmax writes P as bf16 directly where nothing reads it in float (softmax_row_to_bf16)
+    // the bf16 products' softmax writes P as bf16 directly where nothing reads it in float (softmax_rows_to_bf16)
     const bool p_to_bf16 = dot && c > 0 && !mods.on_scores() && !bias.present() && !map.on() && !drop.on();
     auto run = [&](bool exact) {
       std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
@@ -437,14 +437,18 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
                   kTileK, false);
         }
-        if (p_to_bf16) {  // P straight to bf16 pairs, the scale in the exponent
-          if constexpr (kDot) {
-            softmax_rows_to_bf16(ws.s.data() + ra * kTileK, kTileK, nr, n, ws.spans.data() + ra, c, ws.m.data() + ra,
-                                 ws.l.data() + ra, ws.alpha.data() + ra, ws.p2.data() + ra * (kTileK / 2), kTileK / 2);
+        // acc = alpha acc + P V from P's bf16 pairs (FlashAttention's P V in the input type)
+        auto p_times_v = [&] {
+          if constexpr (kDot)
             gemm_bf16_via(brgemm, nr, p.Dp, (t1 - t0 + 1) / 2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2,
                           v2tile + (t0 / 2) * (v_ldb ? v_ldb : NR), Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true,
                           ws.alpha.data() + ra, 1.0f, v_ldb ? v_ldb : NR);
-          }
+        };
+        if (p_to_bf16) {  // P straight to bf16 pairs, the scale in the exponent
+          if constexpr (kDot)
+            softmax_rows_to_bf16(ws.s.data() + ra * kTileK, kTileK, nr, n, ws.spans.data() + ra, c, ws.m.data() + ra,
+                                 ws.l.data() + ra, ws.alpha.data() + ra, ws.p2.data() + ra * (kTileK / 2), kTileK / 2);
+          p_times_v();
           return;
         }
         for (int64_t r = ra; r < ra + nr; ++r) {
@@ -463,14 +467,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         if (drop.on())  // after the row sums: dropout acts on the normalised probabilities, l is theirs
           for (int64_t r = 0; r < rows; ++r)
             if (!ws.spans[r].empty()) drop.apply_row(ws.s.data() + r * kTileK, n, ws.drop_rows[r], t0);
-        if (dot) {  // P rounded to bf16 pairs along the keys (FlashAttention's P V in the input type)
-          if constexpr (kDot) {
+        if (dot) {  // P rounded to bf16 pairs along the keys
+          if constexpr (kDot)
             for (int64_t r = ra; r < ra + nr; ++r)
               to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.p2.data() + r * (kTileK / 2));
-            gemm_bf16_via(brgemm, nr, p.Dp, (t1 - t0 + 1) / 2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2,
-                          v2tile + (t0 / 2) * (v_ldb ? v_ldb : NR), Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true,
-                          ws.alpha.data() + ra, 1.0f, v_ldb ? v_ldb : NR);
-          }
+          p_times_v();
         } else if (exact)
           gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR,
                            p.Sk * NR, ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
