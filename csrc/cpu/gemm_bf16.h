@@ -198,8 +198,8 @@ ATTNOPS_BF16_TARGET inline void brgemm_bf16_block(int64_t M, int64_t N, int64_t 
 // apart: one call per 32-column panel of gemm_bf16's layout (ldb = 32), one call in all where B is one VNNI block
 // (ldb >= N: the forward's and backward's layouts at the amx level, pack_*_pairs with ld; a call costs ~1-3 us
 // whatever its size, and per-panel calls were 40x SDPA's count). brgemm only adds, so c_scale and out_scale are
-// passes over C around the calls. Its kernels are generated per shape and cached per thread: M is a tile's live rows, K the head dim or
-// a key tile's (full but at the sequence's end), so a call meets a few dozen shapes.
+// passes over C around the calls. Its kernels are generated per shape and cached per thread: M is a tile's live
+// rows, K the head dim or a key tile's (full but at the sequence's end), so a call meets a few dozen shapes.
 ATTNOPS_BF16_TARGET inline void brgemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda2,
                                             const uint32_t* B, int64_t strip, float* C, int64_t ldc, bool accumulate,
                                             const float* c_scale = nullptr, float out_scale = 1.0f,
