@@ -27,19 +27,24 @@ namespace attnops::cpu::ATTNOPS_ISA {
 // Two bf16 bit patterns as one word: lo (the even k) in the low half.
 inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
+// The word offset of column `col` in a pair layout of `rows` rows stored in blocks of `ld` columns, block after
+// block (each rows x ld words): the 32-word panels of gemm_bf16 (ld = 32), or one VNNI block whose rows hold every
+// column (ld >= the width: the amx level's layout, where brgemm multiplies a whole key tile in one call). The two
+// agree where the width is 32, so ld = 32 names the panels everywhere.
+inline int64_t pair_column(int64_t col, int64_t rows, int64_t ld) { return (col / ld) * rows * ld + col % ld; }
+
 // B = src^T in word panels (K^T of a key range): word (d2, r) pairs src[r, 2 d2] and src[r, 2 d2 + 1]
 // (0 past D). Rows [r0, r1) start on a panel boundary; `last`: r1 is the matrix's end, and the columns of the
-// last panel past it are zeroed (every other word is written). ld > 0: one VNNI block of ld words a row instead,
-// word (d2, r) at dst[d2 ld + r] (the amx level's layout: brgemm multiplies a whole key tile in one call).
+// last panel past it are zeroed (every other word is written). ld: the layout's block width (pair_column).
 template <int NR>
 inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t D,
-                                  uint32_t* dst, bool last = false, int64_t ld = 0) {
-  const int64_t D2 = (D + 1) / 2, row = ld > 0 ? ld : NR;
+                                  uint32_t* dst, bool last = false, int64_t ld = NR) {
+  const int64_t D2 = (D + 1) / 2;
   for (int64_t p0 = r0; p0 < r1; p0 += NR) {
-    uint32_t* panel = ld > 0 ? dst + p0 : dst + (p0 / NR) * D2 * NR;
+    uint32_t* panel = dst + pair_column(p0, D2, ld);
     const int64_t n = std::min<int64_t>(NR, r1 - p0);
     if (last && n < NR)
-      for (int64_t d2 = 0; d2 < D2; ++d2) std::fill(panel + d2 * row + n, panel + d2 * row + NR, uint32_t(0));
+      for (int64_t d2 = 0; d2 < D2; ++d2) std::fill(panel + d2 * ld + n, panel + d2 * ld + NR, uint32_t(0));
     int64_t r = 0;
     constexpr int W = Vec<float>::size;
     if constexpr (NR % W == 0) {
@@ -51,11 +56,11 @@ inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int6
         const int64_t ahead = std::min<int64_t>(W, r1 - (p0 + r + W));
         for (int64_t d2 = 0; d2 < full; d2 += W)  // vload / vstore copy bytes: the words pass as they are
           transpose_block<NR, false>(rows, stride, 2 * d2, ahead, vec_t<float>{},
-                                     reinterpret_cast<float*>(panel + d2 * row + r), row);
+                                     reinterpret_cast<float*>(panel + d2 * ld + r), ld);
         for (int64_t d2 = full; d2 < D2; ++d2)
           for (int x = 0; x < W; ++x) {
             const c10::BFloat16* row_x = rows + x * stride;
-            panel[d2 * row + r + x] =
+            panel[d2 * ld + r + x] =
                 bf16_pair(row_x[2 * d2].x, 2 * d2 + 1 < D ? row_x[2 * d2 + 1].x : uint16_t(0));
           }
       }
@@ -64,21 +69,21 @@ inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int6
       const c10::BFloat16* src_row = src + (p0 + r) * stride;
       if (p0 + r + kPrefetchRows < r1) prefetch_row(src_row + kPrefetchRows * stride, D);
       for (int64_t d2 = 0; d2 < D2; ++d2)
-        panel[d2 * row + r] = bf16_pair(src_row[2 * d2].x, 2 * d2 + 1 < D ? src_row[2 * d2 + 1].x : uint16_t(0));
+        panel[d2 * ld + r] = bf16_pair(src_row[2 * d2].x, 2 * d2 + 1 < D ? src_row[2 * d2 + 1].x : uint16_t(0));
     }
   }
 }
 
 #if ATTNOPS_BF16_DOT
 // B = src in word panels over its rows (V of a key range): word (j2, d) pairs src[2 j2, d] and
-// src[2 j2 + 1, d] (0 past Sk and past D); strip = ceil(Sk / 2) * NR. Rows [r0, r1) start even. ld > 0 (a
-// multiple of NR, >= Dp): one VNNI block of ld words a row instead, word (j2, d) at dst[j2 ld + d] (the amx level's).
+// src[2 j2 + 1, d] (0 past Sk and past D); strip = ceil(Sk / 2) * NR. Rows [r0, r1) start even. ld: the layout's
+// block width (pair_column; a multiple of NR: NR, or >= Dp for one block).
 // Returns whether every element packed is finite (an all-ones bf16 exponent is Inf or NaN).
 // With AVX512-BW: two rows interleaved 32 columns (a panel row) at a time by VPERMT2W; a scalar loop per element
 // dominated decode's P V tiles.
 template <int NR>
 inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t Sk, int64_t D,
-                           int64_t Dp, uint32_t* dst, int64_t ld = 0) {
+                           int64_t Dp, uint32_t* dst, int64_t ld = NR) {
   static_assert(NR == 32, "a panel row is one pair of 16-word stores");
   alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
@@ -86,7 +91,7 @@ inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0,
                                                      24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
   const __m512i exponent = _mm512_set1_epi16(0x7f80);
-  const int64_t row = ld > 0 ? ld : NR, step = ld > 0 ? NR : (Sk + 1) / 2 * NR;
+  const int64_t Sk2 = (Sk + 1) / 2;
   __mmask32 special = 0;
   for (int64_t r = r0; r < r1; r += 2) {
     const c10::BFloat16* lo = src + r * stride;
@@ -95,8 +100,8 @@ inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0,
       prefetch_row(lo + kPrefetchRows * stride, D);
       prefetch_row(lo + (kPrefetchRows + 1) * stride, D);
     }
-    uint32_t* out = dst + (r / 2) * row;
-    for (int64_t d = 0; d < Dp; d += NR, out += step) {
+    for (int64_t d = 0; d < Dp; d += NR) {
+      uint32_t* out = dst + pair_column(d, Sk2, ld) + (r / 2) * ld;
       const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : D > d ? (__mmask32(1) << (D - d)) - 1 : 0;
       const __m512i a = _mm512_maskz_loadu_epi16(m, lo + d);
       const __m512i b = hi ? _mm512_maskz_loadu_epi16(m, hi + d) : _mm512_setzero_si512();
@@ -111,7 +116,7 @@ inline bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0,
 #else
 template <int NR>  // declared only: called under `if constexpr (kDotFor<S>)`, never instantiated at this level
 bool pack_row_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t Sk, int64_t D,
-                    int64_t Dp, uint32_t* dst, int64_t ld = 0);
+                    int64_t Dp, uint32_t* dst, int64_t ld = NR);
 #endif
 
 #if ATTNOPS_BF16_DOT
@@ -265,6 +270,7 @@ ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int6
                                                      uint32_t* dst, int64_t ldd) {
   using V = vec_t<float>;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m512 cv = _mm512_set1_ps(c);
   for (int64_t g = 0; g < rows; g += 16) {
     const int64_t nr = std::min<int64_t>(16, rows - g);
     const __mmask16 live = __mmask16((1u << nr) - 1);
@@ -286,7 +292,6 @@ ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int6
         std::fill(out, out + n / 2, uint32_t(0));
         continue;
       }
-      const __m512 cv = _mm512_set1_ps(c);
       const V mv = vsplat(m_new[i]);
       const float* row = s + r * lds;
       // exp2(s c - m) as softmax_row computes it from the scaled scores: the product rounded on its own (an

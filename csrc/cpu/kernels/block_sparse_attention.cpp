@@ -331,9 +331,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* vb = nullptr;
   const bool dot_level = kDot && bf16_dot();
   // the amx level: the bf16 products through oneDNN's brgemm (AMX tiles), K^T and V each one VNNI block (rows of
-  // Sk_pad and Dp words) so that a key tile's Q K^T and P V are one call each (brgemm_bf16); 0: 32-word panels
+  // Sk_pad and Dp words) so that a key tile's Q K^T and P V are one call each (brgemm_bf16); else 32-word panels
   const bool brgemm = dot_level && bf16_brgemm();
-  const int64_t k_ldb = brgemm ? Sk_pad : 0, v_ldb = brgemm ? p.Dp : 0;
+  const int64_t k_ldb = brgemm ? Sk_pad : NR, v_ldb = brgemm ? p.Dp : NR;  // the layouts' block widths
   auto pack_wave = [&](int64_t g0, int64_t g1) {  // -> whether the wave runs the bf16 products
     bool dot = dot_level;
     if constexpr (kDot) {
@@ -430,9 +430,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int64_t ra = live.first, nr = live.count;
         if (dot) {
           if constexpr (kDot)
-            gemm_bf16_via(brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + (k_ldb ? t0 : t0 * D2), D2 * NR,
+            gemm_bf16_via(brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + pair_column(t0, D2, k_ldb), D2 * NR,
                           ws.s.data() + ra * kTileK, kTileK, false, nullptr, p_to_bf16 ? 1.0f : static_cast<float>(c),
-                          k_ldb ? k_ldb : NR);
+                          k_ldb);
         } else {
           gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
                   kTileK, false);
@@ -441,8 +441,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         auto p_times_v = [&] {
           if constexpr (kDot)
             gemm_bf16_via(brgemm, nr, p.Dp, (t1 - t0 + 1) / 2, ws.p2.data() + ra * (kTileK / 2), kTileK / 2,
-                          v2tile + (t0 / 2) * (v_ldb ? v_ldb : NR), Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true,
-                          ws.alpha.data() + ra, 1.0f, v_ldb ? v_ldb : NR);
+                          v2tile + (t0 / 2) * v_ldb, Sk2 * NR, ws.acc.data() + ra * p.Dp, p.Dp, true,
+                          ws.alpha.data() + ra, 1.0f, v_ldb);
         };
         if (p_to_bf16) {  // P straight to bf16 pairs, the scale in the exponent
           if constexpr (kDot)
@@ -673,8 +673,8 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         }
         if (dot) {
           if constexpr (kDotFor<S>) {
-            const int64_t panel2 = slot * ops.Sq_pad * D2 + (ops.brgemm ? t0 : t0 * D2);
             const int64_t ldb = ops.brgemm ? ops.Sq_pad : NR;
+            const int64_t panel2 = slot * ops.Sq_pad * D2 + pair_column(t0, D2, ldb);
             gemm_bf16_via(ops.brgemm, nk, n, D2, ws.k2.data() + ja * D2, D2, ops.qt2 + panel2, D2 * NR,
                           ws.s.data() + ja * kTileQBwd, kTileQBwd, false, nullptr,
                           static_cast<float>(ops.softmax_scale * kLog2e), ldb);
@@ -881,7 +881,7 @@ void fill_head_operands(BwdOperands<compute_t<S>>& ops, const Problem& p, const 
       if (ops.dot) {  // unscaled: the products take the scales
         if constexpr (kDotFor<S>) {
           // at the amx level one VNNI block each (rows of Sq_pad / Dp words): a tile's product is one brgemm call
-          const int64_t tld = ops.brgemm ? ops.Sq_pad : 0, rld = ops.brgemm ? p.Dp : 0;
+          const int64_t tld = ops.brgemm ? ops.Sq_pad : NR, rld = ops.brgemm ? p.Dp : NR;
           pack_transposed_pairs<NR>(qsrc, p.sq_s, r0, r1, p.D, ops.qt2 + slot * ops.Sq_pad * D2, r1 == p.Sq, tld);
           pack_transposed_pairs<NR>(dsrc, sd_s, r0, r1, p.D, ops.dot2 + slot * ops.Sq_pad * D2, r1 == p.Sq, tld);
           pack_row_pairs<NR>(dsrc, sd_s, r0, r1, p.Sq, p.D, p.Dp, ops.dor2 + slot * p.Dp * Sq2, rld);
@@ -944,7 +944,7 @@ BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Ten
           const int64_t bh = t / kchunks, r0 = (t % kchunks) * kPackKeys, r1 = std::min(r0 + kPackKeys, p.Sk);
           const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
           const S* ksrc = kp + b * p.sk_b + hk * p.sk_h;
-          const int64_t tld = ops.brgemm ? ops.Sk_pad : 0, rld = ops.brgemm ? p.Dp : 0;  // as the head operands
+          const int64_t tld = ops.brgemm ? ops.Sk_pad : NR, rld = ops.brgemm ? p.Dp : NR;  // as the head operands
           pack_transposed_pairs<NR>(ksrc, p.sk_s, r0, r1, p.D, ops.kt2 + bh * ops.Sk_pad * D2, r1 == p.Sk, tld);
           pack_transposed_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, ops.vt2 + bh * ops.Sk_pad * D2,
                                     r1 == p.Sk, tld);
@@ -1008,8 +1008,8 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
     const int64_t ra = live.first, nr = live.count;
     if (dot) {
       if constexpr (kDotFor<S>) {
-        const int64_t panel2 = bhk * ops.Sk_pad * D2 + (ops.brgemm ? t0 : t0 * D2);
         const int64_t ldb = ops.brgemm ? ops.Sk_pad : NR;
+        const int64_t panel2 = bhk * ops.Sk_pad * D2 + pair_column(t0, D2, ldb);
         gemm_bf16_via(ops.brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, ops.kt2 + panel2, D2 * NR,
                       ws.s.data() + ra * kTileK, kTileK, false, nullptr, static_cast<float>(c), ldb);
         gemm_bf16_via(ops.brgemm, nr, n, D2, ws.dout2.data() + ra * D2, D2, ops.vt2 + panel2, D2 * NR,
