@@ -181,7 +181,6 @@ inline bool all_finite(const T* p, int64_t n) {
 // garbage that the final select discards, which saves two compare/blend pairs per vector.
 inline vec_t<float> exp2(vec_t<float> x) {
   using V = vec_t<float>;
-  using I = Vec<float>::itype;
   // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
   const V magic = vsplat(12582912.0f);
   const V t = x + magic;
@@ -193,9 +192,19 @@ inline vec_t<float> exp2(vec_t<float> x) {
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
+#if ATTNOPS_X86_SIMD && ATTNOPS_VEC_BYTES == 64
+  // AVX-512: VSCALEFPS multiplies by 2^n in one instruction, and the zeroing mask keeps NaN (unordered, so not
+  // below -126) and zeroes the rest below -126: 5 vector instructions fewer than the exponent-bit sum and its two
+  // selects (the softmax's exp is most of a bf16 step at AMX speed). The same values bit for bit: every result
+  // kept is normal (x >= -126 leaves n >= -126 with p >= 1, or n >= -125 with p >= 2^-1/2), so both are exact.
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  return (V)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)(t - magic));
+#else
+  using I = Vec<float>::itype;
   const I n = (I)t - (I)magic;
   const V r = (V)((I)p + (n << 23));
   return x >= vsplat(-126.0f) ? r : (x == x ? vsplat(0.0f) : x);
+#endif
 }
 
 // The float64 path is the exact one (gradcheck, reference-grade CPU runs): libm per lane.
