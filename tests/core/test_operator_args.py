@@ -249,7 +249,9 @@ CHILD = textwrap.dedent(r'''
         "group = 0": dict(group=0),
     }
     MERGE = {
-        "out bfloat16": dict(out=torch.randn(S, H, D, dtype=torch.bfloat16)),
+        "out int32": dict(out=torch.randint(0, 4, (S, H, D), dtype=torch.int32)),
+        "own float64 for a bfloat16 out": dict(out=torch.randn(S, H, D, dtype=torch.bfloat16),
+                                               own=torch.rand(2 * S, dtype=torch.float64)),
         "out not contiguous": dict(out=torch.randn(H, S, D).transpose(0, 1)),
         "out rank 2": dict(out=torch.randn(S, D)),
         "heads beyond out": dict(start=3),

@@ -226,6 +226,16 @@ def test_cpu_merge_is_the_torch_steps_bit_for_bit(work, pair_dtype, monkeypatch)
     (o1, l1), (o2, l2) = results
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
     assert torch.equal(o1[:, :2], out[:, :2]) and not torch.equal(o1[:, 2:5], out[:, 2:5])
+    if work == torch.float32:  # an out in bf16 / fp16 (the self pass's, as it came): the float32 merge, rounded once
+        for reduced in (torch.bfloat16, torch.float16):
+            o, l = out.to(reduced), lse.clone()
+            token._merge_into(o, l, heads, out_pair, lse_pair, row)
+            expected, l2 = out.to(reduced).to(work), lse.clone()
+            monkeypatch.setattr(dispatch, "is_available", lambda device: False)
+            token._merge_into(expected, l2, heads, out_pair, lse_pair, row)
+            monkeypatch.undo()
+            assert o.dtype == reduced and torch.equal(o, expected.to(reduced)) and torch.equal(l, l2)
+            assert torch.equal(o[:, :2], out[:, :2].to(reduced))
 
 
 def _has_nonfinite_candidate(gate, block, causal):

@@ -31,7 +31,8 @@ TOKEN_SELECT = OpDef("moba_token_select", [Arg("gate", "Tensor"), Arg("block_siz
 TOKEN_PAIRS = OpDef("moba_token_pairs", [Arg("chosen", "Tensor"), Arg("block_start", "Tensor"),
                                          Arg("block_end", "Tensor"), Arg("group", "int")], "(Tensor, Tensor)")
 # Token routing's merge without autograd (ops/routed/token.py): out (T, H, Dv) in place, rows of heads [head_start,
-# head_start + heads) scaled by own (T * heads,), then out_pair (P, Dv) * scale (P,) added to rows row (P,).
+# head_start + heads) scaled by own (T * heads,), then out_pair (P, Dv) * scale (P,) added to rows row (P,); a bf16 /
+# fp16 out merges in float32 (own and scale float32) and is rounded once.
 TOKEN_MERGE = OpDef("moba_token_merge", [Arg("out", "Tensor(a!)"), Arg("own", "Tensor"), Arg("out_pair", "Tensor"),
                                          Arg("scale", "Tensor"), Arg("row", "Tensor"), Arg("head_start", "int"),
                                          Arg("heads", "int")], "()")

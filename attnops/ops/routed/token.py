@@ -216,11 +216,15 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
     graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
     if not graph and dropout_p == 0:
         # no graph: the self pass runs once over every head, and every group merges into its (T, H, Dv) output
-        # (in work) in place, so no per-group output and no concatenation; the groups gather their pair rows into
+        # in place, so no per-group output and no concatenation; the groups gather their pair rows into
         # one shared buffer (a fresh one each would be faulted in afresh: glibc returns buffers this large to the
         # system when they are freed). Not with dropout: each call draws its mask's seed from the generator, and
         # the calls below draw them in the same order with or without autograd (same seed, same masks).
-        out, lse, *maxima = (t.to(work).contiguous() for t in self_pass(q, k, v, slice(0, H)))
+        # The output is in work, or for the C++ merge as the self pass gave it (bf16 / fp16 rows merge in float32
+        # and round once: no full-size widening and narrowing copies).
+        own_out, lse, *maxima = self_pass(q, k, v, slice(0, H))
+        out = own_out.contiguous() if _cpu_helpers(q) else own_out.to(work).contiguous()
+        lse, maxima = lse.to(work).contiguous(), [m.to(work).contiguous() for m in maxima]
         rows = q.new_empty(pair_rows * min(step, Hkv), D)
         for h0, qg, kg, vg in kv_groups:
             heads = slice(h0 * group, h0 * group + qg.shape[1])
@@ -315,7 +319,8 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, heads: slice, out_pair: to
                 row: torch.Tensor) -> None:
     """Without autograd: ``out (T, H, Dv)`` (contiguous) and ``lse (H, T)``, in the work dtype, hold every row's
     self-pass partial; the rows of ``heads`` become their merge (:func:`merge_weights`) with a group's pairs
-    (:func:`_pair_pass`: rows ``t * Hg + h`` within the group), in place."""
+    (:func:`_pair_pass`: rows ``t * Hg + h`` within the group), in place. The C++ merge also takes ``out`` in
+    bfloat16 / float16 (the self pass's output as it came): the same float32 merge, rounded once."""
     T, H, Dv = out.shape
     Hg = heads.stop - heads.start
     new, own, scale = merge_weights(lse[heads].transpose(0, 1).reshape(T * Hg), lse_pair.to(lse.dtype), row)

@@ -342,46 +342,63 @@ std::tuple<at::Tensor, at::Tensor> moba_token_pairs_cpu(const at::Tensor& chosen
 // order (no fused multiply-add), so both paths give equal outputs bit for bit. One pass instead of three (scale,
 // scale, scatter); index_add_ also radix-sorts its index first. Threads own ranges of rows and each walks the pair
 // list for the pairs of its rows, so no two threads write a row and a row's pairs keep their order.
-template <typename W, typename S>
-__attribute__((optimize("fp-contract=off"))) void merge_pairs(W* out, int64_t T, int64_t H, int64_t Dv,
+// An out of a reduced type (bf16, fp16; own and scale float32) holds the self pass's output as it came: its rows are
+// widened, merged in float32 as above and rounded once, which is the float32 merge followed by the cast to the
+// input's type, without the two full-size copies (at 32K tokens, H = 8: 2 x ~11 ms, most of it page faults).
+template <typename W, typename O, typename S>
+__attribute__((optimize("fp-contract=off"))) void merge_pairs(O* out, int64_t T, int64_t H, int64_t Dv,
                                                               const W* own, const S* pair, const W* scale,
                                                               const int64_t* row, int64_t P, int64_t h0, int64_t Hg) {
+  constexpr bool kWiden = !std::is_same_v<O, W>;
   at::parallel_for(0, T * Hg, T * Hg * Dv < (1 << 16) ? T * Hg : 4096, [&](int64_t begin, int64_t end) {
     auto dst = [&](int64_t r) { return out + ((r / Hg) * H + h0 + r % Hg) * Dv; };
+    std::vector<W> widened(kWiden ? (end - begin) * Dv : 0);  // the rows in W while they merge
+    auto acc = [&](int64_t r) {
+      if constexpr (kWiden) return widened.data() + (r - begin) * Dv;
+      else return dst(r);
+    };
     for (int64_t r = begin; r < end; ++r) {
-      W* o = dst(r);
+      const O* o = dst(r);
+      W* a = acc(r);
       const W w = own[r];
-      for (int64_t d = 0; d < Dv; ++d) o[d] = o[d] * w;
+      for (int64_t d = 0; d < Dv; ++d) a[d] = static_cast<W>(o[d]) * w;
     }
     for (int64_t p = 0; p < P; ++p) {
       const int64_t r = row[p];
       if (r < begin || r >= end) continue;
-      W* o = dst(r);
+      W* a = acc(r);
       const S* x = pair + p * Dv;
       const W w = scale[p];
       for (int64_t d = 0; d < Dv; ++d) {
         const W c = static_cast<W>(x[d]) * w;
-        o[d] = o[d] + c;
+        a[d] = a[d] + c;
       }
     }
+    if constexpr (kWiden)
+      for (int64_t r = begin; r < end; ++r) {
+        O* o = dst(r);
+        const W* a = acc(r);
+        for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<O>(a[d]);
+      }
   });
 }
 
 void moba_token_merge_cpu(at::Tensor& out, const at::Tensor& own, const at::Tensor& out_pair,
                           const at::Tensor& scale, const at::Tensor& row, int64_t head_start, int64_t heads) {
   constexpr const char* op = "moba_token_merge";
-  TORCH_CHECK(out.dim() == 3 && out.is_contiguous() && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble),
-              op, ": out must be a contiguous (T, H, Dv) float32 or float64 tensor");
+  TORCH_CHECK(out.dim() == 3 && out.is_contiguous() && is_attention_dtype(out.scalar_type()), op,
+              ": out must be a contiguous (T, H, Dv) float32, float64, bfloat16 or float16 tensor");
+  // the merge's own type: out's, float32 for a reduced out
+  const at::ScalarType work = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t T = out.size(0), H = out.size(1), Dv = out.size(2);
   TORCH_CHECK(heads >= 1 && head_start >= 0 && head_start + heads <= H, op, ": heads [", head_start, ", ",
               head_start + heads, ") are not within out's ", H);
-  TORCH_CHECK(own.dim() == 1 && own.size(0) == T * heads && own.scalar_type() == out.scalar_type(), op,
-              ": own must be (T * heads,) of out's dtype");
+  TORCH_CHECK(own.dim() == 1 && own.size(0) == T * heads && own.scalar_type() == work, op,
+              ": own must be (T * heads,) ", work, " (out's dtype, float32 for a bfloat16 or float16 out)");
   TORCH_CHECK(out_pair.dim() == 2 && out_pair.size(1) == Dv && is_attention_dtype(out_pair.scalar_type()), op,
               ": out_pair must be (P, Dv) floating");
   const int64_t P = out_pair.size(0);
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == P && scale.scalar_type() == out.scalar_type(), op,
-              ": scale must be (P,) of out's dtype");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == P && scale.scalar_type() == work, op, ": scale must be (P,) ", work);
   TORCH_CHECK(row.dim() == 1 && row.size(0) == P && row.scalar_type() == at::kLong, op, ": row must be (P,) int64");
   const at::Tensor own_c = own.contiguous(), pair_c = out_pair.contiguous(), scale_c = scale.contiguous(),
                    row_c = row.contiguous();
@@ -389,11 +406,12 @@ void moba_token_merge_cpu(at::Tensor& out, const at::Tensor& own, const at::Tens
   for (int64_t p = 0; p < P; ++p)
     TORCH_CHECK(0 <= rp[p] && rp[p] < T * heads, op, ": row ", rp[p], " of pair ", p, " is not within [0, ", T * heads,
                 ")");
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "moba_token_merge", [&] {
-    using W = scalar_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "moba_token_merge", [&] {
+    using O = scalar_t;
+    using W = at::opmath_type<O>;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pair_c.scalar_type(), "moba_token_merge", [&] {
-      merge_pairs<W, scalar_t>(out.data_ptr<W>(), T, H, Dv, own_c.data_ptr<W>(), pair_c.data_ptr<scalar_t>(),
-                               scale_c.data_ptr<W>(), rp, P, head_start, heads);
+      merge_pairs<W, O, scalar_t>(out.data_ptr<O>(), T, H, Dv, own_c.data_ptr<W>(), pair_c.data_ptr<scalar_t>(),
+                                  scale_c.data_ptr<W>(), rp, P, head_start, heads);
     });
   });
 }
