@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -352,9 +353,10 @@ __attribute__((optimize("fp-contract=off"))) void merge_pairs(O* out, int64_t T,
   constexpr bool kWiden = !std::is_same_v<O, W>;
   at::parallel_for(0, T * Hg, T * Hg * Dv < (1 << 16) ? T * Hg : 4096, [&](int64_t begin, int64_t end) {
     auto dst = [&](int64_t r) { return out + ((r / Hg) * H + h0 + r % Hg) * Dv; };
-    std::vector<W> widened(kWiden ? (end - begin) * Dv : 0);  // the rows in W while they merge
+    // the rows in W while they merge (every element written by the scaling pass before it is read: not zeroed)
+    const std::unique_ptr<W[]> widened(kWiden ? new W[(end - begin) * Dv] : nullptr);
     auto acc = [&](int64_t r) {
-      if constexpr (kWiden) return widened.data() + (r - begin) * Dv;
+      if constexpr (kWiden) return widened.get() + (r - begin) * Dv;
       else return dst(r);
     };
     for (int64_t r = begin; r < end; ++r) {
