@@ -531,6 +531,10 @@ struct BwdOperands {
   int64_t Sq_pad, Sk_pad, bh0 = 0;
   bool dot = false;
   bool brgemm = false;  // `dot` through oneDNN's brgemm (the amx level; the fused dq as dq^T = K^T dS^T)
+  // The bf16-pair layouts' block widths (pair_column), for the packs and the products alike: 32-word panels, or at
+  // the amx level one VNNI block each (a tile's product one brgemm call): the transposed operands (q^T, dO^T; K^T,
+  // V^T) in rows of Sq_pad / Sk_pad words, the row-pair ones (dO, q, K) in rows of Dp words.
+  int64_t qt_ld = 0, kt_ld = 0, row_ld = 0;
   double softmax_scale = 0;
   T *qt = nullptr, *dot_t = nullptr, *dor = nullptr, *qs = nullptr;  // per (b, head): (c q)^T, dO^T (D x Sq_pad),
                                                                       // dO, (scale q) (Sq x Dp)
@@ -673,13 +677,12 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         }
         if (dot) {
           if constexpr (kDotFor<S>) {
-            const int64_t ldb = ops.brgemm ? ops.Sq_pad : NR;
-            const int64_t panel2 = slot * ops.Sq_pad * D2 + pair_column(t0, D2, ldb);
+            const int64_t panel2 = slot * ops.Sq_pad * D2 + pair_column(t0, D2, ops.qt_ld);
             gemm_bf16_via(ops.brgemm, nk, n, D2, ws.k2.data() + ja * D2, D2, ops.qt2 + panel2, D2 * NR,
                           ws.s.data() + ja * kTileQBwd, kTileQBwd, false, nullptr,
-                          static_cast<float>(ops.softmax_scale * kLog2e), ldb);
+                          static_cast<float>(ops.softmax_scale * kLog2e), ops.qt_ld);
             gemm_bf16_via(ops.brgemm, nk, n, D2, ws.v2.data() + ja * D2, D2, ops.dot2 + panel2, D2 * NR,
-                          ws.dp.data() + ja * kTileQBwd, kTileQBwd, false, nullptr, 1.0f, ldb);
+                          ws.dp.data() + ja * kTileQBwd, kTileQBwd, false, nullptr, 1.0f, ops.qt_ld);
           }
         } else {
           gemm<T>(nk, n, p.D, ws.k.data() + ja * p.D, p.D, ops.qt + panel, p.D * NR, ws.s.data() + ja * kTileQBwd,
@@ -731,17 +734,16 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         if (dot) {  // P and dS rounded to bf16 (FlashAttention's products in the input type), float sums
           if constexpr (kDotFor<S>) {
             constexpr int64_t lp = kTileQBwd / 2;
-            const int64_t q2 = (t1 - t0 + 1) / 2, ldb = ops.brgemm ? p.Dp : NR;
-            const int64_t rows2 = slot * p.Dp * Sq2 + t0 / 2 * ldb;
+            const int64_t q2 = (t1 - t0 + 1) / 2, rows2 = slot * p.Dp * Sq2 + t0 / 2 * ops.row_ld;
             for (int64_t j = ja; j < ja + nk; ++j) {
               to_bf16_pairs(ws.s.data() + j * kTileQBwd, t1 - t0, ws.p2.data() + j * lp);
               to_bf16_pairs(ws.dp.data() + j * kTileQBwd, t1 - t0, ws.ds2.data() + j * lp);
             }
             gemm_bf16_via(ops.brgemm, nk, p.Dp, q2, ws.p2.data() + ja * lp, lp, ops.dor2 + rows2, Sq2 * NR, partial,
-                          p.Dp, false, nullptr, 1.0f, ldb);
+                          p.Dp, false, nullptr, 1.0f, ops.row_ld);
             add_into(ws.dv.data() + ja * p.Dp, partial, nk * p.Dp);
             gemm_bf16_via(ops.brgemm, nk, p.Dp, q2, ws.ds2.data() + ja * lp, lp, ops.qs2 + rows2, Sq2 * NR, partial,
-                          p.Dp, false, nullptr, static_cast<float>(ops.softmax_scale), ldb);
+                          p.Dp, false, nullptr, static_cast<float>(ops.softmax_scale), ops.row_ld);
             add_into(ws.dk.data() + ja * p.Dp, partial, nk * p.Dp);
             if (fused) {  // dq[t0:t1] += dS K: dS^T's live rows [ja, je) paired along the keys from an even ja0
               const int64_t ja0 = ja & ~int64_t(1), je = ja + nk;
@@ -825,6 +827,9 @@ BwdOperands<compute_t<S>> alloc_head_operands(const Problem& p, const at::Tensor
   ops.brgemm = dot && bf16_brgemm();
   ops.Sq_pad = round_up(p.Sq, NR);
   ops.Sk_pad = round_up(p.Sk, NR);
+  ops.qt_ld = ops.brgemm ? ops.Sq_pad : NR;
+  ops.kt_ld = ops.brgemm ? ops.Sk_pad : NR;
+  ops.row_ld = ops.brgemm ? p.Dp : NR;
   auto opts = q.options().dtype(c10::CppTypeToScalarType<T>::value);
   auto buffer = [&](int64_t n, bool zeroed) {
     ops.storage.push_back(zeroed ? at::zeros({n}, opts) : at::empty({n}, opts));
@@ -880,12 +885,12 @@ void fill_head_operands(BwdOperands<compute_t<S>>& ops, const Problem& p, const 
       const S* dsrc = dop + b * sd_b + h * sd_h;
       if (ops.dot) {  // unscaled: the products take the scales
         if constexpr (kDotFor<S>) {
-          // at the amx level one VNNI block each (rows of Sq_pad / Dp words): a tile's product is one brgemm call
-          const int64_t tld = ops.brgemm ? ops.Sq_pad : NR, rld = ops.brgemm ? p.Dp : NR;
-          pack_transposed_pairs<NR>(qsrc, p.sq_s, r0, r1, p.D, ops.qt2 + slot * ops.Sq_pad * D2, r1 == p.Sq, tld);
-          pack_transposed_pairs<NR>(dsrc, sd_s, r0, r1, p.D, ops.dot2 + slot * ops.Sq_pad * D2, r1 == p.Sq, tld);
-          pack_row_pairs<NR>(dsrc, sd_s, r0, r1, p.Sq, p.D, p.Dp, ops.dor2 + slot * p.Dp * Sq2, rld);
-          pack_row_pairs<NR>(qsrc, p.sq_s, r0, r1, p.Sq, p.D, p.Dp, ops.qs2 + slot * p.Dp * Sq2, rld);
+          pack_transposed_pairs<NR>(qsrc, p.sq_s, r0, r1, p.D, ops.qt2 + slot * ops.Sq_pad * D2, r1 == p.Sq,
+                                    ops.qt_ld);
+          pack_transposed_pairs<NR>(dsrc, sd_s, r0, r1, p.D, ops.dot2 + slot * ops.Sq_pad * D2, r1 == p.Sq,
+                                    ops.qt_ld);
+          pack_row_pairs<NR>(dsrc, sd_s, r0, r1, p.Sq, p.D, p.Dp, ops.dor2 + slot * p.Dp * Sq2, ops.row_ld);
+          pack_row_pairs<NR>(qsrc, p.sq_s, r0, r1, p.Sq, p.D, p.Dp, ops.qs2 + slot * p.Dp * Sq2, ops.row_ld);
         }
       } else {
         pack_transposed_panels<NR>(qsrc, p.sq_s, r0, r1, p.D, c, ops.qt + slot * ops.Sq_pad * p.D);
@@ -944,11 +949,11 @@ BwdOperands<compute_t<S>> pack_backward_operands(const Problem& p, const at::Ten
           const int64_t bh = t / kchunks, r0 = (t % kchunks) * kPackKeys, r1 = std::min(r0 + kPackKeys, p.Sk);
           const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
           const S* ksrc = kp + b * p.sk_b + hk * p.sk_h;
-          const int64_t tld = ops.brgemm ? ops.Sk_pad : NR, rld = ops.brgemm ? p.Dp : NR;  // as the head operands
-          pack_transposed_pairs<NR>(ksrc, p.sk_s, r0, r1, p.D, ops.kt2 + bh * ops.Sk_pad * D2, r1 == p.Sk, tld);
+          pack_transposed_pairs<NR>(ksrc, p.sk_s, r0, r1, p.D, ops.kt2 + bh * ops.Sk_pad * D2, r1 == p.Sk,
+                                    ops.kt_ld);
           pack_transposed_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, ops.vt2 + bh * ops.Sk_pad * D2,
-                                    r1 == p.Sk, tld);
-          pack_row_pairs<NR>(ksrc, p.sk_s, r0, r1, p.Sk, p.D, p.Dp, ops.kr2 + bh * p.Dp * Sk2, rld);
+                                    r1 == p.Sk, ops.kt_ld);
+          pack_row_pairs<NR>(ksrc, p.sk_s, r0, r1, p.Sk, p.D, p.Dp, ops.kr2 + bh * p.Dp * Sk2, ops.row_ld);
         }
       });
     }
@@ -1008,12 +1013,11 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
     const int64_t ra = live.first, nr = live.count;
     if (dot) {
       if constexpr (kDotFor<S>) {
-        const int64_t ldb = ops.brgemm ? ops.Sk_pad : NR;
-        const int64_t panel2 = bhk * ops.Sk_pad * D2 + pair_column(t0, D2, ldb);
+        const int64_t panel2 = bhk * ops.Sk_pad * D2 + pair_column(t0, D2, ops.kt_ld);
         gemm_bf16_via(ops.brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, ops.kt2 + panel2, D2 * NR,
-                      ws.s.data() + ra * kTileK, kTileK, false, nullptr, static_cast<float>(c), ldb);
+                      ws.s.data() + ra * kTileK, kTileK, false, nullptr, static_cast<float>(c), ops.kt_ld);
         gemm_bf16_via(ops.brgemm, nr, n, D2, ws.dout2.data() + ra * D2, D2, ops.vt2 + panel2, D2 * NR,
-                      ws.dp.data() + ra * kTileK, kTileK, false, nullptr, 1.0f, ldb);
+                      ws.dp.data() + ra * kTileK, kTileK, false, nullptr, 1.0f, ops.kt_ld);
       }
     } else {
       gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ops.kt + panel, p.D * NR, ws.s.data() + ra * kTileK, kTileK,
@@ -1052,9 +1056,9 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
       if constexpr (kDotFor<S>) {
         for (int64_t r = ra; r < ra + nr; ++r)
           to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.ds2.data() + r * (kTileK / 2));
-        const int64_t ldb = ops.brgemm ? p.Dp : NR;
         gemm_bf16_via(ops.brgemm, nr, p.Dp, (t1 - t0 + 1) / 2, ws.ds2.data() + ra * (kTileK / 2), kTileK / 2,
-                      ops.kr2 + bhk * p.Dp * Sk2 + t0 / 2 * ldb, Sk2 * NR, partial, p.Dp, false, nullptr, 1.0f, ldb);
+                      ops.kr2 + bhk * p.Dp * Sk2 + t0 / 2 * ops.row_ld, Sk2 * NR, partial, p.Dp, false, nullptr, 1.0f,
+                      ops.row_ld);
       }
       add_into(ws.acc.data() + ra * p.Dp, partial, nr * p.Dp);
       return;
