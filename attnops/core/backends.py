@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
@@ -70,16 +71,22 @@ def cuda_kernel(qualname: str) -> bool:
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 
 
-def cpu_flags() -> set:
-    """This CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+def cpuinfo_field(name: str) -> Optional[str]:
+    """The first ``name`` line of /proc/cpuinfo (``flags``, ``vendor_id``, ...), its value; None where it cannot be
+    read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set:
+    """This CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def cpu_isa() -> dict:

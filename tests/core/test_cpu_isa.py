@@ -161,24 +161,13 @@ def test_amx_level_is_the_avx512_code_with_brgemm_products():
         backends.set_cpu_isa(previous)
 
 
-def _cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def test_bf16_products_default_follows_the_cpu():
     """The bf16 tile products are on by default at the amx level (brgemm) and at the avx512 level of a CPU with
     AVX512-BF16 that is not Intel's; the avx512 level of an Intel CPU widens (its VDPBF16PS issues at half the FMA
     rate: widening measured faster). _set_bf16_dot(1 / 0) forces either way, -1 gives the default back."""
     from attnops import _C
 
-    levels, vendor = backends.cpu_isa()["levels"], _cpu_vendor()
+    levels, vendor = backends.cpu_isa()["levels"], backends.cpuinfo_field("vendor_id")
     if "avx512" not in levels or "avx512_bf16" not in backends.cpu_isa()["cpu"] or vendor is None:
         pytest.skip("needs the avx512 level, AVX512-BF16 and the vendor in /proc/cpuinfo")
     previous, mode, brgemm = backends.set_cpu_isa("avx512"), _C._set_bf16_dot(-1), _C._set_bf16_brgemm(-1)
