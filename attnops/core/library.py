@@ -63,6 +63,7 @@ class OpDef:
             raise ValueError(f"{name}: duplicate argument names")
         self._own: Optional[Callable] = None  # the callable custom_op made (a Python operator's)
         self._autograd: Optional[type] = None  # the eager autograd.Function (register_autograd)
+        self._overload = None  # torch.ops.attnops.<name>.default, once defined
 
     @property
     def qualname(self) -> str:
@@ -96,7 +97,9 @@ class OpDef:
 
     @property
     def op(self):
-        return getattr(torch.ops.attnops, self.name).default
+        if self._overload is None:  # looked up once: torch.ops' namespace walk is 0.3 us a call
+            self._overload = getattr(torch.ops.attnops, self.name).default
+        return self._overload
 
     def bind(self, args: Tuple, kwargs: Optional[dict] = None) -> dict:
         """Positional (and keyword) arguments of a call -> ``{name: value}`` in argument order, defaults

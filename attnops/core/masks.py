@@ -32,6 +32,8 @@ DEFAULT_BLOCK_SIZE = 64
 
 
 def _pair(x, name: str) -> Tuple[int, int]:
+    if type(x) is tuple and len(x) == 2 and type(x[0]) is int and type(x[1]) is int:  # the common case, 0.2 us
+        return x
     if isinstance(x, int) and not isinstance(x, bool):
         return (x, x)
     if isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in x):

@@ -166,3 +166,21 @@ def test_many_chunks_block_map_with_a_window(small_chunks):
             for reduce in ("mean", "max") for b in ("composite", "reference")]
     torch.testing.assert_close(maps[0], maps[1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(maps[2], maps[3], rtol=1e-10, atol=1e-12)
+
+
+def test_attnops_backend_variable_is_read_on_every_call(monkeypatch):
+    """``ATTNOPS_BACKEND`` set, changed, emptied or removed while the process runs takes effect on the next call
+    (the dispatcher reads os.environ's backing dict, not a copy made at import)."""
+    impls = attnops.dispatch._IMPLS["block_sparse_attention"]
+    auto = attnops.dispatch.resolve("block_sparse_attention", torch.device("cpu"))
+    monkeypatch.setenv("ATTNOPS_BACKEND", "composite")
+    assert attnops.dispatch.resolve("block_sparse_attention", torch.device("cpu")) is impls["composite"]
+    monkeypatch.setenv("ATTNOPS_BACKEND", "reference")
+    assert attnops.dispatch.resolve("block_sparse_attention", torch.device("cpu")) is impls["reference"]
+    monkeypatch.setenv("ATTNOPS_BACKEND", "")
+    assert attnops.dispatch.resolve("block_sparse_attention", torch.device("cpu")) is auto
+    monkeypatch.setenv("ATTNOPS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend"):
+        attnops.dispatch.resolve("block_sparse_attention", torch.device("cpu"))
+    monkeypatch.delenv("ATTNOPS_BACKEND")
+    assert attnops.dispatch.resolve("block_sparse_attention", torch.device("cpu")) is auto

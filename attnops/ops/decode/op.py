@@ -223,7 +223,7 @@ def _check_seqlens(cache_seqlens, shape: QKVShape, device: torch.device) -> None
     _check_per_sequence("cache_seqlens", cache_seqlens, shape, device)
     # Reading the values would synchronise a GPU stream on every step: they are checked on the CPU
     # (and meta) only; the CUDA/Triton kernels clamp them to [0, S_max].
-    if device.type == "cpu" and cache_seqlens.numel():
+    if dispatch.device_type(device) == "cpu" and cache_seqlens.numel():
         lo, hi = _bounds(cache_seqlens)
         if lo < 0 or hi > shape.seq_len_k:
             raise ValueError(f"cache_seqlens must lie in [0, S_max={shape.seq_len_k}], got [{lo}, {hi}]")
@@ -231,7 +231,8 @@ def _check_seqlens(cache_seqlens, shape: QKVShape, device: torch.device) -> None
 
 def _check_leftpad(cache_leftpad, cache_seqlens: torch.Tensor, shape: QKVShape, device: torch.device) -> None:
     _check_per_sequence("cache_leftpad", cache_leftpad, shape, device)
-    if device.type == "cpu" and cache_leftpad.numel():  # GPU values are not read (no sync per step): clamped there
+    # GPU values are not read (no sync per step): clamped there
+    if dispatch.device_type(device) == "cpu" and cache_leftpad.numel():
         bad = (cache_leftpad.long() < 0) | (cache_leftpad.long() > cache_seqlens.long())
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])

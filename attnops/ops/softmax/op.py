@@ -199,7 +199,7 @@ def runs_as_decode(impl, shape, causal: bool, mods: dict, q: torch.Tensor, k: to
     Sq, Sk = shape.seq_len_q, shape.seq_len_k
     if not (Sq == 1 or (causal and Sq * (shape.num_heads // shape.num_kv_heads) <= DECODE_ROWS)) or not 1 <= Sq <= Sk:
         return False  # the shape first: it costs nothing (a call is ~50 us, the backend lookup 1 us)
-    if q.device.type != "cpu" or dispatch.name_of("block_sparse_attention", impl) != "cpu":
+    if dispatch.device_type(q.device) != "cpu" or dispatch.name_of("block_sparse_attention", impl) != "cpu":
         return False
     sinks = mods["sinks"]
     return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
