@@ -4,7 +4,9 @@ interleaved, median of REPEATS after a warm-up call. Then the fixed per-call cos
 at S=16 (where the arithmetic is negligible), median of many calls, against SDPA's.
 
 Run from the repository root: ``python benchmarks/cpu_isa.py [--quick]`` (``--quick``: N=1024 and 4096 at
-D=64 only). Prints a Markdown table; times in ms, ratios are attnops / SDPA (below 1: attnops faster)."""
+D=64 only). ``--levels amx --seqlens 16384 --head-dims 128``: a part of the full table (hours at every level on 2
+cores): only those columns, lengths and head dims. Prints a Markdown table; times in ms,
+ratios are attnops / SDPA (below 1: attnops faster)."""
 
 import argparse
 import sys
@@ -51,7 +53,7 @@ def _median_ms(times):
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def _providers(q, k, v, causal, backward):
+def _providers(q, k, v, causal, backward, only=None):
     def ours(level, bf16_dot=-1, brgemm=-1):
         def run():
             backends.set_cpu_isa(level)
@@ -75,6 +77,8 @@ def _providers(q, k, v, causal, backward):
         runs["avx512 bf16 dot"] = ours("avx512", bf16_dot=1)
         if BRGEMM:
             runs["avx512 brgemm"] = ours("avx512", brgemm=1)
+    if only is not None:
+        runs = {name: run for name, run in runs.items() if name in only}
     runs["sdpa"] = sdpa
     return runs
 
@@ -95,6 +99,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--per-call", action="store_true", help="only the fixed per-call cost at S=16")
+    parser.add_argument("--levels", help="comma-separated columns to time (default: every level this CPU runs)")
+    parser.add_argument("--seqlens", type=int, nargs="+", help="sequence lengths (default 1024 4096 16384)")
+    parser.add_argument("--head-dims", type=int, nargs="+", help="head dims (default 64 128)")
     args = parser.parse_args()
     torch.manual_seed(0)
     isa = backends.cpu_isa()
@@ -103,6 +110,13 @@ def main():
           f"CPU flags {' '.join(isa['cpu'])}")
     levels = [lv for lv in isa["levels"] if lv != "generic"] + (["avx512 widened", "avx512 bf16 dot"] if DOT else [])
     levels += ["avx512 brgemm"] if BRGEMM else []
+    only = None
+    if args.levels:
+        asked = [name.strip() for name in args.levels.split(",")]
+        unknown = sorted(set(asked) - set(levels))
+        if unknown:
+            parser.error(f"--levels: {unknown} not among this CPU's columns {levels}")
+        levels = only = [lv for lv in levels if lv in asked]
     print(f"AVX512-BF16 at the avx512 level: {DOT}, bf16 products by default there: {_avx512_default_dot()} "
           "('avx512 widened' / 'avx512 bf16 dot': the level with them off / on; 'avx512 brgemm': on through "
           "oneDNN's brgemm, the amx level's calls, on a CPU without AMX; float32 rows leave those columns empty)")
@@ -114,6 +128,7 @@ def main():
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     seqlens, dims = ([1024, 4096], [64]) if args.quick else ([1024, 4096, 16384], [64, 128])
+    seqlens, dims = args.seqlens or seqlens, args.head_dims or dims
     for backward in (False, True):
         for dtype in (torch.float32, torch.bfloat16):
             for causal in (False, True):
@@ -122,7 +137,7 @@ def main():
                         if backward and N > 4096:
                             continue
                         q, k, v = (torch.randn(1, N, 8, D, dtype=dtype, requires_grad=backward) for _ in range(3))
-                        ms = _time(_providers(q, k, v, causal, backward), 3 if N > 4096 else REPEATS)
+                        ms = _time(_providers(q, k, v, causal, backward, only), 3 if N > 4096 else REPEATS)
                         name = (f"{'causal' if causal else 'dense'} {'fwd+bwd' if backward else 'fwd'} "
                                 f"{str(dtype).split('.')[1]} N={N} D={D}")
                         cells = [f"{ms[lv]:.1f}" if lv in ms else "" for lv in levels] + [f"{ms['sdpa']:.1f}"]

@@ -40,6 +40,17 @@ template <int NR>
 inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t stride, int64_t r0, int64_t r1, int64_t D,
                                   uint32_t* dst, bool last = false, int64_t ld = NR) {
   const int64_t D2 = (D + 1) / 2;
+  if constexpr (NR == 1) {
+    if (ld == 1) {  // row r's D2 words at r D2: its bf16 pairs as stored (lo = the even element), a copy per row
+      for (int64_t r = r0; r < r1; ++r) {
+        const c10::BFloat16* src_row = src + r * stride;
+        uint32_t* row = dst + r * D2;
+        std::memcpy(row, src_row, static_cast<size_t>(D / 2) * sizeof(uint32_t));
+        if (D % 2) row[D2 - 1] = bf16_pair(src_row[D - 1].x, uint16_t(0));
+      }
+      return;
+    }
+  }
   for (int64_t p0 = r0; p0 < r1; p0 += NR) {
     uint32_t* panel = dst + pair_column(p0, D2, ld);
     const int64_t n = std::min<int64_t>(NR, r1 - p0);
