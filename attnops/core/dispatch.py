@@ -163,7 +163,9 @@ def env_backend() -> Optional[str]:
     if _ENV_DATA is None:
         return os.environ.get("ATTNOPS_BACKEND") or None
     raw = _ENV_DATA.get(_ENV_KEY)
-    return os.environ.decodevalue(raw) or None if raw is not None else None
+    if raw is None:
+        return None
+    return os.environ.decodevalue(raw) or None
 
 
 def _warn_fallback(api: str, missing) -> None:

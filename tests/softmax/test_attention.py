@@ -177,3 +177,27 @@ def test_backward_split_over_key_tiles(shape, threads):
     finally:
         torch.set_num_threads(previous_threads)
         _C._set_backward_mode(previous_mode)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+def test_wide_query_tiles(dtype, threads):
+    """Without a block LUT or map the CPU forward takes query tiles of up to 256 rows while every thread keeps four
+    tasks (csrc/cpu/kernels/block_sparse_attention.cpp: forward_tile_rows): 700 rows x 8 heads run as two 256-row
+    tiles and a ragged 188-row one at 1-2 threads, as 128-row tiles at 8; every mask, GQA, D = 40, against the
+    reference, output, lse and gradients."""
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for mask, opts in MASKS.items():
+            inputs = make_qkv(1, 700, 700, 8, 2, 40, dtype)
+
+            def kernel(q, k, v):
+                return attnops.attention(q, k, v, return_lse=True, backend="cpu", **opts)
+
+            def ref(q, k, v):
+                return reference.block_sparse_attention(q, k, v, None, softmax_scale=40 ** -0.5, **opts)
+
+            compare_with_reference(kernel, ref, inputs, dtype, name=f"{mask} threads={threads}")
+    finally:
+        torch.set_num_threads(threads_before)
