@@ -298,7 +298,7 @@ def test_results_do_not_depend_on_the_thread_count(deterministic):
     previous = _C._set_backward_mode(0)  # the automatic choice, which the thread count steers otherwise
     try:
         runs = []
-        for threads in (1, 2, 3):
+        for threads in (1, 2, 3, 8):
             torch.set_num_threads(threads)
             torch.manual_seed(0)
             q, k, v = qkv(S=300, H=8, Hkv=1, D=64, dtype=torch.bfloat16, requires_grad=True)
@@ -307,7 +307,10 @@ def test_results_do_not_depend_on_the_thread_count(deterministic):
             qd = torch.randn(2, 1, 8, 64)
             kc, vc = torch.randn(2, 5000, 2, 64), torch.randn(2, 5000, 2, 64)
             dec = attnops.decode_attention(qd, kc, vc, torch.tensor([5000, 4000]))
-            runs.append([out.detach(), q.grad, k.grad, v.grad, dec])
+            # a window: the forward's query tile (up to 256 rows) sets where each row's key tiles start
+            qw, kw, vw = qkv(S=700, H=8, Hkv=2, D=40)
+            windowed = attnops.attention(qw, kw, vw, window_size=(300, 7), return_lse=True)
+            runs.append([out.detach(), q.grad, k.grad, v.grad, dec, *windowed])
     finally:
         _C._set_backward_mode(previous)
     for other in runs[1:]:

@@ -277,10 +277,12 @@ void map_store_task(FwdScratch<T>& ws, const MapSpec& map, int64_t rows, int64_t
 // 64-row tiles read them 4x as often as SDPA's 256-row ones. Measured side by side in one process (Xeon with AMX,
 // H = 8, 2 threads; 64 -> 256 rows): bf16 D = 128 causal N = 16384 1207 -> 938 ms, dense N = 4096 113 -> 97 ms;
 // float32 D = 128 dense N = 4096 431 -> 369 ms; N = 1024 within the noise.
+// A row's key tiles start at its task's first key, so under a window or key bounds the rows per task change the
+// rounding: a deterministic schedule (ops.cpp) takes them from the shape alone, as for 8 threads.
 int64_t forward_tile_rows(const BlockLut& lut, const MapSpec& map, int64_t heads, int64_t Sq) {
   if (lut.present()) return tile_rows(lut, kTileQ);
   if (map.on()) return kTileQ;
-  const int64_t wanted = 4 * at::get_num_threads();
+  const int64_t wanted = 4 * (deterministic_schedule() ? 8 : at::get_num_threads());
   int64_t rows = kTileQ;
   while (rows < kTileQWide && heads * ((Sq + 2 * rows - 1) / (2 * rows)) >= wanted) rows *= 2;
   return rows;
