@@ -44,7 +44,7 @@ namespace attnops::cpu::ATTNOPS_ISA {
 namespace {
 
 constexpr int64_t kTileQ = 64;         // query rows per forward / dq task
-constexpr int64_t kTileQWide = 256;    // ... per forward task without a block LUT or map (forward_tile_rows)
+constexpr int64_t kTileQWide = 256;    // the most query rows per forward task (no LUT or map: forward_tile_rows)
 constexpr int64_t kTileK = 256;        // keys per S tile in the forward and dq pass
 constexpr int64_t kTileKBwd = 64;      // keys per dk/dv task
 constexpr int64_t kTileQBwd = 128;     // queries per S^T tile in the dk/dv pass
@@ -202,7 +202,7 @@ struct FwdScratch {
   std::vector<T> map_val, map_ref;
   int64_t map_lo = 0, map_hi = 0;
   std::vector<uint32_t> q2, p2;  // bf16 products (cpu/gemm_bf16.h): Q rows and P rows as bf16 pairs
-  // rows: the most query rows a task has (kTileQ, fewer for a short query): a call at S = 16 would otherwise
+  // rows: the most query rows a task has (forward_tile_rows, fewer for a short query): a call at S = 16 would otherwise
   // allocate and zero 100 KB of scratch for 16 rows.
   FwdScratch(int64_t rows, int64_t D, int64_t Dp, int64_t map_blocks, bool dot)
       : q(dot ? 0 : rows * D), s(rows * kTileK), acc(rows * Dp), m(rows), l(rows), alpha(rows), spans(rows),
