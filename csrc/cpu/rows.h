@@ -29,21 +29,21 @@ inline const T* compute_row(const S* src, int64_t D, T* buf) {
   }
 }
 
-// q . k over D elements, k in the cache's type (widened in registers); two accumulators halve the
-// FMA dependency chain.
-template <typename T, typename S>
-inline T dot(const T* q, const S* k, int64_t D) {
+// q . k over D elements in q's compute type, k in the cache's type (both widened in registers where stored
+// narrower); two accumulators halve the FMA dependency chain.
+template <typename A, typename S, typename T = compute_t<A>>
+inline T dot(const A* q, const S* k, int64_t D) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   V a0{}, a1{};
   int64_t d = 0;
   for (; d + 2 * W <= D; d += 2 * W) {
-    a0 += vload(q + d) * load_vec<T>(k + d);
-    a1 += vload(q + d + W) * load_vec<T>(k + d + W);
+    a0 += load_vec<T>(q + d) * load_vec<T>(k + d);
+    a1 += load_vec<T>(q + d + W) * load_vec<T>(k + d + W);
   }
-  for (; d + W <= D; d += W) a0 += vload(q + d) * load_vec<T>(k + d);
+  for (; d + W <= D; d += W) a0 += load_vec<T>(q + d) * load_vec<T>(k + d);
   T r = hsum<T>(a0 + a1);
-  for (; d < D; ++d) r += q[d] * static_cast<T>(k[d]);
+  for (; d < D; ++d) r += static_cast<T>(q[d]) * static_cast<T>(k[d]);
   return r;
 }
 

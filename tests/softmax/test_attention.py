@@ -107,6 +107,27 @@ def test_lse_gradient_flows(impl):
         torch.testing.assert_close(g.cpu().double(), r, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_gradient_of_lse_alone(impl, with_sinks):
+    """A loss of lse alone: the output gets no gradient (the autograd Function sees None for it, not zeros), and
+    q, k (and the sinks) still get theirs; v's is zero."""
+    dtype = torch.float64 if impl.backend == "cpu" else torch.float32
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    q, k, v = make_qkv(1, 37, 53, 4, 2, 40, dtype, requires_grad=True, device=impl.device)
+    sinks = torch.randn(4, dtype=torch.float32, device=impl.device, requires_grad=True) if with_sinks else None
+    _, lse = attnops.attention(q, k, v, causal=True, return_lse=True, sinks=sinks, backend=impl.backend)
+    inputs = (q, k, v) + ((sinks,) if with_sinks else ())
+    grads = torch.autograd.grad((torch.where(torch.isinf(lse), 0, lse) ** 2).sum(), inputs, materialize_grads=True)
+    refs = [t.detach().cpu().double().requires_grad_(True) for t in inputs]
+    _, rl = reference.block_sparse_attention(*refs[:3], None, causal=True, window_size=(-1, -1),
+                                             softmax_scale=40 ** -0.5, sinks=refs[3] if with_sinks else None)
+    rgrads = torch.autograd.grad((torch.where(torch.isinf(rl), 0, rl) ** 2).sum(), refs, materialize_grads=True)
+    assert torch.all(grads[2] == 0)
+    for g, r in zip(grads, rgrads):
+        at = max(tol, 2e-5) if g.dtype == torch.float32 else tol  # the sinks' gradient: float32, as they are
+        torch.testing.assert_close(g.cpu().double(), r, rtol=at, atol=at)
+
+
 def test_rows_with_nothing_to_attend_give_zeros(impl):
     """Causal with Sq > Sk: the first Sq - Sk queries see no key; their output is 0, lse -inf,
     gradients finite."""

@@ -36,6 +36,7 @@
 #include "cpu/mask.h"
 #include "cpu/pack.h"
 #include "cpu/parallel.h"
+#include "cpu/rows.h"
 #include "cpu/score_mods.h"
 #include "cpu/softmax.h"
 #include "ops.h"
@@ -612,15 +613,17 @@ struct KeyTileScratch {
   std::vector<uint32_t> kt_rows;
   std::vector<GradAcc> dk, dv, dq;
   std::vector<RowSpan> spans;
-  KeyTileScratch(int64_t D, int64_t Dp, int64_t dq_rows, bool softcap, bool bias, bool dot)
-      : k(dot ? 0 : kTileKBwd * D), v(dot ? 0 : kTileKBwd * D), kpanel(dot ? 0 : kTileKBwd * Dp),
-        s(kTileKBwd * kTileQBwd), dp(kTileKBwd * kTileQBwd), partial(std::max(kTileKBwd, kTileQBwd) * Dp),
-        capgrad(softcap ? kTileKBwd * kTileQBwd : 0), drop(kTileQBwd), bias_t(bias ? kTileKBwd * kTileQBwd : 0),
-        drop_rows(kTileQBwd), k2(dot ? kTileKBwd * ((D + 1) / 2) : 0), v2(dot ? kTileKBwd * ((D + 1) / 2) : 0),
-        kpair(dot ? kTileKBwd / 2 * Dp : 0), p2(dot ? kTileKBwd * kTileQBwd / 2 : 0),
-        ds2(dot ? kTileKBwd * kTileQBwd / 2 : 0), dsq2(dot ? kTileKBwd / 2 * kTileQBwd : 0),
-        kt_rows(dot ? D * kTileKBwd / 2 : 0), dk(kTileKBwd * Dp),
-        dv(kTileKBwd * Dp), dq(dq_rows * Dp), spans(kTileKBwd) {}
+  // keys: the most keys a tile has (kTileKBwd, fewer for a short key sequence: the buffers indexed by the tile's
+  // keys are zeroed when built, ~200 KB at kTileKBwd, which a 16-token call paid on every call)
+  KeyTileScratch(int64_t D, int64_t Dp, int64_t keys, int64_t dq_rows, bool softcap, bool bias, bool dot)
+      : k(dot ? 0 : keys * D), v(dot ? 0 : keys * D), kpanel(dot ? 0 : kTileKBwd * Dp),
+        s(keys * kTileQBwd), dp(keys * kTileQBwd), partial(std::max(kTileKBwd, kTileQBwd) * Dp),
+        capgrad(softcap ? keys * kTileQBwd : 0), drop(kTileQBwd), bias_t(bias ? keys * kTileQBwd : 0),
+        drop_rows(kTileQBwd), k2(dot ? keys * ((D + 1) / 2) : 0), v2(dot ? keys * ((D + 1) / 2) : 0),
+        kpair(dot ? kTileKBwd / 2 * Dp : 0), p2(dot ? keys * kTileQBwd / 2 : 0),
+        ds2(dot ? keys * kTileQBwd / 2 : 0), dsq2(dot ? kTileKBwd / 2 * kTileQBwd : 0),
+        kt_rows(dot ? D * kTileKBwd / 2 : 0), dk(keys * Dp),
+        dv(keys * Dp), dq(dq_rows * Dp), spans(keys) {}
 };
 
 // The dq accumulator of a fused task: the group's rows [row0, row0 + rows), (group, rows, Dp), which
@@ -660,8 +663,8 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
     pack_rows(vsrc, p.sv_s, 0, keys, p.D, T(1), ws.v.data(), p.D);
     if (fused) pack_row_panels<NR>(ksrc, p.sk_s, 0, keys, p.D, p.Dp, kTileKBwd, T(1), ws.kpanel.data());
   }
-  std::fill(ws.dk.begin(), ws.dk.end(), GradAcc(0));
-  std::fill(ws.dv.begin(), ws.dv.end(), GradAcc(0));
+  std::fill_n(ws.dk.begin(), keys * p.Dp, GradAcc(0));
+  std::fill_n(ws.dv.begin(), keys * p.Dp, GradAcc(0));
   const int64_t lut_row = tlut.present() ? c0 / tlut.row_block : 0;
   for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
     const int64_t bh = b * p.H + h, slot = bh - ops.bh0;
@@ -894,7 +897,8 @@ void fill_head_operands(BwdOperands<compute_t<S>>& ops, const Problem& p, const 
   const int64_t sd_b = dout.stride(0), sd_s = dout.stride(1), sd_h = dout.stride(2);
   constexpr int64_t kPackRows = 256;
   const int64_t qchunks = (p.Sq + kPackRows - 1) / kPackRows;
-  at::parallel_for(0, (bh1 - bh0) * qchunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = (bh1 - bh0) * qchunks;
+  at::parallel_for(0, tasks, (bh1 - bh0) * p.Sq * p.D < kSerialWork ? tasks : 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = t / qchunks, bh = bh0 + slot, r0 = (t % qchunks) * kPackRows;
       const int64_t r1 = std::min(r0 + kPackRows, p.Sq);
@@ -920,10 +924,8 @@ void fill_head_operands(BwdOperands<compute_t<S>>& ops, const Problem& p, const 
         const T l = static_cast<T>(lsep[bh * p.Sq + r]);
         // Rows that attend to nothing (lse = -inf) must give P = 0: exp2(s - inf).
         ops.lse2[slot * ops.Sq_pad + r] = l == -inf ? inf : l * static_cast<T>(kLog2e);
-        const S* orow = op + b * so_b + r * so_s + h * so_h;
-        const S* drow = dsrc + r * sd_s;
-        T acc = 0;
-        for (int64_t d = 0; d < p.D; ++d) acc += static_cast<T>(orow[d]) * static_cast<T>(drow[d]);
+        // in vectors: a scalar sum is a chain of D dependent adds per row (~6 us of a 16-token call at H = 8)
+        T acc = dot(op + b * so_b + r * so_s + h * so_h, dsrc + r * sd_s, p.D);
         if (dlse_p) acc -= static_cast<T>(dlse_p[bh * p.Sq + r]);
         ops.delta[slot * ops.Sq_pad + r] = acc;
       }
@@ -1121,6 +1123,10 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   const int64_t pairs = p.B * p.Hkv;
   const int64_t TK = tile_rows(tlut, kTileKBwd);
   const int64_t k_tiles = (p.Sk + TK - 1) / TK;
+  const int64_t tile_keys = std::min(TK, p.Sk);  // the most keys a tile has (KeyTileScratch)
+  // multiply-adds per unit of a fused task's cost (a query of a key tile): five products over the tile's keys. Small
+  // calls stay on the calling thread (run_tasks)
+  const int64_t key_tile_work = TK * p.D * 5;
   bool fused = mode == 1 || mode == 3 || (mode == 0 && !deterministic_schedule());
   int64_t chunks = 1;
   if (mode == 3) {
@@ -1216,7 +1222,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
               queries += tile_queries((g0 + t) / p.Hkv, (g0 + t) % p.Hkv, kt * TK, std::min((kt + 1) * TK, p.Sk));
             return queries;
           },
-          [&] { return KeyTileScratch<T>(p.D, p.Dp, p.group * p.Sq, mods.softcap(), bias.present(), dot); },
+          [&] { return KeyTileScratch<T>(p.D, p.Dp, tile_keys, p.group * p.Sq, mods.softcap(), bias.present(), dot); },
           [&](int64_t t, KeyTileScratch<T>& ws) {
             const int64_t b = (g0 + t) / p.Hkv, hk = (g0 + t) % p.Hkv;
             std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
@@ -1228,7 +1234,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
               for (int64_t r = 0; r < p.Sq; ++r)
                 store_row(ws.dq.data() + (g * p.Sq + r) * p.Dp, p.D, scale,
                           dqp + ((b * p.Sq + r) * p.H + hk * p.group + g) * p.D);
-          });
+          },
+          key_tile_work);
     }
     return;
   }
@@ -1238,7 +1245,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
     GradAcc* acc = acc_storage.data_ptr<GradAcc>();
     run_tasks(
         pairs * chunks, [&](int64_t i) { return costs[i]; },
-        [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap(), bias.present(), dot); },
+        [&] { return KeyTileScratch<T>(p.D, p.Dp, tile_keys, 0, mods.softcap(), bias.present(), dot); },
         [&](int64_t i, KeyTileScratch<T>& ws) {
           const int64_t b = i / chunks / p.Hkv, hk = i / chunks % p.Hkv;
           std::fill(acc + offset[i], acc + offset[i + 1], GradAcc(0));
@@ -1246,10 +1253,13 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
           for (int64_t kt = first[i]; kt < last[i]; ++kt)
             key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, kt * TK,
                               std::min((kt + 1) * TK, p.Sk), rows, exact, ws, dkp, dvp);
-        });
+        },
+        key_tile_work);
     // dq row = the chunks' partials that hold it, summed in chunk order (rows no key reaches: zeros)
     const int64_t row_blocks = (p.Sq + kTileQ - 1) / kTileQ;
-    at::parallel_for(0, pairs * p.group * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t sums = pairs * p.group * row_blocks;
+    at::parallel_for(0, sums, chunks * pairs * p.group * p.Sq * p.D < kSerialWork ? sums : 1, [&](int64_t begin,
+                                                                                                 int64_t end) {
       std::vector<GradAcc> sum(p.Dp);
       for (int64_t w = begin; w < end; ++w) {
         const int64_t t = w / (p.group * row_blocks), g = w / row_blocks % p.group, rb = w % row_blocks;
@@ -1291,19 +1301,21 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
         int64_t b, h, r0, r1;
         q_task(t, b, h, r0, r1);
         query_tile_dq(p, ops, lut, pred, mods, bias, drop, qp, dout, b, h, r0, r1, softmax_scale, exact, ws, dqp);
-      });
+      },
+      TQ * p.D * 3);  // per key: S, dP and dS K over the tile's rows
   run_tasks(
       p.B * p.Hkv * k_tiles,
       [&](int64_t t) {
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
         return tile_queries(b, hk, c0, std::min(c0 + TK, p.Sk));
       },
-      [&] { return KeyTileScratch<T>(p.D, p.Dp, 0, mods.softcap(), bias.present(), dot); },
+      [&] { return KeyTileScratch<T>(p.D, p.Dp, tile_keys, 0, mods.softcap(), bias.present(), dot); },
       [&](int64_t t, KeyTileScratch<T>& ws) {
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
         key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk),
                           DqRows{}, exact, ws, dkp, dvp);
-      });
+      },
+      TK * p.D * 4);
 }
 
 // ------------------------------------------------------------------------------------------
