@@ -103,7 +103,7 @@ def register(fwd: OpDef, bwd: OpDef, bwd_op: Callable) -> None:
         out, lse, partial_map, max_scores = output
         ctx.mark_non_differentiable(partial_map, max_scores)  # readouts, like an argmax
         # Outputs the caller did not differentiate get None, not zeros the engine would allocate and fill
-        # (three of four outputs in the common call: ~10 us of a 16-token backward).
+        # (three of four outputs in the common call: 6-10 us of a 16-token backward, measured).
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, a["alibi_slopes"], a["sinks"], a["attn_bias"],
                               a["dropout_seed"], *(a[name] for name in _LUT_TENSORS + _BOUND_TENSORS))
