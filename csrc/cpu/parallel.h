@@ -21,6 +21,10 @@ namespace attnops::cpu::ATTNOPS_ISA {
 // S = 16, H = 8 on 2 threads: 51 us a call with the pool against 36 us without).
 constexpr int64_t kSerialWork = int64_t(1) << 21;
 
+// at::parallel_for's grain for `tasks` tasks that together do about `work` operations: all of them on the calling
+// thread below kSerialWork (the packing and summing passes around the kernels), else one task a grain.
+inline int64_t serial_grain(int64_t tasks, int64_t work) { return work < kSerialWork ? tasks : 1; }
+
 // Runs work(task, scratch) for every task in [0, num_tasks). `cost(task)` orders the queue
 // (heaviest first); make_scratch() builds one per-thread workspace. `work_per_cost`: multiply-adds per unit of
 // cost, 0 when unknown; a call whose total is below kSerialWork stays on the calling thread.

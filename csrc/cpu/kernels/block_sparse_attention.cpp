@@ -315,7 +315,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // Packs (b, kv head) pairs [g0, g1) into the wave's panels (slot bh - g0).
   auto for_pack_chunks = [&](int64_t g0, int64_t g1, auto&& pack) {
     const int64_t chunks = (g1 - g0) * pack_chunks;
-    at::parallel_for(0, chunks, (g1 - g0) * p.Sk * p.D < kSerialWork ? chunks : 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, chunks, serial_grain(chunks, (g1 - g0) * p.Sk * p.D), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = g0 + t / pack_chunks, r0 = (t % pack_chunks) * kPackRows;
         pack(bh - g0, bh / p.Hkv, bh % p.Hkv, r0, std::min(r0 + kPackRows, p.Sk));
@@ -594,11 +594,12 @@ struct DqScratch {
   std::vector<uint32_t> q2, dout2, ds2;  // bf16 products: q, dO rows as pairs along D, dS rows as pairs along keys
   std::vector<GradAcc> acc;
   std::vector<RowSpan> spans;
-  DqScratch(int64_t D, int64_t Dp, bool softcap, bool dot)
-      : q(dot ? 0 : kTileQ * D), dout(dot ? 0 : kTileQ * D), s(kTileQ * kTileK), dp(kTileQ * kTileK),
-        partial(kTileQ * Dp), capgrad(softcap ? kTileQ * kTileK : 0), drop(kTileK),
-        q2(dot ? kTileQ * ((D + 1) / 2) : 0), dout2(dot ? kTileQ * ((D + 1) / 2) : 0), ds2(dot ? kTileQ * kTileK / 2 : 0),
-        acc(kTileQ * Dp), spans(kTileQ) {}
+  // rows: the most query rows a task has (kTileQ, fewer for a short query), as FwdScratch and KeyTileScratch
+  DqScratch(int64_t rows, int64_t D, int64_t Dp, bool softcap, bool dot)
+      : q(dot ? 0 : rows * D), dout(dot ? 0 : rows * D), s(rows * kTileK), dp(rows * kTileK),
+        partial(rows * Dp), capgrad(softcap ? rows * kTileK : 0), drop(kTileK),
+        q2(dot ? rows * ((D + 1) / 2) : 0), dout2(dot ? rows * ((D + 1) / 2) : 0), ds2(dot ? rows * kTileK / 2 : 0),
+        acc(rows * Dp), spans(rows) {}
 };
 
 template <typename T>
@@ -898,7 +899,7 @@ void fill_head_operands(BwdOperands<compute_t<S>>& ops, const Problem& p, const 
   constexpr int64_t kPackRows = 256;
   const int64_t qchunks = (p.Sq + kPackRows - 1) / kPackRows;
   const int64_t tasks = (bh1 - bh0) * qchunks;
-  at::parallel_for(0, tasks, (bh1 - bh0) * p.Sq * p.D < kSerialWork ? tasks : 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks, serial_grain(tasks, (bh1 - bh0) * p.Sq * p.D), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = t / qchunks, bh = bh0 + slot, r0 = (t % qchunks) * kPackRows;
       const int64_t r1 = std::min(r0 + kPackRows, p.Sq);
@@ -1258,8 +1259,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
     // dq row = the chunks' partials that hold it, summed in chunk order (rows no key reaches: zeros)
     const int64_t row_blocks = (p.Sq + kTileQ - 1) / kTileQ;
     const int64_t sums = pairs * p.group * row_blocks;
-    at::parallel_for(0, sums, chunks * pairs * p.group * p.Sq * p.D < kSerialWork ? sums : 1, [&](int64_t begin,
-                                                                                                 int64_t end) {
+    const int64_t grain = serial_grain(sums, chunks * pairs * p.group * p.Sq * p.D);
+    at::parallel_for(0, sums, grain, [&](int64_t begin, int64_t end) {
       std::vector<GradAcc> sum(p.Dp);
       for (int64_t w = begin; w < end; ++w) {
         const int64_t t = w / (p.group * row_blocks), g = w / row_blocks % p.group, rb = w % row_blocks;
@@ -1296,7 +1297,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
                          p.Sk, [&](int64_t a, int64_t e) { keys += e - a; });
         return keys;
       },
-      [&] { return DqScratch<T>(p.D, p.Dp, mods.softcap(), dot); },
+      [&] { return DqScratch<T>(std::min(TQ, p.Sq), p.D, p.Dp, mods.softcap(), dot); },
       [&](int64_t t, DqScratch<T>& ws) {
         int64_t b, h, r0, r1;
         q_task(t, b, h, r0, r1);
