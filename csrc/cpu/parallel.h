@@ -25,6 +25,17 @@ constexpr int64_t kSerialWork = int64_t(1) << 21;
 // thread below kSerialWork (the packing and summing passes around the kernels), else one task a grain.
 inline int64_t serial_grain(int64_t tasks, int64_t work) { return work < kSerialWork ? tasks : 1; }
 
+// Pairs per wave, for `pairs` (b, kv head) pairs run in waves of at most about `most` (the waves' buffers' bound):
+// the fewest waves, equal in size, each a multiple of `multiple` pairs where that fits (a backward task is a whole
+// pair: 8 pairs in waves of 7 and 1 left a thread idle for a quarter of a 2-thread call).
+inline int64_t even_waves(int64_t pairs, int64_t most, int64_t multiple = 1) {
+  if (pairs <= 0) return 1;
+  most = std::clamp<int64_t>(most, 1, pairs);
+  const int64_t waves = (pairs + most - 1) / most;
+  const int64_t wave = (pairs + waves - 1) / waves;
+  return std::min(pairs, (wave + multiple - 1) / multiple * multiple);
+}
+
 // Runs work(task, scratch) for every task in [0, num_tasks). `cost(task)` orders the queue
 // (heaviest first); make_scratch() builds one per-thread workspace. `work_per_cost`: multiply-adds per unit of
 // cost, 0 when unknown; a call whose total is below kSerialWork stays on the calling thread.

@@ -33,6 +33,19 @@ MASKS = {
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def _check_cpu(shape, dtype, opts, name):
+    """The C++ kernels against the reference on a (B, Sq, Sk, H, Hkv, D) shape under mask options ``opts``."""
+    inputs = make_qkv(*shape, dtype)
+
+    def kernel(q, k, v):
+        return attnops.attention(q, k, v, return_lse=True, backend="cpu", **opts)
+
+    def ref(q, k, v):
+        return reference.block_sparse_attention(q, k, v, None, softmax_scale=shape[-1] ** -0.5, **opts)
+
+    compare_with_reference(kernel, ref, inputs, dtype, name=name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("mask", list(MASKS))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -185,16 +198,7 @@ def test_backward_split_over_key_tiles(shape, threads):
     try:
         torch.set_num_threads(threads)
         for mask in ("causal", "window", "full"):
-            opts = MASKS[mask]
-            inputs = make_qkv(*shape, torch.float32)
-
-            def kernel(q, k, v):
-                return attnops.attention(q, k, v, return_lse=True, backend="cpu", **opts)
-
-            def ref(q, k, v):
-                return reference.block_sparse_attention(q, k, v, None, softmax_scale=shape[-1] ** -0.5, **opts)
-
-            compare_with_reference(kernel, ref, inputs, torch.float32, name=f"{mask} threads={threads}")
+            _check_cpu(shape, torch.float32, MASKS[mask], f"{mask} threads={threads}")
     finally:
         torch.set_num_threads(previous_threads)
         _C._set_backward_mode(previous_mode)
@@ -211,14 +215,62 @@ def test_wide_query_tiles(dtype, threads):
     try:
         torch.set_num_threads(threads)
         for mask, opts in MASKS.items():
-            inputs = make_qkv(1, 700, 700, 8, 2, 40, dtype)
-
-            def kernel(q, k, v):
-                return attnops.attention(q, k, v, return_lse=True, backend="cpu", **opts)
-
-            def ref(q, k, v):
-                return reference.block_sparse_attention(q, k, v, None, softmax_scale=40 ** -0.5, **opts)
-
-            compare_with_reference(kernel, ref, inputs, dtype, name=f"{mask} threads={threads}")
+            _check_cpu((1, 700, 700, 8, 2, 40), dtype, opts, f"{mask} threads={threads}")
     finally:
         torch.set_num_threads(threads_before)
+
+
+# the C++ backward's forms (_C._set_backward_mode): the fused pass in waves, fused with each (b, kv head)'s key
+# tiles split into 3 chunks, two passes
+_BACKWARD_MODES = {"fused": 1, "chunks": 3, "two_pass": 2}
+# 1100 tokens: the backward's key tiles are 256 keys under "full" (a ragged fifth of 76), 128 under "causal" and
+# the wide window (a key's queries span ~550 / ~750), 64 under the narrow window (backward_tiles in
+# csrc/cpu/kernels/block_sparse_attention.cpp); its S^T tiles 256 queries, 128 at 64 keys
+_WIDE_MASKS = {
+    "full": dict(causal=False, window_size=(-1, -1)),
+    "causal": dict(causal=True, window_size=(-1, -1)),
+    "wide_window": dict(causal=False, window_size=(600, 150)),
+    "causal_window": dict(causal=True, window_size=(100, -1)),
+}
+
+
+@pytest.mark.parametrize("mode", list(_BACKWARD_MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("mask", list(_WIDE_MASKS))
+def test_wide_backward_tiles(mask, dtype, mode):
+    """Long sequences take the CPU backward's wider tiles: each form, GQA 2, D = 40, against the reference, at the
+    default ISA level (tests/softmax/test_bf16_dot.py runs the bf16 products' forms on such shapes)."""
+    from attnops import _C
+
+    previous = _C._set_backward_mode(_BACKWARD_MODES[mode])
+    try:
+        _check_cpu((1, 1100, 1100, 4, 2, 40), dtype, _WIDE_MASKS[mask], f"{mask} {mode}")
+    finally:
+        _C._set_backward_mode(previous)
+
+
+@pytest.mark.parametrize("mode", list(_BACKWARD_MODES))
+def test_wide_backward_tiles_with_modifiers(mode):
+    """The wide tiles' per-query buffers (softcap's derivative, the bias columns, dropout's keep mask): softcap,
+    ALiBi, sinks, a float attn_bias with its gradient and dropout at 1100 tokens (256-key tiles), against the
+    reference given the kernels' dropout mask (the same seed from a generator in the same state)."""
+    from attnops import _C
+
+    B, S, H, Hkv, D = 1, 1100, 2, 1, 40
+    q, k, v = make_qkv(B, S, S, H, Hkv, D, torch.float32)
+    sinks = torch.randn(H)
+    bias = torch.randn(B, H, S, S)
+    opts = dict(softcap=5.0, alibi_slopes=torch.tensor([0.01, 0.002]), dropout_p=0.2)
+
+    def call(backend, q, k, v, sinks, bias):
+        gen = torch.Generator().manual_seed(7)
+        return attnops.attention(q, k, v, sinks=sinks, attn_bias=bias, generator=gen, return_lse=True,
+                                 backend=backend, **opts)
+
+    previous = _C._set_backward_mode(_BACKWARD_MODES[mode])
+    try:
+        compare_with_reference(lambda *t: call("cpu", *t), lambda *t: call("reference", *t),
+                               [q, k, v, sinks, bias], torch.float32, name=f"modifiers {mode}",
+                               labels=("dq", "dk", "dv", "dsinks", "dbias"))
+    finally:
+        _C._set_backward_mode(previous)

@@ -53,6 +53,8 @@ _CASES = [
     (1, 331, 331, 2, 1, 64, dict(window_size=(101, 3))),  # backward query tiles whose live keys start at an odd key
     (1, 90, 120, 4, 2, 512, dict(causal=True)),  # the widest head dim
     (1, 70, 70, 2, 2, 301, dict()),  # an odd one past 256
+    (1, 1100, 1100, 2, 1, 40, dict()),  # the backward's 256-key tiles and 256-query S^T tiles (a ragged last one)
+    (1, 1100, 1100, 2, 2, 64, dict(causal=True)),  # its 128-key tiles
 ]
 
 

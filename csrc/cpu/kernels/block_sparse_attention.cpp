@@ -47,8 +47,8 @@ namespace {
 constexpr int64_t kTileQ = 64;         // query rows per forward / dq task
 constexpr int64_t kTileQWide = 256;    // the most query rows per forward task (no LUT or map: forward_tile_rows)
 constexpr int64_t kTileK = 256;        // keys per S tile in the forward and dq pass
-constexpr int64_t kTileKBwd = 64;      // keys per dk/dv task
-constexpr int64_t kTileQBwd = 128;     // queries per S^T tile in the dk/dv pass
+constexpr int64_t kTileKBwd = 64;      // the fewest keys per dk/dv task (backward_tiles: up to 4x)
+constexpr int64_t kTileQBwd = 128;     // queries per S^T tile in the dk/dv pass with kTileKBwd keys (up to 2x)
 
 // Shapes and strides shared by the passes. Strides are in elements; the head dim is contiguous.
 struct Problem {
@@ -602,29 +602,48 @@ struct DqScratch {
         acc(rows * Dp), spans(rows) {}
 };
 
+// The backward's tile shape: keys per key tile (its layouts' key count; a block LUT's tiles may be shorter) and
+// queries per S^T tile.
+struct BwdTiles {
+  int64_t keys = kTileKBwd, queries = kTileQBwd;
+};
+
+// Wider tiles for long sequences: 64 x 128 tiles added every tile product into the double accumulators (dq's
+// rows swept once per 64 keys, dk / dv's once per 128 queries), ~10% of a dense D = 128 backward. Up to 256 x 256,
+// while a (b, kv head) keeps at least 4 key tiles (the chunked form splits its keys by tiles) and a key's span of
+// queries (a window's width, half the sequence under causal masking) holds 4 tiles: the rows of a key tile's S^T
+// that its keys do not see are products spent on masked scores (a 256-key tile under a 256-query window: half).
+inline BwdTiles backward_tiles(const Predicates& pred, int64_t Sk) {
+  const int64_t mid = Sk / 2, span = Sk > 0 ? pred.query_hi(0, mid) - pred.query_lo(0, mid) : 0;
+  BwdTiles tiles;
+  while (tiles.keys < 4 * kTileKBwd && 4 * 2 * tiles.keys <= std::min(Sk, span)) tiles.keys *= 2;
+  tiles.queries = std::min(2 * tiles.keys, 2 * kTileQBwd);
+  return tiles;
+}
+
 template <typename T>
 struct KeyTileScratch {
+  int64_t tk, tq;  // the tile shape (BwdTiles): strides of the layouts below
   std::vector<T> k, v, kpanel, s, dp, partial, capgrad, drop, bias_t;
   std::vector<uint32_t> drop_rows;  // the dropout hash's row keys of the tile's queries
   // bf16 products: K, V rows and K's row-pair panels (over the tile's keys); P^T and dS^T rows as pairs along
-  // the queries, and dS as pairs along the keys (word (j2, i) at j2 kTileQBwd + i)
+  // the queries, and dS as pairs along the keys (word (j2, i) at j2 tq + i)
   std::vector<uint32_t> k2, v2, kpair, p2, ds2, dsq2;
-  // fused with brgemm (the amx level): K^T's bf16 rows over the tile's keys (D x kTileKBwd halves, two a word), the A
+  // fused with brgemm (the amx level): K^T's bf16 rows over the tile's keys (D x tk halves, two a word), the A
   // operand of dq^T = K^T dS^T
   std::vector<uint32_t> kt_rows;
   std::vector<GradAcc> dk, dv, dq;
   std::vector<RowSpan> spans;
-  // keys: the most keys a tile has (kTileKBwd, fewer for a short key sequence: the buffers indexed by the tile's
-  // keys are zeroed when built, ~200 KB at kTileKBwd, which a 16-token call paid on every call)
-  KeyTileScratch(int64_t D, int64_t Dp, int64_t keys, int64_t dq_rows, bool softcap, bool bias, bool dot)
-      : k(dot ? 0 : keys * D), v(dot ? 0 : keys * D), kpanel(dot ? 0 : kTileKBwd * Dp),
-        s(keys * kTileQBwd), dp(keys * kTileQBwd), partial(std::max(kTileKBwd, kTileQBwd) * Dp),
-        capgrad(softcap ? keys * kTileQBwd : 0), drop(kTileQBwd), bias_t(bias ? keys * kTileQBwd : 0),
-        drop_rows(kTileQBwd), k2(dot ? keys * ((D + 1) / 2) : 0), v2(dot ? keys * ((D + 1) / 2) : 0),
-        kpair(dot ? kTileKBwd / 2 * Dp : 0), p2(dot ? keys * kTileQBwd / 2 : 0),
-        ds2(dot ? keys * kTileQBwd / 2 : 0), dsq2(dot ? kTileKBwd / 2 * kTileQBwd : 0),
-        kt_rows(dot ? D * kTileKBwd / 2 : 0), dk(keys * Dp),
-        dv(keys * Dp), dq(dq_rows * Dp), spans(keys) {}
+  // keys: the most keys a tile has (tiles.keys, fewer for a short key sequence or a LUT's short blocks: the buffers
+  // indexed by the tile's keys are zeroed when built, ~200 KB at 64 keys, which a 16-token call paid on every call)
+  KeyTileScratch(int64_t D, int64_t Dp, BwdTiles tiles, int64_t keys, int64_t dq_rows, bool softcap, bool bias,
+                 bool dot)
+      : tk(tiles.keys), tq(tiles.queries), k(dot ? 0 : keys * D), v(dot ? 0 : keys * D),
+        kpanel(dot ? 0 : tk * Dp), s(keys * tq), dp(keys * tq), partial(std::max(tk, tq) * Dp),
+        capgrad(softcap ? keys * tq : 0), drop(tq), bias_t(bias ? keys * tq : 0), drop_rows(tq),
+        k2(dot ? keys * ((D + 1) / 2) : 0), v2(dot ? keys * ((D + 1) / 2) : 0), kpair(dot ? tk / 2 * Dp : 0),
+        p2(dot ? keys * tq / 2 : 0), ds2(dot ? keys * tq / 2 : 0), dsq2(dot ? tk / 2 * tq : 0),
+        kt_rows(dot ? D * tk / 2 : 0), dk(keys * Dp), dv(keys * Dp), dq(dq_rows * Dp), spans(keys) {}
 };
 
 // The dq accumulator of a fused task: the group's rows [row0, row0 + rows), (group, rows, Dp), which
@@ -646,7 +665,7 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   constexpr int64_t NR = kGemmN<T>;
-  const int64_t keys = c1 - c0;
+  const int64_t keys = c1 - c0, TQ = ws.tq, TKL = ws.tk;  // TKL: the layouts' keys (KeyTileScratch)
   const S* ksrc = kp + b * p.sk_b + hk * p.sk_h + c0 * p.sk_s;
   const S* vsrc = vp + b * p.sv_b + hk * p.sv_h + c0 * p.sv_s;
   // bf16 products (ops.dot): K and V rows as they are, pairs along D; K as row pairs for dS K
@@ -656,13 +675,13 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
     if constexpr (kDotFor<S>) {
       pack_transposed_pairs<1>(ksrc, p.sk_s, 0, keys, p.D, ws.k2.data());
       pack_transposed_pairs<1>(vsrc, p.sv_s, 0, keys, p.D, ws.v2.data());
-      if (fused && ops.brgemm) pack_transposed_rows(ksrc, p.sk_s, keys, p.D, kTileKBwd / 2, ws.kt_rows.data());
+      if (fused && ops.brgemm) pack_transposed_rows(ksrc, p.sk_s, keys, p.D, TKL / 2, ws.kt_rows.data());
       else if (fused) pack_row_pairs<NR>(ksrc, p.sk_s, 0, keys, keys, p.D, p.Dp, ws.kpair.data());
     }
   } else {
     pack_rows(ksrc, p.sk_s, 0, keys, p.D, T(1), ws.k.data(), p.D);
     pack_rows(vsrc, p.sv_s, 0, keys, p.D, T(1), ws.v.data(), p.D);
-    if (fused) pack_row_panels<NR>(ksrc, p.sk_s, 0, keys, p.D, p.Dp, kTileKBwd, T(1), ws.kpanel.data());
+    if (fused) pack_row_panels<NR>(ksrc, p.sk_s, 0, keys, p.D, p.Dp, TKL, T(1), ws.kpanel.data());
   }
   std::fill_n(ws.dk.begin(), keys * p.Dp, GradAcc(0));
   std::fill_n(ws.dv.begin(), keys * p.Dp, GradAcc(0));
@@ -675,7 +694,7 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
     const T slope2 = mods.slope2(b, h);
     for_each_segment(tlut, b, h, lut_row, pred.query_lo(b, c0), pred.query_hi(b, c1 - 1), p.Sq, [&](int64_t a, int64_t e) {
       for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
-        t1 = std::min(t0 + kTileQBwd, e);
+        t1 = std::min(t0 + TQ, e);
         const int64_t start = std::max(a, t0), n = round_up(t1 - t0, W);  // the queries' columns, as in the forward
         bool any = false;
         for (int64_t j = 0; j < keys; ++j) {
@@ -694,36 +713,36 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
           alignas(64) T bias_run[ScoreBias<T>::kMaxRun];  // (a column read in place touches a line per query)
           for (int64_t i = 0; i < t1 - t0; ++i) {
             const T* row = bias.values(b, h, t0 + i, c0 + ja, false, nk, bias_run).first;
-            for (int64_t j = 0; j < nk; ++j) ws.bias_t[(ja + j) * kTileQBwd + i] = row[j];
+            for (int64_t j = 0; j < nk; ++j) ws.bias_t[(ja + j) * TQ + i] = row[j];
           }
         }
         if (dot) {
           if constexpr (kDotFor<S>) {
             const int64_t panel2 = slot * ops.Sq_pad * D2 + pair_column(t0, D2, ops.qt_ld);
             gemm_bf16_via(ops.brgemm, nk, n, D2, ws.k2.data() + ja * D2, D2, ops.qt2 + panel2, D2 * NR,
-                          ws.s.data() + ja * kTileQBwd, kTileQBwd, false, nullptr,
+                          ws.s.data() + ja * TQ, TQ, false, nullptr,
                           static_cast<float>(ops.softmax_scale * kLog2e), ops.qt_ld);
             gemm_bf16_via(ops.brgemm, nk, n, D2, ws.v2.data() + ja * D2, D2, ops.dot2 + panel2, D2 * NR,
-                          ws.dp.data() + ja * kTileQBwd, kTileQBwd, false, nullptr, 1.0f, ops.qt_ld);
+                          ws.dp.data() + ja * TQ, TQ, false, nullptr, 1.0f, ops.qt_ld);
           }
         } else {
-          gemm<T>(nk, n, p.D, ws.k.data() + ja * p.D, p.D, ops.qt + panel, p.D * NR, ws.s.data() + ja * kTileQBwd,
-                  kTileQBwd, false);
+          gemm<T>(nk, n, p.D, ws.k.data() + ja * p.D, p.D, ops.qt + panel, p.D * NR, ws.s.data() + ja * TQ,
+                  TQ, false);
           gemm<T>(nk, n, p.D, ws.v.data() + ja * p.D, p.D, ops.dot_t + panel, p.D * NR,
-                  ws.dp.data() + ja * kTileQBwd, kTileQBwd, false);
+                  ws.dp.data() + ja * TQ, TQ, false);
         }
         for (int64_t j = ja; j < ja + nk; ++j) {
-          T* s = ws.s.data() + j * kTileQBwd;  // becomes P^T
-          T* ds = ws.dp.data() + j * kTileQBwd;  // becomes dS^T
+          T* s = ws.s.data() + j * TQ;  // becomes P^T
+          T* ds = ws.dp.data() + j * TQ;  // becomes dS^T
           if (ws.spans[j].empty()) {
             zero_row(s, n);
             zero_row(ds, n);
             continue;
           }
           // key c0 + j against query t0 + i: ALiBi's distance |i - (c0 + j - t0 - offset)|
-          T* capgrad = mods.softcap() ? ws.capgrad.data() + j * kTileQBwd : nullptr;
+          T* capgrad = mods.softcap() ? ws.capgrad.data() + j * TQ : nullptr;
           if (mods.on_scores()) mods.apply(s, n, slope2, static_cast<T>(c0 + j - t0 - pred.offset), capgrad);
-          if (bias.present()) add_bias(s, ws.bias_t.data() + j * kTileQBwd, 1, t1 - t0);  // a column of bias
+          if (bias.present()) add_bias(s, ws.bias_t.data() + j * TQ, 1, t1 - t0);  // a column of bias
           mask_row(s, ws.spans[j], n);
           // d loss / d bias[i, key] is dS before the softcap's derivative (the bias is added after the cap)
           T* dbias_col = dbias ? dbias + ((b * p.H + h) * p.Sq + t0) * p.Sk + c0 + j : nullptr;
@@ -751,15 +770,15 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         }
         const int64_t rows_at = slot * p.Dp * p.Sq + t0 * NR;
         T* partial = ws.partial.data();
-        const T* s_live = ws.s.data() + ja * kTileQBwd;
-        const T* ds_live = ws.dp.data() + ja * kTileQBwd;
+        const T* s_live = ws.s.data() + ja * TQ;
+        const T* ds_live = ws.dp.data() + ja * TQ;
         if (dot) {  // P and dS rounded to bf16 (FlashAttention's products in the input type), float sums
           if constexpr (kDotFor<S>) {
-            constexpr int64_t lp = kTileQBwd / 2;
+            const int64_t lp = TQ / 2;
             const int64_t q2 = (t1 - t0 + 1) / 2, rows2 = slot * p.Dp * Sq2 + t0 / 2 * ops.row_ld;
             for (int64_t j = ja; j < ja + nk; ++j) {
-              to_bf16_pairs(ws.s.data() + j * kTileQBwd, t1 - t0, ws.p2.data() + j * lp);
-              to_bf16_pairs(ws.dp.data() + j * kTileQBwd, t1 - t0, ws.ds2.data() + j * lp);
+              to_bf16_pairs(ws.s.data() + j * TQ, t1 - t0, ws.p2.data() + j * lp);
+              to_bf16_pairs(ws.dp.data() + j * TQ, t1 - t0, ws.ds2.data() + j * lp);
             }
             gemm_bf16_via(ops.brgemm, nk, p.Dp, q2, ws.p2.data() + ja * lp, lp, ops.dor2 + rows2, Sq2 * NR, partial,
                           p.Dp, false, nullptr, 1.0f, ops.row_ld);
@@ -769,16 +788,16 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
             add_into(ws.dk.data() + ja * p.Dp, partial, nk * p.Dp);
             if (fused) {  // dq[t0:t1] += dS K: dS^T's live rows [ja, je) paired along the keys from an even ja0
               const int64_t ja0 = ja & ~int64_t(1), je = ja + nk;
-              auto live_row = [&](int64_t j) { return j >= ja && j < je ? ws.dp.data() + j * kTileQBwd : nullptr; };
+              auto live_row = [&](int64_t j) { return j >= ja && j < je ? ws.dp.data() + j * TQ : nullptr; };
               for (int64_t j = ja0; j < je; j += 2)
-                to_bf16_pair_columns(live_row(j), live_row(j + 1), n, ws.dsq2.data() + (j - ja0) / 2 * kTileQBwd);
+                to_bf16_pair_columns(live_row(j), live_row(j + 1), n, ws.dsq2.data() + (j - ja0) / 2 * TQ);
               GradAcc* dq_rows = dq.acc + (g * dq.rows + t0 - dq.row0) * p.Dp;
               if (ops.brgemm) {  // dq^T = K^T dS^T: brgemm has no transposed A, and dS^T's pairs are its VNNI B
-                brgemm_bf16_block(p.D, t1 - t0, (je - ja0 + 1) / 2, ws.kt_rows.data(), kTileKBwd / 2, ja0,
-                                  ws.dsq2.data(), kTileQBwd, partial, kTileQBwd);
-                add_transposed_into(dq_rows, p.Dp, partial, kTileQBwd, t1 - t0, p.D);
+                brgemm_bf16_block(p.D, t1 - t0, (je - ja0 + 1) / 2, ws.kt_rows.data(), TKL / 2, ja0,
+                                  ws.dsq2.data(), TQ, partial, TQ);
+                add_transposed_into(dq_rows, p.Dp, partial, TQ, t1 - t0, p.D);
               } else {
-                gemm_bf16<true>(t1 - t0, p.Dp, (je - ja0 + 1) / 2, ws.dsq2.data(), kTileQBwd,
+                gemm_bf16<true>(t1 - t0, p.Dp, (je - ja0 + 1) / 2, ws.dsq2.data(), TQ,
                                 ws.kpair.data() + ja0 / 2 * NR, keys2 * NR, partial, p.Dp, false);
                 add_into(dq_rows, partial, (t1 - t0) * p.Dp);
               }
@@ -787,17 +806,17 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
           continue;
         }
         if (exact) {
-          gemm_in_spans<T>(nk, ws.spans.data() + ja, p.Dp, s_live, kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial,
+          gemm_in_spans<T>(nk, ws.spans.data() + ja, p.Dp, s_live, TQ, ops.dor + rows_at, p.Sq * NR, partial,
                            p.Dp, false);
         } else {
-          gemm<T>(nk, p.Dp, t1 - t0, s_live, kTileQBwd, ops.dor + rows_at, p.Sq * NR, partial, p.Dp, false);
+          gemm<T>(nk, p.Dp, t1 - t0, s_live, TQ, ops.dor + rows_at, p.Sq * NR, partial, p.Dp, false);
         }
         add_into(ws.dv.data() + ja * p.Dp, partial, nk * p.Dp);
         if (exact) {
-          gemm_in_spans<T>(nk, ws.spans.data() + ja, p.Dp, ds_live, kTileQBwd, ops.qs + rows_at, p.Sq * NR, partial,
+          gemm_in_spans<T>(nk, ws.spans.data() + ja, p.Dp, ds_live, TQ, ops.qs + rows_at, p.Sq * NR, partial,
                            p.Dp, false);
         } else {
-          gemm<T>(nk, p.Dp, t1 - t0, ds_live, kTileQBwd, ops.qs + rows_at, p.Sq * NR, partial, p.Dp, false);
+          gemm<T>(nk, p.Dp, t1 - t0, ds_live, TQ, ops.qs + rows_at, p.Sq * NR, partial, p.Dp, false);
         }
         add_into(ws.dk.data() + ja * p.Dp, partial, nk * p.Dp);
         if (fused) {  // dq[t0:t1] += dS K = (dS^T)^T K
@@ -810,11 +829,11 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
                 std::fill(partial + i * p.Dp, partial + (i + 1) * p.Dp, T(0));
                 continue;
               }
-              gemm<T, true>(1, p.Dp, j1 - j0, ws.dp.data() + j0 * kTileQBwd + i, kTileQBwd,
-                            ws.kpanel.data() + j0 * NR, kTileKBwd * NR, partial + i * p.Dp, p.Dp, false);
+              gemm<T, true>(1, p.Dp, j1 - j0, ws.dp.data() + j0 * TQ + i, TQ,
+                            ws.kpanel.data() + j0 * NR, TKL * NR, partial + i * p.Dp, p.Dp, false);
             }
           } else {
-            gemm<T, true>(t1 - t0, p.Dp, nk, ds_live, kTileQBwd, ws.kpanel.data() + ja * NR, kTileKBwd * NR, partial,
+            gemm<T, true>(t1 - t0, p.Dp, nk, ds_live, TQ, ws.kpanel.data() + ja * NR, TKL * NR, partial,
                           p.Dp, false);
           }
           add_into(dq.acc + (g * dq.rows + t0 - dq.row0) * p.Dp, partial, (t1 - t0) * p.Dp);
@@ -1122,7 +1141,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
   const int64_t threads = at::get_num_threads();
   const int mode = backward_mode();
   const int64_t pairs = p.B * p.Hkv;
-  const int64_t TK = tile_rows(tlut, kTileKBwd);
+  const BwdTiles tiles = backward_tiles(pred, p.Sk);
+  const int64_t TK = tile_rows(tlut, tiles.keys);
   const int64_t k_tiles = (p.Sk + TK - 1) / TK;
   const int64_t tile_keys = std::min(TK, p.Sk);  // the most keys a tile has (KeyTileScratch)
   // multiply-adds per unit of a fused task's cost (a query of a key tile): five products over the tile's keys. Small
@@ -1208,8 +1228,8 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
     // tasks to balance; a task computes what it computes in one wave, bit for bit.
     const int64_t Sq_pad = round_up(p.Sq, kGemmN<T>);
     const int64_t pair_bytes = p.group * head_operand_elems(p, Sq_pad, dot) * int64_t(sizeof(T));
-    const int64_t wave =
-        std::min(pairs, std::max<int64_t>(2 * threads, forward_wave_bytes() / std::max<int64_t>(pair_bytes, 1)));
+    const int64_t wave = even_waves(
+        pairs, std::max<int64_t>(2 * threads, forward_wave_bytes() / std::max<int64_t>(pair_bytes, 1)), threads);
     BwdOperands<T> wops = alloc_head_operands<S>(p, q, wave * p.group, dot);
     const at::Tensor dlse_c = dlse_operand(lse, dlse);
     for (int64_t g0 = 0; g0 < pairs; g0 += wave) {
@@ -1223,7 +1243,9 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
               queries += tile_queries((g0 + t) / p.Hkv, (g0 + t) % p.Hkv, kt * TK, std::min((kt + 1) * TK, p.Sk));
             return queries;
           },
-          [&] { return KeyTileScratch<T>(p.D, p.Dp, tile_keys, p.group * p.Sq, mods.softcap(), bias.present(), dot); },
+          [&] {
+            return KeyTileScratch<T>(p.D, p.Dp, tiles, tile_keys, p.group * p.Sq, mods.softcap(), bias.present(), dot);
+          },
           [&](int64_t t, KeyTileScratch<T>& ws) {
             const int64_t b = (g0 + t) / p.Hkv, hk = (g0 + t) % p.Hkv;
             std::fill(ws.dq.begin(), ws.dq.end(), GradAcc(0));
@@ -1246,7 +1268,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
     GradAcc* acc = acc_storage.data_ptr<GradAcc>();
     run_tasks(
         pairs * chunks, [&](int64_t i) { return costs[i]; },
-        [&] { return KeyTileScratch<T>(p.D, p.Dp, tile_keys, 0, mods.softcap(), bias.present(), dot); },
+        [&] { return KeyTileScratch<T>(p.D, p.Dp, tiles, tile_keys, 0, mods.softcap(), bias.present(), dot); },
         [&](int64_t i, KeyTileScratch<T>& ws) {
           const int64_t b = i / chunks / p.Hkv, hk = i / chunks % p.Hkv;
           std::fill(acc + offset[i], acc + offset[i + 1], GradAcc(0));
@@ -1310,7 +1332,7 @@ void backward_kernel(const at::Tensor& dout, const c10::optional<at::Tensor>& dl
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
         return tile_queries(b, hk, c0, std::min(c0 + TK, p.Sk));
       },
-      [&] { return KeyTileScratch<T>(p.D, p.Dp, tile_keys, 0, mods.softcap(), bias.present(), dot); },
+      [&] { return KeyTileScratch<T>(p.D, p.Dp, tiles, tile_keys, 0, mods.softcap(), bias.present(), dot); },
       [&](int64_t t, KeyTileScratch<T>& ws) {
         const int64_t b = t / (p.Hkv * k_tiles), hk = (t / k_tiles) % p.Hkv, c0 = (t % k_tiles) * TK;
         key_tile_backward(p, ops, tlut, pred, mods, bias, drop, dbp, kp, vp, b, hk, c0, std::min(c0 + TK, p.Sk),
