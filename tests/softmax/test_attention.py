@@ -250,6 +250,29 @@ def test_wide_backward_tiles(mask, dtype, mode):
 
 
 @pytest.mark.parametrize("mode", list(_BACKWARD_MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("block", [(64, 64), (128, 256)], ids=["blocks64", "blocks128x256"])
+def test_wide_backward_tiles_on_block_masks(block, dtype, mode):
+    """With a block LUT the backward's key tile is at most the LUT's key block (64 or 256 keys here) while its S^T
+    tiles take 256 queries at 1100 tokens: random block masks, per head, against the reference."""
+    from attnops import BlockMask, _C
+
+    mask = BlockMask.random((1100, 1100), 0.4, seed=5, num_heads=4, block_size=block)
+    previous = _C._set_backward_mode(_BACKWARD_MODES[mode])
+    try:
+        def kernel(q, k, v):
+            return attnops.block_sparse_attention(q, k, v, mask, return_lse=True, backend="cpu")
+
+        def ref(q, k, v):
+            return reference.block_sparse_attention(q, k, v, mask, causal=mask.causal, window_size=mask.window_size,
+                                                    softmax_scale=40 ** -0.5)
+
+        compare_with_reference(kernel, ref, make_qkv(1, 1100, 1100, 4, 2, 40, dtype), dtype, name=f"{block} {mode}")
+    finally:
+        _C._set_backward_mode(previous)
+
+
+@pytest.mark.parametrize("mode", list(_BACKWARD_MODES))
 def test_wide_backward_tiles_with_modifiers(mode):
     """The wide tiles' per-query buffers (softcap's derivative, the bias columns, dropout's keep mask): softcap,
     ALiBi, sinks, a float attn_bias with its gradient and dropout at 1100 tokens (256-key tiles), against the
