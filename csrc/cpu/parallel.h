@@ -21,9 +21,14 @@ namespace attnops::cpu::ATTNOPS_ISA {
 // S = 16, H = 8 on 2 threads: 51 us a call with the pool against 36 us without).
 constexpr int64_t kSerialWork = int64_t(1) << 21;
 
-// at::parallel_for's grain for `tasks` tasks that together do about `work` operations: all of them on the calling
-// thread below kSerialWork (the packing and summing passes around the kernels), else one task a grain.
-inline int64_t serial_grain(int64_t tasks, int64_t work) { return work < kSerialWork ? tasks : 1; }
+// Below this many elements a packing or summing pass around the kernels runs on the calling thread. An element
+// costs what tens of multiply-adds do, so kSerialWork kept whole passes serial: the forward's K / V packing at
+// N = 1024, H = 8, D = 128 (1M elements, ~0.3 ms) ran on one thread while the other waited (~13% of the bf16 call).
+constexpr int64_t kSerialElems = int64_t(1) << 16;
+
+// at::parallel_for's grain for `tasks` tasks of a pass over `elems` elements in all: all of them on the calling
+// thread below kSerialElems, else one task a grain.
+inline int64_t serial_grain(int64_t tasks, int64_t elems) { return elems < kSerialElems ? tasks : 1; }
 
 // Pairs per wave, for `pairs` (b, kv head) pairs run in waves of at most about `most` (the waves' buffers' bound):
 // the fewest waves, equal in size, each a multiple of `multiple` pairs where that fits (a backward task is a whole
