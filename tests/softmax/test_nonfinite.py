@@ -94,6 +94,26 @@ def test_nonfinite_stays_in_the_rows_that_attend_it(mask, poison, impl):
     assert sum(poisoned) > 0 and min(poisoned) < S * H * D  # something, but not everything, is non-finite
 
 
+@pytest.mark.parametrize("poison", ["nan_k", "nan_q", "nan_dout", "nan_v"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_nonfinite_under_the_wide_backward_tiles(causal, poison):
+    """1100 tokens: the C++ backward's 256- and 128-key tiles (backward_tiles) with its exact path (NaN in q, k or
+    dO: products over each row's own span) and its tile products (NaN in v), against the reference."""
+    n = 1100
+    torch.manual_seed(0)
+    tensors = dict(q=torch.randn(1, n, 2, D), k=torch.randn(1, n, 1, D), v=torch.randn(1, n, 1, D),
+                   dout=torch.randn(1, n, 2, D))
+    name, (b, s, h, d), value = POISON[poison]
+    tensors[name][b, s * 7, min(h, tensors[name].shape[2] - 1), d] = value
+    allowed = reference.token_mask(n, n, None, causal, (-1, -1))
+    qkv = [tensors[x] for x in ("q", "k", "v")]
+    got = _run(lambda q, k, v: attnops.attention(q, k, v, causal=causal, backend="cpu"), qkv, tensors["dout"])
+    want = _run(lambda q, k, v: reference.masked_attention(q, k, v, allowed, SCALE)[0], [t.double() for t in qkv],
+                tensors["dout"].double())
+    poisoned = [_compare(f"{label} ({poison})", a, b) for label, a, b in zip(("out", "dq", "dk", "dv"), got, want)]
+    assert sum(poisoned) > 0
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_moba_nonfinite_stays_in_its_rows(causal, fwd_impl):
     """Causal: the own block's diagonal tile masks the later keys of the block (key 60 for queries
