@@ -30,9 +30,9 @@ constexpr int64_t kSerialElems = int64_t(1) << 16;
 // thread below kSerialElems, else one task a grain.
 inline int64_t serial_grain(int64_t tasks, int64_t elems) { return elems < kSerialElems ? tasks : 1; }
 
-// Pairs per wave, for `pairs` (b, kv head) pairs run in waves of at most about `most` (the waves' buffers' bound):
-// the fewest waves, equal in size, each a multiple of `multiple` pairs where that fits (a backward task is a whole
-// pair: 8 pairs in waves of 7 and 1 left a thread idle for a quarter of a 2-thread call).
+// Pairs per wave, for `pairs` (b, kv head) pairs run in waves of about `most` at most (the waves' buffers' bound):
+// the fewest waves, equal in size, rounded up to a multiple of `multiple` (past `most` by less than `multiple`; a
+// backward task is a whole pair: 8 pairs in waves of 7 and 1 left a thread idle for a quarter of a 2-thread call).
 inline int64_t even_waves(int64_t pairs, int64_t most, int64_t multiple = 1) {
   if (pairs <= 0) return 1;
   most = std::clamp<int64_t>(most, 1, pairs);
