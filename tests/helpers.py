@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
+
+# The C++ backward's forms (_C._set_backward_mode): 1 the fused pass (its waves), 3 fused with each (b, kv head)'s
+# keys split in 3 chunks, 2 two passes (a dq pass over query tiles, then the key tiles)
+CPU_BACKWARD_FORMS = {"fused": 1, "chunks": 3, "two_pass": 2}
+
+
+@contextlib.contextmanager
+def cpu_backward_form(name):
+    """Runs the C++ backward in the form CPU_BACKWARD_FORMS[name] for the duration."""
+    from attnops import _C
+
+    previous = _C._set_backward_mode(CPU_BACKWARD_FORMS[name])
+    try:
+        yield name
+    finally:
+        _C._set_backward_mode(previous)
 
 
 def _finite_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 import attnops
 from attnops.ops.softmax import reference
-from helpers import DTYPE_IDS, compare_with_reference, make_qkv
+from helpers import CPU_BACKWARD_FORMS, DTYPE_IDS, compare_with_reference, cpu_backward_form, make_qkv
 
 # (B, Sq, Sk, H, Hkv, D): lengths off the block grid, Sq != Sk both ways, head dims 32..512
 # including 40 and 96, GQA ratios 1/2/8 and MQA, a single decode-like query. Lengths stay <= ~300
@@ -220,9 +220,6 @@ def test_wide_query_tiles(dtype, threads):
         torch.set_num_threads(threads_before)
 
 
-# the C++ backward's forms (_C._set_backward_mode): the fused pass in waves, fused with each (b, kv head)'s key
-# tiles split into 3 chunks, two passes
-_BACKWARD_MODES = {"fused": 1, "chunks": 3, "two_pass": 2}
 # 1100 tokens: the backward's key tiles are 256 keys under "full" (a ragged fifth of 76), 128 under "causal" and
 # the wide window (a key's queries span ~550 / ~750), 64 under the narrow window (backward_tiles in
 # csrc/cpu/kernels/block_sparse_attention.cpp); its S^T tiles 256 queries, 128 at 64 keys
@@ -234,51 +231,42 @@ _WIDE_MASKS = {
 }
 
 
-@pytest.mark.parametrize("mode", list(_BACKWARD_MODES))
+@pytest.mark.parametrize("mode", list(CPU_BACKWARD_FORMS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("mask", list(_WIDE_MASKS))
 def test_wide_backward_tiles(mask, dtype, mode):
     """Long sequences take the CPU backward's wider tiles: each form, GQA 2, D = 40, against the reference, at the
     default ISA level (tests/softmax/test_bf16_dot.py runs the bf16 products' forms on such shapes)."""
-    from attnops import _C
-
-    previous = _C._set_backward_mode(_BACKWARD_MODES[mode])
-    try:
+    with cpu_backward_form(mode):
         _check_cpu((1, 1100, 1100, 4, 2, 40), dtype, _WIDE_MASKS[mask], f"{mask} {mode}")
-    finally:
-        _C._set_backward_mode(previous)
 
 
-@pytest.mark.parametrize("mode", list(_BACKWARD_MODES))
+@pytest.mark.parametrize("mode", list(CPU_BACKWARD_FORMS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("block", [(64, 64), (128, 256)], ids=["blocks64", "blocks128x256"])
 def test_wide_backward_tiles_on_block_masks(block, dtype, mode):
     """With a block LUT the backward's key tile is at most the LUT's key block (64 or 256 keys here) while its S^T
     tiles take 256 queries at 1100 tokens: random block masks, per head, against the reference."""
-    from attnops import BlockMask, _C
+    from attnops import BlockMask
 
     mask = BlockMask.random((1100, 1100), 0.4, seed=5, num_heads=4, block_size=block)
-    previous = _C._set_backward_mode(_BACKWARD_MODES[mode])
-    try:
-        def kernel(q, k, v):
-            return attnops.block_sparse_attention(q, k, v, mask, return_lse=True, backend="cpu")
 
-        def ref(q, k, v):
-            return reference.block_sparse_attention(q, k, v, mask, causal=mask.causal, window_size=mask.window_size,
-                                                    softmax_scale=40 ** -0.5)
+    def kernel(q, k, v):
+        return attnops.block_sparse_attention(q, k, v, mask, return_lse=True, backend="cpu")
 
+    def ref(q, k, v):
+        return reference.block_sparse_attention(q, k, v, mask, causal=mask.causal, window_size=mask.window_size,
+                                                softmax_scale=40 ** -0.5)
+
+    with cpu_backward_form(mode):
         compare_with_reference(kernel, ref, make_qkv(1, 1100, 1100, 4, 2, 40, dtype), dtype, name=f"{block} {mode}")
-    finally:
-        _C._set_backward_mode(previous)
 
 
-@pytest.mark.parametrize("mode", list(_BACKWARD_MODES))
+@pytest.mark.parametrize("mode", list(CPU_BACKWARD_FORMS))
 def test_wide_backward_tiles_with_modifiers(mode):
     """The wide tiles' per-query buffers (softcap's derivative, the bias columns, dropout's keep mask): softcap,
     ALiBi, sinks, a float attn_bias with its gradient and dropout at 1100 tokens (256-key tiles), against the
     reference given the kernels' dropout mask (the same seed from a generator in the same state)."""
-    from attnops import _C
-
     B, S, H, Hkv, D = 1, 1100, 2, 1, 40
     q, k, v = make_qkv(B, S, S, H, Hkv, D, torch.float32)
     sinks = torch.randn(H)
@@ -290,10 +278,7 @@ def test_wide_backward_tiles_with_modifiers(mode):
         return attnops.attention(q, k, v, sinks=sinks, attn_bias=bias, generator=gen, return_lse=True,
                                  backend=backend, **opts)
 
-    previous = _C._set_backward_mode(_BACKWARD_MODES[mode])
-    try:
+    with cpu_backward_form(mode):
         compare_with_reference(lambda *t: call("cpu", *t), lambda *t: call("reference", *t),
                                [q, k, v, sinks, bias], torch.float32, name=f"modifiers {mode}",
                                labels=("dq", "dk", "dv", "dsinks", "dbias"))
-    finally:
-        _C._set_backward_mode(previous)

@@ -12,7 +12,7 @@ import attnops
 from attnops import BlockMask
 from attnops.core import backends
 
-from helpers import assert_accurate, assert_op_matches_oracle, make_qkv
+from helpers import CPU_BACKWARD_FORMS, assert_accurate, assert_op_matches_oracle, cpu_backward_form, make_qkv
 
 _HAS_DOT = backends.EXTENSION and "avx512" in backends.cpu_isa()["levels"] and "avx512_bf16" in backends.cpu_isa()["cpu"]
 pytestmark = pytest.mark.skipif(not _HAS_DOT, reason="needs the avx512 level and an AVX512-BF16 CPU")
@@ -115,16 +115,10 @@ def test_nan_in_q_stays_in_its_row(avx512, products, kw):
     assert_accurate("out", out[~bad], ref[~bad], low[~bad])
 
 
-# _C._set_backward_mode: 1 the fused pass (its waves), 3 fused with each (b, kv head)'s keys split in 3 chunks,
-# 2 two passes (a dq pass over query tiles, then the key tiles)
-_BACKWARD_MODES = {"fused": 1, "chunks": 3, "two_pass": 2}
-
-
-@pytest.fixture(params=list(_BACKWARD_MODES))
+@pytest.fixture(params=list(CPU_BACKWARD_FORMS))
 def backward_mode(request, avx512):
-    previous = avx512._set_backward_mode(_BACKWARD_MODES[request.param])
-    yield request.param
-    avx512._set_backward_mode(previous)
+    with cpu_backward_form(request.param):
+        yield request.param
 
 
 def _grads(q, k, v, dout, **kw):
