@@ -262,6 +262,59 @@ def test_wide_backward_tiles_on_block_masks(block, dtype, mode):
         compare_with_reference(kernel, ref, make_qkv(1, 1100, 1100, 4, 2, 40, dtype), dtype, name=f"{block} {mode}")
 
 
+def _staircase_bounds(kind, S):
+    """(S, 2) per-row key intervals whose tiles are staircases: MoBA's self pass (each row's own 300-key block up to
+    itself: every block edge and diagonal cuts a 256-row tile) or packed documents (rectangles whose edges fall
+    inside a tile, so its row groups start at different columns)."""
+    i = torch.arange(S)
+    if kind == "moba_self":
+        lo = i // 300 * 300
+        return torch.stack([lo, i + 1], -1)
+    edges = torch.tensor([0, 130, 600, S])
+    doc = torch.bucketize(i, edges[1:], right=True)
+    return torch.stack([edges[doc], edges[doc + 1]], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case", ["moba_self", "documents", "causal_modifiers", "window_modifiers"])
+def test_staircase_tiles(case, dtype):
+    """The CPU forward's 256-row tasks take a staircase tile (a causal diagonal, a window's edges, per-row key
+    bounds) in groups of 64 rows, each over its own columns only (for_each_row_group in
+    csrc/cpu/kernels/block_sparse_attention.cpp): 1100 tokens, against the reference, output, lse and gradients;
+    the score modifiers (softcap, ALiBi, sinks, a float bias with its gradient, dropout given the same seed) read
+    their keys from the group's first column."""
+    from attnops.ops.softmax.bounded import bounded_attention
+
+    B, S, H, Hkv, D = 1, 1100, 2, 1, 40
+    q, k, v = make_qkv(B, S, S, H, Hkv, D, dtype)
+    sinks = torch.randn(H)
+    # the float32 sinks' and bias's gradients are checked with float32 inputs
+    labels = ("dq", "dk", "dv") + (("dsinks", "dbias") if dtype == torch.float32 else ())
+    if case in ("moba_self", "documents"):
+        bounds = _staircase_bounds(case, S)
+
+        def call(backend, q, k, v, sinks):
+            gen = torch.Generator().manual_seed(3)
+            return bounded_attention(q, k, v, bounds, softmax_scale=D ** -0.5, api="test", backend=backend,
+                                     softcap=4.0 if case == "documents" else 0.0, sinks=sinks, dropout_p=0.1,
+                                     generator=gen)
+
+        compare_with_reference(lambda *t: call("cpu", *t), lambda *t: call("reference", *t), [q, k, v, sinks],
+                               dtype, name=case, labels=labels[:4])
+        return
+    bias = torch.randn(B, H, S, S)
+    opts = dict(softcap=5.0, alibi_slopes=torch.tensor([0.01, 0.002]), dropout_p=0.2)
+    opts.update(causal=True) if case == "causal_modifiers" else opts.update(window_size=(300, 100))
+
+    def call(backend, q, k, v, sinks, bias):
+        gen = torch.Generator().manual_seed(7)
+        return attnops.attention(q, k, v, sinks=sinks, attn_bias=bias, generator=gen, return_lse=True,
+                                 backend=backend, **opts)
+
+    compare_with_reference(lambda *t: call("cpu", *t), lambda *t: call("reference", *t), [q, k, v, sinks, bias],
+                           dtype, name=case, labels=labels)
+
+
 @pytest.mark.parametrize("mode", list(CPU_BACKWARD_FORMS))
 def test_wide_backward_tiles_with_modifiers(mode):
     """The wide tiles' per-query buffers (softcap's derivative, the bias columns, dropout's keep mask): softcap,
