@@ -157,6 +157,13 @@ def fwd_impl(request):
         yield param
 
 
+@pytest.fixture(params=_cpu_params([("", 0)]))
+def cpu_impl(request):
+    """The C++ kernels at each ISA level this CPU can execute, alone (shapes too long for the Triton interpreter)."""
+    with _cpu_level(request.param) as param:
+        yield param
+
+
 # Families without a pure-PyTorch fallback: their `composite` items are deselected (not skipped one by one).
 _NO_FALLBACK = ("lowrank",)
 

@@ -277,10 +277,11 @@ def _staircase_bounds(kind, S):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("case", ["moba_self", "documents", "causal_modifiers", "window_modifiers"])
-def test_staircase_tiles(case, dtype):
+def test_staircase_tiles(case, dtype, cpu_impl):
     """The CPU forward's 256-row tasks take a staircase tile (a causal diagonal, a window's edges, per-row key
     bounds) in groups of 64 rows, each over its own columns only (for_each_row_group in
-    csrc/cpu/kernels/block_sparse_attention.cpp): 1100 tokens, against the reference, output, lse and gradients;
+    csrc/cpu/kernels/block_sparse_attention.cpp): 1100 tokens at each ISA level, against the reference, output,
+    lse and gradients;
     the score modifiers (softcap, ALiBi, sinks, a float bias with its gradient, dropout given the same seed) read
     their keys from the group's first column."""
     from attnops.ops.softmax.bounded import bounded_attention
@@ -299,8 +300,8 @@ def test_staircase_tiles(case, dtype):
                                      softcap=4.0 if case == "documents" else 0.0, sinks=sinks, dropout_p=0.1,
                                      generator=gen)
 
-        compare_with_reference(lambda *t: call("cpu", *t), lambda *t: call("reference", *t), [q, k, v, sinks],
-                               dtype, name=case, labels=labels[:4])
+        compare_with_reference(lambda *t: call(cpu_impl.backend, *t), lambda *t: call("reference", *t),
+                               [q, k, v, sinks], dtype, name=case, labels=labels[:4])
         return
     bias = torch.randn(B, H, S, S)
     opts = dict(softcap=5.0, alibi_slopes=torch.tensor([0.01, 0.002]), dropout_p=0.2)
@@ -311,8 +312,8 @@ def test_staircase_tiles(case, dtype):
         return attnops.attention(q, k, v, sinks=sinks, attn_bias=bias, generator=gen, return_lse=True,
                                  backend=backend, **opts)
 
-    compare_with_reference(lambda *t: call("cpu", *t), lambda *t: call("reference", *t), [q, k, v, sinks, bias],
-                           dtype, name=case, labels=labels)
+    compare_with_reference(lambda *t: call(cpu_impl.backend, *t), lambda *t: call("reference", *t),
+                           [q, k, v, sinks, bias], dtype, name=case, labels=labels)
 
 
 @pytest.mark.parametrize("mode", list(CPU_BACKWARD_FORMS))
