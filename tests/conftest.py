@@ -14,7 +14,8 @@
   one (low-rank keys have none: those items are deselected);
 - `impl` and `fwd_impl` run the C++ kernels at every ISA level this CPU can execute (csrc/cpu/isa.h):
   the default (best) level under the plain ids `cpu-*`, the others as `cpu-*-<level>`; levels the
-  CPU lacks are skipped with the reason.
+  CPU lacks are skipped with the reason. `cpu_impl` runs those levels alone, for shapes too long for
+  the Triton interpreter.
 """
 
 import contextlib
