@@ -281,9 +281,8 @@ def test_staircase_tiles(case, dtype, cpu_impl):
     """The CPU forward's 256-row tasks take a staircase tile (a causal diagonal, a window's edges, per-row key
     bounds) in groups of 64 rows, each over its own columns only (for_each_row_group in
     csrc/cpu/kernels/block_sparse_attention.cpp): 1100 tokens at each ISA level, against the reference, output,
-    lse and gradients;
-    the score modifiers (softcap, ALiBi, sinks, a float bias with its gradient, dropout given the same seed) read
-    their keys from the group's first column."""
+    lse and gradients. The score modifiers (softcap, ALiBi, sinks, a float bias with its gradient, dropout given the
+    same seed) take their keys from the group's first column."""
     from attnops.ops.softmax.bounded import bounded_attention
 
     B, S, H, Hkv, D = 1, 1100, 2, 1, 40
@@ -305,7 +304,10 @@ def test_staircase_tiles(case, dtype, cpu_impl):
         return
     bias = torch.randn(B, H, S, S)
     opts = dict(softcap=5.0, alibi_slopes=torch.tensor([0.01, 0.002]), dropout_p=0.2)
-    opts.update(causal=True) if case == "causal_modifiers" else opts.update(window_size=(300, 100))
+    if case == "causal_modifiers":
+        opts["causal"] = True
+    else:
+        opts["window_size"] = (300, 100)
 
     def call(backend, q, k, v, sinks, bias):
         gen = torch.Generator().manual_seed(7)
