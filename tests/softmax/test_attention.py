@@ -262,17 +262,24 @@ def test_wide_backward_tiles_on_block_masks(block, dtype, mode):
         compare_with_reference(kernel, ref, make_qkv(1, 1100, 1100, 4, 2, 40, dtype), dtype, name=f"{block} {mode}")
 
 
-def _staircase_bounds(kind, S):
-    """(S, 2) per-row key intervals whose tiles are staircases: MoBA's self pass (each row's own 300-key block up to
-    itself: every block edge and diagonal cuts a 256-row tile) or packed documents (rectangles whose edges fall
-    inside a tile, so its row groups start at different columns)."""
-    i = torch.arange(S)
-    if kind == "moba_self":
-        lo = i // 300 * 300
-        return torch.stack([lo, i + 1], -1)
-    edges = torch.tensor([0, 130, 600, S])
-    doc = torch.bucketize(i, edges[1:], right=True)
-    return torch.stack([edges[doc], edges[doc + 1]], -1)
+def _check_modifiers(backend, dtype, mask_opts, name):
+    """softcap, ALiBi, sinks, a float attn_bias with its gradient and dropout (the reference given the kernels'
+    mask: the same seed from a generator in the same state) at 1100 tokens under ``mask_opts``, against the
+    reference; the float32 sinks' and bias's gradients are checked with float32 inputs."""
+    B, S, H, Hkv, D = 1, 1100, 2, 1, 40
+    q, k, v = make_qkv(B, S, S, H, Hkv, D, dtype)
+    sinks = torch.randn(H)
+    bias = torch.randn(B, H, S, S)
+    opts = dict(softcap=5.0, alibi_slopes=torch.tensor([0.01, 0.002]), dropout_p=0.2, **mask_opts)
+
+    def call(backend, q, k, v, sinks, bias):
+        gen = torch.Generator().manual_seed(7)
+        return attnops.attention(q, k, v, sinks=sinks, attn_bias=bias, generator=gen, return_lse=True,
+                                 backend=backend, **opts)
+
+    labels = ("dq", "dk", "dv") + (("dsinks", "dbias") if dtype == torch.float32 else ())
+    compare_with_reference(lambda *t: call(backend, *t), lambda *t: call("reference", *t), [q, k, v, sinks, bias],
+                           dtype, name=name, labels=labels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
@@ -281,60 +288,42 @@ def test_staircase_tiles(case, dtype, cpu_impl):
     """The CPU forward's 256-row tasks take a staircase tile (a causal diagonal, a window's edges, per-row key
     bounds) in groups of 64 rows, each over its own columns only (for_each_row_group in
     csrc/cpu/kernels/block_sparse_attention.cpp): 1100 tokens at each ISA level, against the reference, output,
-    lse and gradients. The score modifiers (softcap, ALiBi, sinks, a float bias with its gradient, dropout given the
-    same seed) take their keys from the group's first column."""
+    lse and gradients. Key bounds: MoBA's self pass over 300-key blocks (every block edge and diagonal cuts a
+    256-row tile) and packed documents (rectangles whose edges fall inside a tile, so its row groups start at
+    different columns). The score modifiers take their keys from the group's first column."""
+    from attnops.core.segments import from_cu_seqlens
+    from attnops.ops.routed.token import _own_block_bounds
     from attnops.ops.softmax.bounded import bounded_attention
 
+    if case == "causal_modifiers":
+        _check_modifiers(cpu_impl.backend, dtype, dict(causal=True), case)
+        return
+    if case == "window_modifiers":
+        _check_modifiers(cpu_impl.backend, dtype, dict(window_size=(300, 100)), case)
+        return
     B, S, H, Hkv, D = 1, 1100, 2, 1, 40
     q, k, v = make_qkv(B, S, S, H, Hkv, D, dtype)
     sinks = torch.randn(H)
-    # the float32 sinks' and bias's gradients are checked with float32 inputs
-    labels = ("dq", "dk", "dv") + (("dsinks", "dbias") if dtype == torch.float32 else ())
-    if case in ("moba_self", "documents"):
-        bounds = _staircase_bounds(case, S)
-
-        def call(backend, q, k, v, sinks):
-            gen = torch.Generator().manual_seed(3)
-            return bounded_attention(q, k, v, bounds, softmax_scale=D ** -0.5, api="test", backend=backend,
-                                     softcap=4.0 if case == "documents" else 0.0, sinks=sinks, dropout_p=0.1,
-                                     generator=gen)
-
-        compare_with_reference(lambda *t: call(cpu_impl.backend, *t), lambda *t: call("reference", *t),
-                               [q, k, v, sinks], dtype, name=case, labels=labels[:4])
-        return
-    bias = torch.randn(B, H, S, S)
-    opts = dict(softcap=5.0, alibi_slopes=torch.tensor([0.01, 0.002]), dropout_p=0.2)
-    if case == "causal_modifiers":
-        opts["causal"] = True
+    if case == "moba_self":
+        bounds = _own_block_bounds([0, S], 300, True, q.device)
     else:
-        opts["window_size"] = (300, 100)
+        cu = torch.tensor([0, 130, 600, S])
+        bounds = from_cu_seqlens(cu, cu, S, S, causal=False, window_size=(-1, -1)).key_bounds[0]
 
-    def call(backend, q, k, v, sinks, bias):
-        gen = torch.Generator().manual_seed(7)
-        return attnops.attention(q, k, v, sinks=sinks, attn_bias=bias, generator=gen, return_lse=True,
-                                 backend=backend, **opts)
+    def call(backend, q, k, v, sinks):
+        gen = torch.Generator().manual_seed(3)
+        return bounded_attention(q, k, v, bounds, softmax_scale=D ** -0.5, api="test", backend=backend,
+                                 softcap=4.0 if case == "documents" else 0.0, sinks=sinks, dropout_p=0.1,
+                                 generator=gen)
 
+    labels = ("dq", "dk", "dv") + (("dsinks",) if dtype == torch.float32 else ())
     compare_with_reference(lambda *t: call(cpu_impl.backend, *t), lambda *t: call("reference", *t),
-                           [q, k, v, sinks, bias], dtype, name=case, labels=labels)
+                           [q, k, v, sinks], dtype, name=case, labels=labels)
 
 
 @pytest.mark.parametrize("mode", list(CPU_BACKWARD_FORMS))
 def test_wide_backward_tiles_with_modifiers(mode):
-    """The wide tiles' per-query buffers (softcap's derivative, the bias columns, dropout's keep mask): softcap,
-    ALiBi, sinks, a float attn_bias with its gradient and dropout at 1100 tokens (256-key tiles), against the
-    reference given the kernels' dropout mask (the same seed from a generator in the same state)."""
-    B, S, H, Hkv, D = 1, 1100, 2, 1, 40
-    q, k, v = make_qkv(B, S, S, H, Hkv, D, torch.float32)
-    sinks = torch.randn(H)
-    bias = torch.randn(B, H, S, S)
-    opts = dict(softcap=5.0, alibi_slopes=torch.tensor([0.01, 0.002]), dropout_p=0.2)
-
-    def call(backend, q, k, v, sinks, bias):
-        gen = torch.Generator().manual_seed(7)
-        return attnops.attention(q, k, v, sinks=sinks, attn_bias=bias, generator=gen, return_lse=True,
-                                 backend=backend, **opts)
-
+    """The wide tiles' per-query buffers (softcap's derivative, the bias columns, dropout's keep mask) in each
+    backward form: :func:`_check_modifiers` on full attention, float32 (256-key tiles)."""
     with cpu_backward_form(mode):
-        compare_with_reference(lambda *t: call("cpu", *t), lambda *t: call("reference", *t),
-                               [q, k, v, sinks, bias], torch.float32, name=f"modifiers {mode}",
-                               labels=("dq", "dk", "dv", "dsinks", "dbias"))
+        _check_modifiers("cpu", torch.float32, {}, f"modifiers {mode}")
