@@ -25,25 +25,25 @@ struct RowSpan {
   bool empty() const { return v0 >= v1; }
 };
 
-// The largest score of a row, NaN-propagating.
+// The largest score of a row, NaN-propagating, lane by lane (hmax of it: the row's).
 template <typename T>
-inline T row_max(const T* s, int64_t n) {
+inline vec_t<T> row_max_lanes(const T* s, int64_t n) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   V mx = vsplat<T>(-std::numeric_limits<T>::infinity());
   for (int64_t j = 0; j < n; j += W) mx = vmax_nan<T>(vload(s + j), mx);
-  return hmax<T>(mx);
+  return mx;
 }
 
 // Masks a score row outside [v0, v1) to -inf over the tile's padded width n (a multiple of W) and
-// returns the masked row's max. One pass of vector selects: the scalar stores it replaces (up to a
-// tile's width per row on every causal diagonal and window edge, half of every row at S = 16) were
-// followed by a reload of the row for its max that waited on them.
+// returns the masked row's max lane by lane (mask_row_max: the row's). One pass of vector selects: the
+// scalar stores it replaces (up to a tile's width per row on every causal diagonal and window edge, half
+// of every row at S = 16) were followed by a reload of the row for its max that waited on them.
 template <typename T>
-inline T mask_row_max(T* s, RowSpan span, int64_t n) {
+inline vec_t<T> mask_row_max_lanes(T* s, RowSpan span, int64_t n) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
-  if (span.v0 <= 0 && span.v1 >= n) return row_max(s, n);
+  if (span.v0 <= 0 && span.v1 >= n) return row_max_lanes(s, n);
   const V ninf = vsplat(-std::numeric_limits<T>::infinity());
   // bounds clamped to [0, n]: exact in T, however far outside the tile the span's ends lie
   const V lo = vsplat(T(std::clamp<int64_t>(span.v0, 0, n))), hi = vsplat(T(std::clamp<int64_t>(span.v1, 0, n)));
@@ -55,7 +55,12 @@ inline T mask_row_max(T* s, RowSpan span, int64_t n) {
     vstore(s + j, x);
     mx = vmax_nan<T>(x, mx);
   }
-  return hmax<T>(mx);
+  return mx;
+}
+
+template <typename T>
+inline T mask_row_max(T* s, RowSpan span, int64_t n) {
+  return hmax<T>(mask_row_max_lanes(s, span, n));
 }
 
 template <typename T>
