@@ -269,43 +269,6 @@ ATTNOPS_BF16_TARGET inline void to_bf16_pairs(const float* p, int64_t n, uint32_
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + j)));
 }
 
-// hreduce_rows16's shuffles: level L (B = 8 >> L lanes combined with the B above them) reads a and b, which hold
-// 8 / B rows of 2B lanes each, and puts a's rows then b's, B lanes each: lane o of the lower (upper) operand is
-// lane o % B (+ B) of its row (permutex2var's indices, b's lanes from 16).
-struct ReduceRowsIndex {
-  alignas(64) int32_t idx[4][2][16];
-  constexpr ReduceRowsIndex() : idx{} {
-    for (int L = 0; L < 4; ++L)
-      for (int upper = 0; upper < 2; ++upper)
-        for (int o = 0; o < 16; ++o) {
-          const int B = 8 >> L, row = o / B, per = 8 / B;
-          idx[L][upper][o] = (row < per ? 0 : 16) + (row % per) * 2 * B + o % B + (upper ? B : 0);
-        }
-  }
-};
-inline constexpr ReduceRowsIndex kReduceRowsIndex{};
-
-// Lane i of the result = hreduce(x[i], combine) for the 16 vectors x[0, 16) (x is overwritten): one tree for 16
-// rows, 15 combines of two-source shuffles where 16 hreduce trees take 64 combines, their shuffles and a scalar
-// each. Each level pairs the lanes hreduce pairs (i and i + B, for B = 8, 4, 2, 1) and keeps the combine's
-// operand order, so every lane is bit for bit its row's hreduce (a max's NaN and signed zeros included).
-template <typename Combine>
-ATTNOPS_BF16_TARGET inline __m512 hreduce_rows16(__m512 (&x)[16], Combine combine) {
-  auto level = [&](int L, int count) {
-    const __m512i lo = _mm512_load_si512(kReduceRowsIndex.idx[L][0]);
-    const __m512i hi = _mm512_load_si512(kReduceRowsIndex.idx[L][1]);
-#pragma GCC unroll 8
-    for (int k = 0; k < count / 2; ++k)
-      x[k] = combine(_mm512_permutex2var_ps(x[2 * k], lo, x[2 * k + 1]),
-                     _mm512_permutex2var_ps(x[2 * k], hi, x[2 * k + 1]));
-  };
-  level(0, 16);
-  level(1, 8);
-  level(2, 4);
-  level(3, 2);
-  return x[0];
-}
-
 // softmax_row on the rows [0, rows) of a tile of unscaled scores (s, lds floats a row; the tile's padded width n)
 // whose scale c > 0 (softmax_scale log2(e)) multiplies in the exponent, P written as bf16 pairs along the keys to
 // dst (ldd words a row, n / 2 of them written: zeros outside the span) and not back to s: the bf16 products' step
@@ -320,16 +283,14 @@ ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int6
   using V = vec_t<float>;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const __m512 cv = _mm512_set1_ps(c), ninf = _mm512_set1_ps(kNegInf);
-  auto max_nan = [](__m512 a, __m512 b) { return (__m512)vmax_nan<float>((V)a, (V)b); };
-  auto add = [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); };
   for (int64_t g = 0; g < rows; g += 16) {
     const int64_t nr = std::min<int64_t>(16, rows - g);
     const __mmask16 live = __mmask16((1u << nr) - 1);
-    __m512 lanes[16];
+    V lanes[16];
     for (int64_t i = 0; i < 16; ++i)  // each row's max lane by lane, then all 16 rows' in one tree
-      lanes[i] = i >= nr || spans[g + i].empty() ? ninf
-                                                 : (__m512)mask_row_max_lanes(s + (g + i) * lds, spans[g + i], n);
-    const __m512 mt = _mm512_mul_ps(hreduce_rows16(lanes, max_nan), cv);
+      lanes[i] = i >= nr || spans[g + i].empty() ? (V)ninf : mask_row_max_lanes(s + (g + i) * lds, spans[g + i], n);
+    const V row_max = hreduce_rows<float>(lanes, [](V a, V b) { return vmax_nan<float>(a, b); });
+    const __m512 mt = _mm512_mul_ps((__m512)row_max, cv);
     // m_new = max(m, tile max), NaN-propagating as softmax_row; alpha = exp2(m - m_new), 1 where m_new is -inf
     const __m512 mo = _mm512_maskz_loadu_ps(live, m + g);
     const __mmask16 nan_t = _mm512_cmp_ps_mask(mt, mt, _CMP_UNORD_Q), up = _mm512_cmp_ps_mask(mo, mt, _CMP_LT_OQ);
@@ -343,7 +304,7 @@ ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int6
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t r = g + i;
       uint32_t* out = dst + r * ldd;
-      lanes[i] = _mm512_setzero_ps();
+      lanes[i] = V{};
       if (spans[r].empty() || m_new[i] == kNegInf) {  // the latter: only -inf scores so far
         std::fill(out, out + n / 2, uint32_t(0));
         continue;
@@ -371,11 +332,12 @@ ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int6
         sum += p0;
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j / 2), (__m256i)_mm512_cvtneps_pbh((__m512)p0));
       }
-      lanes[i] = (__m512)sum;
+      lanes[i] = sum;
     }
-    for (int64_t i = nr; i < 16; ++i) lanes[i] = _mm512_setzero_ps();
+    for (int64_t i = nr; i < 16; ++i) lanes[i] = V{};
     // l alpha + sum written as softmax_row's `l * alpha + hsum(sum)`, so that the compiler contracts both alike
-    const V lt = (V)hreduce_rows16(lanes, add), lo = (V)_mm512_maskz_loadu_ps(updated, l + g);
+    const V lt = hreduce_rows<float>(lanes, [](V a, V b) { return a + b; });
+    const V lo = (V)_mm512_maskz_loadu_ps(updated, l + g);
     _mm512_mask_storeu_ps(l + g, updated, (__m512)(lo * (V)al + lt));
     _mm512_mask_storeu_ps(m + g, updated, mn);
   }

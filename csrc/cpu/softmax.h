@@ -140,4 +140,49 @@ inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T& alpha) {
   softmax_row_exp(s, n, mask_row_max(s, span, n), m, l, alpha);
 }
 
+// softmax_row on the rows [0, rows) of a tile (s, lds elements a row), their max and sum reductions taken W rows at
+// a time (hreduce_rows, one shuffle tree for W rows): on the 64-key tiles of block masks the rows' hmax and hsum
+// were a large part of the step. Bit for bit softmax_row's m, l, alpha and P.
+template <typename T>
+inline void softmax_rows(T* s, int64_t lds, int64_t rows, int64_t n, const RowSpan* spans, T* m, T* l, T* alpha) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t g = 0; g < rows; g += W) {
+    const int64_t nr = std::min<int64_t>(W, rows - g);
+    V lanes[W];
+    for (int64_t i = 0; i < W; ++i)
+      lanes[i] = i < nr && !spans[g + i].empty() ? mask_row_max_lanes(s + (g + i) * lds, spans[g + i], n)
+                                                 : vsplat(kNegInf);
+    const V m_tile = hreduce_rows<T>(lanes, [](V a, V b) { return vmax_nan<T>(a, b); });
+    bool updated[W] = {};
+    for (int64_t i = 0; i < nr; ++i) {  // softmax_row_exp, but for the sum's reduction
+      const int64_t r = g + i;
+      T* row = s + r * lds;
+      lanes[i] = V{};
+      alpha[r] = T(1);
+      const T m_new = m_tile[i] != m_tile[i] ? m_tile[i] : std::max(m[r], m_tile[i]);
+      if (spans[r].empty() || m_new == kNegInf) {  // the latter only reachable with -inf scores
+        zero_row(row, n);
+        continue;
+      }
+      alpha[r] = exp2_scalar(m[r] - m_new);
+      const V mv = vsplat(m_new);
+      V sum{};
+      for (int64_t j = 0; j < n; j += W) {
+        const V p = exp2(vload(row + j) - mv);
+        vstore(row + j, p);
+        sum += p;
+      }
+      lanes[i] = sum;
+      m[r] = m_new;
+      updated[i] = true;
+    }
+    for (int64_t i = nr; i < W; ++i) lanes[i] = V{};
+    const V sums = hreduce_rows<T>(lanes, [](V a, V b) { return a + b; });
+    for (int64_t i = 0; i < nr; ++i)
+      if (updated[i]) l[g + i] = l[g + i] * alpha[g + i] + sums[i];  // as softmax_row_exp's, contracted alike
+  }
+}
+
 }  // namespace attnops::cpu::ATTNOPS_ISA

@@ -146,6 +146,29 @@ inline T hreduce(vec_t<T> v, Combine combine) {
   }
 }
 
+// hreduce_rows' two-source masks at stage B: each of the two sources holds W / (2B) rows of 2B lanes; the output
+// holds the first source's rows then the second's, B lanes each, lane j taking lane j % B (+ B: `Upper`) of its
+// row (indices >= W select from the second source).
+template <typename T, int B, bool Upper, int... J>
+constexpr typename Vec<T>::itype reduce_rows_mask(LaneIndex<J...>) {
+  constexpr int W = Vec<T>::size, per = W / (2 * B);
+  return typename Vec<T>::itype{((J / B < per ? 0 : W) + (J / B) % per * 2 * B + J % B + (Upper ? B : 0))...};
+}
+
+// Lane i of the result = hreduce(x[i], combine) for the W vectors x[0, W) (x is overwritten): one tree for W rows,
+// W - 1 combines of two-source shuffles where W hreduce trees take W log2(W) combines, their shuffles and a scalar
+// each. Each stage pairs the lanes hreduce pairs (i and i + B, for B = W / 2, ..., 1) in hreduce's operand order,
+// so every lane is bit for bit its row's hreduce (a max's NaN and signed zeros included).
+template <typename T, int B = Vec<T>::size / 2, typename Combine>
+inline vec_t<T> hreduce_rows(vec_t<T>* x, Combine combine) {
+  using Lanes = typename MakeLaneIndex<Vec<T>::size>::type;
+  constexpr auto lo = reduce_rows_mask<T, B, false>(Lanes{}), hi = reduce_rows_mask<T, B, true>(Lanes{});
+  for (int k = 0; k < B; ++k)  // the stage's 2B vectors -> B (W rows, B lanes left each)
+    x[k] = combine(__builtin_shuffle(x[2 * k], x[2 * k + 1], lo), __builtin_shuffle(x[2 * k], x[2 * k + 1], hi));
+  if constexpr (B > 1) return hreduce_rows<T, B / 2>(x, combine);
+  else return x[0];
+}
+
 // The largest lane, NaN if any lane is NaN (vmax_nan's rule).
 template <typename T>
 inline T hmax(vec_t<T> v) {

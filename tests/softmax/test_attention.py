@@ -321,6 +321,38 @@ def test_staircase_tiles(case, dtype, cpu_impl):
                            [q, k, v, sinks], dtype, name=case, labels=labels)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case", ["dilated", "causal", "window"])
+def test_row_reductions_match_the_per_row_softmax(case, dtype, cpu_impl):
+    """The CPU forward's softmax takes the rows' max and sum W rows at a time (softmax_rows, softmax_rows_to_bf16:
+    one shuffle tree for W rows, csrc/cpu/softmax.h and gemm_bf16.h) and, with a score modifier, row by row
+    (softmax_row_exp: one hmax / hsum tree a row). A float bias of zeros changes no score and sends the same call
+    down the per-row path: output and lse agree bit for bit, at 1100 tokens (groups of rows cut short at every task's
+    end), on 64-key block-mask tiles and 256-row tasks, with a NaN query row and an infinite key (rows whose max is
+    +inf, the exact rerun)."""
+    B, S, H, Hkv, D = 1, 1100, 2, 1, 40
+    q, k, v = make_qkv(B, S, S, H, Hkv, D, dtype)
+    q[0, 70, 1] = float("nan")
+    k[0, 333, 0, 5] = float("inf")
+    if case == "dilated":
+        mask = attnops.BlockMask.dilated(S, 6, 2, causal=True, block_size=64)
+
+        def call(bias):
+            return attnops.block_sparse_attention(q, k, v, mask, attn_bias=bias, return_lse=True,
+                                                  backend=cpu_impl.backend)
+    else:
+        opts = dict(causal=True) if case == "causal" else dict(window_size=(300, 100))
+
+        def call(bias):
+            return attnops.attention(q, k, v, attn_bias=bias, return_lse=True, backend=cpu_impl.backend, **opts)
+
+    batched, per_row = call(None), call(torch.zeros(1, 1, 1, S))
+    for name, a, b in (("out", batched[0], per_row[0]), ("lse", batched[1], per_row[1])):
+        assert torch.equal(a.isnan(), b.isnan()), name
+        assert torch.equal(a.nan_to_num(0.0, 1e30, -1e30), b.nan_to_num(0.0, 1e30, -1e30)), name
+    assert batched[0].isnan().any() and not batched[0].isnan().all()  # the NaN row (and the +inf rows) reached out
+
+
 @pytest.mark.parametrize("mode", list(CPU_BACKWARD_FORMS))
 def test_wide_backward_tiles_with_modifiers(mode):
     """The wide tiles' per-query buffers (softcap's derivative, the bias columns, dropout's keep mask) in each

@@ -216,9 +216,15 @@ void for_each_key_tile(const BlockLut& lut, const Predicates& pred, int64_t b, i
                        t1 = std::min(t0 + kTileK, e);
                        const int64_t start = std::max(a, t0);
                        bool any = false;
-                       for (int64_t r = 0; r < r1 - r0; ++r) {
-                         spans[r] = {std::max(pred.key_lo(b, r0 + r), start) - t0, std::min(pred.key_hi(b, r0 + r), t1) - t0};
-                         any |= !spans[r].empty();
+                       if (pred.key_lo(b, r1 - 1) <= start && pred.key_hi(b, r0) >= t1) {
+                         std::fill(spans, spans + (r1 - r0), RowSpan{start - t0, t1 - t0});  // every row sees it all
+                         any = true;
+                       } else {
+                         for (int64_t r = 0; r < r1 - r0; ++r) {
+                           spans[r] = {std::max(pred.key_lo(b, r0 + r), start) - t0,
+                                       std::min(pred.key_hi(b, r0 + r), t1) - t0};
+                           any |= !spans[r].empty();
+                         }
                        }
                        if (any) f(t0, t1, round_up(t1 - t0, Vec<T>::size));
                      }
@@ -511,16 +517,21 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           p_times_v();
           return;
         }
-        for (int64_t r = ra; r < ra + nr; ++r) {
-          T* srow = ws.s.data() + r * kTileK;
-          if ((mods.on_scores() || bias.present()) && !ws.spans[r].empty()) {  // one pass: modifiers, mask, max
-            alignas(64) T bias_run[ScoreBias<T>::kMaxRun];
+        if (!mods.on_scores() && !bias.present()) {
+          softmax_rows(ws.s.data() + ra * kTileK, kTileK, nr, n, ws.spans.data() + ra, ws.m.data() + ra,
+                       ws.l.data() + ra, ws.alpha.data() + ra);
+        } else {
+          for (int64_t r = ra; r < ra + nr; ++r) {
+            T* srow = ws.s.data() + r * kTileK;
+            if (ws.spans[r].empty()) {
+              softmax_row(srow, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
+              continue;
+            }
+            alignas(64) T bias_run[ScoreBias<T>::kMaxRun];  // one pass: modifiers, mask, max
             const T mt = modify_mask_max(
                 mods, srow, n, ws.spans[r], slope2, static_cast<T>(r0 + r + pred.offset - t0),
                 bias.present() ? bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first : nullptr, t1 - t0);
             softmax_row_exp(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
-          } else {
-            softmax_row(srow, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
           }
         }
         if (map.on()) map_add_tile(ws, map, rows, t0);  // the map is of the probabilities before dropout
@@ -747,9 +758,14 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
         t1 = std::min(t0 + TQ, e);
         const int64_t start = std::max(a, t0), n = round_up(t1 - t0, W);  // the queries' columns, as in the forward
         bool any = false;
-        for (int64_t j = 0; j < keys; ++j) {
-          ws.spans[j] = {std::max(pred.query_lo(b, c0 + j), start) - t0, std::min(pred.query_hi(b, c0 + j), t1) - t0};
-          any |= !ws.spans[j].empty();
+        if (pred.query_lo(b, c1 - 1) <= start && pred.query_hi(b, c0) >= t1) {
+          std::fill_n(ws.spans.begin(), keys, RowSpan{start - t0, t1 - t0});  // every key sees the whole tile
+          any = true;
+        } else {
+          for (int64_t j = 0; j < keys; ++j) {
+            ws.spans[j] = {std::max(pred.query_lo(b, c0 + j), start) - t0, std::min(pred.query_hi(b, c0 + j), t1) - t0};
+            any |= !ws.spans[j].empty();
+          }
         }
         if (!any) continue;
         if (drop.on())

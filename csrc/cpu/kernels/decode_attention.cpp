@@ -514,8 +514,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               if (!ws.spans[r].empty())  // row r: head r / Sq at position seqlen - Sq + r % Sq
                 mods.apply(ws.s.data() + r * stile, n, mods.slope2(b, r / Sq),
                            static_cast<T>(seqlen - Sq + r % Sq - t0));
-          for (int64_t r = 0; r < rows; ++r)
-            softmax_row(ws.s.data() + r * stile, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
+          softmax_rows(ws.s.data(), stile, rows, n, ws.spans.data(), ws.m.data(), ws.l.data(), ws.alpha.data());
           map_rows(0, rows, t0);
           if (exact) {
             rescale_rows(ws.acc.data(), ws.alpha.data(), rows, Dp);
