@@ -102,29 +102,37 @@ inline void gemm_in_spans(int64_t rows, const RowSpan* spans, int64_t N, const T
   }
 }
 
-// The exponential half of an online-softmax step, given the (masked) row's max m_tile: updates the
-// running max m and sum l, turns s into P and returns in alpha the factor by which the row's output
-// accumulator must be rescaled.
+// The exponential half of an online-softmax step, given the (masked) row's max m_tile: updates the running max m,
+// turns s into P, returns in alpha the factor by which the row's output accumulator must be rescaled and in sum
+// P's lanes (the row's sum is their hreduce). False where the row has attended nothing yet (only -inf scores so
+// far): P is zeros, alpha 1, m and the sum unchanged.
 template <typename T>
-inline void softmax_row_exp(T* s, int64_t n, T m_tile, T& m, T& l, T& alpha) {
+inline bool exp_row(T* s, int64_t n, T m_tile, T& m, T& alpha, vec_t<T>& sum) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   alpha = T(1);
+  sum = V{};
   const T m_new = m_tile != m_tile ? m_tile : std::max(m, m_tile);
-  if (m_new == -std::numeric_limits<T>::infinity()) {  // only reachable with -inf scores
+  if (m_new == -std::numeric_limits<T>::infinity()) {
     zero_row(s, n);
-    return;
+    return false;
   }
   alpha = exp2_scalar(m - m_new);
   const V mv = vsplat(m_new);
-  V sum{};
   for (int64_t j = 0; j < n; j += W) {
     const V p = exp2(vload(s + j) - mv);
     vstore(s + j, p);
     sum += p;
   }
-  l = l * alpha + hsum<T>(sum);
   m = m_new;
+  return true;
+}
+
+// exp_row and the running sum l of one row.
+template <typename T>
+inline void softmax_row_exp(T* s, int64_t n, T m_tile, T& m, T& l, T& alpha) {
+  vec_t<T> sum;
+  if (exp_row(s, n, m_tile, m, alpha, sum)) l = l * alpha + hsum<T>(sum);
 }
 
 // One online-softmax step on a tile row: updates the running max m and sum l, turns s into P and
@@ -156,27 +164,15 @@ inline void softmax_rows(T* s, int64_t lds, int64_t rows, int64_t n, const RowSp
                                                  : vsplat(kNegInf);
     const V m_tile = hreduce_rows<T>(lanes, [](V a, V b) { return vmax_nan<T>(a, b); });
     bool updated[W] = {};
-    for (int64_t i = 0; i < nr; ++i) {  // softmax_row_exp, but for the sum's reduction
+    for (int64_t i = 0; i < nr; ++i) {  // softmax_row, the sum's reduction aside
       const int64_t r = g + i;
-      T* row = s + r * lds;
-      lanes[i] = V{};
-      alpha[r] = T(1);
-      const T m_new = m_tile[i] != m_tile[i] ? m_tile[i] : std::max(m[r], m_tile[i]);
-      if (spans[r].empty() || m_new == kNegInf) {  // the latter only reachable with -inf scores
-        zero_row(row, n);
+      if (spans[r].empty()) {
+        alpha[r] = T(1);
+        zero_row(s + r * lds, n);
+        lanes[i] = V{};
         continue;
       }
-      alpha[r] = exp2_scalar(m[r] - m_new);
-      const V mv = vsplat(m_new);
-      V sum{};
-      for (int64_t j = 0; j < n; j += W) {
-        const V p = exp2(vload(row + j) - mv);
-        vstore(row + j, p);
-        sum += p;
-      }
-      lanes[i] = sum;
-      m[r] = m_new;
-      updated[i] = true;
+      updated[i] = exp_row(s + r * lds, n, m_tile[i], m[r], alpha[r], lanes[i]);
     }
     for (int64_t i = nr; i < W; ++i) lanes[i] = V{};
     const V sums = hreduce_rows<T>(lanes, [](V a, V b) { return a + b; });
