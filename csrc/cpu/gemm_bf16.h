@@ -286,11 +286,7 @@ ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int6
   for (int64_t g = 0; g < rows; g += 16) {
     const int64_t nr = std::min<int64_t>(16, rows - g);
     const __mmask16 live = __mmask16((1u << nr) - 1);
-    V lanes[16];
-    for (int64_t i = 0; i < 16; ++i)  // each row's max lane by lane, then all 16 rows' in one tree
-      lanes[i] = i >= nr || spans[g + i].empty() ? (V)ninf : mask_row_max_lanes(s + (g + i) * lds, spans[g + i], n);
-    const V row_max = hreduce_rows<float>(lanes, [](V a, V b) { return vmax_nan<float>(a, b); });
-    const __m512 mt = _mm512_mul_ps((__m512)row_max, cv);
+    const __m512 mt = _mm512_mul_ps((__m512)rows_max(s + g * lds, lds, nr, n, spans + g), cv);
     // m_new = max(m, tile max), NaN-propagating as softmax_row; alpha = exp2(m - m_new), 1 where m_new is -inf
     const __m512 mo = _mm512_maskz_loadu_ps(live, m + g);
     const __mmask16 nan_t = _mm512_cmp_ps_mask(mt, mt, _CMP_UNORD_Q), up = _mm512_cmp_ps_mask(mo, mt, _CMP_LT_OQ);
@@ -301,6 +297,7 @@ ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int6
     _mm512_store_ps(m_new, mn);
     _mm512_mask_storeu_ps(alpha + g, live, al);
     __mmask16 updated = 0;  // the rows whose m and l take this tile
+    V lanes[16];  // the rows' sums, lane by lane
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t r = g + i;
       uint32_t* out = dst + r * ldd;

@@ -102,6 +102,19 @@ inline void gemm_in_spans(int64_t rows, const RowSpan* spans, int64_t N, const T
   }
 }
 
+// Rows [0, rows) of a tile (rows <= W): each row masked to its span (mask_row_max_lanes) and its max, lane i of the
+// result (-inf for an empty span or i >= rows), the W rows' maxima in one shuffle tree (hreduce_rows).
+template <typename T>
+inline vec_t<T> rows_max(T* s, int64_t lds, int64_t rows, int64_t n, const RowSpan* spans) {
+  using V = vec_t<T>;
+  constexpr int W = Vec<T>::size;
+  V lanes[W];
+  for (int64_t i = 0; i < W; ++i)
+    lanes[i] = i < rows && !spans[i].empty() ? mask_row_max_lanes(s + i * lds, spans[i], n)
+                                             : vsplat(-std::numeric_limits<T>::infinity());
+  return hreduce_rows<T>(lanes, [](V a, V b) { return vmax_nan<T>(a, b); });
+}
+
 // The exponential half of an online-softmax step, given the (masked) row's max m_tile: updates the running max m,
 // turns s into P, returns in alpha the factor by which the row's output accumulator must be rescaled and in sum
 // P's lanes (the row's sum is their hreduce). False where the row has attended nothing yet (only -inf scores so
@@ -155,14 +168,10 @@ template <typename T>
 inline void softmax_rows(T* s, int64_t lds, int64_t rows, int64_t n, const RowSpan* spans, T* m, T* l, T* alpha) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t g = 0; g < rows; g += W) {
     const int64_t nr = std::min<int64_t>(W, rows - g);
-    V lanes[W];
-    for (int64_t i = 0; i < W; ++i)
-      lanes[i] = i < nr && !spans[g + i].empty() ? mask_row_max_lanes(s + (g + i) * lds, spans[g + i], n)
-                                                 : vsplat(kNegInf);
-    const V m_tile = hreduce_rows<T>(lanes, [](V a, V b) { return vmax_nan<T>(a, b); });
+    const V m_tile = rows_max(s + g * lds, lds, nr, n, spans + g);
+    V lanes[W];  // the rows' sums, lane by lane
     bool updated[W] = {};
     for (int64_t i = 0; i < nr; ++i) {  // softmax_row, the sum's reduction aside
       const int64_t r = g + i;

@@ -157,6 +157,24 @@ inline RowRange live_rows(const RowSpan* spans, int64_t rows) {
   return {a, e - a};
 }
 
+// The spans of rows [0, count) on the tile [t0, t1) whose first visible column is start: row i sees
+// [max(lo(i), start), min(hi(i), t1)), relative to t0 (queries over keys in the forward and dq pass, keys over
+// queries in the dk / dv pass). lo and hi are nondecreasing in i, so a tile inside [lo(count - 1), hi(0)) is whole
+// for every row: one fill instead of a predicate evaluation a row. -> whether any row sees the tile.
+template <typename Lo, typename Hi>
+inline bool tile_spans(int64_t count, int64_t start, int64_t t0, int64_t t1, Lo lo, Hi hi, RowSpan* spans) {
+  if (lo(count - 1) <= start && hi(0) >= t1) {
+    std::fill(spans, spans + count, RowSpan{start - t0, t1 - t0});
+    return true;
+  }
+  bool any = false;
+  for (int64_t i = 0; i < count; ++i) {
+    spans[i] = {std::max(lo(i), start) - t0, std::min(hi(i), t1) - t0};
+    any |= !spans[i].empty();
+  }
+  return any;
+}
+
 // Rows per group of the forward's staircase tiles (for_each_row_group).
 constexpr int64_t kStairRows = 64;
 
@@ -214,18 +232,9 @@ void for_each_key_tile(const BlockLut& lut, const Predicates& pred, int64_t b, i
                      constexpr int64_t NR = kGemmN<T>;
                      for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
                        t1 = std::min(t0 + kTileK, e);
-                       const int64_t start = std::max(a, t0);
-                       bool any = false;
-                       if (pred.key_lo(b, r1 - 1) <= start && pred.key_hi(b, r0) >= t1) {
-                         std::fill(spans, spans + (r1 - r0), RowSpan{start - t0, t1 - t0});  // every row sees it all
-                         any = true;
-                       } else {
-                         for (int64_t r = 0; r < r1 - r0; ++r) {
-                           spans[r] = {std::max(pred.key_lo(b, r0 + r), start) - t0,
-                                       std::min(pred.key_hi(b, r0 + r), t1) - t0};
-                           any |= !spans[r].empty();
-                         }
-                       }
+                       const bool any = tile_spans(
+                           r1 - r0, std::max(a, t0), t0, t1, [&](int64_t r) { return pred.key_lo(b, r0 + r); },
+                           [&](int64_t r) { return pred.key_hi(b, r0 + r); }, spans);
                        if (any) f(t0, t1, round_up(t1 - t0, Vec<T>::size));
                      }
                    });
@@ -757,17 +766,9 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
       for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
         t1 = std::min(t0 + TQ, e);
         const int64_t start = std::max(a, t0), n = round_up(t1 - t0, W);  // the queries' columns, as in the forward
-        bool any = false;
-        if (pred.query_lo(b, c1 - 1) <= start && pred.query_hi(b, c0) >= t1) {
-          std::fill_n(ws.spans.begin(), keys, RowSpan{start - t0, t1 - t0});  // every key sees the whole tile
-          any = true;
-        } else {
-          for (int64_t j = 0; j < keys; ++j) {
-            ws.spans[j] = {std::max(pred.query_lo(b, c0 + j), start) - t0, std::min(pred.query_hi(b, c0 + j), t1) - t0};
-            any |= !ws.spans[j].empty();
-          }
-        }
-        if (!any) continue;
+        if (!tile_spans(keys, start, t0, t1, [&](int64_t j) { return pred.query_lo(b, c0 + j); },
+                        [&](int64_t j) { return pred.query_hi(b, c0 + j); }, ws.spans.data()))
+          continue;
         if (drop.on())
           for (int64_t i = 0; i < n; ++i) ws.drop_rows[i] = drop.row_key(bh, t0 + i);
         const int64_t panel = slot * ops.Sq_pad * p.D + t0 * p.D;
