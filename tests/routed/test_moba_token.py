@@ -136,10 +136,12 @@ def test_ties_are_broken_as_the_authors_topk(H):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("kind", ["normal", "ties", "integers", "nan", "inf"])
-def test_cpu_selection_is_torch_topks(kind, causal):
+def test_cpu_selection_is_torch_topks(kind, causal, cpu_impl):
     """The C++ selection (``moba_token_select``) chooses the rows whose choice is unambiguous and leaves the rest to
     torch.topk: the chosen sets equal the official masked topk's on every row, over tied, integer and non-finite
-    gates, topk beyond the block count and partial last blocks; only ambiguous rows are left to torch.topk."""
+    gates, topk beyond the block count and partial last blocks; only ambiguous rows are left to torch.topk. At every
+    ISA level: rows go W (the vector width) at a time through the lanes' form, the rest one by one, and the longer
+    cases hold groups of W rows across two heads and the first blocks of a causal sequence."""
     from attnops.core import dispatch
     from attnops.ops.routed.token import _topk_blocks, select_token_blocks
 
@@ -147,7 +149,7 @@ def test_cpu_selection_is_torch_topks(kind, causal):
         pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(5)
     for L, block, topk in [(1, 8, 3), (37, 8, 2), (300, 16, 3), (300, 16, 5), (300, 64, 40), (129, 13, 7),
-                          (300, 8, 9), (300, 8, 10)]:
+                          (300, 8, 9), (300, 8, 10), (1000, 32, 3), (1000, 24, 9), (999, 40, 4)]:
         n = -(-L // block)
         gate = {"normal": lambda: torch.randn(3, L, n, generator=g),
                 "ties": lambda: torch.randint(0, 3, (3, L, n), generator=g).float(),
@@ -200,14 +202,27 @@ def test_cpu_pair_order_is_the_torch_order(lengths, H, group, block, topk, monke
 def test_cpu_merge_is_the_torch_steps_bit_for_bit(work, pair_dtype, monkeypatch):
     """The C++ merge (``moba_token_merge``) scales a head group's rows and adds the scaled pairs with torch's
     roundings in torch's order: equal bit for bit to mul_ + index_add_ (which the autograd path runs), with rows
-    of up to three pairs, padding pairs (scale 0) and a head slice of a wider output."""
+    of up to three pairs, padding pairs (scale 0) and a head slice of a wider output; the longer case on two
+    threads (each lists the pairs of its own rows)."""
     from attnops.core import dispatch
-    from attnops.ops.routed import token
 
     if not dispatch.is_available("cpu"):
         pytest.skip("the C++ extension is not built")
+    threads = torch.get_num_threads()
+    try:
+        for T, P in ((301, 700), (3000, 7000)):
+            torch.set_num_threads(2 if T > 1000 else threads)
+            _check_merge(work, pair_dtype, T, P, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_merge(work, pair_dtype, T, P, monkeypatch):
+    from attnops.core import dispatch
+    from attnops.ops.routed import token
+
     g = torch.Generator().manual_seed(13)
-    T, H, Dv, P = 301, 6, 40, 700
+    H, Dv = 6, 40
     heads = slice(2, 5)
     out = torch.randn(T, H, Dv, generator=g, dtype=work)
     lse = torch.randn(H, T, generator=g, dtype=work)

@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -203,6 +202,66 @@ inline LaneTop lane_top(const float* g, int64_t n, int64_t own, int64_t stop, in
   return {best, false};
 }
 
+// lane_top's choice for W rows at once, lane i = row i (rows `n` floats apart from g, own and stop per lane as
+// moba_token_select_cpu defines them, every lane with more than m candidates): the rows' gates go through the
+// register transpose in W x W blocks, and every candidate block is then one vector step of a compare-exchange chain
+// over the lanes' m largest values and their blocks. Per row, lane_top's horizontal reductions (dependent shuffle
+// chains), the scalar scan for the blocks at or above the threshold and its branches took ~340 cycles at topk 3
+// over 64 blocks (Xeon); here a row costs its share of the transposes and the chain. -> idx[0, m): each lane's
+// chosen blocks, ascending; the flagged lanes: a non-finite candidate, or a candidate left out that equals the m-th
+// largest (more than m reach the threshold), which the caller leaves to torch.topk as the per-row form does.
+using VecF = vec_t<float>;
+using VecI = typename Vec<float>::itype;
+
+inline VecI lanes_top(const float* g, int64_t n, VecI own, VecI stop, int64_t cols, int64_t m, VecI* idx) {
+  constexpr int kW = Vec<float>::size;
+  const VecF ninf = vsplat<float>(-std::numeric_limits<float>::infinity()), zero = vsplat<float>(0.0f);
+  VecF top[kSmallTopk];
+  for (int64_t i = 0; i < m; ++i) {
+    top[i] = ninf;
+    idx[i] = own - own - 1;
+  }
+  VecF dropped = ninf;  // the largest value the chain has let go
+  VecI bad = own - own;
+  for (int64_t c0 = 0; c0 < cols; c0 += kW) {
+    VecF x[kW];
+    for (int r = 0; r < kW; ++r) {
+      if (c0 + kW <= n) {
+        x[r] = vload(g + r * n + c0);
+      } else {
+        x[r] = zero;
+        std::memcpy(&x[r], g + r * n + c0, (n - c0) * sizeof(float));
+      }
+    }
+    transpose_square<float>(x);  // x[j]: column c0 + j of the W rows
+    for (int64_t j = 0; j < kW && c0 + j < cols; ++j) {
+      VecI c = own - own + static_cast<int32_t>(c0 + j);
+      const VecI valid = (c < stop) & (c != own);
+      VecF v = x[j];
+      bad |= valid & ((v - v) != zero);  // v - v is NaN for NaN and +-inf
+      v = valid ? v : ninf;
+      for (int64_t i = 0; i < m; ++i) {  // ties keep the earlier block in the chain: the set is what counts
+        const VecI keep = top[i] >= v;
+        const VecF hi = keep ? top[i] : v;
+        const VecI hi_at = keep ? idx[i] : c;
+        v = keep ? v : top[i];
+        c = keep ? c : idx[i];
+        top[i] = hi;
+        idx[i] = hi_at;
+      }
+      dropped = dropped >= v ? dropped : v;
+    }
+  }
+  for (int64_t a = 0; a < m; ++a)  // ascending blocks, as the per-row form writes them
+    for (int64_t b = a + 1; b < m; ++b) {
+      const VecI swap = idx[b] < idx[a];
+      const VecI lo = swap ? idx[b] : idx[a];
+      idx[b] = swap ? idx[a] : idx[b];
+      idx[a] = lo;
+    }
+  return bad | (dropped == top[m - 1]);
+}
+
 std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_in, int64_t block_size, int64_t topk,
                                                          bool causal, int64_t width) {
   constexpr const char* op = "moba_token_select";
@@ -220,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
   bool* fp = fallback.data_ptr<bool>();
   at::parallel_for(0, H * L, 1024, [&](int64_t begin, int64_t end) {
     std::vector<std::pair<float, int32_t>> cand(n);
-    for (int64_t row = begin; row < end; ++row) {
+    auto one_row = [&](int64_t row) {
       const float* g = gp + row * n;
       int32_t* out = sp + row * width;
       std::fill(out, out + width, -1);
@@ -244,18 +303,18 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
           });
         fp[row] = top.nonfinite || reach != m;
         if (fp[row]) std::fill(out, out + width, -1);
-        continue;
+        return;
       }
       bool finite = true;
       each_candidate([&](int64_t c) { finite &= std::isfinite(g[c]); });
       fp[row] = !finite;
-      if (!finite) continue;
+      if (!finite) return;
       if (count <= m) {  // every candidate is chosen (the rest of torch.topk's picks are fillers)
         int64_t i = 0;
         each_candidate([&](int64_t c) { out[i++] = static_cast<int32_t>(c); });
-        continue;
+        return;
       }
-      if (m == 0) continue;
+      if (m == 0) return;
       // m > kSmallTopk: a selection algorithm
       int64_t next = 0;
       each_candidate([&](int64_t c) { cand[next++] = {g[c], static_cast<int32_t>(c)}; });
@@ -269,9 +328,36 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
       each_candidate([&](int64_t c) { reach += g[c] >= threshold; });
       if (reach != m) {
         fp[row] = true;
-        continue;
+        return;
       }
       for (int64_t i = 0; i < m; ++i) out[i] = cand[i].second;
+    };
+    constexpr int kW = Vec<float>::size;
+    for (int64_t row = begin; row < end;) {
+      // MoBA's usual top-2..9: W rows at a time where each has more than m candidates (not the first blocks of a
+      // causal sequence, nor a few rows where W does not divide the range)
+      bool vertical = m >= 1 && m <= kSmallTopk && row + kW <= end;
+      VecI own, stop;
+      int64_t cols = 0;
+      for (int i = 0; vertical && i < kW; ++i) {
+        own[i] = static_cast<int32_t>(((row + i) % L) / block_size);
+        stop[i] = causal ? own[i] : static_cast<int32_t>(n);
+        cols = std::max<int64_t>(cols, stop[i]);
+        vertical = (causal ? own[i] : n - 1) > m;  // the row's candidates: [0, stop) but own
+      }
+      if (!vertical) {
+        one_row(row++);
+        continue;
+      }
+      VecI idx[kSmallTopk];
+      const VecI flag = lanes_top(gp + row * n, n, own, stop, cols, m, idx);
+      for (int i = 0; i < kW; ++i, ++row) {
+        int32_t* out = sp + row * width;
+        std::fill(out, out + width, -1);
+        fp[row] = flag[i] != 0;
+        if (!fp[row])
+          for (int64_t k = 0; k < m; ++k) out[k] = idx[k][i];
+      }
     }
   });
   return {sel, fallback};
@@ -341,47 +427,47 @@ std::tuple<at::Tensor, at::Tensor> moba_token_pairs_cpu(const at::Tensor& chosen
 // out_pair[p] * scale[p] (in out's type) to its row row[p] = t * heads + h, pairs in their order. These are torch's
 // steps, mul_ then index_add_ of the scaled pairs, which the autograd path runs: the same roundings in the same
 // order (no fused multiply-add), so both paths give equal outputs bit for bit. One pass instead of three (scale,
-// scale, scatter); index_add_ also radix-sorts its index first. Threads own ranges of rows and each walks the pair
-// list for the pairs of its rows, so no two threads write a row and a row's pairs keep their order.
-// An out of a reduced type (bf16, fp16; own and scale float32) holds the self pass's output as it came: its rows are
+// scale, scatter); index_add_ also radix-sorts its index first.
+// Threads own ranges of rows; each lists its rows' pairs (a count, a prefix sum and a fill over the pair list, in
+// the pairs' order) and then merges row by row, its pairs read where they are: each output row is read and written
+// once. Sweeping the pairs in their order instead (by block) read and wrote a float copy of the thread's rows (8 MiB
+// at 32K tokens and two heads, out of cache) once per pair.
+// An out of a reduced type (bf16, fp16; own and scale float32) holds the self pass's output as it came: a row is
 // widened, merged in float32 as above and rounded once, which is the float32 merge followed by the cast to the
-// input's type, without the two full-size copies (at 32K tokens, H = 8: 2 x ~11 ms, most of it page faults).
+// input's type, without two full-size copies.
 template <typename W, typename O, typename S>
 __attribute__((optimize("fp-contract=off"))) void merge_pairs(O* out, int64_t T, int64_t H, int64_t Dv,
                                                               const W* own, const S* pair, const W* scale,
                                                               const int64_t* row, int64_t P, int64_t h0, int64_t Hg) {
-  constexpr bool kWiden = !std::is_same_v<O, W>;
   at::parallel_for(0, T * Hg, T * Hg * Dv < (1 << 16) ? T * Hg : 4096, [&](int64_t begin, int64_t end) {
-    auto dst = [&](int64_t r) { return out + ((r / Hg) * H + h0 + r % Hg) * Dv; };
-    // the rows in W while they merge (every element written by the scaling pass before it is read: not zeroed)
-    const std::unique_ptr<W[]> widened(kWiden ? new W[(end - begin) * Dv] : nullptr);
-    auto acc = [&](int64_t r) {
-      if constexpr (kWiden) return widened.get() + (r - begin) * Dv;
-      else return dst(r);
-    };
+    std::vector<int64_t> first(end - begin + 1, 0);  // row r's pairs: list[first[r - begin], first[r - begin + 1])
+    for (int64_t p = 0; p < P; ++p)
+      if (row[p] >= begin && row[p] < end) ++first[row[p] - begin + 1];
+    for (int64_t r = begin; r < end; ++r) first[r - begin + 1] += first[r - begin];
+    std::vector<int64_t> list(first[end - begin]), next(first.begin(), first.end() - 1);
+    for (int64_t p = 0; p < P; ++p)
+      if (row[p] >= begin && row[p] < end) list[next[row[p] - begin]++] = p;
+    std::vector<W> acc(Dv);
+    W* a = acc.data();
+    constexpr int64_t kAhead = 4;  // rows: a row's pairs lie anywhere in the pair pass's output (latency-bound reads)
     for (int64_t r = begin; r < end; ++r) {
-      const O* o = dst(r);
-      W* a = acc(r);
+      if (r + kAhead < end)
+        for (int64_t i = first[r + kAhead - begin]; i < first[r + kAhead - begin + 1]; ++i)
+          for (int64_t byte = 0; byte < Dv * int64_t(sizeof(S)); byte += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(pair + list[i] * Dv) + byte);
+      O* o = out + ((r / Hg) * H + h0 + r % Hg) * Dv;
       const W w = own[r];
       for (int64_t d = 0; d < Dv; ++d) a[d] = static_cast<W>(o[d]) * w;
-    }
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t r = row[p];
-      if (r < begin || r >= end) continue;
-      W* a = acc(r);
-      const S* x = pair + p * Dv;
-      const W w = scale[p];
-      for (int64_t d = 0; d < Dv; ++d) {
-        const W c = static_cast<W>(x[d]) * w;
-        a[d] = a[d] + c;
+      for (int64_t i = first[r - begin]; i < first[r - begin + 1]; ++i) {
+        const S* x = pair + list[i] * Dv;
+        const W sc = scale[list[i]];
+        for (int64_t d = 0; d < Dv; ++d) {
+          const W c = static_cast<W>(x[d]) * sc;
+          a[d] = a[d] + c;
+        }
       }
+      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<O>(a[d]);
     }
-    if constexpr (kWiden)
-      for (int64_t r = begin; r < end; ++r) {
-        O* o = dst(r);
-        const W* a = acc(r);
-        for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<O>(a[d]);
-      }
   });
 }
 
