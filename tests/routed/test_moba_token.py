@@ -88,12 +88,17 @@ def test_batched_rows_are_sequences_and_lse_merges():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("L, block", [(2048, 512), (777, 100), (513, 7), (64, 64), (40, 64)])
-def test_block_means_are_the_authors_per_block_means(L, block, dtype):
-    """Routing's block means come from one reduction over the full blocks: bit for bit the official per-block
-    ``k[block].mean(dim=0)`` (a routing decision can turn on the last bit of a gate), on a head slice of k."""
+def test_block_means_are_the_authors_per_block_means(L, block, dtype, monkeypatch):
+    """Routing's block means come from reductions over chunks of full blocks (one block, a few, all of them): bit
+    for bit the official per-block ``k[block].mean(dim=0)`` (a routing decision can turn on the last bit of a gate),
+    on a head slice of k."""
+    from attnops.ops.routed import token
+
     k = torch.randn(L + 3, 5, 40, generator=torch.Generator().manual_seed(L)).to(dtype)[3:, 1:3]
     theirs = torch.cat([k[s:s + block].mean(dim=0, keepdim=True) for s in range(0, L, block)])
-    assert torch.equal(block_means(k, block), theirs)
+    for chunk in (1, 3 * block * 80, token._MEANS_CHUNK, 1 << 30):
+        monkeypatch.setattr(token, "_MEANS_CHUNK", chunk)
+        assert torch.equal(block_means(k, block), theirs), chunk
 
 
 def test_one_head_gates_are_the_official_einsum_bit_for_bit():

@@ -67,8 +67,9 @@ class TokenRoutes(NamedTuple):
 
 
 def choose_blocks(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_size: int, topk: int,
-                  causal: bool) -> TokenChoice:
-    """``q (T, H, D)``, ``k (T, Hkv, D)`` of packed sequences ``seq_bounds`` (``[0, ..., T]``, Python ints)."""
+                  causal: bool, scratch: Optional["Scratch"] = None) -> TokenChoice:
+    """``q (T, H, D)``, ``k (T, Hkv, D)`` of packed sequences ``seq_bounds`` (``[0, ..., T]``, Python ints);
+    ``scratch``: where the gates go (a call's head groups reuse it)."""
     H, Hkv = q.shape[1], k.shape[1]
     dev = q.device
     chosen, starts, ends = [], [], []
@@ -81,7 +82,7 @@ def choose_blocks(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block
             n = -(-L // block_size)
             means = block_means(k[a:b], block_size)
             means = means.repeat_interleave(H // Hkv, dim=1)  # (n, H, D): query head h routes on kv head h // group
-            gate = block_gates(q[a:b], means)
+            gate = block_gates(q[a:b], means, scratch)
             picks = select_token_blocks(gate, block_size, topk, causal)  # (H, L, W), -1 after each row's blocks
             chosen.append(picks if first_block == 0 else torch.where(picks >= 0, picks + first_block, picks))
             starts.append(torch.arange(a, b, block_size, device=dev))
@@ -106,12 +107,41 @@ def route_tokens(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_
     return TokenRoutes(token, head, choice.chosen[head, token, slot].long(), starts, ends, own_block)
 
 
+class Scratch:
+    """Float buffers that a call's head groups reuse (the gates, q widened to float32): 16 MiB of gates per group at
+    32K tokens and two heads, allocated afresh, were mapped and faulted in every time (glibc hands buffers this
+    large back to the system when they are freed): the gates' GEMM took 2.5 ms a head in the call against 1.1 ms
+    into a reused buffer."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def take(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A ``shape`` tensor (uninitialised) over the buffer ``name``, which grows as needed."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
+# The most elements of k one call of block_means reduces: torch's mean of bf16 / fp16 widens its input to float32
+# first, and at 32K tokens x 2 heads x 64 that copy (16 MiB, mapped afresh and out of cache) took most of the
+# routing's block means (15.7 -> 4.2 ms a call over 4 groups in chunks of 8 blocks).
+_MEANS_CHUNK = 1 << 19
+
+
 def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
     """``k (L, Hkv, D)`` of one sequence -> ``(ceil(L / block_size), Hkv, D)``, each block's mean in k's dtype: the
-    official ``k[block].mean(dim=0)`` per block, bit for bit (tests/routed/test_moba_token.py holds torch to that),
-    as one reduction over the full blocks and one over the tail instead of a call per block."""
+    official ``k[block].mean(dim=0)`` per block, bit for bit (tests/routed/test_moba_token.py holds torch to that):
+    each block's columns are summed alone, so a reduction over several full blocks at once (a chunk of
+    ``_MEANS_CHUNK`` elements) and one over the tail give the same values as a call per block."""
     full = k.shape[0] // block_size
-    means = [k[:full * block_size].view(full, block_size, *k.shape[1:]).mean(dim=1)] if full else []
+    per = max(1, _MEANS_CHUNK // max(1, block_size * k[0].numel()))  # full blocks per call
+    means = [k[b0 * block_size:min(full, b0 + per) * block_size].view(-1, block_size, *k.shape[1:]).mean(dim=1)
+             for b0 in range(0, full, per)]
     if k.shape[0] % block_size:
         means.append(k[full * block_size:].mean(dim=0, keepdim=True))
     return torch.cat(means)
@@ -123,16 +153,18 @@ def _cpu_helpers(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and dispatch.is_available("cpu") and not torch.compiler.is_compiling()
 
 
-def block_gates(q: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+def block_gates(q: torch.Tensor, means: torch.Tensor, scratch: Optional["Scratch"] = None) -> torch.Tensor:
     """``q (L, H, D)`` and block means ``(n, H, D)`` -> the official gates ``einsum("shd,nhd->hsn")`` in float32,
-    ``(H, L, n)``, unscaled as theirs. Head by head as 2-d GEMMs: the same products bit for bit
-    (tests/routed/test_moba_token.py), ~1.5x faster than einsum's batched form, which also copies q into (H, L, D)
-    order (bfloat16 at 32K, where a group holds two heads: gates 72 -> 37 ms a call by the stage timers)."""
+    ``(H, L, n)``, unscaled as theirs (in ``scratch`` when given: valid until its next use). Head by head as 2-d
+    GEMMs: the same products bit for bit (tests/routed/test_moba_token.py), ~1.5x faster than einsum's batched
+    form, which also copies q into (H, L, D) order (bfloat16 at 32K, where a group holds two heads: gates 72 -> 37
+    ms a call by the stage timers)."""
     L, H, D = q.shape
-    gates = torch.empty(H, L, means.shape[0], dtype=torch.float32, device=q.device)
+    scratch = scratch or Scratch()
+    gates = scratch.take("gates", (H, L, means.shape[0]), torch.float32, q.device)
     # q in another dtype: each head is widened into one float32 buffer, reused by the next head (a fresh
     # q[:, h].float() per head was 8 MiB at 32K, mapped and faulted in afresh each time); the same values
-    widened = None if q.dtype == torch.float32 else torch.empty(L, D, dtype=torch.float32, device=q.device)
+    widened = None if q.dtype == torch.float32 else scratch.take("widened", (L, D), torch.float32, q.device)
     for h in range(H):
         q_h = q[:, h] if widened is None else widened.copy_(q[:, h])
         torch.mm(q_h, means[:, h].float().t(), out=gates[h])
@@ -209,9 +241,11 @@ def moba_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
                                 sinks=None if sinks is None else sinks[heads], **extra)
         return tuple(t[0] for t in res)
 
+    scratch = Scratch()
+
     def pair_pass(qg, kg, vg, rows: Optional[torch.Tensor] = None):
         return _pair_pass(qg, kg, vg, seq_bounds, block_size=block_size, topk=topk, causal=causal, extra=extra,
-                          rows=rows)
+                          rows=rows, scratch=scratch)
 
     graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
     if not graph and dropout_p == 0:
@@ -263,20 +297,20 @@ def _own_block_bounds(seq_bounds: List[int], block_size: int, causal: bool, devi
 
 
 def _pair_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_bounds: List[int], *, block_size: int,
-               topk: int, causal: bool, extra: dict,
-               rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+               topk: int, causal: bool, extra: dict, rows: Optional[torch.Tensor] = None,
+               scratch: Optional[Scratch] = None) -> Tuple[torch.Tensor, ...]:
     """Routing and the pair pass over heads ``q (T, Hg, D)`` / kv heads ``k, v (T, Hkv_g, D)`` (head slices:
     strided views) -> ``out (P, Dv)`` and ``lse (P,)`` of the chosen (token, head, block) pairs outside the own
     blocks, their maxima ``(P,)`` when ``extra`` asks for ``max_scores``, and ``row (P,)``, each pair's row
     ``t * Hg + h`` (padding pairs: row 0 with an empty interval, out 0, lse and max -inf, which add nothing).
     ``rows``: without autograd, a buffer of at least ``P x D`` (every row choosing ``topk - 1`` blocks) that the
-    gathered query rows go into."""
+    gathered query rows go into; ``scratch``: the call's buffers for the routing's gates."""
     T, H, _ = q.shape
     Hkv = k.shape[1]
     # pairs ordered by (kv head, block): each run of rows shares one key interval, and the intervals increase. The
     # kv heads are the batch of the pair pass (rows padded to the longest head's count with empty intervals at the
     # end), so k and v are read in place through a (Hkv, T, 1, D) view instead of copied into one key sequence.
-    row, bounds = _order_pairs(choose_blocks(q, k, seq_bounds, block_size, topk, causal), H // Hkv, T)
+    row, bounds = _order_pairs(choose_blocks(q, k, seq_bounds, block_size, topk, causal, scratch), H // Hkv, T)
     width = row.shape[1]
     row = row.view(Hkv * width)
     flat, stride = _rows_of(q)
