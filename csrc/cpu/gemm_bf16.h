@@ -276,7 +276,7 @@ ATTNOPS_BF16_TARGET inline void to_bf16_pairs(const float* p, int64_t n, uint32_
 // adds) and the one that converted P (to_bf16_pairs), and takes the running max, alpha and sum of 16 rows at a
 // time in vectors: per row, the scalar exp2 and its setup were a sixth of the step on a 256-key tile, and the
 // rows' max and sum reductions (hmax, hsum) half of it on the 64-key tiles of block masks (Xeon with AMX).
-// max(s) c is max(s c) (rounding is monotonic): m, l, alpha and P are softmax_row's, bit for bit.
+// max(s) c is max(s c) (rounding is monotonic): m, l, alpha and P are softmax_row_exp<float, true>'s, bit for bit.
 ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int64_t rows, int64_t n,
                                                      const RowSpan* spans, float c, float* m, float* l, float* alpha,
                                                      uint32_t* dst, int64_t ldd) {
@@ -309,12 +309,12 @@ ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int6
       updated |= __mmask16(1u << i);
       const V mv = vsplat(m_new[i]);
       const float* row = s + r * lds;
-      // exp2(s c - m) as softmax_row computes it from the scaled scores: the product rounded on its own (an
-      // intrinsic with its rounding mode, which the compiler does not fuse into an FMA) and the sum in the same
-      // order, so that P, l and the output are bit for bit those of the path a block map or dropout takes
+      // exp2_bf16p(s c - m) as softmax_row_exp<float, true> computes it from the scaled scores: the product rounded
+      // on its own (an intrinsic with its rounding mode, which the compiler does not fuse into an FMA) and the sum in
+      // the same order, so that P, l and the output are bit for bit those of the path a block map or dropout takes
       auto p_at = [&](int64_t col) {
-        return exp2((V)_mm512_mul_round_ps(_mm512_loadu_ps(row + col), cv, _MM_FROUND_TO_NEAREST_INT |
-                                           _MM_FROUND_NO_EXC) - mv);
+        return exp2_bf16p((V)_mm512_mul_round_ps(_mm512_loadu_ps(row + col), cv, _MM_FROUND_TO_NEAREST_INT |
+                                                 _MM_FROUND_NO_EXC) - mv);
       };
       V sum{};
       int64_t j = 0;

@@ -115,11 +115,19 @@ inline vec_t<T> rows_max(T* s, int64_t lds, int64_t rows, int64_t n, const RowSp
   return hreduce_rows<T>(lanes, [](V a, V b) { return vmax_nan<T>(a, b); });
 }
 
+// P's exponential: exp2, or exp2_bf16p where P is rounded to bf16 before its product (Bf16P: the forward's bf16
+// products) and a float32 accurate exponential buys nothing.
+template <bool Bf16P, typename T>
+inline vec_t<T> exp2_p(vec_t<T> x) {
+  if constexpr (Bf16P && std::is_same_v<T, float>) return exp2_bf16p(x);
+  else return exp2(x);
+}
+
 // The exponential half of an online-softmax step, given the (masked) row's max m_tile: updates the running max m,
 // turns s into P, returns in alpha the factor by which the row's output accumulator must be rescaled and in sum
 // P's lanes (the row's sum is their hreduce). False where the row has attended nothing yet (only -inf scores so
-// far): P is zeros, alpha 1, m and the sum unchanged.
-template <typename T>
+// far): P is zeros, alpha 1, m and the sum unchanged. Bf16P: exp2_p's.
+template <typename T, bool Bf16P = false>
 inline bool exp_row(T* s, int64_t n, T m_tile, T& m, T& alpha, vec_t<T>& sum) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
@@ -133,7 +141,7 @@ inline bool exp_row(T* s, int64_t n, T m_tile, T& m, T& alpha, vec_t<T>& sum) {
   alpha = exp2_scalar(m - m_new);
   const V mv = vsplat(m_new);
   for (int64_t j = 0; j < n; j += W) {
-    const V p = exp2(vload(s + j) - mv);
+    const V p = exp2_p<Bf16P, T>(vload(s + j) - mv);
     vstore(s + j, p);
     sum += p;
   }
@@ -142,10 +150,10 @@ inline bool exp_row(T* s, int64_t n, T m_tile, T& m, T& alpha, vec_t<T>& sum) {
 }
 
 // exp_row and the running sum l of one row.
-template <typename T>
+template <typename T, bool Bf16P = false>
 inline void softmax_row_exp(T* s, int64_t n, T m_tile, T& m, T& l, T& alpha) {
   vec_t<T> sum;
-  if (exp_row(s, n, m_tile, m, alpha, sum)) l = l * alpha + hsum<T>(sum);
+  if (exp_row<T, Bf16P>(s, n, m_tile, m, alpha, sum)) l = l * alpha + hsum<T>(sum);
 }
 
 // One online-softmax step on a tile row: updates the running max m and sum l, turns s into P and
@@ -163,8 +171,8 @@ inline void softmax_row(T* s, int64_t n, RowSpan span, T& m, T& l, T& alpha) {
 
 // softmax_row on the rows [0, rows) of a tile (s, lds elements a row), their max and sum reductions taken W rows at
 // a time (hreduce_rows, one shuffle tree for W rows): on the 64-key tiles of block masks the rows' hmax and hsum
-// were a large part of the step. Bit for bit softmax_row's m, l, alpha and P.
-template <typename T>
+// were a large part of the step. Bit for bit softmax_row's m, l, alpha and P (softmax_row_exp's with Bf16P).
+template <typename T, bool Bf16P = false>
 inline void softmax_rows(T* s, int64_t lds, int64_t rows, int64_t n, const RowSpan* spans, T* m, T* l, T* alpha) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
@@ -181,7 +189,7 @@ inline void softmax_rows(T* s, int64_t lds, int64_t rows, int64_t n, const RowSp
         lanes[i] = V{};
         continue;
       }
-      updated[i] = exp_row(s + r * lds, n, m_tile[i], m[r], alpha[r], lanes[i]);
+      updated[i] = exp_row<T, Bf16P>(s + r * lds, n, m_tile[i], m[r], alpha[r], lanes[i]);
     }
     for (int64_t i = nr; i < W; ++i) lanes[i] = V{};
     const V sums = hreduce_rows<T>(lanes, [](V a, V b) { return a + b; });

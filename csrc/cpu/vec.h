@@ -197,37 +197,58 @@ inline bool all_finite(const T* p, int64_t n) {
   return r == r;
 }
 
-// 2^x for a vector of floats, x <= 127 (softmax feeds s - max <= 0). Range reduction x = n + f with
-// n = round(x), |f| <= 1/2, a degree-6 polynomial for 2^f (Cephes exp2f coefficients; measured max
-// relative error 7.9e-8, no bias) and n added to the exponent bits. x below -126 (masked -inf
-// entries included) gives exactly 0, NaN stays NaN. No clamping first: lanes below -126 compute
-// garbage that the final select discards, which saves two compare/blend pairs per vector.
-inline vec_t<float> exp2(vec_t<float> x) {
+// 2^x for a vector of floats, x <= 127 (softmax feeds s - max <= 0). Range reduction x = n + f with n = round(x),
+// |f| <= 1/2, `poly` for 2^f and n added to the exponent bits. x below `lowest` (masked -inf entries included) gives
+// exactly 0, NaN stays NaN. No clamping first: lanes below it compute garbage that the final select discards, which
+// saves two compare/blend pairs per vector. Every result kept must be normal: p(f) 2^n with n >= lowest.
+template <typename Poly>
+inline vec_t<float> exp2_with(vec_t<float> x, float lowest, Poly poly) {
   using V = vec_t<float>;
   // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
   const V magic = vsplat(12582912.0f);
   const V t = x + magic;
-  const V f = x - (t - magic);
-  V p = vsplat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
+  const V p = poly(x - (t - magic));
 #if ATTNOPS_X86_SIMD && ATTNOPS_VEC_BYTES == 64
   // AVX-512: VSCALEFPS multiplies by 2^n in one instruction, and the zeroing mask keeps NaN (unordered, so not
-  // below -126) and zeroes the rest below -126: 5 vector instructions fewer than the exponent-bit sum and its two
-  // selects (the softmax's exp is most of a bf16 step at AMX speed). The same values bit for bit: every result
-  // kept is normal (x >= -126 leaves n >= -126 with p >= 1, or n >= -125 with p >= 2^-1/2), so both are exact.
-  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  // below `lowest`) and zeroes the rest below it: 5 vector instructions fewer than the exponent-bit sum and its two
+  // selects (the softmax's exp is most of a bf16 step at AMX speed). The same values bit for bit, both exact on
+  // normal results.
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(lowest), _CMP_NLT_UQ);
   return (V)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)(t - magic));
 #else
   using I = Vec<float>::itype;
   const I n = (I)t - (I)magic;
   const V r = (V)((I)p + (n << 23));
-  return x >= vsplat(-126.0f) ? r : (x == x ? vsplat(0.0f) : x);
+  return x >= vsplat(lowest) ? r : (x == x ? vsplat(0.0f) : x);
 #endif
+}
+
+// A degree-6 polynomial for 2^f (Cephes exp2f coefficients; measured max relative error 7.9e-8, no bias). Results
+// kept from -126 on are normal: n >= -126 with p >= 1, or n >= -125 with p >= 2^-1/2.
+inline vec_t<float> exp2(vec_t<float> x) {
+  return exp2_with(x, -126.0f, [](vec_t<float> f) {
+    vec_t<float> p = vsplat(1.535336188319500e-4f);
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    return p * f + 1.0f;
+  });
+}
+
+// 2^x for softmax probabilities that are rounded to bf16 (8 significant bits: relative rounding up to 2^-9) before
+// their product: a cubic for 2^f with p(0) = 1 (a row's largest score gives exactly 1, as with exp2), its other
+// coefficients minimax in relative error over [-1/2, 1/2]: max 1.0e-4 measured in float32 (mean 4.4e-5 over x
+// uniform in [-125, 0]), 20x below that rounding. Three multiply-adds fewer than exp2's degree 6 (FlashAttention-4
+// emulates exp2 with a cubic for the same reason). Below -125: 0 (2^-125 at most), so every result kept is normal.
+inline vec_t<float> exp2_bf16p(vec_t<float> x) {
+  return exp2_with(x, -125.0f, [](vec_t<float> f) {
+    vec_t<float> p = vsplat(5.500893088e-2f);
+    p = p * f + 2.422109693e-1f;
+    p = p * f + 6.932829283e-1f;
+    return p * f + 1.0f;
+  });
 }
 
 // The float64 path is the exact one (gradcheck, reference-grade CPU runs): libm per lane.

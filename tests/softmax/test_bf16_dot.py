@@ -85,6 +85,22 @@ def test_bf16_block_mask_and_map(avx512, products):
     torch.testing.assert_close(block_map, block_map_w, atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("products", ["bf16_dot", "brgemm"])
+def test_bf16_products_exponential_error(avx512, products):
+    """Where P is rounded to bf16 for its product, the forward's exponential is a cubic (csrc/cpu/vec.h,
+    exp2_bf16p: relative error <= 1.0e-4, exactly 1 at a row's max): the row sums, and so the lse, stay within that
+    of the float64 reference (the output within the accuracy rule: test_bf16_forward_matches_reference); the
+    widened path keeps float32's exp2."""
+    _products(avx512, products)
+    q, k, v = make_qkv(1, 700, 700, 4, 2, 64, torch.bfloat16)
+    _, ref_lse = _ref(q, k, v, causal=True, return_lse=True)
+    _, lse = attnops.attention(q, k, v, causal=True, return_lse=True)
+    assert (lse.double() - ref_lse).abs().max().item() <= 1.2e-4
+    _products(avx512, "widened")
+    _, lse = attnops.attention(q, k, v, causal=True, return_lse=True)
+    assert (lse.double() - ref_lse).abs().max().item() <= 1e-5
+
+
 def test_nan_in_v_takes_the_float_path(avx512):
     """0 * NaN of the masked keys must not reach rows that never see the NaN key: with NaN in V the call
     runs the float path (and its exact rerun), so rows before the NaN key stay finite under causal."""
