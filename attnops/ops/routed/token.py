@@ -110,8 +110,8 @@ def route_tokens(q: torch.Tensor, k: torch.Tensor, seq_bounds: List[int], block_
 class Scratch:
     """Float buffers that a call's head groups reuse (the gates, q widened to float32): 16 MiB of gates per group at
     32K tokens and two heads, allocated afresh, were mapped and faulted in every time (glibc hands buffers this
-    large back to the system when they are freed): the gates' GEMM took 2.5 ms a head in the call against 1.1 ms
-    into a reused buffer."""
+    large back to the system when they are freed): in a bf16 call at 32K, the gates' GEMMs took 2.5 ms a head into
+    fresh buffers and 1.4 ms into reused ones."""
 
     def __init__(self):
         self._buffers = {}
