@@ -201,8 +201,8 @@ inline bool all_finite(const T* p, int64_t n) {
 // |f| <= 1/2, `poly` for 2^f and n added to the exponent bits. x below `lowest` (masked -inf entries included) gives
 // exactly 0, NaN stays NaN. No clamping first: lanes below it compute garbage that the final select discards, which
 // saves two compare/blend pairs per vector. Every result kept must be normal: p(f) 2^n with n >= lowest.
-template <typename Poly>
-inline vec_t<float> exp2_with(vec_t<float> x, float lowest, Poly poly) {
+template <typename Poly>  // always inlined: the softmax's inner loops call it once a vector
+__attribute__((always_inline)) inline vec_t<float> exp2_with(vec_t<float> x, float lowest, Poly poly) {
   using V = vec_t<float>;
   // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
   const V magic = vsplat(12582912.0f);

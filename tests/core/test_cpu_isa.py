@@ -74,7 +74,9 @@ def test_env_forces_or_refuses_the_level(value):
         assert out.stdout.startswith(f"refused ATTNOPS_CPU_ISA={value}: "), out.stdout
 
 
-_LEVEL_CODE = re.compile(r"^(?:[\w:<>,\s*&]+?\s)?attnops::cpu::(avx2|avx512)::")
+# A level's function, its return type first where the demangler writes one (`float __vector(8) attnops::cpu::avx2::...`
+# for a function that returns a vector).
+_LEVEL_CODE = re.compile(r"^(?:(?:[\w:<>,\s*&]|__vector\(\d+\))+?\s)?attnops::cpu::(avx2|avx512)::")
 
 
 def _offenders(disassembly: str, level_code=_LEVEL_CODE):
@@ -113,7 +115,7 @@ def test_wide_instructions_stay_inside_their_level():
     assert {"avx2", "avx512"} <= seen, "the level namespaces were not found in the binary"
     assert not offenders, "\n".join(f"{n[:200]}: {i}" for n, i in list(offenders.items())[:20])
     # the check sees wide code where it is: read as baseline, the AVX2 level's functions are offenders
-    as_baseline, _ = _offenders(dis, re.compile(r"^(?:[\w:<>,\s*&]+?\s)?attnops::cpu::(avx512)::"))
+    as_baseline, _ = _offenders(dis, re.compile(_LEVEL_CODE.pattern.replace("avx2|avx512", "avx512")))
     assert any("attnops::cpu::avx2::" in n for n in as_baseline)
 
 
