@@ -526,14 +526,18 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           p_times_v();
           return;
         }
-        // P's exponential: the cubic where P is rounded to bf16 for its product (exp2_p), as in the step above
+        // P's exponential: the cubic where P is rounded to bf16 for its product (exp2_p), as in the step above;
+        // step(bf16p) is instantiated for the bf16 form only where the type has bf16 products
+        auto with_p_exp = [&](auto step) {
+          if constexpr (kDot)
+            if (dot) return step(std::true_type{});
+          step(std::false_type{});
+        };
         if (!mods.on_scores() && !bias.present()) {
-          if (kDot && dot)
-            softmax_rows<T, kDot>(ws.s.data() + ra * kTileK, kTileK, nr, n, ws.spans.data() + ra, ws.m.data() + ra,
-                                  ws.l.data() + ra, ws.alpha.data() + ra);
-          else
-            softmax_rows<T, false>(ws.s.data() + ra * kTileK, kTileK, nr, n, ws.spans.data() + ra, ws.m.data() + ra,
-                                   ws.l.data() + ra, ws.alpha.data() + ra);
+          with_p_exp([&](auto bf16p) {
+            softmax_rows<T, decltype(bf16p)::value>(ws.s.data() + ra * kTileK, kTileK, nr, n, ws.spans.data() + ra,
+                                                    ws.m.data() + ra, ws.l.data() + ra, ws.alpha.data() + ra);
+          });
         } else {
           for (int64_t r = ra; r < ra + nr; ++r) {
             T* srow = ws.s.data() + r * kTileK;
@@ -545,10 +549,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             const T mt = modify_mask_max(
                 mods, srow, n, ws.spans[r], slope2, static_cast<T>(r0 + r + pred.offset - t0),
                 bias.present() ? bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first : nullptr, t1 - t0);
-            if (kDot && dot)
-              softmax_row_exp<T, kDot>(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
-            else
-              softmax_row_exp<T, false>(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
+            with_p_exp([&](auto bf16p) {
+              softmax_row_exp<T, decltype(bf16p)::value>(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
+            });
           }
         }
         if (map.on()) map_add_tile(ws, map, rows, t0);  // the map is of the probabilities before dropout

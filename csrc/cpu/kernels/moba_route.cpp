@@ -146,70 +146,14 @@ std::tuple<at::Tensor, at::Tensor> moba_route_cpu(const at::Tensor& q_in, const 
 // selection stays exactly the official one.
 constexpr int64_t kSmallTopk = 8;
 
-struct LaneTop {
-  float threshold;  // the m-th largest candidate
-  bool nonfinite;   // a candidate is NaN or +-inf (threshold unset)
-};
-
-// The m-th largest (1 <= m <= kSmallTopk, fewer than the candidates) of a gate row's candidates, [0, stop) but own.
-// Each vector lane keeps its m largest by a compare-exchange chain, with no branch per candidate (a sorted
-// insertion mispredicted on every new leader: ~14 cycles a candidate); then the lanes' heads give up their largest
-// until m values have: the m-th largest is among the lanes' m largest.
-inline LaneTop lane_top(const float* g, int64_t n, int64_t own, int64_t stop, int64_t m) {
-  using V = vec_t<float>;
-  using VI = typename Vec<float>::itype;
-  constexpr int kW = Vec<float>::size;
-  const V ninf = vsplat<float>(-std::numeric_limits<float>::infinity()), zero = vsplat<float>(0.0f);
-  VI lane;
-  for (int l = 0; l < kW; ++l) lane[l] = l;
-  V top[kSmallTopk];
-  for (int64_t i = 0; i < m; ++i) top[i] = ninf;
-  VI bad = lane - lane;
-  for (int64_t c0 = 0; c0 < stop; c0 += kW) {
-    V x = zero;
-    if (c0 + kW <= n) {
-      x = vload(g + c0);
-    } else {
-      std::memcpy(&x, g + c0, (n - c0) * sizeof(float));
-    }
-    const VI at = lane + static_cast<int32_t>(c0);
-    const VI valid = (at < static_cast<int32_t>(stop)) & (at != static_cast<int32_t>(own));
-    bad |= valid & ((x - x) != zero);  // x - x is NaN for NaN and +-inf
-    x = valid ? x : ninf;
-    for (int64_t i = 0; i < m; ++i) {
-      const VI keep = top[i] >= x;
-      const V hi = keep ? top[i] : x;
-      x = keep ? x : top[i];
-      top[i] = hi;
-    }
-  }
-  // the lanes' reductions by butterflies (log2(kW) shuffles), not kW dependent scalar steps
-  auto all_lanes = [&](auto v, auto&& op) {
-    for (int step = kW / 2; step >= 1; step /= 2) v = op(v, __builtin_shuffle(v, lane ^ step));
-    return v;
-  };
-  if (all_lanes(bad, [](VI a, VI b) { return a | b; })[0]) return {0.0f, true};
-  float best = 0.0f;
-  for (int64_t left = m; left > 0;) {
-    best = all_lanes(top[0], [](V a, V b) { return a > b ? a : b; })[0];
-    const VI hit = top[0] == vsplat<float>(best);
-    const int64_t copies = -all_lanes(hit, [](VI a, VI b) { return a + b; })[0];  // a hit lane is -1
-    if (copies >= left) break;
-    left -= copies;
-    for (int64_t i = 0; i + 1 < m; ++i) top[i] = hit ? top[i + 1] : top[i];
-    top[m - 1] = hit ? ninf : top[m - 1];
-  }
-  return {best, false};
-}
-
-// lane_top's choice for W rows at once, lane i = row i (rows `n` floats apart from g, own and stop per lane as
-// moba_token_select_cpu defines them, every lane with more than m candidates): the rows' gates go through the
-// register transpose in W x W blocks, and every candidate block is then one vector step of a compare-exchange chain
-// over the lanes' m largest values and their blocks. Per row, lane_top's horizontal reductions (dependent shuffle
-// chains), the scalar scan for the blocks at or above the threshold and its branches took ~340 cycles at topk 3
-// over 64 blocks (Xeon); here a row costs its share of the transposes and the chain. -> idx[0, m): each lane's
-// chosen blocks, ascending; the flagged lanes: a non-finite candidate, or a candidate left out that equals the m-th
-// largest (more than m reach the threshold), which the caller leaves to torch.topk as the per-row form does.
+// The choice for W rows at once, lane i = row i (rows `n` floats apart from g, own and stop per lane as
+// moba_token_select_cpu defines them; a lane with no candidates chooses nothing and is flagged): the rows' gates go
+// through the register transpose in W x W blocks, and every candidate block is then one vector step of a
+// compare-exchange chain over the lanes' m largest values and their blocks. A row at a time, the lanes' horizontal
+// reductions (dependent shuffle chains), the scalar scan for the blocks at or above the threshold and its branches
+// took ~340 cycles at topk 3 over 64 blocks (Xeon); here a row costs its share of the transposes and the chain.
+// -> idx[0, m): each lane's chosen blocks, ascending; the flagged lanes: a non-finite candidate, or a candidate left
+// out that equals the m-th largest (more than m reach the threshold), which the caller leaves to torch.topk.
 using VecF = vec_t<float>;
 using VecI = typename Vec<float>::itype;
 
@@ -291,20 +235,6 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
         for (int64_t c = 0; c < hi0; ++c) f(c);
         for (int64_t c = lo1; c < stop; ++c) f(c);
       };
-      if (m >= 1 && m <= kSmallTopk && count > m) {  // MoBA's usual top-2..9
-        const LaneTop top = lane_top(g, n, own, stop, m);
-        int64_t reach = 0;  // candidates at or above the threshold: exactly m, or torch.topk's order decides
-        if (!top.nonfinite)
-          each_candidate([&](int64_t c) {
-            if (g[c] >= top.threshold) {
-              if (reach < m) out[reach] = static_cast<int32_t>(c);
-              ++reach;
-            }
-          });
-        fp[row] = top.nonfinite || reach != m;
-        if (fp[row]) std::fill(out, out + width, -1);
-        return;
-      }
       bool finite = true;
       each_candidate([&](int64_t c) { finite &= std::isfinite(g[c]); });
       fp[row] = !finite;
@@ -333,29 +263,39 @@ std::tuple<at::Tensor, at::Tensor> moba_token_select_cpu(const at::Tensor& gate_
       for (int64_t i = 0; i < m; ++i) out[i] = cand[i].second;
     };
     constexpr int kW = Vec<float>::size;
-    for (int64_t row = begin; row < end;) {
-      // MoBA's usual top-2..9: W rows at a time where each has more than m candidates (not the first blocks of a
-      // causal sequence, nor a few rows where W does not divide the range)
-      bool vertical = m >= 1 && m <= kSmallTopk && row + kW <= end;
-      VecI own, stop;
+    std::vector<float> tail;  // a range's last rows, padded with empty lanes to W
+    for (int64_t row = begin; row < end; row += kW) {
+      // MoBA's usual top-2..9 goes W rows at a time; a row with m or fewer candidates (a causal sequence's first
+      // blocks) and other topk go one by one
+      const int64_t rows = std::min<int64_t>(kW, end - row);
+      VecI own = {}, stop = {};
+      bool lanes[kW] = {};
       int64_t cols = 0;
-      for (int i = 0; vertical && i < kW; ++i) {
+      for (int64_t i = 0; i < rows; ++i) {
         own[i] = static_cast<int32_t>(((row + i) % L) / block_size);
         stop[i] = causal ? own[i] : static_cast<int32_t>(n);
         cols = std::max<int64_t>(cols, stop[i]);
-        vertical = (causal ? own[i] : n - 1) > m;  // the row's candidates: [0, stop) but own
+        lanes[i] = m >= 1 && m <= kSmallTopk && (causal ? own[i] : n - 1) > m;  // candidates: [0, stop) but own
       }
-      if (!vertical) {
-        one_row(row++);
-        continue;
+      VecI idx[kSmallTopk], flag = {};
+      if (std::any_of(lanes, lanes + rows, [](bool x) { return x; })) {
+        const float* g = gp + row * n;
+        if (rows < kW) {
+          tail.assign(kW * n, 0.0f);
+          std::copy(g, g + rows * n, tail.begin());
+          g = tail.data();
+        }
+        flag = lanes_top(g, n, own, stop, cols, m, idx);
       }
-      VecI idx[kSmallTopk];
-      const VecI flag = lanes_top(gp + row * n, n, own, stop, cols, m, idx);
-      for (int i = 0; i < kW; ++i, ++row) {
-        int32_t* out = sp + row * width;
+      for (int64_t i = 0; i < rows; ++i) {
+        if (!lanes[i]) {
+          one_row(row + i);
+          continue;
+        }
+        int32_t* out = sp + (row + i) * width;
         std::fill(out, out + width, -1);
-        fp[row] = flag[i] != 0;
-        if (!fp[row])
+        fp[row + i] = flag[i] != 0;
+        if (!fp[row + i])
           for (int64_t k = 0; k < m; ++k) out[k] = idx[k][i];
       }
     }
