@@ -123,6 +123,16 @@ inline vec_t<T> exp2_p(vec_t<T> x) {
   else return exp2(x);
 }
 
+// step(std::true_type{}) where `bf16p` (P is rounded to bf16 for its products: exp2_p's cubic), else
+// step(std::false_type{}); the bf16 form is instantiated only where `Dot` (the input type has bf16 products at this
+// level), so that one call site serves both.
+template <bool Dot, typename Step>
+inline void with_p_exp(bool bf16p, Step&& step) {
+  if constexpr (Dot)
+    if (bf16p) return step(std::true_type{});
+  step(std::false_type{});
+}
+
 // The exponential half of an online-softmax step, given the (masked) row's max m_tile: updates the running max m,
 // turns s into P, returns in alpha the factor by which the row's output accumulator must be rescaled and in sum
 // P's lanes (the row's sum is their hreduce). False where the row has attended nothing yet (only -inf scores so

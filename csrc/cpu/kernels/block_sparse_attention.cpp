@@ -526,15 +526,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           p_times_v();
           return;
         }
-        // P's exponential: the cubic where P is rounded to bf16 for its product (exp2_p), as in the step above;
-        // step(bf16p) is instantiated for the bf16 form only where the type has bf16 products
-        auto with_p_exp = [&](auto step) {
-          if constexpr (kDot)
-            if (dot) return step(std::true_type{});
-          step(std::false_type{});
-        };
+        // P's exponential: the cubic where P is rounded to bf16 for its product (exp2_p), as in the step above
         if (!mods.on_scores() && !bias.present()) {
-          with_p_exp([&](auto bf16p) {
+          with_p_exp<kDot>(dot, [&](auto bf16p) {
             softmax_rows<T, decltype(bf16p)::value>(ws.s.data() + ra * kTileK, kTileK, nr, n, ws.spans.data() + ra,
                                                     ws.m.data() + ra, ws.l.data() + ra, ws.alpha.data() + ra);
           });
@@ -549,7 +543,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             const T mt = modify_mask_max(
                 mods, srow, n, ws.spans[r], slope2, static_cast<T>(r0 + r + pred.offset - t0),
                 bias.present() ? bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first : nullptr, t1 - t0);
-            with_p_exp([&](auto bf16p) {
+            with_p_exp<kDot>(dot, [&](auto bf16p) {
               softmax_row_exp<T, decltype(bf16p)::value>(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
             });
           }
@@ -826,23 +820,26 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
           T* dbias_col = dbias ? dbias + ((b * p.H + h) * p.Sq + t0) * p.Sk + c0 + j : nullptr;
           // dropout: dv takes the dropped P Z / (1 - p), and dS = P (dP Z / (1 - p) - delta)
           if (drop.on()) drop.column(ws.drop.data(), n, ws.drop_rows.data(), c0 + j);
-          for (int64_t i = 0; i < n; i += W) {
-            const V pr = exp2(vload(s + i) - vload(l2 + t0 + i));
-            V dpv = vload(ds + i);
-            if (drop.on()) {
-              const V z = vload(ws.drop.data() + i);
-              vstore(s + i, pr * z);
-              dpv *= z;
-            } else {
-              vstore(s + i, pr);
+          // P as the forward made it: the cubic where P and dS are rounded to bf16 for their products (exp2_p)
+          with_p_exp<kDotFor<S>>(dot, [&](auto bf16p) {
+            for (int64_t i = 0; i < n; i += W) {
+              const V pr = exp2_p<decltype(bf16p)::value, T>(vload(s + i) - vload(l2 + t0 + i));
+              V dpv = vload(ds + i);
+              if (drop.on()) {
+                const V z = vload(ws.drop.data() + i);
+                vstore(s + i, pr * z);
+                dpv *= z;
+              } else {
+                vstore(s + i, pr);
+              }
+              V dsv = pr * (dpv - vload(dl + t0 + i));
+              if (dbias_col)
+                for (int x = 0; x < W; ++x)
+                  if (i + x >= ws.spans[j].v0 && i + x < ws.spans[j].v1) dbias_col[(i + x) * p.Sk] = dsv[x];
+              if (capgrad) dsv *= vload(capgrad + i);  // d softcap(s) / ds
+              vstore(ds + i, dsv);
             }
-            V dsv = pr * (dpv - vload(dl + t0 + i));
-            if (dbias_col)
-              for (int x = 0; x < W; ++x)
-                if (i + x >= ws.spans[j].v0 && i + x < ws.spans[j].v1) dbias_col[(i + x) * p.Sk] = dsv[x];
-            if (capgrad) dsv *= vload(capgrad + i);  // d softcap(s) / ds
-            vstore(ds + i, dsv);
-          }
+          });
           zero_outside(s, ws.spans[j], n);
           zero_outside(ds, ws.spans[j], n);
         }
@@ -1159,14 +1156,16 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
       const T* dpr = ws.dp.data() + r * kTileK;
       const V lv = vsplat(l2[r]), dlv = vsplat(dl[r]);
       if (drop.on()) drop.row(ws.drop.data(), n, drop.row_key(bh, r0 + r), t0);
-      for (int64_t j = 0; j < n; j += W) {
-        const V pr = exp2(vload(s + j) - lv);
-        V dpv = vload(dpr + j);
-        if (drop.on()) dpv *= vload(ws.drop.data() + j);  // dS = P (dP Z / (1 - p) - delta)
-        V dsv = pr * (dpv - dlv);
-        if (capgrad) dsv *= vload(capgrad + j);
-        vstore(s + j, dsv);
-      }
+      with_p_exp<kDotFor<S>>(dot, [&](auto bf16p) {  // P as in the dk / dv pass
+        for (int64_t j = 0; j < n; j += W) {
+          const V pr = exp2_p<decltype(bf16p)::value, T>(vload(s + j) - lv);
+          V dpv = vload(dpr + j);
+          if (drop.on()) dpv *= vload(ws.drop.data() + j);  // dS = P (dP Z / (1 - p) - delta)
+          V dsv = pr * (dpv - dlv);
+          if (capgrad) dsv *= vload(capgrad + j);
+          vstore(s + j, dsv);
+        }
+      });
       zero_outside(s, ws.spans[r], n);
     }
     T* partial = ws.partial.data() + ra * p.Dp;
