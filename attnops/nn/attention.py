@@ -10,6 +10,7 @@ from torch import nn
 
 from attnops.core.checks import QKVShape
 from attnops.ops.decode import MAX_NEW_TOKENS, KVCache, decode_attention
+from attnops.ops.decode.chunked import chunked_decode_attention
 from attnops.ops.lowrank import KeyProjection, check_lowrank_args
 from attnops.ops.softmax import attention as dense_attention
 from attnops.maps.capture import attend
@@ -54,8 +55,10 @@ class Attention(nn.Module):
     (default ``0..T-1``). ``forward(x, cache=cache)`` (``cache`` from :meth:`make_cache`): appends
     the new tokens' keys and values to the cache and attends over it (positions continue each
     sequence's length): up to 64 new tokens through :func:`attnops.decode_attention`, a longer
-    prompt through causal :func:`attnops.attention` (all sequences at one length). Cached steps
-    run with the ``SoftmaxSpec`` (its sliding window included) and ``LowRankKeySpec`` specs. The cache holds values, not autograd history:
+    prompt through causal :func:`attnops.attention` (a cache whose sequences differ in length, as a ragged
+    ``KVCache.append(..., lengths=)`` leaves it: each sequence's keys packed, causal at its own length; forward
+    only). Cached steps run with the ``SoftmaxSpec`` (its sliding window included) and ``LowRankKeySpec`` specs.
+    The cache holds values, not autograd history:
     a backward through a cached prompt reaches that prompt's own keys and values, not those of
     earlier steps (Transformer-XL's stop-gradient memory); decoding steps are forward-only.
     """
@@ -183,7 +186,14 @@ class Attention(nn.Module):
         lowrank = self.lowrank
         if lowrank is not None:
             k = lowrank.projection.rotate(k)  # the cache holds keys in the basis: no per-step projection
-        cached = int(cache.host_seqlens.max())
+        host = cache.host_seqlens
+        cached, ragged = int(host.max()), int(host.min()) != int(host.max())
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if T > MAX_NEW_TOKENS and ragged and needs_grad:  # before the append: a refused call leaves the cache as it was
+            raise NotImplementedError(
+                f"a backward through a prompt of more than {MAX_NEW_TOKENS} tokens needs all cached sequences at one "
+                "length (the prompt's keys must reach attention as one tensor); run it under torch.no_grad() or bring "
+                "the sequences to one length")
         # The cache is state: it holds values, not autograd history (Transformer-XL's stop-gradient
         # memory); writing tensors that require grad into it would chain every step's graph onto it.
         k_cache, v_cache, lens = cache.append(k.detach(), v.detach())
@@ -197,18 +207,18 @@ class Attention(nn.Module):
                 kw["window_size"] = (left, 0)
             out = decode_attention(q, k_cache, v_cache, lens, **kw)
         else:
-            host = cache.host_seqlens
-            if int(host.min()) != int(host.max()):
-                raise ValueError(f"a prompt longer than {MAX_NEW_TOKENS} tokens needs all cached sequences at one "
-                                 "length")
             if lowrank is not None:  # exact prefill, in the cache's basis
                 q = lowrank.projection.rotate(q)
-            if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            window = (left, 0) if left >= 0 else (-1, -1)
+            if ragged:  # each sequence's keys packed, causal at its own length (bottom-right: the prompt ends it)
+                out, _ = chunked_decode_attention(q, k_cache, v_cache, lens, window_size=window)
+                return self._output(out)
+            if needs_grad:
                 # this step's own keys and values, so that a backward through the prompt reaches them
                 k_cache = torch.cat((k_cache[:, :cached], k), 1)
                 v_cache = torch.cat((v_cache[:, :cached], v), 1)
             out = dense_attention(q, k_cache, v_cache, causal=True,  # bottom-right: the prompt ends the cache
-                                  window_size=(left, 0) if left >= 0 else (-1, -1))
+                                  window_size=window)
         return self._output(out)
 
     def _qkv(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):

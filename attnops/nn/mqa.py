@@ -30,7 +30,7 @@ class MultiQueryAttention(Attention):
     (causal, differentiable). ``forward(x, cache=cache)``: appends the new tokens' keys and values to
     ``cache`` (from :meth:`make_cache`) and attends over it with :func:`attnops.decode_attention`
     (up to 64 new tokens; a longer prompt goes through :func:`attnops.attention` on the cached
-    prefix, which needs all sequences at the same length).
+    prefix, or with the sequences at different lengths, each sequence's keys packed: forward only).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int = 1, bias: bool = False, device=None,

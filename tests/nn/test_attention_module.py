@@ -99,6 +99,36 @@ def test_attention_block_bad_arguments():
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("window", [None, (7, 0)])
+def test_long_prompt_into_a_ragged_cache(kv_heads, window):
+    """A prompt past the 64-token decode limit into a cache whose sequences differ in length (a ragged
+    ``KVCache.append(..., lengths=)``) was refused; each sequence now attends causally at its own length: the
+    outputs equal each sequence's own full forward. With a backward needed it is refused clearly."""
+    torch.manual_seed(0)
+    spec = SoftmaxSpec() if window is None else SoftmaxSpec(window=window)
+    block = Attention(64, 4, kv_heads, attention=spec, rope=10000.0).eval()
+    cached, T = [5, 30, 0], 70
+    xs = [torch.randn(1, c + T, 64) for c in cached]
+    with torch.no_grad():
+        cache = block.make_cache(batch=3, max_len=max(cached) + T)
+        k_pad = torch.zeros(3, max(cached), kv_heads, 16)
+        v_pad = torch.zeros_like(k_pad)
+        for b, (c, x) in enumerate(zip(cached, xs)):  # each prefix's keys at its own positions, left-padded
+            _, k, v = block._qkv(x[:, :c], torch.arange(c))
+            k_pad[b, max(cached) - c:], v_pad[b, max(cached) - c:] = k[0], v[0]
+        cache.append(k_pad, v_pad, lengths=cached)
+        out = block(torch.cat([x[:, -T:] for x in xs]), cache=cache)
+        for b, x in enumerate(xs):
+            torch.testing.assert_close(out[b], block(x)[0, -T:], rtol=1e-5, atol=1e-5)
+    assert cache.host_seqlens.tolist() == [c + T for c in cached]
+    cache.reset()
+    cache.append(k_pad, v_pad, lengths=cached)
+    with pytest.raises(NotImplementedError, match="one length"):
+        block(torch.randn(3, T, 64), cache=cache)
+    assert cache.host_seqlens.tolist() == cached  # the refused call appended nothing
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
 @pytest.mark.parametrize("prompt_len", [10, 70])
 def test_sliding_window_cached_steps_equal_the_full_forward(kv_heads, prompt_len):
     """A SoftmaxSpec with a sliding window decodes from the cache (it was refused): the window reaches the decode
