@@ -212,13 +212,13 @@ class Attention(nn.Module):
             window = (left, 0) if left >= 0 else (-1, -1)
             if ragged:  # each sequence's keys packed, causal at its own length (bottom-right: the prompt ends it)
                 out, _ = chunked_decode_attention(q, k_cache, v_cache, lens, window_size=window)
-                return self._output(out)
-            if needs_grad:
-                # this step's own keys and values, so that a backward through the prompt reaches them
-                k_cache = torch.cat((k_cache[:, :cached], k), 1)
-                v_cache = torch.cat((v_cache[:, :cached], v), 1)
-            out = dense_attention(q, k_cache, v_cache, causal=True,  # bottom-right: the prompt ends the cache
-                                  window_size=window)
+            else:
+                if needs_grad:
+                    # this step's own keys and values, so that a backward through the prompt reaches them
+                    k_cache = torch.cat((k_cache[:, :cached], k), 1)
+                    v_cache = torch.cat((v_cache[:, :cached], v), 1)
+                out = dense_attention(q, k_cache, v_cache, causal=True,  # bottom-right: the prompt ends the cache
+                                      window_size=window)
         return self._output(out)
 
     def _qkv(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):
