@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "cpu/isa.h"
 #include "ops.h"
 
@@ -106,6 +110,29 @@ Workspace::~Workspace() {
   std::lock_guard<std::mutex> lock(cache.mutex);
   cache.idle.push_back(std::move(buffer_));
   trim_idle(cache.idle, limit);
+}
+
+namespace {
+bool huge_pages_on() {
+  static const bool on = [] {
+    const char* env = std::getenv("ATTNOPS_CPU_HUGE_PAGES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (t.device().is_cpu() && t.nbytes() >= (size_t(4) << 20) && huge_pages_on()) {
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
+    if (first < last) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice: may be refused
+  }
+#endif
+  return maybe_poison(t);
 }
 
 bool deterministic_schedule() {

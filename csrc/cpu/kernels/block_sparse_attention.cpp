@@ -1451,14 +1451,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd
                 ") must divide the query tile (", tile_rows(lut, kTileQ), ")");
   }
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = maybe_poison(at::empty(q.sizes(), q.options()));
-  at::Tensor lse = maybe_poison(at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_dtype)));
-  at::Tensor map_part = map.on() ? maybe_poison(at::empty({q.size(0), q.size(2), (q.size(1) + map_rows - 1) / map_rows,
-                                                           (k.size(1) + map_cols - 1) / map_cols},
-                                                          q.options().dtype(lse_dtype)))
+  at::Tensor out = empty_output(q.sizes(), q.options());
+  at::Tensor lse = empty_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_dtype));
+  at::Tensor map_part = map.on() ? empty_output({q.size(0), q.size(2), (q.size(1) + map_rows - 1) / map_rows,
+                                                (k.size(1) + map_cols - 1) / map_cols},
+                                               q.options().dtype(lse_dtype))
                                  : at::empty({0}, q.options().dtype(lse_dtype));
   // each row's largest score (the one the softmax subtracts), when asked for
-  at::Tensor max_scores = return_max ? maybe_poison(at::empty_like(lse)) : at::empty({0}, lse.options());
+  at::Tensor max_scores = return_max ? empty_output(lse.sizes(), lse.options()) : at::empty({0}, lse.options());
   if (q.numel() == 0) return {out, lse, map_part, max_scores};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd_cpu", [&] {
     const ScoreMods<compute_t<scalar_t>> mods(softcap, alibi_slopes, sinks, q.size(2));
@@ -1514,9 +1514,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
   const BlockLut tlut(q_num_blocks, q_indices, block_k, block_q);
   Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
   pred.set_bounds(key_bounds, query_bounds);
-  at::Tensor dq = maybe_poison(at::empty(q.sizes(), q.options()));
-  at::Tensor dk = maybe_poison(at::empty(k.sizes(), k.options()));
-  at::Tensor dv = maybe_poison(at::empty(v.sizes(), v.options()));
+  at::Tensor dq = empty_output(q.sizes(), q.options());
+  at::Tensor dk = empty_output(k.sizes(), k.options());
+  at::Tensor dv = empty_output(v.sizes(), v.options());
   // d attn_bias before the reduction over its broadcast dims (Python): (B, H, Sq, Sk) in lse's dtype,
   // zeros at the pairs the masks skip
   at::Tensor dbias = bias_grad ? at::zeros({q.size(0), q.size(2), q.size(1), k.size(1)}, q.options().dtype(lse_type))

@@ -610,12 +610,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_fwd_cpu(
             block_k};
   }
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = maybe_poison(at::empty(q.sizes(), q.options()));
-  at::Tensor lse = maybe_poison(at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_dtype)));
+  at::Tensor out = empty_output(q.sizes(), q.options());
+  at::Tensor lse = empty_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_dtype));
   // the block map per query row (B, H, Sq_new, ceil(S_max / map_cols)), pooled over query blocks in Python
   const int64_t map_nk = map_cols > 0 ? (Smax + map_cols - 1) / map_cols : 0;
-  at::Tensor map = map_cols > 0 ? maybe_poison(at::empty({q.size(0), q.size(2), q.size(1), map_nk},
-                                                         q.options().dtype(lse_dtype)))
+  at::Tensor map = map_cols > 0 ? empty_output({q.size(0), q.size(2), q.size(1), map_nk},
+                                              q.options().dtype(lse_dtype))
                                 : at::empty({0}, q.options().dtype(lse_dtype));
   if (q.numel() == 0) return {out, lse, map};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attn_fwd_cpu", [&] {

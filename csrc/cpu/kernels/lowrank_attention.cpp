@@ -572,8 +572,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_attn_fwd_cpu(const at::Te
     lens = at::full({B}, Sk, q.options().dtype(at::kInt));
   }
   const auto lse_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = maybe_poison(at::empty(q.sizes(), q.options()));
-  at::Tensor lse = maybe_poison(at::empty({B, q.size(2), q.size(1)}, q.options().dtype(lse_dtype)));
+  at::Tensor out = empty_output(q.sizes(), q.options());
+  at::Tensor lse = empty_output({B, q.size(2), q.size(1)}, q.options().dtype(lse_dtype));
   at::Tensor indices = return_indices
                            ? at::empty({B, q.size(2), q.size(1), std::min(Sk, topk)}, q.options().dtype(at::kInt))
                            : at::empty({0}, q.options().dtype(at::kInt));
