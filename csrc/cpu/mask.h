@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <numeric>
+#include <vector>
 
 namespace attnops::cpu::ATTNOPS_ISA {
 
@@ -96,11 +98,44 @@ struct BlockLut {
   int64_t count(int64_t b, int64_t h, int64_t row) const { return counts[base(b, h, row)]; }
 };
 
+// The key blocks regrouped by their residue mod `stride`, for a block mask every row of which keeps blocks of one
+// residue class only (a dilated mask, LongNet's: blocks i, i - d, i - 2d, ...): the forward packs K and V class by
+// class (class 0's blocks in order, then class 1's, ...), so that a row's blocks, `stride` apart in the sequence,
+// are one run of consecutive blocks in the packed order and its key tiles are as wide as a sliding window's,
+// instead of one block each. Positions in that order are "packed"; `start[c]` is class c's first packed block.
+// Only for whole blocks (Sk a multiple of the block), so each class is a run of whole blocks.
+struct KeyClasses {
+  int64_t stride = 1, block = 0, blocks = 0;
+  std::vector<int64_t> start;  // stride + 1 entries, start[stride] = blocks
+
+  KeyClasses() = default;
+  KeyClasses(int64_t stride_, int64_t block_, int64_t blocks_) : stride(stride_), block(block_), blocks(blocks_) {
+    for (int64_t c = 0; c <= stride; ++c) start.push_back(c == 0 ? 0 : start.back() + members(c - 1, blocks));
+  }
+  bool on() const { return stride > 1; }
+  // class c's blocks below block index j
+  int64_t members(int64_t c, int64_t j) const { return j > c ? (j - c + stride - 1) / stride : 0; }
+  int64_t packed_block(int64_t j) const { return start[j % stride] + j / stride; }
+  // the key block at packed block x
+  int64_t key_block(int64_t x) const {
+    const int64_t c = std::upper_bound(start.begin(), start.end(), x) - start.begin() - 1;
+    return c + (x - start[c]) * stride;
+  }
+  // A key bound x (keys [.., x) or [x, ..)) of a row whose blocks are in class c, as a packed position: class c's
+  // keys before x are exactly those before the result (the map is monotone within a class).
+  int64_t packed_bound(int64_t x, int64_t c) const {
+    const int64_t j = x / block;
+    const int64_t inside = j < blocks && j % stride == c ? x % block : 0;
+    return (start[c] + members(c, j)) * block + inside;
+  }
+};
+
 // Calls f(a, e) for every maximal run [a, e) of consecutive kept column blocks of one LUT row,
 // clipped to [lo, hi) and to `limit` (the sequence length). Without a LUT: f(lo, hi).
+// With key classes (on()), runs and bounds are in packed positions: blocks `stride` apart are consecutive there.
 template <typename F>
 inline void for_each_segment(const BlockLut& lut, int64_t b, int64_t h, int64_t row, int64_t lo, int64_t hi,
-                             int64_t limit, F f) {
+                             int64_t limit, F f, const KeyClasses* classes = nullptr) {
   hi = std::min(hi, limit);
   if (lo >= hi) return;
   if (!lut.present()) {
@@ -110,14 +145,32 @@ inline void for_each_segment(const BlockLut& lut, int64_t b, int64_t h, int64_t 
   const int64_t base = lut.base(b, h, row);
   const int64_t n = lut.counts[base];
   const int32_t* idx = lut.indices + base * lut.width;
+  const int64_t step = classes ? classes->stride : 1;
+  auto at = [&](int64_t j) { return classes ? classes->packed_block(j) : j; };
   for (int64_t i = 0; i < n;) {
     int64_t j = i + 1;
-    while (j < n && idx[j] == idx[j - 1] + 1) ++j;
-    const int64_t a = std::max<int64_t>(lo, int64_t(idx[i]) * lut.col_block);
-    const int64_t e = std::min<int64_t>(hi, int64_t(idx[j - 1] + 1) * lut.col_block);
+    while (j < n && idx[j] == idx[j - 1] + step) ++j;
+    const int64_t a = std::max<int64_t>(lo, at(idx[i]) * lut.col_block);
+    const int64_t e = std::min<int64_t>(hi, (at(idx[j - 1]) + 1) * lut.col_block);
     if (a < e) f(a, e);
     i = j;
   }
+}
+
+// Key classes for a block LUT whose every row keeps blocks of one residue mod some stride > 1 (the gcd of the
+// differences between a row's consecutive blocks, over every row), of `block`-key blocks tiling Sk keys; off
+// (stride 1) where no such stride exists, the blocks do not tile Sk, or `block` is not a multiple of `panel` (the
+// packs' unit: a class run must start on a panel boundary).
+inline KeyClasses key_classes(const BlockLut& lut, int64_t Sk, int64_t panel) {
+  if (!lut.present() || lut.col_block <= 0 || Sk % lut.col_block || lut.col_block % panel) return {};
+  int64_t g = 0;
+  for (int64_t base = 0; base < lut.B * lut.H * lut.rows && g != 1; ++base) {
+    const int32_t* idx = lut.indices + base * lut.width;
+    for (int64_t i = 1; i < lut.counts[base]; ++i) g = std::gcd(g, int64_t(idx[i]) - idx[i - 1]);
+  }
+  const int64_t blocks = Sk / lut.col_block;
+  if (g <= 1 || g >= blocks) return {};
+  return KeyClasses(g, lut.col_block, blocks);
 }
 
 }  // namespace attnops::cpu::ATTNOPS_ISA

@@ -27,7 +27,9 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cpu/dropout.h"
@@ -224,20 +226,30 @@ void for_each_row_group(RowSpan* spans, RowRange live, int64_t n, bool whole, F&
 // in `spans` and calls f(t0, t1, n) for the tile [t0, t1) (n: its width padded to the vector width, the
 // row passes' unit; the GEMMs run a last half panel as such), skipping tiles that no row sees. One walk
 // for the forward and the dq pass.
+// With key classes (the forward of a dilated mask: K and V packed class by class), tiles and spans are in packed
+// positions: the rows' bounds map into their LUT row's class (one LUT row per task).
 template <typename T, typename F>
 void for_each_key_tile(const BlockLut& lut, const Predicates& pred, int64_t b, int64_t h, int64_t r0, int64_t r1,
-                       int64_t Sk, RowSpan* spans, F&& f) {
-  for_each_segment(lut, b, h, lut.present() ? r0 / lut.row_block : 0, pred.key_lo(b, r0), pred.key_hi(b, r1 - 1), Sk,
-                   [&](int64_t a, int64_t e) {
-                     constexpr int64_t NR = kGemmN<T>;
-                     for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
-                       t1 = std::min(t0 + kTileK, e);
-                       const bool any = tile_spans(
-                           r1 - r0, std::max(a, t0), t0, t1, [&](int64_t r) { return pred.key_lo(b, r0 + r); },
-                           [&](int64_t r) { return pred.key_hi(b, r0 + r); }, spans);
-                       if (any) f(t0, t1, round_up(t1 - t0, Vec<T>::size));
-                     }
-                   });
+                       int64_t Sk, RowSpan* spans, F&& f, const KeyClasses* classes = nullptr) {
+  const int64_t row = lut.present() ? r0 / lut.row_block : 0;
+  int64_t c = -1;  // the LUT row's class
+  if (classes && classes->on() && lut.count(b, h, row) > 0)
+    c = lut.indices[lut.base(b, h, row) * lut.width] % classes->stride;
+  auto lo = [&](int64_t r) { return c < 0 ? pred.key_lo(b, r) : classes->packed_bound(pred.key_lo(b, r), c); };
+  auto hi = [&](int64_t r) { return c < 0 ? pred.key_hi(b, r) : classes->packed_bound(pred.key_hi(b, r), c); };
+  for_each_segment(
+      lut, b, h, row, lo(r0), hi(r1 - 1), Sk,
+      [&](int64_t a, int64_t e) {
+        constexpr int64_t NR = kGemmN<T>;
+        for (int64_t t0 = a / NR * NR, t1; t0 < e; t0 = t1) {
+          t1 = std::min(t0 + kTileK, e);
+          const bool any = tile_spans(
+              r1 - r0, std::max(a, t0), t0, t1, [&](int64_t r) { return lo(r0 + r); },
+              [&](int64_t r) { return hi(r0 + r); }, spans);
+          if (any) f(t0, t1, round_up(t1 - t0, Vec<T>::size));
+        }
+      },
+      c < 0 ? nullptr : classes);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -369,6 +381,24 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const S* qp = q.data_ptr<S>();
   const S* kp = k.data_ptr<S>();
   const S* vp = v.data_ptr<S>();
+  // A dilated block mask (every LUT row's blocks of one residue class mod some stride): K and V packed class by
+  // class (KeyClasses, cpu/mask.h), so that a row's blocks are one run of keys and its tiles kTileK wide, not one
+  // block each; where nothing reads a key's position but the predicates (no ALiBi, bias, dropout, block map or
+  // token bounds). ATTNOPS_CPU_KEY_CLASSES=0 turns it off.
+  const char* classes_env = std::getenv("ATTNOPS_CPU_KEY_CLASSES");
+  const bool classes_allowed = !(classes_env && std::string(classes_env) == "0") && !pred.kb && !mods.alibi() &&
+                               !bias.present() && !drop.on() && !map.on();
+  const KeyClasses classes = classes_allowed ? key_classes(lut, p.Sk, NR) : KeyClasses();
+  // K / V rows [r0, r1) of the packed order as runs of the key rows: f(x0, x1, shift), packed row x holding key
+  // row x + shift (one run without key classes)
+  auto for_key_runs = [&](int64_t r0, int64_t r1, auto&& f) {
+    if (!classes.on()) return f(r0, r1, int64_t(0));
+    for (int64_t x0 = r0, x1; x0 < r1; x0 = x1) {
+      const int64_t x = x0 / classes.block;
+      x1 = std::min(r1, (x + 1) * classes.block);
+      f(x0, x1, (classes.key_block(x) - x) * classes.block);
+    }
+  };
   constexpr int64_t kPackRows = 256;  // a multiple of NR and even: chunks start on panel and pair boundaries
   const int64_t pack_chunks = (p.Sk + kPackRows - 1) / kPackRows;
   // Packs (b, kv head) pairs [g0, g1) into the wave's panels (slot bh - g0).
@@ -423,11 +453,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
         std::atomic<bool> v_finite{true};
         for_pack_chunks(g0, g1, [&](int64_t slot, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
-          pack_transposed_pairs<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, kt2 + slot * Sk_pad * D2,
-                                    r1 == p.Sk, k_ldb);
-          if (!pack_row_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.Sk, p.D, p.Dp,
-                                  v2 + slot * p.Dp * Sk2, v_ldb))
-            v_finite.store(false, std::memory_order_relaxed);
+          for_key_runs(r0, r1, [&](int64_t x0, int64_t x1, int64_t shift) {
+            pack_transposed_pairs<NR>(kp + b * p.sk_b + hk * p.sk_h + shift * p.sk_s, p.sk_s, x0, x1, p.D,
+                                      kt2 + slot * Sk_pad * D2, x1 == p.Sk, k_ldb);
+            if (!pack_row_pairs<NR>(vp + b * p.sv_b + hk * p.sv_h + shift * p.sv_s, p.sv_s, x0, x1, p.Sk, p.D, p.Dp,
+                                    v2 + slot * p.Dp * Sk2, v_ldb))
+              v_finite.store(false, std::memory_order_relaxed);
+          });
         });
         dot = v_finite.load();
       }
@@ -440,9 +472,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         zero_padding_panels<NR>(kt, wave, p.Sk, p.D);
       }
       for_pack_chunks(g0, g1, [&](int64_t slot, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
-        pack_transposed_panels<NR>(kp + b * p.sk_b + hk * p.sk_h, p.sk_s, r0, r1, p.D, T(1), kt + slot * Sk_pad * p.D);
-        pack_row_panels<NR>(vp + b * p.sv_b + hk * p.sv_h, p.sv_s, r0, r1, p.D, p.Dp, p.Sk, T(1),
-                            vb + slot * p.Dp * p.Sk);
+        for_key_runs(r0, r1, [&](int64_t x0, int64_t x1, int64_t shift) {
+          pack_transposed_panels<NR>(kp + b * p.sk_b + hk * p.sk_h + shift * p.sk_s, p.sk_s, x0, x1, p.D, T(1),
+                                     kt + slot * Sk_pad * p.D);
+          pack_row_panels<NR>(vp + b * p.sv_b + hk * p.sv_h + shift * p.sv_s, p.sv_s, x0, x1, p.D, p.Dp, p.Sk, T(1),
+                              vb + slot * p.Dp * p.Sk);
+        });
       });
     }
     return dot;
@@ -564,15 +599,18 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           gemm<T>(nr, p.Dp, t1 - t0, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR, p.Sk * NR,
                   ws.acc.data() + ra * p.Dp, p.Dp, true, ws.alpha.data() + ra);
       };
-      for_each_key_tile<T>(lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(), [&](int64_t t0, int64_t t1, int64_t n) {
-        // Only rows [ra, rb) see the tile (a tile straddling two packed documents, or a causal diagonal):
-        // the products skip the others, whose running max, sum and accumulator stay as they are; on a
-        // staircase, groups of rows take only their own columns
-        for_each_row_group<T>(ws.spans.data(), live_rows(ws.spans.data(), rows), n, map.on(),
-                              [&](int64_t ra, int64_t nr, int64_t c0, int64_t c1) {
-                                tile(t0 + c0, std::min(t1, t0 + c1), c1 - c0, ra, nr);
-                              });
-      });
+      for_each_key_tile<T>(
+          lut, pred, b, h, r0, r1, p.Sk, ws.spans.data(),
+          [&](int64_t t0, int64_t t1, int64_t n) {
+            // Only rows [ra, rb) see the tile (a tile straddling two packed documents, or a causal diagonal):
+            // the products skip the others, whose running max, sum and accumulator stay as they are; on a
+            // staircase, groups of rows take only their own columns
+            for_each_row_group<T>(ws.spans.data(), live_rows(ws.spans.data(), rows), n, map.on(),
+                                  [&](int64_t ra, int64_t nr, int64_t c0, int64_t c1) {
+                                    tile(t0 + c0, std::min(t1, t0 + c1), c1 - c0, ra, nr);
+                                  });
+          },
+          classes.on() ? &classes : nullptr);
     };
     run(false);
     if (!dot && !all_finite(ws.acc.data(), rows * p.Dp)) run(true);
