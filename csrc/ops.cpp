@@ -113,14 +113,17 @@ Workspace::~Workspace() {
 }
 
 namespace {
+bool env_is_off(const char* name) {  // the switches on by default: "0" turns them off
+  const char* env = std::getenv(name);
+  return env != nullptr && std::string(env) == "0";
+}
 bool huge_pages_on() {
-  static const bool on = [] {
-    const char* env = std::getenv("ATTNOPS_CPU_HUGE_PAGES");
-    return env == nullptr || std::string(env) != "0";
-  }();
+  static const bool on = !env_is_off("ATTNOPS_CPU_HUGE_PAGES");
   return on;
 }
 }  // namespace
+
+bool key_classes_on() { return !env_is_off("ATTNOPS_CPU_KEY_CLASSES"); }
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);

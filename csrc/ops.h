@@ -25,6 +25,9 @@ int backward_mode();
 // level's brgemm): as ATTNOPS_CPU_BF16_DOT=0 / 1 or _C._set_bf16_dot force it, else the CPU's default
 // (cpu::bf16_dot_by_default: off at the avx512 level of an Intel CPU, where widening is faster).
 bool bf16_dot();
+// Whether the CPU forward may pack a dilated block mask's keys by residue class (cpu/mask.h, KeyClasses): on unless
+// ATTNOPS_CPU_KEY_CLASSES=0, read at every call (tests switch it between calls).
+bool key_classes_on();
 // K / V panel bytes one wave of the CPU forward packs (cpu/kernels/block_sparse_attention.cpp); test aid to shrink it.
 int64_t forward_wave_bytes();
 

@@ -27,9 +27,7 @@
 
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <vector>
 
 #include "cpu/dropout.h"
@@ -385,9 +383,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // class (KeyClasses, cpu/mask.h), so that a row's blocks are one run of keys and its tiles kTileK wide, not one
   // block each; where nothing reads a key's position but the predicates (no ALiBi, bias, dropout, block map or
   // token bounds). ATTNOPS_CPU_KEY_CLASSES=0 turns it off.
-  const char* classes_env = std::getenv("ATTNOPS_CPU_KEY_CLASSES");
-  const bool classes_allowed = !(classes_env && std::string(classes_env) == "0") && !pred.kb && !mods.alibi() &&
-                               !bias.present() && !drop.on() && !map.on();
+  const bool classes_allowed =
+      key_classes_on() && !pred.kb && !mods.alibi() && !bias.present() && !drop.on() && !map.on();
   const KeyClasses classes = classes_allowed ? key_classes(lut, p.Sk, NR) : KeyClasses();
   // K / V rows [r0, r1) of the packed order as runs of the key rows: f(x0, x1, shift), packed row x holding key
   // row x + shift (one run without key classes)
@@ -610,7 +607,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                                     tile(t0 + c0, std::min(t1, t0 + c1), c1 - c0, ra, nr);
                                   });
           },
-          classes.on() ? &classes : nullptr);
+          &classes);
     };
     run(false);
     if (!dot && !all_finite(ws.acc.data(), rows * p.Dp)) run(true);
