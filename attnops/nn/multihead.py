@@ -40,8 +40,9 @@ class MultiheadAttention(nn.Module):
     ``attn_mask`` (or ``is_causal=True`` without a mask, bottom-right aligned when ``L != S``) runs the causal kernels;
     with a mask, ``is_causal`` is the hint torch calls it and the mask decides; any other mask and the padding reach the
     kernels as ``attn_bias`` (padding as a ``(B, 1, 1, S)`` key mask, no L x S tensor; empty key blocks are
-    skipped), with the SoftmaxSpec or a BlockSparseSpec. A query whose keys are all masked gets zeros (as
-    torch 2.13's module gives). ``add_bias_kv`` / ``add_zero_attn`` append their key/value row after the projections,
+    skipped), with the SoftmaxSpec or a BlockSparseSpec. A query whose keys are all masked gets zeros, as torch
+    2.13's module gives in training and in cross-attention (its inference fast path, self-attention in eval mode,
+    gives NaN there instead). ``add_bias_kv`` / ``add_zero_attn`` append their key/value row after the projections,
     visible to every query, as torch's mask path does (torch's fast path for ``is_causal=True``, ``need_weights=False``
     and no padding drops the mask for SDPA's top-left ``is_causal`` and hides those rows from the first queries:
     torch's module itself then differs between ``need_weights=True`` and ``False``).
