@@ -1,9 +1,9 @@
-"""Randomly drawn configurations of the softmax core and of decoding against their float64 references, with the
-accuracy rule (helpers.assert_accurate). The hand-written tests pair the options one or two at a time; here shapes
-(odd lengths, Sq != Sk, GQA and MQA ratios, head dims 16-128) and options (causal, windows, softcap, ALiBi, sinks,
-float and boolean biases, block masks of every constructor and block size, packed documents, paged and
-left-padded caches, split keys) are drawn together from fixed seeds, at every ISA level this CPU runs. A failure
-names its configuration; its seed reproduces it (``_core_case(seed)`` and friends)."""
+"""Randomly drawn configurations of the softmax core, packed batches and decoding against their float64
+references, with the accuracy rule (helpers.assert_accurate). The hand-written tests pair the options one or two at
+a time; here shapes (odd lengths, Sq != Sk, GQA and MQA ratios, head dims 16-128) and options (causal, windows,
+softcap, ALiBi, sinks, float and boolean biases, block masks of every constructor and block size, packed documents,
+varlen layouts, paged and left-padded caches, split keys) are drawn together from fixed seeds, at every ISA level
+this CPU runs. A failure names its configuration; its seed reproduces it (``_core_case(seed)`` and friends)."""
 
 import random
 
@@ -186,3 +186,48 @@ def test_random_decode_configs(seed, cpu_impl):
     assert got.out.dtype == q.dtype
     assert_accurate(f"{desc} out", got.out, ref64.out, ref_lp.out)
     assert_accurate(f"{desc} lse", got.lse, ref64.lse, ref_lp.lse)
+
+
+VARLEN_SEEDS = range(12)
+
+
+def _varlen_case(seed: int):
+    """-> (q, k, v packed, cu_seqlens_q, cu_seqlens_k, options, description): 1-4 sequences of 0-200 tokens, the key
+    layout the query's or its own (ALiBi only with equal layouts, which varlen_attention refuses otherwise)."""
+    rng = random.Random(3000 + seed)
+    count, Hkv = rng.randint(1, 4), rng.choice([1, 2])
+    H, D = Hkv * rng.choice([1, 3]), rng.choice([32, 40, 64])
+    len_q = [rng.randint(1 if i == 0 else 0, 200) for i in range(count)]
+    len_k = len_q if rng.random() < 0.5 else [rng.randint(1, 200) for _ in range(count)]
+    dtype = rng.choice([torch.float32, torch.bfloat16])
+    opts = {}
+    if rng.random() < 0.5:
+        opts["causal"] = True
+    if rng.random() < 0.3:
+        opts["window_size"] = (rng.choice([0, 9, 60]), rng.choice([-1, 0, 5]))
+    if rng.random() < 0.3:
+        opts["softcap"] = 10.0
+    if rng.random() < 0.3:
+        opts["sinks"] = torch.randn(H)
+    if len_k is len_q and rng.random() < 0.3:
+        opts["alibi_slopes"] = torch.rand(H) * 0.3
+    q, k, v = (torch.randn(sum(lengths), heads, D).to(dtype) for lengths, heads in
+               ((len_q, H), (len_k, Hkv), (len_k, Hkv)))
+    cu_q, cu_k = (torch.tensor([0] + lengths).cumsum(0).to(torch.int32) for lengths in (len_q, len_k))
+    return (q, k, v), cu_q, cu_k, opts, _describe(f"lengths q {len_q} k {len_k} H{H}/{Hkv} D{D}", dtype, opts)
+
+
+@pytest.mark.parametrize("seed", VARLEN_SEEDS)
+def test_random_varlen_configs(seed, cpu_impl):
+    """attnops.varlen_attention, forward and backward, against the float64 reference of the packed batch."""
+    (q, k, v), cu_q, cu_k, opts, desc = _varlen_case(seed)
+
+    def run(backend):
+        def call(q, k, v):
+            same = q.dtype == torch.float64
+            res = attnops.varlen_attention(q, k, v, cu_q, cu_k, None, None, return_lse=True, backend=backend,
+                                           **(_double(opts) if same else opts))
+            return res.out, res.lse
+        return call
+
+    compare_with_reference(run(cpu_impl.backend), run("reference"), [q, k, v], q.dtype, name=desc)
