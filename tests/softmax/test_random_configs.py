@@ -12,6 +12,7 @@ import torch
 
 import attnops
 from attnops import BlockMask
+from decode.test_paged import paged_copy
 from helpers import assert_accurate, compare_with_reference
 
 CORE_SEEDS = range(24)
@@ -99,7 +100,7 @@ def _mask_case(seed: int):
 
 def _decode_case(seed: int):
     """-> (q, k, v, cache_seqlens, options, paged (k, v, block_table) or None, description): caches unpaged for the
-    reference, and the same rows scattered over shuffled pages where paged."""
+    reference, and the same rows in shuffled pages where paged (decode.test_paged.paged_copy)."""
     rng = random.Random(2000 + seed)
     B, Hkv = rng.choice([1, 2, 3]), rng.choice([1, 2])
     H, D = Hkv * rng.choice([1, 4, 8, 16]), rng.choice([32, 40, 64, 128])
@@ -119,19 +120,7 @@ def _decode_case(seed: int):
         opts["cache_leftpad"] = torch.tensor([rng.randint(0, int(s) - Sq) for s in seqlens], dtype=torch.int32)
     split = {"num_splits": rng.choice([1, 2, 5])} if rng.random() < 0.3 else {}
     q, k, v = (torch.randn(B, S, heads, D).to(dtype) for S, heads in ((Sq, H), (S_max, Hkv), (S_max, Hkv)))
-    paged = None
-    if rng.random() < 0.4:
-        page = rng.choice([1, 16, 64])
-        pages = -(-S_max // page)
-        order = torch.randperm(B * pages, generator=torch.Generator().manual_seed(seed))
-
-        def scatter(cache):
-            rows = torch.nn.functional.pad(cache, (0, 0, 0, 0, 0, pages * page - S_max)).view(B * pages, page, Hkv, D)
-            out = torch.empty_like(rows)
-            out[order] = rows
-            return out
-
-        paged = (scatter(k), scatter(v), order.view(B, pages).to(torch.int32))
+    paged = paged_copy(k, v, seqlens, rng.choice([1, 16, 64]), seed=seed) if rng.random() < 0.4 else None
     desc = _describe(f"B{B} Sq{Sq} S_max{S_max} H{H}/{Hkv} D{D} paged={paged is not None}", dtype, {**opts, **split})
     return (q, k, v, seqlens), opts, split, paged, desc
 
