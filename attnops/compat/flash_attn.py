@@ -87,14 +87,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2 and alibi_slopes.shape[0] != len(cq) - 1:
         raise ValueError(f"flash_attn_varlen_func: alibi_slopes {tuple(alibi_slopes.shape)} must be (H,) or "
                          f"(num sequences = {len(cq) - 1}, H)")
-    if alibi_slopes is None or (alibi_slopes.dim() == 1 and cq == ck):
+    if alibi_slopes is None or alibi_slopes.dim() == 1:
         cu_q = torch.tensor(cq, dtype=torch.int32, device=q.device)
         cu_k = cu_q if cq == ck else torch.tensor(ck, dtype=torch.int32, device=q.device)
         out, lse = varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal=bool(causal),
                                     softmax_scale=softmax_scale, window_size=_window(window_size), return_lse=True,
                                     softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
         return _result(out, lse, return_attn_probs)
-    # per-sequence ALiBi slopes (or ALiBi across different q / k layouts): one call per sequence
+    # per-sequence ALiBi slopes: one call per sequence
     out = q.new_empty(q.shape)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                       device=q.device)

@@ -176,6 +176,27 @@ def check_segment_bounds(op: str, q, k, key_bounds, query_bounds, backward: bool
         check_bounds_arg(op, "query_bounds", q, query_bounds, B, Sk, Sq)
 
 
+def check_alibi_offsets(op: str, q, alibi_slopes, alibi_offsets, key_bounds, query_bounds, backward: bool) -> None:
+    """ALiBi's per-query offsets (varlen layouts): int32 ``(Sq,)``, with ALiBi and with segment bounds of batch 1
+    (every allowed pair then lies in one sequence, whose rows share one offset)."""
+    if alibi_offsets is None:
+        return
+    if alibi_slopes is None:
+        _fail(op, "alibi_offsets without alibi_slopes")
+    t = alibi_offsets
+    if t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] != q.shape[1] or not t.is_contiguous():
+        _fail(op, f"alibi_offsets must be a contiguous int32 (Sq,) = ({q.shape[1]},) tensor, got "
+                  f"{t.dtype} {tuple(t.shape)}")
+    if t.device != q.device:
+        _fail(op, "alibi_offsets must be on q's device")
+    shared = key_bounds is not None and key_bounds.shape[0] == 1
+    if backward:
+        shared = shared and query_bounds is not None and query_bounds.shape[0] == 1
+    if not shared:
+        _fail(op, "alibi_offsets needs segment bounds shared by the batch rows (key_bounds"
+                  f"{' and query_bounds' if backward else ''} of batch 1)")
+
+
 def check_backward_args(op: str, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks) -> None:
     if (kv_num_blocks is None) != (q_num_blocks is None):
         _fail(op, "the backward needs both the block LUT and its transpose")

@@ -27,10 +27,13 @@ import torch
 @dataclass(frozen=True)
 class SegmentBounds:
     """The kernels' form: ``key_bounds (Bb, Sq, 2)`` and ``query_bounds (Bb, Sk, 2)``, int32; ``query_bounds`` may
-    be None for a forward no backward follows (the forwards read only ``key_bounds``)."""
+    be None for a forward no backward follows (the forwards read only ``key_bounds``). ``alibi_offsets``: int32
+    ``(Sq,)``, ALiBi's distance origin per query (query ``i`` sits at key ``i + alibi_offsets[i]``), where the
+    sequences of a packed layout differ in ``Lk - Lq`` (:func:`from_cu_seqlens`); None: ``i + Sk - Sq``."""
 
     key_bounds: torch.Tensor
     query_bounds: Optional[torch.Tensor]
+    alibi_offsets: Optional[torch.Tensor] = None
 
     def token_mask(self, seq_len_k: int) -> torch.Tensor:
         """``(Bb, 1, Sq, Sk)`` bool: the pairs the bounds allow (the reference's form; N x N)."""
@@ -112,6 +115,8 @@ def intersect(a: Optional[SegmentBounds], b: Optional[SegmentBounds], seq_len_k:
     empty one is kept as ``lo = hi``."""
     if a is None or b is None:
         return a if b is None else b
+    if a.alibi_offsets is not None or b.alibi_offsets is not None:
+        raise NotImplementedError("segments: intersecting bounds that carry ALiBi offsets")
     ka, kb = torch.broadcast_tensors(a.key_bounds, b.key_bounds)
     lo = torch.maximum(ka[..., 0], kb[..., 0])
     hi = torch.maximum(torch.minimum(ka[..., 1], kb[..., 1]), lo)
@@ -143,10 +148,15 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device, max_seqlen
 
 
 def from_cu_seqlens(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int,
-                    causal: bool, window_size: Tuple[int, int]) -> SegmentBounds:
+                    causal: bool, window_size: Tuple[int, int], alibi: bool = False) -> SegmentBounds:
     """Bounds of flash_attn's varlen layout (batch 1 of ``total`` tokens): query ``a`` of sequence s
     sees the keys of sequence s, and with ``causal`` / ``window_size (left, right)`` those in
-    ``[a + Lk - Lq - left, a + Lk - Lq + right]`` of its own sequence (bottom-right per sequence)."""
+    ``[a + Lk - Lq - left, a + Lk - Lq + right]`` of its own sequence (bottom-right per sequence). With
+    ``alibi``, also ALiBi's per-query offsets where the layouts differ: query ``a`` of sequence s sits at its
+    sequence's key ``a + Lk - Lq`` (flash_attn's ``|i + Lk - Lq - j|`` inside the sequence), packed index
+    ``cu_q[s] + a`` at ``cu_k[s] + a + Lk - Lq``: offset ``cu_k[s + 1] - cu_q[s + 1]``. One tensor for both
+    layouts needs none (every offset is 0, the kernels' own ``Sk - Sq``); equal values in two tensors are not
+    compared (a host read, and a data-dependent branch under torch.compile): their offsets are all 0."""
     cu_q, cu_k = cu_seqlens_q.to(torch.int64), cu_seqlens_k.to(torch.int64)
     rows = torch.arange(total_q, device=cu_q.device)
     seq = torch.searchsorted(cu_q[1:].contiguous(), rows, right=True).clamp(max=max(cu_q.numel() - 2, 0))
@@ -159,4 +169,7 @@ def from_cu_seqlens(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, tota
     lo = (pos - left).clamp(min=0).minimum(len_k) if left >= 0 else torch.zeros_like(pos)
     hi = (pos + right + 1).clamp(min=0).minimum(len_k) if right >= 0 else len_k
     key_bounds = torch.stack([k0 + lo, k0 + hi], dim=-1).to(torch.int32).unsqueeze(0).contiguous()
-    return SegmentBounds(key_bounds, transpose_bounds(key_bounds, total_k))
+    offsets = None
+    if alibi and cu_seqlens_q is not cu_seqlens_k:
+        offsets = (k0 + len_k - q0 - len_q).to(torch.int32).contiguous()
+    return SegmentBounds(key_bounds, transpose_bounds(key_bounds, total_k), offsets)

@@ -169,6 +169,16 @@ def partial_tile(n0, Sk, lo_last_row, hi_first_row, seg_inner_lo, seg_inner_hi, 
 
 
 @triton.jit
+def alibi_positions(AlibiOffsets, o_m, m_m, o_pos, HAS_ALIBI_OFFSETS: tl.constexpr):
+    """ALiBi's distance origin of the query rows ``o_m``: ``o_pos`` (``o_m + Sk - Sq``), or with per-query offsets
+    (varlen layouts whose sequences differ in ``Lk - Lq``) ``o_m + offsets[o_m]``."""
+    b_pos = o_pos
+    if HAS_ALIBI_OFFSETS:
+        b_pos = o_m + tl.load(AlibiOffsets + o_m, mask=m_m, other=0)
+    return b_pos
+
+
+@triton.jit
 def mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi,
                 seg_inner_lo, seg_inner_hi, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 HAS_SEGMENTS: tl.constexpr):
@@ -285,6 +295,13 @@ def bias_args(attn_bias: Optional[torch.Tensor], device) -> Tuple:
     if attn_bias.stride(3) != 1:
         attn_bias = attn_bias.contiguous()
     return attn_bias, tuple(attn_bias.stride(d) if attn_bias.shape[d] > 1 else 0 for d in range(3))
+
+
+def alibi_offset_args(alibi_offsets: Optional[torch.Tensor], device) -> Tuple:
+    """``(AlibiOffsets, {"HAS_ALIBI_OFFSETS": ...})``: ALiBi's per-query offsets int32 ``(Sq,)``, or a dummy."""
+    if alibi_offsets is None:
+        return lut_args(None, None, device)[0], {"HAS_ALIBI_OFFSETS": False}
+    return alibi_offsets.contiguous(), {"HAS_ALIBI_OFFSETS": True}
 
 
 def segment_args(bounds: Optional[torch.Tensor], device) -> Tuple:

@@ -49,14 +49,15 @@ struct CpuKernels {
       int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
       int64_t map_rows, int64_t map_cols, bool map_max, double softcap, const OptTensor& alibi_slopes,
       const OptTensor& sinks, const OptTensor& attn_bias, double dropout_p, const OptTensor& dropout_seed,
-      const OptTensor& key_bounds, const OptTensor& query_bounds, bool return_max);
+      const OptTensor& key_bounds, const OptTensor& query_bounds, const OptTensor& alibi_offsets, bool return_max);
   std::tuple<Tensor, Tensor, Tensor, Tensor> (*block_sparse_attn_bwd)(
       const Tensor& dout, const OptTensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
       const Tensor& out, const Tensor& lse, const OptTensor& kv_num_blocks, const OptTensor& kv_indices,
       const OptTensor& q_num_blocks, const OptTensor& q_indices, int64_t block_q, int64_t block_k,
       double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
       const OptTensor& alibi_slopes, const OptTensor& attn_bias, bool bias_grad, double dropout_p,
-      const OptTensor& dropout_seed, const OptTensor& key_bounds, const OptTensor& query_bounds);
+      const OptTensor& dropout_seed, const OptTensor& key_bounds, const OptTensor& query_bounds,
+      const OptTensor& alibi_offsets);
   std::tuple<Tensor, Tensor, Tensor> (*decode_attn_fwd)(
       const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cache_seqlens, const OptTensor& block_keep,
       int64_t block_q, int64_t block_k, double softmax_scale, int64_t window_left, int64_t num_splits,

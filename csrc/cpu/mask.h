@@ -44,6 +44,21 @@ struct Predicates {
       qb_sb = query_bounds->size(0) == 1 ? 0 : query_bounds->stride(0);
     }
   }
+  // ALiBi's distance origin per row, for layouts whose sequences differ in Lk - Lq (varlen): query i sits at key
+  // i + alibi_q[i] rather than i + offset. A key's, alibi_k[j], is that of the first query that sees it: the bounds
+  // keep every allowed pair inside one sequence, whose rows share one offset (what a key no query sees gets does not
+  // matter). Set after set_bounds; shared by the batch rows (the bounds then are too).
+  const int32_t* alibi_q = nullptr;
+  std::vector<int64_t> alibi_k;
+  void set_alibi_offsets(const c10::optional<at::Tensor>& offsets) {
+    if (!offsets.has_value() || !offsets->defined()) return;
+    alibi_q = offsets->data_ptr<int32_t>();
+    if (qb == nullptr) return;  // a forward: rows are queries only
+    alibi_k.resize(Sk);
+    for (int64_t j = 0; j < Sk; ++j) alibi_k[j] = qb[2 * j] < qb[2 * j + 1] ? alibi_q[qb[2 * j]] : offset;
+  }
+  int64_t alibi_offset_q(int64_t i) const { return alibi_q ? alibi_q[i] : offset; }
+  int64_t alibi_offset_k(int64_t j) const { return alibi_k.empty() ? offset : alibi_k[j]; }
   // Keys [key_lo(b, i), key_hi(b, i)) are visible to query i of batch b.
   int64_t key_lo(int64_t b, int64_t i) const {
     const int64_t lo = left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, Sk);

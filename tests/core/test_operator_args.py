@@ -37,7 +37,8 @@ CHILD = textwrap.dedent(r'''
 
     FWD_ORDER = ["q", "k", "v", "kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices", "block_q", "block_k",
                  "softmax_scale", "causal", "window_left", "window_right", "map_rows", "map_cols", "map_max", "softcap",
-                 "alibi_slopes", "sinks", "attn_bias", "dropout_p", "dropout_seed", "key_bounds", "query_bounds"]
+                 "alibi_slopes", "sinks", "attn_bias", "dropout_p", "dropout_seed", "key_bounds", "query_bounds",
+                 "alibi_offsets"]
     # segment bounds (attnops.core.segments): two documents of 50 and 78 tokens
     KB = torch.tensor([[0, 50]] * 50 + [[50, S]] * (S - 50), dtype=torch.int32).unsqueeze(0)
 
@@ -45,7 +46,7 @@ CHILD = textwrap.dedent(r'''
         q, k, v = qkv()
         a = dict(q=q, k=k, v=v, **LUT, block_q=64, block_k=64, softmax_scale=0.2, causal=True, window_left=-1,
                  window_right=-1, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None,
-                 attn_bias=None, dropout_p=0.0, dropout_seed=None, key_bounds=KB, query_bounds=KB)
+                 attn_bias=None, dropout_p=0.0, dropout_seed=None, key_bounds=KB, query_bounds=KB, alibi_offsets=None)
         a.update(over)
         return [a[n] for n in FWD_ORDER]
 
@@ -54,12 +55,12 @@ CHILD = textwrap.dedent(r'''
         a = dict(dout=torch.randn_like(q), dlse=None, q=q, k=k, v=v, out=torch.randn_like(q),
                  lse=torch.randn(B, H, S), **LUT, block_q=64, block_k=64, softmax_scale=0.2, causal=True,
                  window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, bias_grad=False,
-                 dropout_p=0.0, dropout_seed=None, key_bounds=KB, query_bounds=KB)
+                 dropout_p=0.0, dropout_seed=None, key_bounds=KB, query_bounds=KB, alibi_offsets=None)
         a.update(over)
         order = ["dout", "dlse", "q", "k", "v", "out", "lse"] + FWD_ORDER[3:13] + ["softcap", "alibi_slopes",
                                                                                   "attn_bias", "bias_grad", "dropout_p",
                                                                                   "dropout_seed", "key_bounds",
-                                                                                  "query_bounds"]
+                                                                                  "query_bounds", "alibi_offsets"]
         return [a[n] for n in order]
 
     def dec_args(**over):
@@ -159,6 +160,12 @@ CHILD = textwrap.dedent(r'''
         "key_bounds rows misfit": dict(key_bounds=KB[:, :-1].contiguous()),
         "key_bounds batch misfit": dict(key_bounds=KB.expand(3, -1, -1).contiguous()),
         "query_bounds without key_bounds": dict(key_bounds=None),
+        # ALiBi's per-query offsets (varlen layouts)
+        "alibi_offsets without alibi_slopes": dict(alibi_offsets=torch.zeros(S, **I32)),
+        "alibi_offsets int64": dict(alibi_slopes=torch.rand(H), alibi_offsets=torch.zeros(S, dtype=torch.long)),
+        "alibi_offsets rows misfit": dict(alibi_slopes=torch.rand(H), alibi_offsets=torch.zeros(S - 1, **I32)),
+        "alibi_offsets without bounds": dict(alibi_slopes=torch.rand(H), alibi_offsets=torch.zeros(S, **I32),
+                                             key_bounds=None, query_bounds=None),
     }
     BWD = {
         "lse shape": dict(lse=torch.randn(B, H, 3)),
@@ -182,6 +189,8 @@ CHILD = textwrap.dedent(r'''
         "key_bounds without query_bounds": dict(query_bounds=None),
         "query_bounds not monotone": dict(query_bounds=KB.flip(1).contiguous()),
         "query_bounds hi > Sq": dict(query_bounds=(KB + 3).contiguous()),
+        "alibi_offsets 2-d": dict(alibi_slopes=torch.rand(H), alibi_offsets=torch.zeros(1, S, **I32)),
+        "alibi_offsets without alibi_slopes": dict(alibi_offsets=torch.zeros(S, **I32)),
     }
     DEC = {
         "Hkv = 0": dict(k=torch.randn(B, S, 0, D), v=torch.randn(B, S, 0, D)),

@@ -43,7 +43,22 @@ def block_sparse_fwd_max():
     """each row's largest score (return_max), with a sink, which it leaves out"""
     q, k, v = _qkv(grad=True)
     return (q, k, v, *_lut(), 0.25, True, -1, -1, 0, 0, False, 0.0, None, torch.randn(H), None, 0.0, None, None, None,
-            True)
+            None, True)
+
+
+def _varlen_alibi_bounds():
+    """key_bounds, query_bounds and ALiBi's per-query offsets of two packed sequences whose layouts differ"""
+    from attnops.core.segments import from_cu_seqlens
+    cu_q, cu_k = torch.tensor([0, 20, S], dtype=torch.int32), torch.tensor([0, 50, S], dtype=torch.int32)
+    seg = from_cu_seqlens(cu_q, cu_k, S, S, True, (-1, -1), alibi=True)
+    return seg.key_bounds, seg.query_bounds, seg.alibi_offsets
+
+
+def block_sparse_fwd_varlen_alibi():
+    """ALiBi with each query's own offset (varlen layouts that differ), through the autograd registration"""
+    q, k, v = _qkv(grad=True)
+    return (q, k, v, None, None, None, None, 0, 0, 0.25, False, -1, -1, 0, 0, False, 0.0, torch.rand(H), None, None,
+            0.0, None, *_varlen_alibi_bounds())
 
 
 def block_sparse_bwd(name):
@@ -53,6 +68,17 @@ def block_sparse_bwd(name):
         out, lse, *_ = fwd(q, k, v, *_lut(), 0.25, True, -1, -1)
         return (torch.randn_like(out), None, q, k, v, out, lse, *_lut(), 0.25, True, -1, -1, 3.0, torch.rand(B, H),
                 torch.randn(B, 1, 1, S), True)
+    return build
+
+
+def block_sparse_bwd_varlen_alibi(name):
+    def build():
+        q, k, v = _qkv()
+        fwd = getattr(torch.ops.attnops, name.replace("_bwd", "_fwd"))
+        bounds, slopes = _varlen_alibi_bounds(), torch.rand(H)
+        args = (None, None, None, None, 0, 0, 0.25, False, -1, -1)
+        out, lse, *_ = fwd(q, k, v, *args, 0, 0, False, 0.0, slopes, None, None, 0.0, None, *bounds)
+        return (torch.randn_like(out), None, q, k, v, out, lse, *args, 0.0, slopes, None, False, 0.0, None, *bounds)
     return build
 
 
@@ -113,11 +139,14 @@ def linear_recurrent():
 
 
 SAMPLES = {
-    "block_sparse_attn_fwd": [block_sparse_fwd, block_sparse_fwd_map, block_sparse_fwd_mods, block_sparse_fwd_max],
-    "block_sparse_attn_bwd": [block_sparse_bwd("block_sparse_attn_bwd")],
+    "block_sparse_attn_fwd": [block_sparse_fwd, block_sparse_fwd_map, block_sparse_fwd_mods, block_sparse_fwd_max,
+                              block_sparse_fwd_varlen_alibi],
+    "block_sparse_attn_bwd": [block_sparse_bwd("block_sparse_attn_bwd"),
+                              block_sparse_bwd_varlen_alibi("block_sparse_attn_bwd")],
     "block_sparse_attn_fwd_triton": [block_sparse_fwd, block_sparse_fwd_map, block_sparse_fwd_mods,
-                                     block_sparse_fwd_max],
-    "block_sparse_attn_bwd_triton": [block_sparse_bwd("block_sparse_attn_bwd_triton")],
+                                     block_sparse_fwd_max, block_sparse_fwd_varlen_alibi],
+    "block_sparse_attn_bwd_triton": [block_sparse_bwd("block_sparse_attn_bwd_triton"),
+                                     block_sparse_bwd_varlen_alibi("block_sparse_attn_bwd_triton")],
     "decode_attn_fwd": [decode(False), decode(True)],
     "decode_attn_fwd_triton": [decode(False, triton=True)],
     "lowrank_attn_fwd": [lowrank],

@@ -68,6 +68,35 @@ def test_varlen_per_sequence_alibi():
         torch.testing.assert_close(out[a:b].double(), want[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_alibi_across_different_layouts(causal, monkeypatch):
+    """Shared slopes (H,) with cu_seqlens_q != cu_seqlens_k (chunked prefill against longer caches, longer queries,
+    an empty sequence): one packed call (not one per sequence), each sequence equal to flash_attn's attention_ref on
+    it alone (ALiBi's |i + Lk - Lq - j| inside the sequence), forward and backward."""
+    import attnops.compat.flash_attn as compat
+    monkeypatch.setattr(compat, "attention", lambda *a, **kw: pytest.fail("ran one call per sequence"))
+    torch.manual_seed(6)
+    lens_q, lens_k = [3, 40, 0, 17, 1], [30, 25, 6, 17, 9]
+    cu_q, cu_k = (torch.tensor([0] + lens).cumsum(0).to(torch.int32) for lens in (lens_q, lens_k))
+    q = torch.randn(sum(lens_q), 4, 32, requires_grad=True)
+    k, v = (torch.randn(sum(lens_k), 2, 32, requires_grad=True) for _ in range(2))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 30, causal=causal, alibi_slopes=slopes)
+    dout = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    for i in range(len(lens_q)):
+        a, b, c, d = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        if a == b:
+            continue
+        want = attention_ref(q64[None, a:b], k64[None, c:d], v64[None, c:d], causal=causal,
+                             alibi_slopes=slopes.double())[0]
+        torch.testing.assert_close(out[a:b].double(), want[0], rtol=1e-4, atol=1e-5)
+        want.backward(dout[None, a:b].double())
+    for got, want in zip(grads, (q64.grad, k64.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_positional_dropout_is_honoured():
     """flash_attn's positional dropout_p: the kernels' dropout, its mask from the default generator (so equal
     to attnops.attention's after the same torch.manual_seed; flash_attn's attention_ref agrees given it)."""
@@ -235,7 +264,7 @@ def test_with_kvcache_rotary_checks():
 @pytest.mark.parametrize("ragged", [True, False], ids=["ragged", "same_lengths"])
 @pytest.mark.parametrize("leftpad", [False, True], ids=["nopad", "leftpad"])
 @pytest.mark.parametrize("batch_idx", [False, True], ids=["rows", "batch_idx"])
-@pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
+@pytest.mark.parametrize("alibi", [None, "batch", "shared"], ids=["plain", "alibi", "alibi_shared"])
 @pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
 @pytest.mark.parametrize("seqlen_q, seqlen_new, rotary_dim, causal", [
     (1, 1, 0, False), (1, 1, 32, False), (4, 3, 16, True), (1, 0, 0, False),  # decoding, speculative steps
@@ -246,7 +275,8 @@ def test_with_kvcache_as_flash_attn_tests_it(seqlen_q, seqlen_new, rotary_dim, c
                                              leftpad, ragged, paged):
     """flash_attn's ``test_flash_attn_kvcache`` (tests/test_flash_attn.py), ported: ragged ``cache_seqlens``, new
     keys appended there (rotated there with rotary embeddings, GPT-NeoX pairs), ``cache_leftpad`` drawn in ``[0,
-    cache_seqlens)`` as its ``has_leftpad`` does, a random window, ALiBi ``(B, H)``, GQA, ``cache_batch_idx`` or a
+    cache_seqlens)`` as its ``has_leftpad`` does, a random window, ALiBi ``(B, H)`` (and ``(H,)``: a ragged prompt
+    then runs as one varlen call), GQA, ``cache_batch_idx`` or a
     paged cache (flash_attn 2 refuses pages with leftpad; attnops takes them), against its ``attention_ref`` over the
     cache with ``key_padding_mask`` and ``key_leftpad`` (tests/authors_ref.py), in float64. Also long ``q`` (a
     prompt through the cache, past decode_attention's 64 queries: chunks of decode calls on ragged lengths,
@@ -276,7 +306,7 @@ def test_with_kvcache_as_flash_attn_tests_it(seqlen_q, seqlen_new, rotary_dim, c
     key_padding_mask = arange < (lens + seqlen_new).view(-1, 1)
     if leftpad:
         key_padding_mask &= arange >= pads.view(-1, 1)
-    slopes = torch.rand(B, H) * 0.3 if alibi else None
+    slopes = {None: None, "batch": torch.rand(B, H) * 0.3, "shared": torch.rand(H) * 0.3}[alibi]
     cos = sin = None
     q_ro, k_ro = q, k_new
     if rotary_dim:

@@ -26,6 +26,9 @@ CASES = {
     "causal": dict(causal=True),
     "window": dict(window_size=(20, 5)),
     "causal_window_softcap_sinks": dict(causal=True, window_size=(16, 0), softcap=2.0, sinks=True),
+    # ALiBi's distance is each sequence's own |a + Lk - Lq - b|: the cross layout's sequences differ in Lk - Lq
+    "alibi": dict(alibi=True),
+    "causal_window_softcap_alibi": dict(causal=True, window_size=(30, 0), softcap=3.0, alibi=True),
 }
 
 
@@ -42,7 +45,7 @@ def per_sequence(q, k, v, cu_q, cu_k, opts, dtype_like):
                                                   causal=opts.get("causal", False),
                                                   window_size=opts.get("window_size", (-1, -1)),
                                                   softmax_scale=q.shape[-1] ** -0.5, softcap=opts.get("softcap", 0.0),
-                                                  sinks=opts.get("sinks"))
+                                                  sinks=opts.get("sinks"), alibi_slopes=opts.get("alibi_slopes"))
         outs.append(o[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=1).to(dtype_like)
@@ -70,11 +73,14 @@ def test_varlen_matches_each_sequence_alone(layout, case, impl):
     inputs = [q, k, v]
     if opts.pop("sinks", False):
         inputs.append(torch.randn(H, dtype=dtype))
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(H) * 0.5
 
     def kernel(q, k, v, *sinks):
+        extra = {n: t.to(impl.device) if isinstance(t, torch.Tensor) else t for n, t in opts.items()}
         return attnops.varlen_attention(q.to(impl.device), k.to(impl.device), v.to(impl.device), cu_q.to(impl.device),
                                         cu_k.to(impl.device), max(lens_q), max(lens_k), return_lse=True,
-                                        backend=impl.backend, **opts, **({"sinks": sinks[0]} if sinks else {}))
+                                        backend=impl.backend, **extra, **({"sinks": sinks[0]} if sinks else {}))
 
     def ref(q, k, v, *sinks):
         return per_sequence(q, k, v, cu_q, cu_k, {**opts, **({"sinks": sinks[0]} if sinks else {})}, torch.float32)
@@ -132,6 +138,34 @@ def test_varlen_block_mask_map_and_other_sequences_zero(fwd_impl):
     first, last = doc[::16], doc[torch.arange(15, T + 15, 16).clamp(max=T - 1)]
     apart = (last[:, None] < first[None, :]) | (first[:, None] > last[None, :])  # no shared sequence
     assert bool((res.block_map.cpu()[:, apart] == 0).all())
+
+
+def test_varlen_alibi_map_and_max_scores_across_layouts(fwd_impl):
+    """ALiBi with cu_seqlens_q != cu_seqlens_k (the kernels take each query's own offset, cu_k[s+1] - cu_q[s+1]): the
+    block map and each row's largest score equal the packed float64 oracle's, whose output is pinned to the oracle
+    run on every sequence alone."""
+    lens_q, lens_k = [5, 64, 0, 70, 33, 1], [90, 40, 7, 70, 100, 3]
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    Tq, Tk, H, D = int(cu_q[-1]), int(cu_k[-1]), 2, 32
+    torch.manual_seed(5)
+    q, k, v = torch.randn(Tq, H, D), torch.randn(Tk, H, D), torch.randn(Tk, H, D)
+    slopes = torch.tensor([0.4, 0.05])
+    res = attnops.varlen_attention(*(t.to(fwd_impl.device) for t in (q, k, v, cu_q, cu_k)), None, None, causal=True,
+                                   alibi_slopes=slopes.to(fwd_impl.device), return_block_map=True, map_block_size=16,
+                                   return_max_scores=True, backend=fwd_impl.backend)
+    seg = from_cu_seqlens(cu_q, cu_k, Tq, Tk, True, (-1, -1), alibi=True)
+    assert seg.alibi_offsets is not None
+    out64, _, map64, max64 = reference.block_sparse_attention(
+        q[None].double(), k[None].double(), v[None].double(), None, causal=False, window_size=(-1, -1),
+        softmax_scale=D ** -0.5, block_map=_request(16), alibi_slopes=slopes, segments=seg, max_scores=True)
+    alone, _ = per_sequence(q.double(), k.double(), v.double(), cu_q, cu_k, dict(causal=True, alibi_slopes=slopes),
+                            torch.float64)
+    torch.testing.assert_close(out64[0], alone, atol=1e-12, rtol=0)
+    torch.testing.assert_close(res.out.cpu().double(), alone, atol=2e-5, rtol=0)
+    torch.testing.assert_close(res.block_map.cpu().double(), map64[0], atol=2e-5, rtol=0)
+    seen = torch.isfinite(max64[0])
+    assert torch.equal(torch.isfinite(res.max_scores.cpu()), seen)
+    torch.testing.assert_close(res.max_scores.cpu().double()[seen], max64[0][seen], atol=2e-5, rtol=1e-5)
 
 
 def test_nonfinite_values_stay_in_their_sequence(fwd_impl):
@@ -242,8 +276,6 @@ def test_packed_inputs_are_refused_when_malformed():
         call(q, q, q, good, cu([4, 6, 0]), 6, 6)
     with pytest.raises(ValueError, match="3 dimensions"):
         call(q[None], q[None], q[None], good, good, 6, 6)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        call(q, q[:9], q[:9], good, cu([3, 6]), 6, 6, alibi_slopes=torch.rand(2))
     with pytest.raises(ValueError, match="block_mask"):
         call(q, q, q, good, good, 6, 6, block_mask=BlockMask.causal(10, 16))
     x = torch.randn(2, 6, 2, 16)
@@ -269,6 +301,12 @@ def test_compiles_fullgraph_without_guards_on_the_lengths():
     docs = torch.compile(lambda x, d: attnops.attention(x, x, x, causal=True, document_ids=d), fullgraph=True)
     torch.testing.assert_close(docs(x[None], ids), attnops.attention(x[None], x[None], x[None], causal=True,
                                                                      document_ids=ids))
+    # ALiBi across different layouts: the per-query offsets are tensor arithmetic too
+    kv, cu_k, slopes = torch.randn(120, 4, 32), torch.tensor([0, 50, 120], dtype=torch.int32), torch.rand(4)
+    alibi = torch.compile(lambda x, kv, c, ck: attnops.varlen_attention(x, kv, kv, c, ck, 70, 70, causal=True,
+                                                                        alibi_slopes=slopes), fullgraph=True)
+    torch.testing.assert_close(alibi(x, kv, cu_q, cu_k), attnops.varlen_attention(x, kv, kv, cu_q, cu_k, 70, 70,
+                                                                                  causal=True, alibi_slopes=slopes))
 
 
 def test_contiguous_key_padding_runs_as_bounds(monkeypatch, impl):

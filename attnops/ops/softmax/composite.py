@@ -51,6 +51,7 @@ class _Spec(NamedTuple):
     dropout_p: float
     dropout_seed: Optional[int]
     key_bounds: Optional[torch.Tensor]  # (Bb, Sq, 2) int32
+    alibi_offsets: Optional[torch.Tensor]  # (Sq,) int32: ALiBi's origin per query (varlen layouts); None: Sk - Sq
     max_scores: bool = False  # the forward also returns each row's largest score
 
 
@@ -113,10 +114,13 @@ def _allowed(spec: _Spec, r0: int, r1: int, k0: int, k1: int, seq_len_q: int, se
 def _bias(spec: _Spec, r0: int, r1: int, k0: int, k1: int, seq_len_q: int, seq_len_k: int, dtype,
           device) -> Optional[torch.Tensor]:
     """The additive bias of the chunk, ``(Bm, Hm, C|1, L)`` in ``dtype``: ALiBi's ``-slope * |i + Sk - Sq - j|``
-    (slope times distance in float32, as the kernels form it) plus ``attn_bias``."""
+    (``|i + alibi_offsets[i] - j|`` with per-query offsets; slope times distance in float32, as the kernels form it)
+    plus ``attn_bias``."""
     bias = None
     if spec.alibi_slopes is not None:
-        pos = torch.arange(r0, r1, device=device).unsqueeze(1) + (seq_len_k - seq_len_q)
+        shift = (seq_len_k - seq_len_q if spec.alibi_offsets is None
+                 else spec.alibi_offsets[r0:r1].to(device=device, dtype=torch.long))
+        pos = (torch.arange(r0, r1, device=device) + shift).unsqueeze(1)
         dist = (pos - torch.arange(k0, k1, device=device).unsqueeze(0)).abs().to(dtype)
         slopes = spec.alibi_slopes if spec.alibi_slopes.dim() == 2 else spec.alibi_slopes.unsqueeze(0)
         bias = -slopes.to(dtype)[:, :, None, None] * dist
@@ -352,7 +356,9 @@ def block_sparse_attention(
         causal=bool(causal), window=tuple(window_size), scale=float(softmax_scale), softcap=float(softcap),
         alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias, dropout_p=float(dropout_p),
         dropout_seed=int(dropout_seed.item()) if dropout_p > 0 else None,
-        key_bounds=None if segments is None else segments.key_bounds, max_scores=bool(max_scores))
+        key_bounds=None if segments is None else segments.key_bounds,
+        alibi_offsets=None if segments is None or alibi_slopes is None else segments.alibi_offsets,
+        max_scores=bool(max_scores))
     return _Attention.apply(spec, block_map, q, k, v, attn_bias, sinks)
 
 

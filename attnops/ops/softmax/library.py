@@ -6,9 +6,10 @@ dispatcher calls.
     fwd(q, k, v, <LUT>, <transposed LUT>, block_q, block_k, softmax_scale, causal, window_left,
         window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None,
         sinks=None, attn_bias=None, dropout_p=0.0, dropout_seed=None, key_bounds=None, query_bounds=None,
-        return_max=False) -> (out, lse, partial block map or empty, max_scores or empty)
+        alibi_offsets=None, return_max=False) -> (out, lse, partial block map or empty, max_scores or empty)
     bwd(dout, dlse?, q, k, v, out, lse, <the forward's arguments up to window_right>, softcap=0.0,
-        alibi_slopes=None, attn_bias=None, bias_grad=False, dropout_p=0.0, dropout_seed=None)
+        alibi_slopes=None, attn_bias=None, bias_grad=False, dropout_p=0.0, dropout_seed=None, key_bounds=None,
+        query_bounds=None, alibi_offsets=None)
         -> (dq, dk, dv, dbias (B, H, Sq, Sk) or empty)
 
 q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)``; ``kv_num_blocks (Bm, Hm, ceil(Sq/block_q))`` and
@@ -51,8 +52,11 @@ _BIAS = [Arg("attn_bias", "Tensor?", "None")]
 _DROPOUT = [Arg("dropout_p", "float", "0.0"), Arg("dropout_seed", "Tensor?", "None")]
 # Token-exact segments (packed documents, varlen; attnops.core.segments): int32 key_bounds (Bb, Sq, 2), each
 # query's keys [lo, hi), and query_bounds (Bb, Sk, 2), each key's queries; Bb in {1, B}. The forward reads only
-# key_bounds (it takes query_bounds so that autograd can save them), the backward both.
-_BOUNDS = [Arg("key_bounds", "Tensor?", "None"), Arg("query_bounds", "Tensor?", "None")]
+# key_bounds (it takes query_bounds so that autograd can save them), the backward both. alibi_offsets: int32 (Sq,),
+# ALiBi's distance origin per query row (query i sits at key i + alibi_offsets[i]; None: i + Sk - Sq), for the varlen
+# layouts whose sequences differ in Lk - Lq; it comes with bounds of batch 1 that keep each pair in one sequence.
+_BOUNDS = [Arg("key_bounds", "Tensor?", "None"), Arg("query_bounds", "Tensor?", "None"),
+           Arg("alibi_offsets", "Tensor?", "None")]
 
 FWD = OpDef("block_sparse_attn_fwd",
             _QKV + _LUT + _PREDICATES + _MAP + _SCORE_MODS + _SINKS + _BIAS + _DROPOUT + _BOUNDS +
@@ -194,7 +198,8 @@ def backend(fwd: OpDef, fwd_op: Optional[Callable] = None, reads_bool_masks: boo
                     softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias,
                     dropout_p=float(dropout_p), dropout_seed=dropout_seed)
         if segments is not None:
-            args.update(key_bounds=segments.key_bounds, query_bounds=segments.query_bounds)
+            args.update(key_bounds=segments.key_bounds, query_bounds=segments.query_bounds,
+                        alibi_offsets=segments.alibi_offsets if alibi_slopes is not None else None)
         if max_scores:
             args.update(return_max=True)
         if block_map is None:

@@ -59,12 +59,15 @@ def token_mask(
 
 
 def alibi_bias(slopes: torch.Tensor, seq_len_q: int, seq_len_k: int, rows: Optional[torch.Tensor] = None,
-               device=None) -> torch.Tensor:
+               device=None, offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ALiBi's additive bias ``-slope * |i + Sk - Sq - j|`` (flash_attn's form), ``(B|1, H, R, Sk)`` for the
-    query rows ``rows`` (default all); ``slopes (H,)`` or ``(B, H)``."""
+    query rows ``rows`` (default all); ``slopes (H,)`` or ``(B, H)``; ``offsets (Sq,)``: each query's own
+    ``Sk - Sq`` (packed varlen layouts, :class:`attnops.core.segments.SegmentBounds`)."""
     if rows is None:
         rows = torch.arange(seq_len_q, device=device)
-    pos = rows.to(device).unsqueeze(1) + (seq_len_k - seq_len_q)
+    rows = rows.to(device)
+    shift = seq_len_k - seq_len_q if offsets is None else offsets.to(device=device, dtype=torch.long)[rows]
+    pos = (rows + shift).unsqueeze(1)
     dist = (pos - torch.arange(seq_len_k, device=device).unsqueeze(0)).abs()  # (R, Sk)
     s = slopes if slopes.dim() == 2 else slopes.unsqueeze(0)
     return -s.to(device)[:, :, None, None] * dist.to(s.dtype)
@@ -99,7 +102,9 @@ def block_sparse_attention(
     if segments is not None:
         allowed = allowed & segments.token_mask(k.shape[1]).to(q.device)
     # the bias in float64 (slopes are float32 data; the kernels form slope * distance in float32 from them)
-    bias = None if alibi_slopes is None else alibi_bias(alibi_slopes.double(), q.shape[1], k.shape[1], device=q.device)
+    offsets = None if segments is None else segments.alibi_offsets
+    bias = None if alibi_slopes is None else alibi_bias(alibi_slopes.double(), q.shape[1], k.shape[1], device=q.device,
+                                                        offsets=offsets)
     if attn_bias is not None:  # float (B|1, H|1, Sq|1, Sk): the op turned a bool mask into 0 / -inf
         bias = attn_bias if bias is None else bias.to(attn_bias.dtype) + attn_bias
     dropout = None

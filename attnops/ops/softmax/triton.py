@@ -29,7 +29,8 @@ import triton.language as tl
 from attnops.core import dispatch
 from attnops.core import op_checks as _args
 from attnops.core.backends import AUTOTUNE, INTERPRET
-from attnops.core.triton_common import (C_LN2, C_LOG2E, LOG2E, bias_args, dot_kept, dropout_args, dropout_rows,
+from attnops.core.triton_common import (C_LN2, C_LOG2E, LOG2E, alibi_offset_args, alibi_positions, bias_args, dot_kept,
+                                        dropout_args, dropout_rows,
                                         dropout_scale, fold_sink, key_range, keys_see_queries, segment_args,
                                         segment_bounds, load_bias, lse2, lut_tile, lut_walk, mask_scores, modify_scores,
                                         partial_tile, row_results, softmax_rescale, dense_last_dim, dot_dtype,
@@ -43,7 +44,7 @@ from attnops.ops.softmax.triton_map import launch_block_map
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs, qk_scale,
+def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_apos, o_d, m_d, Sk, stride_ks, stride_vs, qk_scale,
               win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi, cap2,
               slope2, p_bias, o_m, m_m, bias_sq, b_drop_rows, threshold, drop_scale,
               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
@@ -54,7 +55,7 @@ def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks
     b_kt = tl.load(p_k + o_n[None, :] * stride_ks + o_d[:, None], mask=m_n[None, :] & m_d[:, None],
                    other=0.0).to(DOT_DTYPE)
     b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-    b_s, _ = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
+    b_s, _ = modify_scores(b_s, o_apos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:
         b_s += load_bias(p_bias, 0, 0, o_m[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], 0, 0, bias_sq)
     b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi,
@@ -77,7 +78,7 @@ def _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, MaxScores, KvNum, KvIdx, Slopes, Sinks, Bias, Seed, KeyBounds,
+def _fwd_kernel(Q, K, V, Out, Lse, MaxScores, KvNum, KvIdx, Slopes, Sinks, Bias, Seed, KeyBounds, AlibiOffsets,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ob, stride_os, stride_oh,
                 lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
@@ -86,7 +87,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, MaxScores, KvNum, KvIdx, Slopes, Sinks, Bias,
                 BLOCK_N: tl.constexpr, LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_MAX: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_ALIBI_OFFSETS: tl.constexpr,
+                HAS_MAX: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     # batch / head offsets in int64: B * S * H * D passes 2^31 at long contexts
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -96,6 +98,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, MaxScores, KvNum, KvIdx, Slopes, Sinks, Bias,
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < Sq, o_d < D
     o_pos = o_m + offset  # key position a query is aligned to (bottom-right)
+    o_apos = alibi_positions(AlibiOffsets, o_m, m_m, o_pos, HAS_ALIBI_OFFSETS)
     b_q = tl.load(Q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qs + o_d[None, :],
                   mask=m_m[:, None] & m_d[None, :], other=0.0).to(DOT_DTYPE)
     p_k = K + i_b * stride_kb + i_hk * stride_kh
@@ -123,11 +126,12 @@ def _fwd_kernel(Q, K, V, Out, Lse, MaxScores, KvNum, KvIdx, Slopes, Sinks, Bias,
     for t in range(0, count):
         n0 = lut_tile(t, p_idx, first, HAS_LUT, LUT_BK, BLOCK_N)
         if (n0 < hi) & (n0 + BLOCK_N > lo):
-            b_acc, b_m, b_l = _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs,
-                                        qk_scale, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi,
-                                        seg_inner_lo, seg_inner_hi, cap2, slope2, p_bias, o_m, m_m, bias_sq,
-                                        b_drop_rows, threshold, drop_scale, BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION,
-                                        DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_SEGMENTS)
+            b_acc, b_m, b_l = _fwd_tile(b_acc, b_m, b_l, b_q, p_k, p_v, n0, o_pos, o_apos, o_d, m_d, Sk, stride_ks,
+                                        stride_vs, qk_scale, win_left, win_right, lo_last_row, hi_first_row,
+                                        b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi, cap2, slope2, p_bias, o_m,
+                                        m_m, bias_sq, b_drop_rows, threshold, drop_scale, BLOCK_N, HAS_LEFT,
+                                        HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                        HAS_DROPOUT, HAS_SEGMENTS)
 
     if HAS_MAX:  # the row's largest score (m is in base 2; -inf where the row attends nothing), sinks apart.
         # tl.max skips NaN: a NaN score shows in l (its exp2 is NaN), as does +inf - +inf, which m tells apart
@@ -164,7 +168,7 @@ def _bwd_delta_kernel(O, DO, DLse, Delta, stride_ob, stride_os, stride_oh, strid
 
 
 @triton.jit
-def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs, qk_scale,
+def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_apos, o_d, m_d, Sk, stride_ks, stride_vs, qk_scale,
              win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi, cap2,
              slope2, p_bias, p_dbias, o_m, m_m, bias_sq, b_drop_rows, threshold, drop_scale,
              BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
@@ -176,7 +180,7 @@ def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, 
     b_kt = tl.load(p_k + o_n[None, :] * stride_ks + o_d[:, None], mask=m_kd, other=0.0).to(DOT_DTYPE)
     b_vt = tl.load(p_v + o_n[None, :] * stride_vs + o_d[:, None], mask=m_kd, other=0.0).to(DOT_DTYPE)
     b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-    b_s, b_t = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
+    b_s, b_t = modify_scores(b_s, o_apos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:
         b_s += load_bias(p_bias, 0, 0, o_m[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], 0, 0, bias_sq)
     b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi,
@@ -203,7 +207,7 @@ def _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, 
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBias, Seed, KeyBounds,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBias, Seed, KeyBounds, AlibiOffsets,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_db, stride_ds, stride_dh, stride_gb, stride_gs, stride_gh,
                    lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
@@ -213,7 +217,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBia
                    LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BIAS_GRAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+                   BIAS_GRAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                   HAS_ALIBI_OFFSETS: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_hk = i_h // G
@@ -223,6 +228,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBia
     m_m, m_d = o_m < Sq, o_d < D
     m_md = m_m[:, None] & m_d[None, :]
     o_pos = o_m + offset
+    o_apos = alibi_positions(AlibiOffsets, o_m, m_m, o_pos, HAS_ALIBI_OFFSETS)
     b_q = tl.load(Q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qs + o_d[None, :], mask=m_md,
                   other=0.0).to(DOT_DTYPE)
     b_do = tl.load(DO + i_b * stride_db + i_h * stride_dh + o_m[:, None] * stride_ds + o_d[None, :], mask=m_md,
@@ -254,7 +260,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBia
     for t in range(0, count):
         n0 = lut_tile(t, p_idx, first, HAS_LUT, LUT_BK, BLOCK_N)
         if (n0 < hi) & (n0 + BLOCK_N > lo):
-            b_dq = _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_d, m_d, Sk, stride_ks, stride_vs,
+            b_dq = _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_apos, o_d, m_d, Sk, stride_ks,
+                            stride_vs,
                             qk_scale, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi, seg_inner_lo,
                             seg_inner_hi, cap2, slope2, p_bias, p_dbias, o_m, m_m, bias_sq, b_drop_rows, threshold,
                             drop_scale, BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI,
@@ -266,10 +273,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBia
 @triton.jit
 def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_d, Sq, stride_qs, stride_ds,
                qk_scale, offset, win_left, win_right, k_first, k_last, b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi,
-               cap2, slope2, p_bias, m_n, bias_sq, Seed, i_bh, threshold, drop_scale,
+               cap2, slope2, p_bias, m_n, bias_sq, Seed, i_bh, threshold, drop_scale, AlibiOffsets,
                BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
                DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+               HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_ALIBI_OFFSETS: tl.constexpr):
     o_m = m0 + tl.arange(0, BLOCK_M)
     m_m = o_m < Sq
     m_md = m_m[:, None] & m_d[None, :]
@@ -278,7 +285,8 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
     b_l2 = lse2(tl.load(p_lse + o_m, mask=m_m, other=float("-inf")))
     b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-    b_st, b_tt = modify_scores(b_st, (o_m + offset)[None, :], o_n[:, None], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
+    o_apos = alibi_positions(AlibiOffsets, o_m, m_m, o_m + offset, HAS_ALIBI_OFFSETS)
+    b_st, b_tt = modify_scores(b_st, o_apos[None, :], o_n[:, None], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:  # the transposed tile: keys along rows
         b_st += load_bias(p_bias, 0, 0, o_m[None, :], o_n[:, None], m_m[None, :] & m_n[:, None], 0, 0, bias_sq)
     # full tile: every key in [k_first, k_last] lies inside every query row's window
@@ -318,7 +326,7 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes, Bias, Seed, QueryBounds,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes, Bias, Seed, QueryBounds, AlibiOffsets,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                      stride_db, stride_ds, stride_dh, stride_gkb, stride_gks, stride_gkh, stride_gvb, stride_gvs,
                      stride_gvh,
@@ -329,7 +337,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes, Bias, 
                      LUT_BQ: tl.constexpr, LUT_BK: tl.constexpr, HAS_LUT: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+                     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_ALIBI_OFFSETS: tl.constexpr):
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = (i_bhk // Hkv).to(tl.int64), (i_bhk % Hkv).to(tl.int64)
     n0 = i_n * BLOCK_N
@@ -378,9 +386,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, Slopes, Bias, 
                 b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, m0, o_n, o_d, m_d, Sq,
                                         stride_qs, stride_ds, qk_scale, offset, win_left, win_right, n0, k_last,
                                         b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi, cap2, slope2, p_bias, m_n,
-                                        bias_sq, Seed, i_bh, threshold, drop_scale, BLOCK_M, HAS_LEFT, HAS_RIGHT,
-                                        PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT,
-                                        HAS_SEGMENTS)
+                                        bias_sq, Seed, i_bh, threshold, drop_scale, AlibiOffsets, BLOCK_M,
+                                        HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                        HAS_DROPOUT, HAS_SEGMENTS, HAS_ALIBI_OFFSETS)
     tl.store(DK + i_b * stride_gkb + i_hk * stride_gkh + o_n[:, None] * stride_gks + o_d[None, :],
              (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_nd)
     tl.store(DV + i_b * stride_gvb + i_hk * stride_gvh + o_n[:, None] * stride_gvs + o_d[None, :],
@@ -396,7 +404,7 @@ _FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 
 _DQ_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2), (32, 64, 4, 3)]
 _DKDV_CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 4, 2), (64, 32, 4, 3)]
 _AUTOTUNE_KEY = ["BLOCK_D", "LUT_BQ", "LUT_BK", "HAS_LUT", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "HAS_SOFTCAP",
-                 "HAS_ALIBI", "HAS_BIAS", "HAS_DROPOUT", "HAS_SEGMENTS"]
+                 "HAS_ALIBI", "HAS_BIAS", "HAS_DROPOUT", "HAS_SEGMENTS", "HAS_ALIBI_OFFSETS"]
 
 
 def _fit(bm: int, bn: int, args: dict) -> Tuple[int, int]:
@@ -477,7 +485,8 @@ def _window(causal: bool, window_left: int, window_right: int) -> Tuple[int, int
 
 def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k, softmax_scale, causal,
          window_left, window_right, map_rows=0, map_cols=0, map_max=False, softcap=0.0, alibi_slopes=None, sinks=None,
-         attn_bias=None, dropout_p=0.0, dropout_seed=None, key_bounds=None, query_bounds=None, return_max=False):
+         attn_bias=None, dropout_p=0.0, dropout_seed=None, key_bounds=None, query_bounds=None, alibi_offsets=None,
+         return_max=False):
     op = lib.FWD_TRITON.name
     _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                                   softmax_scale, window_left, window_right, transposed_values=False)
@@ -485,6 +494,7 @@ def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, b
     _args.check_attn_bias_arg(op, q, k, attn_bias)
     _args.check_dropout_args(op, q, dropout_p, dropout_seed)
     _args.check_segment_bounds(op, q, k, key_bounds, query_bounds, backward=False)
+    _args.check_alibi_offsets(op, q, alibi_slopes, alibi_offsets, key_bounds, query_bounds, backward=False)
     if map_rows < 0 or map_cols < 0 or (map_rows > 0) != (map_cols > 0):
         raise RuntimeError(f"{op}: map_rows and map_cols must both be > 0 (a block map) or both 0, "
                            f"got ({map_rows}, {map_cols})")
@@ -505,11 +515,13 @@ def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, b
     bias, bias_strides = bias_args(attn_bias, q.device)
     seed, threshold, drop_scale = dropout_args(dropout_p, dropout_seed, q.device)
     kbounds, kb_sb = segment_args(key_bounds, q.device)
-    flags.update(HAS_BIAS=attn_bias is not None, HAS_DROPOUT=threshold > 0, HAS_SEGMENTS=key_bounds is not None)
+    aoffsets, aflag = alibi_offset_args(alibi_offsets, q.device)
+    flags.update(HAS_BIAS=attn_bias is not None, HAS_DROPOUT=threshold > 0, HAS_SEGMENTS=key_bounds is not None,
+                 **aflag)
     meta = {**_common_meta(q, block_q, block_k, kv_num_blocks is not None, left, right), **flags}
     sinks_arg = sinks.contiguous() if sinks is not None else slopes
     args = (q, k, v, out, lse, max_scores if return_max else lse, counts, indices, slopes, sinks_arg, bias, seed,
-            kbounds, *strides3(q), *strides3(k),
+            kbounds, aoffsets, *strides3(q), *strides3(k),
             *strides3(v), *strides3(out), *lut, Sq, Sk, H, H // Hkv, softmax_scale * LOG2E, Sk - Sq, left, right, cap2,
             stride_slopes_b, *bias_strides, threshold, drop_scale, kb_sb)
     _launch(_fwd_tuned, _fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args,
@@ -518,13 +530,14 @@ def _fwd(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, b
         return out, lse, q.new_empty((0,), dtype=torch.float32), max_scores
     meta.pop("HAS_DROPOUT")  # the map is of the probabilities before dropout
     partial = launch_block_map(q, k, lse, counts, indices, lut, meta, map_rows, map_cols, map_max, softmax_scale, left,
-                               right, (cap2, slopes, stride_slopes_b), (bias, bias_strides), (kbounds, kb_sb))
+                               right, (cap2, slopes, stride_slopes_b), (bias, bias_strides), (kbounds, kb_sb),
+                               aoffsets)
     return out, lse, partial, max_scores
 
 
 def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
          softmax_scale, causal, window_left, window_right, softcap=0.0, alibi_slopes=None, attn_bias=None,
-         bias_grad=False, dropout_p=0.0, dropout_seed=None, key_bounds=None, query_bounds=None):
+         bias_grad=False, dropout_p=0.0, dropout_seed=None, key_bounds=None, query_bounds=None, alibi_offsets=None):
     op = lib.BWD_TRITON.name
     _args.check_block_sparse_args(op, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                                   softmax_scale, window_left, window_right, transposed_values=True)
@@ -534,6 +547,7 @@ def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks,
         raise RuntimeError(f"{op}: bias_grad without an attn_bias")
     _args.check_dropout_args(op, q, dropout_p, dropout_seed)
     _args.check_segment_bounds(op, q, k, key_bounds, query_bounds, backward=True)
+    _args.check_alibi_offsets(op, q, alibi_slopes, alibi_offsets, key_bounds, query_bounds, backward=True)
     _args.check_backward_args(op, dout, dlse, q, out, lse, kv_num_blocks, q_num_blocks)
     refuse_float64(q)
     q, k, v, out = (dense_last_dim(t) for t in (q, k, v, out))
@@ -560,18 +574,20 @@ def _bwd(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks,
     seed, threshold, drop_scale = dropout_args(dropout_p, dropout_seed, q.device)
     kbounds, kb_sb = segment_args(key_bounds, q.device)
     qbounds, qb_sb = segment_args(query_bounds, q.device)
-    flags.update(HAS_BIAS=attn_bias is not None, HAS_DROPOUT=threshold > 0, HAS_SEGMENTS=key_bounds is not None)
+    aoffsets, aflag = alibi_offset_args(alibi_offsets, q.device)
+    flags.update(HAS_BIAS=attn_bias is not None, HAS_DROPOUT=threshold > 0, HAS_SEGMENTS=key_bounds is not None,
+                 **aflag)
     meta = {**_common_meta(q, block_q, block_k, has_lut, left, right), **flags}
     counts, indices, lut = lut_args(kv_num_blocks, kv_indices, q.device)
     qk_scale = softmax_scale * LOG2E
     args = (q, k, v, dout, dq, lse, delta, counts, indices, slopes, bias, dbias if bias_grad else bias, seed, kbounds,
-            *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dq), *lut, Sq, Sk, H, H // Hkv,
-            qk_scale, softmax_scale, Sk - Sq, left, right, cap2, stride_slopes_b, *bias_strides, threshold, drop_scale,
-            kb_sb)
+            aoffsets, *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dq), *lut, Sq, Sk, H,
+            H // Hkv, qk_scale, softmax_scale, Sk - Sq, left, right, cap2, stride_slopes_b, *bias_strides, threshold,
+            drop_scale, kb_sb)
     _launch(_dq_tuned, _bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H), args,
             {**meta, "BIAS_GRAD": bool(bias_grad)})
     tcounts, tindices, tlut = lut_args(q_num_blocks, q_indices, q.device)
-    args = (q, k, v, dout, dk, dv, lse, delta, tcounts, tindices, slopes, bias, seed, qbounds, *strides3(q),
+    args = (q, k, v, dout, dk, dv, lse, delta, tcounts, tindices, slopes, bias, seed, qbounds, aoffsets, *strides3(q),
             *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), *strides3(dv), *tlut, Sq, Sk, H, H // Hkv, Hkv,
             qk_scale, softmax_scale, Sk - Sq, left, right, cap2, stride_slopes_b, *bias_strides, threshold, drop_scale,
             qb_sb)

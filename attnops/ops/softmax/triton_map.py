@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnops.core.triton_common import (C_LOG2E, LOG2E, key_range, load_bias, lse2, lut_tile, lut_walk, mask_scores,
-                                        modify_scores, segment_bounds)
+from attnops.core.triton_common import (C_LOG2E, LOG2E, alibi_positions, key_range, load_bias, lse2, lut_tile,
+                                        lut_walk, mask_scores, modify_scores, segment_bounds)
 
 _ZERO_SPAN = 64  # columns zero-filled per store
 
@@ -33,7 +33,7 @@ def _store_zeros(p_row, j0, j1, ZERO_SPAN: tl.constexpr):
 
 
 @triton.jit
-def _map_tile(b_q, b_l2, p_k, n0, o_pos, o_d, m_d, Sk, stride_ks, qk_scale, win_left, win_right, lo_last_row,
+def _map_tile(b_q, b_l2, p_k, n0, o_pos, o_apos, o_d, m_d, Sk, stride_ks, qk_scale, win_left, win_right, lo_last_row,
               hi_first_row, b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi, cap2, slope2, p_bias, o_m, m_m, bias_sq,
               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MAP_MAX: tl.constexpr,
               PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -42,7 +42,7 @@ def _map_tile(b_q, b_l2, p_k, n0, o_pos, o_d, m_d, Sk, stride_ks, qk_scale, win_
     b_kt = tl.load(p_k + o_n[None, :] * stride_ks + o_d[:, None], mask=(o_n < Sk)[None, :] & m_d[:, None],
                    other=0.0).to(DOT_DTYPE)
     b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-    b_s, _ = modify_scores(b_s, o_pos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
+    b_s, _ = modify_scores(b_s, o_apos[:, None], o_n[None, :], cap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:
         b_s += load_bias(p_bias, 0, 0, o_m[:, None], o_n[None, :], m_m[:, None] & (o_n < Sk)[None, :], 0, 0, bias_sq)
     b_s = mask_scores(b_s, n0, o_n, o_pos, Sk, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi,
@@ -73,7 +73,7 @@ def _map_step(value, current, p_row, n0, v, MAP_BK: tl.constexpr, MAP_MAX: tl.co
 
 
 @triton.jit
-def _block_map_kernel(Q, K, Lse, Part, KvNum, KvIdx, Slopes, Bias, KeyBounds,
+def _block_map_kernel(Q, K, Lse, Part, KvNum, KvIdx, Slopes, Bias, KeyBounds, AlibiOffsets,
                       stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                       lut_nb, lut_nh, lut_ib, lut_ih, lut_ir,
                       Sq, Sk, H, G, NQ_PART, NK_MAP, qk_scale, offset, win_left, win_right, cap2, stride_slopes_b,
@@ -83,7 +83,7 @@ def _block_map_kernel(Q, K, Lse, Part, KvNum, KvIdx, Slopes, Bias, KeyBounds,
                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MAP_MAX: tl.constexpr,
                       PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, ZERO_SPAN: tl.constexpr,
                       HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      HAS_SEGMENTS: tl.constexpr):
+                      HAS_SEGMENTS: tl.constexpr, HAS_ALIBI_OFFSETS: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_hk = i_h // G
@@ -92,6 +92,7 @@ def _block_map_kernel(Q, K, Lse, Part, KvNum, KvIdx, Slopes, Bias, KeyBounds,
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < Sq, o_d < D
     o_pos = o_m + offset
+    o_apos = alibi_positions(AlibiOffsets, o_m, m_m, o_pos, HAS_ALIBI_OFFSETS)
     b_q = tl.load(Q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qs + o_d[None, :],
                   mask=m_m[:, None] & m_d[None, :], other=0.0).to(DOT_DTYPE)
     b_l2 = lse2(tl.load(Lse + i_bh.to(tl.int64) * Sq + o_m, mask=m_m, other=float("-inf")))  # no key: P = 0
@@ -115,7 +116,7 @@ def _block_map_kernel(Q, K, Lse, Part, KvNum, KvIdx, Slopes, Bias, KeyBounds,
     for t in range(0, count):
         n0 = lut_tile(t, p_idx, first, HAS_LUT, LUT_BK, BLOCK_N)
         if (n0 < hi) & (n0 + BLOCK_N > lo):
-            v = _map_tile(b_q, b_l2, p_k, n0, o_pos, o_d, m_d, Sk, stride_ks, qk_scale, win_left, win_right,
+            v = _map_tile(b_q, b_l2, p_k, n0, o_pos, o_apos, o_d, m_d, Sk, stride_ks, qk_scale, win_left, win_right,
                           lo_last_row, hi_first_row, b_seg_lo, b_seg_hi, seg_inner_lo, seg_inner_hi, cap2, slope2,
                           p_bias, o_m, m_m, bias_sq, BLOCK_N, HAS_LEFT, HAS_RIGHT, MAP_MAX, PRECISION, DOT_DTYPE,
                           HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_SEGMENTS)
@@ -127,11 +128,12 @@ def _block_map_kernel(Q, K, Lse, Part, KvNum, KvIdx, Slopes, Bias, KeyBounds,
 
 def launch_block_map(q, k, lse, counts, indices, lut_strides, meta: dict, map_rows: int, map_cols: int,
                      map_max: bool, softmax_scale: float, window_left: int, window_right: int,
-                     score_mods: tuple, bias: tuple, segments: tuple) -> torch.Tensor:
+                     score_mods: tuple, bias: tuple, segments: tuple, alibi_offsets: torch.Tensor) -> torch.Tensor:
     """Partial block map ``(B, H, ceil(Sq/map_rows), ceil(Sk/map_cols))`` float32 of one forward call,
     from its ``lse`` (sink-inclusive); ``meta`` is the forward's (head dim, LUT, predicates, precision,
     score modifiers) and ``score_mods`` its ``(cap2, slopes, stride_slopes_b)``, ``bias`` its
-    ``(Bias, (sb, sh, sq))``, ``segments`` its ``(KeyBounds, stride_b)``."""
+    ``(Bias, (sb, sh, sq))``, ``segments`` its ``(KeyBounds, stride_b)``, ``alibi_offsets`` its per-query ALiBi
+    offsets (or the dummy; ``meta["HAS_ALIBI_OFFSETS"]`` tells)."""
     cap2, slopes, stride_slopes_b = score_mods
     bias_t, bias_strides = bias
     key_bounds, kb_sb = segments
@@ -144,8 +146,9 @@ def launch_block_map(q, k, lse, counts, indices, lut_strides, meta: dict, map_ro
     wide = meta["BLOCK_D"] >= 512
     block_n = min(16 if wide else 64, map_cols, meta["LUT_BK"] if meta["HAS_LUT"] else 64)
     _block_map_kernel[(nq, B * H)](
-        q, k, lse, partial, counts, indices, slopes, bias_t, key_bounds, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), *lut_strides, Sq, Sk, H, H // Hkv, nq, nk, softmax_scale * LOG2E, Sk - Sq, window_left,
-        window_right, cap2, stride_slopes_b, *bias_strides, kb_sb, **meta, BLOCK_M=map_rows, BLOCK_N=block_n, MAP_BK=map_cols, MAP_MAX=map_max,
-        ZERO_SPAN=_ZERO_SPAN, **({"num_stages": 1} if wide else {}))
+        q, k, lse, partial, counts, indices, slopes, bias_t, key_bounds, alibi_offsets, q.stride(0), q.stride(1),
+        q.stride(2), k.stride(0), k.stride(1), k.stride(2), *lut_strides, Sq, Sk, H, H // Hkv, nq, nk,
+        softmax_scale * LOG2E, Sk - Sq, window_left, window_right, cap2, stride_slopes_b, *bias_strides, kb_sb, **meta,
+        BLOCK_M=map_rows, BLOCK_N=block_n, MAP_BK=map_cols, MAP_MAX=map_max, ZERO_SPAN=_ZERO_SPAN,
+        **({"num_stages": 1} if wide else {}))
     return partial

@@ -60,8 +60,8 @@ def varlen_attention(
             sequence with ``Lq`` queries and ``Lk`` keys sees its keys ``<= a + Lk - Lq``.
         window_size: ``(left, right)`` likewise per sequence; -1 is unbounded.
         {score_mods}
-        ALiBi here: ``alibi_slopes (H,)`` (or ``(1, H)``), and ``cu_seqlens_q`` equal to ``cu_seqlens_k`` (the
-            distance ``|i - j|`` is then the one inside each sequence).
+        ALiBi here: ``alibi_slopes (H,)`` (or ``(1, H)``, one packed batch); the distance is flash_attn's
+            ``|a + Lk - Lq - b|`` inside each sequence (query ``a``, key ``b``), whatever the two layouts.
         block_mask: an extra ``BlockMask`` over the packed ``(total_q, total_k)`` (B = 1), without its own
             causal / window predicates (give those here, per sequence).
         return_lse: also return the log-sum-exp ``(H, total_q)`` (float32).
@@ -100,9 +100,6 @@ def varlen_attention(
     check_flag("return_max_scores", return_max_scores)
     check_flag("return_block_map", return_block_map)
     mods = check_score_mods(softcap, alibi_slopes, sinks, shape, q.device)
-    if alibi_slopes is not None and not (cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k)):
-        raise NotImplementedError("varlen_attention: alibi_slopes with different query and key sequence layouts "
-                                  "(cu_seqlens_q != cu_seqlens_k) is not supported")
     if block_mask is not None:
         check_block_mask(block_mask, shape, q.device)
         if block_mask.causal or tuple(block_mask.window_size) != (-1, -1):
@@ -112,7 +109,8 @@ def varlen_attention(
     default_block = block_mask.block_size if block_mask is not None else DEFAULT_MAP_BLOCK
     request = check_request(map_block_size, reduce, default_block, None) if return_block_map else None
     dropout = check_dropout(dropout_p, generator, q.device)
-    segments = from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, shape.seq_len_q, shape.seq_len_k, causal, window)
+    segments = from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, shape.seq_len_q, shape.seq_len_k, causal, window,
+                               alibi=alibi_slopes is not None)
     impl = dispatch.resolve("block_sparse_attention", q.device, backend, api="varlen_attention")
     out, lse, *extra = impl(q4, k4, v4, block_mask, causal=False, window_size=(-1, -1), softmax_scale=scale,
                             block_map=request, segments=segments, **mods, **dropout, max_scores=return_max_scores)

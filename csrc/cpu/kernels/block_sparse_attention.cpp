@@ -109,6 +109,25 @@ void check_segment_bounds(const char* op, const at::Tensor& q, const at::Tensor&
   if (backward) check_bounds_arg(op, "query_bounds", q, query_bounds, B, Sk, Sq);
 }
 
+// ALiBi's per-query offsets (varlen layouts, Predicates::set_alibi_offsets): int32 (Sq,), with ALiBi and with segment
+// bounds shared by the batch rows (every allowed pair must lie in a run of rows of one offset; the op builds both).
+void check_alibi_offsets(const char* op, const at::Tensor& q, const c10::optional<at::Tensor>& alibi_slopes,
+                         const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& key_bounds,
+                         const c10::optional<at::Tensor>& query_bounds, bool backward) {
+  if (!offsets.has_value() || !offsets->defined()) return;
+  const at::Tensor& t = *offsets;
+  TORCH_CHECK(alibi_slopes.has_value() && alibi_slopes->defined(), op, ": alibi_offsets without alibi_slopes");
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.dim() == 1 && t.size(0) == q.size(1), op,
+              ": alibi_offsets must be a contiguous int32 (Sq,) = (", q.size(1), ",) tensor, got ",
+              t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), op, ": alibi_offsets must be on q's device");
+  const bool keys_shared = key_bounds.has_value() && key_bounds->defined() && key_bounds->size(0) == 1;
+  const bool queries_shared = query_bounds.has_value() && query_bounds->defined() && query_bounds->size(0) == 1;
+  const bool shared = keys_shared && (!backward || queries_shared);
+  TORCH_CHECK(shared, op, ": alibi_offsets needs segment bounds shared by the batch rows (key_bounds",
+              backward ? " and query_bounds" : "", " of batch 1)");
+}
+
 // Whether a (B, S, H, D) tensor (head dim contiguous) holds only finite values: one parallel pass,
 // rows widened to the compute type (x - x is 0 unless x is NaN or Inf). A third of the time of
 // at::isfinite(t).all(), which writes a bool tensor first.
@@ -573,7 +592,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             }
             alignas(64) T bias_run[ScoreBias<T>::kMaxRun];  // one pass: modifiers, mask, max
             const T mt = modify_mask_max(
-                mods, srow, n, ws.spans[r], slope2, static_cast<T>(r0 + r + pred.offset - t0),
+                mods, srow, n, ws.spans[r], slope2, static_cast<T>(r0 + r + pred.alibi_offset_q(r0 + r) - t0),
                 bias.present() ? bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first : nullptr, t1 - t0);
             with_p_exp<kDot>(dot, [&](auto bf16p) {
               softmax_row_exp<T, decltype(bf16p)::value>(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
@@ -848,7 +867,8 @@ void key_tile_backward(const Problem& p, const BwdOperands<T>& ops, const BlockL
           }
           // key c0 + j against query t0 + i: ALiBi's distance |i - (c0 + j - t0 - offset)|
           T* capgrad = mods.softcap() ? ws.capgrad.data() + j * TQ : nullptr;
-          if (mods.on_scores()) mods.apply(s, n, slope2, static_cast<T>(c0 + j - t0 - pred.offset), capgrad);
+          if (mods.on_scores())
+            mods.apply(s, n, slope2, static_cast<T>(c0 + j - t0 - pred.alibi_offset_k(c0 + j)), capgrad);
           if (bias.present()) add_bias(s, ws.bias_t.data() + j * TQ, 1, t1 - t0);  // a column of bias
           mask_row(s, ws.spans[j], n);
           // d loss / d bias[i, key] is dS before the softcap's derivative (the bias is added after the cap)
@@ -1182,7 +1202,8 @@ void query_tile_dq(const Problem& p, const BwdOperands<T>& ops, const BlockLut& 
         continue;
       }
       T* capgrad = mods.softcap() ? ws.capgrad.data() + r * kTileK : nullptr;
-      if (mods.on_scores()) mods.apply(s, n, slope2, static_cast<T>(r0 + r + pred.offset - t0), capgrad);
+      if (mods.on_scores())
+        mods.apply(s, n, slope2, static_cast<T>(r0 + r + pred.alibi_offset_q(r0 + r) - t0), capgrad);
       if (bias.present()) {
         alignas(64) T bias_run[ScoreBias<T>::kMaxRun];
         add_bias(s, bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first, 1, t1 - t0);
@@ -1465,7 +1486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd
     int64_t map_cols, bool map_max, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
     const c10::optional<at::Tensor>& sinks, const c10::optional<at::Tensor>& attn_bias, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed, const c10::optional<at::Tensor>& key_bounds,
-    const c10::optional<at::Tensor>& query_bounds, bool return_max) {
+    const c10::optional<at::Tensor>& query_bounds, const c10::optional<at::Tensor>& alibi_offsets, bool return_max) {
   constexpr const char* op = "block_sparse_attn_fwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, false);
@@ -1473,10 +1494,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_fwd
   check_attn_bias_arg(op, q_in, k_in, attn_bias);
   check_dropout_args(op, q_in, dropout_p, dropout_seed);
   check_segment_bounds(op, q_in, k_in, key_bounds, query_bounds, false);
+  check_alibi_offsets(op, q_in, alibi_slopes, alibi_offsets, key_bounds, query_bounds, false);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const BlockLut lut(kv_num_blocks, kv_indices, block_q, block_k);
   Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
   pred.set_bounds(key_bounds, c10::nullopt);
+  pred.set_alibi_offsets(alibi_offsets);
   const MapSpec map{map_rows, map_cols, map_max};
   const Dropout drop(dropout_p, dropout_seed);
   TORCH_CHECK(map_rows >= 0 && map_cols >= 0 && (map_rows > 0) == (map_cols > 0), op,
@@ -1512,7 +1535,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
     int64_t block_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& attn_bias, bool bias_grad,
     double dropout_p, const c10::optional<at::Tensor>& dropout_seed, const c10::optional<at::Tensor>& key_bounds,
-    const c10::optional<at::Tensor>& query_bounds) {
+    const c10::optional<at::Tensor>& query_bounds, const c10::optional<at::Tensor>& alibi_offsets) {
   constexpr const char* op = "block_sparse_attn_bwd";
   check_core_args(op, q_in, k_in, v_in, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
                   softmax_scale, window_left, window_right, true);
@@ -1520,6 +1543,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
   check_attn_bias_arg(op, q_in, k_in, attn_bias);
   check_dropout_args(op, q_in, dropout_p, dropout_seed);
   check_segment_bounds(op, q_in, k_in, key_bounds, query_bounds, true);
+  check_alibi_offsets(op, q_in, alibi_slopes, alibi_offsets, key_bounds, query_bounds, true);
   const Dropout drop(dropout_p, dropout_seed);
   const bool has_bias = attn_bias.has_value() && attn_bias->defined();
   TORCH_CHECK(has_bias || !bias_grad, op, ": bias_grad without an attn_bias");
@@ -1549,6 +1573,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
   const BlockLut tlut(q_num_blocks, q_indices, block_k, block_q);
   Predicates pred(q.size(1), k.size(1), causal, window_left, window_right);
   pred.set_bounds(key_bounds, query_bounds);
+  pred.set_alibi_offsets(alibi_offsets);
   at::Tensor dq = empty_output(q.sizes(), q.options());
   at::Tensor dk = empty_output(k.sizes(), k.options());
   at::Tensor dv = empty_output(v.sizes(), v.options());
