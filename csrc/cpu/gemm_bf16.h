@@ -277,16 +277,19 @@ ATTNOPS_BF16_TARGET inline void to_bf16_pairs(const float* p, int64_t n, uint32_
 // time in vectors: per row, the scalar exp2 and its setup were a sixth of the step on a 256-key tile, and the
 // rows' max and sum reductions (hmax, hsum) half of it on the 64-key tiles of block masks (Xeon with AMX).
 // max(s) c is max(s c) (rounding is monotonic): m, l, alpha and P are softmax_row_exp<float, true>'s, bit for bit.
+// `row_max` (the modifiers' step): the rows' scores are final (scaled, modified and masked by modify_mask_max) and
+// these are their maxima; c is then not applied.
 ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int64_t rows, int64_t n,
                                                      const RowSpan* spans, float c, float* m, float* l, float* alpha,
-                                                     uint32_t* dst, int64_t ldd) {
+                                                     uint32_t* dst, int64_t ldd, const float* row_max = nullptr) {
   using V = vec_t<float>;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const __m512 cv = _mm512_set1_ps(c), ninf = _mm512_set1_ps(kNegInf);
   for (int64_t g = 0; g < rows; g += 16) {
     const int64_t nr = std::min<int64_t>(16, rows - g);
     const __mmask16 live = __mmask16((1u << nr) - 1);
-    const __m512 mt = _mm512_mul_ps((__m512)rows_max(s + g * lds, lds, nr, n, spans + g), cv);
+    const __m512 mt = row_max ? _mm512_maskz_loadu_ps(live, row_max + g)
+                              : _mm512_mul_ps((__m512)rows_max(s + g * lds, lds, nr, n, spans + g), cv);
     // m_new = max(m, tile max), NaN-propagating as softmax_row; alpha = exp2(m - m_new), 1 where m_new is -inf
     const __m512 mo = _mm512_maskz_loadu_ps(live, m + g);
     const __mmask16 nan_t = _mm512_cmp_ps_mask(mt, mt, _CMP_UNORD_Q), up = _mm512_cmp_ps_mask(mo, mt, _CMP_LT_OQ);
@@ -313,6 +316,7 @@ ATTNOPS_BF16_TARGET inline void softmax_rows_to_bf16(float* s, int64_t lds, int6
       // on its own (an intrinsic with its rounding mode, which the compiler does not fuse into an FMA) and the sum in
       // the same order, so that P, l and the output are bit for bit those of the path a block map or dropout takes
       auto p_at = [&](int64_t col) {
+        if (row_max) return exp2_bf16p(vload(row + col) - mv);
         return exp2_bf16p((V)_mm512_mul_round_ps(_mm512_loadu_ps(row + col), cv, _MM_FROUND_TO_NEAREST_INT |
                                                  _MM_FROUND_NO_EXC) - mv);
       };
@@ -369,7 +373,7 @@ void pack_transposed_rows(const c10::BFloat16* src, int64_t stride, int64_t rows
                           uint32_t* dst);
 void to_bf16_pairs(const float* p, int64_t n, uint32_t* dst);
 void softmax_rows_to_bf16(float* s, int64_t lds, int64_t rows, int64_t n, const RowSpan* spans, float c, float* m,
-                          float* l, float* alpha, uint32_t* dst, int64_t ldd);
+                          float* l, float* alpha, uint32_t* dst, int64_t ldd, const float* row_max = nullptr);
 void to_bf16_pair_columns(const float* lo, const float* hi, int64_t n, uint32_t* dst);
 
 #endif  // ATTNOPS_BF16_DOT

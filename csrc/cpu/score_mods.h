@@ -172,10 +172,11 @@ inline void add_bias(T* s, const T* bias, int64_t stride, int64_t valid) {
 // One forward score row in a single pass: the modifiers, the mask (-inf outside the row's valid span
 // [v0, v1)) and the row's max, which softmax_row_exp takes (the unmodified path masks with mask_row and
 // a max pass of its own: two passes where this is one). `bias`: the row's attn_bias from the tile's first
-// key (its first `valid` entries exist), or null.
+// key (its first `valid` entries exist), or null. `scale`: multiplies the scores first (the bf16 products leave them
+// unscaled: a scaling pass over the tile spared).
 template <typename T>
 inline T modify_mask_max(const ScoreMods<T>& mods, T* s, int64_t n, RowSpan span, T slope2, T pos,
-                         const T* bias = nullptr, int64_t valid = 0) {
+                         const T* bias = nullptr, int64_t valid = 0, T scale = T(1)) {
   using V = vec_t<T>;
   constexpr int W = Vec<T>::size;
   const V iota = lane_iota<T>();
@@ -184,8 +185,11 @@ inline T modify_mask_max(const ScoreMods<T>& mods, T* s, int64_t n, RowSpan span
   const V lo = vsplat(T(span.v0)), hi = vsplat(T(span.v1));
   V mx = ninf;
   const bool whole = span.v0 <= 0 && span.v1 >= n;  // interior tiles: nothing to mask
+  const V sc = vsplat(scale);
+  const bool scaled = scale != T(1);
   for (int64_t j = 0; j < n; j += W) {
     V x = vload(s + j);
+    if (scaled) x = x * sc;
     if (mods.softcap()) x = cap * vtanh(x * inv_cap);
     const V col = vsplat(T(j)) + iota;
     if (mods.alibi()) x -= sl * vabs<T>(vsplat(pos) - col);

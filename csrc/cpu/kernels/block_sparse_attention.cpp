@@ -547,6 +547,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     // attend that key (the run below redoes the task; finite inputs never pay for it).
     // the bf16 products' softmax writes P as bf16 directly where nothing reads it in float (softmax_rows_to_bf16)
     const bool p_to_bf16 = dot && c > 0 && !mods.on_scores() && !bias.present() && !map.on() && !drop.on();
+    // modified scores take the scale in their own pass (modify_mask_max), and where nothing reads P in float their
+    // exponential writes the bf16 pairs directly (softmax_rows_to_bf16 from their maxima): two passes over the tile,
+    // not four (a scaling pass, the modifiers' pass, exp, the bf16 conversion)
+    const bool modified = mods.on_scores() || bias.present();
+    const bool mod_to_bf16 = dot && modified && !map.on() && !drop.on();
     auto run = [&](bool exact) {
       std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
       std::fill(ws.l.begin(), ws.l.end(), T(0));
@@ -557,8 +562,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         if (dot) {
           if constexpr (kDot)
             gemm_bf16_via(brgemm, nr, n, D2, ws.q2.data() + ra * D2, D2, k2tile + pair_column(t0, D2, k_ldb), D2 * NR,
-                          ws.s.data() + ra * kTileK, kTileK, false, nullptr, p_to_bf16 ? 1.0f : static_cast<float>(c),
-                          k_ldb);
+                          ws.s.data() + ra * kTileK, kTileK, false, nullptr,
+                          p_to_bf16 || modified ? 1.0f : static_cast<float>(c), k_ldb);
         } else {
           gemm<T>(nr, n, p.D, ws.q.data() + ra * p.D, p.D, ktile + t0 * p.D, p.D * NR, ws.s.data() + ra * kTileK,
                   kTileK, false);
@@ -584,19 +589,32 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                                                     ws.m.data() + ra, ws.l.data() + ra, ws.alpha.data() + ra);
           });
         } else {
+          alignas(64) T row_max[kTileQWide];  // mod_to_bf16: the modified rows' maxima
           for (int64_t r = ra; r < ra + nr; ++r) {
             T* srow = ws.s.data() + r * kTileK;
             if (ws.spans[r].empty()) {
-              softmax_row(srow, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
+              if (mod_to_bf16) row_max[r - ra] = -std::numeric_limits<T>::infinity();
+              else softmax_row(srow, n, ws.spans[r], ws.m[r], ws.l[r], ws.alpha[r]);
               continue;
             }
             alignas(64) T bias_run[ScoreBias<T>::kMaxRun];  // one pass: modifiers, mask, max
             const T mt = modify_mask_max(
                 mods, srow, n, ws.spans[r], slope2, static_cast<T>(r0 + r + pred.alibi_offset_q(r0 + r) - t0),
-                bias.present() ? bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first : nullptr, t1 - t0);
+                bias.present() ? bias.values(b, h, r0 + r, t0, false, t1 - t0, bias_run).first : nullptr, t1 - t0,
+                dot ? static_cast<T>(c) : T(1));
+            if (mod_to_bf16) {
+              row_max[r - ra] = mt;
+              continue;
+            }
             with_p_exp<kDot>(dot, [&](auto bf16p) {
               softmax_row_exp<T, decltype(bf16p)::value>(srow, n, mt, ws.m[r], ws.l[r], ws.alpha[r]);
             });
+          }
+          if (mod_to_bf16) {
+            if constexpr (kDot)
+              softmax_rows_to_bf16(ws.s.data() + ra * kTileK, kTileK, nr, n, ws.spans.data() + ra, 1.0f,
+                                   ws.m.data() + ra, ws.l.data() + ra, ws.alpha.data() + ra,
+                                   ws.p2.data() + ra * (kTileK / 2), kTileK / 2, row_max);
           }
         }
         if (map.on()) map_add_tile(ws, map, rows, t0);  // the map is of the probabilities before dropout
@@ -605,8 +623,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             if (!ws.spans[r].empty()) drop.apply_row(ws.s.data() + r * kTileK, n, ws.drop_rows[r], t0);
         if (dot) {  // P rounded to bf16 pairs along the keys
           if constexpr (kDot)
-            for (int64_t r = ra; r < ra + nr; ++r)
-              to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.p2.data() + r * (kTileK / 2));
+            if (!mod_to_bf16)
+              for (int64_t r = ra; r < ra + nr; ++r)
+                to_bf16_pairs(ws.s.data() + r * kTileK, t1 - t0, ws.p2.data() + r * (kTileK / 2));
           p_times_v();
         } else if (exact)
           gemm_in_spans<T>(nr, ws.spans.data() + ra, p.Dp, ws.s.data() + ra * kTileK, kTileK, vtile + t0 * NR,
