@@ -29,12 +29,12 @@ import triton.language as tl
 from attnops.core import dispatch
 from attnops.core import op_checks as _args
 from attnops.core.backends import AUTOTUNE, INTERPRET
-from attnops.core.triton_common import (C_LN2, C_LOG2E, LOG2E, alibi_offset_args, alibi_positions, bias_args, dot_kept,
-                                        dropout_args, dropout_rows,
-                                        dropout_scale, fold_sink, key_range, keys_see_queries, segment_args,
-                                        segment_bounds, load_bias, lse2, lut_tile, lut_walk, mask_scores, modify_scores,
-                                        partial_tile, row_results, softmax_rescale, dense_last_dim, dot_dtype,
-                                        lut_args, precision, refuse_float64, score_mod_args, strides3)
+from attnops.core.triton_common import (C_LN2, C_LOG2E, LOG2E, alibi_offset_args, alibi_positions, bias_args,
+                                        dot_kept, dropout_args, dropout_rows, dropout_scale, fold_sink, key_range,
+                                        keys_see_queries, segment_args, segment_bounds, load_bias, lse2, lut_tile,
+                                        lut_walk, mask_scores, modify_scores, partial_tile, row_results,
+                                        softmax_rescale, dense_last_dim, dot_dtype, lut_args, precision,
+                                        refuse_float64, score_mod_args, strides3)
 from attnops.ops.softmax import library as lib
 from attnops.ops.softmax.triton_map import launch_block_map
 
@@ -261,11 +261,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KvNum, KvIdx, Slopes, Bias, DBia
         n0 = lut_tile(t, p_idx, first, HAS_LUT, LUT_BK, BLOCK_N)
         if (n0 < hi) & (n0 + BLOCK_N > lo):
             b_dq = _dq_tile(b_dq, b_q, b_do, b_l2, b_delta, p_k, p_v, n0, o_pos, o_apos, o_d, m_d, Sk, stride_ks,
-                            stride_vs,
-                            qk_scale, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi, seg_inner_lo,
-                            seg_inner_hi, cap2, slope2, p_bias, p_dbias, o_m, m_m, bias_sq, b_drop_rows, threshold,
-                            drop_scale, BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP, HAS_ALIBI,
-                            HAS_BIAS, BIAS_GRAD, HAS_DROPOUT, HAS_SEGMENTS)
+                            stride_vs, qk_scale, win_left, win_right, lo_last_row, hi_first_row, b_seg_lo, b_seg_hi,
+                            seg_inner_lo, seg_inner_hi, cap2, slope2, p_bias, p_dbias, o_m, m_m, bias_sq, b_drop_rows,
+                            threshold, drop_scale, BLOCK_N, HAS_LEFT, HAS_RIGHT, PRECISION, DOT_DTYPE, HAS_SOFTCAP,
+                            HAS_ALIBI, HAS_BIAS, BIAS_GRAD, HAS_DROPOUT, HAS_SEGMENTS)
     tl.store(DQ + i_b * stride_gb + i_h * stride_gh + o_m[:, None] * stride_gs + o_d[None, :],
              (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_md)
 
