@@ -11,9 +11,10 @@ decode calls on the C++ kernels (README); ALiBi slopes shared by the batch (``(H
 sequence's distances from its own bottom-right corner). Per-sequence slopes ``(B, H)`` on such a cache (one packed
 batch has one set of slopes), or an explicit ``backend``: chunks of ``MAX_NEW_TOKENS`` queries, each a decode call
 whose lengths are cut to its last query's position (``cache_seqlens - (Sq - c1)``), so that query ``i`` still sits
-at ``cache_seqlens - Sq + i`` and sees keys up to it. Non-causal: every query sees every key below ``cache_seqlens``, which is what one
-query at the end sees; the queries are folded into the head axis (query ``i`` of head ``h`` becomes a head of
-``h``'s kv group) and run as one new token. Exact either way, no ``Sq x S`` tensor. Forward only, like decoding.
+at ``cache_seqlens - Sq + i`` and sees keys up to it. Non-causal: every query sees every key below
+``cache_seqlens``, which is what one query at the end sees; the queries are folded into the head axis (query ``i``
+of head ``h`` becomes a head of ``h``'s kv group) and run as one new token. Exact either way, no ``Sq x S`` tensor.
+Forward only, like decoding.
 """
 
 from __future__ import annotations

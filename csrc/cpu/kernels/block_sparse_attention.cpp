@@ -545,13 +545,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     // exact: P V row by row over each row's own keys. Run only when the tile GEMMs left a non-finite
     // accumulator: V holds NaN/Inf somewhere, and 0 * NaN would have reached rows that never
     // attend that key (the run below redoes the task; finite inputs never pay for it).
-    // the bf16 products' softmax writes P as bf16 directly where nothing reads it in float (softmax_rows_to_bf16)
-    const bool p_to_bf16 = dot && c > 0 && !mods.on_scores() && !bias.present() && !map.on() && !drop.on();
-    // modified scores take the scale in their own pass (modify_mask_max), and where nothing reads P in float their
-    // exponential writes the bf16 pairs directly (softmax_rows_to_bf16 from their maxima): two passes over the tile,
-    // not four (a scaling pass, the modifiers' pass, exp, the bf16 conversion)
+    // Where nothing reads P in float (no block map, no dropout), the bf16 products' softmax writes P as bf16 pairs
+    // straight from the exponential (softmax_rows_to_bf16): plain scores take the scale in the exponent, modified ones
+    // take it in their own pass (modify_mask_max), which gives their maxima: two passes over the tile, not four (a
+    // scaling pass, the modifiers' pass, exp, the bf16 conversion)
     const bool modified = mods.on_scores() || bias.present();
-    const bool mod_to_bf16 = dot && modified && !map.on() && !drop.on();
+    const bool p_unread = dot && !map.on() && !drop.on();
+    const bool p_to_bf16 = p_unread && c > 0 && !modified;
+    const bool mod_to_bf16 = p_unread && modified;
     auto run = [&](bool exact) {
       std::fill(ws.m.begin(), ws.m.end(), -std::numeric_limits<T>::infinity());
       std::fill(ws.l.begin(), ws.l.end(), T(0));
@@ -583,7 +584,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           return;
         }
         // P's exponential: the cubic where P is rounded to bf16 for its product (exp2_p), as in the step above
-        if (!mods.on_scores() && !bias.present()) {
+        if (!modified) {
           with_p_exp<kDot>(dot, [&](auto bf16p) {
             softmax_rows<T, decltype(bf16p)::value>(ws.s.data() + ra * kTileK, kTileK, nr, n, ws.spans.data() + ra,
                                                     ws.m.data() + ra, ws.l.data() + ra, ws.alpha.data() + ra);
