@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import attnops
-from attnops.ops.linear import decay_preset, focused_feature_map
+from attnops.core import backends
+from attnops.ops.linear import chunk, decay_preset, focused_feature_map
 from helpers import DTYPE_IDS, assert_accurate
 
 # (B, S, H, Hkv, D, Dv): lengths off every chunk grid, head dims 40/100, GQA and MQA, Dv != D
@@ -127,6 +128,33 @@ def test_long_sequence_wide_heads(config, dtype):
     per-head gates needs the intra-chunk products in float64 when the gate's gradient is wanted
     (chunk._intra_dtype): in float32 dgate came out 2.0-2.8x the float32 recurrence's error here."""
     check_against_reference(LONG, CONFIGS[config], dtype, with_state=False, chunk_size=64)
+
+
+def test_cpu_bf16_matmul_reads_the_cpu():
+    """bf16 products where the CPU has bf16 dot-product units (AVX512-BF16 or AMX on x86): elsewhere ATen's bf16
+    bmm is a scalar loop, ~18x slower than float32 (backends.cpu_bf16_matmul)."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the flags are x86's")
+    units = bool({"avx512_bf16", "amx_bf16"} & backends.cpu_flags())
+    assert backends.cpu_bf16_matmul() == units
+    assert chunk.product_dtype(torch.bfloat16, torch.device("cpu")) == (torch.bfloat16 if units else torch.float32)
+    assert chunk.product_dtype(torch.bfloat16, torch.device("meta")) == torch.bfloat16  # a GPU's, say
+    assert chunk.product_dtype(torch.float16, torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("bf16_matmul", [False, True], ids=["float32-products", "bf16-products"])
+@pytest.mark.parametrize("config", ["elu", "gate-head", "gate-channel"])
+def test_bf16_inputs_with_either_product_dtype(config, bf16_matmul, monkeypatch):
+    """bfloat16 inputs on the CPU multiply in bf16 or in float32 (chunk.product_dtype, from the CPU's units):
+    both within the accuracy rule, on any machine, and the choice reaches the products (the outputs differ)."""
+    outs, inputs = {}, make_inputs((1, 200, 2, 2, 48, 48), CONFIGS[config], False)
+    for units in (bf16_matmul, not bf16_matmul):
+        monkeypatch.setattr(backends, "cpu_bf16_matmul", lambda units=units: units)
+        outs[units] = run(inputs, CONFIGS[config], torch.bfloat16, chunk_size=64)[0]
+    monkeypatch.setattr(backends, "cpu_bf16_matmul", lambda: bf16_matmul)
+    assert not torch.equal(outs[True], outs[False])
+    check_against_reference(LONG, CONFIGS[config], torch.bfloat16, with_state=False, chunk_size=64)
 
 
 @pytest.mark.parametrize("config", ["elu", "gate-head", "gate-channel+decay", "normalize-gate-channel"])

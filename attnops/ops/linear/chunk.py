@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 
 from attnops.core.contractions import masked_matmul
-from attnops.core import dispatch
+from attnops.core import backends, dispatch
 
 SUB_CHUNK = 16
 SEGMENT_ELEMENTS = 1 << 18  # per chunk tensor of a segment: 1 MiB of float32
@@ -49,14 +49,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def product_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the chunk products' operands for inputs of ``dtype``. bfloat16 inputs multiply in bfloat16 with
-    float32 accumulation inside the GEMM (oneDNN's bf16 kernels: AVX512-BF16 or AMX where the CPU has them; a
-    ``(1024, 64, 64)`` bmm took 2.0 ms against 6.4-8.8 ms in float32 on the Zen 4 dev VM), the operands rounded as
-    flash-linear-attention's chunk kernels round theirs (scores and states to bf16 before their products); states,
-    gates, the chunk prefix and the exponentials stay in float32. float16 keeps float32 products: its range
-    (65504) does not hold the un-normalised scores of positive feature maps."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else compute_dtype(dtype)
+def product_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the chunk products' operands for inputs of ``dtype`` on ``device``. bfloat16 inputs multiply in
+    bfloat16 with float32 accumulation inside the GEMM (oneDNN's bf16 kernels: AVX512-BF16 or AMX where the CPU has
+    them; a ``(1024, 64, 64)`` bmm took 2.0 ms against 6.4-8.8 ms in float32 on the Zen 4 dev VM), the operands
+    rounded as flash-linear-attention's chunk kernels round theirs (scores and states to bf16 before their
+    products); states, gates, the chunk prefix and the exponentials stay in float32. A CPU without bf16
+    dot-product units (``backends.cpu_bf16_matmul``: an AVX2-only one) multiplies them in float32: its bf16 bmm is
+    ATen's scalar loop, 18x slower than float32's (a bf16 forward at N = 8192 took 545 ms against float32's 51).
+    float16 keeps float32 products: its range (65504) does not hold the un-normalised scores of positive feature
+    maps."""
+    if dtype == torch.bfloat16 and (device.type != "cpu" or backends.cpu_bf16_matmul()):
+        return torch.bfloat16
+    return compute_dtype(dtype)
 
 
 def effective_chunk(seq_len: int, chunk_size: int) -> int:
@@ -174,7 +179,7 @@ def _causal(q, k, v, log_gate, state, softmax_scale: float, C: int, dt: torch.dt
     N = (S + pad) // C
     # Normalised, q's gradient is the difference of the numerator's and the denominator's terms: bf16 products
     # rounded both and gave 2.05x the bf16 recurrence's dq error at S = 500 (over the DESIGN.md rule).
-    pdt = product_dtype(q.dtype) if denominator_eps is None else dt
+    pdt = product_dtype(q.dtype, q.device) if denominator_eps is None else dt
     # (B * H * N, C, D) batches for bmm; the scale rides on the matmuls' alpha
     qc, kc, vc = (heads_first(t.to(pdt), H, S, pad).view(B * H * N, C, t.shape[-1]) for t in (q, k, v))
     idt = _intra_dtype(log_gate, pdt)
