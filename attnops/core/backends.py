@@ -9,7 +9,6 @@ loads ``attnops._C`` (whose ``TORCH_LIBRARY_IMPL`` blocks add the C++ kernels to
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import platform
@@ -91,18 +90,25 @@ def cpu_flags() -> set:
     return set((cpuinfo_field("flags") or "").split())
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_matmul() -> bool:
-    """Whether torch's bfloat16 matmuls run on this CPU's bf16 dot-product units: AVX512-BF16 or AMX on x86
-    (/proc/cpuinfo), what oneDNN reports elsewhere (aarch64's BF16). Without them ATen's bf16 bmm is a scalar
-    loop: a ``(1024, 64, 64)`` bmm took 188 ms against 10 ms in float32 on an AVX2-only Zen 3 VM, so code written
-    in PyTorch (linear attention's chunk form) multiplies bf16 inputs in float32 there. Read once per process."""
+def _cpu_bf16_units() -> bool:
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
         return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+# Read at import: a constant to torch.compile (reading /proc/cpuinfo inside a compiled region breaks the graph).
+_CPU_BF16_UNITS = _cpu_bf16_units()
+
+
+def cpu_bf16_matmul() -> bool:
+    """Whether torch's bfloat16 matmuls run on this CPU's bf16 dot-product units: AVX512-BF16 or AMX on x86
+    (/proc/cpuinfo), what oneDNN reports elsewhere (aarch64's BF16). Without them ATen's bf16 bmm is a scalar
+    loop: a ``(1024, 64, 64)`` bmm took 188 ms against 10 ms in float32 on an AVX2-only Zen 3 VM, so code written
+    in PyTorch (linear attention's chunk form) multiplies bf16 inputs in float32 there."""
+    return _CPU_BF16_UNITS
 
 
 def cpu_isa() -> dict:

@@ -141,6 +141,11 @@ def test_cpu_bf16_matmul_reads_the_cpu():
     assert chunk.product_dtype(torch.bfloat16, torch.device("cpu")) == (torch.bfloat16 if units else torch.float32)
     assert chunk.product_dtype(torch.bfloat16, torch.device("meta")) == torch.bfloat16  # a GPU's, say
     assert chunk.product_dtype(torch.float16, torch.device("cpu")) == torch.float32
+    # a constant to torch.compile: no /proc/cpuinfo read inside a compiled region
+    torch._dynamo.reset()
+    q = torch.randn(1, 40, 2, 16, dtype=torch.bfloat16)
+    explanation = torch._dynamo.explain(lambda q: attnops.linear_attention(q, q, q, gate=q[..., 0].sigmoid().log()))(q)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 @pytest.mark.parametrize("bf16_matmul", [False, True], ids=["float32-products", "bf16-products"])
