@@ -98,10 +98,11 @@ def run_with_grads(fn, inputs, dout):
     return out.detach(), lse.detach(), grads
 
 
-def compare_with_reference(kernel, ref, inputs, dtype, check_grads=True, name="", labels=("dq", "dk", "dv")):
+def compare_with_reference(kernel, ref, inputs, dtype, check_grads=True, name="", labels=("dq", "dk", "dv"),
+                           factor=2.0):
     """Runs kernel and reference (float64 and dtype) with the same upstream gradient and checks
-    out, lse and the gradients of the inputs named in ``labels`` (in order) with the accuracy rule. The
-    reference runs on the CPU."""
+    out, lse and the gradients of the inputs named in ``labels`` (in order) with the accuracy rule (``factor``:
+    its multiple of the reference's error, 2 but where a test says why). The reference runs on the CPU."""
     cpu_inputs = [t.detach().cpu() for t in inputs]
     dout = torch.randn_like(cpu_inputs[0], dtype=torch.float64)
     out64, lse64, g64 = run_with_grads(ref, [t.double() for t in cpu_inputs], dout)
@@ -112,11 +113,11 @@ def compare_with_reference(kernel, ref, inputs, dtype, check_grads=True, name=""
         out, lse = kernel(*inputs)
         g = ()
     assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_accurate(f"{name} out", out.cpu(), out64, outT)
-    assert_accurate(f"{name} lse", lse.cpu(), lse64, lseT)
+    assert_accurate(f"{name} out", out.cpu(), out64, outT, factor)
+    assert_accurate(f"{name} lse", lse.cpu(), lse64, lseT, factor)
     for label, a, b, c in zip(labels, g, g64, gT):
         assert a.dtype == dtype
-        assert_accurate(f"{name} {label}", a.cpu(), b, c)
+        assert_accurate(f"{name} {label}", a.cpu(), b, c, factor)
 
 
 def make_decode_inputs(shape, dtype, device):

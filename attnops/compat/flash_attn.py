@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from attnops.core.checks import shared_alibi_slopes
 from attnops.core.op_checks import bad_page_message, first_bad_page
 from attnops.ops.decode.chunked import chunked_decode_attention
 from attnops.ops.decode.kv_cache import pack_sequences
@@ -68,8 +69,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """Packed sequences: ``q (total_q, H, D)``, ``k, v (total_k, Hkv, D)``, ``cu_seqlens_q / _k (n + 1,)``
     int32 offsets. Each sequence attends only to its own keys (causal and windows per sequence,
     bottom-right aligned): :func:`attnops.varlen_attention` (one call, token-exact segment bounds); per-sequence
-    ALiBi slopes ``(num_seqs, H)`` run one call per sequence. ``out (total_q, H, D)``, ``softmax_lse
-    (H, total_q)`` as flash_attn's (a query without keys: lse -inf, flash_attn 2 writes +inf).
+    ALiBi slopes ``(num_seqs, H)`` run one call per sequence, unless their rows are all equal (one call).
+    ``out (total_q, H, D)``, ``softmax_lse (H, total_q)`` as flash_attn's (a query without keys: lse -inf,
+    flash_attn 2 writes +inf).
 
     ``block_table (n, max_pages)`` int32: ``k, v`` are paged caches ``(num_pages, page_size, Hkv, D)``, as in
     flash_attn (vLLM's prefix-cached prefill): sequence ``i``'s keys are the first ``cu_seqlens_k[i + 1] -
@@ -87,6 +89,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2 and alibi_slopes.shape[0] != len(cq) - 1:
         raise ValueError(f"flash_attn_varlen_func: alibi_slopes {tuple(alibi_slopes.shape)} must be (H,) or "
                          f"(num sequences = {len(cq) - 1}, H)")
+    alibi_slopes = shared_alibi_slopes(alibi_slopes)  # equal rows: one packed call for them all
     if alibi_slopes is None or alibi_slopes.dim() == 1:
         cu_q = torch.tensor(cq, dtype=torch.int32, device=q.device)
         cu_k = cu_q if cq == ck else torch.tensor(ck, dtype=torch.int32, device=q.device)

@@ -176,6 +176,16 @@ def check_score_mods(softcap, alibi_slopes, sinks, shape: QKVShape, device: torc
     return dict(softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks)
 
 
+def shared_alibi_slopes(alibi_slopes):
+    """Per-sequence slopes ``(n, H)`` whose rows are all equal (a model's ``(H,)`` slopes expanded per sequence, the
+    usual form) as their ``(H,)`` row, so that a packed batch, which has one set of slopes, can take them; anything
+    else unchanged. A host read of one comparison, where the caller reads the layout anyway."""
+    if (isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2 and alibi_slopes.shape[0] > 0
+            and bool((alibi_slopes == alibi_slopes[:1]).all())):
+        return alibi_slopes[0]
+    return alibi_slopes
+
+
 def check_dropout(dropout_p, generator: Optional[torch.Generator], device: torch.device) -> dict:
     """Attention dropout, as keyword arguments for the dispatcher: ``dropout_p`` a Python number in [0, 1);
     when > 0, one int64 seed is drawn from ``generator`` (default: ``device``'s default generator), so the mask

@@ -68,6 +68,42 @@ def test_varlen_per_sequence_alibi():
         torch.testing.assert_close(out[a:b].double(), want[0], rtol=1e-4, atol=1e-5)
 
 
+def test_varlen_equal_per_sequence_slopes_run_one_call(monkeypatch):
+    """(num_seqs, H) slopes whose rows are equal (a model's (H,) slopes expanded per sequence, the usual form) run as
+    one packed call, equal to the (H,) call; rows that differ anywhere still run per sequence (test above)."""
+    import attnops.compat.flash_attn as compat
+    torch.manual_seed(7)
+    cu = torch.tensor([0, 7, 30, 31], dtype=torch.int32)
+    q, k, v = torch.randn(31, 2, 16), torch.randn(31, 2, 16), torch.randn(31, 2, 16)
+    slopes = torch.tensor([0.5, 0.1])
+    want = flash_attn_varlen_func(q, k, v, cu, cu, 23, 23, causal=True, alibi_slopes=slopes)
+    monkeypatch.setattr(compat, "attention", lambda *a, **kw: pytest.fail("ran one call per sequence"))
+    got = flash_attn_varlen_func(q, k, v, cu, cu, 23, 23, causal=True, alibi_slopes=slopes.expand(3, 2))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(pytest.fail.Exception, match="one call per sequence"):
+        flash_attn_varlen_func(q, k, v, cu, cu, 23, 23, causal=True,
+                               alibi_slopes=torch.tensor([[0.5, 0.1], [0.5, 0.1], [0.5, 0.2]]))
+
+
+def test_kvcache_prompt_with_equal_per_sequence_slopes_runs_packed(monkeypatch):
+    """A prompt of more than 64 queries through a ragged cache with ``(B, H)`` slopes whose rows are equal: one varlen
+    call, as with ``(H,)`` (not chunks of decode calls), the same output."""
+    import attnops.ops.decode.chunked as chunked
+    torch.manual_seed(8)
+    B, S, H, Hkv, D, Sq = 3, 300, 4, 2, 32, 90
+    q = torch.randn(B, Sq, H, D)
+    k_cache, v_cache = torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
+    lens = torch.tensor([120, 260, 95], dtype=torch.int32)
+    slopes = torch.rand(H) * 0.3
+    want = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True, alibi_slopes=slopes)
+    monkeypatch.setattr(chunked, "decode_attention", lambda *a, **kw: pytest.fail("ran chunks of decode calls"))
+    got = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True,
+                                  alibi_slopes=slopes.expand(B, H).contiguous())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(pytest.fail.Exception, match="decode calls"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True, alibi_slopes=torch.rand(B, H))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_alibi_across_different_layouts(causal, monkeypatch):
     """Shared slopes (H,) with cu_seqlens_q != cu_seqlens_k (chunked prefill against longer caches, longer queries,

@@ -18,6 +18,9 @@ from helpers import assert_accurate, compare_with_reference
 CORE_SEEDS = range(24)
 MASK_SEEDS = range(16)
 DECODE_SEEDS = range(16)
+# The first draws again through the other implementations (the `impl` fixture: the C++ backward's fused and two-pass
+# algorithms, the Triton kernels, the PyTorch fallback); the interpreter takes seconds a draw.
+OTHER_IMPL_SEEDS = range(12)
 
 
 def _options(rng: random.Random, H: int, B: int) -> dict:
@@ -130,9 +133,29 @@ def _double(opts: dict) -> dict:
             for name, v in opts.items()}
 
 
+def _factor(impl) -> float:
+    """The accuracy rule's multiple of the reference's error: 2, but 16 for the Triton kernels under the interpreter.
+    There numpy's sgemm runs tl.dot and rounds a score by the tile's shape, so the backward's P = exp2(s - lse) stops
+    cancelling the forward's rounding at large logits (softmax_scale=1.0: dv up to 9x the reference's error;
+    DESIGN.md, "Where the rule is too strict"). The interpreter checks the kernels' logic (a wrong window, mask or
+    modifier is off by orders of magnitude more); compiled on a GPU (``triton-cuda``) they are held to 2x."""
+    return 16.0 if impl.interpreted else 2.0
+
+
 @pytest.mark.parametrize("seed", CORE_SEEDS)
 def test_random_core_configs(seed, cpu_impl):
     """attnops.attention, forward and backward, against the float64 reference."""
+    _check_core(seed, cpu_impl)
+
+
+@pytest.mark.parametrize("seed", OTHER_IMPL_SEEDS)
+def test_random_core_configs_every_impl(seed, impl):
+    """The first draws through every other implementation: the C++ backward's two algorithms, the Triton kernels
+    and the PyTorch fallback."""
+    _check_core(seed, impl)
+
+
+def _check_core(seed, impl):
     (q, k, v), opts, desc = _core_case(seed)
 
     def run(backend):
@@ -142,12 +165,21 @@ def test_random_core_configs(seed, cpu_impl):
             return res.out, res.lse
         return call
 
-    compare_with_reference(run(cpu_impl.backend), run("reference"), [q, k, v], q.dtype, name=desc)
+    compare_with_reference(run(impl.backend), run("reference"), [q, k, v], q.dtype, name=desc, factor=_factor(impl))
 
 
 @pytest.mark.parametrize("seed", MASK_SEEDS)
 def test_random_block_mask_configs(seed, cpu_impl):
     """attnops.block_sparse_attention on drawn masks, forward and backward, against the float64 reference."""
+    _check_block_mask(seed, cpu_impl)
+
+
+@pytest.mark.parametrize("seed", OTHER_IMPL_SEEDS[:6])
+def test_random_block_mask_configs_every_impl(seed, impl):
+    _check_block_mask(seed, impl)
+
+
+def _check_block_mask(seed, impl):
     (q, k, v), mask, opts, desc = _mask_case(seed)
 
     def run(backend):
@@ -158,23 +190,34 @@ def test_random_block_mask_configs(seed, cpu_impl):
             return res.out, res.lse
         return call
 
-    compare_with_reference(run(cpu_impl.backend), run("reference"), [q, k, v], q.dtype, name=desc)
+    compare_with_reference(run(impl.backend), run("reference"), [q, k, v], q.dtype, name=desc, factor=_factor(impl))
 
 
 @pytest.mark.parametrize("seed", DECODE_SEEDS)
 def test_random_decode_configs(seed, cpu_impl):
     """attnops.decode_attention (paged or not, split or not) against the float64 reference on the unpaged cache."""
+    _check_decode(seed, cpu_impl)
+
+
+@pytest.mark.parametrize("seed", OTHER_IMPL_SEEDS[:6])
+def test_random_decode_configs_every_impl(seed, fwd_impl):
+    if fwd_impl.backend == "cpu":
+        pytest.skip("the C++ levels run in test_random_decode_configs (decoding has no backward algorithms)")
+    _check_decode(seed, fwd_impl)
+
+
+def _check_decode(seed, impl):
     (q, k, v, seqlens), opts, split, paged, desc = _decode_case(seed)
     k_cache, v_cache, table = paged if paged is not None else (k, v, None)
     extra = {**split, **({"block_table": table} if table is not None else {})}
-    got = attnops.decode_attention(q, k_cache, v_cache, seqlens, return_lse=True, backend=cpu_impl.backend,
+    got = attnops.decode_attention(q, k_cache, v_cache, seqlens, return_lse=True, backend=impl.backend,
                                    **opts, **extra)
     ref64 = attnops.decode_attention(q.double(), k.double(), v.double(), seqlens, return_lse=True,
                                      backend="reference", **_double(opts))
     ref_lp = attnops.decode_attention(q, k, v, seqlens, return_lse=True, backend="reference", **opts)
     assert got.out.dtype == q.dtype
-    assert_accurate(f"{desc} out", got.out, ref64.out, ref_lp.out)
-    assert_accurate(f"{desc} lse", got.lse, ref64.lse, ref_lp.lse)
+    assert_accurate(f"{desc} out", got.out, ref64.out, ref_lp.out, _factor(impl))
+    assert_accurate(f"{desc} lse", got.lse, ref64.lse, ref_lp.lse, _factor(impl))
 
 
 VARLEN_SEEDS = range(12)
@@ -209,6 +252,15 @@ def _varlen_case(seed: int):
 @pytest.mark.parametrize("seed", VARLEN_SEEDS)
 def test_random_varlen_configs(seed, cpu_impl):
     """attnops.varlen_attention, forward and backward, against the float64 reference of the packed batch."""
+    _check_varlen(seed, cpu_impl)
+
+
+@pytest.mark.parametrize("seed", OTHER_IMPL_SEEDS[:6])
+def test_random_varlen_configs_every_impl(seed, impl):
+    _check_varlen(seed, impl)
+
+
+def _check_varlen(seed, impl):
     (q, k, v), cu_q, cu_k, opts, desc = _varlen_case(seed)
 
     def run(backend):
@@ -219,4 +271,4 @@ def test_random_varlen_configs(seed, cpu_impl):
             return res.out, res.lse
         return call
 
-    compare_with_reference(run(cpu_impl.backend), run("reference"), [q, k, v], q.dtype, name=desc)
+    compare_with_reference(run(impl.backend), run("reference"), [q, k, v], q.dtype, name=desc, factor=_factor(impl))

@@ -2,18 +2,18 @@
 ``MAX_NEW_TOKENS``): a prompt prefilled into a cache that already holds ragged sequences (flash_attn's
 ``flash_attn_with_kvcache`` with a long ``q``), and non-causal queries (each sees the whole cache).
 
-Causal, more than ``MAX_NEW_TOKENS`` queries: where every sequence has the same length (no pages, no left
-padding), the cache's first ``L`` rows are one ``(B, L)`` key tensor and the queries end it:
-:func:`attnops.attention` (causal, bottom-right) on a view. Ragged, left-padded or paged caches: each sequence's keys
-gathered into :func:`attnops.varlen_attention`'s packed layout (a copy of the keys in use, O(S) beside the
-attention's O(Sq * S)), causal per sequence, bottom-right: the decode positions. Both run 1.3-1.5x faster than
-decode calls on the C++ kernels (README); ALiBi slopes shared by the batch (``(H,)``) go along (varlen measures each
-sequence's distances from its own bottom-right corner). Per-sequence slopes ``(B, H)`` on such a cache (one packed
-batch has one set of slopes), or an explicit ``backend``: chunks of ``MAX_NEW_TOKENS`` queries, each a decode call
-whose lengths are cut to its last query's position (``cache_seqlens - (Sq - c1)``), so that query ``i`` still sits
-at ``cache_seqlens - Sq + i`` and sees keys up to it. Non-causal: every query sees every key below
-``cache_seqlens``, which is what one query at the end sees; the queries are folded into the head axis (query ``i``
-of head ``h`` becomes a head of ``h``'s kv group) and run as one new token. Exact either way, no ``Sq x S`` tensor.
+Causal, more than ``MAX_NEW_TOKENS`` queries: where every sequence has the same length (no pages, no left padding),
+the cache's first ``L`` rows are one ``(B, L)`` key tensor and the queries end it: :func:`attnops.attention` (causal,
+bottom-right) on a view. Ragged, left-padded or paged caches: each sequence's keys gathered into
+:func:`attnops.varlen_attention`'s packed layout (a copy of the keys in use, O(S) beside the attention's O(Sq * S)),
+causal per sequence, bottom-right: the decode positions. Both run 1.3-1.5x faster than decode calls on the C++ kernels
+(README); ALiBi slopes shared by the batch (``(H,)``) go along (varlen measures each sequence's distances from its own
+bottom-right corner), as do ``(B, H)`` slopes whose rows are equal. Per-sequence slopes that differ on such a cache
+(one packed batch has one set of slopes), or an explicit ``backend``: chunks of ``MAX_NEW_TOKENS`` queries, each a
+decode call whose lengths are cut to its last query's position (``cache_seqlens - (Sq - c1)``), so that query ``i``
+still sits at ``cache_seqlens - Sq + i`` and sees keys up to it. Non-causal: every query sees every key below
+``cache_seqlens``, which is what one query at the end sees; the queries are folded into the head axis (query ``i`` of
+head ``h`` becomes a head of ``h``'s kv group) and run as one new token. Exact either way, no ``Sq x S`` tensor.
 Forward only, like decoding.
 """
 
@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from attnops.core.checks import shared_alibi_slopes
 from attnops.ops.decode.kv_cache import pack_sequences
 from attnops.ops.decode.op import MAX_NEW_TOKENS, decode_attention
 from attnops.ops.softmax.op import attention
@@ -49,9 +50,9 @@ def chunked_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         lo, hi = torch.aminmax(cache_seqlens)  # a host read: one per prompt, not per decoded token
         if int(lo) == int(hi) > 0 and cache_leftpad is None and kwargs.get("block_table") is None:
             return _dense(q, k_cache[:, :int(hi)], v_cache[:, :int(hi)], kwargs)
-        slopes = kwargs.get("alibi_slopes")
-        if slopes is None or slopes.dim() == 1 or slopes.shape[0] == 1:  # varlen's packed batch takes (H,) slopes
-            return _packed(q, k_cache, v_cache, cache_seqlens, cache_leftpad, kwargs)
+        slopes = shared_alibi_slopes(kwargs.get("alibi_slopes"))
+        if slopes is None or slopes.dim() == 1:  # varlen's packed batch takes (H,) slopes
+            return _packed(q, k_cache, v_cache, cache_seqlens, cache_leftpad, {**kwargs, "alibi_slopes": slopes})
     if Sq <= MAX_NEW_TOKENS:
         return decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad=cache_leftpad, return_lse=True,
                                 **kwargs)
