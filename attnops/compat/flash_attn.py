@@ -89,7 +89,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2 and alibi_slopes.shape[0] != len(cq) - 1:
         raise ValueError(f"flash_attn_varlen_func: alibi_slopes {tuple(alibi_slopes.shape)} must be (H,) or "
                          f"(num sequences = {len(cq) - 1}, H)")
-    alibi_slopes = shared_alibi_slopes(alibi_slopes)  # equal rows: one packed call for them all
+    alibi_slopes = shared_alibi_slopes(alibi_slopes, len(cq) - 1)  # equal rows: one packed call for them all
     if alibi_slopes is None or alibi_slopes.dim() == 1:
         cu_q = torch.tensor(cq, dtype=torch.int32, device=q.device)
         cu_k = cu_q if cq == ck else torch.tensor(ck, dtype=torch.int32, device=q.device)

@@ -176,11 +176,12 @@ def check_score_mods(softcap, alibi_slopes, sinks, shape: QKVShape, device: torc
     return dict(softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=sinks)
 
 
-def shared_alibi_slopes(alibi_slopes):
-    """Per-sequence slopes ``(n, H)`` whose rows are all equal (a model's ``(H,)`` slopes expanded per sequence, the
-    usual form) as their ``(H,)`` row, so that a packed batch, which has one set of slopes, can take them; anything
-    else unchanged. A host read of one comparison, where the caller reads the layout anyway."""
-    if (isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2 and alibi_slopes.shape[0] > 0
+def shared_alibi_slopes(alibi_slopes, rows: int):
+    """Per-sequence slopes ``(rows, H)`` whose rows are all equal (a model's ``(H,)`` slopes expanded per sequence,
+    the usual form) as their ``(H,)`` row, so that a packed batch, which has one set of slopes, can take them; anything
+    else unchanged (another row count is the op's checks' to refuse). A host read of one comparison, where the caller
+    reads the layout anyway."""
+    if (isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2 and alibi_slopes.shape[0] == rows > 0
             and bool((alibi_slopes == alibi_slopes[:1]).all())):
         return alibi_slopes[0]
     return alibi_slopes

@@ -83,6 +83,8 @@ def test_varlen_equal_per_sequence_slopes_run_one_call(monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="one call per sequence"):
         flash_attn_varlen_func(q, k, v, cu, cu, 23, 23, causal=True,
                                alibi_slopes=torch.tensor([[0.5, 0.1], [0.5, 0.1], [0.5, 0.2]]))
+    with pytest.raises(ValueError, match="num sequences = 3"):  # equal rows, but not one per sequence: refused
+        flash_attn_varlen_func(q, k, v, cu, cu, 23, 23, causal=True, alibi_slopes=slopes.expand(4, 2))
 
 
 def test_kvcache_prompt_with_equal_per_sequence_slopes_runs_packed(monkeypatch):
@@ -102,6 +104,10 @@ def test_kvcache_prompt_with_equal_per_sequence_slopes_runs_packed(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(pytest.fail.Exception, match="decode calls"):
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True, alibi_slopes=torch.rand(B, H))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="alibi_slopes"):  # equal rows, but not one per batch row: refused, not taken
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True,
+                                alibi_slopes=slopes.expand(B + 2, H).contiguous())
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -50,8 +50,8 @@ def chunked_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         lo, hi = torch.aminmax(cache_seqlens)  # a host read: one per prompt, not per decoded token
         if int(lo) == int(hi) > 0 and cache_leftpad is None and kwargs.get("block_table") is None:
             return _dense(q, k_cache[:, :int(hi)], v_cache[:, :int(hi)], kwargs)
-        slopes = shared_alibi_slopes(kwargs.get("alibi_slopes"))
-        if slopes is None or slopes.dim() == 1:  # varlen's packed batch takes (H,) slopes
+        slopes = shared_alibi_slopes(kwargs.get("alibi_slopes"), B)
+        if slopes is None or slopes.dim() == 1 or slopes.shape[0] == 1:  # varlen's packed batch takes (H,) slopes
             return _packed(q, k_cache, v_cache, cache_seqlens, cache_leftpad, {**kwargs, "alibi_slopes": slopes})
     if Sq <= MAX_NEW_TOKENS:
         return decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad=cache_leftpad, return_lse=True,
