@@ -6,7 +6,7 @@ flash core, with C++ (CPU), Triton and CUDA kernels behind one dispatcher.
 
 from attnops.core import dispatch
 from attnops.core.masks import BlockMask
-from attnops.ops import KVCache
+from attnops.ops import KVCache, PagedKVCache
 from attnops.ops import (AarenState, AttentionLseMapOutput, AttentionMapOutput, AttentionOutput,
                          LinearAttentionMapOutput, LinearAttentionOutput, aaren, agent_attention, attention,
                          block_sparse_attention, decode_attention, flow_attention, hyper_attention, landmark_attention,
@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = ["AarenState", "AttentionLseMapOutput", "AttentionMapOutput", "AttentionOutput", "BlockMask", "KVCache",
            "LinearAttentionMapOutput", "LinearAttentionOutput", "aaren", "agent_attention", "attention",
-           "block_sparse_attention", "decode_attention", "dispatch", "distributed", "flow_attention", "hyper_attention",
-           "landmark_attention", "linear_attention", "lln_attention", "lowrank", "lowrank_key_attention", "maps",
-           "moba_attention", "moba_block_mask", "moh_attention", "nn", "predict_block_mask", "regla_attention",
-           "routing_attention", "sea_attention", "swap", "unswap", "varlen_attention"]
+           "block_sparse_attention", "decode_attention", "dispatch", "distributed", "flow_attention",
+           "hyper_attention", "landmark_attention", "linear_attention", "lln_attention", "lowrank",
+           "lowrank_key_attention", "maps", "moba_attention", "moba_block_mask", "moh_attention", "nn", "PagedKVCache",
+           "predict_block_mask", "regla_attention", "routing_attention", "sea_attention", "swap", "unswap",
+           "varlen_attention"]

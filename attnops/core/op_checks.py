@@ -264,6 +264,10 @@ def first_bad_page(block_table: torch.Tensor, lens: torch.Tensor, page: int, num
     """``(b, j)`` of the first entry of a paged cache's table that the lengths reach (the first ``ceil(len_b /
     page)`` of row b) and that is not a page of the cache, or None. A host read: callers check CPU tensors only (a
     GPU check would read the table back every step); entries past a length are never read, as in flash_attn."""
+    if block_table.numel():
+        lo, hi = torch.stack(torch.aminmax(block_table)).tolist()
+        if lo >= 0 and hi < num_pages:  # every entry a page (PagedKVCache's tables): one reduction, not six
+            return None
     used = (lens.to(torch.long) + page - 1) // page
     cols = torch.arange(block_table.shape[1], device=block_table.device).view(1, -1)
     bad = (cols < used.view(-1, 1)) & ((block_table < 0) | (block_table >= num_pages))

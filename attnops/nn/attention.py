@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from attnops.core.checks import QKVShape
-from attnops.ops.decode import MAX_NEW_TOKENS, KVCache, decode_attention
+from attnops.ops.decode import MAX_NEW_TOKENS, KVCache, PagedKVCache, decode_attention
 from attnops.ops.decode.chunked import chunked_decode_attention
+from attnops.ops.decode.kv_cache import gather_pages
 from attnops.ops.lowrank import KeyProjection, check_lowrank_args
 from attnops.ops.softmax import attention as dense_attention
 from attnops.maps.capture import attend
@@ -57,7 +58,9 @@ class Attention(nn.Module):
     sequence's length): up to 64 new tokens through :func:`attnops.decode_attention`, a longer
     prompt through causal :func:`attnops.attention` (a cache whose sequences differ in length, as a ragged
     ``KVCache.append(..., lengths=)`` leaves it: each sequence's keys packed, causal at its own length; forward
-    only). Cached steps run with the ``SoftmaxSpec`` (its sliding window included) and ``LowRankKeySpec`` specs.
+    only). The cache is a :class:`attnops.KVCache` or a :class:`attnops.PagedKVCache` (``make_cache(...,
+    page_size=)``; not with low-rank decoding, whose score plane is contiguous). Cached steps run with the
+    ``SoftmaxSpec`` (its sliding window included) and ``LowRankKeySpec`` specs.
     The cache holds values, not autograd history:
     a backward through a cached prompt reaches that prompt's own keys and values, not those of
     earlier steps (Transformer-XL's stop-gradient memory); decoding steps are forward-only.
@@ -122,16 +125,27 @@ class Attention(nn.Module):
         rank, topk = check_lowrank_args(projection, rank, topk, local, shape, prefix="lowrank: ")  # a fraction stays
         self.lowrank = LowRankDecoding(projection.to(self.k_proj.weight.device), rank, topk, local)
 
-    def make_cache(self, batch: int, max_len: int) -> KVCache:
+    def make_cache(self, batch: int, max_len: int, page_size: Optional[int] = None) -> Union[KVCache, PagedKVCache]:
         """A cache for :meth:`forward`; with low-rank decoding on, with the score plane of its rank
-        (bfloat16 for float32 caches: half the bytes of the scoring pass, the scores only rank keys)."""
+        (bfloat16 for float32 caches: half the bytes of the scoring pass, the scores only rank keys).
+        ``page_size``: a :class:`attnops.PagedKVCache` instead, with pages enough for ``batch`` sequences of
+        ``max_len`` (build one directly for a smaller pool shared by more sequences)."""
         w = self.k_proj.weight
+        if page_size is not None:
+            if self.lowrank is not None:
+                raise NotImplementedError("low-rank decoding reads a contiguous cache (its score plane): "
+                                          "make_cache without page_size")
+            if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
+                raise TypeError(f"page_size must be an int >= 1, got {page_size!r}")
+            per_seq = -(-max_len // page_size)
+            return PagedKVCache(batch, batch * per_seq, page_size, self.num_kv_heads, self.head_dim, dtype=w.dtype,
+                                device=w.device, max_pages_per_seq=per_seq)
         plane = torch.bfloat16 if w.dtype == torch.float32 else None
         return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, dtype=w.dtype, device=w.device,
                        score_dim=self.lowrank.rank if self.lowrank is not None else 0, score_dtype=plane)
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, seq_len: Optional[int] = None) -> torch.Tensor:
+                cache: Union[None, KVCache, PagedKVCache] = None, seq_len: Optional[int] = None) -> torch.Tensor:
         """``seq_len``: with context parallelism, the true global length when the shards were padded."""
         if self.context_parallel_group is not None:
             if cache is not None:
@@ -168,7 +182,8 @@ class Attention(nn.Module):
         out = context_parallel_attention(q, k, v, group, layout=layout, seq_len=seq_len, **options)
         return self._output(out)
 
-    def _cached_step(self, x: torch.Tensor, positions: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
+    def _cached_step(self, x: torch.Tensor, positions: Optional[torch.Tensor],
+                     cache: Union[KVCache, PagedKVCache]) -> torch.Tensor:
         if not self.causal and not getattr(self.attention, "causal", False):
             raise NotImplementedError("cached decoding is causal: this block was built with causal=False")
         if not isinstance(self.attention, (SoftmaxSpec, LowRankKeySpec)):
@@ -178,6 +193,12 @@ class Attention(nn.Module):
         left = self.attention.window[0] if isinstance(self.attention, SoftmaxSpec) else -1
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, {self.dim}), got {tuple(x.shape)}")
+        paged = isinstance(cache, PagedKVCache)
+        if paged and self.lowrank is not None:
+            raise NotImplementedError("low-rank decoding reads a contiguous cache (its score plane), not a "
+                                      "PagedKVCache")
+        if not paged and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache or a PagedKVCache (make_cache), got {type(cache).__name__}")
         T = x.shape[1]
         if positions is None and self.rope is not None:
             positions = cache.host_seqlens.long().unsqueeze(1) + torch.arange(T)
@@ -196,9 +217,10 @@ class Attention(nn.Module):
                 "the sequences to one length")
         # The cache is state: it holds values, not autograd history (Transformer-XL's stop-gradient
         # memory); writing tensors that require grad into it would chain every step's graph onto it.
-        k_cache, v_cache, lens = cache.append(k.detach(), v.detach())
+        k_cache, v_cache, lens, *table = cache.append(k.detach(), v.detach())
+        pages = dict(block_table=table[0]) if paged else {}
         if T <= MAX_NEW_TOKENS:
-            kw = {}
+            kw = dict(pages)
             if lowrank is not None:
                 plane = cache.score_view() if cache.score_dim >= lowrank.rank else None
                 kw = dict(lowrank=lowrank.projection, rank=lowrank.rank, topk=lowrank.topk, local=lowrank.local,
@@ -210,9 +232,14 @@ class Attention(nn.Module):
             if lowrank is not None:  # exact prefill, in the cache's basis
                 q = lowrank.projection.rotate(q)
             window = (left, 0) if left >= 0 else (-1, -1)
-            if ragged:  # each sequence's keys packed, causal at its own length (bottom-right: the prompt ends it)
-                out, _ = chunked_decode_attention(q, k_cache, v_cache, lens, window_size=window)
+            if ragged or (paged and not needs_grad):
+                # each sequence's keys packed (read from its pages), causal at its own length (bottom-right: the
+                # prompt ends it)
+                out, _ = chunked_decode_attention(q, k_cache, v_cache, lens, window_size=window, **pages)
             else:
+                if paged:  # the cached prefix (one length), contiguous: a copy
+                    k_cache = gather_pages(k_cache, pages["block_table"])[:, :cached]
+                    v_cache = gather_pages(v_cache, pages["block_table"])[:, :cached]
                 if needs_grad:
                     # this step's own keys and values, so that a backward through the prompt reaches them
                     k_cache = torch.cat((k_cache[:, :cached], k), 1)

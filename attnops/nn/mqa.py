@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from attnops.ops.decode.kv_cache import KVCache
+from attnops.ops.decode.paged_kv_cache import PagedKVCache
 from attnops.ops.lowrank.projection import KeyProjection
 from attnops.nn.attention import Attention
 from attnops.nn.specs import SoftmaxSpec
@@ -40,5 +41,5 @@ class MultiQueryAttention(Attention):
                          dtype=dtype, lowrank=lowrank, rank=rank, topk=topk, local=local, causal=True)
         self.embed_dim = embed_dim
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Union[None, KVCache, PagedKVCache] = None) -> torch.Tensor:
         return super().forward(x, cache=cache)

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from attnops.nn import Attention, BlockSparseSpec, SoftmaxSpec, Rotary
+import attnops
 from attnops import BlockMask
+from attnops.lowrank import KeyProjection
 from helpers import assert_accurate
 
 
@@ -98,19 +100,21 @@ def test_attention_block_bad_arguments():
         Attention(64, 4)(torch.randn(2, 3, 32))
 
 
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "paged16"])
 @pytest.mark.parametrize("kv_heads", [4, 1])
 @pytest.mark.parametrize("window", [None, (7, 0)])
-def test_long_prompt_into_a_ragged_cache(kv_heads, window):
+def test_long_prompt_into_a_ragged_cache(kv_heads, window, page_size):
     """A prompt past the 64-token decode limit into a cache whose sequences differ in length (a ragged
     ``KVCache.append(..., lengths=)``) was refused; each sequence now attends causally at its own length: the
-    outputs equal each sequence's own full forward. With a backward needed it is refused clearly."""
+    outputs equal each sequence's own full forward (a PagedKVCache too). With a backward needed it is refused
+    clearly."""
     torch.manual_seed(0)
     spec = SoftmaxSpec() if window is None else SoftmaxSpec(window=window)
     block = Attention(64, 4, kv_heads, attention=spec, rope=10000.0).eval()
     cached, T = [5, 30, 0], 70
     xs = [torch.randn(1, c + T, 64) for c in cached]
     with torch.no_grad():
-        cache = block.make_cache(batch=3, max_len=max(cached) + T)
+        cache = block.make_cache(batch=3, max_len=max(cached) + T, page_size=page_size)
         k_pad = torch.zeros(3, max(cached), kv_heads, 16)
         v_pad = torch.zeros_like(k_pad)
         for b, (c, x) in enumerate(zip(cached, xs)):  # each prefix's keys at its own positions, left-padded
@@ -128,18 +132,20 @@ def test_long_prompt_into_a_ragged_cache(kv_heads, window):
     assert cache.host_seqlens.tolist() == cached  # the refused call appended nothing
 
 
+@pytest.mark.parametrize("page_size", [None, 5], ids=["contiguous", "paged5"])
 @pytest.mark.parametrize("kv_heads", [4, 1])
 @pytest.mark.parametrize("prompt_len", [10, 70])
-def test_sliding_window_cached_steps_equal_the_full_forward(kv_heads, prompt_len):
+def test_sliding_window_cached_steps_equal_the_full_forward(kv_heads, prompt_len, page_size):
     """A SoftmaxSpec with a sliding window decodes from the cache (it was refused): the window reaches the decode
     kernel and the long-prompt path, so a prompt (short or past the 64-token decode limit) then steps of 1 and 3
-    tokens give the full forward's outputs, the window (7) much shorter than the cache."""
+    tokens give the full forward's outputs, the window (7) much shorter than the cache; from a PagedKVCache of
+    5-token pages as well."""
     torch.manual_seed(0)
     block = Attention(64, 4, kv_heads, attention=SoftmaxSpec(window=(7, 0)), rope=10000.0).eval()
     x = torch.randn(2, prompt_len + 13, 64)
     with torch.no_grad():
         full = block(x)
-        cache = block.make_cache(batch=2, max_len=x.shape[1])
+        cache = block.make_cache(batch=2, max_len=x.shape[1], page_size=page_size)
         parts = [block(x[:, :prompt_len], cache=cache)]
         for t in range(prompt_len, x.shape[1], 3):
             parts.append(block(x[:, t:t + 1], cache=cache))
@@ -150,3 +156,48 @@ def test_sliding_window_cached_steps_equal_the_full_forward(kv_heads, prompt_len
     unwindowed.load_state_dict(block.state_dict())
     with torch.no_grad():
         assert (unwindowed(x) - full).abs().max() > 1e-2  # the window matters here
+
+
+@pytest.mark.parametrize("page_size", [None, 8], ids=["contiguous", "paged8"])
+def test_backward_through_a_long_prompt_after_a_cached_prefix(page_size):
+    """A prompt past the decode limit with a backward needed, after a cached prefix: the prompt's own keys and
+    values get gradients, the prefix's (cache state) none; from pages, the prefix is read through the table. Equals
+    the full forward's outputs and the full forward's gradients with the prefix detached."""
+    torch.manual_seed(0)
+    block = Attention(64, 4, 2, rope=10000.0)
+    x = torch.randn(2, 12 + 70, 64)
+    cache = block.make_cache(batch=2, max_len=x.shape[1], page_size=page_size)
+    with torch.no_grad():
+        block(x[:, :12], cache=cache)
+    prompt = x[:, 12:].clone().requires_grad_(True)
+    out = block(prompt, cache=cache)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in block.parameters()] + [prompt.grad]
+    block.zero_grad()
+    prompt2 = x[:, 12:].clone().requires_grad_(True)
+    q, k, v = block._qkv(torch.cat((x[:, :12], prompt2), 1))
+    k = torch.cat((k[:, :12].detach(), k[:, 12:]), 1)
+    v = torch.cat((v[:, :12].detach(), v[:, 12:]), 1)
+    want = block._output(torch.nn.functional.scaled_dot_product_attention(
+        q[:, 12:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True,
+        attn_mask=torch.ones(70, 82, dtype=torch.bool).tril(12)).transpose(1, 2))
+    want.square().sum().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(grads, [p.grad for p in block.parameters()] + [prompt2.grad]):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_paged_cache_arguments():
+    block = Attention(64, 4, 2)
+    cache = block.make_cache(batch=3, max_len=20, page_size=8)
+    assert isinstance(cache, attnops.PagedKVCache) and cache.max_len == 24 and cache.num_pages == 9
+    with pytest.raises(TypeError, match="page_size must be an int"):
+        block.make_cache(batch=3, max_len=20, page_size=8.0)
+    with pytest.raises(TypeError, match="cache must be a KVCache or a PagedKVCache"):
+        block(torch.randn(3, 1, 64), cache=object())
+    block.set_lowrank(KeyProjection(torch.eye(16).expand(2, 16, 16).clone(), torch.ones(2, 16)), rank=8, topk=4)
+    with pytest.raises(NotImplementedError, match="contiguous cache"):
+        block.make_cache(batch=3, max_len=20, page_size=8)
+    with pytest.raises(NotImplementedError, match="contiguous cache"):
+        block(torch.randn(3, 1, 64), cache=cache)
+    assert cache.host_seqlens.tolist() == [0, 0, 0]

@@ -25,14 +25,15 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
 
-@pytest.mark.parametrize("kv_heads, prompt_len", [(1, 10), (2, 10), (8, 70)])
-def test_greedy_generation_with_cache_matches_recomputation(kv_heads, prompt_len):
+@pytest.mark.parametrize("kv_heads, prompt_len, page_size", [(1, 10, None), (2, 10, None), (8, 70, None),
+                                                          (2, 10, 4), (8, 70, 16)])
+def test_greedy_generation_with_cache_matches_recomputation(kv_heads, prompt_len, page_size):
     torch.manual_seed(0)
     model = TinyLM(kv_heads=kv_heads).eval()
     prompt = torch.randint(0, 50, (2, prompt_len))
     steps = 8
     with torch.no_grad():
-        caches = [layer.make_cache(batch=2, max_len=prompt_len + steps) for layer in model.attn]
+        caches = [layer.make_cache(batch=2, max_len=prompt_len + steps, page_size=page_size) for layer in model.attn]
         logits = model(prompt, caches)[:, -1]
         tokens = prompt
         for _ in range(steps):

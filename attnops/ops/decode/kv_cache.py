@@ -25,16 +25,7 @@ class KVCache:
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None, score_dim: int = 0,
                  score_dtype: Optional[torch.dtype] = None):
-        for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
-        if head_dim > MAX_HEAD_DIM:
-            raise ValueError(f"head_dim {head_dim} is above what the kernels take ({MAX_HEAD_DIM})")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        check_cache_args(dtype, batch=batch, max_len=max_len, num_kv_heads=num_kv_heads, head_dim=head_dim)
         self.batch, self.max_len, self.num_kv_heads, self.head_dim = batch, max_len, num_kv_heads, head_dim
         if not isinstance(score_dim, int) or isinstance(score_dim, bool) or not 0 <= score_dim <= head_dim:
             raise ValueError(f"score_dim must be an int in [0, head_dim={head_dim}], got {score_dim!r}")
@@ -97,38 +88,15 @@ class KVCache:
         A bad append (wrong shape, dtype or device, past ``max_len``, or k/v that require grad while
         grad mode is on) raises and leaves the cache unchanged.
         """
-        expected = (self.batch, None, self.num_kv_heads, self.head_dim)
-        for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-            if t.dim() != 4 or any(e is not None and s != e for s, e in zip(t.shape, expected)):
-                raise ValueError(f"{name} must be (batch={self.batch}, T, num_kv_heads={self.num_kv_heads}, "
-                                 f"head_dim={self.head_dim}), got {tuple(t.shape)}")
-            if t.dtype != self.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype}, the cache holds {self.dtype}")
-            if t.device != self.device:
-                raise ValueError(f"{name} is on {t.device}, the cache is on {self.device}")
-        if k.shape != v.shape:
-            raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            # Writing them into the buffers would chain every step's autograd graph onto the cache
-            # (reset() keeps the buffers, so the chain would outlive it); decoding is forward-only.
-            raise RuntimeError("KVCache.append got k/v that require grad: the cache is decoding state and is "
-                               "forward-only. Decode under torch.no_grad() or torch.inference_mode() (or append "
-                               "k.detach(), v.detach()); train with attention over the whole sequence")
+        check_new_tokens(k, v, self.batch, self.num_kv_heads, self.head_dim, self.dtype, self.device)
         T = k.shape[1]
-        counts = self._check_lengths(lengths, T)
+        counts = new_token_counts(lengths, T, self.batch)
         new_lens = self._lens + counts
         if int(new_lens.max()) > self.max_len:
             raise ValueError(f"KVCache overflow: appending {counts.tolist()} tokens to lengths "
                              f"{self._lens.tolist()} exceeds max_len={self.max_len}")
         if T:
-            # token t of sequence b (kept when t >= T - count_b) goes to slot len_b + t - (T - count_b)
-            t = torch.arange(T)
-            kept = t.unsqueeze(0) >= (T - counts.long()).unsqueeze(1)  # (batch, T)
-            rows, src = torch.nonzero(kept, as_tuple=True)
-            cols = self._lens.long()[rows] + src - (T - counts.long()[rows])
-            rows, src, cols = rows.to(self.device), src.to(self.device), cols.to(self.device)
+            rows, src, cols = (t.to(self.device) for t in new_token_slots(self._lens, counts, T))
             self.k[rows, cols] = k[rows, src]
             self.v[rows, cols] = v[rows, src]
             if self.k_score is not None:
@@ -138,28 +106,77 @@ class KVCache:
         longest = int(new_lens.max())
         return self.k[:, :longest], self.v[:, :longest], self.seqlens
 
-    def _check_lengths(self, lengths, T: int) -> torch.Tensor:
-        """``(batch,)`` int32 counts of new tokens (host), from ``lengths`` (None: ``T`` each)."""
-        if lengths is None:
-            return torch.full((self.batch,), T, dtype=torch.int32)
-        if isinstance(lengths, torch.Tensor):
-            if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1:
-                raise TypeError(f"lengths must be a 1-d integer tensor or a list of ints, got {lengths.dtype} "
-                                f"{tuple(lengths.shape)}")
-            values = lengths.tolist()
-        elif isinstance(lengths, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
-                                                        for x in lengths):
-            values = list(lengths)
-        else:
-            raise TypeError(f"lengths must be a 1-d integer tensor or a list of ints, got {lengths!r}")
-        if len(values) != self.batch or any(not 0 <= x <= T for x in values):
-            raise ValueError(f"lengths must be {self.batch} ints in [0, T={T}], got {values}")
-        return torch.tensor(values, dtype=torch.int32)
-
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, max_len={self.max_len}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device}, "
                 f"seqlens={self._lens.tolist()})")
+
+
+def check_cache_args(dtype: torch.dtype, **sizes: int) -> None:
+    """A cache's sizes (ints >= 1, ``head_dim`` within the kernels') and its floating dtype."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
+    if sizes["head_dim"] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {sizes['head_dim']} is above what the kernels take ({MAX_HEAD_DIM})")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+def check_new_tokens(k, v, batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                     device: torch.device) -> None:
+    """The checks of a cache's ``append(k, v)``: ``(batch, T, num_kv_heads, head_dim)`` tensors of the cache's dtype
+    and device, forward-only."""
+    expected = (batch, None, num_kv_heads, head_dim)
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4 or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+            raise ValueError(f"{name} must be (batch={batch}, T, num_kv_heads={num_kv_heads}, "
+                             f"head_dim={head_dim}), got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, the cache holds {dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the cache is on {device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        # Writing them into the buffers would chain every step's autograd graph onto the cache
+        # (reset() keeps the buffers, so the chain would outlive it); decoding is forward-only.
+        raise RuntimeError("the KV cache's append got k/v that require grad: the cache is decoding state and is "
+                           "forward-only. Decode under torch.no_grad() or torch.inference_mode() (or append "
+                           "k.detach(), v.detach()); train with attention over the whole sequence")
+
+
+def new_token_counts(lengths, T: int, batch: int) -> torch.Tensor:
+    """``(batch,)`` int32 counts of new tokens (host), from an append's ``lengths`` (None: ``T`` each)."""
+    if lengths is None:
+        return torch.full((batch,), T, dtype=torch.int32)
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1:
+            raise TypeError(f"lengths must be a 1-d integer tensor or a list of ints, got {lengths.dtype} "
+                            f"{tuple(lengths.shape)}")
+        values = lengths.tolist()
+    elif isinstance(lengths, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                    for x in lengths):
+        values = list(lengths)
+    else:
+        raise TypeError(f"lengths must be a 1-d integer tensor or a list of ints, got {lengths!r}")
+    if len(values) != batch or any(not 0 <= x <= T for x in values):
+        raise ValueError(f"lengths must be {batch} ints in [0, T={T}], got {values}")
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def new_token_slots(lens: torch.Tensor, counts: torch.Tensor, T: int):
+    """Where an append writes: ``(rows, src, cols)`` long tensors (host), token ``src`` of sequence ``rows`` (the
+    last ``counts[b]`` of its ``T``: left padding) to position ``cols`` (its length ``lens[b]`` on)."""
+    # token t of sequence b (kept when t >= T - count_b) goes to position len_b + t - (T - count_b)
+    t = torch.arange(T)
+    kept = t.unsqueeze(0) >= (T - counts.long()).unsqueeze(1)  # (batch, T)
+    rows, src = torch.nonzero(kept, as_tuple=True)
+    cols = lens.long()[rows] + src - (T - counts.long()[rows])
+    return rows, src, cols
 
 
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""``PagedKVCache``: a pool of fixed-size pages shared by the sequences of a batch through a block table (vLLM's
+paged attention, flash_attn's ``block_table``): a sequence holds only the pages its length needs, and a finished
+sequence's pages go back to the pool for the next one."""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Tuple, Union
+
+import torch
+
+from attnops.ops.decode.kv_cache import check_cache_args, check_new_tokens, new_token_counts, new_token_slots
+
+
+class PagedKVCache:
+    """Keys and values of ``batch`` sequences in ``num_pages`` pages of ``page_size`` tokens.
+
+    ``k_pages``, ``v_pages``: ``(num_pages, page_size, num_kv_heads, head_dim)``; ``block_table``: ``(batch,
+    pages)`` int32 on the cache's device, ``pages`` the most that a sequence holds (at least 1), sequence ``b``'s
+    pages in order (key ``j`` is row ``j % page_size`` of page ``block_table[b, j // page_size]``; entries past its
+    own pages are 0 and never read);
+    ``seqlens``: ``(batch,)`` int32 on the cache's device. The allocator and host copies of the table and the
+    lengths stay on the CPU, so that appends never read the GPU back.
+
+    Pages are taken from the pool as a sequence grows (lowest free index first) and returned by :meth:`release`.
+    ``max_pages_per_seq`` (default: every page) bounds one sequence: ``max_len = max_pages_per_seq * page_size``.
+
+    Example::
+
+        >>> cache = PagedKVCache(batch=4, num_pages=256, page_size=16, num_kv_heads=1, head_dim=64)
+        >>> k, v, lens, table = cache.append(k_new, v_new)   # k_new, v_new: (4, T, 1, 64)
+        >>> out = attnops.decode_attention(q_new, k, v, lens, block_table=table)
+        >>> cache.release(2)                                  # sequence 2 is done: its pages are free
+    """
+
+    def __init__(self, batch: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
+                 max_pages_per_seq: Optional[int] = None):
+        max_pages_per_seq = num_pages if max_pages_per_seq is None else max_pages_per_seq
+        check_cache_args(dtype, batch=batch, num_pages=num_pages, page_size=page_size, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, max_pages_per_seq=max_pages_per_seq)
+        if max_pages_per_seq > num_pages:
+            raise ValueError(f"max_pages_per_seq ({max_pages_per_seq}) is more than the pool's {num_pages} pages")
+        self.batch, self.num_pages, self.page_size = batch, num_pages, page_size
+        self.num_kv_heads, self.head_dim, self.max_pages_per_seq = num_kv_heads, head_dim, max_pages_per_seq
+        self.k_pages = torch.zeros(num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v_pages = torch.zeros_like(self.k_pages)
+        self._table = torch.zeros(batch, max_pages_per_seq, dtype=torch.int32)  # host copies
+        self._held = [0] * batch  # pages held by each sequence (the first _held[b] entries of its row)
+        self._free: List[int] = list(range(num_pages))  # kept sorted: the lowest free page is taken first
+        self._lens = torch.zeros(batch, dtype=torch.int32)
+        self._publish()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k_pages.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_pages.device
+
+    @property
+    def max_len(self) -> int:
+        """The most tokens one sequence can hold."""
+        return self.max_pages_per_seq * self.page_size
+
+    @property
+    def free_pages(self) -> int:
+        """Pages in the pool that no sequence holds."""
+        return len(self._free)
+
+    @property
+    def host_seqlens(self) -> torch.Tensor:
+        """``(batch,)`` int32 lengths on the CPU (reading them never synchronises a GPU)."""
+        return self._lens.clone()
+
+    def append(self, k: torch.Tensor, v: torch.Tensor,
+               lengths=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Appends ``T`` new tokens to every sequence (or, with ``lengths``, sequence ``b``'s last ``lengths[b]``
+        of them: a ragged, left-padded prefill), taking pages from the pool as the sequences cross page
+        boundaries. ``k``, ``v``, ``lengths``: as :meth:`attnops.KVCache.append`.
+
+        Returns:
+            ``(k_pages, v_pages, seqlens, block_table)``: the arguments of :func:`attnops.decode_attention` (``q,
+            k_pages, v_pages, seqlens, block_table=block_table``).
+
+        A bad append (wrong shape, dtype or device, past ``max_len``, more pages than the pool has free, or k/v
+        that require grad while grad mode is on) raises and leaves the cache unchanged.
+        """
+        check_new_tokens(k, v, self.batch, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        T = k.shape[1]
+        counts = new_token_counts(lengths, T, self.batch)
+        new_lens = self._lens + counts
+        if int(new_lens.max()) > self.max_len:
+            raise ValueError(f"PagedKVCache overflow: appending {counts.tolist()} tokens to lengths "
+                             f"{self._lens.tolist()} exceeds max_len={self.max_len} "
+                             f"({self.max_pages_per_seq} pages of {self.page_size})")
+        wanted = [-(-int(n) // self.page_size) - held for n, held in zip(new_lens.tolist(), self._held)]
+        if sum(wanted) > len(self._free):
+            raise ValueError(f"PagedKVCache is out of pages: appending {counts.tolist()} tokens to lengths "
+                             f"{self._lens.tolist()} needs {sum(wanted)} new pages, {len(self._free)} are free "
+                             f"(release finished sequences, or build the cache with more pages)")
+        if sum(wanted):
+            taken = iter(self._free[:sum(wanted)])
+            del self._free[:sum(wanted)]
+            for b, n in enumerate(wanted):
+                for _ in range(n):
+                    self._table[b, self._held[b]] = next(taken)
+                    self._held[b] += 1
+        if T:
+            rows, src, cols = new_token_slots(self._lens, counts, T)
+            pages = self._table.long()[rows, cols // self.page_size]
+            at = (pages.to(self.device), (cols % self.page_size).to(self.device))
+            rows, src = rows.to(self.device), src.to(self.device)
+            self.k_pages[at] = k[rows, src]
+            self.v_pages[at] = v[rows, src]
+        self._lens = new_lens
+        self._publish()
+        return self.k_pages, self.v_pages, self.seqlens, self.block_table
+
+    def release(self, sequences: Union[int, Iterable[int], None] = None) -> None:
+        """Empties the given sequences (an index or indices; None: all) and returns their pages to the pool: the
+        slots take new sequences (continuous batching) while the others keep theirs."""
+        if sequences is None:
+            sequences = range(self.batch)
+        elif isinstance(sequences, int) and not isinstance(sequences, bool):
+            sequences = [sequences]
+        chosen = list(sequences)
+        if any(not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < self.batch for b in chosen):
+            raise ValueError(f"release takes sequence indices in [0, {self.batch}), got {chosen}")
+        for b in set(chosen):
+            self._free.extend(self._table[b, :self._held[b]].tolist())
+            self._table[b] = 0
+            self._held[b] = 0
+            self._lens[b] = 0
+        self._free.sort()
+        self._publish()
+
+    def reset(self) -> None:
+        """Empties every sequence (the pages are kept, all free)."""
+        self.release()
+
+    def _publish(self) -> None:
+        """The device copies of the table (its columns up to the most pages a sequence holds) and the lengths,
+        which the kernels read: fresh tensors, so that what an earlier append returned stays as it was."""
+        width = max(max(self._held), 1)
+        self.block_table = self._table[:, :width].clone(memory_format=torch.contiguous_format).to(self.device)
+        self.seqlens = self._lens.clone().to(self.device)
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(batch={self.batch}, num_pages={self.num_pages}, page_size={self.page_size}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
+                f"device={self.device}, seqlens={self._lens.tolist()}, free_pages={self.free_pages})")

@@ -1,0 +1,137 @@
+"""PagedKVCache: the pages hold, token for token, what a contiguous KVCache holds after the same appends (ragged
+left-padded prefills, steps of 1 and 3 tokens), and decoding through its block table equals decoding the contiguous
+cache, at every forward implementation; pages are taken as sequences grow and come back on release (a new sequence
+reuses them, the others keep theirs); a refused append (out of pages, past max_len, bad tensors) changes nothing.
+The pools start as NaN, so a read of a row no append wrote fails the comparison."""
+
+import pytest
+import torch
+
+import attnops
+from attnops.ops.decode.kv_cache import gather_pages
+
+
+def poisoned(cache):
+    cache.k_pages.fill_(float("nan"))
+    cache.v_pages.fill_(float("nan"))
+    return cache
+
+
+def contents(cache):
+    """Each sequence's keys and values up to its length, read through the block table: lists of (len, Hkv, D)."""
+    k, v = (gather_pages(t, cache.block_table) for t in (cache.k_pages, cache.v_pages))
+    return [(k[b, :n].clone(), v[b, :n].clone()) for b, n in enumerate(cache.host_seqlens.tolist())]
+
+
+def assert_same_contents(paged, dense):
+    for b, (k, v) in enumerate(contents(paged)):
+        n = int(dense.host_seqlens[b])
+        assert k.shape[0] == n and torch.equal(k, dense.k[b, :n].cpu()) and torch.equal(v, dense.v[b, :n].cpu())
+
+
+def held_pages(cache):
+    return sum(-(-n // cache.page_size) for n in cache.host_seqlens.tolist())
+
+
+@pytest.mark.parametrize("page", [1, 4, 16, 64])
+def test_paged_cache_decodes_as_the_contiguous_cache(page, fwd_impl):
+    lens, H, Hkv, D = [5, 17, 0, 1, 40], 4, 2, 40
+    B, T = len(lens), max(lens)
+    dev = fwd_impl.device
+    g = torch.Generator().manual_seed(page)
+    num_pages = B * -(-(T + 8) // page) + 2
+    paged = poisoned(attnops.PagedKVCache(B, num_pages, page, Hkv, D, device=dev))
+    dense = attnops.KVCache(B, T + 8, Hkv, D, device=dev)
+    for step, (n_new, lengths) in enumerate([(T, lens), (1, None), (3, None), (1, [1, 0, 1, 1, 0])]):
+        q = torch.randn(B, n_new, H, D, generator=g).to(dev)
+        k, v = (torch.randn(B, n_new, Hkv, D, generator=g).to(dev) for _ in range(2))
+        kc, vc, seqlens = dense.append(k, v, lengths=lengths)
+        kp, vp, seqlens_p, table = paged.append(k, v, lengths=lengths)
+        assert torch.equal(seqlens_p.cpu(), seqlens.cpu()) and table.dtype == torch.int32
+        assert table.shape == (B, max(-(-n // page) for n in paged.host_seqlens.tolist()))
+        assert paged.free_pages == num_pages - held_pages(paged)
+        assert_same_contents(paged, dense)
+        want = attnops.decode_attention(q, kc, vc, seqlens, backend=fwd_impl.backend).cpu()
+        got = attnops.decode_attention(q, kp, vp, seqlens_p, block_table=table, backend=fwd_impl.backend).cpu()
+        assert torch.isfinite(got).all(), f"step {step}: a row read an unwritten page row"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_release_frees_pages_that_a_new_sequence_reuses():
+    """Continuous batching: sequence 1 finishes, its pages return to the pool (lowest first), a new prompt in its slot
+    takes them; sequences 0 and 2 keep their tokens; the new sequence decodes as it would alone."""
+    torch.manual_seed(0)
+    B, page, Hkv, D = 3, 4, 1, 8
+    paged = poisoned(attnops.PagedKVCache(B, 12, page, Hkv, D))
+    k, v = torch.randn(B, 10, Hkv, D), torch.randn(B, 10, Hkv, D)
+    paged.append(k, v, lengths=[6, 10, 3])
+    assert paged.free_pages == 12 - (2 + 3 + 1)
+    held_by_1 = paged.block_table[1, :3].tolist()
+    before = contents(paged)
+    paged.release(1)
+    assert paged.host_seqlens.tolist() == [6, 0, 3] and paged.free_pages == 12 - 3
+    assert paged.block_table[1].eq(0).all()
+    k2, v2 = torch.randn(B, 9, Hkv, D), torch.randn(B, 9, Hkv, D)
+    _, _, lens, table = paged.append(k2, v2, lengths=[0, 9, 0])
+    assert sorted(table[1, :3].tolist()) == sorted(held_by_1)  # the freed pages, the lowest free ones
+    after = contents(paged)
+    for b in (0, 2):
+        assert torch.equal(after[b][0], before[b][0]) and torch.equal(after[b][1], before[b][1])
+    assert torch.equal(after[1][0], k2[1]) and torch.equal(after[1][1], v2[1])
+    q = torch.randn(B, 1, 2, D)
+    out = attnops.decode_attention(q, paged.k_pages, paged.v_pages, lens, block_table=table)
+    alone = attnops.attention(q[1:2], k2[1:2], v2[1:2], causal=True)
+    torch.testing.assert_close(out[1:2], alone, rtol=1e-5, atol=1e-6)
+    paged.reset()
+    assert paged.free_pages == 12 and paged.host_seqlens.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="sequence indices"):
+        paged.release(3)
+    with pytest.raises(ValueError, match="sequence indices"):
+        paged.release([0, -1])
+
+
+def test_a_refused_append_changes_nothing():
+    paged = attnops.PagedKVCache(2, 5, 4, 2, 8, max_pages_per_seq=3)
+    paged.append(torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8), lengths=[6, 5])  # 2 + 2 pages of 5
+    state = lambda: (paged.k_pages.clone(), paged.v_pages.clone(), paged.block_table.clone(),  # noqa: E731
+                     paged.host_seqlens, paged.free_pages)
+    before = state()
+    bad = [
+        ((torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8)), {}, ValueError, "out of pages"),  # 2 more, 1 free
+        ((torch.randn(2, 7, 2, 8), torch.randn(2, 7, 2, 8)), dict(lengths=[7, 0]), ValueError, "max_len=12"),
+        ((torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8)), {}, ValueError, "num_kv_heads"),
+        ((torch.randn(2, 1, 2, 8), torch.randn(2, 2, 2, 8)), {}, ValueError, "differ"),
+        ((torch.randn(2, 1, 2, 8).double(), torch.randn(2, 1, 2, 8).double()), {}, TypeError, "dtype"),
+        ((torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)), dict(lengths=[2, 0]), ValueError, "lengths"),
+        ((torch.randn(2, 1, 2, 8, requires_grad=True), torch.randn(2, 1, 2, 8)), {}, RuntimeError, "forward-only"),
+    ]
+    for (k, v), kw, error, words in bad:
+        with pytest.raises(error, match=words):
+            paged.append(k, v, **kw)
+        after = state()
+        assert all(torch.equal(a, b) for a, b in zip(after[:4], before[:4])) and after[4] == before[4]
+    paged.append(torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8), lengths=[2, 0])  # 8 tokens: no new page
+    assert paged.free_pages == 1
+
+
+@pytest.mark.parametrize("args, error, words", [
+    (dict(num_pages=0), ValueError, "num_pages must be >= 1"),
+    (dict(page_size=2.0), TypeError, "page_size must be an int"),
+    (dict(max_pages_per_seq=9), ValueError, "more than the pool"),
+    (dict(head_dim=4096), ValueError, "head_dim"),
+    (dict(dtype=torch.int32), TypeError, "dtype"),
+])
+def test_bad_construction(args, error, words):
+    kw = {**dict(batch=2, num_pages=8, page_size=4, num_kv_heads=1, head_dim=8), **args}
+    with pytest.raises(error, match=words):
+        attnops.PagedKVCache(**kw)
+
+
+def test_an_earlier_table_is_not_changed_by_later_appends():
+    """The returned table and lengths are the state of that call (the kernels may still read them)."""
+    paged = attnops.PagedKVCache(1, 4, 2, 1, 8)
+    _, _, lens, table = paged.append(torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8))
+    kept = (lens.clone(), table.clone())
+    paged.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    paged.release(0)
+    assert torch.equal(lens, kept[0]) and torch.equal(table, kept[1]) and "free_pages=4" in repr(paged)
