@@ -135,3 +135,40 @@ def test_an_earlier_table_is_not_changed_by_later_appends():
     paged.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
     paged.release(0)
     assert torch.equal(lens, kept[0]) and torch.equal(table, kept[1]) and "free_pages=4" in repr(paged)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_appends_and_releases_keep_every_sequence(seed):
+    """Seeded runs of ragged appends, releases and refused appends against a plain record of each sequence's tokens:
+    after every operation the pages read through the table hold exactly the record, no page is held twice, and the
+    free count is the pool minus the pages in use."""
+    g = torch.Generator().manual_seed(seed)
+    B, num_pages, page, D = 4, 11, 3, 2
+    paged = poisoned(attnops.PagedKVCache(B, num_pages, page, 1, D, max_pages_per_seq=6))
+    record = [torch.zeros(0, 1, D) for _ in range(B)]
+    draw = lambda n: int(torch.randint(n, (), generator=g))  # noqa: E731
+    for _ in range(60):
+        if draw(4) == 0:
+            gone = [b for b in range(B) if draw(2)]
+            paged.release(gone)
+            for b in gone:
+                record[b] = torch.zeros(0, 1, D)
+        else:
+            T = draw(6)
+            k = torch.randn(B, T, 1, D, generator=g)
+            lengths = [draw(T + 1) for _ in range(B)]
+            needed = sum(-(-(len(r) + n) // page) - -(-len(r) // page) for r, n in zip(record, lengths))
+            fits = needed <= paged.free_pages and all(len(r) + n <= paged.max_len for r, n in zip(record, lengths))
+            if fits:
+                paged.append(k, -k, lengths=lengths)
+                for b, n in enumerate(lengths):
+                    record[b] = torch.cat((record[b], k[b, T - n:]))
+            else:
+                with pytest.raises(ValueError, match="out of pages|overflow"):
+                    paged.append(k, -k, lengths=lengths)
+        assert paged.host_seqlens.tolist() == [len(r) for r in record]
+        for b, (keys, values) in enumerate(contents(paged)):
+            assert torch.equal(keys, record[b]) and torch.equal(values, -record[b])
+        in_use = [p for b, n in enumerate(paged.host_seqlens.tolist()) for p in paged.block_table[b, :-(-n // page)]]
+        assert len(set(int(p) for p in in_use)) == len(in_use) == held_pages(paged)
+        assert paged.free_pages == num_pages - held_pages(paged)
