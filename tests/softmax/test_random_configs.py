@@ -163,17 +163,22 @@ def test_random_core_configs_every_impl(seed, impl):
     _check_core(seed, impl)
 
 
-def _check_core(seed, impl):
-    (q, k, v), opts, desc = _core_case(seed)
-
+def _compare_op(impl, op, qkv, opts, desc):
+    """``op(q, k, v, backend=, return_lse=True, **opts)`` at ``impl`` against the float64 reference, forward and
+    backward (the options' tensors in float64 for the float64 run)."""
     def run(backend):
         def call(q, k, v):
-            same = q.dtype == torch.float64
-            res = attnops.attention(q, k, v, return_lse=True, backend=backend, **(_double(opts) if same else opts))
+            res = op(q, k, v, return_lse=True, backend=backend, **(_double(opts) if q.dtype == torch.float64 else opts))
             return res.out, res.lse
         return call
 
-    compare_with_reference(run(impl.backend), run("reference"), [q, k, v], q.dtype, name=desc, factor=_factor(impl))
+    compare_with_reference(run(impl.backend), run("reference"), list(qkv), qkv[0].dtype, name=desc,
+                           factor=_factor(impl))
+
+
+def _check_core(seed, impl):
+    qkv, opts, desc = _core_case(seed)
+    _compare_op(impl, attnops.attention, qkv, opts, desc)
 
 
 @pytest.mark.parametrize("seed", MASK_SEEDS)
@@ -189,17 +194,8 @@ def test_random_block_mask_configs_every_impl(seed, impl):
 
 
 def _check_block_mask(seed, impl):
-    (q, k, v), mask, opts, desc = _mask_case(seed)
-
-    def run(backend):
-        def call(q, k, v):
-            same = q.dtype == torch.float64
-            res = attnops.block_sparse_attention(q, k, v, mask, return_lse=True, backend=backend,
-                                                 **(_double(opts) if same else opts))
-            return res.out, res.lse
-        return call
-
-    compare_with_reference(run(impl.backend), run("reference"), [q, k, v], q.dtype, name=desc, factor=_factor(impl))
+    qkv, mask, opts, desc = _mask_case(seed)
+    _compare_op(impl, lambda q, k, v, **kw: attnops.block_sparse_attention(q, k, v, mask, **kw), qkv, opts, desc)
 
 
 @pytest.mark.parametrize("seed", DECODE_SEEDS)
@@ -272,14 +268,6 @@ def test_random_varlen_configs_every_impl(seed, impl):
 
 
 def _check_varlen(seed, impl):
-    (q, k, v), cu_q, cu_k, opts, desc = _varlen_case(seed)
-
-    def run(backend):
-        def call(q, k, v):
-            same = q.dtype == torch.float64
-            res = attnops.varlen_attention(q, k, v, cu_q, cu_k, None, None, return_lse=True, backend=backend,
-                                           **(_double(opts) if same else opts))
-            return res.out, res.lse
-        return call
-
-    compare_with_reference(run(impl.backend), run("reference"), [q, k, v], q.dtype, name=desc, factor=_factor(impl))
+    qkv, cu_q, cu_k, opts, desc = _varlen_case(seed)
+    _compare_op(impl, lambda q, k, v, **kw: attnops.varlen_attention(q, k, v, cu_q, cu_k, None, None, **kw), qkv, opts,
+                desc)
