@@ -174,14 +174,15 @@ inline void zero_padding_panels(T* dst, int64_t count, int64_t rows, int64_t D) 
 
 // B = src (rows x Dp) in GEMM panel layout, strip = rows * NR: element (r, d) at
 // dst[(d / NR) * rows * NR + r * NR + d % NR], columns D..Dp zero. For V, K, dO, (scale Q) as the
-// right-hand side of P V, dS K, P^T dO, dS^T Q.
-template <int NR, typename S, typename T>
-inline void pack_row_panels(const S* src, int64_t stride, int64_t r0, int64_t r1, int64_t D, int64_t Dp,
-                            int64_t rows, T scale, T* dst) {
+// right-hand side of P V, dS K, P^T dO, dS^T Q. Source row r is row_at(r) (a paged cache's tile reads
+// each row in its own page).
+template <int NR, typename RowAt, typename T>
+inline void pack_row_panels_at(RowAt&& row_at, int64_t r0, int64_t r1, int64_t D, int64_t Dp, int64_t rows, T scale,
+                               T* dst) {
   const int64_t full = D / NR;  // strips without padding
   for (int64_t r = r0; r < r1; ++r) {
-    const S* row = src + r * stride;
-    if (r + kPrefetchRows < r1) prefetch_row(row + kPrefetchRows * stride, D);
+    const auto* row = row_at(r);
+    if (r + kPrefetchRows < r1) prefetch_row(row_at(r + kPrefetchRows), D);
     for (int64_t s = 0; s < full; ++s) {
       T* out = dst + s * rows * NR + r * NR;
       for (int64_t i = 0; i < NR; i += Vec<T>::size) vstore(out + i, load_vec<T>(row + s * NR + i) * scale);
@@ -191,6 +192,13 @@ inline void pack_row_panels(const S* src, int64_t stride, int64_t r0, int64_t r1
       for (int64_t i = 0; i < NR; ++i) out[i] = full * NR + i < D ? static_cast<T>(row[full * NR + i]) * scale : T(0);
     }
   }
+}
+
+// The same from rows `stride` elements apart.
+template <int NR, typename S, typename T>
+inline void pack_row_panels(const S* src, int64_t stride, int64_t r0, int64_t r1, int64_t D, int64_t Dp,
+                            int64_t rows, T scale, T* dst) {
+  pack_row_panels_at<NR>([&](int64_t r) { return src + r * stride; }, r0, r1, D, Dp, rows, scale, dst);
 }
 
 }  // namespace attnops::cpu::ATTNOPS_ISA

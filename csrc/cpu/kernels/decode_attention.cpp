@@ -70,8 +70,8 @@ struct DecodeScratch {
   // rows), P rows as pairs along the keys, the V tile as row-pair panels
   std::vector<uint32_t> qt2, p2, vpair;
   std::vector<T> st;
-  // paged caches whose pages do not hold whole tiles: a tile's K and V rows gathered from their pages, (tile, Hkv, D)
-  // in the cache's type (raw bytes: the scratch is typed by the compute type)
+  // the bf16 products on paged caches whose pages do not hold whole tiles: a tile's K and V rows gathered from
+  // their pages, (tile, Hkv, D) in the cache's type (raw bytes: the scratch is typed by the compute type)
   std::vector<uint8_t> kgather, vgather;
   DecodeScratch(int64_t rows, int64_t kv_heads, int64_t Dp, int64_t tile, int64_t map_blocks, int64_t dot_words,
                 int64_t dot_cols, int64_t gather_bytes = 0)
@@ -133,22 +133,41 @@ constexpr int kRowBlock = 4;  // query rows per register block: 4 rows x 2 keys 
 // prefetcher alone left them at half the streaming bandwidth; 4 to 16 ahead measured alike.
 constexpr int64_t kPrefetchKeys = 8;
 
+// The cache rows of a tile's keys (kv head 0; a head's row is head_stride further): key j at base + j * stride,
+// or, for a tile across the pages of a paged cache, in its own page, so that such a tile is read in place (it was
+// copied into scratch first: a quarter of an MQA step on 16-row pages). A division per key pair, against D-element
+// rows dotted with every query row of a group.
+template <typename S>
+struct TileRows {
+  const S* base;
+  int64_t stride;
+  const int32_t* pages = nullptr;  // paged: the sequence's table from the tile's first page on
+  int64_t page = 1, first = 0, page_stride = 0;  // rows per page, the tile's first row in its page, the page stride
+  const S* operator()(int64_t j) const {
+    if (pages == nullptr) return base + j * stride;
+    const int64_t t = first + j;
+    return base + pages[t / page] * page_stride + (t % page) * stride;
+  }
+};
+
 // The grouped paths' walk over a tile, position-major: for each pair of key positions and each kv
 // head with a valid key in the tile, its two cache rows (requested kPrefetchKeys positions ahead)
 // and its query rows in register blocks: f.template operator()<R, NK>(rows, r, j) for the R <=
 // kRowBlock query rows from row r and the NK (2, or 1 at an odd end) cache rows from position j.
 template <typename S, typename F>
-inline void for_row_blocks(const S* base, int64_t stride, int64_t head_stride, int64_t nk, int64_t ahead, int64_t Hkv,
+inline void for_row_blocks(const TileRows<S>& keys, int64_t head_stride, int64_t nk, int64_t ahead, int64_t Hkv,
                            int64_t group_rows, int64_t D, const uint8_t* active, F&& f) {
   for (int64_t j = 0; j < nk; j += 2) {
+    const S* pair[2] = {keys(j), keys(std::min(j + 1, nk - 1))};
+    const bool fetch = j + kPrefetchKeys + 1 < ahead;
+    const S* next[2] = {fetch ? keys(j + kPrefetchKeys) : nullptr, fetch ? keys(j + kPrefetchKeys + 1) : nullptr};
     for (int64_t hk = 0; hk < Hkv; ++hk) {
       if (!active[hk]) continue;
-      const S* head = base + hk * head_stride;
-      if (j + kPrefetchKeys + 1 < ahead) {
-        prefetch_row(head + (j + kPrefetchKeys) * stride, D);
-        prefetch_row(head + (j + kPrefetchKeys + 1) * stride, D);
+      if (fetch) {
+        prefetch_row(next[0] + hk * head_stride, D);
+        prefetch_row(next[1] + hk * head_stride, D);
       }
-      const S* rows[2] = {head + j * stride, head + std::min(j + 1, nk - 1) * stride};
+      const S* rows[2] = {pair[0] + hk * head_stride, pair[1] + hk * head_stride};
       for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; r += kRowBlock) {
         auto block = [&]<int R>() {  // register blocks need R and NK at compile time
           if (j + 1 < nk)
@@ -213,7 +232,7 @@ inline void merge_rows(T* acc, const T* alpha, T* part, int64_t rows, int64_t Dp
 // 2 keys. K is read in place: no transposed packing (it cost a fifth of the MQA step). Groups
 // without a valid key in the tile (`active[hk] == 0`) are skipped; their rows are masked later.
 template <typename S, typename T>
-inline void tile_scores(const S* k, int64_t stride, int64_t head_stride, int64_t nk, int64_t ahead, int64_t Hkv,
+inline void tile_scores(const TileRows<S>& k, int64_t head_stride, int64_t nk, int64_t ahead, int64_t Hkv,
                         int64_t group_rows, int64_t D, int64_t Dp, const uint8_t* active, DecodeScratch<T>& ws,
                         int64_t ld) {
   const T* q = ws.q.data();
@@ -221,10 +240,10 @@ inline void tile_scores(const S* k, int64_t stride, int64_t head_stride, int64_t
   if (group_rows == 1) {  // MHA, one new token: one dot per key row; the stream needs no prefetch
     for (int64_t j = 0; j < nk; ++j)
       for (int64_t hk = 0; hk < Hkv; ++hk)
-        if (active[hk]) s[hk * ld + j] = dot(q + hk * Dp, k + j * stride + hk * head_stride, D);
+        if (active[hk]) s[hk * ld + j] = dot(q + hk * Dp, k(j) + hk * head_stride, D);
     return;
   }
-  for_row_blocks(k, stride, head_stride, nk, ahead, Hkv, group_rows, D, active,
+  for_row_blocks(k, head_stride, nk, ahead, Hkv, group_rows, D, active,
                  [&]<int R, int NK>(const S* const* keys, int64_t r, int64_t j) {
                    dots_block<R, NK>(q + r * Dp, Dp, keys, D, s + r * ld + j, ld);
                  });
@@ -235,7 +254,7 @@ inline void tile_scores(const S* k, int64_t stride, int64_t head_stride, int64_t
 // few query rows). The tile's sum starts from zero (ws.part) and joins acc once: two-level summation, as the
 // GEMM tiles (cpu/gemm.h); added key by key into acc, a 32K-key split was one float chain (v = 1 rows 31 ulp off).
 template <typename S, typename T>
-inline void tile_accumulate(const S* v, int64_t stride, int64_t head_stride, int64_t nk, int64_t ahead, int64_t Hkv,
+inline void tile_accumulate(const TileRows<S>& v, int64_t head_stride, int64_t nk, int64_t ahead, int64_t Hkv,
                             int64_t group_rows, int64_t D, int64_t Dp, const uint8_t* active, DecodeScratch<T>& ws,
                             int64_t ld) {
   const T* p = ws.s.data();
@@ -243,9 +262,9 @@ inline void tile_accumulate(const S* v, int64_t stride, int64_t head_stride, int
   if (group_rows == 1) {
     for (int64_t j = 0; j < nk; ++j)
       for (int64_t hk = 0; hk < Hkv; ++hk)
-        if (p[hk * ld + j] != T(0)) axpy(p[hk * ld + j], v + j * stride + hk * head_stride, part + hk * Dp, D);
+        if (p[hk * ld + j] != T(0)) axpy(p[hk * ld + j], v(j) + hk * head_stride, part + hk * Dp, D);
   } else {
-    for_row_blocks(v, stride, head_stride, nk, ahead, Hkv, group_rows, D, active,
+    for_row_blocks(v, head_stride, nk, ahead, Hkv, group_rows, D, active,
                    [&]<int R, int NK>(const S* const* values, int64_t r, int64_t j) {
                      axpy_block<R, NK>(p + r * ld + j, ld, values, part + r * Dp, Dp, D);
                    });
@@ -349,16 +368,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     if (leftpad != nullptr) starts[b] = std::clamp<int64_t>(leftpad[b], 0, lens[b]);
     maxlen = std::max(maxlen, lens[b]);
   }
-  // A tile never straddles two mask key blocks (splits are whole tiles). Paged, where pages do not hold whole tiles,
-  // either the tile shrinks to gcd(tile, page) and is read in place, or a tile that straddles pages is gathered from
-  // them into scratch first. Measured on 16-row pages (vLLM's; README): wide groups (panel products: MQA) ran at
-  // 1.7-1.8x the contiguous cache's time with 16-key tiles, 1.2x gathered; groups of <= 4 rows (GQA, MHA) ran as
-  // fast or faster in place (the copy costs what the small tiles do). So: gather for wide groups, and for any group
-  // where the fitting tile would be under 16 keys (pages of 8 rows, of 100 rows: gcd 4).
-  int64_t tile = keep.present() ? std::min(keep.block_k, kMaxTile) : kTileKeys;
-  const int64_t fit = paged.present() ? std::gcd(tile, page) : tile;
-  const bool gather = fit < tile && (group_rows > kRowBlock || fit < 16);
-  if (!gather) tile = fit;
+  // A tile never straddles two mask key blocks (splits are whole tiles). Paged, where pages do not hold whole tiles
+  // (`across`), a tile spans pages, each key row read in its own page (TileRows), except for the bf16 products, which
+  // read a tile's K as one matrix and V as row pairs: their tiles are gathered from the pages into scratch first.
+  // Measured on 16-row pages (vLLM's; README, 2026-12-07): in place, paged MQA decoding ran at 1.03-1.27x the
+  // contiguous cache's time where the gathered tiles took 1.2-1.44x; GQA (4 rows a group) at 1.02-1.27x where tiles
+  // shrunk to the page (16 keys) took 1.2-1.5x; MHA alike either way (1.1-1.3x).
+  const int64_t tile = keep.present() ? std::min(keep.block_k, kMaxTile) : kTileKeys;
+  const bool across = paged.present() && page % tile != 0;
   const int64_t stile = std::max(tile, kTileKeys);
   int64_t splits = num_splits;
   if (splits <= 0 && deterministic_schedule()) {  // from the length alone: the same at any thread count
@@ -398,7 +415,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       },
       [&] {
         return DecodeScratch<T>(rows, Hkv, Dp, stile, map_blocks, dot_words, dot_cols,
-                                gather ? tile * Hkv * D * static_cast<int64_t>(sizeof(S)) : 0);
+                                across && dot ? tile * Hkv * D * static_cast<int64_t>(sizeof(S)) : 0);
       },
       [&](int64_t t, DecodeScratch<T>& ws) {
         const int64_t b = t / splits, split = t % splits;
@@ -474,20 +491,28 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             }
           }
           if (!any) continue;
-          // the tile's K and V rows, read in place (one page, or no pages) or gathered
-          const S* ktile;
-          const S* vtile;
+          // the tile's K and V rows: in place (one page, no pages, or row by row across pages), or gathered (the
+          // bf16 products' tiles across pages)
           int64_t ahead, sk_s = k.stride(1), sk_h = k.stride(2), sv_s = v.stride(1), sv_h = v.stride(2);
-          if (gather && t0 / page != (t1 - 1) / page) {
+          TileRows<S> krows{nullptr, sk_s}, vrows{nullptr, sv_s};
+          const bool spans = across && t0 / page != (t1 - 1) / page;
+          if (spans && dot) {
             S* kg = reinterpret_cast<S*>(ws.kgather.data());
             S* vg = reinterpret_cast<S*>(ws.vgather.data());
             gather_rows(kp, sk_b, sk_s, sk_h, t0, t1, kg);
             gather_rows(vp, sv_b, sv_s, sv_h, t0, t1, vg);
-            ktile = kg, vtile = vg, ahead = nk;
             sk_s = sv_s = Hkv * D, sk_h = sv_h = D;
+            krows = {kg, sk_s}, vrows = {vg, sv_s}, ahead = nk;
+          } else if (spans) {
+            const int32_t* table = paged.pages + b * paged.max_pages + t0 / page;
+            krows = {kp, sk_s, table, page, t0 % page, sk_b}, vrows = {vp, sv_s, table, page, t0 % page, sv_b};
+            ahead = nk;
           } else {
-            ktile = tile_row(kp, sk_b, sk_s, t0), vtile = tile_row(vp, sv_b, sv_s, t0), ahead = ahead_of(t0, s1);
+            krows = {tile_row(kp, sk_b, sk_s, t0), sk_s}, vrows = {tile_row(vp, sv_b, sv_s, t0), sv_s};
+            ahead = ahead_of(t0, s1);
           }
+          const S* ktile = krows.base;  // the bf16 products' tile (never one across pages: gathered)
+          const S* vtile = vrows.base;
           for (int64_t hk = 0; hk < Hkv; ++hk) {
             ws.active[hk] = 0;
             for (int64_t r = hk * group_rows; r < (hk + 1) * group_rows; ++r) ws.active[hk] |= !ws.spans[r].empty();
@@ -506,7 +531,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               }
             }
           } else {
-            tile_scores(ktile, sk_s, sk_h, nk, ahead, Hkv, group_rows, D, Dp, ws.active.data(), ws,
+            tile_scores(krows, sk_h, nk, ahead, Hkv, group_rows, D, Dp, ws.active.data(), ws,
                         stile);
           }
           if (mods.on_scores())
@@ -518,15 +543,13 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           map_rows(0, rows, t0);
           if (exact) {
             rescale_rows(ws.acc.data(), ws.alpha.data(), rows, Dp);
-            for (int64_t r = 0; r < rows; ++r) {
-              const S* vrow = vtile + (r / group_rows) * sv_h;
+            for (int64_t r = 0; r < rows; ++r)
               for (int64_t j = ws.spans[r].v0; j < ws.spans[r].v1; ++j)
-                axpy(ws.s[r * stile + j], vrow + j * sv_s, ws.acc.data() + r * Dp, D);
-            }
+                axpy(ws.s[r * stile + j], vrows(j) + (r / group_rows) * sv_h, ws.acc.data() + r * Dp, D);
             continue;
           }
           if (group_rows <= kRowBlock) {
-            tile_accumulate(vtile, sv_s, sv_h, nk, ahead, Hkv, group_rows, D, Dp, ws.active.data(), ws,
+            tile_accumulate(vrows, sv_h, nk, ahead, Hkv, group_rows, D, Dp, ws.active.data(), ws,
                             stile);
             continue;
           }
@@ -544,7 +567,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               }
               continue;
             }
-            pack_row_panels<NR>(vtile + hk * sv_h, sv_s, 0, nk, D, Dp, stile, T(1), ws.vpanel.data());
+            pack_row_panels_at<NR>([&](int64_t j) { return vrows(j) + hk * sv_h; }, 0, nk, D, Dp, stile, T(1),
+                                   ws.vpanel.data());
             gemm<T>(group_rows, Dp, nk, ws.s.data() + r0 * stile, stile, ws.vpanel.data(), stile * NR,
                     ws.acc.data() + r0 * Dp, Dp, true, ws.alpha.data() + r0);
           }
