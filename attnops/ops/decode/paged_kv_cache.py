@@ -45,9 +45,8 @@ class PagedKVCache:
         self.k_pages = torch.zeros(num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v_pages = torch.zeros_like(self.k_pages)
         self._table = torch.zeros(batch, max_pages_per_seq, dtype=torch.int32)  # host copies
-        self._held = [0] * batch  # pages held by each sequence (the first _held[b] entries of its row)
         self._free: List[int] = list(range(num_pages))  # kept sorted: the lowest free page is taken first
-        self._lens = torch.zeros(batch, dtype=torch.int32)
+        self._lens = torch.zeros(batch, dtype=torch.int32)  # sequence b holds the first _held()[b] entries of its row
         self._publish()
 
     @property
@@ -94,7 +93,8 @@ class PagedKVCache:
             raise ValueError(f"PagedKVCache overflow: appending {counts.tolist()} tokens to lengths "
                              f"{self._lens.tolist()} exceeds max_len={self.max_len} "
                              f"({self.max_pages_per_seq} pages of {self.page_size})")
-        wanted = [-(-int(n) // self.page_size) - held for n, held in zip(new_lens.tolist(), self._held)]
+        held = self._held(self._lens)
+        wanted = [n - h for n, h in zip(self._held(new_lens), held)]
         if sum(wanted) > len(self._free):
             raise ValueError(f"PagedKVCache is out of pages: appending {counts.tolist()} tokens to lengths "
                              f"{self._lens.tolist()} needs {sum(wanted)} new pages, {len(self._free)} are free "
@@ -103,9 +103,8 @@ class PagedKVCache:
             taken = iter(self._free[:sum(wanted)])
             del self._free[:sum(wanted)]
             for b, n in enumerate(wanted):
-                for _ in range(n):
-                    self._table[b, self._held[b]] = next(taken)
-                    self._held[b] += 1
+                for col in range(held[b], held[b] + n):
+                    self._table[b, col] = next(taken)
         if T:
             rows, src, cols = new_token_slots(self._lens, counts, T)
             pages = self._table.long()[rows, cols // self.page_size]
@@ -127,10 +126,10 @@ class PagedKVCache:
         chosen = list(sequences)
         if any(not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < self.batch for b in chosen):
             raise ValueError(f"release takes sequence indices in [0, {self.batch}), got {chosen}")
+        held = self._held(self._lens)
         for b in set(chosen):
-            self._free.extend(self._table[b, :self._held[b]].tolist())
+            self._free.extend(self._table[b, :held[b]].tolist())
             self._table[b] = 0
-            self._held[b] = 0
             self._lens[b] = 0
         self._free.sort()
         self._publish()
@@ -139,10 +138,14 @@ class PagedKVCache:
         """Empties every sequence (the pages are kept, all free)."""
         self.release()
 
+    def _held(self, lens: torch.Tensor) -> List[int]:
+        """Pages that sequences of these lengths hold: a sequence takes a page only as it enters it."""
+        return (-(-lens // self.page_size)).tolist()
+
     def _publish(self) -> None:
         """The device copies of the table (its columns up to the most pages a sequence holds) and the lengths,
         which the kernels read: fresh tensors, so that what an earlier append returned stays as it was."""
-        width = max(max(self._held), 1)
+        width = max(max(self._held(self._lens)), 1)
         self.block_table = self._table[:, :width].clone(memory_format=torch.contiguous_format).to(self.device)
         self.seqlens = self._lens.clone().to(self.device)
 
