@@ -11,7 +11,7 @@ from torch import nn
 from attnops.core.checks import QKVShape
 from attnops.ops.decode import MAX_NEW_TOKENS, KVCache, PagedKVCache, decode_attention
 from attnops.ops.decode.chunked import chunked_decode_attention
-from attnops.ops.decode.kv_cache import gather_pages
+from attnops.ops.decode.kv_cache import gather_pages, new_token_counts
 from attnops.ops.lowrank import KeyProjection, check_lowrank_args
 from attnops.ops.softmax import attention as dense_attention
 from attnops.maps.capture import attend
@@ -61,6 +61,12 @@ class Attention(nn.Module):
     only). The cache is a :class:`attnops.KVCache` or a :class:`attnops.PagedKVCache` (``make_cache(...,
     page_size=)``; not with low-rank decoding, whose score plane is contiguous). Cached steps run with the
     ``SoftmaxSpec`` (its sliding window included) and ``LowRankKeySpec`` specs.
+    ``forward(x, cache=cache, lengths=lengths)``: continuous batching, sequence ``b`` takes only the **last**
+    ``lengths[b]`` rows of ``x[b]`` (left padding: ``KVCache.append``'s ``lengths``), so one call can feed a new
+    prompt to a slot freed by ``cache.release(b)`` while the other slots take one token (or none: 0). The rows
+    before are padding: they are not cached, no real row attends to them, and their outputs are meaningless
+    (finite) values for the caller to drop. With a backward needed, lengths below ``T`` are refused past the
+    64-token decode limit.
     The cache holds values, not autograd history:
     a backward through a cached prompt reaches that prompt's own keys and values, not those of
     earlier steps (Transformer-XL's stop-gradient memory); decoding steps are forward-only.
@@ -145,8 +151,11 @@ class Attention(nn.Module):
                        score_dim=self.lowrank.rank if self.lowrank is not None else 0, score_dtype=plane)
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                cache: Union[None, KVCache, PagedKVCache] = None, seq_len: Optional[int] = None) -> torch.Tensor:
-        """``seq_len``: with context parallelism, the true global length when the shards were padded."""
+                cache: Union[None, KVCache, PagedKVCache] = None, seq_len: Optional[int] = None,
+                lengths=None) -> torch.Tensor:
+        """``seq_len``: with context parallelism, the true global length when the shards were padded.
+        ``lengths``: with ``cache``, ``(B,)`` ints in ``[0, T]``, each sequence's new tokens (the last rows of
+        ``x[b]``)."""
         if self.context_parallel_group is not None:
             if cache is not None:
                 raise NotImplementedError("context-parallel attention has no cached steps (decode on one rank)")
@@ -155,7 +164,9 @@ class Attention(nn.Module):
             raise ValueError("seq_len is the global length of a context-parallel sequence: this block has no "
                              "context_parallel_group")
         if cache is not None:
-            return self._cached_step(x, positions, cache)
+            return self._cached_step(x, positions, cache, lengths)
+        if lengths is not None:
+            raise ValueError("lengths counts a cached step's new tokens per sequence: pass cache= with it")
         out, _ = attend(self, self.attention, *self._qkv(x, positions), causal=self.causal)
         return self._output(out)
 
@@ -183,7 +194,7 @@ class Attention(nn.Module):
         return self._output(out)
 
     def _cached_step(self, x: torch.Tensor, positions: Optional[torch.Tensor],
-                     cache: Union[KVCache, PagedKVCache]) -> torch.Tensor:
+                     cache: Union[KVCache, PagedKVCache], lengths=None) -> torch.Tensor:
         if not self.causal and not getattr(self.attention, "causal", False):
             raise NotImplementedError("cached decoding is causal: this block was built with causal=False")
         if not isinstance(self.attention, (SoftmaxSpec, LowRankKeySpec)):
@@ -200,24 +211,28 @@ class Attention(nn.Module):
         if not paged and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache or a PagedKVCache (make_cache), got {type(cache).__name__}")
         T = x.shape[1]
+        # before any work: a refused call leaves the cache as it was
+        counts = None if lengths is None else new_token_counts(lengths, T, x.shape[0])
+        uneven = counts is not None and bool((counts != T).any())
         if positions is None and self.rope is not None:
-            positions = cache.host_seqlens.long().unsqueeze(1) + torch.arange(T)
-            positions = positions.to(x.device)
+            # sequence b's first new token (row T - lengths[b]) continues it; padding rows take position 0 on
+            first = cache.host_seqlens.long() - (0 if counts is None else T - counts.long())
+            positions = (first.unsqueeze(1) + torch.arange(T)).clamp(min=0).to(x.device)
         q, k, v = self._qkv(x, positions)
         lowrank = self.lowrank
         if lowrank is not None:
             k = lowrank.projection.rotate(k)  # the cache holds keys in the basis: no per-step projection
         host = cache.host_seqlens
-        cached, ragged = int(host.max()), int(host.min()) != int(host.max())
+        cached, ragged = int(host.max()), int(host.min()) != int(host.max()) or uneven
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if T > MAX_NEW_TOKENS and ragged and needs_grad:  # before the append: a refused call leaves the cache as it was
             raise NotImplementedError(
                 f"a backward through a prompt of more than {MAX_NEW_TOKENS} tokens needs all cached sequences at one "
-                "length (the prompt's keys must reach attention as one tensor); run it under torch.no_grad() or bring "
-                "the sequences to one length")
+                "length and every row of x new (no lengths below T: the prompt's keys must reach attention as one "
+                "tensor); run it under torch.no_grad() or bring the sequences to one length")
         # The cache is state: it holds values, not autograd history (Transformer-XL's stop-gradient
         # memory); writing tensors that require grad into it would chain every step's graph onto it.
-        k_cache, v_cache, lens, *table = cache.append(k.detach(), v.detach())
+        k_cache, v_cache, lens, *table = cache.append(k.detach(), v.detach(), lengths=counts if uneven else None)
         pages = dict(block_table=table[0]) if paged else {}
         if T <= MAX_NEW_TOKENS:
             kw = dict(pages)

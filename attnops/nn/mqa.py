@@ -41,5 +41,8 @@ class MultiQueryAttention(Attention):
                          dtype=dtype, lowrank=lowrank, rank=rank, topk=topk, local=local, causal=True)
         self.embed_dim = embed_dim
 
-    def forward(self, x: torch.Tensor, cache: Union[None, KVCache, PagedKVCache] = None) -> torch.Tensor:
-        return super().forward(x, cache=cache)
+    def forward(self, x: torch.Tensor, cache: Union[None, KVCache, PagedKVCache] = None,
+                lengths=None) -> torch.Tensor:
+        """``lengths``: with ``cache``, each sequence's new tokens, the last rows of ``x[b]`` (continuous batching:
+        :meth:`attnops.nn.Attention.forward`)."""
+        return super().forward(x, cache=cache, lengths=lengths)

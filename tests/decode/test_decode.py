@@ -127,6 +127,27 @@ def test_kv_cache_appends_per_sequence_and_resets():
     assert "seqlens=[0, 0]" in repr(cache)
 
 
+def test_kv_cache_release_empties_chosen_sequences():
+    """``release(b)`` empties sequence b only (the others keep their tokens); a new sequence appended into the slot
+    reads from position 0; lengths an earlier append returned do not change; bad indices leave the cache as it was."""
+    cache = attnops.KVCache(batch=3, max_len=10, num_kv_heads=1, head_dim=4)
+    k1 = torch.randn(3, 4, 1, 4)
+    _, _, lens = cache.append(k1, k1 + 1)
+    for bad in (3, -1, [0, 5], True, [1.0], 1.0, "0"):
+        with pytest.raises(ValueError, match="sequence indices in \\[0, 3\\)"):
+            cache.release(bad)
+    assert cache.host_seqlens.tolist() == [4, 4, 4]
+    cache.release(1)
+    assert cache.host_seqlens.tolist() == [4, 0, 4] and lens.tolist() == [4, 4, 4]
+    k2 = torch.randn(3, 2, 1, 4)
+    kc, vc, lens2 = cache.append(k2, k2 + 1, lengths=[0, 2, 1])
+    assert lens2.tolist() == [4, 2, 5]
+    assert torch.equal(kc[1, :2], k2[1]) and torch.equal(vc[1, :2], k2[1] + 1)
+    assert torch.equal(kc[0, :4], k1[0]) and torch.equal(kc[2, :4], k1[2]) and torch.equal(kc[2, 4], k2[2, 1])
+    cache.release(torch.tensor([0, 2]))
+    assert cache.host_seqlens.tolist() == [0, 2, 0] and cache.seqlens.tolist() == [0, 2, 0]
+
+
 def test_kv_cache_bad_append_leaves_it_unchanged():
     cache = attnops.KVCache(batch=1, max_len=4, num_kv_heads=2, head_dim=8)
     cache.append(torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))

@@ -187,6 +187,59 @@ def test_backward_through_a_long_prompt_after_a_cached_prefix(page_size):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged4"])
+@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("window", [None, (6, 0)])
+def test_continuous_batching_with_lengths(kv_heads, window, page_size):
+    """``forward(x, cache=, lengths=)``: each slot takes only the last ``lengths[b]`` rows of ``x[b]``, so one call
+    feeds a new prompt to a freed slot (``release``) while the others take one token or none; short calls go through
+    the decode kernel, a 70-token prompt through the packed prefill. Every slot's new rows equal its own sequence's
+    full forward (rotary positions, window), padding rows are finite, and the cache holds each sequence's length."""
+    torch.manual_seed(0)
+    spec = SoftmaxSpec() if window is None else SoftmaxSpec(window=window)
+    block = Attention(64, 4, kv_heads, attention=spec, rope=10000.0).eval()
+    plan = [([9, 3, 0], None), ([1, 1, 5], None), ([1, 1, 1], None), ([70, 1, 2], 0),
+            (torch.tensor([1, 0, 1]), None), ([3, 1, 2], 2), ([0, 0, 0], None)]
+    seqs = [None, None, None]  # each slot's tokens so far
+    with torch.no_grad():
+        cache = block.make_cache(batch=3, max_len=80, page_size=page_size)
+        for lengths, freed in plan:
+            if freed is not None:
+                cache.release(freed)
+                seqs[freed] = None
+            T = max(int(n) for n in lengths) or 1
+            x = torch.randn(3, T, 64)
+            out = block(x, cache=cache, lengths=lengths)
+            assert torch.isfinite(out).all()
+            for b, n in enumerate(int(n) for n in lengths):
+                if n:
+                    new = x[b:b + 1, T - n:]
+                    seqs[b] = new if seqs[b] is None else torch.cat((seqs[b], new), 1)
+                    torch.testing.assert_close(out[b, T - n:], block(seqs[b])[0, -n:], rtol=1e-5, atol=1e-5)
+            assert cache.host_seqlens.tolist() == [0 if s is None else s.shape[1] for s in seqs]
+
+
+def test_lengths_arguments():
+    """Bad ``lengths`` are refused before the cache changes; a backward through a long prompt with padding rows is
+    refused (its keys cannot reach attention as one tensor)."""
+    block = Attention(64, 4, 2, rope=10000.0)
+    cache = block.make_cache(batch=2, max_len=100)
+    with pytest.raises(ValueError, match="pass cache="):
+        block(torch.randn(2, 3, 64), lengths=[3, 3])
+    with pytest.raises(ValueError, match="in \\[0, T=3\\]"):
+        block(torch.randn(2, 3, 64), cache=cache, lengths=[4, 1])
+    with pytest.raises(ValueError, match="2 ints"):
+        block(torch.randn(2, 3, 64), cache=cache, lengths=[1])
+    with pytest.raises(TypeError, match="integer tensor"):
+        block(torch.randn(2, 3, 64), cache=cache, lengths=torch.tensor([1.0, 2.0]))
+    with pytest.raises(NotImplementedError, match="no lengths below T"):
+        block(torch.randn(2, 70, 64), cache=cache, lengths=[70, 60])
+    assert cache.host_seqlens.tolist() == [0, 0]
+    out = block(torch.randn(2, 70, 64, requires_grad=True), cache=cache, lengths=[70, 70])  # every row new: allowed
+    out.sum().backward()
+    assert cache.host_seqlens.tolist() == [70, 70]
+
+
 def test_paged_cache_arguments():
     block = Attention(64, 4, 2)
     cache = block.make_cache(batch=3, max_len=20, page_size=8)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import attnops
 from attnops.nn import MultiQueryAttention
 
 
@@ -17,10 +18,10 @@ class TinyLM(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab)
 
-    def forward(self, tokens, caches=None):
+    def forward(self, tokens, caches=None, lengths=None):
         x = self.embed(tokens)
         for i, (attn, mlp) in enumerate(zip(self.attn, self.mlp)):
-            x = x + attn(x, cache=None if caches is None else caches[i])
+            x = x + attn(x, cache=None if caches is None else caches[i], lengths=lengths)
             x = x + mlp(x)
         return self.head(self.norm(x))
 
@@ -43,6 +44,56 @@ def test_greedy_generation_with_cache_matches_recomputation(kv_heads, prompt_len
             logits = model(nxt, caches)[:, -1]
             torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
     assert tokens.shape == (2, prompt_len + steps)
+
+
+def generate_alone(model, prompt, steps):
+    """Greedy tokens of one request, recomputing its whole prefix each step (no cache)."""
+    tokens = prompt[None]
+    for _ in range(steps):
+        tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], 1)
+    return tokens[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged4"])
+def test_continuous_batching_serves_a_queue_like_each_request_alone(page_size):
+    """A serving loop: 5 requests (prompts of 1-12 tokens, 2-6 new tokens each) through 2 slots. Each call feeds a
+    new prompt to a freed slot and one token to the others (``lengths``, left padding; idle slots 0); a finished
+    request releases its slot (and its pages: 2 slots share a pool of 8 four-token pages). Every request's tokens
+    equal greedy decoding of that request alone."""
+    torch.manual_seed(0)
+    model = TinyLM(kv_heads=2).eval()
+    requests = [(torch.randint(0, 50, (n,)), steps) for n, steps in [(5, 6), (12, 3), (3, 4), (8, 5), (1, 2)]]
+    slots = 2
+    with torch.no_grad():
+        if page_size is None:
+            caches = [layer.make_cache(batch=slots, max_len=16) for layer in model.attn]
+        else:
+            caches = [attnops.PagedKVCache(slots, 8, page_size, 2, 8) for _ in model.attn]
+        queue, active, done = list(enumerate(requests)), [None] * slots, {}
+        while queue or any(a is not None for a in active):
+            feeds = []
+            for s in range(slots):
+                if active[s] is None and queue:
+                    i, (prompt, steps) = queue.pop(0)
+                    active[s] = (i, steps, [])
+                    feeds.append(prompt.tolist())
+                else:
+                    feeds.append([] if active[s] is None else active[s][2][-1:])
+            T = max(len(f) for f in feeds)
+            x = torch.tensor([[0] * (T - len(f)) + f for f in feeds])
+            logits = model(x, caches, lengths=[len(f) for f in feeds])[:, -1]
+            for s, slot in enumerate(active):
+                if slot is not None:
+                    slot[2].append(int(logits[s].argmax()))
+                    if len(slot[2]) == slot[1]:
+                        done[slot[0]] = slot[2]
+                        active[s] = None
+                        for cache in caches:
+                            cache.release(s)
+        for i, (prompt, steps) in enumerate(requests):
+            assert done[i] == generate_alone(model, prompt, steps), i
+    if page_size is not None:
+        assert all(cache.free_pages == 8 for cache in caches)
 
 
 def test_training_forward_backward_matches_torch_math():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -62,10 +62,17 @@ class KVCache:
             return None
         return self.k_score[:, :int(self._lens.max())]
 
+    def release(self, sequences: Union[int, Iterable[int], None] = None) -> None:
+        """Empties the given sequences (an index or indices; None: all; the buffers are kept): their slots take new
+        sequences (continuous batching: ``append(..., lengths=)``) while the others keep theirs."""
+        lens = self._lens.clone()  # a fresh tensor: lengths an earlier append returned stay as they were
+        lens[release_indices(sequences, self.batch)] = 0
+        self._lens = lens
+        self.seqlens = lens.to(self.device)
+
     def reset(self) -> None:
         """Empties every sequence (the buffers are kept)."""
-        self._lens.zero_()
-        self.seqlens = self._lens.to(self.device)
+        self.release()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Appends ``T`` new tokens to every sequence, each at its own length (or, with ``lengths``, its own
@@ -147,6 +154,18 @@ def check_new_tokens(k, v, batch: int, num_kv_heads: int, head_dim: int, dtype: 
         raise RuntimeError("the KV cache's append got k/v that require grad: the cache is decoding state and is "
                            "forward-only. Decode under torch.no_grad() or torch.inference_mode() (or append "
                            "k.detach(), v.detach()); train with attention over the whole sequence")
+
+
+def release_indices(sequences: Union[int, Iterable[int], None], batch: int) -> List[int]:
+    """The distinct sequence indices a cache's ``release`` takes: one index, several, or None (all)."""
+    if sequences is None:
+        return list(range(batch))
+    is_seq = isinstance(sequences, (list, tuple, range)) or (isinstance(sequences, torch.Tensor) and sequences.dim())
+    chosen = [int(b) if isinstance(b, torch.Tensor) and not b.is_floating_point() else b
+              for b in (sequences if is_seq else [sequences])]
+    if any(not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < batch for b in chosen):
+        raise ValueError(f"release takes sequence indices in [0, {batch}), got {chosen}")
+    return sorted(set(chosen))
 
 
 def new_token_counts(lengths, T: int, batch: int) -> torch.Tensor:

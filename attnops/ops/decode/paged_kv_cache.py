@@ -8,7 +8,8 @@ from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from attnops.ops.decode.kv_cache import check_cache_args, check_new_tokens, new_token_counts, new_token_slots
+from attnops.ops.decode.kv_cache import (check_cache_args, check_new_tokens, new_token_counts, new_token_slots,
+                                         release_indices)
 
 
 class PagedKVCache:
@@ -119,15 +120,8 @@ class PagedKVCache:
     def release(self, sequences: Union[int, Iterable[int], None] = None) -> None:
         """Empties the given sequences (an index or indices; None: all) and returns their pages to the pool: the
         slots take new sequences (continuous batching) while the others keep theirs."""
-        if sequences is None:
-            sequences = range(self.batch)
-        elif isinstance(sequences, int) and not isinstance(sequences, bool):
-            sequences = [sequences]
-        chosen = list(sequences)
-        if any(not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < self.batch for b in chosen):
-            raise ValueError(f"release takes sequence indices in [0, {self.batch}), got {chosen}")
         held = self._held(self._lens)
-        for b in set(chosen):
+        for b in release_indices(sequences, self.batch):
             self._free.extend(self._table[b, :held[b]].tolist())
             self._table[b] = 0
             self._lens[b] = 0
