@@ -213,10 +213,10 @@ class Attention(nn.Module):
         T = x.shape[1]
         # before any work: a refused call leaves the cache as it was
         counts = None if lengths is None else new_token_counts(lengths, T, x.shape[0])
-        uneven = counts is not None and bool((counts != T).any())
+        uneven = counts is not None and any(c != T for c in counts)
         if positions is None and self.rope is not None:
             # sequence b's first new token (row T - lengths[b]) continues it; padding rows take position 0 on
-            first = cache.host_seqlens.long() - (0 if counts is None else T - counts.long())
+            first = cache.host_seqlens.long() - (0 if counts is None else T - torch.tensor(counts))
             positions = (first.unsqueeze(1) + torch.arange(T)).clamp(min=0).to(x.device)
         q, k, v = self._qkv(x, positions)
         lowrank = self.lowrank

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -40,8 +40,8 @@ class KVCache:
         self.k_score = torch.zeros(batch, max_len, num_kv_heads, score_dim, dtype=score_dtype, device=device) \
             if score_dim else None
         self.v = torch.zeros_like(self.k)
-        self._lens = torch.zeros(batch, dtype=torch.int32)  # host copy
-        self.seqlens = self._lens.to(self.k.device)
+        self._lens = [0] * batch  # host lengths: the Python math of an append never reads the device
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -54,21 +54,20 @@ class KVCache:
     @property
     def host_seqlens(self) -> torch.Tensor:
         """``(batch,)`` int32 lengths on the CPU (reading them never synchronises a GPU)."""
-        return self._lens.clone()
+        return torch.tensor(self._lens, dtype=torch.int32)
 
     def score_view(self) -> Optional[torch.Tensor]:
         """The score plane up to the longest sequence (``decode_attention``'s ``k_score``), or None."""
         if self.k_score is None:
             return None
-        return self.k_score[:, :int(self._lens.max())]
+        return self.k_score[:, :max(self._lens)]
 
     def release(self, sequences: Union[int, Iterable[int], None] = None) -> None:
         """Empties the given sequences (an index or indices; None: all; the buffers are kept): their slots take new
         sequences (continuous batching: ``append(..., lengths=)``) while the others keep theirs."""
-        lens = self._lens.clone()  # a fresh tensor: lengths an earlier append returned stay as they were
-        lens[release_indices(sequences, self.batch)] = 0
-        self._lens = lens
-        self.seqlens = lens.to(self.device)
+        for b in release_indices(sequences, self.batch):
+            self._lens[b] = 0
+        self.seqlens = torch.tensor(self._lens, dtype=torch.int32).to(self.device)  # fresh: earlier ones stay
 
     def reset(self) -> None:
         """Empties every sequence (the buffers are kept)."""
@@ -98,25 +97,28 @@ class KVCache:
         check_new_tokens(k, v, self.batch, self.num_kv_heads, self.head_dim, self.dtype, self.device)
         T = k.shape[1]
         counts = new_token_counts(lengths, T, self.batch)
-        new_lens = self._lens + counts
-        if int(new_lens.max()) > self.max_len:
-            raise ValueError(f"KVCache overflow: appending {counts.tolist()} tokens to lengths "
-                             f"{self._lens.tolist()} exceeds max_len={self.max_len}")
-        if T:
-            rows, src, cols = (t.to(self.device) for t in new_token_slots(self._lens, counts, T))
-            self.k[rows, cols] = k[rows, src]
-            self.v[rows, cols] = v[rows, src]
+        new_lens = [n + c for n, c in zip(self._lens, counts)]
+        if max(new_lens) > self.max_len:
+            raise ValueError(f"KVCache overflow: appending {counts} tokens to lengths {self._lens} exceeds "
+                             f"max_len={self.max_len}")
+        if sum(counts):
+            L = self.max_len
+            dst, src = new_token_rows(self._lens, counts, T,
+                                      lambda b, start, stop: [range(b * L + start, b * L + stop)])
+            dst = dst.to(self.device)
+            write_rows(self.k, dst, k, src)
+            write_rows(self.v, dst, v, src)
             if self.k_score is not None:
-                self.k_score[rows, cols] = k[rows, src, :, :self.score_dim].to(self.k_score.dtype)
+                write_rows(self.k_score, dst, k[..., :self.score_dim].to(self.k_score.dtype), src)
         self._lens = new_lens
-        self.seqlens = new_lens.to(self.device)
-        longest = int(new_lens.max())
+        self.seqlens = torch.tensor(new_lens, dtype=torch.int32).to(self.device)
+        longest = max(new_lens)
         return self.k[:, :longest], self.v[:, :longest], self.seqlens
 
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, max_len={self.max_len}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device}, "
-                f"seqlens={self._lens.tolist()})")
+                f"seqlens={self._lens})")
 
 
 def check_cache_args(dtype: torch.dtype, **sizes: int) -> None:
@@ -168,10 +170,10 @@ def release_indices(sequences: Union[int, Iterable[int], None], batch: int) -> L
     return sorted(set(chosen))
 
 
-def new_token_counts(lengths, T: int, batch: int) -> torch.Tensor:
-    """``(batch,)`` int32 counts of new tokens (host), from an append's ``lengths`` (None: ``T`` each)."""
+def new_token_counts(lengths, T: int, batch: int) -> List[int]:
+    """``batch`` counts of new tokens, from an append's ``lengths`` (None: ``T`` each)."""
     if lengths is None:
-        return torch.full((batch,), T, dtype=torch.int32)
+        return [T] * batch
     if isinstance(lengths, torch.Tensor):
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1:
             raise TypeError(f"lengths must be a 1-d integer tensor or a list of ints, got {lengths.dtype} "
@@ -184,18 +186,35 @@ def new_token_counts(lengths, T: int, batch: int) -> torch.Tensor:
         raise TypeError(f"lengths must be a 1-d integer tensor or a list of ints, got {lengths!r}")
     if len(values) != batch or any(not 0 <= x <= T for x in values):
         raise ValueError(f"lengths must be {batch} ints in [0, T={T}], got {values}")
-    return torch.tensor(values, dtype=torch.int32)
+    return values
 
 
-def new_token_slots(lens: torch.Tensor, counts: torch.Tensor, T: int):
-    """Where an append writes: ``(rows, src, cols)`` long tensors (host), token ``src`` of sequence ``rows`` (the
-    last ``counts[b]`` of its ``T``: left padding) to position ``cols`` (its length ``lens[b]`` on)."""
-    # token t of sequence b (kept when t >= T - count_b) goes to position len_b + t - (T - count_b)
-    t = torch.arange(T)
-    kept = t.unsqueeze(0) >= (T - counts.long()).unsqueeze(1)  # (batch, T)
-    rows, src = torch.nonzero(kept, as_tuple=True)
-    cols = lens.long()[rows] + src - (T - counts.long()[rows])
-    return rows, src, cols
+def new_token_rows(lens: List[int], counts: List[int], T: int,
+                   runs: Callable[[int, int, int], Iterable[range]]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Where an append writes, as flat row indices (host int64 tensors): ``dst`` into the buffer viewed as
+    ``(-1, Hkv, D)``, ``src`` into the new tokens viewed as ``(B * T, Hkv, D)`` (None: every row, in order).
+    Sequence b's new tokens are the last ``counts[b]`` of its ``T`` (left padding) and go to its positions
+    ``lens[b]`` on; ``runs(b, start, stop)`` gives the buffer rows of positions ``[start, stop)`` as ranges.
+    Host lists, not tensor ops: a decoding step writes a few rows, and a dozen small tensor ops cost more
+    than its attention."""
+    dst: List[int] = []
+    src: List[int] = []
+    for b, (n, c) in enumerate(zip(lens, counts)):
+        if c:
+            for rows in runs(b, n, n + c):
+                dst.extend(rows)
+            src.extend(range(b * T + T - c, b * T + T))
+    every = all(c == T for c in counts)
+    return torch.tensor(dst, dtype=torch.long), None if every else torch.tensor(src, dtype=torch.long)
+
+
+def write_rows(buffer: torch.Tensor, dst: torch.Tensor, new: torch.Tensor, src: Optional[torch.Tensor]) -> None:
+    """``buffer``'s rows ``dst`` (flat over its leading dims) = ``new``'s rows ``src`` (flat over ``(B, T)``;
+    None: all, in order): one copy kernel per buffer."""
+    rows = new.reshape(-1, *new.shape[2:])
+    if src is not None:
+        rows = rows.index_select(0, src.to(rows.device))
+    buffer.view(-1, *buffer.shape[-2:]).index_copy_(0, dst, rows)
 
 
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

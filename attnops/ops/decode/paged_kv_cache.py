@@ -4,12 +4,12 @@ sequence's pages go back to the pool for the next one."""
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from attnops.ops.decode.kv_cache import (check_cache_args, check_new_tokens, new_token_counts, new_token_slots,
-                                         release_indices)
+from attnops.ops.decode.kv_cache import (check_cache_args, check_new_tokens, new_token_counts, new_token_rows,
+                                         release_indices, write_rows)
 
 
 class PagedKVCache:
@@ -19,8 +19,9 @@ class PagedKVCache:
     pages)`` int32 on the cache's device, ``pages`` the most that a sequence holds (at least 1), sequence ``b``'s
     pages in order (key ``j`` is row ``j % page_size`` of page ``block_table[b, j // page_size]``; entries past its
     own pages are 0 and never read);
-    ``seqlens``: ``(batch,)`` int32 on the cache's device. The allocator and host copies of the table and the
-    lengths stay on the CPU, so that appends never read the GPU back.
+    ``seqlens``: ``(batch,)`` int32 on the cache's device. The allocator, each sequence's pages and the lengths
+    stay on the host (Python lists), so that appends never read the GPU back; the device table is rebuilt (a fresh
+    tensor) only when pages are taken or returned.
 
     Pages are taken from the pool as a sequence grows (lowest free index first) and returned by :meth:`release`.
     ``max_pages_per_seq`` (default: every page) bounds one sequence: ``max_len = max_pages_per_seq * page_size``.
@@ -45,10 +46,12 @@ class PagedKVCache:
         self.num_kv_heads, self.head_dim, self.max_pages_per_seq = num_kv_heads, head_dim, max_pages_per_seq
         self.k_pages = torch.zeros(num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v_pages = torch.zeros_like(self.k_pages)
-        self._table = torch.zeros(batch, max_pages_per_seq, dtype=torch.int32)  # host copies
+        # host state (an append never reads the device): each sequence's pages in order (its row of the table;
+        # it holds ceil(length / page_size) of them), its length, the free pages
+        self._pages: List[List[int]] = [[] for _ in range(batch)]
+        self._lens: List[int] = [0] * batch
         self._free: List[int] = list(range(num_pages))  # kept sorted: the lowest free page is taken first
-        self._lens = torch.zeros(batch, dtype=torch.int32)  # sequence b holds the first _held()[b] entries of its row
-        self._publish()
+        self._publish(pages_changed=True)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,7 +74,7 @@ class PagedKVCache:
     @property
     def host_seqlens(self) -> torch.Tensor:
         """``(batch,)`` int32 lengths on the CPU (reading them never synchronises a GPU)."""
-        return self._lens.clone()
+        return torch.tensor(self._lens, dtype=torch.int32)
 
     def append(self, k: torch.Tensor, v: torch.Tensor,
                lengths=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,63 +90,64 @@ class PagedKVCache:
         that require grad while grad mode is on) raises and leaves the cache unchanged.
         """
         check_new_tokens(k, v, self.batch, self.num_kv_heads, self.head_dim, self.dtype, self.device)
-        T = k.shape[1]
+        T, ps = k.shape[1], self.page_size
         counts = new_token_counts(lengths, T, self.batch)
-        new_lens = self._lens + counts
-        if int(new_lens.max()) > self.max_len:
-            raise ValueError(f"PagedKVCache overflow: appending {counts.tolist()} tokens to lengths "
-                             f"{self._lens.tolist()} exceeds max_len={self.max_len} "
-                             f"({self.max_pages_per_seq} pages of {self.page_size})")
-        held = self._held(self._lens)
-        wanted = [n - h for n, h in zip(self._held(new_lens), held)]
+        new_lens = [n + c for n, c in zip(self._lens, counts)]
+        if max(new_lens) > self.max_len:
+            raise ValueError(f"PagedKVCache overflow: appending {counts} tokens to lengths {self._lens} exceeds "
+                             f"max_len={self.max_len} ({self.max_pages_per_seq} pages of {ps})")
+        wanted = [-(-n // ps) - len(pages) for n, pages in zip(new_lens, self._pages)]
         if sum(wanted) > len(self._free):
-            raise ValueError(f"PagedKVCache is out of pages: appending {counts.tolist()} tokens to lengths "
-                             f"{self._lens.tolist()} needs {sum(wanted)} new pages, {len(self._free)} are free "
-                             f"(release finished sequences, or build the cache with more pages)")
+            raise ValueError(f"PagedKVCache is out of pages: appending {counts} tokens to lengths {self._lens} "
+                             f"needs {sum(wanted)} new pages, {len(self._free)} are free (release finished "
+                             "sequences, or build the cache with more pages)")
         if sum(wanted):
-            taken = iter(self._free[:sum(wanted)])
+            taken = self._free[:sum(wanted)]
             del self._free[:sum(wanted)]
-            for b, n in enumerate(wanted):
-                for col in range(held[b], held[b] + n):
-                    self._table[b, col] = next(taken)
-        if T:
-            rows, src, cols = new_token_slots(self._lens, counts, T)
-            pages = self._table.long()[rows, cols // self.page_size]
-            at = (pages.to(self.device), (cols % self.page_size).to(self.device))
-            rows, src = rows.to(self.device), src.to(self.device)
-            self.k_pages[at] = k[rows, src]
-            self.v_pages[at] = v[rows, src]
+            for pages, n in zip(self._pages, wanted):
+                pages.extend(taken[:n])
+                del taken[:n]
+        if sum(counts):
+            dst, src = new_token_rows(self._lens, counts, T, self._page_runs)
+            dst = dst.to(self.device)
+            write_rows(self.k_pages, dst, k, src)
+            write_rows(self.v_pages, dst, v, src)
         self._lens = new_lens
-        self._publish()
+        self._publish(pages_changed=sum(wanted) > 0)
         return self.k_pages, self.v_pages, self.seqlens, self.block_table
 
     def release(self, sequences: Union[int, Iterable[int], None] = None) -> None:
         """Empties the given sequences (an index or indices; None: all) and returns their pages to the pool: the
         slots take new sequences (continuous batching) while the others keep theirs."""
-        held = self._held(self._lens)
         for b in release_indices(sequences, self.batch):
-            self._free.extend(self._table[b, :held[b]].tolist())
-            self._table[b] = 0
+            self._free.extend(self._pages[b])
+            self._pages[b] = []
             self._lens[b] = 0
         self._free.sort()
-        self._publish()
+        self._publish(pages_changed=True)
 
     def reset(self) -> None:
         """Empties every sequence (the pages are kept, all free)."""
         self.release()
 
-    def _held(self, lens: torch.Tensor) -> List[int]:
-        """Pages that sequences of these lengths hold: a sequence takes a page only as it enters it."""
-        return (-(-lens // self.page_size)).tolist()
+    def _page_runs(self, b: int, start: int, stop: int) -> Iterator[range]:
+        """The pool rows (flat over pages and slots) of sequence b's positions ``[start, stop)``: a range per page."""
+        ps, pages = self.page_size, self._pages[b]
+        for p in range(start // ps, (stop - 1) // ps + 1):
+            base = pages[p] * ps - p * ps
+            yield range(base + max(start, p * ps), base + min(stop, (p + 1) * ps))
 
-    def _publish(self) -> None:
-        """The device copies of the table (its columns up to the most pages a sequence holds) and the lengths,
-        which the kernels read: fresh tensors, so that what an earlier append returned stays as it was."""
-        width = max(max(self._held(self._lens)), 1)
-        self.block_table = self._table[:, :width].clone(memory_format=torch.contiguous_format).to(self.device)
-        self.seqlens = self._lens.clone().to(self.device)
+    def _publish(self, pages_changed: bool) -> None:
+        """The device copies of the lengths and (when pages were taken or returned) of the table, with the columns
+        up to the most pages a sequence holds (entries past a sequence's pages are 0), which the kernels read:
+        fresh tensors, so that what an earlier append returned stays as it was."""
+        if pages_changed:
+            width = max(1, max(len(pages) for pages in self._pages))
+            rows = [pages + [0] * (width - len(pages)) for pages in self._pages]
+            self.block_table = torch.tensor(rows, dtype=torch.int32).to(self.device)
+        self.seqlens = torch.tensor(self._lens, dtype=torch.int32).to(self.device)
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(batch={self.batch}, num_pages={self.num_pages}, page_size={self.page_size}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
-                f"device={self.device}, seqlens={self._lens.tolist()}, free_pages={self.free_pages})")
+                f"device={self.device}, seqlens={self._lens}, free_pages={self.free_pages})")
