@@ -467,6 +467,11 @@ def test_decode_reads_the_score_plane(plane_dtype, fwd_impl):
     plane = cache.score_view()
     assert plane.shape == (B, S - 5, Hkv, 24) and plane.dtype == (plane_dtype or torch.float32)
     assert torch.equal(plane.float(), k_view[..., :24])  # dyadic values: exact in half width
+    k_view, v_view, lens = cache.append(proj.rotate(dyadic(B, 2, Hkv, D, device=dev)),  # ragged: the plane too
+                                        torch.randn(B, 2, Hkv, D, device=dev), lengths=[2, 1])
+    plane = cache.score_view()
+    for b, n in enumerate(lens.tolist()):
+        assert torch.equal(plane[b, :n].float(), k_view[b, :n, :, :24])
     q = dyadic(B, 3, H, D, device=dev)
     kw = dict(lowrank=proj, rank=rank, topk=topk, local=3, backend=fwd_impl.backend, return_lse=True)
     from_plane = attnops.decode_attention(q, k_view, v_view, lens, k_score=plane, **kw)
