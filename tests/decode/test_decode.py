@@ -133,7 +133,7 @@ def test_kv_cache_release_empties_chosen_sequences():
     cache = attnops.KVCache(batch=3, max_len=10, num_kv_heads=1, head_dim=4)
     k1 = torch.randn(3, 4, 1, 4)
     _, _, lens = cache.append(k1, k1 + 1)
-    for bad in (3, -1, [0, 5], True, [1.0], 1.0, "0"):
+    for bad in (3, -1, [0, 5], True, [1.0], 1.0, "0", torch.tensor([True, False, False]), torch.tensor([0.0])):
         with pytest.raises(ValueError, match="sequence indices in \\[0, 3\\)"):
             cache.release(bad)
     assert cache.host_seqlens.tolist() == [4, 4, 4]

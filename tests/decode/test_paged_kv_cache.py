@@ -137,22 +137,92 @@ def test_an_earlier_table_is_not_changed_by_later_appends():
     assert torch.equal(lens, kept[0]) and torch.equal(table, kept[1]) and "free_pages=4" in repr(paged)
 
 
+def test_fork_shares_full_pages_and_copies_the_last_one(fwd_impl):
+    """``fork(0, [1, 2])`` after a 10-token prompt on 4-token pages: the copies hold the prompt through 2 shared pages
+    and 1 new page each (the partly filled one, copied); then each sequence appends its own tokens, and contents and
+    decoding equal a contiguous cache holding the prompt in every row. Releasing the source keeps the shared pages
+    for the copies; the last release returns them. Refused forks change nothing."""
+    B, page, H, Hkv, D = 4, 4, 4, 2, 8
+    dev = fwd_impl.device
+    g = torch.Generator().manual_seed(0)
+    paged = poisoned(attnops.PagedKVCache(B, 12, page, Hkv, D, device=dev))
+    dense = attnops.KVCache(B, 16, Hkv, D, device=dev)
+    k, v = (torch.randn(1, 10, Hkv, D, generator=g).to(dev) for _ in range(2))
+    paged.append(torch.cat((k, k.new_zeros(3, 10, Hkv, D))), torch.cat((v, v.new_zeros(3, 10, Hkv, D))),
+                 lengths=[10, 0, 0, 0])
+    dense.append(k.expand(B, -1, -1, -1).contiguous(), v.expand(B, -1, -1, -1).contiguous(), lengths=[10, 10, 10, 0])
+    before = (paged.free_pages, paged.host_seqlens.tolist(), paged.block_table.clone())
+    for bad, words in ((dict(src=0, dst=0), "other than itself"), (dict(src=4, dst=1), "src must be"),
+                       (dict(src=0, dst=[1, 9]), "fork takes"), (dict(src=True, dst=1), "src must be")):
+        with pytest.raises(ValueError, match=words):
+            paged.fork(**bad)
+    assert (paged.free_pages, paged.host_seqlens.tolist()) == before[:2] and torch.equal(paged.block_table, before[2])
+    paged.fork(0, [1, 2])
+    assert paged.host_seqlens.tolist() == [10, 10, 10, 0] and paged.free_pages == 12 - 3 - 2
+    table = paged.block_table.cpu()
+    assert torch.equal(table[1, :2], table[0, :2]) and torch.equal(table[2, :2], table[0, :2])
+    assert len({int(table[b, 2]) for b in range(3)}) == 3  # each its own last page
+    assert_same_contents(paged, dense)
+    with pytest.raises(ValueError, match="release them first"):
+        paged.fork(3, 1)
+    for lengths in ([1, 2, 3, 0], [3, 1, 0, 0], [2, 2, 2, 0]):
+        q = torch.randn(B, 3, H, D, generator=g).to(dev)
+        kn, vn = (torch.randn(B, 3, Hkv, D, generator=g).to(dev) for _ in range(2))
+        kc, vc, lens = dense.append(kn, vn, lengths=lengths)
+        kp, vp, lens_p, table = paged.append(kn, vn, lengths=lengths)
+        assert_same_contents(paged, dense)
+        want = attnops.decode_attention(q, kc, vc, lens, backend=fwd_impl.backend).cpu()
+        got = attnops.decode_attention(q, kp, vp, lens_p, block_table=table, backend=fwd_impl.backend).cpu()
+        for b, n in enumerate(lengths):  # rows that saw no key of their own sequence are zeros in both
+            torch.testing.assert_close(got[b, 3 - n:], want[b, 3 - n:], rtol=1e-5, atol=1e-6)
+    held = {int(p) for b, n in enumerate(paged.host_seqlens.tolist()) for p in paged.block_table[b, :-(-n // page)]}
+    assert paged.free_pages == 12 - len(held)
+    paged.release(0)
+    assert paged.free_pages == 12 - len({int(p) for b in (1, 2) for p in paged.block_table[b, :4]})
+    assert_same_contents(paged, dense.release(0) or dense)
+    full = paged.free_pages
+    paged.release([1, 2])
+    assert paged.free_pages == 12 > full
+    small = attnops.PagedKVCache(3, 3, page, Hkv, D, device=dev)  # 5 tokens: 2 pages, 1 free
+    small.append(torch.cat((k[:, :5], k.new_zeros(2, 5, Hkv, D))), torch.cat((v[:, :5], v.new_zeros(2, 5, Hkv, D))),
+                 lengths=[5, 0, 0])
+    with pytest.raises(ValueError, match="out of pages"):
+        small.fork(0, [1, 2])
+    assert small.host_seqlens.tolist() == [5, 0, 0] and small.free_pages == 1
+    small.fork(0, 2)
+    assert small.host_seqlens.tolist() == [5, 0, 5] and small.free_pages == 0
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_appends_and_releases_keep_every_sequence(seed):
-    """Seeded runs of ragged appends, releases and refused appends against a plain record of each sequence's tokens:
-    after every operation the pages read through the table hold exactly the record, no page is held twice, and the
-    free count is the pool minus the pages in use."""
+    """Seeded runs of ragged appends, releases, forks and refused appends and forks against a plain record of each
+    sequence's tokens: after every operation the pages read through the table hold exactly the record, no sequence
+    holds a page twice, a page two sequences hold is full in both (no append can write it), and the free count is
+    the pool minus the pages in use."""
     g = torch.Generator().manual_seed(seed)
     B, num_pages, page, D = 4, 11, 3, 2
     paged = poisoned(attnops.PagedKVCache(B, num_pages, page, 1, D, max_pages_per_seq=6))
     record = [torch.zeros(0, 1, D) for _ in range(B)]
     draw = lambda n: int(torch.randint(n, (), generator=g))  # noqa: E731
     for _ in range(60):
-        if draw(4) == 0:
+        op = draw(6)
+        if op == 0:
             gone = [b for b in range(B) if draw(2)]
             paged.release(gone)
             for b in gone:
                 record[b] = torch.zeros(0, 1, D)
+        elif op == 1:
+            src, empty = draw(B), [b for b in range(B) if not len(record[b])]
+            dst = [b for b in empty if b != src and draw(2)]
+            if not dst:
+                continue
+            if len(record[src]) % page and len(dst) > paged.free_pages:
+                with pytest.raises(ValueError, match="out of pages"):
+                    paged.fork(src, dst)
+            else:
+                paged.fork(src, dst)
+                for b in dst:
+                    record[b] = record[src].clone()
         else:
             T = draw(6)
             k = torch.randn(B, T, 1, D, generator=g)
@@ -169,6 +239,11 @@ def test_random_appends_and_releases_keep_every_sequence(seed):
         assert paged.host_seqlens.tolist() == [len(r) for r in record]
         for b, (keys, values) in enumerate(contents(paged)):
             assert torch.equal(keys, record[b]) and torch.equal(values, -record[b])
-        in_use = [p for b, n in enumerate(paged.host_seqlens.tolist()) for p in paged.block_table[b, :-(-n // page)]]
-        assert len(set(int(p) for p in in_use)) == len(in_use) == held_pages(paged)
-        assert paged.free_pages == num_pages - held_pages(paged)
+        rows = [[int(p) for p in paged.block_table[b, :-(-n // page)]]
+                for b, n in enumerate(paged.host_seqlens.tolist())]
+        assert all(len(set(row)) == len(row) for row in rows)
+        for b, row in enumerate(rows):
+            for c, p in enumerate(row):
+                if any(p in other for o, other in enumerate(rows) if o != b):
+                    assert (c + 1) * page <= len(record[b])
+        assert paged.free_pages == num_pages - len({p for row in rows for p in row})

@@ -65,7 +65,7 @@ class KVCache:
     def release(self, sequences: Union[int, Iterable[int], None] = None) -> None:
         """Empties the given sequences (an index or indices; None: all; the buffers are kept): their slots take new
         sequences (continuous batching: ``append(..., lengths=)``) while the others keep theirs."""
-        for b in release_indices(sequences, self.batch):
+        for b in sequence_indices(sequences, self.batch):
             self._lens[b] = 0
         self.seqlens = torch.tensor(self._lens, dtype=torch.int32).to(self.device)  # fresh: earlier ones stay
 
@@ -158,15 +158,16 @@ def check_new_tokens(k, v, batch: int, num_kv_heads: int, head_dim: int, dtype: 
                            "k.detach(), v.detach()); train with attention over the whole sequence")
 
 
-def release_indices(sequences: Union[int, Iterable[int], None], batch: int) -> List[int]:
-    """The distinct sequence indices a cache's ``release`` takes: one index, several, or None (all)."""
+def sequence_indices(sequences: Union[int, Iterable[int], None], batch: int, what: str = "release") -> List[int]:
+    """The distinct sequence indices a cache's ``release`` (or ``fork``) takes: one index, several, or None (all)."""
     if sequences is None:
         return list(range(batch))
     is_seq = isinstance(sequences, (list, tuple, range)) or (isinstance(sequences, torch.Tensor) and sequences.dim())
-    chosen = [int(b) if isinstance(b, torch.Tensor) and not b.is_floating_point() else b
+    integer = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # not bool: a mask is not indices
+    chosen = [int(b) if isinstance(b, torch.Tensor) and b.dtype in integer else b
               for b in (sequences if is_seq else [sequences])]
     if any(not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < batch for b in chosen):
-        raise ValueError(f"release takes sequence indices in [0, {batch}), got {chosen}")
+        raise ValueError(f"{what} takes sequence indices in [0, {batch}), got {chosen}")
     return sorted(set(chosen))
 
 

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple, Union
 import torch
 
 from attnops.ops.decode.kv_cache import (check_cache_args, check_new_tokens, new_token_counts, new_token_rows,
-                                         release_indices, write_rows)
+                                         sequence_indices, write_rows)
 
 
 class PagedKVCache:
@@ -23,7 +23,8 @@ class PagedKVCache:
     stay on the host (Python lists), so that appends never read the GPU back; the device table is rebuilt (a fresh
     tensor) only when pages are taken or returned.
 
-    Pages are taken from the pool as a sequence grows (lowest free index first) and returned by :meth:`release`.
+    Pages are taken from the pool as a sequence grows (lowest free index first) and returned by :meth:`release`;
+    :meth:`fork` lets empty sequences continue another one, sharing its full pages (parallel sampling).
     ``max_pages_per_seq`` (default: every page) bounds one sequence: ``max_len = max_pages_per_seq * page_size``.
 
     Example::
@@ -51,6 +52,7 @@ class PagedKVCache:
         self._pages: List[List[int]] = [[] for _ in range(batch)]
         self._lens: List[int] = [0] * batch
         self._free: List[int] = list(range(num_pages))  # kept sorted: the lowest free page is taken first
+        self._refs: List[int] = [0] * num_pages  # sequences holding each page (more than 1 after fork)
         self._publish(pages_changed=True)
 
     @property
@@ -104,6 +106,8 @@ class PagedKVCache:
         if sum(wanted):
             taken = self._free[:sum(wanted)]
             del self._free[:sum(wanted)]
+            for p in taken:
+                self._refs[p] = 1
             for pages, n in zip(self._pages, wanted):
                 pages.extend(taken[:n])
                 del taken[:n]
@@ -119,11 +123,45 @@ class PagedKVCache:
     def release(self, sequences: Union[int, Iterable[int], None] = None) -> None:
         """Empties the given sequences (an index or indices; None: all) and returns their pages to the pool: the
         slots take new sequences (continuous batching) while the others keep theirs."""
-        for b in release_indices(sequences, self.batch):
-            self._free.extend(self._pages[b])
+        for b in sequence_indices(sequences, self.batch):
+            for p in self._pages[b]:
+                self._refs[p] -= 1
+                if not self._refs[p]:  # a page forked sequences share stays until the last one lets it go
+                    self._free.append(p)
             self._pages[b] = []
             self._lens[b] = 0
         self._free.sort()
+        self._publish(pages_changed=True)
+
+    def fork(self, src: int, dst: Union[int, Iterable[int]]) -> None:
+        """Empty sequences ``dst`` (an index or indices) become copies of sequence ``src`` (parallel sampling, beam
+        search: several continuations of one prompt) that share its full pages: no copy of them, one pool page for
+        all. A partly filled last page is copied, one new page per copy, since each copy appends into it; full pages
+        are never written again (appends go past the length), so sharing them needs no copy-on-write. A page
+        returns to the pool when the last sequence holding it is released. Refused, changing nothing, when a
+        ``dst`` holds tokens (release it first) or is ``src``, or when the pool lacks the pages for the copies."""
+        if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < self.batch:
+            raise ValueError(f"fork: src must be a sequence index in [0, {self.batch}), got {src!r}")
+        targets = sequence_indices(dst, self.batch, "fork")
+        if src in targets or any(self._lens[b] for b in targets):
+            raise ValueError(f"fork copies sequence {src} into empty sequences other than itself: {targets} hold "
+                             f"{[self._lens[b] for b in targets]} tokens (release them first)")
+        full, partial = divmod(self._lens[src], self.page_size)
+        if partial and len(targets) > len(self._free):
+            raise ValueError(f"PagedKVCache is out of pages: forking sequence {src} into {len(targets)} needs "
+                             f"{len(targets)} new pages (its partly filled last page), {len(self._free)} are free")
+        shared = self._pages[src][:full]
+        for b in targets:
+            self._pages[b] = list(shared)
+            if partial:
+                page = self._free.pop(0)
+                self._refs[page] = 1
+                self.k_pages[page] = self.k_pages[self._pages[src][full]]
+                self.v_pages[page] = self.v_pages[self._pages[src][full]]
+                self._pages[b].append(page)
+            self._lens[b] = self._lens[src]
+        for p in shared:
+            self._refs[p] += len(targets)
         self._publish(pages_changed=True)
 
     def reset(self) -> None:
