@@ -148,6 +148,26 @@ def test_kv_cache_release_empties_chosen_sequences():
     assert cache.host_seqlens.tolist() == [0, 2, 0] and cache.seqlens.tolist() == [0, 2, 0]
 
 
+def test_kv_cache_fork_copies_a_sequence():
+    """``KVCache.fork(src, dst)``: empty sequences take a copy of ``src``'s rows (the score plane too) and then
+    diverge; refused forks (into a sequence holding tokens, into itself, bad indices) change nothing."""
+    cache = attnops.KVCache(batch=3, max_len=10, num_kv_heads=1, head_dim=4, score_dim=2)
+    k1 = torch.randn(3, 5, 1, 4)
+    cache.append(k1, -k1, lengths=[5, 0, 0])
+    for src, dst, words in ((0, 0, "other than itself"), (1, 0, "release them first"), (3, 1, "src must be"),
+                            (0, [1, 7], "fork takes")):
+        with pytest.raises(ValueError, match=words):
+            cache.fork(src, dst)
+    assert cache.host_seqlens.tolist() == [5, 0, 0]
+    cache.fork(0, [1, 2])
+    assert cache.seqlens.tolist() == [5, 5, 5]
+    k2 = torch.randn(3, 1, 1, 4)
+    kc, vc, _ = cache.append(k2, -k2)
+    for b in range(3):
+        assert torch.equal(kc[b], torch.cat((k1[0], k2[b]))) and torch.equal(vc[b], -kc[b])
+        assert torch.equal(cache.score_view()[b], kc[b, :, :, :2])
+
+
 def test_kv_cache_bad_append_leaves_it_unchanged():
     cache = attnops.KVCache(batch=1, max_len=4, num_kv_heads=2, head_dim=8)
     cache.append(torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))

@@ -96,20 +96,22 @@ def test_continuous_batching_serves_a_queue_like_each_request_alone(page_size):
         assert all(cache.free_pages == 8 for cache in caches)
 
 
-def test_parallel_sampling_from_a_forked_prompt():
-    """One prompt prefilled into slot 0, forked into slots 1 and 2 (each layer's PagedKVCache; the copies share the
-    prompt's full pages), then each slot continues with its own tokens: every step's logits equal recomputing that
-    slot's whole sequence."""
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged4"])
+def test_parallel_sampling_from_a_forked_prompt(page_size):
+    """One prompt prefilled into slot 0, forked into slots 1 and 2 (each layer's cache; paged copies share the
+    prompt's full pages, contiguous ones copy it), then each slot continues with its own tokens: every step's logits
+    equal recomputing that slot's whole sequence."""
     torch.manual_seed(0)
     model = TinyLM(kv_heads=2).eval()
     prompt = torch.randint(0, 50, (1, 11))
     with torch.no_grad():
-        caches = [layer.make_cache(batch=3, max_len=20, page_size=4) for layer in model.attn]
+        caches = [layer.make_cache(batch=3, max_len=20, page_size=page_size) for layer in model.attn]
         padded = torch.cat((prompt, torch.zeros(2, 11, dtype=torch.long)))
         model(padded, caches, lengths=[11, 0, 0])
         for cache in caches:
             cache.fork(0, [1, 2])
-        assert all(cache.free_pages == cache.num_pages - 3 - 2 for cache in caches)
+        if page_size is not None:
+            assert all(cache.free_pages == cache.num_pages - 3 - 2 for cache in caches)
         seqs = prompt.expand(3, -1)
         for _ in range(5):
             nxt = torch.randint(0, 50, (3, 1))

@@ -73,6 +73,18 @@ class KVCache:
         """Empties every sequence (the buffers are kept)."""
         self.release()
 
+    def fork(self, src: int, dst: Union[int, Iterable[int]]) -> None:
+        """Empty sequences ``dst`` (an index or indices) become copies of sequence ``src`` (parallel sampling, beam
+        search): its rows are copied, as a contiguous cache cannot share them (:meth:`attnops.PagedKVCache.fork`
+        shares pages). Refused, changing nothing, when a ``dst`` holds tokens (release it first) or is ``src``."""
+        targets, n = fork_targets(src, dst, self._lens), self._lens[src]
+        for b in targets:
+            for buffer in (self.k, self.v, self.k_score):
+                if buffer is not None:
+                    buffer[b, :n] = buffer[src, :n]
+            self._lens[b] = n
+        self.seqlens = torch.tensor(self._lens, dtype=torch.int32).to(self.device)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Appends ``T`` new tokens to every sequence, each at its own length (or, with ``lengths``, its own
         number of new tokens: a ragged prefill).
@@ -169,6 +181,17 @@ def sequence_indices(sequences: Union[int, Iterable[int], None], batch: int, wha
     if any(not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < batch for b in chosen):
         raise ValueError(f"{what} takes sequence indices in [0, {batch}), got {chosen}")
     return sorted(set(chosen))
+
+
+def fork_targets(src: int, dst: Union[int, Iterable[int]], lens: List[int]) -> List[int]:
+    """The sequences a cache's ``fork(src, dst)`` fills: empty ones, other than ``src``."""
+    if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < len(lens):
+        raise ValueError(f"fork: src must be a sequence index in [0, {len(lens)}), got {src!r}")
+    targets = sequence_indices(dst, len(lens), "fork")
+    if src in targets or any(lens[b] for b in targets):
+        raise ValueError(f"fork copies sequence {src} into empty sequences other than itself: {targets} hold "
+                         f"{[lens[b] for b in targets]} tokens (release them first)")
+    return targets
 
 
 def new_token_counts(lengths, T: int, batch: int) -> List[int]:

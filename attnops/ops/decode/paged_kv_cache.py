@@ -8,8 +8,8 @@ from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from attnops.ops.decode.kv_cache import (check_cache_args, check_new_tokens, new_token_counts, new_token_rows,
-                                         sequence_indices, write_rows)
+from attnops.ops.decode.kv_cache import (check_cache_args, check_new_tokens, fork_targets, new_token_counts,
+                                         new_token_rows, sequence_indices, write_rows)
 
 
 class PagedKVCache:
@@ -140,12 +140,7 @@ class PagedKVCache:
         are never written again (appends go past the length), so sharing them needs no copy-on-write. A page
         returns to the pool when the last sequence holding it is released. Refused, changing nothing, when a
         ``dst`` holds tokens (release it first) or is ``src``, or when the pool lacks the pages for the copies."""
-        if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < self.batch:
-            raise ValueError(f"fork: src must be a sequence index in [0, {self.batch}), got {src!r}")
-        targets = sequence_indices(dst, self.batch, "fork")
-        if src in targets or any(self._lens[b] for b in targets):
-            raise ValueError(f"fork copies sequence {src} into empty sequences other than itself: {targets} hold "
-                             f"{[self._lens[b] for b in targets]} tokens (release them first)")
+        targets = fork_targets(src, dst, self._lens)
         full, partial = divmod(self._lens[src], self.page_size)
         if partial and len(targets) > len(self._free):
             raise ValueError(f"PagedKVCache is out of pages: forking sequence {src} into {len(targets)} needs "
