@@ -219,6 +219,27 @@ def test_continuous_batching_with_lengths(kv_heads, window, page_size):
             assert cache.host_seqlens.tolist() == [0 if s is None else s.shape[1] for s in seqs]
 
 
+def test_lengths_with_low_rank_decoding_equal_each_sequence_alone():
+    """Low-rank-key (Loki) cached steps with ``lengths``: the score plane takes each sequence's own rows, so every
+    slot's outputs equal the same block decoding that sequence alone in its own cache (the same keys chosen)."""
+    torch.manual_seed(0)
+    block = Attention(64, 4, 2, rope=10000.0).eval()
+    block.set_lowrank(KeyProjection(torch.linalg.qr(torch.randn(2, 16, 16))[0], torch.ones(2, 16)), rank=8, topk=6,
+                      local=2)
+    with torch.no_grad():
+        cache = block.make_cache(batch=3, max_len=40)
+        alone = [block.make_cache(batch=1, max_len=40) for _ in range(3)]
+        for lengths in ([9, 3, 0], [1, 1, 5], [1, 0, 1], [3, 1, 2]):
+            T = max(lengths)
+            x = torch.randn(3, T, 64)
+            out = block(x, cache=cache, lengths=lengths)
+            assert torch.isfinite(out).all()
+            for b, n in enumerate(lengths):
+                if n:
+                    torch.testing.assert_close(out[b, T - n:], block(x[b:b + 1, T - n:], cache=alone[b])[0],
+                                               rtol=1e-5, atol=1e-6)
+
+
 def test_lengths_arguments():
     """Bad ``lengths`` are refused before the cache changes; a backward through a long prompt with padding rows is
     refused (its keys cannot reach attention as one tensor)."""
