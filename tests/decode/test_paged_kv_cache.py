@@ -193,9 +193,49 @@ def test_fork_shares_full_pages_and_copies_the_last_one(fwd_impl):
     assert small.host_seqlens.tolist() == [5, 0, 5] and small.free_pages == 0
 
 
+def test_reorder_continues_parents_like_the_contiguous_cache(fwd_impl):
+    """``reorder(parents)`` (beam search): each sequence becomes its parent (repeats allowed), on a PagedKVCache and a
+    KVCache alike; contents and decoding then equal the contiguous cache's through further ragged appends, pages no
+    child holds return to the pool, and a reorder the pool cannot copy for is refused, changing nothing."""
+    B, page, H, Hkv, D = 4, 4, 4, 2, 8
+    dev = fwd_impl.device
+    g = torch.Generator().manual_seed(1)
+    paged = poisoned(attnops.PagedKVCache(B, 14, page, Hkv, D, device=dev))
+    dense = attnops.KVCache(B, 16, Hkv, D, device=dev)
+    k, v = (torch.randn(B, 9, Hkv, D, generator=g).to(dev) for _ in range(2))
+    for cache in (paged, dense):
+        cache.append(k, v, lengths=[6, 9, 3, 4])
+    for parents in ([1, 1, 0, 1], torch.tensor([3, 2, 2, 0])):
+        paged.reorder(parents)
+        dense.reorder(parents)
+        assert paged.host_seqlens.tolist() == dense.host_seqlens.tolist()
+        assert_same_contents(paged, dense)
+        held = {int(p) for b, n in enumerate(paged.host_seqlens.tolist()) for p in paged.block_table[b, :-(-n // page)]}
+        assert paged.free_pages == 14 - len(held)
+        q = torch.randn(B, 2, H, D, generator=g).to(dev)
+        kn, vn = (torch.randn(B, 2, Hkv, D, generator=g).to(dev) for _ in range(2))
+        kc, vc, lens = dense.append(kn, vn)
+        kp, vp, lens_p, table = paged.append(kn, vn)
+        assert_same_contents(paged, dense)
+        want = attnops.decode_attention(q, kc, vc, lens, backend=fwd_impl.backend).cpu()
+        got = attnops.decode_attention(q, kp, vp, lens_p, block_table=table, backend=fwd_impl.backend).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for bad, error in (([0, 1, 2], ValueError), ([0, 1, 2, 4], ValueError), ([0.0, 1, 2, 3], TypeError),
+                       (torch.tensor([True, False, True, True]), TypeError)):
+        with pytest.raises(error, match="parents must be"):
+            paged.reorder(bad)
+    small = attnops.PagedKVCache(3, 3, page, Hkv, D, device=dev)  # 5 tokens: 2 pages, 1 free
+    small.append(k[:3, :5], v[:3, :5], lengths=[5, 0, 0])
+    with pytest.raises(ValueError, match="out of pages"):
+        small.reorder([0, 0, 0])  # two copies of the partly filled page
+    assert small.host_seqlens.tolist() == [5, 0, 0] and small.free_pages == 1
+    small.reorder([0, 0, 1])
+    assert small.host_seqlens.tolist() == [5, 5, 0] and small.free_pages == 0
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_appends_and_releases_keep_every_sequence(seed):
-    """Seeded runs of ragged appends, releases, forks and refused appends and forks against a plain record of each
+    """Seeded runs of ragged appends, releases, forks, reorders and refused ones against a plain record of each
     sequence's tokens: after every operation the pages read through the table hold exactly the record, no sequence
     holds a page twice, a page two sequences hold is full in both (no append can write it), and the free count is
     the pool minus the pages in use."""
@@ -203,14 +243,26 @@ def test_random_appends_and_releases_keep_every_sequence(seed):
     B, num_pages, page, D = 4, 11, 3, 2
     paged = poisoned(attnops.PagedKVCache(B, num_pages, page, 1, D, max_pages_per_seq=6))
     record = [torch.zeros(0, 1, D) for _ in range(B)]
+    rows = [[] for _ in range(B)]
     draw = lambda n: int(torch.randint(n, (), generator=g))  # noqa: E731
-    for _ in range(60):
+    for _ in range(80):
         op = draw(6)
         if op == 0:
             gone = [b for b in range(B) if draw(2)]
             paged.release(gone)
             for b in gone:
                 record[b] = torch.zeros(0, 1, D)
+        elif op == 2 and draw(2):
+            parents = [draw(B) for _ in range(B)]
+            copies = sum(1 for b, p in enumerate(parents) if len(record[p]) % page and p in parents[:b])
+            kept = {q for row, r in zip(rows, record) for q in row}
+            held = {q for p in set(parents) for q in rows[p][:-(-len(record[p]) // page)]}
+            if copies > paged.free_pages + len(kept - held):
+                with pytest.raises(ValueError, match="out of pages"):
+                    paged.reorder(parents)
+            else:
+                paged.reorder(torch.tensor(parents) if draw(2) else parents)
+                record = [record[p].clone() for p in parents]
         elif op == 1:
             src, empty = draw(B), [b for b in range(B) if not len(record[b])]
             dst = [b for b in empty if b != src and draw(2)]

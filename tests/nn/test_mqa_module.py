@@ -119,6 +119,24 @@ def test_parallel_sampling_from_a_forked_prompt(page_size):
             torch.testing.assert_close(model(nxt, caches)[:, -1], model(seqs)[:, -1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged4"])
+def test_beam_reorder_continues_the_chosen_parents(page_size):
+    """Three beams of different prompts; after each step the caches are reordered (each beam continues a parent,
+    repeats allowed, as beam search's ``reorder_cache``) and every beam's logits equal recomputing its sequence."""
+    torch.manual_seed(0)
+    model = TinyLM(kv_heads=2).eval()
+    seqs = torch.randint(0, 50, (3, 6))
+    with torch.no_grad():
+        caches = [layer.make_cache(batch=3, max_len=20, page_size=page_size) for layer in model.attn]
+        model(seqs, caches)
+        for parents in ([2, 0, 0], [1, 1, 2], [0, 2, 1], [0, 0, 0]):
+            for cache in caches:
+                cache.reorder(parents)
+            nxt = torch.randint(0, 50, (3, 1))
+            seqs = torch.cat((seqs[parents], nxt), 1)
+            torch.testing.assert_close(model(nxt, caches)[:, -1], model(seqs)[:, -1], rtol=1e-4, atol=1e-4)
+
+
 def test_training_forward_backward_matches_torch_math():
     torch.manual_seed(0)
     layer = MultiQueryAttention(64, 8, num_kv_heads=2).double()

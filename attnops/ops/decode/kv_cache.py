@@ -85,6 +85,19 @@ class KVCache:
             self._lens[b] = n
         self.seqlens = torch.tensor(self._lens, dtype=torch.int32).to(self.device)
 
+    def reorder(self, parents) -> None:
+        """Sequence ``b`` becomes what sequence ``parents[b]`` was (beam search: each beam continues a parent;
+        ``parents``: ``batch`` indices, repeats allowed, a list or an integer tensor), as transformers'
+        ``reorder_cache(beam_idx)``. The rows are gathered (one copy of the cache up to the longest parent)."""
+        parents = reorder_parents(parents, self.batch)
+        n = max(self._lens[p] for p in parents)
+        index = torch.tensor(parents, device=self.device)
+        for buffer in (self.k, self.v, self.k_score):
+            if buffer is not None and n:
+                buffer[:, :n] = buffer[:, :n].index_select(0, index)
+        self._lens = [self._lens[p] for p in parents]
+        self.seqlens = torch.tensor(self._lens, dtype=torch.int32).to(self.device)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Appends ``T`` new tokens to every sequence, each at its own length (or, with ``lengths``, its own
         number of new tokens: a ragged prefill).
@@ -192,6 +205,20 @@ def fork_targets(src: int, dst: Union[int, Iterable[int]], lens: List[int]) -> L
         raise ValueError(f"fork copies sequence {src} into empty sequences other than itself: {targets} hold "
                          f"{[lens[b] for b in targets]} tokens (release them first)")
     return targets
+
+
+def reorder_parents(parents, batch: int) -> List[int]:
+    """A cache's ``reorder(parents)``: ``batch`` sequence indices, each in ``[0, batch)`` (repeats allowed)."""
+    if isinstance(parents, torch.Tensor):
+        if parents.dtype.is_floating_point or parents.dtype == torch.bool or parents.dim() != 1:
+            raise TypeError(f"parents must be a 1-d integer tensor or a list of ints, got {parents.dtype} "
+                            f"{tuple(parents.shape)}")
+        parents = parents.tolist()
+    if not isinstance(parents, (list, tuple)) or any(not isinstance(p, int) or isinstance(p, bool) for p in parents):
+        raise TypeError(f"parents must be a 1-d integer tensor or a list of ints, got {parents!r}")
+    if len(parents) != batch or any(not 0 <= p < batch for p in parents):
+        raise ValueError(f"parents must be {batch} sequence indices in [0, {batch}), got {list(parents)}")
+    return list(parents)
 
 
 def new_token_counts(lengths, T: int, batch: int) -> List[int]:

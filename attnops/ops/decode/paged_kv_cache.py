@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple, Union
 import torch
 
 from attnops.ops.decode.kv_cache import (check_cache_args, check_new_tokens, fork_targets, new_token_counts,
-                                         new_token_rows, sequence_indices, write_rows)
+                                         new_token_rows, reorder_parents, sequence_indices, write_rows)
 
 
 class PagedKVCache:
@@ -24,7 +24,8 @@ class PagedKVCache:
     tensor) only when pages are taken or returned.
 
     Pages are taken from the pool as a sequence grows (lowest free index first) and returned by :meth:`release`;
-    :meth:`fork` lets empty sequences continue another one, sharing its full pages (parallel sampling).
+    :meth:`fork` lets empty sequences continue another one, sharing its full pages (parallel sampling), and
+    :meth:`reorder` makes each sequence continue a parent (beam search).
     ``max_pages_per_seq`` (default: every page) bounds one sequence: ``max_len = max_pages_per_seq * page_size``.
 
     Example::
@@ -162,6 +163,41 @@ class PagedKVCache:
     def reset(self) -> None:
         """Empties every sequence (the pages are kept, all free)."""
         self.release()
+
+    def reorder(self, parents) -> None:
+        """Sequence ``b`` becomes what sequence ``parents[b]`` was (beam search: each beam continues a parent;
+        ``parents``: ``batch`` indices, repeats allowed, a list or an integer tensor), as transformers'
+        ``reorder_cache(beam_idx)``. Full pages are shared, as :meth:`fork` shares them; a parent's partly filled
+        last page goes to its first child and is copied for the others; pages no child holds return to the pool.
+        Refused, changing nothing, when the pool lacks the pages for those copies."""
+        parents = reorder_parents(parents, self.batch)
+        ps = self.page_size
+        pages, copies, kept = [], [], set()  # copies: (child, the parent's last page to copy)
+        for b, p in enumerate(parents):
+            full, partial = divmod(self._lens[p], ps)
+            pages.append(self._pages[p][:full])
+            if partial and p in kept:
+                copies.append((b, self._pages[p][full]))
+            elif partial:
+                kept.add(p)
+                pages[b].append(self._pages[p][full])
+        held = {page for row in pages for page in row}
+        freed = [page for row in self._pages for page in row if page not in held]
+        if len(copies) > len(self._free) + len(set(freed)):
+            raise ValueError(f"PagedKVCache is out of pages: reordering by {parents} copies {len(copies)} partly "
+                             f"filled pages, {len(self._free) + len(set(freed))} would be free")
+        self._free = sorted(self._free + list(set(freed)))
+        for b, source in copies:  # a source is a kept page, never one just freed
+            page = self._free.pop(0)
+            self.k_pages[page] = self.k_pages[source]
+            self.v_pages[page] = self.v_pages[source]
+            pages[b].append(page)
+        self._refs = [0] * self.num_pages
+        for row in pages:
+            for page in row:
+                self._refs[page] += 1
+        self._pages, self._lens = pages, [self._lens[p] for p in parents]
+        self._publish(pages_changed=True)
 
     def _page_runs(self, b: int, start: int, stop: int) -> Iterator[range]:
         """The pool rows (flat over pages and slots) of sequence b's positions ``[start, stop)``: a range per page."""
