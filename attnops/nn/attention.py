@@ -131,12 +131,16 @@ class Attention(nn.Module):
         rank, topk = check_lowrank_args(projection, rank, topk, local, shape, prefix="lowrank: ")  # a fraction stays
         self.lowrank = LowRankDecoding(projection.to(self.k_proj.weight.device), rank, topk, local)
 
-    def make_cache(self, batch: int, max_len: int, page_size: Optional[int] = None) -> Union[KVCache, PagedKVCache]:
+    def make_cache(self, batch: int, max_len: int, page_size: Optional[int] = None,
+                   num_pages: Optional[int] = None) -> Union[KVCache, PagedKVCache]:
         """A cache for :meth:`forward`; with low-rank decoding on, with the score plane of its rank
         (bfloat16 for float32 caches: half the bytes of the scoring pass, the scores only rank keys).
-        ``page_size``: a :class:`attnops.PagedKVCache` instead, with pages enough for ``batch`` sequences of
-        ``max_len`` (build one directly for a smaller pool shared by more sequences)."""
+        ``page_size``: a :class:`attnops.PagedKVCache` instead, each sequence up to ``max_len`` tokens, with
+        ``num_pages`` pages in the pool (default: enough for ``batch`` sequences of ``max_len``; fewer for a pool
+        shared by sequences that are rarely all long, or that :meth:`attnops.PagedKVCache.fork` shares)."""
         w = self.k_proj.weight
+        if num_pages is not None and page_size is None:
+            raise ValueError("num_pages sizes a paged cache's pool: pass page_size= with it")
         if page_size is not None:
             if self.lowrank is not None:
                 raise NotImplementedError("low-rank decoding reads a contiguous cache (its score plane): "
@@ -144,7 +148,11 @@ class Attention(nn.Module):
             if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
                 raise TypeError(f"page_size must be an int >= 1, got {page_size!r}")
             per_seq = -(-max_len // page_size)
-            return PagedKVCache(batch, batch * per_seq, page_size, self.num_kv_heads, self.head_dim, dtype=w.dtype,
+            num_pages = batch * per_seq if num_pages is None else num_pages
+            if isinstance(num_pages, int) and not isinstance(num_pages, bool) and num_pages < per_seq:
+                raise ValueError(f"num_pages={num_pages} pages of {page_size} tokens cannot hold one sequence of "
+                                 f"max_len={max_len} ({per_seq} pages)")
+            return PagedKVCache(batch, num_pages, page_size, self.num_kv_heads, self.head_dim, dtype=w.dtype,
                                 device=w.device, max_pages_per_seq=per_seq)
         plane = torch.bfloat16 if w.dtype == torch.float32 else None
         return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, dtype=w.dtype, device=w.device,

@@ -267,6 +267,12 @@ def test_paged_cache_arguments():
     assert isinstance(cache, attnops.PagedKVCache) and cache.max_len == 24 and cache.num_pages == 9
     with pytest.raises(TypeError, match="page_size must be an int"):
         block.make_cache(batch=3, max_len=20, page_size=8.0)
+    shared = block.make_cache(batch=3, max_len=20, page_size=8, num_pages=4)
+    assert shared.num_pages == 4 and shared.max_len == 24
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        block.make_cache(batch=3, max_len=40, page_size=8, num_pages=2)
+    with pytest.raises(ValueError, match="pass page_size"):
+        block.make_cache(batch=3, max_len=20, num_pages=4)
     with pytest.raises(TypeError, match="cache must be a KVCache or a PagedKVCache"):
         block(torch.randn(3, 1, 64), cache=object())
     block.set_lowrank(KeyProjection(torch.eye(16).expand(2, 16, 16).clone(), torch.ones(2, 16)), rank=8, topk=4)
