@@ -164,6 +164,8 @@ class Attention(nn.Module):
         """``seq_len``: with context parallelism, the true global length when the shards were padded.
         ``lengths``: with ``cache``, ``(B,)`` ints in ``[0, T]``, each sequence's new tokens (the last rows of
         ``x[b]``)."""
+        if lengths is not None and cache is None:
+            raise ValueError("lengths counts a cached step's new tokens per sequence: pass cache= with it")
         if self.context_parallel_group is not None:
             if cache is not None:
                 raise NotImplementedError("context-parallel attention has no cached steps (decode on one rank)")
@@ -173,8 +175,6 @@ class Attention(nn.Module):
                              "context_parallel_group")
         if cache is not None:
             return self._cached_step(x, positions, cache, lengths)
-        if lengths is not None:
-            raise ValueError("lengths counts a cached step's new tokens per sequence: pass cache= with it")
         out, _ = attend(self, self.attention, *self._qkv(x, positions), causal=self.causal)
         return self._output(out)
 

@@ -247,6 +247,8 @@ def test_lengths_arguments():
     cache = block.make_cache(batch=2, max_len=100)
     with pytest.raises(ValueError, match="pass cache="):
         block(torch.randn(2, 3, 64), lengths=[3, 3])
+    with pytest.raises(ValueError, match="pass cache="):  # nor dropped by a context-parallel block
+        Attention(64, 4, 2, context_parallel_group=object())(torch.randn(2, 3, 64), lengths=[3, 3])
     with pytest.raises(ValueError, match="in \\[0, T=3\\]"):
         block(torch.randn(2, 3, 64), cache=cache, lengths=[4, 1])
     with pytest.raises(ValueError, match="2 ints"):
