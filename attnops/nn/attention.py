@@ -222,15 +222,15 @@ class Attention(nn.Module):
         # before any work: a refused call leaves the cache as it was
         counts = None if lengths is None else new_token_counts(lengths, T, x.shape[0])
         uneven = counts is not None and any(c != T for c in counts)
+        host = cache.host_seqlens  # before the append
         if positions is None and self.rope is not None:
             # sequence b's first new token (row T - lengths[b]) continues it; padding rows take position 0 on
-            first = cache.host_seqlens.long() - (0 if counts is None else T - torch.tensor(counts))
+            first = host.long() - (0 if counts is None else T - torch.tensor(counts))
             positions = (first.unsqueeze(1) + torch.arange(T)).clamp(min=0).to(x.device)
         q, k, v = self._qkv(x, positions)
         lowrank = self.lowrank
         if lowrank is not None:
             k = lowrank.projection.rotate(k)  # the cache holds keys in the basis: no per-step projection
-        host = cache.host_seqlens
         cached, ragged = int(host.max()), int(host.min()) != int(host.max()) or uneven
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if T > MAX_NEW_TOKENS and ragged and needs_grad:  # before the append: a refused call leaves the cache as it was

@@ -146,6 +146,14 @@ def test_kv_cache_release_empties_chosen_sequences():
     assert torch.equal(kc[0, :4], k1[0]) and torch.equal(kc[2, :4], k1[2]) and torch.equal(kc[2, 4], k2[2, 1])
     cache.release(torch.tensor([0, 2]))
     assert cache.host_seqlens.tolist() == [0, 2, 0] and cache.seqlens.tolist() == [0, 2, 0]
+    # the other ways to name sequences: a 0-d tensor, a range, the elements of an index tensor
+    cache.append(k2, k2, lengths=range(3))
+    for chosen, left in ((torch.tensor(1), [0, 0, 2]), (range(2, 3), [0, 0, 0])):
+        cache.release(chosen)
+        assert cache.host_seqlens.tolist() == left
+    cache.append(k2, k2)
+    cache.release(list(torch.tensor([0, 1])))
+    assert cache.host_seqlens.tolist() == [0, 0, 2]
 
 
 def test_kv_cache_fork_copies_a_sequence():

@@ -67,7 +67,7 @@ class KVCache:
         sequences (continuous batching: ``append(..., lengths=)``) while the others keep theirs."""
         for b in sequence_indices(sequences, self.batch):
             self._lens[b] = 0
-        self.seqlens = torch.tensor(self._lens, dtype=torch.int32).to(self.device)  # fresh: earlier ones stay
+        self._publish()
 
     def reset(self) -> None:
         """Empties every sequence (the buffers are kept)."""
@@ -83,7 +83,7 @@ class KVCache:
                 if buffer is not None:
                     buffer[b, :n] = buffer[src, :n]
             self._lens[b] = n
-        self.seqlens = torch.tensor(self._lens, dtype=torch.int32).to(self.device)
+        self._publish()
 
     def reorder(self, parents) -> None:
         """Sequence ``b`` becomes what sequence ``parents[b]`` was (beam search: each beam continues a parent;
@@ -96,7 +96,7 @@ class KVCache:
             if buffer is not None and n:
                 buffer[:, :n] = buffer[:, :n].index_select(0, index)
         self._lens = [self._lens[p] for p in parents]
-        self.seqlens = torch.tensor(self._lens, dtype=torch.int32).to(self.device)
+        self._publish()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Appends ``T`` new tokens to every sequence, each at its own length (or, with ``lengths``, its own
@@ -129,16 +129,20 @@ class KVCache:
         if sum(counts):
             L = self.max_len
             dst, src = new_token_rows(self._lens, counts, T,
-                                      lambda b, start, stop: [range(b * L + start, b * L + stop)])
-            dst = dst.to(self.device)
+                                      lambda b, start, stop: [range(b * L + start, b * L + stop)], self.device)
             write_rows(self.k, dst, k, src)
             write_rows(self.v, dst, v, src)
             if self.k_score is not None:
                 write_rows(self.k_score, dst, k[..., :self.score_dim].to(self.k_score.dtype), src)
         self._lens = new_lens
-        self.seqlens = torch.tensor(new_lens, dtype=torch.int32).to(self.device)
+        self._publish()
         longest = max(new_lens)
         return self.k[:, :longest], self.v[:, :longest], self.seqlens
+
+    def _publish(self) -> None:
+        """The device copy of the lengths, which the kernels read: a fresh tensor, so that what an earlier append
+        returned stays as it was."""
+        self.seqlens = torch.tensor(self._lens, dtype=torch.int32).to(self.device)
 
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, max_len={self.max_len}, num_kv_heads={self.num_kv_heads}, "
@@ -183,16 +187,35 @@ def check_new_tokens(k, v, batch: int, num_kv_heads: int, head_dim: int, dtype: 
                            "k.detach(), v.detach()); train with attention over the whole sequence")
 
 
+def int_list(values) -> Optional[List[int]]:
+    """``values`` as a list of Python ints when it is a 1-d integer tensor or a list, tuple or range of ints (or of
+    0-d integer tensors, as iterating a tensor gives); None otherwise. Bools are not ints here: a mask is not
+    indices or counts. Callers raise their own error on None."""
+    if isinstance(values, torch.Tensor):
+        ok = values.dim() == 1 and not values.dtype.is_floating_point and not values.dtype.is_complex \
+            and values.dtype != torch.bool
+        return values.tolist() if ok else None
+    if not isinstance(values, (list, tuple, range)):
+        return None
+    out = []
+    for x in values:
+        if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.dtype.is_floating_point \
+                and not x.dtype.is_complex and x.dtype != torch.bool:
+            x = int(x)
+        if not isinstance(x, int) or isinstance(x, bool):
+            return None
+        out.append(x)
+    return out
+
+
 def sequence_indices(sequences: Union[int, Iterable[int], None], batch: int, what: str = "release") -> List[int]:
     """The distinct sequence indices a cache's ``release`` (or ``fork``) takes: one index, several, or None (all)."""
     if sequences is None:
         return list(range(batch))
-    is_seq = isinstance(sequences, (list, tuple, range)) or (isinstance(sequences, torch.Tensor) and sequences.dim())
-    integer = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # not bool: a mask is not indices
-    chosen = [int(b) if isinstance(b, torch.Tensor) and b.dtype in integer else b
-              for b in (sequences if is_seq else [sequences])]
-    if any(not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < batch for b in chosen):
-        raise ValueError(f"{what} takes sequence indices in [0, {batch}), got {chosen}")
+    one = isinstance(sequences, int) or (isinstance(sequences, torch.Tensor) and sequences.dim() == 0)
+    chosen = int_list([sequences] if one else sequences)
+    if chosen is None or any(not 0 <= b < batch for b in chosen):
+        raise ValueError(f"{what} takes sequence indices in [0, {batch}), got {sequences!r}")
     return sorted(set(chosen))
 
 
@@ -209,40 +232,29 @@ def fork_targets(src: int, dst: Union[int, Iterable[int]], lens: List[int]) -> L
 
 def reorder_parents(parents, batch: int) -> List[int]:
     """A cache's ``reorder(parents)``: ``batch`` sequence indices, each in ``[0, batch)`` (repeats allowed)."""
-    if isinstance(parents, torch.Tensor):
-        if parents.dtype.is_floating_point or parents.dtype == torch.bool or parents.dim() != 1:
-            raise TypeError(f"parents must be a 1-d integer tensor or a list of ints, got {parents.dtype} "
-                            f"{tuple(parents.shape)}")
-        parents = parents.tolist()
-    if not isinstance(parents, (list, tuple)) or any(not isinstance(p, int) or isinstance(p, bool) for p in parents):
+    values = int_list(parents)
+    if values is None:
         raise TypeError(f"parents must be a 1-d integer tensor or a list of ints, got {parents!r}")
-    if len(parents) != batch or any(not 0 <= p < batch for p in parents):
-        raise ValueError(f"parents must be {batch} sequence indices in [0, {batch}), got {list(parents)}")
-    return list(parents)
+    if len(values) != batch or any(not 0 <= p < batch for p in values):
+        raise ValueError(f"parents must be {batch} sequence indices in [0, {batch}), got {values}")
+    return values
 
 
 def new_token_counts(lengths, T: int, batch: int) -> List[int]:
     """``batch`` counts of new tokens, from an append's ``lengths`` (None: ``T`` each)."""
     if lengths is None:
         return [T] * batch
-    if isinstance(lengths, torch.Tensor):
-        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1:
-            raise TypeError(f"lengths must be a 1-d integer tensor or a list of ints, got {lengths.dtype} "
-                            f"{tuple(lengths.shape)}")
-        values = lengths.tolist()
-    elif isinstance(lengths, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
-                                                    for x in lengths):
-        values = list(lengths)
-    else:
+    values = int_list(lengths)
+    if values is None:
         raise TypeError(f"lengths must be a 1-d integer tensor or a list of ints, got {lengths!r}")
     if len(values) != batch or any(not 0 <= x <= T for x in values):
         raise ValueError(f"lengths must be {batch} ints in [0, T={T}], got {values}")
     return values
 
 
-def new_token_rows(lens: List[int], counts: List[int], T: int,
-                   runs: Callable[[int, int, int], Iterable[range]]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Where an append writes, as flat row indices (host int64 tensors): ``dst`` into the buffer viewed as
+def new_token_rows(lens: List[int], counts: List[int], T: int, runs: Callable[[int, int, int], Iterable[range]],
+                   device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Where an append writes, as flat row indices (int64 tensors on ``device``): ``dst`` into the buffer viewed as
     ``(-1, Hkv, D)``, ``src`` into the new tokens viewed as ``(B * T, Hkv, D)`` (None: every row, in order).
     Sequence b's new tokens are the last ``counts[b]`` of its ``T`` (left padding) and go to its positions
     ``lens[b]`` on; ``runs(b, start, stop)`` gives the buffer rows of positions ``[start, stop)`` as ranges.
@@ -256,15 +268,16 @@ def new_token_rows(lens: List[int], counts: List[int], T: int,
                 dst.extend(rows)
             src.extend(range(b * T + T - c, b * T + T))
     every = all(c == T for c in counts)
-    return torch.tensor(dst, dtype=torch.long), None if every else torch.tensor(src, dtype=torch.long)
+    dst_rows = torch.tensor(dst, dtype=torch.long).to(device)
+    return dst_rows, None if every else torch.tensor(src, dtype=torch.long).to(device)
 
 
 def write_rows(buffer: torch.Tensor, dst: torch.Tensor, new: torch.Tensor, src: Optional[torch.Tensor]) -> None:
     """``buffer``'s rows ``dst`` (flat over its leading dims) = ``new``'s rows ``src`` (flat over ``(B, T)``;
-    None: all, in order): one copy kernel per buffer."""
+    None: all, in order): one copy kernel per buffer. ``dst`` and ``src`` are on the buffer's device."""
     rows = new.reshape(-1, *new.shape[2:])
     if src is not None:
-        rows = rows.index_select(0, src.to(rows.device))
+        rows = rows.index_select(0, src)
     buffer.view(-1, *buffer.shape[-2:]).index_copy_(0, dst, rows)
 
 

@@ -113,8 +113,7 @@ class PagedKVCache:
                 pages.extend(taken[:n])
                 del taken[:n]
         if sum(counts):
-            dst, src = new_token_rows(self._lens, counts, T, self._page_runs)
-            dst = dst.to(self.device)
+            dst, src = new_token_rows(self._lens, counts, T, self._page_runs, self.device)
             write_rows(self.k_pages, dst, k, src)
             write_rows(self.v_pages, dst, v, src)
         self._lens = new_lens
