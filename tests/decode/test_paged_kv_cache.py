@@ -33,6 +33,27 @@ def held_pages(cache):
     return sum(-(-n // cache.page_size) for n in cache.host_seqlens.tolist())
 
 
+def distinct_pages(cache):
+    """The pages the sequences hold (a page forked sequences share counts once)."""
+    table, ps = cache.block_table.cpu(), cache.page_size
+    return {int(p) for b, n in enumerate(cache.host_seqlens.tolist()) for p in table[b, :-(-n // ps)]}
+
+
+def append_and_decode_both(paged, dense, g, T, H, backend, lengths=None):
+    """Appends the same ``T`` random tokens (``lengths``: as append's) to both caches, checks their contents agree,
+    and decodes ``T`` random queries from each: ``(paged's output, the contiguous cache's)`` on the CPU."""
+    B, Hkv, D, dev = dense.batch, dense.num_kv_heads, dense.head_dim, dense.device
+    q = torch.randn(B, T, H, D, generator=g).to(dev)
+    k, v = (torch.randn(B, T, Hkv, D, generator=g).to(dev) for _ in range(2))
+    kc, vc, seqlens = dense.append(k, v, lengths=lengths)
+    kp, vp, seqlens_p, table = paged.append(k, v, lengths=lengths)
+    assert torch.equal(seqlens_p.cpu(), seqlens.cpu()) and table.dtype == torch.int32
+    assert_same_contents(paged, dense)
+    want = attnops.decode_attention(q, kc, vc, seqlens, backend=backend).cpu()
+    got = attnops.decode_attention(q, kp, vp, seqlens_p, block_table=table, backend=backend).cpu()
+    return got, want
+
+
 @pytest.mark.parametrize("page", [1, 4, 16, 64])
 def test_paged_cache_decodes_as_the_contiguous_cache(page, fwd_impl):
     lens, H, Hkv, D = [5, 17, 0, 1, 40], 4, 2, 40
@@ -43,16 +64,9 @@ def test_paged_cache_decodes_as_the_contiguous_cache(page, fwd_impl):
     paged = poisoned(attnops.PagedKVCache(B, num_pages, page, Hkv, D, device=dev))
     dense = attnops.KVCache(B, T + 8, Hkv, D, device=dev)
     for step, (n_new, lengths) in enumerate([(T, lens), (1, None), (3, None), (1, [1, 0, 1, 1, 0])]):
-        q = torch.randn(B, n_new, H, D, generator=g).to(dev)
-        k, v = (torch.randn(B, n_new, Hkv, D, generator=g).to(dev) for _ in range(2))
-        kc, vc, seqlens = dense.append(k, v, lengths=lengths)
-        kp, vp, seqlens_p, table = paged.append(k, v, lengths=lengths)
-        assert torch.equal(seqlens_p.cpu(), seqlens.cpu()) and table.dtype == torch.int32
-        assert table.shape == (B, max(-(-n // page) for n in paged.host_seqlens.tolist()))
+        got, want = append_and_decode_both(paged, dense, g, n_new, H, fwd_impl.backend, lengths)
+        assert paged.block_table.shape == (B, max(-(-n // page) for n in paged.host_seqlens.tolist()))
         assert paged.free_pages == num_pages - held_pages(paged)
-        assert_same_contents(paged, dense)
-        want = attnops.decode_attention(q, kc, vc, seqlens, backend=fwd_impl.backend).cpu()
-        got = attnops.decode_attention(q, kp, vp, seqlens_p, block_table=table, backend=fwd_impl.backend).cpu()
         assert torch.isfinite(got).all(), f"step {step}: a row read an unwritten page row"
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -166,17 +180,10 @@ def test_fork_shares_full_pages_and_copies_the_last_one(fwd_impl):
     with pytest.raises(ValueError, match="release them first"):
         paged.fork(3, 1)
     for lengths in ([1, 2, 3, 0], [3, 1, 0, 0], [2, 2, 2, 0]):
-        q = torch.randn(B, 3, H, D, generator=g).to(dev)
-        kn, vn = (torch.randn(B, 3, Hkv, D, generator=g).to(dev) for _ in range(2))
-        kc, vc, lens = dense.append(kn, vn, lengths=lengths)
-        kp, vp, lens_p, table = paged.append(kn, vn, lengths=lengths)
-        assert_same_contents(paged, dense)
-        want = attnops.decode_attention(q, kc, vc, lens, backend=fwd_impl.backend).cpu()
-        got = attnops.decode_attention(q, kp, vp, lens_p, block_table=table, backend=fwd_impl.backend).cpu()
+        got, want = append_and_decode_both(paged, dense, g, 3, H, fwd_impl.backend, lengths)
         for b, n in enumerate(lengths):  # rows that saw no key of their own sequence are zeros in both
             torch.testing.assert_close(got[b, 3 - n:], want[b, 3 - n:], rtol=1e-5, atol=1e-6)
-    held = {int(p) for b, n in enumerate(paged.host_seqlens.tolist()) for p in paged.block_table[b, :-(-n // page)]}
-    assert paged.free_pages == 12 - len(held)
+    assert paged.free_pages == 12 - len(distinct_pages(paged))
     paged.release(0)
     assert paged.free_pages == 12 - len({int(p) for b in (1, 2) for p in paged.block_table[b, :4]})
     assert_same_contents(paged, dense.release(0) or dense)
@@ -210,15 +217,8 @@ def test_reorder_continues_parents_like_the_contiguous_cache(fwd_impl):
         dense.reorder(parents)
         assert paged.host_seqlens.tolist() == dense.host_seqlens.tolist()
         assert_same_contents(paged, dense)
-        held = {int(p) for b, n in enumerate(paged.host_seqlens.tolist()) for p in paged.block_table[b, :-(-n // page)]}
-        assert paged.free_pages == 14 - len(held)
-        q = torch.randn(B, 2, H, D, generator=g).to(dev)
-        kn, vn = (torch.randn(B, 2, Hkv, D, generator=g).to(dev) for _ in range(2))
-        kc, vc, lens = dense.append(kn, vn)
-        kp, vp, lens_p, table = paged.append(kn, vn)
-        assert_same_contents(paged, dense)
-        want = attnops.decode_attention(q, kc, vc, lens, backend=fwd_impl.backend).cpu()
-        got = attnops.decode_attention(q, kp, vp, lens_p, block_table=table, backend=fwd_impl.backend).cpu()
+        assert paged.free_pages == 14 - len(distinct_pages(paged))
+        got, want = append_and_decode_both(paged, dense, g, 2, H, fwd_impl.backend)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for bad, error in (([0, 1, 2], ValueError), ([0, 1, 2, 4], ValueError), ([0.0, 1, 2, 3], TypeError),
                        (torch.tensor([True, False, True, True]), TypeError)):
