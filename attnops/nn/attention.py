@@ -218,6 +218,9 @@ class Attention(nn.Module):
                                       "PagedKVCache")
         if not paged and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache or a PagedKVCache (make_cache), got {type(cache).__name__}")
+        if x.shape[0] != cache.batch:  # row b of x is sequence b of the cache (an idle slot: lengths 0)
+            raise ValueError(f"x holds {x.shape[0]} sequences, the cache {cache.batch}: pass a row for every slot "
+                             "(lengths= with 0 for the idle ones)")
         T = x.shape[1]
         # before any work: a refused call leaves the cache as it was
         counts = None if lengths is None else new_token_counts(lengths, T, x.shape[0])

@@ -257,6 +257,9 @@ def test_lengths_arguments():
         block(torch.randn(2, 3, 64), cache=cache, lengths=torch.tensor([1.0, 2.0]))
     with pytest.raises(NotImplementedError, match="no lengths below T"):
         block(torch.randn(2, 70, 64), cache=cache, lengths=[70, 60])
+    for B in (1, 3):  # a row of x per slot (it was a broadcasting error from the positions, or the append's check)
+        with pytest.raises(ValueError, match=f"x holds {B} sequences, the cache 2"):
+            block(torch.randn(B, 3, 64), cache=cache, lengths=[1] * B)
     assert cache.host_seqlens.tolist() == [0, 0]
     out = block(torch.randn(2, 70, 64, requires_grad=True), cache=cache, lengths=[70, 70])  # every row new: allowed
     out.sum().backward()
