@@ -15,7 +15,9 @@
 - `impl` and `fwd_impl` run the C++ kernels at every ISA level this CPU can execute (csrc/cpu/isa.h):
   the default (best) level under the plain ids `cpu-*`, the others as `cpu-*-<level>`; levels the
   CPU lacks are skipped with the reason. `cpu_impl` runs those levels alone, for shapes too long for
-  the Triton interpreter.
+  the Triton interpreter;
+- under the interpreter, a `@triton.jit` helper called inside a launch does not re-patch the language modules the
+  launch patched (`_patch_language_once_per_launch`: the same kernels, a quarter less suite time).
 """
 
 import contextlib
@@ -37,6 +39,72 @@ from attnops.core import backends, dispatch  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON = dispatch.is_available("triton")
+
+
+def _patch_language_once_per_launch():
+    """Test time only: Triton's interpreter patches the language modules a kernel's globals name when it launches
+    (undone when it returns), and again at every call of a ``@triton.jit`` function inside it (``tl.zeros`` is one):
+    ~2 ms a call, a third of an interpreted test's time, as each program of a launch calls its helpers afresh. Inside
+    a launch a helper whose language modules the launch (or an earlier helper) patched already skips the re-patch,
+    which would change nothing. A call is a launch's or a helper's by its caller (the interpreter's launch or helper
+    ``__call__``); any other caller patches as before. Applied only where the interpreter has the shape this was
+    written against (triton 3.x: a module-level ``_patch_lang`` whose scope the launch restores and helper calls
+    discard)."""
+    import inspect
+
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang", None)
+    launch = getattr(getattr(interpreter, "GridExecutor", None), "__call__", None)
+    helper = getattr(getattr(interpreter, "InterpretedFunction", None), "__call__", None)
+    if patch is None or launch is None or helper is None:
+        return
+    if "patch_scope.restore()" not in inspect.getsource(launch) or "_patch_lang(self.fn)" not in inspect.getsource(
+            helper):
+        return
+    import triton.language as tl
+
+    launch_code, helper_code = launch.__code__, helper.__code__
+    state = {"depth": 0, "patched": frozenset()}  # inside a launch: the language modules patched since it began
+    langs_of = {}
+
+    def langs(fn):
+        if fn not in langs_of:
+            langs_of[fn] = frozenset(v.__name__ for v in fn.__globals__.values()
+                                     if inspect.ismodule(v) and v in (tl, tl.core))
+        return langs_of[fn]
+
+    class _Unpatched:
+        def restore(self):
+            pass
+
+    def patch_lang(fn):
+        caller = sys._getframe(1).f_code
+        if caller is helper_code and state["depth"]:
+            if langs(fn) <= state["patched"]:
+                return _Unpatched()
+            state["patched"] |= langs(fn)  # patched as the interpreter does (the helper discards the scope)
+            return patch(fn)
+        scope = patch(fn)
+        if caller is not launch_code:
+            return scope
+        state["depth"] += 1
+        state["patched"] = langs(fn)
+        restore = scope.restore
+
+        def restore_and_leave():
+            state["depth"] -= 1
+            state["patched"] = frozenset()
+            restore()
+
+        scope.restore = restore_and_leave
+        return scope
+
+    interpreter._patch_lang = patch_lang
+
+
+if INTERPRET and TRITON:
+    _patch_language_once_per_launch()
 
 
 @pytest.fixture(autouse=True)
