@@ -65,7 +65,9 @@ def _patch_language_once_per_launch():
     import triton.language as tl
 
     launch_code, helper_code = launch.__code__, helper.__code__
-    state = {"depth": 0, "patched": frozenset()}  # inside a launch: the language modules patched since it began
+    # The language modules patched since the running launch began; never empty inside a launch (the interpreter
+    # asserts a kernel names one), empty outside any, and launches do not nest.
+    state = {"patched": frozenset()}
     langs_of = {}
 
     def langs(fn):
@@ -80,7 +82,7 @@ def _patch_language_once_per_launch():
 
     def patch_lang(fn):
         caller = sys._getframe(1).f_code
-        if caller is helper_code and state["depth"]:
+        if caller is helper_code and state["patched"]:
             if langs(fn) <= state["patched"]:
                 return _Unpatched()
             state["patched"] |= langs(fn)  # patched as the interpreter does (the helper discards the scope)
@@ -88,12 +90,10 @@ def _patch_language_once_per_launch():
         scope = patch(fn)
         if caller is not launch_code:
             return scope
-        state["depth"] += 1
         state["patched"] = langs(fn)
         restore = scope.restore
 
         def restore_and_leave():
-            state["depth"] -= 1
             state["patched"] = frozenset()
             restore()
 
