@@ -191,16 +191,16 @@ def int_list(values) -> Optional[List[int]]:
     """``values`` as a list of Python ints when it is a 1-d integer tensor or a list, tuple or range of ints (or of
     0-d integer tensors, as iterating a tensor gives); None otherwise. Bools are not ints here: a mask is not
     indices or counts. Callers raise their own error on None."""
+    def integer(t: torch.Tensor) -> bool:
+        return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
     if isinstance(values, torch.Tensor):
-        ok = values.dim() == 1 and not values.dtype.is_floating_point and not values.dtype.is_complex \
-            and values.dtype != torch.bool
-        return values.tolist() if ok else None
+        return values.tolist() if values.dim() == 1 and integer(values) else None
     if not isinstance(values, (list, tuple, range)):
         return None
     out = []
     for x in values:
-        if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.dtype.is_floating_point \
-                and not x.dtype.is_complex and x.dtype != torch.bool:
+        if isinstance(x, torch.Tensor) and x.dim() == 0 and integer(x):
             x = int(x)
         if not isinstance(x, int) or isinstance(x, bool):
             return None
