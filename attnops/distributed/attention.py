@@ -27,7 +27,7 @@ from attnops.core.checks import check_causal, check_qkv, resolve_softmax_scale
 from attnops.core.masks import BlockMask, check_window_size
 from attnops.core.results import AttentionOutput
 from attnops.core.segments import transpose_bounds
-from attnops.distributed.shard import LAYOUTS, _group_info, local_positions
+from attnops.distributed.shard import _group_info, check_split, local_positions
 from attnops.ops.softmax import library as lib
 from attnops.ops.softmax.merge import merge_partials
 
@@ -296,15 +296,8 @@ def _checked(q, k, v, group, causal, softmax_scale, window_size, block_mask, lay
     if shape.seq_len_q != shape.seq_len_k:
         raise ValueError(f"context-parallel attention is self-attention: q and k shards differ in length "
                          f"({shape.seq_len_q} vs {shape.seq_len_k})")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     local = shape.seq_len_q
-    if layout == "zigzag" and local % 2:
-        raise ValueError(f"a zigzag shard holds two equal chunks: its length must be even, got {local}")
-    total = local * world
-    seq_len = total if seq_len is None else seq_len
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 0 < seq_len <= total:
-        raise ValueError(f"seq_len must be the global length the shards were cut from (<= {total}), got {seq_len!r}")
+    seq_len = check_split(local, world, layout, seq_len)
     causal = check_causal(causal)
     window = check_window_size(window_size)
     if block_mask is not None:

@@ -44,6 +44,19 @@ def local_positions(rank: int, world: int, chunk: int, layout: str, device=None)
     return torch.cat([torch.arange(a, b, device=device) for a, b in local_spans(rank, world, chunk, layout)])
 
 
+def check_split(local: int, world: int, layout: str, seq_len) -> int:
+    """The global length of a sequence cut into shards of ``local`` rows on ``world`` ranks in ``layout``:
+    ``seq_len`` (the true length when the shards were padded), default every row; validated."""
+    _check_layout(layout)
+    if layout == "zigzag" and local % 2:
+        raise ValueError(f"a zigzag shard holds two equal chunks: its length must be even, got {local}")
+    total = local * world
+    seq_len = total if seq_len is None else seq_len
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 0 < seq_len <= total:
+        raise ValueError(f"seq_len must be the global length the shards were cut from (<= {total}), got {seq_len!r}")
+    return seq_len
+
+
 def _group_info(group) -> Tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("attnops.distributed needs an initialised torch.distributed process group "

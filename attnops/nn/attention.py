@@ -16,8 +16,9 @@ from attnops.ops.lowrank import KeyProjection, check_lowrank_args
 from attnops.ops.softmax import attention as dense_attention
 from attnops.maps.capture import attend
 from attnops.nn.rotary import Rotary
-from attnops.distributed import context_parallel_attention, local_positions
-from attnops.nn.specs import AttentionSpec, BlockSparseSpec, SoftmaxSpec, LowRankKeySpec, resolve_spec
+from attnops.distributed import context_parallel_attention, context_parallel_linear_attention, local_positions
+from attnops.nn.specs import (AttentionSpec, BlockSparseSpec, LinearAttentionSpec, LowRankKeySpec, SoftmaxSpec,
+                              resolve_spec)
 
 
 class LowRankDecoding(NamedTuple):
@@ -48,9 +49,11 @@ class Attention(nn.Module):
         context_parallel_group: a ``torch.distributed`` group: ``x`` is then this rank's shard of the
             sequence (:func:`attnops.distributed.shard` with ``context_parallel_layout``) and attention runs
             across the ranks (:func:`attnops.distributed.context_parallel_attention`); rotary positions are
-            the rows' global positions. The ``SoftmaxSpec`` (causal, window) and a ``BlockSparseSpec`` with a
-            global ``block_mask`` run this way; no cached steps.
-        context_parallel_layout: ``"zigzag"`` (default) or ``"contiguous"``.
+            the rows' global positions. The ``SoftmaxSpec`` (causal, window), a ``BlockSparseSpec`` with a
+            global ``block_mask`` and the ``LinearAttentionSpec``
+            (:func:`attnops.distributed.context_parallel_linear_attention`) run this way; no cached steps.
+        context_parallel_layout: ``"zigzag"`` (default) or ``"contiguous"`` (which a causal
+            ``LinearAttentionSpec`` needs: its recurrence runs in sequence order).
 
     ``forward(x, positions=None)``: ``positions (T,)`` or ``(B, T)`` feed the rotary embedding
     (default ``0..T-1``). ``forward(x, cache=cache)`` (``cache`` from :meth:`make_cache`): appends
@@ -181,7 +184,7 @@ class Attention(nn.Module):
     def _context_parallel(self, x: torch.Tensor, positions: Optional[torch.Tensor], seq_len: Optional[int]):
         group, layout = self.context_parallel_group, self.context_parallel_layout
         spec = self.attention
-        options = {}
+        options, run = {}, context_parallel_attention
         if isinstance(spec, SoftmaxSpec):
             options = dict(causal=self.causal or spec.causal, window_size=spec.window)
         elif isinstance(spec, BlockSparseSpec) and spec.block_mask is not None:
@@ -189,16 +192,20 @@ class Attention(nn.Module):
             if self.causal and not mask.causal:
                 raise ValueError("this block is causal but its block mask is not: build the mask causal")
             options = dict(block_mask=mask)
+        elif isinstance(spec, LinearAttentionSpec):  # state passing; causal needs the contiguous layout
+            options = dict(causal=self.causal or spec.causal, feature_map=spec.feature_map, normalize=spec.normalize,
+                           decay=spec.decay)
+            run = context_parallel_linear_attention
         else:
-            raise NotImplementedError(f"context parallelism runs the SoftmaxSpec and a BlockSparseSpec with a global "
-                                      f"block_mask, not {spec!r}")
+            raise NotImplementedError(f"context parallelism runs the SoftmaxSpec, a BlockSparseSpec with a global "
+                                      f"block_mask and the LinearAttentionSpec, not {spec!r}")
         if positions is None and self.rope is not None:
             world = torch.distributed.get_world_size(group)
             rank = torch.distributed.get_rank(group)
             chunk = x.shape[1] // (2 if layout == "zigzag" else 1)
             positions = local_positions(rank, world, chunk, layout, device=x.device)
         q, k, v = self._qkv(x, positions)
-        out = context_parallel_attention(q, k, v, group, layout=layout, seq_len=seq_len, **options)
+        out = run(q, k, v, group, layout=layout, seq_len=seq_len, **options)
         return self._output(out)
 
     def _cached_step(self, x: torch.Tensor, positions: Optional[torch.Tensor],

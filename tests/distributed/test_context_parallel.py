@@ -102,6 +102,9 @@ LINEAR_CASES = [
     ("linear retnet decay", 100, 2, 2, 8, 8, dict(decay="retnet"), None),
     ("linear gate per head, normalised", 97, 2, 1, 8, 8, dict(normalize=True, feature_map="relu"), "head"),
     ("linear per-channel gate + decay", 128, 2, 2, 8, 8, dict(decay="retnet", chunk_size=16), "channel"),
+    # non-causal: one global state; padded keys (elu: phi(0) = 1 would count in the normaliser) must stay out of it
+    ("linear non-causal zigzag GQA, padded", 101, 4, 2, 8, 12, dict(causal=False, layout="zigzag"), None),
+    ("linear non-causal normalised, a rank all padding", 9, 2, 1, 8, 8, dict(causal=False, normalize=True), None),
 ]
 
 
@@ -114,30 +117,35 @@ def _linear_case(name, world, S, H, Hkv, Dk, Dv, options, gate_kind):
         shape = (2, S, H) if gate_kind == "head" else (2, S, H, Dk)
         gate = torch.nn.functional.logsigmoid(torch.randn(shape, dtype=torch.float64) + 2)
     inputs = [q, k, v] + ([gate] if gate is not None else [])
+    options = dict(options)
+    layout = options.pop("layout", "contiguous")
     full = [t.clone().requires_grad_(True) for t in inputs]
     out = attnops.linear_attention(*full[:3], gate=full[3] if gate is not None else None, **options)
     out.backward(dout)
-    local = [cp.shard(t, layout="contiguous").requires_grad_(True) for t in inputs]
-    got = cp.context_parallel_linear_attention(*local[:3], gate=local[3] if gate is not None else None, **options)
-    got.backward(cp.shard(dout, layout="contiguous"))
-    pairs = [("out", cp.unshard(got.detach(), S, layout="contiguous"), out.detach())]
-    pairs += [(f"d{n}", cp.unshard(t.grad, S, layout="contiguous"), f.grad)
+    local = [cp.shard(t, layout=layout).requires_grad_(True) for t in inputs]
+    got = cp.context_parallel_linear_attention(*local[:3], gate=local[3] if gate is not None else None, layout=layout,
+                                               seq_len=S, **options)
+    got.backward(cp.shard(dout, layout=layout))
+    pairs = [("out", cp.unshard(got.detach(), S, layout=layout), out.detach())]
+    pairs += [(f"d{n}", cp.unshard(t.grad, S, layout=layout), f.grad)
               for n, t, f in zip(("q", "k", "v", "gate"), local, full)]
     for label, a, b in pairs:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name} (W={world}) {label}: {m}")
 
 
-def _module_trains_like_one_process(world, S=70):
+def _module_trains_like_one_process(world, S=70, layout="zigzag", **kwargs):
     """A tiny attention block, sequence split over the ranks: loss and parameter gradients (summed over
-    ranks, as data-parallel training reduces them) equal the single-process ones."""
+    ranks, as data-parallel training reduces them) equal the single-process ones. ``kwargs``: the block's
+    ``attention`` spec and ``causal``."""
     torch.manual_seed(7)
-    model = attnops.nn.Attention(32, 4, num_kv_heads=2, rope=10000.0).double()
-    split = attnops.nn.Attention(32, 4, num_kv_heads=2, rope=10000.0, context_parallel_group=dist.group.WORLD).double()
+    model = attnops.nn.Attention(32, 4, num_kv_heads=2, rope=10000.0, **kwargs).double()
+    split = attnops.nn.Attention(32, 4, num_kv_heads=2, rope=10000.0, context_parallel_group=dist.group.WORLD,
+                                 context_parallel_layout=layout, **kwargs).double()
     split.load_state_dict(model.state_dict())
     x, w = torch.randn(2, S, 32, dtype=torch.float64), torch.randn(2, S, 32, dtype=torch.float64)
     loss = (model(x) * w).sum()
     loss.backward()
-    local = (split(cp.shard(x), seq_len=S) * cp.shard(w)).sum()
+    local = (split(cp.shard(x, layout=layout), seq_len=S) * cp.shard(w, layout=layout)).sum()
     local.backward()
     total = local.detach().clone()
     dist.all_reduce(total)
@@ -151,15 +159,20 @@ def _module_trains_like_one_process(world, S=70):
 def _bad_input_is_refused(world):
     q = cp.shard(torch.randn(1, 8 * world, 2, 8))
     mask = attnops.BlockMask.causal(8 * world, block_size=16)
-    for kwargs, words in ((dict(seq_len=8 * world + 1), "seq_len"), (dict(layout="ring"), "layout"),
-                          (dict(block_mask=mask), "multiple of the mask's block size"),
-                          (dict(causal=True, block_mask=attnops.BlockMask.full(8 * world, block_size=16)), "causal")):
+    softmax, linear = cp.context_parallel_attention, cp.context_parallel_linear_attention
+    full = attnops.BlockMask.full(8 * world, block_size=16)
+    cases = [(softmax, dict(seq_len=8 * world + 1), "seq_len"), (softmax, dict(layout="ring"), "layout"),
+             (softmax, dict(block_mask=mask), "multiple of the mask's block size"),
+             (softmax, dict(causal=True, block_mask=full), "causal"),
+             (linear, dict(layout="zigzag"), "layout='contiguous'"), (linear, dict(seq_len=0), "seq_len"),
+             (linear, dict(causal=1), "bool"), (linear, dict(causal=False, decay="retnet"), "causal=True")]
+    for fn, kwargs, words in cases:
         try:
-            cp.context_parallel_attention(q, q, q, **kwargs)
+            fn(q, q, q, **kwargs)
         except (ValueError, TypeError) as e:
-            assert words in str(e), (kwargs, str(e))
+            assert words in str(e), (fn.__name__, kwargs, str(e))
         else:
-            raise AssertionError(f"{kwargs} was accepted")
+            raise AssertionError(f"{fn.__name__}: {kwargs} was accepted")
 
 
 def _worker(rank, world, port, queue):
@@ -172,6 +185,9 @@ def _worker(rank, world, port, queue):
         for case in LINEAR_CASES:
             _linear_case(case[0], world, *case[1:])
         _module_trains_like_one_process(world)
+        linear = attnops.nn.LinearAttentionSpec()  # normalised: padded keys would count in the normaliser
+        _module_trains_like_one_process(world, layout="contiguous", attention=linear)
+        _module_trains_like_one_process(world, attention=linear, causal=False)
         _bad_input_is_refused(world)
         # a window narrower than a contiguous shard moves one neighbour shard per rank, forward and backward
         cp.STATS.clear()
