@@ -112,6 +112,11 @@ def capturing() -> bool:
     return bool(_OPEN)
 
 
+def wanted() -> Tuple[bool, bool]:
+    """``(maps, max_scores)``: what the innermost open capture records (both False when none is open)."""
+    return (_OPEN[-1].with_maps, _OPEN[-1].with_max_scores) if _OPEN else (False, False)
+
+
 def map_options() -> dict:
     """The ``map_block_size`` / ``reduce`` the innermost open capture asks for ({} when none is open)."""
     return {"map_block_size": _OPEN[-1].map_block_size, "reduce": _OPEN[-1].reduce} if _OPEN else {}

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from attnops.maps.capture import refuse_uncaptured
 from attnops.nn.heads import check_heads
 from attnops.ops.aaren import AarenState, aaren
 
@@ -40,6 +41,7 @@ class Aaren(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}"
 
     def forward(self, x: torch.Tensor, state: Optional[AarenState] = None) -> Tuple[torch.Tensor, AarenState]:
+        refuse_uncaptured("attnops.nn.Aaren")  # its op returns no block map: a capture would miss it
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"Aaren expects x (B, S, {self.dim}), got {tuple(x.shape)}")
         B, S, _ = x.shape

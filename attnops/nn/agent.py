@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attnops.maps.capture import refuse_uncaptured
 from attnops.nn.heads import check_heads
 from attnops.ops.agent import agent_attention
 
@@ -77,6 +78,7 @@ class AgentAttention(nn.Module):
         return torch.cat([self.ac_bias, an], dim=-1), torch.cat([self.ca_bias, na], dim=-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_uncaptured("attnops.nn.AgentAttention")  # its op returns no block map: a capture would miss it
         if x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] != 1 + self.window ** 2:
             raise ValueError(f"AgentAttention takes (B, 1 + window^2, dim) = (B, {1 + self.window ** 2}, {self.dim}) "
                              f"(a class token and the patch grid), got {tuple(x.shape)}")

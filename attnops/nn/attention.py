@@ -14,7 +14,7 @@ from attnops.ops.decode.chunked import chunked_decode_attention
 from attnops.ops.decode.kv_cache import gather_pages, new_token_counts
 from attnops.ops.lowrank import KeyProjection, check_lowrank_args
 from attnops.ops.softmax import attention as dense_attention
-from attnops.maps.capture import attend
+from attnops.maps.capture import attend, refuse_uncaptured
 from attnops.nn.rotary import Rotary
 from attnops.distributed import context_parallel_attention, context_parallel_linear_attention, local_positions
 from attnops.nn.specs import (AttentionSpec, BlockSparseSpec, LinearAttentionSpec, LowRankKeySpec, SoftmaxSpec,
@@ -182,6 +182,7 @@ class Attention(nn.Module):
         return self._output(out)
 
     def _context_parallel(self, x: torch.Tensor, positions: Optional[torch.Tensor], seq_len: Optional[int]):
+        refuse_uncaptured("context-parallel attention (attnops.nn.Attention with context_parallel_group)")
         group, layout = self.context_parallel_group, self.context_parallel_layout
         spec = self.attention
         options, run = {}, context_parallel_attention
@@ -212,6 +213,7 @@ class Attention(nn.Module):
                      cache: Union[KVCache, PagedKVCache], lengths=None) -> torch.Tensor:
         if not self.causal and not getattr(self.attention, "causal", False):
             raise NotImplementedError("cached decoding is causal: this block was built with causal=False")
+        refuse_uncaptured("a cached step of attnops.nn.Attention")
         if not isinstance(self.attention, (SoftmaxSpec, LowRankKeySpec)):
             raise NotImplementedError(f"cached decoding runs the SoftmaxSpec and LowRankKeySpec specs, not "
                                       f"{self.attention!r}")

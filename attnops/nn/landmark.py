@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from attnops.maps.capture import refuse_uncaptured
 from attnops.nn.heads import check_heads
 from attnops.ops.landmark import landmark_attention
 
@@ -53,6 +54,7 @@ class LandmarkAttention(nn.Module):
                          dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_uncaptured("attnops.nn.LandmarkAttention")  # its op returns no block map: a capture would miss it
         if x.dim() != 3:
             raise ValueError(f"LandmarkAttention takes (B, S, dim), got {tuple(x.shape)}")
         B, S, _ = x.shape

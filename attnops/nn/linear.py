@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnops.maps.capture import map_options, record, refuse_uncaptured, wanted
 from attnops.nn.heads import check_heads
 from attnops.ops.linear import State, linear_attention, resolve_decay, resolve_feature_map
 
@@ -88,9 +89,18 @@ class LinearAttention(nn.Module):
             gate = F.logsigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32))) / self.gate_normalizer
             if self.gated == "channel":
                 gate = gate.view(B, T, self.num_heads, self.head_dim)
-        out, new_state = linear_attention(q, k, v, feature_map=self.feature_map, causal=True, decay=self.decay,
-                                          gate=gate, normalize=self.normalize, initial_state=state,
-                                          output_final_state=True)
+        want_map, want_max = wanted()
+        if want_max:
+            raise NotImplementedError("attnops.maps.capture(max_scores=True): attnops.nn.LinearAttention has no "
+                                      "softmax scores to report row maxima of")
+        if want_map and state is not None:
+            refuse_uncaptured("attnops.nn.LinearAttention resumed from a state (a block map covers one call's keys)")
+        maps = dict(return_block_map=True, **map_options()) if want_map else {}
+        out, new_state, *block_map = linear_attention(q, k, v, feature_map=self.feature_map, causal=True,
+                                                      decay=self.decay, gate=gate, normalize=self.normalize,
+                                                      initial_state=state, output_final_state=True, **maps)
+        if want_map:
+            record(self, block_map[0])
         if self.norm is not None:
             out = self.norm(out)
         y = self.out_proj(out.reshape(B, T, self.num_heads * self.head_dim))

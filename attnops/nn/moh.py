@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from attnops.maps.capture import refuse_uncaptured
 from attnops.nn.heads import check_heads
 from attnops.ops.moh import learned_head_gates, moh_attention
 
@@ -73,6 +74,7 @@ class MoHAttention(nn.Module):
                                   shared_logits=shared, mix_logits=self.mix_gate(x) if self.mix_gate else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_uncaptured("attnops.nn.MoHAttention")  # its op returns no block map: a capture would miss it
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MoHAttention expects x (B, S, {self.dim}), got {tuple(x.shape)}")
         B, S, _ = x.shape

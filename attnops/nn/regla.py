@@ -8,6 +8,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from attnops.maps.capture import refuse_uncaptured
 from attnops.nn.heads import check_heads
 from attnops.ops.regla import ReGLAState, regla_attention
 from attnops.ops.regla.op import KEY_SHIFTS
@@ -80,6 +81,7 @@ class ReGLA(nn.Module):
 
     def forward(self, x: torch.Tensor, state: Optional[ReGLAState] = None, use_cache: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, ReGLAState]]:
+        refuse_uncaptured("attnops.nn.ReGLA")  # its op returns no block map: a capture would miss it
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, T, {self.embed_dim}), got {tuple(x.shape)}")
         B, T, _ = x.shape

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from attnops.maps.capture import refuse_uncaptured
 from attnops.nn.heads import check_heads
 from attnops.ops.clustered import routing_attention, update_centroids
 
@@ -58,6 +59,7 @@ class RoutingAttention(nn.Module):
                 f"num_clusters={self.num_clusters}, causal={self.causal}, decay={self.decay}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_uncaptured("attnops.nn.RoutingAttention")  # its op returns no block map: a capture would miss it
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"RoutingAttention expects x (B, S, {self.dim}), got {tuple(x.shape)}")
         B, S, _ = x.shape

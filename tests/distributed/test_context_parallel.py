@@ -173,6 +173,9 @@ def _bad_input_is_refused(world):
             assert words in str(e), (fn.__name__, kwargs, str(e))
         else:
             raise AssertionError(f"{fn.__name__}: {kwargs} was accepted")
+    block = attnops.nn.Attention(16, 2, context_parallel_group=dist.group.WORLD)
+    with attnops.maps.capture(), pytest.raises(NotImplementedError, match="capture would miss"):
+        block(cp.shard(torch.randn(1, 8 * world, 16)))  # it records no maps: refused, not silently missed
 
 
 def _worker(rank, world, port, queue):

@@ -267,3 +267,35 @@ def test_capture_max_scores_refuses_what_cannot_report_them():
         pass
     with pytest.raises(TypeError, match="max_scores must be a bool"), attnops.maps.capture(max_scores=1):
         pass
+
+
+def test_modules_outside_attend_record_or_refuse_under_a_capture():
+    """A capture records every attnops attention call or refuses it (they were skipped silently): the modules
+    whose ops have no block map, a cached step and a resumed linear layer raise inside it, before any state
+    changes; ``nn.LinearAttention`` records its map."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 17, 32)
+    modules = [(attnops.nn.LandmarkAttention(32, 4, block_size=8), x), (attnops.nn.MoHAttention(32, 4, 1, 2), x),
+               (attnops.nn.RoutingAttention(32, 4, 2), x), (attnops.nn.Aaren(32, 4), x), (attnops.nn.ReGLA(32, 4), x),
+               (attnops.nn.AgentAttention(32, 4, agent_num=4, window=2), x[:, :5])]
+    for module, inputs in modules:
+        module(inputs)  # runs outside a capture
+        with attnops.maps.capture(), pytest.raises(NotImplementedError, match="capture would miss"):
+            module(inputs)
+    block = attnops.nn.Attention(32, 4)
+    cache = block.make_cache(1, 32)
+    with attnops.maps.capture(), pytest.raises(NotImplementedError, match="cached step"):
+        block(x, cache=cache)
+    assert cache.host_seqlens.tolist() == [0]
+    linear = attnops.nn.LinearAttention(32, 4, normalize=True)
+    with attnops.maps.capture(linear, map_block_size=16) as cap:
+        y = linear(x)
+    torch.testing.assert_close(y, linear(x), rtol=0, atol=0)
+    (block_map,) = cap.maps.values()
+    assert block_map.shape == (1, 4, 2, 2) and bool((block_map.triu(1) == 0).all())  # causal
+    torch.testing.assert_close(block_map.sum(-1), torch.ones(1, 4, 2), rtol=1e-5, atol=1e-5)  # normalised rows
+    _, state = linear(x, use_cache=True)
+    with attnops.maps.capture(), pytest.raises(NotImplementedError, match="resumed from a state"):
+        linear(x, state=state)
+    with attnops.maps.capture(maps=False, max_scores=True), pytest.raises(NotImplementedError, match="row maxima"):
+        linear(x)
