@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnops.core.checks import additive_mask
-from attnops.maps.capture import attend
+from attnops.maps.capture import attend, refuse_uncaptured
 from attnops.nn.specs import (SCORE_MOD_SPECS, VARLEN_SPECS, AttentionSpec, BlockSparseSpec, SoftmaxSpec,
                               attend_unpadded, resolve_spec)
 
@@ -183,6 +183,7 @@ class MultiheadAttention(nn.Module):
                 raise NotImplementedError("attnops.nn.MultiheadAttention: key padding on the "
                                           f"{type(self.attention).__name__} runs each row's tokens as a sequence and "
                                           "has no attention weights; pass need_weights=False")
+            refuse_uncaptured(f"key padding on the {type(self.attention).__name__} (unpadded sequences)")
             out = attend_unpadded(self.attention, q, k, v, ~padding, None, causal, None, **options)
             return self._finish(out, B, L, E, unbatched), None
         if bias is not None:

@@ -299,3 +299,9 @@ def test_modules_outside_attend_record_or_refuse_under_a_capture():
         linear(x, state=state)
     with attnops.maps.capture(maps=False, max_scores=True), pytest.raises(NotImplementedError, match="row maxima"):
         linear(x)
+    mha = attnops.nn.MultiheadAttention(32, 4, batch_first=True, attention=attnops.nn.LinearAttentionSpec())
+    padding = torch.zeros(1, 17, dtype=torch.bool)
+    padding[0, -3:] = True  # each row's tokens run as a sequence, outside attend
+    mha(x, x, x, key_padding_mask=padding, need_weights=False)
+    with attnops.maps.capture(), pytest.raises(NotImplementedError, match="key padding on the LinearAttentionSpec"):
+        mha(x, x, x, key_padding_mask=padding, need_weights=False)
